@@ -1,0 +1,199 @@
+"""Decode worker: reserves blocks first, receives prompt KV, runs the continuous batch, streams.
+
+Loop (single thread; every wait is bounded):
+  1. control messages from the proxy: Reserve / PrefillLocally / Abort / Shutdown;
+  2. KV arrivals from prefill workers (validated and converted by transfer/ into the blocks
+     this worker reserved; acked there);
+  3. queued reservations get blocks as they free up; queue and KV waits time out;
+  4. one engine step (decodes + any local prefill chunks), new tokens streamed to the proxy;
+  5. a heartbeat with the worker's load every `heartbeat_interval_s`.
+
+Ownership: a reservation's blocks belong to this worker from Reserved until the request
+finishes, is aborted, times out, or its transfer fails — each path frees them exactly once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import zmq
+
+from decode import messages as m
+from decode.kv_inbox import KvArrival, KvInbox
+from deploy.worker_base import WorkerBase, WorkerConfig
+from engine.errors import EngineError, RequestError
+from engine.llm_engine import LLMEngine, RequestOutput
+from engine.sampling_params import SamplingParams
+from engine.sequence import Sequence, TokenLogprob
+from proxy import events as ev
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Pending:
+    """A Reserve waiting for blocks (bounded queue)."""
+
+    msg: m.Reserve
+    params: SamplingParams
+    deadline: float
+
+
+@dataclass
+class Reservation:
+    seq: Sequence
+    deadline: float  # the prompt KV must have arrived by then
+
+
+class DecodeWorker(WorkerBase):
+    role = "decode"
+
+    def __init__(self, config: WorkerConfig, engine: LLMEngine) -> None:
+        super().__init__(config, engine, m.DECODE_CTRL)
+        self.pending: OrderedDict[str, Pending] = OrderedDict()
+        self.reservations: dict[str, Reservation] = {}
+        self.local: set[str] = set()  # requests in the engine's own scheduler
+        self.kv = KvInbox(self.ctx, config.host, engine, config.kv_limits())
+        self.poller.register(self.kv.socket, zmq.POLLIN)
+        self.num_generation_tokens = 0
+
+    @property
+    def kv_address(self) -> str:
+        return self.kv.address
+
+    # ---- control ------------------------------------------------------------------------------
+    def on_ctrl(self, msg: object) -> None:
+        if isinstance(msg, m.Reserve):
+            self._on_reserve(msg)
+        elif isinstance(msg, m.PrefillLocally):
+            res = self.reservations.pop(msg.request_id, None)
+            if res is not None:
+                self.kv.forget(msg.request_id)
+                self.engine.prefill_locally(res.seq)
+                self.local.add(msg.request_id)
+        elif isinstance(msg, m.Abort):
+            self._abort(msg.request_id)
+        elif isinstance(msg, m.Shutdown):
+            self.stopping = True
+
+    def _on_reserve(self, msg: m.Reserve) -> None:
+        try:
+            params = SamplingParams.from_dict(msg.params)
+            if not msg.remote_prefill:
+                if self._queue_len() >= self.config.max_queue:
+                    self._reject(msg.request_id, "decode worker queue is full")
+                    return
+                self.engine.add_request(msg.request_id, msg.prompt_ids, params)
+                self.local.add(msg.request_id)
+                return
+            self.engine.scheduler.check_admissible(
+                Sequence(msg.request_id, list(msg.prompt_ids), params))
+        except (RequestError, EngineError) as e:
+            self._reject(msg.request_id, str(e), status=400)
+            return
+        if len(self.pending) >= self.config.max_queue:
+            self._reject(msg.request_id, f"decode worker queue is full ({self.config.max_queue})")
+            return
+        self.pending[msg.request_id] = Pending(msg, params, time.monotonic() + msg.queue_timeout_s)
+        self._admit_pending()
+
+    def _queue_len(self) -> int:
+        return len(self.pending) + len(self.engine.scheduler.waiting)
+
+    def _admit_pending(self) -> None:
+        while self.pending:
+            rid, p = next(iter(self.pending.items()))
+            seq = self.engine.reserve(rid, p.msg.prompt_ids, p.params)
+            if seq is None:
+                return  # first in, first served: wait for blocks
+            del self.pending[rid]
+            self.reservations[rid] = Reservation(seq, time.monotonic() + self.config.kv_timeout_s)
+            self.kv.expect(rid, seq)
+            self.events.send(ev.Reserved(rid, self.worker_id, list(seq.block_table)))
+
+    def _reject(self, request_id: str, reason: str, status: int = 503) -> None:
+        self.events.send(ev.Rejected(request_id, self.worker_id, reason, status, 1.0))
+
+    def _abort(self, request_id: str) -> None:
+        self.pending.pop(request_id, None)
+        res = self.reservations.pop(request_id, None)
+        if res is not None:
+            self.kv.forget(request_id)
+            self.engine.release(res.seq)
+        if request_id in self.local:
+            self.local.discard(request_id)
+            self.engine.abort(request_id)
+
+    # ---- KV arrivals --------------------------------------------------------------------------
+    def on_kv(self) -> None:
+        for arrival in self.kv.receive():
+            self._on_arrival(arrival)
+
+    def _on_arrival(self, a: KvArrival) -> None:
+        res = self.reservations.pop(a.request_id, None)
+        if res is None:
+            return
+        if a.error is not None:
+            log.warning("KV for %s failed: %s", a.request_id, a.error)
+            self.engine.release(res.seq)
+            self.events.send(ev.RequestFailed(a.request_id, self.worker_id, a.error, "kv_transfer"))
+            return
+        first_lp = None
+        if a.first_logprob is not None:
+            tok, lp, top = a.first_logprob
+            first_lp = TokenLogprob(int(tok), float(lp), [(int(t), float(v)) for t, v in top])
+        res.seq.num_cached_tokens = max(res.seq.num_cached_tokens, a.num_prefill_cached_tokens)
+        self.local.add(a.request_id)
+        self._emit(self.engine.adopt_prefilled(res.seq, a.first_token, first_lp))
+
+    # ---- the loop's work ----------------------------------------------------------------------
+    def has_work(self) -> bool:
+        return self.engine.has_unfinished
+
+    def do_work(self) -> None:
+        self._admit_pending()
+        self._expire()
+        if self.engine.has_unfinished:
+            for out in self.engine.step():
+                self._emit(out)
+            self._admit_pending()
+
+    def _emit(self, out: RequestOutput) -> None:
+        self.num_generation_tokens += len(out.new_token_ids)
+        if out.is_finished:
+            self.local.discard(out.request_id)
+        logprobs = [[lp.token_id, lp.logprob, [list(t) for t in lp.top]] for lp in out.new_logprobs]
+        reason = out.finish_reason.value if out.finish_reason is not None else None
+        self.events.send(ev.Tokens(out.request_id, self.worker_id, out.new_token_ids, logprobs, reason,
+                                   out.num_prompt_tokens, out.num_cached_tokens))
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for rid in [rid for rid, p in self.pending.items() if p.deadline < now]:
+            del self.pending[rid]
+            self._reject(rid, "timed out waiting for KV cache blocks")
+        for rid in [rid for rid, r in self.reservations.items() if r.deadline < now]:
+            res = self.reservations.pop(rid)
+            self.kv.forget(rid)
+            self.engine.release(res.seq)
+            self.events.send(ev.RequestFailed(rid, self.worker_id, "prompt KV did not arrive in time",
+                                              "timeout"))
+
+    def heartbeat(self) -> ev.Heartbeat:
+        pool, stats = self.engine.cache.pool, self.engine.scheduler.stats
+        return ev.Heartbeat(
+            self.worker_id, self.role, len(self.engine.scheduler.running),
+            self._queue_len(), pool.num_used, pool.num_free, pool.num_blocks, stats.num_preemptions,
+            stats.num_prefix_hit_tokens, stats.num_prompt_tokens, self.kv.num_bytes, self.kv.num_seconds,
+            self.num_generation_tokens)
+
+    def on_idle(self) -> None:
+        if not self.reservations and not self.engine.has_unfinished:
+            self.engine.check_idle_integrity()
+
+    def close(self) -> None:
+        self.kv.close()
+        super().close()

@@ -1,0 +1,151 @@
+"""Local launch: the proxy in this process, each worker in its own process, all on one machine.
+
+Start-up order: check the KV plan (fails fast, before any weight is read), bind the proxy's
+event socket, start the workers (each prints its plan and address as it comes up), wait for
+all of them to say Hello, then bind HTTP and print the URL. Ctrl-C or SIGTERM stops the HTTP
+server, tells every worker to shut down, and terminates any that do not exit in time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass, field
+
+import torch
+import uvicorn
+
+from engine.checkpoint import read_model_config, resolve_model_path
+from engine.config import ConfigError, EngineConfig
+from engine.memory_plan import plan_kv_cache
+from engine.tokenizer import Tokenizer
+from proxy.app import ProxyConfig, build_app
+from proxy.cluster import ClusterClient, ClusterConfig
+from proxy.metrics import ProxyMetrics
+
+log = logging.getLogger("pdserve.launcher")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    host: str = field(default="127.0.0.1", metadata={"help": "HTTP bind address (and workers' address)."})
+    port: int = field(default=8000, metadata={"help": "HTTP port (0 = any free port)."})
+    prefill: int = field(default=1, metadata={"help": "Number of prefill workers."})
+    decode: int = field(default=1, metadata={"help": "Number of decode workers."})
+    colocated: bool = field(default=False, metadata={"help": "No prefill workers: decode workers prefill locally (baseline)."})
+    transport: str = field(default="zmq", metadata={"help": "KV transport between prefill and decode: zmq or nccl."})
+    api_key: str | None = field(default=None, metadata={"help": "Require 'Authorization: Bearer KEY' on /v1/*."})
+    served_model_name: str | None = field(default=None, metadata={"help": "Model name in the API (default: the --model value)."})
+    prefill_profile: str | None = field(default=None, metadata={"help": "GPU profile of the prefill workers' KV cache (e.g. ampere)."})
+    decode_profile: str | None = field(default=None, metadata={"help": "GPU profile of the decode workers' KV cache (e.g. volta)."})
+    router: str = field(default="least-loaded", metadata={"help": "Decode routing: least-loaded or round-robin."})
+    startup_timeout_s: float = field(default=300.0, metadata={"help": "How long to wait for workers to load."})
+    heartbeat_timeout_s: float = field(default=3.0, metadata={"help": "A worker silent this long is dead."})
+
+    def __post_init__(self) -> None:
+        if self.transport not in ("zmq", "nccl"):
+            raise ConfigError(f"--transport must be zmq or nccl, got {self.transport!r}")
+        if self.decode < 1:
+            raise ConfigError("--decode must be at least 1")
+        if self.prefill < 0:
+            raise ConfigError("--prefill must be 0 or more")
+
+    @property
+    def num_prefill(self) -> int:
+        return 0 if self.colocated else self.prefill
+
+
+def load_tokenizer(model: str) -> Tokenizer:
+    path = resolve_model_path(model)
+    return Tokenizer.from_gguf(path) if path.is_file() else Tokenizer.from_hf_dir(path)
+
+
+def worker_command(role: str, worker_id: str, events_address: str, serve: ServeConfig,
+                   engine_args: list[str], device: str, num_threads: int) -> list[str]:
+    profile = serve.prefill_profile if role == "prefill" else serve.decode_profile
+    cmd = [sys.executable, "-m", "deploy.worker_main", "--role", role, "--worker-id", worker_id,
+           "--events-address", events_address, "--host", serve.host, "--device", device,
+           "--num-threads", str(num_threads), *engine_args]
+    return [*cmd, "--profile", profile] if profile else cmd
+
+
+def _devices(n: int) -> list[str]:
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return [f"cuda:{i % count}" for i in range(n)] if count else ["cpu"] * n
+
+
+class LocalDeployment:
+    def __init__(self, serve: ServeConfig, engine: EngineConfig, engine_args: list[str]) -> None:
+        self.serve, self.engine, self.engine_args = serve, engine, engine_args
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start_workers(self, events_address: str) -> None:
+        roles = [("prefill", f"prefill-{i}") for i in range(self.serve.num_prefill)] + \
+                [("decode", f"decode-{i}") for i in range(self.serve.decode)]
+        threads = max(1, (os.cpu_count() or 1) // len(roles))
+        for (role, wid), device in zip(roles, _devices(len(roles)), strict=True):
+            cmd = worker_command(role, wid, events_address, self.serve, self.engine_args, device, threads)
+            self.procs[wid] = subprocess.Popen(cmd)
+            log.info("started %s worker %s (pid %d) on %s", role, wid, self.procs[wid].pid, device)
+
+    def stop_workers(self, timeout_s: float = 10.0) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    p.send_signal(signal.SIGTERM)
+        for wid, p in self.procs.items():
+            try:
+                p.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                log.warning("worker %s did not stop in %.0f s: killing it", wid, timeout_s)
+                p.kill()
+                p.wait()
+
+    async def serve_forever(self) -> None:
+        model = read_model_config(self.engine.model)
+        plan = plan_kv_cache(model, self.engine)  # fails fast, before any worker loads weights
+        metrics = ProxyMetrics()
+        cluster = ClusterClient(ClusterConfig(host=self.serve.host, colocated=self.serve.colocated,
+                                              router=self.serve.router,
+                                              heartbeat_timeout_s=self.serve.heartbeat_timeout_s), metrics)
+        cluster.start()
+        try:
+            self.start_workers(cluster.events_address)
+            log.info("loading weights in %d worker(s)...", len(self.procs))
+            await self._wait_for_workers(cluster)
+            tokenizer = load_tokenizer(self.engine.model)
+            name = self.serve.served_model_name or self.engine.model
+            app = build_app(ProxyConfig(name, plan.max_model_len, self.serve.api_key), cluster, tokenizer, metrics)
+            await self._run_http(app)
+        finally:
+            await cluster.close()
+            self.stop_workers()
+
+    async def _wait_for_workers(self, cluster: ClusterClient) -> None:
+        wait = asyncio.create_task(cluster.wait_for_workers(self.serve.num_prefill, self.serve.decode,
+                                                            self.serve.startup_timeout_s))
+        while not wait.done():
+            dead = {w: p.returncode for w, p in self.procs.items() if p.poll() is not None}
+            if dead:
+                wait.cancel()
+                raise RuntimeError(f"worker(s) exited during start-up: {dead} (see their log lines above)")
+            await asyncio.sleep(0.2)
+        wait.result()
+
+    async def _run_http(self, app: object) -> None:
+        sock = socket.socket(socket.AF_INET6 if ":" in self.serve.host else socket.AF_INET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.serve.host, self.serve.port))
+        port = sock.getsockname()[1]
+        config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5)  # type: ignore[arg-type]
+        server = uvicorn.Server(config)
+        print(f"pdserve: serving {self.engine.model} on http://{self.serve.host}:{port} "
+              f"({self.serve.num_prefill} prefill + {self.serve.decode} decode, {self.serve.transport})",
+              flush=True)
+        await server.serve(sockets=[sock])

@@ -1,0 +1,42 @@
+"""`pdserve serve`: flags from ServeConfig + EngineConfig; local processes or a Ray cluster."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+from deploy.args import add_dataclass_args, dataclass_from_args
+from deploy.local_launcher import LocalDeployment, ServeConfig
+from engine.config import EngineConfig
+
+
+def add_serve_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="Serve the OpenAI API with prefill and decode workers.",
+                       description="Serve the OpenAI API with prefill and decode workers.")
+    add_dataclass_args(p, ServeConfig)
+    add_dataclass_args(p, EngineConfig)
+    p.set_defaults(func=cmd_serve)
+
+
+def engine_args(args: argparse.Namespace) -> list[str]:
+    """The EngineConfig flags the user gave, to pass on to every worker process."""
+    out = []
+    for name, value in vars(args).items():
+        if name in EngineConfig.__dataclass_fields__ and value is not None and name not in ("extra", "device"):
+            flag = "--" + name.replace("_", "-")
+            if isinstance(value, bool):
+                out.append(flag if value else "--no-" + name.replace("_", "-"))
+            else:
+                out += [flag, str(value)]
+    return out
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    serve = dataclass_from_args(ServeConfig, args)
+    engine = dataclass_from_args(EngineConfig, args)
+    deployment = LocalDeployment(serve, engine, engine_args(args))
+    try:
+        asyncio.run(deployment.serve_forever())
+    except KeyboardInterrupt:
+        deployment.stop_workers()
+    return 0

@@ -1,0 +1,118 @@
+"""What every worker process shares: its config, sockets, Hello, heartbeats and the poll loop.
+
+Subclasses (decode/worker.py, prefill/worker.py) implement `on_ctrl`, `has_work`, `do_work`,
+`heartbeat` and `kv_address`. The loop never blocks longer than `idle_poll_ms` while idle and
+not at all while there is work, so heartbeats keep flowing under load.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+from engine.llm_engine import LLMEngine
+from proxy import events as ev
+from transfer.ctrl_channel import Inbox, Outbox
+from transfer.ctrl_codec import MessageFamily
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    worker_id: str
+    events_address: str
+    host: str = "127.0.0.1"
+    heartbeat_interval_s: float = 0.5
+    max_queue: int = 512
+    kv_timeout_s: float = 60.0
+    transfer_timeout_s: float = 30.0
+    max_transfer_bytes: int = 8 << 30
+    idle_poll_ms: int = 10
+    checksum: bool = False
+
+    def kv_limits(self) -> Any:
+        from transfer.header import ReceiverLimits
+        return ReceiverLimits(max_message_bytes=self.max_transfer_bytes)
+
+
+class WorkerBase(abc.ABC):
+    role = "worker"
+
+    def __init__(self, config: WorkerConfig, engine: LLMEngine, ctrl_family: MessageFamily) -> None:
+        self.config, self.engine = config, engine
+        self.worker_id = config.worker_id
+        self.ctx = zmq.Context()
+        self.ctrl = Inbox(self.ctx, ctrl_family, config.host)
+        self.events = Outbox(self.ctx, ev.WORKER_EVENTS, config.events_address)
+        self.poller = zmq.Poller()
+        self.poller.register(self.ctrl.socket, zmq.POLLIN)
+        self.stopping = False
+
+    # ---- to implement -------------------------------------------------------------------------
+    @property
+    @abc.abstractmethod
+    def kv_address(self) -> str:
+        """Where this worker's KV endpoint listens (reported in Hello)."""
+
+    @abc.abstractmethod
+    def on_ctrl(self, msg: object) -> None:
+        """Handle one control message from the proxy."""
+
+    def on_kv(self) -> None:
+        """KV socket readable (decode: arrivals; prefill: acks)."""
+
+    @abc.abstractmethod
+    def has_work(self) -> bool:
+        """True while a step would make progress (the loop then polls without waiting)."""
+
+    @abc.abstractmethod
+    def do_work(self) -> None:
+        """One round of work: admissions, timeouts, at most one engine step."""
+
+    @abc.abstractmethod
+    def heartbeat(self) -> ev.Heartbeat:
+        """This worker's load, sent every heartbeat interval."""
+
+    def on_idle(self) -> None:
+        """Called when there was nothing to do (integrity checks belong here)."""
+
+    # ---- shared -------------------------------------------------------------------------------
+    def hello(self) -> ev.Hello:
+        return ev.Hello(self.worker_id, self.role, self.ctrl.address, self.kv_address,
+                        self.engine.plan.spec.to_dict(), self.engine.plan.line(), os.getpid(),
+                        socket.gethostname(), self.engine.config.model)
+
+    def run(self) -> None:
+        self.events.send(self.hello())
+        log.info("%s worker %s: ctrl %s, kv %s", self.role, self.worker_id, self.ctrl.address,
+                 self.kv_address)
+        next_beat = 0.0
+        while not self.stopping:
+            busy = self.has_work()
+            ready = dict(self.poller.poll(0 if busy else self.config.idle_poll_ms))
+            if self.ctrl.socket in ready:
+                for msg in self.ctrl.drain():
+                    self.on_ctrl(msg)
+            if len(ready) > (self.ctrl.socket in ready):
+                self.on_kv()
+            self.do_work()
+            now = time.monotonic()
+            if now >= next_beat:
+                self.events.send(self.heartbeat())
+                next_beat = now + self.config.heartbeat_interval_s
+            if not busy and not ready:
+                self.on_idle()
+        log.info("%s worker %s stopping", self.role, self.worker_id)
+
+    def close(self) -> None:
+        self.ctrl.close()
+        self.events.close()
+        self.ctx.term()

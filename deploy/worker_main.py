@@ -1,0 +1,80 @@
+"""Entry point of one worker process: `python -m deploy.worker_main --role decode ...`.
+
+Started by the local launcher (deploy/local_launcher.py) or inside a Ray actor
+(deploy/ray_launcher.py). Builds the engine (memory plan first, then weights), binds the
+worker's sockets on `--host` (port 0: any free port), says Hello to the proxy and serves
+until Shutdown, SIGTERM or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from types import FrameType
+
+import torch
+
+from deploy.args import add_dataclass_args, dataclass_from_args
+from deploy.worker_base import WorkerBase, WorkerConfig
+from engine.config import ConfigError, EngineConfig
+from engine.errors import EngineError
+from engine.llm_engine import LLMEngine
+
+log = logging.getLogger("pdserve.worker")
+
+
+def apply_profile(config: EngineConfig, profile: str | None) -> EngineConfig:
+    """Cache dtype and layout from a GPU profile (transfer/profiles.py), e.g. 'volta', 'ampere'."""
+    if not profile:
+        return config
+    from transfer.profiles import engine_cache_settings
+
+    dtype, layout = engine_cache_settings(profile)
+    return config.__class__(**{**config.__dict__, "kv_cache_dtype": dtype, "kv_cache_layout": layout})
+
+
+def build_worker(role: str, worker_cfg: WorkerConfig, engine_cfg: EngineConfig) -> WorkerBase:
+    engine = LLMEngine.from_config(engine_cfg)
+    if role == "decode":
+        from decode.worker import DecodeWorker
+        return DecodeWorker(worker_cfg, engine)
+    from prefill.worker import PrefillWorker
+    return PrefillWorker(worker_cfg, engine)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pdserve-worker")
+    parser.add_argument("--role", choices=["prefill", "decode"], required=True)
+    parser.add_argument("--profile", default=None, help="GPU profile for the KV cache (transfer/profiles.py)")
+    parser.add_argument("--num-threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    parser.add_argument("--log-level", default="INFO")
+    add_dataclass_args(parser, EngineConfig)
+    add_dataclass_args(parser, WorkerConfig)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format=f"%(asctime)s %(levelname)s [{args.role} {args.worker_id}] %(name)s: %(message)s")
+    if args.num_threads > 0:
+        torch.set_num_threads(args.num_threads)
+    try:
+        engine_cfg = apply_profile(dataclass_from_args(EngineConfig, args), args.profile)
+        worker = build_worker(args.role, dataclass_from_args(WorkerConfig, args), engine_cfg)
+    except (ConfigError, EngineError) as e:
+        log.error("cannot start: %s", e)
+        return 2
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        worker.stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        worker.run()
+    finally:
+        worker.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

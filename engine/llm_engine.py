@@ -1,0 +1,181 @@
+"""LLMEngine: the colocated reference engine (scheduler + model runner + tokenizer).
+
+Requests join and leave the running batch every step. This is the engine a decode worker
+runs for local (colocated) prefill and the baseline the disaggregated path must match.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from engine.checkpoint import Checkpoint, load_checkpoint, read_model_config
+from engine.config import EngineConfig
+from engine.errors import EngineError
+from engine.kv_cache_manager import KvCacheManager
+from engine.memory_plan import KvPlan, plan_kv_cache
+from engine.model_runner import ModelRunner
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler, SchedulerConfig
+from engine.sequence import FinishReason, Sequence, TokenLogprob
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_logprobs: list[TokenLogprob]
+    is_finished: bool
+    finish_reason: FinishReason | None
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    error: str | None = None
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, checkpoint: Checkpoint, plan: KvPlan) -> None:
+        self.config, self.plan = config, plan
+        self.model_config = checkpoint.config
+        self.tokenizer = checkpoint.tokenizer
+        torch.manual_seed(config.seed)
+        self.runner = ModelRunner(checkpoint.config, checkpoint.weights, plan, config.torch_dtype,
+                                  config.torch_device)
+        self.cache = KvCacheManager(plan.num_blocks, plan.spec.block_size, config.enable_prefix_caching)
+        eos = tuple(checkpoint.tokenizer.eos_token_ids) or checkpoint.config.eos_token_ids
+        self.scheduler = Scheduler(
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, plan.max_model_len),
+            self.cache, eos)
+        self._seqs: dict[str, Sequence] = {}
+        self._num_emitted: dict[str, int] = {}
+
+    @classmethod
+    def from_config(cls, config: EngineConfig, log_plan: bool = True) -> LLMEngine:
+        """Plan memory from the model's metadata first (fails fast), then load the weights."""
+        plan = plan_kv_cache(read_model_config(config.model), config)
+        if log_plan:
+            log.info(plan.line())
+        t0 = time.perf_counter()
+        checkpoint = load_checkpoint(config.model, config.torch_dtype)
+        plan = plan_kv_cache(checkpoint.config, config, checkpoint.identity)
+        engine = cls(config, checkpoint, plan)
+        log.info("loaded %s in %.1f s on %s (%s)", config.model, time.perf_counter() - t0,
+                 config.torch_device, config.torch_dtype)
+        return engine
+
+    # ---- requests ---------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> Sequence:
+        if request_id in self._seqs:
+            raise EngineError(f"duplicate request id {request_id!r}")
+        seq = Sequence(request_id, list(prompt_ids), params)
+        self.scheduler.add(seq)  # raises RequestError for a request that can never run
+        self._seqs[request_id] = seq
+        self._num_emitted[request_id] = 0
+        return seq
+
+    def abort(self, request_id: str) -> None:
+        if self.scheduler.abort(request_id) is not None:
+            self._seqs.pop(request_id, None)
+            self._num_emitted.pop(request_id, None)
+
+    @property
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work
+
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        results = self.runner.execute(batch)
+        self.scheduler.postprocess(batch, results)
+        outputs = []
+        for s in batch:
+            out = self._output(s.seq)
+            if out.new_token_ids or out.is_finished:
+                outputs.append(out)
+        return outputs
+
+    def _output(self, seq: Sequence) -> RequestOutput:
+        emitted = self._num_emitted[seq.seq_id]
+        new = seq.output_ids[emitted:]
+        self._num_emitted[seq.seq_id] = emitted + len(new)
+        if seq.is_finished:
+            self._seqs.pop(seq.seq_id, None)
+            self._num_emitted.pop(seq.seq_id, None)
+        return RequestOutput(seq.seq_id, new, seq.logprobs[emitted:emitted + len(new)], seq.is_finished,
+                             seq.finish_reason, seq.num_prompt_tokens, seq.num_cached_tokens)
+
+    # ---- disaggregated decode: reservations filled by a prefill worker ---------------------
+    def reserve(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> Sequence | None:
+        """Allocate blocks for a prompt whose K/V will arrive from a prefill worker.
+
+        Returns None (nothing taken) when the blocks are not free right now; raises RequestError
+        for a prompt that can never run. The reservation owns its blocks until `adopt_prefilled`
+        (they pass to the running batch) or `release` (they are freed).
+        """
+        if request_id in self._seqs:
+            raise EngineError(f"duplicate request id {request_id!r}")
+        seq = Sequence(request_id, list(prompt_ids), params)
+        self.scheduler.check_admissible(seq)
+        if not self.cache.can_allocate(seq, use_prefix_cache=False):
+            return None
+        self.cache.allocate(seq, use_prefix_cache=False)  # the prefill worker writes every block
+        self._seqs[request_id] = seq
+        self._num_emitted[request_id] = 0
+        return seq
+
+    def adopt_prefilled(self, seq: Sequence, first_token: int,
+                        first_logprob: TokenLogprob | None) -> RequestOutput:
+        """The reservation's prompt K/V is in its blocks: append the first token and join the batch."""
+        seq.num_computed_tokens = seq.num_prompt_tokens
+        self.cache.commit_computed(seq)
+        seq.token_ids.append(first_token)
+        if first_logprob is not None:
+            seq.logprobs.append(first_logprob)
+        reason = self.scheduler.stop_reason(seq)
+        if reason is None:
+            self.scheduler.add_running(seq)
+        else:
+            self.scheduler.finish(seq, reason)
+        return self._output(seq)
+
+    def release(self, seq: Sequence) -> None:
+        """Free a reservation that will never be filled (abort, timeout, failed transfer)."""
+        self.cache.free(seq)
+        self._seqs.pop(seq.seq_id, None)
+        self._num_emitted.pop(seq.seq_id, None)
+
+    def prefill_locally(self, seq: Sequence) -> None:
+        """Turn a reservation into a local prefill (its prefill worker is gone)."""
+        self.cache.free(seq)
+        seq.num_cached_tokens = 0
+        self.scheduler.add(seq)
+
+    # ---- convenience ------------------------------------------------------------------------
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
+                 arrival_steps: list[int] | None = None) -> list[Sequence]:
+        """Run prompts to completion as one continuous batch; request i joins at step arrival_steps[i]."""
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        arrivals = arrival_steps or [0] * len(prompts)
+        pending = sorted(range(len(prompts)), key=lambda i: arrivals[i])
+        seqs: dict[int, Sequence] = {}
+        step = 0
+        while pending or self.has_unfinished:
+            while pending and arrivals[pending[0]] <= step:
+                i = pending.pop(0)
+                seqs[i] = self.add_request(f"gen-{id(self)}-{i}", prompts[i], params_list[i])
+            self.step()
+            step += 1
+        return [seqs[i] for i in range(len(prompts))]
+
+    def check_idle_integrity(self) -> None:
+        """When nothing runs, every block must be free and the pool consistent."""
+        self.cache.pool.check_integrity()
+        if not self.has_unfinished and self.cache.pool.num_used:
+            raise EngineError(f"{self.cache.pool.num_used} KV blocks still used while idle")

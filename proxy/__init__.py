@@ -1,0 +1,15 @@
+"""The proxy: pdserve's OpenAI-compatible HTTP front end.
+
+It validates requests, applies the chat template, routes each request to a decode worker (which
+reserves blocks) and a prefill worker, streams tokens back as text, and exports metrics. It
+never runs the model and never touches KV cache bytes.
+
+Modules:
+    protocol     OpenAI request/response/chunk models; `to_sampling()` -> SamplingRequest
+    errors       OpenAI-shaped errors (`ApiError`) and FastAPI exception handlers
+    detokenizer  incremental detokenization that never emits broken UTF-8
+    stop         stop strings over streamed text
+    sse          server-sent-events framing
+    metrics      `pdserve:` Prometheus metrics (one registry per instance)
+    router       worker snapshots and routing policies (round-robin, least-loaded, prefix-aware)
+"""

@@ -1,0 +1,146 @@
+"""The OpenAI-compatible HTTP front end (FastAPI): routes, auth, tokenization, length checks.
+
+Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health
+(503 when no decode worker is alive), GET /metrics (Prometheus), GET /status (topology).
+Every error is OpenAI-shaped JSON (proxy/errors.py); `X-Request-Id` is echoed or generated.
+"""
+
+from __future__ import annotations
+
+import hmac
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from engine.errors import RequestError
+from engine.sampling_params import SamplingParams
+from proxy import protocol as p
+from proxy import responses as r
+from proxy.cluster import ClusterClient
+from proxy.detokenizer import Tokenizer
+from proxy.errors import ApiError, install_error_handlers, invalid_request, model_not_found, unauthorized
+from proxy.metrics import ProxyMetrics
+from proxy.sse import sse_headers
+
+
+class ChatTokenizer(Tokenizer):
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str: ...
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    model_name: str
+    max_model_len: int
+    api_key: str | None = None
+
+
+def build_app(config: ProxyConfig, cluster: ClusterClient, tokenizer: ChatTokenizer,
+              metrics: ProxyMetrics) -> FastAPI:
+    app = FastAPI(title="pdserve", docs_url=None, redoc_url=None)
+    install_error_handlers(app)
+
+    @app.middleware("http")
+    async def request_id_and_auth(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        rid = request.headers.get("x-request-id") or uuid.uuid4().hex
+        request.state.request_id = rid
+        if config.api_key and request.url.path.startswith("/v1/"):
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {config.api_key}".encode()):
+                response: Response = unauthorized().to_response()
+                response.headers["X-Request-Id"] = rid
+                return response
+        response = await call_next(request)
+        response.headers["X-Request-Id"] = rid
+        return response
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        decode, prefill = cluster.alive("decode"), cluster.alive("prefill")
+        body = {"status": "ok" if decode else "unavailable", "decode_workers": len(decode),
+                "prefill_workers": len(prefill)}
+        return JSONResponse(body, status_code=200 if decode else 503)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+    @app.get("/status")
+    async def status() -> JSONResponse:
+        return JSONResponse({"model": config.model_name, "max_model_len": config.max_model_len,
+                             "workers": cluster.topology()})
+
+    @app.get("/v1/models")
+    async def models() -> p.ModelList:
+        return p.ModelList(data=[p.ModelCard(id=config.model_name, max_model_len=config.max_model_len)])
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(body: p.CompletionRequest, request: Request) -> Response | p.CompletionResponse:
+        _check_model(body.model)
+        prompt = body.prompt
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            prompt_ids = tokenizer.encode(prompt)
+        elif isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+            prompt_ids = _check_token_ids(list(prompt))
+        else:
+            raise invalid_request("prompt must be a string, a list of one string, or a list of token ids",
+                                  "prompt")
+        stream, want_lp = _stream(body, request, prompt_ids), body.logprobs is not None
+        if body.stream:
+            return StreamingResponse(r.completion_sse(stream, config.model_name, want_lp, body.include_usage),
+                                     headers=sse_headers(), media_type="text/event-stream")
+        return await r.completion_response(stream, config.model_name, want_lp)
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat(body: p.ChatCompletionRequest, request: Request) -> Response | p.ChatCompletionResponse:
+        _check_model(body.model)
+        try:
+            text = tokenizer.apply_chat_template(body.template_messages())
+        except Exception as e:  # template errors are the request's fault (raise_exception)
+            raise invalid_request(f"chat template rejected the messages: {e}", "messages") from None
+        prompt_ids = tokenizer.encode(text)
+        stream, want_lp = _stream(body, request, prompt_ids), bool(body.logprobs)
+        if body.stream:
+            return StreamingResponse(r.chat_sse(stream, config.model_name, want_lp, body.include_usage),
+                                     headers=sse_headers(), media_type="text/event-stream")
+        return await r.chat_response(stream, config.model_name, want_lp)
+
+    def _check_model(model: str | None) -> None:
+        if model and model != config.model_name:
+            raise model_not_found(model, [config.model_name])
+
+    def _check_token_ids(ids: list[int]) -> list[int]:
+        vocab = tokenizer.vocab_size  # type: ignore[attr-defined]
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise invalid_request(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", "prompt")
+        return ids
+
+    def _stream(body: p.CompletionRequest | p.ChatCompletionRequest, request: Request,
+                prompt_ids: list[int]) -> r.GenerationStream:
+        if not prompt_ids:
+            raise invalid_request("the prompt is empty", "prompt" if isinstance(body, p.CompletionRequest)
+                                  else "messages")
+        sampling = p.to_sampling(body)
+        param = "messages" if isinstance(body, p.ChatCompletionRequest) else "prompt"
+        max_tokens = p.resolve_max_tokens(sampling.max_tokens, len(prompt_ids), config.max_model_len, param)
+        try:
+            params = SamplingParams(max_tokens=max_tokens, temperature=sampling.temperature,
+                                    top_p=sampling.top_p, top_k=sampling.top_k, seed=sampling.seed,
+                                    ignore_eos=sampling.ignore_eos, logprobs=sampling.logprobs,
+                                    min_tokens=sampling.min_tokens)
+        except RequestError as e:
+            raise invalid_request(str(e)) from None
+        # Internal id: unique even when clients reuse an X-Request-Id.
+        return r.GenerationStream(cluster, tokenizer, metrics, uuid.uuid4().hex, prompt_ids,
+                                  params.to_dict(), sampling.stop)
+
+    return app
+
+
+__all__ = ["ApiError", "ProxyConfig", "build_app"]

@@ -1,0 +1,330 @@
+"""ClusterClient: the proxy's view of its workers and the owner of every in-flight request.
+
+It binds the workers -> proxy event socket, registers workers as they say Hello, tracks their
+heartbeats, routes each request (decode worker by load, prefill worker by prefix), drives the
+decode-first lifecycle (Reserve -> Reserved -> Prefill -> Tokens...) and turns every failure
+into an error on that request's stream:
+
+- a decode worker silent for `heartbeat_timeout_s`: its requests fail at once, it leaves routing;
+- a prefill worker silent, or a retryable prefill failure: the prefill is retried on another
+  prefill worker, or done locally by the decode worker;
+- every state has a timeout (queue, prefill, gap between tokens); on timeout or client
+  disconnect the request is aborted on both workers, which free its blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
+
+import zmq
+import zmq.asyncio
+
+from decode import messages as dmsg
+from prefill import messages as pmsg
+from proxy import events as ev
+from proxy.errors import ApiError, internal, overloaded
+from proxy.metrics import ProxyMetrics
+from proxy.router import LeastLoaded, NoWorkerAvailable, PrefixAware, RoundRobin, WorkerState
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    host: str = "127.0.0.1"
+    heartbeat_timeout_s: float = 3.0
+    queue_timeout_s: float = 30.0
+    prefill_timeout_s: float = 120.0
+    stream_timeout_s: float = 60.0
+    colocated: bool = False
+    router: str = "least-loaded"  # decode routing: least-loaded | round-robin
+
+
+class Stage(enum.Enum):
+    RESERVING = "reserving"
+    PREFILLING = "prefilling"
+    DECODING = "decoding"
+
+
+@dataclass
+class Worker:
+    hello: ev.Hello
+    socket: zmq.asyncio.Socket
+    state: WorkerState
+    last_seen: float
+    requests: set[str] = field(default_factory=set)
+    num_preemptions_seen: int = 0
+
+    @property
+    def is_alive(self) -> bool:
+        return self.state.is_alive
+
+
+@dataclass
+class InFlight:
+    request_id: str
+    prompt_ids: list[int]
+    params: dict
+    queue: asyncio.Queue
+    decode_id: str
+    prefill_id: str | None = None
+    block_ids: list[int] = field(default_factory=list)
+    stage: Stage = Stage.RESERVING
+    stage_since: float = field(default_factory=time.monotonic)
+    tried_prefill: set[str] = field(default_factory=set)
+    num_prefill_cached_tokens: int = 0
+
+    def enter(self, stage: Stage) -> None:
+        self.stage, self.stage_since = stage, time.monotonic()
+
+
+class ClusterClient:
+    def __init__(self, config: ClusterConfig, metrics: ProxyMetrics) -> None:
+        self.config, self.metrics = config, metrics
+        self.ctx = zmq.asyncio.Context()
+        self.events = self.ctx.socket(zmq.PULL)
+        self.events.setsockopt(zmq.LINGER, 0)
+        self.events.bind(f"tcp://{config.host}:0")
+        self.events_address: str = self.events.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.workers: dict[str, Worker] = {}
+        self.inflight: dict[str, InFlight] = {}
+        self.decode_policy = RoundRobin() if config.router == "round-robin" else LeastLoaded()
+        self.prefill_policy = PrefixAware()
+        self._tasks: list[asyncio.Task] = []
+        self._registered = asyncio.Event()
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._event_loop()), asyncio.create_task(self._monitor())]
+
+    async def close(self) -> None:
+        for w in self.workers.values():
+            with contextlib.suppress(zmq.ZMQError):
+                await w.socket.send(self._encode_for(w, dmsg.Shutdown() if w.hello.role == "decode"
+                                                     else pmsg.Shutdown()), flags=zmq.NOBLOCK)
+        for t in self._tasks:
+            t.cancel()
+        for w in self.workers.values():
+            w.socket.close(linger=100)
+        self.events.close(linger=0)
+        self.ctx.term()
+
+    async def wait_for_workers(self, num_prefill: int, num_decode: int, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            have = self.alive("prefill"), self.alive("decode")
+            if len(have[0]) >= num_prefill and len(have[1]) >= num_decode:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"workers did not register in {timeout_s:.0f} s: "
+                                   f"{len(have[0])}/{num_prefill} prefill, {len(have[1])}/{num_decode} decode")
+            self._registered.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._registered.wait(), 0.5)
+
+    def alive(self, role: str) -> list[Worker]:
+        return [w for w in self.workers.values() if w.hello.role == role and w.is_alive]
+
+    @staticmethod
+    def _encode_for(worker: Worker, msg: object) -> bytes:
+        family = dmsg.DECODE_CTRL if worker.hello.role == "decode" else pmsg.PREFILL_CTRL
+        return family.encode(msg)
+
+    async def _send(self, worker_id: str | None, msg: object) -> None:
+        w = self.workers.get(worker_id or "")
+        if w is None or not w.is_alive:
+            return
+        try:
+            await w.socket.send(self._encode_for(w, msg), flags=zmq.NOBLOCK)
+        except zmq.Again:
+            log.warning("ctrl queue to %s is full; dropping %s", worker_id, type(msg).__name__)
+
+    # ---- requests -----------------------------------------------------------------------------
+    async def generate(self, request_id: str, prompt_ids: list[int],
+                       params: dict) -> AsyncIterator[ev.Tokens]:
+        """Yield Tokens events until the request finishes. Raises ApiError on failure.
+
+        Leaving the iteration early (client gone, stop string) aborts the request everywhere.
+        """
+        try:
+            decode = self.decode_policy.choose([w.state for w in self.workers.values()
+                                                if w.hello.role == "decode"], prompt_ids)
+        except NoWorkerAvailable as e:
+            raise overloaded(1.0, f"{e}; retry shortly") from None
+        remote = not self.config.colocated and bool(self.alive("prefill"))
+        req = InFlight(request_id, prompt_ids, params, asyncio.Queue(), decode.worker_id)
+        self.inflight[request_id] = req
+        self.workers[decode.worker_id].requests.add(request_id)
+        finished = False
+        try:
+            await self._send(decode.worker_id, dmsg.Reserve(request_id, prompt_ids, params, remote,
+                                                            self.config.queue_timeout_s))
+            while not finished:
+                item = await self._next(req)
+                if isinstance(item, ApiError):
+                    raise item
+                finished = item.finish_reason is not None
+                yield item
+        finally:
+            self._forget(req)
+            if not finished:
+                await self._send(req.decode_id, dmsg.Abort(request_id, "client"))
+                await self._send(req.prefill_id, pmsg.Abort(request_id, "client"))
+
+    async def _next(self, req: InFlight) -> ev.Tokens | ApiError:
+        timeout = {Stage.RESERVING: self.config.queue_timeout_s + 5.0,
+                   Stage.PREFILLING: self.config.prefill_timeout_s,
+                   Stage.DECODING: self.config.stream_timeout_s}[req.stage]
+        try:
+            return await asyncio.wait_for(req.queue.get(), timeout)
+        except asyncio.TimeoutError:
+            return ApiError(504, f"request {req.request_id} timed out after {timeout:.0f} s while "
+                            f"{req.stage.value}", "timeout_error", code="timeout")
+
+    def _forget(self, req: InFlight) -> None:
+        self.inflight.pop(req.request_id, None)
+        for wid in (req.decode_id, req.prefill_id):
+            if wid in self.workers:
+                self.workers[wid].requests.discard(req.request_id)
+
+    def _start_prefill(self, req: InFlight) -> None:
+        candidates = [w.state for w in self.alive("prefill") if w.hello.worker_id not in req.tried_prefill]
+        decode = self.workers.get(req.decode_id)
+        if not candidates or decode is None:
+            req.prefill_id = None
+            req.enter(Stage.DECODING)
+            asyncio.ensure_future(self._send(req.decode_id, dmsg.PrefillLocally(req.request_id)))
+            return
+        prefill = self.prefill_policy.choose(candidates, req.prompt_ids)
+        req.prefill_id = prefill.worker_id
+        req.tried_prefill.add(prefill.worker_id)
+        self.workers[prefill.worker_id].requests.add(req.request_id)
+        req.enter(Stage.PREFILLING)
+        msg = pmsg.Prefill(req.request_id, req.prompt_ids, req.params, req.decode_id,
+                           decode.hello.kv_address, req.block_ids, decode.hello.kv_spec)
+        asyncio.ensure_future(self._send(prefill.worker_id, msg))
+
+    # ---- events -------------------------------------------------------------------------------
+    async def _event_loop(self) -> None:
+        while True:
+            frame = await self.events.recv()
+            try:
+                self._handle(ev.WORKER_EVENTS.decode(frame))
+            except Exception:  # a bad event must never kill the proxy's event loop
+                log.exception("dropping a worker event that could not be handled")
+
+    def _handle(self, msg: object) -> None:
+        if isinstance(msg, ev.Hello):
+            self._register(msg)
+            return
+        worker = self.workers.get(getattr(msg, "worker_id", ""))
+        if worker is not None:
+            worker.last_seen = time.monotonic()
+        if isinstance(msg, ev.Heartbeat):
+            self._on_heartbeat(msg)
+            return
+        req = self.inflight.get(getattr(msg, "request_id", ""))
+        if req is None:
+            return
+        if isinstance(msg, ev.Reserved):
+            req.block_ids = list(msg.block_ids)
+            self._start_prefill(req)
+        elif isinstance(msg, ev.Tokens):
+            req.enter(Stage.DECODING)
+            req.queue.put_nowait(msg)
+        elif isinstance(msg, ev.Rejected):
+            err = overloaded(msg.retry_after_s, msg.reason) if msg.status == 503 else \
+                ApiError(msg.status, msg.reason, "invalid_request_error")
+            req.queue.put_nowait(err)
+        elif isinstance(msg, ev.PrefillDone):
+            req.num_prefill_cached_tokens = msg.num_cached_tokens
+            self.metrics.on_kv_transfer(msg.kv_bytes, msg.kv_seconds)
+        elif isinstance(msg, ev.RequestFailed):
+            self._on_failed(req, msg)
+
+    def _on_failed(self, req: InFlight, msg: ev.RequestFailed) -> None:
+        if msg.retryable and msg.worker_id == req.prefill_id and req.stage is Stage.PREFILLING:
+            log.warning("prefill of %s failed on %s (%s); retrying", req.request_id, msg.worker_id, msg.error)
+            self._start_prefill(req)
+            return
+        req.queue.put_nowait(internal(f"{msg.kind}: {msg.error}", req.request_id))
+
+    def _register(self, hello: ev.Hello) -> None:
+        old = self.workers.pop(hello.worker_id, None)
+        if old is not None:
+            old.socket.close(linger=0)
+            self._fail_worker_requests(old, "restarted")
+        sock = self.ctx.socket(zmq.PUSH)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 10000)
+        sock.connect(hello.ctrl_address)
+        state = WorkerState(hello.worker_id, hello.role, hello.ctrl_address)  # type: ignore[arg-type]
+        block_size = int(hello.kv_spec.get("block_size", 16))
+        if hello.role == "prefill" and block_size != self.prefill_policy.block_size:
+            self.prefill_policy = PrefixAware(block_size=block_size)
+        self.workers[hello.worker_id] = Worker(hello, sock, state, time.monotonic())
+        log.info("%s worker %s up on %s (pid %d): %s", hello.role, hello.worker_id, hello.host,
+                 hello.pid, hello.plan)
+        self.metrics.set_worker(hello.worker_id, hello.role, is_alive=True)
+        self._registered.set()
+
+    def _on_heartbeat(self, hb: ev.Heartbeat) -> None:
+        w = self.workers.get(hb.worker_id)
+        if w is None:
+            return
+        usage = hb.num_used_blocks / hb.num_blocks if hb.num_blocks else 0.0
+        w.state = replace(w.state, is_alive=True, num_running=hb.num_running, num_waiting=hb.num_waiting,
+                          kv_usage=min(max(usage, 0.0), 1.0), num_free_blocks=hb.num_free_blocks,
+                          num_total_blocks=hb.num_blocks)
+        self.metrics.set_worker(hb.worker_id, hb.role, is_alive=True, kv_usage=usage,
+                                num_used_blocks=hb.num_used_blocks)
+        self.metrics.on_preemptions(hb.num_preemptions - w.num_preemptions_seen)
+        w.num_preemptions_seen = max(hb.num_preemptions, w.num_preemptions_seen)
+
+    # ---- failure detection ----------------------------------------------------------------------
+    async def _monitor(self) -> None:
+        while True:
+            await asyncio.sleep(0.25)
+            now = time.monotonic()
+            for w in list(self.workers.values()):
+                if w.is_alive and now - w.last_seen > self.config.heartbeat_timeout_s:
+                    log.error("%s worker %s missed heartbeats for %.1f s: marking it dead",
+                              w.hello.role, w.hello.worker_id, now - w.last_seen)
+                    w.state = replace(w.state, is_alive=False)
+                    self.metrics.set_worker(w.hello.worker_id, w.hello.role, is_alive=False)
+                    self._fail_worker_requests(w, "died")
+            self.metrics.set_request_counts(
+                sum(1 for r in self.inflight.values() if r.stage is Stage.DECODING),
+                sum(1 for r in self.inflight.values() if r.stage is not Stage.DECODING))
+
+    def _fail_worker_requests(self, w: Worker, what: str) -> None:
+        for rid in list(w.requests):
+            req = self.inflight.get(rid)
+            if req is None:
+                continue
+            if w.hello.role == "prefill" and req.prefill_id == w.hello.worker_id \
+                    and req.stage is Stage.PREFILLING:
+                log.warning("prefill worker %s %s: retrying prefill of %s", w.hello.worker_id, what, rid)
+                self._start_prefill(req)
+            elif w.hello.role == "decode":
+                req.queue.put_nowait(ApiError(503, f"decode worker {w.hello.worker_id} {what} while "
+                                              f"serving this request", "service_unavailable",
+                                              code="worker_lost"))
+                asyncio.ensure_future(self._send(req.prefill_id, pmsg.Abort(rid, "decode lost")))
+
+    # ---- views --------------------------------------------------------------------------------
+    def topology(self) -> list[dict]:
+        return [{"worker_id": w.hello.worker_id, "role": w.hello.role, "host": w.hello.host,
+                 "pid": w.hello.pid, "alive": w.is_alive, "ctrl_address": w.hello.ctrl_address,
+                 "kv_address": w.hello.kv_address, "kv_plan": w.hello.plan,
+                 "num_running": w.state.num_running, "num_waiting": w.state.num_waiting,
+                 "kv_usage": round(w.state.kv_usage, 4),
+                 "used_blocks": w.state.num_total_blocks - w.state.num_free_blocks
+                 if w.state.num_total_blocks else 0}
+                for w in sorted(self.workers.values(), key=lambda w: w.hello.worker_id)]

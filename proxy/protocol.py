@@ -1,0 +1,397 @@
+"""OpenAI wire types: request validation, response and chunk shapes, the sampling handoff.
+
+Owns the pydantic models of /v1/completions and /v1/chat/completions requests (a value pdserve
+cannot honour is a 400 naming the parameter; unknown harmless fields are ignored, as OpenAI
+does), of responses, stream chunks and the model list, and `to_sampling()`, which turns a
+request into the `SamplingRequest` dataclass the workers get. No tokenizers, sockets or HTTP.
+"""
+
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from itertools import accumulate
+from types import MappingProxyType
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
+
+from proxy.errors import context_length_exceeded
+
+MAX_STOP_STRINGS = 4
+MAX_TOP_LOGPROBS = 20
+MIN_LOGPROB = -9999.0  # what OpenAI sends instead of -inf
+FinishReason = Literal["stop", "length"]
+Role = Literal["system", "user", "assistant", "developer"]
+_OptInt = Annotated[int | None, Field(strict=True)]
+_OptBool = Annotated[bool | None, Field(strict=True)]
+
+
+def _error(message: str, kind: str = "invalid") -> PydanticCustomError:
+    """A validation error whose message is used as is; kind 'unsupported' sets that code."""
+    return PydanticCustomError(f"{kind}_value", "{message}", {"message": message})
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool | None = False
+
+
+class _RequestBase(BaseModel):
+    """Fields shared by both endpoints. `None` everywhere means "the default"."""
+
+    model_config = ConfigDict(extra="allow")
+    # Parameters accepted only at a neutral value; anything else is a 400 naming the field.
+    _NEUTRAL: ClassVar[Mapping[str, Any]] = MappingProxyType({
+        "n": 1, "best_of": 1, "echo": False, "presence_penalty": 0.0, "frequency_penalty": 0.0,
+        "repetition_penalty": 1.0, "min_p": 0.0, "suffix": "", "logit_bias": {}, "tools": [],
+        "functions": [], "response_format": {"type": "text"},
+    })
+
+    model: str | None = None
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: _OptInt = Field(None, ge=-1)
+    seed: _OptInt = Field(None, ge=-(2**63), le=2**64 - 1)
+    stop: list[str] | None = None
+    stream: _OptBool = False
+    stream_options: StreamOptions | None = None
+    ignore_eos: _OptBool = False
+    user: str | None = None
+    n: _OptInt = None
+    best_of: _OptInt = None
+    echo: _OptBool = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    min_p: float | None = None
+    suffix: str | None = None
+    logit_bias: dict[str, float] | None = None
+    response_format: dict[str, Any] | None = None
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _check_stop(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, list):
+            if len(value) > MAX_STOP_STRINGS:
+                raise _error(f"at most {MAX_STOP_STRINGS} stop sequences are allowed")
+            if all(isinstance(s, str) for s in value):
+                return [s for s in value if s]  # an empty stop string means nothing
+        return value
+
+    @field_validator("min_tokens", check_fields=False)  # declared after max_tokens in subclasses
+    @classmethod
+    def _check_min_tokens(cls, value: int, info: ValidationInfo) -> int:
+        limit = info.data.get("max_completion_tokens") or info.data.get("max_tokens")
+        if limit is not None and value > limit:
+            raise _error(f"min_tokens ({value}) must not exceed max_tokens ({limit})")
+        return value
+
+    @field_validator(*_NEUTRAL, check_fields=False)
+    @classmethod
+    def _check_neutral(cls, value: Any, info: ValidationInfo) -> Any:
+        neutral = cls._NEUTRAL[info.field_name or ""]
+        if value is not None and value != neutral:
+            raise _error(f"pdserve supports only {info.field_name}={neutral!r}", "unsupported")
+        return value
+
+    @property
+    def include_usage(self) -> bool:
+        """Whether a stream ends with a usage chunk (`stream_options` is ignored unless streaming)."""
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(_RequestBase):
+    """`POST /v1/completions`. `prompt` ends up as a `str` or a list of token ids."""
+
+    prompt: str | list[int]
+    max_tokens: int | None = Field(16, strict=True, ge=1)  # OpenAI's legacy default
+    min_tokens: int = Field(0, strict=True, ge=0)
+    logprobs: int | None = Field(None, strict=True, ge=0, le=MAX_TOP_LOGPROBS)
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _check_prompt(cls, value: Any) -> Any:
+        if not isinstance(value, list):
+            return value
+        if not value:
+            raise _error("prompt must not be empty")
+        if all(isinstance(x, str) for x in value):
+            if len(value) != 1:
+                raise _error("only one prompt per request is supported", "unsupported")
+            return value[0]
+        if all(isinstance(x, int) and not isinstance(x, bool) for x in value):
+            if min(value) < 0:
+                raise _error("token ids must be non-negative")
+            return value
+        raise _error("prompt must be a string, a list of one string or a list of token ids")
+
+
+class ChatMessage(BaseModel):
+    """One message; list-of-parts content is joined into one string at validation."""
+
+    role: Role
+    content: str | None = None
+    name: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _join_parts(cls, value: Any) -> Any:
+        if not isinstance(value, list):
+            return value
+        texts = []
+        for part in value:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind != "text" or not isinstance(part.get("text"), str):
+                raise _error(f"content part type {kind!r} is not supported (only 'text' "
+                             f"parts with a string 'text')", "unsupported")
+            texts.append(part["text"])
+        return "\n".join(texts)
+
+
+class ChatCompletionRequest(_RequestBase):
+    """`POST /v1/chat/completions`."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, strict=True, ge=1)
+    max_completion_tokens: int | None = Field(None, strict=True, ge=1)
+    min_tokens: int = Field(0, strict=True, ge=0)
+    logprobs: bool | None = Field(False, strict=True)
+    top_logprobs: int | None = Field(None, strict=True, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: list[Any] | None = None
+    functions: list[Any] | None = None
+
+    @field_validator("messages")
+    @classmethod
+    def _check_messages(cls, value: list[ChatMessage]) -> list[ChatMessage]:
+        for i, message in enumerate(value):
+            if message.content is None and message.role != "assistant":
+                raise _error(f"messages[{i}].content is required for role '{message.role}'")
+        return value
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _check_top_logprobs(cls, value: int | None, info: ValidationInfo) -> Any:
+        if value and not info.data.get("logprobs"):
+            raise _error("top_logprobs requires logprobs to be true")
+        return value
+
+    def template_messages(self) -> list[dict[str, str]]:
+        """[{role, content}] for the chat template; 'developer' is rendered as 'system'."""
+        return [{"role": "system" if m.role == "developer" else m.role,
+                 "content": m.content or ""} for m in self.messages]
+
+
+@dataclass
+class SamplingRequest:
+    """What a worker needs to sample one sequence; plain values only (msgpack-friendly).
+
+    `top_k == 0`: disabled; `temperature == 0`: greedy; `logprobs`: None (off) or how many top
+    alternatives to return beside the sampled token; `max_tokens` None: up to the context limit
+    (see `resolve_max_tokens`). The proxy applies `stop` on detokenized text.
+    """
+
+    max_tokens: int | None
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int | None
+    stop: list[str]
+    logprobs: int | None
+    ignore_eos: bool
+    min_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if not (self.temperature >= 0.0 and 0.0 < self.top_p <= 1.0 and self.top_k >= 0):
+            raise ValueError(f"invalid sampling values in {self}")
+
+
+def to_sampling(request: CompletionRequest | ChatCompletionRequest) -> SamplingRequest:
+    """The sampling parameters of a validated request, defaults filled in.
+
+    Chat: `max_completion_tokens` wins over the deprecated `max_tokens`; `logprobs: true`
+    with `top_logprobs` k becomes `logprobs=k`. Completions: `logprobs` is already k.
+    """
+    max_tokens, logprobs = request.max_tokens, request.logprobs
+    if isinstance(request, ChatCompletionRequest):
+        max_tokens = request.max_completion_tokens or request.max_tokens
+        logprobs = (request.top_logprobs or 0) if request.logprobs else None
+    return SamplingRequest(
+        max_tokens=max_tokens,
+        temperature=1.0 if request.temperature is None else request.temperature,
+        top_p=1.0 if request.top_p is None else request.top_p,
+        top_k=max(request.top_k or 0, 0),
+        seed=request.seed,
+        stop=list(request.stop or []),
+        logprobs=logprobs,
+        ignore_eos=bool(request.ignore_eos),
+        min_tokens=request.min_tokens,
+    )
+
+
+def resolve_max_tokens(
+    max_tokens: int | None, num_prompt_tokens: int, max_model_len: int, param: str = "prompt"
+) -> int:
+    """The completion budget that fits --max-model-len, or `context_length_exceeded` (400)."""
+    if num_prompt_tokens >= max_model_len:
+        raise context_length_exceeded(num_prompt_tokens, max_tokens, max_model_len, param)
+    if max_tokens is None:
+        return max_model_len - num_prompt_tokens
+    if num_prompt_tokens + max_tokens > max_model_len:
+        raise context_length_exceeded(num_prompt_tokens, max_tokens, max_model_len, param)
+    return max_tokens
+
+
+def _omitted_if_none() -> Any:
+    """A None-default field left out of the JSON while None (OpenAI omits such keys)."""
+    return Field(None, exclude_if=lambda value: value is None)
+
+
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0
+
+
+class UsageInfo(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails | None = None
+
+    @classmethod
+    def of(cls, num_prompt: int, num_completion: int, num_cached: int | None = None) -> "UsageInfo":
+        details = None if num_cached is None else PromptTokensDetails(cached_tokens=num_cached)
+        return cls(prompt_tokens=num_prompt, completion_tokens=num_completion,
+                   total_tokens=num_prompt + num_completion, prompt_tokens_details=details)
+
+
+@dataclass
+class TokenLogprob:
+    """One generated token's logprob and its top alternatives, as text (the app decodes ids)."""
+
+    token: str
+    logprob: float
+    top: list[tuple[str, float]] = field(default_factory=list)
+
+
+def _finite(logprob: float) -> float:
+    return logprob if math.isfinite(logprob) else MIN_LOGPROB
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str] = []
+    token_logprobs: list[float | None] = []
+    top_logprobs: list[dict[str, float] | None] = []
+    text_offset: list[int] = []
+
+    @classmethod
+    def build(cls, entries: Sequence[TokenLogprob], text_offset: int = 0) -> "CompletionLogprobs":
+        """`text_offset` is where the first token starts in the completion text so far."""
+        offsets = list(accumulate((len(e.token) for e in entries), initial=text_offset))[:-1]
+        return cls(tokens=[e.token for e in entries],
+                   token_logprobs=[_finite(e.logprob) for e in entries],
+                   top_logprobs=[{t: _finite(lp) for t, lp in e.top} for e in entries],
+                   text_offset=offsets)
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+    @classmethod
+    def of(cls, token: str, logprob: float, **extra: Any) -> "TopLogprob":
+        return cls(token=token, logprob=_finite(logprob), bytes=list(token.encode()), **extra)
+
+
+class ChatLogprobToken(TopLogprob):
+    top_logprobs: list[TopLogprob] = []
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatLogprobToken] | None = None
+
+    @classmethod
+    def build(cls, entries: Sequence[TokenLogprob]) -> "ChatLogprobs":
+        return cls(content=[ChatLogprobToken.of(e.token, e.logprob, top_logprobs=[
+            TopLogprob.of(t, lp) for t, lp in e.top]) for e in entries])
+
+
+class _Response(BaseModel):
+    """What every response and chunk starts with."""
+
+    id: str
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: FinishReason | None = None
+
+
+class CompletionResponse(_Response):
+    """`text_completion`: the whole response, and also each streamed chunk."""
+
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[CompletionChoice]
+    usage: UsageInfo | None = _omitted_if_none()
+
+
+class ChatResponseMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: ChatResponseMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: FinishReason | None = None
+
+
+class ChatCompletionResponse(_Response):
+    object: Literal["chat.completion"] = "chat.completion"
+    choices: list[ChatChoice]
+    usage: UsageInfo
+
+
+class DeltaMessage(BaseModel):
+    """The first chunk carries `role` (and content ""); later ones only `content`."""
+
+    role: Literal["assistant"] | None = _omitted_if_none()
+    content: str | None = _omitted_if_none()
+
+
+class ChatChunkChoice(BaseModel):
+    index: int = 0
+    delta: DeltaMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: FinishReason | None = None
+
+
+class ChatCompletionChunk(_Response):
+    """One `chat.completion.chunk`: first a role delta, then text deltas, then (with
+    `stream_options.include_usage`) a chunk with `choices=[]` and `usage` set."""
+
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    choices: list[ChatChunkChoice]
+    usage: UsageInfo | None = _omitted_if_none()
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "pdserve"
+    max_model_len: int | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard] = []

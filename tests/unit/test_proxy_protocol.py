@@ -1,0 +1,250 @@
+"""Request validation, sampling handoff and response shapes of proxy/protocol.py."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import openai.types as oai
+import openai.types.chat as oai_chat
+import pytest
+from pydantic import ValidationError
+
+from proxy.errors import ApiError
+from proxy.protocol import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    ChatResponseMessage,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    DeltaMessage,
+    ModelCard,
+    ModelList,
+    SamplingRequest,
+    TokenLogprob,
+    UsageInfo,
+    resolve_max_tokens,
+    to_sampling,
+)
+
+USER = [{"role": "user", "content": "hi"}]
+
+
+def chat(**fields: object) -> ChatCompletionRequest:
+    return ChatCompletionRequest.model_validate({"model": "m", "messages": USER, **fields})
+
+
+def completion(**fields: object) -> CompletionRequest:
+    return CompletionRequest.model_validate({"model": "m", "prompt": "hi", **fields})
+
+
+def first_error(exc: pytest.ExceptionInfo[ValidationError]) -> tuple[tuple, str]:
+    error = exc.value.errors()[0]
+    return error["loc"], error["type"]
+
+
+def test_chat_messages_parts_roles_and_extras() -> None:
+    request = ChatCompletionRequest.model_validate({
+        "model": "m",
+        "messages": [
+            {"role": "developer", "content": [{"type": "text", "text": "be"},
+                                              {"type": "text", "text": "brief"}]},
+            {"role": "user", "content": "hi", "name": "bob"},
+            {"role": "assistant", "content": None},
+        ],
+        "parallel_tool_calls": False, "store": True,  # unknown but harmless: ignored
+    })
+    assert request.template_messages() == [
+        {"role": "system", "content": "be\nbrief"},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": ""},
+    ]
+    assert set(request.model_extra or {}) == {"parallel_tool_calls", "store"}
+
+
+@pytest.mark.parametrize("messages, loc", [
+    ([], ("messages",)),
+    ([{"role": "tool", "content": "x"}], ("messages", 0, "role")),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}],
+     ("messages", 0, "content")),
+    ([{"role": "user"}], ("messages",)),
+])
+def test_chat_bad_messages_name_the_field(messages: list, loc: tuple) -> None:
+    with pytest.raises(ValidationError) as exc:
+        ChatCompletionRequest.model_validate({"messages": messages})
+    assert first_error(exc)[0] == loc
+
+
+@pytest.mark.parametrize("prompt, expected", [
+    ("hello", "hello"), (["hello"], "hello"), ([1, 2, 3], [1, 2, 3]),
+])
+def test_prompt_forms(prompt: object, expected: object) -> None:
+    assert completion(prompt=prompt).prompt == expected
+
+
+@pytest.mark.parametrize("prompt, kind", [
+    ([], "invalid_value"), (["a", "b"], "unsupported_value"), ([1, "a"], "invalid_value"),
+    ([-1], "invalid_value"), ([True], "invalid_value"),
+])
+def test_bad_prompts(prompt: object, kind: str) -> None:
+    with pytest.raises(ValidationError) as exc:
+        completion(prompt=prompt)
+    assert first_error(exc) == (("prompt",), kind)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("n", 2), ("best_of", 3), ("echo", True), ("presence_penalty", 0.5),
+    ("frequency_penalty", -1.0), ("repetition_penalty", 1.2), ("min_p", 0.1), ("suffix", "x"),
+    ("logit_bias", {"50256": -100}), ("response_format", {"type": "json_object"}),
+])
+def test_unsupported_values_name_the_parameter(field: str, value: object) -> None:
+    for make in (chat, completion):
+        with pytest.raises(ValidationError) as exc:
+            make(**{field: value})
+        assert first_error(exc) == ((field,), "unsupported_value")
+
+
+@pytest.mark.parametrize("field", ["tools", "functions"])
+def test_tool_calling_is_unsupported(field: str) -> None:
+    with pytest.raises(ValidationError) as exc:
+        chat(**{field: [{"type": "function", "function": {"name": "f"}}]})
+    assert first_error(exc) == ((field,), "unsupported_value")
+    assert chat(**{field: []}).model_extra == {}
+
+
+def test_neutral_values_are_accepted() -> None:
+    chat(n=1, best_of=1, echo=False, presence_penalty=0, frequency_penalty=0.0,
+         logit_bias={}, response_format={"type": "text"}, tools=None, user="u")
+
+
+@pytest.mark.parametrize("field, value", [
+    ("temperature", -0.1), ("temperature", 2.01), ("top_p", 0.0), ("top_p", 1.5),
+    ("top_k", -2), ("max_tokens", 0), ("max_tokens", "10"), ("max_tokens", True),
+    ("stream", "yes"), ("seed", 1.5), ("seed", 2**64), ("stop", ["a", "b", "c", "d", "e"]),
+    ("stop", [1]), ("logprobs", 21), ("min_tokens", -1),
+])
+def test_out_of_range_values(field: str, value: object) -> None:
+    with pytest.raises(ValidationError) as exc:
+        completion(**{field: value})
+    assert first_error(exc)[0][0] == field
+
+
+def test_chat_logprob_rules() -> None:
+    with pytest.raises(ValidationError) as exc:
+        chat(top_logprobs=3)
+    assert first_error(exc)[0] == ("top_logprobs",)
+    with pytest.raises(ValidationError):
+        chat(logprobs=True, top_logprobs=21)
+    assert to_sampling(chat(logprobs=True, top_logprobs=3)).logprobs == 3
+    assert to_sampling(chat(logprobs=True)).logprobs == 0
+    assert to_sampling(chat(logprobs=False)).logprobs is None
+    assert to_sampling(completion(logprobs=0)).logprobs == 0
+
+
+def test_min_tokens_must_fit_max_tokens() -> None:
+    with pytest.raises(ValidationError) as exc:
+        chat(max_completion_tokens=4, min_tokens=5)
+    assert first_error(exc)[0] == ("min_tokens",)
+    assert to_sampling(completion(max_tokens=8, min_tokens=8)).min_tokens == 8
+
+
+def test_to_sampling_defaults() -> None:
+    assert to_sampling(completion()) == SamplingRequest(
+        max_tokens=16, temperature=1.0, top_p=1.0, top_k=0, seed=None, stop=[],
+        logprobs=None, ignore_eos=False)
+    assert to_sampling(chat()).max_tokens is None
+
+
+def test_to_sampling_values() -> None:
+    sampling = to_sampling(chat(max_tokens=9, max_completion_tokens=7, temperature=0,
+                                top_p=0.5, top_k=40, seed=-3, stop="###", ignore_eos=True))
+    assert sampling == SamplingRequest(max_tokens=7, temperature=0.0, top_p=0.5, top_k=40,
+                                       seed=-3, stop=["###"], logprobs=None, ignore_eos=True)
+    assert to_sampling(chat(top_k=-1)).top_k == 0
+    assert to_sampling(chat(stop=["", "x"])).stop == ["x"]
+    # Plain values only: it crosses processes as a dict (msgpack).
+    assert SamplingRequest(**dataclasses.asdict(sampling)) == sampling
+
+
+def test_sampling_request_rejects_bad_values() -> None:
+    with pytest.raises(ValueError):
+        SamplingRequest(0, 1.0, 1.0, 0, None, [], None, False)
+    with pytest.raises(ValueError):
+        SamplingRequest(4, 1.0, 0.0, 0, None, [], None, False)
+
+
+def test_stream_options() -> None:
+    assert chat(stream=True, stream_options={"include_usage": True}).include_usage
+    assert not chat(stream=True).include_usage
+    assert not chat(stream=False, stream_options={"include_usage": True}).include_usage
+
+
+def test_resolve_max_tokens() -> None:
+    assert resolve_max_tokens(10, 100, 2048) == 10
+    assert resolve_max_tokens(None, 100, 2048) == 1948
+    assert resolve_max_tokens(1948, 100, 2048) == 1948
+    with pytest.raises(ApiError) as exc:
+        resolve_max_tokens(1000, 1500, 2048, param="messages")
+    error = exc.value
+    assert (error.status, error.code, error.param) == (400, "context_length_exceeded", "messages")
+    for number in ("2048", "2500", "1500", "1000", "--max-model-len"):
+        assert number in error.message
+    with pytest.raises(ApiError) as exc:
+        resolve_max_tokens(None, 2048, 2048)
+    assert "2048" in exc.value.message
+
+
+def test_chat_stream_chunks_parse_with_openai_types() -> None:
+    head = {"id": "chatcmpl-1", "model": "m", "created": 1}
+    role = ChatCompletionChunk(**head, choices=[ChatChunkChoice(
+        delta=DeltaMessage(role="assistant", content=""))])
+    text = ChatCompletionChunk(**head, choices=[ChatChunkChoice(
+        delta=DeltaMessage(content="Hi"), finish_reason="stop")])
+    usage = ChatCompletionChunk(**head, choices=[], usage=UsageInfo.of(5, 2, num_cached=3))
+    as_json = [json.loads(c.model_dump_json()) for c in (role, text, usage)]
+    assert as_json[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert as_json[1]["choices"][0]["delta"] == {"content": "Hi"}
+    assert as_json[1]["choices"][0]["finish_reason"] == "stop"
+    assert "usage" not in as_json[0] and as_json[0]["choices"][0]["finish_reason"] is None
+    assert as_json[2]["usage"]["total_tokens"] == 7
+    parsed = [oai_chat.ChatCompletionChunk.model_validate(c) for c in as_json]
+    assert parsed[0].object == "chat.completion.chunk" and parsed[0].choices[0].delta.role
+    assert parsed[2].usage and parsed[2].usage.prompt_tokens_details.cached_tokens == 3
+
+
+def test_full_responses_parse_with_openai_types() -> None:
+    entries = [TokenLogprob("Hi", -0.1, [("Hi", -0.1), ("Yo", -2.5)]),
+               TokenLogprob("!", -math.inf)]
+    chat_response = ChatCompletionResponse(
+        id="chatcmpl-1", model="m", usage=UsageInfo.of(5, 2),
+        choices=[ChatChoice(message=ChatResponseMessage(content="Hi!"),
+                            logprobs=ChatLogprobs.build(entries), finish_reason="length")])
+    parsed = oai_chat.ChatCompletion.model_validate_json(chat_response.model_dump_json())
+    content = parsed.choices[0].logprobs.content
+    assert content[0].top_logprobs[1].token == "Yo" and content[0].bytes == [72, 105]
+    assert content[1].logprob == -9999.0  # -inf is not JSON
+    completion_response = CompletionResponse(
+        id="cmpl-1", model="m", usage=UsageInfo.of(5, 2),
+        choices=[CompletionChoice(text="Hi!", finish_reason="stop",
+                                  logprobs=CompletionLogprobs.build(entries, text_offset=4))])
+    parsed_completion = oai.Completion.model_validate_json(
+        completion_response.model_dump_json())
+    assert parsed_completion.choices[0].logprobs.text_offset == [4, 6]
+    assert parsed_completion.choices[0].logprobs.top_logprobs[0] == {"Hi": -0.1, "Yo": -2.5}
+    assert parsed_completion.usage.total_tokens == 7
+
+
+def test_completion_chunk_omits_usage_and_model_list() -> None:
+    chunk = CompletionResponse(id="cmpl-1", model="m", choices=[CompletionChoice(text="a")])
+    assert "usage" not in json.loads(chunk.model_dump_json())
+    models = ModelList(data=[ModelCard(id="smollm2", max_model_len=2048)])
+    data = json.loads(models.model_dump_json())
+    assert data["object"] == "list" and data["data"][0]["object"] == "model"
+    oai.Model.model_validate(data["data"][0])

@@ -1,0 +1,234 @@
+"""Sender side of the codec: a request's scattered cache blocks → header + few payload buffers.
+
+`pack_kv` plans without copying anything: it computes the header (every entry's shape, buffer
+and offset) from the spec and block ids. Buffers are produced lazily, chunk by chunk
+(`PackedKv.iter_chunks`), so a transport can send chunk i while chunk i+1 is gathered.
+
+Two ways to fill a buffer (chosen per transfer):
+- *views*: when the block ids form long physical runs (>= `min_view_bytes` per run and part)
+  and all of the sender's heads go out, each run of each layer's part is sent as a zero-copy
+  view of the cache — no gather at all;
+- *gather*: otherwise blocks are gathered (`index_select`) into one buffer per layer group of
+  about `chunk_bytes`, one entry per part covering all layers of the group.
+Scales, when the spec has them, always travel gathered in buffer 0.
+
+Ownership: views alias the cache. The caller must not write or free the source blocks until
+the transport says the transfer is over (ack, error or timeout; see the transports).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from transfer import layouts
+from transfer.cache import PagedKvCache
+from transfer.errors import InvalidRequest
+from transfer.header import ReceiverLimits, TensorEntry, TransferHeader, validate_header
+
+_ALIGN = 16
+
+
+@dataclass(frozen=True)
+class PackOptions:
+    chunk_bytes: int = 8 << 20  # target size of a gathered buffer and of a transport chunk
+    min_view_bytes: int = 256 << 10  # send runs at least this large as zero-copy views
+    allow_views: bool = True  # transports that need few large buffers (NCCL) turn this off
+
+
+@dataclass
+class _Buffer:
+    nbytes: int
+    fill: Callable[[], torch.Tensor]  # returns a 1-D contiguous uint8 tensor of nbytes
+
+
+@dataclass
+class PackedKv:
+    """A planned message. `header` is final; buffers are materialized on demand."""
+
+    header: TransferHeader
+    buffers: list[_Buffer]
+
+    def buffer(self, index: int) -> torch.Tensor:
+        return self.buffers[index].fill()
+
+    def iter_chunks(self) -> Iterator[list[torch.Tensor]]:
+        """Buffers grouped as `header.chunks` says, gathered just in time."""
+        at = 0
+        for count in self.header.chunks:
+            yield [self.buffer(i) for i in range(at, at + count)]
+            at += count
+
+    def all_buffers(self) -> list[torch.Tensor]:
+        return [self.buffer(i) for i in range(len(self.buffers))]
+
+
+def _runs(ids: list[int]) -> list[tuple[int, int, int]]:
+    """(transfer block index, physical start, length) of consecutive physical ids."""
+    runs: list[tuple[int, int, int]] = []
+    for i, b in enumerate(ids):
+        if runs and runs[-1][1] + runs[-1][2] == b:
+            start, phys, n = runs[-1]
+            runs[-1] = (start, phys, n + 1)
+        else:
+            runs.append((i, b, 1))
+    return runs
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1).view(torch.uint8)
+
+
+class _Planner:
+    """Accumulates entries and buffers for one message."""
+
+    def __init__(self, cache: PagedKvCache, ids: torch.Tensor, heads: tuple[int, int]):
+        self.cache, self.spec, self.ids = cache, cache.spec, ids
+        self.n = int(ids.numel())
+        self.num_heads = heads[1] - heads[0]
+        lo, hi = self.spec.head_range
+        self.head_off = heads[0] - lo
+        self.is_narrowed = heads != (lo, hi)
+        self.entries: list[TensorEntry] = []
+        self.buffers: list[_Buffer] = []
+
+    def narrowed(self, t: torch.Tensor, axis: int | None) -> torch.Tensor:
+        if axis is None or not self.is_narrowed:
+            return t
+        return t.narrow(axis, self.head_off, self.num_heads)
+
+    def data_block_shape(self, part: str) -> tuple[int, ...]:
+        return layouts.part_block_shape(self.spec, part, self.num_heads)
+
+    def add_gathered(self, specs: list[tuple[str, int, int, int, int, tuple[int, ...], torch.dtype,
+                                              Callable[[int, torch.Tensor], None]]]) -> None:
+        """One buffer holding several entries: (part, layer0, nl, block0, nb, shape, dtype, source)
+        where source(layer) is the tensor to gather from (already index-ready on dim 0)."""
+        index, offset, planned = len(self.buffers), 0, []
+        for part, layer0, nl, block0, nb, shape, dtype, source in specs:
+            nbytes = math.prod(shape) * dtype.itemsize
+            self.entries.append(TensorEntry(part, layer0, nl, block0, nb, index, offset,
+                                            layouts.wire_dtype_name(dtype), shape, nbytes))
+            planned.append((offset, nbytes, shape, dtype, layer0, nl, source))
+            offset += -(-nbytes // _ALIGN) * _ALIGN
+
+        def fill(planned: list = planned, size: int = offset) -> torch.Tensor:
+            buf = torch.empty(size, dtype=torch.uint8, device=self.cache.device)
+            for off, nbytes, shape, dtype, layer0, nl, source in planned:
+                out = buf[off:off + nbytes].view(dtype).view(shape)
+                for li in range(nl):
+                    source(layer0 + li, out[li])
+            return buf
+
+        self.buffers.append(_Buffer(offset, fill))
+
+    def add_view(self, part: str, layer: int, block0: int, phys: int, nb: int) -> None:
+        shape = (1, nb, *self.data_block_shape(part))
+        dtype = layouts.storage_dtype(self.spec.dtype)
+        nbytes = math.prod(shape) * dtype.itemsize
+        self.entries.append(TensorEntry(part, layer, 1, block0, nb, len(self.buffers), 0,
+                                        layouts.wire_dtype_name(dtype), shape, nbytes))
+        cache = self.cache
+        self.buffers.append(_Buffer(nbytes, lambda: _flat(cache.parts(layer)[part][phys:phys + nb])))
+
+
+def _plan_scales(p: _Planner, layers: range) -> None:
+    spec = p.spec
+    paged = layouts.is_paged_scales(spec)
+    nb = p.n if paged else 0
+    shape = (len(layers), *layouts.scale_wire_shape(spec, p.num_heads, nb))
+    ids = p.ids.to(p.cache.device)
+
+    def source(layer: int, out: torch.Tensor) -> None:
+        s = p.cache.scales[layer]  # type: ignore[index]
+        if paged:  # [C, B, S, H, G]
+            torch.index_select(p.narrowed(s, 3), 1, ids, out=out)
+        else:  # [C, G] or [C, H, G]
+            out.copy_(p.narrowed(s, 1) if s.dim() == 3 else s)
+
+    p.add_gathered([(layouts.PART_SCALE, layers.start, len(layers), 0, nb, shape, layouts.SCALE_DTYPE, source)])
+
+
+def _plan_gathered(p: _Planner, layers: range, chunk_bytes: int) -> None:
+    spec, dtype = p.spec, layouts.storage_dtype(p.spec.dtype)
+    parts = layouts.data_parts(spec)
+    per_layer = sum(p.n * math.prod(p.data_block_shape(part)) * dtype.itemsize for part in parts)
+    group = max(1, chunk_bytes // max(1, per_layer))
+    ids = p.ids.to(p.cache.device)
+    for g0 in range(layers.start, layers.stop, group):
+        nl = min(group, layers.stop - g0)
+        specs = []
+        for part in parts:
+            axis = layouts.head_axis(spec, part)
+
+            def source(layer: int, out: torch.Tensor, part: str = part, axis: int | None = axis) -> None:
+                torch.index_select(p.narrowed(p.cache.parts(layer)[part], axis), 0, ids, out=out)
+
+            shape = (nl, p.n, *p.data_block_shape(part))
+            specs.append((part, g0, nl, 0, p.n, shape, dtype, source))
+        p.add_gathered(specs)
+
+
+def _chunks(sizes: list[int], chunk_bytes: int) -> tuple[int, ...]:
+    chunks: list[int] = []
+    acc = 0
+    for size in sizes:
+        if chunks and acc + size <= chunk_bytes:
+            chunks[-1] += 1
+            acc += size
+        else:
+            chunks.append(1)
+            acc = size
+    return tuple(chunks)
+
+
+def pack_kv(
+    cache: PagedKvCache, block_table: Sequence[int], token_start: int, token_end: int, *,
+    request_id: str, transfer_id: int = 0, layer_range: tuple[int, int] | None = None,
+    head_range: tuple[int, int] | None = None, checksum: str | None = None, transport: str = "zmq",
+    meta: Mapping[str, Any] | None = None, options: PackOptions = PackOptions(),
+) -> PackedKv:
+    """Plan a message carrying tokens `[token_start, token_end)` of a sequence whose blocks are
+    `block_table` (block ids from token 0, in the sender's block size), layers `layer_range`
+    (default all) and model heads `head_range` (default all this cache holds)."""
+    spec = cache.spec
+    if not 0 <= token_start < token_end:
+        raise InvalidRequest(f"empty or negative token range [{token_start}, {token_end})")
+    l0, l1 = layer_range if layer_range is not None else (0, spec.num_layers)
+    if not 0 <= l0 < l1 <= spec.num_layers:
+        raise InvalidRequest(f"layer range [{l0}, {l1}) outside [0, {spec.num_layers})")
+    heads = head_range if head_range is not None else spec.head_range
+    lo, hi = spec.head_range
+    if not lo <= heads[0] < heads[1] <= hi:
+        raise InvalidRequest(f"head range {heads} outside the cache's [{lo}, {hi})")
+    all_ids = cache.check_block_table(block_table, token_end)
+    ids = all_ids[token_start // spec.block_size:]
+    p = _Planner(cache, ids, heads)
+    layers = range(l0, l1)
+    if layouts.has_scales(spec):
+        _plan_scales(p, layers)
+    runs = _runs(ids.tolist())
+    dtype = layouts.storage_dtype(spec.dtype)
+    min_part_block = min(math.prod(p.data_block_shape(part)) for part in layouts.data_parts(spec))
+    run_bytes = p.n / len(runs) * min_part_block * dtype.itemsize
+    if options.allow_views and not p.is_narrowed and run_bytes >= options.min_view_bytes:
+        for layer in layers:
+            for part in layouts.data_parts(spec):
+                for block0, phys, nb in runs:
+                    p.add_view(part, layer, block0, phys, nb)
+    else:
+        _plan_gathered(p, layers, options.chunk_bytes)
+    sizes = [b.nbytes for b in p.buffers]
+    header = TransferHeader(
+        request_id=request_id, transfer_id=transfer_id, spec=spec, token_start=token_start,
+        token_end=token_end, layer_start=l0, layer_end=l1, head_start=heads[0], head_end=heads[1],
+        buffer_sizes=tuple(sizes), chunks=_chunks(sizes, options.chunk_bytes),
+        entries=tuple(p.entries), checksum=checksum, transport=transport, meta=dict(meta or {}),
+    )
+    validate_header(header, ReceiverLimits(max_message_bytes=1 << 62, max_buffer_bytes=1 << 62,
+                                           max_tokens=1 << 62, max_entries=1 << 62))
+    return PackedKv(header, p.buffers)

@@ -1,0 +1,273 @@
+"""Receiver side of the codec: validated header + payload buffers → the receiver's own cache.
+
+`KvWriter(header, sink)` checks compatibility first (IncompatibleKv names both specs), then
+takes buffers in order as they arrive (`accept`) — verifying size and checksum — and writes
+every entry through a sink:
+- `PagedSink`: a paged cache (any layout/dtype/block size) at the receiver's block table;
+- `CanonicalSink` (canonical.py): fresh token-major tensors in the receiver's spec.
+
+Two paths per entry: *block copy* when stored bits, layout, block size and heads all match
+(whole blocks with `index_copy_`; the transfer's partial first/last block token by token), and
+*convert* otherwise (token-major view → head slice → dequantize/quantize → written through the
+destination's layout view at its own block size). Only tokens in `[token_start, token_end)` are
+ever written: a destination block shared with a cached prefix keeps its other slots.
+
+Ownership: the writer writes only into the sink's blocks; it never allocates or frees blocks.
+If it raises midway, the destination blocks hold partial data and the caller must treat the
+reservation as failed (free or re-receive it).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+import torch
+
+from engine.kv_spec import KvSpec, ScaleGranularity
+from transfer import layouts
+from transfer.cache import PagedKvCache
+from transfer.convert import ConversionPlan, ConvertOptions
+from transfer.errors import CacheMismatch, ChecksumMismatch, MalformedFrame
+from transfer.header import TensorEntry, TransferHeader, compute_checksum
+from transfer.quant import ConversionStats
+
+
+@dataclass(frozen=True)
+class WriteReport:
+    """What one transfer wrote (also the body of the ack sent back to the sender)."""
+
+    request_id: str
+    transfer_id: int
+    token_start: int
+    token_end: int
+    layer_start: int
+    layer_end: int
+    head_start: int  # model heads written
+    head_end: int
+    num_bytes: int
+    path: str  # "block_copy" | "convert"
+    is_lossless: bool
+    num_clamped: int
+    max_abs_clamped: float
+
+    def to_wire(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class KvSink(Protocol):
+    spec: KvSpec
+
+    def prepare(self, header: TransferHeader, plan: ConversionPlan) -> None: ...
+
+    def fixed_scales(self, layer: int, component: int, plan: ConversionPlan) -> torch.Tensor | None: ...
+
+    def write_tokens(self, layer: int, component: int, start: int, end: int, values: torch.Tensor,
+                     head_offset: int, token_scales: torch.Tensor | None) -> None: ...
+
+
+class PagedSink:
+    """Writes into a paged cache at `block_table` (block ids of the sequence from token 0, in
+    the destination's block size). The caller reserved those blocks and owns them."""
+
+    def __init__(self, cache: PagedKvCache, block_table: list[int] | torch.Tensor):
+        self.cache, self.spec = cache, cache.spec
+        self.block_table = block_table
+        self.ids = torch.empty(0, dtype=torch.int64)
+
+    def prepare(self, header: TransferHeader, plan: ConversionPlan) -> None:
+        table = self.block_table.tolist() if isinstance(self.block_table, torch.Tensor) else self.block_table
+        self.ids = self.cache.check_block_table(table, header.token_end)
+        if plan.has_fixed_dst_scales and self.cache.scales is not None:
+            for s in self.cache.scales:
+                if not bool(torch.isfinite(s).all()) or bool((s <= 0).any()):
+                    raise CacheMismatch("destination per-tensor/per-head scales must be finite and > 0")
+
+    def fixed_scales(self, layer: int, component: int, plan: ConversionPlan) -> torch.Tensor | None:
+        view = self.cache.scale_view(layer, component)
+        if view is None or not plan.has_fixed_dst_scales:
+            return None
+        if view.dim() == 1:  # per tensor [G]
+            return view.view(1, 1, -1)
+        lo = plan.dst_head_offset  # per head [H, G]
+        return view[lo:lo + plan.write_heads[1] - plan.write_heads[0]].unsqueeze(0)
+
+    def write_tokens(self, layer: int, component: int, start: int, end: int, values: torch.Tensor,
+                     head_offset: int, token_scales: torch.Tensor | None) -> None:
+        self.cache.write_tokens(layer, component, self.ids, start, end, values, head_offset, token_scales)
+
+    def write_blocks(self, layer: int, part: str, abs_block: int, blocks: torch.Tensor) -> None:
+        """Whole blocks `[n, *part_block_shape]` at the sequence's blocks `abs_block + i`."""
+        target = self.cache.parts(layer)[part]
+        ids = self.ids[abs_block:abs_block + blocks.shape[0]].to(target.device)
+        target.index_copy_(0, ids, blocks.to(target.device))
+
+    def write_scale_blocks(self, layer: int, abs_block: int, scales: torch.Tensor) -> None:
+        """Per-token-head scales `[C, n, S, H, G]` of whole blocks."""
+        target = self.cache.scales[layer]  # type: ignore[index]
+        ids = self.ids[abs_block:abs_block + scales.shape[1]].to(target.device)
+        target.index_copy_(1, ids, scales.to(target.device))
+
+
+def wrap_buffer(raw: Any) -> torch.Tensor:
+    """A buffer-protocol object (zmq frame, bytes, memoryview) → 1-D uint8 tensor, no copy."""
+    if isinstance(raw, torch.Tensor):
+        return raw
+    mv = memoryview(raw)
+    if mv.nbytes == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    with warnings.catch_warnings():  # read-only buffers: we never write through them
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(mv, dtype=torch.uint8)
+
+
+class KvWriter:
+    """Writes one validated transfer into a sink, buffer by buffer, in order."""
+
+    def __init__(self, header: TransferHeader, sink: KvSink, options: ConvertOptions = ConvertOptions()):
+        self.header, self.sink, self.options = header, sink, options
+        self.plan = ConversionPlan.build(header.spec, sink.spec, (header.head_start, header.head_end))
+        sink.prepare(header, self.plan)
+        self.next_buffer = 0
+        self.by_buffer: list[list[TensorEntry]] = [[] for _ in header.buffer_sizes]
+        for e in header.entries:
+            self.by_buffer[e.buffer].append(e)
+        self.src_scales: dict[int, torch.Tensor] = {}  # layer -> [C, n, S, Hp, G] | [C, Hp, G] | [C, G]
+        self.is_raw_layer: dict[int, bool] = {}
+        self.stats = ConversionStats()
+        self.num_bytes = 0
+        self.used_block_copy = False
+        self.used_convert = False
+
+    # ---- intake -------------------------------------------------------------------------------
+    def accept(self, index: int, buffer: Any, checksum: int | None = None) -> None:
+        """Take buffer `index` (buffers must come in order 0, 1, ...) and write its entries."""
+        h = self.header
+        if index != self.next_buffer or index >= len(h.buffer_sizes):
+            raise MalformedFrame(f"buffer {index} arrived, expected {self.next_buffer} of {len(h.buffer_sizes)}")
+        buf = wrap_buffer(buffer)
+        if buf.numel() * buf.element_size() != h.buffer_sizes[index]:
+            raise MalformedFrame(f"buffer {index} has {buf.numel()} bytes, header says {h.buffer_sizes[index]}")
+        if h.checksum is not None and buf.device.type == "cpu":
+            got = compute_checksum(h.checksum, buf.numpy())
+            if checksum != got:
+                raise ChecksumMismatch(f"buffer {index}: checksum {got:#x} != sent {checksum!r}")
+        entries = self.by_buffer[index]
+        for e in entries:  # scales first: data entries of this buffer may need them
+            if e.part == layouts.PART_SCALE:
+                self._take_scales(e, self._tensor(buf, e))
+        for e in entries:
+            if e.part != layouts.PART_SCALE:
+                self._write_data(e, self._tensor(buf, e))
+        self.num_bytes += h.buffer_sizes[index]
+        self.next_buffer += 1
+
+    def finish(self) -> WriteReport:
+        h = self.header
+        if self.next_buffer != len(h.buffer_sizes):
+            raise MalformedFrame(f"transfer ended after {self.next_buffer} of {len(h.buffer_sizes)} buffers")
+        return WriteReport(
+            request_id=h.request_id, transfer_id=h.transfer_id, token_start=h.token_start,
+            token_end=h.token_end, layer_start=h.layer_start, layer_end=h.layer_end,
+            head_start=self.plan.write_heads[0], head_end=self.plan.write_heads[1],
+            num_bytes=self.num_bytes, path="convert" if self.used_convert else "block_copy",
+            is_lossless=self.stats.is_lossless, num_clamped=self.stats.num_clamped,
+            max_abs_clamped=self.stats.max_abs_clamped,
+        )
+
+    @staticmethod
+    def _tensor(buf: torch.Tensor, e: TensorEntry) -> torch.Tensor:
+        return buf[e.offset:e.offset + e.nbytes].view(layouts.WIRE_DTYPES[e.dtype]).view(e.shape)
+
+    # ---- scales -------------------------------------------------------------------------------
+    def _take_scales(self, e: TensorEntry, t: torch.Tensor) -> None:
+        gran = self.header.spec.scale_granularity
+        for li in range(e.num_layers):
+            layer = e.layer_start + li
+            s = t[li]
+            if gran is ScaleGranularity.PER_TOKEN_HEAD:  # assemble [C, n_total, S, Hp, G]
+                full = self.src_scales.get(layer)
+                if full is None:
+                    full = torch.empty((s.shape[0], self.header.num_blocks, *s.shape[2:]), dtype=s.dtype)
+                    self.src_scales[layer] = full
+                full[:, e.block_start:e.block_start + e.num_blocks] = s
+            else:
+                self.src_scales[layer] = s
+            self.is_raw_layer[layer] = self.plan.is_raw and self._fixed_scales_equal(layer)
+
+    def _fixed_scales_equal(self, layer: int) -> bool:
+        """Per-tensor/per-head scales: stored bits are reusable only if both sides' scales match."""
+        if not self.plan.has_fixed_dst_scales:
+            return True
+        for comp in range(layouts.num_components(self.sink.spec)):
+            dst = self.sink.fixed_scales(layer, comp, self.plan)
+            src = self._scales_for(layer, comp, 0, 1)
+            if dst is None or src is None:
+                return False
+            src = src[:, self.plan.src_head_slice] if src.shape[1] > 1 else src
+            if src.shape != dst.shape or not torch.equal(src.cpu(), dst.cpu()):
+                return False
+        return True
+
+    def _scales_for(self, layer: int, comp: int, lo: int, hi: int) -> torch.Tensor | None:
+        """Source scales for transfer-relative token rows `[lo, hi)` of the message's blocks,
+        broadcastable to `[T, Hp, G]`."""
+        s = self.src_scales.get(layer)
+        if s is None:
+            return None
+        gran = self.header.spec.scale_granularity
+        if gran is ScaleGranularity.PER_TOKEN_HEAD:
+            c = s[comp]  # [n_total, S, Hp, G]
+            return c.reshape(-1, *c.shape[2:])[lo:hi]
+        if gran is ScaleGranularity.PER_HEAD:
+            return s[comp].unsqueeze(0)
+        return s[comp].view(1, 1, -1)
+
+    # ---- data ---------------------------------------------------------------------------------
+    def _write_data(self, e: TensorEntry, t: torch.Tensor) -> None:
+        h, src = self.header, self.header.spec
+        s = src.block_size
+        first_tok = (h.first_block + e.block_start) * s
+        for li in range(e.num_layers):
+            layer = e.layer_start + li
+            blocks = t[li]  # [n, *part_block_shape]
+            is_raw = self.is_raw_layer.get(layer, self.plan.is_raw)
+            lo_blk, hi_blk = 0, e.num_blocks
+            if self.plan.is_block_copy and is_raw and isinstance(self.sink, PagedSink):
+                lo_blk = 1 if first_tok < h.token_start else 0
+                hi_blk = e.num_blocks - (1 if first_tok + e.num_blocks * s > h.token_end else 0)
+                if hi_blk > lo_blk:
+                    abs0 = h.first_block + e.block_start
+                    self.sink.write_blocks(layer, e.part, abs0 + lo_blk, blocks[lo_blk:hi_blk])
+                    if layouts.is_paged_scales(src):
+                        rel = e.block_start + lo_blk
+                        scales = self.src_scales[layer][:, rel:rel + hi_blk - lo_blk]
+                        self.sink.write_scale_blocks(layer, abs0 + lo_blk, scales)
+                    self.used_block_copy = True
+                    self.stats.num_values += blocks[lo_blk:hi_blk].numel()
+                # the partial first/last block goes token by token below
+                for b0, b1 in ((0, lo_blk), (hi_blk, e.num_blocks)):
+                    if b1 > b0:
+                        self._write_tokens(e, layer, blocks, b0, b1, is_raw)
+            else:
+                self._write_tokens(e, layer, blocks, 0, e.num_blocks, is_raw)
+
+    def _write_tokens(self, e: TensorEntry, layer: int, blocks: torch.Tensor, b0: int, b1: int,
+                      is_raw: bool) -> None:
+        """Convert blocks `[b0, b1)` of an entry token by token, keeping only the token range."""
+        h, src = self.header, self.header.spec
+        s = src.block_size
+        tok0 = (h.first_block + e.block_start + b0) * s
+        lo, hi = max(tok0, h.token_start), min(tok0 + (b1 - b0) * s, h.token_end)
+        if lo >= hi:
+            return
+        rel = lo - h.first_block * s  # row in the message's token numbering (for scales)
+        for comp, view in layouts.token_views(src, e.part, blocks[b0:b1]):
+            values = view.reshape((b1 - b0) * s, view.shape[2], -1)[lo - tok0:hi - tok0]
+            scales = self._scales_for(layer, comp, rel, rel + hi - lo)
+            fixed = self.sink.fixed_scales(layer, comp, self.plan)
+            q, token_scales, stats = self.plan.convert(values, scales, fixed, self.options, is_raw=is_raw)
+            self.sink.write_tokens(layer, comp, lo, hi, q, self.plan.dst_head_offset, token_scales)
+            self.stats.add(stats)
+        self.used_convert = self.used_convert or not is_raw or not self.plan.is_block_copy
