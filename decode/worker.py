@@ -154,6 +154,7 @@ class DecodeWorker(WorkerBase):
         return self.engine.has_unfinished
 
     def do_work(self) -> None:
+        self.on_kv()  # also runs the receiver's deadline checks
         self._admit_pending()
         self._expire()
         if self.engine.has_unfinished:

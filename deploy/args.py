@@ -27,7 +27,10 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[s
         flag = "--" + f.name.replace("_", "-")
         kind = _flag_type(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else None
-        if kind is bool:
+        is_required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if is_required:
+            parser.add_argument(flag, type=kind, required=True, help=f.metadata["help"])
+        elif kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
                                 help=f.metadata["help"])
         else:

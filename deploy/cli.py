@@ -7,6 +7,7 @@ name, one default and one help text everywhere.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import sys
 import time
@@ -42,6 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = _engine_parser(sub, "plan", "Print the KV cache plan without loading weights or allocating it.")
     p.set_defaults(func=cmd_plan)
 
+    from deploy.serve_cli import add_serve_parser
+    add_serve_parser(sub)
+    if importlib.util.find_spec("deploy.bench_cli") is not None:
+        from deploy.bench_cli import add_bench_parser
+        add_bench_parser(sub)
     return parser
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 
 from deploy.args import add_dataclass_args, dataclass_from_args
 from deploy.local_launcher import LocalDeployment, ServeConfig
@@ -39,4 +40,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         asyncio.run(deployment.serve_forever())
     except KeyboardInterrupt:
         deployment.stop_workers()
+    except (RuntimeError, TimeoutError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0

@@ -12,7 +12,7 @@ import logging
 import os
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
@@ -27,16 +27,16 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class WorkerConfig:
-    worker_id: str
-    events_address: str
-    host: str = "127.0.0.1"
-    heartbeat_interval_s: float = 0.5
-    max_queue: int = 512
-    kv_timeout_s: float = 60.0
-    transfer_timeout_s: float = 30.0
-    max_transfer_bytes: int = 8 << 30
-    idle_poll_ms: int = 10
-    checksum: bool = False
+    worker_id: str = field(metadata={"help": "This worker's name (unique in the deployment)."})
+    events_address: str = field(metadata={"help": "The proxy's event socket (tcp://host:port)."})
+    host: str = field(default="127.0.0.1", metadata={"help": "Address this worker binds (ports are chosen free)."})
+    heartbeat_interval_s: float = field(default=0.5, metadata={"help": "Seconds between heartbeats."})
+    max_queue: int = field(default=512, metadata={"help": "Requests waiting for blocks before 503."})
+    kv_timeout_s: float = field(default=60.0, metadata={"help": "Decode: how long a reservation waits for its KV."})
+    transfer_timeout_s: float = field(default=30.0, metadata={"help": "Prefill: one KV transfer incl. ack."})
+    max_transfer_bytes: int = field(default=8 << 30, metadata={"help": "Decode: largest KV message accepted."})
+    idle_poll_ms: int = field(default=10, metadata={"help": "Poll wait when idle."})
+    checksum: bool = field(default=False, metadata={"help": "Prefill: xxh3 checksum on every KV buffer."})
 
     def kv_limits(self) -> Any:
         from transfer.header import ReceiverLimits

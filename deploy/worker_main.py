@@ -9,6 +9,7 @@ until Shutdown, SIGTERM or Ctrl-C.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import signal
 import sys
@@ -25,14 +26,21 @@ from engine.llm_engine import LLMEngine
 log = logging.getLogger("pdserve.worker")
 
 
-def apply_profile(config: EngineConfig, profile: str | None) -> EngineConfig:
+def apply_profile(config: EngineConfig, name: str | None) -> EngineConfig:
     """Cache dtype and layout from a GPU profile (transfer/profiles.py), e.g. 'volta', 'ampere'."""
-    if not profile:
+    if not name:
         return config
-    from transfer.profiles import engine_cache_settings
+    from engine.kv_layout import SUPPORTED_LAYOUTS
+    from transfer.profiles import profile
 
-    dtype, layout = engine_cache_settings(profile)
-    return config.__class__(**{**config.__dict__, "kv_cache_dtype": dtype, "kv_cache_layout": layout})
+    try:
+        p = profile(name)
+    except KeyError as e:
+        raise ConfigError(str(e)) from None
+    if p.layout not in SUPPORTED_LAYOUTS or p.dtype.value not in ("float32", "float16", "bfloat16"):
+        raise ConfigError(f"profile {name}: the engine cannot run a {p.dtype.value} {p.layout.value} "
+                          f"cache; use volta, ampere, ampere_sm86 or hopper")
+    return dataclasses.replace(config, kv_cache_dtype=p.dtype.value, kv_cache_layout=p.layout.value)
 
 
 def build_worker(role: str, worker_cfg: WorkerConfig, engine_cfg: EngineConfig) -> WorkerBase:

@@ -67,6 +67,25 @@ def wire_dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def as_bits(t: torch.Tensor) -> torch.Tensor:
+    """Same memory viewed as integers of the same width: bit-exact copies for dtypes whose
+    CPU kernels lack copy ops (fp8 `index_copy_`)."""
+    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def as_rows(t: torch.Tensor) -> torch.Tensor:
+    """`[n, ...]` → `[n, row]` of the widest integer type dividing a row's bytes, sharing memory:
+    block copies then run at memcpy speed (row-wise `index_select`/`index_copy_` on narrow
+    float types are several times slower on CPU). Falls back to `as_bits` when not contiguous."""
+    if not t.is_contiguous() or t.dim() == 0:
+        return as_bits(t)
+    row_bytes = t[0].numel() * t.element_size() if t.shape[0] else 0
+    for width, dtype in ((8, torch.int64), (4, torch.int32), (2, torch.int16), (1, torch.uint8)):
+        if row_bytes % width == 0 and t.element_size() <= width:
+            return t.reshape(t.shape[0], -1).view(dtype)
+    return as_bits(t)
+
+
 def storage_dim(spec: KvSpec) -> int:
     """Elements of the storage dtype per head per token (packed int4 holds two per byte)."""
     return spec.head_dim // 2 if spec.dtype is KvDtype.INT4 else spec.head_dim

@@ -20,7 +20,7 @@ reservation as failed (free or re-receive it).
 from __future__ import annotations
 
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -51,6 +51,7 @@ class WriteReport:
     is_lossless: bool
     num_clamped: int
     max_abs_clamped: float
+    meta: dict[str, Any] = field(default_factory=dict)  # the header's meta (serving-layer values)
 
     def to_wire(self) -> dict[str, Any]:
         return asdict(self)
@@ -75,6 +76,7 @@ class PagedSink:
         self.cache, self.spec = cache, cache.spec
         self.block_table = block_table
         self.ids = torch.empty(0, dtype=torch.int64)
+        self._rows: dict[tuple[int, str], torch.Tensor] = {}  # [B, row] integer views of parts
 
     def prepare(self, header: TransferHeader, plan: ConversionPlan) -> None:
         table = self.block_table.tolist() if isinstance(self.block_table, torch.Tensor) else self.block_table
@@ -97,16 +99,24 @@ class PagedSink:
                      head_offset: int, token_scales: torch.Tensor | None) -> None:
         self.cache.write_tokens(layer, component, self.ids, start, end, values, head_offset, token_scales)
 
-    def write_blocks(self, layer: int, part: str, abs_block: int, blocks: torch.Tensor) -> None:
-        """Whole blocks `[n, *part_block_shape]` at the sequence's blocks `abs_block + i`."""
-        target = self.cache.parts(layer)[part]
-        ids = self.ids[abs_block:abs_block + blocks.shape[0]].to(target.device)
-        target.index_copy_(0, ids, blocks.to(target.device))
+    def dst_ids(self, abs_block: int, num_blocks: int) -> torch.Tensor:
+        """Destination block ids of the sequence's blocks `[abs_block, abs_block + num_blocks)`."""
+        return self.ids[abs_block:abs_block + num_blocks].to(self.cache.device)
 
-    def write_scale_blocks(self, layer: int, abs_block: int, scales: torch.Tensor) -> None:
+    def write_blocks(self, layer: int, part: str, ids: torch.Tensor, blocks: torch.Tensor) -> None:
+        """Whole blocks `[n, *part_block_shape]` into destination blocks `ids` (same geometry)."""
+        rows = self._rows.get((layer, part))
+        if rows is None:
+            rows = self._rows[(layer, part)] = layouts.as_rows(self.cache.parts(layer)[part])
+        src = layouts.as_rows(blocks.to(rows.device))
+        if src.dtype == rows.dtype and src.dim() == 2:
+            rows.index_copy_(0, ids, src)
+        else:
+            layouts.as_bits(self.cache.parts(layer)[part]).index_copy_(0, ids, layouts.as_bits(blocks))
+
+    def write_scale_blocks(self, layer: int, ids: torch.Tensor, scales: torch.Tensor) -> None:
         """Per-token-head scales `[C, n, S, H, G]` of whole blocks."""
         target = self.cache.scales[layer]  # type: ignore[index]
-        ids = self.ids[abs_block:abs_block + scales.shape[1]].to(target.device)
         target.index_copy_(1, ids, scales.to(target.device))
 
 
@@ -168,7 +178,7 @@ class KvWriter:
         if self.next_buffer != len(h.buffer_sizes):
             raise MalformedFrame(f"transfer ended after {self.next_buffer} of {len(h.buffer_sizes)} buffers")
         return WriteReport(
-            request_id=h.request_id, transfer_id=h.transfer_id, token_start=h.token_start,
+            request_id=h.request_id, transfer_id=h.transfer_id, token_start=h.token_start, meta=dict(h.meta),
             token_end=h.token_end, layer_start=h.layer_start, layer_end=h.layer_end,
             head_start=self.plan.write_heads[0], head_end=self.plan.write_heads[1],
             num_bytes=self.num_bytes, path="convert" if self.used_convert else "block_copy",
@@ -226,32 +236,33 @@ class KvWriter:
 
     # ---- data ---------------------------------------------------------------------------------
     def _write_data(self, e: TensorEntry, t: torch.Tensor) -> None:
-        h, src = self.header, self.header.spec
-        s = src.block_size
+        h = self.header
+        s = h.spec.block_size
         first_tok = (h.first_block + e.block_start) * s
+        # whole blocks inside the token range; a partial first/last block goes token by token
+        lo_blk = 1 if first_tok < h.token_start else 0
+        hi_blk = e.num_blocks - (1 if first_tok + e.num_blocks * s > h.token_end else 0)
+        fast = self.plan.is_block_copy and isinstance(self.sink, PagedSink) and hi_blk > lo_blk
+        abs0 = h.first_block + e.block_start + lo_blk
+        ids = self.sink.dst_ids(abs0, hi_blk - lo_blk) if fast else None
+        paged_scales = layouts.is_paged_scales(h.spec)
         for li in range(e.num_layers):
             layer = e.layer_start + li
             blocks = t[li]  # [n, *part_block_shape]
             is_raw = self.is_raw_layer.get(layer, self.plan.is_raw)
-            lo_blk, hi_blk = 0, e.num_blocks
-            if self.plan.is_block_copy and is_raw and isinstance(self.sink, PagedSink):
-                lo_blk = 1 if first_tok < h.token_start else 0
-                hi_blk = e.num_blocks - (1 if first_tok + e.num_blocks * s > h.token_end else 0)
-                if hi_blk > lo_blk:
-                    abs0 = h.first_block + e.block_start
-                    self.sink.write_blocks(layer, e.part, abs0 + lo_blk, blocks[lo_blk:hi_blk])
-                    if layouts.is_paged_scales(src):
-                        rel = e.block_start + lo_blk
-                        scales = self.src_scales[layer][:, rel:rel + hi_blk - lo_blk]
-                        self.sink.write_scale_blocks(layer, abs0 + lo_blk, scales)
-                    self.used_block_copy = True
-                    self.stats.num_values += blocks[lo_blk:hi_blk].numel()
-                # the partial first/last block goes token by token below
-                for b0, b1 in ((0, lo_blk), (hi_blk, e.num_blocks)):
-                    if b1 > b0:
-                        self._write_tokens(e, layer, blocks, b0, b1, is_raw)
-            else:
+            if ids is None or not is_raw:
                 self._write_tokens(e, layer, blocks, 0, e.num_blocks, is_raw)
+                continue
+            self.sink.write_blocks(layer, e.part, ids, blocks[lo_blk:hi_blk])
+            if paged_scales and e.part in (layouts.PART_K, layouts.PART_KV, layouts.PART_LATENT):
+                rel = e.block_start + lo_blk
+                self.sink.write_scale_blocks(layer, ids, self.src_scales[layer][:, rel:rel + hi_blk - lo_blk])
+            for b0, b1 in ((0, lo_blk), (hi_blk, e.num_blocks)):
+                if b1 > b0:
+                    self._write_tokens(e, layer, blocks, b0, b1, is_raw)
+            self.used_block_copy = True
+        if ids is not None:
+            self.stats.num_values += t[:, lo_blk:hi_blk].numel()
 
     def _write_tokens(self, e: TensorEntry, layer: int, blocks: torch.Tensor, b0: int, b1: int,
                       is_raw: bool) -> None:

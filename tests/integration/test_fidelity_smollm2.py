@@ -121,6 +121,9 @@ def hf_model(smollm2_gguf_path: Path) -> Any:
     transformers = pytest.importorskip("transformers")
     model = transformers.AutoModelForCausalLM.from_pretrained(
         str(smollm2_gguf_path.parent), gguf_file=smollm2_gguf_path.name, dtype=torch.float32)
+    # No EOS: transformers would stop there and pad; we compare all 32 tokens. (This model object
+    # belongs to this module, so changing its generation config affects no other test.)
+    model.generation_config.eos_token_id = None
     return model.eval()
 
 
@@ -139,13 +142,10 @@ def ours(engine: LLMEngine, prompts: dict[str, list[int]]) -> dict[str, list[int
 
 
 def _hf_greedy(hf_model: Any, prompt: list[int]) -> list[int]:
-    # No EOS: transformers would stop there and pad, we compare all 32 tokens.
-    config = hf_model.generation_config.__class__(
-        do_sample=False, max_new_tokens=NUM_NEW_TOKENS, eos_token_id=None,
-        pad_token_id=hf_model.generation_config.pad_token_id)
+    ids = torch.tensor([prompt])
     with torch.inference_mode():
-        out = hf_model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt),
-                                dtype=torch.long), generation_config=config)
+        out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                max_new_tokens=NUM_NEW_TOKENS)
     return out[0, len(prompt):].tolist()
 
 

@@ -26,9 +26,20 @@ from transfer.testing import calibrate_scales, fill_random
 NAMES = [p.name for p in PROFILES]
 KINDS = {"mha": 4, "gqa": 2, "mqa": 1, "mla": 1}
 HEAD_DIMS = (64, 80, 128, 256)
-BLOCK_PAIRS = list(itertools.product((8, 16, 32), repeat=2))
+# Per cell: one same-size pair (block-copy path) and re-blocking up and down; all nine pairs
+# run in test_reblocking_all_pairs.
+BLOCK_PAIRS = [(8, 8), (16, 32), (32, 16)]
 TOKENS = (8, 45)  # crosses block boundaries, unaligned end (and unaligned start for block 16/32)
 DEVICE = os.environ.get("PDSERVE_TEST_DEVICE", "cpu")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: intra-op threads only add barrier stalls (badly so on a shared 2-core box)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def make_shape(kind: str, head_dim: int) -> KvModelShape:
@@ -93,6 +104,13 @@ def test_matrix(src_name: str, dst_name: str, kind: str) -> None:
             continue
         for j, (sb, db) in enumerate(BLOCK_PAIRS):
             run_pair(src_name, dst_name, shape, sb, db, seed=i * 100 + j)
+
+
+@pytest.mark.parametrize("kind", ["gqa", "mla"])
+def test_reblocking_all_pairs(kind: str) -> None:
+    for j, (sb, db) in enumerate(itertools.product((8, 16, 32), repeat=2)):
+        run_pair("ampere", "hopper", make_shape(kind, 64), sb, db, seed=j)
+        run_pair("ada", "volta" if kind != "mla" else "ampere", make_shape(kind, 128), sb, db, seed=j)
 
 
 def test_matrix_lossless_pairs_exist() -> None:

@@ -1,0 +1,291 @@
+"""KV transfer micro-benchmark (not a test). Prints ratios measured side by side in one run.
+
+ZMQ (default): SmolLM2-135M-shaped KV (30 layers, 3 KV heads, head_dim 64, bf16: 22.5 KiB per
+token) at 128 / 1k / 8k tokens, paged source cache → paged destination cache over tcp loopback
+(header, validation, checksum off and on), beside a plain Python socket sending the same number
+of bytes over loopback in the same run (sendall of one contiguous buffer → recv_into one
+preallocated buffer). Sender and receiver are separate processes; each timing runs from the
+sender's first byte to the receiver's ack, raw and ZMQ repetitions alternate so background load
+hits both alike. Writes bench/results/transfer_zmq.json.
+
+    python bench/transfer.py [--tokens 128 1024 8192] [--repeats 10]
+
+NCCL (`--nccl`, needs 2 GPUs): Llama-3-8B-shaped KV (32 layers, 8 KV heads, head_dim 128,
+bf16: 128 KiB per token) at 4k tokens, scattered paged blocks on GPU 0 → scattered paged blocks
+on GPU 1 through transfer/nccl_transport.py, beside torch.distributed NCCL send/recv of one
+contiguous buffer of the same size. Spawns its two ranks itself. Writes
+bench/results/transfer_nccl.json.
+
+    python bench/transfer.py --nccl [--tokens 4096] [--repeats 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import socket
+import statistics
+import struct
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine.kv_spec import KvDtype, KvSpec  # noqa: E402
+from transfer.cache import PagedKvCache  # noqa: E402
+from transfer.testing import fill_random  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SMOLLM2 = {"num_layers": 30, "num_kv_heads": 3, "head_dim": 64}
+LLAMA3_8B = {"num_layers": 32, "num_kv_heads": 8, "head_dim": 128}
+BLOCK = 16
+
+
+def machine() -> dict:
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor())
+    return {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "cpu": cpu, "cores": os.cpu_count(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "load_avg_start": os.getloadavg()}
+
+
+def scattered_table(num_tokens: int, num_blocks: int, gen: torch.Generator, contiguous: bool) -> list[int]:
+    need = -(-num_tokens // BLOCK)
+    if contiguous:
+        start = int(torch.randint(0, num_blocks - need + 1, (1,), generator=gen))
+        return list(range(start, start + need))
+    return torch.randperm(num_blocks, generator=gen)[:need].tolist()
+
+
+# ---- ZMQ ------------------------------------------------------------------------------------------
+def _raw_server(listener: socket.socket, capacity: int) -> None:
+    conn, _ = listener.accept()
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    buf = bytearray(capacity)
+    view = memoryview(buf)
+    while True:
+        head = conn.recv(8, socket.MSG_WAITALL)
+        if len(head) < 8:
+            return
+        (n,) = struct.unpack("<Q", head)
+        got = 0
+        while got < n:
+            got += conn.recv_into(view[got:n])
+        conn.sendall(b"k")
+
+
+def _zmq_sender_proc(pipe, endpoint: str, raw_port: int, max_tokens: int, chunk_bytes: int) -> None:
+    from transfer.pack import PackOptions
+    from transfer.zmq_sender import ZmqKvSender, ZmqSenderConfig
+
+    torch.set_num_threads(1)
+    spec = KvSpec(**SMOLLM2, block_size=BLOCK, dtype=KvDtype.BFLOAT16)
+    num_blocks = 2 * max_tokens // BLOCK
+    src = PagedKvCache.allocate(spec, num_blocks)
+    fill_random(src, torch.Generator().manual_seed(1))
+    payload = torch.empty(max_tokens * spec.bytes_per_token, dtype=torch.uint8)
+    raw = socket.create_connection(("127.0.0.1", raw_port))
+    raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    pack = PackOptions(chunk_bytes=chunk_bytes)
+    senders = {cs: ZmqKvSender(endpoint, ZmqSenderConfig(checksum=cs, pack=pack)) for cs in (False, True)}
+    gen = torch.Generator().manual_seed(2)
+    while True:
+        cmd = pipe.recv()
+        if cmd[0] == "stop":
+            break
+        if cmd[0] == "raw":
+            nbytes = cmd[1]
+            t0 = time.perf_counter()
+            raw.sendall(struct.pack("<Q", nbytes))
+            raw.sendall(memoryview(payload.numpy())[:nbytes])
+            raw.recv(1)
+            pipe.send(time.perf_counter() - t0)
+        else:
+            _, rid, tokens, checksum, contiguous = cmd
+            table = scattered_table(tokens, num_blocks, gen, contiguous)
+            res = senders[checksum].send(src, table, 0, tokens, request_id=rid)
+            pipe.send(res.seconds)
+    for s in senders.values():
+        s.close()
+    raw.close()
+
+
+def run_zmq(args: argparse.Namespace) -> dict:
+    from transfer.zmq_receiver import ZmqKvReceiver, ZmqReceiverConfig
+
+    torch.set_num_threads(1)
+    max_tokens = max(args.tokens)
+    spec = KvSpec(**SMOLLM2, block_size=BLOCK, dtype=KvDtype.BFLOAT16)
+    num_blocks = 2 * max_tokens // BLOCK
+    dst = PagedKvCache.allocate(spec, num_blocks)
+    done: dict[str, object] = {}
+    rx = ZmqKvReceiver(dst, ZmqReceiverConfig(endpoint=args.endpoint),
+                       on_complete=lambda r, reps: done.__setitem__(r, reps),
+                       on_release=lambda r, e: done.__setitem__(r, e))
+    rx.start()
+    listener = socket.create_server(("127.0.0.1", 0))
+    threading.Thread(target=_raw_server, args=(listener, max_tokens * spec.bytes_per_token), daemon=True).start()
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_zmq_sender_proc, args=(child, rx.endpoint, listener.getsockname()[1], max_tokens,
+                                                                    args.chunk_kib << 10))
+    proc.start()
+    gen = torch.Generator().manual_seed(3)
+    rows = []
+    seq = 0
+    for tokens in args.tokens:
+        nbytes = tokens * spec.bytes_per_token
+        times: dict[str, list[float]] = {"raw": [], "zmq": [], "zmq_checksum": [], "zmq_contiguous": []}
+        for rep in range(args.repeats + 2):  # two warm-ups
+            for name in times:
+                if name == "raw":
+                    parent.send(("raw", nbytes))
+                else:
+                    seq += 1
+                    rid = f"bench-{seq}"
+                    rx.expect(rid, scattered_table(tokens, num_blocks, gen, contiguous=False))
+                    parent.send(("zmq", rid, tokens, name == "zmq_checksum", name == "zmq_contiguous"))
+                seconds = parent.recv()
+                if rep >= 2:
+                    times[name].append(seconds)
+        gbps = {k: nbytes / statistics.median(v) / 1e9 for k, v in times.items()}
+        row = {"tokens": tokens, "bytes": nbytes, **{f"{k}_gbps": round(v, 3) for k, v in gbps.items()},
+               "ratio": round(gbps["zmq"] / gbps["raw"], 3),
+               "ratio_checksum": round(gbps["zmq_checksum"] / gbps["raw"], 3),
+               "ratio_contiguous": round(gbps["zmq_contiguous"] / gbps["raw"], 3)}
+        rows.append(row)
+        print(f"{tokens:>6} tokens {nbytes / 2**20:8.1f} MiB | raw socket {gbps['raw']:6.2f} GB/s | "
+              f"zmq {gbps['zmq']:6.2f} GB/s (ratio {row['ratio']:.2f}) | checksum {gbps['zmq_checksum']:6.2f} "
+              f"({row['ratio_checksum']:.2f}) | contiguous blocks {gbps['zmq_contiguous']:6.2f} "
+              f"({row['ratio_contiguous']:.2f})", flush=True)
+    parent.send(("stop",))
+    proc.join(timeout=30)
+    rx.close()
+    failures = [k for k, v in done.items() if not isinstance(v, list)]
+    return {"benchmark": "transfer_zmq", "model": "SmolLM2-135M KV (30 layers, 3 kv heads, dim 64, bf16)",
+            "bytes_per_token": spec.bytes_per_token, "block_size": BLOCK, "endpoint": args.endpoint,
+            "chunk_bytes": args.chunk_kib << 10,
+            "repeats": args.repeats, "statistic": "median", "machine": machine(),
+            "failed_transfers": len(failures), "rows": rows, "target": "ratio >= 0.9 at 8192 tokens",
+            "load_avg_end": os.getloadavg()}
+
+
+# ---- NCCL -----------------------------------------------------------------------------------------
+def _nccl_rank(rank: int, args: argparse.Namespace, endpoint_q, result_q) -> None:
+    import torch.distributed as dist
+
+    from transfer.nccl_transport import NcclReceiverPlugin, NcclSenderPlugin
+    from transfer.zmq_receiver import ZmqKvReceiver, ZmqReceiverConfig
+    from transfer.zmq_sender import ZmqKvSender
+
+    torch.cuda.set_device(rank)
+    dev = torch.device("cuda", rank)
+    tokens = args.tokens[0]
+    spec = KvSpec(**LLAMA3_8B, block_size=BLOCK, dtype=KvDtype.BFLOAT16)
+    num_blocks = 4 * tokens // BLOCK
+    nbytes = tokens * spec.bytes_per_token
+    cache = PagedKvCache.allocate(spec, num_blocks, device=dev)
+    gen = torch.Generator().manual_seed(rank)
+    dist.init_process_group("nccl", init_method=args.dist_url, rank=rank, world_size=2)
+    flat = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+    times: dict[str, list[float]] = {"torch_nccl": [], "pdserve_nccl": []}
+    if rank == 1:
+        done: dict[str, object] = {}
+        rx = ZmqKvReceiver(cache, ZmqReceiverConfig(endpoint="tcp://127.0.0.1:0"),
+                           on_complete=lambda r, reps: done.__setitem__(r, reps),
+                           on_release=lambda r, e: done.__setitem__(r, e), nccl=NcclReceiverPlugin(dev))
+        endpoint_q.put(rx.endpoint)
+        rx.start()
+    else:
+        fill_random(cache, torch.Generator(device="cpu").manual_seed(7))
+        tx = ZmqKvSender(endpoint_q.get(), nccl=NcclSenderPlugin(dev))
+    for rep in range(args.repeats + 3):
+        # baseline: one contiguous buffer through torch.distributed
+        dist.barrier()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        if rank == 0:
+            dist.send(flat, 1)
+        else:
+            dist.recv(flat, 0)
+        torch.cuda.synchronize()
+        if rep >= 3:
+            times["torch_nccl"].append(time.perf_counter() - t0)
+        # pdserve: scattered blocks -> scattered blocks, header over ZMQ, ack back
+        rid = f"nccl-{rep}"
+        if rank == 1:
+            rx.expect(rid, torch.randperm(num_blocks, generator=gen)[:tokens // BLOCK].tolist())
+        dist.barrier()
+        if rank == 0:
+            table = torch.randperm(num_blocks, generator=gen)[:tokens // BLOCK].tolist()
+            res = tx.send(cache, table, 0, tokens, request_id=rid)
+            if rep >= 3:
+                times["pdserve_nccl"].append(res.seconds)
+    dist.barrier()
+    if rank == 0:
+        tx.close()
+        gbps = {k: nbytes / statistics.median(v) / 1e9 for k, v in times.items()}
+        result_q.put({"tokens": tokens, "bytes": nbytes, **{f"{k}_gbps": round(v, 2) for k, v in gbps.items()},
+                      "ratio": round(gbps["pdserve_nccl"] / gbps["torch_nccl"], 3)})
+    else:
+        rx.close()
+    dist.destroy_process_group()
+
+
+def run_nccl(args: argparse.Namespace) -> dict:
+    if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
+        raise SystemExit("--nccl needs 2 CUDA GPUs on this host")
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # never NVLink multicast on shared hosts
+    ctx = mp.get_context("spawn")
+    endpoint_q, result_q = ctx.Queue(), ctx.Queue()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        args.dist_url = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    procs = [ctx.Process(target=_nccl_rank, args=(r, args, endpoint_q, result_q)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    row = result_q.get(timeout=600)
+    for p in procs:
+        p.join(timeout=60)
+    print(f"{row['tokens']} tokens {row['bytes'] / 2**20:.0f} MiB | torch.distributed send/recv "
+          f"{row['torch_nccl_gbps']:.1f} GB/s | pdserve NCCL {row['pdserve_nccl_gbps']:.1f} GB/s | "
+          f"ratio {row['ratio']:.2f} (target >= 0.85)")
+    props = torch.cuda.get_device_properties(0)
+    return {"benchmark": "transfer_nccl", "model": "Llama-3-8B KV (32 layers, 8 kv heads, dim 128, bf16)",
+            "block_size": BLOCK, "repeats": args.repeats, "statistic": "median",
+            "machine": {**machine(), "gpu": props.name, "gpus": torch.cuda.device_count()},
+            "rows": [row], "target": "ratio >= 0.85"}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--nccl", action="store_true", help="2-GPU NCCL benchmark instead of ZMQ")
+    ap.add_argument("--tokens", type=int, nargs="+", default=None)
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--endpoint", default="tcp://127.0.0.1:0", help="ZMQ endpoint (tcp:// or ipc://)")
+    ap.add_argument("--chunk-kib", type=int, default=1024, help="ZMQ chunk (pipelining unit) size")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    if args.nccl:
+        args.tokens = args.tokens or [4096]
+        args.repeats = args.repeats or 20
+        result, name = run_nccl(args), "transfer_nccl.json"
+    else:
+        args.tokens = args.tokens or [128, 1024, 8192]
+        args.repeats = args.repeats or 10
+        result, name = run_zmq(args), "transfer_zmq.json"
+    out = args.out or RESULTS / name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

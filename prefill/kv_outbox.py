@@ -1,0 +1,117 @@
+"""The prefill worker's KV endpoint: sends KV + first token to decode workers' reservations.
+
+Sends run on one background thread (one transfer at a time, in order), so the worker keeps
+prefilling while KV is on the wire. Contract: from `send()` until its `SendResult` comes back
+from `poll_results()`, the sequence's blocks are read by the sender thread — the worker must
+not free or reuse them; after the result it frees them (success or failure alike).
+One `ZmqKvSender` per decode worker address, created on first use.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+from deploy.worker_base import WorkerConfig
+from engine.kv_spec import KvSpec
+from engine.llm_engine import LLMEngine
+from transfer.cache import PagedKvCache
+from transfer.errors import IncompatibleKv, InvalidRequest, LimitExceeded, MalformedHeader, TransferError
+from transfer.zmq_sender import ZmqKvSender, ZmqSenderConfig
+
+log = logging.getLogger(__name__)
+
+# Errors that another prefill worker would hit too: retrying them is pointless.
+_FINAL_ERRORS = (IncompatibleKv, InvalidRequest, LimitExceeded, MalformedHeader)
+
+
+@dataclass(frozen=True)
+class SendResult:
+    request_id: str
+    num_bytes: int
+    seconds: float
+    error: str | None
+    retryable: bool = True
+
+
+@dataclass(frozen=True)
+class _Job:
+    request_id: str
+    address: str
+    block_table: list[int]
+    num_tokens: int
+    dest_spec: KvSpec
+    meta: dict[str, Any]
+
+
+class KvOutbox:
+    def __init__(self, ctx: zmq.Context, engine: LLMEngine, config: WorkerConfig) -> None:
+        self.cache = PagedKvCache(engine.plan.spec, engine.runner.kv_caches)
+        self.config = config
+        self.ctx = ctx
+        self.address = "zmq+dealer"  # this side connects; it binds nothing
+        self._jobs: queue.Queue[_Job | None] = queue.Queue()
+        self._results: queue.Queue[SendResult] = queue.Queue()
+        self._senders: dict[str, ZmqKvSender] = {}
+        self.num_bytes, self.num_seconds = 0, 0.0
+        self._thread = threading.Thread(target=self._run, name="kv-sender", daemon=True)
+        self._thread.start()
+
+    def sockets(self) -> list[zmq.Socket]:
+        return []  # results come back through a thread-safe queue, read every loop iteration
+
+    def send(self, request_id: str, address: str, block_table: list[int], num_tokens: int,
+             dest_block_ids: list[int], dest_spec: KvSpec, meta: dict[str, Any]) -> None:
+        """Queue tokens [0, num_tokens) of a sequence for the reservation at `address`.
+
+        `dest_block_ids` are known to the receiver already (it expects them); they are not sent.
+        """
+        self._jobs.put(_Job(request_id, address, list(block_table), num_tokens, dest_spec, meta))
+
+    def poll_results(self) -> list[SendResult]:
+        out = []
+        while True:
+            try:
+                out.append(self._results.get_nowait())
+            except queue.Empty:
+                return out
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            self._results.put(self._send_one(job))
+
+    def _send_one(self, job: _Job) -> SendResult:
+        try:
+            if not self.cache.spec.fingerprint_compatible(job.dest_spec):
+                raise IncompatibleKv("different models", self.cache.spec, job.dest_spec)
+            sender = self._senders.get(job.address)
+            if sender is None:
+                sender = ZmqKvSender(job.address, ZmqSenderConfig(timeout_s=self.config.transfer_timeout_s,
+                                                                  checksum=self.config.checksum),
+                                     context=self.ctx)
+                self._senders[job.address] = sender
+            r = sender.send(self.cache, job.block_table, 0, job.num_tokens, request_id=job.request_id,
+                            meta=job.meta)
+            self.num_bytes += r.num_bytes
+            self.num_seconds += r.seconds
+            return SendResult(job.request_id, r.num_bytes, r.seconds, None)
+        except TransferError as e:
+            return SendResult(job.request_id, 0, 0.0, f"{type(e).__name__}: {e}",
+                              retryable=not isinstance(e, _FINAL_ERRORS))
+        except Exception as e:  # never let the sender thread die
+            log.exception("KV send of %s failed", job.request_id)
+            return SendResult(job.request_id, 0, 0.0, f"{type(e).__name__}: {e}")
+
+    def close(self) -> None:
+        self._jobs.put(None)
+        self._thread.join(timeout=5)
+        for s in self._senders.values():
+            s.close()

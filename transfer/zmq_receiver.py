@@ -1,0 +1,359 @@
+"""ZmqKvReceiver: the decode worker's end of the KV data plane (a ZMQ ROUTER that binds).
+
+Ownership contract (the serving layer's side of it):
+1. The decode worker reserves destination blocks, then calls `expect(request_id, block_table)`
+   *before* any prefill work starts. From then on the receiver may write into those blocks;
+   the caller must neither free nor reuse them.
+2. Exactly one of these ends the reservation:
+   - `on_complete(request_id, reports)`: all `num_transfers` transfers were written and acked;
+     the blocks hold the KV and are the caller's again;
+   - `on_release(request_id, error)`: a typed TransferError (incompatible/malformed message,
+     limits, checksum, sender silent for `idle_timeout_s` = PeerLost, `transfer_timeout_s` or the
+     expectation's own timeout = TransferTimeout, sender abort, receiver closing). The blocks
+     hold garbage; the caller frees them. The receiver never writes into them again;
+   - `cancel(request_id)` returning True: the caller took the blocks back; no callback follows.
+   The receiver itself never allocates or frees blocks.
+3. Callbacks run on the receiver's thread (the one calling `poll`, or the one `start()`
+   spawns), outside its lock; they must be quick (hand off to a queue) and may call
+   `expect`/`cancel`.
+
+Every header is validated against `limits` before a payload byte is looked at; frames larger
+than `limits.max_buffer_bytes` are refused by ZMQ itself (MAXMSGSIZE disconnects the peer).
+Malformed or hostile input produces a typed ERROR reply and never stops the receiver.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+from transfer import zmq_protocol as proto
+from transfer.cache import PagedKvCache
+from transfer.convert import ConvertOptions
+from transfer.errors import (
+    InvalidRequest, LimitExceeded, MalformedFrame, PeerLost, TransferCancelled,
+    TransferError, TransferTimeout, TransportUnavailable, UnexpectedTransfer,
+)
+from transfer.header import ReceiverLimits, TransferHeader, decode_header
+from transfer.writer import KvWriter, PagedSink, WriteReport
+
+log = logging.getLogger(__name__)
+
+CompleteFn = Callable[[str, list[WriteReport]], None]
+ReleaseFn = Callable[[str, TransferError], None]
+
+
+@dataclass(frozen=True)
+class ZmqReceiverConfig:
+    endpoint: str = "tcp://127.0.0.1:0"  # port 0: any free port (read `endpoint` after binding)
+    limits: ReceiverLimits = ReceiverLimits()
+    convert: ConvertOptions = ConvertOptions()
+    idle_timeout_s: float = 10.0  # silence mid-transfer before PeerLost
+    transfer_timeout_s: float = 120.0  # header to last chunk
+    max_inflight: int = 256
+    rcvhwm: int = 64  # queued messages per peer before ZMQ pushes back
+    heartbeat_ivl_ms: int = 1000
+    heartbeat_timeout_ms: int = 10000
+
+
+@dataclass
+class _Expectation:
+    request_id: str
+    block_table: list[int]
+    num_transfers: int
+    deadline: float | None
+    reports: list[WriteReport] = field(default_factory=list)
+    inflight: set[tuple[bytes, int]] = field(default_factory=set)
+
+
+@dataclass
+class _Inflight:
+    peer: bytes
+    header: TransferHeader
+    writer: KvWriter
+    deadline: float
+    idle_deadline: float
+    next_chunk: int = 0
+
+
+class ZmqKvReceiver:
+    def __init__(self, cache: PagedKvCache, config: ZmqReceiverConfig = ZmqReceiverConfig(), *,
+                 on_complete: CompleteFn, on_release: ReleaseFn, context: zmq.Context | None = None,
+                 nccl: Any = None):
+        """`nccl`: an `nccl_transport.NcclReceiverPlugin` to accept NCCL payloads (optional)."""
+        self.cache, self.config = cache, config
+        self._on_complete, self._on_release = on_complete, on_release
+        self._own_context = context is None
+        self._ctx = context or zmq.Context()
+        self._sock = self._ctx.socket(zmq.ROUTER)
+        lim = config.limits
+        for opt, val in ((zmq.LINGER, 0), (zmq.RCVHWM, config.rcvhwm), (zmq.SNDHWM, 1024),
+                         (zmq.MAXMSGSIZE, max(lim.max_buffer_bytes, lim.max_header_bytes)),
+                         (zmq.HEARTBEAT_IVL, config.heartbeat_ivl_ms),
+                         (zmq.HEARTBEAT_TIMEOUT, config.heartbeat_timeout_ms)):
+            self._sock.setsockopt(opt, val)
+        self._sock.bind(config.endpoint)
+        self.endpoint: str = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._nccl = nccl
+        self._lock = threading.Lock()
+        self._expected: dict[str, _Expectation] = {}
+        self._inflight: dict[tuple[bytes, int], _Inflight] = {}
+        self._outbox: list[list[bytes]] = []
+        self._callbacks: list[Callable[[], None]] = []
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.num_completed = 0
+        self.num_failed = 0
+
+    # ---- serving-layer API ----------------------------------------------------------------------
+    @property
+    def socket(self) -> zmq.Socket:
+        """The ROUTER socket, for the caller's own poller (then call `poll(0)` when readable)."""
+        return self._sock
+
+    def expect(self, request_id: str, block_table: Sequence[int], *, num_transfers: int = 1,
+               timeout_s: float | None = None) -> None:
+        """Declare a reservation (see the module contract). `num_transfers` > 1 when several
+        senders (prefill TP ranks) or several layer groups fill it."""
+        ids = list(block_table)
+        if any(not 0 <= b < self.cache.num_blocks for b in ids) or num_transfers < 1:
+            raise InvalidRequest(f"block ids must lie in [0, {self.cache.num_blocks}) and num_transfers >= 1")
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        with self._lock:
+            if request_id in self._expected:
+                raise InvalidRequest(f"request {request_id} is already expected")
+            self._expected[request_id] = _Expectation(request_id, ids, num_transfers, deadline)
+
+    def cancel(self, request_id: str) -> bool:
+        """Withdraw a reservation. True: it was pending; no write is in progress or will happen,
+        no callback will follow, and the caller owns the blocks again."""
+        with self._lock:
+            exp = self._expected.pop(request_id, None)
+            if exp is None:
+                return False
+            self._drop_inflight(exp, TransferCancelled("the receiver cancelled the request", request_id=request_id))
+            return True
+
+    def poll(self, timeout_s: float = 0.0) -> int:
+        """Handle whatever arrives within `timeout_s`; check deadlines; run callbacks."""
+        self._flush_outbox()
+        handled = 0
+        if self._sock.poll(int(timeout_s * 1000), zmq.POLLIN):
+            while handled < 256:
+                try:
+                    frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                with self._lock:
+                    self._handle(frames)
+                handled += 1
+                self._run_callbacks()
+        with self._lock:
+            self._check_deadlines(time.monotonic())
+        self._flush_outbox()
+        self._run_callbacks()
+        return handled
+
+    def start(self) -> None:
+        """Serve on a background thread until `close()`."""
+        def loop() -> None:
+            while not self._stop.is_set():
+                self.poll(0.02)
+
+        self._thread = threading.Thread(target=loop, name="kv-receiver", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop serving; every pending reservation is released (on_release, TransferCancelled)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        with self._lock:
+            for exp in list(self._expected.values()):
+                self._fail_request(exp, TransferCancelled("the KV receiver is shutting down"))
+        self._run_callbacks()
+        self._sock.close(linger=0)
+        if self._nccl is not None:
+            self._nccl.close()
+        if self._own_context:
+            self._ctx.term()
+
+    # ---- message handling (under the lock) ---------------------------------------------------------
+    def _reply(self, peer: bytes, frames: list[bytes]) -> None:
+        self._outbox.append([peer, *frames])
+
+    def _handle(self, frames: list[zmq.Frame]) -> None:
+        peer = frames[0].bytes
+        kind = frames[1].bytes if len(frames) > 1 else b""
+        rest = frames[2:]
+        try:
+            if kind == proto.HEADER:
+                self._on_header(peer, rest)
+            elif kind == proto.DATA:
+                self._on_data(peer, rest)
+            elif kind == proto.ABORT:
+                body = proto.unpack_small(rest[0].buffer, "abort") if len(rest) == 1 else None
+                tid = body[0] if isinstance(body, list) and body else None
+                inf = self._inflight.get((peer, tid)) if isinstance(tid, int) else None
+                if inf is not None:
+                    self._fail_transfer(inf, TransferCancelled("the sender aborted the transfer"), reply=False)
+            elif kind == proto.NCCL_HELLO and self._nccl is not None:
+                self._nccl.accept_hello(peer, rest, self._reply)
+            else:
+                raise MalformedFrame(f"unknown message kind {kind[:8]!r}")
+        except TransferError as e:
+            self.num_failed += 1
+            self._reply(peer, proto.error_frames(e, None))
+        except Exception as e:  # a bug must not stop the receiver; report it to the peer
+            log.exception("KV receiver: internal error handling a message")
+            self._reply(peer, proto.error_frames(TransferError(f"internal receiver error: {e!r}"[:500]), None))
+
+    def _on_header(self, peer: bytes, rest: list[zmq.Frame]) -> None:
+        if len(rest) != 1:
+            raise MalformedFrame(f"header message with {len(rest)} frames")
+        header = decode_header(rest[0].buffer, self.config.limits)
+        tid, rid = header.transfer_id, header.request_id
+        if (peer, tid) in self._inflight:
+            raise MalformedFrame(f"transfer {tid} is already in flight from this peer")
+        exp = self._expected.get(rid)
+        if exp is None:
+            raise UnexpectedTransfer("no reservation for this request (expect() was not called, "
+                                     "or it already completed, failed or was cancelled)", request_id=rid)
+        if len(self._inflight) >= self.config.max_inflight:
+            raise LimitExceeded("transfers in flight", len(self._inflight) + 1, self.config.max_inflight)
+        if header.transport == "nccl" and self._nccl is None:
+            raise TransportUnavailable("this receiver takes ZMQ payloads only", request_id=rid)
+        try:
+            writer = KvWriter(header, PagedSink(self.cache, exp.block_table), self.config.convert)
+        except TransferError as e:
+            e.request_id = e.request_id or rid
+            self._reply(peer, proto.error_frames(e, tid))
+            self._fail_request(exp, e)
+            return
+        now = time.monotonic()
+        inf = _Inflight(peer, header, writer, now + self.config.transfer_timeout_s,
+                        now + self.config.idle_timeout_s)
+        self._inflight[(peer, tid)] = inf
+        exp.inflight.add((peer, tid))
+        if header.transport == "nccl":
+            self._guard(inf, lambda: self._nccl.receive(peer, inf.header, inf.writer, inf.deadline, self._reply,
+                                                        self._flush_outbox))
+
+    def _on_data(self, peer: bytes, rest: list[zmq.Frame]) -> None:
+        if not rest:
+            raise MalformedFrame("data message without meta")
+        tid, index, sums = proto.data_meta(rest[0].buffer, self.config.limits.max_buffers)
+        inf = self._inflight.get((peer, tid))
+        if inf is None:
+            return  # stale chunk of a transfer that already ended: dropped
+        self._guard(inf, lambda: self._take_chunk(inf, index, rest[1:], sums))
+
+    def _take_chunk(self, inf: _Inflight, index: int, frames: list[zmq.Frame], sums: list[int] | None) -> None:
+        h = inf.header
+        if index != inf.next_chunk or index >= len(h.chunks) or len(frames) != h.chunks[index]:
+            raise MalformedFrame(f"chunk {index} with {len(frames)} frames; expected chunk "
+                                 f"{inf.next_chunk} of {len(h.chunks)}")
+        if h.checksum is not None and (sums is None or len(sums) != len(frames)):
+            raise MalformedFrame("checksums missing from a checksummed transfer")
+        first = inf.writer.next_buffer
+        for j, frame in enumerate(frames):
+            inf.writer.accept(first + j, frame.buffer, None if sums is None else sums[j])
+        inf.next_chunk += 1
+        inf.idle_deadline = time.monotonic() + self.config.idle_timeout_s
+
+    def _guard(self, inf: _Inflight, step: Callable[[], None]) -> None:
+        """Run one step of a transfer; finish it when complete, fail it on any error."""
+        try:
+            step()
+            if inf.writer.next_buffer == len(inf.header.buffer_sizes):
+                self._finish_transfer(inf, inf.writer.finish())
+        except TransferError as e:
+            e.request_id = e.request_id or inf.header.request_id
+            self._fail_transfer(inf, e, reply=True)
+        except Exception as e:
+            log.exception("KV receiver: internal error writing transfer %s", inf.header.transfer_id)
+            err = TransferError(f"internal receiver error: {e!r}"[:500], request_id=inf.header.request_id)
+            self._fail_transfer(inf, err, reply=True)
+
+    # ---- outcomes --------------------------------------------------------------------------------
+    def _finish_transfer(self, inf: _Inflight, report: WriteReport) -> None:
+        key = (inf.peer, inf.header.transfer_id)
+        self._inflight.pop(key, None)
+        self._reply(inf.peer, [proto.ACK, proto.pack(report.to_wire())])
+        exp = self._expected.get(inf.header.request_id)
+        if exp is None:
+            return
+        exp.inflight.discard(key)
+        exp.reports.append(report)
+        if len(exp.reports) == exp.num_transfers:
+            del self._expected[exp.request_id]
+            self.num_completed += 1
+            reports = list(exp.reports)
+            self._callbacks.append(lambda: self._on_complete(exp.request_id, reports))
+
+    def _fail_transfer(self, inf: _Inflight, err: TransferError, *, reply: bool) -> None:
+        key = (inf.peer, inf.header.transfer_id)
+        self._inflight.pop(key, None)
+        if reply:
+            self._reply(inf.peer, proto.error_frames(err, inf.header.transfer_id))
+        exp = self._expected.get(inf.header.request_id)
+        if exp is not None:
+            exp.inflight.discard(key)
+            self._fail_request(exp, err)
+
+    def _fail_request(self, exp: _Expectation, err: TransferError) -> None:
+        self.num_failed += 1
+        self._expected.pop(exp.request_id, None)
+        self._drop_inflight(exp, TransferCancelled(f"another transfer of this request failed: {err.message}"[:500],
+                                                   request_id=exp.request_id))
+        err.request_id = err.request_id or exp.request_id
+        self._callbacks.append(lambda: self._on_release(exp.request_id, err))
+
+    def _drop_inflight(self, exp: _Expectation, err: TransferError) -> None:
+        for key in list(exp.inflight):
+            inf = self._inflight.pop(key, None)
+            if inf is not None:
+                self._reply(inf.peer, proto.error_frames(err, inf.header.transfer_id))
+        exp.inflight.clear()
+
+    def _check_deadlines(self, now: float) -> None:
+        for inf in list(self._inflight.values()):
+            if now > inf.deadline:
+                self._fail_transfer(inf, TransferTimeout(
+                    f"transfer not complete within {self.config.transfer_timeout_s}s",
+                    request_id=inf.header.request_id), reply=True)
+            elif now > inf.idle_deadline:
+                self._fail_transfer(inf, PeerLost(
+                    f"sender silent for {self.config.idle_timeout_s}s mid-transfer "
+                    f"(chunk {inf.next_chunk} of {len(inf.header.chunks)})",
+                    request_id=inf.header.request_id), reply=True)
+        for exp in list(self._expected.values()):
+            if exp.deadline is not None and now > exp.deadline:
+                self._fail_request(exp, TransferTimeout("no complete KV transfer before the reservation's "
+                                                        "timeout", request_id=exp.request_id))
+
+    # ---- outside the lock ------------------------------------------------------------------------
+    def _flush_outbox(self) -> None:
+        with self._lock:
+            out, self._outbox = self._outbox, []
+        for frames in out:
+            try:
+                self._sock.send_multipart(frames, zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass  # peer gone or its queue full: the reply is dropped, the sender times out
+
+    def _run_callbacks(self) -> None:
+        with self._lock:
+            todo, self._callbacks = self._callbacks, []
+        for cb in todo:
+            try:
+                cb()
+            except Exception:
+                log.exception("KV receiver: a completion/release callback raised")
+

@@ -1,0 +1,204 @@
+"""ZmqKvSender: the prefill worker's end of the KV data plane (a ZMQ DEALER per decode peer).
+
+Ownership contract (the prefill side):
+- `send(...)` blocks until the receiver acks (returns `SendResult`) or fails with a typed
+  TransferError: the receiver's own error rebuilt with `is_remote=True` (IncompatibleKv,
+  LimitExceeded, UnexpectedTransfer, ...), `TransferTimeout` (no ack within `timeout_s`, or the
+  peer not reachable / not reading), or `PeerLost` (the connection dropped mid-transfer).
+- The source blocks named by `block_table` must stay allocated and unmodified until `send`
+  returns or raises. After an ack every byte has been delivered. After an error or timeout the
+  connection is reset (queued frames are dropped), the receiver discards anything late, and
+  the caller may free or re-cache its blocks.
+- One transfer at a time per sender (not thread-safe); per-peer ordering follows from one
+  connection per peer. Use one sender per decode peer, from one thread.
+
+Zero-copy: payload frames are memoryviews of cache tensors (views) or of freshly gathered
+buffers (see pack.py), sent with `copy=False`; chunk i+1 is gathered while ZMQ's I/O thread
+sends chunk i. A cache on a GPU is gathered on the GPU and copied to host per buffer.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from transfer import zmq_protocol as proto
+from transfer.cache import PagedKvCache
+from transfer.errors import MalformedFrame, PeerLost, TransferError, TransferTimeout
+from transfer.header import compute_checksum
+from transfer.pack import PackedKv, PackOptions, StagingPool, pack_kv
+
+
+@dataclass(frozen=True)
+class ZmqSenderConfig:
+    timeout_s: float = 60.0  # whole transfer, ack included
+    checksum: bool = False  # xxh3_64 per buffer, verified by the receiver
+    pack: PackOptions = PackOptions()
+    sndhwm: int = 64
+    heartbeat_ivl_ms: int = 1000
+    heartbeat_timeout_ms: int = 10000
+    staging_bytes: int = 1 << 30  # reusable gather buffers kept between transfers
+
+
+@dataclass(frozen=True)
+class SendResult:
+    request_id: str
+    transfer_id: int
+    num_bytes: int  # payload bytes sent
+    seconds: float
+    report: dict[str, Any]  # the receiver's WriteReport
+
+
+def _host_view(buf: torch.Tensor) -> Any:
+    """A zero-copy buffer-protocol view of a 1-D uint8 tensor (host copy for GPU tensors)."""
+    if buf.device.type != "cpu":
+        buf = buf.cpu()
+    return buf.numpy()
+
+
+class ZmqKvSender:
+    def __init__(self, endpoint: str, config: ZmqSenderConfig = ZmqSenderConfig(), *,
+                 context: zmq.Context | None = None, nccl: Any = None):
+        """`nccl`: an `nccl_transport.NcclSenderPlugin` to move payloads over NCCL (optional)."""
+        self.endpoint, self.config = endpoint, config
+        self._own_context = context is None
+        self._ctx = context or zmq.Context()
+        self._nccl = nccl
+        self._next_tid = int.from_bytes(os.urandom(6), "big") << 16
+        self._pool = StagingPool(config.staging_bytes)
+        self._sock: zmq.Socket | None = None
+        self._monitor: zmq.Socket | None = None
+        self._connect()
+
+    # ---- connection ---------------------------------------------------------------------------
+    def _connect(self) -> None:
+        sock = self._ctx.socket(zmq.DEALER)
+        for opt, val in ((zmq.LINGER, 0), (zmq.SNDHWM, self.config.sndhwm), (zmq.IMMEDIATE, 1),
+                         (zmq.HEARTBEAT_IVL, self.config.heartbeat_ivl_ms),
+                         (zmq.HEARTBEAT_TIMEOUT, self.config.heartbeat_timeout_ms)):
+            sock.setsockopt(opt, val)
+        self._monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        sock.connect(self.endpoint)
+        self._sock = sock
+
+    def _reset(self) -> None:
+        """Drop the connection and everything queued on it; the next transfer reconnects."""
+        if self._sock is not None:
+            self._sock.disable_monitor()
+            self._sock.close(linger=0)
+        if self._monitor is not None:
+            self._monitor.close(linger=0)
+        if self._nccl is not None:
+            self._nccl.reset()
+        self._connect()
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.disable_monitor()
+            self._sock.close(linger=0)
+        if self._monitor is not None:
+            self._monitor.close(linger=0)
+        if self._nccl is not None:
+            self._nccl.close()
+        self._sock = self._monitor = None
+        if self._own_context:
+            self._ctx.term()
+
+    # ---- public API -----------------------------------------------------------------------------
+    def send(self, cache: PagedKvCache, block_table: Sequence[int], token_start: int, token_end: int, *,
+             request_id: str, layer_range: tuple[int, int] | None = None,
+             head_range: tuple[int, int] | None = None, meta: Mapping[str, Any] | None = None,
+             timeout_s: float | None = None) -> SendResult:
+        """Send tokens `[token_start, token_end)` of `request_id` (see the module contract)."""
+        t0 = time.monotonic()
+        deadline = t0 + (timeout_s if timeout_s is not None else self.config.timeout_s)
+        self._next_tid += 1
+        tid = self._next_tid
+        options = self.config.pack
+        if self._nccl is not None or cache.device.type != "cpu":
+            options = replace(options, allow_views=False)
+        packed = pack_kv(cache, block_table, token_start, token_end, request_id=request_id,
+                         transfer_id=tid, layer_range=layer_range, head_range=head_range,
+                         checksum="xxh3_64" if self.config.checksum and self._nccl is None else None,
+                         transport="nccl" if self._nccl is not None else "zmq", meta=meta,
+                         options=options, pool=self._pool)
+        self._drain_monitor()
+        try:
+            if self._nccl is not None:
+                self._nccl.ensure_link(self, deadline)
+            self._send_frames([proto.HEADER, packed.header.encode()], deadline)
+            if self._nccl is not None:
+                self._nccl.send_payload(self, packed, deadline)
+            else:
+                self._send_chunks(packed, deadline)
+            body = self._wait_reply(tid, deadline, want=proto.ACK)
+        except (TransferTimeout, PeerLost, MalformedFrame):
+            self._reset()
+            raise
+        except TransferError:
+            raise
+        return SendResult(request_id, tid, packed.header.payload_bytes, time.monotonic() - t0, body)
+
+    # ---- internals (also used by the NCCL plugin) ---------------------------------------------------
+    def _send_chunks(self, packed: PackedKv, deadline: float) -> None:
+        tid = packed.header.transfer_id
+        for index, chunk in enumerate(packed.iter_chunks()):
+            self._check_replies(tid)
+            views = [_host_view(b) for b in chunk]
+            sums = [compute_checksum("xxh3_64", v) for v in views] if packed.header.checksum else None
+            self._send_frames([proto.DATA, proto.pack([tid, index, sums]), *views], deadline, copy=False)
+
+    def _send_frames(self, frames: list[Any], deadline: float, copy: bool = True) -> None:
+        assert self._sock is not None
+        self._sock.setsockopt(zmq.SNDTIMEO, max(1, int((deadline - time.monotonic()) * 1000)))
+        try:
+            self._sock.send_multipart(frames, copy=copy)
+        except zmq.Again:
+            raise TransferTimeout(f"peer {self.endpoint} not reachable or not reading "
+                                  f"(send blocked until the deadline)") from None
+
+    def _drain_monitor(self) -> None:
+        assert self._monitor is not None
+        while self._monitor.poll(0):
+            recv_monitor_message(self._monitor)
+
+    def _check_replies(self, tid: int) -> None:
+        """Non-blocking: raise the receiver's error if it already refused this transfer."""
+        self._poll_reply(tid, 0.0, want=None)
+
+    def _wait_reply(self, tid: int, deadline: float, want: bytes) -> Any:
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TransferTimeout(f"no {'ack' if want == proto.ACK else 'reply'} from {self.endpoint} "
+                                      "before the deadline (the peer may be gone)")
+            body = self._poll_reply(tid, remaining, want)
+            if body is not None:
+                return body
+
+    def _poll_reply(self, tid: int, timeout_s: float, want: bytes | None) -> Any:
+        """Wait up to `timeout_s` for one event; return the body of a `want` reply for `tid`."""
+        assert self._sock is not None and self._monitor is not None
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        poller.register(self._monitor, zmq.POLLIN)
+        ready = dict(poller.poll(int(timeout_s * 1000)))
+        if self._monitor in ready:
+            event = recv_monitor_message(self._monitor)
+            if event["event"] == zmq.EVENT_DISCONNECTED:
+                raise PeerLost(f"connection to {self.endpoint} dropped mid-transfer")
+        if self._sock not in ready:
+            return None
+        kind, rtid, body = proto.parse_reply(self._sock.recv_multipart())
+        if rtid is not None and rtid != tid:
+            return None  # a late reply to an earlier transfer
+        if kind == proto.ERROR:
+            raise TransferError.from_wire(body)
+        return body if kind == want else None
