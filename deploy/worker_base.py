@@ -11,6 +11,7 @@ import abc
 import logging
 import os
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -90,11 +91,23 @@ class WorkerBase(abc.ABC):
                         self.engine.plan.spec.to_dict(), self.engine.plan.line(), os.getpid(),
                         socket.gethostname(), self.engine.config.model)
 
+    def _heartbeats(self) -> None:
+        """Heartbeats come from their own thread and socket: a long model step (a big prefill on
+        a CPU) must not make a live worker look dead. They carry the loop's latest counters."""
+        outbox = Outbox(self.ctx, ev.WORKER_EVENTS, self.config.events_address)
+        try:
+            while not self.stopping:
+                outbox.send(self.heartbeat())
+                time.sleep(self.config.heartbeat_interval_s)
+        finally:
+            outbox.close()
+
     def run(self) -> None:
         self.events.send(self.hello())
         log.info("%s worker %s: ctrl %s, kv %s", self.role, self.worker_id, self.ctrl.address,
                  self.kv_address)
-        next_beat = 0.0
+        beats = threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True)
+        beats.start()
         while not self.stopping:
             busy = self.has_work()
             ready = dict(self.poller.poll(0 if busy else self.config.idle_poll_ms))
@@ -104,12 +117,9 @@ class WorkerBase(abc.ABC):
             if len(ready) > (self.ctrl.socket in ready):
                 self.on_kv()
             self.do_work()
-            now = time.monotonic()
-            if now >= next_beat:
-                self.events.send(self.heartbeat())
-                next_beat = now + self.config.heartbeat_interval_s
             if not busy and not ready:
                 self.on_idle()
+        beats.join(timeout=2 * self.config.heartbeat_interval_s)
         log.info("%s worker %s stopping", self.role, self.worker_id)
 
     def close(self) -> None:

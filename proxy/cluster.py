@@ -249,10 +249,15 @@ class ClusterClient:
             self._on_failed(req, msg)
 
     def _on_failed(self, req: InFlight, msg: ev.RequestFailed) -> None:
-        if msg.retryable and msg.worker_id == req.prefill_id and req.stage is Stage.PREFILLING:
-            log.warning("prefill of %s failed on %s (%s); retrying", req.request_id, msg.worker_id, msg.error)
-            self._start_prefill(req)
-            return
+        worker = self.workers.get(msg.worker_id)
+        if worker is not None and worker.hello.role == "prefill":
+            if msg.worker_id != req.prefill_id or req.stage is not Stage.PREFILLING:
+                return  # a stale attempt (retried elsewhere, or the KV already arrived)
+            if msg.retryable:
+                log.warning("prefill of %s failed on %s (%s); retrying", req.request_id, msg.worker_id,
+                            msg.error)
+                self._start_prefill(req)
+                return
         req.queue.put_nowait(internal(f"{msg.kind}: {msg.error}", req.request_id))
 
     def _register(self, hello: ev.Hello) -> None:
