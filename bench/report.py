@@ -67,6 +67,10 @@ def machine() -> dict[str, Any]:
     info: dict[str, Any] = {"host": platform.node(), "platform": platform.platform(),
                             "python": platform.python_version(), "cpus": os.cpu_count(),
                             "processor": platform.processor() or platform.machine()}
+    env = {k: v for k, v in os.environ.items()
+           if k.startswith(("OMP_", "MKL_", "GOMP_", "KMP_")) or k == "CUDA_VISIBLE_DEVICES"}
+    if env:
+        info["env"] = env
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

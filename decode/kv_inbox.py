@@ -8,6 +8,7 @@ to the worker by `receive()`) or `forget()` (abort/timeout: the worker frees the
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,8 +38,19 @@ def _arrival(request_id: str, reports: list[WriteReport]) -> KvArrival:
     if not isinstance(token, int) or token < 0:
         return KvArrival(request_id, error="KV arrived without a valid first token")
     cached = meta.get("num_cached_tokens", 0)
-    return KvArrival(request_id, None, token, meta.get("first_logprob"),
+    return KvArrival(request_id, None, token, _logprob(meta.get("first_logprob")),
                      cached if isinstance(cached, int) else 0)
+
+
+def _logprob(raw: object) -> list[Any] | None:
+    """[token, logprob, [[id, logprob], ...]] from its JSON form; None when absent or malformed."""
+    if not isinstance(raw, str):
+        return None
+    try:
+        tok, lp, top = json.loads(raw)
+        return [int(tok), float(lp), [[int(t), float(v)] for t, v in top]]
+    except (ValueError, TypeError):
+        return None
 
 
 class KvInbox:

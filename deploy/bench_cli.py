@@ -16,6 +16,7 @@ import math
 import re
 import shlex
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -95,6 +96,8 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--startup-timeout", type=float, default=300.0, help="Seconds for a server to start.")
     s.add_argument("--output", default=None,
                    help="Output prefix: writes PREFIX.json, PREFIX.md, PREFIX.png (default: sweep-DATE-TIME).")
+    s.add_argument("--log-dir", default=None, help="Where started servers' logs go (default: a new temp dir).")
+    s.add_argument("--note", default="", help="Text added to the JSON and under the Markdown tables.")
     s.set_defaults(func=cmd_sweep)
 
 
@@ -225,9 +228,11 @@ def _write_sweep(prefix: Path, doc: dict[str, Any], tables: str, results: list[C
                  slo: Slo, title: str) -> list[Path]:
     written = [report.write_json(prefix.with_suffix(".json"), report.clean_floats(doc))]
     m = doc["machine"]
+    env = " ".join(f"{k}={v}" for k, v in m.get("env", {}).items())
     header = (f"# pdserve bench sweep, {doc['date']}\n\nMachine: {m['processor']}, {m['cpus']} CPUs, "
-              f"{m['platform']}\n\nCommand: `{doc['command']}`\n\n")
-    prefix.with_suffix(".md").write_text(header + tables + "\n")
+              f"{m['platform']}, Python {m['python']}\n\nCommand: `{(env + ' ') if env else ''}{doc['command']}`\n\n")
+    note = f"\n{doc['note']}\n" if doc.get("note") else ""
+    prefix.with_suffix(".md").write_text(header + tables + "\n" + note)
     written.append(prefix.with_suffix(".md"))
     try:
         written.append(plot_sweep(results, slo, prefix.with_suffix(".png"), title))
@@ -249,15 +254,20 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                      warmup=tuple(warmup))
     prefix = Path(args.output or f"sweep-{time.strftime('%Y%m%d-%H%M%S')}")
     prefix.parent.mkdir(parents=True, exist_ok=True)
+    log_dir = None
+    if any(s.flags for s in specs):
+        log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="pdserve-sweep-"))
+        log_dir.mkdir(parents=True, exist_ok=True)
     print(f"pdserve bench sweep: {len(specs)} config(s) x rates {', '.join(f'{r:g}' for r in rates)} req/s, "
-          f"{dataset.num_prompts} {dataset.dataset} requests each, tokenizer {tok_name}", file=sys.stderr)
+          f"{dataset.num_prompts} {dataset.dataset} requests each, tokenizer {tok_name}"
+          + (f"; server logs in {log_dir}" if log_dir else ""), file=sys.stderr)
     results = run_sweep(specs, load, plan, common_flags=common, startup_timeout_s=args.startup_timeout,
-                        log_dir=prefix.parent, on_point=_on_point,
+                        log_dir=log_dir, on_point=_on_point,
                         progress=lambda total, desc: report.Progress(total, not args.no_progress, desc))
     tables = format_tables(results, slo)
     print(tables)
     doc = {**_run_doc("sweep", dataset, load, slo, tok_name), "request_rates": list(rates),
-           "serve_args": args.serve_args, "configs": [c.to_dict(slo.attainment) for c in results]}
+           "serve_args": args.serve_args, "note": args.note, "configs": [c.to_dict(slo.attainment) for c in results]}
     title = (f"{dataset.dataset}, {dataset.num_prompts} requests per point; SLO TTFT <= {slo.ttft_s * 1000:g} ms, "
              f"TPOT <= {slo.tpot_s * 1000:g} ms")
     written = _write_sweep(prefix, doc, tables, results, slo, title)

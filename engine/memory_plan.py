@@ -56,7 +56,7 @@ class KvPlan:
     def line(self) -> str:
         return (f"KV cache: {self.num_blocks} blocks x {self.spec.block_size} tokens = "
                 f"{self.num_tokens} tokens, {_fmt_bytes(self.total_bytes)} "
-                f"({self.spec.dtype.value}, {_fmt_bytes(self.spec.bytes_per_token)}/token, "
+                f"({self.spec.dtype.value} {self.spec.layout.value}, {_fmt_bytes(self.spec.bytes_per_token)}/token, "
                 f"budget from {self.budget_source}); max {self.max_concurrent_seqs} concurrent "
                 f"sequences at --max-model-len {self.max_model_len}")
 

@@ -11,6 +11,7 @@ reports an error, or the transfer's lease (`transfer_timeout_s`) expires. Then t
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 
@@ -104,7 +105,9 @@ class PrefillWorker(WorkerBase):
         seq, msg = job.seq, job.msg
         lp = seq.logprobs[0] if seq.logprobs else None
         meta = {"first_token": seq.token_ids[seq.num_prompt_tokens],
-                "first_logprob": None if lp is None else [lp.token_id, lp.logprob, [list(t) for t in lp.top]],
+                # header meta holds scalars only: the logprob entry travels as a short JSON string
+                "first_logprob": None if lp is None else json.dumps(
+                    [lp.token_id, lp.logprob, [list(t) for t in lp.top]], separators=(",", ":")),
                 "num_cached_tokens": seq.num_cached_tokens}
         try:
             self.kv.send(msg.request_id, msg.kv_address, seq.block_table, seq.num_prompt_tokens,

@@ -1,0 +1,28 @@
+"""`pdserve serve --colocated` (decode workers prefill locally, the benchmark baseline) with
+`--api-key`: auth is enforced on /v1/*, and the output equals the in-process engine's."""
+
+from __future__ import annotations
+
+from serving import serve
+
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.sampling_params import SamplingParams
+
+
+def test_colocated_with_api_key() -> None:
+    ref = LLMEngine.from_config(EngineConfig(kv_cache_memory="128MiB", max_model_len=2048), log_plan=False)
+    prompt = "The capital of Italy is"
+    want = ref.generate([ref.tokenizer.encode(prompt)], SamplingParams(max_tokens=16, temperature=0.0))[0]
+    with serve("--colocated", "--api-key", "s3cret") as server, server.client() as c:
+        assert c.get("/health").json()["prefill_workers"] == 0
+        body = {"prompt": prompt, "max_tokens": 16, "temperature": 0}
+        r = c.post("/v1/completions", json=body)
+        assert r.status_code == 401 and r.json()["error"]["type"]
+        r = c.post("/v1/completions", json=body, headers={"Authorization": "Bearer wrong"})
+        assert r.status_code == 401
+        r = c.post("/v1/completions", json=body, headers={"Authorization": "Bearer s3cret"})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == ref.tokenizer.decode(want.output_ids)
+        assert c.get("/health").status_code == 200  # not under /v1: no key needed
+        assert server.metric("pdserve:kv_transfer_bytes_total") == 0
