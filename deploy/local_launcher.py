@@ -89,9 +89,12 @@ class LocalDeployment:
         roles = [("prefill", f"prefill-{i}") for i in range(self.serve.num_prefill)] + \
                 [("decode", f"decode-{i}") for i in range(self.serve.decode)]
         threads = max(1, (os.cpu_count() or 1) // len(roles))
+        # Idle OpenMP threads must sleep, not spin: on a small machine spinning workers starve
+        # the proxy and each other (measured: colocated TTFT 2.5 s -> 0.5 s on 2 cores).
+        env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ}
         for (role, wid), device in zip(roles, _devices(len(roles)), strict=True):
             cmd = worker_command(role, wid, events_address, self.serve, self.engine_args, device, threads)
-            self.procs[wid] = subprocess.Popen(cmd)
+            self.procs[wid] = subprocess.Popen(cmd, env=env)
             log.info("started %s worker %s (pid %d) on %s", role, wid, self.procs[wid].pid, device)
 
     def stop_workers(self, timeout_s: float = 10.0) -> None:
