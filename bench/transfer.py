@@ -38,9 +38,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.kv_spec import KvDtype, KvSpec  # noqa: E402
-from transfer.cache import PagedKvCache  # noqa: E402
-from transfer.testing import fill_random  # noqa: E402
+from engine.kv_spec import KvDtype, KvSpec
+from transfer.cache import PagedKvCache
+from transfer.testing import fill_random
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SMOLLM2 = {"num_layers": 30, "num_kv_heads": 3, "head_dim": 64}
@@ -228,6 +228,12 @@ def _nccl_rank(rank: int, args: argparse.Namespace, endpoint_q, result_q) -> Non
             res = tx.send(cache, table, 0, tokens, request_id=rid)
             if rep >= 3:
                 times["pdserve_nccl"].append(res.seconds)
+        else:  # the next barrier must not overlap this transfer's NCCL work
+            deadline = time.monotonic() + 120
+            while rid not in done and time.monotonic() < deadline:
+                time.sleep(0.001)
+            if not isinstance(done.get(rid), list):
+                raise SystemExit(f"transfer {rid} failed on the receiver: {done.get(rid)!r}")
     dist.barrier()
     if rank == 0:
         tx.close()
@@ -284,7 +290,25 @@ def main() -> None:
     out = args.out or RESULTS / name
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    out.with_suffix(".md").write_text(markdown(result))
+    print(f"wrote {out} and {out.with_suffix('.md').name}")
+
+
+def markdown(result: dict) -> str:
+    """The result as a table for the README (same numbers as the JSON)."""
+    m = result["machine"]
+    rows = result["rows"]
+    cols = [k for k in rows[0] if k.endswith("_gbps") or k.startswith("ratio")]
+    lines = [f"# {result['benchmark']}: {result['model']}", "",
+             f"{m['date']} · {m.get('gpu', m['cpu'])} · {m['cores']} cores · torch {m['torch']} · "
+             f"median of {result['repeats']} · target {result['target']}", "",
+             "| tokens | MiB | " + " | ".join(cols) + " |", "|---" * (len(cols) + 2) + "|"]
+    for r in rows:
+        lines.append(f"| {r['tokens']} | {r['bytes'] / 2**20:.1f} | " + " | ".join(str(r[c]) for c in cols) + " |")
+    if "load_avg_end" in result:
+        lines += ["", f"Load average at start/end: {m['load_avg_start']} / {result['load_avg_end']} "
+                  "(other work shares this machine; raw and pdserve repetitions alternate)."]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from deploy.serve_cli import add_serve_parser
     add_serve_parser(sub)
+    from deploy.status_cli import add_status_parsers
+    add_status_parsers(sub)
     if importlib.util.find_spec("deploy.bench_cli") is not None:
         from deploy.bench_cli import add_bench_parser
         add_bench_parser(sub)

@@ -8,7 +8,8 @@ import sys
 
 from deploy.args import add_dataclass_args, dataclass_from_args
 from deploy.local_launcher import LocalDeployment, ServeConfig
-from engine.config import EngineConfig
+from deploy.ray_config import RayConfig
+from engine.config import ConfigError, EngineConfig
 
 
 def add_serve_parser(sub: argparse._SubParsersAction) -> None:
@@ -16,6 +17,9 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
                        description="Serve the OpenAI API with prefill and decode workers.")
     add_dataclass_args(p, ServeConfig)
     add_dataclass_args(p, EngineConfig)
+    p.add_argument("--ray", action="store_true",
+                   help="Launch the proxy and workers as actors on a Ray cluster (flags below).")
+    add_dataclass_args(p.add_argument_group("Ray (with --ray)"), RayConfig)  # type: ignore[arg-type]
     p.set_defaults(func=cmd_serve)
 
 
@@ -35,6 +39,16 @@ def engine_args(args: argparse.Namespace) -> list[str]:
 def cmd_serve(args: argparse.Namespace) -> int:
     serve = dataclass_from_args(ServeConfig, args)
     engine = dataclass_from_args(EngineConfig, args)
+    ray_config = dataclass_from_args(RayConfig, args)
+    if args.ray:
+        from deploy.ray_launcher import RayDeployment
+        try:
+            return RayDeployment(serve, engine, ray_config, args.log_level).run()
+        except (RuntimeError, TimeoutError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+    if ray_config != RayConfig():
+        raise ConfigError("the Ray flags (--address, --max-restarts, --proxy-node, ...) need --ray")
     deployment = LocalDeployment(serve, engine, engine_args(args))
     try:
         asyncio.run(deployment.serve_forever())

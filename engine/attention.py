@@ -7,7 +7,14 @@ new tokens it contributes (`query_start_loc`), how long its context is after thi
 token's K/V is written.
 
 `paged_attention` is the function boundary a CUDA/Triton kernel replaces: same arguments,
-same result. This torch version is the CPU path and the reference.
+same result. Two backends sit behind it:
+- torch (CPU, and any layout on CUDA): the reference. Prefill chunks one sequence at a time,
+  decode rows batched after gathering their blocks into a padded `[B, L, H, D]` copy.
+- triton (CUDA, NHD cache; chosen by the model runner, which then fills `meta.decode`): the
+  KV write and the decode rows run as Triton kernels that read the paged cache in place
+  (engine/triton_attention.py), with no shape or value that depends on the step's data, so a
+  decode step can be captured in a CUDA graph. Prefill chunks use torch SDPA (flash attention
+  when the chunk is the whole prompt) one sequence at a time.
 """
 
 from __future__ import annotations
@@ -22,6 +29,20 @@ from engine.kv_spec import KvSpec
 
 
 @dataclass
+class DecodeMetadata:
+    """Device tensors the Triton decode kernel reads: one row per single-token query.
+
+    Nothing here is read on the host, so a step described by it can be replayed in a CUDA
+    graph with new values in the same tensors. A padding row has seq_len 0.
+    """
+
+    seq_lens: torch.Tensor  # [num_decodes] int64: context length including the new token
+    block_tables: torch.Tensor  # [num_decodes, max_blocks] int64
+    rows: torch.Tensor | None  # [num_decodes] int64 rows of q; None = every row, in order
+    num_splits: int  # context splits per (seq, kv head) (engine/triton_attention.py)
+
+
+@dataclass
 class AttentionMetadata:
     """Per-step batch description. Built by the model runner, read by every layer."""
 
@@ -30,6 +51,7 @@ class AttentionMetadata:
     seq_lens: list[int]  # [num_seqs]: context length of seq i including this step's tokens
     block_tables: torch.Tensor  # [num_seqs, max_blocks] int64, padded with 0
     spec: KvSpec  # the cache's geometry and layout
+    decode: DecodeMetadata | None = None  # set by the runner for the triton backend only
 
     @property
     def num_seqs(self) -> int:
@@ -44,12 +66,16 @@ class AttentionMetadata:
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_cache: LayerCache,
-                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+                    meta: AttentionMetadata, scale: float, kv_written: bool = False) -> torch.Tensor:
     """Write k/v into the cache, then attend every query to its sequence's cached context.
 
     q: [T, Hq, D]; k, v: [T, Hkv, D] (this step's new tokens). Returns [T, Hq, D].
+    kv_written: the caller already stored k/v at meta.slot_mapping (a fused kernel did).
     """
-    write_kv(meta.spec, layer_cache, k, v, meta.slot_mapping)
+    if meta.decode is not None:
+        return _paged_attention_triton(q, k, v, layer_cache, meta, meta.decode, scale, kv_written)
+    if not kv_written:
+        write_kv(meta.spec, layer_cache, k, v, meta.slot_mapping)
     out = torch.empty_like(q)
     decode_idx = meta.decode_seq_indices
     if decode_idx:
@@ -62,6 +88,48 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_cac
         start = meta.query_start_loc[i]
         out[start:start + q_len] = _prefill_one(q[start:start + q_len], layer_cache, meta, i, scale)
     return out
+
+
+def _paged_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            layer_cache: LayerCache, meta: AttentionMetadata,
+                            decode: DecodeMetadata, scale: float, kv_written: bool) -> torch.Tensor:
+    from engine import triton_attention  # triton is imported only where this backend runs
+
+    k_cache, v_cache = (layer_cache[0][0], layer_cache[0][1]) if len(layer_cache) == 1 else layer_cache
+    if not kv_written:
+        triton_attention.write_kv_nhd(k, v, k_cache, v_cache, meta.slot_mapping)
+    if decode.rows is None:  # a decode-only step: every row is one query token
+        return triton_attention.decode_attention(q, k_cache, v_cache, decode.block_tables,
+                                                 decode.seq_lens, scale, decode.num_splits)
+    out = torch.empty_like(q)
+    if decode.rows.numel():
+        rows_out = triton_attention.decode_attention(
+            q.index_select(0, decode.rows), k_cache, v_cache, decode.block_tables,
+            decode.seq_lens, scale, decode.num_splits)
+        out.index_copy_(0, decode.rows, rows_out)
+    for i in range(meta.num_seqs):
+        q_len = meta.query_len(i)
+        if q_len == 1:
+            continue
+        start = meta.query_start_loc[i]
+        rows = slice(start, start + q_len)
+        if meta.seq_lens[i] == q_len:  # the whole prompt in this step: attend to the new K/V
+            out[rows] = _sdpa_causal(q[rows], k[rows], v[rows], scale)
+        else:  # a later chunk, or a prefix-cache hit: earlier tokens come from the cache
+            out[rows] = _prefill_one(q[rows], layer_cache, meta, i, scale)
+    return out
+
+
+def _sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal self-attention of one whole sequence (flash attention on CUDA in bf16/fp16).
+
+    q: [L, Hq, D]; k, v: [L, Hkv, D] -> [L, Hq, D]. K/V are expanded to Hq heads first: a
+    copy of L x Hq x D, small next to the attention itself, and every SDPA backend takes it.
+    """
+    k, v = _expand_heads(k, q.shape[1]), _expand_heads(v, q.shape[1])
+    out = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
+                                         v.transpose(0, 1).unsqueeze(0), is_causal=True, scale=scale)
+    return out[0].transpose(0, 1)
 
 
 def _prefill_one(q: torch.Tensor, layer_cache: LayerCache, meta: AttentionMetadata, i: int,
@@ -85,13 +153,22 @@ def _decode_batch(q: torch.Tensor, layer_cache: LayerCache, meta: AttentionMetad
     return _sdpa(q.unsqueeze(1), k, v, mask, scale)[:, 0]
 
 
+def _expand_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """[..., Hkv, D] -> [..., num_heads, D]: query head h reads kv head h // group (GQA).
+
+    (expand + reshape rather than repeat_interleave, whose CUDA version may read its output
+    size back from the device.)"""
+    group = num_heads // x.shape[-2]
+    if group == 1:
+        return x
+    return x.unsqueeze(-2).expand(*x.shape[:-1], group, x.shape[-1]).reshape(
+        *x.shape[:-2], num_heads, x.shape[-1])
+
+
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
           scale: float) -> torch.Tensor:
     """q: [B, Lq, Hq, D]; k, v: [B, Lk, Hkv, D]; mask: [B or 1, Lq, Lk] bool -> [B, Lq, Hq, D]."""
-    num_groups = q.shape[2] // k.shape[2]
-    if num_groups > 1:
-        k = k.repeat_interleave(num_groups, dim=2)
-        v = v.repeat_interleave(num_groups, dim=2)
+    k, v = _expand_heads(k, q.shape[2]), _expand_heads(v, q.shape[2])
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype),
         attn_mask=mask.unsqueeze(1), scale=scale)

@@ -94,9 +94,18 @@ def read_model_config(model: str) -> ModelConfig:
     return hf_model_config(path)
 
 
-def load_checkpoint(model: str, dtype: torch.dtype) -> Checkpoint:
-    """Resolve, read config, load weights cast to `dtype` (CPU tensors) and the tokenizer."""
+def load_checkpoint(model: str, dtype: torch.dtype, load_format: str = "auto") -> Checkpoint:
+    """Resolve, read config, load weights cast to `dtype` (CPU tensors) and the tokenizer.
+
+    `load_format="dummy"` reads no weights (`weights` is empty: the model runner initialises
+    random ones on the device); the identity then names the architecture only.
+    """
     path = resolve_model_path(model)
+    if load_format == "dummy":
+        config = read_model_config(model)
+        tokenizer = Tokenizer.from_gguf(read_gguf(path)) if _is_gguf(path) else Tokenizer.from_hf_dir(path)
+        config = replace(config, eos_token_ids=tuple(dict.fromkeys(config.eos_token_ids + tokenizer.eos_token_ids)))
+        return Checkpoint(config, {}, tokenizer, f"dummy:{sorted(config.arch_fields.items())}")
     if _is_gguf(path):
         gf = read_gguf(path)
         config = gguf_model_config(gf)

@@ -117,6 +117,7 @@ class EngineConfig:
     max_num_batched_tokens: int = field(default=2048, metadata={"help": 'Token budget of one scheduler step (prefill chunks + decodes).'})
     kv_cache_memory: int | str | None = field(default=None, metadata={"help": 'KV budget in bytes on CPU (e.g. 2GiB). Default 1GiB on CPU.'})
     gpu_memory_utilization: float = field(default=0.9, metadata={"help": 'Fraction of device memory the engine may use (weights + activations + KV), CUDA only.'})
+    load_format: str = field(default="auto", metadata={"help": "auto (read the weights) or dummy (random weights for benchmarks; config and tokenizer still come from --model)."})
     seed: int = field(default=0, metadata={"help": "Seed of the engine's random state (requests may carry their own seed)."})
     enable_prefix_caching: bool = field(default=True, metadata={"help": "Reuse KV blocks of identical prompt prefixes (exact, hash of token blocks)."})
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
@@ -132,6 +133,8 @@ class EngineConfig:
             raise ConfigError("--max-num-batched-tokens must be at least --block-size")
         if self.max_model_len is not None and self.max_model_len <= 0:
             raise ConfigError(f"--max-model-len must be positive, got {self.max_model_len}")
+        if self.load_format not in ("auto", "dummy"):
+            raise ConfigError(f"--load-format must be auto or dummy, got {self.load_format!r}")
         layouts = {"nhd": "NHD", "hnd": "HND", "paged_v1": "paged_v1"}
         if self.kv_cache_layout.lower() not in layouts:
             raise ConfigError(f"--kv-cache-layout must be one of {sorted(layouts.values())}, "

@@ -117,9 +117,8 @@ class KvSpec:
             raise KvSpecError(f"kind {self.kind.value} does not go with layout {self.layout.value}")
         if self.kind is KvKind.LATENT and self.num_kv_heads != 1:
             raise KvSpecError("a latent (MLA) cache has exactly one 'head' (num_kv_heads=1)")
-        if self.layout is KvLayout.PAGED_V1:
-            if self.head_dim % self.x != 0:
-                raise KvSpecError(f"paged_v1 needs head_dim % x == 0 (head_dim {self.head_dim}, x {self.x})")
+        if self.layout is KvLayout.PAGED_V1 and self.head_dim % self.x != 0:
+            raise KvSpecError(f"paged_v1 needs head_dim % x == 0 (head_dim {self.head_dim}, x {self.x})")
         if self.dtype.is_quantized and self.scale_granularity is ScaleGranularity.NONE:
             raise KvSpecError(f"dtype {self.dtype.value} needs a scale granularity")
         if self.dtype is KvDtype.INT4 and (

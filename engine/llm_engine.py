@@ -62,7 +62,7 @@ class LLMEngine:
         if log_plan:
             log.info(plan.line())
         t0 = time.perf_counter()
-        checkpoint = load_checkpoint(config.model, config.torch_dtype)
+        checkpoint = load_checkpoint(config.model, config.torch_dtype, config.load_format)
         plan = plan_kv_cache(checkpoint.config, config, checkpoint.identity)
         engine = cls(config, checkpoint, plan)
         log.info("loaded %s in %.1f s on %s (%s)", config.model, time.perf_counter() - t0,

@@ -1,7 +1,14 @@
 """KV memory planning: how many blocks fit, decided before any weight is loaded.
 
 On CPU the budget is `--kv-cache-memory` (default 1 GiB). On CUDA it is
-`--gpu-memory-utilization` x device memory, minus the weights and an activation reserve.
+`--gpu-memory-utilization` x total device memory, minus what is already in use on the device
+(other processes, this process's CUDA context and anything it allocated), minus the weights
+not yet on the device, minus an activation reserve sized from the model and the step limits.
+`--gpu-memory-utilization` is thus the share of the whole device in use once this engine's
+cache is allocated (a second engine on the same GPU sees the first one's memory as in use:
+give it the sum, e.g. 0.45 then 0.9). Planning again after the weights are on the device
+measures them instead of estimating them (the in-use term then holds them, and no weights
+are pending).
 A `--max-model-len` longer than the cache can hold fails here, with both numbers and the flags
 that fix it, instead of after a minute of loading.
 """
@@ -69,7 +76,34 @@ def kv_spec_for(model: ModelConfig, engine: EngineConfig, weights_identity: str 
         model_fingerprint=model_fingerprint(model.arch_fields, weights_identity) if weights_identity else "")
 
 
-def kv_budget_bytes(model: ModelConfig, engine: EngineConfig) -> tuple[int, str]:
+CUDA_FIXED_RESERVE = 512 << 20
+"""cuBLAS workspaces, CUDA-graph pools, kernel partials, allocator fragmentation."""
+
+
+def weight_bytes(model: ModelConfig, dtype: torch.dtype) -> int:
+    return model.num_params * torch.tensor([], dtype=dtype).element_size()
+
+
+def activation_reserve_bytes(model: ModelConfig, engine: EngineConfig) -> int:
+    """Peak memory of one step beside weights and KV cache, from the shapes the step can have."""
+    elem = torch.tensor([], dtype=engine.torch_dtype).element_size()
+    max_len = engine.max_model_len or min(model.max_position_embeddings, MAX_DEFAULT_MODEL_LEN)
+    q_width, kv_width = model.num_heads * model.head_dim, model.num_kv_heads * model.head_dim
+    # per token in flight: hidden states and norms, q/k/v and their rotated copies, MLP gate/up/act
+    per_token = (6 * model.hidden_size + 2 * (q_width + 2 * kv_width) + 4 * model.intermediate_size) * elem
+    # fp32 logits of every sequence a step can sample, and the sampler's sorted copies
+    logits = engine.max_num_seqs * model.vocab_size * 4 * 6
+    # a prefill chunk attending to a full-length context: K/V expanded to all heads, bool mask
+    attention = 2 * max_len * q_width * elem + engine.max_num_batched_tokens * max_len
+    return engine.max_num_batched_tokens * per_token + logits + attention + CUDA_FIXED_RESERVE
+
+
+def kv_budget_bytes(model: ModelConfig, engine: EngineConfig,
+                    weights_on_device: bool = False) -> tuple[int, str]:
+    """The KV budget in bytes and where it came from (the text names the flag and the terms).
+
+    weights_on_device: the weights are already loaded on the device (measured in the in-use
+    term instead of estimated from the parameter count)."""
     device = engine.torch_device
     if device.type != "cuda":
         budget = engine.kv_cache_memory or DEFAULT_CPU_KV_BYTES
@@ -77,22 +111,32 @@ def kv_budget_bytes(model: ModelConfig, engine: EngineConfig) -> tuple[int, str]
     if engine.kv_cache_memory:
         return engine.kv_cache_memory, "--kv-cache-memory"
     free, total = torch.cuda.mem_get_info(device)
-    weight_bytes = model.num_params * torch.tensor([], dtype=engine.torch_dtype).element_size()
-    activation_reserve = max(1 << 30, engine.max_num_batched_tokens * model.hidden_size * 64)
-    used_by_others = total - free
-    budget = int(total * engine.gpu_memory_utilization) - used_by_others - weight_bytes - activation_reserve
-    return max(budget, 0), f"--gpu-memory-utilization {engine.gpu_memory_utilization}"
+    # in use: other processes, our CUDA context and our live tensors; not the blocks our caching
+    # allocator holds free (they are ours to reuse)
+    cached_free = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    in_use = total - free - cached_free
+    pending_weights = 0 if weights_on_device else weight_bytes(model, engine.torch_dtype)
+    reserve = activation_reserve_bytes(model, engine)
+    util = engine.gpu_memory_utilization
+    budget = int(total * util) - in_use - pending_weights - reserve
+    return max(budget, 0), (f"--gpu-memory-utilization {util}: {_fmt_bytes(total)} x {util} - "
+                            f"{_fmt_bytes(in_use)} in use - {_fmt_bytes(pending_weights)} weights to load - "
+                            f"{_fmt_bytes(reserve)} activation reserve")
 
 
-def plan_kv_cache(model: ModelConfig, engine: EngineConfig, weights_identity: str = "") -> KvPlan:
-    """Decide the cache size. Raises MemoryPlanError with the numbers and flags when it cannot work."""
+def plan_kv_cache(model: ModelConfig, engine: EngineConfig, weights_identity: str = "",
+                  weights_on_device: bool = False) -> KvPlan:
+    """Decide the cache size. Raises MemoryPlanError with the numbers and flags when it cannot work.
+
+    On CUDA, planning with `weights_on_device=True` after the weights are loaded measures them
+    (see kv_budget_bytes); before loading, they are estimated from the parameter count."""
     spec = kv_spec_for(model, engine, weights_identity)
     max_len = engine.max_model_len or min(model.max_position_embeddings, MAX_DEFAULT_MODEL_LEN)
     if max_len > model.max_position_embeddings:
         raise MemoryPlanError(
             f"--max-model-len {max_len} is larger than the model's maximum of "
             f"{model.max_position_embeddings} positions; lower --max-model-len")
-    budget, source = kv_budget_bytes(model, engine)
+    budget, source = kv_budget_bytes(model, engine, weights_on_device)
     num_blocks = budget // spec.bytes_per_block
     capacity = num_blocks * spec.block_size
     if capacity < max_len:

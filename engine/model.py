@@ -111,6 +111,16 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
 
+    @torch.no_grad()
+    def init_dummy_weights(self, seed: int = 0) -> None:
+        """Random weights for benchmarks (`--load-format dummy`): N(0, 0.02), norms at 1."""
+        gen = torch.Generator(device=self.lm_head.weight.device).manual_seed(seed)
+        for name, param in self.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            else:
+                param.normal_(0.0, 0.02, generator=gen)
+
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
         """Copy a HF-named state dict in; every parameter must be present, none extra."""
         expected = dict(self.named_parameters())

@@ -54,11 +54,9 @@ class PagedKvCache:
         want_scale = layouts.scale_tensor_shape(spec, self._num_blocks)
         if (want_scale is None) != (self.scales is None):
             raise CacheMismatch(f"scales {'missing' if self.scales is None else 'given'} for {spec.describe()}")
-        if self.scales is not None:
-            if len(self.scales) != spec.num_layers or any(
-                tuple(s.shape) != want_scale or s.dtype != layouts.SCALE_DTYPE for s in self.scales
-            ):
-                raise CacheMismatch(f"scale tensors must be float32 {want_scale} per layer")
+        if self.scales is not None and (len(self.scales) != spec.num_layers or any(
+                tuple(s.shape) != want_scale or s.dtype != layouts.SCALE_DTYPE for s in self.scales)):
+            raise CacheMismatch(f"scale tensors must be float32 {want_scale} per layer")
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod

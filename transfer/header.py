@@ -203,6 +203,8 @@ def _entry(v: Any, i: int) -> TensorEntry:
     if not isinstance(v, list) or len(v) != 10:
         raise MalformedHeader(f"entry {i} must be a list of 10 fields")
     part, dtype, shape = v[0], v[7], v[8]
+    if not isinstance(part, str) or not isinstance(dtype, str):
+        raise MalformedHeader(f"entry {i}: part and dtype must be strings")
     if part not in layouts.ALL_PARTS:
         raise MalformedHeader(f"entry {i}: unknown part {part!r:.40}")
     if dtype not in layouts.WIRE_DTYPES:
@@ -251,9 +253,9 @@ def decode_header(raw: bytes | memoryview, limits: ReceiverLimits) -> TransferHe
         raise MalformedHeader(f"request id must be a non-empty string of at most {limits.max_request_id_len}")
     if not isinstance(d["ent"], list):
         raise MalformedHeader("ent must be a list")
-    if d["sum"] is not None and d["sum"] not in CHECKSUM_ALGOS:
+    if d["sum"] is not None and (not isinstance(d["sum"], str) or d["sum"] not in CHECKSUM_ALGOS):
         raise MalformedHeader(f"unknown checksum algorithm {d['sum']!r:.40}")
-    if d["tr"] not in TRANSPORTS:
+    if not isinstance(d["tr"], str) or d["tr"] not in TRANSPORTS:
         raise MalformedHeader(f"unknown transport {d['tr']!r:.40}")
     (t0, t1), (l0, l1), (h0, h1) = _pair(d["tok"], "tok"), _pair(d["lay"], "lay"), _pair(d["heads"], "heads")
     header = TransferHeader(

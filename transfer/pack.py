@@ -35,30 +35,48 @@ _ALIGN = 16
 
 @dataclass(frozen=True)
 class PackOptions:
-    chunk_bytes: int = 8 << 20  # target size of a gathered buffer and of a transport chunk
+    chunk_bytes: int = 2 << 20  # target size of a gathered buffer and of a transport chunk
     min_view_bytes: int = 256 << 10  # send runs at least this large as zero-copy views
     allow_views: bool = True  # transports that need few large buffers (NCCL) turn this off
 
 
 class StagingPool:
-    """Reusable gather buffers, one per buffer index of a message (fresh allocations cost page
-    faults: gathering into new memory runs at a quarter of memcpy speed on CPU).
+    """Reusable gather buffers (fresh allocations cost page faults: gathering into new memory
+    runs at a quarter of memcpy speed on CPU).
 
-    Ownership: the pool belongs to one sender. Buffer i of a message reuses the memory of
-    buffer i of the previous message, so the next message may only be packed once the previous
-    one is over (acked, failed or reset) — the senders in this package guarantee that. Slots
-    beyond `max_bytes` in total are not kept."""
+    Two modes. Keyed (`ring_slots=0`): buffer i of a message reuses the memory of buffer i of the
+    previous message, so every buffer of one message is alive at once (NCCL, local use). Ring
+    (`ring_slots=R`): buffer i uses slot i % R, small enough to stay in cache; before a slot is
+    refilled, the wait registered with `hold(i, wait)` (e.g. a ZMQ MessageTracker) must return.
 
-    def __init__(self, max_bytes: int = 1 << 30):
-        self.max_bytes = max_bytes
+    Ownership: the pool belongs to one sender, which packs its next message only once the
+    previous one is over (acked, failed or reset). Memory beyond `max_bytes` is not kept."""
+
+    def __init__(self, max_bytes: int = 1 << 30, ring_slots: int = 0):
+        self.max_bytes, self.ring_slots = max_bytes, ring_slots
         self._slots: dict[int, torch.Tensor] = {}
+        self._holds: dict[int, Callable[[], None]] = {}
+
+    def slot(self, index: int) -> int:
+        return index % self.ring_slots if self.ring_slots else index
+
+    def hold(self, index: int, wait: Callable[[], None]) -> None:
+        """Buffer `index` is in use until `wait()` returns (it may raise on timeout)."""
+        self._holds[self.slot(index)] = wait
+
+    def release_all(self) -> None:
+        self._holds.clear()
 
     def get(self, index: int, nbytes: int, device: torch.device) -> torch.Tensor:
-        buf = self._slots.get(index)
+        slot = self.slot(index)
+        wait = self._holds.pop(slot, None)
+        if wait is not None:
+            wait()
+        buf = self._slots.get(slot)
         if buf is None or buf.numel() < nbytes or buf.device != device:
             buf = torch.empty(nbytes, dtype=torch.uint8, device=device)
-            if sum(b.numel() for i, b in self._slots.items() if i != index) + nbytes <= self.max_bytes:
-                self._slots[index] = buf
+            if sum(b.numel() for i, b in self._slots.items() if i != slot) + nbytes <= self.max_bytes:
+                self._slots[slot] = buf
         return buf[:nbytes]
 
 
@@ -179,10 +197,12 @@ def _plan_scales(p: _Planner, layers: range) -> None:
 
 
 def _plan_gathered(p: _Planner, layers: range, chunk_bytes: int) -> None:
+    """Gathered buffers of about `chunk_bytes`: several whole layers per buffer when a layer is
+    small, else one block range of one layer per buffer."""
     spec, dtype = p.spec, layouts.storage_dtype(p.spec.dtype)
     parts = layouts.data_parts(spec)
-    per_layer = sum(p.n * math.prod(p.data_block_shape(part)) * dtype.itemsize for part in parts)
-    group = max(1, chunk_bytes // max(1, per_layer))
+    block_bytes = sum(math.prod(p.data_block_shape(part)) * dtype.itemsize for part in parts)
+    blocks_per_buf = max(1, chunk_bytes // block_bytes)
     ids = p.ids.to(p.cache.device)
     rows: dict[tuple[int, str], torch.Tensor] = {}  # source parts as [B, row] integer views
 
@@ -193,18 +213,25 @@ def _plan_gathered(p: _Planner, layers: range, chunk_bytes: int) -> None:
             rows[key] = layouts.as_rows(src) if src.is_contiguous() else layouts.as_bits(src)
         return rows[key]
 
-    for g0 in range(layers.start, layers.stop, group):
-        nl = min(group, layers.stop - g0)
+    def add(layer0: int, nl: int, b0: int, nb: int) -> None:
         specs = []
         for part in parts:
             def source(layer: int, out: torch.Tensor, part: str = part) -> None:
                 src = source_rows(layer, part)
                 dst = out.view(out.shape[0], -1).view(src.dtype) if src.dim() == 2 else layouts.as_bits(out)
-                torch.index_select(src, 0, ids, out=dst)
+                torch.index_select(src, 0, ids[b0:b0 + nb], out=dst)
 
-            shape = (nl, p.n, *p.data_block_shape(part))
-            specs.append((part, g0, nl, 0, p.n, shape, dtype, source))
+            specs.append((part, layer0, nl, b0, nb, (nl, nb, *p.data_block_shape(part)), dtype, source))
         p.add_gathered(specs)
+
+    if blocks_per_buf >= p.n:
+        group = max(1, blocks_per_buf // p.n)
+        for g0 in range(layers.start, layers.stop, group):
+            add(g0, min(group, layers.stop - g0), 0, p.n)
+    else:
+        for layer in layers:
+            for b0 in range(0, p.n, blocks_per_buf):
+                add(layer, 1, b0, min(blocks_per_buf, p.n - b0))
 
 
 def _chunks(sizes: list[int], chunk_bytes: int) -> tuple[int, ...]:

@@ -5,13 +5,15 @@ Not used by the serving path. Everything takes an explicit `torch.Generator` (no
 
 from __future__ import annotations
 
+from types import MappingProxyType
+
 import torch
 
 from engine.kv_spec import KvDtype, ScaleGranularity
 from transfer import layouts
 from transfer.cache import PagedKvCache
 
-_FLOAT_STD = {KvDtype.FP8_E4M3: 64.0, KvDtype.FP8_E5M2: 512.0}
+_FLOAT_STD = MappingProxyType({KvDtype.FP8_E4M3: 64.0, KvDtype.FP8_E5M2: 512.0})
 
 
 def fill_random(cache: PagedKvCache, gen: torch.Generator, std: float = 1.0) -> None:

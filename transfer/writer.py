@@ -76,11 +76,13 @@ class PagedSink:
         self.cache, self.spec = cache, cache.spec
         self.block_table = block_table
         self.ids = torch.empty(0, dtype=torch.int64)
+        self.ids_on_device = self.ids
         self._rows: dict[tuple[int, str], torch.Tensor] = {}  # [B, row] integer views of parts
 
     def prepare(self, header: TransferHeader, plan: ConversionPlan) -> None:
         table = self.block_table.tolist() if isinstance(self.block_table, torch.Tensor) else self.block_table
         self.ids = self.cache.check_block_table(table, header.token_end)
+        self.ids_on_device = self.ids.to(self.cache.device)
         if plan.has_fixed_dst_scales and self.cache.scales is not None:
             for s in self.cache.scales:
                 if not bool(torch.isfinite(s).all()) or bool((s <= 0).any()):
@@ -101,7 +103,7 @@ class PagedSink:
 
     def dst_ids(self, abs_block: int, num_blocks: int) -> torch.Tensor:
         """Destination block ids of the sequence's blocks `[abs_block, abs_block + num_blocks)`."""
-        return self.ids[abs_block:abs_block + num_blocks].to(self.cache.device)
+        return self.ids_on_device[abs_block:abs_block + num_blocks]
 
     def write_blocks(self, layer: int, part: str, ids: torch.Tensor, blocks: torch.Tensor) -> None:
         """Whole blocks `[n, *part_block_shape]` into destination blocks `ids` (same geometry)."""
@@ -199,7 +201,8 @@ class KvWriter:
             if gran is ScaleGranularity.PER_TOKEN_HEAD:  # assemble [C, n_total, S, Hp, G]
                 full = self.src_scales.get(layer)
                 if full is None:
-                    full = torch.empty((s.shape[0], self.header.num_blocks, *s.shape[2:]), dtype=s.dtype)
+                    full = torch.empty((s.shape[0], self.header.num_blocks, *s.shape[2:]), dtype=s.dtype,
+                                       device=s.device)
                     self.src_scales[layer] = full
                 full[:, e.block_start:e.block_start + e.num_blocks] = s
             else:

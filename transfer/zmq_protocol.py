@@ -20,6 +20,7 @@ Payload frames are sent with `copy=False` (memoryviews of tensors) and received 
 
 from __future__ import annotations
 
+from types import MappingProxyType
 from typing import Any
 
 import msgpack
@@ -34,8 +35,8 @@ ACK = b"K"
 ERROR = b"E"
 READY = b"R"
 
-_SMALL = {"max_str_len": 1 << 16, "max_bin_len": 1 << 10, "max_array_len": 1 << 16,
-          "max_map_len": 64, "max_ext_len": 0}
+_SMALL = MappingProxyType({"max_str_len": 1 << 16, "max_bin_len": 1 << 10, "max_array_len": 1 << 16,
+                           "max_map_len": 64, "max_ext_len": 0})
 
 
 def pack(obj: Any) -> bytes:

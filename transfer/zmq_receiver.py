@@ -24,6 +24,7 @@ Malformed or hostile input produces a typed ERROR reply and never stops the rece
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -37,8 +38,15 @@ from transfer import zmq_protocol as proto
 from transfer.cache import PagedKvCache
 from transfer.convert import ConvertOptions
 from transfer.errors import (
-    InvalidRequest, LimitExceeded, MalformedFrame, PeerLost, TransferCancelled,
-    TransferError, TransferTimeout, TransportUnavailable, UnexpectedTransfer,
+    InvalidRequest,
+    LimitExceeded,
+    MalformedFrame,
+    PeerLost,
+    TransferCancelled,
+    TransferError,
+    TransferTimeout,
+    TransportUnavailable,
+    UnexpectedTransfer,
 )
 from transfer.header import ReceiverLimits, TransferHeader, decode_header
 from transfer.writer import KvWriter, PagedSink, WriteReport
@@ -52,8 +60,8 @@ ReleaseFn = Callable[[str, TransferError], None]
 @dataclass(frozen=True)
 class ZmqReceiverConfig:
     endpoint: str = "tcp://127.0.0.1:0"  # port 0: any free port (read `endpoint` after binding)
-    limits: ReceiverLimits = ReceiverLimits()
-    convert: ConvertOptions = ConvertOptions()
+    limits: ReceiverLimits = field(default_factory=ReceiverLimits)
+    convert: ConvertOptions = field(default_factory=ConvertOptions)
     idle_timeout_s: float = 10.0  # silence mid-transfer before PeerLost
     transfer_timeout_s: float = 120.0  # header to last chunk
     max_inflight: int = 256
@@ -98,7 +106,14 @@ class ZmqKvReceiver:
                          (zmq.HEARTBEAT_IVL, config.heartbeat_ivl_ms),
                          (zmq.HEARTBEAT_TIMEOUT, config.heartbeat_timeout_ms)):
             self._sock.setsockopt(opt, val)
-        self._sock.bind(config.endpoint)
+        try:
+            self._sock.bind(config.endpoint)
+        except zmq.ZMQError as e:
+            self._sock.close(linger=0)
+            if self._own_context:
+                self._ctx.term()
+            raise TransportUnavailable(f"cannot bind the KV receiver to {config.endpoint}: {e}; choose a "
+                                       "free port (port 0 picks one) or another ipc:// path") from None
         self.endpoint: str = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._nccl = nccl
         self._lock = threading.Lock()
@@ -140,12 +155,13 @@ class ZmqKvReceiver:
             self._drop_inflight(exp, TransferCancelled("the receiver cancelled the request", request_id=request_id))
             return True
 
-    def poll(self, timeout_s: float = 0.0) -> int:
-        """Handle whatever arrives within `timeout_s`; check deadlines; run callbacks."""
+    def poll(self, timeout_s: float = 0.0, max_messages: int = 256) -> int:
+        """Handle what arrives within `timeout_s` (at most `max_messages`; a payload chunk costs
+        about one memcpy of its size); check deadlines; run callbacks. Returns messages handled."""
         self._flush_outbox()
         handled = 0
         if self._sock.poll(int(timeout_s * 1000), zmq.POLLIN):
-            while handled < 256:
+            while handled < max_messages:
                 try:
                     frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
                 except zmq.Again:
@@ -241,9 +257,10 @@ class ZmqKvReceiver:
                         now + self.config.idle_timeout_s)
         self._inflight[(peer, tid)] = inf
         exp.inflight.add((peer, tid))
-        if header.transport == "nccl":
-            self._guard(inf, lambda: self._nccl.receive(peer, inf.header, inf.writer, inf.deadline, self._reply,
-                                                        self._flush_outbox))
+        if header.transport == "nccl":  # blocks this thread until written or failed
+            deadline = min(inf.deadline, now + self.config.idle_timeout_s)
+            self._guard(inf, lambda: self._nccl.receive(peer, inf.header, inf.writer, deadline, self._reply,
+                                                        self._send_outbox_locked))
 
     def _on_data(self, peer: bytes, rest: list[zmq.Frame]) -> None:
         if not rest:
@@ -338,15 +355,22 @@ class ZmqKvReceiver:
                 self._fail_request(exp, TransferTimeout("no complete KV transfer before the reservation's "
                                                         "timeout", request_id=exp.request_id))
 
+    def _send_outbox_locked(self) -> None:
+        """Send queued replies now (caller holds the lock and is the socket's thread)."""
+        out, self._outbox = self._outbox, []
+        self._send_all(out)
+
     # ---- outside the lock ------------------------------------------------------------------------
     def _flush_outbox(self) -> None:
         with self._lock:
             out, self._outbox = self._outbox, []
+        self._send_all(out)
+
+    def _send_all(self, out: list[list[bytes]]) -> None:
         for frames in out:
-            try:
+            # peer gone or its queue full: the reply is dropped and the sender times out
+            with contextlib.suppress(zmq.ZMQError):
                 self._sock.send_multipart(frames, zmq.NOBLOCK)
-            except zmq.ZMQError:
-                pass  # peer gone or its queue full: the reply is dropped, the sender times out
 
     def _run_callbacks(self) -> None:
         with self._lock:

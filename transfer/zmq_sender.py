@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -40,11 +40,12 @@ from transfer.pack import PackedKv, PackOptions, StagingPool, pack_kv
 class ZmqSenderConfig:
     timeout_s: float = 60.0  # whole transfer, ack included
     checksum: bool = False  # xxh3_64 per buffer, verified by the receiver
-    pack: PackOptions = PackOptions()
+    pack: PackOptions = field(default_factory=PackOptions)
     sndhwm: int = 64
     heartbeat_ivl_ms: int = 1000
     heartbeat_timeout_ms: int = 10000
     staging_bytes: int = 1 << 30  # reusable gather buffers kept between transfers
+    staging_slots: int = 8  # ring of chunk-sized gather buffers reused once sent (0: one per buffer)
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,7 @@ class ZmqKvSender:
         self._ctx = context or zmq.Context()
         self._nccl = nccl
         self._next_tid = int.from_bytes(os.urandom(6), "big") << 16
-        self._pool = StagingPool(config.staging_bytes)
+        self._pool = StagingPool(config.staging_bytes, ring_slots=config.staging_slots)
         self._sock: zmq.Socket | None = None
         self._monitor: zmq.Socket | None = None
         self._connect()
@@ -84,12 +85,17 @@ class ZmqKvSender:
                          (zmq.HEARTBEAT_IVL, self.config.heartbeat_ivl_ms),
                          (zmq.HEARTBEAT_TIMEOUT, self.config.heartbeat_timeout_ms)):
             sock.setsockopt(opt, val)
+        # Every payload frame zero-copy (no small-frame copies): a chunk's tracker (its last
+        # part) then covers all of its frames, which ZMQ releases in order.
+        sock.copy_threshold = 0
         self._monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         sock.connect(self.endpoint)
         self._sock = sock
 
     def _reset(self) -> None:
-        """Drop the connection and everything queued on it; the next transfer reconnects."""
+        """Drop the connection and everything queued on it; the next transfer reconnects.
+        Staging memory is replaced too: frames dropped by the old socket may still be read."""
+        self._pool = StagingPool(self.config.staging_bytes, ring_slots=self.config.staging_slots)
         if self._sock is not None:
             self._sock.disable_monitor()
             self._sock.close(linger=0)
@@ -122,13 +128,15 @@ class ZmqKvSender:
         self._next_tid += 1
         tid = self._next_tid
         options = self.config.pack
-        if self._nccl is not None or cache.device.type != "cpu":
+        if self._nccl is not None:
+            options = replace(options, allow_views=False, chunk_bytes=self._nccl.chunk_bytes)
+        elif cache.device.type != "cpu":
             options = replace(options, allow_views=False)
         packed = pack_kv(cache, block_table, token_start, token_end, request_id=request_id,
                          transfer_id=tid, layer_range=layer_range, head_range=head_range,
                          checksum="xxh3_64" if self.config.checksum and self._nccl is None else None,
                          transport="nccl" if self._nccl is not None else "zmq", meta=meta,
-                         options=options, pool=self._pool)
+                         options=options, pool=self._pool if self._nccl is None else self._nccl.pool)
         self._drain_monitor()
         try:
             if self._nccl is not None:
@@ -142,24 +150,40 @@ class ZmqKvSender:
         except (TransferTimeout, PeerLost, MalformedFrame):
             self._reset()
             raise
-        except TransferError:
-            raise
+        finally:
+            self._pool.release_all()
         return SendResult(request_id, tid, packed.header.payload_bytes, time.monotonic() - t0, body)
 
     # ---- internals (also used by the NCCL plugin) ---------------------------------------------------
     def _send_chunks(self, packed: PackedKv, deadline: float) -> None:
         tid = packed.header.transfer_id
-        for index, chunk in enumerate(packed.iter_chunks()):
+        index = 0
+        for chunk_index, chunk in enumerate(packed.iter_chunks()):
             self._check_replies(tid)
             views = [_host_view(b) for b in chunk]
             sums = [compute_checksum("xxh3_64", v) for v in views] if packed.header.checksum else None
-            self._send_frames([proto.DATA, proto.pack([tid, index, sums]), *views], deadline, copy=False)
+            ring = self._pool.ring_slots > 0
+            tracker = self._send_frames([proto.DATA, proto.pack([tid, chunk_index, sums]), *views], deadline,
+                                        copy=False, track=ring)
+            for _ in chunk:  # a ring slot is refilled only once ZMQ has let go of it
+                if ring:
+                    self._pool.hold(index, lambda t=tracker: self._wait_tracker(t, deadline))
+                index += 1
 
-    def _send_frames(self, frames: list[Any], deadline: float, copy: bool = True) -> None:
+    def _wait_tracker(self, tracker: zmq.MessageTracker | None, deadline: float) -> None:
+        if tracker is None:
+            return
+        try:
+            tracker.wait(max(0.0, deadline - time.monotonic()))
+        except zmq.NotDone:
+            raise TransferTimeout(f"peer {self.endpoint} stopped reading mid-transfer") from None
+
+    def _send_frames(self, frames: list[Any], deadline: float, copy: bool = True,
+                     track: bool = False) -> zmq.MessageTracker | None:
         assert self._sock is not None
         self._sock.setsockopt(zmq.SNDTIMEO, max(1, int((deadline - time.monotonic()) * 1000)))
         try:
-            self._sock.send_multipart(frames, copy=copy)
+            return self._sock.send_multipart(frames, copy=copy, track=track)
         except zmq.Again:
             raise TransferTimeout(f"peer {self.endpoint} not reachable or not reading "
                                   f"(send blocked until the deadline)") from None

@@ -3,8 +3,8 @@
 
 Lossless pairs must reconstruct bit-exactly, lossy pairs within `quant.TOLERANCE` of the
 destination dtype, impossible pairs raise IncompatibleKv. Runs through the real codec
-(pack → header bytes → decode_header → KvWriter). Set PDSERVE_TEST_DEVICE=cuda to run the
-same matrix on a GPU (tests/gpu/test_transfer_matrix_cuda.py does).
+(pack → header bytes → decode_header → KvWriter). tests/gpu/test_transfer_matrix_cuda.py runs
+the same matrix with CUDA tensors (or set PDSERVE_TEST_DEVICE=cuda here).
 """
 
 from __future__ import annotations
@@ -65,12 +65,13 @@ def assert_close(src_vals: torch.Tensor, dst_vals: torch.Tensor, dst: KvSpec, ds
     assert worst <= 0, f"{what}: error exceeds the {dst.dtype.value} tolerance by {worst}"
 
 
-def run_pair(src_name: str, dst_name: str, shape: KvModelShape, sb: int, db: int, seed: int) -> None:
+def run_pair(src_name: str, dst_name: str, shape: KvModelShape, sb: int, db: int, seed: int,
+             device: str = DEVICE) -> None:
     gen = torch.Generator().manual_seed(seed)
     src_spec = profile(src_name).spec_for(shape, sb)
     dst_spec = profile(dst_name).spec_for(shape, db)
-    src = PagedKvCache.allocate(src_spec, 12, device=DEVICE)
-    dst = PagedKvCache.allocate(dst_spec, 12, device=DEVICE)
+    src = PagedKvCache.allocate(src_spec, 12, device=device)
+    dst = PagedKvCache.allocate(dst_spec, 12, device=device)
     fill_random(src, gen)
     t0, t1 = TOKENS
     src_table = block_table(t1, sb, 12, gen)
@@ -93,7 +94,7 @@ def run_pair(src_name: str, dst_name: str, shape: KvModelShape, sb: int, db: int
 @pytest.mark.parametrize("kind", list(KINDS))
 @pytest.mark.parametrize("dst_name", NAMES)
 @pytest.mark.parametrize("src_name", NAMES)
-def test_matrix(src_name: str, dst_name: str, kind: str) -> None:
+def test_matrix(src_name: str, dst_name: str, kind: str, device: str = DEVICE) -> None:
     src_p, dst_p = profile(src_name), profile(dst_name)
     for i, head_dim in enumerate(HEAD_DIMS):
         shape = make_shape(kind, head_dim)
@@ -103,7 +104,7 @@ def test_matrix(src_name: str, dst_name: str, kind: str) -> None:
                 profile(dst_name).spec_for(shape, 16)
             continue
         for j, (sb, db) in enumerate(BLOCK_PAIRS):
-            run_pair(src_name, dst_name, shape, sb, db, seed=i * 100 + j)
+            run_pair(src_name, dst_name, shape, sb, db, seed=i * 100 + j, device=device)
 
 
 @pytest.mark.parametrize("kind", ["gqa", "mla"])

@@ -1,0 +1,269 @@
+"""`pdserve serve --ray`: the same deployment as the local launch, on the nodes of a Ray cluster.
+
+Start-up order (each step fails with what to do next):
+1. check the KV plan (before any weight is read anywhere);
+2. join the cluster (`--address`), in the namespace `--deployment-name`; refuse if a deployment
+   of that name is already running;
+3. start the proxy actor on the head node (or `--proxy-node`) and bind its event socket on that
+   node's IP (deploy/ray_proxy.py);
+4. reserve one placement-group bundle per worker (`--placement-strategy`, role pinning by
+   `--prefill-resource`/`--decode-resource` or `--prefill-label`/`--decode-label`), then start
+   one worker actor per bundle (deploy/ray_worker.py); each binds its sockets on its node's IP
+   and says Hello to the proxy;
+5. wait for every Hello, start HTTP, print the URL and where each worker runs.
+
+Then it watches the proxy until Ctrl-C / SIGTERM (or `pdserve stop`), and removes the actors and
+the placement group. With `--detach` it exits after step 5 and `pdserve stop` removes them.
+Dead workers are Ray's to restart (`--max-restarts`); the proxy fails their in-flight requests
+and routes to them again once they say Hello.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import signal
+import sys
+import time
+from types import FrameType
+from typing import Any
+
+from deploy.local_launcher import ServeConfig
+from deploy.ray_config import PROXY_ACTOR, RayConfig, resolve_node
+from deploy.worker_base import WorkerConfig
+from deploy.worker_main import apply_profile
+from engine.checkpoint import read_model_config
+from engine.config import ConfigError, EngineConfig
+from engine.memory_plan import plan_kv_cache
+
+log = logging.getLogger("pdserve.ray")
+FORWARDED_ENV_PREFIXES = ("NCCL_",)
+"""Variables set where `pdserve serve --ray` runs that every worker actor gets too."""
+
+
+def connect(address: str | None, namespace: str, log_to_driver: bool = True) -> Any:
+    """Join the Ray cluster at `address` (None: $RAY_ADDRESS, else auto) as a driver."""
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # keep every worker's log lines
+    if not sys.stdout.isatty():
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # no escape codes in log files
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("--ray needs Ray on this machine and every node: pip install 'pdserve[ray]'") from None
+    address = address or os.environ.get("RAY_ADDRESS") or "auto"
+    try:
+        ray.init(address=address, namespace=namespace, log_to_driver=log_to_driver, logging_level=logging.WARNING)
+    except (ConnectionError, ValueError) as e:
+        raise ConfigError(f"cannot join the Ray cluster at {address!r}: {e}. Start one with "
+                          f"`ray start --head` (then `ray start --address HEAD:6379` on the other "
+                          f"nodes) and pass --address HEAD:6379") from None
+    return ray
+
+
+def remove_deployment(ray: Any, config: RayConfig, timeout_s: float = 10.0) -> list[str]:
+    """Stop the proxy gracefully (workers get Shutdown), kill every actor of the deployment's
+    namespace and remove its placement group. Returns the names of the actors removed."""
+    from ray.util.placement_group import get_placement_group, remove_placement_group
+
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["namespace"] == config.deployment_name]
+    handles = {}
+    for name in names:
+        with contextlib.suppress(ValueError):
+            handles[name] = ray.get_actor(name, namespace=config.deployment_name)
+    if PROXY_ACTOR in handles:
+        with contextlib.suppress(Exception):
+            ray.get(handles[PROXY_ACTOR].shutdown.remote(), timeout=timeout_s)
+    for handle in handles.values():
+        with contextlib.suppress(Exception):
+            ray.kill(handle, no_restart=True)
+    with contextlib.suppress(Exception):
+        remove_placement_group(get_placement_group(config.placement_group_name))
+    return sorted(handles)
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+class RayDeployment:
+    def __init__(self, serve: ServeConfig, engine: EngineConfig, config: RayConfig,
+                 log_level: str = "INFO") -> None:
+        self.serve, self.engine, self.config, self.log_level = serve, engine, config, log_level
+        self.ray: Any = None
+        self.proxy: Any = None
+        self.workers: dict[str, Any] = {}
+        self.engines: dict[str, EngineConfig] = {}  # per role, GPU profile applied
+
+    def run(self) -> int:
+        plan = plan_kv_cache(read_model_config(self.engine.model), self.engine)  # fails fast
+        self.engines = {"prefill": apply_profile(self.engine, self.serve.prefill_profile),
+                        "decode": apply_profile(self.engine, self.serve.decode_profile)}
+        signal.signal(signal.SIGTERM, _raise_interrupt)
+        self.ray = connect(self.config.address, self.config.deployment_name)
+        is_up = False
+        try:
+            self._claim_name(plan.max_model_len)  # from here on, the namespace's actors are ours
+        except BaseException:
+            self.ray.shutdown()
+            raise
+        try:
+            events_address = self._start_proxy()
+            self._start_workers(events_address)
+            placement = self._wait_for_workers()
+            url = self.ray.get(self.proxy.start_http.remote(), timeout=60)
+            self._print_ready(url, placement)
+            is_up = True
+            if self.config.detach:
+                return 0
+            return self._watch()
+        except KeyboardInterrupt:
+            return 0
+        finally:
+            if not (is_up and self.config.detach):
+                removed = remove_deployment(self.ray, self.config)
+                log.info("removed %d actor(s) and the placement group of %r", len(removed),
+                         self.config.deployment_name)
+            self.ray.shutdown()
+
+    # ---- steps ---------------------------------------------------------------------------------
+    def _claim_name(self, max_model_len: int) -> None:
+        """Create the named proxy actor, or fail without touching a running deployment."""
+        name = self.config.deployment_name
+        already = ConfigError(f"a deployment named {name!r} is already running on this cluster: "
+                              f"`pdserve status --deployment-name {name}` shows it, `pdserve stop "
+                              f"--deployment-name {name}` removes it; or pick another --deployment-name")
+        if PROXY_ACTOR in self.ray.util.list_named_actors():  # this namespace's
+            raise already
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        from deploy.ray_proxy import ProxyActor
+
+        node_id = resolve_node(self.ray.nodes(), self.config.proxy_node)
+        try:
+            self.proxy = self.ray.remote(ProxyActor).options(
+                name=PROXY_ACTOR, lifetime=self._lifetime(), num_cpus=0, max_restarts=0, max_concurrency=8,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+            ).remote(self.serve, self.engine.model, max_model_len, self.log_level)
+        except ValueError:  # another launcher took the name in between
+            raise already from None
+
+    def _lifetime(self) -> str | None:
+        return "detached" if self.config.detach else None
+
+    def _start_proxy(self) -> str:
+        info = self.ray.get(self.proxy.start_cluster.remote(), timeout=self.serve.startup_timeout_s)
+        log.info("proxy on node %s (%s), events %s", info["node_id"][:12], info["node_ip"],
+                 info["events_address"])
+        return info["events_address"]
+
+    def _num_gpus(self) -> float:
+        if self.config.gpus_per_worker is not None:
+            return self.config.gpus_per_worker
+        has_gpus = self.ray.cluster_resources().get("GPU", 0) > 0
+        return 1.0 if has_gpus and self.engine.device != "cpu" else 0.0
+
+    def _runtime_env(self) -> dict[str, Any] | None:
+        env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
+        if env:
+            log.info("passing %s to every worker", ", ".join(sorted(env)))
+        return {"env_vars": env} if env else None
+
+    def _placement_group(self, roles: list[str], num_gpus: float) -> Any:
+        from ray.util.placement_group import placement_group
+
+        bundles = [self.config.worker_bundle(role, num_gpus) for role in roles]
+        labels = [self.config.role_label(role) for role in roles]
+        extra = {"bundle_label_selector": labels} if any(labels) else {}
+        try:
+            pg = placement_group(bundles, strategy=self.config.placement_strategy,
+                                 name=self.config.placement_group_name, lifetime=self._lifetime(), **extra)
+        except TypeError:
+            raise ConfigError(f"--prefill-label/--decode-label need Ray >= 2.49 (this is "
+                              f"{self.ray.__version__}); pin roles with --*-resource instead") from None
+        try:
+            self.ray.get(pg.ready(), timeout=self.config.placement_timeout_s)
+        except self.ray.exceptions.GetTimeoutError:
+            free = {k: round(v, 3) for k, v in sorted(self.ray.available_resources().items())
+                    if not k.startswith(("node:", "memory", "object_store"))}
+            raise RuntimeError(
+                f"the cluster has no room for {len(bundles)} worker(s) with bundles {bundles} "
+                f"(strategy {self.config.placement_strategy}{f', labels {labels}' if any(labels) else ''}) after "
+                f"{self.config.placement_timeout_s:.0f} s; free now: {free}. Add nodes, start them "
+                f"with the role resources/labels, or lower --prefill/--decode/--cpus-per-worker") from None
+        return pg
+
+    def _start_workers(self, events_address: str) -> None:
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from deploy.ray_worker import WorkerActor
+
+        roles = [("prefill", f"prefill-{i}") for i in range(self.serve.num_prefill)] + \
+                [("decode", f"decode-{i}") for i in range(self.serve.decode)]
+        num_gpus = self._num_gpus()
+        device = "cuda" if num_gpus else "cpu"
+        engines = {role: dataclasses.replace(e, device=device) for role, e in self.engines.items()}
+        pg = self._placement_group([role for role, _ in roles], num_gpus)
+        runtime_env = self._runtime_env()
+        for i, (role, wid) in enumerate(roles):
+            bundle = self.config.worker_bundle(role, num_gpus)
+            custom = {k: v for k, v in bundle.items() if k not in ("CPU", "GPU")}
+            self.workers[wid] = self.ray.remote(WorkerActor).options(
+                name=wid, lifetime=self._lifetime(), max_restarts=self.config.max_restarts,
+                max_concurrency=4, num_cpus=bundle.get("CPU", 0), num_gpus=bundle.get("GPU", 0),
+                resources=custom, runtime_env=runtime_env,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
+            ).remote(role, WorkerConfig(worker_id=wid, events_address=events_address), engines[role],
+                     int(self.config.cpus_per_worker) if not num_gpus else 0, self.log_level)
+        log.info("loading weights in %d worker actor(s)...", len(self.workers))
+
+    def _wait_for_workers(self) -> dict[str, dict]:
+        """Every worker built and registered with the proxy; their placements by worker id."""
+        ray, timeout = self.ray, self.serve.startup_timeout_s
+        ready = {w.ready.remote(timeout): wid for wid, w in self.workers.items()}
+        registered = self.proxy.wait_for_workers.remote(self.serve.num_prefill, self.serve.decode, timeout)
+        placement: dict[str, dict] = {}
+        pending = [registered, *ready]
+        while registered in pending:
+            done, pending = ray.wait(pending, num_returns=1, timeout=timeout)
+            if not done:
+                raise TimeoutError(f"workers did not start in {timeout:.0f} s")
+            try:
+                result = ray.get(done[0])
+            except ray.exceptions.RayActorError as e:
+                raise RuntimeError(f"worker {ready.get(done[0], PROXY_ACTOR)} died during start-up: {e}") from None
+            except ray.exceptions.RayTaskError as e:
+                raise RuntimeError(str(e.cause)) from None
+            if done[0] in ready:
+                placement[ready[done[0]]] = result
+        return placement
+
+    def _print_ready(self, url: str, placement: dict[str, dict]) -> None:
+        proxy = self.ray.get(self.proxy.info.remote(), timeout=30)
+        for wid, where in sorted(placement.items()):
+            print(f"pdserve: {wid} on node {where['node_id'][:12]} ({where['node_ip']}, pid {where['pid']})",
+                  flush=True)
+        print(f"pdserve: serving {self.engine.model} on {url} ({self.serve.num_prefill} prefill + "
+              f"{self.serve.decode} decode, {self.serve.transport}, Ray deployment "
+              f"{self.config.deployment_name!r}, proxy on node {proxy['node_id'][:12]})", flush=True)
+        if self.config.detach:
+            flags = f"--deployment-name {self.config.deployment_name}" + \
+                    (f" --address {self.config.address}" if self.config.address else "")
+            print(f"pdserve: detached; `pdserve status {flags}` shows it, `pdserve stop {flags}` "
+                  f"removes it", flush=True)
+
+    def _watch(self) -> int:
+        """Block until Ctrl-C / SIGTERM (0) or until the proxy is gone (`pdserve stop`, a crash)."""
+        ray = self.ray
+        while True:
+            time.sleep(1.0)
+            try:
+                ray.get(self.proxy.ping.remote(), timeout=30)
+            except ray.exceptions.RayActorError:
+                log.warning("the proxy actor is gone (pdserve stop?): shutting down")
+                return 0
+            except (ray.exceptions.RayTaskError, ray.exceptions.GetTimeoutError) as e:
+                log.error("the proxy stopped answering (%s): shutting down", e)
+                return 1

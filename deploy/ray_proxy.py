@@ -1,0 +1,126 @@
+"""The proxy as a Ray actor, pinned to one node (the head unless `--proxy-node` says otherwise).
+
+It runs exactly what the local launcher runs in its own process — ClusterClient (proxy/cluster.py)
+and the OpenAI app (proxy/app.py) under uvicorn — on an event loop of its own thread, so Ray's
+calls (`start_cluster`, `wait_for_workers`, `start_http`, `status`, `shutdown`) never block it.
+Its event socket is bound on this node's IP: workers on every node send Hello and heartbeats
+there. The launcher drives the steps in order; `status()` is the topology behind `/status`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import threading
+import time
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+import uvicorn
+
+from deploy.local_launcher import ServeConfig, load_tokenizer
+from deploy.ray_worker import setup_actor_logging, where_am_i
+from proxy.app import ProxyConfig, build_app
+from proxy.cluster import ClusterClient, ClusterConfig
+from proxy.metrics import ProxyMetrics
+
+log = logging.getLogger("pdserve.ray.proxy")
+T = TypeVar("T")
+
+
+class ProxyActor:
+    def __init__(self, serve: ServeConfig, model: str, max_model_len: int, log_level: str = "INFO") -> None:
+        setup_actor_logging(log_level, "proxy")
+        self.serve, self.model, self.max_model_len = serve, model, max_model_len
+        self.where = where_am_i()
+        self.metrics = ProxyMetrics()
+        self.cluster: ClusterClient | None = None
+        self.server: uvicorn.Server | None = None
+        self.url: str | None = None
+        self._http: asyncio.Future | None = None
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, name="proxy-loop", daemon=True).start()
+
+    def __repr__(self) -> str:
+        return "proxy"
+
+    def _run(self, coro: Coroutine[Any, Any, T], timeout_s: float | None = None) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
+
+    # ---- start-up, in the launcher's order -----------------------------------------------------
+    def start_cluster(self) -> dict[str, Any]:
+        """Bind the workers -> proxy event socket on this node's IP; its address and placement."""
+        async def start() -> str:
+            config = ClusterConfig(host=self.where["node_ip"], colocated=self.serve.colocated,
+                                   router=self.serve.router,
+                                   heartbeat_timeout_s=self.serve.heartbeat_timeout_s)
+            self.cluster = ClusterClient(config, self.metrics)
+            self.cluster.start()
+            return self.cluster.events_address
+
+        return {"events_address": self._run(start()), **self.where}
+
+    def wait_for_workers(self, num_prefill: int, num_decode: int, timeout_s: float) -> None:
+        assert self.cluster is not None, "start_cluster() first"
+        self._run(self.cluster.wait_for_workers(num_prefill, num_decode, timeout_s))
+
+    def start_http(self) -> str:
+        """Bind `--host:--port` on this node, serve the OpenAI API; the URL clients use."""
+        assert self.cluster is not None, "start_cluster() first"
+        name = self.serve.served_model_name or self.model
+        app = build_app(ProxyConfig(name, self.max_model_len, self.serve.api_key), self.cluster,
+                        load_tokenizer(self.model), self.metrics)
+        host = self.serve.host
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, self.serve.port))
+        port = sock.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+        self._http = asyncio.run_coroutine_threadsafe(self.server.serve(sockets=[sock]), self.loop)
+        deadline = time.monotonic() + 30.0
+        while not self.server.started:
+            if self._http.done():
+                self._http.result()  # raises what stopped it
+                raise RuntimeError("the HTTP server stopped during start-up")
+            if time.monotonic() > deadline:
+                raise TimeoutError("the HTTP server did not start in 30 s")
+            time.sleep(0.05)
+        shown = self.where["node_ip"] if host in ("0.0.0.0", "::", "") else host
+        self.url = f"http://{f'[{shown}]' if ':' in shown else shown}:{port}"
+        log.info("serving the OpenAI API on %s", self.url)
+        return self.url
+
+    # ---- views ---------------------------------------------------------------------------------
+    def ping(self) -> bool:
+        """True while the HTTP server runs; raises what stopped it otherwise."""
+        if self._http is not None and self._http.done():
+            self._http.result()
+            raise RuntimeError("the proxy's HTTP server stopped")
+        return True
+
+    def info(self) -> dict[str, Any]:
+        return {**self.where, "url": self.url, "model": self.serve.served_model_name or self.model,
+                "max_model_len": self.max_model_len}
+
+    def status(self) -> dict[str, Any]:
+        """The same body as GET /status: model, max_model_len and the workers' topology."""
+        async def topology() -> list[dict]:
+            return self.cluster.topology() if self.cluster is not None else []
+
+        return {"model": self.serve.served_model_name or self.model, "max_model_len": self.max_model_len,
+                "workers": self._run(topology(), 10.0)}
+
+    # ---- shutdown ------------------------------------------------------------------------------
+    def shutdown(self) -> None:
+        """Stop HTTP, tell every worker to shut down, close the sockets. Idempotent."""
+        if self.server is not None:
+            self.server.should_exit = True
+            with contextlib.suppress(Exception):
+                self._http.result(10.0)  # type: ignore[union-attr]
+            self.server = None
+        if self.cluster is not None:
+            cluster, self.cluster = self.cluster, None
+            with contextlib.suppress(Exception):
+                self._run(cluster.close(), 10.0)

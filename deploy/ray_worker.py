@@ -1,0 +1,114 @@
+"""One prefill or decode worker as a Ray actor: the actor process *is* the worker process.
+
+The constructor starts the same worker as `python -m deploy.worker_main` (build_worker, then
+`worker.run()`) on a thread, bound to this node's IP with free ports, so it says Hello to the
+proxy with addresses other nodes can reach. Because Ray re-runs the constructor when it
+restarts a dead actor (`max_restarts`), a restarted worker says Hello again with the same
+worker id and the proxy puts it back into routing.
+
+Crash-only: if the worker loop raises, the process exits so Ray restarts it; a worker that
+cannot even start on its first try reports why through `ready()` and the launcher gives up.
+Ownership: the launcher (deploy/ray_launcher.py) creates and kills these actors; the proxy talks
+to the worker only over its ZMQ sockets, never through Ray.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import socket
+import sys
+import threading
+import warnings
+from typing import Any
+
+from deploy.worker_base import WorkerBase, WorkerConfig
+from deploy.worker_main import build_worker
+from engine.config import EngineConfig
+
+log = logging.getLogger("pdserve.ray.worker")
+
+
+def setup_actor_logging(level: str, tag: str) -> None:
+    """Log lines of an actor go to its stderr, which Ray forwards to the driver's terminal."""
+    root = logging.getLogger()
+    if not any(getattr(h, "_pdserve", False) for h in root.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s [{tag}] %(name)s: %(message)s"))
+        handler._pdserve = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+    root.setLevel(level.upper())
+
+
+def where_am_i() -> dict[str, Any]:
+    """This actor's node id, node IP, host name and pid (the topology view's placement columns)."""
+    import ray
+
+    ctx = ray.get_runtime_context()
+    return {"node_id": ctx.get_node_id(), "node_ip": ray.util.get_node_ip_address(),
+            "hostname": socket.gethostname(), "pid": os.getpid()}
+
+
+class WorkerActor:
+    def __init__(self, role: str, worker_config: WorkerConfig, engine_config: EngineConfig,
+                 num_threads: int, log_level: str = "INFO") -> None:
+        """`engine_config` has the GPU profile (if any) applied and the device set by the launcher."""
+        import ray
+
+        self.role, self.worker_id = role, worker_config.worker_id
+        setup_actor_logging(log_level, f"{role} {self.worker_id}")
+        with warnings.catch_warnings():  # Ray's own property calls a deprecated one
+            warnings.simplefilter("ignore")
+            self.is_restart = bool(ray.get_runtime_context().was_current_actor_reconstructed)
+        self.where = {"worker_id": self.worker_id, "role": role, **where_am_i(),
+                      "restarted": self.is_restart}
+        self.config = dataclasses.replace(worker_config, host=self.where["node_ip"])
+        if num_threads > 0:
+            import torch
+            torch.set_num_threads(num_threads)
+        self.worker: WorkerBase | None = None
+        self.error: str | None = None
+        self._built = threading.Event()
+        threading.Thread(target=self._main, args=(engine_config,), name="worker-loop",
+                         daemon=True).start()
+
+    def __repr__(self) -> str:  # Ray prefixes this actor's log lines with it
+        return f"{self.role} {self.worker_id}"
+
+    def _main(self, engine_config: EngineConfig) -> None:
+        try:
+            worker = build_worker(self.role, self.config, engine_config)
+        except Exception as e:
+            self.error = f"{type(e).__name__}: {e}"
+            self._built.set()
+            log.error("cannot start: %s", self.error)
+            if self.is_restart:  # it ran before: let Ray try again (up to --max-restarts)
+                os._exit(1)
+            return
+        self.worker = worker
+        self._built.set()
+        try:
+            worker.run()
+        except BaseException:
+            log.exception("worker loop crashed; exiting so that Ray restarts this actor")
+            os._exit(1)
+        worker.close()
+
+    def ready(self, timeout_s: float) -> dict[str, Any]:
+        """Block until the engine is built; its placement, or RuntimeError saying why it failed."""
+        if not self._built.wait(timeout_s):
+            raise TimeoutError(f"{self.role} worker {self.worker_id} did not load in {timeout_s:.0f} s")
+        if self.error:
+            raise RuntimeError(f"{self.role} worker {self.worker_id} on node {self.where['node_ip']} "
+                               f"cannot start: {self.error}")
+        return self.where
+
+    def info(self) -> dict[str, Any]:
+        return {**self.where, "is_ready": self._built.is_set() and not self.error, "error": self.error,
+                "nccl_env": {k: v for k, v in os.environ.items() if k.startswith("NCCL_")}}
+
+    def stop(self) -> None:
+        """Leave the worker loop (the proxy's Shutdown message does the same)."""
+        if self.worker is not None:
+            self.worker.stopping = True

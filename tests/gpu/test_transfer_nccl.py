@@ -1,0 +1,143 @@
+"""NCCL transport between two GPUs of one host (two spawned processes, one per GPU).
+
+Skips cleanly without 2 CUDA devices or without libnccl. Covers: scattered paged blocks on
+GPU 0 → scattered paged blocks of a different layout/dtype/block size on GPU 1, acked; a
+second transfer on the same link; and the watchdog: a receiver that never posts its receive
+makes the sender fail with TransferTimeout (communicator aborted) instead of hanging.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import time
+from typing import Any
+
+import pytest
+import torch
+
+from engine.kv_spec import KvDtype, KvLayout, KvSpec
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")]
+
+SRC = KvSpec(4, 8, 128, 16, dtype=KvDtype.BFLOAT16)
+DST = KvSpec(4, 8, 128, 32, dtype=KvDtype.FLOAT16, layout=KvLayout.HND)
+SRC_TABLE = [17, 3, 40, 8, 22, 9, 31, 1, 12, 50]  # 160 tokens of 16
+DST_TABLE = [4, 30, 11, 2, 19]  # in blocks of 32
+TOK = (0, 150)
+
+
+def _nccl_found() -> bool:
+    from transfer.errors import TransportUnavailable
+    from transfer.nccl_lib import NcclLibrary
+    try:
+        NcclLibrary()
+        return True
+    except TransportUnavailable:
+        return False
+
+
+def _receiver(endpoints: Any, results: Any, stall: bool) -> None:
+    from transfer import zmq_protocol as proto
+    from transfer.cache import PagedKvCache
+    from transfer.local import read_tokens_float
+    from transfer.nccl_transport import NcclReceiverPlugin
+    from transfer.zmq_receiver import ZmqKvReceiver, ZmqReceiverConfig
+
+    class StallingPlugin(NcclReceiverPlugin):
+        """Says READY, then never posts the receive."""
+
+        def receive(self, peer, header, writer, deadline, reply, flush):  # type: ignore[override]
+            self.links[peer].wait_ready(deadline)
+            reply(peer, [proto.READY, proto.pack([header.transfer_id])])
+            flush()
+            time.sleep(8)
+            raise TimeoutError("stalled on purpose")
+
+    torch.cuda.set_device(1)
+    dst = PagedKvCache.allocate(DST, 64, device="cuda:1")
+    ended: dict[str, Any] = {}
+    plugin = (StallingPlugin if stall else NcclReceiverPlugin)("cuda:1")
+    rx = ZmqKvReceiver(dst, ZmqReceiverConfig(idle_timeout_s=20), nccl=plugin,
+                       on_complete=lambda r, reps: ended.__setitem__(r, reps),
+                       on_release=lambda r, e: ended.__setitem__(r, e))
+    for rid in ("first", "second"):
+        rx.expect(rid, DST_TABLE)
+    endpoints.put(rx.endpoint)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(ended) < (1 if stall else 2):
+        rx.poll(0.01)
+    got = [t.cpu() for t in read_tokens_float(dst, DST_TABLE, *TOK)]
+    results.put(("receiver", {k: type(v).__name__ for k, v in ended.items()}, got))
+    rx.close()
+
+
+def _sender(endpoint: str, results: Any, timeout_s: float) -> None:
+    from transfer.cache import PagedKvCache
+    from transfer.errors import TransferError
+    from transfer.local import read_tokens_float
+    from transfer.nccl_transport import NcclSenderPlugin
+    from transfer.testing import fill_random
+    from transfer.zmq_sender import ZmqKvSender, ZmqSenderConfig
+
+    torch.cuda.set_device(0)
+    src = PagedKvCache.allocate(SRC, 64, device="cuda:0")
+    fill_random(src, torch.Generator().manual_seed(0))
+    tx = ZmqKvSender(endpoint, ZmqSenderConfig(timeout_s=timeout_s), nccl=NcclSenderPlugin("cuda:0"))
+    outcome: list[Any] = []
+    for rid in ("first", "second"):
+        t0 = time.monotonic()
+        try:
+            res = tx.send(src, SRC_TABLE, *TOK, request_id=rid)
+            outcome.append(("ok", res.report["path"], res.num_bytes))
+        except TransferError as e:
+            outcome.append(("error", type(e).__name__, time.monotonic() - t0))
+            break
+    want = [t.cpu() for t in read_tokens_float(src, SRC_TABLE, *TOK)]
+    results.put(("sender", outcome, want))
+    tx.close()
+
+
+def _run(stall: bool, timeout_s: float) -> dict[str, tuple]:
+    if not _nccl_found():
+        pytest.skip("libnccl.so.2 not found (pip install 'pdserve[gpu]')")
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    ctx = mp.get_context("spawn")
+    endpoints, results = ctx.Queue(), ctx.Queue()
+    rx = ctx.Process(target=_receiver, args=(endpoints, results, stall))
+    rx.start()
+    tx = ctx.Process(target=_sender, args=(endpoints.get(timeout=120), results, timeout_s))
+    tx.start()
+    out: dict[str, tuple] = {}
+    try:
+        while len(out) < 2:
+            item = results.get(timeout=180)
+            out[item[0]] = item[1:]
+    except queue.Empty:
+        pass
+    finally:
+        for p in (tx, rx):
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    return out
+
+
+def test_nccl_scattered_blocks_between_two_gpus() -> None:
+    out = _run(stall=False, timeout_s=60)
+    outcome, want = out["sender"]
+    ended, got = out["receiver"]
+    assert [o[0] for o in outcome] == ["ok", "ok"], outcome
+    assert outcome[0][1] == "convert" and outcome[0][2] == 10 * SRC.bytes_per_block
+    assert ended == {"first": "list", "second": "list"}
+    for g, w in zip(got, want, strict=True):  # bf16 -> fp16 within fp16's tolerance
+        assert torch.allclose(g, w, rtol=2**-10, atol=2**-24)
+
+
+def test_nccl_watchdog_turns_a_stalled_peer_into_timeout() -> None:
+    out = _run(stall=True, timeout_s=3)
+    outcome, _ = out["sender"]
+    assert outcome[0][0] == "error" and outcome[0][1] == "TransferTimeout", outcome
+    assert outcome[0][2] < 15  # failed near its deadline, did not hang
