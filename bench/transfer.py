@@ -121,6 +121,7 @@ def run_zmq(args: argparse.Namespace) -> dict:
     from transfer.zmq_receiver import ZmqKvReceiver, ZmqReceiverConfig
 
     torch.set_num_threads(1)
+    started = machine()
     max_tokens = max(args.tokens)
     spec = KvSpec(**SMOLLM2, block_size=BLOCK, dtype=KvDtype.BFLOAT16)
     num_blocks = 2 * max_tokens // BLOCK
@@ -172,7 +173,7 @@ def run_zmq(args: argparse.Namespace) -> dict:
     return {"benchmark": "transfer_zmq", "model": "SmolLM2-135M KV (30 layers, 3 kv heads, dim 64, bf16)",
             "bytes_per_token": spec.bytes_per_token, "block_size": BLOCK, "endpoint": args.endpoint,
             "chunk_bytes": args.chunk_kib << 10,
-            "repeats": args.repeats, "statistic": "median", "machine": machine(),
+            "repeats": args.repeats, "statistic": "median", "machine": started,
             "failed_transfers": len(failures), "rows": rows, "target": "ratio >= 0.9 at 8192 tokens",
             "load_avg_end": os.getloadavg()}
 
