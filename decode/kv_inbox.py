@@ -54,13 +54,18 @@ def _logprob(raw: object) -> list[Any] | None:
 
 
 class KvInbox:
-    def __init__(self, ctx: zmq.Context, host: str, engine: LLMEngine, limits: ReceiverLimits) -> None:
+    def __init__(self, ctx: zmq.Context, host: str, engine: LLMEngine, limits: ReceiverLimits,
+                 transport: str = "zmq") -> None:
         cache = PagedKvCache(engine.plan.spec, engine.runner.kv_caches)
+        nccl = None
+        if transport == "nccl":  # raises TransportUnavailable (with what to do) without CUDA/libnccl
+            from transfer.nccl_transport import NcclReceiverPlugin
+            nccl = NcclReceiverPlugin(engine.config.torch_device)
         self._arrivals: list[KvArrival] = []
         self.num_bytes, self.num_seconds = 0, 0.0
         self.receiver = ZmqKvReceiver(
             cache, ZmqReceiverConfig(endpoint=f"tcp://{host}:0", limits=limits),
-            on_complete=self._complete, on_release=self._release, context=ctx)
+            on_complete=self._complete, on_release=self._release, context=ctx, nccl=nccl)
         self.address = self.receiver.endpoint
 
     @property

@@ -56,7 +56,7 @@ class DecodeWorker(WorkerBase):
         self.pending: OrderedDict[str, Pending] = OrderedDict()
         self.reservations: dict[str, Reservation] = {}
         self.local: set[str] = set()  # requests in the engine's own scheduler
-        self.kv = KvInbox(self.ctx, config.host, engine, config.kv_limits())
+        self.kv = KvInbox(self.ctx, config.host, engine, config.kv_limits(), config.transport)
         self.poller.register(self.kv.socket, zmq.POLLIN)
         self.num_generation_tokens = 0
 

@@ -55,6 +55,9 @@ class ServeConfig:
             raise ConfigError("--decode must be at least 1")
         if self.prefill < 0:
             raise ConfigError("--prefill must be 0 or more")
+        if self.transport == "nccl" and not torch.cuda.is_available():
+            raise ConfigError("--transport nccl moves KV between GPUs, and this machine has no usable "
+                              "CUDA device; use --transport zmq")
 
     @property
     def num_prefill(self) -> int:
@@ -71,7 +74,7 @@ def worker_command(role: str, worker_id: str, events_address: str, serve: ServeC
     profile = serve.prefill_profile if role == "prefill" else serve.decode_profile
     cmd = [sys.executable, "-m", "deploy.worker_main", "--role", role, "--worker-id", worker_id,
            "--events-address", events_address, "--host", serve.host, "--device", device,
-           "--num-threads", str(num_threads), *engine_args]
+           "--num-threads", str(num_threads), "--transport", serve.transport, *engine_args]
     return [*cmd, "--profile", profile] if profile else cmd
 
 

@@ -215,7 +215,8 @@ class RayDeployment:
                 max_concurrency=4, num_cpus=bundle.get("CPU", 0), num_gpus=bundle.get("GPU", 0),
                 resources=custom, runtime_env=runtime_env,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
-            ).remote(role, WorkerConfig(worker_id=wid, events_address=events_address), engines[role],
+            ).remote(role, WorkerConfig(worker_id=wid, events_address=events_address,
+                                           transport=self.serve.transport), engines[role],
                      int(self.config.cpus_per_worker) if not num_gpus else 0, self.log_level)
         log.info("loading weights in %d worker actor(s)...", len(self.workers))
 

@@ -38,6 +38,7 @@ class WorkerConfig:
     max_transfer_bytes: int = field(default=8 << 30, metadata={"help": "Decode: largest KV message accepted."})
     idle_poll_ms: int = field(default=10, metadata={"help": "Poll wait when idle."})
     checksum: bool = field(default=False, metadata={"help": "Prefill: xxh3 checksum on every KV buffer."})
+    transport: str = field(default="zmq", metadata={"help": "KV payloads over zmq, or nccl (header over ZMQ, bytes GPU to GPU)."})
 
     def kv_limits(self) -> Any:
         from transfer.header import ReceiverLimits

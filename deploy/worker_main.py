@@ -22,6 +22,7 @@ from deploy.worker_base import WorkerBase, WorkerConfig
 from engine.config import ConfigError, EngineConfig
 from engine.errors import EngineError
 from engine.llm_engine import LLMEngine
+from transfer.errors import TransferError
 
 log = logging.getLogger("pdserve.worker")
 
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         engine_cfg = apply_profile(dataclass_from_args(EngineConfig, args), args.profile)
         worker = build_worker(args.role, dataclass_from_args(WorkerConfig, args), engine_cfg)
-    except (ConfigError, EngineError) as e:
+    except (ConfigError, EngineError, TransferError) as e:
         log.error("cannot start: %s", e)
         return 2
 

@@ -96,7 +96,7 @@ class KvOutbox:
             if sender is None:
                 sender = ZmqKvSender(job.address, ZmqSenderConfig(timeout_s=self.config.transfer_timeout_s,
                                                                   checksum=self.config.checksum),
-                                     context=self.ctx)
+                                     context=self.ctx, nccl=self._nccl_plugin())
                 self._senders[job.address] = sender
             r = sender.send(self.cache, job.block_table, 0, job.num_tokens, request_id=job.request_id,
                             meta=job.meta)
@@ -109,6 +109,13 @@ class KvOutbox:
         except Exception as e:  # never let the sender thread die
             log.exception("KV send of %s failed", job.request_id)
             return SendResult(job.request_id, 0, 0.0, f"{type(e).__name__}: {e}")
+
+    def _nccl_plugin(self) -> Any:
+        """One NCCL pair link per decode worker (None with the ZMQ transport)."""
+        if self.config.transport != "nccl":
+            return None
+        from transfer.nccl_transport import NcclSenderPlugin
+        return NcclSenderPlugin(self.cache.device)
 
     def close(self) -> None:
         self._jobs.put(None)
