@@ -45,6 +45,9 @@ class LLMEngine:
         self.model_config = checkpoint.config
         self.tokenizer = checkpoint.tokenizer
         torch.manual_seed(config.seed)
+        device = config.torch_device
+        if device.type == "cuda":  # kernels, graphs and streams all go to this worker's GPU
+            torch.cuda.set_device(device)
         self.runner = ModelRunner(checkpoint.config, checkpoint.weights, plan, config.torch_dtype,
                                   config.torch_device)
         self.cache = KvCacheManager(plan.num_blocks, plan.spec.block_size, config.enable_prefix_caching)
