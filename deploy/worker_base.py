@@ -68,7 +68,7 @@ class WorkerBase(abc.ABC):
     def on_ctrl(self, msg: object) -> None:
         """Handle one control message from the proxy."""
 
-    def on_kv(self) -> None:
+    def on_kv(self) -> None:  # noqa: B027 - optional hook
         """KV socket readable (decode: arrivals; prefill: acks)."""
 
     @abc.abstractmethod
@@ -83,7 +83,7 @@ class WorkerBase(abc.ABC):
     def heartbeat(self) -> ev.Heartbeat:
         """This worker's load, sent every heartbeat interval."""
 
-    def on_idle(self) -> None:
+    def on_idle(self) -> None:  # noqa: B027 - optional hook
         """Called when there was nothing to do (integrity checks belong here)."""
 
     # ---- shared -------------------------------------------------------------------------------

@@ -21,7 +21,13 @@ from deploy.worker_base import WorkerConfig
 from engine.kv_spec import KvSpec
 from engine.llm_engine import LLMEngine
 from transfer.cache import PagedKvCache
-from transfer.errors import IncompatibleKv, InvalidRequest, LimitExceeded, MalformedHeader, TransferError
+from transfer.errors import (
+    IncompatibleKv,
+    InvalidRequest,
+    LimitExceeded,
+    MalformedHeader,
+    TransferError,
+)
 from transfer.zmq_sender import ZmqKvSender, ZmqSenderConfig
 
 log = logging.getLogger(__name__)

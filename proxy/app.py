@@ -21,7 +21,13 @@ from proxy import protocol as p
 from proxy import responses as r
 from proxy.cluster import ClusterClient
 from proxy.detokenizer import Tokenizer
-from proxy.errors import ApiError, install_error_handlers, invalid_request, model_not_found, unauthorized
+from proxy.errors import (
+    ApiError,
+    install_error_handlers,
+    invalid_request,
+    model_not_found,
+    unauthorized,
+)
 from proxy.metrics import ProxyMetrics
 from proxy.sse import sse_headers
 

@@ -19,8 +19,9 @@ import contextlib
 import enum
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import zmq
 import zmq.asyncio
@@ -98,6 +99,7 @@ class ClusterClient:
         self.prefill_policy = PrefixAware()
         self._tasks: list[asyncio.Task] = []
         self._registered = asyncio.Event()
+        self._background: set[asyncio.Future] = set()
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -130,6 +132,12 @@ class ClusterClient:
 
     def alive(self, role: str) -> list[Worker]:
         return [w for w in self.workers.values() if w.hello.role == role and w.is_alive]
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run a send in the background, keeping a reference until it is done."""
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     @staticmethod
     def _encode_for(worker: Worker, msg: object) -> bytes:
@@ -199,7 +207,7 @@ class ClusterClient:
         if not candidates or decode is None:
             req.prefill_id = None
             req.enter(Stage.DECODING)
-            asyncio.ensure_future(self._send(req.decode_id, dmsg.PrefillLocally(req.request_id)))
+            self._spawn(self._send(req.decode_id, dmsg.PrefillLocally(req.request_id)))
             return
         prefill = self.prefill_policy.choose(candidates, req.prompt_ids)
         req.prefill_id = prefill.worker_id
@@ -208,7 +216,7 @@ class ClusterClient:
         req.enter(Stage.PREFILLING)
         msg = pmsg.Prefill(req.request_id, req.prompt_ids, req.params, req.decode_id,
                            decode.hello.kv_address, req.block_ids, decode.hello.kv_spec)
-        asyncio.ensure_future(self._send(prefill.worker_id, msg))
+        self._spawn(self._send(prefill.worker_id, msg))
 
     # ---- events -------------------------------------------------------------------------------
     async def _event_loop(self) -> None:
@@ -321,7 +329,7 @@ class ClusterClient:
                 req.queue.put_nowait(ApiError(503, f"decode worker {w.hello.worker_id} {what} while "
                                               f"serving this request", "service_unavailable",
                                               code="worker_lost"))
-                asyncio.ensure_future(self._send(req.prefill_id, pmsg.Abort(rid, "decode lost")))
+                self._spawn(self._send(req.prefill_id, pmsg.Abort(rid, "decode lost")))
 
     # ---- views --------------------------------------------------------------------------------
     def topology(self) -> list[dict]:
