@@ -96,24 +96,23 @@ class ZmqKvSender:
         """Drop the connection and everything queued on it; the next transfer reconnects.
         Staging memory is replaced too: frames dropped by the old socket may still be read."""
         self._pool = StagingPool(self.config.staging_bytes, ring_slots=self.config.staging_slots)
-        if self._sock is not None:
-            self._sock.disable_monitor()
-            self._sock.close(linger=0)
-        if self._monitor is not None:
-            self._monitor.close(linger=0)
+        self._close_sockets()
         if self._nccl is not None:
             self._nccl.reset()
         self._connect()
 
-    def close(self) -> None:
+    def _close_sockets(self) -> None:
         if self._sock is not None:
             self._sock.disable_monitor()
             self._sock.close(linger=0)
         if self._monitor is not None:
             self._monitor.close(linger=0)
+        self._sock = self._monitor = None
+
+    def close(self) -> None:
+        self._close_sockets()
         if self._nccl is not None:
             self._nccl.close()
-        self._sock = self._monitor = None
         if self._own_context:
             self._ctx.term()
 
