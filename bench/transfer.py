@@ -179,6 +179,11 @@ def run_zmq(args: argparse.Namespace) -> dict:
 
 
 # ---- NCCL -----------------------------------------------------------------------------------------
+def _median_breakdown(samples: list[dict]) -> dict:
+    keys = {k for d in samples for k, v in d.items() if isinstance(v, (int, float)) and v is not None}
+    return {k: round(statistics.median(d[k] for d in samples if d.get(k) is not None), 3) for k in sorted(keys)}
+
+
 def _nccl_rank(rank: int, args: argparse.Namespace, endpoint_q, result_q) -> None:
     import torch.distributed as dist
 
@@ -194,55 +199,91 @@ def _nccl_rank(rank: int, args: argparse.Namespace, endpoint_q, result_q) -> Non
     nbytes = tokens * spec.bytes_per_token
     cache = PagedKvCache.allocate(spec, num_blocks, device=dev)
     gen = torch.Generator().manual_seed(rank)
+    src_gen = torch.Generator().manual_seed(0)  # rank 1 replays rank 0's tables to verify
     dist.init_process_group("nccl", init_method=args.dist_url, rank=rank, world_size=2)
     flat = torch.empty(nbytes, dtype=torch.uint8, device=dev)
-    times: dict[str, list[float]] = {"torch_nccl": [], "pdserve_nccl": []}
     if rank == 1:
         done: dict[str, object] = {}
+        plugin = NcclReceiverPlugin(dev)
         rx = ZmqKvReceiver(cache, ZmqReceiverConfig(endpoint="tcp://127.0.0.1:0"),
                            on_complete=lambda r, reps: done.__setitem__(r, reps),
-                           on_release=lambda r, e: done.__setitem__(r, e), nccl=NcclReceiverPlugin(dev))
+                           on_release=lambda r, e: done.__setitem__(r, e), nccl=plugin)
         endpoint_q.put(rx.endpoint)
         rx.start()
+        ref = PagedKvCache.allocate(spec, num_blocks, device=dev)  # the sender's contents, to verify
+        fill_random(ref, torch.Generator(device="cpu").manual_seed(7))
     else:
         fill_random(cache, torch.Generator(device="cpu").manual_seed(7))
-        tx = ZmqKvSender(endpoint_q.get(), nccl=NcclSenderPlugin(dev))
-    for rep in range(args.repeats + 3):
-        # baseline: one contiguous buffer through torch.distributed
-        dist.barrier()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        plugin = NcclSenderPlugin(dev)
+        tx = ZmqKvSender(endpoint_q.get(), nccl=plugin)
+    rows, bad = [], []
+    for chunk_mib in args.chunk_mib:
+        times: dict[str, list[float]] = {"torch_nccl": [], "pdserve_nccl": []}
+        breakdown: list[dict] = []
         if rank == 0:
-            dist.send(flat, 1)
-        else:
-            dist.recv(flat, 0)
-        torch.cuda.synchronize()
-        if rep >= 3:
-            times["torch_nccl"].append(time.perf_counter() - t0)
-        # pdserve: scattered blocks -> scattered blocks, header over ZMQ, ack back
-        rid = f"nccl-{rep}"
-        if rank == 1:
-            rx.expect(rid, torch.randperm(num_blocks, generator=gen)[:tokens // BLOCK].tolist())
-        dist.barrier()
-        if rank == 0:
-            table = torch.randperm(num_blocks, generator=gen)[:tokens // BLOCK].tolist()
-            res = tx.send(cache, table, 0, tokens, request_id=rid)
+            plugin.chunk_bytes = chunk_mib << 20
+        for rep in range(args.repeats + 3):
+            # baseline: one contiguous buffer through torch.distributed
+            dist.barrier()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            if rank == 0:
+                dist.send(flat, 1)
+            else:
+                dist.recv(flat, 0)
+            torch.cuda.synchronize()
             if rep >= 3:
-                times["pdserve_nccl"].append(res.seconds)
-        else:  # the next barrier must not overlap this transfer's NCCL work
-            deadline = time.monotonic() + 120
-            while rid not in done and time.monotonic() < deadline:
-                time.sleep(0.001)
-            if not isinstance(done.get(rid), list):
-                raise SystemExit(f"transfer {rid} failed on the receiver: {done.get(rid)!r}")
+                times["torch_nccl"].append(time.perf_counter() - t0)
+            # pdserve: scattered blocks -> scattered blocks, header over ZMQ, ack back
+            rid = f"nccl-{chunk_mib}-{rep}"
+            if rank == 1:
+                dst_table = torch.randperm(num_blocks, generator=gen)[:tokens // BLOCK].tolist()
+                src_table = torch.randperm(num_blocks, generator=src_gen)[:tokens // BLOCK].tolist()
+                rx.expect(rid, dst_table)
+            dist.barrier()
+            if rank == 0:
+                table = torch.randperm(num_blocks, generator=gen)[:tokens // BLOCK].tolist()
+                t0 = time.perf_counter()
+                res = tx.send(cache, table, 0, tokens, request_id=rid)
+                wall = time.perf_counter() - t0
+                t = plugin.timings()
+                payload = t.get("cpu_sent_ms", 0.0)
+                t["total_ms"] = wall * 1e3
+                t["outside_payload_ms"] = wall * 1e3 - payload  # pack + header send + ack wait
+                if rep >= 3:
+                    times["pdserve_nccl"].append(res.seconds)
+                    breakdown.append(t)
+            else:  # the next barrier must not overlap this transfer's NCCL work
+                deadline = time.monotonic() + 120
+                while rid not in done and time.monotonic() < deadline:
+                    time.sleep(0.0002)
+                reports = done.get(rid)
+                if not isinstance(reports, list):
+                    raise SystemExit(f"transfer {rid} failed on the receiver: {reports!r}")
+                if rep >= 3:
+                    breakdown.append(plugin.timings())
+                if rep == 0:  # bit-exact check of a few layers
+                    src_ids = torch.tensor(src_table, device=dev)
+                    dst_ids = torch.tensor(dst_table, device=dev)
+                    for layer in (0, spec.num_layers // 2, spec.num_layers - 1):
+                        for part, t in cache.parts(layer).items():
+                            if not torch.equal(t[dst_ids], ref.parts(layer)[part][src_ids]):
+                                bad.append(f"chunk {chunk_mib} MiB layer {layer} part {part}")
+        if rank == 0:
+            gbps = {k: nbytes / statistics.median(v) / 1e9 for k, v in times.items()}
+            rows.append({"tokens": tokens, "bytes": nbytes, "chunk_mib": chunk_mib,
+                         **{f"{k}_gbps": round(v, 2) for k, v in gbps.items()},
+                         "ratio": round(gbps["pdserve_nccl"] / gbps["torch_nccl"], 3),
+                         "sender_ms": _median_breakdown(breakdown)})
+        else:
+            rows.append({"chunk_mib": chunk_mib, "receiver_ms": _median_breakdown(breakdown)})
     dist.barrier()
     if rank == 0:
         tx.close()
-        gbps = {k: nbytes / statistics.median(v) / 1e9 for k, v in times.items()}
-        result_q.put({"tokens": tokens, "bytes": nbytes, **{f"{k}_gbps": round(v, 2) for k, v in gbps.items()},
-                      "ratio": round(gbps["pdserve_nccl"] / gbps["torch_nccl"], 3)})
+        result_q.put(("sender", rows))
     else:
         rx.close()
+        result_q.put(("receiver", rows, bad))
     dist.destroy_process_group()
 
 
@@ -258,17 +299,31 @@ def run_nccl(args: argparse.Namespace) -> dict:
     procs = [ctx.Process(target=_nccl_rank, args=(r, args, endpoint_q, result_q)) for r in (0, 1)]
     for p in procs:
         p.start()
-    row = result_q.get(timeout=600)
+    got = {}
+    for _ in range(2):
+        item = result_q.get(timeout=600)
+        got[item[0]] = item[1:]
     for p in procs:
         p.join(timeout=60)
-    print(f"{row['tokens']} tokens {row['bytes'] / 2**20:.0f} MiB | torch.distributed send/recv "
-          f"{row['torch_nccl_gbps']:.1f} GB/s | pdserve NCCL {row['pdserve_nccl_gbps']:.1f} GB/s | "
-          f"ratio {row['ratio']:.2f} (target >= 0.85)")
+    rows = got["sender"][0]
+    recv_rows, bad = got["receiver"]
+    for row, rrow in zip(rows, recv_rows, strict=True):
+        row["receiver_ms"] = rrow["receiver_ms"]
+        print(f"{row['tokens']} tokens {row['bytes'] / 2**20:.0f} MiB chunk {row['chunk_mib']} MiB | "
+              f"torch.distributed send/recv {row['torch_nccl_gbps']:.1f} GB/s | pdserve NCCL "
+              f"{row['pdserve_nccl_gbps']:.1f} GB/s | ratio {row['ratio']:.2f} (target >= 0.85)")
+        print(f"   sender ms:   {row['sender_ms']}")
+        print(f"   receiver ms: {row['receiver_ms']}")
+    print("data check:", "OK (bit-exact)" if not bad else f"MISMATCH {bad}")
     props = torch.cuda.get_device_properties(0)
     return {"benchmark": "transfer_nccl", "model": "Llama-3-8B KV (32 layers, 8 kv heads, dim 128, bf16)",
             "block_size": BLOCK, "repeats": args.repeats, "statistic": "median",
             "machine": {**machine(), "gpu": props.name, "gpus": torch.cuda.device_count()},
-            "rows": [row], "target": "ratio >= 0.85"}
+            "data_check": bad or "ok",
+            "breakdown_note": "sender_ms: cpu_* marks from payload start (after pack + HEADER sent); "
+                              "outside_payload_ms = pack + header + ack wait; gpu_* spans from CUDA events. "
+                              "receiver_ms: cpu_* marks from header validated; gpu_* spans.",
+            "rows": rows, "target": "ratio >= 0.85"}
 
 
 def main() -> None:
@@ -278,6 +333,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--endpoint", default="tcp://127.0.0.1:0", help="ZMQ endpoint (tcp:// or ipc://)")
     ap.add_argument("--chunk-kib", type=int, default=1024, help="ZMQ chunk (pipelining unit) size")
+    ap.add_argument("--chunk-mib", type=int, nargs="+", default=[64, 32, 128],
+                    help="NCCL: sender chunk (gather + send unit) sizes to measure")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     if args.nccl:
@@ -299,7 +356,7 @@ def markdown(result: dict) -> str:
     """The result as a table for the README (same numbers as the JSON)."""
     m = result["machine"]
     rows = result["rows"]
-    cols = [k for k in rows[0] if k.endswith("_gbps") or k.startswith("ratio")]
+    cols = [k for k in rows[0] if k.endswith("_gbps") or k.startswith("ratio") or k == "chunk_mib"]
     lines = [f"# {result['benchmark']}: {result['model']}", "",
              f"{m['date']} · {m.get('gpu', m['cpu'])} · {m['cores']} cores · torch {m['torch']} · "
              f"median of {result['repeats']} · target {result['target']}", "",

@@ -169,10 +169,12 @@ class NcclLibrary:
     def group_end(self) -> int:
         return self.check(self._lib.ncclGroupEnd(), "ncclGroupEnd")
 
-    def send(self, ptr: int, nbytes: int, peer: int, comm: int, stream: int) -> None:
-        self.check(self._lib.ncclSend(ctypes.c_void_p(ptr), nbytes, NCCL_UINT8, peer,
+    def send(self, ptr: int, nbytes: int, peer: int, comm: int, stream: int) -> int:
+        """NCCL_SUCCESS once enqueued, NCCL_IN_PROGRESS when a non-blocking communicator is
+        still enqueueing (poll `async_error`)."""
+        return self.check(self._lib.ncclSend(ctypes.c_void_p(ptr), nbytes, NCCL_UINT8, peer,
                                       ctypes.c_void_p(comm), ctypes.c_void_p(stream)), "ncclSend")
 
-    def recv(self, ptr: int, nbytes: int, peer: int, comm: int, stream: int) -> None:
-        self.check(self._lib.ncclRecv(ctypes.c_void_p(ptr), nbytes, NCCL_UINT8, peer,
+    def recv(self, ptr: int, nbytes: int, peer: int, comm: int, stream: int) -> int:
+        return self.check(self._lib.ncclRecv(ctypes.c_void_p(ptr), nbytes, NCCL_UINT8, peer,
                                       ctypes.c_void_p(comm), ctypes.c_void_p(stream)), "ncclRecv")

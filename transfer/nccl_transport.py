@@ -37,7 +37,7 @@ from transfer.header import TransferHeader
 from transfer.nccl_lib import NCCL_IN_PROGRESS, NCCL_SUCCESS, NcclLibrary
 from transfer.pack import PackedKv, StagingPool
 
-_POLL_S = 0.0002
+_POLL_S = 0.00002
 
 
 def _require_cuda(device: torch.device | str | int) -> torch.device:
@@ -130,8 +130,9 @@ class NcclLink:
             return self.lib.async_error(self.comm)
 
     def _poll_until(self, done: Callable[[], bool], deadline: float, what: str) -> None:
-        """Poll `done()` and the communicator's async state until done, error or deadline."""
-        self.watchdog.arm(deadline)
+        """Poll `done()` and the communicator's async state until done, error or deadline.
+        Short sleeps (`_POLL_S`): a transfer of a few ms must not lose a scheduler tick."""
+        armed = False
         try:
             while True:
                 state = self._state()
@@ -140,12 +141,17 @@ class NcclLink:
                     raise TransferError(f"NCCL {what}: {self.lib.error_string(state)} (code {state})")
                 if state == NCCL_SUCCESS and done():
                     return
-                if time.monotonic() > deadline:
+                now = time.monotonic()
+                if now > deadline:
                     self.abort()
                     raise TransferTimeout(f"NCCL {what} not done before the deadline; communicator aborted")
+                if not armed:
+                    self.watchdog.arm(deadline)
+                    armed = True
                 time.sleep(_POLL_S)
         finally:
-            self.watchdog.disarm()
+            if armed:
+                self.watchdog.disarm()
 
     def wait_ready(self, deadline: float) -> None:
         if not self._ready:
@@ -156,30 +162,56 @@ class NcclLink:
                 after: torch.cuda.Event | None = None) -> torch.cuda.Event:
         """One ncclSend/ncclRecv of `buf` on the link's stream (after `after`, if given); returns
         an event that completes with it. A non-blocking communicator may return before the
-        work is on the stream, so the event is recorded only once NCCL says it is enqueued."""
+        work is on the stream (NCCL_IN_PROGRESS), so the event is recorded only once NCCL says
+        it is enqueued."""
         self.wait_ready(deadline)
         if after is not None:
             self.stream.wait_event(after)
         op = self.lib.send if is_send else self.lib.recv
-        # Non-blocking communicators return at once: hold the lock so abort cannot interleave.
-        # A blocking one (NCCL < 2.14) may block until the peer posts its half: then the
-        # armed watchdog must be able to abort from its thread, so no lock.
-        self.watchdog.arm(deadline)
-        try:
-            with self._lock if self.lib.has_config else _NoLock():
+        args = (buf.data_ptr(), buf.numel() * buf.element_size(), self.peer, self.comm, self.stream.cuda_stream)
+        if self.lib.has_config:
+            # Non-blocking communicator: returns at once. Hold the lock so abort cannot interleave.
+            with self._lock:
                 if self._dead:
                     raise TransferTimeout("the NCCL communicator was aborted")
-                op(buf.data_ptr(), buf.numel() * buf.element_size(), self.peer, self.comm, self.stream.cuda_stream)
-        finally:
-            self.watchdog.disarm()
-        self._poll_until(lambda: True, deadline, "enqueue")
-        event = torch.cuda.Event()
+                res = op(*args)
+            if res == NCCL_IN_PROGRESS:
+                self._poll_until(lambda: True, deadline, "enqueue")
+        else:
+            # A blocking one (NCCL < 2.14) may block until the peer posts its half: then the
+            # armed watchdog must be able to abort from its thread, so no lock.
+            self.watchdog.arm(deadline)
+            try:
+                if self._dead:
+                    raise TransferTimeout("the NCCL communicator was aborted")
+                op(*args)
+            finally:
+                self.watchdog.disarm()
+            self._poll_until(lambda: True, deadline, "enqueue")
+        event = torch.cuda.Event(enable_timing=True)
         event.record(self.stream)
         return event
 
     def wait(self, event: torch.cuda.Event, deadline: float, what: str) -> None:
         """Poll `event` (and the communicator's health) until done; abort at the deadline."""
+        if event.query() and self._state() == NCCL_SUCCESS:
+            return
         self._poll_until(event.query, deadline, what)
+
+
+def _timed_event(stream: torch.cuda.Stream) -> torch.cuda.Event:
+    event = torch.cuda.Event(enable_timing=True)
+    event.record(stream)
+    return event
+
+
+def _ms(a: torch.cuda.Event | None, b: torch.cuda.Event | None) -> float | None:
+    if a is None or b is None:
+        return None
+    try:
+        return a.elapsed_time(b)
+    except RuntimeError:  # not recorded or not complete (a failed transfer)
+        return None
 
 
 class NcclSenderPlugin:
@@ -204,23 +236,68 @@ class NcclSenderPlugin:
         self.link.wait_ready(deadline)
 
     def send_payload(self, sender: Any, packed: PackedKv, deadline: float) -> None:
+        """Gathers are queued on the aux stream while READY travels; each send is enqueued as
+        soon as READY is in and waits (on the GPU) only for its own gather."""
         link = self.link
         assert link is not None
-        gathered: list[tuple[torch.Tensor, torch.cuda.Event]] = []
+        tid = packed.header.transfer_id
+        t_entry = time.perf_counter()
+        n = len(packed.buffers)
+        buffers: list[torch.Tensor] = []
+        gathered: list[torch.cuda.Event] = []
+        sent: list[torch.cuda.Event] = []
+        ready = False
+        t_ready = None
         with torch.cuda.device(self.device):
             link.aux.wait_stream(torch.cuda.current_stream(self.device))  # cache writes first
-            with torch.cuda.stream(link.aux):
-                for i in range(len(packed.buffers)):  # queued now, run while READY travels
-                    buf = packed.buffer(i)
-                    done = torch.cuda.Event()
-                    done.record(link.aux)
-                    gathered.append((buf, done))
-        sender._wait_reply(packed.header.transfer_id, deadline, want=proto.READY)
-        last = None
-        for buf, done in gathered:
-            last = link.enqueue(buf, deadline, is_send=True, after=done)
-        if last is not None:
-            link.wait(last, deadline, "send")
+            g_start = _timed_event(link.aux)
+            n_start = torch.cuda.Event(enable_timing=True)
+            for i in range(n):
+                with torch.cuda.stream(link.aux):
+                    buffers.append(packed.buffer(i))
+                    gathered.append(_timed_event(link.aux))
+                if not ready and sender._poll_reply(tid, 0.0, want=proto.READY) is not None:
+                    ready, t_ready = True, time.perf_counter()
+                if ready:  # send everything gathered so far
+                    while len(sent) < len(buffers):
+                        j = len(sent)
+                        if j == 0:
+                            link.stream.wait_event(gathered[0])
+                            n_start.record(link.stream)
+                        sent.append(link.enqueue(buffers[j], deadline, is_send=True, after=gathered[j]))
+            t_queued = time.perf_counter()
+            if not ready:
+                sender._wait_reply(tid, deadline, want=proto.READY)
+                t_ready = time.perf_counter()
+            while len(sent) < n:
+                j = len(sent)
+                if j == 0:
+                    link.stream.wait_event(gathered[0])
+                    n_start.record(link.stream)
+                sent.append(link.enqueue(buffers[j], deadline, is_send=True, after=gathered[j]))
+            t_enqueued = time.perf_counter()
+            if sent:
+                link.wait(sent[-1], deadline, "send")
+        t_done = time.perf_counter()
+        self.last_timings = {
+            "cpu_gathers_queued_ms": (t_queued - t_entry) * 1e3,
+            "cpu_ready_ms": ((t_ready or t_entry) - t_entry) * 1e3,
+            "cpu_sends_enqueued_ms": (t_enqueued - t_entry) * 1e3,
+            "cpu_sent_ms": (t_done - t_entry) * 1e3,
+            "_events": (g_start, gathered[-1] if gathered else None, n_start, sent[-1] if sent else None),
+            "buffers": n,
+        }
+
+    def timings(self) -> dict[str, Any]:
+        """The last transfer's breakdown (ms): CPU marks from payload start, GPU spans."""
+        t = dict(getattr(self, "last_timings", {}))
+        ev = t.pop("_events", None)
+        if ev is not None:
+            g0, g1, n0, n1 = ev
+            t["gpu_gather_ms"] = _ms(g0, g1)  # first gather start to last gather end
+            t["gpu_nccl_ms"] = _ms(n0, n1)  # first send start to last send end
+            t["gpu_gather_to_sent_ms"] = _ms(g0, n1)
+        return t
 
     def reset(self) -> None:
         if self.link is not None:
@@ -256,27 +333,60 @@ class NcclReceiverPlugin:
             raise TransportUnavailable("NCCL payload from a peer that never sent its NCCL hello",
                                        request_id=header.request_id)
         try:
+            t_entry = time.perf_counter()
             link.wait_ready(deadline)
             with torch.cuda.device(self.device):
                 link.stream.wait_stream(torch.cuda.current_stream(self.device))
                 with torch.cuda.stream(link.stream):  # sizes were checked against the limits
-                    buffers = [torch.empty(n, dtype=torch.uint8, device=self.device) for n in header.buffer_sizes]
+                    whole = torch.empty(sum(header.buffer_sizes), dtype=torch.uint8, device=self.device)
+                buffers, at = [], 0
+                for size in header.buffer_sizes:
+                    buffers.append(whole[at:at + size])
+                    at += size
             reply(peer, [proto.READY, proto.pack([header.transfer_id])])
             flush()
+            t_ready = time.perf_counter()
             with torch.cuda.device(self.device):
                 # every receive is posted before any write, so the wire never waits for the host
+                r_start = _timed_event(link.stream)
                 arrived = [link.enqueue(buf, deadline, is_send=False) for buf in buffers]
+                t_posted = time.perf_counter()
+                w_start = None
                 for i, (buf, event) in enumerate(zip(buffers, arrived, strict=True)):
                     link.aux.wait_event(event)  # write buffer i while later ones arrive
+                    if w_start is None:
+                        w_start = _timed_event(link.aux)
                     with torch.cuda.stream(link.aux):
                         writer.accept(i, buf)
-                written = torch.cuda.Event()
-                written.record(link.aux)
+                written = _timed_event(link.aux)
+                # the receive buffer is reused by the allocator once the writes are done
+                whole.record_stream(link.aux)
+            t_queued = time.perf_counter()
             link.wait(written, deadline, "receive and write")
+            t_done = time.perf_counter()
+            self.last_timings = {
+                "cpu_ready_sent_ms": (t_ready - t_entry) * 1e3,
+                "cpu_recvs_posted_ms": (t_posted - t_entry) * 1e3,
+                "cpu_writes_queued_ms": (t_queued - t_entry) * 1e3,
+                "cpu_written_ms": (t_done - t_entry) * 1e3,
+                "_events": (r_start, arrived[-1] if arrived else None, w_start, written),
+            }
         except TransferError:
             self.links.pop(peer, None)
             link.close()
             raise
+
+    def timings(self) -> dict[str, Any]:
+        """The last transfer's breakdown (ms): CPU marks from header validated, GPU spans."""
+        t = dict(getattr(self, "last_timings", {}))
+        ev = t.pop("_events", None)
+        if ev is not None:
+            r0, r1, w0, w1 = ev
+            t["gpu_recv_ms"] = _ms(r0, r1)  # first receive posted to last received
+            t["gpu_first_write_at_ms"] = _ms(r0, w0)  # first buffer in, its write starts
+            t["gpu_write_tail_ms"] = _ms(r1, w1)  # last received to last write done
+            t["gpu_recv_to_written_ms"] = _ms(r0, w1)
+        return t
 
     def close(self) -> None:
         for link in self.links.values():

@@ -69,7 +69,9 @@ def _receiver(endpoints: Any, results: Any, stall: bool) -> None:
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and len(ended) < (1 if stall else 2):
         rx.poll(0.01)
-    got = [t.cpu() for t in read_tokens_float(dst, DST_TABLE, *TOK)]
+    # numpy, not tensors: a tensor in a Queue travels as a file descriptor that the parent can
+    # only fetch while this process is alive (EOFError in the parent once it has exited)
+    got = [t.float().cpu().numpy() for t in read_tokens_float(dst, DST_TABLE, *TOK)]
     results.put(("receiver", {k: type(v).__name__ for k, v in ended.items()}, got))
     rx.close()
 
@@ -95,7 +97,7 @@ def _sender(endpoint: str, results: Any, timeout_s: float) -> None:
         except TransferError as e:
             outcome.append(("error", type(e).__name__, time.monotonic() - t0))
             break
-    want = [t.cpu() for t in read_tokens_float(src, SRC_TABLE, *TOK)]
+    want = [t.float().cpu().numpy() for t in read_tokens_float(src, SRC_TABLE, *TOK)]
     results.put(("sender", outcome, want))
     tx.close()
 
@@ -133,11 +135,12 @@ def test_nccl_scattered_blocks_between_two_gpus() -> None:
     assert outcome[0][1] == "convert" and outcome[0][2] == 10 * SRC.bytes_per_block
     assert ended == {"first": "list", "second": "list"}
     for g, w in zip(got, want, strict=True):  # bf16 -> fp16 within fp16's tolerance
-        assert torch.allclose(g, w, rtol=2**-10, atol=2**-24)
+        assert torch.allclose(torch.from_numpy(g), torch.from_numpy(w), rtol=2**-10, atol=2**-24)
 
 
 def test_nccl_watchdog_turns_a_stalled_peer_into_timeout() -> None:
     out = _run(stall=True, timeout_s=3)
+    assert "sender" in out, f"the sender process sent no result: {out.keys()}"
     outcome, _ = out["sender"]
     assert outcome[0][0] == "error" and outcome[0][1] == "TransferTimeout", outcome
     assert outcome[0][2] < 15  # failed near its deadline, did not hang
