@@ -167,9 +167,15 @@ def _expand_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
           scale: float) -> torch.Tensor:
-    """q: [B, Lq, Hq, D]; k, v: [B, Lk, Hkv, D]; mask: [B or 1, Lq, Lk] bool -> [B, Lq, Hq, D]."""
-    k, v = _expand_heads(k, q.shape[2]), _expand_heads(v, q.shape[2])
+    """q: [B, Lq, Hq, D]; k, v: [B, Lk, Hkv, D]; mask: [B or 1, Lq, Lk] bool -> [B, Lq, Hq, D].
+
+    On CPU SDPA reads the GQA groups itself (`enable_gqa`, bit-identical and no copy of K/V:
+    measured 350 -> 213 ms per SmolLM2 decode step at 16 sequences); elsewhere K/V are expanded.
+    """
+    gqa = q.device.type == "cpu" and q.shape[2] != k.shape[2]
+    if not gqa:
+        k, v = _expand_heads(k, q.shape[2]), _expand_heads(v, q.shape[2])
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype),
-        attn_mask=mask.unsqueeze(1), scale=scale)
+        attn_mask=mask.unsqueeze(1), scale=scale, **({"enable_gqa": True} if gqa else {}))
     return out.transpose(1, 2)

@@ -23,6 +23,7 @@ import torch
 
 from engine.attention import AttentionMetadata, DecodeMetadata
 from engine.config import ModelConfig
+from engine.cpu_malloc import keep_freed_memory
 from engine.cuda_graphs import DecodeGraphs, capture_sizes
 from engine.kv_layout import allocate_cache, copy_block
 from engine.kv_spec import KvLayout
@@ -95,6 +96,8 @@ class ModelRunner:
                  dtype: torch.dtype, device: torch.device, *, attention_backend: str = "auto",
                  cuda_graphs: bool = True) -> None:
         self.config, self.plan, self.device, self.dtype = config, plan, device, dtype
+        if device.type == "cpu":
+            keep_freed_memory()  # no page-fault storm per decode step (engine/cpu_malloc.py)
         self.attention_backend = choose_attention_backend(attention_backend, device, plan.spec.layout)
         with torch.device("meta"):
             model = LlamaForCausalLM(config, plan.max_model_len)
