@@ -19,6 +19,8 @@ from typing import Literal, Protocol
 
 import xxhash
 
+from engine.kv_cache_manager import block_hashes as engine_block_hashes
+
 Role = Literal["prefill", "decode"]
 
 
@@ -117,16 +119,8 @@ class LeastLoaded:
 
 
 def block_hashes(prompt_ids: Sequence[int], block_size: int, max_blocks: int) -> list[int]:
-    """Chained xxh64 of each full block of `prompt_ids`: hash i covers tokens [0, (i+1)*bs)."""
-    hashes: list[int] = []
-    parent = 0
-    num_blocks = min(len(prompt_ids) // block_size, max_blocks)
-    for i in range(num_blocks):
-        block = prompt_ids[i * block_size:(i + 1) * block_size]
-        data = struct.pack(f"<Q{block_size}I", parent, *block)
-        parent = xxhash.xxh64_intdigest(data)
-        hashes.append(parent)
-    return hashes
+    """The engine's prefix-cache keys of the prompt's first full blocks (at most `max_blocks`)."""
+    return engine_block_hashes(prompt_ids, block_size, max_blocks)
 
 
 def rendezvous(key: int, workers: Sequence[WorkerState]) -> WorkerState:
