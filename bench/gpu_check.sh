@@ -10,14 +10,7 @@
 set -u -o pipefail
 OUT=${OUT:-$PWD/gpu_check_out}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-PY=${PY:-python3}
-if ls .whl/*.whl >/dev/null 2>&1; then
-    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/pdserve_site .whl/*.whl || exit 1
-    export PYTHONPATH=/tmp/pdserve_site${PYTHONPATH:+:$PYTHONPATH}
-fi
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+source bench/gpu_env.sh
 
 {
     nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.sm,clocks.mem,driver_version --format=csv

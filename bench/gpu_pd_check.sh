@@ -14,14 +14,7 @@
 set -u -o pipefail
 OUT=${OUT:-$PWD/gpu_pd_out}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-PY=${PY:-python3}
-if ls .whl/*.whl >/dev/null 2>&1; then
-    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/pdserve_site .whl/*.whl || exit 1
-    export PYTHONPATH=/tmp/pdserve_site${PYTHONPATH:+:$PYTHONPATH}
-fi
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+source bench/gpu_env.sh
 MODEL=.gl_models/llama3-8b-shape
 SERVE_ARGS="--model $MODEL --load-format dummy --max-model-len 8192 --gpu-memory-utilization 0.85 --max-num-seqs 64 --max-num-batched-tokens 8192"
 WORKLOAD="--dataset synthetic --input-len uniform:2048:7800 --output-len uniform:64:256 --tokenizer $MODEL --seed 0"

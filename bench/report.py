@@ -174,10 +174,15 @@ def plot_cdfs(results: Sequence[RequestResult], path: str | Path, title: str,
         ax.set(title=f"{name} (n={len(xs)})", xlabel="ms", ylim=(0, 1.02))
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("fraction of requests")
+    return save_figure(fig, title, path)
+
+
+def save_figure(fig: Any, title: str, path: str | Path) -> Path:
+    """Title, lay out, write the PNG (creating its folder), close the figure."""
     fig.suptitle(title)
     fig.tight_layout()
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
-    plt.close(fig)
+    pyplot().close(fig)
     return out

@@ -256,7 +256,7 @@ def format_tables(results: Sequence[ConfigResult], slo: Slo) -> str:
 
 def plot_sweep(results: Sequence[ConfigResult], slo: Slo, path: str | Path, title: str) -> Path:
     """One PNG: SLO attainment, p90 TTFT and p90 TPOT against the request rate, per config."""
-    from bench.report import pyplot
+    from bench.report import pyplot, save_figure
 
     plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
@@ -278,10 +278,4 @@ def plot_sweep(results: Sequence[ConfigResult], slo: Slo, path: str | Path, titl
         ax.grid(alpha=0.3)
         ax.legend()
     axes[0].set_ylim(0, 105)
-    fig.suptitle(title)
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, title, path)

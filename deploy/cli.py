@@ -7,7 +7,6 @@ name, one default and one help text everywhere.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
 import sys
 import time
@@ -47,9 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(sub)
     from deploy.status_cli import add_status_parsers
     add_status_parsers(sub)
-    if importlib.util.find_spec("deploy.bench_cli") is not None:
-        from deploy.bench_cli import add_bench_parser
-        add_bench_parser(sub)
+    from deploy.bench_cli import add_bench_parser
+    add_bench_parser(sub)
     return parser
 
 

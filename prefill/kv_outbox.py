@@ -68,9 +68,6 @@ class KvOutbox:
         self._thread = threading.Thread(target=self._run, name="kv-sender", daemon=True)
         self._thread.start()
 
-    def sockets(self) -> list[zmq.Socket]:
-        return []  # results come back through a thread-safe queue, read every loop iteration
-
     def send(self, request_id: str, address: str, block_table: list[int], num_tokens: int,
              dest_block_ids: list[int], dest_spec: KvSpec, meta: dict[str, Any]) -> None:
         """Queue tokens [0, num_tokens) of a sequence for the reservation at `address`.

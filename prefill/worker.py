@@ -15,8 +15,6 @@ import json
 import logging
 from dataclasses import dataclass
 
-import zmq
-
 from deploy.worker_base import WorkerBase, WorkerConfig
 from engine.errors import EngineError, RequestError
 from engine.kv_spec import KvSpec
@@ -43,9 +41,7 @@ class PrefillWorker(WorkerBase):
     def __init__(self, config: WorkerConfig, engine: LLMEngine) -> None:
         super().__init__(config, engine, m.PREFILL_CTRL)
         self.jobs: dict[str, Job] = {}  # admitted, not yet acked
-        self.kv = KvOutbox(self.ctx, engine, config)
-        for sock in self.kv.sockets():
-            self.poller.register(sock, zmq.POLLIN)
+        self.kv = KvOutbox(self.ctx, engine, config)  # results come back through a queue
 
     @property
     def kv_address(self) -> str:

@@ -9,7 +9,7 @@ variant once per session under a temporary directory.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -106,3 +106,12 @@ def tiny_hf_checkpoint(tmp_path_factory: pytest.TempPathFactory,
         return built[variant]
 
     return build
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Tiny tensors: intra-op threads only add barrier stalls (badly so on a shared 2-core box)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -22,12 +22,7 @@ GQA = KvSpec(2, 4, 64, 16, dtype=KvDtype.BFLOAT16)
 TOK = (0, 50)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def source(spec: KvSpec = GQA, seed: int = 0) -> tuple[PagedKvCache, list[int]]:

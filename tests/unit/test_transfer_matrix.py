@@ -33,13 +33,7 @@ TOKENS = (8, 45)  # crosses block boundaries, unaligned end (and unaligned start
 DEVICE = os.environ.get("PDSERVE_TEST_DEVICE", "cpu")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add barrier stalls (badly so on a shared 2-core box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_shape(kind: str, head_dim: int) -> KvModelShape:
