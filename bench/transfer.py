@@ -1,12 +1,15 @@
 """KV transfer micro-benchmark (not a test). Prints ratios measured side by side in one run.
 
 ZMQ (default): SmolLM2-135M-shaped KV (30 layers, 3 KV heads, head_dim 64, bf16: 22.5 KiB per
-token) at 128 / 1k / 8k tokens, paged source cache → paged destination cache over tcp loopback
-(header, validation, checksum off and on), beside a plain Python socket sending the same number
-of bytes over loopback in the same run (sendall of one contiguous buffer → recv_into one
-preallocated buffer). Sender and receiver are separate processes; each timing runs from the
-sender's first byte to the receiver's ack, raw and ZMQ repetitions alternate so background load
-hits both alike. Writes bench/results/transfer_zmq.json.
+token) at 128 / 1k / 8k tokens, scattered paged source cache → scattered paged destination cache
+over tcp loopback (header, validation, ack), beside a plain Python socket sending the same bytes
+over loopback in the same run (sendall of one contiguous buffer holding a copy of the KV →
+recv_into one preallocated buffer; the buffer is written first so that, like the cache, it is
+real memory and not the kernel's shared zero page). Columns: the default stream payload path
+(writev/readv on a data connection; checksum off and on; contiguous source blocks) and the ZMQ
+multipart frames path (`payload="frames"`). Sender and receiver are separate processes; each
+timing runs from the start of `send` to the receiver's ack, raw and ZMQ repetitions alternate so
+background load hits both alike. Writes bench/results/transfer_zmq.json and .md.
 
     python bench/transfer.py [--tokens 128 1024 8192] [--repeats 10]
 
@@ -90,11 +93,13 @@ def _zmq_sender_proc(pipe, endpoint: str, raw_port: int, max_tokens: int, chunk_
     num_blocks = 2 * max_tokens // BLOCK
     src = PagedKvCache.allocate(spec, num_blocks)
     fill_random(src, torch.Generator().manual_seed(1))
-    payload = torch.empty(max_tokens * spec.bytes_per_token, dtype=torch.uint8)
+    payload = torch.cat([t.reshape(-1).view(torch.uint8) for ts in src.layers for t in ts])
+    payload = payload[:max_tokens * spec.bytes_per_token].clone()  # the KV's bytes, in real memory
     raw = socket.create_connection(("127.0.0.1", raw_port))
     raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     pack = PackOptions(chunk_bytes=chunk_bytes)
-    senders = {cs: ZmqKvSender(endpoint, ZmqSenderConfig(checksum=cs, pack=pack)) for cs in (False, True)}
+    senders = {(payload_path, cs): ZmqKvSender(endpoint, ZmqSenderConfig(checksum=cs, pack=pack, payload=payload_path))
+               for payload_path in ("stream", "frames") for cs in (False, True)}
     gen = torch.Generator().manual_seed(2)
     while True:
         cmd = pipe.recv()
@@ -108,9 +113,9 @@ def _zmq_sender_proc(pipe, endpoint: str, raw_port: int, max_tokens: int, chunk_
             raw.recv(1)
             pipe.send(time.perf_counter() - t0)
         else:
-            _, rid, tokens, checksum, contiguous = cmd
+            _, rid, tokens, checksum, contiguous, payload_path = cmd
             table = scattered_table(tokens, num_blocks, gen, contiguous)
-            res = senders[checksum].send(src, table, 0, tokens, request_id=rid)
+            res = senders[(payload_path, checksum)].send(src, table, 0, tokens, request_id=rid)
             pipe.send(res.seconds)
     for s in senders.values():
         s.close()
@@ -143,7 +148,8 @@ def run_zmq(args: argparse.Namespace) -> dict:
     seq = 0
     for tokens in args.tokens:
         nbytes = tokens * spec.bytes_per_token
-        times: dict[str, list[float]] = {"raw": [], "zmq": [], "zmq_checksum": [], "zmq_contiguous": []}
+        times: dict[str, list[float]] = {"raw": [], "zmq": [], "zmq_checksum": [], "zmq_contiguous": [],
+                                         "zmq_frames": [], "zmq_frames_checksum": []}
         for rep in range(args.repeats + 2):  # two warm-ups
             for name in times:
                 if name == "raw":
@@ -152,7 +158,8 @@ def run_zmq(args: argparse.Namespace) -> dict:
                     seq += 1
                     rid = f"bench-{seq}"
                     rx.expect(rid, scattered_table(tokens, num_blocks, gen, contiguous=False))
-                    parent.send(("zmq", rid, tokens, name == "zmq_checksum", name == "zmq_contiguous"))
+                    parent.send(("zmq", rid, tokens, name.endswith("checksum"), name == "zmq_contiguous",
+                                 "frames" if name.startswith("zmq_frames") else "stream"))
                 seconds = parent.recv()
                 if rep >= 2:
                     times[name].append(seconds)
@@ -160,19 +167,24 @@ def run_zmq(args: argparse.Namespace) -> dict:
         row = {"tokens": tokens, "bytes": nbytes, **{f"{k}_gbps": round(v, 3) for k, v in gbps.items()},
                "ratio": round(gbps["zmq"] / gbps["raw"], 3),
                "ratio_checksum": round(gbps["zmq_checksum"] / gbps["raw"], 3),
-               "ratio_contiguous": round(gbps["zmq_contiguous"] / gbps["raw"], 3)}
+               "ratio_contiguous": round(gbps["zmq_contiguous"] / gbps["raw"], 3),
+               "ratio_frames": round(gbps["zmq_frames"] / gbps["raw"], 3),
+               "ratio_frames_checksum": round(gbps["zmq_frames_checksum"] / gbps["raw"], 3)}
         rows.append(row)
         print(f"{tokens:>6} tokens {nbytes / 2**20:8.1f} MiB | raw socket {gbps['raw']:6.2f} GB/s | "
-              f"zmq {gbps['zmq']:6.2f} GB/s (ratio {row['ratio']:.2f}) | checksum {gbps['zmq_checksum']:6.2f} "
+              f"stream {gbps['zmq']:6.2f} GB/s (ratio {row['ratio']:.2f}) | checksum {gbps['zmq_checksum']:6.2f} "
               f"({row['ratio_checksum']:.2f}) | contiguous blocks {gbps['zmq_contiguous']:6.2f} "
-              f"({row['ratio_contiguous']:.2f})", flush=True)
+              f"({row['ratio_contiguous']:.2f}) | frames {gbps['zmq_frames']:6.2f} ({row['ratio_frames']:.2f}) | "
+              f"frames+checksum {gbps['zmq_frames_checksum']:6.2f} ({row['ratio_frames_checksum']:.2f})", flush=True)
     parent.send(("stop",))
     proc.join(timeout=30)
     rx.close()
     failures = [k for k, v in done.items() if not isinstance(v, list)]
     return {"benchmark": "transfer_zmq", "model": "SmolLM2-135M KV (30 layers, 3 kv heads, dim 64, bf16)",
             "bytes_per_token": spec.bytes_per_token, "block_size": BLOCK, "endpoint": args.endpoint,
-            "chunk_bytes": args.chunk_kib << 10,
+            "chunk_bytes": args.chunk_kib << 10, "payload_paths": {
+                "zmq": "stream (default): header on ZMQ, writev/readv on a data connection",
+                "zmq_frames": "ZMQ multipart DATA frames (payload='frames', chunk_bytes)"},
             "repeats": args.repeats, "statistic": "median", "machine": started,
             "failed_transfers": len(failures), "rows": rows, "target": "ratio >= 0.9 at 8192 tokens",
             "load_avg_end": os.getloadavg()}
@@ -204,10 +216,16 @@ def _nccl_rank(rank: int, args: argparse.Namespace, endpoint_q, result_q) -> Non
     flat = torch.empty(nbytes, dtype=torch.uint8, device=dev)
     if rank == 1:
         done: dict[str, object] = {}
+        ended = threading.Condition()
+
+        def end(rid: str, outcome: object) -> None:  # on the receiver's thread
+            with ended:
+                done[rid] = outcome
+                ended.notify_all()
+
         plugin = NcclReceiverPlugin(dev)
         rx = ZmqKvReceiver(cache, ZmqReceiverConfig(endpoint="tcp://127.0.0.1:0"),
-                           on_complete=lambda r, reps: done.__setitem__(r, reps),
-                           on_release=lambda r, e: done.__setitem__(r, e), nccl=plugin)
+                           on_complete=end, on_release=end, nccl=plugin)
         endpoint_q.put(rx.endpoint)
         rx.start()
         ref = PagedKvCache.allocate(spec, num_blocks, device=dev)  # the sender's contents, to verify
@@ -217,11 +235,14 @@ def _nccl_rank(rank: int, args: argparse.Namespace, endpoint_q, result_q) -> Non
         plugin = NcclSenderPlugin(dev)
         tx = ZmqKvSender(endpoint_q.get(), nccl=plugin)
     rows, bad = [], []
-    for chunk_mib in args.chunk_mib:
+    for mode, chunk_mib in [("eager", c) for c in args.chunk_mib] + [("ready", c) for c in args.ready_chunk_mib]:
         times: dict[str, list[float]] = {"torch_nccl": [], "pdserve_nccl": []}
         breakdown: list[dict] = []
         if rank == 0:
             plugin.chunk_bytes = chunk_mib << 20
+            if plugin.eager != (mode == "eager"):  # a new link announces the mode in its hello
+                plugin.eager = mode == "eager"
+                plugin.reset()
         for rep in range(args.repeats + 3):
             # baseline: one contiguous buffer through torch.distributed
             dist.barrier()
@@ -235,7 +256,7 @@ def _nccl_rank(rank: int, args: argparse.Namespace, endpoint_q, result_q) -> Non
             if rep >= 3:
                 times["torch_nccl"].append(time.perf_counter() - t0)
             # pdserve: scattered blocks -> scattered blocks, header over ZMQ, ack back
-            rid = f"nccl-{chunk_mib}-{rep}"
+            rid = f"nccl-{mode}-{chunk_mib}-{rep}"
             if rank == 1:
                 dst_table = torch.randperm(num_blocks, generator=gen)[:tokens // BLOCK].tolist()
                 src_table = torch.randperm(num_blocks, generator=src_gen)[:tokens // BLOCK].tolist()
@@ -254,9 +275,8 @@ def _nccl_rank(rank: int, args: argparse.Namespace, endpoint_q, result_q) -> Non
                     times["pdserve_nccl"].append(res.seconds)
                     breakdown.append(t)
             else:  # the next barrier must not overlap this transfer's NCCL work
-                deadline = time.monotonic() + 120
-                while rid not in done and time.monotonic() < deadline:
-                    time.sleep(0.0002)
+                with ended:  # sleeps without taking the GIL from the receiver's thread
+                    ended.wait_for(lambda rid=rid: rid in done, timeout=120)
                 reports = done.get(rid)
                 if not isinstance(reports, list):
                     raise SystemExit(f"transfer {rid} failed on the receiver: {reports!r}")
@@ -271,12 +291,12 @@ def _nccl_rank(rank: int, args: argparse.Namespace, endpoint_q, result_q) -> Non
                                 bad.append(f"chunk {chunk_mib} MiB layer {layer} part {part}")
         if rank == 0:
             gbps = {k: nbytes / statistics.median(v) / 1e9 for k, v in times.items()}
-            rows.append({"tokens": tokens, "bytes": nbytes, "chunk_mib": chunk_mib,
+            rows.append({"tokens": tokens, "bytes": nbytes, "mode": mode, "chunk_mib": chunk_mib,
                          **{f"{k}_gbps": round(v, 2) for k, v in gbps.items()},
                          "ratio": round(gbps["pdserve_nccl"] / gbps["torch_nccl"], 3),
                          "sender_ms": _median_breakdown(breakdown)})
         else:
-            rows.append({"chunk_mib": chunk_mib, "receiver_ms": _median_breakdown(breakdown)})
+            rows.append({"mode": mode, "chunk_mib": chunk_mib, "receiver_ms": _median_breakdown(breakdown)})
     dist.barrier()
     if rank == 0:
         tx.close()
@@ -309,7 +329,7 @@ def run_nccl(args: argparse.Namespace) -> dict:
     recv_rows, bad = got["receiver"]
     for row, rrow in zip(rows, recv_rows, strict=True):
         row["receiver_ms"] = rrow["receiver_ms"]
-        print(f"{row['tokens']} tokens {row['bytes'] / 2**20:.0f} MiB chunk {row['chunk_mib']} MiB | "
+        print(f"{row['tokens']} tokens {row['bytes'] / 2**20:.0f} MiB {row['mode']} chunk {row['chunk_mib']} MiB | "
               f"torch.distributed send/recv {row['torch_nccl_gbps']:.1f} GB/s | pdserve NCCL "
               f"{row['pdserve_nccl_gbps']:.1f} GB/s | ratio {row['ratio']:.2f} (target >= 0.85)")
         print(f"   sender ms:   {row['sender_ms']}")
@@ -333,8 +353,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--endpoint", default="tcp://127.0.0.1:0", help="ZMQ endpoint (tcp:// or ipc://)")
     ap.add_argument("--chunk-kib", type=int, default=1024, help="ZMQ chunk (pipelining unit) size")
-    ap.add_argument("--chunk-mib", type=int, nargs="+", default=[64, 32, 128],
-                    help="NCCL: sender chunk (gather + send unit) sizes to measure")
+    ap.add_argument("--chunk-mib", type=int, nargs="+", default=[128, 64, 256],
+                    help="NCCL: sender chunk (gather + send unit) sizes to measure (eager sends)")
+    ap.add_argument("--ready-chunk-mib", type=int, nargs="*", default=[128],
+                    help="NCCL: chunk sizes to measure with the READY handshake (eager=False)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     if args.nccl:
@@ -356,7 +378,7 @@ def markdown(result: dict) -> str:
     """The result as a table for the README (same numbers as the JSON)."""
     m = result["machine"]
     rows = result["rows"]
-    cols = [k for k in rows[0] if k.endswith("_gbps") or k.startswith("ratio") or k == "chunk_mib"]
+    cols = [k for k in rows[0] if k.endswith("_gbps") or k.startswith("ratio") or k in ("chunk_mib", "mode")]
     lines = [f"# {result['benchmark']}: {result['model']}", "",
              f"{m['date']} · {m.get('gpu', m['cpu'])} · {m['cores']} cores · torch {m['torch']} · "
              f"median of {result['repeats']} · target {result['target']}", "",

@@ -62,6 +62,7 @@ class KvInbox:
             from transfer.nccl_transport import NcclReceiverPlugin
             nccl = NcclReceiverPlugin(engine.config.torch_device)
         self._arrivals: list[KvArrival] = []
+        self._registered: list[zmq.Socket | int] = []
         self.num_bytes, self.num_seconds = 0, 0.0
         self.receiver = ZmqKvReceiver(
             cache, ZmqReceiverConfig(endpoint=f"tcp://{host}:0", limits=limits),
@@ -71,6 +72,19 @@ class KvInbox:
     @property
     def socket(self) -> zmq.Socket:
         return self.receiver.socket
+
+    def sync_poller(self, poller: zmq.Poller) -> None:
+        """Keep `poller` waking on everything the receiver reads: its ROUTER socket and the
+        stream data connections (they come and go; call after every `receive`)."""
+        want = self.receiver.pollables()
+        have = self._registered
+        for item in have:
+            if item not in want:
+                poller.unregister(item)
+        for item in want:
+            if item not in have:
+                poller.register(item, zmq.POLLIN)
+        self._registered = want
 
     def expect(self, request_id: str, seq: Sequence) -> None:
         self.receiver.expect(request_id, list(seq.block_table))

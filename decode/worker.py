@@ -19,8 +19,6 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
-import zmq
-
 from decode import messages as m
 from decode.kv_inbox import KvArrival, KvInbox
 from deploy.worker_base import WorkerBase, WorkerConfig
@@ -57,7 +55,7 @@ class DecodeWorker(WorkerBase):
         self.reservations: dict[str, Reservation] = {}
         self.local: set[str] = set()  # requests in the engine's own scheduler
         self.kv = KvInbox(self.ctx, config.host, engine, config.kv_limits(), config.transport)
-        self.poller.register(self.kv.socket, zmq.POLLIN)
+        self.kv.sync_poller(self.poller)  # the ROUTER socket and the KV data connections
         self.num_generation_tokens = 0
 
     @property
@@ -131,6 +129,7 @@ class DecodeWorker(WorkerBase):
     def on_kv(self) -> None:
         for arrival in self.kv.receive():
             self._on_arrival(arrival)
+        self.kv.sync_poller(self.poller)
 
     def _on_arrival(self, a: KvArrival) -> None:
         res = self.reservations.pop(a.request_id, None)

@@ -15,7 +15,8 @@ or `PagedKvCache.from_engine(spec, layers)`.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -29,6 +30,8 @@ class PagedKvCache:
     spec: KvSpec
     layers: list[tuple[torch.Tensor, ...]]
     scales: list[torch.Tensor] | None = None
+    # block_copy.CacheTable once built (False: the kernel does not apply to this cache)
+    copy_table: Any = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         spec = self.spec

@@ -34,7 +34,7 @@ from transfer.errors import LimitExceeded, MalformedHeader, UnsupportedVersion
 
 WIRE_VERSION = 1
 CHECKSUM_ALGOS = ("xxh3_64",)
-TRANSPORTS = ("zmq", "nccl")
+TRANSPORTS = ("zmq", "stream", "nccl")  # ZMQ frames, stream socket (zmq_protocol.py), NCCL
 _TOP_KEYS = frozenset({"v", "rid", "tid", "spec", "tok", "lay", "heads", "bufs", "chunks", "ent",
                        "sum", "tr", "meta"})
 _SPEC_INTS = ("num_layers", "num_kv_heads", "head_dim", "block_size", "int4_group_size",
@@ -157,6 +157,13 @@ def _int(v: Any, what: str, lo: int = 0, hi: int = _U64) -> int:
     return v
 
 
+def _ints(values: list[Any], what: str, lo: int = 0) -> tuple[int, ...]:
+    """Many ints at once; the per-item message is built only when one is bad."""
+    if all(type(x) is int and lo <= x <= _U64 for x in values):
+        return tuple(values)
+    return tuple(_int(x, f"{what}[{i}]", lo) for i, x in enumerate(values))
+
+
 def _pair(v: Any, what: str) -> tuple[int, int]:
     if not isinstance(v, list) or len(v) != 2:
         raise MalformedHeader(f"{what} must be a [start, end] pair")
@@ -171,7 +178,7 @@ def _int_list(v: Any, what: str, max_len: int, lo: int = 0) -> tuple[int, ...]:
         raise MalformedHeader(f"{what} must be a list")
     if len(v) > max_len:
         raise LimitExceeded(f"{what} length", len(v), max_len)
-    return tuple(_int(x, f"{what}[{i}]", lo) for i, x in enumerate(v))
+    return _ints(v, what, lo)
 
 
 def _spec(d: Any, limits: ReceiverLimits) -> KvSpec:
@@ -211,9 +218,8 @@ def _entry(v: Any, i: int) -> TensorEntry:
         raise MalformedHeader(f"entry {i}: unknown dtype {dtype!r:.40}")
     if not isinstance(shape, list) or len(shape) > 8:
         raise MalformedHeader(f"entry {i}: shape must be a list of at most 8 ints")
-    ints = [_int(x, f"entry {i} field {j}") for j, x in enumerate(v[1:7])]
-    return TensorEntry(part, *ints[:6], dtype=dtype,
-                       shape=tuple(_int(x, f"entry {i} shape") for x in shape),
+    ints = _ints(v[1:7], f"entry {i} field")
+    return TensorEntry(part, *ints, dtype=dtype, shape=_ints(shape, f"entry {i} shape"),
                        nbytes=_int(v[9], f"entry {i} nbytes"))
 
 
@@ -307,6 +313,7 @@ def validate_header(h: TransferHeader, limits: ReceiverLimits) -> None:
     if sum(e.num_layers for e in h.entries) > limits.max_entries:
         raise LimitExceeded("entry layers", sum(e.num_layers for e in h.entries), limits.max_entries)
     coverage: dict[tuple[str, int], list[tuple[int, int]]] = defaultdict(list)
+    num_blocks = h.num_blocks
     for i, e in enumerate(h.entries):
         shape, dtype = expected_entry_shape(h, e)
         if e.shape != shape or e.dtype != dtype:
@@ -322,14 +329,14 @@ def validate_header(h: TransferHeader, limits: ReceiverLimits) -> None:
             raise MalformedHeader("scales travel in buffer 0")
         if e.num_layers == 0 or not h.layer_start <= e.layer_start <= h.layer_end - e.num_layers:
             raise MalformedHeader(f"entry {i}: layers outside [{h.layer_start}, {h.layer_end})")
-        if e.block_start + e.num_blocks > h.num_blocks:
-            raise MalformedHeader(f"entry {i}: blocks beyond the transfer's {h.num_blocks}")
+        if e.block_start + e.num_blocks > num_blocks:
+            raise MalformedHeader(f"entry {i}: blocks beyond the transfer's {num_blocks}")
         for layer in range(e.layer_start, e.layer_start + e.num_layers):
             coverage[(e.part, layer)].append((e.block_start, e.num_blocks))
-    _check_tiling(h, coverage)
+    _check_tiling(h, coverage, num_blocks)
 
 
-def _check_tiling(h: TransferHeader, coverage: dict[tuple[str, int], list[tuple[int, int]]]) -> None:
+def _check_tiling(h: TransferHeader, coverage: dict[tuple[str, int], list[tuple[int, int]]], num_blocks: int) -> None:
     parts = layouts.wire_parts(h.spec)
     if len(coverage) != len(parts) * (h.layer_end - h.layer_start):
         raise MalformedHeader("entries do not cover every (part, layer) of the transfer exactly")
@@ -346,5 +353,5 @@ def _check_tiling(h: TransferHeader, coverage: dict[tuple[str, int], list[tuple[
                 if start != at or n == 0:
                     raise MalformedHeader(f"{part} blocks of layer {layer} overlap or leave a gap at {at}")
                 at += n
-            if at != h.num_blocks:
-                raise MalformedHeader(f"{part} of layer {layer} covers {at} of {h.num_blocks} blocks")
+            if at != num_blocks:
+                raise MalformedHeader(f"{part} of layer {layer} covers {at} of {num_blocks} blocks")

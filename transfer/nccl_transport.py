@@ -4,12 +4,20 @@ One `NcclLink` (a 2-rank communicator, its own CUDA stream, a watchdog) per (pre
 pair. The prefill side (rank 0) creates the unique id and sends it over the pair's ZMQ
 connection (NCCL_HELLO); both sides initialise non-blocking and poll with a deadline.
 
-A transfer (see zmq_protocol.py): HEADER over ZMQ (transport "nccl") → the receiver validates
-it, allocates the receive buffers (bounded by its limits) and answers READY → both issue one
-ncclSend/ncclRecv per packed buffer, in order, on the link's stream → the receiver writes each
-buffer into its cache on a second stream as soon as it has arrived, then acks over ZMQ. The
-sender gathers the scattered blocks into few large buffers (pack.py, gather mode, `chunk_bytes`
-each) on its second stream while READY is on its way; each send waits only for its own gather.
+A transfer (see zmq_protocol.py): HEADER over ZMQ (transport "nccl") → the sender gathers the
+scattered blocks into few large buffers (`chunk_bytes` each; one Triton kernel per buffer,
+block_copy.py, on its second stream) and enqueues one ncclSend per buffer, each after its own
+gather, without waiting: NCCL holds the sends on the GPU until the receiver posts its receives
+→ the receiver decodes the header (sizes within its limits), allocates the receive buffers and
+posts one ncclRecv per buffer at once (`prepost`), before it even looks up the reservation;
+then it builds the writer and writes each buffer into its cache (one scatter kernel per entry)
+as soon as it has arrived → ack over ZMQ. A receiver that refuses a decoded header (no
+reservation, incompatible spec) still takes the payload into the posted buffers and drops it,
+then answers ERROR: the sender's sends settle, the link stays in step, and the sender raises
+the receiver's typed error. Only when the header could not be decoded (nothing posted) do the
+sends stay stuck: after a grace period the sender aborts the communicator and builds a new one
+on its next transfer. A sender created with `eager=False` waits for READY from the receiver
+before its first send (the receiver learns which from the NCCL_HELLO).
 
 Every wait has a deadline. The watchdog thread aborts the communicator (`ncclCommAbort`) when
 a deadline passes while a call is stuck; the transfer then fails with `TransferTimeout`, the
@@ -27,17 +35,21 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from transfer import block_copy
 from transfer import zmq_protocol as proto
 from transfer.errors import MalformedFrame, TransferError, TransferTimeout, TransportUnavailable
 from transfer.header import TransferHeader
 from transfer.nccl_lib import NCCL_IN_PROGRESS, NCCL_SUCCESS, NcclLibrary
 from transfer.pack import PackedKv, StagingPool
 
-_POLL_S = 0.00002
+_POLL_S = 0.0002  # sleep between polls once the spin phase is over
+_REFUSAL_GRACE_S = 2.0  # a refused eager transfer: how long its sends may take to settle
+_SPIN_S = 0.05  # first spin (yielding the GIL): a transfer of a few ms must not wait for a timer
 
 
 def _require_cuda(device: torch.device | str | int) -> torch.device:
@@ -111,6 +123,8 @@ class NcclLink:
             self.aux = torch.cuda.Stream(device=device)  # gathers (sender) / writes (receiver)
             self.comm, res = lib.comm_init_rank(2, uid, rank, nonblocking=True)
         self._ready = res == NCCL_SUCCESS and not lib.has_config
+        self.enqueue_seconds = 0.0  # CPU time in enqueue() (reset per transfer by the plugins)
+        self.eager = False  # receiver side: the sender enqueues before READY (set from its hello)
         self.watchdog = Watchdog(self.abort)
 
     def abort(self) -> None:
@@ -129,12 +143,17 @@ class NcclLink:
                 raise TransferTimeout("the NCCL communicator was aborted (deadline passed or peer lost)")
             return self.lib.async_error(self.comm)
 
-    def _poll_until(self, done: Callable[[], bool], deadline: float, what: str) -> None:
-        """Poll `done()` and the communicator's async state until done, error or deadline.
-        Short sleeps (`_POLL_S`): a transfer of a few ms must not lose a scheduler tick."""
+    def _poll_until(self, done: Callable[[], bool], deadline: float, what: str,
+                    interrupt: Callable[[], None] | None = None) -> None:
+        """Poll `done()` and the communicator's async state until done, error or deadline;
+        `interrupt()` (e.g. a check for the peer's error reply) may raise to stop waiting.
+        Spins for `_SPIN_S` (yielding the GIL), then sleeps `_POLL_S` between polls."""
         armed = False
+        spin_until = time.monotonic() + _SPIN_S
         try:
             while True:
+                if interrupt is not None:
+                    interrupt()
                 state = self._state()
                 if state not in (NCCL_SUCCESS, NCCL_IN_PROGRESS):
                     self.abort()
@@ -148,7 +167,7 @@ class NcclLink:
                 if not armed:
                     self.watchdog.arm(deadline)
                     armed = True
-                time.sleep(_POLL_S)
+                time.sleep(0 if now < spin_until else _POLL_S)
         finally:
             if armed:
                 self.watchdog.disarm()
@@ -159,11 +178,13 @@ class NcclLink:
             self._ready = True
 
     def enqueue(self, buf: torch.Tensor, deadline: float, *, is_send: bool,
-                after: torch.cuda.Event | None = None) -> torch.cuda.Event:
+                after: torch.cuda.Event | None = None,
+                interrupt: Callable[[], None] | None = None) -> torch.cuda.Event:
         """One ncclSend/ncclRecv of `buf` on the link's stream (after `after`, if given); returns
         an event that completes with it. A non-blocking communicator may return before the
         work is on the stream (NCCL_IN_PROGRESS), so the event is recorded only once NCCL says
         it is enqueued."""
+        t0 = time.perf_counter()
         self.wait_ready(deadline)
         if after is not None:
             self.stream.wait_event(after)
@@ -176,7 +197,7 @@ class NcclLink:
                     raise TransferTimeout("the NCCL communicator was aborted")
                 res = op(*args)
             if res == NCCL_IN_PROGRESS:
-                self._poll_until(lambda: True, deadline, "enqueue")
+                self._poll_until(lambda: True, deadline, "enqueue", interrupt)
         else:
             # A blocking one (NCCL < 2.14) may block until the peer posts its half: then the
             # armed watchdog must be able to abort from its thread, so no lock.
@@ -187,16 +208,29 @@ class NcclLink:
                 op(*args)
             finally:
                 self.watchdog.disarm()
-            self._poll_until(lambda: True, deadline, "enqueue")
+            self._poll_until(lambda: True, deadline, "enqueue", interrupt)
         event = torch.cuda.Event(enable_timing=True)
         event.record(self.stream)
+        self.enqueue_seconds += time.perf_counter() - t0
         return event
 
-    def wait(self, event: torch.cuda.Event, deadline: float, what: str) -> None:
+    def wait(self, event: torch.cuda.Event, deadline: float, what: str,
+             interrupt: Callable[[], None] | None = None) -> None:
         """Poll `event` (and the communicator's health) until done; abort at the deadline."""
         if event.query() and self._state() == NCCL_SUCCESS:
             return
-        self._poll_until(event.query, deadline, what)
+        self._poll_until(event.query, deadline, what, interrupt)
+
+
+def _settles(event: torch.cuda.Event, deadline: float, grace_s: float = _REFUSAL_GRACE_S) -> bool:
+    """Whether `event` completes within `grace_s` (and the deadline): a refusing receiver that
+    pre-posted its receives still takes the payload, so the sends finish and the link stays."""
+    until = min(deadline, time.monotonic() + grace_s)
+    while not event.query():
+        if time.monotonic() > until:
+            return False
+        time.sleep(0.0005)
+    return True
 
 
 def _timed_event(stream: torch.cuda.Stream) -> torch.cuda.Event:
@@ -215,14 +249,20 @@ def _ms(a: torch.cuda.Event | None, b: torch.cuda.Event | None) -> float | None:
 
 
 class NcclSenderPlugin:
-    """Prefill side: owns the link to one decode peer (rank 0). Gathers run on a second stream,
-    one buffer ahead of the sends, so gathering overlaps the wire."""
+    """Prefill side: owns the link to one decode peer (rank 0). Gathers run on a second stream
+    (one kernel per buffer, block_copy.py), each send waits only for its own gather.
+
+    `eager` (default): sends are enqueued right after the header; NCCL holds them on the GPU
+    until the receiver posts its receives, so no READY round trip sits before the wire. If the
+    receiver refuses the header instead, its ERROR reply arrives while the sends wait: the link
+    is aborted and rebuilt on the next transfer. `eager=False`: wait for READY first."""
 
     def __init__(self, device: torch.device | str | int, *, library_path: str | None = None,
-                 chunk_bytes: int = 64 << 20):
+                 chunk_bytes: int = 128 << 20, eager: bool = True):
         self.device = _require_cuda(device)
         self.lib = NcclLibrary(library_path)
         self.chunk_bytes = chunk_bytes  # few large buffers: one NCCL op each
+        self.eager = eager
         self.link: NcclLink | None = None
         self.pool = StagingPool()  # keyed: every buffer of a transfer alive at once
 
@@ -230,63 +270,120 @@ class NcclSenderPlugin:
         if self.link is not None:
             return
         uid = self.lib.unique_id()
-        sender._send_frames([proto.NCCL_HELLO, proto.pack([uid, self.device.index, self.lib.version])],
+        sender._send_frames([proto.NCCL_HELLO, proto.pack([uid, self.device.index, self.lib.version, self.eager])],
                             deadline)
         self.link = NcclLink(self.lib, uid, 0, self.device)
         self.link.wait_ready(deadline)
 
-    def send_payload(self, sender: Any, packed: PackedKv, deadline: float) -> None:
-        """Gathers are queued on the aux stream while READY travels; each send is enqueued as
-        soon as READY is in and waits (on the GPU) only for its own gather."""
+    def _gather(self, packed: PackedKv, index: int, entries: list, ids: torch.Tensor | None) -> torch.Tensor:
+        """Buffer `index` on the current (aux) stream: one kernel when it applies."""
+        if ids is not None and packed.cache is not None:
+            out = self.pool.get(index, packed.buffers[index].nbytes, self.device)
+            if block_copy.gather_entries(packed.cache, ids, entries, out):
+                return out
+        return packed.buffer(index)
+
+    def send_payload(self, sender: Any, packed: PackedKv, deadline: float) -> Any:
+        """Gather buffer i (aux stream), then send it (link stream, after gather i). Eager: all
+        enqueued at once; else sends start once READY is in (gathers run meanwhile). Returns
+        the receiver's ack body if it arrived while the sends were watched, else None."""
         link = self.link
         assert link is not None
         tid = packed.header.transfer_id
         t_entry = time.perf_counter()
+        link.enqueue_seconds = 0.0
         n = len(packed.buffers)
+        by_buffer = packed.entries_by_buffer()
         buffers: list[torch.Tensor] = []
         gathered: list[torch.cuda.Event] = []
         sent: list[torch.cuda.Event] = []
-        ready = False
-        t_ready = None
+        ready = self.eager
+        t_ready = t_entry if ready else None
+        failed = False
+
+        refused: list[tuple[TransferError, float]] = []
+        acked: list[Any] = []
+
+        def check_replies() -> None:
+            """A refusing receiver still takes the payload (it pre-posts its receives), so its
+            error is held until the sends settle; it ends the wait only after a grace period
+            (a receiver that could not even decode the header posts nothing). An ack that
+            arrives meanwhile is kept for the caller."""
+            if refused:
+                if time.monotonic() - refused[0][1] > _REFUSAL_GRACE_S:
+                    raise refused[0][0]
+                return
+            if acked:
+                return
+            try:
+                body = sender._poll_reply(tid, 0.0, want=proto.ACK)
+            except TransferError as e:
+                refused.append((e, time.monotonic()))
+                return
+            if body is not None:
+                acked.append(body)
+
+        interrupt = check_replies if self.eager else None
+        cpu_gather = 0.0
+
         with torch.cuda.device(self.device):
             link.aux.wait_stream(torch.cuda.current_stream(self.device))  # cache writes first
             g_start = _timed_event(link.aux)
             n_start = torch.cuda.Event(enable_timing=True)
-            for i in range(n):
+            ids = None
+            if packed.block_ids is not None and packed.cache is not None and packed.cache.device == self.device:
                 with torch.cuda.stream(link.aux):
-                    buffers.append(packed.buffer(i))
-                    gathered.append(_timed_event(link.aux))
-                if not ready and sender._poll_reply(tid, 0.0, want=proto.READY) is not None:
-                    ready, t_ready = True, time.perf_counter()
-                if ready:  # send everything gathered so far
-                    while len(sent) < len(buffers):
-                        j = len(sent)
-                        if j == 0:
-                            link.stream.wait_event(gathered[0])
-                            n_start.record(link.stream)
-                        sent.append(link.enqueue(buffers[j], deadline, is_send=True, after=gathered[j]))
-            t_queued = time.perf_counter()
-            if not ready:
-                sender._wait_reply(tid, deadline, want=proto.READY)
-                t_ready = time.perf_counter()
-            while len(sent) < n:
-                j = len(sent)
-                if j == 0:
-                    link.stream.wait_event(gathered[0])
-                    n_start.record(link.stream)
-                sent.append(link.enqueue(buffers[j], deadline, is_send=True, after=gathered[j]))
-            t_enqueued = time.perf_counter()
-            if sent:
-                link.wait(sent[-1], deadline, "send")
+                    ids = packed.block_ids.pin_memory().to(self.device, non_blocking=True)
+            try:
+                for i in range(n):
+                    t_g = time.perf_counter()
+                    with torch.cuda.stream(link.aux):
+                        buffers.append(self._gather(packed, i, by_buffer[i], ids))
+                        gathered.append(_timed_event(link.aux))
+                    cpu_gather += time.perf_counter() - t_g
+                    if not ready and sender._poll_reply(tid, 0.0, want=proto.READY) is not None:
+                        ready, t_ready = True, time.perf_counter()
+                    if ready:  # send everything gathered so far
+                        self._enqueue_sends(link, buffers, gathered, sent, n_start, deadline, interrupt)
+                t_queued = time.perf_counter()
+                if not ready:
+                    sender._wait_reply(tid, deadline, want=proto.READY)
+                    t_ready = time.perf_counter()
+                self._enqueue_sends(link, buffers, gathered, sent, n_start, deadline, interrupt)
+                t_enqueued = time.perf_counter()
+                if sent:
+                    link.wait(sent[-1], deadline, "send", interrupt)
+                if refused:  # the sends settled: the link stays, the error is the result
+                    raise refused[0][0]
+            except TransferError:
+                failed = True
+                raise
+            finally:
+                if failed and (len(sent) < n or (sent and not _settles(sent[-1], deadline))):
+                    self.reset()  # sends still waiting on the GPU: only an abort ends them
         t_done = time.perf_counter()
         self.last_timings = {
             "cpu_gathers_queued_ms": (t_queued - t_entry) * 1e3,
             "cpu_ready_ms": ((t_ready or t_entry) - t_entry) * 1e3,
             "cpu_sends_enqueued_ms": (t_enqueued - t_entry) * 1e3,
             "cpu_sent_ms": (t_done - t_entry) * 1e3,
+            "cpu_in_gather_calls_ms": cpu_gather * 1e3,
+            "cpu_in_send_calls_ms": link.enqueue_seconds * 1e3,
             "_events": (g_start, gathered[-1] if gathered else None, n_start, sent[-1] if sent else None),
             "buffers": n,
         }
+        return acked[0] if acked else None
+
+    @staticmethod
+    def _enqueue_sends(link: NcclLink, buffers: list[torch.Tensor], gathered: list[torch.cuda.Event],
+                       sent: list[torch.cuda.Event], n_start: torch.cuda.Event, deadline: float,
+                       interrupt: Callable[[], None] | None) -> None:
+        while len(sent) < len(buffers):
+            j = len(sent)
+            if j == 0:
+                link.stream.wait_event(gathered[0])
+                n_start.record(link.stream)
+            sent.append(link.enqueue(buffers[j], deadline, is_send=True, after=gathered[j], interrupt=interrupt))
 
     def timings(self) -> dict[str, Any]:
         """The last transfer's breakdown (ms): CPU marks from payload start, GPU spans."""
@@ -308,6 +405,19 @@ class NcclSenderPlugin:
         self.reset()
 
 
+@dataclass
+class _Posted:
+    """Receives posted for one header before its writer exists (see `prepost`)."""
+
+    transfer_id: int
+    whole: torch.Tensor
+    buffers: list[torch.Tensor]
+    arrived: list[torch.cuda.Event]
+    r_start: torch.cuda.Event
+    t_start: float
+    t_posted: float
+
+
 class NcclReceiverPlugin:
     """Decode side: one link per prefill peer (rank 1), created on its NCCL_HELLO."""
 
@@ -315,15 +425,54 @@ class NcclReceiverPlugin:
         self.device = _require_cuda(device)
         self.lib = NcclLibrary(library_path)
         self.links: dict[bytes, NcclLink] = {}
+        self._posted: dict[bytes, _Posted] = {}  # per peer: receives posted for its current header
 
     def accept_hello(self, peer: bytes, rest: list[Any], reply: Callable[[bytes, list[bytes]], None]) -> None:
         body = proto.unpack_small(rest[0].buffer, "nccl hello") if len(rest) == 1 else None
         if not isinstance(body, list) or not body or not isinstance(body[0], bytes):
             raise MalformedFrame("NCCL hello must be [unique_id, ...]")
+        self._posted.pop(peer, None)
         old = self.links.pop(peer, None)
         if old is not None:
             old.close()
-        self.links[peer] = NcclLink(self.lib, body[0], 1, self.device)
+        link = NcclLink(self.lib, body[0], 1, self.device)
+        link.eager = len(body) > 3 and body[3] is True  # the sender does not wait for READY
+        self.links[peer] = link
+
+    def prepost(self, peer: bytes, header: TransferHeader, deadline: float) -> None:
+        """Eager peers: allocate the receive buffers and post every receive as soon as the
+        header is decoded (its sizes are within the limits), before the reservation and the
+        writer are even looked up, so the wire starts at once. If the header is then refused,
+        the payload still lands here and is dropped (`discard`), keeping the pair in step."""
+        link = self.links.get(peer)
+        if link is None or not link.eager:
+            return
+        self.discard(peer)
+        t0 = time.perf_counter()
+        link.enqueue_seconds = 0.0
+        try:
+            link.wait_ready(deadline)
+            with torch.cuda.device(self.device):
+                link.stream.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(link.stream):
+                    whole = torch.empty(sum(header.buffer_sizes), dtype=torch.uint8, device=self.device)
+                buffers, at = [], 0
+                for size in header.buffer_sizes:
+                    buffers.append(whole[at:at + size])
+                    at += size
+                r_start = _timed_event(link.stream)
+                arrived = [link.enqueue(buf, deadline, is_send=False) for buf in buffers]
+                whole.record_stream(link.stream)
+        except TransferError:
+            self.links.pop(peer, None)
+            link.close()
+            raise
+        self._posted[peer] = _Posted(header.transfer_id, whole, buffers, arrived, r_start, t0, time.perf_counter())
+
+    def discard(self, peer: bytes) -> None:
+        """Forget a pre-posted transfer that will not be written (its receives still complete on
+        the link's stream; the allocator reuses the memory only after them)."""
+        self._posted.pop(peer, None)  # its memory was recorded on the link's stream
 
     def receive(self, peer: bytes, header: TransferHeader, writer: Any, deadline: float,
                 reply: Callable[[bytes, list[bytes]], None], flush: Callable[[], None]) -> None:
@@ -332,25 +481,36 @@ class NcclReceiverPlugin:
         if link is None:
             raise TransportUnavailable("NCCL payload from a peer that never sent its NCCL hello",
                                        request_id=header.request_id)
+        posted = self._posted.pop(peer, None)
+        if posted is not None and posted.transfer_id != header.transfer_id:
+            posted = None
         try:
             t_entry = time.perf_counter()
-            link.wait_ready(deadline)
-            with torch.cuda.device(self.device):
-                link.stream.wait_stream(torch.cuda.current_stream(self.device))
-                with torch.cuda.stream(link.stream):  # sizes were checked against the limits
-                    whole = torch.empty(sum(header.buffer_sizes), dtype=torch.uint8, device=self.device)
-                buffers, at = [], 0
-                for size in header.buffer_sizes:
-                    buffers.append(whole[at:at + size])
-                    at += size
-            reply(peer, [proto.READY, proto.pack([header.transfer_id])])
-            flush()
-            t_ready = time.perf_counter()
-            with torch.cuda.device(self.device):
-                # every receive is posted before any write, so the wire never waits for the host
-                r_start = _timed_event(link.stream)
-                arrived = [link.enqueue(buf, deadline, is_send=False) for buf in buffers]
+            if posted is None:
+                link.enqueue_seconds = 0.0
+                link.wait_ready(deadline)
+                with torch.cuda.device(self.device):
+                    link.stream.wait_stream(torch.cuda.current_stream(self.device))
+                    with torch.cuda.stream(link.stream):  # sizes were checked against the limits
+                        whole = torch.empty(sum(header.buffer_sizes), dtype=torch.uint8, device=self.device)
+                    buffers, at = [], 0
+                    for size in header.buffer_sizes:
+                        buffers.append(whole[at:at + size])
+                        at += size
+                if not link.eager:
+                    reply(peer, [proto.READY, proto.pack([header.transfer_id])])
+                    flush()
+                with torch.cuda.device(self.device):
+                    # every receive is posted before any write, so the wire never waits for the host
+                    r_start = _timed_event(link.stream)
+                    arrived = [link.enqueue(buf, deadline, is_send=False) for buf in buffers]
                 t_posted = time.perf_counter()
+            else:
+                whole, buffers, arrived, r_start = posted.whole, posted.buffers, posted.arrived, posted.r_start
+                t_entry, t_posted = posted.t_start, posted.t_posted
+            t_write = time.perf_counter()
+            with torch.cuda.device(self.device):
+                link.aux.wait_stream(torch.cuda.current_stream(self.device))  # the writer's id copy
                 w_start = None
                 for i, (buf, event) in enumerate(zip(buffers, arrived, strict=True)):
                     link.aux.wait_event(event)  # write buffer i while later ones arrive
@@ -365,10 +525,12 @@ class NcclReceiverPlugin:
             link.wait(written, deadline, "receive and write")
             t_done = time.perf_counter()
             self.last_timings = {
-                "cpu_ready_sent_ms": (t_ready - t_entry) * 1e3,
                 "cpu_recvs_posted_ms": (t_posted - t_entry) * 1e3,
+                "cpu_writer_ready_ms": (t_write - t_entry) * 1e3,
                 "cpu_writes_queued_ms": (t_queued - t_entry) * 1e3,
                 "cpu_written_ms": (t_done - t_entry) * 1e3,
+                "cpu_in_recv_calls_ms": link.enqueue_seconds * 1e3,
+                "cpu_in_write_calls_ms": (t_queued - t_write) * 1e3,
                 "_events": (r_start, arrived[-1] if arrived else None, w_start, written),
             }
         except TransferError:
@@ -389,6 +551,7 @@ class NcclReceiverPlugin:
         return t
 
     def close(self) -> None:
+        self._posted.clear()
         for link in self.links.values():
             link.close()
         self.links.clear()

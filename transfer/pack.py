@@ -12,7 +12,12 @@ Two ways to fill a buffer (chosen per transfer):
   about `chunk_bytes`, one entry per part covering all layers of the group.
 Scales, when the spec has them, always travel gathered in buffer 0.
 
-Ownership: views alias the cache. The caller must not write or free the source blocks until
+Scatter/gather transports (the stream path, zmq_sender.py) skip the gather entirely: for a
+cache on CPU, `PackedKv.segments(i)` describes buffer i as memory segments `(address, length)`
+of the source blocks in wire order (alignment padding from a zero buffer), to be written with
+writev; None when the buffer must be filled (scales, GPU caches, non-contiguous blocks).
+
+Ownership: views and segments alias the cache. The caller must not write or free the source blocks until
 the transport says the transfer is over (ack, error or timeout; see the transports).
 """
 
@@ -23,12 +28,14 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from transfer import layouts
 from transfer.cache import PagedKvCache
 from transfer.errors import InvalidRequest
-from transfer.header import ReceiverLimits, TensorEntry, TransferHeader, validate_header
+from transfer.header import TensorEntry, TransferHeader
+from transfer.iov import segments as make_segments
 
 _ALIGN = 16
 
@@ -84,6 +91,7 @@ class StagingPool:
 class _Buffer:
     nbytes: int
     fill: Callable[[], torch.Tensor]  # returns a 1-D contiguous uint8 tensor of nbytes
+    segments: Callable[[], np.ndarray] | None = None  # [k, 2] (address, length) in wire order
 
 
 @dataclass
@@ -92,9 +100,23 @@ class PackedKv:
 
     header: TransferHeader
     buffers: list[_Buffer]
+    cache: PagedKvCache | None = None  # the source, for transports that copy blocks themselves
+    block_ids: torch.Tensor | None = None  # the transfer's source block ids (int64, on CPU)
+
+    def entries_by_buffer(self) -> list[list[TensorEntry]]:
+        by: list[list[TensorEntry]] = [[] for _ in self.buffers]
+        for e in self.header.entries:
+            by[e.buffer].append(e)
+        return by
 
     def buffer(self, index: int) -> torch.Tensor:
         return self.buffers[index].fill()
+
+    def segments(self, index: int) -> np.ndarray | None:
+        """Buffer `index` as `[k, 2]` uint64 (address, length) segments of the source cache (and
+        of a zero pad) whose bytes, in order, are the buffer; None when it must be `buffer()`ed."""
+        make = self.buffers[index].segments
+        return None if make is None else make()
 
     def iter_chunks(self) -> Iterator[list[torch.Tensor]]:
         """Buffers grouped as `header.chunks` says, gathered just in time."""
@@ -123,6 +145,18 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1).view(torch.uint8)
 
 
+def _block_segments(tensors: list[torch.Tensor], ids: np.ndarray) -> np.ndarray | None:
+    """Segments of blocks `ids` of each `[B, ...]` tensor in turn (tensor-major), or None when
+    the tensors are not on CPU or a block is not one contiguous piece of memory."""
+    t = tensors[0]
+    if t.device.type != "cpu" or not t[0].is_contiguous():
+        return None
+    block_bytes = t[0].numel() * t.element_size()
+    bases = np.array([x.data_ptr() for x in tensors], dtype=np.uint64)
+    offsets = ids * np.uint64(t.stride(0) * t.element_size())
+    return make_segments((bases[:, None] + offsets[None, :]).reshape(-1), block_bytes)
+
+
 class _Planner:
     """Accumulates entries and buffers for one message."""
 
@@ -136,6 +170,7 @@ class _Planner:
         self.is_narrowed = heads != (lo, hi)
         self.entries: list[TensorEntry] = []
         self.buffers: list[_Buffer] = []
+        self.zeros = torch.zeros(_ALIGN, dtype=torch.uint8)  # alignment padding on the segment path
 
     def narrowed(self, t: torch.Tensor, axis: int | None) -> torch.Tensor:
         if axis is None or not self.is_narrowed:
@@ -146,16 +181,19 @@ class _Planner:
         return layouts.part_block_shape(self.spec, part, self.num_heads)
 
     def add_gathered(self, specs: list[tuple[str, int, int, int, int, tuple[int, ...], torch.dtype,
-                                              Callable[[int, torch.Tensor], None]]]) -> None:
+                                              Callable[[int, torch.Tensor], None]]],
+                     segments: list[Callable[[], np.ndarray | None]] | None = None) -> None:
         """One buffer holding several entries: (part, layer0, nl, block0, nb, shape, dtype, source)
-        where source(layer) is the tensor to gather from (already index-ready on dim 0)."""
-        index, offset, planned = len(self.buffers), 0, []
+        where source(layer) is the tensor to gather from (already index-ready on dim 0).
+        `segments`: per entry, its bytes as memory segments (None: that entry cannot)."""
+        index, offset, planned, pads = len(self.buffers), 0, [], []
         for part, layer0, nl, block0, nb, shape, dtype, source in specs:
             nbytes = math.prod(shape) * dtype.itemsize
             self.entries.append(TensorEntry(part, layer0, nl, block0, nb, index, offset,
                                             layouts.wire_dtype_name(dtype), shape, nbytes))
             planned.append((offset, nbytes, shape, dtype, layer0, nl, source))
-            offset += -(-nbytes // _ALIGN) * _ALIGN
+            pads.append(-nbytes % _ALIGN)
+            offset += nbytes + pads[-1]
 
         def fill(planned: list = planned, size: int = offset, index: int = index) -> torch.Tensor:
             device = self.cache.device
@@ -167,7 +205,19 @@ class _Planner:
                     source(layer0 + li, out[li])
             return buf
 
-        self.buffers.append(_Buffer(offset, fill))
+        segs = None if segments is None else lambda: self._joined(segments, pads)
+        self.buffers.append(_Buffer(offset, fill, segs))
+
+    def _joined(self, segments: list[Callable[[], np.ndarray | None]], pads: list[int]) -> np.ndarray | None:
+        out = []
+        for make, pad in zip(segments, pads, strict=True):
+            seg = make()
+            if seg is None:
+                return None
+            out.append(seg)
+            if pad:
+                out.append(make_segments(np.array([self.zeros.data_ptr()], dtype=np.uint64), pad))
+        return np.concatenate(out)
 
     def add_view(self, part: str, layer: int, block0: int, phys: int, nb: int) -> None:
         shape = (1, nb, *self.data_block_shape(part))
@@ -176,7 +226,9 @@ class _Planner:
         self.entries.append(TensorEntry(part, layer, 1, block0, nb, len(self.buffers), 0,
                                         layouts.wire_dtype_name(dtype), shape, nbytes))
         cache = self.cache
-        self.buffers.append(_Buffer(nbytes, lambda: _flat(cache.parts(layer)[part][phys:phys + nb])))
+        self.buffers.append(_Buffer(nbytes, lambda: _flat(cache.parts(layer)[part][phys:phys + nb]),
+                                    lambda: _block_segments([cache.parts(layer)[part][phys:phys + nb].reshape(1, -1)],
+                                                            np.zeros(1, dtype=np.uint64))))
 
 
 def _plan_scales(p: _Planner, layers: range) -> None:
@@ -213,8 +265,14 @@ def _plan_gathered(p: _Planner, layers: range, chunk_bytes: int) -> None:
             rows[key] = layouts.as_rows(src) if src.is_contiguous() else layouts.as_bits(src)
         return rows[key]
 
+    ids_np = p.ids.numpy().astype(np.uint64)
+
+    def segments(part: str, layer0: int, nl: int, b0: int, nb: int) -> Callable[[], np.ndarray | None]:
+        return lambda: _block_segments([p.narrowed(p.cache.parts(layer)[part], layouts.head_axis(spec, part))
+                                        for layer in range(layer0, layer0 + nl)], ids_np[b0:b0 + nb])
+
     def add(layer0: int, nl: int, b0: int, nb: int) -> None:
-        specs = []
+        specs, segs = [], []
         for part in parts:
             def source(layer: int, out: torch.Tensor, part: str = part) -> None:
                 src = source_rows(layer, part)
@@ -222,7 +280,8 @@ def _plan_gathered(p: _Planner, layers: range, chunk_bytes: int) -> None:
                 torch.index_select(src, 0, ids[b0:b0 + nb], out=dst)
 
             specs.append((part, layer0, nl, b0, nb, (nl, nb, *p.data_block_shape(part)), dtype, source))
-        p.add_gathered(specs)
+            segs.append(segments(part, layer0, nl, b0, nb))
+        p.add_gathered(specs, segs)
 
     if blocks_per_buf >= p.n:
         group = max(1, blocks_per_buf // p.n)
@@ -274,11 +333,11 @@ def pack_kv(
     layers = range(l0, l1)
     if layouts.has_scales(spec):
         _plan_scales(p, layers)
-    runs = _runs(ids.tolist())
+    runs = _runs(ids.tolist()) if options.allow_views and not p.is_narrowed else []
     dtype = layouts.storage_dtype(spec.dtype)
     min_part_block = min(math.prod(p.data_block_shape(part)) for part in layouts.data_parts(spec))
-    run_bytes = p.n / len(runs) * min_part_block * dtype.itemsize
-    if options.allow_views and not p.is_narrowed and run_bytes >= options.min_view_bytes:
+    run_bytes = p.n / max(1, len(runs)) * min_part_block * dtype.itemsize
+    if runs and run_bytes >= options.min_view_bytes:
         for layer in layers:
             for part in layouts.data_parts(spec):
                 for block0, phys, nb in runs:
@@ -292,6 +351,4 @@ def pack_kv(
         buffer_sizes=tuple(sizes), chunks=_chunks(sizes, options.chunk_bytes),
         entries=tuple(p.entries), checksum=checksum, transport=transport, meta=dict(meta or {}),
     )
-    validate_header(header, ReceiverLimits(max_message_bytes=1 << 62, max_buffer_bytes=1 << 62,
-                                           max_tokens=1 << 62, max_entries=1 << 62))
-    return PackedKv(header, p.buffers)
+    return PackedKv(header, p.buffers, cache, ids)  # the receiver validates it (decode_header)

@@ -5,7 +5,9 @@ Not used by the serving path. Everything takes an explicit `torch.Generator` (no
 
 from __future__ import annotations
 
+import threading
 from types import MappingProxyType
+from typing import Any
 
 import torch
 
@@ -47,3 +49,31 @@ def calibrate_scales(cache: PagedKvCache, amax_per_layer: list[torch.Tensor]) ->
             s.copy_(per.amax(dim=1, keepdim=True).expand(-1, g))
         else:
             s.copy_(per.unsqueeze(-1).expand(-1, -1, g))
+
+
+class ReceiverHarness:
+    """A started ZmqKvReceiver whose outcomes land in `ended` (request id → reports or error);
+    asserts that no reservation ends twice. For tests and benchmarks."""
+
+    def __init__(self, cache: PagedKvCache, config: Any) -> None:
+        from transfer.zmq_receiver import ZmqKvReceiver
+
+        self.cache = cache
+        self.ended: dict[str, Any] = {}
+        self._cond = threading.Condition()
+        self.rx = ZmqKvReceiver(cache, config, on_complete=self._end, on_release=self._end)
+        self.rx.start()
+
+    def _end(self, rid: str, outcome: Any) -> None:
+        with self._cond:
+            assert rid not in self.ended, f"reservation {rid} ended twice"
+            self.ended[rid] = outcome
+            self._cond.notify_all()
+
+    def wait(self, rid: str, timeout: float = 10.0) -> Any:
+        with self._cond:
+            assert self._cond.wait_for(lambda: rid in self.ended, timeout), f"{rid} never ended"
+            return self.ended[rid]
+
+    def close(self) -> None:
+        self.rx.close()

@@ -12,6 +12,12 @@ Two paths per entry: *block copy* when stored bits, layout, block size and heads
 destination's layout view at its own block size). Only tokens in `[token_start, token_end)` are
 ever written: a destination block shared with a cached prefix keeps its other slots.
 
+Scatter/gather transports (the stream path) may instead read a buffer straight into the
+destination blocks: `can_place(i)` says whether buffer i allows it (CPU paged sink, block copy,
+no scales), `whole_blocks(e)` which blocks of an entry may be placed, and `placed(i, partials)`
+does the bookkeeping for such a buffer and writes its partial first/last blocks (read by the
+caller into scratch memory) token by token — the same result as `accept`.
+
 Ownership: the writer writes only into the sink's blocks; it never allocates or frees blocks.
 If it raises midway, the destination blocks hold partial data and the caller must treat the
 reservation as failed (free or re-receive it).
@@ -19,6 +25,7 @@ reservation as failed (free or re-receive it).
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
@@ -26,7 +33,7 @@ from typing import Any, Protocol
 import torch
 
 from engine.kv_spec import KvSpec, ScaleGranularity
-from transfer import layouts
+from transfer import block_copy, layouts
 from transfer.cache import PagedKvCache
 from transfer.convert import ConversionPlan, ConvertOptions
 from transfer.errors import CacheMismatch, ChecksumMismatch, MalformedFrame
@@ -82,7 +89,8 @@ class PagedSink:
     def prepare(self, header: TransferHeader, plan: ConversionPlan) -> None:
         table = self.block_table.tolist() if isinstance(self.block_table, torch.Tensor) else self.block_table
         self.ids = self.cache.check_block_table(table, header.token_end)
-        self.ids_on_device = self.ids.to(self.cache.device)
+        dev = self.cache.device  # pinned + async: a GPU receiver never waits here for earlier work
+        self.ids_on_device = self.ids.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else self.ids
         if plan.has_fixed_dst_scales and self.cache.scales is not None:
             for s in self.cache.scales:
                 if not bool(torch.isfinite(s).all()) or bool((s <= 0).any()):
@@ -115,6 +123,11 @@ class PagedSink:
             rows.index_copy_(0, ids, src)
         else:
             layouts.as_bits(self.cache.parts(layer)[part]).index_copy_(0, ids, layouts.as_bits(blocks))
+
+    def write_entry_blocks(self, entry: TensorEntry, ids: torch.Tensor, blocks: torch.Tensor) -> bool:
+        """All layers of an entry's whole blocks `[nl, n, *block]` in one kernel launch, when the
+        cache is on CUDA (block_copy.py); False when not applicable (the caller goes per layer)."""
+        return block_copy.scatter_entry(self.cache, ids, entry, blocks)
 
     def write_scale_blocks(self, layer: int, ids: torch.Tensor, scales: torch.Tensor) -> None:
         """Per-token-head scales `[C, n, S, H, G]` of whole blocks."""
@@ -153,15 +166,15 @@ class KvWriter:
         self.used_convert = False
 
     # ---- intake -------------------------------------------------------------------------------
-    def accept(self, index: int, buffer: Any, checksum: int | None = None) -> None:
-        """Take buffer `index` (buffers must come in order 0, 1, ...) and write its entries."""
+    def accept(self, index: int, buffer: Any, checksum: int | None = None, *, verify: bool = True) -> None:
+        """Take buffer `index` (buffers must come in order 0, 1, ...) and write its entries.
+        `verify=False`: the caller checks the checksum itself (the stream path's trailer)."""
         h = self.header
-        if index != self.next_buffer or index >= len(h.buffer_sizes):
-            raise MalformedFrame(f"buffer {index} arrived, expected {self.next_buffer} of {len(h.buffer_sizes)}")
+        self._check_order(index)
         buf = wrap_buffer(buffer)
         if buf.numel() * buf.element_size() != h.buffer_sizes[index]:
             raise MalformedFrame(f"buffer {index} has {buf.numel()} bytes, header says {h.buffer_sizes[index]}")
-        if h.checksum is not None and buf.device.type == "cpu":
+        if verify and h.checksum is not None and buf.device.type == "cpu":
             got = compute_checksum(h.checksum, buf.numpy())
             if checksum != got:
                 raise ChecksumMismatch(f"buffer {index}: checksum {got:#x} != sent {checksum!r}")
@@ -173,6 +186,41 @@ class KvWriter:
             if e.part != layouts.PART_SCALE:
                 self._write_data(e, self._tensor(buf, e))
         self.num_bytes += h.buffer_sizes[index]
+        self.next_buffer += 1
+
+    def _check_order(self, index: int) -> None:
+        if index != self.next_buffer or index >= len(self.header.buffer_sizes):
+            raise MalformedFrame(f"buffer {index} arrived, expected {self.next_buffer} of "
+                                 f"{len(self.header.buffer_sizes)}")
+
+    # ---- in-place intake (scatter/gather transports) ---------------------------------------------
+    def can_place(self, index: int) -> bool:
+        """True when buffer `index`'s whole blocks may be read straight into the sink's blocks."""
+        sink = self.sink
+        return (isinstance(sink, PagedSink) and sink.cache.device.type == "cpu" and self.plan.is_block_copy
+                and not layouts.has_scales(self.header.spec) and not layouts.has_scales(sink.spec)
+                and all(e.part in layouts.data_parts(sink.spec) for e in self.by_buffer[index]))
+
+    def whole_blocks(self, e: TensorEntry) -> tuple[int, int]:
+        """Blocks `[lo, hi)` of an entry lying wholly inside the token range (empty: hi <= lo)."""
+        h, s = self.header, self.header.spec.block_size
+        first_tok = (h.first_block + e.block_start) * s
+        lo = 1 if first_tok < h.token_start else 0
+        return lo, e.num_blocks - (1 if first_tok + e.num_blocks * s > h.token_end else 0)
+
+    def placed(self, index: int, partials: list[tuple[TensorEntry, int, int, torch.Tensor]]) -> None:
+        """Buffer `index` was read in place: its entries' whole blocks (`whole_blocks`) are in the
+        sink's blocks. `partials`: (entry, layer, b0, blocks `[b1 - b0, *shape]`) for every other
+        block range, written here token by token (only tokens inside the range)."""
+        self._check_order(index)
+        for e in self.by_buffer[index]:
+            lo, hi = self.whole_blocks(e)
+            if hi > lo:
+                self.stats.num_values += e.num_layers * (hi - lo) * math.prod(e.shape[2:])
+                self.used_block_copy = True
+        for e, layer, b0, blocks in partials:
+            self._write_tokens(e, layer, blocks, b0, b0 + blocks.shape[0], is_raw=True)
+        self.num_bytes += self.header.buffer_sizes[index]
         self.next_buffer += 1
 
     def finish(self) -> WriteReport:
@@ -249,6 +297,12 @@ class KvWriter:
         abs0 = h.first_block + e.block_start + lo_blk
         ids = self.sink.dst_ids(abs0, hi_blk - lo_blk) if fast else None
         paged_scales = layouts.is_paged_scales(h.spec)
+        if ids is not None and (lo_blk, hi_blk) == (0, e.num_blocks) and not paged_scales and all(
+                self.is_raw_layer.get(e.layer_start + li, self.plan.is_raw) for li in range(e.num_layers)) \
+                and self.sink.write_entry_blocks(e, ids, t):  # every layer in one launch (CUDA)
+            self.used_block_copy = True
+            self.stats.num_values += t.numel()
+            return
         for li in range(e.num_layers):
             layer = e.layer_start + li
             blocks = t[li]  # [n, *part_block_shape]
@@ -262,14 +316,15 @@ class KvWriter:
                 self.sink.write_scale_blocks(layer, ids, self.src_scales[layer][:, rel:rel + hi_blk - lo_blk])
             for b0, b1 in ((0, lo_blk), (hi_blk, e.num_blocks)):
                 if b1 > b0:
-                    self._write_tokens(e, layer, blocks, b0, b1, is_raw)
+                    self._write_tokens(e, layer, blocks[b0:b1], b0, b1, is_raw)
             self.used_block_copy = True
         if ids is not None:
             self.stats.num_values += t[:, lo_blk:hi_blk].numel()
 
     def _write_tokens(self, e: TensorEntry, layer: int, blocks: torch.Tensor, b0: int, b1: int,
                       is_raw: bool) -> None:
-        """Convert blocks `[b0, b1)` of an entry token by token, keeping only the token range."""
+        """Convert blocks `[b0, b1)` of an entry (`blocks` holds exactly those) token by token,
+        keeping only the token range."""
         h, src = self.header, self.header.spec
         s = src.block_size
         tok0 = (h.first_block + e.block_start + b0) * s
@@ -277,7 +332,7 @@ class KvWriter:
         if lo >= hi:
             return
         rel = lo - h.first_block * s  # row in the message's token numbering (for scales)
-        for comp, view in layouts.token_views(src, e.part, blocks[b0:b1]):
+        for comp, view in layouts.token_views(src, e.part, blocks):
             values = view.reshape((b1 - b0) * s, view.shape[2], -1)[lo - tok0:hi - tok0]
             scales = self._scales_for(layer, comp, rel, rel + hi - lo)
             fixed = self.sink.fixed_scales(layer, comp, self.plan)

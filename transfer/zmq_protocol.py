@@ -6,20 +6,35 @@ Sender → receiver:
   DATA    [b"D", meta, buf_0, ..., buf_k]      meta = msgpack [transfer_id, chunk_index, checksums|nil]
   ABORT   [b"A", msgpack [transfer_id, reason]]
   NCCL    [b"N", msgpack [unique_id_bytes, ...]]  (communicator set-up; see nccl_transport.py)
+  STREAM  [b"S", msgpack [token]]              token = 16 random bytes: asks for a data connection
 Receiver → sender:
   ACK     [b"K", msgpack WriteReport dict]     one per transfer that was written completely
   ERROR   [b"E", msgpack {"tid": int|nil, **TransferError.to_wire()}]  (nil: header unreadable)
   READY   [b"R", msgpack [transfer_id]]        (NCCL only: receive buffers are posted)
+  LISTEN  [b"L", msgpack {"port": int} | {"path": str}]  where the data connection goes
 
-A transfer is HEADER then `len(header.chunks)` DATA messages, in order, on one connection;
-ZMQ delivers each message atomically, so the receiver validates the header before the first
-payload message is looked at and writes chunk i while chunk i+1 is still on the wire.
-Payload frames are sent with `copy=False` (memoryviews of tensors) and received with
-`copy=False` (zero-copy views of ZMQ's buffers). Never pickle.
+Payload paths (the header's `transport` field says which one a transfer uses):
+- "zmq" (frames): HEADER then `len(header.chunks)` DATA messages, in order, on one connection;
+  ZMQ delivers each message atomically, so the receiver validates the header before the first
+  payload message is looked at and writes chunk i while chunk i+1 is still on the wire.
+  Payload frames are sent with `copy=False` and received with `copy=False`.
+- "stream": HEADER on ZMQ; the payload on a plain stream socket per (sender, receiver) pair —
+  TCP on the ZMQ endpoint's host when it is tcp://, a Unix socket next to the ipc path when it
+  is ipc://. Set-up (first transfer, or after any failure): STREAM → LISTEN; the sender
+  connects and writes the 16-byte token first; the receiver pairs the connection with the ZMQ
+  peer that sent that token (unknown token or silence → closed). Per transfer, on the data
+  connection: PREFIX (`STREAM_PREFIX`: magic b"PDKV", version u16, flags u16, transfer_id u64,
+  payload bytes u64; little endian) then the buffers' bytes in order, then, when the header
+  names a checksum, a trailer of one u64 xxh3_64 per buffer. ACK / ERROR come back on ZMQ. Any
+  failure of a stream transfer closes the data connection on both sides; the next transfer
+  sets up a new one. Bytes move with writev/readv straight from/to cache blocks (iov.py).
+- "nccl": see nccl_transport.py.
+Never pickle.
 """
 
 from __future__ import annotations
 
+import struct
 from types import MappingProxyType
 from typing import Any
 
@@ -34,6 +49,13 @@ NCCL_HELLO = b"N"
 ACK = b"K"
 ERROR = b"E"
 READY = b"R"
+STREAM_HELLO = b"S"
+STREAM_LISTEN = b"L"
+
+STREAM_MAGIC = b"PDKV"
+STREAM_VERSION = 1
+STREAM_PREFIX = struct.Struct("<4sHHQQ")  # magic, version, flags, transfer_id, payload bytes
+STREAM_TOKEN_BYTES = 16
 
 _SMALL = MappingProxyType({"max_str_len": 1 << 16, "max_bin_len": 1 << 10, "max_array_len": 1 << 16,
                            "max_map_len": 64, "max_ext_len": 0})
@@ -80,10 +102,45 @@ def parse_reply(frames: list[Any]) -> tuple[bytes, int | None, Any]:
     body = unpack_small(frames[1], "reply")
     if kind == READY:
         tid = body[0] if isinstance(body, list) and body else None
+    elif kind == STREAM_LISTEN:
+        tid = None
+        if not isinstance(body, dict):
+            raise MalformedFrame("listen reply must be a map")
     elif isinstance(body, dict):
         tid = body.get("tid") if kind == ERROR else body.get("transfer_id")
     else:
         raise MalformedFrame("reply body must be a map")
-    if kind not in (ACK, ERROR, READY) or (tid is not None and not isinstance(tid, int)):
+    if kind not in (ACK, ERROR, READY, STREAM_LISTEN) or (tid is not None and not isinstance(tid, int)):
         raise MalformedFrame(f"unknown reply kind {kind!r}")
     return kind, tid, body
+
+
+def stream_prefix(transfer_id: int, payload_bytes: int) -> bytes:
+    return STREAM_PREFIX.pack(STREAM_MAGIC, STREAM_VERSION, 0, transfer_id, payload_bytes)
+
+
+def parse_stream_prefix(raw: bytes | bytearray | memoryview) -> tuple[int, int]:
+    """(transfer_id, payload bytes) of a data-connection prefix; MalformedFrame if it is not one."""
+    magic, version, flags, tid, nbytes = STREAM_PREFIX.unpack(raw)
+    if magic != STREAM_MAGIC or version != STREAM_VERSION or flags != 0:
+        raise MalformedFrame(f"bad stream prefix (magic {magic!r}, version {version}, flags {flags})")
+    return tid, nbytes
+
+
+def stream_ipc_path(ipc_path: str) -> str:
+    """Where the data connections of a receiver bound to `ipc://<ipc_path>` go."""
+    return ipc_path + ".data"
+
+
+def unix_address(path: str) -> str:
+    """A socket address for `path`; ZMQ's abstract-namespace spelling `@name` → `\\0name`."""
+    return "\0" + path[1:] if path.startswith("@") else path
+
+
+def stream_hello_token(rest: list[Any]) -> bytes:
+    """The token of a STREAM message's body frames (buffers); MalformedFrame if unreadable."""
+    body = unpack_small(rest[0], "stream hello") if len(rest) == 1 else None
+    if not isinstance(body, list) or len(body) != 1 or not isinstance(body[0], bytes) \
+            or len(body[0]) != STREAM_TOKEN_BYTES:
+        raise MalformedFrame(f"stream hello must be [token of {STREAM_TOKEN_BYTES} bytes]")
+    return body[0]

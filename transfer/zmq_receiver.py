@@ -17,9 +17,15 @@ Ownership contract (the serving layer's side of it):
    spawns), outside its lock; they must be quick (hand off to a queue) and may call
    `expect`/`cancel`.
 
+Payloads come as ZMQ DATA frames or, by default, on stream data connections (zmq_protocol.py;
+stream_receiver.py reads them straight into the reserved blocks). A caller with its own poller
+must wake on all of `pollables()` (the ROUTER socket and the data connections' descriptors,
+which change as senders come and go: re-read it after each `poll`).
+
 Every header is validated against `limits` before a payload byte is looked at; frames larger
 than `limits.max_buffer_bytes` are refused by ZMQ itself (MAXMSGSIZE disconnects the peer).
-Malformed or hostile input produces a typed ERROR reply and never stops the receiver.
+Malformed or hostile input — on ZMQ or on a data connection — produces a typed ERROR reply
+(and closes that data connection) and never stops the receiver.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ from transfer.errors import (
     UnexpectedTransfer,
 )
 from transfer.header import ReceiverLimits, TransferHeader, decode_header
+from transfer.stream_receiver import StreamInbox, StreamReceiverOptions
 from transfer.writer import KvWriter, PagedSink, WriteReport
 
 log = logging.getLogger(__name__)
@@ -68,6 +75,7 @@ class ZmqReceiverConfig:
     rcvhwm: int = 64  # queued messages per peer before ZMQ pushes back
     heartbeat_ivl_ms: int = 1000
     heartbeat_timeout_ms: int = 10000
+    stream: StreamReceiverOptions = field(default_factory=StreamReceiverOptions)  # stream payloads
 
 
 @dataclass
@@ -116,6 +124,9 @@ class ZmqKvReceiver:
                                        "free port (port 0 picks one) or another ipc:// path") from None
         self.endpoint: str = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._nccl = nccl
+        self._stream = self._open_stream()
+        self._poller: zmq.Poller | None = None
+        self._polled: tuple[int, ...] = ()
         self._lock = threading.Lock()
         self._expected: dict[str, _Expectation] = {}
         self._inflight: dict[tuple[bytes, int], _Inflight] = {}
@@ -126,11 +137,27 @@ class ZmqKvReceiver:
         self.num_completed = 0
         self.num_failed = 0
 
+    def _open_stream(self) -> StreamInbox | None:
+        if not self.config.stream.is_enabled or not self.endpoint.startswith(("tcp://", "ipc://")):
+            return None
+        try:
+            return StreamInbox(self.endpoint, self.config.stream, self.cache,
+                               idle_timeout_s=self.config.idle_timeout_s, run_step=self._guard,
+                               report=self._report)
+        except TransportUnavailable as e:
+            log.warning("KV receiver %s: %s; senders fall back to ZMQ frames", self.endpoint, e.message)
+            return None
+
     # ---- serving-layer API ----------------------------------------------------------------------
     @property
     def socket(self) -> zmq.Socket:
         """The ROUTER socket, for the caller's own poller (then call `poll(0)` when readable)."""
         return self._sock
+
+    def pollables(self) -> list[zmq.Socket | int]:
+        """Everything a caller's poller must wake on (POLLIN): the ROUTER socket and the data
+        connections' descriptors. Changes after `poll`; closed descriptors drop out."""
+        return [self._sock, *(self._stream.fds() if self._stream is not None else ())]
 
     def expect(self, request_id: str, block_table: Sequence[int], *, num_transfers: int = 1,
                timeout_s: float | None = None) -> None:
@@ -156,11 +183,13 @@ class ZmqKvReceiver:
             return True
 
     def poll(self, timeout_s: float = 0.0, max_messages: int = 256) -> int:
-        """Handle what arrives within `timeout_s` (at most `max_messages`; a payload chunk costs
-        about one memcpy of its size); check deadlines; run callbacks. Returns messages handled."""
+        """Handle what arrives within `timeout_s` (at most `max_messages` ZMQ messages; a payload
+        chunk costs about one memcpy of its size; each data connection gives at most
+        `stream.pump_bytes`); check deadlines; run callbacks. Returns messages handled."""
         self._flush_outbox()
         handled = 0
-        if self._sock.poll(int(timeout_s * 1000), zmq.POLLIN):
+        ready = self._wait(timeout_s)
+        if self._sock in ready:
             while handled < max_messages:
                 try:
                     frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
@@ -170,11 +199,26 @@ class ZmqKvReceiver:
                     self._handle(frames)
                 handled += 1
                 self._run_callbacks()
+        if self._stream is not None:
+            with self._lock:
+                self._stream.service(ready, time.monotonic())
         with self._lock:
             self._check_deadlines(time.monotonic())
         self._flush_outbox()
         self._run_callbacks()
         return handled
+
+    def _wait(self, timeout_s: float) -> set[Any]:
+        """What is readable within `timeout_s`: the ROUTER socket and/or data descriptors."""
+        if self._stream is None:
+            return {self._sock} if self._sock.poll(int(timeout_s * 1000), zmq.POLLIN) else set()
+        fds = self._stream.fds()
+        if self._poller is None or fds != self._polled:
+            self._poller = zmq.Poller()
+            for item in (self._sock, *fds):
+                self._poller.register(item, zmq.POLLIN)
+            self._polled = fds
+        return {item for item, _ in self._poller.poll(int(timeout_s * 1000))}
 
     def start(self) -> None:
         """Serve on a background thread until `close()`."""
@@ -195,6 +239,8 @@ class ZmqKvReceiver:
                 self._fail_request(exp, TransferCancelled("the KV receiver is shutting down"))
         self._run_callbacks()
         self._sock.close(linger=0)
+        if self._stream is not None:
+            self._stream.close()
         if self._nccl is not None:
             self._nccl.close()
         if self._own_context:
@@ -203,6 +249,11 @@ class ZmqKvReceiver:
     # ---- message handling (under the lock) ---------------------------------------------------------
     def _reply(self, peer: bytes, frames: list[bytes]) -> None:
         self._outbox.append([peer, *frames])
+
+    def _report(self, peer: bytes, err: TransferError, transfer_id: int | None) -> None:
+        """An error outside any in-flight transfer (e.g. on a data connection)."""
+        self.num_failed += 1
+        self._reply(peer, proto.error_frames(err, transfer_id))
 
     def _handle(self, frames: list[zmq.Frame]) -> None:
         peer = frames[0].bytes
@@ -221,6 +272,10 @@ class ZmqKvReceiver:
                     self._fail_transfer(inf, TransferCancelled("the sender aborted the transfer"), reply=False)
             elif kind == proto.NCCL_HELLO and self._nccl is not None:
                 self._nccl.accept_hello(peer, rest, self._reply)
+            elif kind == proto.STREAM_HELLO:
+                if self._stream is None:
+                    raise TransportUnavailable("this receiver takes no stream payloads (send ZMQ frames)")
+                self._reply(peer, self._stream.hello(peer, [f.buffer for f in rest]))
             else:
                 raise MalformedFrame(f"unknown message kind {kind[:8]!r}")
         except TransferError as e:
@@ -231,9 +286,21 @@ class ZmqKvReceiver:
             self._reply(peer, proto.error_frames(TransferError(f"internal receiver error: {e!r}"[:500]), None))
 
     def _on_header(self, peer: bytes, rest: list[zmq.Frame]) -> None:
+        try:
+            self._accept_header(peer, rest)
+        except TransferError:
+            if self._stream is not None:  # a stream payload may follow: it must not be read
+                self._stream.drop_peer(peer)
+            if self._nccl is not None:  # pre-posted receives take the payload; drop it
+                self._nccl.discard(peer)
+            raise
+
+    def _accept_header(self, peer: bytes, rest: list[zmq.Frame]) -> None:
         if len(rest) != 1:
             raise MalformedFrame(f"header message with {len(rest)} frames")
         header = decode_header(rest[0].buffer, self.config.limits)
+        if header.transport == "nccl" and self._nccl is not None:  # eager senders: the wire starts now
+            self._nccl.prepost(peer, header, time.monotonic() + self.config.idle_timeout_s)
         tid, rid = header.transfer_id, header.request_id
         if (peer, tid) in self._inflight:
             raise MalformedFrame(f"transfer {tid} is already in flight from this peer")
@@ -245,19 +312,27 @@ class ZmqKvReceiver:
             raise LimitExceeded("transfers in flight", len(self._inflight) + 1, self.config.max_inflight)
         if header.transport == "nccl" and self._nccl is None:
             raise TransportUnavailable("this receiver takes ZMQ payloads only", request_id=rid)
+        if header.transport == "stream" and self._stream is None:
+            raise TransportUnavailable("this receiver takes no stream payloads", request_id=rid)
         try:
             writer = KvWriter(header, PagedSink(self.cache, exp.block_table), self.config.convert)
         except TransferError as e:
             e.request_id = e.request_id or rid
             self._reply(peer, proto.error_frames(e, tid))
             self._fail_request(exp, e)
+            if self._stream is not None:
+                self._stream.drop_peer(peer)
+            if self._nccl is not None:
+                self._nccl.discard(peer)
             return
         now = time.monotonic()
         inf = _Inflight(peer, header, writer, now + self.config.transfer_timeout_s,
                         now + self.config.idle_timeout_s)
         self._inflight[(peer, tid)] = inf
         exp.inflight.add((peer, tid))
-        if header.transport == "nccl":  # blocks this thread until written or failed
+        if header.transport == "stream":
+            self._stream.begin(inf)  # type: ignore[union-attr]
+        elif header.transport == "nccl":  # blocks this thread until written or failed
             deadline = min(inf.deadline, now + self.config.idle_timeout_s)
             self._guard(inf, lambda: self._nccl.receive(peer, inf.header, inf.writer, deadline, self._reply,
                                                         self._send_outbox_locked))
@@ -273,6 +348,8 @@ class ZmqKvReceiver:
 
     def _take_chunk(self, inf: _Inflight, index: int, frames: list[zmq.Frame], sums: list[int] | None) -> None:
         h = inf.header
+        if h.transport != "zmq":
+            raise MalformedFrame(f"DATA message for a transfer whose payload travels by {h.transport}")
         if index != inf.next_chunk or index >= len(h.chunks) or len(frames) != h.chunks[index]:
             raise MalformedFrame(f"chunk {index} with {len(frames)} frames; expected chunk "
                                  f"{inf.next_chunk} of {len(h.chunks)}")
@@ -301,7 +378,7 @@ class ZmqKvReceiver:
     # ---- outcomes --------------------------------------------------------------------------------
     def _finish_transfer(self, inf: _Inflight, report: WriteReport) -> None:
         key = (inf.peer, inf.header.transfer_id)
-        self._inflight.pop(key, None)
+        self._pop_inflight(key, ok=True)
         self._reply(inf.peer, [proto.ACK, proto.pack(report.to_wire())])
         exp = self._expected.get(inf.header.request_id)
         if exp is None:
@@ -316,7 +393,7 @@ class ZmqKvReceiver:
 
     def _fail_transfer(self, inf: _Inflight, err: TransferError, *, reply: bool) -> None:
         key = (inf.peer, inf.header.transfer_id)
-        self._inflight.pop(key, None)
+        self._pop_inflight(key, ok=False)
         if reply:
             self._reply(inf.peer, proto.error_frames(err, inf.header.transfer_id))
         exp = self._expected.get(inf.header.request_id)
@@ -332,9 +409,15 @@ class ZmqKvReceiver:
         err.request_id = err.request_id or exp.request_id
         self._callbacks.append(lambda: self._on_release(exp.request_id, err))
 
+    def _pop_inflight(self, key: tuple[bytes, int], *, ok: bool) -> _Inflight | None:
+        inf = self._inflight.pop(key, None)
+        if inf is not None and inf.header.transport == "stream" and self._stream is not None:
+            self._stream.end(inf, ok)  # a failed one closes its data connection
+        return inf
+
     def _drop_inflight(self, exp: _Expectation, err: TransferError) -> None:
         for key in list(exp.inflight):
-            inf = self._inflight.pop(key, None)
+            inf = self._pop_inflight(key, ok=False)
             if inf is not None:
                 self._reply(inf.peer, proto.error_frames(err, inf.header.transfer_id))
         exp.inflight.clear()
@@ -347,13 +430,16 @@ class ZmqKvReceiver:
                     request_id=inf.header.request_id), reply=True)
             elif now > inf.idle_deadline:
                 self._fail_transfer(inf, PeerLost(
-                    f"sender silent for {self.config.idle_timeout_s}s mid-transfer "
-                    f"(chunk {inf.next_chunk} of {len(inf.header.chunks)})",
+                    f"sender silent for {self.config.idle_timeout_s}s mid-transfer ({self._progress(inf)})",
                     request_id=inf.header.request_id), reply=True)
         for exp in list(self._expected.values()):
             if exp.deadline is not None and now > exp.deadline:
                 self._fail_request(exp, TransferTimeout("no complete KV transfer before the reservation's "
                                                         "timeout", request_id=exp.request_id))
+
+    def _progress(self, inf: _Inflight) -> str:
+        stream = self._stream.progress(inf) if self._stream is not None else None
+        return stream or f"chunk {inf.next_chunk} of {len(inf.header.chunks)}"
 
     def _send_outbox_locked(self) -> None:
         """Send queued replies now (caller holds the lock and is the socket's thread)."""

@@ -12,13 +12,21 @@ Ownership contract (the prefill side):
 - One transfer at a time per sender (not thread-safe); per-peer ordering follows from one
   connection per peer. Use one sender per decode peer, from one thread.
 
-Zero-copy: payload frames are memoryviews of cache tensors (views) or of freshly gathered
-buffers (see pack.py), sent with `copy=False`; chunk i+1 is gathered while ZMQ's I/O thread
-sends chunk i. A cache on a GPU is gathered on the GPU and copied to host per buffer.
+Payload paths (`config.payload`; the protocol is in zmq_protocol.py):
+- "stream" (default for tcp:// and ipc:// endpoints): the header goes on ZMQ, the payload on a
+  plain stream socket to the receiver (stream_sender.py), written with writev straight from
+  the source blocks of a CPU cache — the only copies are the kernel's. The data connection is
+  set up on the first transfer and after any failure. If the receiver takes no stream
+  payloads (TransportUnavailable), the sender falls back to frames for good.
+- "frames": ZMQ multipart DATA messages: memoryviews of cache tensors (views) or of freshly
+  gathered buffers (see pack.py), sent with `copy=False`; chunk i+1 is gathered while ZMQ's
+  I/O thread sends chunk i.
+A cache on a GPU is gathered on the GPU and copied to host per buffer on either path.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -31,9 +39,19 @@ from zmq.utils.monitor import recv_monitor_message
 
 from transfer import zmq_protocol as proto
 from transfer.cache import PagedKvCache
-from transfer.errors import MalformedFrame, PeerLost, TransferError, TransferTimeout
+from transfer.errors import (
+    MalformedFrame,
+    PeerLost,
+    TransferError,
+    TransferTimeout,
+    TransportUnavailable,
+)
 from transfer.header import compute_checksum
 from transfer.pack import PackedKv, PackOptions, StagingPool, pack_kv
+from transfer.stream_sender import StreamLink, stream_capable
+
+log = logging.getLogger(__name__)
+PAYLOADS = ("stream", "frames")
 
 
 @dataclass(frozen=True)
@@ -46,6 +64,15 @@ class ZmqSenderConfig:
     heartbeat_timeout_ms: int = 10000
     staging_bytes: int = 1 << 30  # reusable gather buffers kept between transfers
     staging_slots: int = 8  # ring of chunk-sized gather buffers reused once sent (0: one per buffer)
+    payload: str = "stream"  # "stream": writev on a data connection; "frames": ZMQ DATA messages
+    stream_chunk_bytes: int = 8 << 20  # stream path: buffer size (checksum / receiver conversion unit)
+    stream_sndbuf: int = 0  # stream path: SO_SNDBUF of the data connection (0: kernel autotuning)
+
+    def __post_init__(self) -> None:
+        if self.payload not in PAYLOADS:
+            raise ValueError(f"ZmqSenderConfig.payload must be one of {PAYLOADS}, got {self.payload!r}")
+        if self.timeout_s <= 0 or self.stream_chunk_bytes < 1 or self.stream_sndbuf < 0:
+            raise ValueError("ZmqSenderConfig: timeout_s and stream_chunk_bytes must be positive")
 
 
 @dataclass(frozen=True)
@@ -76,6 +103,8 @@ class ZmqKvSender:
         self._pool = StagingPool(config.staging_bytes, ring_slots=config.staging_slots)
         self._sock: zmq.Socket | None = None
         self._monitor: zmq.Socket | None = None
+        self._stream = StreamLink(endpoint, config.stream_sndbuf) \
+            if config.payload == "stream" and nccl is None and stream_capable(endpoint) else None
         self._connect()
 
     # ---- connection ---------------------------------------------------------------------------
@@ -101,7 +130,14 @@ class ZmqKvSender:
             self._nccl.reset()
         self._connect()
 
+    @property
+    def payload(self) -> str:
+        """The payload path in use: "nccl", "stream" or "frames"."""
+        return "nccl" if self._nccl is not None else "stream" if self._stream is not None else "frames"
+
     def _close_sockets(self) -> None:
+        if self._stream is not None:
+            self._stream.drop()
         if self._sock is not None:
             self._sock.disable_monitor()
             self._sock.close(linger=0)
@@ -126,32 +162,59 @@ class ZmqKvSender:
         deadline = t0 + (timeout_s if timeout_s is not None else self.config.timeout_s)
         self._next_tid += 1
         tid = self._next_tid
-        options = self.config.pack
-        if self._nccl is not None:
-            options = replace(options, allow_views=False, chunk_bytes=self._nccl.chunk_bytes)
-        elif cache.device.type != "cpu":
-            options = replace(options, allow_views=False)
-        packed = pack_kv(cache, block_table, token_start, token_end, request_id=request_id,
-                         transfer_id=tid, layer_range=layer_range, head_range=head_range,
-                         checksum="xxh3_64" if self.config.checksum and self._nccl is None else None,
-                         transport="nccl" if self._nccl is not None else "zmq", meta=meta,
-                         options=options, pool=self._pool if self._nccl is None else self._nccl.pool)
         self._drain_monitor()
+        ok = sent = False
         try:
+            if self._stream is not None:
+                self._ensure_stream(tid, deadline)
+            packed = self._pack(cache, block_table, token_start, token_end, tid, request_id=request_id,
+                                layer_range=layer_range, head_range=head_range, meta=meta)
             if self._nccl is not None:
                 self._nccl.ensure_link(self, deadline)
+            sent = True
             self._send_frames([proto.HEADER, packed.header.encode()], deadline)
+            early_ack = None  # the NCCL plugin watches replies while its sends run
             if self._nccl is not None:
-                self._nccl.send_payload(self, packed, deadline)
+                early_ack = self._nccl.send_payload(self, packed, deadline)
+            elif self._stream is not None:
+                self._stream.send_payload(self, packed, deadline)
             else:
                 self._send_chunks(packed, deadline)
-            body = self._wait_reply(tid, deadline, want=proto.ACK)
+            body = early_ack if early_ack is not None else self._wait_reply(tid, deadline, want=proto.ACK)
+            ok = True
         except (TransferTimeout, PeerLost, MalformedFrame):
             self._reset()
             raise
         finally:
             self._pool.release_all()
+            if sent and not ok and self._stream is not None:
+                self._stream.drop()  # the receiver closes its end of a failed stream transfer too
         return SendResult(request_id, tid, packed.header.payload_bytes, time.monotonic() - t0, body)
+
+    def _pack(self, cache: PagedKvCache, block_table: Sequence[int], token_start: int, token_end: int,
+              tid: int, **kw: Any) -> PackedKv:
+        options = self.config.pack
+        if self._nccl is not None:
+            options = replace(options, allow_views=False, chunk_bytes=self._nccl.chunk_bytes)
+        elif self._stream is not None:  # in-place segments replace views; big buffers, small header
+            options = replace(options, allow_views=False, chunk_bytes=self.config.stream_chunk_bytes)
+        elif cache.device.type != "cpu":
+            options = replace(options, allow_views=False)
+        checksum = "xxh3_64" if self.config.checksum and self._nccl is None else None
+        return pack_kv(cache, block_table, token_start, token_end, transfer_id=tid, checksum=checksum,
+                       transport={"frames": "zmq"}.get(self.payload, self.payload), options=options,
+                       pool=self._pool if self._nccl is None else self._nccl.pool, **kw)
+
+    def _ensure_stream(self, tid: int, deadline: float) -> None:
+        assert self._stream is not None
+        try:
+            self._stream.ensure(self, tid, deadline)
+        except TransportUnavailable as e:
+            if not e.is_remote:
+                raise
+            log.warning("KV receiver %s takes no stream payloads (%s); sending ZMQ frames from now on",
+                        self.endpoint, e.message)
+            self._stream = None
 
     # ---- internals (also used by the NCCL plugin) ---------------------------------------------------
     def _send_chunks(self, packed: PackedKv, deadline: float) -> None:

@@ -2,8 +2,10 @@
 
 Skips cleanly without 2 CUDA devices or without libnccl. Covers: scattered paged blocks on
 GPU 0 → scattered paged blocks of a different layout/dtype/block size on GPU 1, acked; a
-second transfer on the same link; and the watchdog: a receiver that never posts its receive
-makes the sender fail with TransferTimeout (communicator aborted) instead of hanging.
+second transfer on the same link; a refused header (no reservation) while the eager sender's
+sends wait on the GPU: typed remote error, link aborted and rebuilt, the next transfer lands;
+and the watchdog: a receiver that never posts its receive makes the sender fail with
+TransferTimeout (communicator aborted) instead of hanging.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ def _nccl_found() -> bool:
         return False
 
 
-def _receiver(endpoints: Any, results: Any, stall: bool) -> None:
+def _receiver(endpoints: Any, results: Any, stall: bool, refuse_first: bool) -> None:
     from transfer import zmq_protocol as proto
     from transfer.cache import PagedKvCache
     from transfer.local import read_tokens_float
@@ -63,11 +65,11 @@ def _receiver(endpoints: Any, results: Any, stall: bool) -> None:
     rx = ZmqKvReceiver(dst, ZmqReceiverConfig(idle_timeout_s=20), nccl=plugin,
                        on_complete=lambda r, reps: ended.__setitem__(r, reps),
                        on_release=lambda r, e: ended.__setitem__(r, e))
-    for rid in ("first", "second"):
+    for rid in ("second",) if refuse_first else ("first", "second"):
         rx.expect(rid, DST_TABLE)
     endpoints.put(rx.endpoint)
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and len(ended) < (1 if stall else 2):
+    while time.monotonic() < deadline and len(ended) < (1 if stall or refuse_first else 2):
         rx.poll(0.01)
     # numpy, not tensors: a tensor in a Queue travels as a file descriptor that the parent can
     # only fetch while this process is alive (EOFError in the parent once it has exited)
@@ -96,19 +98,20 @@ def _sender(endpoint: str, results: Any, timeout_s: float) -> None:
             outcome.append(("ok", res.report["path"], res.num_bytes))
         except TransferError as e:
             outcome.append(("error", type(e).__name__, time.monotonic() - t0))
-            break
+            if not e.is_remote:
+                break
     want = [t.float().cpu().numpy() for t in read_tokens_float(src, SRC_TABLE, *TOK)]
     results.put(("sender", outcome, want))
     tx.close()
 
 
-def _run(stall: bool, timeout_s: float) -> dict[str, tuple]:
+def _run(stall: bool, timeout_s: float, refuse_first: bool = False) -> dict[str, tuple]:
     if not _nccl_found():
         pytest.skip("libnccl.so.2 not found (pip install 'pdserve[gpu]')")
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     ctx = mp.get_context("spawn")
     endpoints, results = ctx.Queue(), ctx.Queue()
-    rx = ctx.Process(target=_receiver, args=(endpoints, results, stall))
+    rx = ctx.Process(target=_receiver, args=(endpoints, results, stall, refuse_first))
     rx.start()
     tx = ctx.Process(target=_sender, args=(endpoints.get(timeout=120), results, timeout_s))
     tx.start()
@@ -144,3 +147,14 @@ def test_nccl_watchdog_turns_a_stalled_peer_into_timeout() -> None:
     outcome, _ = out["sender"]
     assert outcome[0][0] == "error" and outcome[0][1] == "TransferTimeout", outcome
     assert outcome[0][2] < 15  # failed near its deadline, did not hang
+
+
+def test_nccl_refused_header_aborts_the_waiting_sends_and_the_next_transfer_lands() -> None:
+    out = _run(stall=False, timeout_s=30, refuse_first=True)
+    outcome, want = out["sender"]
+    ended, got = out["receiver"]
+    assert outcome[0][:2] == ("error", "UnexpectedTransfer") and outcome[0][2] < 10, outcome
+    assert outcome[1][0] == "ok", outcome
+    assert ended == {"second": "list"}
+    for g, w in zip(got, want, strict=True):
+        assert torch.allclose(torch.from_numpy(g), torch.from_numpy(w), rtol=2**-10, atol=2**-24)

@@ -9,10 +9,12 @@ records its count and date in bench/results/transfer_fuzz.json.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
 import resource
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -228,3 +230,77 @@ def test_live_receiver_survives_hostile_frames() -> None:
         tx.close()
         rx.close()
         ctx.term()
+
+
+def _data_connection(ctx: zmq.Context, endpoint: str) -> tuple[zmq.Socket, socket.socket]:
+    """A DEALER and a paired stream data connection (STREAM → LISTEN → connect → token)."""
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, 5000)
+    sock.connect(endpoint)
+    token = os.urandom(proto.STREAM_TOKEN_BYTES)
+    sock.send_multipart([proto.STREAM_HELLO, proto.pack([token])])
+    _, _, body = proto.parse_reply(sock.recv_multipart())
+    data = socket.create_connection(("127.0.0.1", body["port"]), timeout=5)
+    data.sendall(token)
+    return sock, data
+
+
+def test_live_receiver_survives_hostile_stream_prefixes() -> None:
+    """Hostile bytes on data connections (mutated prefixes, truncated or extended payloads,
+    garbage, with or without a valid header first): only typed errors, nothing left behind,
+    and valid stream transfers interleaved with them keep succeeding."""
+    dst = PagedKvCache.allocate(SOURCES[0], 10)
+    ended: dict[str, object] = {}
+    rx = ZmqKvReceiver(dst, ZmqReceiverConfig(limits=LIMITS, idle_timeout_s=0.3),
+                       on_complete=lambda rid, r: ended.__setitem__(rid, r),
+                       on_release=lambda rid, e: ended.__setitem__(rid, e))
+    rx.start()
+    ctx = zmq.Context()
+    tx = ZmqKvSender(rx.endpoint, context=ctx)
+    packed = pack_kv(VALID_SRC, [1, 2, 3], 0, 40, request_id="h", transfer_id=5, transport="stream")
+    payload = b"".join(b.numpy().tobytes() for b in packed.all_buffers())
+    prefix = st.builds(lambda magic, version, flags, tid, n: proto.STREAM_PREFIX.pack(magic, version, flags, tid, n),
+                       st.sampled_from([proto.STREAM_MAGIC, b"PDKX", b"\0\0\0\0"]), st.sampled_from([1, 1, 0, 2]),
+                       st.sampled_from([0, 0, 1]), st.sampled_from([5, 5, 6, 0, 2**64 - 1]),
+                       st.sampled_from([len(payload), len(payload), 0, len(payload) - 1, 2**63]))
+    body = st.sampled_from([payload, payload[:100], payload + b"\0" * 9, b"", payload[: len(payload) // 2]])
+    seen = 0
+
+    @settings(max_examples=120, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(head=prefix, rest=body, garbage=st.binary(max_size=64), with_header=st.booleans(),
+           raw_garbage=st.booleans())
+    def case(head: bytes, rest: bytes, garbage: bytes, with_header: bool, raw_garbage: bool) -> None:
+        nonlocal seen
+        seen += 1
+        rid = f"h{seen}"
+        sock, data = _data_connection(ctx, rx.endpoint)
+        if with_header:
+            rx.expect(rid, [4, 5, 6])
+            h = copy.deepcopy(msgpack.unpackb(packed.header.encode(), raw=False))
+            h["rid"] = rid
+            sock.send_multipart([proto.HEADER, msgpack.packb(h, use_bin_type=True)])
+        with contextlib.suppress(OSError):
+            data.sendall(garbage if raw_garbage else head + rest)
+        data.close()
+        sock.close()
+        if seen % 20 == 0:
+            valid = f"valid-{seen}"
+            rx.expect(valid, [7, 8, 9])
+            assert tx.send(VALID_SRC, [1, 2, 3], 0, 40, request_id=valid, timeout_s=5).report["token_end"] == 40
+
+    try:
+        case()
+        tx.close()  # its data connection goes too
+        deadline = time.monotonic() + 10
+        while (rx._inflight or rx._stream._conns or rx._stream._jobs) and time.monotonic() < deadline:  # type: ignore[union-attr]
+            time.sleep(0.05)
+        assert not rx._inflight and not rx._stream._conns and not rx._stream._jobs  # type: ignore[union-attr]
+        assert all(isinstance(v, (list, TransferError)) for v in ended.values())
+        for rid in [r for r in list(rx._expected)]:
+            rx.cancel(rid)  # reservations whose payload never came in full
+        assert seen >= 120
+    finally:
+        tx.close()
+        rx.close()
+        ctx.destroy(linger=0)
