@@ -385,6 +385,9 @@ def markdown(result: dict) -> str:
              "| tokens | MiB | " + " | ".join(cols) + " |", "|---" * (len(cols) + 2) + "|"]
     for r in rows:
         lines.append(f"| {r['tokens']} | {r['bytes'] / 2**20:.1f} | " + " | ".join(str(r[c]) for c in cols) + " |")
+    if "payload_paths" in result:
+        lines += ["", "Columns: " + "; ".join(f"`{k}*` = {v}" for k, v in result["payload_paths"].items())
+                  + "; `raw` = Python socket, one contiguous buffer holding the same bytes."]
     if "load_avg_end" in result:
         lines += ["", f"Load average at start/end: {m['load_avg_start']} / {result['load_avg_end']} "
                   "(other work shares this machine; raw and pdserve repetitions alternate)."]

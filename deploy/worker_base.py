@@ -39,6 +39,8 @@ class WorkerConfig:
     idle_poll_ms: int = field(default=10, metadata={"help": "Poll wait when idle."})
     checksum: bool = field(default=False, metadata={"help": "Prefill: xxh3 checksum on every KV buffer."})
     transport: str = field(default="zmq", metadata={"help": "KV payloads over zmq, or nccl (header over ZMQ, bytes GPU to GPU)."})
+    kv_payload: str = field(default="stream", metadata={
+        "help": "Prefill, --transport zmq: KV payload on a stream socket (writev/readv, default) or as ZMQ frames."})
 
     def kv_limits(self) -> Any:
         from transfer.header import ReceiverLimits

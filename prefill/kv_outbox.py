@@ -98,7 +98,8 @@ class KvOutbox:
             sender = self._senders.get(job.address)
             if sender is None:
                 sender = ZmqKvSender(job.address, ZmqSenderConfig(timeout_s=self.config.transfer_timeout_s,
-                                                                  checksum=self.config.checksum),
+                                                                  checksum=self.config.checksum,
+                                                                  payload=self.config.kv_payload),
                                      context=self.ctx, nccl=self._nccl_plugin())
                 self._senders[job.address] = sender
             r = sender.send(self.cache, job.block_table, 0, job.num_tokens, request_id=job.request_id,

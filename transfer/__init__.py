@@ -4,7 +4,9 @@ Owns: the self-describing KV message (header.py: versioned msgpack header + raw 
 validated against receiver-set limits before a byte is read), cache geometry (layouts.py,
 cache.py), value conversion (quant.py, convert.py), packing scattered blocks into few buffers
 (pack.py), writing messages into a paged cache or fresh tensors (writer.py, canonical.py),
-the ZMQ and NCCL transports (zmq_*.py, nccl_*.py), GPU architecture profiles (profiles.py)
+the ZMQ transports — header on ZMQ, payload as ZMQ frames or (default) by writev/readv on a
+stream data connection (zmq_*.py, stream_*.py, iov.py) — and NCCL (nccl_*.py), GPU
+architecture profiles (profiles.py)
 and typed errors (errors.py). Never touches: block allocation (the engine owns blocks; this
 package only reads/writes the block ids it is given), scheduling, models, HTTP.
 

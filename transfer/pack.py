@@ -266,10 +266,16 @@ def _plan_gathered(p: _Planner, layers: range, chunk_bytes: int) -> None:
         return rows[key]
 
     ids_np = p.ids.numpy().astype(np.uint64)
+    layer_parts: dict[int, dict[str, torch.Tensor]] = {}  # cache.parts(layer), built once per layer
+
+    def part_view(layer: int, part: str) -> torch.Tensor:
+        if layer not in layer_parts:
+            layer_parts[layer] = p.cache.parts(layer)
+        return p.narrowed(layer_parts[layer][part], layouts.head_axis(spec, part))
 
     def segments(part: str, layer0: int, nl: int, b0: int, nb: int) -> Callable[[], np.ndarray | None]:
-        return lambda: _block_segments([p.narrowed(p.cache.parts(layer)[part], layouts.head_axis(spec, part))
-                                        for layer in range(layer0, layer0 + nl)], ids_np[b0:b0 + nb])
+        return lambda: _block_segments([part_view(layer, part) for layer in range(layer0, layer0 + nl)],
+                                       ids_np[b0:b0 + nb])
 
     def add(layer0: int, nl: int, b0: int, nb: int) -> None:
         specs, segs = [], []

@@ -1,6 +1,7 @@
 """StreamInbox: the receiver's end of the stream payload path (protocol: zmq_protocol.py).
 
-Owned by a ZmqKvReceiver and called only from its polling thread, under its lock. It owns a
+Owned by a ZmqKvReceiver and called from its polling thread, under its lock (except `wait`,
+which only polls descriptors). It owns a
 listening socket on the ZMQ endpoint's host (TCP port 0) or next to its ipc path (Unix socket
 `<path>.data`, removed on close) and the data connections accepted there. A connection counts
 only once it presented a token that a ZMQ peer sent in a STREAM message (`hello`) within
@@ -8,9 +9,10 @@ only once it presented a token that a ZMQ peer sent in a STREAM message (`hello`
 `service` reads as much as is available (at most `pump_bytes` per connection and round) and
 returns to the caller's loop, so several peers interleave and every deadline keeps working.
 
-Per transfer: the receiver calls `begin(inf)` once the stream header is validated (the
-destination iovec is planned then: stream_plan.py), and `end(inf, ok)` when the transfer
-leaves its in-flight table. A prefix that arrives before its header waits for it (at most
+Per transfer: the receiver calls `begin(inf)` once the stream header is validated (a
+StreamJob: stream_job.py, which plans each buffer's iovec as reading reaches it:
+stream_plan.py), and `end(inf, ok)` when the transfer leaves its in-flight table. Connections
+whose peer has a transfer in flight are read every round, readable or not (saves a poll). A prefix that arrives before its header waits for it (at most
 `idle_timeout_s`). Errors inside a transfer (EOF mid-payload, bad byte count, checksum) go
 through the receiver's `run_step` (its `_guard`), which fails the transfer with a typed error
 and an ERROR reply; errors outside one (garbage prefix, unknown transfer) are `report`ed.
@@ -32,20 +34,19 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
+import zmq
 
 from transfer import zmq_protocol as proto
 from transfer.cache import PagedKvCache
 from transfer.errors import (
-    ChecksumMismatch,
     MalformedFrame,
     PeerLost,
     TransferError,
     TransportUnavailable,
 )
-from transfer.iov import AGAIN, IoVec, hash_segments, segments
-from transfer.stream_plan import BufferPlan, PartAddresses, plan_buffer
+from transfer.stream_job import StreamJob
+from transfer.stream_plan import PartAddresses
 
 log = logging.getLogger(__name__)
 
@@ -66,101 +67,6 @@ class StreamReceiverOptions:
             raise ValueError("StreamReceiverOptions: timeouts and sizes must be positive")
 
 
-class _Job:
-    """One stream transfer on the receiver: where its bytes go and how far it got. Buffers are
-    planned one at a time as reading reaches them (stream_plan.py); a staged buffer is booked
-    before the next one is read, so one staging area per connection suffices."""
-
-    def __init__(self, inf: Any, addresses: PartAddresses | None):
-        h = inf.header
-        self.inf, self.writer, self.addresses = inf, inf.writer, addresses
-        self.sizes = h.buffer_sizes
-        self.payload_bytes = h.payload_bytes
-        self.trailer = np.zeros(len(h.buffer_sizes), dtype="<u8") if h.checksum is not None else None
-        self.conn: _Conn | None = None
-        self.index = 0  # buffer being read (len(sizes): the trailer)
-        self.done_bytes = 0  # of completed buffers
-        self.cur: IoVec | None = None
-        self.plan: BufferPlan | None = None
-        self.held: BufferPlan | None = None  # the last buffer, booked once the trailer is in
-        self.hashes: list[int] = []
-        self.last_read, self.blocked = 0, False
-
-    def staging(self, size: int) -> torch.Tensor:
-        """The connection's staging memory, grown to `size` bytes (kept for its next transfers)."""
-        conn = self.conn
-        assert conn is not None
-        if conn.staging is None or conn.staging.numel() < size:
-            conn.staging = torch.empty(max(size, 1), dtype=torch.uint8)
-        return conn.staging
-
-    @property
-    def progress(self) -> str:
-        done = self.done_bytes + (self.cur.done if self.cur is not None and self.index < len(self.sizes) else 0)
-        return f"{done} of {self.payload_bytes} payload bytes"
-
-    def pump(self, fd: int, budget: int) -> None:
-        """Read what is available (up to about `budget` bytes); book every complete buffer."""
-        self.last_read, self.blocked = 0, False
-        while self.last_read < budget:
-            if self.cur is None and not self._next():
-                return  # everything is in
-            assert self.cur is not None
-            n = self.cur.recv(fd)
-            if n == AGAIN:
-                self.blocked = True
-                return
-            if n == 0:
-                raise PeerLost(f"data connection closed mid-payload ({self.progress})")
-            self.last_read += n
-            if self.cur.is_done:
-                self._complete()
-
-    def _next(self) -> bool:
-        n = len(self.sizes)
-        if self.index < n:
-            self.plan = plan_buffer(self.writer, self.index, self.addresses, self.staging)
-            self.cur = IoVec(self.plan.segs)
-        elif self.index == n and self.trailer is not None:
-            self.cur = IoVec(segments(np.array([self.trailer.ctypes.data], dtype=np.uint64), self.trailer.nbytes))
-        else:
-            return False
-        if self.cur.is_done:  # an empty buffer
-            self._complete()
-            return self._next() if self.index <= n else False
-        return True
-
-    def _complete(self) -> None:
-        n, i, plan = len(self.sizes), self.index, self.plan
-        self.cur, self.plan = None, None
-        self.index += 1
-        if i == n:  # the trailer
-            self._verify()
-            assert self.held is not None
-            self._book(n - 1, self.held)
-            return
-        assert plan is not None
-        self.done_bytes += self.sizes[i]
-        if self.trailer is not None:
-            self.hashes.append(hash_segments(plan.segs))
-            if i == n - 1:
-                self.held = plan
-                return
-        self._book(i, plan)
-
-    def _book(self, i: int, plan: BufferPlan) -> None:
-        if plan.is_staged:
-            self.writer.accept(i, self.staging(self.sizes[i])[:self.sizes[i]], verify=False)
-        else:
-            self.writer.placed(i, plan.partials)
-
-    def _verify(self) -> None:
-        assert self.trailer is not None
-        for i, (got, sent) in enumerate(zip(self.hashes, self.trailer.tolist(), strict=True)):
-            if got != sent:
-                raise ChecksumMismatch(f"buffer {i}: checksum {got:#x} != sent {sent:#x}")
-
-
 @dataclass(eq=False)
 class _Conn:
     sock: socket.socket
@@ -171,7 +77,7 @@ class _Conn:
     head: bytearray = field(default_factory=lambda: bytearray(proto.STREAM_PREFIX.size))
     got: int = 0
     waiting: tuple[int, int] | None = None  # (transfer id, payload bytes) of a prefix without header
-    job: _Job | None = None
+    job: StreamJob | None = None
     staging: torch.Tensor | None = None
     is_open: bool = True
 
@@ -188,12 +94,25 @@ class StreamInbox:
         self._tokens: dict[bytes, tuple[bytes, float, float]] = {}  # token -> (peer, expiry, issued)
         self._refused: dict[bytes, float] = {}  # peer -> when a header of it was last refused
         self._lost: dict[bytes, TransferError] = {}  # peer -> why its connection closed (no new one yet)
-        self._jobs: dict[tuple[bytes, int], _Job] = {}
+        self._jobs: dict[tuple[bytes, int], StreamJob] = {}
+        self._poller: zmq.Poller | None = None  # the owner's wait (`wait`), rebuilt when fds change
+        self._polled: tuple[int, ...] = ()
 
     # ---- called by the receiver -------------------------------------------------------------------
     def fds(self) -> tuple[int, ...]:
         """File descriptors to poll for reading (a prefix waiting for its header is left out)."""
         return (self._listener.fileno(), *(fd for fd, c in self._conns.items() if c.waiting is None))
+
+    def wait(self, router: zmq.Socket, fds: tuple[int, ...], timeout_s: float) -> set[Any]:
+        """Wait up to `timeout_s` for the receiver's ROUTER socket or one of `fds` (a snapshot of
+        `fds()` taken under the owner's lock; this runs outside it). A descriptor closed since
+        shows up as ready and is ignored by `service`; the next wait leaves it out."""
+        if self._poller is None or fds != self._polled:
+            self._poller = zmq.Poller()
+            for item in (router, *fds):
+                self._poller.register(item, zmq.POLLIN)
+            self._polled = fds
+        return {item for item, _ in self._poller.poll(int(timeout_s * 1000))}
 
     def hello(self, peer: bytes, rest: list[Any]) -> list[bytes]:
         token = proto.stream_hello_token(rest)
@@ -211,7 +130,7 @@ class StreamInbox:
         key = (inf.peer, inf.header.transfer_id)
 
         def plan() -> None:
-            self._jobs[key] = _Job(inf, self._addresses)
+            self._jobs[key] = StreamJob(inf, self._addresses)
 
         self._run_step(inf, plan)
         conn = self._by_peer.get(inf.peer)
@@ -219,7 +138,7 @@ class StreamInbox:
         if key not in self._jobs:  # planning failed: the transfer failed with it
             self.drop_peer(inf.peer)
         elif conn is None and lost is not None:  # its connection is gone already: nothing will come
-            self._run_step(inf, lambda: _raise(type(lost)(lost.message)))
+            self._run_step(inf, lambda: _raise(_fresh(lost)))
         elif conn is not None and conn.waiting and conn.waiting[0] == key[1]:
             self._attach(conn, self._jobs[key], conn.waiting[1])
 
@@ -252,9 +171,9 @@ class StreamInbox:
     def service(self, ready: Collection[int], now: float) -> None:
         if self._listener.fileno() in ready:
             self._accept(now)
-        for fd in ready:
-            conn = self._conns.get(fd)
-            if conn is not None:
+        busy = {peer for peer, _ in self._jobs}  # read these even before poll says so (saves a round)
+        for conn in list(self._conns.values()):
+            if conn.fd in ready or (conn.peer in busy and conn.waiting is None):
                 self._pump(conn)
         self._expire(now)
 
@@ -304,9 +223,10 @@ class StreamInbox:
             else:
                 job = conn.job
                 self._run_step(job.inf, lambda job=job, budget=budget: job.pump(conn.fd, budget))
-                job.inf.idle_deadline = time.monotonic() + self._idle_s
+                if job.last_read:
+                    job.inf.idle_deadline = time.monotonic() + self._idle_s
                 budget -= job.last_read
-                if job.blocked or budget <= 0:
+                if job.blocked or budget <= 0 or not job.last_read:
                     return
 
     def _read_head(self, conn: _Conn, size: int) -> bool:
@@ -356,7 +276,7 @@ class StreamInbox:
         else:
             self._attach(conn, job, nbytes)
 
-    def _attach(self, conn: _Conn, job: _Job, nbytes: int) -> None:
+    def _attach(self, conn: _Conn, job: StreamJob, nbytes: int) -> None:
         conn.waiting = None
         if job.conn is not None:
             err = MalformedFrame(f"a second payload for transfer {job.inf.header.transfer_id}")
@@ -391,7 +311,7 @@ class StreamInbox:
             doomed += [j for (p, _), j in self._jobs.items() if p == conn.peer and j.conn is None]
         conn.job = None
         for job in doomed:
-            self._run_step(job.inf, lambda f=failure: _raise(type(f)(f.message)))
+            self._run_step(job.inf, lambda f=failure: _raise(_fresh(f)))
 
     def _expire(self, now: float) -> None:
         for conn in list(self._conns.values()):
@@ -411,6 +331,13 @@ class StreamInbox:
 
 def _raise(err: TransferError) -> None:
     raise err
+
+
+def _fresh(err: TransferError) -> TransferError:
+    """A new error of the same class and message (one per failed transfer)."""
+    out = TransferError.__new__(type(err))
+    TransferError.__init__(out, err.message)
+    return out
 
 
 def _listen(endpoint: str) -> tuple[socket.socket, dict[str, Any], str | None]:

@@ -34,15 +34,13 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import zmq
 
 from transfer import zmq_protocol as proto
 from transfer.cache import PagedKvCache
-from transfer.convert import ConvertOptions
 from transfer.errors import (
     InvalidRequest,
     LimitExceeded,
@@ -54,48 +52,15 @@ from transfer.errors import (
     TransportUnavailable,
     UnexpectedTransfer,
 )
-from transfer.header import ReceiverLimits, TransferHeader, decode_header
-from transfer.stream_receiver import StreamInbox, StreamReceiverOptions
+from transfer.header import decode_header
+from transfer.receiver_records import Expectation, Inflight, ZmqReceiverConfig
+from transfer.stream_receiver import StreamInbox
 from transfer.writer import KvWriter, PagedSink, WriteReport
 
 log = logging.getLogger(__name__)
 
 CompleteFn = Callable[[str, list[WriteReport]], None]
 ReleaseFn = Callable[[str, TransferError], None]
-
-
-@dataclass(frozen=True)
-class ZmqReceiverConfig:
-    endpoint: str = "tcp://127.0.0.1:0"  # port 0: any free port (read `endpoint` after binding)
-    limits: ReceiverLimits = field(default_factory=ReceiverLimits)
-    convert: ConvertOptions = field(default_factory=ConvertOptions)
-    idle_timeout_s: float = 10.0  # silence mid-transfer before PeerLost
-    transfer_timeout_s: float = 120.0  # header to last chunk
-    max_inflight: int = 256
-    rcvhwm: int = 64  # queued messages per peer before ZMQ pushes back
-    heartbeat_ivl_ms: int = 1000
-    heartbeat_timeout_ms: int = 10000
-    stream: StreamReceiverOptions = field(default_factory=StreamReceiverOptions)  # stream payloads
-
-
-@dataclass
-class _Expectation:
-    request_id: str
-    block_table: list[int]
-    num_transfers: int
-    deadline: float | None
-    reports: list[WriteReport] = field(default_factory=list)
-    inflight: set[tuple[bytes, int]] = field(default_factory=set)
-
-
-@dataclass
-class _Inflight:
-    peer: bytes
-    header: TransferHeader
-    writer: KvWriter
-    deadline: float
-    idle_deadline: float
-    next_chunk: int = 0
 
 
 class ZmqKvReceiver:
@@ -125,11 +90,9 @@ class ZmqKvReceiver:
         self.endpoint: str = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._nccl = nccl
         self._stream = self._open_stream()
-        self._poller: zmq.Poller | None = None
-        self._polled: tuple[int, ...] = ()
         self._lock = threading.Lock()
-        self._expected: dict[str, _Expectation] = {}
-        self._inflight: dict[tuple[bytes, int], _Inflight] = {}
+        self._expected: dict[str, Expectation] = {}
+        self._inflight: dict[tuple[bytes, int], Inflight] = {}
         self._outbox: list[list[bytes]] = []
         self._callbacks: list[Callable[[], None]] = []
         self._thread: threading.Thread | None = None
@@ -157,7 +120,8 @@ class ZmqKvReceiver:
     def pollables(self) -> list[zmq.Socket | int]:
         """Everything a caller's poller must wake on (POLLIN): the ROUTER socket and the data
         connections' descriptors. Changes after `poll`; closed descriptors drop out."""
-        return [self._sock, *(self._stream.fds() if self._stream is not None else ())]
+        with self._lock:
+            return [self._sock, *(self._stream.fds() if self._stream is not None else ())]
 
     def expect(self, request_id: str, block_table: Sequence[int], *, num_transfers: int = 1,
                timeout_s: float | None = None) -> None:
@@ -170,7 +134,7 @@ class ZmqKvReceiver:
         with self._lock:
             if request_id in self._expected:
                 raise InvalidRequest(f"request {request_id} is already expected")
-            self._expected[request_id] = _Expectation(request_id, ids, num_transfers, deadline)
+            self._expected[request_id] = Expectation(request_id, ids, num_transfers, deadline)
 
     def cancel(self, request_id: str) -> bool:
         """Withdraw a reservation. True: it was pending; no write is in progress or will happen,
@@ -208,17 +172,13 @@ class ZmqKvReceiver:
         self._run_callbacks()
         return handled
 
-    def _wait(self, timeout_s: float) -> set[Any]:
+    def _wait(self, timeout_s: float) -> Collection[Any]:
         """What is readable within `timeout_s`: the ROUTER socket and/or data descriptors."""
-        if self._stream is None:
-            return {self._sock} if self._sock.poll(int(timeout_s * 1000), zmq.POLLIN) else set()
-        fds = self._stream.fds()
-        if self._poller is None or fds != self._polled:
-            self._poller = zmq.Poller()
-            for item in (self._sock, *fds):
-                self._poller.register(item, zmq.POLLIN)
-            self._polled = fds
-        return {item for item, _ in self._poller.poll(int(timeout_s * 1000))}
+        if self._stream is not None:
+            with self._lock:
+                fds = self._stream.fds()
+            return self._stream.wait(self._sock, fds, timeout_s)
+        return (self._sock,) if self._sock.poll(int(timeout_s * 1000), zmq.POLLIN) else ()
 
     def start(self) -> None:
         """Serve on a background thread until `close()`."""
@@ -326,7 +286,7 @@ class ZmqKvReceiver:
                 self._nccl.discard(peer)
             return
         now = time.monotonic()
-        inf = _Inflight(peer, header, writer, now + self.config.transfer_timeout_s,
+        inf = Inflight(peer, header, writer, now + self.config.transfer_timeout_s,
                         now + self.config.idle_timeout_s)
         self._inflight[(peer, tid)] = inf
         exp.inflight.add((peer, tid))
@@ -346,7 +306,7 @@ class ZmqKvReceiver:
             return  # stale chunk of a transfer that already ended: dropped
         self._guard(inf, lambda: self._take_chunk(inf, index, rest[1:], sums))
 
-    def _take_chunk(self, inf: _Inflight, index: int, frames: list[zmq.Frame], sums: list[int] | None) -> None:
+    def _take_chunk(self, inf: Inflight, index: int, frames: list[zmq.Frame], sums: list[int] | None) -> None:
         h = inf.header
         if h.transport != "zmq":
             raise MalformedFrame(f"DATA message for a transfer whose payload travels by {h.transport}")
@@ -361,7 +321,7 @@ class ZmqKvReceiver:
         inf.next_chunk += 1
         inf.idle_deadline = time.monotonic() + self.config.idle_timeout_s
 
-    def _guard(self, inf: _Inflight, step: Callable[[], None]) -> None:
+    def _guard(self, inf: Inflight, step: Callable[[], None]) -> None:
         """Run one step of a transfer; finish it when complete, fail it on any error."""
         try:
             step()
@@ -376,7 +336,7 @@ class ZmqKvReceiver:
             self._fail_transfer(inf, err, reply=True)
 
     # ---- outcomes --------------------------------------------------------------------------------
-    def _finish_transfer(self, inf: _Inflight, report: WriteReport) -> None:
+    def _finish_transfer(self, inf: Inflight, report: WriteReport) -> None:
         key = (inf.peer, inf.header.transfer_id)
         self._pop_inflight(key, ok=True)
         self._reply(inf.peer, [proto.ACK, proto.pack(report.to_wire())])
@@ -391,7 +351,7 @@ class ZmqKvReceiver:
             reports = list(exp.reports)
             self._callbacks.append(lambda: self._on_complete(exp.request_id, reports))
 
-    def _fail_transfer(self, inf: _Inflight, err: TransferError, *, reply: bool) -> None:
+    def _fail_transfer(self, inf: Inflight, err: TransferError, *, reply: bool) -> None:
         key = (inf.peer, inf.header.transfer_id)
         self._pop_inflight(key, ok=False)
         if reply:
@@ -401,7 +361,7 @@ class ZmqKvReceiver:
             exp.inflight.discard(key)
             self._fail_request(exp, err)
 
-    def _fail_request(self, exp: _Expectation, err: TransferError) -> None:
+    def _fail_request(self, exp: Expectation, err: TransferError) -> None:
         self.num_failed += 1
         self._expected.pop(exp.request_id, None)
         self._drop_inflight(exp, TransferCancelled(f"another transfer of this request failed: {err.message}"[:500],
@@ -409,13 +369,13 @@ class ZmqKvReceiver:
         err.request_id = err.request_id or exp.request_id
         self._callbacks.append(lambda: self._on_release(exp.request_id, err))
 
-    def _pop_inflight(self, key: tuple[bytes, int], *, ok: bool) -> _Inflight | None:
+    def _pop_inflight(self, key: tuple[bytes, int], *, ok: bool) -> Inflight | None:
         inf = self._inflight.pop(key, None)
         if inf is not None and inf.header.transport == "stream" and self._stream is not None:
             self._stream.end(inf, ok)  # a failed one closes its data connection
         return inf
 
-    def _drop_inflight(self, exp: _Expectation, err: TransferError) -> None:
+    def _drop_inflight(self, exp: Expectation, err: TransferError) -> None:
         for key in list(exp.inflight):
             inf = self._pop_inflight(key, ok=False)
             if inf is not None:
@@ -437,7 +397,7 @@ class ZmqKvReceiver:
                 self._fail_request(exp, TransferTimeout("no complete KV transfer before the reservation's "
                                                         "timeout", request_id=exp.request_id))
 
-    def _progress(self, inf: _Inflight) -> str:
+    def _progress(self, inf: Inflight) -> str:
         stream = self._stream.progress(inf) if self._stream is not None else None
         return stream or f"chunk {inf.next_chunk} of {len(inf.header.chunks)}"
 

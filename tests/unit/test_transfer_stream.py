@@ -328,7 +328,8 @@ def stream_message(src: PagedKvCache, rid: str, tid: int, checksum: bool = False
     return packed, b"".join(b.numpy().tobytes() for b in packed.all_buffers())
 
 
-HOSTILE = ["bad_magic", "wrong_byte_count", "unknown_transfer", "eof_mid_payload", "bad_trailer", "cancel"]
+HOSTILE = ["bad_magic", "wrong_byte_count", "unknown_transfer", "eof_mid_payload", "stall_mid_payload",
+           "bad_trailer", "cancel"]
 
 
 @pytest.mark.parametrize("case", HOSTILE)
@@ -352,6 +353,8 @@ def test_hostile_data_connection(case: str, src: PagedKvCache) -> None:
             peer.data.sendall(proto.stream_prefix(77, len(payload)) + payload[:len(payload) // 2])
             time.sleep(0.1)
             peer.data.close()
+        elif case == "stall_mid_payload":  # connection open, sender silent: the idle timeout ends it
+            peer.data.sendall(proto.stream_prefix(77, len(payload)) + payload[:len(payload) // 2])
         elif case == "bad_trailer":
             sums = [compute_checksum("xxh3_64", b.numpy()) for b in packed.all_buffers()]
             sums[-1] ^= 1
@@ -368,10 +371,12 @@ def test_hostile_data_connection(case: str, src: PagedKvCache) -> None:
         elif case != "cancel":
             outcome = h.wait("r")
             want = {"bad_magic": MalformedFrame, "wrong_byte_count": MalformedFrame, "eof_mid_payload": PeerLost,
-                    "bad_trailer": ChecksumMismatch}[case]
+                    "stall_mid_payload": PeerLost, "bad_trailer": ChecksumMismatch}[case]
             assert isinstance(outcome, want), outcome
             if case == "eof_mid_payload":
                 assert time.monotonic() - t0 < 0.45  # EOF is evidence: no idle timeout needed
+            elif case == "stall_mid_payload":
+                assert time.monotonic() - t0 >= 0.45 and "silent" in str(outcome)
             else:
                 kind, tid, body = peer.reply()
                 assert kind == proto.ERROR and body["name"] == want.__name__
@@ -486,3 +491,40 @@ def test_receiver_cancelling_mid_payload_gives_the_sender_a_typed_error() -> Non
     finally:
         tx.close()
         rx.close()
+
+
+def test_decode_inbox_keeps_the_worker_poller_in_sync(src: PagedKvCache) -> None:
+    """The decode worker sleeps in its own zmq.Poller: it must wake on the data connection too
+    (KvInbox.sync_poller registers the receiver's pollables as they come and go)."""
+    from types import SimpleNamespace
+
+    from decode.kv_inbox import KvInbox
+    from transfer.header import ReceiverLimits
+
+    cache = PagedKvCache.allocate(SRC, 16)
+    engine = SimpleNamespace(plan=SimpleNamespace(spec=SRC), runner=SimpleNamespace(kv_caches=cache.layers),
+                             config=SimpleNamespace(torch_device="cpu"))
+    ctx = zmq.Context()
+    inbox = KvInbox(ctx, "127.0.0.1", engine, ReceiverLimits())  # type: ignore[arg-type]
+    poller = zmq.Poller()
+    inbox.sync_poller(poller)
+    seq = SimpleNamespace(block_table=[1, 2, 3])
+    inbox.expect("w", seq)  # type: ignore[arg-type]
+    tx = ZmqKvSender(inbox.address)
+    thread = threading.Thread(target=tx.send, args=(src, [7, 8, 9], 0, 40), kwargs={"request_id": "w", "meta": {"first_token": 3}})
+    thread.start()
+    arrivals, data_fd_seen = [], False
+    deadline = time.monotonic() + 10
+    try:
+        while not arrivals and time.monotonic() < deadline:
+            ready = dict(poller.poll(1000))  # the worker's wait: only registered items wake it
+            data_fd_seen |= any(isinstance(item, int) for item in ready)
+            arrivals += inbox.receive()
+            inbox.sync_poller(poller)
+        thread.join(10)
+        assert arrivals and arrivals[0].request_id == "w" and arrivals[0].error is None and data_fd_seen
+        assert same_tokens(src, [7, 8, 9], cache, [1, 2, 3], 0, 40)
+    finally:
+        tx.close()
+        inbox.close()
+        ctx.destroy(linger=0)
