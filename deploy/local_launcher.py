@@ -40,6 +40,8 @@ class ServeConfig:
     decode: int = field(default=1, metadata={"help": "Number of decode workers."})
     colocated: bool = field(default=False, metadata={"help": "No prefill workers: decode workers prefill locally (baseline)."})
     transport: str = field(default="zmq", metadata={"help": "KV transport between prefill and decode: zmq or nccl."})
+    kv_payload: str = field(default="stream", metadata={
+        "help": "With --transport zmq: KV bytes on a stream socket per pair (writev/readv, default) or as ZMQ frames."})
     api_key: str | None = field(default=None, metadata={"help": "Require 'Authorization: Bearer KEY' on /v1/*."})
     served_model_name: str | None = field(default=None, metadata={"help": "Model name in the API (default: the --model value)."})
     prefill_profile: str | None = field(default=None, metadata={"help": "GPU profile of the prefill workers' KV cache (e.g. ampere)."})
@@ -51,6 +53,8 @@ class ServeConfig:
     def __post_init__(self) -> None:
         if self.transport not in ("zmq", "nccl"):
             raise ConfigError(f"--transport must be zmq or nccl, got {self.transport!r}")
+        if self.kv_payload not in ("stream", "frames"):
+            raise ConfigError(f"--kv-payload must be stream or frames, got {self.kv_payload!r}")
         if self.decode < 1:
             raise ConfigError("--decode must be at least 1")
         if self.prefill < 0:
@@ -74,7 +78,8 @@ def worker_command(role: str, worker_id: str, events_address: str, serve: ServeC
     profile = serve.prefill_profile if role == "prefill" else serve.decode_profile
     cmd = [sys.executable, "-m", "deploy.worker_main", "--role", role, "--worker-id", worker_id,
            "--events-address", events_address, "--host", serve.host, "--device", device,
-           "--num-threads", str(num_threads), "--transport", serve.transport, *engine_args]
+           "--num-threads", str(num_threads), "--transport", serve.transport,
+           "--kv-payload", serve.kv_payload, *engine_args]
     return [*cmd, "--profile", profile] if profile else cmd
 
 

@@ -75,6 +75,16 @@ def test_completions_equal_colocated(server: Server, reference: LLMEngine) -> No
             assert "".join(e["choices"][0]["text"] for e in events[:-1] if e["choices"]) == want
 
 
+def test_frames_payload_equals_colocated(reference: LLMEngine) -> None:
+    """`--kv-payload frames` (ZMQ multipart frames instead of the default stream socket)."""
+    with serve("--prefill", "1", "--decode", "1", "--kv-payload", "frames") as s, s.client() as c:
+        prompt = PROMPTS[2]
+        body = {"prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True}
+        r = c.post("/v1/completions", json=body)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == greedy(reference, reference.tokenizer.encode(prompt))
+
+
 def test_chat_equal_colocated(server: Server, reference: LLMEngine) -> None:
     with server.client() as c:
         for text in CHATS:
