@@ -81,13 +81,12 @@ class CacheTable:
         bases: list[int] = []
         geometry: set[tuple[int, int]] = set()
         for layer in range(cache.spec.num_layers):
-            views = cache.parts(layer)
             for part in parts:
-                t = views[part]
-                if t.dim() < 2 or not t[0].is_contiguous():
+                rows = cache.block_rows(layer, part)
+                if rows is None:
                     return None
-                bases.append(t.data_ptr())
-                geometry.add((t.stride(0) * t.element_size(), t[0].numel() * t.element_size()))
+                bases.append(rows[0])
+                geometry.add(rows[1:])
         if len(geometry) != 1:
             return None
         ((stride, block_bytes),) = geometry

@@ -98,6 +98,15 @@ class PagedKvCache:
         """`{part: [B, *part_block_shape]}` views of one layer."""
         return layouts.split_parts(self.spec, self.layers[layer])
 
+    def block_rows(self, layer: int, part: str) -> tuple[int, int, int] | None:
+        """(base address, block stride, block bytes) of one layer's part, all in bytes; None
+        when a block is not one contiguous piece of memory."""
+        t = self.parts(layer)[part]
+        if t.dim() < 2 or not t[0].is_contiguous():
+            return None
+        size = t.element_size()
+        return t.data_ptr(), t.stride(0) * size, t[0].numel() * size
+
     def token_view(self, layer: int, component: int) -> torch.Tensor:
         """`[B, S, H, *dims]` view of one component of one layer (writes land in the cache)."""
         for part, t in self.parts(layer).items():

@@ -130,6 +130,13 @@ class TransferHeader:
     def payload_bytes(self) -> int:
         return sum(self.buffer_sizes)
 
+    def entries_by_buffer(self) -> list[list[TensorEntry]]:
+        """The entries of each buffer, in header order."""
+        by: list[list[TensorEntry]] = [[] for _ in self.buffer_sizes]
+        for e in self.entries:
+            by[e.buffer].append(e)
+        return by
+
     def encode(self) -> bytes:
         return msgpack.packb({
             "v": self.version, "rid": self.request_id, "tid": self.transfer_id,

@@ -43,7 +43,7 @@ import torch
 from transfer import block_copy
 from transfer import zmq_protocol as proto
 from transfer.errors import MalformedFrame, TransferError, TransferTimeout, TransportUnavailable
-from transfer.header import TransferHeader
+from transfer.header import TensorEntry, TransferHeader
 from transfer.nccl_lib import NCCL_IN_PROGRESS, NCCL_SUCCESS, NcclLibrary
 from transfer.pack import PackedKv, StagingPool
 
@@ -253,9 +253,10 @@ class NcclSenderPlugin:
     (one kernel per buffer, block_copy.py), each send waits only for its own gather.
 
     `eager` (default): sends are enqueued right after the header; NCCL holds them on the GPU
-    until the receiver posts its receives, so no READY round trip sits before the wire. If the
-    receiver refuses the header instead, its ERROR reply arrives while the sends wait: the link
-    is aborted and rebuilt on the next transfer. `eager=False`: wait for READY first."""
+    until the receiver posts its receives, so no READY round trip sits before the wire. A
+    receiver that refuses a decodable header still takes the payload; its error is raised once
+    the sends have settled. Sends still stuck after a grace period (nothing was posted) abort
+    the link, rebuilt on the next transfer. `eager=False`: wait for READY first."""
 
     def __init__(self, device: torch.device | str | int, *, library_path: str | None = None,
                  chunk_bytes: int = 128 << 20, eager: bool = True):
@@ -275,7 +276,7 @@ class NcclSenderPlugin:
         self.link = NcclLink(self.lib, uid, 0, self.device)
         self.link.wait_ready(deadline)
 
-    def _gather(self, packed: PackedKv, index: int, entries: list, ids: torch.Tensor | None) -> torch.Tensor:
+    def _gather(self, packed: PackedKv, index: int, entries: list[TensorEntry], ids: torch.Tensor | None) -> torch.Tensor:
         """Buffer `index` on the current (aux) stream: one kernel when it applies."""
         if ids is not None and packed.cache is not None:
             out = self.pool.get(index, packed.buffers[index].nbytes, self.device)
@@ -293,7 +294,7 @@ class NcclSenderPlugin:
         t_entry = time.perf_counter()
         link.enqueue_seconds = 0.0
         n = len(packed.buffers)
-        by_buffer = packed.entries_by_buffer()
+        by_buffer = packed.header.entries_by_buffer()
         buffers: list[torch.Tensor] = []
         gathered: list[torch.cuda.Event] = []
         sent: list[torch.cuda.Event] = []
@@ -439,6 +440,29 @@ class NcclReceiverPlugin:
         link.eager = len(body) > 3 and body[3] is True  # the sender does not wait for READY
         self.links[peer] = link
 
+    def _post(self, link: NcclLink, header: TransferHeader, deadline: float,
+              before_posting: Callable[[], None] | None = None) -> _Posted:
+        """Allocate the receive buffers (sizes were checked against the limits), then post one
+        receive per buffer on the link's stream; `before_posting` runs in between (READY)."""
+        t0 = time.perf_counter()
+        link.enqueue_seconds = 0.0
+        link.wait_ready(deadline)
+        with torch.cuda.device(self.device):
+            link.stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(link.stream):
+                whole = torch.empty(sum(header.buffer_sizes), dtype=torch.uint8, device=self.device)
+            buffers, at = [], 0
+            for size in header.buffer_sizes:
+                buffers.append(whole[at:at + size])
+                at += size
+            if before_posting is not None:
+                before_posting()
+            # every receive is posted before any write, so the wire never waits for the host
+            r_start = _timed_event(link.stream)
+            arrived = [link.enqueue(buf, deadline, is_send=False) for buf in buffers]
+            whole.record_stream(link.stream)  # a dropped transfer's memory waits for its receives
+        return _Posted(header.transfer_id, whole, buffers, arrived, r_start, t0, time.perf_counter())
+
     def prepost(self, peer: bytes, header: TransferHeader, deadline: float) -> None:
         """Eager peers: allocate the receive buffers and post every receive as soon as the
         header is decoded (its sizes are within the limits), before the reservation and the
@@ -448,31 +472,17 @@ class NcclReceiverPlugin:
         if link is None or not link.eager:
             return
         self.discard(peer)
-        t0 = time.perf_counter()
-        link.enqueue_seconds = 0.0
         try:
-            link.wait_ready(deadline)
-            with torch.cuda.device(self.device):
-                link.stream.wait_stream(torch.cuda.current_stream(self.device))
-                with torch.cuda.stream(link.stream):
-                    whole = torch.empty(sum(header.buffer_sizes), dtype=torch.uint8, device=self.device)
-                buffers, at = [], 0
-                for size in header.buffer_sizes:
-                    buffers.append(whole[at:at + size])
-                    at += size
-                r_start = _timed_event(link.stream)
-                arrived = [link.enqueue(buf, deadline, is_send=False) for buf in buffers]
-                whole.record_stream(link.stream)
+            self._posted[peer] = self._post(link, header, deadline)
         except TransferError:
             self.links.pop(peer, None)
             link.close()
             raise
-        self._posted[peer] = _Posted(header.transfer_id, whole, buffers, arrived, r_start, t0, time.perf_counter())
 
     def discard(self, peer: bytes) -> None:
         """Forget a pre-posted transfer that will not be written (its receives still complete on
         the link's stream; the allocator reuses the memory only after them)."""
-        self._posted.pop(peer, None)  # its memory was recorded on the link's stream
+        self._posted.pop(peer, None)
 
     def receive(self, peer: bytes, header: TransferHeader, writer: Any, deadline: float,
                 reply: Callable[[bytes, list[bytes]], None], flush: Callable[[], None]) -> None:
@@ -482,32 +492,16 @@ class NcclReceiverPlugin:
             raise TransportUnavailable("NCCL payload from a peer that never sent its NCCL hello",
                                        request_id=header.request_id)
         posted = self._posted.pop(peer, None)
-        if posted is not None and posted.transfer_id != header.transfer_id:
-            posted = None
+
+        def say_ready() -> None:
+            reply(peer, [proto.READY, proto.pack([header.transfer_id])])
+            flush()
+
         try:
-            t_entry = time.perf_counter()
-            if posted is None:
-                link.enqueue_seconds = 0.0
-                link.wait_ready(deadline)
-                with torch.cuda.device(self.device):
-                    link.stream.wait_stream(torch.cuda.current_stream(self.device))
-                    with torch.cuda.stream(link.stream):  # sizes were checked against the limits
-                        whole = torch.empty(sum(header.buffer_sizes), dtype=torch.uint8, device=self.device)
-                    buffers, at = [], 0
-                    for size in header.buffer_sizes:
-                        buffers.append(whole[at:at + size])
-                        at += size
-                if not link.eager:
-                    reply(peer, [proto.READY, proto.pack([header.transfer_id])])
-                    flush()
-                with torch.cuda.device(self.device):
-                    # every receive is posted before any write, so the wire never waits for the host
-                    r_start = _timed_event(link.stream)
-                    arrived = [link.enqueue(buf, deadline, is_send=False) for buf in buffers]
-                t_posted = time.perf_counter()
-            else:
-                whole, buffers, arrived, r_start = posted.whole, posted.buffers, posted.arrived, posted.r_start
-                t_entry, t_posted = posted.t_start, posted.t_posted
+            if posted is None or posted.transfer_id != header.transfer_id:
+                posted = self._post(link, header, deadline, None if link.eager else say_ready)
+            whole, buffers, arrived, r_start = posted.whole, posted.buffers, posted.arrived, posted.r_start
+            t_entry, t_posted = posted.t_start, posted.t_posted
             t_write = time.perf_counter()
             with torch.cuda.device(self.device):
                 link.aux.wait_stream(torch.cuda.current_stream(self.device))  # the writer's id copy

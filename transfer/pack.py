@@ -103,12 +103,6 @@ class PackedKv:
     cache: PagedKvCache | None = None  # the source, for transports that copy blocks themselves
     block_ids: torch.Tensor | None = None  # the transfer's source block ids (int64, on CPU)
 
-    def entries_by_buffer(self) -> list[list[TensorEntry]]:
-        by: list[list[TensorEntry]] = [[] for _ in self.buffers]
-        for e in self.header.entries:
-            by[e.buffer].append(e)
-        return by
-
     def buffer(self, index: int) -> torch.Tensor:
         return self.buffers[index].fill()
 
@@ -170,7 +164,7 @@ class _Planner:
         self.is_narrowed = heads != (lo, hi)
         self.entries: list[TensorEntry] = []
         self.buffers: list[_Buffer] = []
-        self.zeros = torch.zeros(_ALIGN, dtype=torch.uint8)  # alignment padding on the segment path
+        self.zeros: torch.Tensor | None = None  # alignment padding on the segment path (made on use)
 
     def narrowed(self, t: torch.Tensor, axis: int | None) -> torch.Tensor:
         if axis is None or not self.is_narrowed:
@@ -216,6 +210,8 @@ class _Planner:
                 return None
             out.append(seg)
             if pad:
+                if self.zeros is None:
+                    self.zeros = torch.zeros(_ALIGN, dtype=torch.uint8)
                 out.append(make_segments(np.array([self.zeros.data_ptr()], dtype=np.uint64), pad))
         return np.concatenate(out)
 
@@ -257,21 +253,21 @@ def _plan_gathered(p: _Planner, layers: range, chunk_bytes: int) -> None:
     blocks_per_buf = max(1, chunk_bytes // block_bytes)
     ids = p.ids.to(p.cache.device)
     rows: dict[tuple[int, str], torch.Tensor] = {}  # source parts as [B, row] integer views
-
-    def source_rows(layer: int, part: str) -> torch.Tensor:
-        key = (layer, part)
-        if key not in rows:
-            src = p.narrowed(p.cache.parts(layer)[part], layouts.head_axis(spec, part))
-            rows[key] = layouts.as_rows(src) if src.is_contiguous() else layouts.as_bits(src)
-        return rows[key]
-
-    ids_np = p.ids.numpy().astype(np.uint64)
     layer_parts: dict[int, dict[str, torch.Tensor]] = {}  # cache.parts(layer), built once per layer
 
     def part_view(layer: int, part: str) -> torch.Tensor:
         if layer not in layer_parts:
             layer_parts[layer] = p.cache.parts(layer)
         return p.narrowed(layer_parts[layer][part], layouts.head_axis(spec, part))
+
+    def source_rows(layer: int, part: str) -> torch.Tensor:
+        key = (layer, part)
+        if key not in rows:
+            src = part_view(layer, part)
+            rows[key] = layouts.as_rows(src) if src.is_contiguous() else layouts.as_bits(src)
+        return rows[key]
+
+    ids_np = p.ids.numpy().astype(np.uint64)
 
     def segments(part: str, layer0: int, nl: int, b0: int, nb: int) -> Callable[[], np.ndarray | None]:
         return lambda: _block_segments([part_view(layer, part) for layer in range(layer0, layer0 + nl)],

@@ -45,10 +45,7 @@ class PartAddresses:
     def get(self, layer: int, part: str) -> tuple[int, int, int] | None:
         key = (layer, part)
         if key not in self._known:
-            t = self.cache.parts(layer)[part]
-            ok = t.device.type == "cpu" and t.dim() > 1 and t[0].is_contiguous()
-            self._known[key] = (t.data_ptr(), t.stride(0) * t.element_size(), t[0].numel() * t.element_size()) \
-                if ok else None
+            self._known[key] = self.cache.block_rows(layer, part) if self.cache.device.type == "cpu" else None
         return self._known[key]
 
 

@@ -155,9 +155,7 @@ class KvWriter:
         self.plan = ConversionPlan.build(header.spec, sink.spec, (header.head_start, header.head_end))
         sink.prepare(header, self.plan)
         self.next_buffer = 0
-        self.by_buffer: list[list[TensorEntry]] = [[] for _ in header.buffer_sizes]
-        for e in header.entries:
-            self.by_buffer[e.buffer].append(e)
+        self.by_buffer = header.entries_by_buffer()
         self.src_scales: dict[int, torch.Tensor] = {}  # layer -> [C, n, S, Hp, G] | [C, Hp, G] | [C, G]
         self.is_raw_layer: dict[int, bool] = {}
         self.stats = ConversionStats()
@@ -288,11 +286,7 @@ class KvWriter:
     # ---- data ---------------------------------------------------------------------------------
     def _write_data(self, e: TensorEntry, t: torch.Tensor) -> None:
         h = self.header
-        s = h.spec.block_size
-        first_tok = (h.first_block + e.block_start) * s
-        # whole blocks inside the token range; a partial first/last block goes token by token
-        lo_blk = 1 if first_tok < h.token_start else 0
-        hi_blk = e.num_blocks - (1 if first_tok + e.num_blocks * s > h.token_end else 0)
+        lo_blk, hi_blk = self.whole_blocks(e)  # a partial first/last block goes token by token
         fast = self.plan.is_block_copy and isinstance(self.sink, PagedSink) and hi_blk > lo_blk
         abs0 = h.first_block + e.block_start + lo_blk
         ids = self.sink.dst_ids(abs0, hi_blk - lo_blk) if fast else None

@@ -44,7 +44,7 @@ def test_gather_matches_torch_gather_and_scatter_round_trips(spec: KvSpec) -> No
     packed = pack_kv(src, table, 0, tokens, request_id="r", options=PackOptions(chunk_bytes=1 << 16,
                                                                                allow_views=False))
     ids = packed.block_ids.to(DEV)
-    by_buffer = packed.entries_by_buffer()
+    by_buffer = packed.header.entries_by_buffer()
     buffers = []
     for i in range(len(packed.buffers)):
         want = packed.buffer(i).clone()

@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from pathlib import Path
 
@@ -30,8 +29,7 @@ from transfer.errors import (
 from transfer.header import compute_checksum
 from transfer.local import read_tokens_float
 from transfer.pack import PackOptions, pack_kv
-from transfer.testing import fill_random
-from transfer.writer import WriteReport
+from transfer.testing import ReceiverHarness, fill_random
 from transfer.zmq_receiver import ZmqKvReceiver, ZmqReceiverConfig
 from transfer.zmq_sender import ZmqKvSender, ZmqSenderConfig
 
@@ -41,31 +39,11 @@ DST = KvSpec(2, 2, 64, 32, dtype=KvDtype.FLOAT32, layout=KvLayout.HND, is_kv_sta
 SMALL_CHUNKS = ZmqSenderConfig(timeout_s=5.0, pack=PackOptions(chunk_bytes=8192))
 
 
-class Harness:
-    """A started receiver whose callbacks land in `ended` (request id → reports or error)."""
-
-    def __init__(self, endpoint: str, dst_spec: KvSpec = DST, **cfg: float):
-        self.ended: dict[str, list[WriteReport] | TransferError] = {}
-        self._cond = threading.Condition()
-        self.cache = PagedKvCache.allocate(dst_spec, 16)
-        config = ZmqReceiverConfig(endpoint=endpoint, idle_timeout_s=cfg.get("idle", 5.0),
-                                   transfer_timeout_s=cfg.get("total", 10.0))
-        self.rx = ZmqKvReceiver(self.cache, config, on_complete=self._end, on_release=self._end)
-        self.rx.start()
-
-    def _end(self, rid: str, outcome: list[WriteReport] | TransferError) -> None:
-        with self._cond:
-            assert rid not in self.ended, "a reservation ended twice"
-            self.ended[rid] = outcome
-            self._cond.notify_all()
-
-    def wait(self, rid: str, timeout: float = 10.0) -> list[WriteReport] | TransferError:
-        with self._cond:
-            assert self._cond.wait_for(lambda: rid in self.ended, timeout), f"{rid} never ended"
-            return self.ended[rid]
-
-    def close(self) -> None:
-        self.rx.close()
+def harness(endpoint: str, dst_spec: KvSpec = DST, **cfg: float) -> ReceiverHarness:
+    """A started receiver on a fresh 16-block cache whose outcomes land in `ended`."""
+    config = ZmqReceiverConfig(endpoint=endpoint, idle_timeout_s=cfg.get("idle", 5.0),
+                               transfer_timeout_s=cfg.get("total", 10.0))
+    return ReceiverHarness(PagedKvCache.allocate(dst_spec, 16), config)
 
 
 @pytest.fixture(params=["tcp", "ipc"])
@@ -81,7 +59,7 @@ def src() -> PagedKvCache:
 
 
 def test_end_to_end_convert_and_block_copy(endpoint: str, src: PagedKvCache) -> None:
-    h = Harness(endpoint)
+    h = harness(endpoint)
     tx = ZmqKvSender(h.rx.endpoint, ZmqSenderConfig(checksum=True, pack=PackOptions(chunk_bytes=8192)))
     try:
         h.rx.expect("a", [5, 9, 1])
@@ -94,7 +72,7 @@ def test_end_to_end_convert_and_block_copy(endpoint: str, src: PagedKvCache) -> 
     finally:
         tx.close()
         h.close()
-    same = Harness(endpoint.replace("kv.sock", "kv2.sock"), dst_spec=SRC)
+    same = harness(endpoint.replace("kv.sock", "kv2.sock"), dst_spec=SRC)
     tx = ZmqKvSender(same.rx.endpoint)
     try:
         same.rx.expect("b", [15, 2, 3, 4, 10])
@@ -109,7 +87,7 @@ def test_end_to_end_convert_and_block_copy(endpoint: str, src: PagedKvCache) -> 
 
 
 def test_typed_error_replies(src: PagedKvCache) -> None:
-    h = Harness("tcp://127.0.0.1:0", dst_spec=DST.with_(head_dim=128))
+    h = harness("tcp://127.0.0.1:0", dst_spec=DST.with_(head_dim=128))
     tx = ZmqKvSender(h.rx.endpoint, ZmqSenderConfig(timeout_s=5.0))
     try:
         with pytest.raises(UnexpectedTransfer) as e:
@@ -170,7 +148,7 @@ SENDER_DIES = textwrap.dedent("""
 
 
 def test_sender_killed_mid_transfer_releases_reservation(src: PagedKvCache) -> None:
-    h = Harness("tcp://127.0.0.1:0", dst_spec=SRC, idle=0.5)
+    h = harness("tcp://127.0.0.1:0", dst_spec=SRC, idle=0.5)
     try:
         h.rx.expect("doomed", [4, 5, 6])
         proc = subprocess.run([sys.executable, "-c", SENDER_DIES.format(root=str(ROOT), endpoint=h.rx.endpoint)],
@@ -214,7 +192,7 @@ def test_receiver_killed_mid_transfer_is_peer_lost(src: PagedKvCache) -> None:
 
 
 def test_cancel_and_expectation_timeout(src: PagedKvCache) -> None:
-    h = Harness("tcp://127.0.0.1:0")
+    h = harness("tcp://127.0.0.1:0")
     tx = ZmqKvSender(h.rx.endpoint, ZmqSenderConfig(timeout_s=5.0))
     try:
         h.rx.expect("c", [1, 2])
@@ -231,7 +209,7 @@ def test_cancel_and_expectation_timeout(src: PagedKvCache) -> None:
 
 def test_two_senders_fill_one_reservation(src: PagedKvCache) -> None:
     """Prefill TP=2 → decode TP=1 over the wire: two transfers, one completion."""
-    h = Harness("tcp://127.0.0.1:0", dst_spec=SRC.with_(num_kv_heads=4))
+    h = harness("tcp://127.0.0.1:0", dst_spec=SRC.with_(num_kv_heads=4))
     try:
         h.rx.expect("tp", [0, 1, 2], num_transfers=2)
         for rank in (0, 1):
@@ -255,7 +233,7 @@ def _raw_dealer(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
 
 
 def test_garbage_gets_typed_errors_and_the_receiver_keeps_serving(src: PagedKvCache) -> None:
-    h = Harness("tcp://127.0.0.1:0", dst_spec=SRC)
+    h = harness("tcp://127.0.0.1:0", dst_spec=SRC)
     ctx = zmq.Context()
     try:
         raw = _raw_dealer(ctx, h.rx.endpoint)
@@ -287,7 +265,7 @@ def test_garbage_gets_typed_errors_and_the_receiver_keeps_serving(src: PagedKvCa
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs a POSIX host")
 def test_receiver_close_releases_pending_reservations() -> None:
-    h = Harness("tcp://127.0.0.1:0")
+    h = harness("tcp://127.0.0.1:0")
     h.rx.expect("pending", [1])
     h.close()
     assert isinstance(h.ended["pending"], TransferError)
