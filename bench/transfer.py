@@ -216,9 +216,11 @@ def _nccl_rank(rank: int, args: argparse.Namespace, endpoint_q, result_q) -> Non
     flat = torch.empty(nbytes, dtype=torch.uint8, device=dev)
     if rank == 1:
         done: dict[str, object] = {}
+        ack_marks: dict[str, float] = {}
         ended = threading.Condition()
 
         def end(rid: str, outcome: object) -> None:  # on the receiver's thread
+            ack_marks[rid] = time.perf_counter()  # the ack went out just before this callback
             with ended:
                 done[rid] = outcome
                 ended.notify_all()
@@ -235,13 +237,17 @@ def _nccl_rank(rank: int, args: argparse.Namespace, endpoint_q, result_q) -> Non
         plugin = NcclSenderPlugin(dev)
         tx = ZmqKvSender(endpoint_q.get(), nccl=plugin)
     rows, bad = [], []
-    for mode, chunk_mib in [("eager", c) for c in args.chunk_mib] + [("ready", c) for c in args.ready_chunk_mib]:
+    plan = ([("eager", c) for c in args.chunk_mib] + [("ready", c) for c in args.ready_chunk_mib]
+            + [("eager-nonblocking", c) for c in args.nonblocking_chunk_mib])
+    for mode, chunk_mib in plan:
         times: dict[str, list[float]] = {"torch_nccl": [], "pdserve_nccl": []}
         breakdown: list[dict] = []
+        marks: list[dict] = []  # absolute perf_counter marks per repetition (one clock for both ranks)
         if rank == 0:
             plugin.chunk_bytes = chunk_mib << 20
-            if plugin.eager != (mode == "eager"):  # a new link announces the mode in its hello
-                plugin.eager = mode == "eager"
+            eager, blocking = mode != "ready", mode != "eager-nonblocking"
+            if (plugin.eager, plugin.blocking) != (eager, blocking):  # a new link's hello says which
+                plugin.eager, plugin.blocking = eager, blocking
                 plugin.reset()
         for rep in range(args.repeats + 3):
             # baseline: one contiguous buffer through torch.distributed
@@ -274,6 +280,7 @@ def _nccl_rank(rank: int, args: argparse.Namespace, endpoint_q, result_q) -> Non
                 if rep >= 3:
                     times["pdserve_nccl"].append(res.seconds)
                     breakdown.append(t)
+                    marks.append({"send_called": t0, **plugin.last_marks, "send_returned": t0 + wall})
             else:  # the next barrier must not overlap this transfer's NCCL work
                 with ended:  # sleeps without taking the GIL from the receiver's thread
                     ended.wait_for(lambda rid=rid: rid in done, timeout=120)
@@ -282,6 +289,7 @@ def _nccl_rank(rank: int, args: argparse.Namespace, endpoint_q, result_q) -> Non
                     raise SystemExit(f"transfer {rid} failed on the receiver: {reports!r}")
                 if rep >= 3:
                     breakdown.append(plugin.timings())
+                    marks.append({**plugin.last_marks, "ack_sent": ack_marks.get(rid, float("nan"))})
                 if rep == 0:  # bit-exact check of a few layers
                     src_ids = torch.tensor(src_table, device=dev)
                     dst_ids = torch.tensor(dst_table, device=dev)
@@ -294,9 +302,10 @@ def _nccl_rank(rank: int, args: argparse.Namespace, endpoint_q, result_q) -> Non
             rows.append({"tokens": tokens, "bytes": nbytes, "mode": mode, "chunk_mib": chunk_mib,
                          **{f"{k}_gbps": round(v, 2) for k, v in gbps.items()},
                          "ratio": round(gbps["pdserve_nccl"] / gbps["torch_nccl"], 3),
-                         "sender_ms": _median_breakdown(breakdown)})
+                         "sender_ms": _median_breakdown(breakdown), "_marks": marks})
         else:
-            rows.append({"mode": mode, "chunk_mib": chunk_mib, "receiver_ms": _median_breakdown(breakdown)})
+            rows.append({"mode": mode, "chunk_mib": chunk_mib, "receiver_ms": _median_breakdown(breakdown),
+                         "_marks": marks})
     dist.barrier()
     if rank == 0:
         tx.close()
@@ -305,6 +314,19 @@ def _nccl_rank(rank: int, args: argparse.Namespace, endpoint_q, result_q) -> Non
         rx.close()
         result_q.put(("receiver", rows, bad))
     dist.destroy_process_group()
+
+
+def _timeline(sender: list[dict], receiver: list[dict]) -> dict:
+    """Median time of every mark since `send` was called (both ranks use one monotonic clock):
+    sender marks as `tx_*`, receiver marks as `rx_*`, in the order they happen."""
+    spans: dict[str, list[float]] = {}
+    for s, r in zip(sender, receiver, strict=True):
+        t0 = s["send_called"]
+        for prefix, marks in (("tx_", s), ("rx_", r)):
+            for k, v in marks.items():
+                spans.setdefault(prefix + k, []).append((v - t0) * 1e3)
+    med = {k: round(statistics.median(v), 3) for k, v in spans.items()}
+    return dict(sorted(med.items(), key=lambda kv: kv[1]))
 
 
 def run_nccl(args: argparse.Namespace) -> dict:
@@ -329,11 +351,13 @@ def run_nccl(args: argparse.Namespace) -> dict:
     recv_rows, bad = got["receiver"]
     for row, rrow in zip(rows, recv_rows, strict=True):
         row["receiver_ms"] = rrow["receiver_ms"]
+        row["timeline_ms"] = _timeline(row.pop("_marks"), rrow.pop("_marks"))
         print(f"{row['tokens']} tokens {row['bytes'] / 2**20:.0f} MiB {row['mode']} chunk {row['chunk_mib']} MiB | "
               f"torch.distributed send/recv {row['torch_nccl_gbps']:.1f} GB/s | pdserve NCCL "
               f"{row['pdserve_nccl_gbps']:.1f} GB/s | ratio {row['ratio']:.2f} (target >= 0.85)")
         print(f"   sender ms:   {row['sender_ms']}")
         print(f"   receiver ms: {row['receiver_ms']}")
+        print(f"   timeline ms: {row['timeline_ms']}")
     print("data check:", "OK (bit-exact)" if not bad else f"MISMATCH {bad}")
     props = torch.cuda.get_device_properties(0)
     return {"benchmark": "transfer_nccl", "model": "Llama-3-8B KV (32 layers, 8 kv heads, dim 128, bf16)",
@@ -357,6 +381,8 @@ def main() -> None:
                     help="NCCL: sender chunk (gather + send unit) sizes to measure (eager sends)")
     ap.add_argument("--ready-chunk-mib", type=int, nargs="*", default=[128],
                     help="NCCL: chunk sizes to measure with the READY handshake (eager=False)")
+    ap.add_argument("--nonblocking-chunk-mib", type=int, nargs="*", default=[128],
+                    help="NCCL: chunk sizes to measure with eager sends on a non-blocking communicator")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     if args.nccl:

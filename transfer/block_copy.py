@@ -150,6 +150,17 @@ def gather_entries(cache: PagedKvCache, block_ids: torch.Tensor, entries: Sequen
     return _launch(ct, entries, buf, block_ids[b0:b0 + nb], to_cache=False)
 
 
+def scatter_entries(cache: PagedKvCache, dst_ids: torch.Tensor, entries: Sequence[TensorEntry],
+                    buf: torch.Tensor) -> bool:
+    """The inverse of `gather_entries`: write a received buffer's `entries` (data parts, whole
+    blocks, packed back to back at their offsets in `buf`) into destination blocks `dst_ids` of
+    every layer in one launch. False (nothing enqueued) when the kernel does not apply."""
+    ct = cache_table(cache)
+    if ct is None or not entries:
+        return False
+    return _launch(ct, entries, buf, dst_ids, to_cache=True)
+
+
 def scatter_entry(cache: PagedKvCache, dst_ids: torch.Tensor, entry: TensorEntry, blocks: torch.Tensor) -> bool:
     """Write an entry's whole blocks `[num_layers, n, *block]` (a contiguous view of the
     received buffer) into destination blocks `dst_ids` (int64, on the cache's device) of every

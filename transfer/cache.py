@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from engine.kv_spec import KvSpec, ScaleGranularity
@@ -129,10 +130,13 @@ class PagedKvCache:
                 f"block table has {len(block_table)} blocks; tokens up to {token_end} need {need} "
                 f"of {self.spec.block_size} tokens"
             )
-        ids = torch.as_tensor(list(block_table[:need]), dtype=torch.int64)
-        if need and (int(ids.min()) < 0 or int(ids.max()) >= self.num_blocks):
+        try:
+            ids = np.asarray(block_table[:need], dtype=np.int64)
+        except (TypeError, ValueError, OverflowError):
+            raise InvalidRequest("block ids must be integers") from None
+        if ids.ndim != 1 or (need and (int(ids.min()) < 0 or int(ids.max()) >= self.num_blocks)):
             raise InvalidRequest(f"block ids must lie in [0, {self.num_blocks}), got {ids.tolist()[:8]}...")
-        return ids
+        return torch.from_numpy(ids)
 
     def slots(self, block_ids: torch.Tensor, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(block id, offset) of token positions `[start, end)` given the sequence's block ids."""

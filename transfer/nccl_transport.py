@@ -2,22 +2,26 @@
 
 One `NcclLink` (a 2-rank communicator, its own CUDA stream, a watchdog) per (prefill, decode)
 pair. The prefill side (rank 0) creates the unique id and sends it over the pair's ZMQ
-connection (NCCL_HELLO); both sides initialise non-blocking and poll with a deadline.
+connection (NCCL_HELLO, which also says eager/blocking); both sides create the communicator on
+a helper thread (blocking kind, the default) and connect it with one warm-up transfer, or
+initialise non-blocking and poll; either way every wait has a deadline.
 
-A transfer (see zmq_protocol.py): HEADER over ZMQ (transport "nccl") → the sender gathers the
-scattered blocks into few large buffers (`chunk_bytes` each; one Triton kernel per buffer,
-block_copy.py, on its second stream) and enqueues one ncclSend per buffer, each after its own
-gather, without waiting: NCCL holds the sends on the GPU until the receiver posts its receives
-→ the receiver decodes the header (sizes within its limits), allocates the receive buffers and
-posts one ncclRecv per buffer at once (`prepost`), before it even looks up the reservation;
-then it builds the writer and writes each buffer into its cache (one scatter kernel per entry)
-as soon as it has arrived → ack over ZMQ. A receiver that refuses a decoded header (no
-reservation, incompatible spec) still takes the payload into the posted buffers and drops it,
-then answers ERROR: the sender's sends settle, the link stays in step, and the sender raises
-the receiver's typed error. Only when the header could not be decoded (nothing posted) do the
+A transfer (see zmq_protocol.py), eager (default): the sender sends SIZES over ZMQ (the byte
+count of every payload buffer), gathers buffer 0 (one Triton kernel per buffer, block_copy.py,
+on its second stream) and enqueues its ncclSend, sends the HEADER (transport "nccl"), then
+gathers and enqueues the rest, each send after its own gather, without waiting: NCCL holds the
+sends on the GPU until the receiver posts → the receiver, on SIZES (checked against its limits),
+allocates the receive buffers and posts one ncclRecv per buffer at once (`post_sizes`); on the
+HEADER it checks that the sizes match (else the link is dropped: the pair would be out of
+step), looks up the reservation, builds the writer and writes each buffer into its cache (one
+scatter kernel per buffer) as soon as it has arrived → ack over ZMQ. Nothing received is
+interpreted or written before the header is validated. A receiver that refuses the header (no
+reservation, incompatible spec, undecodable) still takes the payload into the posted buffers
+and drops it, then answers ERROR: the sender's sends settle, the link stays in step, and the
+sender raises the receiver's typed error. If nothing was posted at all (SIZES refused), the
 sends stay stuck: after a grace period the sender aborts the communicator and builds a new one
-on its next transfer. A sender created with `eager=False` waits for READY from the receiver
-before its first send (the receiver learns which from the NCCL_HELLO).
+on its next transfer. A sender created with `eager=False` sends no SIZES, and waits for READY
+from the receiver (posted on the header) before its first send.
 
 Every wait has a deadline. The watchdog thread aborts the communicator (`ncclCommAbort`) when
 a deadline passes while a call is stuck; the transfer then fails with `TransferTimeout`, the
@@ -42,14 +46,22 @@ import torch
 
 from transfer import block_copy
 from transfer import zmq_protocol as proto
-from transfer.errors import MalformedFrame, TransferError, TransferTimeout, TransportUnavailable
-from transfer.header import TensorEntry, TransferHeader
+from transfer.errors import (
+    MalformedFrame,
+    MalformedHeader,
+    TransferError,
+    TransferTimeout,
+    TransportUnavailable,
+)
+from transfer.header import ReceiverLimits, TensorEntry, TransferHeader
 from transfer.nccl_lib import NCCL_IN_PROGRESS, NCCL_SUCCESS, NcclLibrary
 from transfer.pack import PackedKv, StagingPool
 
 _POLL_S = 0.0002  # sleep between polls once the spin phase is over
 _REFUSAL_GRACE_S = 2.0  # a refused eager transfer: how long its sends may take to settle
 _SPIN_S = 0.05  # first spin (yielding the GIL): a transfer of a few ms must not wait for a timer
+_WATCH_S = 0.25  # the watchdog looks at its deadline at least this often
+_WARMUP_BYTES = 32 << 20  # link set-up: one transfer this large connects every channel a payload uses
 
 
 def _require_cuda(device: torch.device | str | int) -> torch.device:
@@ -71,7 +83,9 @@ class _NoLock:
 
 
 class Watchdog:
-    """A thread that aborts a link whose armed deadline passes (a stuck call cannot hang us)."""
+    """A thread that aborts a link whose armed deadline passes (a stuck call cannot hang us).
+    Arming is a plain store (no wake-up on the hot path): the thread looks at the deadline at
+    least every `_WATCH_S`, which is far below any deadline."""
 
     def __init__(self, on_fire: Callable[[], None]):
         self._on_fire = on_fire
@@ -83,13 +97,10 @@ class Watchdog:
         self._thread.start()
 
     def arm(self, deadline: float) -> None:
-        with self._cond:
-            self._deadline = deadline
-            self._cond.notify()
+        self._deadline = deadline
 
     def disarm(self) -> None:
-        with self._cond:
-            self._deadline = None
+        self._deadline = None
 
     def close(self) -> None:
         with self._cond:
@@ -99,12 +110,15 @@ class Watchdog:
     def _run(self) -> None:
         with self._cond:
             while not self._closed:
-                if self._deadline is None:
-                    self._cond.wait()
+                deadline = self._deadline
+                if deadline is None:
+                    self._cond.wait(_WATCH_S)
                     continue
-                remaining = self._deadline - time.monotonic()
+                remaining = deadline - time.monotonic()
                 if remaining > 0:
-                    self._cond.wait(remaining)
+                    self._cond.wait(min(remaining, _WATCH_S))
+                    continue
+                if self._deadline != deadline:  # disarmed or re-armed meanwhile
                     continue
                 self._deadline = None
                 self.fired = True
@@ -112,26 +126,75 @@ class Watchdog:
 
 
 class NcclLink:
-    """A 2-rank communicator (this side is `rank`, the peer `1 - rank`) on `device`."""
+    """A 2-rank communicator (this side is `rank`, the peer `1 - rank`) on `device`.
 
-    def __init__(self, lib: NcclLibrary, uid: bytes, rank: int, device: torch.device):
+    Blocking (default): the communicator is created, and its connection to the peer set up by
+    one warm-up transfer, on a helper thread (`wait_ready` waits for it with a deadline, and
+    aborts on timeout); after that an ncclSend/ncclRecv only enqueues (about 10 us, against
+    70-200 us for a non-blocking communicator, whose every call goes through NCCL's async
+    thread), and every wait for the GPU is polled with a deadline and the watchdog.
+    `blocking=False`: a non-blocking communicator, every call polled."""
+
+    def __init__(self, lib: NcclLibrary, uid: bytes, rank: int, device: torch.device, *, blocking: bool = True):
         self.lib, self.rank, self.peer, self.device = lib, rank, 1 - rank, device
         self._lock = threading.Lock()  # held around non-blocking NCCL calls; abort takes it
         self._dead = False
+        self.nonblocking = not blocking and lib.has_config
+        self.comm = 0
+        self._init_error: TransferError | None = None
+        self._init_thread: threading.Thread | None = None
         with torch.cuda.device(device):
             self.stream = torch.cuda.Stream(device=device)  # NCCL operations
             self.aux = torch.cuda.Stream(device=device)  # gathers (sender) / writes (receiver)
-            self.comm, res = lib.comm_init_rank(2, uid, rank, nonblocking=True)
-        self._ready = res == NCCL_SUCCESS and not lib.has_config
+            self._ready = False
+            if self.nonblocking:
+                self.comm = lib.comm_init_rank(2, uid, rank, nonblocking=True)[0]
+            else:
+                self._init_thread = threading.Thread(target=self._init_blocking, args=(uid,),
+                                                     name="nccl-init", daemon=True)
+                self._init_thread.start()
         self.enqueue_seconds = 0.0  # CPU time in enqueue() (reset per transfer by the plugins)
         self.eager = False  # receiver side: the sender enqueues before READY (set from its hello)
         self.watchdog = Watchdog(self.abort)
 
+    def _init_blocking(self, uid: bytes) -> None:
+        """Helper thread: create the communicator, then one warm-up transfer (rank 0 to rank 1)
+        so that the peer connection exists before any real call (a first call would otherwise
+        block on the peer). Returns early if the link is aborted meanwhile."""
+        try:
+            with torch.cuda.device(self.device):
+                comm, _ = self.lib.comm_init_rank(2, uid, self.rank, nonblocking=False)
+                with self._lock:
+                    self.comm = comm
+                    if self._dead:  # closed or timed out while we were joining
+                        self.lib.abort(comm)
+                        return
+                buf = torch.empty(_WARMUP_BYTES, dtype=torch.uint8, device=self.device)
+                op = self.lib.send if self.rank == 0 else self.lib.recv
+                op(buf.data_ptr(), _WARMUP_BYTES, self.peer, comm, self.stream.cuda_stream)
+                buf.record_stream(self.stream)
+                done = torch.cuda.Event()
+                done.record(self.stream)
+                while not done.query():
+                    if self._dead:
+                        return
+                    time.sleep(0.0005)
+        except TransferError as e:
+            self._init_error = e
+        except RuntimeError as e:  # CUDA error after an abort
+            self._init_error = TransferError(f"NCCL link set-up failed: {e}"[:300])
+
     def abort(self) -> None:
-        with self._lock:
+        # a call stuck inside NCCL holds the lock: that call is what must be aborted
+        held = self._lock.acquire(timeout=1.0)
+        try:
             if not self._dead:
                 self._dead = True
-                self.lib.abort(self.comm)
+                if self.comm:
+                    self.lib.abort(self.comm)
+        finally:
+            if held:
+                self._lock.release()
 
     def close(self) -> None:
         self.watchdog.close()
@@ -173,9 +236,22 @@ class NcclLink:
                 self.watchdog.disarm()
 
     def wait_ready(self, deadline: float) -> None:
-        if not self._ready:
+        if self._ready:
+            return
+        if self._init_thread is not None:
+            self._init_thread.join(max(0.0, deadline - time.monotonic()))
+            if self._init_thread.is_alive():
+                self.abort()
+                raise TransferTimeout("NCCL communicator set-up not done before the deadline (is the peer "
+                                      "joining?); link aborted")
+            if self._init_error is not None:
+                self.abort()
+                raise self._init_error
+            if self._dead:
+                raise TransferTimeout("the NCCL communicator was aborted during set-up")
+        else:
             self._poll_until(lambda: True, deadline, "communicator set-up (is the peer joining?)")
-            self._ready = True
+        self._ready = True
 
     def enqueue(self, buf: torch.Tensor, deadline: float, *, is_send: bool,
                 after: torch.cuda.Event | None = None,
@@ -190,24 +266,17 @@ class NcclLink:
             self.stream.wait_event(after)
         op = self.lib.send if is_send else self.lib.recv
         args = (buf.data_ptr(), buf.numel() * buf.element_size(), self.peer, self.comm, self.stream.cuda_stream)
-        if self.lib.has_config:
-            # Non-blocking communicator: returns at once. Hold the lock so abort cannot interleave.
+        # Hold the lock so that abort cannot interleave with the call. A blocking communicator
+        # is connected (warm-up in set-up), so its calls only enqueue and never wait on the peer.
+        self.watchdog.arm(deadline)
+        try:
             with self._lock:
                 if self._dead:
                     raise TransferTimeout("the NCCL communicator was aborted")
                 res = op(*args)
-            if res == NCCL_IN_PROGRESS:
-                self._poll_until(lambda: True, deadline, "enqueue", interrupt)
-        else:
-            # A blocking one (NCCL < 2.14) may block until the peer posts its half: then the
-            # armed watchdog must be able to abort from its thread, so no lock.
-            self.watchdog.arm(deadline)
-            try:
-                if self._dead:
-                    raise TransferTimeout("the NCCL communicator was aborted")
-                op(*args)
-            finally:
-                self.watchdog.disarm()
+        finally:
+            self.watchdog.disarm()
+        if res == NCCL_IN_PROGRESS:
             self._poll_until(lambda: True, deadline, "enqueue", interrupt)
         event = torch.cuda.Event(enable_timing=True)
         event.record(self.stream)
@@ -259,21 +328,23 @@ class NcclSenderPlugin:
     the link, rebuilt on the next transfer. `eager=False`: wait for READY first."""
 
     def __init__(self, device: torch.device | str | int, *, library_path: str | None = None,
-                 chunk_bytes: int = 128 << 20, eager: bool = True):
+                 chunk_bytes: int = 128 << 20, eager: bool = True, blocking: bool = True):
         self.device = _require_cuda(device)
         self.lib = NcclLibrary(library_path)
         self.chunk_bytes = chunk_bytes  # few large buffers: one NCCL op each
         self.eager = eager
+        self.blocking = blocking  # communicator kind (see NcclLink); the receiver follows the hello
         self.link: NcclLink | None = None
         self.pool = StagingPool()  # keyed: every buffer of a transfer alive at once
 
     def ensure_link(self, sender: Any, deadline: float) -> None:
+        self.t_packed = time.perf_counter()  # the sender packs right before (timeline mark)
         if self.link is not None:
             return
         uid = self.lib.unique_id()
-        sender._send_frames([proto.NCCL_HELLO, proto.pack([uid, self.device.index, self.lib.version, self.eager])],
-                            deadline)
-        self.link = NcclLink(self.lib, uid, 0, self.device)
+        hello = [uid, self.device.index, self.lib.version, self.eager, self.blocking]
+        sender._send_frames([proto.NCCL_HELLO, proto.pack(hello)], deadline)
+        self.link = NcclLink(self.lib, uid, 0, self.device, blocking=self.blocking)
         self.link.wait_ready(deadline)
 
     def _gather(self, packed: PackedKv, index: int, entries: list[TensorEntry], ids: torch.Tensor | None) -> torch.Tensor:
@@ -284,22 +355,35 @@ class NcclSenderPlugin:
                 return out
         return packed.buffer(index)
 
-    def send_payload(self, sender: Any, packed: PackedKv, deadline: float) -> Any:
-        """Gather buffer i (aux stream), then send it (link stream, after gather i). Eager: all
-        enqueued at once; else sends start once READY is in (gathers run meanwhile). Returns
-        the receiver's ack body if it arrived while the sends were watched, else None."""
+    def send_payload(self, sender: Any, packed: PackedKv, deadline: float, send_header: Callable[[], None]) -> Any:
+        """Gather buffer i (aux stream), then send it (link stream, after gather i).
+
+        Eager: SIZES first (the receiver posts its receives on it, without waiting for the
+        header's decoding), then gather 0 and send 0, then the HEADER (`send_header`), then the
+        rest; the wire starts as soon as the receiver has posted. Else: HEADER, gathers, and
+        the sends once READY is in. Returns the receiver's ack body if it arrived while the
+        sends were watched, else None."""
         link = self.link
         assert link is not None
-        tid = packed.header.transfer_id
+        header = packed.header
+        tid = header.transfer_id
         t_entry = time.perf_counter()
         link.enqueue_seconds = 0.0
         n = len(packed.buffers)
-        by_buffer = packed.header.entries_by_buffer()
+        marks = {"packed": getattr(self, "t_packed", t_entry), "payload": t_entry}  # absolute perf_counter marks (same clock in every process)
+        if self.eager:
+            sender._send_frames([proto.SIZES, proto.pack([tid, list(header.buffer_sizes)])], deadline)
+        else:
+            send_header()
+        marks["sizes_or_header_sent"] = time.perf_counter()
+        header_sent = not self.eager
+        by_buffer = header.entries_by_buffer()
         buffers: list[torch.Tensor] = []
         gathered: list[torch.cuda.Event] = []
         sent: list[torch.cuda.Event] = []
         ready = self.eager
         t_ready = t_entry if ready else None
+        t_queued = t_enqueued = t_entry
         failed = False
 
         refused: list[tuple[TransferError, float]] = []
@@ -346,6 +430,14 @@ class NcclSenderPlugin:
                         ready, t_ready = True, time.perf_counter()
                     if ready:  # send everything gathered so far
                         self._enqueue_sends(link, buffers, gathered, sent, n_start, deadline, interrupt)
+                    if i == 0:
+                        marks["first_gather_queued"] = time.perf_counter()
+                    if not header_sent:  # the first send is queued: now the receiver may decode
+                        send_header()
+                        header_sent = True
+                        marks["header_sent"] = time.perf_counter()
+                if not header_sent:
+                    send_header()
                 t_queued = time.perf_counter()
                 if not ready:
                     sender._wait_reply(tid, deadline, want=proto.READY)
@@ -373,6 +465,7 @@ class NcclSenderPlugin:
             "_events": (g_start, gathered[-1] if gathered else None, n_start, sent[-1] if sent else None),
             "buffers": n,
         }
+        self.last_marks = {**marks, "all_queued": t_enqueued, "sends_done": t_done}
         return acked[0] if acked else None
 
     @staticmethod
@@ -411,12 +504,14 @@ class _Posted:
     """Receives posted for one header before its writer exists (see `prepost`)."""
 
     transfer_id: int
+    sizes: tuple[int, ...]
     whole: torch.Tensor
     buffers: list[torch.Tensor]
     arrived: list[torch.cuda.Event]
     r_start: torch.cuda.Event
     t_start: float
     t_posted: float
+    t_first_posted: float
 
 
 class NcclReceiverPlugin:
@@ -436,11 +531,12 @@ class NcclReceiverPlugin:
         old = self.links.pop(peer, None)
         if old is not None:
             old.close()
-        link = NcclLink(self.lib, body[0], 1, self.device)
+        blocking = not (len(body) > 4 and body[4] is False)  # older senders: blocking unless said
+        link = NcclLink(self.lib, body[0], 1, self.device, blocking=blocking)
         link.eager = len(body) > 3 and body[3] is True  # the sender does not wait for READY
         self.links[peer] = link
 
-    def _post(self, link: NcclLink, header: TransferHeader, deadline: float,
+    def _post(self, link: NcclLink, transfer_id: int, sizes: tuple[int, ...], deadline: float,
               before_posting: Callable[[], None] | None = None) -> _Posted:
         """Allocate the receive buffers (sizes were checked against the limits), then post one
         receive per buffer on the link's stream; `before_posting` runs in between (READY)."""
@@ -450,34 +546,69 @@ class NcclReceiverPlugin:
         with torch.cuda.device(self.device):
             link.stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(link.stream):
-                whole = torch.empty(sum(header.buffer_sizes), dtype=torch.uint8, device=self.device)
+                whole = torch.empty(sum(sizes), dtype=torch.uint8, device=self.device)
             buffers, at = [], 0
-            for size in header.buffer_sizes:
+            for size in sizes:
                 buffers.append(whole[at:at + size])
                 at += size
             if before_posting is not None:
                 before_posting()
             # every receive is posted before any write, so the wire never waits for the host
             r_start = _timed_event(link.stream)
-            arrived = [link.enqueue(buf, deadline, is_send=False) for buf in buffers]
+            arrived = [link.enqueue(buffers[0], deadline, is_send=False)]
+            t_first = time.perf_counter()
+            arrived += [link.enqueue(buf, deadline, is_send=False) for buf in buffers[1:]]
             whole.record_stream(link.stream)  # a dropped transfer's memory waits for its receives
-        return _Posted(header.transfer_id, whole, buffers, arrived, r_start, t0, time.perf_counter())
+        return _Posted(transfer_id, sizes, whole, buffers, arrived, r_start, t0, time.perf_counter(), t_first)
+
+    def _post_early(self, peer: bytes, link: NcclLink, transfer_id: int, sizes: tuple[int, ...],
+                    deadline: float) -> None:
+        self.discard(peer)
+        try:
+            self._posted[peer] = self._post(link, transfer_id, sizes, deadline)
+        except TransferError:
+            self.drop(peer)
+            raise
+
+    def post_sizes(self, peer: bytes, rest: list[Any], limits: ReceiverLimits, deadline: float) -> None:
+        """SIZES from an eager sender, ahead of its header: post the receives now, so the wire
+        starts while the header is still being decoded. Only the sizes are trusted here, and
+        only within the receiver's limits (count, each buffer, the whole message); nothing is
+        written anywhere until the header is validated and matches them (`prepost`)."""
+        link = self.links.get(peer)
+        if link is None or not link.eager:
+            raise MalformedFrame("NCCL SIZES from a peer without an eager NCCL link")
+        if len(rest) != 1:
+            raise MalformedFrame(f"NCCL SIZES with {len(rest)} frames")
+        tid, sizes = proto.parse_sizes(rest[0].buffer, limits)
+        self._post_early(peer, link, tid, sizes, deadline)
 
     def prepost(self, peer: bytes, header: TransferHeader, deadline: float) -> None:
-        """Eager peers: allocate the receive buffers and post every receive as soon as the
-        header is decoded (its sizes are within the limits), before the reservation and the
-        writer are even looked up, so the wire starts at once. If the header is then refused,
-        the payload still lands here and is dropped (`discard`), keeping the pair in step."""
+        """Eager peers: make sure receives are posted for this decoded header (sizes within the
+        limits) before the reservation and the writer are even looked up. Normally SIZES has
+        posted them already, and they must match the header exactly: else the sends and
+        receives are out of step and the link is dropped. If the header is then refused, the
+        payload still lands here and is dropped (`discard`), keeping the pair in step."""
+        self.t_header_decoded = time.perf_counter()
         link = self.links.get(peer)
         if link is None or not link.eager:
             return
-        self.discard(peer)
-        try:
-            self._posted[peer] = self._post(link, header, deadline)
-        except TransferError:
-            self.links.pop(peer, None)
+        posted = self._posted.get(peer)
+        sizes = tuple(header.buffer_sizes)
+        if posted is not None and posted.transfer_id == header.transfer_id:
+            if posted.sizes != sizes:
+                self.drop(peer)
+                raise MalformedHeader(f"header buffer sizes {list(sizes)[:8]} differ from the announced "
+                                      f"{list(posted.sizes)[:8]}; NCCL link dropped", request_id=header.request_id)
+            return
+        self._post_early(peer, link, header.transfer_id, sizes, deadline)
+
+    def drop(self, peer: bytes) -> None:
+        """Close the link to `peer` (out of step or failed); its next hello builds a new one."""
+        self._posted.pop(peer, None)
+        link = self.links.pop(peer, None)
+        if link is not None:
             link.close()
-            raise
 
     def discard(self, peer: bytes) -> None:
         """Forget a pre-posted transfer that will not be written (its receives still complete on
@@ -499,10 +630,13 @@ class NcclReceiverPlugin:
 
         try:
             if posted is None or posted.transfer_id != header.transfer_id:
-                posted = self._post(link, header, deadline, None if link.eager else say_ready)
+                posted = self._post(link, header.transfer_id, tuple(header.buffer_sizes), deadline,
+                                    None if link.eager else say_ready)
             whole, buffers, arrived, r_start = posted.whole, posted.buffers, posted.arrived, posted.r_start
             t_entry, t_posted = posted.t_start, posted.t_posted
             t_write = time.perf_counter()
+            marks = {"post_start": t_entry, "first_posted": posted.t_first_posted, "all_posted": t_posted,
+                     "header_decoded": getattr(self, "t_header_decoded", t_entry), "writer_ready": t_write}
             with torch.cuda.device(self.device):
                 link.aux.wait_stream(torch.cuda.current_stream(self.device))  # the writer's id copy
                 w_start = None
@@ -527,6 +661,7 @@ class NcclReceiverPlugin:
                 "cpu_in_write_calls_ms": (t_queued - t_write) * 1e3,
                 "_events": (r_start, arrived[-1] if arrived else None, w_start, written),
             }
+            self.last_marks = {**marks, "writes_queued": t_queued, "written_seen": t_done}
         except TransferError:
             self.links.pop(peer, None)
             link.close()

@@ -45,6 +45,7 @@ class PackOptions:
     chunk_bytes: int = 2 << 20  # target size of a gathered buffer and of a transport chunk
     min_view_bytes: int = 256 << 10  # send runs at least this large as zero-copy views
     allow_views: bool = True  # transports that need few large buffers (NCCL) turn this off
+    taper: bool = False  # end with smaller buffers (a pipelined receiver's last write is short)
 
 
 class StagingPool:
@@ -244,14 +245,37 @@ def _plan_scales(p: _Planner, layers: range) -> None:
     p.add_gathered([(layouts.PART_SCALE, layers.start, len(layers), 0, nb, shape, layouts.SCALE_DTYPE, source)])
 
 
-def _plan_gathered(p: _Planner, layers: range, chunk_bytes: int) -> None:
+def layer_groups(total: int, full: int, taper: bool) -> list[int]:
+    """Layers per buffer, in order: groups of `full`; with `taper` the last two are about
+    3/4 and 1/4 of a group, so that a receiver writing each buffer as it lands (NCCL) is left
+    with a short last write, e.g. 32 layers by 8 -> [8, 8, 8, 6, 2]."""
+    if not taper or full < 2:
+        return [min(full, total - g0) for g0 in range(0, total, full)]
+    quarter = max(1, full // 4)
+    caps = [quarter, full - quarter]
+    out: list[int] = []
+    left = total
+    while left > 0:
+        take = min(caps[len(out)] if len(out) < len(caps) else full, left)
+        out.append(take)
+        left -= take
+    return out[::-1]
+
+
+def _plan_gathered(p: _Planner, layers: range, chunk_bytes: int, taper: bool = False) -> None:
     """Gathered buffers of about `chunk_bytes`: several whole layers per buffer when a layer is
-    small, else one block range of one layer per buffer."""
+    small (tapered at the end, see `layer_groups`), else one block range of one layer per buffer."""
     spec, dtype = p.spec, layouts.storage_dtype(p.spec.dtype)
     parts = layouts.data_parts(spec)
     block_bytes = sum(math.prod(p.data_block_shape(part)) * dtype.itemsize for part in parts)
     blocks_per_buf = max(1, chunk_bytes // block_bytes)
-    ids = p.ids.to(p.cache.device)
+    on_device: list[torch.Tensor] = []  # the ids on the cache's device, copied on first fill
+
+    def device_ids() -> torch.Tensor:
+        if not on_device:
+            on_device.append(p.ids.to(p.cache.device))
+        return on_device[0]
+
     rows: dict[tuple[int, str], torch.Tensor] = {}  # source parts as [B, row] integer views
     layer_parts: dict[int, dict[str, torch.Tensor]] = {}  # cache.parts(layer), built once per layer
 
@@ -279,16 +303,17 @@ def _plan_gathered(p: _Planner, layers: range, chunk_bytes: int) -> None:
             def source(layer: int, out: torch.Tensor, part: str = part) -> None:
                 src = source_rows(layer, part)
                 dst = out.view(out.shape[0], -1).view(src.dtype) if src.dim() == 2 else layouts.as_bits(out)
-                torch.index_select(src, 0, ids[b0:b0 + nb], out=dst)
+                torch.index_select(src, 0, device_ids()[b0:b0 + nb], out=dst)
 
             specs.append((part, layer0, nl, b0, nb, (nl, nb, *p.data_block_shape(part)), dtype, source))
             segs.append(segments(part, layer0, nl, b0, nb))
         p.add_gathered(specs, segs)
 
     if blocks_per_buf >= p.n:
-        group = max(1, blocks_per_buf // p.n)
-        for g0 in range(layers.start, layers.stop, group):
-            add(g0, min(group, layers.stop - g0), 0, p.n)
+        g0 = layers.start
+        for size in layer_groups(len(layers), max(1, blocks_per_buf // p.n), taper):
+            add(g0, size, 0, p.n)
+            g0 += size
     else:
         for layer in layers:
             for b0 in range(0, p.n, blocks_per_buf):
@@ -345,7 +370,7 @@ def pack_kv(
                 for block0, phys, nb in runs:
                     p.add_view(part, layer, block0, phys, nb)
     else:
-        _plan_gathered(p, layers, options.chunk_bytes)
+        _plan_gathered(p, layers, options.chunk_bytes, options.taper)
     sizes = [b.nbytes for b in p.buffers]
     header = TransferHeader(
         request_id=request_id, transfer_id=transfer_id, spec=spec, token_start=token_start,

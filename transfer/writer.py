@@ -129,6 +129,11 @@ class PagedSink:
         cache is on CUDA (block_copy.py); False when not applicable (the caller goes per layer)."""
         return block_copy.scatter_entry(self.cache, ids, entry, blocks)
 
+    def write_buffer_blocks(self, entries: list[TensorEntry], ids: torch.Tensor, buf: torch.Tensor) -> bool:
+        """Several entries of one received buffer (whole blocks, same blocks and layers,
+        consecutive parts) in one kernel launch on CUDA; False when not applicable."""
+        return block_copy.scatter_entries(self.cache, ids, entries, buf)
+
     def write_scale_blocks(self, layer: int, ids: torch.Tensor, scales: torch.Tensor) -> None:
         """Per-token-head scales `[C, n, S, H, G]` of whole blocks."""
         target = self.cache.scales[layer]  # type: ignore[index]
@@ -177,6 +182,10 @@ class KvWriter:
             if checksum != got:
                 raise ChecksumMismatch(f"buffer {index}: checksum {got:#x} != sent {checksum!r}")
         entries = self.by_buffer[index]
+        if self._write_buffer_blocks(entries, buf):  # the whole buffer in one launch (CUDA)
+            self.num_bytes += h.buffer_sizes[index]
+            self.next_buffer += 1
+            return
         for e in entries:  # scales first: data entries of this buffer may need them
             if e.part == layouts.PART_SCALE:
                 self._take_scales(e, self._tensor(buf, e))
@@ -284,6 +293,24 @@ class KvWriter:
         return s[comp].view(1, 1, -1)
 
     # ---- data ---------------------------------------------------------------------------------
+    def _write_buffer_blocks(self, entries: list[TensorEntry], buf: torch.Tensor) -> bool:
+        """Every entry of a buffer in one kernel launch: raw block copies of whole blocks into a
+        paged CUDA cache, no scales (block_copy.py checks the rest). False: write per entry."""
+        h, sink = self.header, self.sink
+        if not (entries and self.plan.is_block_copy and isinstance(sink, PagedSink)) \
+                or sink.cache.device.type != "cuda" or layouts.has_scales(h.spec):
+            return False
+        e0 = entries[0]
+        if self.whole_blocks(e0) != (0, e0.num_blocks) or not all(
+                self.is_raw_layer.get(layer, self.plan.is_raw) for layer in range(e0.layer_start, e0.layer_start + e0.num_layers)):
+            return False
+        ids = sink.dst_ids(h.first_block + e0.block_start, e0.num_blocks)
+        if not sink.write_buffer_blocks(entries, ids, buf):
+            return False
+        self.used_block_copy = True
+        self.stats.num_values += sum(math.prod(e.shape) for e in entries)
+        return True
+
     def _write_data(self, e: TensorEntry, t: torch.Tensor) -> None:
         h = self.header
         lo_blk, hi_blk = self.whole_blocks(e)  # a partial first/last block goes token by token

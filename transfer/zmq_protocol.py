@@ -6,6 +6,8 @@ Sender → receiver:
   DATA    [b"D", meta, buf_0, ..., buf_k]      meta = msgpack [transfer_id, chunk_index, checksums|nil]
   ABORT   [b"A", msgpack [transfer_id, reason]]
   NCCL    [b"N", msgpack [unique_id_bytes, ...]]  (communicator set-up; see nccl_transport.py)
+  SIZES   [b"Z", msgpack [transfer_id, [buffer bytes, ...]]]  (NCCL, eager: ahead of HEADER,
+                                               so the receiver posts its receives at once)
   STREAM  [b"S", msgpack [token]]              token = 16 random bytes: asks for a data connection
 Receiver → sender:
   ACK     [b"K", msgpack WriteReport dict]     one per transfer that was written completely
@@ -40,7 +42,8 @@ from typing import Any
 
 import msgpack
 
-from transfer.errors import MalformedFrame, TransferError
+from transfer.errors import LimitExceeded, MalformedFrame, TransferError
+from transfer.header import ReceiverLimits
 
 HEADER = b"H"
 DATA = b"D"
@@ -49,6 +52,7 @@ NCCL_HELLO = b"N"
 ACK = b"K"
 ERROR = b"E"
 READY = b"R"
+SIZES = b"Z"
 STREAM_HELLO = b"S"
 STREAM_LISTEN = b"L"
 
@@ -86,6 +90,25 @@ def data_meta(raw: Any, max_checksums: int) -> tuple[int, int, list[int] | None]
                              or not all(isinstance(x, int) and not isinstance(x, bool) for x in sums)):
         raise MalformedFrame("data checksums must be a list of ints")
     return tid, index, sums
+
+
+def parse_sizes(raw: Any, limits: ReceiverLimits) -> tuple[int, tuple[int, ...]]:
+    """The body of SIZES: (transfer_id, buffer sizes), each size positive and every count and
+    size within `limits` (the receiver allocates this much before the header is decoded)."""
+    body = unpack_small(raw, "nccl sizes")
+    if not (isinstance(body, list) and len(body) == 2 and type(body[0]) is int and body[0] >= 0
+            and isinstance(body[1], list) and all(type(v) is int and v > 0 for v in body[1])):
+        raise MalformedFrame("NCCL SIZES must be [transfer_id, [positive buffer bytes, ...]]")
+    sizes = tuple(body[1])
+    if not sizes:
+        raise MalformedFrame("NCCL SIZES names no buffer")
+    if len(sizes) > limits.max_buffers:
+        raise LimitExceeded("buffers", len(sizes), limits.max_buffers)
+    if max(sizes) > limits.max_buffer_bytes:
+        raise LimitExceeded("buffer bytes", max(sizes), limits.max_buffer_bytes)
+    if sum(sizes) > limits.max_message_bytes:
+        raise LimitExceeded("message bytes", sum(sizes), limits.max_message_bytes)
+    return body[0], sizes
 
 
 def error_frames(err: TransferError, transfer_id: int | None) -> list[bytes]:

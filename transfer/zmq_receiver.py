@@ -162,6 +162,7 @@ class ZmqKvReceiver:
                 with self._lock:
                     self._handle(frames)
                 handled += 1
+                self._flush_outbox()  # acks before callbacks: the sender is waiting for them
                 self._run_callbacks()
         if self._stream is not None:
             with self._lock:
@@ -230,6 +231,8 @@ class ZmqKvReceiver:
                 inf = self._inflight.get((peer, tid)) if isinstance(tid, int) else None
                 if inf is not None:
                     self._fail_transfer(inf, TransferCancelled("the sender aborted the transfer"), reply=False)
+            elif kind == proto.SIZES and self._nccl is not None:
+                self._nccl.post_sizes(peer, rest, self.config.limits, time.monotonic() + self.config.idle_timeout_s)
             elif kind == proto.NCCL_HELLO and self._nccl is not None:
                 self._nccl.accept_hello(peer, rest, self._reply)
             elif kind == proto.STREAM_HELLO:

@@ -172,13 +172,18 @@ class ZmqKvSender:
             if self._nccl is not None:
                 self._nccl.ensure_link(self, deadline)
             sent = True
-            self._send_frames([proto.HEADER, packed.header.encode()], deadline)
+
+            def send_header() -> None:
+                self._send_frames([proto.HEADER, packed.header.encode()], deadline)
+
             early_ack = None  # the NCCL plugin watches replies while its sends run
-            if self._nccl is not None:
-                early_ack = self._nccl.send_payload(self, packed, deadline)
+            if self._nccl is not None:  # it sends the header when its payload plan says
+                early_ack = self._nccl.send_payload(self, packed, deadline, send_header)
             elif self._stream is not None:
+                send_header()
                 self._stream.send_payload(self, packed, deadline)
             else:
+                send_header()
                 self._send_chunks(packed, deadline)
             body = early_ack if early_ack is not None else self._wait_reply(tid, deadline, want=proto.ACK)
             ok = True
@@ -195,7 +200,7 @@ class ZmqKvSender:
               tid: int, **kw: Any) -> PackedKv:
         options = self.config.pack
         if self._nccl is not None:
-            options = replace(options, allow_views=False, chunk_bytes=self._nccl.chunk_bytes)
+            options = replace(options, allow_views=False, chunk_bytes=self._nccl.chunk_bytes, taper=True)
         elif self._stream is not None:  # in-place segments replace views; big buffers, small header
             options = replace(options, allow_views=False, chunk_bytes=self.config.stream_chunk_bytes)
         elif cache.device.type != "cpu":

@@ -69,9 +69,18 @@ def test_gather_matches_torch_gather_and_scatter_round_trips(spec: KvSpec) -> No
         for e in by_buffer[i]:
             blocks = buf[e.offset:e.offset + e.nbytes]
             assert block_copy.scatter_entry(direct, dst_ids[e.block_start:e.block_start + e.num_blocks], e, blocks)
+    # and a whole buffer per launch (all its entries at their offsets), where the entries allow
+    whole = PagedKvCache.allocate(spec, 64, device=DEV)
+    for i, buf in enumerate(buffers):
+        entries = by_buffer[i]
+        ids_i = dst_ids[entries[0].block_start:entries[0].block_start + entries[0].num_blocks]
+        if not block_copy.scatter_entries(whole, ids_i, entries, buf):
+            for e in entries:
+                assert block_copy.scatter_entry(whole, dst_ids[e.block_start:e.block_start + e.num_blocks], e,
+                                                buf[e.offset:e.offset + e.nbytes])
     torch.cuda.synchronize()
     untouched = sorted(set(range(64)) - set(dst_table))
-    for cache in (dst, direct):
+    for cache in (dst, direct, whole):
         for layer in range(spec.num_layers):
             for part, t in cache.parts(layer).items():
                 got, want = t[dst_table].view(torch.uint8), src.parts(layer)[part][table].view(torch.uint8)

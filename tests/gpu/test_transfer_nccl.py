@@ -49,7 +49,13 @@ def _receiver(endpoints: Any, results: Any, stall: bool, refuse_first: bool) -> 
     from transfer.zmq_receiver import ZmqKvReceiver, ZmqReceiverConfig
 
     class StallingPlugin(NcclReceiverPlugin):
-        """Says READY, then never posts the receive."""
+        """Ignores SIZES and the header's pre-post, says READY, then never posts the receive."""
+
+        def post_sizes(self, peer, rest, limits, deadline):  # type: ignore[override]
+            return None
+
+        def prepost(self, peer, header, deadline):  # type: ignore[override]
+            return None
 
         def receive(self, peer, header, writer, deadline, reply, flush):  # type: ignore[override]
             self.links[peer].wait_ready(deadline)
@@ -78,7 +84,7 @@ def _receiver(endpoints: Any, results: Any, stall: bool, refuse_first: bool) -> 
     rx.close()
 
 
-def _sender(endpoint: str, results: Any, timeout_s: float) -> None:
+def _sender(endpoint: str, results: Any, timeout_s: float, blocking: bool) -> None:
     from transfer.cache import PagedKvCache
     from transfer.errors import TransferError
     from transfer.local import read_tokens_float
@@ -89,7 +95,7 @@ def _sender(endpoint: str, results: Any, timeout_s: float) -> None:
     torch.cuda.set_device(0)
     src = PagedKvCache.allocate(SRC, 64, device="cuda:0")
     fill_random(src, torch.Generator().manual_seed(0))
-    tx = ZmqKvSender(endpoint, ZmqSenderConfig(timeout_s=timeout_s), nccl=NcclSenderPlugin("cuda:0"))
+    tx = ZmqKvSender(endpoint, ZmqSenderConfig(timeout_s=timeout_s), nccl=NcclSenderPlugin("cuda:0", blocking=blocking))
     outcome: list[Any] = []
     for rid in ("first", "second"):
         t0 = time.monotonic()
@@ -105,7 +111,7 @@ def _sender(endpoint: str, results: Any, timeout_s: float) -> None:
     tx.close()
 
 
-def _run(stall: bool, timeout_s: float, refuse_first: bool = False) -> dict[str, tuple]:
+def _run(stall: bool, timeout_s: float, refuse_first: bool = False, blocking: bool = True) -> dict[str, tuple]:
     if not _nccl_found():
         pytest.skip("libnccl.so.2 not found (pip install 'pdserve[gpu]')")
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
@@ -113,7 +119,7 @@ def _run(stall: bool, timeout_s: float, refuse_first: bool = False) -> dict[str,
     endpoints, results = ctx.Queue(), ctx.Queue()
     rx = ctx.Process(target=_receiver, args=(endpoints, results, stall, refuse_first))
     rx.start()
-    tx = ctx.Process(target=_sender, args=(endpoints.get(timeout=120), results, timeout_s))
+    tx = ctx.Process(target=_sender, args=(endpoints.get(timeout=120), results, timeout_s, blocking))
     tx.start()
     out: dict[str, tuple] = {}
     try:
@@ -130,8 +136,9 @@ def _run(stall: bool, timeout_s: float, refuse_first: bool = False) -> dict[str,
     return out
 
 
-def test_nccl_scattered_blocks_between_two_gpus() -> None:
-    out = _run(stall=False, timeout_s=60)
+@pytest.mark.parametrize("blocking", [True, False], ids=["blocking-comm", "nonblocking-comm"])
+def test_nccl_scattered_blocks_between_two_gpus(blocking: bool) -> None:
+    out = _run(stall=False, timeout_s=60, blocking=blocking)
     outcome, want = out["sender"]
     ended, got = out["receiver"]
     assert [o[0] for o in outcome] == ["ok", "ok"], outcome

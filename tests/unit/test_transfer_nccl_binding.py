@@ -101,3 +101,62 @@ def test_choosing_nccl_without_cuda_fails_clearly() -> None:
     for plugin in (NcclSenderPlugin, NcclReceiverPlugin):
         with pytest.raises(TransportUnavailable, match=r"needs CUDA.*ZMQ transport"):
             plugin("cuda:0")
+
+
+# ---- the eager NCCL path's SIZES message and the tapered payload plan (no GPU needed) ----------
+
+def test_sizes_message_roundtrip_and_limits() -> None:
+    from transfer import zmq_protocol as proto
+    from transfer.errors import LimitExceeded, MalformedFrame
+    from transfer.header import ReceiverLimits
+
+    limits = ReceiverLimits(max_buffers=4, max_buffer_bytes=1 << 20, max_message_bytes=3 << 20)
+    assert proto.parse_sizes(proto.pack([7, [1 << 20, 5, 1 << 20]]), limits) == (7, (1 << 20, 5, 1 << 20))
+    for bad in ([7], [7, []], ["7", [1]], [7, [0]], [7, [-1]], [7, [1.5]], [-1, [1]], [7, [True]], {"t": 1}):
+        with pytest.raises(MalformedFrame):
+            proto.parse_sizes(proto.pack(bad), limits)
+    with pytest.raises(MalformedFrame):
+        proto.parse_sizes(b"\xc1garbage", limits)
+    for bad, what in (([7, [1] * 5], "buffers"), ([7, [(1 << 20) + 1]], "buffer bytes"),
+                      ([7, [1 << 20] * 4], "message bytes")):
+        with pytest.raises(LimitExceeded) as info:
+            proto.parse_sizes(proto.pack(bad), limits)
+        assert info.value.what == what
+
+
+@pytest.mark.parametrize(("total", "full", "want"), [
+    (32, 8, [8, 8, 8, 6, 2]), (32, 16, [16, 12, 4]), (8, 8, [6, 2]), (1, 8, [1]), (3, 8, [1, 2]),
+    (10, 4, [2, 4, 3, 1]), (32, 1, [1] * 32)])
+def test_tapered_layer_groups(total: int, full: int, want: list[int]) -> None:
+    from transfer.pack import layer_groups
+
+    got = layer_groups(total, full, taper=True)
+    assert got == want and sum(got) == total and max(got) <= full
+    assert layer_groups(total, full, taper=False) == [min(full, total - g) for g in range(0, total, full)]
+
+
+def test_tapered_plan_reconstructs_bit_exactly() -> None:
+    from engine.kv_spec import KvDtype, KvSpec
+    from transfer.cache import PagedKvCache
+    from transfer.header import ReceiverLimits, decode_header
+    from transfer.local import read_tokens_float
+    from transfer.pack import PackOptions, pack_kv
+    from transfer.testing import fill_random
+    from transfer.writer import KvWriter, PagedSink
+
+    spec = KvSpec(8, 2, 64, 16, dtype=KvDtype.BFLOAT16)
+    src = PagedKvCache.allocate(spec, 32)
+    dst = PagedKvCache.allocate(spec, 32)
+    fill_random(src, torch.Generator().manual_seed(3))
+    table, dst_table = [5, 9, 1, 30, 12], [2, 7, 19, 4, 25]
+    layer_bytes = 5 * spec.bytes_per_block // spec.num_layers
+    packed = pack_kv(src, table, 0, 70, request_id="r", transport="nccl",
+                     options=PackOptions(allow_views=False, chunk_bytes=4 * layer_bytes, taper=True))
+    assert [e.num_layers for e in packed.header.entries if e.part == packed.header.entries[0].part] == [4, 3, 1]
+    header = decode_header(packed.header.encode(), ReceiverLimits())
+    writer = KvWriter(header, PagedSink(dst, dst_table))
+    for i, buf in enumerate(packed.all_buffers()):
+        writer.accept(i, buf)
+    writer.finish()
+    for a, b in zip(read_tokens_float(src, table, 0, 70), read_tokens_float(dst, dst_table, 0, 70), strict=True):
+        assert torch.equal(a, b)
