@@ -25,6 +25,9 @@ class TransferError(Exception):
         self.message = message
         self.request_id = request_id
         self.is_remote = is_remote
+        # the receiver closed its payload link with this sender (an NCCL communicator out of
+        # step, say): the sender must set up a new one before its next transfer
+        self.link_dropped = False
 
     def __str__(self) -> str:
         prefix = f"[{type(self).__name__} {self.code}]"
@@ -33,12 +36,15 @@ class TransferError(Exception):
         return f"{prefix}{rid} {self.message}{where}"
 
     def to_wire(self) -> dict[str, Any]:
-        return {
+        wire: dict[str, Any] = {
             "code": self.code,
             "name": type(self).__name__,
             "message": self.message[:4096],
             "request_id": self.request_id,
         }
+        if self.link_dropped:
+            wire["link_dropped"] = True
+        return wire
 
     @staticmethod
     def from_wire(d: Any) -> TransferError:
@@ -51,6 +57,7 @@ class TransferError(Exception):
         text = message if isinstance(message, str) else repr(message)
         err = TransferError.__new__(cls)
         TransferError.__init__(err, text, request_id=rid, is_remote=True)
+        err.link_dropped = d.get("link_dropped") is True
         return err
 
 

@@ -334,11 +334,15 @@ class NcclSenderPlugin:
         self.chunk_bytes = chunk_bytes  # few large buffers: one NCCL op each
         self.eager = eager
         self.blocking = blocking  # communicator kind (see NcclLink); the receiver follows the hello
+        # the last transfer's absolute time.perf_counter() marks (one clock for every process on a
+        # host: bench/transfer.py lines them up with the receiver's into one timeline)
+        self.last_marks: dict[str, float] = {}
+        self.t_link_checked = 0.0
         self.link: NcclLink | None = None
         self.pool = StagingPool()  # keyed: every buffer of a transfer alive at once
 
     def ensure_link(self, sender: Any, deadline: float) -> None:
-        self.t_packed = time.perf_counter()  # the sender packs right before (timeline mark)
+        self.t_link_checked = time.perf_counter()  # right after the sender packed (a timeline mark)
         if self.link is not None:
             return
         uid = self.lib.unique_id()
@@ -370,7 +374,7 @@ class NcclSenderPlugin:
         t_entry = time.perf_counter()
         link.enqueue_seconds = 0.0
         n = len(packed.buffers)
-        marks = {"packed": getattr(self, "t_packed", t_entry), "payload": t_entry}  # absolute perf_counter marks (same clock in every process)
+        marks = {"packed": self.t_link_checked or t_entry, "payload": t_entry}  # absolute perf_counter marks (same clock in every process)
         if self.eager:
             sender._send_frames([proto.SIZES, proto.pack([tid, list(header.buffer_sizes)])], deadline)
         else:
@@ -384,7 +388,7 @@ class NcclSenderPlugin:
         ready = self.eager
         t_ready = t_entry if ready else None
         t_queued = t_enqueued = t_entry
-        failed = False
+        failed = dropped = False
 
         refused: list[tuple[TransferError, float]] = []
         acked: list[Any] = []
@@ -448,12 +452,14 @@ class NcclSenderPlugin:
                     link.wait(sent[-1], deadline, "send", interrupt)
                 if refused:  # the sends settled: the link stays, the error is the result
                     raise refused[0][0]
-            except TransferError:
+            except BaseException as exc:  # SIZES is out: whatever failed, the receiver has posted for it
                 failed = True
+                dropped = isinstance(exc, TransferError) and exc.link_dropped
                 raise
             finally:
-                if failed and (len(sent) < n or (sent and not _settles(sent[-1], deadline))):
-                    self.reset()  # sends still waiting on the GPU: only an abort ends them
+                # sends still waiting on the GPU (only an abort ends them), or the receiver's end gone
+                if failed and (dropped or len(sent) < n or (sent and not _settles(sent[-1], deadline))):
+                    self.reset()
         t_done = time.perf_counter()
         self.last_timings = {
             "cpu_gathers_queued_ms": (t_queued - t_entry) * 1e3,
@@ -522,6 +528,8 @@ class NcclReceiverPlugin:
         self.lib = NcclLibrary(library_path)
         self.links: dict[bytes, NcclLink] = {}
         self._posted: dict[bytes, _Posted] = {}  # per peer: receives posted for its current header
+        self.last_marks: dict[str, float] = {}  # as the sender's (absolute perf_counter marks)
+        self.t_header_decoded = 0.0
 
     def accept_hello(self, peer: bytes, rest: list[Any], reply: Callable[[bytes, list[bytes]], None]) -> None:
         body = proto.unpack_small(rest[0].buffer, "nccl hello") if len(rest) == 1 else None
@@ -563,12 +571,15 @@ class NcclReceiverPlugin:
 
     def _post_early(self, peer: bytes, link: NcclLink, transfer_id: int, sizes: tuple[int, ...],
                     deadline: float) -> None:
-        self.discard(peer)
+        stale = self._posted.get(peer)
+        if stale is not None:  # posted for a transfer that never came: its sends would feed ours
+            raise self._dropped(peer, MalformedFrame(
+                f"NCCL transfer {transfer_id} announced while transfer {stale.transfer_id} still holds "
+                "posted receives; link dropped (the sender rebuilds it)"))
         try:
             self._posted[peer] = self._post(link, transfer_id, sizes, deadline)
-        except TransferError:
-            self.drop(peer)
-            raise
+        except TransferError as e:
+            raise self._dropped(peer, e) from None
 
     def post_sizes(self, peer: bytes, rest: list[Any], limits: ReceiverLimits, deadline: float) -> None:
         """SIZES from an eager sender, ahead of its header: post the receives now, so the wire
@@ -597,9 +608,9 @@ class NcclReceiverPlugin:
         sizes = tuple(header.buffer_sizes)
         if posted is not None and posted.transfer_id == header.transfer_id:
             if posted.sizes != sizes:
-                self.drop(peer)
-                raise MalformedHeader(f"header buffer sizes {list(sizes)[:8]} differ from the announced "
-                                      f"{list(posted.sizes)[:8]}; NCCL link dropped", request_id=header.request_id)
+                raise self._dropped(peer, MalformedHeader(
+                    f"header buffer sizes {list(sizes)[:8]} differ from the announced {list(posted.sizes)[:8]}; "
+                    "NCCL link dropped", request_id=header.request_id))
             return
         self._post_early(peer, link, header.transfer_id, sizes, deadline)
 
@@ -609,6 +620,12 @@ class NcclReceiverPlugin:
         link = self.links.pop(peer, None)
         if link is not None:
             link.close()
+
+    def _dropped(self, peer: bytes, err: TransferError) -> TransferError:
+        """Drop the link and mark `err` so that the sender (which gets it) builds a new one."""
+        self.drop(peer)
+        err.link_dropped = True
+        return err
 
     def discard(self, peer: bytes) -> None:
         """Forget a pre-posted transfer that will not be written (its receives still complete on
@@ -636,7 +653,7 @@ class NcclReceiverPlugin:
             t_entry, t_posted = posted.t_start, posted.t_posted
             t_write = time.perf_counter()
             marks = {"post_start": t_entry, "first_posted": posted.t_first_posted, "all_posted": t_posted,
-                     "header_decoded": getattr(self, "t_header_decoded", t_entry), "writer_ready": t_write}
+                     "header_decoded": self.t_header_decoded or t_entry, "writer_ready": t_write}
             with torch.cuda.device(self.device):
                 link.aux.wait_stream(torch.cuda.current_stream(self.device))  # the writer's id copy
                 w_start = None
@@ -662,10 +679,8 @@ class NcclReceiverPlugin:
                 "_events": (r_start, arrived[-1] if arrived else None, w_start, written),
             }
             self.last_marks = {**marks, "writes_queued": t_queued, "written_seen": t_done}
-        except TransferError:
-            self.links.pop(peer, None)
-            link.close()
-            raise
+        except TransferError as e:
+            raise self._dropped(peer, e) from None
 
     def timings(self) -> dict[str, Any]:
         """The last transfer's breakdown (ms): CPU marks from header validated, GPU spans."""

@@ -190,6 +190,10 @@ class ZmqKvSender:
         except (TransferTimeout, PeerLost, MalformedFrame):
             self._reset()
             raise
+        except TransferError as e:
+            if e.link_dropped and self._nccl is not None:  # the receiver closed its NCCL end
+                self._nccl.reset()
+            raise
         finally:
             self._pool.release_all()
             if sent and not ok and self._stream is not None:

@@ -4,6 +4,7 @@ Skips cleanly without 2 CUDA devices or without libnccl. Covers: scattered paged
 GPU 0 → scattered paged blocks of a different layout/dtype/block size on GPU 1, acked; a
 second transfer on the same link; a refused header (no reservation) while the eager sender's
 sends wait on the GPU: typed remote error, link aborted and rebuilt, the next transfer lands;
+announced sizes (SIZES) that differ from the header: typed error, link dropped and rebuilt;
 and the watchdog: a receiver that never posts its receive makes the sender fail with
 TransferTimeout (communicator aborted) instead of hanging.
 """
@@ -84,7 +85,7 @@ def _receiver(endpoints: Any, results: Any, stall: bool, refuse_first: bool) -> 
     rx.close()
 
 
-def _sender(endpoint: str, results: Any, timeout_s: float, blocking: bool) -> None:
+def _sender(endpoint: str, results: Any, timeout_s: float, blocking: bool, lie_sizes: bool = False) -> None:
     from transfer.cache import PagedKvCache
     from transfer.errors import TransferError
     from transfer.local import read_tokens_float
@@ -96,6 +97,21 @@ def _sender(endpoint: str, results: Any, timeout_s: float, blocking: bool) -> No
     src = PagedKvCache.allocate(SRC, 64, device="cuda:0")
     fill_random(src, torch.Generator().manual_seed(0))
     tx = ZmqKvSender(endpoint, ZmqSenderConfig(timeout_s=timeout_s), nccl=NcclSenderPlugin("cuda:0", blocking=blocking))
+    if lie_sizes:  # the first transfer announces one buffer 16 bytes larger than its header says
+        import msgpack
+
+        from transfer import zmq_protocol as proto
+        real_send = tx._send_frames
+        lied: list[bool] = []
+
+        def send_frames(frames: list[Any], deadline: float, *a: Any, **k: Any) -> Any:
+            if frames[0] == proto.SIZES and not lied:
+                lied.append(True)
+                tid, sizes = msgpack.unpackb(frames[1])
+                frames = [proto.SIZES, proto.pack([tid, [sizes[0] + 16, *sizes[1:]]])]
+            return real_send(frames, deadline, *a, **k)
+
+        tx._send_frames = send_frames  # type: ignore[method-assign]
     outcome: list[Any] = []
     for rid in ("first", "second"):
         t0 = time.monotonic()
@@ -111,7 +127,8 @@ def _sender(endpoint: str, results: Any, timeout_s: float, blocking: bool) -> No
     tx.close()
 
 
-def _run(stall: bool, timeout_s: float, refuse_first: bool = False, blocking: bool = True) -> dict[str, tuple]:
+def _run(stall: bool, timeout_s: float, refuse_first: bool = False, blocking: bool = True,
+         lie_sizes: bool = False) -> dict[str, tuple]:
     if not _nccl_found():
         pytest.skip("libnccl.so.2 not found (pip install 'pdserve[gpu]')")
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
@@ -119,7 +136,7 @@ def _run(stall: bool, timeout_s: float, refuse_first: bool = False, blocking: bo
     endpoints, results = ctx.Queue(), ctx.Queue()
     rx = ctx.Process(target=_receiver, args=(endpoints, results, stall, refuse_first))
     rx.start()
-    tx = ctx.Process(target=_sender, args=(endpoints.get(timeout=120), results, timeout_s, blocking))
+    tx = ctx.Process(target=_sender, args=(endpoints.get(timeout=120), results, timeout_s, blocking, lie_sizes))
     tx.start()
     out: dict[str, tuple] = {}
     try:
@@ -161,6 +178,17 @@ def test_nccl_refused_header_aborts_the_waiting_sends_and_the_next_transfer_land
     outcome, want = out["sender"]
     ended, got = out["receiver"]
     assert outcome[0][:2] == ("error", "UnexpectedTransfer") and outcome[0][2] < 10, outcome
+    assert outcome[1][0] == "ok", outcome
+    assert ended == {"second": "list"}
+    for g, w in zip(got, want, strict=True):
+        assert torch.allclose(torch.from_numpy(g), torch.from_numpy(w), rtol=2**-10, atol=2**-24)
+
+
+def test_nccl_announced_sizes_that_differ_from_the_header_drop_the_link_and_the_next_transfer_lands() -> None:
+    out = _run(stall=False, timeout_s=30, refuse_first=True, lie_sizes=True)
+    outcome, want = out["sender"]
+    ended, got = out["receiver"]
+    assert outcome[0][:2] == ("error", "MalformedHeader") and outcome[0][2] < 10, outcome
     assert outcome[1][0] == "ok", outcome
     assert ended == {"second": "list"}
     for g, w in zip(got, want, strict=True):

@@ -160,3 +160,19 @@ def test_tapered_plan_reconstructs_bit_exactly() -> None:
     writer.finish()
     for a, b in zip(read_tokens_float(src, table, 0, 70), read_tokens_float(dst, dst_table, 0, 70), strict=True):
         assert torch.equal(a, b)
+
+
+def test_link_dropped_travels_with_the_error() -> None:
+    from transfer import zmq_protocol as proto
+    from transfer.errors import MalformedHeader, TransferError, UnexpectedTransfer
+
+    kept = UnexpectedTransfer("no reservation", request_id="r1")
+    dropped = MalformedHeader("sizes differ", request_id="r2")
+    dropped.link_dropped = True
+    for err, want in ((kept, False), (dropped, True)):
+        kind, tid, body = proto.parse_reply(proto.error_frames(err, 7))
+        back = TransferError.from_wire(body)
+        assert kind == proto.ERROR and tid == 7
+        assert type(back) is type(err) and back.is_remote and back.request_id == err.request_id
+        assert back.link_dropped is want
+    assert "link_dropped" not in kept.to_wire()  # the old wire form when nothing was dropped
