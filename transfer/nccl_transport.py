@@ -14,14 +14,19 @@ sends on the GPU until the receiver posts → the receiver, on SIZES (checked ag
 allocates the receive buffers and posts one ncclRecv per buffer at once (`post_sizes`); on the
 HEADER it checks that the sizes match (else the link is dropped: the pair would be out of
 step), looks up the reservation, builds the writer and writes each buffer into its cache (one
-scatter kernel per buffer) as soon as it has arrived → ack over ZMQ. Nothing received is
+scatter kernel per buffer) as soon as it has arrived; once every write is queued it sends a
+16-byte status word on the link behind them (OK) and the ack over ZMQ; the sender returns when
+it has both (its wait is on the GPU: no ZMQ hop after the last write). Nothing received is
 interpreted or written before the header is validated. A receiver that refuses the header (no
 reservation, incompatible spec, undecodable) still takes the payload into the posted buffers
-and drops it, then answers ERROR: the sender's sends settle, the link stays in step, and the
+and drops it, sends the REFUSED status word, and answers ERROR: the sender's sends settle, the link stays in step, and the
 sender raises the receiver's typed error. If nothing was posted at all (SIZES refused), the
 sends stay stuck: after a grace period the sender aborts the communicator and builds a new one
-on its next transfer. A sender created with `eager=False` sends no SIZES, and waits for READY
-from the receiver (posted on the header) before its first send.
+on its next transfer. A receiver that finds the pair out of step (sizes differ from the
+header, receives still posted for a transfer that never came) drops its link and marks its
+error `link_dropped`, so the sender drops its own and says hello again. A sender created with
+`eager=False` sends no SIZES, waits for READY from the receiver (posted on the header) before
+its first send, and gets no status word.
 
 Every wait has a deadline. The watchdog thread aborts the communicator (`ncclCommAbort`) when
 a deadline passes while a call is stuck; the transfer then fails with `TransferTimeout`, the
@@ -61,6 +66,7 @@ _POLL_S = 0.0002  # sleep between polls once the spin phase is over
 _REFUSAL_GRACE_S = 2.0  # a refused eager transfer: how long its sends may take to settle
 _SPIN_S = 0.05  # first spin (yielding the GIL): a transfer of a few ms must not wait for a timer
 _WATCH_S = 0.25  # the watchdog looks at its deadline at least this often
+_STATUS_OK, _STATUS_REFUSED = 1, 2  # the receiver's per-transfer status word (eager links)
 _WARMUP_BYTES = 32 << 20  # link set-up: one transfer this large connects every channel a payload uses
 
 
@@ -146,6 +152,10 @@ class NcclLink:
         with torch.cuda.device(device):
             self.stream = torch.cuda.Stream(device=device)  # NCCL operations
             self.aux = torch.cuda.Stream(device=device)  # gathers (sender) / writes (receiver)
+            # eager links end every transfer with a status word from the receiver (16 bytes)
+            self.status_ok = torch.full((2,), _STATUS_OK, dtype=torch.int64, device=device)
+            self.status_refused = torch.full((2,), _STATUS_REFUSED, dtype=torch.int64, device=device)
+            self.status_in = torch.zeros(2, dtype=torch.int64, device=device)
             self._ready = False
             if self.nonblocking:
                 self.comm = lib.comm_init_rank(2, uid, rank, nonblocking=True)[0]
@@ -173,6 +183,9 @@ class NcclLink:
                 op = self.lib.send if self.rank == 0 else self.lib.recv
                 op(buf.data_ptr(), _WARMUP_BYTES, self.peer, comm, self.stream.cuda_stream)
                 buf.record_stream(self.stream)
+                status = self.status_ok if self.rank == 1 else self.status_in  # and the status word's way back
+                back = self.lib.send if self.rank == 1 else self.lib.recv
+                back(status.data_ptr(), status.numel() * status.element_size(), self.peer, comm, self.stream.cuda_stream)
                 done = torch.cuda.Event()
                 done.record(self.stream)
                 while not done.query():
@@ -407,6 +420,8 @@ class NcclSenderPlugin:
             try:
                 body = sender._poll_reply(tid, 0.0, want=proto.ACK)
             except TransferError as e:
+                if e.link_dropped:  # the receiver's end is gone: nothing will settle
+                    raise
                 refused.append((e, time.monotonic()))
                 return
             if body is not None:
@@ -447,8 +462,17 @@ class NcclSenderPlugin:
                     sender._wait_reply(tid, deadline, want=proto.READY)
                     t_ready = time.perf_counter()
                 self._enqueue_sends(link, buffers, gathered, sent, n_start, deadline, interrupt)
+                status = link.enqueue(link.status_in, deadline, is_send=False) if self.eager else None
                 t_enqueued = time.perf_counter()
-                if sent:
+                if status is not None:  # the receiver's status word: its writes are done (or refused)
+                    link.wait(status, deadline, "the receiver's status", interrupt)
+                    with torch.cuda.stream(link.stream):  # done already: a 16-byte copy on an idle stream
+                        word = int(link.status_in[0].item())
+                    if word != _STATUS_OK and not refused:  # its typed error is on the way over ZMQ
+                        sender._wait_reply(tid, deadline, want=proto.ACK)
+                        raise MalformedFrame(f"the receiver refused transfer {tid} on the NCCL link "
+                                             f"(status {word}) but acked it over ZMQ")
+                elif sent:
                     link.wait(sent[-1], deadline, "send", interrupt)
                 if refused:  # the sends settled: the link stays, the error is the result
                     raise refused[0][0]
@@ -629,12 +653,23 @@ class NcclReceiverPlugin:
 
     def discard(self, peer: bytes) -> None:
         """Forget a pre-posted transfer that will not be written (its receives still complete on
-        the link's stream; the allocator reuses the memory only after them)."""
-        self._posted.pop(peer, None)
+        the link's stream; the allocator reuses the memory only after them), and tell the sender
+        with the REFUSED status word (its typed error goes over ZMQ)."""
+        posted = self._posted.pop(peer, None)
+        link = self.links.get(peer)
+        if posted is None or link is None or not link.eager:
+            return
+        try:
+            link.enqueue(link.status_refused, time.monotonic() + _REFUSAL_GRACE_S, is_send=True)
+        except TransferError:
+            self.drop(peer)  # the sender's wait ends with its grace period and abort
 
     def receive(self, peer: bytes, header: TransferHeader, writer: Any, deadline: float,
-                reply: Callable[[bytes, list[bytes]], None], flush: Callable[[], None]) -> None:
-        """Receive all buffers of a validated header and write them (the caller acks)."""
+                reply: Callable[[bytes, list[bytes]], None], flush: Callable[[], None],
+                queued: Callable[[], None] | None = None) -> None:
+        """Receive all buffers of a validated header and write them. Eager links: once every
+        write is queued, the status word goes out on the link behind the writes and `queued()`
+        acks over ZMQ; the sender returns when it has both. Else the caller acks afterwards."""
         link = self.links.get(peer)
         if link is None:
             raise TransportUnavailable("NCCL payload from a peer that never sent its NCCL hello",
@@ -666,6 +701,11 @@ class NcclReceiverPlugin:
                 written = _timed_event(link.aux)
                 # the receive buffer is reused by the allocator once the writes are done
                 whole.record_stream(link.aux)
+                if link.eager:
+                    link.stream.wait_event(written)
+                    link.enqueue(link.status_ok, deadline, is_send=True)
+            if link.eager and queued is not None:
+                queued()
             t_queued = time.perf_counter()
             link.wait(written, deadline, "receive and write")
             t_done = time.perf_counter()

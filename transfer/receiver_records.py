@@ -48,3 +48,4 @@ class Inflight:
     deadline: float
     idle_deadline: float
     next_chunk: int = 0
+    early_report: WriteReport | None = None  # acked once its writes were queued (NCCL status word)

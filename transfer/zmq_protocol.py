@@ -7,7 +7,9 @@ Sender → receiver:
   ABORT   [b"A", msgpack [transfer_id, reason]]
   NCCL    [b"N", msgpack [unique_id_bytes, ...]]  (communicator set-up; see nccl_transport.py)
   SIZES   [b"Z", msgpack [transfer_id, [buffer bytes, ...]]]  (NCCL, eager: ahead of HEADER,
-                                               so the receiver posts its receives at once)
+                                               so the receiver posts its receives at once; the
+                                               receiver then ends the transfer with a status
+                                               word on the NCCL link, see nccl_transport.py)
   STREAM  [b"S", msgpack [token]]              token = 16 random bytes: asks for a data connection
 Receiver → sender:
   ACK     [b"K", msgpack WriteReport dict]     one per transfer that was written completely

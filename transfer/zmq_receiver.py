@@ -297,8 +297,14 @@ class ZmqKvReceiver:
             self._stream.begin(inf)  # type: ignore[union-attr]
         elif header.transport == "nccl":  # blocks this thread until written or failed
             deadline = min(inf.deadline, now + self.config.idle_timeout_s)
+
+            def ack_queued() -> None:  # the NCCL link itself says when the writes are done
+                inf.early_report = inf.writer.finish()
+                self._reply(peer, [proto.ACK, proto.pack(inf.early_report.to_wire())])
+                self._send_outbox_locked()
+
             self._guard(inf, lambda: self._nccl.receive(peer, inf.header, inf.writer, deadline, self._reply,
-                                                        self._send_outbox_locked))
+                                                        self._send_outbox_locked, ack_queued))
 
     def _on_data(self, peer: bytes, rest: list[zmq.Frame]) -> None:
         if not rest:
@@ -329,7 +335,7 @@ class ZmqKvReceiver:
         try:
             step()
             if inf.writer.next_buffer == len(inf.header.buffer_sizes):
-                self._finish_transfer(inf, inf.writer.finish())
+                self._finish_transfer(inf, inf.early_report or inf.writer.finish())
         except TransferError as e:
             e.request_id = e.request_id or inf.header.request_id
             self._fail_transfer(inf, e, reply=True)
@@ -342,7 +348,8 @@ class ZmqKvReceiver:
     def _finish_transfer(self, inf: Inflight, report: WriteReport) -> None:
         key = (inf.peer, inf.header.transfer_id)
         self._pop_inflight(key, ok=True)
-        self._reply(inf.peer, [proto.ACK, proto.pack(report.to_wire())])
+        if inf.early_report is None:
+            self._reply(inf.peer, [proto.ACK, proto.pack(report.to_wire())])
         exp = self._expected.get(inf.header.request_id)
         if exp is None:
             return

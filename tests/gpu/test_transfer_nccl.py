@@ -58,7 +58,7 @@ def _receiver(endpoints: Any, results: Any, stall: bool, refuse_first: bool) -> 
         def prepost(self, peer, header, deadline):  # type: ignore[override]
             return None
 
-        def receive(self, peer, header, writer, deadline, reply, flush):  # type: ignore[override]
+        def receive(self, peer, header, writer, deadline, reply, flush, queued=None):  # type: ignore[override]
             self.links[peer].wait_ready(deadline)
             reply(peer, [proto.READY, proto.pack([header.transfer_id])])
             flush()
