@@ -165,8 +165,6 @@ def scatter_entry(cache: PagedKvCache, dst_ids: torch.Tensor, entry: TensorEntry
     """Write an entry's whole blocks `[num_layers, n, *block]` (a contiguous view of the
     received buffer) into destination blocks `dst_ids` (int64, on the cache's device) of every
     layer in one launch. False (nothing enqueued) when the kernel does not apply."""
-    ct = cache_table(cache)
-    if ct is None or not blocks.is_contiguous():
+    if not blocks.is_contiguous():
         return False
-    raw = blocks.reshape(-1).view(torch.uint8)
-    return _launch(ct, [replace(entry, offset=0)], raw, dst_ids, to_cache=True)
+    return scatter_entries(cache, dst_ids, [replace(entry, offset=0)], blocks.reshape(-1).view(torch.uint8))

@@ -23,6 +23,7 @@ the transport says the transfer is over (ack, error or timeout; see the transpor
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -269,12 +270,9 @@ def _plan_gathered(p: _Planner, layers: range, chunk_bytes: int, taper: bool = F
     parts = layouts.data_parts(spec)
     block_bytes = sum(math.prod(p.data_block_shape(part)) * dtype.itemsize for part in parts)
     blocks_per_buf = max(1, chunk_bytes // block_bytes)
-    on_device: list[torch.Tensor] = []  # the ids on the cache's device, copied on first fill
-
-    def device_ids() -> torch.Tensor:
-        if not on_device:
-            on_device.append(p.ids.to(p.cache.device))
-        return on_device[0]
+    @functools.cache
+    def device_ids() -> torch.Tensor:  # the ids on the cache's device, copied on first fill
+        return p.ids.to(p.cache.device)
 
     rows: dict[tuple[int, str], torch.Tensor] = {}  # source parts as [B, row] integer views
     layer_parts: dict[int, dict[str, torch.Tensor]] = {}  # cache.parts(layer), built once per layer

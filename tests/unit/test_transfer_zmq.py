@@ -86,6 +86,31 @@ def test_end_to_end_convert_and_block_copy(endpoint: str, src: PagedKvCache) -> 
         same.close()
 
 
+def test_ack_goes_out_before_a_slow_completion_callback(src: PagedKvCache) -> None:
+    """The sender's ack is sent before the receiver runs its (here blocking) callbacks."""
+    import threading
+
+    returned = threading.Event()
+    waited: list[bool] = []
+    rx = ZmqKvReceiver(PagedKvCache.allocate(DST, 16), ZmqReceiverConfig(endpoint="tcp://127.0.0.1:0"),
+                       on_complete=lambda rid, reports: waited.append(returned.wait(10)),
+                       on_release=lambda rid, err: None)
+    rx.start()
+    tx = ZmqKvSender(rx.endpoint, ZmqSenderConfig(timeout_s=3.0, payload="frames", pack=PackOptions(chunk_bytes=8192)))
+    try:
+        rx.expect("slow", [5, 9, 1])
+        tx.send(src, [3, 12, 7, 0, 8], 0, 40, request_id="slow")  # TransferTimeout if the ack waited
+        returned.set()
+        deadline = time.monotonic() + 10
+        while not waited and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert waited == [True]
+    finally:
+        returned.set()
+        tx.close()
+        rx.close()
+
+
 def test_typed_error_replies(src: PagedKvCache) -> None:
     h = harness("tcp://127.0.0.1:0", dst_spec=DST.with_(head_dim=128))
     tx = ZmqKvSender(h.rx.endpoint, ZmqSenderConfig(timeout_s=5.0))
