@@ -6,8 +6,9 @@ vLLM reports them by default.
 The whole batch is sampled on the logits' device, and the host reads the tokens back once
 (`.tolist()`, the step's one wait for the GPU), plus once more when a request asked for
 logprobs. Rows without a seed draw together (exponential race: argmax(p / E), E ~ Exp(1), is
-a draw from p); a request with a seed draws alone from its own CPU generator, so its tokens
-do not depend on the batch it shares or on the device.
+a draw from p); a request with a seed draws alone from a CPU generator seeded from (seed,
+output index) (`Sequence.generator`), so its tokens do not depend on the batch it shares, the
+device, or which worker drew the previous token.
 """
 
 from __future__ import annotations

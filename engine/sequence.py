@@ -9,6 +9,18 @@ import torch
 
 from engine.sampling_params import SamplingParams
 
+_MASK64 = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15
+
+
+def draw_seed(seed: int, index: int) -> int:
+    """The seed of output token `index` of a request seeded with `seed` (splitmix64 of both:
+    neighbouring seeds and positions give unrelated streams)."""
+    z = ((seed & _MASK64) ^ ((index + 1) * _GOLDEN & _MASK64)) + _GOLDEN & _MASK64
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9 & _MASK64
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EB & _MASK64
+    return z ^ (z >> 31)
+
 
 class SeqStatus(enum.Enum):
     WAITING = "waiting"
@@ -47,14 +59,24 @@ class Sequence:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     finish_reason: FinishReason | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
-    generator: torch.Generator | None = None
     arrival_step: int = 0
+    _generator: torch.Generator | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.num_prompt_tokens < 0:
             self.num_prompt_tokens = len(self.token_ids)
-        if self.params.seed is not None:
-            self.generator = torch.Generator().manual_seed(self.params.seed)
+
+    @property
+    def generator(self) -> torch.Generator | None:
+        """The generator for the next output token's draw (None without a seed), seeded from
+        (seed, output index): each draw depends only on the request's seed and the token's
+        position, so a token drawn on a prefill worker, a decode worker or after a preemption
+        is the one the colocated engine draws."""
+        if self.params.seed is None:
+            return None
+        if self._generator is None:
+            self._generator = torch.Generator()
+        return self._generator.manual_seed(draw_seed(self.params.seed, self.num_output_tokens))
 
     @property
     def num_tokens(self) -> int:

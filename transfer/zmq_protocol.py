@@ -38,6 +38,7 @@ Never pickle.
 
 from __future__ import annotations
 
+import hashlib
 import struct
 from types import MappingProxyType
 from typing import Any
@@ -152,9 +153,18 @@ def parse_stream_prefix(raw: bytes | bytearray | memoryview) -> tuple[int, int]:
     return tid, nbytes
 
 
+_SUN_PATH_MAX = 107  # bytes of a Unix socket path (sun_path holds 108 with the NUL)
+
+
 def stream_ipc_path(ipc_path: str) -> str:
-    """Where the data connections of a receiver bound to `ipc://<ipc_path>` go."""
-    return ipc_path + ".data"
+    """Where the data connections of a receiver bound to `ipc://<ipc_path>` go: `<path>.data`
+    beside it, or, when that would not fit a Unix socket address (ZMQ accepts paths up to the
+    limit; ours is 5 bytes longer), a name in Linux's abstract namespace derived from the path
+    (`@pdserve-<sha256 prefix>.data`): both ends compute it, no file is left behind."""
+    path = ipc_path + ".data"
+    if len(path.encode()) <= _SUN_PATH_MAX:
+        return path
+    return "@pdserve-" + hashlib.sha256(ipc_path.encode()).hexdigest()[:32] + ".data"
 
 
 def unix_address(path: str) -> str:

@@ -105,6 +105,24 @@ def test_chat_equal_colocated(server: Server, reference: LLMEngine) -> None:
             assert events[-2]["choices"][0]["finish_reason"] in ("stop", "length")
 
 
+def test_seeded_sampling_equals_colocated(server: Server, reference: LLMEngine) -> None:
+    """A seeded request draws token i from (seed, i) alone: the prefill worker draws the first
+    token, the decode worker the rest, and the tokens are the colocated engine's."""
+    with server.client() as c:
+        for i, prompt in enumerate(PROMPTS):
+            params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.9, top_p=0.95, seed=4242 + i,
+                                    ignore_eos=True)
+            seq = reference.generate([reference.tokenizer.encode(prompt)], params)[0]
+            want = reference.tokenizer.decode(seq.output_ids)
+            assert want != greedy(reference, reference.tokenizer.encode(prompt))  # really sampled
+            body = {"prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0.9, "top_p": 0.95,
+                    "seed": 4242 + i, "ignore_eos": True}
+            for _ in range(2):  # and again: the same seed, the same tokens
+                r = c.post("/v1/completions", json=body)
+                assert r.status_code == 200, r.text
+                assert r.json()["choices"][0]["text"] == want
+
+
 def test_openai_client(server: Server) -> None:
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
     chat = client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "Hi!"}],

@@ -240,6 +240,31 @@ def test_frames_path_still_selectable(endpoint: str, src: PagedKvCache) -> None:
         h.close()
 
 
+def test_ipc_path_at_the_unix_socket_limit_keeps_the_stream_path(tmp_path: Path, src: PagedKvCache) -> None:
+    """ZMQ binds ipc paths up to 107 bytes; `<path>.data` would not fit a Unix socket address,
+    so the data connections go to an abstract name both ends derive from the path."""
+    base = f"{tmp_path}/"
+    path = base + "k" * (107 - len(base))
+    assert len(path) == 107 and len(path + ".data") > 107
+    data = proto.stream_ipc_path(path)
+    assert data.startswith("@pdserve-") and len(data) <= 107 and data == proto.stream_ipc_path(path)
+    assert proto.stream_ipc_path(path[:-1]) != data  # a different path, a different name
+    h = harness(f"ipc://{path}")
+    try:
+        assert h.rx._stream is not None  # the receiver listens for stream payloads
+        send_ok(h, src, "long-ipc")
+        tx = ZmqKvSender(h.rx.endpoint)
+        h.rx.expect("long-ipc-2", [1, 2, 3])
+        tx.send(src, [7, 8, 9], 0, 40, request_id="long-ipc-2")
+        assert tx.payload == "stream"  # no fallback to ZMQ frames
+        tx.close()
+        assert isinstance(h.wait("long-ipc-2"), list)
+    finally:
+        h.close()
+    assert not os.path.exists(path + ".data")
+    assert proto.stream_ipc_path(f"{tmp_path}/kv.sock") == f"{tmp_path}/kv.sock.data"  # short paths: unchanged
+
+
 def test_receiver_without_stream_makes_senders_fall_back(src: PagedKvCache) -> None:
     h = harness("tcp://127.0.0.1:0", is_enabled=False)
     tx = ZmqKvSender(h.rx.endpoint)
