@@ -4,11 +4,19 @@ Contract (see transfer/zmq_receiver.py): `expect()` is called right after blocks
 and before the prefill worker is told where to send; from then on only the receiver writes
 those blocks. Each expectation ends exactly once — an arrival (success or typed error, handed
 to the worker by `receive()`) or `forget()` (abort/timeout: the worker frees the blocks).
+
+Threaded (default): the receiver serves on its own thread, so KV is read (or its NCCL receives
+posted) while the worker runs model steps; arrivals are queued and a wake-up socket in the
+worker's poller says when. Not threaded: the receiver runs only when the worker polls it,
+between steps (a payload then advances at most one receiver round per model step).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,28 +63,35 @@ def _logprob(raw: object) -> list[Any] | None:
 
 class KvInbox:
     def __init__(self, ctx: zmq.Context, host: str, engine: LLMEngine, limits: ReceiverLimits,
-                 transport: str = "zmq") -> None:
+                 transport: str = "zmq", *, threaded: bool = True) -> None:
         cache = PagedKvCache(engine.plan.spec, engine.runner.kv_caches)
         nccl = None
         if transport == "nccl":  # raises TransportUnavailable (with what to do) without CUDA/libnccl
             from transfer.nccl_transport import NcclReceiverPlugin
             nccl = NcclReceiverPlugin(engine.config.torch_device)
+        self._lock = threading.Lock()  # arrivals and counters: the receiver's thread adds, the worker takes
         self._arrivals: list[KvArrival] = []
         self._registered: list[zmq.Socket | int] = []
         self.num_bytes, self.num_seconds = 0, 0.0
+        self.threaded = threaded
+        self._wake_r: socket.socket | None = None
+        self._wake_w: socket.socket | None = None
+        if threaded:  # the worker's poller wakes on this when arrivals are queued
+            self._wake_r, self._wake_w = socket.socketpair()
+            self._wake_r.setblocking(False)
+            self._wake_w.setblocking(False)
         self.receiver = ZmqKvReceiver(
             cache, ZmqReceiverConfig(endpoint=f"tcp://{host}:0", limits=limits),
             on_complete=self._complete, on_release=self._release, context=ctx, nccl=nccl)
         self.address = self.receiver.endpoint
-
-    @property
-    def socket(self) -> zmq.Socket:
-        return self.receiver.socket
+        if threaded:
+            self.receiver.start()
 
     def sync_poller(self, poller: zmq.Poller) -> None:
-        """Keep `poller` waking on everything the receiver reads: its ROUTER socket and the
-        stream data connections (they come and go; call after every `receive`)."""
-        want = self.receiver.pollables()
+        """Keep `poller` waking on what says KV has arrived: the wake-up socket (threaded), or
+        everything the receiver reads, its ROUTER socket and the stream data connections (they
+        come and go; call after every `receive`)."""
+        want = [self._wake_r.fileno()] if self._wake_r is not None else self.receiver.pollables()
         have = self._registered
         for item in have:
             if item not in want:
@@ -92,21 +107,41 @@ class KvInbox:
     def forget(self, request_id: str) -> None:
         """Withdraw an expectation (abort, timeout, local prefill); the caller frees the blocks."""
         if not self.receiver.cancel(request_id):
-            # It already ended: drop an arrival that the worker has not consumed yet.
-            self._arrivals = [a for a in self._arrivals if a.request_id != request_id]
+            # It already ended: drop an arrival that the worker has not consumed yet (one still
+            # on its way from the receiver's thread is ignored by the worker: no reservation).
+            with self._lock:
+                self._arrivals = [a for a in self._arrivals if a.request_id != request_id]
 
     def receive(self) -> list[KvArrival]:
-        """Process what the socket holds (never blocks); return ended expectations."""
-        self.receiver.poll(0.0)
-        out, self._arrivals = self._arrivals, []
+        """Ended expectations since the last call (never blocks). Not threaded: first process
+        what the receiver's sockets hold."""
+        if self._wake_r is not None:
+            with contextlib.suppress(BlockingIOError, InterruptedError):
+                while self._wake_r.recv(4096):
+                    pass
+        else:
+            self.receiver.poll(0.0)
+        with self._lock:
+            out, self._arrivals = self._arrivals, []
         return out
 
+    def _arrived(self, arrival: KvArrival, num_bytes: int = 0) -> None:
+        with self._lock:
+            self.num_bytes += num_bytes
+            self._arrivals.append(arrival)
+        if self._wake_w is not None:
+            # a full socket holds wake-ups already: the worker will look
+            with contextlib.suppress(BlockingIOError, InterruptedError):
+                self._wake_w.send(b"\0")
+
     def _complete(self, request_id: str, reports: list[WriteReport]) -> None:
-        self.num_bytes += sum(r.num_bytes for r in reports)
-        self._arrivals.append(_arrival(request_id, reports))
+        self._arrived(_arrival(request_id, reports), sum(r.num_bytes for r in reports))
 
     def _release(self, request_id: str, error: TransferError) -> None:
-        self._arrivals.append(KvArrival(request_id, error=f"{type(error).__name__}: {error}"))
+        self._arrived(KvArrival(request_id, error=f"{type(error).__name__}: {error}"))
 
     def close(self) -> None:
-        self.receiver.close()
+        self.receiver.close()  # stops its thread first
+        for sock in (self._wake_r, self._wake_w):
+            if sock is not None:
+                sock.close()

@@ -54,7 +54,8 @@ class DecodeWorker(WorkerBase):
         self.pending: OrderedDict[str, Pending] = OrderedDict()
         self.reservations: dict[str, Reservation] = {}
         self.local: set[str] = set()  # requests in the engine's own scheduler
-        self.kv = KvInbox(self.ctx, config.host, engine, config.kv_limits(), config.transport)
+        self.kv = KvInbox(self.ctx, config.host, engine, config.kv_limits(), config.transport,
+                          threaded=config.kv_receiver_thread)
         self.kv.sync_poller(self.poller)  # the ROUTER socket and the KV data connections
         self.num_generation_tokens = 0
 

@@ -42,6 +42,8 @@ class ServeConfig:
     transport: str = field(default="zmq", metadata={"help": "KV transport between prefill and decode: zmq or nccl."})
     kv_payload: str = field(default="stream", metadata={
         "help": "With --transport zmq: KV bytes on a stream socket per pair (writev/readv, default) or as ZMQ frames."})
+    kv_receiver_thread: bool = field(default=True, metadata={
+        "help": "Decode workers receive KV on a thread of their own while the model steps (off: only between steps)."})
     api_key: str | None = field(default=None, metadata={"help": "Require 'Authorization: Bearer KEY' on /v1/*."})
     served_model_name: str | None = field(default=None, metadata={"help": "Model name in the API (default: the --model value)."})
     prefill_profile: str | None = field(default=None, metadata={"help": "GPU profile of the prefill workers' KV cache (e.g. ampere)."})
@@ -79,7 +81,8 @@ def worker_command(role: str, worker_id: str, events_address: str, serve: ServeC
     cmd = [sys.executable, "-m", "deploy.worker_main", "--role", role, "--worker-id", worker_id,
            "--events-address", events_address, "--host", serve.host, "--device", device,
            "--num-threads", str(num_threads), "--transport", serve.transport,
-           "--kv-payload", serve.kv_payload, *engine_args]
+           "--kv-payload", serve.kv_payload,
+           "--kv-receiver-thread" if serve.kv_receiver_thread else "--no-kv-receiver-thread", *engine_args]
     return [*cmd, "--profile", profile] if profile else cmd
 
 

@@ -216,7 +216,8 @@ class RayDeployment:
                 resources=custom, runtime_env=runtime_env,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
             ).remote(role, WorkerConfig(worker_id=wid, events_address=events_address,
-                                           transport=self.serve.transport, kv_payload=self.serve.kv_payload),
+                                           transport=self.serve.transport, kv_payload=self.serve.kv_payload,
+                                           kv_receiver_thread=self.serve.kv_receiver_thread),
                      engines[role],
                      int(self.config.cpus_per_worker) if not num_gpus else 0, self.log_level)
         log.info("loading weights in %d worker actor(s)...", len(self.workers))

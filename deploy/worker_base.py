@@ -41,6 +41,8 @@ class WorkerConfig:
     transport: str = field(default="zmq", metadata={"help": "KV payloads over zmq, or nccl (header over ZMQ, bytes GPU to GPU)."})
     kv_payload: str = field(default="stream", metadata={
         "help": "Prefill, --transport zmq: KV payload on a stream socket (writev/readv, default) or as ZMQ frames."})
+    kv_receiver_thread: bool = field(default=True, metadata={
+        "help": "Decode: receive KV on a thread of its own while the model steps (off: only between steps)."})
 
     def kv_limits(self) -> Any:
         from transfer.header import ReceiverLimits

@@ -237,6 +237,8 @@ class ClusterClient:
         if isinstance(msg, ev.Heartbeat):
             self._on_heartbeat(msg)
             return
+        if isinstance(msg, ev.PrefillDone):  # counted even when the request has ended meanwhile
+            self.metrics.on_kv_transfer(msg.kv_bytes, msg.kv_seconds)
         req = self.inflight.get(getattr(msg, "request_id", ""))
         if req is None:
             return
@@ -252,7 +254,6 @@ class ClusterClient:
             req.queue.put_nowait(err)
         elif isinstance(msg, ev.PrefillDone):
             req.num_prefill_cached_tokens = msg.num_cached_tokens
-            self.metrics.on_kv_transfer(msg.kv_bytes, msg.kv_seconds)
         elif isinstance(msg, ev.RequestFailed):
             self._on_failed(req, msg)
 

@@ -37,6 +37,7 @@ import time
 from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
+import torch
 import zmq
 
 from transfer import zmq_protocol as proto
@@ -182,10 +183,17 @@ class ZmqKvReceiver:
         return (self._sock,) if self._sock.poll(int(timeout_s * 1000), zmq.POLLIN) else ()
 
     def start(self) -> None:
-        """Serve on a background thread until `close()`."""
+        """Serve on a background thread until `close()` (its CUDA device is the cache's). A bug
+        in one round is logged and the thread goes on: reservations still end by their deadlines."""
         def loop() -> None:
+            if self.cache.device.type == "cuda":
+                torch.cuda.set_device(self.cache.device)
             while not self._stop.is_set():
-                self.poll(0.02)
+                try:
+                    self.poll(0.02)
+                except Exception:
+                    log.exception("KV receiver: a poll round failed")
+                    time.sleep(0.02)
 
         self._thread = threading.Thread(target=loop, name="kv-receiver", daemon=True)
         self._thread.start()

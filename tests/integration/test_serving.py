@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import time
 
@@ -75,9 +76,11 @@ def test_completions_equal_colocated(server: Server, reference: LLMEngine) -> No
             assert "".join(e["choices"][0]["text"] for e in events[:-1] if e["choices"]) == want
 
 
-def test_frames_payload_equals_colocated(reference: LLMEngine) -> None:
-    """`--kv-payload frames` (ZMQ multipart frames instead of the default stream socket)."""
-    with serve("--prefill", "1", "--decode", "1", "--kv-payload", "frames") as s, s.client() as c:
+def test_frames_payload_between_steps_equals_colocated(reference: LLMEngine) -> None:
+    """The non-default KV options: `--kv-payload frames` (ZMQ multipart frames instead of the
+    stream socket) and `--no-kv-receiver-thread` (the decode worker receives between steps)."""
+    with serve("--prefill", "1", "--decode", "1", "--kv-payload", "frames", "--no-kv-receiver-thread") as s, \
+            s.client() as c:
         prompt = PROMPTS[2]
         body = {"prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True}
         r = c.post("/v1/completions", json=body)
@@ -167,6 +170,27 @@ async def _one_stream(client: httpx.AsyncClient, i: int) -> int:
                 assert '"error"' not in line, line
                 n += 1
     return n
+
+
+def test_kv_transfer_metrics_count_requests_that_ended_first(server: Server) -> None:
+    """max_tokens=1: the response can end before the prefill worker reports its transfer; the
+    transfer still counts (bytes = the prompt's blocks x block size x the cache's bytes per token)."""
+    with server.client() as c:
+        plan = c.get("/status").json()["workers"][0]["kv_plan"]  # "... (float32 NHD, 45.0 KiB/token, ..."
+        bytes_per_token = round(float(re.search(r"([\d.]+) KiB/token", plan).group(1)) * 1024)
+        block = int(re.search(r"blocks x (\d+) tokens", plan).group(1))  # KV moves in whole blocks
+        before = server.metric("pdserve:kv_transfer_bytes_total")
+        tokens = 0
+        for i in range(6):
+            r = c.post("/v1/completions", json={"prompt": f"{i}: " + PROMPTS[i % 3], "max_tokens": 1})
+            assert r.status_code == 200, r.text
+            tokens += -(-r.json()["usage"]["prompt_tokens"] // block) * block
+    deadline = time.monotonic() + 10
+    want = tokens * bytes_per_token  # every transfer counted, once
+    while (delta := server.metric("pdserve:kv_transfer_bytes_total") - before) < want and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert delta == want, (delta, tokens, bytes_per_token)
+    assert server.metric("pdserve:kv_transfer_seconds_total") > 0
 
 
 def test_64_concurrent_streams_then_zero_blocks(server: Server) -> None:

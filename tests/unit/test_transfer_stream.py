@@ -518,9 +518,12 @@ def test_receiver_cancelling_mid_payload_gives_the_sender_a_typed_error() -> Non
         rx.close()
 
 
-def test_decode_inbox_keeps_the_worker_poller_in_sync(src: PagedKvCache) -> None:
-    """The decode worker sleeps in its own zmq.Poller: it must wake on the data connection too
-    (KvInbox.sync_poller registers the receiver's pollables as they come and go)."""
+@pytest.mark.parametrize("threaded", [True, False])
+def test_decode_inbox_wakes_the_worker_poller(src: PagedKvCache, threaded: bool) -> None:
+    """The decode worker sleeps in its own zmq.Poller. Threaded inbox: the receiver reads on its
+    own thread and a wake-up socket in the poller says when arrivals are queued. Not threaded:
+    the poller must wake on the data connection too (sync_poller follows the receiver's
+    pollables as they come and go)."""
     from types import SimpleNamespace
 
     from decode.kv_inbox import KvInbox
@@ -530,25 +533,46 @@ def test_decode_inbox_keeps_the_worker_poller_in_sync(src: PagedKvCache) -> None
     engine = SimpleNamespace(plan=SimpleNamespace(spec=SRC), runner=SimpleNamespace(kv_caches=cache.layers),
                              config=SimpleNamespace(torch_device="cpu"))
     ctx = zmq.Context()
-    inbox = KvInbox(ctx, "127.0.0.1", engine, ReceiverLimits())  # type: ignore[arg-type]
+    inbox = KvInbox(ctx, "127.0.0.1", engine, ReceiverLimits(), threaded=threaded)  # type: ignore[arg-type]
     poller = zmq.Poller()
     inbox.sync_poller(poller)
+    assert inbox.receiver._thread is not None if threaded else inbox.receiver._thread is None
     seq = SimpleNamespace(block_table=[1, 2, 3])
-    inbox.expect("w", seq)  # type: ignore[arg-type]
     tx = ZmqKvSender(inbox.address)
-    thread = threading.Thread(target=tx.send, args=(src, [7, 8, 9], 0, 40), kwargs={"request_id": "w", "meta": {"first_token": 3}})
-    thread.start()
-    arrivals, data_fd_seen = [], False
-    deadline = time.monotonic() + 10
+    fd_woke = False
     try:
-        while not arrivals and time.monotonic() < deadline:
-            ready = dict(poller.poll(1000))  # the worker's wait: only registered items wake it
-            data_fd_seen |= any(isinstance(item, int) for item in ready)
-            arrivals += inbox.receive()
-            inbox.sync_poller(poller)
-        thread.join(10)
-        assert arrivals and arrivals[0].request_id == "w" and arrivals[0].error is None and data_fd_seen
-        assert same_tokens(src, [7, 8, 9], cache, [1, 2, 3], 0, 40)
+        for i in range(3):  # the second and later transfers reuse the data connection
+            rid = f"w{i}"
+            inbox.expect(rid, seq)  # type: ignore[arg-type]
+            thread = threading.Thread(target=tx.send, args=(src, [7, 8, 9], 0, 40),
+                                      kwargs={"request_id": rid, "meta": {"first_token": 3}})
+            thread.start()
+            arrivals, data_fd_seen, woke = [], False, 0
+            deadline = time.monotonic() + 10
+            while not arrivals and time.monotonic() < deadline:
+                ready = dict(poller.poll(1000))  # the worker's wait: only registered items wake it
+                woke += bool(ready)
+                data_fd_seen |= any(isinstance(item, int) for item in ready)
+                arrivals += inbox.receive()
+                inbox.sync_poller(poller)
+            thread.join(10)
+            assert arrivals and arrivals[0].request_id == rid and arrivals[0].error is None
+            assert woke
+            fd_woke |= data_fd_seen
+            assert same_tokens(src, [7, 8, 9], cache, [1, 2, 3], 0, 40)
+            cache.layers[0][0].zero_()  # the next transfer must write again
+        assert inbox.receive() == [] and not inbox.receiver._expected
+        assert fd_woke or threaded  # a data connection woke the worker (its first payload at least)
+        if threaded:  # the whole transfer (payload, ack) completes while the worker does not poll
+            inbox.expect("busy", seq)  # type: ignore[arg-type]
+            result = tx.send(src, [7, 8, 9], 0, 40, request_id="busy", meta={"first_token": 3}, timeout_s=10)
+            assert result.num_bytes > 0
+            assert dict(poller.poll(5000))  # then the worker wakes to take the arrival
+            assert [a.request_id for a in inbox.receive()] == ["busy"]
+        # an expectation withdrawn before anything came: no arrival, the blocks are the caller's
+        inbox.expect("gone", seq)  # type: ignore[arg-type]
+        inbox.forget("gone")
+        assert inbox.receive() == [] and not inbox.receiver._expected
     finally:
         tx.close()
         inbox.close()
