@@ -1,10 +1,12 @@
 """The prefill worker's KV endpoint: sends KV + first token to decode workers' reservations.
 
-Sends run on one background thread (one transfer at a time, in order), so the worker keeps
-prefilling while KV is on the wire. Contract: from `send()` until its `SendResult` comes back
-from `poll_results()`, the sequence's blocks are read by the sender thread — the worker must
-not free or reuse them; after the result it frees them (success or failure alike).
-One `ZmqKvSender` per decode worker address, created on first use.
+Sends run on background threads, so the worker keeps prefilling while KV is on the wire: one
+lane per decode worker address (created on first use: a queue, a thread and that peer's
+`ZmqKvSender`), transfers to one peer in order, one at a time. A slow or hung decode worker
+(stopped, not reading) holds up only its own lane until `transfer_timeout_s`, never the
+transfers to the others. Contract: from `send()` until its `SendResult` comes back from
+`poll_results()`, the sequence's blocks are read by a sender thread — the worker must not free
+or reuse them; after the result it frees them (success or failure alike).
 """
 
 from __future__ import annotations
@@ -55,18 +57,25 @@ class _Job:
     meta: dict[str, Any]
 
 
+@dataclass
+class _Lane:
+    """One decode peer: its jobs in order, the thread that sends them, its sender."""
+
+    jobs: queue.Queue[_Job | None]
+    thread: threading.Thread
+    sender: ZmqKvSender | None = None
+
+
 class KvOutbox:
     def __init__(self, ctx: zmq.Context, engine: LLMEngine, config: WorkerConfig) -> None:
         self.cache = PagedKvCache(engine.plan.spec, engine.runner.kv_caches)
         self.config = config
         self.ctx = ctx
         self.address = "zmq+dealer"  # this side connects; it binds nothing
-        self._jobs: queue.Queue[_Job | None] = queue.Queue()
         self._results: queue.Queue[SendResult] = queue.Queue()
-        self._senders: dict[str, ZmqKvSender] = {}
+        self._lanes: dict[str, _Lane] = {}  # by decode address; touched by the worker's thread only
+        self._lock = threading.Lock()  # the counters, added to by every lane
         self.num_bytes, self.num_seconds = 0, 0.0
-        self._thread = threading.Thread(target=self._run, name="kv-sender", daemon=True)
-        self._thread.start()
 
     def send(self, request_id: str, address: str, block_table: list[int], num_tokens: int,
              dest_block_ids: list[int], dest_spec: KvSpec, meta: dict[str, Any]) -> None:
@@ -74,7 +83,14 @@ class KvOutbox:
 
         `dest_block_ids` are known to the receiver already (it expects them); they are not sent.
         """
-        self._jobs.put(_Job(request_id, address, list(block_table), num_tokens, dest_spec, meta))
+        lane = self._lanes.get(address)
+        if lane is None:
+            jobs: queue.Queue[_Job | None] = queue.Queue()
+            lane = _Lane(jobs, threading.Thread(target=self._run, args=(address, jobs),
+                                                name=f"kv-sender-{len(self._lanes)}", daemon=True))
+            self._lanes[address] = lane
+            lane.thread.start()
+        lane.jobs.put(_Job(request_id, address, list(block_table), num_tokens, dest_spec, meta))
 
     def poll_results(self) -> list[SendResult]:
         out = []
@@ -84,28 +100,27 @@ class KvOutbox:
             except queue.Empty:
                 return out
 
-    def _run(self) -> None:
+    def _run(self, address: str, jobs: queue.Queue[_Job | None]) -> None:
+        lane = self._lanes[address]
         while True:
-            job = self._jobs.get()
+            job = jobs.get()
             if job is None:
                 return
-            self._results.put(self._send_one(job))
+            self._results.put(self._send_one(lane, job))
 
-    def _send_one(self, job: _Job) -> SendResult:
+    def _send_one(self, lane: _Lane, job: _Job) -> SendResult:
         try:
             if not self.cache.spec.fingerprint_compatible(job.dest_spec):
                 raise IncompatibleKv("different models", self.cache.spec, job.dest_spec)
-            sender = self._senders.get(job.address)
-            if sender is None:
-                sender = ZmqKvSender(job.address, ZmqSenderConfig(timeout_s=self.config.transfer_timeout_s,
-                                                                  checksum=self.config.checksum,
-                                                                  payload=self.config.kv_payload),
-                                     context=self.ctx, nccl=self._nccl_plugin())
-                self._senders[job.address] = sender
-            r = sender.send(self.cache, job.block_table, 0, job.num_tokens, request_id=job.request_id,
-                            meta=job.meta)
-            self.num_bytes += r.num_bytes
-            self.num_seconds += r.seconds
+            if lane.sender is None:
+                lane.sender = ZmqKvSender(job.address, ZmqSenderConfig(
+                    timeout_s=self.config.transfer_timeout_s, checksum=self.config.checksum,
+                    payload=self.config.kv_payload), context=self.ctx, nccl=self._nccl_plugin())
+            r = lane.sender.send(self.cache, job.block_table, 0, job.num_tokens, request_id=job.request_id,
+                                 meta=job.meta)
+            with self._lock:
+                self.num_bytes += r.num_bytes
+                self.num_seconds += r.seconds
             return SendResult(job.request_id, r.num_bytes, r.seconds, None)
         except TransferError as e:
             return SendResult(job.request_id, 0, 0.0, f"{type(e).__name__}: {e}",
@@ -122,7 +137,9 @@ class KvOutbox:
         return NcclSenderPlugin(self.cache.device)
 
     def close(self) -> None:
-        self._jobs.put(None)
-        self._thread.join(timeout=5)
-        for s in self._senders.values():
-            s.close()
+        for lane in self._lanes.values():
+            lane.jobs.put(None)
+        for lane in self._lanes.values():
+            lane.thread.join(timeout=5)
+            if lane.sender is not None and not lane.thread.is_alive():
+                lane.sender.close()

@@ -1,0 +1,68 @@
+"""The prefill worker's KvOutbox: one lane (queue + thread + sender) per decode worker, so a
+hung decode worker delays only its own transfers; per-peer order; counters; close."""
+
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+
+import torch
+import zmq
+
+from deploy.worker_base import WorkerConfig
+from engine.kv_spec import KvDtype, KvSpec
+from prefill.kv_outbox import KvOutbox, SendResult
+from transfer.cache import PagedKvCache
+from transfer.receiver_records import ZmqReceiverConfig
+from transfer.testing import ReceiverHarness, fill_random
+
+SPEC = KvSpec(2, 2, 64, 16, dtype=KvDtype.BFLOAT16)
+TIMEOUT_S = 4.0
+
+
+def _results(outbox: KvOutbox, want: int, timeout_s: float) -> dict[str, tuple[SendResult, float]]:
+    """Results by request id, each with the time it came back."""
+    got: dict[str, tuple[SendResult, float]] = {}
+    deadline = time.monotonic() + timeout_s
+    while len(got) < want and time.monotonic() < deadline:
+        for r in outbox.poll_results():
+            got[r.request_id] = (r, time.monotonic())
+        time.sleep(0.01)
+    return got
+
+
+def test_a_hung_decode_worker_delays_only_its_own_transfers() -> None:
+    src = PagedKvCache.allocate(SPEC, 16)
+    fill_random(src, torch.Generator().manual_seed(0))
+    engine = SimpleNamespace(plan=SimpleNamespace(spec=SPEC), runner=SimpleNamespace(kv_caches=src.layers))
+    config = WorkerConfig(worker_id="prefill-t", events_address="tcp://127.0.0.1:1", transfer_timeout_s=TIMEOUT_S)
+    ctx = zmq.Context()
+    hung = ctx.socket(zmq.ROUTER)  # a decode worker that accepts the connection and never reads
+    port = hung.bind_to_random_port("tcp://127.0.0.1")
+    healthy = ReceiverHarness(PagedKvCache.allocate(SPEC, 16), ZmqReceiverConfig(endpoint="tcp://127.0.0.1:0"))
+    outbox = KvOutbox(ctx, engine, config)  # type: ignore[arg-type]
+    try:
+        for i in range(3):
+            healthy.rx.expect(f"ok-{i}", [1 + i, 4 + i])
+        t0 = time.monotonic()
+        outbox.send("stuck", f"tcp://127.0.0.1:{port}", [7, 8], 32, [1, 2], SPEC, {"first_token": 1})
+        for i in range(3):  # queued behind the hung transfer in time, on another lane
+            outbox.send(f"ok-{i}", healthy.rx.endpoint, [7, 8], 32, [1 + i, 4 + i], SPEC, {"first_token": 1})
+        got = _results(outbox, 4, TIMEOUT_S + 10)
+        assert set(got) == {"stuck", "ok-0", "ok-1", "ok-2"}
+        for i in range(3):
+            result, at = got[f"ok-{i}"]
+            assert result.error is None and result.num_bytes > 0
+            assert at - t0 < TIMEOUT_S / 2, "a transfer to a healthy peer waited for the hung one"
+            assert isinstance(healthy.wait(f"ok-{i}"), list)
+        order = sorted(range(3), key=lambda i: got[f"ok-{i}"][1])
+        assert order == [0, 1, 2]  # one peer's transfers go in order
+        stuck, at = got["stuck"]
+        assert stuck.error is not None and stuck.error.startswith("TransferTimeout") and stuck.retryable
+        assert at - t0 >= TIMEOUT_S * 0.9
+        assert outbox.num_bytes == sum(got[f"ok-{i}"][0].num_bytes for i in range(3))
+    finally:
+        outbox.close()
+        healthy.close()
+        hung.close(linger=0)
+        ctx.destroy(linger=0)
