@@ -44,6 +44,8 @@ class ServeConfig:
         "help": "With --transport zmq: KV bytes on a stream socket per pair (writev/readv, default) or as ZMQ frames."})
     kv_receiver_thread: bool = field(default=True, metadata={
         "help": "Decode workers receive KV on a thread of their own while the model steps (off: only between steps)."})
+    transfer_timeout_s: float = field(default=30.0, metadata={
+        "help": "Prefill workers: one KV transfer, ack included; a decode worker slower than this fails it."})
     api_key: str | None = field(default=None, metadata={"help": "Require 'Authorization: Bearer KEY' on /v1/*."})
     served_model_name: str | None = field(default=None, metadata={"help": "Model name in the API (default: the --model value)."})
     prefill_profile: str | None = field(default=None, metadata={"help": "GPU profile of the prefill workers' KV cache (e.g. ampere)."})
@@ -57,6 +59,8 @@ class ServeConfig:
             raise ConfigError(f"--transport must be zmq or nccl, got {self.transport!r}")
         if self.kv_payload not in ("stream", "frames"):
             raise ConfigError(f"--kv-payload must be stream or frames, got {self.kv_payload!r}")
+        if self.transfer_timeout_s <= 0:
+            raise ConfigError(f"--transfer-timeout-s must be positive, got {self.transfer_timeout_s}")
         if self.decode < 1:
             raise ConfigError("--decode must be at least 1")
         if self.prefill < 0:
@@ -82,7 +86,8 @@ def worker_command(role: str, worker_id: str, events_address: str, serve: ServeC
            "--events-address", events_address, "--host", serve.host, "--device", device,
            "--num-threads", str(num_threads), "--transport", serve.transport,
            "--kv-payload", serve.kv_payload,
-           "--kv-receiver-thread" if serve.kv_receiver_thread else "--no-kv-receiver-thread", *engine_args]
+           "--kv-receiver-thread" if serve.kv_receiver_thread else "--no-kv-receiver-thread",
+           "--transfer-timeout-s", str(serve.transfer_timeout_s), *engine_args]
     return [*cmd, "--profile", profile] if profile else cmd
 
 

@@ -217,7 +217,8 @@ class RayDeployment:
                 scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
             ).remote(role, WorkerConfig(worker_id=wid, events_address=events_address,
                                            transport=self.serve.transport, kv_payload=self.serve.kv_payload,
-                                           kv_receiver_thread=self.serve.kv_receiver_thread),
+                                           kv_receiver_thread=self.serve.kv_receiver_thread,
+                                           transfer_timeout_s=self.serve.transfer_timeout_s),
                      engines[role],
                      int(self.config.cpus_per_worker) if not num_gpus else 0, self.log_level)
         log.info("loading weights in %d worker actor(s)...", len(self.workers))
