@@ -2,6 +2,7 @@
 # Disaggregation on two GPUs of one host, in two phases (each fits one device call):
 #
 #   bash bench/gpu_pd_check.sh transfer   # NCCL/CUDA transfer tests + NCCL transfer benchmark
+#                                         # + control-path probe (bench/control_probe.py)
 #                                         # + a 1P1D-over-NCCL serving smoke run with the share
 #                                         #   of TTFT spent in KV transfer
 #   bash bench/gpu_pd_check.sh sweep      # pdserve bench sweep: 1P1D over NCCL vs 2 colocated
@@ -60,6 +61,7 @@ transfer)
     timeout 240 $PY -m pytest -q -p no:cacheprovider -rs --durations=5 tests/gpu/test_transfer_nccl.py \
         tests/gpu/test_block_copy.py tests/gpu/test_transfer_stream_cuda.py tests/gpu/test_transfer_matrix_cuda.py 2>&1 | tail -25 | tee "$OUT/gpu_transfer_tests.log"
     timeout 200 $PY -m bench.transfer --nccl --out "$OUT/transfer_nccl.json" 2>&1 | grep -v Warn | tail -30 | tee "$OUT/transfer_nccl.log"
+    timeout 120 $PY -m bench.control_probe --out "$OUT/control_probe.json" 2>&1 | tail -14 | tee "$OUT/control_probe.log"
     smoke 2>&1 | tee "$OUT/smoke.log"
     ;;
 serving)
