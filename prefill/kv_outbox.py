@@ -4,7 +4,8 @@ Sends run on background threads, so the worker keeps prefilling while KV is on t
 lane per decode worker address (created on first use: a queue, a thread and that peer's
 `ZmqKvSender`), transfers to one peer in order, one at a time. A slow or hung decode worker
 (stopped, not reading) holds up only its own lane until `transfer_timeout_s`, never the
-transfers to the others. Contract: from `send()` until its `SendResult` comes back from
+transfers to the others. A lane idle for `lane_idle_s` closes (decode workers come and go).
+Contract: from `send()` until its `SendResult` comes back from
 `poll_results()`, the sequence's blocks are read by a sender thread — the worker must not free
 or reuse them; after the result it frees them (success or failure alike).
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
@@ -61,20 +62,25 @@ class _Job:
 class _Lane:
     """One decode peer: its jobs in order, the thread that sends them, its sender."""
 
-    jobs: queue.Queue[_Job | None]
-    thread: threading.Thread
+    address: str
+    jobs: queue.Queue[_Job | None] = field(default_factory=queue.Queue)
     sender: ZmqKvSender | None = None
 
 
 class KvOutbox:
-    def __init__(self, ctx: zmq.Context, engine: LLMEngine, config: WorkerConfig) -> None:
+    def __init__(self, ctx: zmq.Context, engine: LLMEngine, config: WorkerConfig, *,
+                 lane_idle_s: float = 300.0) -> None:
+        """`lane_idle_s`: a lane with nothing to send for this long closes its sender and thread
+        (decode workers come and go: a restarted one has a new address)."""
         self.cache = PagedKvCache(engine.plan.spec, engine.runner.kv_caches)
         self.config = config
         self.ctx = ctx
         self.address = "zmq+dealer"  # this side connects; it binds nothing
+        self.lane_idle_s = lane_idle_s
         self._results: queue.Queue[SendResult] = queue.Queue()
-        self._lanes: dict[str, _Lane] = {}  # by decode address; touched by the worker's thread only
-        self._lock = threading.Lock()  # the counters, added to by every lane
+        self._lanes: dict[str, _Lane] = {}  # by decode address
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()  # the lanes (a lane retires itself) and the counters
         self.num_bytes, self.num_seconds = 0, 0.0
 
     def send(self, request_id: str, address: str, block_table: list[int], num_tokens: int,
@@ -83,14 +89,21 @@ class KvOutbox:
 
         `dest_block_ids` are known to the receiver already (it expects them); they are not sent.
         """
-        lane = self._lanes.get(address)
-        if lane is None:
-            jobs: queue.Queue[_Job | None] = queue.Queue()
-            lane = _Lane(jobs, threading.Thread(target=self._run, args=(address, jobs),
-                                                name=f"kv-sender-{len(self._lanes)}", daemon=True))
-            self._lanes[address] = lane
-            lane.thread.start()
-        lane.jobs.put(_Job(request_id, address, list(block_table), num_tokens, dest_spec, meta))
+        job = _Job(request_id, address, list(block_table), num_tokens, dest_spec, meta)
+        with self._lock:  # a lane retiring meanwhile either sees this job or is gone already
+            lane = self._lanes.get(address)
+            if lane is None:
+                lane = self._lanes[address] = _Lane(address)
+                thread = threading.Thread(target=self._run, args=(lane,), name=f"kv-sender-{len(self._threads)}",
+                                          daemon=True)
+                self._threads = [t for t in self._threads if t.is_alive()] + [thread]
+                thread.start()
+            lane.jobs.put(job)
+
+    @property
+    def num_lanes(self) -> int:
+        with self._lock:
+            return len(self._lanes)
 
     def poll_results(self) -> list[SendResult]:
         out = []
@@ -100,11 +113,19 @@ class KvOutbox:
             except queue.Empty:
                 return out
 
-    def _run(self, address: str, jobs: queue.Queue[_Job | None]) -> None:
-        lane = self._lanes[address]
+    def _run(self, lane: _Lane) -> None:
         while True:
-            job = jobs.get()
+            try:
+                job = lane.jobs.get(timeout=self.lane_idle_s)
+            except queue.Empty:
+                with self._lock:
+                    if not lane.jobs.empty():
+                        continue
+                    del self._lanes[lane.address]  # idle: the next send to it starts a new lane
+                job = None
             if job is None:
+                if lane.sender is not None:
+                    lane.sender.close()
                 return
             self._results.put(self._send_one(lane, job))
 
@@ -137,9 +158,10 @@ class KvOutbox:
         return NcclSenderPlugin(self.cache.device)
 
     def close(self) -> None:
-        for lane in self._lanes.values():
-            lane.jobs.put(None)
-        for lane in self._lanes.values():
-            lane.thread.join(timeout=5)
-            if lane.sender is not None and not lane.thread.is_alive():
-                lane.sender.close()
+        """Stop every lane after the job it is sending (each closes its own sender)."""
+        with self._lock:
+            for lane in self._lanes.values():
+                lane.jobs.put(None)
+            self._lanes.clear()
+        for thread in self._threads:
+            thread.join(timeout=5)

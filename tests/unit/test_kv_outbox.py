@@ -1,5 +1,6 @@
 """The prefill worker's KvOutbox: one lane (queue + thread + sender) per decode worker, so a
-hung decode worker delays only its own transfers; per-peer order; counters; close."""
+hung decode worker delays only its own transfers; per-peer order; counters; idle lanes
+close; close."""
 
 from __future__ import annotations
 
@@ -65,4 +66,32 @@ def test_a_hung_decode_worker_delays_only_its_own_transfers() -> None:
         outbox.close()
         healthy.close()
         hung.close(linger=0)
+        ctx.destroy(linger=0)
+
+
+def test_idle_lanes_close_and_come_back() -> None:
+    src = PagedKvCache.allocate(SPEC, 16)
+    engine = SimpleNamespace(plan=SimpleNamespace(spec=SPEC), runner=SimpleNamespace(kv_caches=src.layers))
+    config = WorkerConfig(worker_id="prefill-t", events_address="tcp://127.0.0.1:1", transfer_timeout_s=TIMEOUT_S)
+    ctx = zmq.Context()
+    healthy = ReceiverHarness(PagedKvCache.allocate(SPEC, 16), ZmqReceiverConfig(endpoint="tcp://127.0.0.1:0"))
+    outbox = KvOutbox(ctx, engine, config, lane_idle_s=0.3)  # type: ignore[arg-type]
+    try:
+        for round_ in range(2):
+            rid = f"r{round_}"
+            healthy.rx.expect(rid, [1, 2])
+            outbox.send(rid, healthy.rx.endpoint, [7, 8], 32, [1, 2], SPEC, {"first_token": 1})
+            assert outbox.num_lanes == 1
+            got = _results(outbox, 1, 10)
+            assert got[rid][0].error is None
+            deadline = time.monotonic() + 5
+            while outbox.num_lanes and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert outbox.num_lanes == 0  # idle: its sender and thread are gone; the next send reopens
+        for t in outbox._threads:
+            t.join(5)
+        assert not [t for t in outbox._threads if t.is_alive()]
+    finally:
+        outbox.close()
+        healthy.close()
         ctx.destroy(linger=0)
