@@ -455,21 +455,26 @@ SENDER_DIES = textwrap.dedent("""
     data = socket.create_connection(("127.0.0.1", body["port"]))
     data.sendall(token)
     sock.send_multipart([proto.HEADER, packed.header.encode()])
-    data.sendall(proto.stream_prefix(9, len(payload)) + payload[:len(payload) // 3])
+    if {mid_payload}:  # else it dies between its header and its prefix
+        data.sendall(proto.stream_prefix(9, len(payload)) + payload[:len(payload) // 3])
     time.sleep(0.3)
     os.kill(os.getpid(), signal.SIGKILL)
 """)
 
 
-def test_sender_killed_mid_payload_releases_the_reservation_quickly(src: PagedKvCache) -> None:
+@pytest.mark.parametrize("mid_payload", [True, False])
+def test_sender_killed_mid_transfer_releases_the_reservation_quickly(src: PagedKvCache, mid_payload: bool) -> None:
+    """Killed a third into its payload, or after its header but before its prefix: the data
+    connection's EOF fails the transfer at once, not at the idle timeout."""
     h = harness("tcp://127.0.0.1:0", idle=30.0)
     try:
         h.rx.expect("doomed", [4, 5, 6])
-        proc = subprocess.run([sys.executable, "-c", SENDER_DIES.format(root=str(ROOT), endpoint=h.rx.endpoint)],
-                              timeout=60, capture_output=True)
+        code = SENDER_DIES.format(root=str(ROOT), endpoint=h.rx.endpoint, mid_payload=mid_payload)
+        proc = subprocess.run([sys.executable, "-c", code], timeout=60, capture_output=True)
         assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
         outcome = h.wait("doomed", timeout=5)  # far below the 30 s idle timeout
-        assert isinstance(outcome, PeerLost) and "mid-payload" in str(outcome)
+        assert isinstance(outcome, PeerLost)
+        assert ("mid-payload" if mid_payload else "closed by the sender") in str(outcome), outcome
         assert_clean(h)
         send_ok(h, src, "next")
     finally:
