@@ -73,7 +73,6 @@ class KvInbox:
         self._arrivals: list[KvArrival] = []
         self._registered: list[zmq.Socket | int] = []
         self.num_bytes, self.num_seconds = 0, 0.0
-        self.threaded = threaded
         self._wake_r: socket.socket | None = None
         self._wake_w: socket.socket | None = None
         if threaded:  # the worker's poller wakes on this when arrivals are queued
