@@ -1,0 +1,96 @@
+"""The decode worker's threaded KvInbox under races: transfers land on the receiver's thread
+while the worker forgets reservations at random moments (before, during, after their KV).
+Every kept reservation gets exactly one arrival and its bytes, a forgotten one at most a late
+arrival (its KV had landed before the forget; the worker ignores arrivals it holds no
+reservation for), senders get an ack or a typed error (UnexpectedTransfer before the header,
+TransferCancelled mid-payload), and nothing is left in the receiver."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+import zmq
+
+from decode.kv_inbox import KvArrival, KvInbox
+from engine.kv_spec import KvDtype, KvSpec
+from transfer.cache import PagedKvCache
+from transfer.errors import TransferError
+from transfer.header import ReceiverLimits
+from transfer.local import read_tokens_float
+from transfer.testing import fill_random
+from transfer.zmq_sender import ZmqKvSender, ZmqSenderConfig
+
+SPEC = KvSpec(8, 4, 128, 16, dtype=KvDtype.BFLOAT16)  # 16 KiB per token: 2 MiB per transfer
+N = 40
+
+
+@pytest.mark.parametrize("payload", ["stream", "frames"])
+def test_forgets_racing_arrivals_end_each_reservation_once(payload: str) -> None:
+    src = PagedKvCache.allocate(SPEC, 8)
+    fill_random(src, torch.Generator().manual_seed(0))
+    dst = PagedKvCache.allocate(SPEC, 8 * N)
+    engine = SimpleNamespace(plan=SimpleNamespace(spec=SPEC), runner=SimpleNamespace(kv_caches=dst.layers),
+                             config=SimpleNamespace(torch_device="cpu"))
+    ctx = zmq.Context()
+    inbox = KvInbox(ctx, "127.0.0.1", engine, ReceiverLimits())  # type: ignore[arg-type]
+    poller = zmq.Poller()
+    inbox.sync_poller(poller)
+    rng = random.Random(7)
+    rids = [f"r{i}" for i in range(N)]
+    for i, rid in enumerate(rids):
+        inbox.expect(rid, SimpleNamespace(block_table=list(range(8 * i, 8 * i + 8))))  # type: ignore[arg-type]
+    sent: dict[str, object] = {}
+
+    def sender() -> None:
+        tx = ZmqKvSender(inbox.address, ZmqSenderConfig(timeout_s=10.0, payload=payload))
+        try:
+            for rid in rids:
+                try:
+                    sent[rid] = tx.send(src, list(range(8)), 0, 128, request_id=rid, meta={"first_token": 5})
+                except TransferError as e:  # a forgotten reservation: a typed error, and on we go
+                    sent[rid] = e
+        finally:
+            tx.close()
+
+    thread = threading.Thread(target=sender)
+    thread.start()
+    forgotten: set[str] = set()
+    arrivals: list[KvArrival] = []
+    deadline = time.monotonic() + 30
+    while (thread.is_alive() or len({a.request_id for a in arrivals} | forgotten) < N) \
+            and time.monotonic() < deadline:
+        poller.poll(rng.choice([0, 1, 5]))
+        got = inbox.receive()
+        arrivals += got
+        held = [r for r in rids if r not in forgotten and r not in {a.request_id for a in arrivals}]
+        if held and rng.random() < 0.3:  # the worker drops a reservation it still holds: most
+            rid = held[0] if rng.random() < 0.7 else rng.choice(held)  # often the one on the wire
+            inbox.forget(rid)
+            forgotten.add(rid)
+    thread.join(10)
+    time.sleep(0.2)
+    arrivals += inbox.receive()
+    kept = [r for r in rids if r not in forgotten]
+    want = read_tokens_float(src, list(range(8)), 0, 128)
+    by_id: dict[str, list[KvArrival]] = {}
+    for a in arrivals:
+        by_id.setdefault(a.request_id, []).append(a)
+    assert forgotten and kept, "the random schedule must exercise both outcomes"
+    for rid in kept:
+        assert len(by_id.get(rid, [])) == 1, (rid, by_id.get(rid))
+        assert by_id[rid][0].error is None and by_id[rid][0].first_token == 5
+        assert not isinstance(sent[rid], TransferError)
+        got = read_tokens_float(dst, list(range(8 * int(rid[1:]), 8 * int(rid[1:]) + 8)), 0, 128)
+        assert all(torch.equal(a, b) for a, b in zip(want, got, strict=True)), rid
+    for rid in forgotten:
+        assert len(by_id.get(rid, [])) <= 1  # at most the late arrival the worker ignores
+        assert rid in sent  # its sender got an ack or a typed error, never a hang
+    rx = inbox.receiver
+    assert not rx._expected and not rx._inflight
+    inbox.close()
+    ctx.destroy(linger=0)
