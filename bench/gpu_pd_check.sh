@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Disaggregation on two GPUs of one host, in two phases (each fits one device call):
+# Disaggregation on two GPUs of one host, in phases (each fits one device call):
 #
 #   bash bench/gpu_pd_check.sh transfer   # NCCL/CUDA transfer tests + NCCL transfer benchmark
 #                                         # + control-path probe (bench/control_probe.py)
 #                                         # + a 1P1D-over-NCCL serving smoke run with the share
 #                                         #   of TTFT spent in KV transfer
 #   bash bench/gpu_pd_check.sh sweep      # pdserve bench sweep: 1P1D over NCCL vs 2 colocated
+#   bash bench/gpu_pd_check.sh receiver   # decode KV receiver thread vs between steps, over NCCL
+#                                         # (bench/kv_receive.py)
 #   bash bench/gpu_pd_check.sh serving    # the smoke run, then a shorter sweep
 #
 # Model: Llama-3-8B-shaped, random bf16 weights (--load-format dummy), SmolLM2's tokenizer;
@@ -63,6 +65,11 @@ transfer)
     timeout 200 $PY -m bench.transfer --nccl --out "$OUT/transfer_nccl.json" 2>&1 | grep -v Warn | tail -30 | tee "$OUT/transfer_nccl.log"
     timeout 120 $PY -m bench.control_probe --out "$OUT/control_probe.json" 2>&1 | tail -14 | tee "$OUT/control_probe.log"
     smoke 2>&1 | tee "$OUT/smoke.log"
+    ;;
+receiver)
+    timeout 420 $PY -m bench.kv_receive --serve-args "--transport nccl $SERVE_ARGS" --prompt-tokens 4000 \
+        --busy 8 --busy-tokens 2000 --max-model-len 8192 --model-name "Llama-3-8B-shaped, random bf16, NCCL" \
+        --out "$OUT/kv_receive_nccl.json" 2>&1 | tail -5
     ;;
 serving)
     smoke 2>&1 | tee "$OUT/smoke.log"

@@ -11,6 +11,7 @@ when the worker's loop polls it, between model steps) — and in each:
 Prints the ratios (between-steps / thread) and writes JSON + Markdown under bench/results/.
 
     python -m bench.kv_receive [--prompt-tokens 1000] [--requests 5] [--busy 4] [--out PATH]
+    python -m bench.kv_receive --serve-args '--transport nccl --model DIR --load-format dummy ...'  # 2 GPUs
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import sys
 import threading
@@ -69,8 +71,8 @@ def _ttft(client: httpx.Client, prompt: str) -> float:
 
 
 def run_mode(thread: bool, args: argparse.Namespace) -> dict[str, Any]:
-    flags = ["--prefill", "1", "--decode", "1", "--kv-cache-memory", args.kv_cache_memory,
-             "--max-model-len", str(args.max_model_len)]
+    flags = ["--prefill", "1", "--decode", "1", "--max-model-len", str(args.max_model_len),
+             *(shlex.split(args.serve_args) if args.serve_args else ["--kv-cache-memory", args.kv_cache_memory])]
     if not thread:
         flags.append("--no-kv-receiver-thread")
     cmd = [sys.executable, "-m", "deploy.cli", "serve", "--host", "127.0.0.1", "--port", "0", *flags]
@@ -128,12 +130,15 @@ def main() -> None:
     ap.add_argument("--busy-tokens", type=int, default=1000)
     ap.add_argument("--kv-cache-memory", default="512MiB")
     ap.add_argument("--max-model-len", type=int, default=2048)
+    ap.add_argument("--serve-args", default="", help="instead of --kv-cache-memory: more `pdserve serve` flags "
+                    "(e.g. on two GPUs: '--transport nccl --model DIR --load-format dummy')")
+    ap.add_argument("--model-name", default="SmolLM2-135M-Instruct, CPU fp32", help="for the report")
     ap.add_argument("--out", type=Path, default=RESULTS / "kv_receive.json")
     args = ap.parse_args()
     started = machine()
     rows = [run_mode(thread, args) for thread in (True, False)]
     thread_row, loop_row = rows
-    result = {"benchmark": "kv_receive", "model": "SmolLM2-135M-Instruct, CPU fp32",
+    result = {"benchmark": "kv_receive", "model": args.model_name, "serve_args": args.serve_args,
               "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "machine": started,
               "prompt_tokens": args.prompt_tokens, "requests": args.requests, "busy": args.busy,
               "rows": rows,
