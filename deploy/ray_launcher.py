@@ -15,7 +15,8 @@ Start-up order (each step fails with what to do next):
 Then it watches the proxy until Ctrl-C / SIGTERM (or `pdserve stop`), and removes the actors and
 the placement group. With `--detach` it exits after step 5 and `pdserve stop` removes them.
 Dead workers are Ray's to restart (`--max-restarts`); the proxy fails their in-flight requests
-and routes to them again once they say Hello.
+and routes to them again once they say Hello. A dead proxy is restarted the same way and
+recovers on its own (deploy/ray_proxy.py); the launcher waits for it.
 """
 
 from __future__ import annotations
@@ -81,6 +82,9 @@ def remove_deployment(ray: Any, config: RayConfig, timeout_s: float = 10.0) -> l
             ray.kill(handle, no_restart=True)
     with contextlib.suppress(Exception):
         remove_placement_group(get_placement_group(config.placement_group_name))
+    from deploy.ray_proxy import clear_state
+
+    clear_state(config.deployment_name)
     return sorted(handles)
 
 
@@ -144,7 +148,8 @@ class RayDeployment:
         node_id = resolve_node(self.ray.nodes(), self.config.proxy_node)
         try:
             self.proxy = self.ray.remote(ProxyActor).options(
-                name=PROXY_ACTOR, lifetime=self._lifetime(), num_cpus=0, max_restarts=0, max_concurrency=8,
+                name=PROXY_ACTOR, lifetime=self._lifetime(), num_cpus=0, max_restarts=self.config.max_restarts,
+                max_concurrency=8,
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
             ).remote(self.serve, self.engine.model, max_model_len, self.log_level)
         except ValueError:  # another launcher took the name in between
@@ -259,15 +264,31 @@ class RayDeployment:
                   f"removes it", flush=True)
 
     def _watch(self) -> int:
-        """Block until Ctrl-C / SIGTERM (0) or until the proxy is gone (`pdserve stop`, a crash)."""
+        """Block until Ctrl-C / SIGTERM (0) or until the proxy is gone for good (`pdserve stop`,
+        or dead with no restart left); a proxy that Ray is restarting is waited for."""
         ray = self.ray
+        restarting_since: float | None = None
         while True:
             time.sleep(1.0)
             try:
                 ray.get(self.proxy.ping.remote(), timeout=30)
             except ray.exceptions.RayActorError:
-                log.warning("the proxy actor is gone (pdserve stop?): shutting down")
-                return 0
+                try:  # a named actor that Ray still restarts keeps its name; a dead one does not
+                    ray.get_actor(PROXY_ACTOR)
+                except ValueError:
+                    log.warning("the proxy actor is gone (pdserve stop, or no restart left): shutting down")
+                    return 0
+                if restarting_since is None:
+                    restarting_since = time.monotonic()
+                    log.warning("the proxy actor died; Ray is restarting it (--max-restarts)")
+                continue
             except (ray.exceptions.RayTaskError, ray.exceptions.GetTimeoutError) as e:
+                recovering = restarting_since is not None and isinstance(e, ray.exceptions.GetTimeoutError) \
+                    and time.monotonic() - restarting_since < self.serve.startup_timeout_s
+                if recovering:  # a restarted proxy answers once it has recovered
+                    continue
                 log.error("the proxy stopped answering (%s): shutting down", e)
                 return 1
+            if restarting_since is not None:
+                log.warning("the proxy is back after %.0f s", time.monotonic() - restarting_since)
+                restarting_since = None

@@ -5,12 +5,20 @@ and the OpenAI app (proxy/app.py) under uvicorn — on an event loop of its own 
 calls (`start_cluster`, `wait_for_workers`, `start_http`, `status`, `shutdown`) never block it.
 Its event socket is bound on this node's IP: workers on every node send Hello and heartbeats
 there. The launcher drives the steps in order; `status()` is the topology behind `/status`.
+
+Restarts (`--max-restarts`, as for workers): once serving, the proxy records its event and HTTP
+ports in Ray's internal key-value store under the deployment's namespace (JSON). A restarted
+proxy process binds the same two ports, registers the worker actors that are running from
+their Hello (`WorkerActor.hello`), and serves again at the same URL; the workers' event sockets
+reconnect by themselves. Requests in flight when it died are lost (their clients see the
+connection drop); workers restarting meanwhile register themselves when they say Hello.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import socket
 import threading
@@ -28,6 +36,32 @@ from proxy.metrics import ProxyMetrics
 
 log = logging.getLogger("pdserve.ray.proxy")
 T = TypeVar("T")
+STATE_KEY = "pdserve-proxy-ports"  # in Ray's internal KV, namespace = the deployment's
+
+
+def _kv() -> tuple[Any, Any, str]:
+    import ray
+    from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_put
+
+    return _internal_kv_get, _internal_kv_put, ray.get_runtime_context().namespace
+
+
+def clear_state(namespace: str) -> None:
+    """Forget the ports of a removed deployment (a driver connected to the cluster calls it)."""
+    from ray.experimental.internal_kv import _internal_kv_del
+
+    with contextlib.suppress(Exception):
+        _internal_kv_del(STATE_KEY, namespace=namespace)
+
+
+def _was_restarted() -> bool:
+    import warnings
+
+    import ray
+
+    with warnings.catch_warnings():  # Ray's own property calls a deprecated one
+        warnings.simplefilter("ignore")
+        return bool(ray.get_runtime_context().was_current_actor_reconstructed)
 
 
 class ProxyActor:
@@ -42,6 +76,44 @@ class ProxyActor:
         self._http: asyncio.Future | None = None
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self.loop.run_forever, name="proxy-loop", daemon=True).start()
+        if _was_restarted():
+            self._recover()
+
+    def _recover(self) -> None:
+        """This process replaces a proxy that died: same ports, running workers, serve again."""
+        get, _, namespace = _kv()
+        raw = get(STATE_KEY, namespace=namespace)
+        if raw is None:
+            log.error("proxy restarted before it ever served: nothing to recover; the launcher decides")
+            return
+        ports = json.loads(raw)
+        self.start_cluster(events_port=int(ports["events_port"]))
+        registered = self._register_running_workers()
+        self.start_http(port=int(ports["http_port"]))
+        log.warning("proxy restarted: %d running worker(s) registered again, serving on %s", registered, self.url)
+
+    def _register_running_workers(self) -> int:
+        import ray
+
+        assert self.cluster is not None
+        cluster = self.cluster
+        names = [f"prefill-{i}" for i in range(self.serve.num_prefill)] + \
+                [f"decode-{i}" for i in range(self.serve.decode)]
+        count = 0
+        for name in names:
+            try:
+                hello = ray.get(ray.get_actor(name).hello.remote(), timeout=30)
+            except Exception as e:  # gone or restarting: it says Hello itself once it runs
+                log.warning("worker %s not registered from its actor (%s)", name, type(e).__name__)
+                continue
+            if hello is not None:
+
+                async def register(h: Any = hello) -> None:
+                    cluster.register(h)
+
+                self._run(register())
+                count += 1
+        return count
 
     def __repr__(self) -> str:
         return "proxy"
@@ -50,11 +122,11 @@ class ProxyActor:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
 
     # ---- start-up, in the launcher's order -----------------------------------------------------
-    def start_cluster(self) -> dict[str, Any]:
+    def start_cluster(self, events_port: int = 0) -> dict[str, Any]:
         """Bind the workers -> proxy event socket on this node's IP; its address and placement."""
         async def start() -> str:
             config = ClusterConfig(host=self.where["node_ip"], colocated=self.serve.colocated,
-                                   router=self.serve.router,
+                                   router=self.serve.router, events_port=events_port,
                                    heartbeat_timeout_s=self.serve.heartbeat_timeout_s)
             self.cluster = ClusterClient(config, self.metrics)
             self.cluster.start()
@@ -66,8 +138,9 @@ class ProxyActor:
         assert self.cluster is not None, "start_cluster() first"
         self._run(self.cluster.wait_for_workers(num_prefill, num_decode, timeout_s))
 
-    def start_http(self) -> str:
-        """Bind `--host:--port` on this node, serve the OpenAI API; the URL clients use."""
+    def start_http(self, port: int | None = None) -> str:
+        """Bind `--host:--port` (or `port`) on this node, serve the OpenAI API; the URL clients
+        use. Records both ports for a restart."""
         assert self.cluster is not None, "start_cluster() first"
         name = self.serve.served_model_name or self.model
         app = build_app(ProxyConfig(name, self.max_model_len, self.serve.api_key), self.cluster,
@@ -75,7 +148,7 @@ class ProxyActor:
         host = self.serve.host
         sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, self.serve.port))
+        sock.bind((host, self.serve.port if port is None else port))
         port = sock.getsockname()[1]
         self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
         self._http = asyncio.run_coroutine_threadsafe(self.server.serve(sockets=[sock]), self.loop)
@@ -90,6 +163,10 @@ class ProxyActor:
         shown = self.where["node_ip"] if host in ("0.0.0.0", "::", "") else host
         self.url = f"http://{f'[{shown}]' if ':' in shown else shown}:{port}"
         log.info("serving the OpenAI API on %s", self.url)
+        _, put, namespace = _kv()
+        events_port = int(self.cluster.events_address.rsplit(":", 1)[1])
+        put(STATE_KEY, json.dumps({"events_port": events_port, "http_port": port}).encode(), overwrite=True,
+            namespace=namespace)
         return self.url
 
     # ---- views ---------------------------------------------------------------------------------

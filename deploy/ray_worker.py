@@ -108,6 +108,12 @@ class WorkerActor:
         return {**self.where, "is_ready": self._built.is_set() and not self.error, "error": self.error,
                 "nccl_env": {k: v for k, v in os.environ.items() if k.startswith("NCCL_")}}
 
+    def hello(self) -> Any:
+        """This worker's Hello (an `ev.Hello`; a restarted proxy registers the running workers
+        with it), or None until the engine is built."""
+        worker = self.worker
+        return worker.hello() if worker is not None and not self.error else None
+
     def stop(self) -> None:
         """Leave the worker loop (the proxy's Shutdown message does the same)."""
         if self.worker is not None:

@@ -45,6 +45,7 @@ class ClusterConfig:
     stream_timeout_s: float = 60.0
     colocated: bool = False
     router: str = "least-loaded"  # decode routing: least-loaded | round-robin
+    events_port: int = 0  # 0: any free port (a restarted Ray proxy binds its predecessor's)
 
 
 class Stage(enum.Enum):
@@ -91,7 +92,7 @@ class ClusterClient:
         self.ctx = zmq.asyncio.Context()
         self.events = self.ctx.socket(zmq.PULL)
         self.events.setsockopt(zmq.LINGER, 0)
-        self.events.bind(f"tcp://{config.host}:0")
+        self.events.bind(f"tcp://{config.host}:{config.events_port}")
         self.events_address: str = self.events.getsockopt_string(zmq.LAST_ENDPOINT)
         self.workers: dict[str, Worker] = {}
         self.inflight: dict[str, InFlight] = {}
@@ -268,6 +269,11 @@ class ClusterClient:
                 self._start_prefill(req)
                 return
         req.queue.put_nowait(internal(f"{msg.kind}: {msg.error}", req.request_id))
+
+    def register(self, hello: ev.Hello) -> None:
+        """Register a worker from its Hello without waiting for it (a restarted proxy, from the
+        worker actors that are running); on the event loop's thread."""
+        self._register(hello)
 
     def _register(self, hello: ev.Hello) -> None:
         old = self.workers.pop(hello.worker_id, None)

@@ -12,6 +12,7 @@ removed by `pdserve stop`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import json
 import os
@@ -176,6 +177,33 @@ def test_kill_decode_actor_mid_stream_then_ray_restarts_it(deployment: Server, c
     decode = by_id(status(cluster, "pd-ray-1"))["decode-0"]
     assert decode["pid"] == restarted["pid"] and decode["node_id"] == cluster.decode
     assert decode["num_restarts"] == 1 and decode["actor_state"] == "ALIVE"
+
+
+def test_kill_proxy_actor_then_ray_restarts_it_on_the_same_url(deployment: Server, cluster: Nodes) -> None:
+    """The proxy is a Ray actor with restarts: killed, it comes back on the same ports, registers
+    the running workers from their actors and serves again; the launcher keeps watching (the
+    Ctrl-C test after this one removes the deployment through it)."""
+    old = status(cluster, "pd-ray-1")["proxy"]
+    os.kill(old["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 90
+    with deployment.client(timeout=10) as c:
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                health = c.get("/health")
+                if health.status_code == 200 and health.json()["prefill_workers"] == 1:
+                    break
+            assert time.monotonic() < deadline, "the proxy did not come back in 90 s"
+            time.sleep(0.5)
+        r = c.post("/v1/completions", json={"prompt": "After the proxy restart", "max_tokens": 4})
+        assert r.status_code == 200, r.text
+        assert {w["worker_id"] for w in c.get("/status").json()["workers"] if w["alive"]} == {"prefill-0", "decode-0"}
+    new = status(cluster, "pd-ray-1")["proxy"]
+    assert new["url"] == old["url"] == deployment.url and new["pid"] != old["pid"]
+    deadline = time.monotonic() + 10
+    while not any("the proxy is back" in line for line in deployment.log) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert any("the proxy is back" in line for line in deployment.log), "".join(deployment.log[-20:])
+    assert deployment.proc.poll() is None  # the launcher still runs
 
 
 def test_ctrl_c_removes_the_deployment(deployment: Server, cluster: Nodes) -> None:
