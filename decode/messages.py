@@ -37,9 +37,16 @@ class Abort:
 
 
 @dataclass(frozen=True)
+class AbortAll:
+    """Drop every request this worker holds (a restarted proxy: their clients are gone)."""
+
+    reason: str = "proxy restarted"
+
+
+@dataclass(frozen=True)
 class Shutdown:
     reason: str = "shutdown"
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-DECODE_CTRL = MessageFamily("proxy->decode", (Reserve, PrefillLocally, Abort, Shutdown))
+DECODE_CTRL = MessageFamily("proxy->decode", (Reserve, PrefillLocally, Abort, AbortAll, Shutdown))

@@ -75,6 +75,11 @@ class DecodeWorker(WorkerBase):
                 self.local.add(msg.request_id)
         elif isinstance(msg, m.Abort):
             self._abort(msg.request_id)
+        elif isinstance(msg, m.AbortAll):
+            held = [*self.pending, *self.reservations, *self.local]
+            for rid in held:
+                self._abort(rid)
+            log.warning("dropped %d request(s): %s", len(held), msg.reason)
         elif isinstance(msg, m.Shutdown):
             self.stopping = True
 

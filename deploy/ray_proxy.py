@@ -11,7 +11,9 @@ ports in Ray's internal key-value store under the deployment's namespace (JSON).
 proxy process binds the same two ports, registers the worker actors that are running from
 their Hello (`WorkerActor.hello`), and serves again at the same URL; the workers' event sockets
 reconnect by themselves. Requests in flight when it died are lost (their clients see the
-connection drop); workers restarting meanwhile register themselves when they say Hello.
+connection drop): before serving, the new proxy tells every registered worker to drop all it
+holds (AbortAll), so their blocks are freed at once. Workers restarting meanwhile register
+themselves when they say Hello.
 """
 
 from __future__ import annotations
@@ -89,6 +91,9 @@ class ProxyActor:
         ports = json.loads(raw)
         self.start_cluster(events_port=int(ports["events_port"]))
         registered = self._register_running_workers()
+        cluster = self.cluster
+        assert cluster is not None
+        self._run(cluster.abort_all("the proxy restarted; its requests' clients are gone"))
         self.start_http(port=int(ports["http_port"]))
         log.warning("proxy restarted: %d running worker(s) registered again, serving on %s", registered, self.url)
 

@@ -33,8 +33,15 @@ class Abort:
 
 
 @dataclass(frozen=True)
+class AbortAll:
+    """Drop every request this worker holds (a restarted proxy: their clients are gone)."""
+
+    reason: str = "proxy restarted"
+
+
+@dataclass(frozen=True)
 class Shutdown:
     reason: str = "shutdown"
 
 
-PREFILL_CTRL = MessageFamily("proxy->prefill", (Prefill, Abort, Shutdown))
+PREFILL_CTRL = MessageFamily("proxy->prefill", (Prefill, Abort, AbortAll, Shutdown))

@@ -52,13 +52,22 @@ class PrefillWorker(WorkerBase):
         if isinstance(msg, m.Prefill):
             self._on_prefill(msg)
         elif isinstance(msg, m.Abort):
-            job = self.jobs.get(msg.request_id)
-            if job is not None:
-                job.is_aborted = True
-                if self.engine.scheduler.abort(msg.request_id) is not None:
-                    del self.jobs[msg.request_id]
+            self._abort(msg.request_id)
+        elif isinstance(msg, m.AbortAll):
+            held = list(self.jobs)
+            for rid in held:
+                self._abort(rid)
+            log.warning("dropped %d request(s): %s", len(held), msg.reason)
         elif isinstance(msg, m.Shutdown):
             self.stopping = True
+
+    def _abort(self, request_id: str) -> None:
+        """Stop a prefill; one whose KV is on the wire ends when the transfer does."""
+        job = self.jobs.get(request_id)
+        if job is not None:
+            job.is_aborted = True
+            if self.engine.scheduler.abort(request_id) is not None:
+                del self.jobs[request_id]
 
     def _on_prefill(self, msg: m.Prefill) -> None:
         try:

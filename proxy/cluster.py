@@ -118,6 +118,14 @@ class ClusterClient:
         self.events.close(linger=0)
         self.ctx.term()
 
+    async def abort_all(self, reason: str) -> None:
+        """Tell every registered worker to drop all its requests (sent before any new one, on
+        the same ordered socket): a restarted proxy's predecessor held them."""
+        for w in list(self.workers.values()):
+            with contextlib.suppress(zmq.ZMQError):
+                await w.socket.send(self._encode_for(w, dmsg.AbortAll(reason) if w.hello.role == "decode"
+                                                     else pmsg.AbortAll(reason)), flags=zmq.NOBLOCK)
+
     async def wait_for_workers(self, num_prefill: int, num_decode: int, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while True:

@@ -180,11 +180,18 @@ def test_kill_decode_actor_mid_stream_then_ray_restarts_it(deployment: Server, c
 
 
 def test_kill_proxy_actor_then_ray_restarts_it_on_the_same_url(deployment: Server, cluster: Nodes) -> None:
-    """The proxy is a Ray actor with restarts: killed, it comes back on the same ports, registers
-    the running workers from their actors and serves again; the launcher keeps watching (the
-    Ctrl-C test after this one removes the deployment through it)."""
+    """The proxy is a Ray actor with restarts: killed mid-stream, it comes back on the same ports,
+    registers the running workers from their actors, has them drop the dead proxy's requests
+    (blocks free at once, not after the stream's 1500 tokens) and serves again; the launcher
+    keeps watching (the Ctrl-C test after this one removes the deployment through it)."""
     old = status(cluster, "pd-ray-1")["proxy"]
-    os.kill(old["pid"], signal.SIGKILL)
+    body = {"prompt": "Count slowly from one to one thousand:", "max_tokens": 1500, "stream": True,
+            "ignore_eos": True}
+    with deployment.client() as c, c.stream("POST", "/v1/completions", json=body) as r:
+        for event in sse_events(r):
+            if isinstance(event, dict) and event.get("choices"):
+                os.kill(old["pid"], signal.SIGKILL)  # a request in flight on the decode worker
+                break
     deadline = time.monotonic() + 90
     with deployment.client(timeout=10) as c:
         while True:
@@ -197,6 +204,7 @@ def test_kill_proxy_actor_then_ray_restarts_it_on_the_same_url(deployment: Serve
         r = c.post("/v1/completions", json={"prompt": "After the proxy restart", "max_tokens": 4})
         assert r.status_code == 200, r.text
         assert {w["worker_id"] for w in c.get("/status").json()["workers"] if w["alive"]} == {"prefill-0", "decode-0"}
+    assert deployment.wait_idle_blocks(timeout_s=15) == 0  # the orphaned stream was dropped
     new = status(cluster, "pd-ray-1")["proxy"]
     assert new["url"] == old["url"] == deployment.url and new["pid"] != old["pid"]
     deadline = time.monotonic() + 10
