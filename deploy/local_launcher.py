@@ -73,6 +73,11 @@ class ServeConfig:
     def num_prefill(self) -> int:
         return 0 if self.colocated else self.prefill
 
+    def worker_ids(self) -> list[tuple[str, str]]:
+        """(role, worker id) of every worker: `prefill-<i>` then `decode-<i>` (also Ray actor names)."""
+        return [("prefill", f"prefill-{i}") for i in range(self.num_prefill)] + \
+            [("decode", f"decode-{i}") for i in range(self.decode)]
+
 
 def load_tokenizer(model: str) -> Tokenizer:
     path = resolve_model_path(model)
@@ -102,8 +107,7 @@ class LocalDeployment:
         self.procs: dict[str, subprocess.Popen] = {}
 
     def start_workers(self, events_address: str) -> None:
-        roles = [("prefill", f"prefill-{i}") for i in range(self.serve.num_prefill)] + \
-                [("decode", f"decode-{i}") for i in range(self.serve.decode)]
+        roles = self.serve.worker_ids()
         threads = max(1, (os.cpu_count() or 1) // len(roles))
         # Idle OpenMP threads must sleep, not spin: on a small machine spinning workers starve
         # the proxy and each other (measured: colocated TTFT 2.5 s -> 0.5 s on 2 cores).

@@ -205,8 +205,7 @@ class RayDeployment:
 
         from deploy.ray_worker import WorkerActor
 
-        roles = [("prefill", f"prefill-{i}") for i in range(self.serve.num_prefill)] + \
-                [("decode", f"decode-{i}") for i in range(self.serve.decode)]
+        roles = self.serve.worker_ids()
         num_gpus = self._num_gpus()
         device = "cuda" if num_gpus else "cpu"
         engines = {role: dataclasses.replace(e, device=device) for role, e in self.engines.items()}

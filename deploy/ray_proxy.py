@@ -41,11 +41,20 @@ T = TypeVar("T")
 STATE_KEY = "pdserve-proxy-ports"  # in Ray's internal KV, namespace = the deployment's
 
 
-def _kv() -> tuple[Any, Any, str]:
+def _save_ports(ports: dict[str, int]) -> None:
     import ray
-    from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_put
+    from ray.experimental.internal_kv import _internal_kv_put
 
-    return _internal_kv_get, _internal_kv_put, ray.get_runtime_context().namespace
+    _internal_kv_put(STATE_KEY, json.dumps(ports).encode(), overwrite=True,
+                     namespace=ray.get_runtime_context().namespace)
+
+
+def _load_ports() -> dict[str, int] | None:
+    import ray
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    raw = _internal_kv_get(STATE_KEY, namespace=ray.get_runtime_context().namespace)
+    return None if raw is None else json.loads(raw)
 
 
 def clear_state(namespace: str) -> None:
@@ -83,12 +92,10 @@ class ProxyActor:
 
     def _recover(self) -> None:
         """This process replaces a proxy that died: same ports, running workers, serve again."""
-        get, _, namespace = _kv()
-        raw = get(STATE_KEY, namespace=namespace)
-        if raw is None:
+        ports = _load_ports()
+        if ports is None:
             log.error("proxy restarted before it ever served: nothing to recover; the launcher decides")
             return
-        ports = json.loads(raw)
         self.start_cluster(events_port=int(ports["events_port"]))
         registered = self._register_running_workers()
         cluster = self.cluster
@@ -100,25 +107,24 @@ class ProxyActor:
     def _register_running_workers(self) -> int:
         import ray
 
-        assert self.cluster is not None
         cluster = self.cluster
-        names = [f"prefill-{i}" for i in range(self.serve.num_prefill)] + \
-                [f"decode-{i}" for i in range(self.serve.decode)]
-        count = 0
-        for name in names:
+        assert cluster is not None
+        hellos = []
+        for _, name in self.serve.worker_ids():
             try:
                 hello = ray.get(ray.get_actor(name).hello.remote(), timeout=30)
             except Exception as e:  # gone or restarting: it says Hello itself once it runs
                 log.warning("worker %s not registered from its actor (%s)", name, type(e).__name__)
                 continue
             if hello is not None:
+                hellos.append(hello)
 
-                async def register(h: Any = hello) -> None:
-                    cluster.register(h)
+        async def register() -> None:
+            for hello in hellos:
+                cluster.register(hello)
 
-                self._run(register())
-                count += 1
-        return count
+        self._run(register())
+        return len(hellos)
 
     def __repr__(self) -> str:
         return "proxy"
@@ -168,10 +174,7 @@ class ProxyActor:
         shown = self.where["node_ip"] if host in ("0.0.0.0", "::", "") else host
         self.url = f"http://{f'[{shown}]' if ':' in shown else shown}:{port}"
         log.info("serving the OpenAI API on %s", self.url)
-        _, put, namespace = _kv()
-        events_port = int(self.cluster.events_address.rsplit(":", 1)[1])
-        put(STATE_KEY, json.dumps({"events_port": events_port, "http_port": port}).encode(), overwrite=True,
-            namespace=namespace)
+        _save_ports({"events_port": int(self.cluster.events_address.rsplit(":", 1)[1]), "http_port": port})
         return self.url
 
     # ---- views ---------------------------------------------------------------------------------

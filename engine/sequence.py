@@ -16,9 +16,9 @@ _GOLDEN = 0x9E3779B97F4A7C15
 def draw_seed(seed: int, index: int) -> int:
     """The seed of output token `index` of a request seeded with `seed` (splitmix64 of both:
     neighbouring seeds and positions give unrelated streams)."""
-    z = ((seed & _MASK64) ^ ((index + 1) * _GOLDEN & _MASK64)) + _GOLDEN & _MASK64
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9 & _MASK64
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EB & _MASK64
+    z = (((seed & _MASK64) ^ (((index + 1) * _GOLDEN) & _MASK64)) + _GOLDEN) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
     return z ^ (z >> 31)
 
 

@@ -106,11 +106,15 @@ class ClusterClient:
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._event_loop()), asyncio.create_task(self._monitor())]
 
-    async def close(self) -> None:
-        for w in self.workers.values():
+    async def _broadcast(self, to_decode: object, to_prefill: object) -> None:
+        """One control message to every registered worker, without waiting (dropped if it can't go)."""
+        for w in list(self.workers.values()):
+            msg = to_decode if w.hello.role == "decode" else to_prefill
             with contextlib.suppress(zmq.ZMQError):
-                await w.socket.send(self._encode_for(w, dmsg.Shutdown() if w.hello.role == "decode"
-                                                     else pmsg.Shutdown()), flags=zmq.NOBLOCK)
+                await w.socket.send(self._encode_for(w, msg), flags=zmq.NOBLOCK)
+
+    async def close(self) -> None:
+        await self._broadcast(dmsg.Shutdown(), pmsg.Shutdown())
         for t in self._tasks:
             t.cancel()
         for w in self.workers.values():
@@ -121,10 +125,7 @@ class ClusterClient:
     async def abort_all(self, reason: str) -> None:
         """Tell every registered worker to drop all its requests (sent before any new one, on
         the same ordered socket): a restarted proxy's predecessor held them."""
-        for w in list(self.workers.values()):
-            with contextlib.suppress(zmq.ZMQError):
-                await w.socket.send(self._encode_for(w, dmsg.AbortAll(reason) if w.hello.role == "decode"
-                                                     else pmsg.AbortAll(reason)), flags=zmq.NOBLOCK)
+        await self._broadcast(dmsg.AbortAll(reason), pmsg.AbortAll(reason))
 
     async def wait_for_workers(self, num_prefill: int, num_decode: int, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -238,7 +239,7 @@ class ClusterClient:
 
     def _handle(self, msg: object) -> None:
         if isinstance(msg, ev.Hello):
-            self._register(msg)
+            self.register(msg)
             return
         worker = self.workers.get(getattr(msg, "worker_id", ""))
         if worker is not None:
@@ -279,11 +280,8 @@ class ClusterClient:
         req.queue.put_nowait(internal(f"{msg.kind}: {msg.error}", req.request_id))
 
     def register(self, hello: ev.Hello) -> None:
-        """Register a worker from its Hello without waiting for it (a restarted proxy, from the
-        worker actors that are running); on the event loop's thread."""
-        self._register(hello)
-
-    def _register(self, hello: ev.Hello) -> None:
+        """A worker's Hello: from its event, or from its Ray actor (a restarted proxy registers
+        the running workers); on the event loop's thread."""
         old = self.workers.pop(hello.worker_id, None)
         if old is not None:
             old.socket.close(linger=0)
