@@ -20,6 +20,7 @@ serve: install
 	pdserve serve
 
 test: install-test
+	lint-imports
 	$(PY) -m pytest tests
 
 lint:

@@ -11,7 +11,7 @@ saves) is chosen on numbers:
   now), the same busy-polling, and a Unix socket pair blocking / busy-polling;
 - with CUDA: CPU time per call of what a transfer calls per buffer: CUDA event with/without
   timing (create + record), event query, stream wait_event, pinning the block ids, their H2D
-  copy, a torch index_select launch, and a Triton block-gather launch (transfer/block_copy.py).
+  copy, a torch index_select launch, and a Triton block-gather launch (transfer/convert/block_copy.py).
 
     python -m bench.control_probe [--round-trips 2000] [--calls 500] [--out PATH]
 """
@@ -129,9 +129,9 @@ def _per_call_us(fn: Callable[[], Any], calls: int) -> float:
 
 def _cuda_calls(calls: int) -> dict[str, float]:
     from engine.kv_spec import KvDtype, KvSpec
-    from transfer import block_copy
-    from transfer.cache import PagedKvCache
-    from transfer.pack import PackOptions, pack_kv
+    from transfer.convert import block_copy
+    from transfer.convert.cache import PagedKvCache
+    from transfer.convert.pack import PackOptions, pack_kv
 
     dev = torch.device("cuda", 0)
     spec = KvSpec(**LLAMA3_8B, block_size=BLOCK, dtype=KvDtype.BFLOAT16)

@@ -15,7 +15,7 @@ background load hits both alike. Writes bench/results/transfer_zmq.json and .md.
 
 NCCL (`--nccl`, needs 2 GPUs): Llama-3-8B-shaped KV (32 layers, 8 KV heads, head_dim 128,
 bf16: 128 KiB per token) at 4k tokens, scattered paged blocks on GPU 0 → scattered paged blocks
-on GPU 1 through transfer/nccl_transport.py, beside torch.distributed NCCL send/recv of one
+on GPU 1 through transfer/nccl/transport.py, beside torch.distributed NCCL send/recv of one
 contiguous buffer of the same size. Spawns its two ranks itself. Writes
 bench/results/transfer_nccl.json.
 
@@ -41,9 +41,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.kv_fill import fill_random
 from engine.kv_spec import KvDtype, KvSpec
-from transfer.cache import PagedKvCache
-from transfer.testing import fill_random
+from transfer.convert.cache import PagedKvCache
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SMOLLM2 = {"num_layers": 30, "num_kv_heads": 3, "head_dim": 64}
@@ -85,8 +85,8 @@ def _raw_server(listener: socket.socket, capacity: int) -> None:
 
 
 def _zmq_sender_proc(pipe, endpoint: str, raw_port: int, max_tokens: int, chunk_bytes: int) -> None:
-    from transfer.pack import PackOptions
-    from transfer.zmq_sender import ZmqKvSender, ZmqSenderConfig
+    from transfer.convert.pack import PackOptions
+    from transfer.endpoint.sender import ZmqKvSender, ZmqSenderConfig
 
     torch.set_num_threads(1)
     spec = KvSpec(**SMOLLM2, block_size=BLOCK, dtype=KvDtype.BFLOAT16)
@@ -123,7 +123,7 @@ def _zmq_sender_proc(pipe, endpoint: str, raw_port: int, max_tokens: int, chunk_
 
 
 def run_zmq(args: argparse.Namespace) -> dict:
-    from transfer.zmq_receiver import ZmqKvReceiver, ZmqReceiverConfig
+    from transfer.endpoint.receiver import ZmqKvReceiver, ZmqReceiverConfig
 
     torch.set_num_threads(1)
     started = machine()
@@ -199,9 +199,9 @@ def _median_breakdown(samples: list[dict]) -> dict:
 def _nccl_rank(rank: int, args: argparse.Namespace, endpoint_q, result_q) -> None:
     import torch.distributed as dist
 
-    from transfer.nccl_transport import NcclReceiverPlugin, NcclSenderPlugin
-    from transfer.zmq_receiver import ZmqKvReceiver, ZmqReceiverConfig
-    from transfer.zmq_sender import ZmqKvSender
+    from transfer.endpoint.receiver import ZmqKvReceiver, ZmqReceiverConfig
+    from transfer.endpoint.sender import ZmqKvSender
+    from transfer.nccl.transport import NcclReceiverPlugin, NcclSenderPlugin
 
     torch.cuda.set_device(rank)
     dev = torch.device("cuda", rank)

@@ -1,6 +1,6 @@
 """The decode worker's KV endpoint: the transfer layer's receiver bound to this worker's cache.
 
-Contract (see transfer/zmq_receiver.py): `expect()` is called right after blocks are reserved
+Contract (see transfer/endpoint/receiver.py): `expect()` is called right after blocks are reserved
 and before the prefill worker is told where to send; from then on only the receiver writes
 those blocks. Each expectation ends exactly once — an arrival (success or typed error, handed
 to the worker by `receive()`) or `forget()` (abort/timeout: the worker frees the blocks).
@@ -22,13 +22,11 @@ from typing import Any
 
 import zmq
 
-from engine.llm_engine import LLMEngine
-from engine.sequence import Sequence
-from transfer.cache import PagedKvCache
-from transfer.errors import TransferError
-from transfer.header import ReceiverLimits
-from transfer.writer import WriteReport
-from transfer.zmq_receiver import ZmqKvReceiver, ZmqReceiverConfig
+from transfer.convert.cache import PagedKvCache
+from transfer.convert.writer import WriteReport
+from transfer.endpoint.receiver import ZmqKvReceiver, ZmqReceiverConfig
+from transfer.wire.errors import TransferError
+from worker.config import KvTransportConfig
 
 
 @dataclass
@@ -62,13 +60,14 @@ def _logprob(raw: object) -> list[Any] | None:
 
 
 class KvInbox:
-    def __init__(self, ctx: zmq.Context, host: str, engine: LLMEngine, limits: ReceiverLimits,
-                 transport: str = "zmq", *, threaded: bool = True) -> None:
-        cache = PagedKvCache(engine.plan.spec, engine.runner.kv_caches)
+    def __init__(self, ctx: zmq.Context, host: str, cache: PagedKvCache,
+                 config: KvTransportConfig) -> None:
+        """Receive into `cache` (this worker's paged cache and its spec) on `host`, port 0."""
+        threaded = config.kv_receiver_thread
         nccl = None
-        if transport == "nccl":  # raises TransportUnavailable (with what to do) without CUDA/libnccl
-            from transfer.nccl_transport import NcclReceiverPlugin
-            nccl = NcclReceiverPlugin(engine.config.torch_device)
+        if config.transport == "nccl":  # TransportUnavailable (says what to do) without CUDA/NCCL
+            from transfer.nccl.transport import NcclReceiverPlugin
+            nccl = NcclReceiverPlugin(cache.device)
         self._lock = threading.Lock()  # arrivals and counters: the receiver's thread adds, the worker takes
         self._arrivals: list[KvArrival] = []
         self._registered: list[zmq.Socket | int] = []
@@ -80,7 +79,7 @@ class KvInbox:
             self._wake_r.setblocking(False)
             self._wake_w.setblocking(False)
         self.receiver = ZmqKvReceiver(
-            cache, ZmqReceiverConfig(endpoint=f"tcp://{host}:0", limits=limits),
+            cache, ZmqReceiverConfig(endpoint=f"tcp://{host}:0", limits=config.limits()),
             on_complete=self._complete, on_release=self._release, context=ctx, nccl=nccl)
         self.address = self.receiver.endpoint
         if threaded:
@@ -100,8 +99,9 @@ class KvInbox:
                 poller.register(item, zmq.POLLIN)
         self._registered = want
 
-    def expect(self, request_id: str, seq: Sequence) -> None:
-        self.receiver.expect(request_id, list(seq.block_table))
+    def expect(self, request_id: str, block_ids: list[int]) -> None:
+        """From now on the receiver may write `block_ids` (this reservation's blocks)."""
+        self.receiver.expect(request_id, list(block_ids))
 
     def forget(self, request_id: str) -> None:
         """Withdraw an expectation (abort, timeout, local prefill); the caller frees the blocks."""

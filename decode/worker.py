@@ -19,14 +19,15 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from decode import messages as m
 from decode.kv_inbox import KvArrival, KvInbox
-from deploy.worker_base import WorkerBase, WorkerConfig
 from engine.errors import EngineError, RequestError
 from engine.llm_engine import LLMEngine, RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence, TokenLogprob
-from proxy import events as ev
+from protocol import decode_ctrl as m
+from protocol import worker_events as ev
+from worker.base import WorkerBase
+from worker.config import WorkerConfig
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +55,7 @@ class DecodeWorker(WorkerBase):
         self.pending: OrderedDict[str, Pending] = OrderedDict()
         self.reservations: dict[str, Reservation] = {}
         self.local: set[str] = set()  # requests in the engine's own scheduler
-        self.kv = KvInbox(self.ctx, config.host, engine, config.kv_limits(), config.transport,
-                          threaded=config.kv_receiver_thread)
+        self.kv = KvInbox(self.ctx, config.host, self.kv_cache, config.kv)
         self.kv.sync_poller(self.poller)  # the ROUTER socket and the KV data connections
         self.num_generation_tokens = 0
 
@@ -115,7 +115,7 @@ class DecodeWorker(WorkerBase):
                 return  # first in, first served: wait for blocks
             del self.pending[rid]
             self.reservations[rid] = Reservation(seq, time.monotonic() + self.config.kv_timeout_s)
-            self.kv.expect(rid, seq)
+            self.kv.expect(rid, seq.block_table)
             self.events.send(ev.Reserved(rid, self.worker_id, list(seq.block_table)))
 
     def _reject(self, request_id: str, reason: str, status: int = 503) -> None:

@@ -26,7 +26,7 @@ from bench.datasets import DatasetConfig, TextTokenizer, build_dataset, load_tok
 from bench.loadgen import LoadConfig, default_endpoint, fetch_model, make_client, run_load
 from bench.metrics import Slo, Summary, summarize
 from bench.sweep import ConfigResult, ServerSpec, SweepPlan, format_tables, plot_sweep, run_sweep
-from deploy.args import add_dataclass_args, dataclass_from_args
+from worker.args import add_dataclass_args, dataclass_from_args
 
 WARMUP_SEED_OFFSET = 10_007
 

@@ -1,6 +1,6 @@
 """`pdserve` command line: generate, plan (and serve / bench, in their own modules).
 
-Each subcommand's flags come from the config dataclasses (deploy/args.py), so a flag has one
+Each subcommand's flags come from the config dataclasses (worker/args.py), so a flag has one
 name, one default and one help text everywhere.
 """
 
@@ -11,9 +11,9 @@ import logging
 import sys
 import time
 
-from deploy.args import add_dataclass_args, dataclass_from_args
 from engine.config import ConfigError, EngineConfig
 from engine.errors import EngineError
+from worker.args import add_dataclass_args, dataclass_from_args
 
 
 def _engine_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> argparse.ArgumentParser:

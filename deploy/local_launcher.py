@@ -28,6 +28,8 @@ from engine.tokenizer import Tokenizer
 from proxy.app import ProxyConfig, build_app
 from proxy.cluster import ClusterClient, ClusterConfig
 from proxy.metrics import ProxyMetrics
+from worker.args import dataclass_to_args
+from worker.config import KvTransportConfig
 
 log = logging.getLogger("pdserve.launcher")
 
@@ -39,13 +41,6 @@ class ServeConfig:
     prefill: int = field(default=1, metadata={"help": "Number of prefill workers."})
     decode: int = field(default=1, metadata={"help": "Number of decode workers."})
     colocated: bool = field(default=False, metadata={"help": "No prefill workers: decode workers prefill locally (baseline)."})
-    transport: str = field(default="zmq", metadata={"help": "KV transport between prefill and decode: zmq or nccl."})
-    kv_payload: str = field(default="stream", metadata={
-        "help": "With --transport zmq: KV bytes on a stream socket per pair (writev/readv, default) or as ZMQ frames."})
-    kv_receiver_thread: bool = field(default=True, metadata={
-        "help": "Decode workers receive KV on a thread of their own while the model steps (off: only between steps)."})
-    transfer_timeout_s: float = field(default=30.0, metadata={
-        "help": "Prefill workers: one KV transfer, ack included; a decode worker slower than this fails it."})
     api_key: str | None = field(default=None, metadata={"help": "Require 'Authorization: Bearer KEY' on /v1/*."})
     served_model_name: str | None = field(default=None, metadata={"help": "Model name in the API (default: the --model value)."})
     prefill_profile: str | None = field(default=None, metadata={"help": "GPU profile of the prefill workers' KV cache (e.g. ampere)."})
@@ -53,19 +48,14 @@ class ServeConfig:
     router: str = field(default="least-loaded", metadata={"help": "Decode routing: least-loaded or round-robin."})
     startup_timeout_s: float = field(default=300.0, metadata={"help": "How long to wait for workers to load."})
     heartbeat_timeout_s: float = field(default=3.0, metadata={"help": "A worker silent this long is dead."})
+    kv: KvTransportConfig = field(default_factory=KvTransportConfig)  # flags: worker/config.py
 
     def __post_init__(self) -> None:
-        if self.transport not in ("zmq", "nccl"):
-            raise ConfigError(f"--transport must be zmq or nccl, got {self.transport!r}")
-        if self.kv_payload not in ("stream", "frames"):
-            raise ConfigError(f"--kv-payload must be stream or frames, got {self.kv_payload!r}")
-        if self.transfer_timeout_s <= 0:
-            raise ConfigError(f"--transfer-timeout-s must be positive, got {self.transfer_timeout_s}")
         if self.decode < 1:
             raise ConfigError("--decode must be at least 1")
         if self.prefill < 0:
             raise ConfigError("--prefill must be 0 or more")
-        if self.transport == "nccl" and not torch.cuda.is_available():
+        if self.kv.transport == "nccl" and not torch.cuda.is_available():
             raise ConfigError("--transport nccl moves KV between GPUs, and this machine has no usable "
                               "CUDA device; use --transport zmq")
 
@@ -87,12 +77,9 @@ def load_tokenizer(model: str) -> Tokenizer:
 def worker_command(role: str, worker_id: str, events_address: str, serve: ServeConfig,
                    engine_args: list[str], device: str, num_threads: int) -> list[str]:
     profile = serve.prefill_profile if role == "prefill" else serve.decode_profile
-    cmd = [sys.executable, "-m", "deploy.worker_main", "--role", role, "--worker-id", worker_id,
+    cmd = [sys.executable, "-m", role, "--worker-id", worker_id,
            "--events-address", events_address, "--host", serve.host, "--device", device,
-           "--num-threads", str(num_threads), "--transport", serve.transport,
-           "--kv-payload", serve.kv_payload,
-           "--kv-receiver-thread" if serve.kv_receiver_thread else "--no-kv-receiver-thread",
-           "--transfer-timeout-s", str(serve.transfer_timeout_s), *engine_args]
+           "--num-threads", str(num_threads), *dataclass_to_args(serve.kv), *engine_args]
     return [*cmd, "--profile", profile] if profile else cmd
 
 
@@ -169,6 +156,6 @@ class LocalDeployment:
         config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5)  # type: ignore[arg-type]
         server = uvicorn.Server(config)
         print(f"pdserve: serving {self.engine.model} on http://{self.serve.host}:{port} "
-              f"({self.serve.num_prefill} prefill + {self.serve.decode} decode, {self.serve.transport})",
+              f"({self.serve.num_prefill} prefill + {self.serve.decode} decode, {self.serve.kv.transport})",
               flush=True)
         await server.serve(sockets=[sock])

@@ -33,11 +33,11 @@ from typing import Any
 
 from deploy.local_launcher import ServeConfig
 from deploy.ray_config import PROXY_ACTOR, RayConfig, resolve_node
-from deploy.worker_base import WorkerConfig
-from deploy.worker_main import apply_profile
 from engine.checkpoint import read_model_config
 from engine.config import ConfigError, EngineConfig
 from engine.memory_plan import plan_kv_cache
+from worker.config import WorkerConfig
+from worker.main import apply_profile
 
 log = logging.getLogger("pdserve.ray")
 FORWARDED_ENV_PREFIXES = ("NCCL_",)
@@ -220,9 +220,7 @@ class RayDeployment:
                 resources=custom, runtime_env=runtime_env,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
             ).remote(role, WorkerConfig(worker_id=wid, events_address=events_address,
-                                           transport=self.serve.transport, kv_payload=self.serve.kv_payload,
-                                           kv_receiver_thread=self.serve.kv_receiver_thread,
-                                           transfer_timeout_s=self.serve.transfer_timeout_s),
+                                           kv=self.serve.kv),
                      engines[role],
                      int(self.config.cpus_per_worker) if not num_gpus else 0, self.log_level)
         log.info("loading weights in %d worker actor(s)...", len(self.workers))
@@ -254,7 +252,7 @@ class RayDeployment:
             print(f"pdserve: {wid} on node {where['node_id'][:12]} ({where['node_ip']}, pid {where['pid']})",
                   flush=True)
         print(f"pdserve: serving {self.engine.model} on {url} ({self.serve.num_prefill} prefill + "
-              f"{self.serve.decode} decode, {self.serve.transport}, Ray deployment "
+              f"{self.serve.decode} decode, {self.serve.kv.transport}, Ray deployment "
               f"{self.config.deployment_name!r}, proxy on node {proxy['node_id'][:12]})", flush=True)
         if self.config.detach:
             flags = f"--deployment-name {self.config.deployment_name}" + \

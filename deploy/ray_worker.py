@@ -1,6 +1,6 @@
 """One prefill or decode worker as a Ray actor: the actor process *is* the worker process.
 
-The constructor starts the same worker as `python -m deploy.worker_main` (build_worker, then
+The constructor starts the same worker as `python -m prefill|decode` (build_worker, then
 `worker.run()`) on a thread, bound to this node's IP with free ports, so it says Hello to the
 proxy with addresses other nodes can reach. Because Ray re-runs the constructor when it
 restarts a dead actor (`max_restarts`), a restarted worker says Hello again with the same
@@ -23,11 +23,16 @@ import threading
 import warnings
 from typing import Any
 
-from deploy.worker_base import WorkerBase, WorkerConfig
-from deploy.worker_main import build_worker
+from decode.worker import DecodeWorker
 from engine.config import EngineConfig
+from prefill.worker import PrefillWorker
+from worker.base import WorkerBase
+from worker.config import WorkerConfig
+from worker.main import build_worker
 
 log = logging.getLogger("pdserve.ray.worker")
+
+WORKER_CLASSES = {"prefill": PrefillWorker, "decode": DecodeWorker}
 
 
 def setup_actor_logging(level: str, tag: str) -> None:
@@ -78,7 +83,7 @@ class WorkerActor:
 
     def _main(self, engine_config: EngineConfig) -> None:
         try:
-            worker = build_worker(self.role, self.config, engine_config)
+            worker = build_worker(WORKER_CLASSES[self.role], self.config, engine_config)
         except Exception as e:
             self.error = f"{type(e).__name__}: {e}"
             self._built.set()

@@ -6,10 +6,10 @@ import argparse
 import asyncio
 import sys
 
-from deploy.args import add_dataclass_args, dataclass_from_args
 from deploy.local_launcher import LocalDeployment, ServeConfig
 from deploy.ray_config import RayConfig
 from engine.config import ConfigError, EngineConfig
+from worker.args import add_dataclass_args, dataclass_from_args
 
 
 def add_serve_parser(sub: argparse._SubParsersAction) -> None:

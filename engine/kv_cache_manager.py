@@ -11,28 +11,10 @@ Prefix cache: each *full* block is keyed by a chained xxhash of all token ids up
 
 from __future__ import annotations
 
-import struct
-from collections.abc import Sequence as TokenIds
-
-import xxhash
-
+from engine.block_hashes import block_hashes
 from engine.block_pool import BlockPool
 from engine.errors import BlockAccountingError, OutOfBlocks
 from engine.sequence import Sequence
-
-
-def block_hashes(token_ids: TokenIds[int], block_size: int, num_blocks: int | None = None) -> list[int]:
-    """Chained xxh64 of the first `num_blocks` full blocks: hash i covers tokens [0, (i+1)*bs).
-
-    Deterministic across processes (the proxy's prefix-aware router uses the same function).
-    """
-    n = len(token_ids) // block_size if num_blocks is None else min(num_blocks, len(token_ids) // block_size)
-    hashes, prev = [], 0
-    for i in range(n):
-        block = token_ids[i * block_size:(i + 1) * block_size]
-        prev = xxhash.xxh64_intdigest(struct.pack(f"<Q{block_size}I", prev, *block))
-        hashes.append(prev)
-    return hashes
 
 
 class KvCacheManager:

@@ -2,8 +2,8 @@
 
 The engine can hold its cache as NHD or HND (K/V stacked or separate) or in the Volta-era
 paged-attention-v1 layout, so a decode worker can run with the cache a given GPU profile
-prescribes (transfer/profiles.py). Per layer the cache is a tuple of tensors exactly as
-`transfer.cache.PagedKvCache` expects, so the transfer layer reads/writes it in place.
+prescribes (transfer/convert/profiles.py). Per layer the cache is a tuple of tensors exactly as
+`transfer.convert.cache.PagedKvCache` expects, so the transfer layer reads/writes it in place.
 
 Shapes (B blocks, S block size, H heads, D head dim, x = 16 bytes / element size):
   NHD  [2, B, S, H, D] or ([B, S, H, D], [B, S, H, D])

@@ -20,18 +20,17 @@ from typing import Any
 
 import zmq
 
-from deploy.worker_base import WorkerConfig
 from engine.kv_spec import KvSpec
-from engine.llm_engine import LLMEngine
-from transfer.cache import PagedKvCache
-from transfer.errors import (
+from transfer.convert.cache import PagedKvCache
+from transfer.endpoint.sender import ZmqKvSender, ZmqSenderConfig
+from transfer.wire.errors import (
     IncompatibleKv,
     InvalidRequest,
     LimitExceeded,
     MalformedHeader,
     TransferError,
 )
-from transfer.zmq_sender import ZmqKvSender, ZmqSenderConfig
+from worker.config import KvTransportConfig
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +67,11 @@ class _Lane:
 
 
 class KvOutbox:
-    def __init__(self, ctx: zmq.Context, engine: LLMEngine, config: WorkerConfig, *,
+    def __init__(self, ctx: zmq.Context, cache: PagedKvCache, config: KvTransportConfig, *,
                  lane_idle_s: float = 300.0) -> None:
         """`lane_idle_s`: a lane with nothing to send for this long closes its sender and thread
         (decode workers come and go: a restarted one has a new address)."""
-        self.cache = PagedKvCache(engine.plan.spec, engine.runner.kv_caches)
+        self.cache = cache
         self.config = config
         self.ctx = ctx
         self.address = "zmq+dealer"  # this side connects; it binds nothing
@@ -84,11 +83,9 @@ class KvOutbox:
         self.num_bytes, self.num_seconds = 0, 0.0
 
     def send(self, request_id: str, address: str, block_table: list[int], num_tokens: int,
-             dest_block_ids: list[int], dest_spec: KvSpec, meta: dict[str, Any]) -> None:
-        """Queue tokens [0, num_tokens) of a sequence for the reservation at `address`.
-
-        `dest_block_ids` are known to the receiver already (it expects them); they are not sent.
-        """
+             dest_spec: KvSpec, meta: dict[str, Any]) -> None:
+        """Queue tokens [0, num_tokens) of a sequence for the reservation at `address` (the
+        receiver knows its destination blocks already: it expects them)."""
         job = _Job(request_id, address, list(block_table), num_tokens, dest_spec, meta)
         with self._lock:  # a lane retiring meanwhile either sees this job or is gone already
             lane = self._lanes.get(address)
@@ -154,7 +151,7 @@ class KvOutbox:
         """One NCCL pair link per decode worker (None with the ZMQ transport)."""
         if self.config.transport != "nccl":
             return None
-        from transfer.nccl_transport import NcclSenderPlugin
+        from transfer.nccl.transport import NcclSenderPlugin
         return NcclSenderPlugin(self.cache.device)
 
     def close(self) -> None:

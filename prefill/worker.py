@@ -15,15 +15,16 @@ import json
 import logging
 from dataclasses import dataclass
 
-from deploy.worker_base import WorkerBase, WorkerConfig
 from engine.errors import EngineError, RequestError
 from engine.kv_spec import KvSpec
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
-from prefill import messages as m
 from prefill.kv_outbox import KvOutbox, SendResult
-from proxy import events as ev
+from protocol import prefill_ctrl as m
+from protocol import worker_events as ev
+from worker.base import WorkerBase
+from worker.config import WorkerConfig
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ class PrefillWorker(WorkerBase):
     def __init__(self, config: WorkerConfig, engine: LLMEngine) -> None:
         super().__init__(config, engine, m.PREFILL_CTRL)
         self.jobs: dict[str, Job] = {}  # admitted, not yet acked
-        self.kv = KvOutbox(self.ctx, engine, config)  # results come back through a queue
+        self.kv = KvOutbox(self.ctx, self.kv_cache, config.kv)  # results come back through a queue
 
     @property
     def kv_address(self) -> str:
@@ -116,7 +117,7 @@ class PrefillWorker(WorkerBase):
                 "num_cached_tokens": seq.num_cached_tokens}
         try:
             self.kv.send(msg.request_id, msg.kv_address, seq.block_table, seq.num_prompt_tokens,
-                         msg.block_ids, KvSpec.from_dict(msg.kv_spec), meta)
+                         KvSpec.from_dict(msg.kv_spec), meta)
         except Exception as e:  # a typed transfer error, or a socket failure: this request only
             self._on_sent(SendResult(msg.request_id, 0, 0.0, f"{type(e).__name__}: {e}", False))
 

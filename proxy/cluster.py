@@ -26,9 +26,9 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from decode import messages as dmsg
-from prefill import messages as pmsg
-from proxy import events as ev
+from protocol import decode_ctrl as dmsg
+from protocol import prefill_ctrl as pmsg
+from protocol import worker_events as ev
 from proxy.errors import ApiError, internal, overloaded
 from proxy.metrics import ProxyMetrics
 from proxy.router import LeastLoaded, NoWorkerAvailable, PrefixAware, RoundRobin, WorkerState

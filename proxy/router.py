@@ -19,7 +19,7 @@ from typing import Literal, Protocol
 
 import xxhash
 
-from engine.kv_cache_manager import block_hashes as engine_block_hashes
+from engine.block_hashes import block_hashes as engine_block_hashes
 
 Role = Literal["prefill", "decode"]
 

@@ -1,14 +1,22 @@
-"""transfer: moves KV cache between workers — wire format, validation, conversion, transports.
+"""transfer: moves KV cache between workers. Sub-packages, each depending only on those above it
+in this list:
 
-Owns: the self-describing KV message (header.py: versioned msgpack header + raw buffers,
-validated against receiver-set limits before a byte is read), cache geometry (layouts.py,
-cache.py), value conversion (quant.py, convert.py), packing scattered blocks into few buffers
-(pack.py), writing messages into a paged cache or fresh tensors (writer.py, canonical.py),
-the ZMQ transports — header on ZMQ, payload as ZMQ frames or (default) by writev/readv on a
-stream data connection (zmq_*.py, stream_*.py, iov.py) — and NCCL (nccl_*.py), GPU
-architecture profiles (profiles.py)
-and typed errors (errors.py). Never touches: block allocation (the engine owns blocks; this
-package only reads/writes the block ids it is given), scheduling, models, HTTP.
+- wire/      the self-describing KV message: `TransferHeader` (versioned msgpack header + raw
+             buffers, validated against receiver-set limits before a byte is read) and the
+             typed errors that also travel on the wire (errors.py).
+- convert/   cache geometry (layouts.py, cache.py: `PagedKvCache`), value conversion
+             (quant.py, plan.py: compatibility and the per-token value path, TP head slices),
+             packing scattered blocks into few buffers (pack.py, iov.py, block_copy.py),
+             writing a message into a paged cache or fresh tensors (writer.py, canonical.py),
+             in-process conversion (local.py), GPU architecture profiles (profiles.py).
+- stream/    the stream payload path: writev/readv on a plain data connection per pair.
+- nccl/      the NCCL payload path: a 2-rank communicator per pair (transport.py describes it).
+- endpoint/  the two ends: `ZmqKvSender` (prefill) and `ZmqKvReceiver` (decode) on a ZMQ
+             DEALER/ROUTER pair that carries headers, acks and errors, and the payload as ZMQ
+             frames or through stream/ or nccl/ (protocol.py lists the frames).
+
+Never touches: block allocation (the engine owns blocks; this package reads/writes only the
+block ids it is given), scheduling, models, HTTP, the control plane (protocol/).
 
 The serving layer's API:
 - prefill: `ZmqKvSender(endpoint).send(cache, block_table, token_start, token_end,
@@ -16,7 +24,7 @@ The serving layer's API:
 - decode: `ZmqKvReceiver(cache, config, on_complete=..., on_release=...)` with
   `expect(request_id, block_table)`, `cancel(request_id)`, `poll(timeout)` or `start()`;
 - NCCL: the same two classes with `nccl=NcclSenderPlugin(device)` / `NcclReceiverPlugin(device)`;
-- in process: `local.convert_kv`, `local.write_kv`, `canonical.decode_to_tensors`.
-Ownership rules are written at the top of zmq_sender.py and zmq_receiver.py.
-ctrl_channel.py / ctrl_codec.py carry the control plane's typed messages (separate sockets).
+- in process: `convert.local.convert_kv`, `convert.local.write_kv`,
+  `convert.canonical.decode_to_tensors`.
+Ownership rules are written at the top of endpoint/sender.py and endpoint/receiver.py.
 """

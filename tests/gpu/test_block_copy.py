@@ -1,4 +1,4 @@
-"""One-launch block gather/scatter on CUDA (transfer/block_copy.py) against torch's own copies.
+"""One-launch block gather/scatter on CUDA (transfer/convert/block_copy.py) against torch's own copies.
 
 Skips without CUDA or Triton. Covers word widths 8/4/2/1 (block sizes of 12, 20 and 5 bytes),
 the sender's gather of whole payload buffers for several cache layouts (byte-equal to pack.py's
@@ -10,12 +10,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from bench.kv_fill import fill_random
 from engine.kv_spec import KvDtype, KvKind, KvLayout, KvSpec
-from transfer import block_copy
-from transfer.cache import PagedKvCache
-from transfer.pack import PackOptions, pack_kv
-from transfer.testing import fill_random
-from transfer.writer import KvWriter, PagedSink
+from transfer.convert import block_copy
+from transfer.convert.cache import PagedKvCache
+from transfer.convert.pack import PackOptions, pack_kv
+from transfer.convert.writer import KvWriter, PagedSink
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
     not torch.cuda.is_available() or not block_copy.is_available(torch.device("cuda")),

@@ -33,8 +33,8 @@ TOK = (0, 150)
 
 
 def _nccl_found() -> bool:
-    from transfer.errors import TransportUnavailable
-    from transfer.nccl_lib import NcclLibrary
+    from transfer.nccl.lib import NcclLibrary
+    from transfer.wire.errors import TransportUnavailable
     try:
         NcclLibrary()
         return True
@@ -43,11 +43,11 @@ def _nccl_found() -> bool:
 
 
 def _receiver(endpoints: Any, results: Any, stall: bool, refuse_first: bool) -> None:
-    from transfer import zmq_protocol as proto
-    from transfer.cache import PagedKvCache
-    from transfer.local import read_tokens_float
-    from transfer.nccl_transport import NcclReceiverPlugin
-    from transfer.zmq_receiver import ZmqKvReceiver, ZmqReceiverConfig
+    from transfer.convert.cache import PagedKvCache
+    from transfer.convert.local import read_tokens_float
+    from transfer.endpoint.receiver import ZmqKvReceiver, ZmqReceiverConfig
+    from transfer.nccl.transport import NcclReceiverPlugin
+    from transfer.wire import framing as proto
 
     class StallingPlugin(NcclReceiverPlugin):
         """Ignores SIZES and the header's pre-post, says READY, then never posts the receive."""
@@ -86,12 +86,12 @@ def _receiver(endpoints: Any, results: Any, stall: bool, refuse_first: bool) -> 
 
 
 def _sender(endpoint: str, results: Any, timeout_s: float, blocking: bool, lie_sizes: bool = False) -> None:
-    from transfer.cache import PagedKvCache
-    from transfer.errors import TransferError
-    from transfer.local import read_tokens_float
-    from transfer.nccl_transport import NcclSenderPlugin
-    from transfer.testing import fill_random
-    from transfer.zmq_sender import ZmqKvSender, ZmqSenderConfig
+    from bench.kv_fill import fill_random
+    from transfer.convert.cache import PagedKvCache
+    from transfer.convert.local import read_tokens_float
+    from transfer.endpoint.sender import ZmqKvSender, ZmqSenderConfig
+    from transfer.nccl.transport import NcclSenderPlugin
+    from transfer.wire.errors import TransferError
 
     torch.cuda.set_device(0)
     src = PagedKvCache.allocate(SRC, 64, device="cuda:0")
@@ -100,7 +100,7 @@ def _sender(endpoint: str, results: Any, timeout_s: float, blocking: bool, lie_s
     if lie_sizes:  # the first transfer announces one buffer 16 bytes larger than its header says
         import msgpack
 
-        from transfer import zmq_protocol as proto
+        from transfer.wire import framing as proto
         real_send = tx._send_frames
         lied: list[bool] = []
 

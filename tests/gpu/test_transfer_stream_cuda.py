@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from bench.kv_fill import ReceiverHarness, fill_random
 from engine.kv_spec import KvDtype, KvLayout, KvSpec
-from transfer.cache import PagedKvCache
-from transfer.local import read_tokens_float
-from transfer.testing import ReceiverHarness, fill_random
-from transfer.zmq_receiver import ZmqReceiverConfig
-from transfer.zmq_sender import ZmqKvSender, ZmqSenderConfig
+from transfer.convert.cache import PagedKvCache
+from transfer.convert.local import read_tokens_float
+from transfer.endpoint.receiver import ZmqReceiverConfig
+from transfer.endpoint.sender import ZmqKvSender, ZmqSenderConfig
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

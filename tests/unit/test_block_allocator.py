@@ -13,9 +13,10 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from engine.block_hashes import block_hashes
 from engine.block_pool import BlockPool
 from engine.errors import BlockAccountingError, OutOfBlocks
-from engine.kv_cache_manager import KvCacheManager, block_hashes
+from engine.kv_cache_manager import KvCacheManager
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
 

@@ -10,20 +10,19 @@ from __future__ import annotations
 import random
 import threading
 import time
-from types import SimpleNamespace
 
 import pytest
 import torch
 import zmq
 
+from bench.kv_fill import fill_random
 from decode.kv_inbox import KvArrival, KvInbox
 from engine.kv_spec import KvDtype, KvSpec
-from transfer.cache import PagedKvCache
-from transfer.errors import TransferError
-from transfer.header import ReceiverLimits
-from transfer.local import read_tokens_float
-from transfer.testing import fill_random
-from transfer.zmq_sender import ZmqKvSender, ZmqSenderConfig
+from transfer.convert.cache import PagedKvCache
+from transfer.convert.local import read_tokens_float
+from transfer.endpoint.sender import ZmqKvSender, ZmqSenderConfig
+from transfer.wire.errors import TransferError
+from worker.config import KvTransportConfig
 
 SPEC = KvSpec(8, 4, 128, 16, dtype=KvDtype.BFLOAT16)  # 16 KiB per token: 2 MiB per transfer
 N = 40
@@ -34,16 +33,14 @@ def test_forgets_racing_arrivals_end_each_reservation_once(payload: str) -> None
     src = PagedKvCache.allocate(SPEC, 8)
     fill_random(src, torch.Generator().manual_seed(0))
     dst = PagedKvCache.allocate(SPEC, 8 * N)
-    engine = SimpleNamespace(plan=SimpleNamespace(spec=SPEC), runner=SimpleNamespace(kv_caches=dst.layers),
-                             config=SimpleNamespace(torch_device="cpu"))
     ctx = zmq.Context()
-    inbox = KvInbox(ctx, "127.0.0.1", engine, ReceiverLimits())  # type: ignore[arg-type]
+    inbox = KvInbox(ctx, "127.0.0.1", dst, KvTransportConfig())
     poller = zmq.Poller()
     inbox.sync_poller(poller)
     rng = random.Random(7)
     rids = [f"r{i}" for i in range(N)]
     for i, rid in enumerate(rids):
-        inbox.expect(rid, SimpleNamespace(block_table=list(range(8 * i, 8 * i + 8))))  # type: ignore[arg-type]
+        inbox.expect(rid, list(range(8 * i, 8 * i + 8)))
     sent: dict[str, object] = {}
 
     def sender() -> None:

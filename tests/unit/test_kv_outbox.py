@@ -5,17 +5,16 @@ close; close."""
 from __future__ import annotations
 
 import time
-from types import SimpleNamespace
 
 import torch
 import zmq
 
-from deploy.worker_base import WorkerConfig
+from bench.kv_fill import ReceiverHarness, fill_random
 from engine.kv_spec import KvDtype, KvSpec
 from prefill.kv_outbox import KvOutbox, SendResult
-from transfer.cache import PagedKvCache
-from transfer.receiver_records import ZmqReceiverConfig
-from transfer.testing import ReceiverHarness, fill_random
+from transfer.convert.cache import PagedKvCache
+from transfer.endpoint.records import ZmqReceiverConfig
+from worker.config import KvTransportConfig
 
 SPEC = KvSpec(2, 2, 64, 16, dtype=KvDtype.BFLOAT16)
 TIMEOUT_S = 4.0
@@ -35,20 +34,19 @@ def _results(outbox: KvOutbox, want: int, timeout_s: float) -> dict[str, tuple[S
 def test_a_hung_decode_worker_delays_only_its_own_transfers() -> None:
     src = PagedKvCache.allocate(SPEC, 16)
     fill_random(src, torch.Generator().manual_seed(0))
-    engine = SimpleNamespace(plan=SimpleNamespace(spec=SPEC), runner=SimpleNamespace(kv_caches=src.layers))
-    config = WorkerConfig(worker_id="prefill-t", events_address="tcp://127.0.0.1:1", transfer_timeout_s=TIMEOUT_S)
+    config = KvTransportConfig(transfer_timeout_s=TIMEOUT_S)
     ctx = zmq.Context()
     hung = ctx.socket(zmq.ROUTER)  # a decode worker that accepts the connection and never reads
     port = hung.bind_to_random_port("tcp://127.0.0.1")
     healthy = ReceiverHarness(PagedKvCache.allocate(SPEC, 16), ZmqReceiverConfig(endpoint="tcp://127.0.0.1:0"))
-    outbox = KvOutbox(ctx, engine, config)  # type: ignore[arg-type]
+    outbox = KvOutbox(ctx, src, config)
     try:
         for i in range(3):
             healthy.rx.expect(f"ok-{i}", [1 + i, 4 + i])
         t0 = time.monotonic()
-        outbox.send("stuck", f"tcp://127.0.0.1:{port}", [7, 8], 32, [1, 2], SPEC, {"first_token": 1})
+        outbox.send("stuck", f"tcp://127.0.0.1:{port}", [7, 8], 32, SPEC, {"first_token": 1})
         for i in range(3):  # queued behind the hung transfer in time, on another lane
-            outbox.send(f"ok-{i}", healthy.rx.endpoint, [7, 8], 32, [1 + i, 4 + i], SPEC, {"first_token": 1})
+            outbox.send(f"ok-{i}", healthy.rx.endpoint, [7, 8], 32, SPEC, {"first_token": 1})
         got = _results(outbox, 4, TIMEOUT_S + 10)
         assert set(got) == {"stuck", "ok-0", "ok-1", "ok-2"}
         for i in range(3):
@@ -71,16 +69,15 @@ def test_a_hung_decode_worker_delays_only_its_own_transfers() -> None:
 
 def test_idle_lanes_close_and_come_back() -> None:
     src = PagedKvCache.allocate(SPEC, 16)
-    engine = SimpleNamespace(plan=SimpleNamespace(spec=SPEC), runner=SimpleNamespace(kv_caches=src.layers))
-    config = WorkerConfig(worker_id="prefill-t", events_address="tcp://127.0.0.1:1", transfer_timeout_s=TIMEOUT_S)
+    config = KvTransportConfig(transfer_timeout_s=TIMEOUT_S)
     ctx = zmq.Context()
     healthy = ReceiverHarness(PagedKvCache.allocate(SPEC, 16), ZmqReceiverConfig(endpoint="tcp://127.0.0.1:0"))
-    outbox = KvOutbox(ctx, engine, config, lane_idle_s=0.3)  # type: ignore[arg-type]
+    outbox = KvOutbox(ctx, src, config, lane_idle_s=0.3)
     try:
         for round_ in range(2):
             rid = f"r{round_}"
             healthy.rx.expect(rid, [1, 2])
-            outbox.send(rid, healthy.rx.endpoint, [7, 8], 32, [1, 2], SPEC, {"first_token": 1})
+            outbox.send(rid, healthy.rx.endpoint, [7, 8], 32, SPEC, {"first_token": 1})
             assert outbox.num_lanes == 1
             got = _results(outbox, 1, 10)
             assert got[rid][0].error is None

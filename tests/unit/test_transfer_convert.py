@@ -6,17 +6,17 @@ from __future__ import annotations
 import pytest
 import torch
 
+from bench.kv_fill import calibrate_scales, fill_random
 from engine.kv_spec import KvDtype, KvKind, KvLayout, KvSpec, ScaleGranularity
-from transfer.cache import PagedKvCache
-from transfer.canonical import decode_to_tensors
-from transfer.convert import ConvertOptions, check_compatible
-from transfer.errors import ChecksumMismatch, IncompatibleKv, ValueOutOfRange
-from transfer.header import ReceiverLimits, compute_checksum, decode_header
-from transfer.local import convert_kv, read_tokens_float, write_kv
-from transfer.pack import pack_kv
-from transfer.profiles import KvModelShape, profile, profile_for_sm
-from transfer.quant import OverflowPolicy, tolerance
-from transfer.testing import calibrate_scales, fill_random
+from transfer.convert.cache import PagedKvCache
+from transfer.convert.canonical import decode_to_tensors
+from transfer.convert.local import convert_kv, read_tokens_float, write_kv
+from transfer.convert.pack import pack_kv
+from transfer.convert.plan import ConvertOptions, check_compatible
+from transfer.convert.profiles import KvModelShape, profile, profile_for_sm
+from transfer.convert.quant import OverflowPolicy, tolerance
+from transfer.wire.errors import ChecksumMismatch, IncompatibleKv, ValueOutOfRange
+from transfer.wire.header import ReceiverLimits, compute_checksum, decode_header
 
 GQA = KvSpec(2, 4, 64, 16, dtype=KvDtype.BFLOAT16)
 TOK = (0, 50)

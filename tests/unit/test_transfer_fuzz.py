@@ -26,16 +26,16 @@ import zmq
 from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
 
+from bench.kv_fill import fill_random
 from engine.kv_spec import KvDtype, KvKind, KvLayout, KvSpec, ScaleGranularity
-from transfer import zmq_protocol as proto
-from transfer.cache import PagedKvCache
-from transfer.errors import TransferError
-from transfer.header import ReceiverLimits, decode_header
-from transfer.pack import PackOptions, pack_kv
-from transfer.testing import fill_random
-from transfer.writer import KvWriter, PagedSink
-from transfer.zmq_receiver import ZmqKvReceiver, ZmqReceiverConfig
-from transfer.zmq_sender import ZmqKvSender
+from transfer.convert.cache import PagedKvCache
+from transfer.convert.pack import PackOptions, pack_kv
+from transfer.convert.writer import KvWriter, PagedSink
+from transfer.endpoint.receiver import ZmqKvReceiver, ZmqReceiverConfig
+from transfer.endpoint.sender import ZmqKvSender
+from transfer.wire import framing as proto
+from transfer.wire.errors import TransferError
+from transfer.wire.header import ReceiverLimits, decode_header
 
 LIMITS = ReceiverLimits(max_header_bytes=1 << 16, max_message_bytes=1 << 20, max_buffer_bytes=1 << 19,
                         max_decoded_bytes=1 << 22, max_tokens=4096, max_layers=8, max_heads=16,

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from engine.kv_spec import KvDtype, KvKind, KvLayout, KvSpec, ScaleGranularity
-from transfer.cache import PagedKvCache
-from transfer.errors import LimitExceeded, MalformedHeader, TransferError, UnsupportedVersion
-from transfer.header import ReceiverLimits, decode_header
-from transfer.pack import PackOptions, pack_kv
+from transfer.convert.cache import PagedKvCache
+from transfer.convert.pack import PackOptions, pack_kv
+from transfer.wire.errors import LimitExceeded, MalformedHeader, TransferError, UnsupportedVersion
+from transfer.wire.header import ReceiverLimits, decode_header
 
 SPECS = [
     KvSpec(3, 2, 64, 16, dtype=KvDtype.BFLOAT16),

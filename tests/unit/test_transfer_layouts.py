@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from engine.kv_spec import KvDtype, KvKind, KvLayout, KvSpec
-from transfer import layouts
-from transfer.cache import PagedKvCache
-from transfer.quant import pack_int4, unpack_int4
+from transfer.convert.cache import PagedKvCache
+from transfer.convert.quant import pack_int4, unpack_int4
+from transfer.wire import layouts
 
 B, S, H, D = 5, 4, 3, 16
 

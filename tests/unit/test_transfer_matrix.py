@@ -15,13 +15,13 @@ import os
 import pytest
 import torch
 
+from bench.kv_fill import calibrate_scales, fill_random
 from engine.kv_spec import KvSpec, ScaleGranularity
-from transfer.cache import PagedKvCache
-from transfer.errors import IncompatibleKv
-from transfer.local import convert_kv, read_tokens_float
-from transfer.profiles import PROFILES, KvModelShape, profile
-from transfer.quant import is_lossless_cast, tolerance
-from transfer.testing import calibrate_scales, fill_random
+from transfer.convert.cache import PagedKvCache
+from transfer.convert.local import convert_kv, read_tokens_float
+from transfer.convert.profiles import PROFILES, KvModelShape, profile
+from transfer.convert.quant import is_lossless_cast, tolerance
+from transfer.wire.errors import IncompatibleKv
 
 NAMES = [p.name for p in PROFILES]
 KINDS = {"mha": 4, "gqa": 2, "mqa": 1, "mla": 1}

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from transfer.errors import TransferError, TransportUnavailable
-from transfer.nccl_lib import NCCL_IN_PROGRESS, NcclConfig, NcclLibrary, find_library
+from transfer.nccl.lib import NCCL_IN_PROGRESS, NcclConfig, NcclLibrary, find_library
+from transfer.wire.errors import TransferError, TransportUnavailable
 
 STUB = r"""
 #include <stddef.h>
@@ -96,7 +96,7 @@ def test_missing_library_is_a_clear_error(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only message")
 def test_choosing_nccl_without_cuda_fails_clearly() -> None:
-    from transfer.nccl_transport import NcclReceiverPlugin, NcclSenderPlugin
+    from transfer.nccl.transport import NcclReceiverPlugin, NcclSenderPlugin
 
     for plugin in (NcclSenderPlugin, NcclReceiverPlugin):
         with pytest.raises(TransportUnavailable, match=r"needs CUDA.*ZMQ transport"):
@@ -106,9 +106,9 @@ def test_choosing_nccl_without_cuda_fails_clearly() -> None:
 # ---- the eager NCCL path's SIZES message and the tapered payload plan (no GPU needed) ----------
 
 def test_sizes_message_roundtrip_and_limits() -> None:
-    from transfer import zmq_protocol as proto
-    from transfer.errors import LimitExceeded, MalformedFrame
-    from transfer.header import ReceiverLimits
+    from transfer.wire import framing as proto
+    from transfer.wire.errors import LimitExceeded, MalformedFrame
+    from transfer.wire.header import ReceiverLimits
 
     limits = ReceiverLimits(max_buffers=4, max_buffer_bytes=1 << 20, max_message_bytes=3 << 20)
     assert proto.parse_sizes(proto.pack([7, [1 << 20, 5, 1 << 20]]), limits) == (7, (1 << 20, 5, 1 << 20))
@@ -128,7 +128,7 @@ def test_sizes_message_roundtrip_and_limits() -> None:
     (32, 8, [8, 8, 8, 6, 2]), (32, 16, [16, 12, 4]), (8, 8, [6, 2]), (1, 8, [1]), (3, 8, [1, 2]),
     (10, 4, [2, 4, 3, 1]), (32, 1, [1] * 32)])
 def test_tapered_layer_groups(total: int, full: int, want: list[int]) -> None:
-    from transfer.pack import layer_groups
+    from transfer.convert.pack import layer_groups
 
     got = layer_groups(total, full, taper=True)
     assert got == want and sum(got) == total and max(got) <= full
@@ -136,13 +136,13 @@ def test_tapered_layer_groups(total: int, full: int, want: list[int]) -> None:
 
 
 def test_tapered_plan_reconstructs_bit_exactly() -> None:
+    from bench.kv_fill import fill_random
     from engine.kv_spec import KvDtype, KvSpec
-    from transfer.cache import PagedKvCache
-    from transfer.header import ReceiverLimits, decode_header
-    from transfer.local import read_tokens_float
-    from transfer.pack import PackOptions, pack_kv
-    from transfer.testing import fill_random
-    from transfer.writer import KvWriter, PagedSink
+    from transfer.convert.cache import PagedKvCache
+    from transfer.convert.local import read_tokens_float
+    from transfer.convert.pack import PackOptions, pack_kv
+    from transfer.convert.writer import KvWriter, PagedSink
+    from transfer.wire.header import ReceiverLimits, decode_header
 
     spec = KvSpec(8, 2, 64, 16, dtype=KvDtype.BFLOAT16)
     src = PagedKvCache.allocate(spec, 32)
@@ -163,8 +163,8 @@ def test_tapered_plan_reconstructs_bit_exactly() -> None:
 
 
 def test_link_dropped_travels_with_the_error() -> None:
-    from transfer import zmq_protocol as proto
-    from transfer.errors import MalformedHeader, TransferError, UnexpectedTransfer
+    from transfer.wire import framing as proto
+    from transfer.wire.errors import MalformedHeader, TransferError, UnexpectedTransfer
 
     kept = UnexpectedTransfer("no reservation", request_id="r1")
     dropped = MalformedHeader("sizes differ", request_id="r2")

@@ -20,10 +20,16 @@ import pytest
 import torch
 import zmq
 
+from bench.kv_fill import ReceiverHarness, fill_random
 from engine.kv_spec import KvDtype, KvLayout, KvSpec, ScaleGranularity
-from transfer import zmq_protocol as proto
-from transfer.cache import PagedKvCache
-from transfer.errors import (
+from transfer.convert.cache import PagedKvCache
+from transfer.convert.local import read_tokens_float
+from transfer.convert.pack import PackedKv, PackOptions, pack_kv
+from transfer.endpoint.receiver import ZmqKvReceiver, ZmqReceiverConfig
+from transfer.endpoint.sender import ZmqKvSender, ZmqSenderConfig
+from transfer.stream.receiver import StreamReceiverOptions
+from transfer.wire import framing as proto
+from transfer.wire.errors import (
     ChecksumMismatch,
     IncompatibleKv,
     MalformedFrame,
@@ -32,13 +38,7 @@ from transfer.errors import (
     TransferError,
     UnexpectedTransfer,
 )
-from transfer.header import compute_checksum
-from transfer.local import read_tokens_float
-from transfer.pack import PackedKv, PackOptions, pack_kv
-from transfer.stream_receiver import StreamReceiverOptions
-from transfer.testing import ReceiverHarness, fill_random
-from transfer.zmq_receiver import ZmqKvReceiver, ZmqReceiverConfig
-from transfer.zmq_sender import ZmqKvSender, ZmqSenderConfig
+from transfer.wire.header import compute_checksum
 
 ROOT = Path(__file__).resolve().parents[2]
 SRC = KvSpec(2, 2, 64, 16, dtype=KvDtype.BFLOAT16)
@@ -441,9 +441,9 @@ SENDER_DIES = textwrap.dedent("""
     sys.path.insert(0, {root!r})
     import torch, zmq
     from engine.kv_spec import KvDtype, KvSpec
-    from transfer import zmq_protocol as proto
-    from transfer.cache import PagedKvCache
-    from transfer.pack import PackOptions, pack_kv
+    from transfer.wire import framing as proto
+    from transfer.convert.cache import PagedKvCache
+    from transfer.convert.pack import PackOptions, pack_kv
     cache = PagedKvCache.allocate(KvSpec(2, 2, 64, 16, dtype=KvDtype.BFLOAT16), 16)
     packed = pack_kv(cache, [1, 2, 3], 0, 40, request_id="doomed", transfer_id=9, transport="stream")
     payload = b"".join(b.numpy().tobytes() for b in packed.all_buffers())
@@ -529,26 +529,23 @@ def test_decode_inbox_wakes_the_worker_poller(src: PagedKvCache, threaded: bool)
     own thread and a wake-up socket in the poller says when arrivals are queued. Not threaded:
     the poller must wake on the data connection too (sync_poller follows the receiver's
     pollables as they come and go)."""
-    from types import SimpleNamespace
 
     from decode.kv_inbox import KvInbox
-    from transfer.header import ReceiverLimits
+    from worker.config import KvTransportConfig
 
     cache = PagedKvCache.allocate(SRC, 16)
-    engine = SimpleNamespace(plan=SimpleNamespace(spec=SRC), runner=SimpleNamespace(kv_caches=cache.layers),
-                             config=SimpleNamespace(torch_device="cpu"))
     ctx = zmq.Context()
-    inbox = KvInbox(ctx, "127.0.0.1", engine, ReceiverLimits(), threaded=threaded)  # type: ignore[arg-type]
+    inbox = KvInbox(ctx, "127.0.0.1", cache, KvTransportConfig(kv_receiver_thread=threaded))
     poller = zmq.Poller()
     inbox.sync_poller(poller)
     assert inbox.receiver._thread is not None if threaded else inbox.receiver._thread is None
-    seq = SimpleNamespace(block_table=[1, 2, 3])
+    blocks = [1, 2, 3]
     tx = ZmqKvSender(inbox.address)
     fd_woke = False
     try:
         for i in range(3):  # the second and later transfers reuse the data connection
             rid = f"w{i}"
-            inbox.expect(rid, seq)  # type: ignore[arg-type]
+            inbox.expect(rid, blocks)
             thread = threading.Thread(target=tx.send, args=(src, [7, 8, 9], 0, 40),
                                       kwargs={"request_id": rid, "meta": {"first_token": 3}})
             thread.start()
@@ -569,13 +566,13 @@ def test_decode_inbox_wakes_the_worker_poller(src: PagedKvCache, threaded: bool)
         assert inbox.receive() == [] and not inbox.receiver._expected
         assert fd_woke or threaded  # a data connection woke the worker (its first payload at least)
         if threaded:  # the whole transfer (payload, ack) completes while the worker does not poll
-            inbox.expect("busy", seq)  # type: ignore[arg-type]
+            inbox.expect("busy", blocks)
             result = tx.send(src, [7, 8, 9], 0, 40, request_id="busy", meta={"first_token": 3}, timeout_s=10)
             assert result.num_bytes > 0
             assert dict(poller.poll(5000))  # then the worker wakes to take the arrival
             assert [a.request_id for a in inbox.receive()] == ["busy"]
         # an expectation withdrawn before anything came: no arrival, the blocks are the caller's
-        inbox.expect("gone", seq)  # type: ignore[arg-type]
+        inbox.expect("gone", blocks)
         inbox.forget("gone")
         assert inbox.receive() == [] and not inbox.receiver._expected
     finally:

@@ -15,10 +15,15 @@ import pytest
 import torch
 import zmq
 
+from bench.kv_fill import ReceiverHarness, fill_random
 from engine.kv_spec import KvDtype, KvLayout, KvSpec
-from transfer import zmq_protocol as proto
-from transfer.cache import PagedKvCache
-from transfer.errors import (
+from transfer.convert.cache import PagedKvCache
+from transfer.convert.local import read_tokens_float
+from transfer.convert.pack import PackOptions, pack_kv
+from transfer.endpoint.receiver import ZmqKvReceiver, ZmqReceiverConfig
+from transfer.endpoint.sender import ZmqKvSender, ZmqSenderConfig
+from transfer.wire import framing as proto
+from transfer.wire.errors import (
     ChecksumMismatch,
     IncompatibleKv,
     PeerLost,
@@ -26,12 +31,7 @@ from transfer.errors import (
     TransferTimeout,
     UnexpectedTransfer,
 )
-from transfer.header import compute_checksum
-from transfer.local import read_tokens_float
-from transfer.pack import PackOptions, pack_kv
-from transfer.testing import ReceiverHarness, fill_random
-from transfer.zmq_receiver import ZmqKvReceiver, ZmqReceiverConfig
-from transfer.zmq_sender import ZmqKvSender, ZmqSenderConfig
+from transfer.wire.header import compute_checksum
 
 ROOT = Path(__file__).resolve().parents[2]
 SRC = KvSpec(2, 2, 64, 16, dtype=KvDtype.BFLOAT16)
@@ -156,9 +156,9 @@ SENDER_DIES = textwrap.dedent("""
     sys.path.insert(0, {root!r})
     import torch, zmq
     from engine.kv_spec import KvDtype, KvSpec
-    from transfer import zmq_protocol as proto
-    from transfer.cache import PagedKvCache
-    from transfer.pack import PackOptions, pack_kv
+    from transfer.wire import framing as proto
+    from transfer.convert.cache import PagedKvCache
+    from transfer.convert.pack import PackOptions, pack_kv
     cache = PagedKvCache.allocate(KvSpec(2, 2, 64, 16, dtype=KvDtype.BFLOAT16), 16)
     packed = pack_kv(cache, [1, 2, 3], 0, 40, request_id="doomed", transfer_id=9,
                      options=PackOptions(chunk_bytes=4096))

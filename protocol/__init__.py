@@ -1,0 +1,12 @@
+"""protocol: the control plane between the proxy and the workers.
+
+Owns: the codec (codec.py: typed dataclasses <-> versioned msgpack, every field checked before a
+message is built, never pickle), the typed ZMQ queues (channel.py: one socket carries one
+message family), and the three message families, one module each:
+- decode_ctrl.py   proxy -> decode worker (Reserve, PrefillLocally, Abort, AbortAll, Shutdown)
+- prefill_ctrl.py  proxy -> prefill worker (Prefill, Abort, AbortAll, Shutdown)
+- worker_events.py workers -> proxy (Hello, Heartbeat, Reserved, Rejected, Tokens, PrefillDone,
+                   RequestFailed)
+Never touches: torch, models, KV bytes (those travel on the transfer layer's own sockets), HTTP.
+Imports only the torch-free parts below it.
+"""

@@ -1,0 +1,65 @@
+"""Typed ZMQ queues for control messages: one socket carries one MessageFamily.
+
+`Inbox` binds a PULL socket (port 0 = any free port) and yields decoded messages; `Outbox`
+connects a PUSH socket and sends them without blocking the caller's loop. A frame that does
+not decode is logged and dropped: a bad peer cannot take a worker down.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import zmq
+
+from protocol.codec import MalformedMessage, MessageFamily
+
+log = logging.getLogger(__name__)
+
+
+class Inbox:
+    def __init__(self, ctx: zmq.Context, family: MessageFamily, host: str, port: int = 0) -> None:
+        self.family = family
+        self.socket = ctx.socket(zmq.PULL)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.RCVHWM, 100000)
+        self.socket.bind(f"tcp://{host}:{port}")
+        self.address: str = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    def drain(self, max_messages: int = 1000) -> list[Any]:
+        """Every message waiting now (never blocks)."""
+        out = []
+        for _ in range(max_messages):
+            try:
+                frame = self.socket.recv(flags=zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                break
+            try:
+                out.append(self.family.decode(frame))
+            except MalformedMessage as e:
+                log.warning("dropped a malformed %s frame: %s", self.family.name, e)
+        return out
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+
+
+class Outbox:
+    def __init__(self, ctx: zmq.Context, family: MessageFamily, address: str) -> None:
+        self.family = family
+        self.socket = ctx.socket(zmq.PUSH)
+        self.socket.setsockopt(zmq.LINGER, 500)
+        self.socket.setsockopt(zmq.SNDHWM, 100000)
+        self.socket.connect(address)
+
+    def send(self, msg: Any) -> bool:
+        """Queue a message; False (and a log line) when the peer's queue is full."""
+        try:
+            self.socket.send(self.family.encode(msg), flags=zmq.NOBLOCK)
+            return True
+        except zmq.Again:
+            log.warning("%s queue full: dropped %s", self.family.name, type(msg).__name__)
+            return False
+
+    def close(self) -> None:
+        self.socket.close(linger=500)

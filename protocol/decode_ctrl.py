@@ -1,0 +1,52 @@
+"""Channel proxy -> decode worker (ctrl): what a decode worker is asked to do.
+
+Replies travel on the workers -> proxy channel (protocol/worker_events.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from protocol.codec import MessageFamily
+
+
+@dataclass(frozen=True)
+class Reserve:
+    """Reserve blocks for a prompt (decode-first). With `remote_prefill` False the decode worker
+    prefills locally (colocated). Reply: Reserved (remote) or Tokens (local), or Rejected."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: dict[str, Any]
+    remote_prefill: bool = True
+    queue_timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class PrefillLocally:
+    """The prefill worker is gone: turn the reservation into a local prefill."""
+
+    request_id: str
+
+
+@dataclass(frozen=True)
+class Abort:
+    request_id: str
+    reason: str = "aborted"
+
+
+@dataclass(frozen=True)
+class AbortAll:
+    """Drop every request this worker holds (a restarted proxy: their clients are gone)."""
+
+    reason: str = "proxy restarted"
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    reason: str = "shutdown"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+DECODE_CTRL = MessageFamily("proxy->decode", (Reserve, PrefillLocally, Abort, AbortAll, Shutdown))

@@ -1,0 +1,47 @@
+"""Channel proxy -> prefill worker (ctrl): prompts to prefill and where their KV must land."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from protocol.codec import MessageFamily
+
+
+@dataclass(frozen=True)
+class Prefill:
+    """Prefill `prompt_ids`, sample the first token, send KV + first token to the decode
+    worker's reservation (`block_ids` on the cache described by `kv_spec`) at `kv_address`.
+
+    Ownership: the prefill worker owns its own blocks until the decode worker acks (or the
+    transfer fails / times out); the destination blocks belong to the decode worker throughout.
+    """
+
+    request_id: str
+    prompt_ids: list[int]
+    params: dict[str, Any]
+    decode_id: str
+    kv_address: str
+    block_ids: list[int]
+    kv_spec: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Abort:
+    request_id: str
+    reason: str = "aborted"
+
+
+@dataclass(frozen=True)
+class AbortAll:
+    """Drop every request this worker holds (a restarted proxy: their clients are gone)."""
+
+    reason: str = "proxy restarted"
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    reason: str = "shutdown"
+
+
+PREFILL_CTRL = MessageFamily("proxy->prefill", (Prefill, Abort, AbortAll, Shutdown))

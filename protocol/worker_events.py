@@ -1,0 +1,91 @@
+"""Channel workers -> proxy (events): registration, heartbeats, reservations, tokens, failures."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from protocol.codec import MessageFamily
+
+
+@dataclass(frozen=True)
+class Hello:
+    worker_id: str
+    role: str  # "prefill" | "decode"
+    ctrl_address: str
+    kv_address: str
+    kv_spec: dict[str, Any]
+    plan: str
+    pid: int
+    host: str
+    model: str = ""
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    worker_id: str
+    role: str
+    num_running: int
+    num_waiting: int
+    num_used_blocks: int
+    num_free_blocks: int
+    num_blocks: int
+    num_preemptions: int = 0
+    prefix_hit_tokens: int = 0
+    prefix_query_tokens: int = 0
+    kv_bytes: int = 0
+    kv_seconds: float = 0.0
+    generation_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class Reserved:
+    request_id: str
+    worker_id: str
+    block_ids: list[int]
+
+
+@dataclass(frozen=True)
+class Rejected:
+    request_id: str
+    worker_id: str
+    reason: str
+    status: int = 503
+    retry_after_s: float = 1.0
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """New output tokens of one request; `logprobs[i]` = [token, logprob, [[id, logprob], ...]]."""
+
+    request_id: str
+    worker_id: str
+    token_ids: list[int]
+    logprobs: list[Any] = field(default_factory=list)
+    finish_reason: str | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class PrefillDone:
+    request_id: str
+    worker_id: str
+    num_cached_tokens: int
+    kv_bytes: int
+    kv_seconds: float
+
+
+@dataclass(frozen=True)
+class RequestFailed:
+    """A request failed on a worker; `retryable` means another worker may redo the step."""
+
+    request_id: str
+    worker_id: str
+    error: str
+    kind: str = "internal"
+    retryable: bool = False
+
+
+WORKER_EVENTS = MessageFamily(
+    "workers->proxy", (Hello, Heartbeat, Reserved, Rejected, Tokens, PrefillDone, RequestFailed))

@@ -1,0 +1,199 @@
+"""StreamLink: the sender's end of the stream payload path (protocol: wire/framing.py).
+
+Owned by one ZmqKvSender and used from its thread. `ensure` sets up the data connection (a
+STREAM message on the sender's ZMQ socket, the LISTEN reply, connect, write the token) when
+there is none; `send_payload` writes PREFIX, the buffers' bytes and, with checksums, the
+trailer. Buffers that `PackedKv.segments` describes (CPU caches) are written with writev
+straight from the source blocks; the others (scales, GPU caches) are filled first and written
+as one segment each. Checksums of in-place buffers are computed while the socket is full.
+
+While the socket is full it waits on the data connection and on the ZMQ socket together, so
+an ERROR from the receiver ends the transfer at once. If the receiver closes the data
+connection (it does so whenever it refuses or fails a transfer) the link waits a moment for
+the ERROR that says why, else raises PeerLost. On any failure the caller `drop`s the link.
+
+Ownership: the source blocks must stay untouched until `send_payload` returns or raises (the
+kernel copies from them during the writev calls; nothing is read from them afterwards).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import time
+from collections import deque
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+import xxhash
+import zmq
+
+from transfer.convert.iov import AGAIN, IoVec, coalesce, hash_segments, segments
+from transfer.convert.pack import PackedKv
+from transfer.wire import framing as proto
+from transfer.wire.errors import MalformedFrame, PeerLost, TransferTimeout
+
+_ERROR_GRACE_S = 2.0  # after the receiver closed the data connection: wait this long for its ERROR
+
+
+def stream_capable(endpoint: str) -> bool:
+    return endpoint.startswith(("tcp://", "ipc://"))
+
+
+class StreamLink:
+    def __init__(self, endpoint: str, sndbuf: int = 0):
+        if not stream_capable(endpoint):
+            raise ValueError(f"stream payloads need a tcp:// or ipc:// endpoint, not {endpoint}")
+        self.endpoint, self.sndbuf = endpoint, sndbuf
+        self._sock: socket.socket | None = None
+
+    @property
+    def is_connected(self) -> bool:
+        return self._sock is not None
+
+    def drop(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    # ---- set-up ----------------------------------------------------------------------------------
+    def ensure(self, sender: Any, tid: int, deadline: float) -> None:
+        """Connect the data connection unless there is one (raises the receiver's error, e.g.
+        TransportUnavailable when it takes no stream payloads)."""
+        if self._sock is not None:
+            return
+        token = os.urandom(proto.STREAM_TOKEN_BYTES)
+        sender._send_frames([proto.STREAM_HELLO, proto.pack([token])], deadline)
+        body = sender._wait_reply(tid, deadline, want=proto.STREAM_LISTEN)
+        family, address = self._address(body)
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(max(0.001, deadline - time.monotonic()))
+            sock.connect(address)
+            sock.sendall(token)
+        except OSError as e:
+            sock.close()
+            if isinstance(e, TimeoutError):
+                raise TransferTimeout(f"data connection to {self.endpoint} not set up before the deadline") from None
+            raise PeerLost(f"cannot open the data connection to {self.endpoint} ({address!r}): {e}") from None
+        if family != socket.AF_UNIX:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.sndbuf:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.sndbuf)
+        self._sock = sock
+
+    def _address(self, body: Any) -> tuple[int, Any]:
+        scheme, _, rest = self.endpoint.partition("://")
+        if scheme == "tcp":
+            port = body.get("port")
+            if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
+                raise MalformedFrame("listen reply without a valid port")
+            host = rest.rpartition(":")[0].strip("[]")
+            return (socket.AF_INET6 if ":" in host else socket.AF_INET), (host, port)
+        path = proto.stream_ipc_path(rest)
+        if body.get("path") != path:  # the sender connects only where the convention says
+            raise MalformedFrame(f"listen reply names {body.get('path')!r:.200}, expected {path!r}")
+        return socket.AF_UNIX, proto.unix_address(path)
+
+    # ---- payload ---------------------------------------------------------------------------------
+    def send_payload(self, sender: Any, packed: PackedKv, deadline: float) -> None:
+        assert self._sock is not None
+        h = packed.header
+        out = _Writer(self._sock.fileno(), sender, h.transfer_id, deadline)
+        sums: list[int | None] = [None] * len(h.buffer_sizes)
+        lazy: list[tuple[int, np.ndarray]] = []  # in-place buffers to hash while the socket is full
+        idle = _hash_jobs(lazy, sums) if h.checksum else None
+        try:
+            out.push(np.frombuffer(proto.stream_prefix(h.transfer_id, h.payload_bytes), dtype=np.uint8))
+            for i in range(len(h.buffer_sizes)):
+                segs = packed.segments(i)
+                if segs is not None:  # the source blocks themselves
+                    segs = coalesce(segs)
+                    lazy.append((i, segs))
+                    out.push_segments(segs, idle)
+                    continue
+                out.flush(idle)  # filled buffers may share memory with earlier ones (StagingPool)
+                host = _host(packed.buffer(i))
+                if h.checksum:
+                    sums[i] = xxhash.xxh3_64_intdigest(host.numpy())
+                out.push(host)
+            if h.checksum:
+                out.flush(idle)
+                for i, segs in lazy:
+                    sums[i] = hash_segments(segs)
+                out.push(np.array(sums, dtype="<u8"))
+            out.flush(None)
+        except OSError as e:  # the receiver closed the data connection: it says why on ZMQ
+            self.drop()
+            grace = min(deadline, time.monotonic() + _ERROR_GRACE_S)
+            with contextlib.suppress(TransferTimeout):
+                sender._wait_reply(h.transfer_id, grace, want=proto.ACK)
+            raise PeerLost(f"data connection to {self.endpoint} failed mid-payload: {e}") from None
+
+
+def _host(buf: torch.Tensor) -> torch.Tensor:
+    return buf if buf.device.type == "cpu" else buf.cpu()
+
+
+def _hash_jobs(lazy: list[tuple[int, np.ndarray]], sums: list[int | None]) -> Iterator[None]:
+    """Hash pending in-place buffers one by one (a generator: one step per idle moment)."""
+    while True:
+        if lazy:
+            i, segs = lazy.pop(0)
+            sums[i] = hash_segments(segs)
+        yield
+
+
+class _Writer:
+    """Queued non-blocking writes with a deadline, watching the ZMQ socket while it waits.
+    `push*` writes what the socket takes now and queues the rest; `flush` writes everything."""
+
+    def __init__(self, fd: int, sender: Any, tid: int, deadline: float):
+        self.fd, self.sender, self.tid, self.deadline = fd, sender, tid, deadline
+        self._queue: deque[tuple[IoVec, Any]] = deque()  # (segments, memory they point into)
+        self._poller: zmq.Poller | None = None
+
+    def push(self, buf: np.ndarray | torch.Tensor) -> None:
+        """Queue a contiguous buffer (kept alive until written)."""
+        nbytes = buf.nbytes if isinstance(buf, np.ndarray) else buf.numel() * buf.element_size()
+        addr = buf.ctypes.data if isinstance(buf, np.ndarray) else buf.data_ptr()
+        self._queue.append((IoVec(segments(np.array([addr], dtype=np.uint64), nbytes)), buf))
+        self._write(wait=False, idle=None)
+
+    def push_segments(self, segs: np.ndarray, idle: Iterator[None] | None) -> None:
+        self._queue.append((IoVec(segs), None))
+        self._write(wait=False, idle=idle)
+
+    def flush(self, idle: Iterator[None] | None) -> None:
+        self._write(wait=True, idle=idle)
+
+    def _write(self, wait: bool, idle: Iterator[None] | None) -> None:
+        while self._queue:
+            iov = self._queue[0][0]
+            if iov.is_done or iov.send(self.fd) != AGAIN:
+                if iov.is_done:
+                    self._queue.popleft()
+                continue
+            if not wait:
+                return
+            if idle is not None:
+                next(idle)  # hash a buffer while the socket drains (a no-op once all are done)
+                if iov.send(self.fd) != AGAIN:
+                    continue
+            self._wait()
+
+    def _wait(self) -> None:
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise TransferTimeout(f"peer {self.sender.endpoint} stopped reading the payload before the deadline")
+        if self._poller is None:
+            self._poller = zmq.Poller()
+            self._poller.register(self.fd, zmq.POLLOUT)
+            self._poller.register(self.sender._sock, zmq.POLLIN)
+            self._poller.register(self.sender._monitor, zmq.POLLIN)
+        ready = dict(self._poller.poll(max(1, int(min(remaining, 1.0) * 1000))))
+        if self.sender._sock in ready or self.sender._monitor in ready:
+            self.sender._check_replies(self.tid)  # raises the receiver's error, or PeerLost

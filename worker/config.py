@@ -1,0 +1,68 @@
+"""Worker configuration: the process's own settings and the KV transport settings it shares with
+`pdserve serve`.
+
+`KvTransportConfig` is defined once: `ServeConfig` embeds it (its flags are `pdserve serve`'s),
+both launchers hand it to every worker whole (the local one as flags, `dataclass_to_args`; the
+Ray one as the object), and each worker reads the half that concerns its role.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from engine.config import ConfigError
+from transfer.wire.header import ReceiverLimits
+
+TRANSPORTS = ("zmq", "nccl")
+KV_PAYLOADS = ("stream", "frames")
+
+
+@dataclass(frozen=True)
+class KvTransportConfig:
+    transport: str = field(default="zmq", metadata={
+        "help": "KV transport between prefill and decode: zmq, or nccl (header over ZMQ, bytes "
+                "GPU to GPU)."})
+    kv_payload: str = field(default="stream", metadata={
+        "help": "With --transport zmq: KV bytes on a stream socket per pair (writev/readv, "
+                "default) or as ZMQ frames."})
+    kv_receiver_thread: bool = field(default=True, metadata={
+        "help": "Decode workers receive KV on a thread of their own while the model steps "
+                "(off: only between steps)."})
+    transfer_timeout_s: float = field(default=30.0, metadata={
+        "help": "Prefill workers: one KV transfer, ack included; a decode worker slower than "
+                "this fails it."})
+    checksum: bool = field(default=False, metadata={
+        "help": "Prefill workers: an xxh3 checksum on every KV buffer, checked on arrival."})
+    max_transfer_bytes: int = field(default=8 << 30, metadata={
+        "help": "Decode workers: the largest KV message accepted (bytes)."})
+
+    def __post_init__(self) -> None:
+        if self.transport not in TRANSPORTS:
+            raise ConfigError(f"--transport must be zmq or nccl, got {self.transport!r}")
+        if self.kv_payload not in KV_PAYLOADS:
+            raise ConfigError(f"--kv-payload must be stream or frames, got {self.kv_payload!r}")
+        if self.transfer_timeout_s <= 0:
+            raise ConfigError(
+                f"--transfer-timeout-s must be positive, got {self.transfer_timeout_s}")
+        if self.max_transfer_bytes <= 0:
+            raise ConfigError(
+                f"--max-transfer-bytes must be positive, got {self.max_transfer_bytes}")
+
+    def limits(self) -> ReceiverLimits:
+        return ReceiverLimits(max_message_bytes=self.max_transfer_bytes)
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    worker_id: str = field(metadata={"help": "This worker's name (unique in the deployment)."})
+    events_address: str = field(metadata={"help": "The proxy's event socket (tcp://host:port)."})
+    host: str = field(default="127.0.0.1", metadata={
+        "help": "Address this worker binds (ports are chosen free)."})
+    heartbeat_interval_s: float = field(default=0.5, metadata={
+        "help": "Seconds between heartbeats."})
+    max_queue: int = field(default=512, metadata={
+        "help": "Requests waiting for blocks before 503."})
+    kv_timeout_s: float = field(default=60.0, metadata={
+        "help": "Decode: how long a reservation waits for its KV."})
+    idle_poll_ms: int = field(default=10, metadata={"help": "Poll wait when idle."})
+    kv: KvTransportConfig = field(default_factory=KvTransportConfig)

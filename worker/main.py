@@ -1,0 +1,94 @@
+"""Entry point of one worker process, shared by `python -m prefill ...` and `python -m decode ...`.
+
+Started by the local launcher (deploy/local_launcher.py) or inside a Ray actor
+(deploy/ray_launcher.py). Builds the engine (memory plan first, then weights), binds the
+worker's sockets on `--host` (port 0: any free port), says Hello to the proxy and serves
+until Shutdown, SIGTERM or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import logging
+import signal
+import sys
+from collections.abc import Callable
+from types import FrameType
+
+import torch
+
+from engine.config import ConfigError, EngineConfig
+from engine.errors import EngineError
+from engine.llm_engine import LLMEngine
+from transfer.wire.errors import TransferError
+from worker.args import add_dataclass_args, dataclass_from_args
+from worker.base import WorkerBase
+from worker.config import WorkerConfig
+
+log = logging.getLogger("pdserve.worker")
+
+
+def apply_profile(config: EngineConfig, name: str | None) -> EngineConfig:
+    """Cache dtype and layout from a GPU profile (transfer/convert/profiles.py), e.g. 'volta', 'ampere'."""
+    if not name:
+        return config
+    from engine.kv_layout import SUPPORTED_LAYOUTS
+    from transfer.convert.profiles import profile
+
+    try:
+        p = profile(name)
+    except KeyError as e:
+        raise ConfigError(str(e)) from None
+    if p.layout not in SUPPORTED_LAYOUTS or p.dtype.value not in ("float32", "float16", "bfloat16"):
+        raise ConfigError(f"profile {name}: the engine cannot run a {p.dtype.value} {p.layout.value} "
+                          f"cache; use volta, ampere, ampere_sm86 or hopper")
+    return dataclasses.replace(config, kv_cache_dtype=p.dtype.value, kv_cache_layout=p.layout.value)
+
+
+WorkerClass = Callable[[WorkerConfig, LLMEngine], WorkerBase]
+
+
+def build_worker(worker_class: WorkerClass, worker_cfg: WorkerConfig,
+                 engine_cfg: EngineConfig) -> WorkerBase:
+    """Load the engine (memory plan first, then weights) and build one worker around it."""
+    worker = worker_class(worker_cfg, LLMEngine.from_config(engine_cfg))
+    # Start-up objects (model, tokenizer, sockets) leave the collector's scans: full
+    # collections otherwise pause a KV transfer for ~50 ms every few requests.
+    gc.freeze()
+    return worker
+
+
+def main(worker_class: WorkerClass, role: str, argv: list[str] | None = None) -> int:
+    """Run one worker of `worker_class` until Shutdown, SIGTERM or Ctrl-C (`python -m prefill` and
+    `python -m decode` call this with their role's class); 2 when it cannot start."""
+    parser = argparse.ArgumentParser(prog=f"python -m {role}")
+    parser.add_argument("--profile", default=None, help="GPU profile for the KV cache (transfer/convert/profiles.py)")
+    parser.add_argument("--num-threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    parser.add_argument("--log-level", default="INFO")
+    add_dataclass_args(parser, EngineConfig)
+    add_dataclass_args(parser, WorkerConfig)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format=f"%(asctime)s %(levelname)s [{role} {args.worker_id}] %(name)s: %(message)s")
+    if args.num_threads > 0:
+        torch.set_num_threads(args.num_threads)
+    try:
+        engine_cfg = apply_profile(dataclass_from_args(EngineConfig, args), args.profile)
+        worker = build_worker(worker_class, dataclass_from_args(WorkerConfig, args), engine_cfg)
+    except (ConfigError, EngineError, TransferError) as e:
+        log.error("cannot start: %s", e)
+        return 2
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        worker.stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        worker.run()
+    finally:
+        worker.close()
+    return 0
+
