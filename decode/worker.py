@@ -24,7 +24,7 @@ from engine.errors import EngineError, RequestError
 from engine.llm_engine import LLMEngine, RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence, TokenLogprob
-from protocol import decode_ctrl as m
+from protocol import decode_ctrl as ctrl
 from protocol import worker_events as ev
 from worker.base import WorkerBase
 from worker.config import WorkerConfig
@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 class Pending:
     """A Reserve waiting for blocks (bounded queue)."""
 
-    msg: m.Reserve
+    msg: ctrl.Reserve
     params: SamplingParams
     deadline: float
 
@@ -51,7 +51,7 @@ class DecodeWorker(WorkerBase):
     role = "decode"
 
     def __init__(self, config: WorkerConfig, engine: LLMEngine) -> None:
-        super().__init__(config, engine, m.DECODE_CTRL)
+        super().__init__(config, engine, ctrl.DECODE_CTRL)
         self.pending: OrderedDict[str, Pending] = OrderedDict()
         self.reservations: dict[str, Reservation] = {}
         self.local: set[str] = set()  # requests in the engine's own scheduler
@@ -65,25 +65,25 @@ class DecodeWorker(WorkerBase):
 
     # ---- control ------------------------------------------------------------------------------
     def on_ctrl(self, msg: object) -> None:
-        if isinstance(msg, m.Reserve):
+        if isinstance(msg, ctrl.Reserve):
             self._on_reserve(msg)
-        elif isinstance(msg, m.PrefillLocally):
+        elif isinstance(msg, ctrl.PrefillLocally):
             res = self.reservations.pop(msg.request_id, None)
             if res is not None:
                 self.kv.forget(msg.request_id)
                 self.engine.prefill_locally(res.seq)
                 self.local.add(msg.request_id)
-        elif isinstance(msg, m.Abort):
+        elif isinstance(msg, ctrl.Abort):
             self._abort(msg.request_id)
-        elif isinstance(msg, m.AbortAll):
+        elif isinstance(msg, ctrl.AbortAll):
             held = [*self.pending, *self.reservations, *self.local]
             for rid in held:
                 self._abort(rid)
             log.warning("dropped %d request(s): %s", len(held), msg.reason)
-        elif isinstance(msg, m.Shutdown):
+        elif isinstance(msg, ctrl.Shutdown):
             self.stopping = True
 
-    def _on_reserve(self, msg: m.Reserve) -> None:
+    def _on_reserve(self, msg: ctrl.Reserve) -> None:
         try:
             params = SamplingParams.from_dict(msg.params)
             if not msg.remote_prefill:

@@ -21,7 +21,7 @@ from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
 from prefill.kv_outbox import KvOutbox, SendResult
-from protocol import prefill_ctrl as m
+from protocol import prefill_ctrl as ctrl
 from protocol import worker_events as ev
 from worker.base import WorkerBase
 from worker.config import WorkerConfig
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Job:
-    msg: m.Prefill
+    msg: ctrl.Prefill
     seq: Sequence
     is_aborted: bool = False
 
@@ -40,7 +40,7 @@ class PrefillWorker(WorkerBase):
     role = "prefill"
 
     def __init__(self, config: WorkerConfig, engine: LLMEngine) -> None:
-        super().__init__(config, engine, m.PREFILL_CTRL)
+        super().__init__(config, engine, ctrl.PREFILL_CTRL)
         self.jobs: dict[str, Job] = {}  # admitted, not yet acked
         self.kv = KvOutbox(self.ctx, self.kv_cache, config.kv)  # results come back through a queue
 
@@ -50,16 +50,16 @@ class PrefillWorker(WorkerBase):
 
     # ---- control ------------------------------------------------------------------------------
     def on_ctrl(self, msg: object) -> None:
-        if isinstance(msg, m.Prefill):
+        if isinstance(msg, ctrl.Prefill):
             self._on_prefill(msg)
-        elif isinstance(msg, m.Abort):
+        elif isinstance(msg, ctrl.Abort):
             self._abort(msg.request_id)
-        elif isinstance(msg, m.AbortAll):
+        elif isinstance(msg, ctrl.AbortAll):
             held = list(self.jobs)
             for rid in held:
                 self._abort(rid)
             log.warning("dropped %d request(s): %s", len(held), msg.reason)
-        elif isinstance(msg, m.Shutdown):
+        elif isinstance(msg, ctrl.Shutdown):
             self.stopping = True
 
     def _abort(self, request_id: str) -> None:
@@ -70,7 +70,7 @@ class PrefillWorker(WorkerBase):
             if self.engine.scheduler.abort(request_id) is not None:
                 del self.jobs[request_id]
 
-    def _on_prefill(self, msg: m.Prefill) -> None:
+    def _on_prefill(self, msg: ctrl.Prefill) -> None:
         try:
             params = SamplingParams.from_dict(msg.params)
             KvSpec.from_dict(msg.kv_spec)  # validated again by the receiver; fail early here

@@ -17,8 +17,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from engine.errors import RequestError
 from engine.sampling_params import SamplingParams
-from proxy import protocol as p
-from proxy import responses as r
+from proxy import openai_api as api
+from proxy import responses
 from proxy.cluster import ClusterClient
 from proxy.detokenizer import Tokenizer
 from proxy.errors import (
@@ -80,11 +80,11 @@ def build_app(config: ProxyConfig, cluster: ClusterClient, tokenizer: ChatTokeni
                              "workers": cluster.topology()})
 
     @app.get("/v1/models")
-    async def models() -> p.ModelList:
-        return p.ModelList(data=[p.ModelCard(id=config.model_name, max_model_len=config.max_model_len)])
+    async def models() -> api.ModelList:
+        return api.ModelList(data=[api.ModelCard(id=config.model_name, max_model_len=config.max_model_len)])
 
     @app.post("/v1/completions", response_model=None)
-    async def completions(body: p.CompletionRequest, request: Request) -> Response | p.CompletionResponse:
+    async def completions(body: api.CompletionRequest, request: Request) -> Response | api.CompletionResponse:
         _check_model(body.model)
         prompt = body.prompt
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
@@ -98,12 +98,12 @@ def build_app(config: ProxyConfig, cluster: ClusterClient, tokenizer: ChatTokeni
                                   "prompt")
         stream, want_lp = _stream(body, request, prompt_ids), body.logprobs is not None
         if body.stream:
-            return StreamingResponse(r.completion_sse(stream, config.model_name, want_lp, body.include_usage),
+            return StreamingResponse(responses.completion_sse(stream, config.model_name, want_lp, body.include_usage),
                                      headers=sse_headers(), media_type="text/event-stream")
-        return await r.completion_response(stream, config.model_name, want_lp)
+        return await responses.completion_response(stream, config.model_name, want_lp)
 
     @app.post("/v1/chat/completions", response_model=None)
-    async def chat(body: p.ChatCompletionRequest, request: Request) -> Response | p.ChatCompletionResponse:
+    async def chat(body: api.ChatCompletionRequest, request: Request) -> Response | api.ChatCompletionResponse:
         _check_model(body.model)
         try:
             text = tokenizer.apply_chat_template(body.template_messages())
@@ -112,9 +112,9 @@ def build_app(config: ProxyConfig, cluster: ClusterClient, tokenizer: ChatTokeni
         prompt_ids = tokenizer.encode(text)
         stream, want_lp = _stream(body, request, prompt_ids), bool(body.logprobs)
         if body.stream:
-            return StreamingResponse(r.chat_sse(stream, config.model_name, want_lp, body.include_usage),
+            return StreamingResponse(responses.chat_sse(stream, config.model_name, want_lp, body.include_usage),
                                      headers=sse_headers(), media_type="text/event-stream")
-        return await r.chat_response(stream, config.model_name, want_lp)
+        return await responses.chat_response(stream, config.model_name, want_lp)
 
     def _check_model(model: str | None) -> None:
         if model and model != config.model_name:
@@ -127,14 +127,14 @@ def build_app(config: ProxyConfig, cluster: ClusterClient, tokenizer: ChatTokeni
             raise invalid_request(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", "prompt")
         return ids
 
-    def _stream(body: p.CompletionRequest | p.ChatCompletionRequest, request: Request,
-                prompt_ids: list[int]) -> r.GenerationStream:
+    def _stream(body: api.CompletionRequest | api.ChatCompletionRequest, request: Request,
+                prompt_ids: list[int]) -> responses.GenerationStream:
         if not prompt_ids:
-            raise invalid_request("the prompt is empty", "prompt" if isinstance(body, p.CompletionRequest)
+            raise invalid_request("the prompt is empty", "prompt" if isinstance(body, api.CompletionRequest)
                                   else "messages")
-        sampling = p.to_sampling(body)
-        param = "messages" if isinstance(body, p.ChatCompletionRequest) else "prompt"
-        max_tokens = p.resolve_max_tokens(sampling.max_tokens, len(prompt_ids), config.max_model_len, param)
+        sampling = api.to_sampling(body)
+        param = "messages" if isinstance(body, api.ChatCompletionRequest) else "prompt"
+        max_tokens = api.resolve_max_tokens(sampling.max_tokens, len(prompt_ids), config.max_model_len, param)
         try:
             params = SamplingParams(max_tokens=max_tokens, temperature=sampling.temperature,
                                     top_p=sampling.top_p, top_k=sampling.top_k, seed=sampling.seed,
@@ -143,7 +143,7 @@ def build_app(config: ProxyConfig, cluster: ClusterClient, tokenizer: ChatTokeni
         except RequestError as e:
             raise invalid_request(str(e)) from None
         # Internal id: unique even when clients reuse an X-Request-Id.
-        return r.GenerationStream(cluster, tokenizer, metrics, uuid.uuid4().hex, prompt_ids,
+        return responses.GenerationStream(cluster, tokenizer, metrics, uuid.uuid4().hex, prompt_ids,
                                   params.to_dict(), sampling.stop)
 
     return app

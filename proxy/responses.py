@@ -11,7 +11,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from proxy import protocol as p
+from proxy import openai_api as api
 from proxy.cluster import ClusterClient
 from proxy.detokenizer import IncrementalDetokenizer, Tokenizer
 from proxy.errors import ApiError, internal
@@ -23,7 +23,7 @@ from proxy.stop import StopMatcher
 @dataclass
 class Delta:
     text: str
-    logprobs: list[p.TokenLogprob]
+    logprobs: list[api.TokenLogprob]
     finish_reason: str | None = None
 
 
@@ -81,18 +81,18 @@ class GenerationStream:
                     time.monotonic() - self.started,
                     None if first_at is None else first_at - self.started, self.num_cached_tokens)
 
-    def _logprobs(self, raw: list) -> list[p.TokenLogprob]:
+    def _logprobs(self, raw: list) -> list[api.TokenLogprob]:
         decode = self.tokenizer.decode
-        return [p.TokenLogprob(decode([tok], skip_special_tokens=False), float(lp),
+        return [api.TokenLogprob(decode([tok], skip_special_tokens=False), float(lp),
                                [(decode([t], skip_special_tokens=False), float(v)) for t, v in top])
                 for tok, lp, top in raw]
 
-    def usage(self) -> p.UsageInfo:
-        return p.UsageInfo.of(len(self.prompt_ids), self.num_completion_tokens, self.num_cached_tokens)
+    def usage(self) -> api.UsageInfo:
+        return api.UsageInfo.of(len(self.prompt_ids), self.num_completion_tokens, self.num_cached_tokens)
 
 
 # ---- non-streaming ----------------------------------------------------------------------------
-async def collect(stream: GenerationStream) -> tuple[str, list[p.TokenLogprob]]:
+async def collect(stream: GenerationStream) -> tuple[str, list[api.TokenLogprob]]:
     text, logprobs = [], []
     async for d in stream.deltas():
         text.append(d.text)
@@ -100,20 +100,20 @@ async def collect(stream: GenerationStream) -> tuple[str, list[p.TokenLogprob]]:
     return "".join(text), logprobs
 
 
-async def completion_response(stream: GenerationStream, model: str, want_logprobs: bool) -> p.CompletionResponse:
+async def completion_response(stream: GenerationStream, model: str, want_logprobs: bool) -> api.CompletionResponse:
     text, logprobs = await collect(stream)
-    choice = p.CompletionChoice(text=text, finish_reason=stream.finish_reason,  # type: ignore[arg-type]
-                                logprobs=p.CompletionLogprobs.build(logprobs) if want_logprobs else None)
-    return p.CompletionResponse(id=f"cmpl-{stream.request_id}", model=model, choices=[choice],
+    choice = api.CompletionChoice(text=text, finish_reason=stream.finish_reason,  # type: ignore[arg-type]
+                                logprobs=api.CompletionLogprobs.build(logprobs) if want_logprobs else None)
+    return api.CompletionResponse(id=f"cmpl-{stream.request_id}", model=model, choices=[choice],
                                 usage=stream.usage())
 
 
-async def chat_response(stream: GenerationStream, model: str, want_logprobs: bool) -> p.ChatCompletionResponse:
+async def chat_response(stream: GenerationStream, model: str, want_logprobs: bool) -> api.ChatCompletionResponse:
     text, logprobs = await collect(stream)
-    choice = p.ChatChoice(message=p.ChatResponseMessage(content=text),
+    choice = api.ChatChoice(message=api.ChatResponseMessage(content=text),
                           finish_reason=stream.finish_reason,  # type: ignore[arg-type]
-                          logprobs=p.ChatLogprobs.build(logprobs) if want_logprobs else None)
-    return p.ChatCompletionResponse(id=f"chatcmpl-{stream.request_id}", model=model,
+                          logprobs=api.ChatLogprobs.build(logprobs) if want_logprobs else None)
+    return api.ChatCompletionResponse(id=f"chatcmpl-{stream.request_id}", model=model,
                                     choices=[choice], usage=stream.usage())
 
 
@@ -123,12 +123,12 @@ async def completion_sse(stream: GenerationStream, model: str, want_logprobs: bo
     rid, offset = f"cmpl-{stream.request_id}", 0
     try:
         async for d in stream.deltas():
-            lp = p.CompletionLogprobs.build(d.logprobs, offset) if want_logprobs else None
+            lp = api.CompletionLogprobs.build(d.logprobs, offset) if want_logprobs else None
             offset += len(d.text)
-            choice = p.CompletionChoice(text=d.text, logprobs=lp, finish_reason=d.finish_reason)  # type: ignore[arg-type]
-            yield sse_event(p.CompletionResponse(id=rid, model=model, choices=[choice]))
+            choice = api.CompletionChoice(text=d.text, logprobs=lp, finish_reason=d.finish_reason)  # type: ignore[arg-type]
+            yield sse_event(api.CompletionResponse(id=rid, model=model, choices=[choice]))
         if include_usage:
-            yield sse_event(p.CompletionResponse(id=rid, model=model, choices=[], usage=stream.usage()))
+            yield sse_event(api.CompletionResponse(id=rid, model=model, choices=[], usage=stream.usage()))
     except ApiError as e:
         yield sse_error(e)
     except Exception as e:  # an unexpected failure still ends the stream properly
@@ -139,16 +139,16 @@ async def completion_sse(stream: GenerationStream, model: str, want_logprobs: bo
 async def chat_sse(stream: GenerationStream, model: str, want_logprobs: bool,
                    include_usage: bool) -> AsyncIterator[bytes]:
     rid = f"chatcmpl-{stream.request_id}"
-    first = p.ChatChunkChoice(delta=p.DeltaMessage(role="assistant", content=""))
-    yield sse_event(p.ChatCompletionChunk(id=rid, model=model, choices=[first]))
+    first = api.ChatChunkChoice(delta=api.DeltaMessage(role="assistant", content=""))
+    yield sse_event(api.ChatCompletionChunk(id=rid, model=model, choices=[first]))
     try:
         async for d in stream.deltas():
-            lp = p.ChatLogprobs.build(d.logprobs) if want_logprobs and d.logprobs else None
-            choice = p.ChatChunkChoice(delta=p.DeltaMessage(content=d.text), logprobs=lp,
+            lp = api.ChatLogprobs.build(d.logprobs) if want_logprobs and d.logprobs else None
+            choice = api.ChatChunkChoice(delta=api.DeltaMessage(content=d.text), logprobs=lp,
                                        finish_reason=d.finish_reason)  # type: ignore[arg-type]
-            yield sse_event(p.ChatCompletionChunk(id=rid, model=model, choices=[choice]))
+            yield sse_event(api.ChatCompletionChunk(id=rid, model=model, choices=[choice]))
         if include_usage:
-            yield sse_event(p.ChatCompletionChunk(id=rid, model=model, choices=[], usage=stream.usage()))
+            yield sse_event(api.ChatCompletionChunk(id=rid, model=model, choices=[], usage=stream.usage()))
     except ApiError as e:
         yield sse_error(e)
     except Exception as e:

@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 
 from proxy import errors
 from proxy.errors import ApiError, install_error_handlers, loc_to_param
-from proxy.protocol import ChatCompletionRequest
+from proxy.openai_api import ChatCompletionRequest
 
 
 def make_app() -> FastAPI:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from proxy import errors
-from proxy.protocol import ChatChunkChoice, ChatCompletionChunk, DeltaMessage
+from proxy.openai_api import ChatChunkChoice, ChatCompletionChunk, DeltaMessage
 from proxy.sse import SSE_DONE, SSE_MEDIA_TYPE, sse_error, sse_event, sse_headers
 
 

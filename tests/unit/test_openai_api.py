@@ -1,4 +1,4 @@
-"""Request validation, sampling handoff and response shapes of proxy/protocol.py."""
+"""Request validation, sampling handoff and response shapes of proxy/openai_api.py."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from pydantic import ValidationError
 
 from proxy.errors import ApiError
-from proxy.protocol import (
+from proxy.openai_api import (
     ChatChoice,
     ChatChunkChoice,
     ChatCompletionChunk,
