@@ -1,0 +1,191 @@
+"""Where a prompt is prefilled: on a prefill worker (`remote`) or by its decode worker (`local`).
+
+The choice is a prediction, not a threshold. For each option the rule predicts this request's
+time to first token and the time per output token of the decode worker's batch, from the
+workers' step-time models (cost_model.py) and what the proxy knows they hold now:
+- remote: the prefill worker's queue (seconds of work already sent to it), this prompt's
+  uncached tokens in chunks of its token budget, the KV transfer (bytes / measured rate) and
+  the hops; the decode batch then runs with one more sequence.
+- local: the decode worker's own queue of local prefills, then this prompt's uncached tokens
+  in chunks, each sharing a step with the running batch. TPOT is a mean over a request's
+  output, so what local prefills do to the batch is the prefill work still to run on that
+  worker (its queue of local prefills, plus this one) spread over the tokens its running
+  sequences have left (`horizon_tokens`): one short prompt barely moves it, a long one or a
+  queue of them does, and the same queued work counts against the remote option too. Chunk
+  sizes whose step stays within the TPOT SLO are tried; the best margin wins and travels to
+  the decode worker as its prefill chunk cap.
+The option that meets both SLOs with the larger margin (the smaller of its TTFT and TPOT
+slack, relative to the SLO) is chosen; when neither does, the one that misses by less. Margins
+within `TIE` of each other are decided by the TTFT slack. Short prompts (hops and transfer cost more than the prefill) and prompts
+the decode worker's prefix cache mostly covers come out local by this rule, not by a special
+case; a decode worker near its TPOT limit sends prompts away.
+
+Pure functions over snapshots: nothing here talks to workers or keeps state.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from proxy.cost_model import Coefficients
+
+
+class Placement(str, enum.Enum):
+    ADAPTIVE = "adaptive"
+    REMOTE = "remote"
+    LOCAL = "local"
+
+
+@dataclass(frozen=True)
+class Slo:
+    ttft_s: float
+    tpot_s: float
+
+    def __post_init__(self) -> None:
+        if not (self.ttft_s > 0 and self.tpot_s > 0):
+            raise ValueError(f"SLOs must be positive, got TTFT {self.ttft_s} s, "
+                             f"TPOT {self.tpot_s} s")
+
+    def margin(self, ttft_s: float, tpot_s: float) -> float:
+        """The smaller relative slack: 0.2 = 20 % under both; negative = the worse miss."""
+        return min((self.ttft_s - ttft_s) / self.ttft_s, (self.tpot_s - tpot_s) / self.tpot_s)
+
+
+@dataclass(frozen=True)
+class PrefillView:
+    """One live prefill worker as the proxy predicts it now."""
+
+    worker_id: str
+    model: Coefficients
+    queue_s: float  # work already sent to it, in predicted seconds still to run
+    cached_tokens: int  # of this prompt, expected hits in its prefix cache
+    max_batched_tokens: int
+
+
+@dataclass(frozen=True)
+class DecodeView:
+    """The chosen decode worker as the proxy predicts it now."""
+
+    worker_id: str
+    model: Coefficients
+    num_running: int  # sequences decoding
+    context_tokens: int  # their total context
+    local_queue_s: float  # local prefills already placed on it, predicted seconds still to run
+    local_chunk: int  # prefill tokens its steps carry while those run (0: none)
+    cached_tokens: int  # of this prompt, expected hits in its prefix cache
+    max_batched_tokens: int
+    horizon_tokens: float = 64.0  # output tokens its running sequences still produce (mean)
+
+
+@dataclass(frozen=True)
+class TransferView:
+    kv_bytes_per_token: float
+    bytes_per_second: float
+    remote_overhead_s: float  # hops and adoption, learned from measured TTFTs (>= 0)
+    local_overhead_s: float
+
+
+@dataclass(frozen=True)
+class Prediction:
+    placement: Placement  # REMOTE or LOCAL
+    ttft_s: float
+    tpot_s: float
+    margin: float
+    ttft_margin: float
+    prefill_id: str | None = None  # remote: the prefill worker
+    chunk: int = 0  # local: the prefill chunk cap per step (0: no cap)
+    prefill_s: float = 0.0  # the prompt's own prefill time (added to the chosen queue)
+
+
+TIE = 0.02
+CHUNKS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+
+
+def prefill_seconds(model: Coefficients, num_tokens: int, chunk: int, decode_seqs: int = 0,
+                    context_tokens: int = 0) -> float:
+    """Steps of at most `chunk` prompt tokens, each beside `decode_seqs` decoding sequences."""
+    if num_tokens <= 0:
+        return 0.0
+    chunk = max(1, min(chunk, num_tokens))
+    steps = math.ceil(num_tokens / chunk)
+    # attention over the prompt itself grows through the chunks: on average half of it
+    mean_context = context_tokens + num_tokens / 2
+    return steps * model.step_seconds(chunk, decode_seqs, mean_context) \
+        - (steps * chunk - num_tokens) * model.per_prefill_token
+
+
+def predict_remote(num_prompt_tokens: int, prefill: PrefillView, decode: DecodeView,
+                   transfer: TransferView, slo: Slo) -> Prediction:
+    uncached = max(1, num_prompt_tokens - prefill.cached_tokens)
+    own = prefill_seconds(prefill.model, uncached, prefill.max_batched_tokens)
+    kv_s = num_prompt_tokens * transfer.kv_bytes_per_token / max(transfer.bytes_per_second, 1.0)
+    ttft = prefill.queue_s + own + kv_s + transfer.remote_overhead_s
+    tpot = _joined_step(decode, num_prompt_tokens) + _stall_per_token(decode, 0.0)
+    return Prediction(Placement.REMOTE, ttft, tpot, slo.margin(ttft, tpot),
+                      slo.margin(ttft, 0.0), prefill.worker_id, 0, own)
+
+
+def predict_local(num_prompt_tokens: int, decode: DecodeView, transfer: TransferView,
+                  slo: Slo) -> Prediction:
+    """The best chunk size for a local prefill on `decode` (its margin decides). With a running
+    batch, only chunks whose step stays within the TPOT SLO are tried (the smallest otherwise),
+    so no single inter-token gap breaks it."""
+    uncached = max(1, num_prompt_tokens - decode.cached_tokens)
+    n, ctx = decode.num_running, decode.context_tokens
+    base = decode.model.step_seconds(0, n, ctx) if n else 0.0
+    best: Prediction | None = None
+    for chunk in _chunk_candidates(decode, uncached, slo):
+        own = prefill_seconds(decode.model, uncached, chunk, n, ctx)
+        ttft = decode.local_queue_s + own + transfer.local_overhead_s
+        stall = own - math.ceil(uncached / chunk) * base  # beyond the decoding it does anyway
+        tpot = _joined_step(decode, num_prompt_tokens) + _stall_per_token(decode, stall)
+        cap = 0 if chunk >= decode.max_batched_tokens else chunk
+        p = Prediction(Placement.LOCAL, ttft, tpot, slo.margin(ttft, tpot),
+                       slo.margin(ttft, 0.0), None, cap, own)
+        if best is None or p.margin > best.margin:
+            best = p
+    assert best is not None  # _chunk_candidates is never empty
+    return best
+
+
+def _joined_step(decode: DecodeView, num_prompt_tokens: int) -> float:
+    """A decode step once this request joins the batch."""
+    return decode.model.step_seconds(0, decode.num_running + 1,
+                                     decode.context_tokens + num_prompt_tokens)
+
+
+def _stall_per_token(decode: DecodeView, own_stall_s: float) -> float:
+    """Local prefill work still to run on `decode` (queued, plus this prompt's), spread over the
+    tokens its running sequences have left: what it adds to their mean TPOT."""
+    if not decode.num_running:
+        return 0.0
+    return (decode.local_queue_s + own_stall_s) / max(decode.horizon_tokens, 1.0)
+
+
+def _chunk_candidates(decode: DecodeView, uncached: int, slo: Slo) -> list[int]:
+    limit = max(1, min(decode.max_batched_tokens, uncached))
+    chunks = [c for c in CHUNKS if c < limit] + [limit]
+    if not decode.num_running:
+        return [limit]
+    fits = [c for c in chunks if decode.model.step_seconds(
+        c, decode.num_running, decode.context_tokens) <= slo.tpot_s]
+    return fits or chunks[:1]
+
+
+def choose(mode: Placement, num_prompt_tokens: int, prefills: Sequence[PrefillView],
+           decode: DecodeView, transfer: TransferView, slo: Slo) -> Prediction:
+    """The placement of one request: `mode` REMOTE or LOCAL forces it (REMOTE falls back to
+    LOCAL without a live prefill worker); ADAPTIVE predicts both and keeps the larger margin."""
+    local = predict_local(num_prompt_tokens, decode, transfer, slo)
+    if mode is Placement.LOCAL or not prefills:
+        return local
+    remotes = [predict_remote(num_prompt_tokens, p, decode, transfer, slo) for p in prefills]
+    remote = max(remotes, key=lambda p: (p.margin, -p.ttft_s))
+    if mode is Placement.REMOTE:
+        return remote
+    if abs(local.margin - remote.margin) <= TIE:
+        return local if local.ttft_margin > remote.ttft_margin else remote
+    return local if local.margin > remote.margin else remote

@@ -1,0 +1,146 @@
+"""The placement rule against synthetic cost models: each boundary picks what it should.
+
+Numbers are CPU-like: a worker step costs 20 ms + 2 ms per prefill token + 1 ms per decode
+sequence + 2 us per context token; SLOs TTFT 3 s / TPOT 150 ms unless a test says otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from proxy.cost_model import Coefficients
+from proxy.placement import (
+    DecodeView,
+    Placement,
+    PrefillView,
+    Slo,
+    TransferView,
+    choose,
+    predict_local,
+    predict_remote,
+    prefill_seconds,
+)
+
+MODEL = Coefficients(0.02, 2e-3, 1e-3, 2e-6)
+SLO = Slo(3.0, 0.15)
+TRANSFER = TransferView(kv_bytes_per_token=23040, bytes_per_second=1e9,
+                        remote_overhead_s=0.05, local_overhead_s=0.005)
+
+
+def prefill(queue_s: float = 0.0, cached: int = 0, wid: str = "prefill-0") -> PrefillView:
+    return PrefillView(wid, MODEL, queue_s, cached, 2048)
+
+
+def decode(running: int = 0, context: int = 0, local_queue_s: float = 0.0, cached: int = 0,
+           model: Coefficients = MODEL) -> DecodeView:
+    return DecodeView("decode-0", model, running, context, local_queue_s, 0, cached, 2048)
+
+
+def test_idle_cluster_long_prompt_busy_decode_goes_remote() -> None:
+    """A decode worker with a running batch: a long local prefill would stretch its steps, an
+    idle prefill worker would not."""
+    got = choose(Placement.ADAPTIVE, 1500, [prefill()], decode(running=12, context=12 * 600),
+                 TRANSFER, SLO)
+    assert got.placement is Placement.REMOTE and got.prefill_id == "prefill-0"
+
+
+def test_short_prompt_goes_local() -> None:
+    """Hops and transfer cost more than prefilling 12 tokens beside the batch."""
+    got = choose(Placement.ADAPTIVE, 12, [prefill()], decode(running=4, context=2000),
+                 TRANSFER, SLO)
+    assert got.placement is Placement.LOCAL
+
+
+def test_saturated_prefill_pool_sends_prompts_local() -> None:
+    d = decode(running=1, context=600)
+    assert choose(Placement.ADAPTIVE, 600, [prefill(queue_s=0.0)], d, TRANSFER,
+                  SLO).placement is Placement.REMOTE
+    busy = choose(Placement.ADAPTIVE, 600, [prefill(queue_s=4.0)], d, TRANSFER, SLO)
+    assert busy.placement is Placement.LOCAL
+    assert 0 < busy.chunk < 600  # chunked so the running sequence keeps its TPOT
+    assert busy.tpot_s <= SLO.tpot_s
+
+
+def test_the_least_busy_prefill_worker_is_predicted_best() -> None:
+    got = choose(Placement.ADAPTIVE, 900, [prefill(2.0, wid="p-busy"), prefill(0.1, wid="p-idle")],
+                 decode(running=10, context=5000), TRANSFER, SLO)
+    assert (got.placement, got.prefill_id) == (Placement.REMOTE, "p-idle")
+
+
+def test_a_cached_prefix_on_the_decode_worker_brings_the_prompt_local() -> None:
+    d = decode(running=6, context=3000)
+    assert choose(Placement.ADAPTIVE, 1000, [prefill()], d, TRANSFER,
+                  SLO).placement is Placement.REMOTE
+    cached = dataclasses.replace(d, cached_tokens=992)
+    assert choose(Placement.ADAPTIVE, 1000, [prefill()], cached, TRANSFER,
+                  SLO).placement is Placement.LOCAL
+
+
+def test_decode_worker_near_its_tpot_limit_sends_even_short_prompts_away() -> None:
+    """At 28 running sequences a step takes ~140 ms of a 150 ms TPOT SLO: any local chunk
+    breaks it, while a remote prompt only adds one sequence."""
+    d = decode(running=28, context=28 * 1000)
+    assert MODEL.step_seconds(0, 28, 28000) < SLO.tpot_s
+    got = choose(Placement.ADAPTIVE, 64, [prefill()], d, TRANSFER, SLO)
+    assert got.placement is Placement.REMOTE
+
+
+def test_no_live_prefill_worker_means_local_whatever_the_mode() -> None:
+    for mode in Placement:
+        assert choose(mode, 2000, [], decode(), TRANSFER, SLO).placement is Placement.LOCAL
+
+
+def test_forced_modes() -> None:
+    d = decode(running=2, context=100)
+    assert choose(Placement.REMOTE, 4, [prefill()], d, TRANSFER, SLO).placement \
+        is Placement.REMOTE
+    assert choose(Placement.LOCAL, 4000, [prefill()], decode(running=20, context=9000),
+                  TRANSFER, SLO).placement is Placement.LOCAL
+
+
+def test_when_neither_meets_the_slo_the_smaller_miss_wins() -> None:
+    slo = Slo(0.5, 0.15)  # a 2000-token prompt cannot reach its first token in 0.5 s anywhere
+    d = decode(running=2, context=1000)
+    remote = predict_remote(2000, prefill(queue_s=10.0), d, TRANSFER, slo)
+    local = predict_local(2000, d, TRANSFER, slo)
+    assert remote.margin < 0 and local.margin < 0
+    got = choose(Placement.ADAPTIVE, 2000, [prefill(queue_s=10.0)], d, TRANSFER, slo)
+    assert got.placement is (Placement.LOCAL if local.margin > remote.margin
+                             else Placement.REMOTE)
+    assert got.margin == max(local.margin, remote.margin)
+
+
+def test_slow_transfer_link_keeps_long_prompts_local() -> None:
+    """A 10 MB/s link makes 1000 tokens of KV (22 MiB) a two-second transfer."""
+    slow = dataclasses.replace(TRANSFER, bytes_per_second=1e7)
+    d = decode(running=1, context=500)
+    assert choose(Placement.ADAPTIVE, 1000, [prefill()], d, TRANSFER,
+                  SLO).placement is Placement.REMOTE
+    assert choose(Placement.ADAPTIVE, 1000, [prefill()], d, slow,
+                  SLO).placement is Placement.LOCAL
+
+
+def test_prefill_seconds_counts_chunks_and_the_short_last_one() -> None:
+    model = Coefficients(0.01, 1e-3, 0.0, 0.0)
+    assert prefill_seconds(model, 1000, 2048) == pytest.approx(0.01 + 1.0)
+    assert prefill_seconds(model, 1000, 256) == pytest.approx(4 * 0.01 + 1.0)
+    assert prefill_seconds(model, 0, 256) == 0.0
+
+
+def test_slo_validation() -> None:
+    with pytest.raises(ValueError, match="positive"):
+        Slo(0.0, 0.1)
+    assert Slo(1.0, 0.1).margin(0.5, 0.05) == pytest.approx(0.5)
+
+
+def test_local_prefills_already_queued_on_the_decode_worker_send_the_next_one_away() -> None:
+    """Self-regulation: the queued local work counts against the running batch's TPOT."""
+    d = decode(running=8, context=4000)
+    d = dataclasses.replace(d, horizon_tokens=48)
+    assert choose(Placement.ADAPTIVE, 128, [prefill(queue_s=0.5)], d, TRANSFER,
+                  SLO).placement is Placement.LOCAL
+    loaded = dataclasses.replace(d, local_queue_s=2.5, local_chunk=128)
+    assert choose(Placement.ADAPTIVE, 128, [prefill(queue_s=0.5)], loaded, TRANSFER,
+                  SLO).placement is Placement.REMOTE
