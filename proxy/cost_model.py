@@ -167,7 +167,7 @@ def _ridge_solve(rows: list[tuple[float, ...]], ys: list[float], weights: list[f
 def _gauss(a: list[list[float]], b: list[float]) -> list[float]:
     """Solve a @ x = b (small, symmetric positive definite thanks to the ridge term)."""
     k = len(b)
-    m = [row[:] + [b[i]] for i, row in enumerate(a)]
+    m = [[*row, b[i]] for i, row in enumerate(a)]
     for col in range(k):
         pivot = max(range(col, k), key=lambda r: abs(m[r][col]))
         m[col], m[pivot] = m[pivot], m[col]
