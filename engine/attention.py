@@ -1,10 +1,10 @@
 """Attention over a paged KV cache, for any mix of prefill chunks and decode steps in one batch.
 
 The engine's cache for one layer is a tuple of tensors in the layout its KvSpec names
-(engine/kv_layout.py; default NHD `[2, num_blocks, block_size, num_kv_heads, head_dim]`). `AttentionMetadata` says, per sequence in the batch, which
-new tokens it contributes (`query_start_loc`), how long its context is after this step
-(`seq_lens`) and where its blocks are (`block_tables`); `slot_mapping` says where each new
-token's K/V is written.
+(engine/kv_layout.py; default NHD `[2, num_blocks, block_size, num_kv_heads, head_dim]`).
+`AttentionMetadata` says, per sequence in the batch, which new tokens it contributes
+(`query_start_loc`), how long its context is after this step (`seq_lens`) and where its
+blocks are (`block_tables`); `slot_mapping` says where each new token's K/V is written.
 
 `paged_attention` is the function boundary a CUDA/Triton kernel replaces: same arguments,
 same result. Two backends sit behind it:
@@ -66,7 +66,8 @@ class AttentionMetadata:
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_cache: LayerCache,
-                    meta: AttentionMetadata, scale: float, kv_written: bool = False) -> torch.Tensor:
+                    meta: AttentionMetadata, scale: float,
+                    kv_written: bool = False) -> torch.Tensor:
     """Write k/v into the cache, then attend every query to its sequence's cached context.
 
     q: [T, Hq, D]; k, v: [T, Hkv, D] (this step's new tokens). Returns [T, Hq, D].
@@ -95,7 +96,8 @@ def _paged_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                             decode: DecodeMetadata, scale: float, kv_written: bool) -> torch.Tensor:
     from engine import triton_attention  # triton is imported only where this backend runs
 
-    k_cache, v_cache = (layer_cache[0][0], layer_cache[0][1]) if len(layer_cache) == 1 else layer_cache
+    k_cache, v_cache = ((layer_cache[0][0], layer_cache[0][1]) if len(layer_cache) == 1
+                        else layer_cache)
     if not kv_written:
         triton_attention.write_kv_nhd(k, v, k_cache, v_cache, meta.slot_mapping)
     if decode.rows is None:  # a decode-only step: every row is one query token
@@ -127,8 +129,10 @@ def _sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
     copy of L x Hq x D, small next to the attention itself, and every SDPA backend takes it.
     """
     k, v = _expand_heads(k, q.shape[1]), _expand_heads(v, q.shape[1])
-    out = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
-                                         v.transpose(0, 1).unsqueeze(0), is_causal=True, scale=scale)
+    out = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0),
+                                         k.transpose(0, 1).unsqueeze(0),
+                                         v.transpose(0, 1).unsqueeze(0), is_causal=True,
+                                         scale=scale)
     return out[0].transpose(0, 1)
 
 
@@ -136,7 +140,8 @@ def _prefill_one(q: torch.Tensor, layer_cache: LayerCache, meta: AttentionMetada
                  scale: float) -> torch.Tensor:
     seq_len, q_len = meta.seq_lens[i], q.shape[0]
     num_blocks = -(-seq_len // meta.spec.block_size)
-    k, v = gather_kv(meta.spec, layer_cache, meta.block_tables[i, :num_blocks], seq_len)  # [L, Hkv, D]
+    # k, v: [L, Hkv, D]
+    k, v = gather_kv(meta.spec, layer_cache, meta.block_tables[i, :num_blocks], seq_len)
     q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device).unsqueeze(1)  # [q_len, 1]
     mask = torch.arange(seq_len, device=q.device).unsqueeze(0) <= q_pos  # [q_len, L]
     return _sdpa(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), mask.unsqueeze(0), scale)[0]
@@ -148,8 +153,10 @@ def _decode_batch(q: torch.Tensor, layer_cache: LayerCache, meta: AttentionMetad
     lens = torch.tensor([meta.seq_lens[i] for i in idx], device=q.device)
     max_len = max(meta.seq_lens[i] for i in idx)
     num_blocks = -(-max_len // meta.spec.block_size)
-    k, v = gather_kv(meta.spec, layer_cache, meta.block_tables[idx, :num_blocks], max_len)  # [B, L, Hkv, D]
-    mask = (torch.arange(max_len, device=q.device).unsqueeze(0) < lens.unsqueeze(1)).unsqueeze(1)  # [B, 1, L]
+    # k, v: [B, L, Hkv, D]
+    k, v = gather_kv(meta.spec, layer_cache, meta.block_tables[idx, :num_blocks], max_len)
+    positions = torch.arange(max_len, device=q.device).unsqueeze(0)
+    mask = (positions < lens.unsqueeze(1)).unsqueeze(1)  # [B, 1, L]
     return _sdpa(q.unsqueeze(1), k, v, mask, scale)[:, 0]
 
 

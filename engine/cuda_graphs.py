@@ -94,7 +94,8 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def run(self, token_ids: list[int], positions: list[int], slots: list[int],
-            seq_lens: list[int], block_tables: list[list[int]], use_graph: bool = True) -> torch.Tensor:
+            seq_lens: list[int], block_tables: list[list[int]],
+            use_graph: bool = True) -> torch.Tensor:
         """Logits [num_seqs, vocab] (float32) of one decode step. The tensor is the graph's
         static output: read it before the next `run`. `use_graph=False` runs the same padded
         step eagerly (the reference the graph must equal exactly)."""

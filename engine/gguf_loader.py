@@ -134,7 +134,8 @@ def read_gguf(path: str | Path) -> GgufFile:
     path = Path(path)
     with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
         if buf[:4] != _MAGIC:
-            raise GgufError(f"{path} is not a GGUF file (magic {bytes(buf[:4])!r}, expected b'GGUF')")
+            raise GgufError(f"{path} is not a GGUF file "
+                            f"(magic {bytes(buf[:4])!r}, expected b'GGUF')")
         cur = _Cursor(buf, path)
         cur.pos = 4
         version = cur.scalar("<I")
@@ -170,7 +171,8 @@ def _rope_scaling(gf: GgufFile) -> dict[str, Any] | None:
                         "use the model's Hugging Face directory instead")
     if kind in (None, "none"):
         return None
-    scaling: dict[str, Any] = {"rope_type": kind, "factor": float(gf.arch_key("rope.scaling.factor", 1.0))}
+    scaling: dict[str, Any] = {"rope_type": kind,
+                               "factor": float(gf.arch_key("rope.scaling.factor", 1.0))}
     original = gf.arch_key("rope.scaling.original_context_length")
     if original is not None:
         scaling["original_max_position_embeddings"] = int(original)
@@ -188,7 +190,8 @@ def gguf_model_config(gf: GgufFile) -> ModelConfig:
     if missing or "token_embd.weight" not in gf.tensors:
         raise GgufError(f"{gf.path.name}: missing {missing or ['token_embd.weight']}; "
                         "the file is not a complete model checkpoint")
-    hidden, num_heads = int(gf.arch_key("embedding_length")), int(gf.arch_key("attention.head_count"))
+    hidden = int(gf.arch_key("embedding_length"))
+    num_heads = int(gf.arch_key("attention.head_count"))
     vocab = gf.tensors["token_embd.weight"].shape[0]  # rows of the embedding, >= tokenizer size
     bos = gf.get("tokenizer.ggml.bos_token_id")
     return ModelConfig(
@@ -270,7 +273,8 @@ def iter_gguf_tensors(gf: GgufFile) -> Iterator[tuple[GgufTensorInfo, np.ndarray
             del values
 
 
-def load_gguf_weights(gf: GgufFile, config: ModelConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def load_gguf_weights(gf: GgufFile, config: ModelConfig,
+                      dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """All model tensors, dequantized, renamed to HF names, q/k un-permuted, cast to `dtype`."""
     weights: dict[str, torch.Tensor] = {}
     is_permuted = config.architecture in ("llama", "mistral")  # llama.cpp leaves qwen2 alone

@@ -18,7 +18,8 @@ from engine.sequence import Sequence
 
 
 class KvCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int,
+                 enable_prefix_caching: bool = True) -> None:
         self.pool = BlockPool(num_blocks)
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
@@ -59,7 +60,8 @@ class KvCacheManager:
             raise BlockAccountingError(f"sequence {seq.seq_id} already holds blocks")
         n = seq.num_tokens if num_tokens is None else num_tokens
         if n < seq.num_prompt_tokens:
-            raise BlockAccountingError(f"cannot reserve {n} tokens for a prompt of {seq.num_prompt_tokens}")
+            raise BlockAccountingError(f"cannot reserve {n} tokens for a prompt of "
+                                       f"{seq.num_prompt_tokens}")
         if not self.can_allocate(seq, n, use_prefix_cache):
             raise OutOfBlocks(self.blocks_for(n), self.pool.num_free)
         hits = self._prefix_hits(seq, use_prefix_cache)
@@ -96,8 +98,8 @@ class KvCacheManager:
         """
         if not seq.num_prompt_tokens <= new_len <= seq.num_tokens:
             raise BlockAccountingError(
-                f"sequence {seq.seq_id} has length {seq.num_tokens} (prompt {seq.num_prompt_tokens}); "
-                f"cannot truncate to {new_len}")
+                f"sequence {seq.seq_id} has length {seq.num_tokens} "
+                f"(prompt {seq.num_prompt_tokens}); cannot truncate to {new_len}")
         keep = self.blocks_for(new_len)
         self.pool.decref_all(seq.block_table[keep:][::-1])
         del seq.block_table[keep:]

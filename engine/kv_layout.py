@@ -38,7 +38,8 @@ def allocate_cache(spec: KvSpec, num_blocks: int, device: torch.device) -> list[
             layers.append((z(B, H, D // spec.x, S, spec.x), z(B, H, D, S)))
         else:
             block = (S, H, D) if spec.layout is KvLayout.NHD else (H, S, D)
-            layers.append((z(2, B, *block),) if spec.is_kv_stacked else (z(B, *block), z(B, *block)))
+            layers.append((z(2, B, *block),) if spec.is_kv_stacked
+                          else (z(B, *block), z(B, *block)))
     return layers
 
 
@@ -68,7 +69,8 @@ def write_kv(spec: KvSpec, layer: LayerCache, k: torch.Tensor, v: torch.Tensor,
 
 def gather_kv(spec: KvSpec, layer: LayerCache, block_table: torch.Tensor,
               length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys and values of the first `length` tokens: block_table [..., nb] -> [..., length, H, D]."""
+    """Keys and values of the first `length` tokens:
+    block_table [..., nb] -> [..., length, H, D]."""
     kc, vc = _kv(layer)
     # index_select on the flattened table: ~3x faster than advanced indexing on CPU
     flat = block_table.reshape(-1)
@@ -78,7 +80,8 @@ def gather_kv(spec: KvSpec, layer: LayerCache, block_table: torch.Tensor,
     if spec.layout is KvLayout.HND:  # [..., nb, H, S, D] -> [..., nb, S, H, D]
         k, v = k.transpose(lead, lead + 1), v.transpose(lead, lead + 1)
     elif spec.layout is KvLayout.PAGED_V1:
-        # K [..., nb, H, D/x, S, x] -> [..., nb, S, H, D/x, x]; V [..., nb, H, D, S] -> [..., nb, S, H, D]
+        # K [..., nb, H, D/x, S, x] -> [..., nb, S, H, D/x, x];
+        # V [..., nb, H, D, S] -> [..., nb, S, H, D]
         k = k.movedim(lead + 2, lead).flatten(-2)
         v = v.movedim(lead + 2, lead)
     shape = (*block_table.shape[:-1], -1, spec.num_kv_heads, spec.head_dim)

@@ -50,7 +50,8 @@ class LLMEngine:
             torch.cuda.set_device(device)
         self.runner = ModelRunner(checkpoint.config, checkpoint.weights, plan, config.torch_dtype,
                                   config.torch_device)
-        self.cache = KvCacheManager(plan.num_blocks, plan.spec.block_size, config.enable_prefix_caching)
+        self.cache = KvCacheManager(plan.num_blocks, plan.spec.block_size,
+                                    config.enable_prefix_caching)
         eos = tuple(checkpoint.tokenizer.eos_token_ids) or checkpoint.config.eos_token_ids
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, plan.max_model_len),
@@ -73,7 +74,8 @@ class LLMEngine:
         return engine
 
     # ---- requests ---------------------------------------------------------------------------
-    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> Sequence:
+    def add_request(self, request_id: str, prompt_ids: list[int],
+                    params: SamplingParams) -> Sequence:
         if request_id in self._seqs:
             raise EngineError(f"duplicate request id {request_id!r}")
         seq = Sequence(request_id, list(prompt_ids), params)
@@ -111,11 +113,13 @@ class LLMEngine:
         if seq.is_finished:
             self._seqs.pop(seq.seq_id, None)
             self._num_emitted.pop(seq.seq_id, None)
-        return RequestOutput(seq.seq_id, new, seq.logprobs[emitted:emitted + len(new)], seq.is_finished,
-                             seq.finish_reason, seq.num_prompt_tokens, seq.num_cached_tokens)
+        return RequestOutput(seq.seq_id, new, seq.logprobs[emitted:emitted + len(new)],
+                             seq.is_finished, seq.finish_reason, seq.num_prompt_tokens,
+                             seq.num_cached_tokens)
 
     # ---- disaggregated decode: reservations filled by a prefill worker ---------------------
-    def reserve(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> Sequence | None:
+    def reserve(self, request_id: str, prompt_ids: list[int],
+                params: SamplingParams) -> Sequence | None:
         """Allocate blocks for a prompt whose K/V will arrive from a prefill worker.
 
         Returns None (nothing taken) when the blocks are not free right now; raises RequestError
@@ -135,7 +139,8 @@ class LLMEngine:
 
     def adopt_prefilled(self, seq: Sequence, first_token: int,
                         first_logprob: TokenLogprob | None) -> RequestOutput:
-        """The reservation's prompt K/V is in its blocks: append the first token and join the batch."""
+        """The reservation's prompt K/V is in its blocks: append the first token and join the
+        batch."""
         seq.num_computed_tokens = seq.num_prompt_tokens
         self.cache.commit_computed(seq)
         seq.token_ids.append(first_token)
@@ -163,7 +168,8 @@ class LLMEngine:
     # ---- convenience ------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
                  arrival_steps: list[int] | None = None) -> list[Sequence]:
-        """Run prompts to completion as one continuous batch; request i joins at step arrival_steps[i]."""
+        """Run prompts to completion as one continuous batch; request i joins at step
+        arrival_steps[i]."""
         params_list = params if isinstance(params, list) else [params] * len(prompts)
         arrivals = arrival_steps or [0] * len(prompts)
         pending = sorted(range(len(prompts)), key=lambda i: arrivals[i])

@@ -63,7 +63,8 @@ class KvPlan:
     def line(self) -> str:
         return (f"KV cache: {self.num_blocks} blocks x {self.spec.block_size} tokens = "
                 f"{self.num_tokens} tokens, {_fmt_bytes(self.total_bytes)} "
-                f"({self.spec.dtype.value} {self.spec.layout.value}, {_fmt_bytes(self.spec.bytes_per_token)}/token, "
+                f"({self.spec.dtype.value} {self.spec.layout.value}, "
+                f"{_fmt_bytes(self.spec.bytes_per_token)}/token, "
                 f"budget from {self.budget_source}); max {self.max_concurrent_seqs} concurrent "
                 f"sequences at --max-model-len {self.max_model_len}")
 
@@ -72,8 +73,10 @@ def kv_spec_for(model: ModelConfig, engine: EngineConfig, weights_identity: str 
     return KvSpec(
         num_layers=model.num_layers, num_kv_heads=model.num_kv_heads, head_dim=model.head_dim,
         block_size=engine.block_size, dtype=_KV_DTYPES[engine.kv_torch_dtype],
-        layout=KvLayout(engine.kv_cache_layout), is_kv_stacked=KvLayout(engine.kv_cache_layout) is not KvLayout.PAGED_V1,
-        model_fingerprint=model_fingerprint(model.arch_fields, weights_identity) if weights_identity else "")
+        layout=KvLayout(engine.kv_cache_layout),
+        is_kv_stacked=KvLayout(engine.kv_cache_layout) is not KvLayout.PAGED_V1,
+        model_fingerprint=(model_fingerprint(model.arch_fields, weights_identity)
+                           if weights_identity else ""))
 
 
 CUDA_FIXED_RESERVE = 512 << 20
@@ -90,7 +93,8 @@ def activation_reserve_bytes(model: ModelConfig, engine: EngineConfig) -> int:
     max_len = engine.max_model_len or min(model.max_position_embeddings, MAX_DEFAULT_MODEL_LEN)
     q_width, kv_width = model.num_heads * model.head_dim, model.num_kv_heads * model.head_dim
     # per token in flight: hidden states and norms, q/k/v and their rotated copies, MLP gate/up/act
-    per_token = (6 * model.hidden_size + 2 * (q_width + 2 * kv_width) + 4 * model.intermediate_size) * elem
+    per_token = (6 * model.hidden_size + 2 * (q_width + 2 * kv_width)
+                 + 4 * model.intermediate_size) * elem
     # fp32 logits of every sequence a step can sample, and the sampler's sorted copies
     logits = engine.max_num_seqs * model.vocab_size * 4 * 6
     # a prefill chunk attending to a full-length context: K/V expanded to all heads, bool mask
@@ -107,7 +111,8 @@ def kv_budget_bytes(model: ModelConfig, engine: EngineConfig,
     device = engine.torch_device
     if device.type != "cuda":
         budget = engine.kv_cache_memory or DEFAULT_CPU_KV_BYTES
-        return budget, "--kv-cache-memory" if engine.kv_cache_memory else "default 1 GiB (--kv-cache-memory)"
+        return budget, ("--kv-cache-memory" if engine.kv_cache_memory
+                        else "default 1 GiB (--kv-cache-memory)")
     if engine.kv_cache_memory:
         return engine.kv_cache_memory, "--kv-cache-memory"
     free, total = torch.cuda.mem_get_info(device)
@@ -120,7 +125,8 @@ def kv_budget_bytes(model: ModelConfig, engine: EngineConfig,
     util = engine.gpu_memory_utilization
     budget = int(total * util) - in_use - pending_weights - reserve
     return max(budget, 0), (f"--gpu-memory-utilization {util}: {_fmt_bytes(total)} x {util} - "
-                            f"{_fmt_bytes(in_use)} in use - {_fmt_bytes(pending_weights)} weights to load - "
+                            f"{_fmt_bytes(in_use)} in use - "
+                            f"{_fmt_bytes(pending_weights)} weights to load - "
                             f"{_fmt_bytes(reserve)} activation reserve")
 
 

@@ -33,7 +33,8 @@ class RMSNorm(nn.Module):
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
+        self.head_dim = cfg.head_dim
         bias = cfg.attention_bias
         self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=bias)
         self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=bias)
@@ -136,5 +137,6 @@ class LlamaForCausalLM(nn.Module):
             for name, param in expected.items():
                 w = weights[name]
                 if w.shape != param.shape:
-                    raise ValueError(f"{name}: checkpoint shape {tuple(w.shape)} != model {tuple(param.shape)}")
+                    raise ValueError(f"{name}: checkpoint shape {tuple(w.shape)} "
+                                     f"!= model {tuple(param.shape)}")
                 param.copy_(w.to(param.dtype))

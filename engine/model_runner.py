@@ -98,7 +98,8 @@ class ModelRunner:
         self.config, self.plan, self.device, self.dtype = config, plan, device, dtype
         if device.type == "cpu":
             keep_freed_memory()  # no page-fault storm per decode step (engine/cpu_malloc.py)
-        self.attention_backend = choose_attention_backend(attention_backend, device, plan.spec.layout)
+        self.attention_backend = choose_attention_backend(attention_backend, device,
+                                                          plan.spec.layout)
         with torch.device("meta"):
             model = LlamaForCausalLM(config, plan.max_model_len)
         model = model.to_empty(device=device).to(dtype)
@@ -144,7 +145,9 @@ class ModelRunner:
         return graphs
 
     # ---- inputs -------------------------------------------------------------------------------
-    def prepare(self, batch: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    def prepare(
+        self, batch: list[ScheduledSeq]
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         step = self._prepare(batch)
         return step.input_ids, step.positions, step.meta
 
@@ -166,14 +169,16 @@ class ModelRunner:
             seq_lens.append(end)
         done = [i for i, s in enumerate(batch) if s.completes]
         arrays = [np.asarray(input_ids, dtype=np.int64), np.concatenate(positions),
-                  np.concatenate(slots), tables, np.asarray([qsl[i + 1] - 1 for i in done], dtype=np.int64)]
+                  np.concatenate(slots), tables,
+                  np.asarray([qsl[i + 1] - 1 for i in done], dtype=np.int64)]
         decode_idx = [i for i, s in enumerate(batch) if s.num_tokens == 1]
         is_triton = self.attention_backend == "triton"
         all_decode = len(decode_idx) == len(batch)
         if is_triton:
             arrays.append(np.asarray([seq_lens[i] for i in decode_idx], dtype=np.int64))
             if not all_decode:
-                arrays += [np.asarray([qsl[i] for i in decode_idx], dtype=np.int64), tables[decode_idx]]
+                arrays += [np.asarray([qsl[i] for i in decode_idx], dtype=np.int64),
+                           tables[decode_idx]]
         dev = upload(arrays, self.device)
         input_ids_t, positions_t, slots_t, tables_t, logits_rows = dev[:5]
         decode = None
@@ -199,15 +204,18 @@ class ModelRunner:
             seqs = [s.seq for s in batch]
         else:
             step = self._prepare(batch)
-            hidden = self.model(step.input_ids, step.positions, self.kv_caches, step.meta)  # [T, hidden]
+            # hidden: [T, hidden]
+            hidden = self.model(step.input_ids, step.positions, self.kv_caches, step.meta)
             if not step.done:
                 return {}
-            logits = self.model.compute_logits(hidden.index_select(0, step.logits_rows))  # [len(done), vocab]
+            # logits: [len(done), vocab]
+            logits = self.model.compute_logits(hidden.index_select(0, step.logits_rows))
             seqs = [batch[i].seq for i in step.done]
         results = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
         return {s.seq_id: r for s, r in zip(seqs, results, strict=True)}
 
-    def _graph_logits(self, batch: list[ScheduledSeq], use_graph: bool = True) -> torch.Tensor | None:
+    def _graph_logits(self, batch: list[ScheduledSeq],
+                      use_graph: bool = True) -> torch.Tensor | None:
         """Logits of a decode-only step (every sequence computes one token and completes) from
         the captured graphs; None when the step does not fit them (it then runs eagerly)."""
         graphs = self.graphs

@@ -110,7 +110,8 @@ def safetensors_files(path: str | Path) -> list[Path]:
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise HfCheckpointError(f"{path} has no *.safetensors weights (pytorch_model.bin is not "
-                                "read; convert it with save_pretrained(dir, safe_serialization=True))")
+                                "read; convert it with "
+                                "save_pretrained(dir, safe_serialization=True))")
     return files
 
 

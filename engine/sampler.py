@@ -60,8 +60,8 @@ def _filtered(rows: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor
         return rows
     sorted_logits, order = torch.sort(rows, dim=-1, descending=True)
     rank = torch.arange(rows.shape[-1], device=rows.device)
-    sorted_logits = sorted_logits.masked_fill((top_k[:, None] > 0) & (rank[None, :] >= top_k[:, None]),
-                                              float("-inf"))
+    sorted_logits = sorted_logits.masked_fill(
+        (top_k[:, None] > 0) & (rank[None, :] >= top_k[:, None]), float("-inf"))
     probs = torch.softmax(sorted_logits, dim=-1)
     # drop a token when the mass before it already reaches top_p (the best one always stays)
     drop = probs.cumsum(-1) - probs >= top_p[:, None]

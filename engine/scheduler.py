@@ -124,7 +124,8 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.stats.num_preemptions += 1
 
-    def advance(self, batch: list[ScheduledSeq], results: dict[str, SampleResult]) -> list[Sequence]:
+    def advance(self, batch: list[ScheduledSeq],
+                results: dict[str, SampleResult]) -> list[Sequence]:
         """Record the step's computed tokens and sampled tokens; returns sequences that got one."""
         sampled = []
         for s in batch:
@@ -139,7 +140,8 @@ class Scheduler:
                 sampled.append(seq)
         return sampled
 
-    def postprocess(self, batch: list[ScheduledSeq], results: dict[str, SampleResult]) -> list[Sequence]:
+    def postprocess(self, batch: list[ScheduledSeq],
+                    results: dict[str, SampleResult]) -> list[Sequence]:
         """Advance the batch after the model ran; returns sequences that finished this step."""
         finished = []
         for seq in self.advance(batch, results):
@@ -158,7 +160,8 @@ class Scheduler:
 
     def stop_reason(self, seq: Sequence) -> FinishReason | None:
         token, p = seq.token_ids[-1], seq.params
-        is_stop_token = token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids)
+        is_stop_token = (token in p.stop_token_ids
+                         or (not p.ignore_eos and token in self.eos_token_ids))
         if is_stop_token and seq.num_output_tokens >= p.min_tokens:
             return FinishReason.STOP
         if seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.config.max_model_len:

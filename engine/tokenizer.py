@@ -209,7 +209,8 @@ def _byte_level_bpe(tokens: list[str], meta: dict[str, Any]) -> BackendTokenizer
     backend.decoder = decoders.ByteLevel()
     types = meta.get("tokenizer.ggml.token_type") or []
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                                for t, kind in zip(tokens, types, strict=False) if kind == _CONTROL])
+                                for t, kind in zip(tokens, types, strict=False)
+                                if kind == _CONTROL])
     backend.add_tokens([AddedToken(t, special=False, normalized=False)
                         for t, kind in zip(tokens, types, strict=False) if kind == _USER_DEFINED])
     bos_id = meta.get("tokenizer.ggml.bos_token_id")

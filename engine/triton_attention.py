@@ -51,6 +51,9 @@ def _decode_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_SPLIT: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    # Over 60 lines on purpose: one Triton program, the flash-decoding loop and its epilogue
+    # sharing the running max/sum/accumulator in registers; split into @triton.jit helpers it
+    # would only pass those around. A quarter of the length is the stride parameters.
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -77,11 +80,13 @@ def _decode_kernel(
         block = tl.load(tables_ptr + seq * stride_tt + offs_n // BLOCK_SIZE, mask=mask_n, other=0)
         in_block = offs_n % BLOCK_SIZE
         kv_mask = mask_n[:, None] & mask_d[None, :]
+        # k: [BLOCK_N, D]
         k = tl.load(k_ptr + block[:, None] * stride_kb + in_block[:, None] * stride_ks
-                    + kv_head * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, D]
+                    + kv_head * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_ptr + block[:, None] * stride_vb + in_block[:, None] * stride_vs
                     + kv_head * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION) * scale  # [GROUP_PAD, BLOCK_N]
+        # s: [GROUP_PAD, BLOCK_N]
+        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION) * scale
         s = tl.where(mask_n[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         p = tl.exp(s - m_new[:, None])
@@ -121,7 +126,8 @@ def _merge_kernel(
     w = tl.exp(lse - m)  # 0 for empty splits
     total = tl.sum(w, axis=0)
     parts = tl.load(part_out_ptr + seq * stride_pt + head * stride_ph + offs_s[:, None] * stride_ps
-                    + offs_d[None, :], mask=mask_s[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+                    + offs_d[None, :], mask=mask_s[:, None] & (offs_d[None, :] < HEAD_DIM),
+                    other=0.0)
     o = tl.sum(parts * w[:, None], axis=0) / tl.where(total > 0, total, 1.0)
     tl.store(out_ptr + seq * stride_ot + head * stride_oh + offs_d, o.to(out_ptr.dtype.element_ty),
              mask=offs_d < HEAD_DIM)
@@ -147,14 +153,16 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         return out
     for t in (q, k_cache, v_cache, out):
         if t.stride(-1) != 1:
-            raise ValueError(f"decode_attention needs a contiguous last dim, got strides {t.stride()}")
+            raise ValueError(f"decode_attention needs a contiguous last dim, "
+                             f"got strides {t.stride()}")
     head_dim_pad = triton.next_power_of_2(head_dim)
     block_n = block_n or (64 if head_dim_pad <= 128 else 32)
     is_split = num_splits > 1
     if is_split:
         part_out = torch.empty(num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32,
                                device=q.device)
-        part_lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32,
+                               device=q.device)
     else:  # unused by the kernel; any tensor with the right number of strides
         part_out = out.new_empty(1, 1, 1, 1, dtype=torch.float32)
         part_lse = out.new_empty(1, 1, 1, dtype=torch.float32)

@@ -111,7 +111,8 @@ def _rope_write_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, kc_ptr,
     src = row + (NUM_Q + NUM_KV) * HEAD_DIM + hk * HEAD_DIM + offs[None, :]
     dst = vc_ptr + block * stride_vcb + in_block * stride_vcs + hk * stride_vch + offs[None, :]
     tl.store(dst, tl.load(src, mask=mc, other=0.0).to(vc_ptr.dtype.element_ty), mask=mc)
-    tl.store(dst + half, tl.load(src + half, mask=mc, other=0.0).to(vc_ptr.dtype.element_ty), mask=mc)
+    tl.store(dst + half, tl.load(src + half, mask=mc, other=0.0).to(vc_ptr.dtype.element_ty),
+             mask=mc)
 
 
 def rope_and_write_kv(qkv: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding,
@@ -124,7 +125,8 @@ def rope_and_write_kv(qkv: torch.Tensor, positions: torch.Tensor, rope: RotaryEm
     k = qkv.new_empty(num_tokens, num_kv_heads, head_dim)
     if num_tokens == 0:
         return q, k
-    k_cache, v_cache = (layer_cache[0][0], layer_cache[0][1]) if len(layer_cache) == 1 else layer_cache
+    k_cache, v_cache = ((layer_cache[0][0], layer_cache[0][1]) if len(layer_cache) == 1
+                        else layer_cache)
     _rope_write_kernel[(num_tokens,)](
         qkv, positions, rope.cos, rope.sin, q, k, k_cache, v_cache, slot_mapping,
         qkv.stride(0), rope.cos.stride(0), q.stride(0), k.stride(0),
