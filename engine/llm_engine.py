@@ -8,19 +8,22 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import torch
 
 from engine.checkpoint import Checkpoint, load_checkpoint, read_model_config
 from engine.config import EngineConfig
-from engine.errors import EngineError
+from engine.errors import EngineError, RequestError
 from engine.kv_cache_manager import KvCacheManager
 from engine.memory_plan import KvPlan, plan_kv_cache
-from engine.model_runner import ModelRunner
+from engine.model_runner import ModelRunner, ScheduledSeq
+from engine.sampler import SampleResult
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig
 from engine.sequence import FinishReason, Sequence, TokenLogprob
+from engine.step_stats import StepStats
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +61,9 @@ class LLMEngine:
             self.cache, eos)
         self._seqs: dict[str, Sequence] = {}
         self._num_emitted: dict[str, int] = {}
+        # every executed step, for the worker's heartbeats (the proxy fits its cost models to
+        # them); appended here, drained by another thread: deque's ends are thread-safe
+        self.step_log: deque[StepStats] = deque(maxlen=1024)
 
     @classmethod
     def from_config(cls, config: EngineConfig, log_plan: bool = True) -> LLMEngine:
@@ -74,11 +80,15 @@ class LLMEngine:
         return engine
 
     # ---- requests ---------------------------------------------------------------------------
-    def add_request(self, request_id: str, prompt_ids: list[int],
-                    params: SamplingParams) -> Sequence:
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                    prefill_chunk: int = 0) -> Sequence:
+        """Queue a request; `prefill_chunk` > 0 caps the prompt tokens a step computes while it
+        prefills (with other sequences decoding, a smaller chunk keeps their steps short)."""
         if request_id in self._seqs:
             raise EngineError(f"duplicate request id {request_id!r}")
-        seq = Sequence(request_id, list(prompt_ids), params)
+        if prefill_chunk < 0:
+            raise RequestError(f"prefill chunk must be >= 0, got {prefill_chunk}")
+        seq = Sequence(request_id, list(prompt_ids), params, prefill_chunk=prefill_chunk)
         self.scheduler.add(seq)  # raises RequestError for a request that can never run
         self._seqs[request_id] = seq
         self._num_emitted[request_id] = 0
@@ -97,7 +107,7 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch:
             return []
-        results = self.runner.execute(batch)
+        results = self.execute(batch)
         self.scheduler.postprocess(batch, results)
         outputs = []
         for s in batch:
@@ -105,6 +115,17 @@ class LLMEngine:
             if out.new_token_ids or out.is_finished:
                 outputs.append(out)
         return outputs
+
+    def execute(self, batch: list[ScheduledSeq]) -> dict[str, SampleResult]:
+        """Run one scheduled batch through the model, recording what it held and its time."""
+        t0 = time.perf_counter()
+        results = self.runner.execute(batch)
+        seconds = time.perf_counter() - t0
+        self.step_log.append(StepStats(
+            seconds, sum(s.num_tokens for s in batch if s.num_tokens > 1),
+            sum(1 for s in batch if s.num_tokens == 1),
+            sum(s.seq.num_computed_tokens + s.num_tokens for s in batch)))
+        return results
 
     def _output(self, seq: Sequence) -> RequestOutput:
         emitted = self._num_emitted[seq.seq_id]

@@ -9,6 +9,7 @@ its generated tokens kept, so nothing is lost and counters never go negative.
 
 from __future__ import annotations
 
+import sys
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -31,6 +32,34 @@ class SchedulerStats:
     num_preemptions: int = 0
     num_prefix_hit_tokens: int = 0
     num_prompt_tokens: int = 0
+
+
+@dataclass
+class StepBudget:
+    """What one step may still take: `tokens` in all (`max_num_batched_tokens`), and prompt
+    tokens (chunks of more than one token), which each prefilling sequence's `prefill_chunk`
+    caps: the step's prefill total stays within the smallest cap of the sequences it holds, so
+    a local prefill placed beside a running batch never makes a step longer than the proxy
+    planned."""
+
+    tokens: int
+    prefill_cap: int = sys.maxsize
+    prefill_used: int = 0
+
+    def grant(self, seq: Sequence) -> int:
+        """Tokens `seq` may compute in this step (0: none now)."""
+        n = min(seq.num_uncomputed_tokens, self.tokens)
+        if seq.num_uncomputed_tokens > 1:
+            cap = min(self.prefill_cap, seq.prefill_chunk or sys.maxsize)
+            n = min(n, cap - self.prefill_used)
+        return max(n, 0)
+
+    def take(self, seq: Sequence, n: int) -> None:
+        self.tokens -= n
+        if n > 1 or seq.num_uncomputed_tokens > 1:
+            self.prefill_used += n
+            if seq.prefill_chunk:
+                self.prefill_cap = min(self.prefill_cap, seq.prefill_chunk)
 
 
 @dataclass
@@ -84,13 +113,15 @@ class Scheduler:
 
     # ---- one step ---------------------------------------------------------------------------
     def schedule(self) -> list[ScheduledSeq]:
-        budget = self.config.max_num_batched_tokens
+        budget = StepBudget(self.config.max_num_batched_tokens)
         batch: list[ScheduledSeq] = []
         preempted = False
         for seq in list(self.running):
-            if budget == 0 or seq not in self.running:
+            if seq not in self.running:
                 continue
-            n = min(seq.num_uncomputed_tokens, budget)
+            n = budget.grant(seq)
+            if n == 0:
+                continue
             while not self.cache.can_grow(seq, seq.num_computed_tokens + n):
                 preempted = True
                 victim = self.running.pop()
@@ -101,11 +132,11 @@ class Scheduler:
                 continue
             self.cache.grow(seq, seq.num_computed_tokens + n)
             batch.append(ScheduledSeq(seq, n))
-            budget -= n
-        while self.waiting and budget > 0 and not preempted \
+            budget.take(seq, n)
+        while self.waiting and budget.tokens > 0 and not preempted \
                 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            if not self.cache.can_allocate(seq):
+            if not self.cache.can_allocate(seq) or budget.grant(seq) == 0:
                 break
             self.waiting.popleft()
             cached = self.cache.allocate(seq)
@@ -113,9 +144,9 @@ class Scheduler:
             self.stats.num_prompt_tokens += seq.num_prompt_tokens
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
-            n = min(seq.num_uncomputed_tokens, budget)
+            n = budget.grant(seq)  # after allocate: prefix-cache hits are computed already
             batch.append(ScheduledSeq(seq, n))
-            budget -= n
+            budget.take(seq, n)
         return batch
 
     def _preempt(self, seq: Sequence) -> None:

@@ -60,6 +60,7 @@ class Sequence:
     finish_reason: FinishReason | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
     arrival_step: int = 0
+    prefill_chunk: int = 0  # most prompt tokens per step while it prefills (0: no cap)
     _generator: torch.Generator | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
