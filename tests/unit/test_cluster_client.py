@@ -296,7 +296,7 @@ def test_silent_prefill_worker_loses_its_prefill_to_the_next_one() -> None:
         await second.say(prefill_done("r1", second.worker_id))
         await d.say(tokens("r1", "d0", [7], "stop"))
         assert [t.token_ids for t in await asyncio.wait_for(stream, WAIT_S)] == [[7]]
-    run_cluster(body, heartbeat_timeout_s=0.6)
+    run_cluster(body, heartbeat_timeout_s=1.0)
 
 
 @pytest.mark.parametrize("role", ["prefill", "decode"])
@@ -378,7 +378,7 @@ def test_silent_decode_worker_fails_its_request_and_aborts_the_prefill() -> None
         assert not c.client.alive("decode")
         late = await api_error(c.generate("r2"))  # no decode worker left to route to
         assert (late.status, late.code) == (503, "overloaded")
-    run_cluster(body, heartbeat_timeout_s=0.6)
+    run_cluster(body, heartbeat_timeout_s=1.0)
 
 
 def test_restarted_decode_worker_fails_the_requests_it_held() -> None:

@@ -12,6 +12,7 @@ Messages are built only by the factories at the top of this file.
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -49,8 +50,8 @@ def engine_params(params: Any) -> SamplingParams:
     return SamplingParams.from_dict(params)
 
 
-def kv_spec_of(worker: WorkerBase) -> Any:
-    return worker.engine.plan.spec.to_dict()
+def kv_spec_of(worker: WorkerBase, **changes: Any) -> Any:
+    return dataclasses.replace(worker.engine.plan.spec, **changes).to_dict()
 
 
 def reserve(request_id: str, prompt: list[int] = PROMPT, params: Any = None,
@@ -390,6 +391,39 @@ def test_prefill_worker_fills_the_decode_reservation_and_decode_streams(
 
 
 
+
+def test_kv_for_another_model_fails_before_sending_and_leaves_the_reservation_to_the_proxy(
+        proxy: FakeProxy, make_worker: Any) -> None:
+    d = make_worker(DecodeWorker, proxy.config("d0"))
+    p = make_worker(PrefillWorker, proxy.config("p0"))
+    proxy.send(d, reserve("r1"))
+    blocks = proxy.wait_event(ev.Reserved, "r1").block_ids
+    other = kv_spec_of(d, model_fingerprint="another-model")
+    proxy.send(p, prefill("r1", "d0", d.kv_address, blocks, other))
+    got = proxy.wait_event(ev.RequestFailed, "r1", drive=(p, d))
+    assert (got.worker_id, got.kind, got.retryable) == ("p0", "kv_transfer", False)
+    assert "IncompatibleKv" in got.error
+    assert_all_free(p)
+    assert "r1" in d.reservations  # the proxy's Abort (it saw the failure) frees it
+    proxy.send(d, dmsg.Abort("r1"))
+    assert_all_free(d)
+
+
+def test_kv_for_a_reservation_aborted_meanwhile_is_refused_and_freed_on_both_sides(
+        proxy: FakeProxy, make_worker: Any) -> None:
+    d = make_worker(DecodeWorker, proxy.config("d0"))
+    p = make_worker(PrefillWorker, proxy.config("p0"))
+    proxy.send(d, reserve("r1"))
+    blocks = proxy.wait_event(ev.Reserved, "r1").block_ids
+    proxy.send(d, dmsg.Abort("r1"))
+    proxy.send(p, prefill("r1", "d0", d.kv_address, blocks, kv_spec_of(d)))
+    got = proxy.wait_event(ev.RequestFailed, "r1", drive=(p, d))
+    assert (got.worker_id, got.kind) == ("p0", "kv_transfer")
+    assert "UnexpectedTransfer" in got.error
+    proxy.assert_no_event("r1", drive=(p, d))
+    assert_all_free(p)
+    assert_all_free(d)
+
 # ---- duplicated control messages (the proxy never sends them today: ids are uuids and a request
 # is never sent twice to one prefill worker; but "a bad request fails alone") ---------------------
 @pytest.mark.xfail(strict=True, raises=EngineError, reason=(
@@ -425,3 +459,4 @@ def test_duplicate_prefill_leaks_nothing(proxy: FakeProxy, make_worker: Any) -> 
         p.do_work()
         time.sleep(0.01)
     assert_all_free(p)
+
