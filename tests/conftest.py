@@ -111,15 +111,15 @@ def tiny_hf_checkpoint(tmp_path_factory: pytest.TempPathFactory,
 
 @pytest.fixture(scope="session")
 def tiny_engine(tiny_hf_checkpoint: Callable[[str], Path]) -> Callable[..., Any]:
-    """Factory: `tiny_engine(**overrides)` -> a fresh LLMEngine on the tiny random "llama_gqa"
-    checkpoint (2 layers x 2 KV heads x dim 16: 512 B of fp32 KV per token, so 64 KiB of KV is
-    16 blocks of 8 tokens). Defaults: `block_size=8`, `max_model_len=64`,
+    """Factory: `tiny_engine(variant="llama_gqa", **overrides)` -> a fresh LLMEngine on a tiny
+    random checkpoint (llama_gqa: 2 layers x 2 KV heads x dim 16, 512 B of fp32 KV per token,
+    so 64 KiB of KV is 16 blocks of 8 tokens). Defaults: `block_size=8`, `max_model_len=64`,
     `kv_cache_memory="4MiB"`; any EngineConfig field may be overridden."""
     from engine.config import EngineConfig
     from engine.llm_engine import LLMEngine
 
-    def build(**overrides: Any) -> LLMEngine:
-        fields: dict[str, Any] = dict(model=str(tiny_hf_checkpoint("llama_gqa")), block_size=8,
+    def build(variant: str = "llama_gqa", **overrides: Any) -> LLMEngine:
+        fields: dict[str, Any] = dict(model=str(tiny_hf_checkpoint(variant)), block_size=8,
                                       max_model_len=64, kv_cache_memory="4MiB")
         return LLMEngine.from_config(EngineConfig(**{**fields, **overrides}), log_plan=False)
 
