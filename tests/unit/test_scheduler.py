@@ -48,17 +48,13 @@ def sampling(max_tokens: int = 16, **kw: object) -> SamplingParams:
 
 
 def create_requests(num_requests: int, prompt_len: int = 10, max_tokens: int = 16,
-                    prefix: Iterable[int] = (), same_prompt: bool = False, first_index: int = 0,
+                    same_prompt: bool = False, first_index: int = 0,
                     **params: object) -> list[Sequence]:
     """Sequences `req-<i>`; prompts differ by request (no accidental prefix hits) unless
-    `same_prompt`; `prefix` is prepended to every prompt (counted in `prompt_len`)."""
-    prefix = list(prefix)
-    seqs = []
-    for i in range(first_index, first_index + num_requests):
-        fill = 1 if same_prompt else 1000 + i
-        prompt = (prefix + [fill] * prompt_len)[:prompt_len]
-        seqs.append(Sequence(f"req-{i}", prompt, sampling(max_tokens, **params)))
-    return seqs
+    `same_prompt`; `params` go to SamplingParams."""
+    return [Sequence(f"req-{i}", [1 if same_prompt else 1000 + i] * prompt_len,
+                     sampling(max_tokens, **params))
+            for i in range(first_index, first_index + num_requests)]
 
 
 def counting(seq: Sequence) -> int:
