@@ -1,9 +1,10 @@
 """Shared pytest fixtures: the default SmolLM2 checkpoint, its Hugging Face reference, and tiny
-random HF checkpoints.
+random HF checkpoints, engines built on them, and ZMQ endpoints.
 
 Expensive references (transformers' GGUF-loaded SmolLM2, ~12 s; its tokenizer, ~4 s) are
 session-scoped and built at most once per session. `tiny_hf_checkpoint(variant)` builds each
-variant once per session under a temporary directory.
+variant once per session under a temporary directory; `tiny_engine(**overrides)` builds a fresh
+LLMEngine on one (~0.1 s).
 """
 
 from __future__ import annotations
@@ -106,6 +107,29 @@ def tiny_hf_checkpoint(tmp_path_factory: pytest.TempPathFactory,
         return built[variant]
 
     return build
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_hf_checkpoint: Callable[[str], Path]) -> Callable[..., Any]:
+    """Factory: `tiny_engine(variant="llama_gqa", **overrides)` -> a fresh LLMEngine on a tiny
+    random checkpoint (llama_gqa: 2 layers x 2 KV heads x dim 16, 512 B of fp32 KV per token,
+    so 64 KiB of KV is 16 blocks of 8 tokens). Defaults: `block_size=8`, `max_model_len=64`,
+    `kv_cache_memory="4MiB"`; any EngineConfig field may be overridden."""
+    from engine.config import EngineConfig
+    from engine.llm_engine import LLMEngine
+
+    def build(variant: str = "llama_gqa", **overrides: Any) -> LLMEngine:
+        fields: dict[str, Any] = dict(model=str(tiny_hf_checkpoint(variant)), block_size=8,
+                                      max_model_len=64, kv_cache_memory="4MiB")
+        return LLMEngine.from_config(EngineConfig(**{**fields, **overrides}), log_plan=False)
+
+    return build
+
+
+@pytest.fixture(params=["tcp", "ipc"])
+def endpoint(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A ZMQ endpoint to bind: tcp on 127.0.0.1 port 0, or ipc in the test's tmp dir."""
+    return "tcp://127.0.0.1:0" if request.param == "tcp" else f"ipc://{tmp_path}/kv.sock"
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ from typing import Any
 import pytest
 import torch
 
-from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.model_runner import ScheduledSeq
 from engine.sampler import SampleResult
@@ -39,10 +38,10 @@ def _token_lists(vocab_size: int) -> list[list[int]]:
             for n in PROMPT_LENS]
 
 
-def _engine(path: Path, dtype: str) -> LLMEngine:
-    return LLMEngine.from_config(EngineConfig(
-        model=str(path), dtype=dtype, kv_cache_memory="8MiB", max_model_len=128, block_size=8,
-        max_num_batched_tokens=STEP_BUDGET, enable_prefix_caching=False), log_plan=False)
+def _engine(tiny_engine: Callable[..., LLMEngine], variant: str, dtype: str) -> LLMEngine:
+    return tiny_engine(variant, dtype=dtype, kv_cache_memory="8MiB", max_model_len=128,
+                       block_size=8, max_num_batched_tokens=STEP_BUDGET,
+                       enable_prefix_caching=False)
 
 
 @torch.inference_mode()
@@ -102,10 +101,10 @@ def reference(tiny_hf_checkpoint: Callable[[str], Path]) -> Callable[[str], tupl
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_fp32_logits_match_transformers(variant: str, tiny_hf_checkpoint: Callable[[str], Path],
+def test_fp32_logits_match_transformers(variant: str, tiny_engine: Callable[..., LLMEngine],
                                         reference: Callable[[str], Any]) -> None:
     tokens, ref = reference(variant)
-    ours, kinds = _our_logits(_engine(tiny_hf_checkpoint(variant), "float32"), tokens)
+    ours, kinds = _our_logits(_engine(tiny_engine, variant, "float32"), tokens)
     # The path under test really chunked the prefill and mixed it with decode steps.
     assert kinds.count("prefill") >= 2 and "mixed" in kinds and "decode" in kinds, kinds
     for i, (got, want) in enumerate(zip(ours, ref, strict=True)):
@@ -134,10 +133,10 @@ def test_tolerance_detects_position_errors(tiny_hf_checkpoint: Callable[[str], P
     ("qwen2", "bfloat16", 0.04), ("llama3_rope", "float16", 0.005),
 ])
 def test_half_precision_close_to_fp32_reference(variant: str, dtype: str, tol: float,
-                                                tiny_hf_checkpoint: Callable[[str], Path],
+                                                tiny_engine: Callable[..., LLMEngine],
                                                 reference: Callable[[str], Any]) -> None:
     tokens, ref = reference(variant)
-    engine = _engine(tiny_hf_checkpoint(variant), dtype)
+    engine = _engine(tiny_engine, variant, dtype)
     assert engine.plan.spec.dtype.value == dtype
     assert next(engine.runner.model.parameters()).dtype == getattr(torch, dtype)
     ours, _ = _our_logits(engine, tokens)

@@ -4,21 +4,17 @@ never go negative, outputs equal an unconstrained run, and every block comes bac
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
-from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 
 
-def test_preemption_keeps_outputs_and_frees_blocks(tiny_hf_checkpoint: Callable[[str], Path]) -> None:
-    path = str(tiny_hf_checkpoint("llama_gqa"))
+def test_preemption_keeps_outputs_and_frees_blocks(tiny_engine: Callable[..., LLMEngine]) -> None:
     prompts = [[i + 1] * (5 + 3 * i) for i in range(8)]
     params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
 
     def run(kv_bytes: str) -> tuple[list[list[int]], LLMEngine]:
-        cfg = EngineConfig(model=path, kv_cache_memory=kv_bytes, max_model_len=64, block_size=8)
-        engine = LLMEngine.from_config(cfg, log_plan=False)
+        engine = tiny_engine(kv_cache_memory=kv_bytes, max_model_len=64, block_size=8)
         return [s.output_ids for s in engine.generate(prompts, params)], engine
 
     roomy, _ = run("4MiB")

@@ -55,11 +55,6 @@ def harness(endpoint: str, spec: KvSpec = SRC, num_blocks: int = 16, idle: float
     return ReceiverHarness(cache, config)
 
 
-@pytest.fixture(params=["tcp", "ipc"])
-def endpoint(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    return "tcp://127.0.0.1:0" if request.param == "tcp" else f"ipc://{tmp_path}/kv.sock"
-
-
 @pytest.fixture
 def src() -> PagedKvCache:
     cache = PagedKvCache.allocate(SRC, 16)

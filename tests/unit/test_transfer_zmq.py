@@ -46,11 +46,6 @@ def harness(endpoint: str, dst_spec: KvSpec = DST, **cfg: float) -> ReceiverHarn
     return ReceiverHarness(PagedKvCache.allocate(dst_spec, 16), config)
 
 
-@pytest.fixture(params=["tcp", "ipc"])
-def endpoint(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    return "tcp://127.0.0.1:0" if request.param == "tcp" else f"ipc://{tmp_path}/kv.sock"
-
-
 @pytest.fixture
 def src() -> PagedKvCache:
     cache = PagedKvCache.allocate(SRC, 16)
