@@ -11,7 +11,8 @@ from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 
 
-def test_preemption_keeps_outputs_and_frees_blocks(tiny_hf_checkpoint: Callable[[str], Path]) -> None:
+def test_preemption_keeps_outputs_and_frees_blocks(
+        tiny_hf_checkpoint: Callable[[str], Path]) -> None:
     path = str(tiny_hf_checkpoint("llama_gqa"))
     prompts = [[i + 1] * (5 + 3 * i) for i in range(8)]
     params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
