@@ -84,8 +84,9 @@ class LengthDist:
         except ValueError:
             nums = []
         arity = {"fixed": 1, "uniform": 2, "normal": 2, "exp": 1}.get(kind)
-        if len(nums) != arity or not all(math.isfinite(n) and n >= 0 for n in nums) \
-                or (kind != "normal" and min(nums) < 1) or (kind == "uniform" and nums[0] > nums[1]):
+        if (len(nums) != arity or not all(math.isfinite(n) and n >= 0 for n in nums)
+                or (kind != "normal" and min(nums) < 1)
+                or (kind == "uniform" and nums[0] > nums[1])):
             raise ValueError(f"bad length {spec!r}: use N, uniform:LO:HI (1 <= LO <= HI), "
                              "normal:MEAN:STD or exp:MEAN (token counts >= 1)")
         return cls(kind, *nums)
@@ -111,18 +112,27 @@ class LengthDist:
 class DatasetConfig:
     """What to send. Lengths are token counts (see `LengthDist` for the syntax)."""
 
-    dataset: str = field(default="synthetic", metadata={"help": "synthetic, multiturn or sharegpt."})
-    dataset_path: str | None = field(default=None, metadata={"help": "ShareGPT-format JSON file (--dataset sharegpt)."})
+    dataset: str = field(default="synthetic", metadata={
+        "help": "synthetic, multiturn or sharegpt."})
+    dataset_path: str | None = field(default=None, metadata={
+        "help": "ShareGPT-format JSON file (--dataset sharegpt)."})
     num_prompts: int = field(default=100, metadata={"help": "Number of requests to send."})
-    input_len: str = field(default="256", metadata={"help": "Prompt (multiturn: user turn) length in tokens: N, uniform:LO:HI, normal:MEAN:STD or exp:MEAN."})
-    output_len: str | None = field(default=None, metadata={"help": "Output length in tokens (max_tokens), same syntax (default: 64; sharegpt: each reply's length)."})
+    input_len: str = field(default="256", metadata={
+        "help": "Prompt (multiturn: user turn) length in tokens: N, uniform:LO:HI, "
+                "normal:MEAN:STD or exp:MEAN."})
+    output_len: str | None = field(default=None, metadata={
+        "help": "Output length in tokens (max_tokens), same syntax "
+                "(default: 64; sharegpt: each reply's length)."})
     num_turns: int = field(default=4, metadata={"help": "Turns per conversation (multiturn)."})
-    system_prompt_len: int = field(default=64, metadata={"help": "Tokens of the system prompt every conversation shares (multiturn; 0 = none)."})
-    max_prompt_len: int = field(default=1024, metadata={"help": "Skip sharegpt prompts longer than this (tokens)."})
+    system_prompt_len: int = field(default=64, metadata={
+        "help": "Tokens of the system prompt every conversation shares (multiturn; 0 = none)."})
+    max_prompt_len: int = field(default=1024, metadata={
+        "help": "Skip sharegpt prompts longer than this (tokens)."})
 
     def __post_init__(self) -> None:
         if self.dataset not in DATASETS:
-            raise ValueError(f"--dataset must be one of {', '.join(DATASETS)}, got {self.dataset!r}")
+            raise ValueError(f"--dataset must be one of {', '.join(DATASETS)}, "
+                             f"got {self.dataset!r}")
         if self.dataset == "sharegpt" and not self.dataset_path:
             raise ValueError("--dataset sharegpt needs --dataset-path FILE.json")
         if self.num_prompts < 1 or self.num_turns < 1 or self.system_prompt_len < 0:
@@ -205,8 +215,9 @@ def _sharegpt_pairs(data: Any) -> list[tuple[str, str]]:
         turns = item.get("conversations") or item.get("messages") or []
         texts = [(t.get("from") or t.get("role"), t.get("value") or t.get("content"))
                  for t in turns if isinstance(t, dict)]
-        if len(texts) >= 2 and texts[0][0] in ("human", "user") and texts[1][0] in ("gpt", "assistant") \
-                and isinstance(texts[0][1], str) and isinstance(texts[1][1], str):
+        if (len(texts) >= 2 and texts[0][0] in ("human", "user")
+                and texts[1][0] in ("gpt", "assistant")
+                and isinstance(texts[0][1], str) and isinstance(texts[1][1], str)):
             pairs.append((texts[0][1], texts[1][1]))
     return pairs
 
@@ -234,7 +245,8 @@ def sharegpt(cfg: DatasetConfig, sizer: TextSizer, rng: np.random.Generator) -> 
     return out
 
 
-def build_dataset(cfg: DatasetConfig, tokenizer: TextTokenizer | None, seed: int) -> list[BenchRequest]:
+def build_dataset(cfg: DatasetConfig, tokenizer: TextTokenizer | None,
+                  seed: int) -> list[BenchRequest]:
     """The requests of `cfg`; the same seed and tokenizer give the same requests."""
     rng, sizer = np.random.default_rng(seed), TextSizer(tokenizer)
     if cfg.dataset == "multiturn":

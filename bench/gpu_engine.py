@@ -104,7 +104,8 @@ def build_runner(max_num_seqs: int, max_model_len: int, num_blocks: int) -> Mode
     return runner
 
 
-def make_batch(num_seqs: int, context: int, new_tokens: int, first_block: int) -> list[ScheduledSeq]:
+def make_batch(num_seqs: int, context: int, new_tokens: int,
+               first_block: int) -> list[ScheduledSeq]:
     """`num_seqs` sequences with `context` tokens of which the last `new_tokens` are computed
     this step (1 = a decode step), each on its own blocks from `first_block` on."""
     gen = torch.Generator().manual_seed(num_seqs)
@@ -143,9 +144,12 @@ def bench_decode(runner: ModelRunner, num_seqs: int, copy_bw: float) -> dict[str
 
 
 def prefill_flops(cfg: ModelConfig, tokens: int) -> float:
-    linear = cfg.num_params - 2 * cfg.vocab_size * cfg.hidden_size - cfg.num_layers * 2 * cfg.hidden_size
-    attention = cfg.num_layers * 2 * cfg.num_heads * cfg.head_dim * tokens * tokens  # causal QK^T + PV
-    return 2 * linear * tokens + attention + 2 * cfg.vocab_size * cfg.hidden_size  # + one row of logits
+    linear = (cfg.num_params - 2 * cfg.vocab_size * cfg.hidden_size
+              - cfg.num_layers * 2 * cfg.hidden_size)
+    # causal QK^T + PV
+    attention = cfg.num_layers * 2 * cfg.num_heads * cfg.head_dim * tokens * tokens
+    # + one row of logits
+    return 2 * linear * tokens + attention + 2 * cfg.vocab_size * cfg.hidden_size
 
 
 def bench_prefill(runner: ModelRunner, matmul: float, first_block: int) -> dict[str, Any]:
@@ -153,7 +157,8 @@ def bench_prefill(runner: ModelRunner, matmul: float, first_block: int) -> dict[
     seconds = time_host(lambda: runner.execute(batch), warmup=2, repeats=7)
     flops = prefill_flops(LLAMA3_8B, PREFILL_TOKENS)
     return {"tokens": PREFILL_TOKENS, "ms": seconds * 1e3, "tokens_per_s": PREFILL_TOKENS / seconds,
-            "flops": flops, "tflops": flops / seconds / 1e12, "over_matmul_rate": flops / seconds / matmul}
+            "flops": flops, "tflops": flops / seconds / 1e12,
+            "over_matmul_rate": flops / seconds / matmul}
 
 
 def time_graph(fn: Callable[[int], Any], num_inner: int = 10) -> float:
@@ -196,18 +201,21 @@ def bench_attention_kernel(runner: ModelRunner, copy_bw: float) -> list[dict[str
                     decode_attention(q, *caches[i], tables, lens, cfg.head_dim ** -0.5, splits,
                                      block_n=block_n, num_warps=warps, num_stages=stages)
                 s = time_graph(launch)
+                is_default = (splits == chosen
+                              and (block_n, warps, stages) == KERNEL_CONFIGS[0])
                 rows.append({"batch": num_seqs, "splits": splits, "block_n": block_n,
-                             "num_warps": warps, "num_stages": stages,
-                             "is_default": splits == chosen and (block_n, warps, stages) == KERNEL_CONFIGS[0],
-                             "us": s * 1e6, "kv_bytes": kv_bytes, "over_floor": s / (kv_bytes / copy_bw)})
+                             "num_warps": warps, "num_stages": stages, "is_default": is_default,
+                             "us": s * 1e6, "kv_bytes": kv_bytes,
+                             "over_floor": s / (kv_bytes / copy_bw)})
     return rows
 
 
 def _kernel_kind(name: str) -> str:
     kinds = (("_decode_kernel", "attention"), ("_merge_kernel", "attention"),
-             ("flash", "attention"), ("_add_rms_norm", "add+rmsnorm"), ("_rope_write", "rope+kv write"),
-             ("_silu_mul", "silu*mul"), ("gemm", "gemm"), ("gemv", "gemm"), ("nvjet", "gemm"),
-             ("cutlass", "gemm"), ("xmma", "gemm"), ("splitk", "gemm"))
+             ("flash", "attention"), ("_add_rms_norm", "add+rmsnorm"),
+             ("_rope_write", "rope+kv write"), ("_silu_mul", "silu*mul"), ("gemm", "gemm"),
+             ("gemv", "gemm"), ("nvjet", "gemm"), ("cutlass", "gemm"), ("xmma", "gemm"),
+             ("splitk", "gemm"))
     low = name.lower()
     return next((kind for key, kind in kinds if key.lower() in low), "other")
 
@@ -241,12 +249,14 @@ def _kernel_table(rows: list[dict[str, Any]]) -> list[str]:
     splits = sorted({r["splits"] for r in rows})
     lines = ["| batch | block_n / warps / stages | " + " | ".join(f"{k} splits" for k in splits)
              + " | default (splits: us, x floor) |", "| --- " * (len(splits) + 3) + "|"]
-    configs = dict.fromkeys((r["batch"], r["block_n"], r["num_warps"], r["num_stages"]) for r in rows)
+    configs = dict.fromkeys((r["batch"], r["block_n"], r["num_warps"], r["num_stages"])
+                            for r in rows)
     for batch, bn, warps, stages in configs:
-        mine = {r["splits"]: r for r in rows if (r["batch"], r["block_n"], r["num_warps"], r["num_stages"])
+        mine = {r["splits"]: r for r in rows
+                if (r["batch"], r["block_n"], r["num_warps"], r["num_stages"])
                 == (batch, bn, warps, stages)}
-        default = next((f"{r['splits']}: {r['us']:.1f}, {r['over_floor']:.2f}x" for r in mine.values()
-                        if r["is_default"]), "")
+        default = next((f"{r['splits']}: {r['us']:.1f}, {r['over_floor']:.2f}x"
+                        for r in mine.values() if r["is_default"]), "")
         cells = " | ".join(f"{mine[k]['us']:.1f}" if k in mine else "" for k in splits)
         lines.append(f"| {batch} | {bn} / {warps} / {stages} | {cells} | {default} |")
     return lines
@@ -256,25 +266,31 @@ def write_results(record: dict[str, Any], out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "gpu_engine.json").write_text(json.dumps(record, indent=2) + "\n")
     lines = [f"# GPU engine benchmark ({record['date']})", "",
-             f"{record['gpu']}, torch {record['torch']}, triton {record['triton']}, CUDA {record['cuda']}. "
-             f"Model: {record['model']}, KV cache bf16 NHD, block size {BLOCK_SIZE}.", "",
+             f"{record['gpu']}, torch {record['torch']}, triton {record['triton']}, "
+             f"CUDA {record['cuda']}. Model: {record['model']}, KV cache bf16 NHD, "
+             f"block size {BLOCK_SIZE}.", "",
              f"Measured ceilings: copy {record['copy_bw_GBps']:.0f} GB/s (read + write), "
              f"bf16 matmul {record['matmul_tflops']:.0f} TFLOP/s.", "",
-             "| decode batch | context | step ms | graph replay ms | eager step ms | floor ms | step / floor | tokens/s |",
+             "| decode batch | context | step ms | graph replay ms | eager step ms | floor ms "
+             "| step / floor | tokens/s |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for d in record["decode"]:
-        lines.append(f"| {d['batch']} | {d['context']} | {d['step_ms']:.2f} | {d['graph_replay_ms']:.2f} | "
-                     f"{d['eager_step_ms']:.2f} | {d['floor_ms']:.2f} | {d['step_over_floor']:.2f}x | "
+        lines.append(f"| {d['batch']} | {d['context']} | {d['step_ms']:.2f} | "
+                     f"{d['graph_replay_ms']:.2f} | {d['eager_step_ms']:.2f} | "
+                     f"{d['floor_ms']:.2f} | {d['step_over_floor']:.2f}x | "
                      f"{d['tokens_per_s']:.0f} |")
     kinds = sorted({k for prof in record["profile"] for k in prof["by_kind"]})
-    lines += ["", "GPU time of one decode step by kernel kind (eager step, profiler; ms, kernels):", "",
-              "| batch | " + " | ".join(kinds) + " | all kernels |", "| --- " * (len(kinds) + 2) + "|"]
+    lines += ["", "GPU time of one decode step by kernel kind (eager step, profiler; ms, kernels):",
+              "", "| batch | " + " | ".join(kinds) + " | all kernels |",
+              "| --- " * (len(kinds) + 2) + "|"]
     for prof in record["profile"]:
         cells = " | ".join(f"{prof['by_kind'][k]['ms']:.2f} ({prof['by_kind'][k]['kernels']:.0f})"
                            if k in prof["by_kind"] else "" for k in kinds)
-        lines.append(f"| {prof['batch']} | {cells} | {prof['kernel_ms']:.2f} ({prof['kernels']:.0f}) |")
+        lines.append(f"| {prof['batch']} | {cells} | "
+                     f"{prof['kernel_ms']:.2f} ({prof['kernels']:.0f}) |")
     p = record["prefill"]
-    lines += ["", "| prefill tokens | ms | tokens/s | TFLOP/s | of matmul rate |", "| --- | --- | --- | --- | --- |",
+    lines += ["", "| prefill tokens | ms | tokens/s | TFLOP/s | of matmul rate |",
+              "| --- | --- | --- | --- | --- |",
               f"| {p['tokens']} | {p['ms']:.1f} | {p['tokens_per_s']:.0f} | {p['tflops']:.0f} | "
               f"{p['over_matmul_rate']:.0%} |", "",
               f"Decode attention kernel alone, one layer, context {CONTEXT} (us; CUDA graph of 10 "
@@ -300,21 +316,26 @@ def main() -> None:
     print(f"model + cache + graphs ready in {time.perf_counter() - t0:.1f} s; "
           f"{torch.cuda.memory_reserved() / 2**30:.1f} GiB held", flush=True)
     decode = [bench_decode(runner, b, copy_bw) for b in DECODE_BATCHES]
-    print(f"{'batch':>5} {'step ms':>8} {'replay ms':>9} {'eager ms':>8} {'floor ms':>8} {'step/floor':>10}")
+    print(f"{'batch':>5} {'step ms':>8} {'replay ms':>9} {'eager ms':>8} {'floor ms':>8} "
+          f"{'step/floor':>10}")
     for d in decode:
-        print(f"{d['batch']:>5} {d['step_ms']:>8.2f} {d['graph_replay_ms']:>9.2f} {d['eager_step_ms']:>8.2f} "
-              f"{d['floor_ms']:>8.2f} {d['step_over_floor']:>9.2f}x", flush=True)
+        print(f"{d['batch']:>5} {d['step_ms']:>8.2f} {d['graph_replay_ms']:>9.2f} "
+              f"{d['eager_step_ms']:>8.2f} {d['floor_ms']:>8.2f} {d['step_over_floor']:>9.2f}x",
+              flush=True)
     profiles = [profile_step(runner, b) for b in DECODE_BATCHES]
     for prof in profiles:
         print(f"b{prof['batch']}: {prof['kernel_ms']:.2f} ms in {prof['kernels']:.0f} kernels: "
-              + ", ".join(f"{k} {v['ms']:.2f}" for k, v in sorted(prof["by_kind"].items())), flush=True)
+              + ", ".join(f"{k} {v['ms']:.2f}" for k, v in sorted(prof["by_kind"].items())),
+              flush=True)
     prefill = bench_prefill(runner, matmul, first_block=decode_blocks)
-    print(f"prefill {prefill['tokens']} tokens: {prefill['ms']:.1f} ms, {prefill['tflops']:.0f} TFLOP/s = "
+    print(f"prefill {prefill['tokens']} tokens: {prefill['ms']:.1f} ms, "
+          f"{prefill['tflops']:.0f} TFLOP/s = "
           f"{prefill['over_matmul_rate']:.0%} of the measured matmul rate", flush=True)
     kernel = bench_attention_kernel(runner, copy_bw)
     record = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+        "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+        "triton": triton.__version__,
         "cuda": torch.version.cuda, "model": LLAMA3_8B.name, "num_params": LLAMA3_8B.num_params,
         "copy_bw_GBps": copy_bw / 1e9, "matmul_tflops": matmul / 1e12,
         "decode": decode, "profile": profiles, "prefill": prefill, "attention_kernel": kernel,
@@ -323,8 +344,9 @@ def main() -> None:
     for batch in DECODE_BATCHES:
         rows = [r for r in kernel if r["batch"] == batch]
         best, default = min(rows, key=lambda r: r["us"]), next(r for r in rows if r["is_default"])
-        print(f"attention b{batch}: default {default['us']:.1f} us ({default['over_floor']:.2f}x floor, "
-              f"{default['splits']} splits); best {best['us']:.1f} us ({best['over_floor']:.2f}x) at "
+        print(f"attention b{batch}: default {default['us']:.1f} us "
+              f"({default['over_floor']:.2f}x floor, {default['splits']} splits); "
+              f"best {best['us']:.1f} us ({best['over_floor']:.2f}x) at "
               f"{best['splits']} splits, block_n {best['block_n']}, {best['num_warps']} warps, "
               f"{best['num_stages']} stages")
     print(f"wrote {args.out_dir / 'gpu_engine.json'} and .md")

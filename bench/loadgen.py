@@ -37,16 +37,25 @@ DONE = "[DONE]"
 class LoadConfig:
     """How to send: the server, the endpoint, the arrival process, sampling."""
 
-    base_url: str = field(default="http://127.0.0.1:8000", metadata={"help": "Server URL (with or without /v1)."})
-    endpoint: str | None = field(default=None, metadata={"help": "completions or chat (default: chat for --dataset multiturn, else completions)."})
-    model: str | None = field(default=None, metadata={"help": "Model name to request (default: the first of /v1/models)."})
-    api_key: str | None = field(default=None, metadata={"help": "Sent as 'Authorization: Bearer KEY' (default: $OPENAI_API_KEY)."})
-    request_rate: float = field(default=math.inf, metadata={"help": "Requests per second, Poisson arrivals (inf = all at once)."})
-    burstiness: float = field(default=1.0, metadata={"help": "Gamma shape of the inter-arrival gaps (1 = Poisson; < 1 burstier)."})
-    max_concurrency: int | None = field(default=None, metadata={"help": "At most this many requests in flight."})
+    base_url: str = field(default="http://127.0.0.1:8000", metadata={
+        "help": "Server URL (with or without /v1)."})
+    endpoint: str | None = field(default=None, metadata={
+        "help": "completions or chat (default: chat for --dataset multiturn, else completions)."})
+    model: str | None = field(default=None, metadata={
+        "help": "Model name to request (default: the first of /v1/models)."})
+    api_key: str | None = field(default=None, metadata={
+        "help": "Sent as 'Authorization: Bearer KEY' (default: $OPENAI_API_KEY)."})
+    request_rate: float = field(default=math.inf, metadata={
+        "help": "Requests per second, Poisson arrivals (inf = all at once)."})
+    burstiness: float = field(default=1.0, metadata={
+        "help": "Gamma shape of the inter-arrival gaps (1 = Poisson; < 1 burstier)."})
+    max_concurrency: int | None = field(default=None, metadata={
+        "help": "At most this many requests in flight."})
     temperature: float = field(default=0.0, metadata={"help": "Sampling temperature."})
-    ignore_eos: bool = field(default=True, metadata={"help": "Ask the server to generate exactly max_tokens (pdserve, vLLM, SGLang)."})
-    request_timeout: float = field(default=600.0, metadata={"help": "Seconds before one request counts as a timeout."})
+    ignore_eos: bool = field(default=True, metadata={
+        "help": "Ask the server to generate exactly max_tokens (pdserve, vLLM, SGLang)."})
+    request_timeout: float = field(default=600.0, metadata={
+        "help": "Seconds before one request counts as a timeout."})
     seed: int = field(default=0, metadata={"help": "Seed of the dataset and the arrival times."})
 
     def __post_init__(self) -> None:
@@ -91,9 +100,11 @@ def arrival_offsets(n: int, rate: float, burstiness: float, rng: np.random.Gener
     return np.concatenate([[0.0], np.cumsum(gaps)])
 
 
-def build_payload(req: BenchRequest, endpoint: str, model: str, cfg: LoadConfig) -> dict[str, Any]:
-    body: dict[str, Any] = {"model": model, "max_tokens": req.max_tokens, "temperature": cfg.temperature,
-                            "stream": True, "stream_options": {"include_usage": True}}
+def build_payload(req: BenchRequest, endpoint: str, model: str,
+                  cfg: LoadConfig) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": model, "max_tokens": req.max_tokens,
+                            "temperature": cfg.temperature, "stream": True,
+                            "stream_options": {"include_usage": True}}
     if cfg.ignore_eos:
         body["ignore_eos"] = True
     if endpoint == "chat":
@@ -188,7 +199,8 @@ async def send_request(client: httpx.AsyncClient, path: str, payload: dict[str, 
                         break
         result.e2e_s = time.perf_counter() - start
         if result.error is None and not done:
-            result.error, result.error_detail = "incomplete_stream", "the stream ended without [DONE]"
+            result.error, result.error_detail = ("incomplete_stream",
+                                                 "the stream ended without [DONE]")
         elif result.error is None and result.ttft_s is None:
             result.error, result.error_detail = "no_output", "no chunk with text or finish_reason"
     except httpx.TimeoutException as e:
@@ -224,8 +236,10 @@ async def fetch_model(client: httpx.AsyncClient) -> str:
 
 def make_client(cfg: LoadConfig, max_connections: int | None = None) -> httpx.AsyncClient:
     timeout = httpx.Timeout(cfg.request_timeout, connect=min(30.0, cfg.request_timeout))
-    limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
-    return httpx.AsyncClient(base_url=cfg.root_url, timeout=timeout, limits=limits, headers=cfg.headers())
+    limits = httpx.Limits(max_connections=max_connections,
+                          max_keepalive_connections=max_connections)
+    return httpx.AsyncClient(base_url=cfg.root_url, timeout=timeout, limits=limits,
+                             headers=cfg.headers())
 
 
 def default_endpoint(dataset: str) -> str:
@@ -238,7 +252,8 @@ async def run_load(cfg: LoadConfig, requests: Sequence[BenchRequest], endpoint: 
     offsets = arrival_offsets(len(requests), cfg.request_rate, cfg.burstiness,
                               np.random.default_rng(cfg.seed))
     limit = asyncio.Semaphore(cfg.max_concurrency) if cfg.max_concurrency else None
-    results = [RequestResult(i, scheduled_s=float(off), expected_prompt_tokens=req.num_prompt_tokens,
+    results = [RequestResult(i, scheduled_s=float(off),
+                             expected_prompt_tokens=req.num_prompt_tokens,
                              expected_output_tokens=req.max_tokens if cfg.ignore_eos else 0)
                for i, (req, off) in enumerate(zip(requests, offsets, strict=True))]
     async with make_client(cfg) as client:

@@ -32,16 +32,18 @@ def write_dummy_model(preset: str, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     tok.backend.save(str(out / "tokenizer.json"))
     (out / "tokenizer_config.json").write_text(json.dumps({
-        "chat_template": tok.chat_template, "bos_token": "<|im_start|>", "eos_token": "<|im_end|>"}))
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": tok.vocab_size,
-              "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
-              "torch_dtype": "bfloat16", **PRESETS[preset]}
+        "chat_template": tok.chat_template, "bos_token": "<|im_start|>",
+        "eos_token": "<|im_end|>"}))
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+              "vocab_size": tok.vocab_size, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
+              "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "bfloat16", **PRESETS[preset]}
     (out / "config.json").write_text(json.dumps(config, indent=1))
     return out
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="llama3-8b")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()

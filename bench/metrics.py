@@ -40,7 +40,8 @@ class RequestResult:
     expected_prompt_tokens: int = 0  # as the dataset counted it
     expected_output_tokens: int = 0  # max_tokens when the server must reach it (ignore_eos), else 0
     finish_reason: str | None = None
-    error: str | None = None  # a short kind: http_503, timeout, connect_error, stream_error:<code>...
+    # a short kind: http_503, timeout, connect_error, stream_error:<code>...
+    error: str | None = None
     error_detail: str = ""
 
     @property

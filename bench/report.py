@@ -97,7 +97,8 @@ def format_summary(s: Summary, title: str = "Serving benchmark") -> str:
              f"{'Request throughput (req/s):':<36}{s.request_throughput:.3f}",
              f"{'Output token throughput (tok/s):':<36}{s.output_token_throughput:.1f}",
              f"{'Total token throughput (tok/s):':<36}{s.total_token_throughput:.1f}",
-             f" SLO: TTFT <= {_ms(s.slo.ttft_s)} ms, TPOT <= {_ms(s.slo.tpot_s)} ms ".center(w, "-"),
+             (f" SLO: TTFT <= {_ms(s.slo.ttft_s)} ms, "
+              f"TPOT <= {_ms(s.slo.tpot_s)} ms ").center(w, "-"),
              f"{'SLO attainment:':<36}{s.attainment:.1%} ({s.num_slo_met}/{s.num_requests})",
              f"{'Goodput (SLO-met req/s):':<36}{s.goodput:.3f}"]
     header = f"{'(ms)':<8}{'mean':>10}{'median':>10}{'p90':>10}{'p99':>10}"
@@ -149,7 +150,8 @@ def pyplot() -> Any:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise RuntimeError("plots need matplotlib: pip install 'pdserve[bench]' (or matplotlib)") from None
+        raise RuntimeError("plots need matplotlib: "
+                           "pip install 'pdserve[bench]' (or matplotlib)") from None
     return plt
 
 

@@ -34,7 +34,8 @@ from bench.loadgen import LoadConfig, LoadRun, root_url, run_load
 from bench.metrics import Goodput, Slo, Summary, goodput_from_curve, summarize
 
 SERVING_RE = re.compile(r"pdserve: serving (?P<model>\S+) on (?P<url>https?://\S+)")
-DEFAULT_SERVE_CMD = (sys.executable, "-m", "deploy.cli", "serve", "--host", "127.0.0.1", "--port", "0")
+DEFAULT_SERVE_CMD = (sys.executable, "-m", "deploy.cli", "serve", "--host", "127.0.0.1",
+                     "--port", "0")
 
 
 @dataclass(frozen=True)
@@ -81,8 +82,10 @@ class LaunchedServer:
             deadline = time.monotonic() + self.startup_timeout_s
             while not found.wait(0.1):
                 if self.proc.poll() is not None or time.monotonic() > deadline:
-                    why = "exited" if self.proc.poll() is not None else "did not print its URL in time"
-                    raise RuntimeError(f"server {why}: {shlex.join(self.cmd)}\n" + "".join(self.log[-30:]))
+                    why = ("exited" if self.proc.poll() is not None
+                           else "did not print its URL in time")
+                    raise RuntimeError(f"server {why}: {shlex.join(self.cmd)}\n"
+                                       + "".join(self.log[-30:]))
             wait_ready(self.url or "", max(1.0, deadline - time.monotonic()))
         except BaseException:
             self.stop()
@@ -146,7 +149,8 @@ def server_for(spec: ServerSpec, serve_cmd: Sequence[str], common_flags: Sequenc
         wait_ready(spec.url, min(startup_timeout_s, 30.0), "/v1/models")
         yield spec.url
         return
-    with LaunchedServer([*serve_cmd, *common_flags, *spec.flags], startup_timeout_s, log_path) as srv:
+    with LaunchedServer([*serve_cmd, *common_flags, *spec.flags], startup_timeout_s,
+                        log_path) as srv:
         yield srv.url or ""
 
 
@@ -236,12 +240,13 @@ def format_tables(results: Sequence[ConfigResult], slo: Slo) -> str:
         value = "error" if c.error else ("< lowest rate" if g.rate is None else f"{g.rate:g}")
         miss = "-" if g.first_miss is None else f"{g.first_miss:g}"
         goodput.append(f"| {c.spec.name} | `{c.spec.describe()}` | {value} | {miss} |")
-    points = ["| config | rate (req/s) | SLO attainment | TTFT p50 / p90 (ms) | TPOT p50 / p90 (ms) "
-              "| E2E p90 (ms) | done (req/s) | output tok/s | errors |",
+    points = ["| config | rate (req/s) | SLO attainment | TTFT p50 / p90 (ms) "
+              "| TPOT p50 / p90 (ms) | E2E p90 (ms) | done (req/s) | output tok/s | errors |",
               "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for c in results:
         if c.error:
-            points.append(f"| {c.spec.name} | - | - | - | - | - | - | - | {c.error.splitlines()[0][:80]} |")
+            points.append(f"| {c.spec.name} | - | - | - | - | - | - | - | "
+                          f"{c.error.splitlines()[0][:80]} |")
         for rate, s in c.points:
             ttft = f"{_ms(s.ttft and s.ttft.median)} / {_ms(s.ttft and s.ttft.p90)}"
             tpot = f"{_ms(s.tpot and s.tpot.median)} / {_ms(s.tpot and s.tpot.p90)}"
@@ -249,8 +254,9 @@ def format_tables(results: Sequence[ConfigResult], slo: Slo) -> str:
             points.append(f"| {c.spec.name} | {rate:g} | {s.attainment:.0%} | {ttft} | {tpot} | "
                           f"{_ms(s.e2e and s.e2e.p90)} | {s.request_throughput:.2f} | "
                           f"{s.output_token_throughput:.1f} | {errors} |")
-    slo_line = (f"SLO: TTFT <= {slo.ttft_s * 1000:g} ms and TPOT <= {slo.tpot_s * 1000:g} ms; goodput = "
-                f"the highest rate with >= {slo.attainment:.0%} of requests meeting both.")
+    slo_line = (f"SLO: TTFT <= {slo.ttft_s * 1000:g} ms and TPOT <= {slo.tpot_s * 1000:g} ms; "
+                f"goodput = the highest rate with >= {slo.attainment:.0%} of requests "
+                f"meeting both.")
     return "\n".join([slo_line, "", *goodput, "", *points])
 
 
@@ -264,12 +270,14 @@ def plot_sweep(results: Sequence[ConfigResult], slo: Slo, path: str | Path, titl
         if not c.points:
             continue
         rates = [r for r, _ in c.points]
-        axes[0].plot(rates, [s.attainment * 100 for _, s in c.points], marker="o", label=c.spec.name)
+        axes[0].plot(rates, [s.attainment * 100 for _, s in c.points], marker="o",
+                     label=c.spec.name)
         axes[1].plot(rates, [s.ttft.p90 * 1000 if s.ttft else float("nan") for _, s in c.points],
                      marker="o", label=c.spec.name)
         axes[2].plot(rates, [s.tpot.p90 * 1000 if s.tpot else float("nan") for _, s in c.points],
                      marker="o", label=c.spec.name)
-    axes[0].axhline(slo.attainment * 100, color="gray", linestyle="--", label=f"{slo.attainment:.0%} target")
+    axes[0].axhline(slo.attainment * 100, color="gray", linestyle="--",
+                    label=f"{slo.attainment:.0%} target")
     axes[1].axhline(slo.ttft_s * 1000, color="red", linestyle="--", label="SLO")
     axes[2].axhline(slo.tpot_s * 1000, color="red", linestyle="--", label="SLO")
     labels = ("SLO attainment (%)", "TTFT p90 (ms)", "TPOT p90 (ms)")

@@ -16,20 +16,24 @@ from engine.errors import EngineError
 from worker.args import add_dataclass_args, dataclass_from_args
 
 
-def _engine_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> argparse.ArgumentParser:
+def _engine_parser(sub: argparse._SubParsersAction, name: str,
+                   help_text: str) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help_text, description=help_text)
     add_dataclass_args(p, EngineConfig)
     return p
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pdserve", description="Disaggregated prefill/decode LLM serving")
+    parser = argparse.ArgumentParser(prog="pdserve",
+                                     description="Disaggregated prefill/decode LLM serving")
     parser.add_argument("--log-level", default="INFO")
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = _engine_parser(sub, "generate", "Generate completions locally (one continuous batch).")
-    g.add_argument("--prompt", action="append", required=True, help="Prompt text; repeat for a batch.")
-    g.add_argument("--chat", action="store_true", help="Wrap each prompt in the model's chat template.")
+    g.add_argument("--prompt", action="append", required=True,
+                   help="Prompt text; repeat for a batch.")
+    g.add_argument("--chat", action="store_true",
+                   help="Wrap each prompt in the model's chat template.")
     g.add_argument("--system", default=None, help="System message (with --chat).")
     g.add_argument("--max-tokens", type=int, default=128)
     g.add_argument("--temperature", type=float, default=0.0)
@@ -39,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ignore-eos", action="store_true")
     g.set_defaults(func=cmd_generate)
 
-    p = _engine_parser(sub, "plan", "Print the KV cache plan without loading weights or allocating it.")
+    p = _engine_parser(sub, "plan",
+                       "Print the KV cache plan without loading weights or allocating it.")
     p.set_defaults(func=cmd_plan)
 
     from deploy.serve_cli import add_serve_parser
@@ -73,8 +78,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
             messages = ([{"role": "system", "content": args.system}] if args.system else [])
             text = tok.apply_chat_template([*messages, {"role": "user", "content": text}])
         prompts.append(tok.encode(text))
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, seed=args.sample_seed, ignore_eos=args.ignore_eos)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                            top_p=args.top_p, top_k=args.top_k, seed=args.sample_seed,
+                            ignore_eos=args.ignore_eos)
     t0 = time.perf_counter()
     seqs = engine.generate(prompts, params)
     elapsed = time.perf_counter() - t0
@@ -83,7 +89,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             print(f"--- [{i}] ({seq.finish_reason.value if seq.finish_reason else '?'})")
         print(tok.decode(seq.output_ids))
     num_out = sum(s.num_output_tokens for s in seqs)
-    logging.getLogger("pdserve").info("%d tokens in %.2f s (%.1f tok/s)", num_out, elapsed, num_out / elapsed)
+    logging.getLogger("pdserve").info("%d tokens in %.2f s (%.1f tok/s)", num_out, elapsed,
+                                      num_out / elapsed)
     return 0
 
 

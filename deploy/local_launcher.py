@@ -36,18 +36,27 @@ log = logging.getLogger("pdserve.launcher")
 
 @dataclass(frozen=True)
 class ServeConfig:
-    host: str = field(default="127.0.0.1", metadata={"help": "HTTP bind address (and workers' address)."})
+    host: str = field(default="127.0.0.1", metadata={
+        "help": "HTTP bind address (and workers' address)."})
     port: int = field(default=8000, metadata={"help": "HTTP port (0 = any free port)."})
     prefill: int = field(default=1, metadata={"help": "Number of prefill workers."})
     decode: int = field(default=1, metadata={"help": "Number of decode workers."})
-    colocated: bool = field(default=False, metadata={"help": "No prefill workers: decode workers prefill locally (baseline)."})
-    api_key: str | None = field(default=None, metadata={"help": "Require 'Authorization: Bearer KEY' on /v1/*."})
-    served_model_name: str | None = field(default=None, metadata={"help": "Model name in the API (default: the --model value)."})
-    prefill_profile: str | None = field(default=None, metadata={"help": "GPU profile of the prefill workers' KV cache (e.g. ampere)."})
-    decode_profile: str | None = field(default=None, metadata={"help": "GPU profile of the decode workers' KV cache (e.g. volta)."})
-    router: str = field(default="least-loaded", metadata={"help": "Decode routing: least-loaded or round-robin."})
-    startup_timeout_s: float = field(default=300.0, metadata={"help": "How long to wait for workers to load."})
-    heartbeat_timeout_s: float = field(default=3.0, metadata={"help": "A worker silent this long is dead."})
+    colocated: bool = field(default=False, metadata={
+        "help": "No prefill workers: decode workers prefill locally (baseline)."})
+    api_key: str | None = field(default=None, metadata={
+        "help": "Require 'Authorization: Bearer KEY' on /v1/*."})
+    served_model_name: str | None = field(default=None, metadata={
+        "help": "Model name in the API (default: the --model value)."})
+    prefill_profile: str | None = field(default=None, metadata={
+        "help": "GPU profile of the prefill workers' KV cache (e.g. ampere)."})
+    decode_profile: str | None = field(default=None, metadata={
+        "help": "GPU profile of the decode workers' KV cache (e.g. volta)."})
+    router: str = field(default="least-loaded", metadata={
+        "help": "Decode routing: least-loaded or round-robin."})
+    startup_timeout_s: float = field(default=300.0, metadata={
+        "help": "How long to wait for workers to load."})
+    heartbeat_timeout_s: float = field(default=3.0, metadata={
+        "help": "A worker silent this long is dead."})
     kv: KvTransportConfig = field(default_factory=KvTransportConfig)  # flags: worker/config.py
 
     def __post_init__(self) -> None:
@@ -56,17 +65,18 @@ class ServeConfig:
         if self.prefill < 0:
             raise ConfigError("--prefill must be 0 or more")
         if self.kv.transport == "nccl" and not torch.cuda.is_available():
-            raise ConfigError("--transport nccl moves KV between GPUs, and this machine has no usable "
-                              "CUDA device; use --transport zmq")
+            raise ConfigError("--transport nccl moves KV between GPUs, and this machine has no "
+                              "usable CUDA device; use --transport zmq")
 
     @property
     def num_prefill(self) -> int:
         return 0 if self.colocated else self.prefill
 
     def worker_ids(self) -> list[tuple[str, str]]:
-        """(role, worker id) of every worker: `prefill-<i>` then `decode-<i>` (also Ray actor names)."""
-        return [("prefill", f"prefill-{i}") for i in range(self.num_prefill)] + \
-            [("decode", f"decode-{i}") for i in range(self.decode)]
+        """(role, worker id) of every worker: `prefill-<i>` then `decode-<i>` (also Ray actor
+        names)."""
+        return ([("prefill", f"prefill-{i}") for i in range(self.num_prefill)]
+                + [("decode", f"decode-{i}") for i in range(self.decode)])
 
 
 def load_tokenizer(model: str) -> Tokenizer:
@@ -100,7 +110,8 @@ class LocalDeployment:
         # the proxy and each other (measured: colocated TTFT 2.5 s -> 0.5 s on 2 cores).
         env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ}
         for (role, wid), device in zip(roles, _devices(len(roles)), strict=True):
-            cmd = worker_command(role, wid, events_address, self.serve, self.engine_args, device, threads)
+            cmd = worker_command(role, wid, events_address, self.serve, self.engine_args, device,
+                                 threads)
             self.procs[wid] = subprocess.Popen(cmd, env=env)
             log.info("started %s worker %s (pid %d) on %s", role, wid, self.procs[wid].pid, device)
 
@@ -123,7 +134,8 @@ class LocalDeployment:
         metrics = ProxyMetrics()
         cluster = ClusterClient(ClusterConfig(host=self.serve.host, colocated=self.serve.colocated,
                                               router=self.serve.router,
-                                              heartbeat_timeout_s=self.serve.heartbeat_timeout_s), metrics)
+                                              heartbeat_timeout_s=self.serve.heartbeat_timeout_s),
+                                metrics)
         cluster.start()
         try:
             self.start_workers(cluster.events_address)
@@ -131,20 +143,23 @@ class LocalDeployment:
             await self._wait_for_workers(cluster)
             tokenizer = load_tokenizer(self.engine.model)
             name = self.serve.served_model_name or self.engine.model
-            app = build_app(ProxyConfig(name, plan.max_model_len, self.serve.api_key), cluster, tokenizer, metrics)
+            app = build_app(ProxyConfig(name, plan.max_model_len, self.serve.api_key), cluster,
+                            tokenizer, metrics)
             await self._run_http(app)
         finally:
             await cluster.close()
             self.stop_workers()
 
     async def _wait_for_workers(self, cluster: ClusterClient) -> None:
-        wait = asyncio.create_task(cluster.wait_for_workers(self.serve.num_prefill, self.serve.decode,
+        wait = asyncio.create_task(cluster.wait_for_workers(self.serve.num_prefill,
+                                                            self.serve.decode,
                                                             self.serve.startup_timeout_s))
         while not wait.done():
             dead = {w: p.returncode for w, p in self.procs.items() if p.poll() is not None}
             if dead:
                 wait.cancel()
-                raise RuntimeError(f"worker(s) exited during start-up: {dead} (see their log lines above)")
+                raise RuntimeError(f"worker(s) exited during start-up: {dead} "
+                                   f"(see their log lines above)")
             await asyncio.sleep(0.2)
         wait.result()
 
@@ -153,9 +168,11 @@ class LocalDeployment:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self.serve.host, self.serve.port))
         port = sock.getsockname()[1]
-        config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5)  # type: ignore[arg-type]
+        config = uvicorn.Config(app,  # type: ignore[arg-type]
+                                log_level="warning", timeout_graceful_shutdown=5)
         server = uvicorn.Server(config)
         print(f"pdserve: serving {self.engine.model} on http://{self.serve.host}:{port} "
-              f"({self.serve.num_prefill} prefill + {self.serve.decode} decode, {self.serve.kv.transport})",
+              f"({self.serve.num_prefill} prefill + {self.serve.decode} decode, "
+              f"{self.serve.kv.transport})",
               flush=True)
         await server.serve(sockets=[sock])

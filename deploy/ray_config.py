@@ -25,19 +25,24 @@ node, little enough that the amount a node declares is a marker, not a count."""
 @dataclass(frozen=True)
 class RayConfig:
     address: str | None = field(default=None, metadata={
-        "help": "Ray cluster to join: the head's host:port, or auto (default: $RAY_ADDRESS, else auto)."})
+        "help": "Ray cluster to join: the head's host:port, or auto "
+                "(default: $RAY_ADDRESS, else auto)."})
     deployment_name: str = field(default="pdserve", metadata={
         "help": "Ray namespace holding this deployment's actors and placement group."})
     max_restarts: int = field(default=3, metadata={
         "help": "How often Ray restarts a dead worker or proxy actor (-1 = without limit)."})
     proxy_node: str = field(default="head", metadata={
-        "help": "Node that runs the proxy: head, a node id (or a unique prefix of one) or a node IP."})
+        "help": "Node that runs the proxy: head, a node id (or a unique prefix of one) "
+                "or a node IP."})
     placement_strategy: str = field(default="PACK", metadata={
-        "help": "Placement group strategy of the workers: PACK, SPREAD, STRICT_PACK or STRICT_SPREAD."})
+        "help": "Placement group strategy of the workers: PACK, SPREAD, STRICT_PACK or "
+                "STRICT_SPREAD."})
     prefill_resource: str | None = field(default=None, metadata={
-        "help": "Custom resource a node must have to run prefill workers (ray start --resources '{\"prefill\": 1}')."})
+        "help": "Custom resource a node must have to run prefill workers "
+                "(ray start --resources '{\"prefill\": 1}')."})
     decode_resource: str | None = field(default=None, metadata={
-        "help": "Custom resource a node must have to run decode workers (ray start --resources '{\"decode\": 1}')."})
+        "help": "Custom resource a node must have to run decode workers "
+                "(ray start --resources '{\"decode\": 1}')."})
     prefill_label: str | None = field(default=None, metadata={
         "help": "Node label KEY=VALUE the prefill workers' nodes must carry (ray start --labels)."})
     decode_label: str | None = field(default=None, metadata={
@@ -45,7 +50,8 @@ class RayConfig:
     cpus_per_worker: float = field(default=1.0, metadata={
         "help": "CPUs each worker actor reserves (also its torch threads on CPU)."})
     gpus_per_worker: float | None = field(default=None, metadata={
-        "help": "GPUs each worker actor reserves (default: 1 if the cluster has GPUs and --device is not cpu, else 0)."})
+        "help": "GPUs each worker actor reserves (default: 1 if the cluster has GPUs and "
+                "--device is not cpu, else 0)."})
     placement_timeout_s: float = field(default=120.0, metadata={
         "help": "How long to wait for the cluster to have room for every worker."})
     detach: bool = field(default=False, metadata={
@@ -58,7 +64,8 @@ class RayConfig:
                               f"got {self.placement_strategy!r}")
         object.__setattr__(self, "placement_strategy", strategy)
         if self.max_restarts < -1:
-            raise ConfigError(f"--max-restarts must be -1 (no limit) or more, got {self.max_restarts}")
+            raise ConfigError(f"--max-restarts must be -1 (no limit) or more, "
+                              f"got {self.max_restarts}")
         if self.cpus_per_worker < 0 or (self.gpus_per_worker or 0) < 0:
             raise ConfigError("--cpus-per-worker and --gpus-per-worker cannot be negative")
         if not self.deployment_name or "/" in self.deployment_name:
@@ -80,7 +87,8 @@ class RayConfig:
             return {}
         key, sep, value = text.partition("=")
         if not sep or not key.strip() or not value.strip():
-            raise ConfigError(f"--{role}-label must look like KEY=VALUE (e.g. role={role}), got {text!r}")
+            raise ConfigError(f"--{role}-label must look like KEY=VALUE (e.g. role={role}), "
+                              f"got {text!r}")
         return {key.strip(): value.strip()}
 
     def worker_bundle(self, role: str, num_gpus: float) -> dict[str, float]:
@@ -116,4 +124,5 @@ def resolve_node(nodes: list[dict[str, Any]], spec: str) -> str:
         return found[0]["NodeID"]
     listing = ", ".join(f"{n['NodeID'][:12]} ({n['NodeManagerAddress']})" for n in alive)
     what = "no alive node" if not found else f"{len(found)} nodes"
-    raise ConfigError(f"--proxy-node {spec!r} matches {what}; give a node id instead. Alive nodes: {listing}")
+    raise ConfigError(f"--proxy-node {spec!r} matches {what}; give a node id instead. "
+                      f"Alive nodes: {listing}")

@@ -52,10 +52,12 @@ def connect(address: str | None, namespace: str, log_to_driver: bool = True) -> 
     try:
         import ray
     except ImportError:
-        raise ConfigError("--ray needs Ray on this machine and every node: pip install 'pdserve[ray]'") from None
+        raise ConfigError("--ray needs Ray on this machine and every node: "
+                          "pip install 'pdserve[ray]'") from None
     address = address or os.environ.get("RAY_ADDRESS") or "auto"
     try:
-        ray.init(address=address, namespace=namespace, log_to_driver=log_to_driver, logging_level=logging.WARNING)
+        ray.init(address=address, namespace=namespace, log_to_driver=log_to_driver,
+                 logging_level=logging.WARNING)
     except (ConnectionError, ValueError) as e:
         raise ConfigError(f"cannot join the Ray cluster at {address!r}: {e}. Start one with "
                           f"`ray start --head` (then `ray start --address HEAD:6379` on the other "
@@ -138,7 +140,8 @@ class RayDeployment:
         name = self.config.deployment_name
         already = ConfigError(f"a deployment named {name!r} is already running on this cluster: "
                               f"`pdserve status --deployment-name {name}` shows it, `pdserve stop "
-                              f"--deployment-name {name}` removes it; or pick another --deployment-name")
+                              f"--deployment-name {name}` removes it; "
+                              f"or pick another --deployment-name")
         if PROXY_ACTOR in self.ray.util.list_named_actors():  # this namespace's
             raise already
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -148,8 +151,8 @@ class RayDeployment:
         node_id = resolve_node(self.ray.nodes(), self.config.proxy_node)
         try:
             self.proxy = self.ray.remote(ProxyActor).options(
-                name=PROXY_ACTOR, lifetime=self._lifetime(), num_cpus=0, max_restarts=self.config.max_restarts,
-                max_concurrency=8,
+                name=PROXY_ACTOR, lifetime=self._lifetime(), num_cpus=0,
+                max_restarts=self.config.max_restarts, max_concurrency=8,
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
             ).remote(self.serve, self.engine.model, max_model_len, self.log_level)
         except ValueError:  # another launcher took the name in between
@@ -184,10 +187,12 @@ class RayDeployment:
         extra = {"bundle_label_selector": labels} if any(labels) else {}
         try:
             pg = placement_group(bundles, strategy=self.config.placement_strategy,
-                                 name=self.config.placement_group_name, lifetime=self._lifetime(), **extra)
+                                 name=self.config.placement_group_name,
+                                 lifetime=self._lifetime(), **extra)
         except TypeError:
             raise ConfigError(f"--prefill-label/--decode-label need Ray >= 2.49 (this is "
-                              f"{self.ray.__version__}); pin roles with --*-resource instead") from None
+                              f"{self.ray.__version__}); pin roles with --*-resource "
+                              f"instead") from None
         try:
             self.ray.get(pg.ready(), timeout=self.config.placement_timeout_s)
         except self.ray.exceptions.GetTimeoutError:
@@ -195,9 +200,11 @@ class RayDeployment:
                     if not k.startswith(("node:", "memory", "object_store"))}
             raise RuntimeError(
                 f"the cluster has no room for {len(bundles)} worker(s) with bundles {bundles} "
-                f"(strategy {self.config.placement_strategy}{f', labels {labels}' if any(labels) else ''}) after "
+                f"(strategy {self.config.placement_strategy}"
+                f"{f', labels {labels}' if any(labels) else ''}) after "
                 f"{self.config.placement_timeout_s:.0f} s; free now: {free}. Add nodes, start them "
-                f"with the role resources/labels, or lower --prefill/--decode/--cpus-per-worker") from None
+                f"with the role resources/labels, or lower "
+                f"--prefill/--decode/--cpus-per-worker") from None
         return pg
 
     def _start_workers(self, events_address: str) -> None:
@@ -218,7 +225,8 @@ class RayDeployment:
                 name=wid, lifetime=self._lifetime(), max_restarts=self.config.max_restarts,
                 max_concurrency=4, num_cpus=bundle.get("CPU", 0), num_gpus=bundle.get("GPU", 0),
                 resources=custom, runtime_env=runtime_env,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    pg, placement_group_bundle_index=i),
             ).remote(role, WorkerConfig(worker_id=wid, events_address=events_address,
                                            kv=self.serve.kv),
                      engines[role],
@@ -229,7 +237,8 @@ class RayDeployment:
         """Every worker built and registered with the proxy; their placements by worker id."""
         ray, timeout = self.ray, self.serve.startup_timeout_s
         ready = {w.ready.remote(timeout): wid for wid, w in self.workers.items()}
-        registered = self.proxy.wait_for_workers.remote(self.serve.num_prefill, self.serve.decode, timeout)
+        registered = self.proxy.wait_for_workers.remote(self.serve.num_prefill,
+                                                        self.serve.decode, timeout)
         placement: dict[str, dict] = {}
         pending = [registered, *ready]
         while registered in pending:
@@ -239,7 +248,8 @@ class RayDeployment:
             try:
                 result = ray.get(done[0])
             except ray.exceptions.RayActorError as e:
-                raise RuntimeError(f"worker {ready.get(done[0], PROXY_ACTOR)} died during start-up: {e}") from None
+                raise RuntimeError(f"worker {ready.get(done[0], PROXY_ACTOR)} died during "
+                                   f"start-up: {e}") from None
             except ray.exceptions.RayTaskError as e:
                 raise RuntimeError(str(e.cause)) from None
             if done[0] in ready:
@@ -249,14 +259,15 @@ class RayDeployment:
     def _print_ready(self, url: str, placement: dict[str, dict]) -> None:
         proxy = self.ray.get(self.proxy.info.remote(), timeout=30)
         for wid, where in sorted(placement.items()):
-            print(f"pdserve: {wid} on node {where['node_id'][:12]} ({where['node_ip']}, pid {where['pid']})",
-                  flush=True)
+            print(f"pdserve: {wid} on node {where['node_id'][:12]} "
+                  f"({where['node_ip']}, pid {where['pid']})", flush=True)
         print(f"pdserve: serving {self.engine.model} on {url} ({self.serve.num_prefill} prefill + "
               f"{self.serve.decode} decode, {self.serve.kv.transport}, Ray deployment "
-              f"{self.config.deployment_name!r}, proxy on node {proxy['node_id'][:12]})", flush=True)
+              f"{self.config.deployment_name!r}, proxy on node {proxy['node_id'][:12]})",
+              flush=True)
         if self.config.detach:
-            flags = f"--deployment-name {self.config.deployment_name}" + \
-                    (f" --address {self.config.address}" if self.config.address else "")
+            flags = (f"--deployment-name {self.config.deployment_name}"
+                     + (f" --address {self.config.address}" if self.config.address else ""))
             print(f"pdserve: detached; `pdserve status {flags}` shows it, `pdserve stop {flags}` "
                   f"removes it", flush=True)
 
@@ -273,15 +284,18 @@ class RayDeployment:
                 try:  # a named actor that Ray still restarts keeps its name; a dead one does not
                     ray.get_actor(PROXY_ACTOR)
                 except ValueError:
-                    log.warning("the proxy actor is gone (pdserve stop, or no restart left): shutting down")
+                    log.warning("the proxy actor is gone (pdserve stop, or no restart left): "
+                                "shutting down")
                     return 0
                 if restarting_since is None:
                     restarting_since = time.monotonic()
                     log.warning("the proxy actor died; Ray is restarting it (--max-restarts)")
                 continue
             except (ray.exceptions.RayTaskError, ray.exceptions.GetTimeoutError) as e:
-                recovering = restarting_since is not None and isinstance(e, ray.exceptions.GetTimeoutError) \
-                    and time.monotonic() - restarting_since < self.serve.startup_timeout_s
+                recovering = (restarting_since is not None
+                              and isinstance(e, ray.exceptions.GetTimeoutError)
+                              and time.monotonic() - restarting_since
+                              < self.serve.startup_timeout_s)
                 if recovering:  # a restarted proxy answers once it has recovered
                     continue
                 log.error("the proxy stopped answering (%s): shutting down", e)

@@ -40,7 +40,8 @@ def setup_actor_logging(level: str, tag: str) -> None:
     root = logging.getLogger()
     if not any(getattr(h, "_pdserve", False) for h in root.handlers):
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s [{tag}] %(name)s: %(message)s"))
+        handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s [{tag}] "
+                                               f"%(name)s: %(message)s"))
         handler._pdserve = True  # type: ignore[attr-defined]
         root.addHandler(handler)
     root.setLevel(level.upper())
@@ -58,7 +59,8 @@ def where_am_i() -> dict[str, Any]:
 class WorkerActor:
     def __init__(self, role: str, worker_config: WorkerConfig, engine_config: EngineConfig,
                  num_threads: int, log_level: str = "INFO") -> None:
-        """`engine_config` has the GPU profile (if any) applied and the device set by the launcher."""
+        """`engine_config` has the GPU profile (if any) applied and the device set by the
+        launcher."""
         import ray
 
         self.role, self.worker_id = role, worker_config.worker_id
@@ -103,14 +105,16 @@ class WorkerActor:
     def ready(self, timeout_s: float) -> dict[str, Any]:
         """Block until the engine is built; its placement, or RuntimeError saying why it failed."""
         if not self._built.wait(timeout_s):
-            raise TimeoutError(f"{self.role} worker {self.worker_id} did not load in {timeout_s:.0f} s")
+            raise TimeoutError(f"{self.role} worker {self.worker_id} did not load in "
+                               f"{timeout_s:.0f} s")
         if self.error:
-            raise RuntimeError(f"{self.role} worker {self.worker_id} on node {self.where['node_ip']} "
-                               f"cannot start: {self.error}")
+            raise RuntimeError(f"{self.role} worker {self.worker_id} on node "
+                               f"{self.where['node_ip']} cannot start: {self.error}")
         return self.where
 
     def info(self) -> dict[str, Any]:
-        return {**self.where, "is_ready": self._built.is_set() and not self.error, "error": self.error,
+        return {**self.where, "is_ready": self._built.is_set() and not self.error,
+                "error": self.error,
                 "nccl_env": {k: v for k, v in os.environ.items() if k.startswith("NCCL_")}}
 
     def hello(self) -> Any:

@@ -27,7 +27,8 @@ def engine_args(args: argparse.Namespace) -> list[str]:
     """The EngineConfig flags the user gave, to pass on to every worker process."""
     out = []
     for name, value in vars(args).items():
-        if name in EngineConfig.__dataclass_fields__ and value is not None and name not in ("extra", "device"):
+        if (name in EngineConfig.__dataclass_fields__ and value is not None
+                and name not in ("extra", "device")):
             flag = "--" + name.replace("_", "-")
             if isinstance(value, bool):
                 out.append(flag if value else "--no-" + name.replace("_", "-"))

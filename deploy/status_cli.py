@@ -17,10 +17,11 @@ from deploy.ray_config import PROXY_ACTOR, RayConfig
 
 
 def add_status_parsers(sub: argparse._SubParsersAction) -> None:
-    s = sub.add_parser("status", help="Show where each worker runs, its role, health, load and KV plan.",
-                       description="Show where each worker runs, its role, health, load and KV plan.")
+    what = "Show where each worker runs, its role, health, load and KV plan."
+    s = sub.add_parser("status", help=what, description=what)
     _add_target_args(s)
-    s.add_argument("--url", default=None, help="Read GET /status from this proxy URL instead of Ray.")
+    s.add_argument("--url", default=None,
+                   help="Read GET /status from this proxy URL instead of Ray.")
     s.add_argument("--json", action="store_true", help="Print the joined view as JSON.")
     s.set_defaults(func=cmd_status)
     t = sub.add_parser("stop", help="Remove a Ray deployment: its actors and placement group.",
@@ -30,7 +31,8 @@ def add_status_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_target_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--address", default=None, help="Ray cluster (default: $RAY_ADDRESS, else auto).")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster (default: $RAY_ADDRESS, else auto).")
     p.add_argument("--deployment-name", default="pdserve", help="The deployment's Ray namespace.")
 
 
@@ -46,7 +48,8 @@ def cmd_stop(args: argparse.Namespace) -> int:
     if not removed:
         print(f"pdserve: no deployment named {config.deployment_name!r} is running")
         return 1
-    print(f"pdserve: stopped {config.deployment_name!r}: removed {', '.join(removed)} and its placement group")
+    print(f"pdserve: stopped {config.deployment_name!r}: removed {', '.join(removed)} "
+          f"and its placement group")
     return 0
 
 
@@ -80,8 +83,9 @@ def _from_ray(address: str | None, name: str) -> dict[str, Any] | None:
         names = sorted(n for n in ray.util.list_named_actors() if n != PROXY_ACTOR)
         placement = {n: _placement(ray, ray.get_actor(n, namespace=name)) for n in names}
         seen = {w["worker_id"] for w in view["workers"]}
-        view["workers"] = [{**w, **placement.get(w["worker_id"], {})} for w in view["workers"]] + \
-                          [{"worker_id": n, "alive": False, **p} for n, p in placement.items() if n not in seen]
+        view["workers"] = ([{**w, **placement.get(w["worker_id"], {})} for w in view["workers"]]
+                           + [{"worker_id": n, "alive": False, **p}
+                              for n, p in placement.items() if n not in seen])
         return view
     finally:
         ray.shutdown()
@@ -92,7 +96,8 @@ def _placement(ray: Any, handle: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     with contextlib.suppress(Exception):
         info = ray.get(handle.info.remote(), timeout=5)
-        out = {k: info[k] for k in ("role", "node_id", "node_ip", "hostname", "pid", "error", "nccl_env") if k in info}
+        keys = ("role", "node_id", "node_ip", "hostname", "pid", "error", "nccl_env")
+        out = {k: info[k] for k in keys if k in info}
     with contextlib.suppress(Exception):  # the actor table is a developer API: best effort
         from ray._private import state
 
@@ -108,11 +113,13 @@ def render(view: dict[str, Any]) -> str:
     name = f"deployment {view['deployment']!r}: " if view.get("deployment") else ""
     lines = [f"{name}model {view.get('model')} (max_model_len {view.get('max_model_len')}), "
              f"proxy {proxy.get('url')}{where}"]
-    cols = ("WORKER", "ROLE", "NODE", "IP", "PID", "ACTOR", "RESTARTS", "ALIVE", "RUNNING", "WAITING", "KV USED")
+    cols = ("WORKER", "ROLE", "NODE", "IP", "PID", "ACTOR", "RESTARTS", "ALIVE", "RUNNING",
+            "WAITING", "KV USED")
     rows = [cols]
     for w in view.get("workers", []):
-        rows.append((w["worker_id"], w.get("role", "?"), (w.get("node_id") or w.get("host") or "?")[:12],
-                     w.get("node_ip", "?"), str(w.get("pid", "?")), w.get("actor_state", "-"),
+        rows.append((w["worker_id"], w.get("role", "?"),
+                     (w.get("node_id") or w.get("host") or "?")[:12], w.get("node_ip", "?"),
+                     str(w.get("pid", "?")), w.get("actor_state", "-"),
                      str(w.get("num_restarts", "-")), "yes" if w.get("alive") else "NO",
                      str(w.get("num_running", "-")), str(w.get("num_waiting", "-")),
                      f"{100 * w['kv_usage']:.1f}%" if "kv_usage" in w else "-"))
@@ -120,8 +127,8 @@ def render(view: dict[str, Any]) -> str:
     lines += ["  ".join(c.ljust(n) for c, n in zip(r, widths, strict=True)).rstrip() for r in rows]
     for w in view.get("workers", []):
         if w.get("kv_plan"):
-            lines.append(f"  {w['worker_id']}: ctrl {w.get('ctrl_address')}, kv {w.get('kv_address')}; "
-                         f"{w['kv_plan']}")
+            lines.append(f"  {w['worker_id']}: ctrl {w.get('ctrl_address')}, "
+                         f"kv {w.get('kv_address')}; {w['kv_plan']}")
         if w.get("error"):
             lines.append(f"  {w['worker_id']}: cannot start: {w['error']}")
     return "\n".join(lines)

@@ -64,7 +64,8 @@ class ApiError(Exception):
         return JSONResponse(self.to_dict(), status_code=self.status, headers=self.headers)
 
     def __repr__(self) -> str:
-        return f"ApiError({self.status}, {self.message!r}, param={self.param!r}, code={self.code!r})"
+        return (f"ApiError({self.status}, {self.message!r}, param={self.param!r}, "
+                f"code={self.code!r})")
 
 
 def invalid_request(message: str, param: str | None = None, code: str | None = None) -> ApiError:

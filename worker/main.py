@@ -31,7 +31,8 @@ log = logging.getLogger("pdserve.worker")
 
 
 def apply_profile(config: EngineConfig, name: str | None) -> EngineConfig:
-    """Cache dtype and layout from a GPU profile (transfer/convert/profiles.py), e.g. 'volta', 'ampere'."""
+    """Cache dtype and layout from a GPU profile (transfer/convert/profiles.py), e.g. 'volta',
+    'ampere'."""
     if not name:
         return config
     from engine.kv_layout import SUPPORTED_LAYOUTS
@@ -42,8 +43,8 @@ def apply_profile(config: EngineConfig, name: str | None) -> EngineConfig:
     except KeyError as e:
         raise ConfigError(str(e)) from None
     if p.layout not in SUPPORTED_LAYOUTS or p.dtype.value not in ("float32", "float16", "bfloat16"):
-        raise ConfigError(f"profile {name}: the engine cannot run a {p.dtype.value} {p.layout.value} "
-                          f"cache; use volta, ampere, ampere_sm86 or hopper")
+        raise ConfigError(f"profile {name}: the engine cannot run a {p.dtype.value} "
+                          f"{p.layout.value} cache; use volta, ampere, ampere_sm86 or hopper")
     return dataclasses.replace(config, kv_cache_dtype=p.dtype.value, kv_cache_layout=p.layout.value)
 
 
@@ -64,14 +65,17 @@ def main(worker_class: WorkerClass, role: str, argv: list[str] | None = None) ->
     """Run one worker of `worker_class` until Shutdown, SIGTERM or Ctrl-C (`python -m prefill` and
     `python -m decode` call this with their role's class); 2 when it cannot start."""
     parser = argparse.ArgumentParser(prog=f"python -m {role}")
-    parser.add_argument("--profile", default=None, help="GPU profile for the KV cache (transfer/convert/profiles.py)")
-    parser.add_argument("--num-threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    parser.add_argument("--profile", default=None,
+                        help="GPU profile for the KV cache (transfer/convert/profiles.py)")
+    parser.add_argument("--num-threads", type=int, default=0,
+                        help="torch CPU threads (0 = torch default)")
     parser.add_argument("--log-level", default="INFO")
     add_dataclass_args(parser, EngineConfig)
     add_dataclass_args(parser, WorkerConfig)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format=f"%(asctime)s %(levelname)s [{role} {args.worker_id}] %(name)s: %(message)s")
+                        format=f"%(asctime)s %(levelname)s [{role} {args.worker_id}] "
+                               f"%(name)s: %(message)s")
     if args.num_threads > 0:
         torch.set_num_threads(args.num_threads)
     try:

@@ -33,7 +33,8 @@ class Server:
             return {w["worker_id"]: w["pid"] for w in c.get("/status").json()["workers"]}
 
     def metric(self, name: str, labels: str = "") -> float:
-        """Sum of a Prometheus metric's samples (optionally only those whose labels contain `labels`)."""
+        """Sum of a Prometheus metric's samples (optionally only those whose labels contain
+        `labels`)."""
         with self.client() as c:
             text = c.get("/metrics").text
         total = 0.0
@@ -60,8 +61,8 @@ def serve(*args: str, timeout_s: float = 180.0) -> Iterator[Server]:
     cmd = [sys.executable, "-m", "deploy.cli", "serve", "--host", "127.0.0.1", "--port", "0",
            "--kv-cache-memory", "256MiB", "--max-model-len", "2048", *args]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env, start_new_session=True)
     log: list[str] = []
     found: list[str] = []
 

@@ -33,8 +33,10 @@ def tokenizer():
 
 
 def test_synthetic_completions_are_consistent(server: Server, tokenizer) -> None:
-    reqs = build_dataset(DatasetConfig(num_prompts=6, input_len="uniform:16:48", output_len="8"), tokenizer, 0)
-    run = asyncio.run(run_load(LoadConfig(base_url=server.url, request_rate=4.0, seed=0), reqs, "completions"))
+    reqs = build_dataset(DatasetConfig(num_prompts=6, input_len="uniform:16:48", output_len="8"),
+                         tokenizer, 0)
+    run = asyncio.run(run_load(LoadConfig(base_url=server.url, request_rate=4.0, seed=0), reqs,
+                               "completions"))
     assert run.model == "smollm2"
     for req, r in zip(reqs, run.results, strict=True):
         assert r.ok, (r.error, r.error_detail)
@@ -49,14 +51,16 @@ def test_synthetic_completions_are_consistent(server: Server, tokenizer) -> None
 
 
 def test_multiturn_chat_with_bounded_concurrency(server: Server, tokenizer) -> None:
-    cfg = DatasetConfig(dataset="multiturn", num_prompts=6, num_turns=3, input_len="12", output_len="6",
-                        system_prompt_len=32)
+    cfg = DatasetConfig(dataset="multiturn", num_prompts=6, num_turns=3, input_len="12",
+                        output_len="6", system_prompt_len=32)
     reqs = build_dataset(cfg, tokenizer, 1)
-    run = asyncio.run(run_load(LoadConfig(base_url=server.url, max_concurrency=2, seed=1), reqs, "chat"))
+    run = asyncio.run(run_load(LoadConfig(base_url=server.url, max_concurrency=2, seed=1), reqs,
+                               "chat"))
     for r in run.results:
         assert r.ok, (r.error, r.error_detail)
         assert r.ttft_s <= r.e2e_s and r.completion_tokens == 6 and r.num_chunks <= 6
-    by_turn = {(req.conversation, req.turn): r.prompt_tokens for req, r in zip(reqs, run.results, strict=True)}
+    by_turn = {(req.conversation, req.turn): r.prompt_tokens
+               for req, r in zip(reqs, run.results, strict=True)}
     for conv in (0, 1):  # the chat template adds tokens, but each turn resends the previous one
         assert by_turn[conv, 0] < by_turn[conv, 1] < by_turn[conv, 2]
     assert server.wait_idle_blocks() == 0  # the harness's requests left no KV block behind
@@ -67,9 +71,10 @@ def test_bench_command_writes_consistent_results(server: Server, tmp_path: Path,
     parser = argparse.ArgumentParser(prog="pdserve")
     add_bench_parser(parser.add_subparsers(dest="command", required=True))
     result = tmp_path / "live.json"
-    args = parser.parse_args(["bench", "--base-url", server.url, "--num-prompts", "4", "--input-len", "24",
-                              "--output-len", "6", "--request-rate", "8", "--no-progress", "--result-file",
-                              str(result), "--slo-ttft", "60", "--slo-tpot", "10"])
+    args = parser.parse_args(["bench", "--base-url", server.url, "--num-prompts", "4",
+                              "--input-len", "24", "--output-len", "6", "--request-rate", "8",
+                              "--no-progress", "--result-file", str(result), "--slo-ttft", "60",
+                              "--slo-tpot", "10"])
     assert args.func(args) == 0
     assert "SLO attainment:" in capsys.readouterr().out
     doc = json.loads(result.read_text())

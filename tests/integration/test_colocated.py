@@ -11,9 +11,11 @@ from engine.sampling_params import SamplingParams
 
 
 def test_colocated_with_api_key() -> None:
-    ref = LLMEngine.from_config(EngineConfig(kv_cache_memory="128MiB", max_model_len=2048), log_plan=False)
+    ref = LLMEngine.from_config(EngineConfig(kv_cache_memory="128MiB", max_model_len=2048),
+                                log_plan=False)
     prompt = "The capital of Italy is"
-    want = ref.generate([ref.tokenizer.encode(prompt)], SamplingParams(max_tokens=16, temperature=0.0))[0]
+    want = ref.generate([ref.tokenizer.encode(prompt)],
+                        SamplingParams(max_tokens=16, temperature=0.0))[0]
     with serve("--colocated", "--api-key", "s3cret") as server, server.client() as c:
         assert c.get("/health").json()["prefill_workers"] == 0
         body = {"prompt": prompt, "max_tokens": 16, "temperature": 0}

@@ -20,18 +20,22 @@ PROMPTS = ["The three primary colors are", "Water boils at", "def add(a, b):\n  
 
 
 def test_ampere_prefill_to_volta_decode_matches_reference() -> None:
-    ref = LLMEngine.from_config(EngineConfig(kv_cache_memory="128MiB", max_model_len=2048), log_plan=False)
+    ref = LLMEngine.from_config(EngineConfig(kv_cache_memory="128MiB", max_model_len=2048),
+                                log_plan=False)
     tok = ref.tokenizer
-    with serve("--prefill-profile", "ampere", "--decode-profile", "volta") as server, server.client() as c:
+    with serve("--prefill-profile", "ampere",
+               "--decode-profile", "volta") as server, server.client() as c:
         status = {w["role"]: w["kv_plan"] for w in c.get("/status").json()["workers"]}
         assert "bfloat16" in status["prefill"] and "NHD" in status["prefill"]
         assert "float16" in status["decode"] and "paged_v1" in status["decode"]
         exact = 0
         for prompt in PROMPTS:
             ids = tok.encode(prompt)
-            want = ref.generate([ids], SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True))[0]
-            r = c.post("/v1/completions", json={"prompt": prompt, "max_tokens": 24, "temperature": 0,
-                                                "ignore_eos": True, "logprobs": 0})
+            want = ref.generate([ids], SamplingParams(max_tokens=24, temperature=0.0,
+                                                      ignore_eos=True))[0]
+            r = c.post("/v1/completions", json={"prompt": prompt, "max_tokens": 24,
+                                                "temperature": 0, "ignore_eos": True,
+                                                "logprobs": 0})
             assert r.status_code == 200, r.text
             choice = r.json()["choices"][0]
             want_tokens = [tok.decode([t], skip_special_tokens=False) for t in want.output_ids]

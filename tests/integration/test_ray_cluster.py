@@ -1,12 +1,13 @@
 """End-to-end on a three-node Ray cluster on this machine (`ray.cluster_utils.Cluster`, every node
 on 127.0.0.1): the head runs the proxy, node A (resource `prefill`) the prefill workers, node B
-(resource `decode`, label pdserve-role=decode) the decode workers. `pdserve serve --ray` runs as a real process; placement is
-read back with `pdserve status --json` (Ray's node ids joined with the proxy's /status).
+(resource `decode`, label pdserve-role=decode) the decode workers. `pdserve serve --ray` runs as
+a real process; placement is read back with `pdserve status --json` (Ray's node ids joined with
+the proxy's /status).
 
 Tests run in file order on one cluster: deployment 1 (1 prefill + 1 decode, in the foreground)
 checks placement, output equality with the local engine, a decode actor killed mid-stream and
-Ctrl-C; deployment 2 (2 + 2, --detach, decode pinned by node label) takes 32 concurrent requests and is
-removed by `pdserve stop`.
+Ctrl-C; deployment 2 (2 + 2, --detach, decode pinned by node label) takes 32 concurrent requests
+and is removed by `pdserve stop`.
 """
 
 from __future__ import annotations
@@ -42,9 +43,12 @@ RAY_ENV = {
     "RAY_DEDUP_LOGS": "0",
     "RAY_COLOR_PREFIX": "0",
 }
-NODE_ARGS = {"include_dashboard": False, "object_store_memory": 100 << 20, "node_ip_address": "127.0.0.1"}
-WORKER_FLAGS = ("--kv-cache-memory", "128MiB", "--prefill-resource", "prefill", "--decode-resource", "decode")
-LABEL_FLAGS = ("--kv-cache-memory", "128MiB", "--prefill-resource", "prefill", "--decode-label", "pdserve-role=decode")
+NODE_ARGS = {"include_dashboard": False, "object_store_memory": 100 << 20,
+             "node_ip_address": "127.0.0.1"}
+WORKER_FLAGS = ("--kv-cache-memory", "128MiB", "--prefill-resource", "prefill",
+                "--decode-resource", "decode")
+LABEL_FLAGS = ("--kv-cache-memory", "128MiB", "--prefill-resource", "prefill",
+               "--decode-label", "pdserve-role=decode")
 MAX_TOKENS = 24
 
 
@@ -66,7 +70,8 @@ def cluster() -> Iterator[Nodes]:
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, **NODE_ARGS})
     try:
         a = c.add_node(num_cpus=2, resources={"prefill": 1}, **NODE_ARGS)
-        b = c.add_node(num_cpus=2, resources={"decode": 1}, labels={"pdserve-role": "decode"}, **NODE_ARGS)
+        b = c.add_node(num_cpus=2, resources={"decode": 1}, labels={"pdserve-role": "decode"},
+                       **NODE_ARGS)
         c.wait_for_nodes()
         yield Nodes(c.address, c.head_node.node_id, a.node_id, b.node_id)
     finally:
@@ -76,23 +81,26 @@ def cluster() -> Iterator[Nodes]:
 
 @pytest.fixture(scope="module")
 def deployment(cluster: Nodes) -> Iterator[Server]:
-    with serve("--ray", "--address", cluster.address, "--deployment-name", "pd-ray-1", *WORKER_FLAGS,
-               timeout_s=240) as s:
+    with serve("--ray", "--address", cluster.address, "--deployment-name", "pd-ray-1",
+               *WORKER_FLAGS, timeout_s=240) as s:
         yield s
 
 
 @pytest.fixture(scope="module")
 def reference() -> LLMEngine:
-    return LLMEngine.from_config(EngineConfig(kv_cache_memory="128MiB", max_model_len=2048), log_plan=False)
+    return LLMEngine.from_config(EngineConfig(kv_cache_memory="128MiB", max_model_len=2048),
+                                 log_plan=False)
 
 
 def pdserve(*args: str, timeout_s: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "deploy.cli", *args], capture_output=True, text=True,
-                          timeout=timeout_s, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return subprocess.run([sys.executable, "-m", "deploy.cli", *args], capture_output=True,
+                          text=True, timeout=timeout_s,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
 def status(cluster: Nodes, name: str) -> dict:
-    out = pdserve("status", "--address", cluster.address, "--deployment-name", name, "--json", timeout_s=60)
+    out = pdserve("status", "--address", cluster.address, "--deployment-name", name, "--json",
+                  timeout_s=60)
     assert out.returncode == 0, out.stdout + out.stderr
     return json.loads(out.stdout)
 
@@ -101,7 +109,8 @@ def by_id(view: dict) -> dict[str, dict]:
     return {w["worker_id"]: w for w in view["workers"]}
 
 
-def test_placement_proxy_on_head_prefill_on_a_decode_on_b(deployment: Server, cluster: Nodes) -> None:
+def test_placement_proxy_on_head_prefill_on_a_decode_on_b(deployment: Server,
+                                                          cluster: Nodes) -> None:
     view = status(cluster, "pd-ray-1")
     assert view["proxy"]["node_id"] == cluster.head
     assert view["proxy"]["url"] == deployment.url
@@ -114,7 +123,8 @@ def test_placement_proxy_on_head_prefill_on_a_decode_on_b(deployment: Server, cl
         assert w["ctrl_address"].startswith("tcp://127.0.0.1:")  # bound on the node's IP
         assert "KV cache:" in w["kv_plan"]
     assert workers["decode-0"]["kv_address"].startswith("tcp://127.0.0.1:")
-    table = pdserve("status", "--address", cluster.address, "--deployment-name", "pd-ray-1", timeout_s=60)
+    table = pdserve("status", "--address", cluster.address, "--deployment-name", "pd-ray-1",
+                    timeout_s=60)
     assert table.returncode == 0, table.stderr
     rows = {line.split()[0]: line.split() for line in table.stdout.splitlines()[2:4]}
     assert rows["prefill-0"][1:3] == ["prefill", cluster.prefill[:12]]
@@ -131,17 +141,20 @@ def test_same_name_is_refused_and_left_running(deployment: Server, cluster: Node
 
 def test_chat_equals_local_engine(deployment: Server, reference: LLMEngine) -> None:
     text = "What is the capital of France?"
-    ids = reference.tokenizer.encode(reference.tokenizer.apply_chat_template([{"role": "user", "content": text}]))
+    tok = reference.tokenizer
+    ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": text}]))
     seq = reference.generate([ids], SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0))[0]
-    body = {"messages": [{"role": "user", "content": text}], "max_tokens": MAX_TOKENS, "temperature": 0}
+    body = {"messages": [{"role": "user", "content": text}], "max_tokens": MAX_TOKENS,
+            "temperature": 0}
     with deployment.client() as c:
         r = c.post("/v1/chat/completions", json=body)
     assert r.status_code == 200, r.text
-    assert r.json()["choices"][0]["message"]["content"] == reference.tokenizer.decode(seq.output_ids)
+    assert r.json()["choices"][0]["message"]["content"] == tok.decode(seq.output_ids)
     assert r.json()["usage"]["completion_tokens"] == seq.num_output_tokens
 
 
-def _wait_for_restart(c: httpx.Client, worker_id: str, old_pid: int, timeout_s: float = 90.0) -> dict:
+def _wait_for_restart(c: httpx.Client, worker_id: str, old_pid: int,
+                      timeout_s: float = 90.0) -> dict:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         workers = {w["worker_id"]: w for w in c.get("/status").json()["workers"]}
@@ -152,7 +165,8 @@ def _wait_for_restart(c: httpx.Client, worker_id: str, old_pid: int, timeout_s: 
     raise AssertionError(f"{worker_id} did not come back in {timeout_s:.0f} s")
 
 
-def test_kill_decode_actor_mid_stream_then_ray_restarts_it(deployment: Server, cluster: Nodes) -> None:
+def test_kill_decode_actor_mid_stream_then_ray_restarts_it(deployment: Server,
+                                                           cluster: Nodes) -> None:
     body = {"prompt": "Count slowly from one to one thousand:", "max_tokens": 1500, "stream": True,
             "ignore_eos": True}
     with deployment.client() as c:
@@ -171,7 +185,8 @@ def test_kill_decode_actor_mid_stream_then_ray_restarts_it(deployment: Server, c
         assert error["code"] == "worker_lost"
         restarted = _wait_for_restart(c, "decode-0", old_pid)
         for i in range(3):
-            r = c.post("/v1/completions", json={"prompt": f"After the restart {i}", "max_tokens": 4})
+            r = c.post("/v1/completions",
+                       json={"prompt": f"After the restart {i}", "max_tokens": 4})
             assert r.status_code == 200, r.text
     assert deployment.wait_idle_blocks() == 0
     decode = by_id(status(cluster, "pd-ray-1"))["decode-0"]
@@ -179,7 +194,8 @@ def test_kill_decode_actor_mid_stream_then_ray_restarts_it(deployment: Server, c
     assert decode["num_restarts"] == 1 and decode["actor_state"] == "ALIVE"
 
 
-def test_kill_proxy_actor_then_ray_restarts_it_on_the_same_url(deployment: Server, cluster: Nodes) -> None:
+def test_kill_proxy_actor_then_ray_restarts_it_on_the_same_url(deployment: Server,
+                                                               cluster: Nodes) -> None:
     """The proxy is a Ray actor with restarts: killed mid-stream, it comes back on the same ports,
     registers the running workers from their actors, has them drop the dead proxy's requests
     (blocks free at once, not after the stream's 1500 tokens) and serves again; the launcher
@@ -203,14 +219,17 @@ def test_kill_proxy_actor_then_ray_restarts_it_on_the_same_url(deployment: Serve
             time.sleep(0.5)
         r = c.post("/v1/completions", json={"prompt": "After the proxy restart", "max_tokens": 4})
         assert r.status_code == 200, r.text
-        assert {w["worker_id"] for w in c.get("/status").json()["workers"] if w["alive"]} == {"prefill-0", "decode-0"}
+        alive = {w["worker_id"] for w in c.get("/status").json()["workers"] if w["alive"]}
+        assert alive == {"prefill-0", "decode-0"}
     assert deployment.wait_idle_blocks(timeout_s=15) == 0  # the orphaned stream was dropped
     new = status(cluster, "pd-ray-1")["proxy"]
     assert new["url"] == old["url"] == deployment.url and new["pid"] != old["pid"]
     deadline = time.monotonic() + 10
-    while not any("the proxy is back" in line for line in deployment.log) and time.monotonic() < deadline:
+    while (not any("the proxy is back" in line for line in deployment.log)
+           and time.monotonic() < deadline):
         time.sleep(0.2)
-    assert any("the proxy is back" in line for line in deployment.log), "".join(deployment.log[-20:])
+    assert any("the proxy is back" in line for line in deployment.log), (
+        "".join(deployment.log[-20:]))
     assert deployment.proc.poll() is None  # the launcher still runs
 
 
@@ -218,7 +237,8 @@ def test_ctrl_c_removes_the_deployment(deployment: Server, cluster: Nodes) -> No
     deployment.proc.send_signal(signal.SIGINT)
     assert deployment.proc.wait(60) == 0
     assert any("removed 3 actor(s) and the placement group" in line for line in deployment.log)
-    gone = pdserve("stop", "--address", cluster.address, "--deployment-name", "pd-ray-1", timeout_s=60)
+    gone = pdserve("stop", "--address", cluster.address, "--deployment-name", "pd-ray-1",
+                   timeout_s=60)
     assert gone.returncode == 1 and "no deployment named 'pd-ray-1'" in gone.stdout
 
 
@@ -230,18 +250,21 @@ async def _chat(client: httpx.AsyncClient, i: int) -> str:
     return r.json()["choices"][0]["message"]["content"]
 
 
-def test_detached_2p2d_32_concurrent_then_stop(cluster: Nodes, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_detached_2p2d_32_concurrent_then_stop(cluster: Nodes,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("NCCL_DEBUG", "WARN")  # forwarded to every worker actor
     args = ("--address", cluster.address, "--deployment-name", "pd-ray-2")
     started = pdserve("serve", "--ray", "--detach", *args, "--prefill", "2", "--decode", "2",
                       "--host", "127.0.0.1", "--port", "0", "--max-model-len", "2048", *LABEL_FLAGS)
     assert started.returncode == 0, started.stdout[-3000:] + started.stderr[-3000:]
-    url = re.search(r"serving .* on (http://127\.0\.0\.1:\d+)", started.stdout).group(1)  # type: ignore[union-attr]
+    match = re.search(r"serving .* on (http://127\.0\.0\.1:\d+)", started.stdout)
+    url = match.group(1)  # type: ignore[union-attr]
     try:
         workers = by_id(status(cluster, "pd-ray-2"))
         assert sorted(workers) == ["decode-0", "decode-1", "prefill-0", "prefill-1"]
         for wid, w in workers.items():
-            assert w["node_id"] == (cluster.prefill if wid.startswith("prefill") else cluster.decode)
+            assert w["node_id"] == (cluster.prefill if wid.startswith("prefill")
+                                    else cluster.decode)
             assert w["alive"] and w["nccl_env"] == {"NCCL_DEBUG": "WARN"}
 
         async def run() -> list[str]:

@@ -12,8 +12,10 @@ from engine.config import ConfigError
 
 HEAD = {"NodeID": "aa11" * 14, "NodeManagerAddress": "10.0.0.1", "Alive": True,
         "Resources": {"CPU": 8.0, "node:__internal_head__": 1.0}}
-NODE_A = {"NodeID": "bb22" * 14, "NodeManagerAddress": "10.0.0.2", "Alive": True, "Resources": {"prefill": 1.0}}
-NODE_B = {"NodeID": "cc33" * 14, "NodeManagerAddress": "10.0.0.2", "Alive": True, "Resources": {"decode": 1.0}}
+NODE_A = {"NodeID": "bb22" * 14, "NodeManagerAddress": "10.0.0.2", "Alive": True,
+          "Resources": {"prefill": 1.0}}
+NODE_B = {"NodeID": "cc33" * 14, "NodeManagerAddress": "10.0.0.2", "Alive": True,
+          "Resources": {"decode": 1.0}}
 GONE = {"NodeID": "dd44" * 14, "NodeManagerAddress": "10.0.0.9", "Alive": False, "Resources": {}}
 
 
@@ -56,8 +58,9 @@ def test_resolve_proxy_node() -> None:
 
 
 def test_serve_flags() -> None:
-    args = build_parser().parse_args(["serve", "--ray", "--address", "10.0.0.1:6379", "--max-restarts", "5",
-                                      "--proxy-node", "10.0.0.1", "--placement-strategy", "SPREAD",
+    args = build_parser().parse_args(["serve", "--ray", "--address", "10.0.0.1:6379",
+                                      "--max-restarts", "5", "--proxy-node", "10.0.0.1",
+                                      "--placement-strategy", "SPREAD",
                                       "--prefill-resource", "prefill", "--detach"])
     assert args.ray and args.address == "10.0.0.1:6379" and args.max_restarts == 5 and args.detach
     args = build_parser().parse_args(["serve", "--max-restarts", "5"])
@@ -74,11 +77,12 @@ def test_status_table_without_ray_columns() -> None:
 
     view = {"deployment": None, "proxy": {"url": "http://127.0.0.1:8000"}, "model": "smollm2",
             "max_model_len": 2048,
-            "workers": [{"worker_id": "decode-0", "role": "decode", "host": "vm", "pid": 42, "alive": False,
-                         "ctrl_address": "tcp://127.0.0.1:1", "kv_address": "tcp://127.0.0.1:2",
+            "workers": [{"worker_id": "decode-0", "role": "decode", "host": "vm", "pid": 42,
+                         "alive": False, "ctrl_address": "tcp://127.0.0.1:1", "kv_address": "tcp://127.0.0.1:2",
                          "kv_plan": "KV cache: 182 blocks", "num_running": 0, "num_waiting": 0,
                          "kv_usage": 0.25}]}
     lines = render(view).splitlines()
     assert lines[0] == "model smollm2 (max_model_len 2048), proxy http://127.0.0.1:8000"
-    assert lines[2].split() == ["decode-0", "decode", "vm", "?", "42", "-", "-", "NO", "0", "0", "25.0%"]
+    assert lines[2].split() == ["decode-0", "decode", "vm", "?", "42", "-", "-", "NO", "0", "0",
+                                "25.0%"]
     assert "KV cache: 182 blocks" in lines[3]

@@ -39,7 +39,8 @@ def server() -> Server:
 @pytest.fixture(scope="module")
 def reference() -> LLMEngine:
     """The colocated engine in this process: the output the disaggregated path must equal."""
-    return LLMEngine.from_config(EngineConfig(kv_cache_memory="128MiB", max_model_len=2048), log_plan=False)
+    return LLMEngine.from_config(EngineConfig(kv_cache_memory="128MiB", max_model_len=2048),
+                                 log_plan=False)
 
 
 def greedy(engine: LLMEngine, prompt_ids: list[int], max_tokens: int = MAX_TOKENS) -> str:
@@ -48,7 +49,8 @@ def greedy(engine: LLMEngine, prompt_ids: list[int], max_tokens: int = MAX_TOKEN
 
 
 def chat_ids(engine: LLMEngine, text: str) -> list[int]:
-    return engine.tokenizer.encode(engine.tokenizer.apply_chat_template([{"role": "user", "content": text}]))
+    tok = engine.tokenizer
+    return tok.encode(tok.apply_chat_template([{"role": "user", "content": text}]))
 
 
 def test_health_models_status(server: Server) -> None:
@@ -66,7 +68,8 @@ def test_completions_equal_colocated(server: Server, reference: LLMEngine) -> No
     with server.client() as c:
         for prompt in PROMPTS:
             want = greedy(reference, reference.tokenizer.encode(prompt))
-            body = {"prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True}
+            body = {"prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0,
+                    "ignore_eos": True}
             r = c.post("/v1/completions", json=body)
             assert r.status_code == 200, r.text
             assert r.json()["choices"][0]["text"] == want
@@ -79,20 +82,22 @@ def test_completions_equal_colocated(server: Server, reference: LLMEngine) -> No
 def test_frames_payload_between_steps_equals_colocated(reference: LLMEngine) -> None:
     """The non-default KV options: `--kv-payload frames` (ZMQ multipart frames instead of the
     stream socket) and `--no-kv-receiver-thread` (the decode worker receives between steps)."""
-    with serve("--prefill", "1", "--decode", "1", "--kv-payload", "frames", "--no-kv-receiver-thread") as s, \
-            s.client() as c:
+    with serve("--prefill", "1", "--decode", "1", "--kv-payload", "frames",
+               "--no-kv-receiver-thread") as s, s.client() as c:
         prompt = PROMPTS[2]
         body = {"prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True}
         r = c.post("/v1/completions", json=body)
         assert r.status_code == 200, r.text
-        assert r.json()["choices"][0]["text"] == greedy(reference, reference.tokenizer.encode(prompt))
+        want = greedy(reference, reference.tokenizer.encode(prompt))
+        assert r.json()["choices"][0]["text"] == want
 
 
 def test_chat_equal_colocated(server: Server, reference: LLMEngine) -> None:
     with server.client() as c:
         for text in CHATS:
             ids = chat_ids(reference, text)
-            seq = reference.generate([ids], SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0))[0]
+            seq = reference.generate([ids],
+                                     SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0))[0]
             want = reference.tokenizer.decode(seq.output_ids)
             body = {"messages": [{"role": "user", "content": text}], "max_tokens": MAX_TOKENS,
                     "temperature": 0}
@@ -103,7 +108,8 @@ def test_chat_equal_colocated(server: Server, reference: LLMEngine) -> None:
             with c.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as resp:
                 events = list(sse_events(resp))
             assert events[0]["choices"][0]["delta"]["role"] == "assistant"
-            text_out = "".join(e["choices"][0]["delta"].get("content", "") for e in events[1:-1] if e["choices"])
+            text_out = "".join(e["choices"][0]["delta"].get("content", "")
+                               for e in events[1:-1] if e["choices"])
             assert text_out == want
             assert events[-2]["choices"][0]["finish_reason"] in ("stop", "length")
 
@@ -113,8 +119,8 @@ def test_seeded_sampling_equals_colocated(server: Server, reference: LLMEngine) 
     token, the decode worker the rest, and the tokens are the colocated engine's."""
     with server.client() as c:
         for i, prompt in enumerate(PROMPTS):
-            params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.9, top_p=0.95, seed=4242 + i,
-                                    ignore_eos=True)
+            params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.9, top_p=0.95,
+                                    seed=4242 + i, ignore_eos=True)
             seq = reference.generate([reference.tokenizer.encode(prompt)], params)[0]
             want = reference.tokenizer.decode(seq.output_ids)
             assert want != greedy(reference, reference.tokenizer.encode(prompt))  # really sampled
@@ -128,7 +134,8 @@ def test_seeded_sampling_equals_colocated(server: Server, reference: LLMEngine) 
 
 def test_openai_client(server: Server) -> None:
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
-    chat = client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "Hi!"}],
+    chat = client.chat.completions.create(model="smollm2",
+                                          messages=[{"role": "user", "content": "Hi!"}],
                                           max_tokens=8, temperature=0)
     assert chat.choices[0].message.content and chat.usage.completion_tokens <= 8
     comp = client.completions.create(model="smollm2", prompt="Hello, my name is", max_tokens=8)
@@ -139,7 +146,8 @@ def test_openai_client(server: Server) -> None:
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens >= 1
     text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
     assert text
-    stream = client.completions.create(model="smollm2", prompt="1, 2, 3,", max_tokens=6, stream=True)
+    stream = client.completions.create(model="smollm2", prompt="1, 2, 3,", max_tokens=6,
+                                       stream=True)
     assert "".join(ch.choices[0].text for ch in stream)
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model="smollm2", prompt="x", max_tokens=5000)
@@ -148,7 +156,8 @@ def test_openai_client(server: Server) -> None:
 
 def test_bad_requests_are_openai_shaped(server: Server) -> None:
     with server.client() as c:
-        r = c.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+        r = c.post("/v1/completions", content=b"{not json",
+                   headers={"content-type": "application/json"})
         assert r.status_code == 400 and "error" in r.json()
         r = c.post("/v1/chat/completions", json={"messages": [], "max_tokens": 3})
         assert r.status_code == 400 and r.json()["error"]["param"]
@@ -174,20 +183,24 @@ async def _one_stream(client: httpx.AsyncClient, i: int) -> int:
 
 def test_kv_transfer_metrics_count_requests_that_ended_first(server: Server) -> None:
     """max_tokens=1: the response can end before the prefill worker reports its transfer; the
-    transfer still counts (bytes = the prompt's blocks x block size x the cache's bytes per token)."""
+    transfer still counts (bytes = the prompt's blocks x block size x the cache's bytes per
+    token)."""
     with server.client() as c:
-        plan = c.get("/status").json()["workers"][0]["kv_plan"]  # "... (float32 NHD, 45.0 KiB/token, ..."
+        # "... (float32 NHD, 45.0 KiB/token, ..."
+        plan = c.get("/status").json()["workers"][0]["kv_plan"]
         bytes_per_token = round(float(re.search(r"([\d.]+) KiB/token", plan).group(1)) * 1024)
         block = int(re.search(r"blocks x (\d+) tokens", plan).group(1))  # KV moves in whole blocks
         before = server.metric("pdserve:kv_transfer_bytes_total")
         tokens = 0
         for i in range(6):
-            r = c.post("/v1/completions", json={"prompt": f"{i}: " + PROMPTS[i % 3], "max_tokens": 1})
+            r = c.post("/v1/completions",
+                       json={"prompt": f"{i}: " + PROMPTS[i % 3], "max_tokens": 1})
             assert r.status_code == 200, r.text
             tokens += -(-r.json()["usage"]["prompt_tokens"] // block) * block
     deadline = time.monotonic() + 10
     want = tokens * bytes_per_token  # every transfer counted, once
-    while (delta := server.metric("pdserve:kv_transfer_bytes_total") - before) < want and time.monotonic() < deadline:
+    while ((delta := server.metric("pdserve:kv_transfer_bytes_total") - before) < want
+           and time.monotonic() < deadline):
         time.sleep(0.1)
     assert delta == want, (delta, tokens, bytes_per_token)
     assert server.metric("pdserve:kv_transfer_seconds_total") > 0
@@ -207,11 +220,13 @@ def test_multi_turn_hits_prefix_cache(server: Server, reference: LLMEngine) -> N
     history = [{"role": "system", "content": "You are a terse assistant. " * 20},
                {"role": "user", "content": "Name a fruit."}]
     with server.client() as c:
-        first = c.post("/v1/chat/completions", json={"messages": history, "max_tokens": 8, "temperature": 0}).json()
+        first = c.post("/v1/chat/completions",
+                       json={"messages": history, "max_tokens": 8, "temperature": 0}).json()
         history += [{"role": "assistant", "content": first["choices"][0]["message"]["content"]},
                     {"role": "user", "content": "And a vegetable?"}]
         hits_before = server.metric("pdserve:prefix_cache_hits_total")
-        second = c.post("/v1/chat/completions", json={"messages": history, "max_tokens": 8, "temperature": 0}).json()
+        second = c.post("/v1/chat/completions",
+                        json={"messages": history, "max_tokens": 8, "temperature": 0}).json()
     assert second["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
     assert server.metric("pdserve:prefix_cache_hits_total") > hits_before
     ids = reference.tokenizer.encode(reference.tokenizer.apply_chat_template(history))
@@ -219,8 +234,8 @@ def test_multi_turn_hits_prefix_cache(server: Server, reference: LLMEngine) -> N
 
 
 def test_client_disconnect_frees_blocks(server: Server) -> None:
-    body = {"prompt": "Write a very long essay about the ocean.", "max_tokens": 1500, "stream": True,
-            "ignore_eos": True}
+    body = {"prompt": "Write a very long essay about the ocean.", "max_tokens": 1500,
+            "stream": True, "ignore_eos": True}
     with server.client() as c, c.stream("POST", "/v1/completions", json=body) as r:
         for i, _ in enumerate(r.iter_lines()):
             if i > 6:

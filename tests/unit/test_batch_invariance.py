@@ -103,17 +103,22 @@ def test_seeded_sampling_is_reproducible_alone_and_batched(
 
 def test_top_k_one_and_tiny_top_p_are_greedy(alone: LLMEngine, prompts: list[list[int]],
                                              greedy_alone: list[list[int]]) -> None:
-    top_k = SamplingParams(max_tokens=NUM_NEW_TOKENS, temperature=1.5, top_k=1, seed=3, ignore_eos=True)
-    top_p = SamplingParams(max_tokens=NUM_NEW_TOKENS, temperature=1.0, top_p=1e-6, seed=3, ignore_eos=True)
+    top_k = SamplingParams(max_tokens=NUM_NEW_TOKENS, temperature=1.5, top_k=1, seed=3,
+                           ignore_eos=True)
+    top_p = SamplingParams(max_tokens=NUM_NEW_TOKENS, temperature=1.0, top_p=1e-6, seed=3,
+                           ignore_eos=True)
     seqs = alone.generate([prompts[0], prompts[3]], [top_k, top_p])
     assert seqs[0].output_ids == greedy_alone[0]
     assert seqs[1].output_ids == greedy_alone[3]
 
 
-def test_sampled_tokens_lie_inside_top_k_and_top_p(alone: LLMEngine, prompts: list[list[int]]) -> None:
+def test_sampled_tokens_lie_inside_top_k_and_top_p(alone: LLMEngine,
+                                                   prompts: list[list[int]]) -> None:
     # Logprobs are the raw distribution (temperature 1 here, so the same one that was filtered).
-    params = [SamplingParams(max_tokens=16, temperature=1.0, top_k=5, seed=11, logprobs=5, ignore_eos=True),
-              SamplingParams(max_tokens=16, temperature=1.0, top_p=0.5, seed=12, logprobs=20, ignore_eos=True)]
+    params = [SamplingParams(max_tokens=16, temperature=1.0, top_k=5, seed=11, logprobs=5,
+                             ignore_eos=True),
+              SamplingParams(max_tokens=16, temperature=1.0, top_p=0.5, seed=12, logprobs=20,
+                             ignore_eos=True)]
     k_seq, p_seq = alone.generate([prompts[1], prompts[2]], params)
     vocab = alone.model_config.vocab_size
     for seq in (k_seq, p_seq):
@@ -125,7 +130,8 @@ def test_sampled_tokens_lie_inside_top_k_and_top_p(alone: LLMEngine, prompts: li
         # top_p keeps the most likely tokens until their mass reaches 0.5: the ones ranked before
         # the sample hold less; a sample beyond the 20 listed means these 20 hold less than 0.5
         before = lp.top[:ranked.index(lp.token_id)] if lp.token_id in ranked else lp.top
-        assert sum(math.exp(v) for _, v in before) < 0.5 + 1e-5, "a top_p=0.5 sample outside the nucleus"
+        assert sum(math.exp(v) for _, v in before) < 0.5 + 1e-5, (
+            "a top_p=0.5 sample outside the nucleus")
 
 
 def test_logprobs_sorted_and_greedy_token_is_the_max(alone: LLMEngine, prompts: list[list[int]],
@@ -142,7 +148,8 @@ def test_logprobs_sorted_and_greedy_token_is_the_max(alone: LLMEngine, prompts: 
         assert all(v <= 0.0 for v in values) and sum(math.exp(v) for v in values) <= 1.0 + 1e-5
         assert lp.token_id == token == lp.top[0][0]
         assert lp.logprob == pytest.approx(values[0], abs=1e-6)
-    zero = alone.generate([prompts[4]], SamplingParams(max_tokens=2, temperature=0.0, logprobs=0))[0]
+    zero = alone.generate([prompts[4]],
+                          SamplingParams(max_tokens=2, temperature=0.0, logprobs=0))[0]
     assert [lp.top for lp in zero.logprobs] == [[], []] and zero.logprobs[0].logprob <= 0.0
 
 
@@ -166,7 +173,8 @@ def test_eos_stops_unless_ignored(alone: LLMEngine, prompts: list[list[int]]) ->
 
 def test_max_tokens_respected_in_a_batch(batched: LLMEngine, prompts: list[list[int]]) -> None:
     limits = [1, 2, 3, 5, 8, 13]
-    params = [SamplingParams(max_tokens=m, temperature=0.0 if m % 2 else 0.7, seed=m, ignore_eos=True)
+    params = [SamplingParams(max_tokens=m, temperature=0.0 if m % 2 else 0.7, seed=m,
+                             ignore_eos=True)
               for m in limits]
     seqs = batched.generate(prompts, params, arrival_steps=ARRIVAL_STEPS)
     assert [len(s.output_ids) for s in seqs] == limits

@@ -29,7 +29,8 @@ def test_length_dist_samples_within_bounds(spec: str, lo: int, hi: int) -> None:
     assert str(LengthDist.parse(spec)) == spec
 
 
-@pytest.mark.parametrize("spec", ["", "0", "-3", "abc", "uniform:9:3", "uniform:4", "exp:0", "beta:1:2", "32:5"])
+@pytest.mark.parametrize("spec", ["", "0", "-3", "abc", "uniform:9:3", "uniform:4", "exp:0",
+                                  "beta:1:2", "32:5"])
 def test_length_dist_rejects_bad_specs(spec: str) -> None:
     with pytest.raises(ValueError, match="bad length"):
         LengthDist.parse(spec)
@@ -64,7 +65,8 @@ def test_multiturn_turns_extend_the_previous_turn() -> None:
     assert system["role"] == "system" and all(r.messages[0] == system for r in reqs)
     by_key = {(r.conversation, r.turn): r for r in reqs}
     for (conv, turn), r in by_key.items():
-        assert [m["role"] for m in r.messages] == ["system"] + ["user", "assistant"] * turn + ["user"]
+        assert ([m["role"] for m in r.messages]
+                == ["system"] + ["user", "assistant"] * turn + ["user"])
         assert r.num_prompt_tokens == 8 + 6 * (turn + 1) + 4 * turn
         nxt = by_key.get((conv, turn + 1))
         if nxt is not None:  # the next turn resends this one: prefix reuse
@@ -91,7 +93,8 @@ def test_sharegpt_uses_first_human_turn_and_reply_length(tmp_path: Path) -> None
     reqs = build_dataset(cfg, None, seed=0)
     assert sorted((r.prompt, r.max_tokens) for r in reqs) == [
         ("tell me about the sea", 7), ("what is a cat", 6)]
-    fixed = build_dataset(DatasetConfig(dataset="sharegpt", dataset_path=str(path), output_len="5"), None, 0)
+    fixed = build_dataset(DatasetConfig(dataset="sharegpt", dataset_path=str(path),
+                                        output_len="5"), None, 0)
     assert {r.max_tokens for r in fixed} == {5}
 
 
@@ -99,10 +102,12 @@ def test_sharegpt_errors_name_the_file(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="needs --dataset-path"):
         DatasetConfig(dataset="sharegpt")
     with pytest.raises(ValueError, match="cannot read"):
-        build_dataset(DatasetConfig(dataset="sharegpt", dataset_path=str(tmp_path / "nope.json")), None, 0)
+        build_dataset(DatasetConfig(dataset="sharegpt",
+                                    dataset_path=str(tmp_path / "nope.json")), None, 0)
     (tmp_path / "empty.json").write_text("[]")
     with pytest.raises(ValueError, match="no usable conversation"):
-        build_dataset(DatasetConfig(dataset="sharegpt", dataset_path=str(tmp_path / "empty.json")), None, 0)
+        build_dataset(DatasetConfig(dataset="sharegpt",
+                                    dataset_path=str(tmp_path / "empty.json")), None, 0)
 
 
 def test_dataset_config_validates() -> None:

@@ -56,57 +56,61 @@ def build_app() -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        return await handle(await request.json(), chat=False)
+        return await handle(app, await request.json(), chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        return await handle(await request.json(), chat=True)
-
-    async def handle(body, chat):
-        text = json.dumps(body["messages"]) if chat else body["prompt"]
-        if "FAIL503" in text:
-            return JSONResponse({"error": {"message": "queue full", "type": "server_error", "code": 503}},
-                                status_code=503)
-        n = body.get("max_tokens", 16)
-        usage = (body.get("stream_options") or {}).get("include_usage")
-
-        def event(piece, finish=None, usage=None):
-            choice = ({"index": 0, "delta": {"content": piece}, "finish_reason": finish} if chat
-                      else {"index": 0, "text": piece, "finish_reason": finish})
-            obj = {"id": "x", "model": "fake-model", "choices": [] if usage else [choice]}
-            if usage:
-                obj["usage"] = usage
-            return f"data: {json.dumps(obj)}\n\n".encode()
-
-        async def gen():
-            app.state.in_flight += 1
-            app.state.max_in_flight = max(app.state.max_in_flight, app.state.in_flight)
-            try:
-                if chat:
-                    yield b'data: {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}\n\n'
-                    yield b": keep-alive\n\n"
-                await asyncio.sleep(2.0 if "SLOW" in text else FIRST_DELAY_S)
-                sent = 0
-                while sent < n:
-                    if "MIDERR" in text and sent >= 2:
-                        yield b'data: {"error": {"message": "worker died", "type": "server_error", "code": "worker_lost"}}\n\n'
-                        yield b"data: [DONE]\n\n"
-                        return
-                    k = 2 if sent == 0 and n > 2 else 1
-                    sent += k
-                    yield event(" tok" * k, "length" if sent == n else None)
-                    await asyncio.sleep(TOKEN_DELAY_S)
-                if usage:
-                    yield event("", usage={"prompt_tokens": len(text.split()), "completion_tokens": n,
-                                           "total_tokens": len(text.split()) + n})
-                if "NODONE" not in text:
-                    yield b"data: [DONE]\n\n"
-            finally:
-                app.state.in_flight -= 1
-
-        return StreamingResponse(gen(), media_type="text/event-stream")
+        return await handle(app, await request.json(), chat=True)
 
     return app
+
+
+async def handle(app, body, chat):
+    text = json.dumps(body["messages"]) if chat else body["prompt"]
+    if "FAIL503" in text:
+        return JSONResponse({"error": {"message": "queue full", "type": "server_error",
+                                       "code": 503}},
+                            status_code=503)
+    n = body.get("max_tokens", 16)
+    usage = (body.get("stream_options") or {}).get("include_usage")
+
+    def event(piece, finish=None, usage=None):
+        choice = ({"index": 0, "delta": {"content": piece}, "finish_reason": finish} if chat
+                  else {"index": 0, "text": piece, "finish_reason": finish})
+        obj = {"id": "x", "model": "fake-model", "choices": [] if usage else [choice]}
+        if usage:
+            obj["usage"] = usage
+        return f"data: {json.dumps(obj)}\n\n".encode()
+
+    async def gen():
+        app.state.in_flight += 1
+        app.state.max_in_flight = max(app.state.max_in_flight, app.state.in_flight)
+        try:
+            if chat:
+                yield (b'data: {"choices": [{"index": 0, '
+                       b'"delta": {"role": "assistant", "content": ""}}]}\n\n')
+                yield b": keep-alive\n\n"
+            await asyncio.sleep(2.0 if "SLOW" in text else FIRST_DELAY_S)
+            sent = 0
+            while sent < n:
+                if "MIDERR" in text and sent >= 2:
+                    yield (b'data: {"error": {"message": "worker died", '
+                           b'"type": "server_error", "code": "worker_lost"}}\n\n')
+                    yield b"data: [DONE]\n\n"
+                    return
+                k = 2 if sent == 0 and n > 2 else 1
+                sent += k
+                yield event(" tok" * k, "length" if sent == n else None)
+                await asyncio.sleep(TOKEN_DELAY_S)
+            if usage:
+                yield event("", usage={"prompt_tokens": len(text.split()), "completion_tokens": n,
+                                       "total_tokens": len(text.split()) + n})
+            if "NODONE" not in text:
+                yield b"data: [DONE]\n\n"
+        finally:
+            app.state.in_flight -= 1
+
+    return StreamingResponse(gen(), media_type="text/event-stream")
 
 
 if __name__ == "__main__":  # stand-in for `pdserve serve --port 0 FLAGS`
@@ -150,7 +154,8 @@ def fake(fake_file: Path) -> Iterator[tuple[str, Any]]:
 
 
 def requests_of(prompts: list[str], max_tokens: int = 6) -> list[BenchRequest]:
-    return [BenchRequest(({"role": "user", "content": p},), p, len(p.split()), max_tokens) for p in prompts]
+    return [BenchRequest(({"role": "user", "content": p},), p, len(p.split()), max_tokens)
+            for p in prompts]
 
 
 def run(url: str, reqs: list[BenchRequest], endpoint: str = "completions", **kw: Any):
@@ -211,7 +216,8 @@ def test_max_concurrency_caps_requests_in_flight(fake: tuple[str, Any]) -> None:
 def test_poisson_arrivals_are_paced_and_reproducible(fake: tuple[str, Any]) -> None:
     url, _ = fake
     rate = 20.0
-    out = run(url, requests_of([f"p{i}" for i in range(10)], max_tokens=2), request_rate=rate, seed=7)
+    out = run(url, requests_of([f"p{i}" for i in range(10)], max_tokens=2), request_rate=rate,
+              seed=7)
     expected = arrival_offsets(10, rate, 1.0, np.random.default_rng(7))
     assert [r.scheduled_s for r in out.results] == pytest.approx(list(expected))
     for r in out.results:  # sent at (not before) its arrival time, and not much later
@@ -228,7 +234,8 @@ def test_arrival_offsets() -> None:
     bursty = np.diff(arrival_offsets(20001, 4.0, 0.25, rng()))
     assert np.mean(bursty) == pytest.approx(0.25, rel=0.05) and np.std(bursty) > 0.4
     assert np.array_equal(arrival_offsets(5, math.inf, 1.0, rng()), np.zeros(5))
-    assert np.array_equal(arrival_offsets(50, 3.0, 1.0, rng()), arrival_offsets(50, 3.0, 1.0, rng()))
+    assert np.array_equal(arrival_offsets(50, 3.0, 1.0, rng()),
+                          arrival_offsets(50, 3.0, 1.0, rng()))
 
 
 def test_sse_parsing() -> None:
@@ -241,7 +248,8 @@ def test_sse_parsing() -> None:
     with pytest.raises(ValueError):
         parse_sse_line("data: [1, 2]")
     assert chunk_text({"choices": [{"text": "hi", "finish_reason": None}]}) == ("hi", None)
-    assert chunk_text({"choices": [{"delta": {"content": "yo"}, "finish_reason": "stop"}]}) == ("yo", "stop")
+    assert chunk_text({"choices": [{"delta": {"content": "yo"}, "finish_reason": "stop"}]}) == (
+        "yo", "stop")
     assert chunk_text({"choices": [{"delta": {"role": "assistant"}}]}) == ("", None)
     assert chunk_text({"choices": [], "usage": {"completion_tokens": 3}}) == ("", None)
 
@@ -265,9 +273,11 @@ def test_bench_cli_writes_result_json_and_plot(fake: tuple[str, Any], tmp_path: 
     out = capsys.readouterr().out
     assert "SLO attainment:" in out and "100.0% (6/6)" in out and "TTFT" in out
     doc = json.loads(result.read_text())
-    assert doc["kind"] == "bench" and doc["model"] == "fake-model" and doc["endpoint"] == "completions"
+    assert doc["kind"] == "bench" and doc["model"] == "fake-model"
+    assert doc["endpoint"] == "completions"
     assert doc["summary"]["num_ok"] == 6 and doc["summary"]["output_tokens"] == 30
-    assert doc["slo"]["ttft_s"] == 0.5 and len(doc["requests"]) == 6 and "itl_s" not in doc["requests"][0]
+    assert doc["slo"]["ttft_s"] == 0.5 and len(doc["requests"]) == 6
+    assert "itl_s" not in doc["requests"][0]
     assert doc["machine"]["cpus"] >= 1 and doc["load"]["request_rate"] == 50.0
     if importlib.util.find_spec("matplotlib"):
         assert result.with_suffix(".png").stat().st_size > 1000
@@ -277,9 +287,10 @@ def test_sweep_over_urls_reports_goodput(fake: tuple[str, Any], tmp_path: Path,
                                          capsys: pytest.CaptureFixture[str]) -> None:
     url, _ = fake
     prefix = tmp_path / "sw"
-    rc = cli(["bench", "sweep", "--url", f"a={url}", "--url", f"b={url}/v1", "--request-rates", "40,20",
-              "--num-prompts", "4", "--input-len", "4", "--output-len", "3", "--tokenizer", "none",
-              "--no-progress", "--warmup", "1", "--slo-ttft", "5", "--output", str(prefix)])
+    rc = cli(["bench", "sweep", "--url", f"a={url}", "--url", f"b={url}/v1",
+              "--request-rates", "40,20", "--num-prompts", "4", "--input-len", "4",
+              "--output-len", "3", "--tokenizer", "none", "--no-progress", "--warmup", "1",
+              "--slo-ttft", "5", "--output", str(prefix)])
     assert rc == 0
     tables = capsys.readouterr().out
     assert "| a | " in tables and "| 20 | 100% |" in tables
@@ -307,16 +318,19 @@ def test_sweep_starts_and_stops_its_servers(fake_file: Path, tmp_path: Path) -> 
     results = run_sweep(specs[:1], LoadConfig(), plan, serve_cmd=[sys.executable, str(fake_file)],
                         log_dir=tmp_path, on_point=on_point, startup_timeout_s=30)
     broken = run_sweep(specs[1:], LoadConfig(), plan, startup_timeout_s=30,
-                       serve_cmd=[sys.executable, "-c", "import sys; print('bad flag'); sys.exit(2)"])
+                       serve_cmd=[sys.executable, "-c",
+                                  "import sys; print('bad flag'); sys.exit(2)"])
     assert launched == ["ok"] and results[0].error is None
     assert results[0].points[0][1].num_ok == 3
     log = (tmp_path / "server_fake.log").read_text()
     assert "pdserve: serving fake-model" in log and "--prefill 1 --decode 1" in log
-    assert broken[0].points == [] and "exited" in (broken[0].error or "") and "bad flag" in broken[0].error
+    assert broken[0].points == [] and "exited" in (broken[0].error or "")
+    assert "bad flag" in broken[0].error
 
 
 def test_cli_value_parsers() -> None:
-    assert parse_seconds("250ms") == 0.25 and parse_seconds("2") == 2.0 and parse_seconds("0.5s") == 0.5
+    assert parse_seconds("250ms") == 0.25 and parse_seconds("2") == 2.0
+    assert parse_seconds("0.5s") == 0.5
     assert parse_rates("2, 0.5,1") == (0.5, 1.0, 2.0) and parse_rates("inf") == (math.inf,)
     for bad in ("fast", "1h"):
         with pytest.raises(argparse.ArgumentTypeError):

@@ -111,7 +111,8 @@ def test_goodput_is_the_highest_rate_before_the_curve_drops_below_target() -> No
 
 
 @given(st.lists(st.tuples(st.floats(0.01, 100), st.floats(0, 1)), max_size=12), st.floats(0.05, 1))
-def test_goodput_rates_below_it_all_meet_the_target(points: list[tuple[float, float]], target: float) -> None:
+def test_goodput_rates_below_it_all_meet_the_target(points: list[tuple[float, float]],
+                                                    target: float) -> None:
     g = goodput_from_curve(points, target)
     if g.rate is not None:
         assert all(a >= target for r, a in points if r <= g.rate)

@@ -162,7 +162,8 @@ def test_full_prompt_hit_leaves_a_token_to_compute() -> None:
 
 def test_hashes_are_deterministic_and_chained() -> None:
     assert block_hashes([1, 2, 3, 4, 5, 6, 7, 8], 4) == block_hashes([1, 2, 3, 4, 5, 6, 7, 8], 4)
-    assert block_hashes([9, 2, 3, 4, 5, 6, 7, 8], 4)[1] != block_hashes([1, 2, 3, 4, 5, 6, 7, 8], 4)[1]
+    assert (block_hashes([9, 2, 3, 4, 5, 6, 7, 8], 4)[1]
+            != block_hashes([1, 2, 3, 4, 5, 6, 7, 8], 4)[1])
 
 
 def test_pool_rejects_bad_ids_and_exhaustion_without_change() -> None:

@@ -42,8 +42,10 @@ def test_engine_greedy_same_on_every_layout(tiny_hf_checkpoint: Callable[[str], 
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 
     def run(**kw: str) -> list[list[int]]:
-        cfg = EngineConfig(model=path, kv_cache_memory="4MiB", max_model_len=128, block_size=8, **kw)
-        return [s.output_ids for s in LLMEngine.from_config(cfg, log_plan=False).generate(prompts, params)]
+        cfg = EngineConfig(model=path, kv_cache_memory="4MiB", max_model_len=128, block_size=8,
+                           **kw)
+        engine = LLMEngine.from_config(cfg, log_plan=False)
+        return [s.output_ids for s in engine.generate(prompts, params)]
 
     want = run()
     got = run(kv_cache_layout=layout, kv_cache_dtype=dtype)

@@ -23,8 +23,8 @@ def test_parse_bytes() -> None:
 
 
 def test_plan_numbers() -> None:
-    plan = plan_kv_cache(SMOL, EngineConfig(device="cpu", kv_cache_memory="90MiB", max_model_len=2048,
-                                            block_size=16, max_num_seqs=64))
+    plan = plan_kv_cache(SMOL, EngineConfig(device="cpu", kv_cache_memory="90MiB",
+                                            max_model_len=2048, block_size=16, max_num_seqs=64))
     assert plan.spec.bytes_per_token == 2 * 30 * 3 * 64 * 4  # fp32
     assert plan.num_blocks == 90 * 2**20 // (plan.spec.bytes_per_token * 16)
     assert plan.num_tokens == plan.num_blocks * 16
@@ -47,7 +47,8 @@ def test_too_long_max_model_len_names_both_numbers_and_flags() -> None:
 
 def test_max_model_len_beyond_model_positions() -> None:
     with pytest.raises(MemoryPlanError, match="8192"):
-        plan_kv_cache(SMOL, EngineConfig(device="cpu", max_model_len=100000, kv_cache_memory="100GiB"))
+        plan_kv_cache(SMOL, EngineConfig(device="cpu", max_model_len=100000,
+                                         kv_cache_memory="100GiB"))
 
 
 def test_cli_plan_fails_before_loading_weights() -> None:

@@ -30,7 +30,8 @@ def _worker_config(cmd: list[str]) -> WorkerConfig:
                                      max_transfer_bytes=1 << 20)),
 ])
 def test_kv_flags_reach_the_worker(serve: ServeConfig) -> None:
-    cmd = worker_command("decode", "decode-3", "tcp://127.0.0.1:5555", serve, ["--max-model-len", "512"], "cpu", 1)
+    cmd = worker_command("decode", "decode-3", "tcp://127.0.0.1:5555", serve,
+                         ["--max-model-len", "512"], "cpu", 1)
     got = _worker_config(cmd)
     assert (got.worker_id, got.events_address) == ("decode-3", "tcp://127.0.0.1:5555")
     assert got.kv == serve.kv
