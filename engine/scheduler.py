@@ -70,6 +70,9 @@ class Scheduler:
     waiting: deque[Sequence] = field(default_factory=deque)
     running: list[Sequence] = field(default_factory=list)
     stats: SchedulerStats = field(default_factory=SchedulerStats)
+    # preempted sequences waiting to be readmitted: their prefix hits then are their own
+    # blocks found again, not cache hits (counted once, at first admission, as vLLM does)
+    _preempted: set[str] = field(default_factory=set)
 
     # ---- admission --------------------------------------------------------------------------
     def check_admissible(self, seq: Sequence) -> None:
@@ -99,6 +102,7 @@ class Scheduler:
             for seq in queue:
                 if seq.seq_id == seq_id:
                     queue.remove(seq)
+                    self._preempted.discard(seq_id)
                     self.finish(seq, FinishReason.ABORT)
                     return seq
         return None
@@ -139,9 +143,14 @@ class Scheduler:
             if not self.cache.can_allocate(seq) or budget.grant(seq) == 0:
                 break
             self.waiting.popleft()
+            first_cached = seq.num_cached_tokens
             cached = self.cache.allocate(seq)
-            self.stats.num_prefix_hit_tokens += cached
-            self.stats.num_prompt_tokens += seq.num_prompt_tokens
+            if seq.seq_id in self._preempted:
+                self._preempted.discard(seq.seq_id)
+                seq.num_cached_tokens = first_cached
+            else:
+                self.stats.num_prefix_hit_tokens += cached
+                self.stats.num_prompt_tokens += seq.num_prompt_tokens
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             n = budget.grant(seq)  # after allocate: prefix-cache hits are computed already
@@ -153,6 +162,7 @@ class Scheduler:
         self.cache.free(seq)
         seq.status = SeqStatus.WAITING
         self.waiting.appendleft(seq)
+        self._preempted.add(seq.seq_id)
         self.stats.num_preemptions += 1
 
     def advance(self, batch: list[ScheduledSeq],
