@@ -52,16 +52,17 @@ def _receiver(endpoints: Any, results: Any, stall: bool, refuse_first: bool) -> 
     class StallingPlugin(NcclReceiverPlugin):
         """Ignores SIZES and the header's pre-post, says READY, then never posts the receive."""
 
-        def post_sizes(self, peer, rest, limits, deadline):  # type: ignore[override]
+        def post_sizes(self, peer, rest):  # type: ignore[override]
             return None
 
-        def prepost(self, peer, header, deadline):  # type: ignore[override]
+        def prepare(self, peer, header):  # type: ignore[override]
             return None
 
-        def receive(self, peer, header, writer, deadline, reply, flush, queued=None):  # type: ignore[override]
-            self.links[peer].wait_ready(deadline)
-            reply(peer, [proto.READY, proto.pack([header.transfer_id])])
-            flush()
+        def receive(self, transfer, deadline):  # type: ignore[override]
+            self.links[transfer.peer].wait_ready(deadline)
+            ready = [proto.READY, proto.pack([transfer.header.transfer_id])]
+            self.desk.reply(transfer.peer, ready)
+            self.desk.flush()
             time.sleep(8)
             raise TimeoutError("stalled on purpose")
 
@@ -101,17 +102,18 @@ def _sender(endpoint: str, results: Any, timeout_s: float, blocking: bool, lie_s
         import msgpack
 
         from transfer.wire import framing as proto
-        real_send = tx._send_frames
+        channel = tx._channel
+        real_send = channel.send_frames
         lied: list[bool] = []
 
-        def send_frames(frames: list[Any], deadline: float, *a: Any, **k: Any) -> Any:
+        def send_frames(frames: list[Any], deadline: float, **k: Any) -> Any:
             if frames[0] == proto.SIZES and not lied:
                 lied.append(True)
                 tid, sizes = msgpack.unpackb(frames[1])
                 frames = [proto.SIZES, proto.pack([tid, [sizes[0] + 16, *sizes[1:]]])]
-            return real_send(frames, deadline, *a, **k)
+            return real_send(frames, deadline, **k)
 
-        tx._send_frames = send_frames  # type: ignore[method-assign]
+        channel.send_frames = send_frames  # type: ignore[method-assign]
     outcome: list[Any] = []
     for rid in ("first", "second"):
         t0 = time.monotonic()

@@ -293,9 +293,10 @@ def test_live_receiver_survives_hostile_stream_prefixes() -> None:
         case()
         tx.close()  # its data connection goes too
         deadline = time.monotonic() + 10
-        while (rx._inflight or rx._stream._conns or rx._stream._jobs) and time.monotonic() < deadline:  # type: ignore[union-attr]
+        stream: Any = rx._paths["stream"]
+        while (rx._inflight or stream._conns or stream._jobs) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not rx._inflight and not rx._stream._conns and not rx._stream._jobs  # type: ignore[union-attr]
+        assert not rx._inflight and not stream._conns and not stream._jobs
         assert all(isinstance(v, (list, TransferError)) for v in ended.values())
         for rid in [r for r in list(rx._expected)]:
             rx.cancel(rid)  # reservations whose payload never came in full

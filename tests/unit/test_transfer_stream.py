@@ -27,7 +27,7 @@ from transfer.convert.local import read_tokens_float
 from transfer.convert.pack import PackedKv, PackOptions, pack_kv
 from transfer.endpoint.receiver import ZmqKvReceiver, ZmqReceiverConfig
 from transfer.endpoint.sender import ZmqKvSender, ZmqSenderConfig
-from transfer.stream.receiver import StreamReceiverOptions
+from transfer.stream.receiver import StreamReceiver, StreamReceiverOptions
 from transfer.wire import framing as proto
 from transfer.wire.errors import (
     ChecksumMismatch,
@@ -72,17 +72,24 @@ def same_tokens(a: PagedKvCache, a_table: list[int], b: PagedKvCache, b_table: l
     return all(torch.equal(x, y) for x, y in zip(want, got, strict=True))
 
 
+def stream_of(rx: ZmqKvReceiver) -> StreamReceiver:
+    """The receiver's stream payload path."""
+    path = rx._paths["stream"]
+    assert isinstance(path, StreamReceiver)
+    return path
+
+
 def assert_clean(h: ReceiverHarness, timeout: float = 5.0) -> None:
     """No data connection, transfer or reservation left behind on the receiver."""
     deadline = time.monotonic() + timeout
     rx = h.rx
+    stream = stream_of(rx)
     while time.monotonic() < deadline:
-        conns = len(rx._stream._conns) if rx._stream is not None else 0
-        if not conns and not rx._inflight and not rx._expected and not (rx._stream and rx._stream._jobs):
+        if not stream._conns and not rx._inflight and not rx._expected and not stream._jobs:
             return
         time.sleep(0.02)
-    raise AssertionError(f"left behind: {len(rx._stream._conns)} connections, {len(rx._inflight)} transfers, "
-                         f"{len(rx._expected)} reservations")
+    raise AssertionError(f"left behind: {len(stream._conns)} connections, "
+                         f"{len(rx._inflight)} transfers, {len(rx._expected)} reservations")
 
 
 def send_ok(h: ReceiverHarness, src: PagedKvCache, rid: str, **cfg: object) -> None:
@@ -113,7 +120,7 @@ def test_bit_exact_block_copy(endpoint: str, src: PagedKvCache, checksum: bool, 
             reports = h.wait(rid)
             assert isinstance(reports, list) and reports[0].meta == {"first_token": i}
             assert same_tokens(src, src_table, h.cache, dst_table, t0, t1)
-        assert h.rx._stream is not None and len(h.rx._stream._conns) == 1  # one data connection, reused
+        assert len(stream_of(h.rx)._conns) == 1  # one data connection, reused
     finally:
         tx.close()
         h.close()
@@ -235,7 +242,7 @@ def test_frames_path_still_selectable(endpoint: str, src: PagedKvCache) -> None:
             assert tx.payload == "frames"
             tx.close()
             assert isinstance(h.wait(rid), list) and same_tokens(src, [7, 8, 9], h.cache, [1, 2, 3], 0, 40)
-        assert h.rx._stream is not None and not h.rx._stream._conns
+        assert not stream_of(h.rx)._conns
     finally:
         h.close()
 
@@ -251,7 +258,7 @@ def test_ipc_path_at_the_unix_socket_limit_keeps_the_stream_path(tmp_path: Path,
     assert proto.stream_ipc_path(path[:-1]) != data  # a different path, a different name
     h = harness(f"ipc://{path}")
     try:
-        assert h.rx._stream is not None  # the receiver listens for stream payloads
+        assert "stream" in h.rx._paths  # the receiver listens for stream payloads
         send_ok(h, src, "long-ipc")
         tx = ZmqKvSender(h.rx.endpoint)
         h.rx.expect("long-ipc-2", [1, 2, 3])
@@ -423,7 +430,7 @@ def test_garbage_token_and_silent_connections_are_closed(src: PagedKvCache) -> N
     try:
         bad = RawPeer(ctx, h.rx.endpoint, token=os.urandom(proto.STREAM_TOKEN_BYTES))
         assert bad.is_closed_by_receiver()
-        port = h.rx._stream.address["port"]  # type: ignore[union-attr]
+        port = stream_of(h.rx).address["port"]
         silent = socket.create_connection(("127.0.0.1", port))
         silent.settimeout(5)
         assert silent.recv(1) == b""  # closed after token_timeout_s
@@ -503,7 +510,7 @@ def test_receiver_cancelling_mid_payload_gives_the_sender_a_typed_error() -> Non
         thread = threading.Thread(target=send, args=("gone",))
         thread.start()
         deadline = time.monotonic() + 10
-        while not any(j.cur is not None and j.cur.done > 0 for j in rx._stream._jobs.values()):  # type: ignore[union-attr]
+        while not any(j.cur is not None and j.cur.done > 0 for j in stream_of(rx)._jobs.values()):
             assert time.monotonic() < deadline
             rx.poll(0.001)  # a little payload per poll: the transfer stays in flight
         assert rx.cancel("gone") and not released
@@ -517,7 +524,7 @@ def test_receiver_cancelling_mid_payload_gives_the_sender_a_typed_error() -> Non
         while thread.is_alive() and time.monotonic() < deadline + 10:
             rx.poll(0.01)
         assert not isinstance(outcome[1], TransferError), outcome[1]
-        assert not rx._stream._jobs and len(rx._stream._conns) == 1  # type: ignore[union-attr]
+        assert not stream_of(rx)._jobs and len(stream_of(rx)._conns) == 1
     finally:
         tx.close()
         rx.close()

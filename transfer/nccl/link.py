@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 
 from transfer.nccl.lib import NCCL_IN_PROGRESS, NCCL_SUCCESS, NcclLibrary
+from transfer.payload.trace import NO_TRACE, Tracer
 from transfer.wire.errors import TransferError, TransferTimeout, TransportUnavailable
 
 _POLL_S = 0.0002  # sleep between polls once the spin phase is over
@@ -89,8 +90,10 @@ class NcclLink:
     thread), and every wait for the GPU is polled with a deadline and the watchdog.
     `blocking=False`: a non-blocking communicator, every call polled."""
 
-    def __init__(self, lib: NcclLibrary, uid: bytes, rank: int, device: torch.device, *, blocking: bool = True):
+    def __init__(self, lib: NcclLibrary, uid: bytes, rank: int, device: torch.device, *,
+                 blocking: bool = True, tracer: Tracer = NO_TRACE):
         self.lib, self.rank, self.peer, self.device = lib, rank, 1 - rank, device
+        self.tracer = tracer  # CPU time in enqueue() goes to its "nccl_calls" span
         self._lock = threading.Lock()  # held around non-blocking NCCL calls; abort takes it
         self._dead = False
         self.nonblocking = not blocking and lib.has_config
@@ -111,7 +114,6 @@ class NcclLink:
                 self._init_thread = threading.Thread(target=self._init_blocking, args=(uid,),
                                                      name="nccl-init", daemon=True)
                 self._init_thread.start()
-        self.enqueue_seconds = 0.0  # CPU time in enqueue() (reset per transfer by the plugins)
         self.eager = False  # receiver side: the sender enqueues before READY (set from its hello)
         self.watchdog = Watchdog(self.abort)
 
@@ -221,7 +223,12 @@ class NcclLink:
         an event that completes with it. A non-blocking communicator may return before the
         work is on the stream (NCCL_IN_PROGRESS), so the event is recorded only once NCCL says
         it is enqueued."""
-        t0 = time.perf_counter()
+        with self.tracer.span("nccl_calls"):
+            return self._enqueue(buf, deadline, is_send, after, interrupt)
+
+    def _enqueue(self, buf: torch.Tensor, deadline: float, is_send: bool,
+                 after: torch.cuda.Event | None,
+                 interrupt: Callable[[], None] | None) -> torch.cuda.Event:
         self.wait_ready(deadline)
         if after is not None:
             self.stream.wait_event(after)
@@ -239,10 +246,7 @@ class NcclLink:
             self.watchdog.disarm()
         if res == NCCL_IN_PROGRESS:
             self._poll_until(lambda: True, deadline, "enqueue", interrupt)
-        event = torch.cuda.Event(enable_timing=True)
-        event.record(self.stream)
-        self.enqueue_seconds += time.perf_counter() - t0
-        return event
+        return record_event(self.stream)
 
     def wait(self, event: torch.cuda.Event, deadline: float, what: str,
              interrupt: Callable[[], None] | None = None) -> None:
@@ -263,16 +267,8 @@ def settles(event: torch.cuda.Event, deadline: float, grace_s: float = REFUSAL_G
     return True
 
 
-def timed_event(stream: torch.cuda.Stream) -> torch.cuda.Event:
-    event = torch.cuda.Event(enable_timing=True)
+def record_event(stream: torch.cuda.Stream) -> torch.cuda.Event:
+    """An event (no timing: cheaper to record) that completes with `stream`'s work so far."""
+    event = torch.cuda.Event()
     event.record(stream)
     return event
-
-
-def elapsed_ms(a: torch.cuda.Event | None, b: torch.cuda.Event | None) -> float | None:
-    if a is None or b is None:
-        return None
-    try:
-        return a.elapsed_time(b)
-    except RuntimeError:  # not recorded or not complete (a failed transfer)
-        return None

@@ -1,21 +1,22 @@
-"""StreamInbox: the receiver's end of the stream payload path (protocol: wire/framing.py).
+"""StreamReceiver: the stream payload path on the decode side (a `PayloadReceiver`,
+payload/receive.py; protocol: wire/framing.py).
 
-Owned by a ZmqKvReceiver and called from its polling thread, under its lock (except `wait`,
-which only polls descriptors). It owns a
+Owned by a ZmqKvReceiver and called from its polling thread, under its lock. It owns a
 listening socket on the ZMQ endpoint's host (TCP port 0) or next to its ipc path (Unix socket
 `<path>.data`, removed on close) and the data connections accepted there. A connection counts
-only once it presented a token that a ZMQ peer sent in a STREAM message (`hello`) within
-`token_timeout_s`; otherwise it is closed. Paired connections are read without blocking:
-`service` reads as much as is available (at most `pump_bytes` per connection and round) and
-returns to the caller's loop, so several peers interleave and every deadline keeps working.
+only once it presented a token that a ZMQ peer sent in a STREAM message (answered with LISTEN)
+within `token_timeout_s`; otherwise it is closed. Paired connections are read without
+blocking: `service` reads as much as is available (at most `pump_bytes` per connection and
+round) and returns to the receiver's loop, so several peers interleave and every deadline
+keeps working.
 
-Per transfer: the receiver calls `begin(inf)` once the stream header is validated (a
-StreamJob: stream/job.py, which plans each buffer's iovec as reading reaches it:
-stream/plan.py), and `end(inf, ok)` when the transfer leaves its in-flight table. Connections
-whose peer has a transfer in flight are read every round, readable or not (saves a poll). A prefix that arrives before its header waits for it (at most
-`idle_timeout_s`). Errors inside a transfer (EOF mid-payload, bad byte count, checksum) go
-through the receiver's `run_step` (its `_guard`), which fails the transfer with a typed error
-and an ERROR reply; errors outside one (garbage prefix, unknown transfer) are `report`ed.
+Per transfer: `begin(transfer)` once the stream header is accepted (a StreamJob: stream/job.py,
+which plans each buffer's iovec as reading reaches it: stream/plan.py), and `end(transfer, ok)`
+when the transfer leaves the in-flight table. Connections whose peer has a transfer in flight
+are read every round, readable or not (saves a poll). A prefix that arrives before its header
+waits for it (at most the idle timeout). Errors inside a transfer (EOF mid-payload, bad byte
+count, checksum) go through `desk.run_step`, which fails the transfer with a typed error and
+an ERROR reply; errors outside one (garbage prefix, unknown transfer) are `desk.report`ed.
 Any failure closes the connection that carried (or would carry) the payload; the sender sets
 up a new one for its next transfer.
 
@@ -30,14 +31,14 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import zmq
 
 from transfer.convert.cache import PagedKvCache
+from transfer.payload.receive import InboundTransfer, PayloadReceiver
 from transfer.stream.job import StreamJob
 from transfer.stream.plan import PartAddresses
 from transfer.wire import framing as proto
@@ -49,9 +50,6 @@ from transfer.wire.errors import (
 )
 
 log = logging.getLogger(__name__)
-
-RunStep = Callable[[Any, Callable[[], None]], None]  # (inflight, step): the receiver's _guard
-Report = Callable[[bytes, TransferError, "int | None"], None]  # (peer, error, transfer id)
 
 
 @dataclass(frozen=True)
@@ -82,11 +80,13 @@ class _Conn:
     is_open: bool = True
 
 
-class StreamInbox:
-    def __init__(self, endpoint: str, options: StreamReceiverOptions, cache: PagedKvCache, *,
-                 idle_timeout_s: float, run_step: RunStep, report: Report):
-        self.options, self._idle_s = options, idle_timeout_s
-        self._run_step, self._report = run_step, report
+class StreamReceiver(PayloadReceiver):
+    transport = "stream"
+    kinds = (proto.STREAM_HELLO,)
+
+    def __init__(self, endpoint: str, options: StreamReceiverOptions, cache: PagedKvCache):
+        """Listens next to `endpoint`; TransportUnavailable if it cannot."""
+        self.options = options
         self._listener, self.address, self._path = _listen(endpoint)
         self._addresses = PartAddresses(cache) if cache.device.type == "cpu" else None
         self._conns: dict[int, _Conn] = {}
@@ -95,27 +95,15 @@ class StreamInbox:
         self._refused: dict[bytes, float] = {}  # peer -> when a header of it was last refused
         self._lost: dict[bytes, TransferError] = {}  # peer -> why its connection closed (no new one yet)
         self._jobs: dict[tuple[bytes, int], StreamJob] = {}
-        self._poller: zmq.Poller | None = None  # the owner's wait (`wait`), rebuilt when fds change
-        self._polled: tuple[int, ...] = ()
 
     # ---- called by the receiver -------------------------------------------------------------------
     def fds(self) -> tuple[int, ...]:
         """File descriptors to poll for reading (a prefix waiting for its header is left out)."""
         return (self._listener.fileno(), *(fd for fd, c in self._conns.items() if c.waiting is None))
 
-    def wait(self, router: zmq.Socket, fds: tuple[int, ...], timeout_s: float) -> set[Any]:
-        """Wait up to `timeout_s` for the receiver's ROUTER socket or one of `fds` (a snapshot of
-        `fds()` taken under the owner's lock; this runs outside it). A descriptor closed since
-        shows up as ready and is ignored by `service`; the next wait leaves it out."""
-        if self._poller is None or fds != self._polled:
-            self._poller = zmq.Poller()
-            for item in (router, *fds):
-                self._poller.register(item, zmq.POLLIN)
-            self._polled = fds
-        return {item for item, _ in self._poller.poll(int(timeout_s * 1000))}
-
-    def hello(self, peer: bytes, rest: list[Any]) -> list[bytes]:
-        token = proto.stream_hello_token(rest)
+    def on_message(self, peer: bytes, kind: bytes, rest: list[Any]) -> None:
+        """STREAM: a token for the data connection `peer` opens next; answered with LISTEN."""
+        token = proto.stream_hello_token([f.buffer for f in rest])
         for t in [t for t, (p, _, _) in self._tokens.items() if p == peer]:
             del self._tokens[t]
         while len(self._tokens) >= self.options.max_connections:
@@ -123,37 +111,37 @@ class StreamInbox:
         now = time.monotonic()
         self._tokens[token] = (peer, now + 2 * self.options.token_timeout_s, now)
         self._lost.pop(peer, None)  # a new connection is on its way
-        return [proto.STREAM_LISTEN, proto.pack(self.address)]
+        self.desk.reply(peer, [proto.STREAM_LISTEN, proto.pack(self.address)])
 
-    def begin(self, inf: Any) -> None:
+    def begin(self, transfer: InboundTransfer) -> None:
         """A stream transfer's header was accepted: plan where its bytes go."""
-        key = (inf.peer, inf.header.transfer_id)
+        key, peer = transfer.key, transfer.peer
 
         def plan() -> None:
-            self._jobs[key] = StreamJob(inf, self._addresses)
+            self._jobs[key] = StreamJob(transfer, self._addresses)
 
-        self._run_step(inf, plan)
-        conn = self._by_peer.get(inf.peer)
-        lost = self._lost.get(inf.peer)
+        self.desk.run_step(transfer, plan)
+        conn = self._by_peer.get(peer)
+        lost = self._lost.get(peer)
         if key not in self._jobs:  # planning failed: the transfer failed with it
-            self.drop_peer(inf.peer)
-        elif conn is None and lost is not None:  # its connection is gone already: nothing will come
-            self._run_step(inf, lambda: _raise(_fresh(lost)))
+            self.refuse(peer)
+        elif conn is None and lost is not None:  # its connection is gone already: nothing comes
+            self.desk.run_step(transfer, lambda: _raise(_fresh(lost)))
         elif conn is not None and conn.waiting and conn.waiting[0] == key[1]:
             self._attach(conn, self._jobs[key], conn.waiting[1])
 
-    def end(self, inf: Any, ok: bool) -> None:
+    def end(self, transfer: InboundTransfer, ok: bool) -> None:
         """The transfer left the receiver's in-flight table (written, or failed)."""
-        job = self._jobs.pop((inf.peer, inf.header.transfer_id), None)
+        job = self._jobs.pop(transfer.key, None)
         if job is None:
             return
-        conn = job.conn if job.conn is not None else self._by_peer.get(inf.peer)
+        conn = job.conn if job.conn is not None else self._by_peer.get(transfer.peer)
         if conn is not None and conn.job is job:
             conn.job = None
         if not ok and conn is not None:  # its payload may still be on the wire
             self._close(conn, None, fail_pending=True)
 
-    def drop_peer(self, peer: bytes) -> None:
+    def refuse(self, peer: bytes) -> None:
         """A header from `peer` was refused: its payload (if any) must not be read. Connections
         set up before now (even those not paired yet) are closed at their next prefix."""
         self._refused.pop(peer, None)
@@ -164,9 +152,9 @@ class StreamInbox:
         if conn is not None:
             self._close(conn, PeerLost("the data connection was closed: a header was refused"), fail_pending=True)
 
-    def progress(self, inf: Any) -> str | None:
-        job = self._jobs.get((inf.peer, inf.header.transfer_id))
-        return None if job is None else job.progress
+    def progress(self, transfer: InboundTransfer) -> str:
+        job = self._jobs.get(transfer.key)
+        return "no data connection yet" if job is None else job.progress
 
     def service(self, ready: Collection[int], now: float) -> None:
         if self._listener.fileno() in ready:
@@ -222,9 +210,9 @@ class StreamInbox:
                 self._on_prefix(conn)
             else:
                 job = conn.job
-                self._run_step(job.inf, lambda job=job, budget=budget: job.pump(conn.fd, budget))
+                self.desk.run_step(job.transfer, lambda job=job, budget=budget: job.pump(conn.fd, budget))
                 if job.last_read:
-                    job.inf.idle_deadline = time.monotonic() + self._idle_s
+                    job.transfer.idle_deadline = time.monotonic() + self.desk.idle_timeout_s
                 budget -= job.last_read
                 if job.blocked or budget <= 0 or not job.last_read:
                     return
@@ -265,22 +253,22 @@ class StreamInbox:
         try:
             tid, nbytes = proto.parse_stream_prefix(conn.head)
         except MalformedFrame as e:
-            self._report(conn.peer, e, None)
+            self.desk.report(conn.peer, e, None)
             self._close(conn, e, fail_pending=True)
             return
         job = self._jobs.get((conn.peer, tid))
         if job is None and self._refused.get(conn.peer, -1.0) >= conn.issued:
             self._close(conn, None, fail_pending=False)  # the payload of a refused header
         elif job is None:  # its header is not handled yet
-            conn.waiting, conn.deadline = (tid, nbytes), time.monotonic() + self._idle_s
+            conn.waiting, conn.deadline = (tid, nbytes), time.monotonic() + self.desk.idle_timeout_s
         else:
             self._attach(conn, job, nbytes)
 
     def _attach(self, conn: _Conn, job: StreamJob, nbytes: int) -> None:
         conn.waiting = None
         if job.conn is not None:
-            err = MalformedFrame(f"a second payload for transfer {job.inf.header.transfer_id}")
-            self._report(conn.peer or b"", err, job.inf.header.transfer_id)
+            err = MalformedFrame(f"a second payload for transfer {job.transfer.header.transfer_id}")
+            self.desk.report(conn.peer or b"", err, job.transfer.header.transfer_id)
             self._close(conn, err, fail_pending=False)
             return
         conn.job, job.conn = job, conn
@@ -289,7 +277,7 @@ class StreamInbox:
             if nbytes != job.payload_bytes:
                 raise MalformedFrame(f"stream payload of {nbytes} bytes; the header says {job.payload_bytes}")
 
-        self._run_step(job.inf, start)
+        self.desk.run_step(job.transfer, start)
 
     def _close(self, conn: _Conn, err: TransferError | None, *, fail_pending: bool) -> None:
         """Close a data connection; fail the transfer reading from it and, when it was its peer's
@@ -311,7 +299,7 @@ class StreamInbox:
             doomed += [j for (p, _), j in self._jobs.items() if p == conn.peer and j.conn is None]
         conn.job = None
         for job in doomed:
-            self._run_step(job.inf, lambda f=failure: _raise(_fresh(f)))
+            self.desk.run_step(job.transfer, lambda f=failure: _raise(_fresh(f)))
 
     def _expire(self, now: float) -> None:
         for conn in list(self._conns.values()):
@@ -323,7 +311,7 @@ class StreamInbox:
                     self._attach(conn, job, conn.waiting[1])
                 elif now > conn.deadline:
                     err = MalformedFrame(f"stream payload for unknown transfer {conn.waiting[0]}")
-                    self._report(conn.peer or b"", err, conn.waiting[0])
+                    self.desk.report(conn.peer or b"", err, conn.waiting[0])
                     self._close(conn, err, fail_pending=True)
         for token in [t for t, (_, expiry, _) in self._tokens.items() if now > expiry]:
             del self._tokens[token]

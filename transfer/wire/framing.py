@@ -46,7 +46,7 @@ from typing import Any
 import msgpack
 
 from transfer.wire.errors import LimitExceeded, MalformedFrame, TransferError
-from transfer.wire.header import ReceiverLimits
+from transfer.wire.header import ReceiverLimits, TransferHeader
 
 HEADER = b"H"
 DATA = b"D"
@@ -112,6 +112,10 @@ def parse_sizes(raw: Any, limits: ReceiverLimits) -> tuple[int, tuple[int, ...]]
     if sum(sizes) > limits.max_message_bytes:
         raise LimitExceeded("message bytes", sum(sizes), limits.max_message_bytes)
     return body[0], sizes
+
+
+def header_frames(header: TransferHeader) -> list[bytes]:
+    return [HEADER, header.encode()]
 
 
 def error_frames(err: TransferError, transfer_id: int | None) -> list[bytes]:
