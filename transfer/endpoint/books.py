@@ -216,7 +216,7 @@ class TransferBooks:
                                                        "reservation's timeout",
                                                        request_id=exp.request_id))
 
-    # ---- handed to the receiver, outside the lock ---------------------------------------------------
+    # ---- handed to the receiver, outside the lock -------------------------------------------
     def take_outbox(self) -> list[list[bytes]]:
         out, self._outbox = self._outbox, []
         return out

@@ -223,7 +223,7 @@ class ZmqKvReceiver:
         if self._own_context:
             self._ctx.term()
 
-    # ---- routing (under the lock) ------------------------------------------------------------------
+    # ---- routing (under the lock) -----------------------------------------------------------
     def _handle(self, frames: list[zmq.Frame]) -> None:
         peer = frames[0].bytes
         kind = frames[1].bytes if len(frames) > 1 else b""
@@ -283,7 +283,7 @@ class ZmqKvReceiver:
             raise TransportUnavailable("this receiver takes no stream payloads (send ZMQ frames)")
         raise MalformedFrame(f"unknown message kind {kind[:8]!r}")
 
-    # ---- polling and sending (outside the lock) -------------------------------------------------------
+    # ---- polling and sending (outside the lock) ---------------------------------------------
     def _fds(self) -> tuple[int, ...]:
         """The payload paths' descriptors (caller holds the lock)."""
         return tuple(fd for path in self._paths.values() for fd in path.fds())

@@ -62,7 +62,8 @@ class ZmqSenderConfig:
     heartbeat_ivl_ms: int = 1000
     heartbeat_timeout_ms: int = 10000
     staging_bytes: int = 1 << 30  # reusable gather buffers kept between transfers
-    staging_slots: int = 8  # ring of chunk-sized gather buffers reused once sent (0: one per buffer)
+    # ring of chunk-sized gather buffers, each reused once sent (0: one per buffer)
+    staging_slots: int = 8
     payload: str = "stream"  # "stream": writev on a data connection; "frames": ZMQ DATA messages
     stream_chunk_bytes: int = 8 << 20  # stream path: buffer size (checksum / conversion unit)
     stream_sndbuf: int = 0  # stream path: SO_SNDBUF of the data connection (0: kernel autotuning)

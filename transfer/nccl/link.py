@@ -3,7 +3,7 @@
 The transfer protocol that runs over a link is in nccl/transport.py; the two ends are
 nccl/sender.py (prefill, rank 0) and nccl/receiver.py (decode, rank 1). Here: the link itself
 (blocking communicators set up on a helper thread, warm-up, enqueue/wait with deadlines, abort)
-and the small helpers both ends share (CUDA check, timed events, settle wait).
+and the small helpers both ends share (CUDA check, events, settle wait).
 """
 
 from __future__ import annotations
@@ -23,14 +23,14 @@ REFUSAL_GRACE_S = 2.0  # a refused eager transfer: how long its sends may take t
 _SPIN_S = 0.05  # first spin (yielding the GIL): a transfer of a few ms must not wait for a timer
 _WATCH_S = 0.25  # the watchdog looks at its deadline at least this often
 STATUS_OK, STATUS_REFUSED = 1, 2  # the receiver's per-transfer status word (eager links)
-_WARMUP_BYTES = 32 << 20  # link set-up: one transfer this large connects every channel a payload uses
-
+_WARMUP_BYTES = 32 << 20  # link set-up: one transfer this large connects every channel used
 
 
 def require_cuda(device: torch.device | str | int) -> torch.device:
     if not torch.cuda.is_available():
-        raise TransportUnavailable("the NCCL transport needs CUDA, and this machine has no usable GPU "
-                                   "(torch.cuda.is_available() is False); choose the ZMQ transport")
+        raise TransportUnavailable("the NCCL transport needs CUDA, and this machine has no usable "
+                                   "GPU (torch.cuda.is_available() is False); choose the ZMQ "
+                                   "transport")
     dev = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
     if dev.type != "cuda":
         raise TransportUnavailable(f"the NCCL transport moves GPU memory; got device {dev}")
@@ -133,9 +133,11 @@ class NcclLink:
                 op = self.lib.send if self.rank == 0 else self.lib.recv
                 op(buf.data_ptr(), _WARMUP_BYTES, self.peer, comm, self.stream.cuda_stream)
                 buf.record_stream(self.stream)
-                status = self.status_ok if self.rank == 1 else self.status_in  # and the status word's way back
+                # and the status word's way back
+                status = self.status_ok if self.rank == 1 else self.status_in
                 back = self.lib.send if self.rank == 1 else self.lib.recv
-                back(status.data_ptr(), status.numel() * status.element_size(), self.peer, comm, self.stream.cuda_stream)
+                back(status.data_ptr(), status.numel() * status.element_size(), self.peer, comm,
+                     self.stream.cuda_stream)
                 done = torch.cuda.Event()
                 done.record(self.stream)
                 while not done.query():
@@ -166,7 +168,8 @@ class NcclLink:
     def _state(self) -> int:
         with self._lock:
             if self._dead:
-                raise TransferTimeout("the NCCL communicator was aborted (deadline passed or peer lost)")
+                raise TransferTimeout("the NCCL communicator was aborted (deadline passed or "
+                                      "peer lost)")
             return self.lib.async_error(self.comm)
 
     def _poll_until(self, done: Callable[[], bool], deadline: float, what: str,
@@ -183,13 +186,15 @@ class NcclLink:
                 state = self._state()
                 if state not in (NCCL_SUCCESS, NCCL_IN_PROGRESS):
                     self.abort()
-                    raise TransferError(f"NCCL {what}: {self.lib.error_string(state)} (code {state})")
+                    raise TransferError(f"NCCL {what}: {self.lib.error_string(state)} "
+                                        f"(code {state})")
                 if state == NCCL_SUCCESS and done():
                     return
                 now = time.monotonic()
                 if now > deadline:
                     self.abort()
-                    raise TransferTimeout(f"NCCL {what} not done before the deadline; communicator aborted")
+                    raise TransferTimeout(f"NCCL {what} not done before the deadline; "
+                                          "communicator aborted")
                 if not armed:
                     self.watchdog.arm(deadline)
                     armed = True
@@ -205,8 +210,8 @@ class NcclLink:
             self._init_thread.join(max(0.0, deadline - time.monotonic()))
             if self._init_thread.is_alive():
                 self.abort()
-                raise TransferTimeout("NCCL communicator set-up not done before the deadline (is the peer "
-                                      "joining?); link aborted")
+                raise TransferTimeout("NCCL communicator set-up not done before the deadline "
+                                      "(is the peer joining?); link aborted")
             if self._init_error is not None:
                 self.abort()
                 raise self._init_error
@@ -233,7 +238,8 @@ class NcclLink:
         if after is not None:
             self.stream.wait_event(after)
         op = self.lib.send if is_send else self.lib.recv
-        args = (buf.data_ptr(), buf.numel() * buf.element_size(), self.peer, self.comm, self.stream.cuda_stream)
+        args = (buf.data_ptr(), buf.numel() * buf.element_size(), self.peer, self.comm,
+                self.stream.cuda_stream)
         # Hold the lock so that abort cannot interleave with the call. A blocking communicator
         # is connected (warm-up in set-up), so its calls only enqueue and never wait on the peer.
         self.watchdog.arm(deadline)

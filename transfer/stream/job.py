@@ -34,7 +34,9 @@ class StreamJob:
         self.transfer, self.writer, self.addresses = transfer, transfer.writer, addresses
         self.sizes = h.buffer_sizes
         self.payload_bytes = h.payload_bytes
-        self.trailer = np.zeros(len(h.buffer_sizes), dtype="<u8") if h.checksum is not None else None
+        self.trailer = None  # the checksums sent after the last buffer
+        if h.checksum is not None:
+            self.trailer = np.zeros(len(h.buffer_sizes), dtype="<u8")
         self.conn: Any = None  # the data connection reading it (stream.receiver._Conn)
         self.index = 0  # buffer being read (len(sizes): the trailer)
         self.done_bytes = 0  # of completed buffers
@@ -54,7 +56,9 @@ class StreamJob:
 
     @property
     def progress(self) -> str:
-        done = self.done_bytes + (self.cur.done if self.cur is not None and self.index < len(self.sizes) else 0)
+        done = self.done_bytes
+        if self.cur is not None and self.index < len(self.sizes):
+            done += self.cur.done
         return f"{done} of {self.payload_bytes} payload bytes"
 
     def pump(self, fd: int, budget: int) -> None:
@@ -80,7 +84,8 @@ class StreamJob:
             self.plan = plan_buffer(self.writer, self.index, self.addresses, self.staging)
             self.cur = IoVec(self.plan.segs)
         elif self.index == n and self.trailer is not None:
-            self.cur = IoVec(segments(np.array([self.trailer.ctypes.data], dtype=np.uint64), self.trailer.nbytes))
+            at = np.array([self.trailer.ctypes.data], dtype=np.uint64)
+            self.cur = IoVec(segments(at, self.trailer.nbytes))
         else:
             return False
         if self.cur.is_done:  # an empty buffer

@@ -61,7 +61,8 @@ class StreamReceiverOptions:
     pump_bytes: int = 16 << 20  # read from one connection per poll round (bounds lock hold time)
 
     def __post_init__(self) -> None:
-        if self.token_timeout_s <= 0 or self.max_connections < 1 or self.rcvbuf < 0 or self.pump_bytes < 1:
+        if self.token_timeout_s <= 0 or self.max_connections < 1 or self.rcvbuf < 0 \
+                or self.pump_bytes < 1:
             raise ValueError("StreamReceiverOptions: timeouts and sizes must be positive")
 
 
@@ -74,7 +75,7 @@ class _Conn:
     issued: float = 0.0  # when its token was handed out (STREAM message handled)
     head: bytearray = field(default_factory=lambda: bytearray(proto.STREAM_PREFIX.size))
     got: int = 0
-    waiting: tuple[int, int] | None = None  # (transfer id, payload bytes) of a prefix without header
+    waiting: tuple[int, int] | None = None  # (transfer id, payload bytes): prefix, no header yet
     job: StreamJob | None = None
     staging: torch.Tensor | None = None
     is_open: bool = True
@@ -91,15 +92,18 @@ class StreamReceiver(PayloadReceiver):
         self._addresses = PartAddresses(cache) if cache.device.type == "cpu" else None
         self._conns: dict[int, _Conn] = {}
         self._by_peer: dict[bytes, _Conn] = {}
-        self._tokens: dict[bytes, tuple[bytes, float, float]] = {}  # token -> (peer, expiry, issued)
+        # token -> (peer, expiry, issued)
+        self._tokens: dict[bytes, tuple[bytes, float, float]] = {}
         self._refused: dict[bytes, float] = {}  # peer -> when a header of it was last refused
-        self._lost: dict[bytes, TransferError] = {}  # peer -> why its connection closed (no new one yet)
+        # peer -> why its connection closed (no new one yet)
+        self._lost: dict[bytes, TransferError] = {}
         self._jobs: dict[tuple[bytes, int], StreamJob] = {}
 
-    # ---- called by the receiver -------------------------------------------------------------------
+    # ---- PayloadReceiver -------------------------------------------------------------------------
     def fds(self) -> tuple[int, ...]:
         """File descriptors to poll for reading (a prefix waiting for its header is left out)."""
-        return (self._listener.fileno(), *(fd for fd, c in self._conns.items() if c.waiting is None))
+        conns = (fd for fd, c in self._conns.items() if c.waiting is None)
+        return (self._listener.fileno(), *conns)
 
     def on_message(self, peer: bytes, kind: bytes, rest: list[Any]) -> None:
         """STREAM: a token for the data connection `peer` opens next; answered with LISTEN."""
@@ -150,7 +154,8 @@ class StreamReceiver(PayloadReceiver):
             del self._refused[next(iter(self._refused))]
         conn = self._by_peer.get(peer)
         if conn is not None:
-            self._close(conn, PeerLost("the data connection was closed: a header was refused"), fail_pending=True)
+            err = PeerLost("the data connection was closed: a header was refused")
+            self._close(conn, err, fail_pending=True)
 
     def progress(self, transfer: InboundTransfer) -> str:
         job = self._jobs.get(transfer.key)
@@ -159,7 +164,7 @@ class StreamReceiver(PayloadReceiver):
     def service(self, ready: Collection[int], now: float) -> None:
         if self._listener.fileno() in ready:
             self._accept(now)
-        busy = {peer for peer, _ in self._jobs}  # read these even before poll says so (saves a round)
+        busy = {peer for peer, _ in self._jobs}  # read these before poll says so (saves a round)
         for conn in list(self._conns.values()):
             if conn.fd in ready or (conn.peer in busy and conn.waiting is None):
                 self._pump(conn)
@@ -177,7 +182,7 @@ class StreamReceiver(PayloadReceiver):
             with contextlib.suppress(OSError):
                 os.unlink(self._path)
 
-    # ---- connections --------------------------------------------------------------------------------
+    # ---- connections ---------------------------------------------------------------------------
     def _accept(self, now: float) -> None:
         while True:
             try:
@@ -195,7 +200,8 @@ class StreamReceiver(PayloadReceiver):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.options.rcvbuf:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.options.rcvbuf)
-            self._conns[sock.fileno()] = _Conn(sock, sock.fileno(), now + self.options.token_timeout_s)
+            deadline = now + self.options.token_timeout_s
+            self._conns[sock.fileno()] = _Conn(sock, sock.fileno(), deadline)
 
     def _pump(self, conn: _Conn) -> None:
         budget = self.options.pump_bytes
@@ -210,7 +216,8 @@ class StreamReceiver(PayloadReceiver):
                 self._on_prefix(conn)
             else:
                 job = conn.job
-                self.desk.run_step(job.transfer, lambda job=job, budget=budget: job.pump(conn.fd, budget))
+                self.desk.run_step(job.transfer,
+                                   lambda job=job, budget=budget: job.pump(conn.fd, budget))
                 if job.last_read:
                     job.transfer.idle_deadline = time.monotonic() + self.desk.idle_timeout_s
                 budget -= job.last_read
@@ -243,7 +250,8 @@ class StreamReceiver(PayloadReceiver):
             return
         old = self._by_peer.get(peer)
         if old is not None:
-            self._close(old, PeerLost("the sender opened a new data connection"), fail_pending=False)
+            err = PeerLost("the sender opened a new data connection")
+            self._close(old, err, fail_pending=False)
         conn.peer, conn.issued = peer, issued
         self._by_peer[peer] = conn
         self._lost.pop(peer, None)
@@ -275,7 +283,8 @@ class StreamReceiver(PayloadReceiver):
 
         def start() -> None:
             if nbytes != job.payload_bytes:
-                raise MalformedFrame(f"stream payload of {nbytes} bytes; the header says {job.payload_bytes}")
+                raise MalformedFrame(f"stream payload of {nbytes} bytes; the header says "
+                                     f"{job.payload_bytes}")
 
         self.desk.run_step(job.transfer, start)
 
@@ -334,7 +343,8 @@ def _listen(endpoint: str) -> tuple[socket.socket, dict[str, Any], str | None]:
     try:
         if scheme == "tcp":
             host = rest.rpartition(":")[0].strip("[]")
-            sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
             sock.bind((host, 0))
             body: dict[str, Any] = {"port": sock.getsockname()[1]}
             path = None
@@ -346,9 +356,11 @@ def _listen(endpoint: str) -> tuple[socket.socket, dict[str, Any], str | None]:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.bind(path)
         else:
-            raise TransportUnavailable(f"stream payloads need a tcp:// or ipc:// endpoint, not {endpoint}")
+            raise TransportUnavailable(f"stream payloads need a tcp:// or ipc:// endpoint, "
+                                       f"not {endpoint}")
         sock.listen(64)
         sock.setblocking(False)
     except OSError as e:
-        raise TransportUnavailable(f"cannot listen for stream payloads next to {endpoint}: {e}") from None
+        raise TransportUnavailable(f"cannot listen for stream payloads next to {endpoint}: "
+                                   f"{e}") from None
     return sock, body, path
