@@ -26,8 +26,9 @@ from transfer.convert.cache import PagedKvCache
 
 
 def _median_breakdown(samples: list[dict]) -> dict:
-    keys = {k for d in samples for k, v in d.items() if isinstance(v, (int, float)) and v is not None}
-    return {k: round(statistics.median(d[k] for d in samples if d.get(k) is not None), 3) for k in sorted(keys)}
+    keys = {k for d in samples for k, v in d.items() if isinstance(v, (int, float))}
+    return {k: round(statistics.median(d[k] for d in samples if d.get(k) is not None), 3)
+            for k in sorted(keys)}
 
 
 def _nccl_rank(rank: int, args: argparse.Namespace, endpoint_q, result_q) -> None:
@@ -221,7 +222,8 @@ def run_nccl(args: argparse.Namespace) -> dict:
     for row, rrow in zip(rows, recv_rows, strict=True):
         row["receiver_ms"] = rrow["receiver_ms"]
         row["timeline_ms"] = _timeline(row.pop("_marks"), rrow.pop("_marks"))
-        print(f"{row['tokens']} tokens {row['bytes'] / 2**20:.0f} MiB {row['mode']} chunk {row['chunk_mib']} MiB | "
+        print(f"{row['tokens']} tokens {row['bytes'] / 2**20:.0f} MiB {row['mode']} chunk "
+              f"{row['chunk_mib']} MiB | "
               f"torch.distributed send/recv {row['torch_nccl_gbps']:.1f} GB/s | pdserve NCCL "
               f"{row['pdserve_nccl_gbps']:.1f} GB/s | ratio {row['ratio']:.2f} (target >= 0.85)")
         print(f"   sender ms:   {row['sender_ms']}")
@@ -229,7 +231,8 @@ def run_nccl(args: argparse.Namespace) -> dict:
         print(f"   timeline ms: {row['timeline_ms']}")
     print("data check:", "OK (bit-exact)" if not bad else f"MISMATCH {bad}")
     props = torch.cuda.get_device_properties(0)
-    return {"benchmark": "transfer_nccl", "model": "Llama-3-8B KV (32 layers, 8 kv heads, dim 128, bf16)",
+    return {"benchmark": "transfer_nccl",
+            "model": "Llama-3-8B KV (32 layers, 8 kv heads, dim 128, bf16)",
             "block_size": BLOCK, "repeats": args.repeats, "statistic": "median",
             "machine": {**machine(), "gpu": props.name, "gpus": torch.cuda.device_count()},
             "data_check": bad or "ok",

@@ -86,7 +86,8 @@ def _receiver(endpoints: Any, results: Any, stall: bool, refuse_first: bool) -> 
     rx.close()
 
 
-def _sender(endpoint: str, results: Any, timeout_s: float, blocking: bool, lie_sizes: bool = False) -> None:
+def _sender(endpoint: str, results: Any, timeout_s: float, blocking: bool,
+            lie_sizes: bool = False) -> None:
     from bench.kv_fill import fill_random
     from transfer.convert.cache import PagedKvCache
     from transfer.convert.local import read_tokens_float
@@ -97,7 +98,8 @@ def _sender(endpoint: str, results: Any, timeout_s: float, blocking: bool, lie_s
     torch.cuda.set_device(0)
     src = PagedKvCache.allocate(SRC, 64, device="cuda:0")
     fill_random(src, torch.Generator().manual_seed(0))
-    tx = ZmqKvSender(endpoint, ZmqSenderConfig(timeout_s=timeout_s), nccl=NcclSenderPlugin("cuda:0", blocking=blocking))
+    tx = ZmqKvSender(endpoint, ZmqSenderConfig(timeout_s=timeout_s),
+                     nccl=NcclSenderPlugin("cuda:0", blocking=blocking))
     if lie_sizes:  # the first transfer announces one buffer 16 bytes larger than its header says
         import msgpack
 
@@ -138,7 +140,8 @@ def _run(stall: bool, timeout_s: float, refuse_first: bool = False, blocking: bo
     endpoints, results = ctx.Queue(), ctx.Queue()
     rx = ctx.Process(target=_receiver, args=(endpoints, results, stall, refuse_first))
     rx.start()
-    tx = ctx.Process(target=_sender, args=(endpoints.get(timeout=120), results, timeout_s, blocking, lie_sizes))
+    tx = ctx.Process(target=_sender, args=(endpoints.get(timeout=120), results, timeout_s,
+                                           blocking, lie_sizes))
     tx.start()
     out: dict[str, tuple] = {}
     try:
@@ -175,7 +178,8 @@ def test_nccl_watchdog_turns_a_stalled_peer_into_timeout() -> None:
     assert outcome[0][2] < 15  # failed near its deadline, did not hang
 
 
-@pytest.mark.parametrize(("lie_sizes", "error"), [(False, "UnexpectedTransfer"), (True, "MalformedHeader")],
+@pytest.mark.parametrize(("lie_sizes", "error"),
+                         [(False, "UnexpectedTransfer"), (True, "MalformedHeader")],
                          ids=["refused-header", "announced-sizes-differ"])
 def test_nccl_failed_first_transfer_then_the_next_lands(lie_sizes: bool, error: str) -> None:
     """A refused header (no reservation) while the eager sends wait on the GPU: the payload is
