@@ -107,7 +107,7 @@ class TransferHeader:
     entries: tuple[TensorEntry, ...]
     checksum: str | None = None  # algorithm; values travel with the chunks
     transport: str = "zmq"
-    meta: Mapping[str, Any] = field(default_factory=dict)  # small plain values for the serving layer
+    meta: Mapping[str, Any] = field(default_factory=dict)  # small plain values (serving layer)
     version: int = WIRE_VERSION
 
     @property
