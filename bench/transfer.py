@@ -16,7 +16,8 @@ background load hits both alike. Writes bench/results/transfer_zmq.json and .md.
 NCCL (`--nccl`, needs 2 GPUs): Llama-3-8B-shaped KV (32 layers, 8 KV heads, head_dim 128,
 bf16: 128 KiB per token) at 4k tokens, scattered paged blocks on GPU 0 → scattered paged blocks
 on GPU 1 through transfer/nccl/transport.py, beside torch.distributed NCCL send/recv of one
-contiguous buffer of the same size. Spawns its two ranks itself. Writes
+contiguous buffer of the same size (bench/transfer_nccl.py, with per-side breakdowns and one
+timeline from bench/timeline.py). Spawns its two ranks itself. Writes
 bench/results/transfer_nccl.json.
 
     python bench/transfer.py --nccl [--tokens 4096] [--repeats 20]
@@ -190,186 +191,6 @@ def run_zmq(args: argparse.Namespace) -> dict:
             "load_avg_end": os.getloadavg()}
 
 
-# ---- NCCL -----------------------------------------------------------------------------------------
-def _median_breakdown(samples: list[dict]) -> dict:
-    keys = {k for d in samples for k, v in d.items() if isinstance(v, (int, float)) and v is not None}
-    return {k: round(statistics.median(d[k] for d in samples if d.get(k) is not None), 3) for k in sorted(keys)}
-
-
-def _nccl_rank(rank: int, args: argparse.Namespace, endpoint_q, result_q) -> None:
-    import torch.distributed as dist
-
-    from transfer.endpoint.receiver import ZmqKvReceiver, ZmqReceiverConfig
-    from transfer.endpoint.sender import ZmqKvSender
-    from transfer.nccl.transport import NcclReceiverPlugin, NcclSenderPlugin
-
-    torch.cuda.set_device(rank)
-    dev = torch.device("cuda", rank)
-    tokens = args.tokens[0]
-    spec = KvSpec(**LLAMA3_8B, block_size=BLOCK, dtype=KvDtype.BFLOAT16)
-    num_blocks = 4 * tokens // BLOCK
-    nbytes = tokens * spec.bytes_per_token
-    cache = PagedKvCache.allocate(spec, num_blocks, device=dev)
-    gen = torch.Generator().manual_seed(rank)
-    src_gen = torch.Generator().manual_seed(0)  # rank 1 replays rank 0's tables to verify
-    dist.init_process_group("nccl", init_method=args.dist_url, rank=rank, world_size=2)
-    flat = torch.empty(nbytes, dtype=torch.uint8, device=dev)
-    if rank == 1:
-        done: dict[str, object] = {}
-        ack_marks: dict[str, float] = {}
-        ended = threading.Condition()
-
-        def end(rid: str, outcome: object) -> None:  # on the receiver's thread
-            ack_marks[rid] = time.perf_counter()  # the ack went out just before this callback
-            with ended:
-                done[rid] = outcome
-                ended.notify_all()
-
-        plugin = NcclReceiverPlugin(dev)
-        rx = ZmqKvReceiver(cache, ZmqReceiverConfig(endpoint="tcp://127.0.0.1:0"),
-                           on_complete=end, on_release=end, nccl=plugin)
-        endpoint_q.put(rx.endpoint)
-        rx.start()
-        ref = PagedKvCache.allocate(spec, num_blocks, device=dev)  # the sender's contents, to verify
-        fill_random(ref, torch.Generator(device="cpu").manual_seed(7))
-    else:
-        fill_random(cache, torch.Generator(device="cpu").manual_seed(7))
-        plugin = NcclSenderPlugin(dev)
-        tx = ZmqKvSender(endpoint_q.get(), nccl=plugin)
-    rows, bad = [], []
-    plan = ([("eager", c) for c in args.chunk_mib] + [("ready", c) for c in args.ready_chunk_mib]
-            + [("eager-nonblocking", c) for c in args.nonblocking_chunk_mib])
-    for mode, chunk_mib in plan:
-        times: dict[str, list[float]] = {"torch_nccl": [], "pdserve_nccl": []}
-        breakdown: list[dict] = []
-        marks: list[dict] = []  # absolute perf_counter marks per repetition (one clock for both ranks)
-        if rank == 0:
-            plugin.chunk_bytes = chunk_mib << 20
-            eager, blocking = mode != "ready", mode != "eager-nonblocking"
-            if (plugin.eager, plugin.blocking) != (eager, blocking):  # a new link's hello says which
-                plugin.eager, plugin.blocking = eager, blocking
-                plugin.reset()
-        for rep in range(args.repeats + 3):
-            # baseline: one contiguous buffer through torch.distributed
-            dist.barrier()
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            if rank == 0:
-                dist.send(flat, 1)
-            else:
-                dist.recv(flat, 0)
-            torch.cuda.synchronize()
-            if rep >= 3:
-                times["torch_nccl"].append(time.perf_counter() - t0)
-            # pdserve: scattered blocks -> scattered blocks, header over ZMQ, ack back
-            rid = f"nccl-{mode}-{chunk_mib}-{rep}"
-            if rank == 1:
-                dst_table = torch.randperm(num_blocks, generator=gen)[:tokens // BLOCK].tolist()
-                src_table = torch.randperm(num_blocks, generator=src_gen)[:tokens // BLOCK].tolist()
-                rx.expect(rid, dst_table)
-            dist.barrier()
-            if rank == 0:
-                table = torch.randperm(num_blocks, generator=gen)[:tokens // BLOCK].tolist()
-                t0 = time.perf_counter()
-                res = tx.send(cache, table, 0, tokens, request_id=rid)
-                wall = time.perf_counter() - t0
-                t = plugin.timings()
-                payload = t.get("cpu_sent_ms", 0.0)
-                t["total_ms"] = wall * 1e3
-                t["outside_payload_ms"] = wall * 1e3 - payload  # pack + header send + ack wait
-                if rep >= 3:
-                    times["pdserve_nccl"].append(res.seconds)
-                    breakdown.append(t)
-                    marks.append({"send_called": t0, **plugin.last_marks, "send_returned": t0 + wall})
-            else:  # the next barrier must not overlap this transfer's NCCL work
-                with ended:  # sleeps without taking the GIL from the receiver's thread
-                    ended.wait_for(lambda rid=rid: rid in done, timeout=120)
-                reports = done.get(rid)
-                if not isinstance(reports, list):
-                    raise SystemExit(f"transfer {rid} failed on the receiver: {reports!r}")
-                if rep >= 3:
-                    breakdown.append(plugin.timings())
-                    marks.append({**plugin.last_marks, "ack_sent": ack_marks.get(rid, float("nan"))})
-                if rep == 0:  # bit-exact check of a few layers
-                    src_ids = torch.tensor(src_table, device=dev)
-                    dst_ids = torch.tensor(dst_table, device=dev)
-                    for layer in (0, spec.num_layers // 2, spec.num_layers - 1):
-                        for part, t in cache.parts(layer).items():
-                            if not torch.equal(t[dst_ids], ref.parts(layer)[part][src_ids]):
-                                bad.append(f"chunk {chunk_mib} MiB layer {layer} part {part}")
-        if rank == 0:
-            gbps = {k: nbytes / statistics.median(v) / 1e9 for k, v in times.items()}
-            rows.append({"tokens": tokens, "bytes": nbytes, "mode": mode, "chunk_mib": chunk_mib,
-                         **{f"{k}_gbps": round(v, 2) for k, v in gbps.items()},
-                         "ratio": round(gbps["pdserve_nccl"] / gbps["torch_nccl"], 3),
-                         "sender_ms": _median_breakdown(breakdown), "_marks": marks})
-        else:
-            rows.append({"mode": mode, "chunk_mib": chunk_mib, "receiver_ms": _median_breakdown(breakdown),
-                         "_marks": marks})
-    dist.barrier()
-    if rank == 0:
-        tx.close()
-        result_q.put(("sender", rows))
-    else:
-        rx.close()
-        result_q.put(("receiver", rows, bad))
-    dist.destroy_process_group()
-
-
-def _timeline(sender: list[dict], receiver: list[dict]) -> dict:
-    """Median time of every mark since `send` was called (both ranks use one monotonic clock):
-    sender marks as `tx_*`, receiver marks as `rx_*`, in the order they happen."""
-    spans: dict[str, list[float]] = {}
-    for s, r in zip(sender, receiver, strict=True):
-        t0 = s["send_called"]
-        for prefix, marks in (("tx_", s), ("rx_", r)):
-            for k, v in marks.items():
-                spans.setdefault(prefix + k, []).append((v - t0) * 1e3)
-    med = {k: round(statistics.median(v), 3) for k, v in spans.items()}
-    return dict(sorted(med.items(), key=lambda kv: kv[1]))
-
-
-def run_nccl(args: argparse.Namespace) -> dict:
-    if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
-        raise SystemExit("--nccl needs 2 CUDA GPUs on this host")
-    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # never NVLink multicast on shared hosts
-    ctx = mp.get_context("spawn")
-    endpoint_q, result_q = ctx.Queue(), ctx.Queue()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        args.dist_url = f"tcp://127.0.0.1:{s.getsockname()[1]}"
-    procs = [ctx.Process(target=_nccl_rank, args=(r, args, endpoint_q, result_q)) for r in (0, 1)]
-    for p in procs:
-        p.start()
-    got = {}
-    for _ in range(2):
-        item = result_q.get(timeout=600)
-        got[item[0]] = item[1:]
-    for p in procs:
-        p.join(timeout=60)
-    rows = got["sender"][0]
-    recv_rows, bad = got["receiver"]
-    for row, rrow in zip(rows, recv_rows, strict=True):
-        row["receiver_ms"] = rrow["receiver_ms"]
-        row["timeline_ms"] = _timeline(row.pop("_marks"), rrow.pop("_marks"))
-        print(f"{row['tokens']} tokens {row['bytes'] / 2**20:.0f} MiB {row['mode']} chunk {row['chunk_mib']} MiB | "
-              f"torch.distributed send/recv {row['torch_nccl_gbps']:.1f} GB/s | pdserve NCCL "
-              f"{row['pdserve_nccl_gbps']:.1f} GB/s | ratio {row['ratio']:.2f} (target >= 0.85)")
-        print(f"   sender ms:   {row['sender_ms']}")
-        print(f"   receiver ms: {row['receiver_ms']}")
-        print(f"   timeline ms: {row['timeline_ms']}")
-    print("data check:", "OK (bit-exact)" if not bad else f"MISMATCH {bad}")
-    props = torch.cuda.get_device_properties(0)
-    return {"benchmark": "transfer_nccl", "model": "Llama-3-8B KV (32 layers, 8 kv heads, dim 128, bf16)",
-            "block_size": BLOCK, "repeats": args.repeats, "statistic": "median",
-            "machine": {**machine(), "gpu": props.name, "gpus": torch.cuda.device_count()},
-            "data_check": bad or "ok",
-            "breakdown_note": "sender_ms: cpu_* marks from payload start (after pack + HEADER sent); "
-                              "outside_payload_ms = pack + header + ack wait; gpu_* spans from CUDA events. "
-                              "receiver_ms: cpu_* marks from header validated; gpu_* spans.",
-            "rows": rows, "target": "ratio >= 0.85"}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--nccl", action="store_true", help="2-GPU NCCL benchmark instead of ZMQ")
@@ -388,6 +209,8 @@ def main() -> None:
     if args.nccl:
         args.tokens = args.tokens or [4096]
         args.repeats = args.repeats or 20
+        from bench.transfer_nccl import run_nccl
+
         result, name = run_nccl(args), "transfer_nccl.json"
     else:
         args.tokens = args.tokens or [128, 1024, 8192]

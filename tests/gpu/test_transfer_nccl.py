@@ -52,16 +52,17 @@ def _receiver(endpoints: Any, results: Any, stall: bool, refuse_first: bool) -> 
     class StallingPlugin(NcclReceiverPlugin):
         """Ignores SIZES and the header's pre-post, says READY, then never posts the receive."""
 
-        def post_sizes(self, peer, rest, limits, deadline):  # type: ignore[override]
+        def post_sizes(self, peer, rest):  # type: ignore[override]
             return None
 
-        def prepost(self, peer, header, deadline):  # type: ignore[override]
+        def prepare(self, peer, header):  # type: ignore[override]
             return None
 
-        def receive(self, peer, header, writer, deadline, reply, flush, queued=None):  # type: ignore[override]
-            self.links[peer].wait_ready(deadline)
-            reply(peer, [proto.READY, proto.pack([header.transfer_id])])
-            flush()
+        def receive(self, transfer, deadline):  # type: ignore[override]
+            self.links[transfer.peer].wait_ready(deadline)
+            ready = [proto.READY, proto.pack([transfer.header.transfer_id])]
+            self.desk.reply(transfer.peer, ready)
+            self.desk.flush()
             time.sleep(8)
             raise TimeoutError("stalled on purpose")
 
@@ -85,7 +86,8 @@ def _receiver(endpoints: Any, results: Any, stall: bool, refuse_first: bool) -> 
     rx.close()
 
 
-def _sender(endpoint: str, results: Any, timeout_s: float, blocking: bool, lie_sizes: bool = False) -> None:
+def _sender(endpoint: str, results: Any, timeout_s: float, blocking: bool,
+            lie_sizes: bool = False) -> None:
     from bench.kv_fill import fill_random
     from transfer.convert.cache import PagedKvCache
     from transfer.convert.local import read_tokens_float
@@ -96,22 +98,24 @@ def _sender(endpoint: str, results: Any, timeout_s: float, blocking: bool, lie_s
     torch.cuda.set_device(0)
     src = PagedKvCache.allocate(SRC, 64, device="cuda:0")
     fill_random(src, torch.Generator().manual_seed(0))
-    tx = ZmqKvSender(endpoint, ZmqSenderConfig(timeout_s=timeout_s), nccl=NcclSenderPlugin("cuda:0", blocking=blocking))
+    tx = ZmqKvSender(endpoint, ZmqSenderConfig(timeout_s=timeout_s),
+                     nccl=NcclSenderPlugin("cuda:0", blocking=blocking))
     if lie_sizes:  # the first transfer announces one buffer 16 bytes larger than its header says
         import msgpack
 
         from transfer.wire import framing as proto
-        real_send = tx._send_frames
+        channel = tx._channel
+        real_send = channel.send_frames
         lied: list[bool] = []
 
-        def send_frames(frames: list[Any], deadline: float, *a: Any, **k: Any) -> Any:
+        def send_frames(frames: list[Any], deadline: float, **k: Any) -> Any:
             if frames[0] == proto.SIZES and not lied:
                 lied.append(True)
                 tid, sizes = msgpack.unpackb(frames[1])
                 frames = [proto.SIZES, proto.pack([tid, [sizes[0] + 16, *sizes[1:]]])]
-            return real_send(frames, deadline, *a, **k)
+            return real_send(frames, deadline, **k)
 
-        tx._send_frames = send_frames  # type: ignore[method-assign]
+        channel.send_frames = send_frames  # type: ignore[method-assign]
     outcome: list[Any] = []
     for rid in ("first", "second"):
         t0 = time.monotonic()
@@ -136,7 +140,8 @@ def _run(stall: bool, timeout_s: float, refuse_first: bool = False, blocking: bo
     endpoints, results = ctx.Queue(), ctx.Queue()
     rx = ctx.Process(target=_receiver, args=(endpoints, results, stall, refuse_first))
     rx.start()
-    tx = ctx.Process(target=_sender, args=(endpoints.get(timeout=120), results, timeout_s, blocking, lie_sizes))
+    tx = ctx.Process(target=_sender, args=(endpoints.get(timeout=120), results, timeout_s,
+                                           blocking, lie_sizes))
     tx.start()
     out: dict[str, tuple] = {}
     try:
@@ -173,7 +178,8 @@ def test_nccl_watchdog_turns_a_stalled_peer_into_timeout() -> None:
     assert outcome[0][2] < 15  # failed near its deadline, did not hang
 
 
-@pytest.mark.parametrize(("lie_sizes", "error"), [(False, "UnexpectedTransfer"), (True, "MalformedHeader")],
+@pytest.mark.parametrize(("lie_sizes", "error"),
+                         [(False, "UnexpectedTransfer"), (True, "MalformedHeader")],
                          ids=["refused-header", "announced-sizes-differ"])
 def test_nccl_failed_first_transfer_then_the_next_lands(lie_sizes: bool, error: str) -> None:
     """A refused header (no reservation) while the eager sends wait on the GPU: the payload is

@@ -44,7 +44,8 @@ def test_tp_one_to_two_full_message_and_sender_slice() -> None:
             lo, hi = dst_spec.head_range
             assert (report.head_start, report.head_end) == (lo, hi)
             assert all(torch.equal(g, w[:, :, lo:hi]) for g, w in zip(got, want, strict=True))
-            expected_bytes = (2 if sliced else 4) * 2 * 64 * 2 * 2 * 64  # heads x K/V x dim x bf16 x layers x tokens
+            # heads x K/V x dim x bf16 x layers x tokens
+            expected_bytes = (2 if sliced else 4) * 2 * 64 * 2 * 2 * 64
             assert report.num_bytes == expected_bytes
 
 
@@ -56,12 +57,13 @@ def test_tp_two_to_one_concatenates_heads() -> None:
         part = PagedKvCache.allocate(spec, 10)
         for layer in range(2):
             for c in range(2):
-                vals = full.read_tokens(layer, c, torch.tensor(table), 0, 64)[:, 2 * rank:2 * rank + 2]
+                vals = full.read_tokens(layer, c, torch.tensor(table), 0, 64)
+                vals = vals[:, 2 * rank:2 * rank + 2]
                 part.write_tokens(layer, c, torch.tensor(table), 0, 64, vals)
         report = convert_kv(part, table, dst, [7, 4], *TOK)
         assert (report.head_start, report.head_end) == (2 * rank, 2 * rank + 2)
-    assert all(torch.equal(a, b) for a, b in zip(read_tokens_float(dst, [7, 4], *TOK),
-                                                 read_tokens_float(full, table, *TOK), strict=True))
+    got, want = read_tokens_float(dst, [7, 4], *TOK), read_tokens_float(full, table, *TOK)
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
 
 
 def test_mqa_replicated_over_tp_ranks() -> None:
@@ -73,8 +75,8 @@ def test_mqa_replicated_over_tp_ranks() -> None:
         assert dst_spec.kv_head_replicas == 2 and dst_spec.head_range == (0, 1)
         dst = PagedKvCache.allocate(dst_spec, 10)
         convert_kv(src, table, dst, [1, 2, 3, 4], *TOK)
-        assert all(torch.equal(a, b) for a, b in zip(read_tokens_float(dst, [1, 2, 3, 4], *TOK),
-                                                     read_tokens_float(src, table, *TOK), strict=True))
+        got, want = read_tokens_float(dst, [1, 2, 3, 4], *TOK), read_tokens_float(src, table, *TOK)
+        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
 
 
 def test_wrong_tp_rank_is_incompatible_and_names_both_specs() -> None:
@@ -95,7 +97,8 @@ def test_wrong_tp_rank_is_incompatible_and_names_both_specs() -> None:
 ])
 def test_incompatible(change: dict, reason: str) -> None:
     with pytest.raises(IncompatibleKv, match=reason):
-        check_compatible(GQA.with_(model_fingerprint="m"), GQA.with_(model_fingerprint="m").with_(**change))
+        src = GQA.with_(model_fingerprint="m")
+        check_compatible(src, src.with_(**change))
 
 
 @pytest.mark.parametrize("dst_block,start", [(32, 20), (8, 20), (16, 16), (16, 21)])
@@ -144,12 +147,14 @@ def test_quantized_formats_round_trip(dtype: KvDtype, gran: ScaleGranularity) ->
         assert bool(((g - w).abs() <= rel * w.abs() + abs_units * scale + 1e-6).all())
     # the same quantized cache into another layout and block size: stored bits carried exactly
     again = PagedKvCache.allocate(dst_spec.with_(layout=KvLayout.NHD, block_size=32), 4)
-    if dst.scales is not None and again.scales is not None and gran is not ScaleGranularity.PER_TOKEN_HEAD:
+    if dst.scales is not None and again.scales is not None \
+            and gran is not ScaleGranularity.PER_TOKEN_HEAD:
         for a, b in zip(again.scales, dst.scales, strict=True):
             a.copy_(b)
     report = convert_kv(dst, list(range(11, 4, -1)), again, [2, 3], *TOK)
     assert report.is_lossless
-    assert all(torch.equal(a, b) for a, b in zip(read_tokens_float(again, [2, 3], *TOK), got, strict=True))
+    carried = read_tokens_float(again, [2, 3], *TOK)
+    assert all(torch.equal(a, b) for a, b in zip(carried, got, strict=True))
 
 
 def test_bf16_to_volta_fp16_reports_out_of_range_values() -> None:
@@ -164,7 +169,8 @@ def test_bf16_to_volta_fp16_reports_out_of_range_values() -> None:
     with pytest.raises(ValueOutOfRange) as e:
         convert_kv(src, table, dst, [0, 1, 2, 3], *TOK)
     assert e.value.num_values == 1 and "float16" in str(e.value)
-    report = convert_kv(src, table, dst, [0, 1, 2, 3], *TOK, options=ConvertOptions(OverflowPolicy.CLAMP))
+    report = convert_kv(src, table, dst, [0, 1, 2, 3], *TOK,
+                        options=ConvertOptions(OverflowPolicy.CLAMP))
     assert report.num_clamped == 2 and report.max_abs_clamped == pytest.approx(1e6, rel=1e-2)
     got = read_tokens_float(dst, [0, 1, 2, 3], *TOK)
     assert all(bool(torch.isfinite(g).all()) for g in got)

@@ -37,20 +37,25 @@ from transfer.wire import framing as proto
 from transfer.wire.errors import TransferError
 from transfer.wire.header import ReceiverLimits, decode_header
 
-LIMITS = ReceiverLimits(max_header_bytes=1 << 16, max_message_bytes=1 << 20, max_buffer_bytes=1 << 19,
-                        max_decoded_bytes=1 << 22, max_tokens=4096, max_layers=8, max_heads=16,
+LIMITS = ReceiverLimits(max_header_bytes=1 << 16, max_message_bytes=1 << 20,
+                        max_buffer_bytes=1 << 19, max_decoded_bytes=1 << 22, max_tokens=4096,
+                        max_layers=8, max_heads=16,
                         max_head_dim=512, max_block_size=64, max_entries=4096, max_buffers=256)
 DST = KvSpec(2, 2, 64, 16, dtype=KvDtype.FLOAT16, layout=KvLayout.HND)
 SOURCES = [
     KvSpec(2, 2, 64, 16, dtype=KvDtype.BFLOAT16),
-    KvSpec(2, 2, 64, 8, dtype=KvDtype.INT4, layout=KvLayout.PAGED_V1, scale_granularity=ScaleGranularity.PER_TOKEN_HEAD),
-    KvSpec(2, 2, 64, 32, dtype=KvDtype.FP8_E4M3, layout=KvLayout.FLASHINFER, scale_granularity=ScaleGranularity.PER_HEAD),
+    KvSpec(2, 2, 64, 8, dtype=KvDtype.INT4, layout=KvLayout.PAGED_V1,
+           scale_granularity=ScaleGranularity.PER_TOKEN_HEAD),
+    KvSpec(2, 2, 64, 32, dtype=KvDtype.FP8_E4M3, layout=KvLayout.FLASHINFER,
+           scale_granularity=ScaleGranularity.PER_HEAD),
     KvSpec(2, 1, 64, 16, dtype=KvDtype.FLOAT32, layout=KvLayout.MLA, kind=KvKind.LATENT),
 ]
 HOSTILE = st.one_of(
     st.integers(-(2**70), 2**70), st.integers(0, 2**64), st.floats(), st.text(max_size=40),
-    st.binary(max_size=40), st.booleans(), st.none(), st.lists(st.integers(-5, 1 << 40), max_size=12),
-    st.dictionaries(st.text(max_size=6), st.integers(), max_size=3), st.sampled_from(["k", "v", "kv", "scale", "uint8"]),
+    st.binary(max_size=40), st.booleans(), st.none(),
+    st.lists(st.integers(-5, 1 << 40), max_size=12),
+    st.dictionaries(st.text(max_size=6), st.integers(), max_size=3),
+    st.sampled_from(["k", "v", "kv", "scale", "uint8"]),
 )
 
 
@@ -58,8 +63,10 @@ def _message(i: int) -> tuple[dict, list[bytes]]:
     cache = PagedKvCache.allocate(SOURCES[i], 6)
     fill_random(cache, torch.Generator().manual_seed(i))
     packed = pack_kv(cache, [4, 1, 3, 5, 0, 2], 3, 40, request_id=f"m{i}", transfer_id=i,
-                     options=PackOptions(chunk_bytes=2048 if i % 2 else 1 << 20), checksum="xxh3_64" if i == 2 else None)
-    return msgpack.unpackb(packed.header.encode(), raw=False), [b.numpy().tobytes() for b in packed.all_buffers()]
+                     options=PackOptions(chunk_bytes=2048 if i % 2 else 1 << 20),
+                     checksum="xxh3_64" if i == 2 else None)
+    buffers = [b.numpy().tobytes() for b in packed.all_buffers()]
+    return msgpack.unpackb(packed.header.encode(), raw=False), buffers
 
 
 MESSAGES = [_message(i) for i in range(len(SOURCES))]
@@ -136,7 +143,8 @@ def _one_case(data: st.DataObject, dst: PagedKvCache) -> None:
         raw = data.draw(st.binary(max_size=2048))
     else:
         try:
-            raw = msgpack.packb(_mutate(d, data) if kind in ("header", "both") else d, use_bin_type=True)
+            header = _mutate(d, data) if kind in ("header", "both") else d
+            raw = msgpack.packb(header, use_bin_type=True)
         except OverflowError:  # ints beyond 64 bits cannot be put on the wire at all
             reject()
     if kind in ("frames", "both"):
@@ -155,7 +163,8 @@ def _run(max_examples: int) -> int:
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
     @settings(max_examples=max_examples, deadline=None, database=None,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                     HealthCheck.filter_too_much])
     @given(st.data())
     def case(data: st.DataObject) -> None:
         nonlocal count
@@ -198,8 +207,8 @@ def test_live_receiver_survives_hostile_frames() -> None:
     """One long-lived receiver takes hostile frames from many connections; valid transfers
     interleaved with them keep succeeding."""
     dst = PagedKvCache.allocate(SOURCES[0], 10)
-    rx = ZmqKvReceiver(dst, ZmqReceiverConfig(limits=LIMITS, idle_timeout_s=0.5), on_complete=lambda *a: None,
-                       on_release=lambda *a: None)
+    rx = ZmqKvReceiver(dst, ZmqReceiverConfig(limits=LIMITS, idle_timeout_s=0.5),
+                       on_complete=lambda *a: None, on_release=lambda *a: None)
     rx.start()
     ctx = zmq.Context()
     tx = ZmqKvSender(rx.endpoint, context=ctx)
@@ -208,7 +217,8 @@ def test_live_receiver_survives_hostile_frames() -> None:
                       st.sampled_from([msgpack.packb(MESSAGES[0][0]), proto.pack([0, 0, None]),
                                        proto.pack([0, 5, [1, 2]]), proto.pack([[1], "x"])]))
 
-    @settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+    @settings(max_examples=150, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.too_slow])
     @given(frames=st.lists(frame, min_size=1, max_size=5), fresh=st.booleans())
     def case(frames: list[bytes], fresh: bool) -> None:
         nonlocal seen
@@ -220,7 +230,8 @@ def test_live_receiver_survives_hostile_frames() -> None:
         if fresh or seen % 25 == 0:
             rid = f"valid-{seen}"
             rx.expect(rid, [1, 2, 3])
-            assert tx.send(VALID_SRC, [1, 2, 3], 0, 40, request_id=rid, timeout_s=5).report["token_end"] == 40
+            res = tx.send(VALID_SRC, [1, 2, 3], 0, 40, request_id=rid, timeout_s=5)
+            assert res.report["token_end"] == 40
         raw.close()
 
     try:
@@ -260,17 +271,21 @@ def test_live_receiver_survives_hostile_stream_prefixes() -> None:
     tx = ZmqKvSender(rx.endpoint, context=ctx)
     packed = pack_kv(VALID_SRC, [1, 2, 3], 0, 40, request_id="h", transfer_id=5, transport="stream")
     payload = b"".join(b.numpy().tobytes() for b in packed.all_buffers())
-    prefix = st.builds(lambda magic, version, flags, tid, n: proto.STREAM_PREFIX.pack(magic, version, flags, tid, n),
-                       st.sampled_from([proto.STREAM_MAGIC, b"PDKX", b"\0\0\0\0"]), st.sampled_from([1, 1, 0, 2]),
+    prefix = st.builds(proto.STREAM_PREFIX.pack,
+                       st.sampled_from([proto.STREAM_MAGIC, b"PDKX", b"\0\0\0\0"]),
+                       st.sampled_from([1, 1, 0, 2]),
                        st.sampled_from([0, 0, 1]), st.sampled_from([5, 5, 6, 0, 2**64 - 1]),
                        st.sampled_from([len(payload), len(payload), 0, len(payload) - 1, 2**63]))
-    body = st.sampled_from([payload, payload[:100], payload + b"\0" * 9, b"", payload[: len(payload) // 2]])
+    body = st.sampled_from([payload, payload[:100], payload + b"\0" * 9, b"",
+                            payload[: len(payload) // 2]])
     seen = 0
 
-    @settings(max_examples=120, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+    @settings(max_examples=120, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.too_slow])
     @given(head=prefix, rest=body, garbage=st.binary(max_size=64), with_header=st.booleans(),
            raw_garbage=st.booleans())
-    def case(head: bytes, rest: bytes, garbage: bytes, with_header: bool, raw_garbage: bool) -> None:
+    def case(head: bytes, rest: bytes, garbage: bytes, with_header: bool,
+             raw_garbage: bool) -> None:
         nonlocal seen
         seen += 1
         rid = f"h{seen}"
@@ -287,15 +302,17 @@ def test_live_receiver_survives_hostile_stream_prefixes() -> None:
         if seen % 20 == 0:
             valid = f"valid-{seen}"
             rx.expect(valid, [7, 8, 9])
-            assert tx.send(VALID_SRC, [1, 2, 3], 0, 40, request_id=valid, timeout_s=5).report["token_end"] == 40
+            res = tx.send(VALID_SRC, [1, 2, 3], 0, 40, request_id=valid, timeout_s=5)
+            assert res.report["token_end"] == 40
 
     try:
         case()
         tx.close()  # its data connection goes too
         deadline = time.monotonic() + 10
-        while (rx._inflight or rx._stream._conns or rx._stream._jobs) and time.monotonic() < deadline:  # type: ignore[union-attr]
+        stream: Any = rx._paths["stream"]
+        while (rx._inflight or stream._conns or stream._jobs) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not rx._inflight and not rx._stream._conns and not rx._stream._jobs  # type: ignore[union-attr]
+        assert not rx._inflight and not stream._conns and not stream._jobs
         assert all(isinstance(v, (list, TransferError)) for v in ended.values())
         for rid in [r for r in list(rx._expected)]:
             rx.cancel(rid)  # reservations whose payload never came in full

@@ -16,8 +16,14 @@ from transfer.wire import layouts
 B, S, H, D = 5, 4, 3, 16
 
 
-def element(spec: KvSpec, tensors: tuple[torch.Tensor, ...], c: int, b: int, s: int, h: int, d: int) -> float:
-    """The cache element of component c, block b, slot s, head h, dim d — written out per layout."""
+def spec_id(s: KvSpec) -> str:
+    return f"{s.layout.value}-{s.is_kv_stacked}-{s.dtype.value}"
+
+
+def element(spec: KvSpec, tensors: tuple[torch.Tensor, ...], c: int, b: int, s: int, h: int,
+            d: int) -> float:
+    """The cache element of component c, block b, slot s, head h, dim d — written out per
+    layout."""
     lay = spec.layout
     if lay is KvLayout.NHD:
         return float(tensors[0][c, b, s, h, d] if spec.is_kv_stacked else tensors[c][b, s, h, d])
@@ -40,7 +46,7 @@ SPECS = [KvSpec(1, H, D, S, layout=lay, is_kv_stacked=st) for lay in (KvLayout.N
 ]
 
 
-@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.layout.value}-{s.is_kv_stacked}-{s.dtype.value}")
+@pytest.mark.parametrize("spec", SPECS, ids=spec_id)
 def test_token_reads_match_formula(spec: KvSpec) -> None:
     cache = PagedKvCache.allocate(spec, B)
     for i, t in enumerate(cache.layers[0]):  # distinct values everywhere (exact in fp16 too)
@@ -56,13 +62,15 @@ def test_token_reads_match_formula(spec: KvSpec) -> None:
             assert float(got[t, h, d]) == want
 
 
-@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.layout.value}-{s.is_kv_stacked}-{s.dtype.value}")
+@pytest.mark.parametrize("spec", SPECS, ids=spec_id)
 def test_writes_land_where_the_formula_says(spec: KvSpec) -> None:
     cache = PagedKvCache.allocate(spec, B)
     ids = torch.tensor([1, 4])
     c = layouts.num_components(spec) - 1
-    vals = torch.arange(3 * spec.num_kv_heads * D).reshape(3, spec.num_kv_heads, D).to(cache.layers[0][0].dtype)
-    cache.write_tokens(0, c, ids, 3, 6, vals)  # positions 3 (block 1, slot 3), 4-5 (block 4, slots 0-1)
+    vals = torch.arange(3 * spec.num_kv_heads * D).reshape(3, spec.num_kv_heads, D)
+    vals = vals.to(cache.layers[0][0].dtype)
+    # positions 3 (block 1, slot 3), 4-5 (block 4, slots 0-1)
+    cache.write_tokens(0, c, ids, 3, 6, vals)
     for t, (b, s) in enumerate([(1, 3), (4, 0), (4, 1)]):
         for h, d in itertools.product(range(spec.num_kv_heads), range(D)):
             assert element(spec, cache.layers[0], c, b, s, h, d) == float(vals[t, h, d])
@@ -76,7 +84,8 @@ def test_shapes_match_kv_spec_docstring() -> None:
     int4 = spec.with_(dtype=KvDtype.INT4, head_dim=64, scale_granularity="per_token_head")
     # 64 int4 values = 32 bytes per head; x = 32 elements = 16 bytes
     assert layouts.layer_tensor_shapes(int4, B) == [(B, H, 2, S, 16), (B, H, 32, S)]
-    assert layouts.layer_tensor_shapes(KvSpec(1, H, D, S, layout=KvLayout.FLASHINFER), B) == [(B, 2, S, H, D)]
+    flashinfer = KvSpec(1, H, D, S, layout=KvLayout.FLASHINFER)
+    assert layouts.layer_tensor_shapes(flashinfer, B) == [(B, 2, S, H, D)]
     assert layouts.scale_tensor_shape(int4, B) == (2, B, S, H, 2)
 
 

@@ -21,28 +21,36 @@ STUB = r"""
 typedef struct { char internal[128]; } ncclUniqueId;
 typedef struct { size_t size; unsigned magic, version; int blocking, cga, minCTAs, maxCTAs;
                  const char* netName; int splitShare; } cfg_t;
-static int last_blocking = -99, last_rank = -1, aborted = 0, groups = 0, last_dtype = -1, last_peer = -1;
+static int last_blocking = -99, last_rank = -1, aborted = 0, groups = 0, last_dtype = -1,
+           last_peer = -1;
 static unsigned last_magic = 0, last_version = 0; static size_t last_size = 0, moved = 0;
 static char last_uid[128]; static void* last_stream = 0;
 int ncclGetVersion(int* v) { *v = 22703; return 0; }
-int ncclGetUniqueId(ncclUniqueId* id) { for (int i = 0; i < 128; i++) id->internal[i] = (char)(i * 3); return 0; }
+int ncclGetUniqueId(ncclUniqueId* id) {
+    for (int i = 0; i < 128; i++) id->internal[i] = (char)(i * 3);
+    return 0; }
 int ncclCommInitRank(void** c, int n, ncclUniqueId id, int r) { *c = (void*)0x1234; last_rank = r;
     memcpy(last_uid, id.internal, 128); return n == 2 ? 0 : 4; }
-int ncclCommInitRankConfig(void** c, int n, ncclUniqueId id, int r, cfg_t* cfg) { *c = (void*)0x5678;
-    last_rank = r; memcpy(last_uid, id.internal, 128); last_blocking = cfg->blocking; last_magic = cfg->magic;
-    last_size = cfg->size; last_version = cfg->version; return 7; }
+int ncclCommInitRankConfig(void** c, int n, ncclUniqueId id, int r, cfg_t* cfg) {
+    *c = (void*)0x5678; last_rank = r; memcpy(last_uid, id.internal, 128);
+    last_blocking = cfg->blocking; last_magic = cfg->magic; last_size = cfg->size;
+    last_version = cfg->version; return 7; }
 int ncclCommGetAsyncError(void* c, int* s) { *s = c == (void*)0x5678 ? 0 : 3; return 0; }
 int ncclCommAbort(void* c) { aborted++; return 0; }
-int ncclSend(const void* b, size_t n, int dt, int peer, void* c, void* st) { moved += n; last_dtype = dt;
-    last_peer = peer; last_stream = st; return 0; }
+int ncclSend(const void* b, size_t n, int dt, int peer, void* c, void* st) {
+    moved += n; last_dtype = dt; last_peer = peer; last_stream = st; return 0; }
 int ncclRecv(void* b, size_t n, int dt, int peer, void* c, void* st) { moved += n; return 0; }
 int ncclGroupStart(void) { groups++; return 0; }
 int ncclGroupEnd(void) { groups--; return 0; }
 const char* ncclGetErrorString(int r) { return r == 3 ? "internal error" : "unknown"; }
-int stub_int(int which) { int v[] = {last_blocking, last_rank, aborted, groups, last_dtype, last_peer}; return v[which]; }
-unsigned stub_magic(void) { return last_magic; } unsigned stub_version(void) { return last_version; }
+int stub_int(int which) {
+    int v[] = {last_blocking, last_rank, aborted, groups, last_dtype, last_peer};
+    return v[which]; }
+unsigned stub_magic(void) { return last_magic; }
+unsigned stub_version(void) { return last_version; }
 size_t stub_size(void) { return last_size; } size_t stub_moved(void) { return moved; }
-int stub_uid(int i) { return (unsigned char)last_uid[i]; } void* stub_stream(void) { return last_stream; }
+int stub_uid(int i) { return (unsigned char)last_uid[i]; }
+void* stub_stream(void) { return last_stream; }
 """
 
 
@@ -53,7 +61,8 @@ def stub(tmp_path_factory: pytest.TempPathFactory) -> Path:
         pytest.skip("no C compiler to build the stub libnccl")
     d = tmp_path_factory.mktemp("nccl")
     (d / "stub.c").write_text(STUB)
-    subprocess.run([cc, "-shared", "-fPIC", "-o", str(d / "libnccl.so.2"), str(d / "stub.c")], check=True)
+    subprocess.run([cc, "-shared", "-fPIC", "-o", str(d / "libnccl.so.2"), str(d / "stub.c")],
+                   check=True)
     return d / "libnccl.so.2"
 
 
@@ -80,7 +89,8 @@ def test_binding_against_stub(stub: Path) -> None:
     lib.recv(0xDEAD0, 24, 0, comm, 0xBEEF)
     lib.group_end()
     assert probe.stub_moved() == 1024 and probe.stub_int(3) == 0
-    assert probe.stub_int(4) == 1 and probe.stub_int(5) == 1 and probe.stub_stream() == 0xBEEF  # uint8, peer
+    # uint8, peer 1, the stream given
+    assert probe.stub_int(4) == 1 and probe.stub_int(5) == 1 and probe.stub_stream() == 0xBEEF
     lib.abort(comm)
     assert probe.stub_int(2) == 1
     with pytest.raises(TransferError, match="internal error"):
@@ -111,8 +121,10 @@ def test_sizes_message_roundtrip_and_limits() -> None:
     from transfer.wire.header import ReceiverLimits
 
     limits = ReceiverLimits(max_buffers=4, max_buffer_bytes=1 << 20, max_message_bytes=3 << 20)
-    assert proto.parse_sizes(proto.pack([7, [1 << 20, 5, 1 << 20]]), limits) == (7, (1 << 20, 5, 1 << 20))
-    for bad in ([7], [7, []], ["7", [1]], [7, [0]], [7, [-1]], [7, [1.5]], [-1, [1]], [7, [True]], {"t": 1}):
+    sizes = (1 << 20, 5, 1 << 20)
+    assert proto.parse_sizes(proto.pack([7, list(sizes)]), limits) == (7, sizes)
+    for bad in ([7], [7, []], ["7", [1]], [7, [0]], [7, [-1]], [7, [1.5]], [-1, [1]], [7, [True]],
+                {"t": 1}):
         with pytest.raises(MalformedFrame):
             proto.parse_sizes(proto.pack(bad), limits)
     with pytest.raises(MalformedFrame):
@@ -132,7 +144,8 @@ def test_tapered_layer_groups(total: int, full: int, want: list[int]) -> None:
 
     got = layer_groups(total, full, taper=True)
     assert got == want and sum(got) == total and max(got) <= full
-    assert layer_groups(total, full, taper=False) == [min(full, total - g) for g in range(0, total, full)]
+    plain = [min(full, total - g) for g in range(0, total, full)]
+    assert layer_groups(total, full, taper=False) == plain
 
 
 def test_tapered_plan_reconstructs_bit_exactly() -> None:
@@ -151,14 +164,17 @@ def test_tapered_plan_reconstructs_bit_exactly() -> None:
     table, dst_table = [5, 9, 1, 30, 12], [2, 7, 19, 4, 25]
     layer_bytes = 5 * spec.bytes_per_block // spec.num_layers
     packed = pack_kv(src, table, 0, 70, request_id="r", transport="nccl",
-                     options=PackOptions(allow_views=False, chunk_bytes=4 * layer_bytes, taper=True))
-    assert [e.num_layers for e in packed.header.entries if e.part == packed.header.entries[0].part] == [4, 3, 1]
+                     options=PackOptions(allow_views=False, chunk_bytes=4 * layer_bytes,
+                                         taper=True))
+    first_part = packed.header.entries[0].part
+    assert [e.num_layers for e in packed.header.entries if e.part == first_part] == [4, 3, 1]
     header = decode_header(packed.header.encode(), ReceiverLimits())
     writer = KvWriter(header, PagedSink(dst, dst_table))
     for i, buf in enumerate(packed.all_buffers()):
         writer.accept(i, buf)
     writer.finish()
-    for a, b in zip(read_tokens_float(src, table, 0, 70), read_tokens_float(dst, dst_table, 0, 70), strict=True):
+    got = read_tokens_float(dst, dst_table, 0, 70)
+    for a, b in zip(read_tokens_float(src, table, 0, 70), got, strict=True):
         assert torch.equal(a, b)
 
 

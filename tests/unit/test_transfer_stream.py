@@ -27,7 +27,7 @@ from transfer.convert.local import read_tokens_float
 from transfer.convert.pack import PackedKv, PackOptions, pack_kv
 from transfer.endpoint.receiver import ZmqKvReceiver, ZmqReceiverConfig
 from transfer.endpoint.sender import ZmqKvSender, ZmqSenderConfig
-from transfer.stream.receiver import StreamReceiverOptions
+from transfer.stream.receiver import StreamReceiver, StreamReceiverOptions
 from transfer.wire import framing as proto
 from transfer.wire.errors import (
     ChecksumMismatch,
@@ -49,7 +49,7 @@ BIG = KvSpec(4, 2, 32, 16, dtype=KvDtype.FLOAT16)  # many blocks: > IOV_MAX segm
 def harness(endpoint: str, spec: KvSpec = SRC, num_blocks: int = 16, idle: float = 5.0,
             **stream: float) -> ReceiverHarness:
     cache = PagedKvCache.allocate(spec, num_blocks)
-    fill_random(cache, torch.Generator().manual_seed(99))  # stale contents the transfer must respect
+    fill_random(cache, torch.Generator().manual_seed(99))  # stale contents a transfer must respect
     config = ZmqReceiverConfig(endpoint=endpoint, idle_timeout_s=idle, transfer_timeout_s=20.0,
                                stream=StreamReceiverOptions(**stream))
     return ReceiverHarness(cache, config)
@@ -62,27 +62,36 @@ def src() -> PagedKvCache:
     return cache
 
 
-def same_tokens(a: PagedKvCache, a_table: list[int], b: PagedKvCache, b_table: list[int], t0: int, t1: int) -> bool:
+def same_tokens(a: PagedKvCache, a_table: list[int], b: PagedKvCache, b_table: list[int],
+                t0: int, t1: int) -> bool:
     want, got = read_tokens_float(a, a_table, t0, t1), read_tokens_float(b, b_table, t0, t1)
     return all(torch.equal(x, y) for x, y in zip(want, got, strict=True))
+
+
+def stream_of(rx: ZmqKvReceiver) -> StreamReceiver:
+    """The receiver's stream payload path."""
+    path = rx._paths["stream"]
+    assert isinstance(path, StreamReceiver)
+    return path
 
 
 def assert_clean(h: ReceiverHarness, timeout: float = 5.0) -> None:
     """No data connection, transfer or reservation left behind on the receiver."""
     deadline = time.monotonic() + timeout
     rx = h.rx
+    stream = stream_of(rx)
     while time.monotonic() < deadline:
-        conns = len(rx._stream._conns) if rx._stream is not None else 0
-        if not conns and not rx._inflight and not rx._expected and not (rx._stream and rx._stream._jobs):
+        if not stream._conns and not rx._inflight and not rx._expected and not stream._jobs:
             return
         time.sleep(0.02)
-    raise AssertionError(f"left behind: {len(rx._stream._conns)} connections, {len(rx._inflight)} transfers, "
-                         f"{len(rx._expected)} reservations")
+    raise AssertionError(f"left behind: {len(stream._conns)} connections, "
+                         f"{len(rx._inflight)} transfers, {len(rx._expected)} reservations")
 
 
 def send_ok(h: ReceiverHarness, src: PagedKvCache, rid: str, **cfg: object) -> None:
     h.rx.expect(rid, [1, 2, 3])
-    tx = ZmqKvSender(h.rx.endpoint, ZmqSenderConfig(timeout_s=10.0, **cfg))  # type: ignore[arg-type]
+    config = ZmqSenderConfig(timeout_s=10.0, **cfg)  # type: ignore[arg-type]
+    tx = ZmqKvSender(h.rx.endpoint, config)
     try:
         tx.send(src, [7, 8, 9], 0, 40, request_id=rid)
     finally:
@@ -94,7 +103,8 @@ def send_ok(h: ReceiverHarness, src: PagedKvCache, rid: str, **cfg: object) -> N
 # ---- valid transfers ----------------------------------------------------------------------------
 @pytest.mark.parametrize("checksum", [False, True])
 @pytest.mark.parametrize("layout", ["scattered", "contiguous"])
-def test_bit_exact_block_copy(endpoint: str, src: PagedKvCache, checksum: bool, layout: str) -> None:
+def test_bit_exact_block_copy(endpoint: str, src: PagedKvCache, checksum: bool,
+                              layout: str) -> None:
     h = harness(endpoint)
     tx = ZmqKvSender(h.rx.endpoint, ZmqSenderConfig(checksum=checksum, timeout_s=10.0))
     src_table = [3, 12, 7, 0, 8] if layout == "scattered" else [4, 5, 6, 7, 8]
@@ -108,7 +118,7 @@ def test_bit_exact_block_copy(endpoint: str, src: PagedKvCache, checksum: bool, 
             reports = h.wait(rid)
             assert isinstance(reports, list) and reports[0].meta == {"first_token": i}
             assert same_tokens(src, src_table, h.cache, dst_table, t0, t1)
-        assert h.rx._stream is not None and len(h.rx._stream._conns) == 1  # one data connection, reused
+        assert len(stream_of(h.rx)._conns) == 1  # one data connection, reused
     finally:
         tx.close()
         h.close()
@@ -123,7 +133,8 @@ def test_many_blocks_and_buffers(endpoint: str) -> None:
     h = harness(endpoint, BIG, num_blocks=600)
     try:
         for chunk, checksum in ((8 << 20, False), (100_000, True)):
-            tx = ZmqKvSender(h.rx.endpoint, ZmqSenderConfig(stream_chunk_bytes=chunk, checksum=checksum))
+            config = ZmqSenderConfig(stream_chunk_bytes=chunk, checksum=checksum)
+            tx = ZmqKvSender(h.rx.endpoint, config)
             rid = f"big-{chunk}"
             h.rx.expect(rid, dst_table)
             tx.send(src, src_table, 7, 4790, request_id=rid)
@@ -160,7 +171,8 @@ def test_prefix_cached_first_block_keeps_its_other_slots(endpoint: str, src: Pag
         after = read_tokens_float(h.cache, dst_table, 0, 48)
         want = read_tokens_float(src, [2, 9, 11], 0, 48)
         for b, a, w in zip(before, after, want, strict=True):
-            assert torch.equal(a[:, :5], b[:, :5]) and torch.equal(a[:, 37:], b[:, 37:])  # outside the range
+            # outside the range: untouched
+            assert torch.equal(a[:, :5], b[:, :5]) and torch.equal(a[:, 37:], b[:, 37:])
             assert torch.equal(a[:, 5:37], w[:, 5:37]) and not torch.equal(a[:, 5:37], b[:, 5:37])
     finally:
         tx.close()
@@ -229,13 +241,15 @@ def test_frames_path_still_selectable(endpoint: str, src: PagedKvCache) -> None:
             tx.send(src, [7, 8, 9], 0, 40, request_id=rid)
             assert tx.payload == "frames"
             tx.close()
-            assert isinstance(h.wait(rid), list) and same_tokens(src, [7, 8, 9], h.cache, [1, 2, 3], 0, 40)
-        assert h.rx._stream is not None and not h.rx._stream._conns
+            assert isinstance(h.wait(rid), list)
+            assert same_tokens(src, [7, 8, 9], h.cache, [1, 2, 3], 0, 40)
+        assert not stream_of(h.rx)._conns
     finally:
         h.close()
 
 
-def test_ipc_path_at_the_unix_socket_limit_keeps_the_stream_path(tmp_path: Path, src: PagedKvCache) -> None:
+def test_ipc_path_at_the_unix_socket_limit_keeps_the_stream_path(tmp_path: Path,
+                                                                 src: PagedKvCache) -> None:
     """ZMQ binds ipc paths up to 107 bytes; `<path>.data` would not fit a Unix socket address,
     so the data connections go to an abstract name both ends derive from the path."""
     base = f"{tmp_path}/"
@@ -246,7 +260,7 @@ def test_ipc_path_at_the_unix_socket_limit_keeps_the_stream_path(tmp_path: Path,
     assert proto.stream_ipc_path(path[:-1]) != data  # a different path, a different name
     h = harness(f"ipc://{path}")
     try:
-        assert h.rx._stream is not None  # the receiver listens for stream payloads
+        assert "stream" in h.rx._paths  # the receiver listens for stream payloads
         send_ok(h, src, "long-ipc")
         tx = ZmqKvSender(h.rx.endpoint)
         h.rx.expect("long-ipc-2", [1, 2, 3])
@@ -257,7 +271,8 @@ def test_ipc_path_at_the_unix_socket_limit_keeps_the_stream_path(tmp_path: Path,
     finally:
         h.close()
     assert not os.path.exists(path + ".data")
-    assert proto.stream_ipc_path(f"{tmp_path}/kv.sock") == f"{tmp_path}/kv.sock.data"  # short paths: unchanged
+    # short paths: unchanged
+    assert proto.stream_ipc_path(f"{tmp_path}/kv.sock") == f"{tmp_path}/kv.sock.data"
 
 
 def test_receiver_without_stream_makes_senders_fall_back(src: PagedKvCache) -> None:
@@ -274,7 +289,8 @@ def test_receiver_without_stream_makes_senders_fall_back(src: PagedKvCache) -> N
         ZmqSenderConfig(payload="carrier-pigeon")
 
 
-def test_refused_header_closes_the_data_connection_and_the_sender_recovers(src: PagedKvCache) -> None:
+def test_refused_header_closes_the_data_connection_and_the_sender_recovers(
+        src: PagedKvCache) -> None:
     h = harness("tcp://127.0.0.1:0")
     tx = ZmqKvSender(h.rx.endpoint, ZmqSenderConfig(timeout_s=5.0))
     try:
@@ -299,7 +315,7 @@ def test_refused_header_closes_the_data_connection_and_the_sender_recovers(src: 
         other.close()
 
 
-# ---- hostile data connections ---------------------------------------------------------------------
+# ---- hostile data connections ---------------------------------------------------------------
 class RawPeer:
     """A hand-driven stream sender: a DEALER plus a data connection, to send anything."""
 
@@ -342,14 +358,16 @@ class RawPeer:
         self.sock.close()
 
 
-def stream_message(src: PagedKvCache, rid: str, tid: int, checksum: bool = False) -> tuple[PackedKv, bytes]:
+def stream_message(src: PagedKvCache, rid: str, tid: int,
+                   checksum: bool = False) -> tuple[PackedKv, bytes]:
     packed = pack_kv(src, [1, 2, 3], 0, 40, request_id=rid, transfer_id=tid, transport="stream",
-                     checksum="xxh3_64" if checksum else None, options=PackOptions(allow_views=False))
+                     checksum="xxh3_64" if checksum else None,
+                     options=PackOptions(allow_views=False))
     return packed, b"".join(b.numpy().tobytes() for b in packed.all_buffers())
 
 
-HOSTILE = ["bad_magic", "wrong_byte_count", "unknown_transfer", "eof_mid_payload", "stall_mid_payload",
-           "bad_trailer", "cancel"]
+HOSTILE = ["bad_magic", "wrong_byte_count", "unknown_transfer", "eof_mid_payload",
+           "stall_mid_payload", "bad_trailer", "cancel"]
 
 
 @pytest.mark.parametrize("case", HOSTILE)
@@ -373,7 +391,7 @@ def test_hostile_data_connection(case: str, src: PagedKvCache) -> None:
             peer.data.sendall(proto.stream_prefix(77, len(payload)) + payload[:len(payload) // 2])
             time.sleep(0.1)
             peer.data.close()
-        elif case == "stall_mid_payload":  # connection open, sender silent: the idle timeout ends it
+        elif case == "stall_mid_payload":  # connection open, sender silent: idle timeout ends it
             peer.data.sendall(proto.stream_prefix(77, len(payload)) + payload[:len(payload) // 2])
         elif case == "bad_trailer":
             sums = [compute_checksum("xxh3_64", b.numpy()) for b in packed.all_buffers()]
@@ -390,8 +408,9 @@ def test_hostile_data_connection(case: str, src: PagedKvCache) -> None:
             assert h.rx.cancel("r")
         elif case != "cancel":
             outcome = h.wait("r")
-            want = {"bad_magic": MalformedFrame, "wrong_byte_count": MalformedFrame, "eof_mid_payload": PeerLost,
-                    "stall_mid_payload": PeerLost, "bad_trailer": ChecksumMismatch}[case]
+            want = {"bad_magic": MalformedFrame, "wrong_byte_count": MalformedFrame,
+                    "eof_mid_payload": PeerLost, "stall_mid_payload": PeerLost,
+                    "bad_trailer": ChecksumMismatch}[case]
             assert isinstance(outcome, want), outcome
             if case == "eof_mid_payload":
                 assert time.monotonic() - t0 < 0.45  # EOF is evidence: no idle timeout needed
@@ -418,7 +437,7 @@ def test_garbage_token_and_silent_connections_are_closed(src: PagedKvCache) -> N
     try:
         bad = RawPeer(ctx, h.rx.endpoint, token=os.urandom(proto.STREAM_TOKEN_BYTES))
         assert bad.is_closed_by_receiver()
-        port = h.rx._stream.address["port"]  # type: ignore[union-attr]
+        port = stream_of(h.rx).address["port"]
         silent = socket.create_connection(("127.0.0.1", port))
         silent.settimeout(5)
         assert silent.recv(1) == b""  # closed after token_timeout_s
@@ -440,7 +459,8 @@ SENDER_DIES = textwrap.dedent("""
     from transfer.convert.cache import PagedKvCache
     from transfer.convert.pack import PackOptions, pack_kv
     cache = PagedKvCache.allocate(KvSpec(2, 2, 64, 16, dtype=KvDtype.BFLOAT16), 16)
-    packed = pack_kv(cache, [1, 2, 3], 0, 40, request_id="doomed", transfer_id=9, transport="stream")
+    packed = pack_kv(cache, [1, 2, 3], 0, 40, request_id="doomed", transfer_id=9,
+                     transport="stream")
     payload = b"".join(b.numpy().tobytes() for b in packed.all_buffers())
     sock = zmq.Context().socket(zmq.DEALER)
     sock.connect({endpoint!r})
@@ -458,7 +478,8 @@ SENDER_DIES = textwrap.dedent("""
 
 
 @pytest.mark.parametrize("mid_payload", [True, False])
-def test_sender_killed_mid_transfer_releases_the_reservation_quickly(src: PagedKvCache, mid_payload: bool) -> None:
+def test_sender_killed_mid_transfer_releases_the_reservation_quickly(src: PagedKvCache,
+                                                                     mid_payload: bool) -> None:
     """Killed a third into its payload, or after its header but before its prefix: the data
     connection's EOF fails the transfer at once, not at the idle timeout."""
     h = harness("tcp://127.0.0.1:0", idle=30.0)
@@ -498,7 +519,7 @@ def test_receiver_cancelling_mid_payload_gives_the_sender_a_typed_error() -> Non
         thread = threading.Thread(target=send, args=("gone",))
         thread.start()
         deadline = time.monotonic() + 10
-        while not any(j.cur is not None and j.cur.done > 0 for j in rx._stream._jobs.values()):  # type: ignore[union-attr]
+        while not any(j.cur is not None and j.cur.done > 0 for j in stream_of(rx)._jobs.values()):
             assert time.monotonic() < deadline
             rx.poll(0.001)  # a little payload per poll: the transfer stays in flight
         assert rx.cancel("gone") and not released
@@ -512,7 +533,7 @@ def test_receiver_cancelling_mid_payload_gives_the_sender_a_typed_error() -> Non
         while thread.is_alive() and time.monotonic() < deadline + 10:
             rx.poll(0.01)
         assert not isinstance(outcome[1], TransferError), outcome[1]
-        assert not rx._stream._jobs and len(rx._stream._conns) == 1  # type: ignore[union-attr]
+        assert not stream_of(rx)._jobs and len(stream_of(rx)._conns) == 1
     finally:
         tx.close()
         rx.close()
@@ -562,7 +583,8 @@ def test_decode_inbox_wakes_the_worker_poller(src: PagedKvCache, threaded: bool)
         assert fd_woke or threaded  # a data connection woke the worker (its first payload at least)
         if threaded:  # the whole transfer (payload, ack) completes while the worker does not poll
             inbox.expect("busy", blocks)
-            result = tx.send(src, [7, 8, 9], 0, 40, request_id="busy", meta={"first_token": 3}, timeout_s=10)
+            result = tx.send(src, [7, 8, 9], 0, 40, request_id="busy", meta={"first_token": 3},
+                             timeout_s=10)
             assert result.num_bytes > 0
             assert dict(poller.poll(5000))  # then the worker wakes to take the arrival
             assert [a.request_id for a in inbox.receive()] == ["busy"]

@@ -55,14 +55,16 @@ def src() -> PagedKvCache:
 
 def test_end_to_end_convert_and_block_copy(endpoint: str, src: PagedKvCache) -> None:
     h = harness(endpoint)
-    tx = ZmqKvSender(h.rx.endpoint, ZmqSenderConfig(checksum=True, pack=PackOptions(chunk_bytes=8192)))
+    config = ZmqSenderConfig(checksum=True, pack=PackOptions(chunk_bytes=8192))
+    tx = ZmqKvSender(h.rx.endpoint, config)
     try:
         h.rx.expect("a", [5, 9, 1])
         res = tx.send(src, [3, 12, 7, 0, 8], 0, 70, request_id="a", meta={"first_token": 11})
         reports = h.wait("a")
         assert isinstance(reports, list) and reports[0].meta == {"first_token": 11}
         assert res.report["path"] == "convert" and res.report["is_lossless"] and res.num_bytes > 0
-        want, got = read_tokens_float(src, [3, 12, 7, 0, 8], 0, 70), read_tokens_float(h.cache, [5, 9, 1], 0, 70)
+        want = read_tokens_float(src, [3, 12, 7, 0, 8], 0, 70)
+        got = read_tokens_float(h.cache, [5, 9, 1], 0, 70)
         assert all(torch.equal(a, b) for a, b in zip(want, got, strict=True))
     finally:
         tx.close()
@@ -87,14 +89,17 @@ def test_ack_goes_out_before_a_slow_completion_callback(src: PagedKvCache) -> No
 
     returned = threading.Event()
     waited: list[bool] = []
-    rx = ZmqKvReceiver(PagedKvCache.allocate(DST, 16), ZmqReceiverConfig(endpoint="tcp://127.0.0.1:0"),
+    rx = ZmqKvReceiver(PagedKvCache.allocate(DST, 16),
+                       ZmqReceiverConfig(endpoint="tcp://127.0.0.1:0"),
                        on_complete=lambda rid, reports: waited.append(returned.wait(10)),
                        on_release=lambda rid, err: None)
     rx.start()
-    tx = ZmqKvSender(rx.endpoint, ZmqSenderConfig(timeout_s=3.0, payload="frames", pack=PackOptions(chunk_bytes=8192)))
+    config = ZmqSenderConfig(timeout_s=3.0, payload="frames", pack=PackOptions(chunk_bytes=8192))
+    tx = ZmqKvSender(rx.endpoint, config)
     try:
         rx.expect("slow", [5, 9, 1])
-        tx.send(src, [3, 12, 7, 0, 8], 0, 40, request_id="slow")  # TransferTimeout if the ack waited
+        # TransferTimeout if the ack waited
+        tx.send(src, [3, 12, 7, 0, 8], 0, 40, request_id="slow")
         returned.set()
         deadline = time.monotonic() + 10
         while not waited and time.monotonic() < deadline:
@@ -136,7 +141,8 @@ def test_timeout_when_nobody_listens(src: PagedKvCache) -> None:
 
 def test_timeout_when_receiver_does_not_answer(src: PagedKvCache) -> None:
     cache = PagedKvCache.allocate(DST, 16)
-    rx = ZmqKvReceiver(cache, ZmqReceiverConfig(), on_complete=lambda *a: None, on_release=lambda *a: None)
+    rx = ZmqKvReceiver(cache, ZmqReceiverConfig(), on_complete=lambda *a: None,
+                       on_release=lambda *a: None)
     tx = ZmqKvSender(rx.endpoint)
     try:  # connected, but nobody polls the receiver: the ack never comes
         with pytest.raises(TransferTimeout):
@@ -171,8 +177,8 @@ def test_sender_killed_mid_transfer_releases_reservation(src: PagedKvCache) -> N
     h = harness("tcp://127.0.0.1:0", dst_spec=SRC, idle=0.5)
     try:
         h.rx.expect("doomed", [4, 5, 6])
-        proc = subprocess.run([sys.executable, "-c", SENDER_DIES.format(root=str(ROOT), endpoint=h.rx.endpoint)],
-                              timeout=60, capture_output=True)
+        script = SENDER_DIES.format(root=str(ROOT), endpoint=h.rx.endpoint)
+        proc = subprocess.run([sys.executable, "-c", script], timeout=60, capture_output=True)
         assert proc.returncode == -9, proc.stderr.decode()[-2000:]
         outcome = h.wait("doomed", timeout=10)
         assert isinstance(outcome, PeerLost) and "chunk 1 of" in str(outcome)
@@ -197,7 +203,8 @@ RECEIVER_DIES = textwrap.dedent("""
 
 
 def test_receiver_killed_mid_transfer_is_peer_lost(src: PagedKvCache) -> None:
-    proc = subprocess.Popen([sys.executable, "-c", RECEIVER_DIES], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", RECEIVER_DIES], stdout=subprocess.PIPE,
+                            text=True)
     try:
         endpoint = proc.stdout.readline().strip()  # type: ignore[union-attr]
         tx = ZmqKvSender(endpoint, ZmqSenderConfig(timeout_s=10.0))
@@ -239,7 +246,8 @@ def test_two_senders_fill_one_reservation(src: PagedKvCache) -> None:
             tx.send(part, [5, 6, 7], 0, 40, request_id="tp")
             tx.close()
         reports = h.wait("tp")
-        assert isinstance(reports, list) and [(r.head_start, r.head_end) for r in reports] == [(0, 2), (2, 4)]
+        assert isinstance(reports, list)
+        assert [(r.head_start, r.head_end) for r in reports] == [(0, 2), (2, 4)]
     finally:
         h.close()
 

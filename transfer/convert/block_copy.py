@@ -45,8 +45,9 @@ def is_available(device: torch.device) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _kv_blocks_kernel(table, buf, ids, num_ids, num_layers, table_row0, num_parts, cache_stride, block_words,
-                          TO_CACHE: tl.constexpr, WORD: tl.constexpr, BLOCK: tl.constexpr):
+    def _kv_blocks_kernel(table, buf, ids, num_ids, num_layers, table_row0, num_parts,
+                          cache_stride, block_words, TO_CACHE: tl.constexpr, WORD: tl.constexpr,
+                          BLOCK: tl.constexpr):
         pid = tl.program_id(0)
         p = pid // num_ids  # row: part-major, then layer
         n = pid % num_ids
@@ -118,8 +119,8 @@ def _launch(ct: CacheTable, entries: Sequence[TensorEntry], buf: torch.Tensor, i
     row_bytes = nl * nb * ct.block_bytes
     for i, e in enumerate(entries):
         if (part0 + i >= len(ct.parts) or e.part != ct.parts[part0 + i] or e.num_layers != nl
-                or e.num_blocks != nb or e.layer_start != first.layer_start or e.offset != first.offset + i * row_bytes
-                or e.nbytes != row_bytes):
+                or e.num_blocks != nb or e.layer_start != first.layer_start
+                or e.offset != first.offset + i * row_bytes or e.nbytes != row_bytes):
             return False
     width = ct.width
     start = first.offset
@@ -161,10 +162,12 @@ def scatter_entries(cache: PagedKvCache, dst_ids: torch.Tensor, entries: Sequenc
     return _launch(ct, entries, buf, dst_ids, to_cache=True)
 
 
-def scatter_entry(cache: PagedKvCache, dst_ids: torch.Tensor, entry: TensorEntry, blocks: torch.Tensor) -> bool:
+def scatter_entry(cache: PagedKvCache, dst_ids: torch.Tensor, entry: TensorEntry,
+                  blocks: torch.Tensor) -> bool:
     """Write an entry's whole blocks `[num_layers, n, *block]` (a contiguous view of the
     received buffer) into destination blocks `dst_ids` (int64, on the cache's device) of every
     layer in one launch. False (nothing enqueued) when the kernel does not apply."""
     if not blocks.is_contiguous():
         return False
-    return scatter_entries(cache, dst_ids, [replace(entry, offset=0)], blocks.reshape(-1).view(torch.uint8))
+    flat = blocks.reshape(-1).view(torch.uint8)
+    return scatter_entries(cache, dst_ids, [replace(entry, offset=0)], flat)

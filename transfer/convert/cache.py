@@ -44,7 +44,8 @@ class PagedKvCache:
             spec, layouts.data_parts(spec)[0])) + 2
         axis = 1 if is_stacked else 0
         if first.dim() <= axis:
-            raise CacheMismatch(f"layer 0 tensor of shape {tuple(first.shape)} for {spec.describe()}")
+            raise CacheMismatch(f"layer 0 tensor of shape {tuple(first.shape)} for "
+                                f"{spec.describe()}")
         self._num_blocks = int(first.shape[axis])
         want = layouts.layer_tensor_shapes(spec, self._num_blocks)
         dtype = layouts.storage_dtype(spec.dtype)
@@ -57,23 +58,26 @@ class PagedKvCache:
                 )
         want_scale = layouts.scale_tensor_shape(spec, self._num_blocks)
         if (want_scale is None) != (self.scales is None):
-            raise CacheMismatch(f"scales {'missing' if self.scales is None else 'given'} for {spec.describe()}")
+            what = "missing" if self.scales is None else "given"
+            raise CacheMismatch(f"scales {what} for {spec.describe()}")
         if self.scales is not None and (len(self.scales) != spec.num_layers or any(
-                tuple(s.shape) != want_scale or s.dtype != layouts.SCALE_DTYPE for s in self.scales)):
+                tuple(s.shape) != want_scale or s.dtype != layouts.SCALE_DTYPE
+                for s in self.scales)):
             raise CacheMismatch(f"scale tensors must be float32 {want_scale} per layer")
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
-    def allocate(cls, spec: KvSpec, num_blocks: int, device: str | torch.device = "cpu") -> PagedKvCache:
+    def allocate(cls, spec: KvSpec, num_blocks: int,
+                 device: str | torch.device = "cpu") -> PagedKvCache:
         """Zero-filled cache (tests, benchmarks). Scales start at 1.0."""
         dtype = layouts.storage_dtype(spec.dtype)
-        layers = [
-            tuple(torch.zeros(s, dtype=dtype, device=device) for s in layouts.layer_tensor_shapes(spec, num_blocks))
-            for _ in range(spec.num_layers)
-        ]
+        shapes = layouts.layer_tensor_shapes(spec, num_blocks)
+        layers = [tuple(torch.zeros(s, dtype=dtype, device=device) for s in shapes)
+                  for _ in range(spec.num_layers)]
         shape = layouts.scale_tensor_shape(spec, num_blocks)
         scales = None if shape is None else [
-            torch.ones(shape, dtype=layouts.SCALE_DTYPE, device=device) for _ in range(spec.num_layers)
+            torch.ones(shape, dtype=layouts.SCALE_DTYPE, device=device)
+            for _ in range(spec.num_layers)
         ]
         return cls(spec, layers, scales)
 
@@ -117,7 +121,8 @@ class PagedKvCache:
         raise InvalidRequest(f"component {component} not in {self.spec.describe()}")
 
     def scale_view(self, layer: int, component: int) -> torch.Tensor | None:
-        """per-token-head `[B, S, H, G]`, per-head `[H, G]`, per-tensor `[G]`; None without scales."""
+        """per-token-head `[B, S, H, G]`, per-head `[H, G]`, per-tensor `[G]`; None without
+        scales."""
         if self.scales is None:
             return None
         return self.scales[layer][component]
@@ -135,10 +140,12 @@ class PagedKvCache:
         except (TypeError, ValueError, OverflowError):
             raise InvalidRequest("block ids must be integers") from None
         if ids.ndim != 1 or (need and (int(ids.min()) < 0 or int(ids.max()) >= self.num_blocks)):
-            raise InvalidRequest(f"block ids must lie in [0, {self.num_blocks}), got {ids.tolist()[:8]}...")
+            raise InvalidRequest(f"block ids must lie in [0, {self.num_blocks}), "
+                                 f"got {ids.tolist()[:8]}...")
         return torch.from_numpy(ids)
 
-    def slots(self, block_ids: torch.Tensor, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def slots(self, block_ids: torch.Tensor, start: int,
+              end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(block id, offset) of token positions `[start, end)` given the sequence's block ids."""
         pos = torch.arange(start, end, dtype=torch.int64)
         s = self.spec.block_size
@@ -147,13 +154,15 @@ class PagedKvCache:
         return blk.to(dev), (pos % s).to(dev)
 
     # ---- token-level access (generic path; layout-independent) ---------------------------------
-    def read_tokens(self, layer: int, component: int, block_ids: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    def read_tokens(self, layer: int, component: int, block_ids: torch.Tensor, start: int,
+                    end: int) -> torch.Tensor:
         """Copy of tokens `[start, end)` → `[T, H, D]` in the storage dtype."""
         blk, off = self.slots(block_ids, start, end)
         vals = self.token_view(layer, component)[blk, off]
         return vals.reshape(end - start, vals.shape[1], -1)
 
-    def read_token_scales(self, layer: int, component: int, block_ids: torch.Tensor, start: int, end: int) -> torch.Tensor | None:
+    def read_token_scales(self, layer: int, component: int, block_ids: torch.Tensor, start: int,
+                          end: int) -> torch.Tensor | None:
         """Scales that apply to tokens `[start, end)`: `[T, H, G]` (broadcast for coarse scales)."""
         view = self.scale_view(layer, component)
         if view is None:
@@ -179,5 +188,6 @@ class PagedKvCache:
         target[blk, off] = values.to(target.device).reshape(end - start, hw, *view.shape[3:])
         if token_scales is not None:
             sview = self.scale_view(layer, component)
-            assert sview is not None and self.spec.scale_granularity is ScaleGranularity.PER_TOKEN_HEAD
+            assert sview is not None
+            assert self.spec.scale_granularity is ScaleGranularity.PER_TOKEN_HEAD
             sview[:, :, head_lo:head_lo + hw][blk, off] = token_scales.to(sview.device)

@@ -70,7 +70,8 @@ class CanonicalSink:
         if nbytes > self.limits.max_decoded_bytes:
             raise LimitExceeded("decoded bytes", nbytes, self.limits.max_decoded_bytes)
         if plan.has_fixed_dst_scales and self.given_scales is None:
-            raise IncompatibleKv("destination spec has fixed scales; pass fixed_scales", header.spec, spec)
+            raise IncompatibleKv("destination spec has fixed scales; pass fixed_scales",
+                                 header.spec, spec)
         data = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(layers)]
         scales: list[torch.Tensor] | None = None
         if paged:
@@ -100,7 +101,8 @@ class CanonicalSink:
 
 def decode_to_tensors(
     header: TransferHeader, buffers: Sequence[Any], spec: KvSpec, *,
-    checksums: Sequence[int | None] | None = None, fixed_scales: Sequence[torch.Tensor] | None = None,
+    checksums: Sequence[int | None] | None = None,
+    fixed_scales: Sequence[torch.Tensor] | None = None,
     limits: ReceiverLimits = ReceiverLimits(), options: ConvertOptions = ConvertOptions(),
 ) -> tuple[CanonicalKv, WriteReport]:
     """Decode a complete message (validated header + all its buffers) into `spec`."""

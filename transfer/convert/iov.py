@@ -83,7 +83,8 @@ class IoVec:
     """Segments plus a position (bytes done); see the module docstring."""
 
     def __init__(self, segs: np.ndarray):
-        self.segs = np.array(segs, dtype=np.uint64).reshape(-1, 2)  # live iovec: `index` may be trimmed
+        # the live iovec: the segment at `index` may be trimmed
+        self.segs = np.array(segs, dtype=np.uint64).reshape(-1, 2)
         self._addr = self.segs[:, 0].copy()
         self._len = self.segs[:, 1].copy()
         self.ends = np.cumsum(self._len)

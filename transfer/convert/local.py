@@ -23,7 +23,8 @@ from transfer.wire.header import ReceiverLimits, TransferHeader, compute_checksu
 
 
 def write_kv(
-    header: TransferHeader, buffers: Sequence[Any], cache: PagedKvCache, block_table: Sequence[int], *,
+    header: TransferHeader, buffers: Sequence[Any], cache: PagedKvCache,
+    block_table: Sequence[int], *,
     checksums: Sequence[int | None] | None = None, options: ConvertOptions = ConvertOptions(),
 ) -> WriteReport:
     """Receive a complete message (validated header + all buffers) into `cache` at
@@ -54,7 +55,8 @@ def convert_kv(
 
 def read_tokens_float(cache: PagedKvCache, block_table: Sequence[int], token_start: int,
                       token_end: int) -> list[torch.Tensor]:
-    """Per layer float32 `[C, T, H, head_dim]` of tokens `[token_start, token_end)` (dequantized)."""
+    """Per layer float32 `[C, T, H, head_dim]` of tokens `[token_start, token_end)`
+    (dequantized)."""
     ids = cache.check_block_table(block_table, token_end)
     out = []
     for layer in range(cache.spec.num_layers):

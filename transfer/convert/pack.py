@@ -17,8 +17,9 @@ cache on CPU, `PackedKv.segments(i)` describes buffer i as memory segments `(add
 of the source blocks in wire order (alignment padding from a zero buffer), to be written with
 writev; None when the buffer must be filled (scales, GPU caches, non-contiguous blocks).
 
-Ownership: views and segments alias the cache. The caller must not write or free the source blocks until
-the transport says the transfer is over (ack, error or timeout; see the transports).
+Ownership: views and segments alias the cache. The caller must not write or free the source
+blocks until the transport says the transfer is over (ack, error or timeout; see the
+transports).
 """
 
 from __future__ import annotations
@@ -84,7 +85,8 @@ class StagingPool:
         buf = self._slots.get(slot)
         if buf is None or buf.numel() < nbytes or buf.device != device:
             buf = torch.empty(nbytes, dtype=torch.uint8, device=device)
-            if sum(b.numel() for i, b in self._slots.items() if i != slot) + nbytes <= self.max_bytes:
+            kept = sum(b.numel() for i, b in self._slots.items() if i != slot)
+            if kept + nbytes <= self.max_bytes:
                 self._slots[slot] = buf
         return buf[:nbytes]
 
@@ -166,7 +168,7 @@ class _Planner:
         self.is_narrowed = heads != (lo, hi)
         self.entries: list[TensorEntry] = []
         self.buffers: list[_Buffer] = []
-        self.zeros: torch.Tensor | None = None  # alignment padding on the segment path (made on use)
+        self.zeros: torch.Tensor | None = None  # alignment padding of segments (made on use)
 
     def narrowed(self, t: torch.Tensor, axis: int | None) -> torch.Tensor:
         if axis is None or not self.is_narrowed:
@@ -204,7 +206,8 @@ class _Planner:
         segs = None if segments is None else lambda: self._joined(segments, pads)
         self.buffers.append(_Buffer(offset, fill, segs))
 
-    def _joined(self, segments: list[Callable[[], np.ndarray | None]], pads: list[int]) -> np.ndarray | None:
+    def _joined(self, segments: list[Callable[[], np.ndarray | None]],
+                pads: list[int]) -> np.ndarray | None:
         out = []
         for make, pad in zip(segments, pads, strict=True):
             seg = make()
@@ -224,9 +227,14 @@ class _Planner:
         self.entries.append(TensorEntry(part, layer, 1, block0, nb, len(self.buffers), 0,
                                         layouts.wire_dtype_name(dtype), shape, nbytes))
         cache = self.cache
-        self.buffers.append(_Buffer(nbytes, lambda: _flat(cache.parts(layer)[part][phys:phys + nb]),
-                                    lambda: _block_segments([cache.parts(layer)[part][phys:phys + nb].reshape(1, -1)],
-                                                            np.zeros(1, dtype=np.uint64))))
+
+        def run() -> torch.Tensor:  # the blocks themselves: [nb, *block]
+            return cache.parts(layer)[part][phys:phys + nb]
+
+        def segs() -> np.ndarray | None:
+            return _block_segments([run().reshape(1, -1)], np.zeros(1, dtype=np.uint64))
+
+        self.buffers.append(_Buffer(nbytes, lambda: _flat(run()), segs))
 
 
 def _plan_scales(p: _Planner, layers: range) -> None:
@@ -243,7 +251,8 @@ def _plan_scales(p: _Planner, layers: range) -> None:
         else:  # [C, G] or [C, H, G]
             out.copy_(p.narrowed(s, 1) if s.dim() == 3 else s)
 
-    p.add_gathered([(layouts.PART_SCALE, layers.start, len(layers), 0, nb, shape, layouts.SCALE_DTYPE, source)])
+    p.add_gathered([(layouts.PART_SCALE, layers.start, len(layers), 0, nb, shape,
+                     layouts.SCALE_DTYPE, source)])
 
 
 def layer_groups(total: int, full: int, taper: bool) -> list[int]:
@@ -291,20 +300,24 @@ def _plan_gathered(p: _Planner, layers: range, chunk_bytes: int, taper: bool = F
 
     ids_np = p.ids.numpy().astype(np.uint64)
 
-    def segments(part: str, layer0: int, nl: int, b0: int, nb: int) -> Callable[[], np.ndarray | None]:
-        return lambda: _block_segments([part_view(layer, part) for layer in range(layer0, layer0 + nl)],
-                                       ids_np[b0:b0 + nb])
+    def segments(part: str, layer0: int, nl: int, b0: int, nb: int) -> np.ndarray | None:
+        views = [part_view(layer, part) for layer in range(layer0, layer0 + nl)]
+        return _block_segments(views, ids_np[b0:b0 + nb])
 
     def add(layer0: int, nl: int, b0: int, nb: int) -> None:
         specs, segs = [], []
         for part in parts:
             def source(layer: int, out: torch.Tensor, part: str = part) -> None:
                 src = source_rows(layer, part)
-                dst = out.view(out.shape[0], -1).view(src.dtype) if src.dim() == 2 else layouts.as_bits(out)
+                if src.dim() == 2:
+                    dst = out.view(out.shape[0], -1).view(src.dtype)
+                else:
+                    dst = layouts.as_bits(out)
                 torch.index_select(src, 0, device_ids()[b0:b0 + nb], out=dst)
 
-            specs.append((part, layer0, nl, b0, nb, (nl, nb, *p.data_block_shape(part)), dtype, source))
-            segs.append(segments(part, layer0, nl, b0, nb))
+            shape = (nl, nb, *p.data_block_shape(part))
+            specs.append((part, layer0, nl, b0, nb, shape, dtype, source))
+            segs.append(functools.partial(segments, part, layer0, nl, b0, nb))
         p.add_gathered(specs, segs)
 
     if blocks_per_buf >= p.n:

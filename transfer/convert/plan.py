@@ -37,7 +37,8 @@ class ConvertOptions:
     overflow: OverflowPolicy = OverflowPolicy.ERROR
 
 
-def check_compatible(src: KvSpec, dst: KvSpec, heads: tuple[int, int] | None = None) -> tuple[int, int]:
+def check_compatible(src: KvSpec, dst: KvSpec,
+                     heads: tuple[int, int] | None = None) -> tuple[int, int]:
     """Raise IncompatibleKv unless `src` (carrying model heads `heads`, default all of its own)
     can be written into `dst`; return the model heads `[lo, hi)` that will be written."""
     def fail(reason: str) -> IncompatibleKv:
@@ -70,7 +71,8 @@ class ConversionPlan:
     write_heads: tuple[int, int]  # model heads written (carried ∩ destination)
 
     @classmethod
-    def build(cls, src: KvSpec, dst: KvSpec, carried_heads: tuple[int, int] | None = None) -> ConversionPlan:
+    def build(cls, src: KvSpec, dst: KvSpec,
+              carried_heads: tuple[int, int] | None = None) -> ConversionPlan:
         carried = carried_heads if carried_heads is not None else src.head_range
         return cls(src, dst, carried, check_compatible(src, dst, carried))
 
@@ -95,7 +97,8 @@ class ConversionPlan:
 
     @property
     def src_head_slice(self) -> slice:
-        return slice(self.write_heads[0] - self.carried_heads[0], self.write_heads[1] - self.carried_heads[0])
+        lo = self.carried_heads[0]
+        return slice(self.write_heads[0] - lo, self.write_heads[1] - lo)
 
     @property
     def dst_head_offset(self) -> int:
@@ -103,12 +106,13 @@ class ConversionPlan:
 
     @property
     def has_fixed_dst_scales(self) -> bool:
-        return self.dst.scale_granularity in (ScaleGranularity.PER_TENSOR, ScaleGranularity.PER_HEAD)
+        fixed = (ScaleGranularity.PER_TENSOR, ScaleGranularity.PER_HEAD)
+        return self.dst.scale_granularity in fixed
 
     # ---- values ---------------------------------------------------------------------------------
     def convert(
-        self, values: torch.Tensor, src_scales: torch.Tensor | None, dst_fixed_scales: torch.Tensor | None,
-        options: ConvertOptions, *, is_raw: bool,
+        self, values: torch.Tensor, src_scales: torch.Tensor | None,
+        dst_fixed_scales: torch.Tensor | None, options: ConvertOptions, *, is_raw: bool,
     ) -> tuple[torch.Tensor, torch.Tensor | None, ConversionStats]:
         """`values` `[T, Hp, Dsrc]` stored (+ `src_scales` broadcastable to `[T, Hp, G]`) →
         (`[T, Hw, Ddst]` stored, per-token-head scales `[T, Hw, G]` or None, stats).
@@ -119,7 +123,8 @@ class ConversionPlan:
         if src_scales is not None and src_scales.shape[1] > 1:  # per-head or per-token-head
             src_scales = src_scales[:, heads]
         if is_raw:
-            carried = src_scales if self.src.scale_granularity is ScaleGranularity.PER_TOKEN_HEAD else None
+            per_token = self.src.scale_granularity is ScaleGranularity.PER_TOKEN_HEAD
+            carried = src_scales if per_token else None
             return values, carried, ConversionStats(num_values=values.numel(), is_lossless=True)
         x = dequantize(values, self.src.dtype, src_scales)
         q, token_scales, stats = quantize(x, self.dst, dst_fixed_scales, options.overflow)

@@ -29,7 +29,8 @@ from engine.kv_spec import KvDtype, KvKind, KvLayout, KvSpec, ScaleGranularity
 from transfer.wire.errors import IncompatibleKv
 
 _ALL = frozenset(KvDtype)
-_PRE_ADA = frozenset({KvDtype.FLOAT32, KvDtype.FLOAT16, KvDtype.BFLOAT16, KvDtype.INT8, KvDtype.INT4})
+_PRE_ADA = frozenset({KvDtype.FLOAT32, KvDtype.FLOAT16, KvDtype.BFLOAT16, KvDtype.INT8,
+                      KvDtype.INT4})
 _PRE_AMPERE = frozenset({KvDtype.FLOAT32, KvDtype.FLOAT16, KvDtype.INT8})
 
 
@@ -65,7 +66,8 @@ class ArchProfile:
         if spec.dtype not in self.supported_dtypes:
             return f"{self.name} sm{self.sm} has no {spec.dtype.value} KV cache support"
         if spec.kind is KvKind.LATENT and not self.supports_mla:
-            return f"{self.name} sm{self.sm} cannot hold an MLA latent cache (its MLA kernels need sm80+)"
+            return (f"{self.name} sm{self.sm} cannot hold an MLA latent cache (its MLA kernels "
+                    "need sm80+)")
         return None
 
     def check_spec(self, spec: KvSpec) -> None:
@@ -84,10 +86,11 @@ class ArchProfile:
         else:
             replicas = max(1, tp_size // shape.num_kv_heads)
             spec = KvSpec(num_layers=shape.num_layers,
-                          num_kv_heads=max(1, shape.num_kv_heads // tp_size), head_dim=shape.head_dim,
-                          block_size=block_size, dtype=self.dtype, layout=self.layout,
-                          is_kv_stacked=self.is_kv_stacked, scale_granularity=self.scale_granularity,
-                          tp_rank=tp_rank, tp_size=tp_size, model_fingerprint=model_fingerprint,
+                          num_kv_heads=max(1, shape.num_kv_heads // tp_size),
+                          head_dim=shape.head_dim, block_size=block_size, dtype=self.dtype,
+                          layout=self.layout, is_kv_stacked=self.is_kv_stacked,
+                          scale_granularity=self.scale_granularity, tp_rank=tp_rank,
+                          tp_size=tp_size, model_fingerprint=model_fingerprint,
                           kv_head_replicas=replicas)
         self.check_spec(spec)
         return spec
@@ -97,7 +100,8 @@ class ArchProfile:
         source's cannot be held (bf16/fp8 → fp16 on pre-Ampere, fp8 → bf16 on Ampere)."""
         dtype, gran = spec.dtype, spec.scale_granularity
         if dtype not in self.supported_dtypes:
-            dtype = self.dtype if self.dtype in (KvDtype.FLOAT16, KvDtype.BFLOAT16) else KvDtype.BFLOAT16
+            is_half = self.dtype in (KvDtype.FLOAT16, KvDtype.BFLOAT16)
+            dtype = self.dtype if is_half else KvDtype.BFLOAT16
             gran = ScaleGranularity.NONE
         layout = KvLayout.MLA if spec.kind is KvKind.LATENT else self.layout
         out = spec.with_(dtype=dtype, layout=layout, is_kv_stacked=self.is_kv_stacked,
@@ -107,8 +111,8 @@ class ArchProfile:
 
 
 PROFILES: tuple[ArchProfile, ...] = (
-    ArchProfile("volta", 70, "vLLM paged-attention v1 / xformers", KvDtype.FLOAT16, KvLayout.PAGED_V1,
-                False, ScaleGranularity.NONE, _PRE_AMPERE, False),
+    ArchProfile("volta", 70, "vLLM paged-attention v1 / xformers", KvDtype.FLOAT16,
+                KvLayout.PAGED_V1, False, ScaleGranularity.NONE, _PRE_AMPERE, False),
     ArchProfile("turing", 75, "vLLM FlashInfer backend", KvDtype.FLOAT16, KvLayout.FLASHINFER,
                 True, ScaleGranularity.NONE, _PRE_AMPERE, False),
     ArchProfile("ampere", 80, "vLLM FlashAttention backend", KvDtype.BFLOAT16, KvLayout.NHD,

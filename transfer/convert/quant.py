@@ -179,7 +179,8 @@ def quantize(
         scales = fixed_scales
     y = _apply_scales(x, scales, divide=True)
     if dtype in _INT_QMAX:
-        q = _check_range(torch.round(y), dtype, _INT_QMAX[dtype] + 0.5, _INT_QMAX[dtype], policy, stats)
+        qmax = _INT_QMAX[dtype]
+        q = _check_range(torch.round(y), dtype, qmax + 0.5, qmax, policy, stats)
         q = q.clamp(-_INT_QMAX[dtype], _INT_QMAX[dtype]).to(torch.int8)
         return (pack_int4(q) if dtype is KvDtype.INT4 else q), token_scales, stats
     if dtype in _FLOAT_LIMITS:

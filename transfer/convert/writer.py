@@ -70,7 +70,8 @@ class KvSink(Protocol):
 
     def prepare(self, header: TransferHeader, plan: ConversionPlan) -> None: ...
 
-    def fixed_scales(self, layer: int, component: int, plan: ConversionPlan) -> torch.Tensor | None: ...
+    def fixed_scales(self, layer: int, component: int,
+                     plan: ConversionPlan) -> torch.Tensor | None: ...
 
     def write_tokens(self, layer: int, component: int, start: int, end: int, values: torch.Tensor,
                      head_offset: int, token_scales: torch.Tensor | None) -> None: ...
@@ -88,14 +89,19 @@ class PagedSink:
         self._rows: dict[tuple[int, str], torch.Tensor] = {}  # [B, row] integer views of parts
 
     def prepare(self, header: TransferHeader, plan: ConversionPlan) -> None:
-        table = self.block_table.tolist() if isinstance(self.block_table, torch.Tensor) else self.block_table
+        table = self.block_table
+        if isinstance(table, torch.Tensor):
+            table = table.tolist()
         self.ids = self.cache.check_block_table(table, header.token_end)
         dev = self.cache.device  # pinned + async: a GPU receiver never waits here for earlier work
-        self.ids_on_device = self.ids.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else self.ids
+        self.ids_on_device = self.ids
+        if dev.type == "cuda":
+            self.ids_on_device = self.ids.pin_memory().to(dev, non_blocking=True)
         if plan.has_fixed_dst_scales and self.cache.scales is not None:
             for s in self.cache.scales:
                 if not bool(torch.isfinite(s).all()) or bool((s <= 0).any()):
-                    raise CacheMismatch("destination per-tensor/per-head scales must be finite and > 0")
+                    raise CacheMismatch("destination per-tensor/per-head scales must be finite "
+                                        "and > 0")
 
     def fixed_scales(self, layer: int, component: int, plan: ConversionPlan) -> torch.Tensor | None:
         view = self.cache.scale_view(layer, component)
@@ -108,7 +114,8 @@ class PagedSink:
 
     def write_tokens(self, layer: int, component: int, start: int, end: int, values: torch.Tensor,
                      head_offset: int, token_scales: torch.Tensor | None) -> None:
-        self.cache.write_tokens(layer, component, self.ids, start, end, values, head_offset, token_scales)
+        self.cache.write_tokens(layer, component, self.ids, start, end, values, head_offset,
+                                token_scales)
 
     def dst_ids(self, abs_block: int, num_blocks: int) -> torch.Tensor:
         """Destination block ids of the sequence's blocks `[abs_block, abs_block + num_blocks)`."""
@@ -123,14 +130,17 @@ class PagedSink:
         if src.dtype == rows.dtype and src.dim() == 2:
             rows.index_copy_(0, ids, src)
         else:
-            layouts.as_bits(self.cache.parts(layer)[part]).index_copy_(0, ids, layouts.as_bits(blocks))
+            target = layouts.as_bits(self.cache.parts(layer)[part])
+            target.index_copy_(0, ids, layouts.as_bits(blocks))
 
-    def write_entry_blocks(self, entry: TensorEntry, ids: torch.Tensor, blocks: torch.Tensor) -> bool:
+    def write_entry_blocks(self, entry: TensorEntry, ids: torch.Tensor,
+                           blocks: torch.Tensor) -> bool:
         """All layers of an entry's whole blocks `[nl, n, *block]` in one kernel launch, when the
         cache is on CUDA (block_copy.py); False when not applicable (the caller goes per layer)."""
         return block_copy.scatter_entry(self.cache, ids, entry, blocks)
 
-    def write_buffer_blocks(self, entries: list[TensorEntry], ids: torch.Tensor, buf: torch.Tensor) -> bool:
+    def write_buffer_blocks(self, entries: list[TensorEntry], ids: torch.Tensor,
+                            buf: torch.Tensor) -> bool:
         """Several entries of one received buffer (whole blocks, same blocks and layers,
         consecutive parts) in one kernel launch on CUDA; False when not applicable."""
         return block_copy.scatter_entries(self.cache, ids, entries, buf)
@@ -156,13 +166,16 @@ def wrap_buffer(raw: Any) -> torch.Tensor:
 class KvWriter:
     """Writes one validated transfer into a sink, buffer by buffer, in order."""
 
-    def __init__(self, header: TransferHeader, sink: KvSink, options: ConvertOptions = ConvertOptions()):
+    def __init__(self, header: TransferHeader, sink: KvSink,
+                 options: ConvertOptions = ConvertOptions()):
         self.header, self.sink, self.options = header, sink, options
-        self.plan = ConversionPlan.build(header.spec, sink.spec, (header.head_start, header.head_end))
+        heads = (header.head_start, header.head_end)
+        self.plan = ConversionPlan.build(header.spec, sink.spec, heads)
         sink.prepare(header, self.plan)
         self.next_buffer = 0
         self.by_buffer = header.entries_by_buffer()
-        self.src_scales: dict[int, torch.Tensor] = {}  # layer -> [C, n, S, Hp, G] | [C, Hp, G] | [C, G]
+        # layer -> [C, n, S, Hp, G] | [C, Hp, G] | [C, G]
+        self.src_scales: dict[int, torch.Tensor] = {}
         self.is_raw_layer: dict[int, bool] = {}
         self.stats = ConversionStats()
         self.num_bytes = 0
@@ -170,14 +183,16 @@ class KvWriter:
         self.used_convert = False
 
     # ---- intake -------------------------------------------------------------------------------
-    def accept(self, index: int, buffer: Any, checksum: int | None = None, *, verify: bool = True) -> None:
+    def accept(self, index: int, buffer: Any, checksum: int | None = None, *,
+               verify: bool = True) -> None:
         """Take buffer `index` (buffers must come in order 0, 1, ...) and write its entries.
         `verify=False`: the caller checks the checksum itself (the stream path's trailer)."""
         h = self.header
         self._check_order(index)
         buf = wrap_buffer(buffer)
         if buf.numel() * buf.element_size() != h.buffer_sizes[index]:
-            raise MalformedFrame(f"buffer {index} has {buf.numel()} bytes, header says {h.buffer_sizes[index]}")
+            raise MalformedFrame(f"buffer {index} has {buf.numel()} bytes, header says "
+                                 f"{h.buffer_sizes[index]}")
         if verify and h.checksum is not None and buf.device.type == "cpu":
             got = compute_checksum(h.checksum, buf.numpy())
             if checksum != got:
@@ -205,7 +220,8 @@ class KvWriter:
     def can_place(self, index: int) -> bool:
         """True when buffer `index`'s whole blocks may be read straight into the sink's blocks."""
         sink = self.sink
-        return (isinstance(sink, PagedSink) and sink.cache.device.type == "cpu" and self.plan.is_block_copy
+        return (isinstance(sink, PagedSink) and sink.cache.device.type == "cpu"
+                and self.plan.is_block_copy
                 and not layouts.has_scales(self.header.spec) and not layouts.has_scales(sink.spec)
                 and all(e.part in layouts.data_parts(sink.spec) for e in self.by_buffer[index]))
 
@@ -216,7 +232,8 @@ class KvWriter:
         lo = 1 if first_tok < h.token_start else 0
         return lo, e.num_blocks - (1 if first_tok + e.num_blocks * s > h.token_end else 0)
 
-    def placed(self, index: int, partials: list[tuple[TensorEntry, int, int, torch.Tensor]]) -> None:
+    def placed(self, index: int,
+               partials: list[tuple[TensorEntry, int, int, torch.Tensor]]) -> None:
         """Buffer `index` was read in place: its entries' whole blocks (`whole_blocks`) are in the
         sink's blocks. `partials`: (entry, layer, b0, blocks `[b1 - b0, *shape]`) for every other
         block range, written here token by token (only tokens inside the range)."""
@@ -234,10 +251,12 @@ class KvWriter:
     def finish(self) -> WriteReport:
         h = self.header
         if self.next_buffer != len(h.buffer_sizes):
-            raise MalformedFrame(f"transfer ended after {self.next_buffer} of {len(h.buffer_sizes)} buffers")
+            raise MalformedFrame(f"transfer ended after {self.next_buffer} of "
+                                 f"{len(h.buffer_sizes)} buffers")
         return WriteReport(
-            request_id=h.request_id, transfer_id=h.transfer_id, token_start=h.token_start, meta=dict(h.meta),
-            token_end=h.token_end, layer_start=h.layer_start, layer_end=h.layer_end,
+            request_id=h.request_id, transfer_id=h.transfer_id, meta=dict(h.meta),
+            token_start=h.token_start, token_end=h.token_end,
+            layer_start=h.layer_start, layer_end=h.layer_end,
             head_start=self.plan.write_heads[0], head_end=self.plan.write_heads[1],
             num_bytes=self.num_bytes, path="convert" if self.used_convert else "block_copy",
             is_lossless=self.stats.is_lossless, num_clamped=self.stats.num_clamped,
@@ -257,8 +276,8 @@ class KvWriter:
             if gran is ScaleGranularity.PER_TOKEN_HEAD:  # assemble [C, n_total, S, Hp, G]
                 full = self.src_scales.get(layer)
                 if full is None:
-                    full = torch.empty((s.shape[0], self.header.num_blocks, *s.shape[2:]), dtype=s.dtype,
-                                       device=s.device)
+                    shape = (s.shape[0], self.header.num_blocks, *s.shape[2:])
+                    full = torch.empty(shape, dtype=s.dtype, device=s.device)
                     self.src_scales[layer] = full
                 full[:, e.block_start:e.block_start + e.num_blocks] = s
             else:
@@ -302,8 +321,9 @@ class KvWriter:
                 or sink.cache.device.type != "cuda" or layouts.has_scales(h.spec):
             return False
         e0 = entries[0]
+        layers = range(e0.layer_start, e0.layer_start + e0.num_layers)
         if self.whole_blocks(e0) != (0, e0.num_blocks) or not all(
-                self.is_raw_layer.get(layer, self.plan.is_raw) for layer in range(e0.layer_start, e0.layer_start + e0.num_layers)):
+                self.is_raw_layer.get(layer, self.plan.is_raw) for layer in layers):
             return False
         ids = sink.dst_ids(h.first_block + e0.block_start, e0.num_blocks)
         if not sink.write_buffer_blocks(entries, ids, buf):
@@ -319,9 +339,10 @@ class KvWriter:
         abs0 = h.first_block + e.block_start + lo_blk
         ids = self.sink.dst_ids(abs0, hi_blk - lo_blk) if fast else None
         paged_scales = layouts.is_paged_scales(h.spec)
-        if ids is not None and (lo_blk, hi_blk) == (0, e.num_blocks) and not paged_scales and all(
-                self.is_raw_layer.get(e.layer_start + li, self.plan.is_raw) for li in range(e.num_layers)) \
-                and self.sink.write_entry_blocks(e, ids, t):  # every layer in one launch (CUDA)
+        all_raw = all(self.is_raw_layer.get(e.layer_start + li, self.plan.is_raw)
+                      for li in range(e.num_layers))
+        if ids is not None and (lo_blk, hi_blk) == (0, e.num_blocks) and not paged_scales \
+                and all_raw and self.sink.write_entry_blocks(e, ids, t):  # all layers: one launch
             self.used_block_copy = True
             self.stats.num_values += t.numel()
             return
@@ -335,7 +356,8 @@ class KvWriter:
             self.sink.write_blocks(layer, e.part, ids, blocks[lo_blk:hi_blk])
             if paged_scales and e.part in (layouts.PART_K, layouts.PART_KV, layouts.PART_LATENT):
                 rel = e.block_start + lo_blk
-                self.sink.write_scale_blocks(layer, ids, self.src_scales[layer][:, rel:rel + hi_blk - lo_blk])
+                scales = self.src_scales[layer][:, rel:rel + hi_blk - lo_blk]
+                self.sink.write_scale_blocks(layer, ids, scales)
             for b0, b1 in ((0, lo_blk), (hi_blk, e.num_blocks)):
                 if b1 > b0:
                     self._write_tokens(e, layer, blocks[b0:b1], b0, b1, is_raw)
@@ -358,7 +380,8 @@ class KvWriter:
             values = view.reshape((b1 - b0) * s, view.shape[2], -1)[lo - tok0:hi - tok0]
             scales = self._scales_for(layer, comp, rel, rel + hi - lo)
             fixed = self.sink.fixed_scales(layer, comp, self.plan)
-            q, token_scales, stats = self.plan.convert(values, scales, fixed, self.options, is_raw=is_raw)
+            q, token_scales, stats = self.plan.convert(values, scales, fixed, self.options,
+                                                       is_raw=is_raw)
             self.sink.write_tokens(layer, comp, lo, hi, q, self.plan.dst_head_offset, token_scales)
             self.stats.add(stats)
         self.used_convert = self.used_convert or not is_raw or not self.plan.is_block_copy

@@ -1,9 +1,9 @@
-"""The KV receiver's configuration and its records of reservations and transfers in flight.
+"""The KV receiver's configuration and its record of one reservation.
 
 `ZmqReceiverConfig` configures a ZmqKvReceiver (endpoint/receiver.py). `Expectation` is one
-reservation (`expect`): its blocks, how many transfers fill it, their reports. `Inflight` is one
-transfer whose header was accepted: its peer, header, writer and deadlines. Both are owned and
-mutated only by the receiver, under its lock.
+reservation (`expect`): its blocks, how many transfers fill it, their reports and the keys of
+its transfers in flight (each an `InboundTransfer`, payload/receive.py). Both records are
+owned and mutated only by the receiver's books (books.py), under the receiver's lock.
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from transfer.convert.plan import ConvertOptions
-from transfer.convert.writer import KvWriter, WriteReport
+from transfer.convert.writer import WriteReport
 from transfer.stream.receiver import StreamReceiverOptions
-from transfer.wire.header import ReceiverLimits, TransferHeader
+from transfer.wire.header import ReceiverLimits
 
 
 @dataclass(frozen=True)
@@ -37,15 +37,4 @@ class Expectation:
     num_transfers: int
     deadline: float | None
     reports: list[WriteReport] = field(default_factory=list)
-    inflight: set[tuple[bytes, int]] = field(default_factory=set)
-
-
-@dataclass
-class Inflight:
-    peer: bytes
-    header: TransferHeader
-    writer: KvWriter
-    deadline: float
-    idle_deadline: float
-    next_chunk: int = 0
-    early_report: WriteReport | None = None  # acked once its writes were queued (NCCL status word)
+    inflight: set[tuple[bytes, int]] = field(default_factory=set)  # (peer, transfer id)

@@ -41,8 +41,9 @@ class NcclConfig(ctypes.Structure):
     its own struct with defaults, so a shorter struct stays valid on newer versions."""
 
     _fields_ = [("size", ctypes.c_size_t), ("magic", ctypes.c_uint), ("version", ctypes.c_uint),
-                ("blocking", ctypes.c_int), ("cgaClusterSize", ctypes.c_int), ("minCTAs", ctypes.c_int),
-                ("maxCTAs", ctypes.c_int), ("netName", ctypes.c_char_p), ("splitShare", ctypes.c_int)]
+                ("blocking", ctypes.c_int), ("cgaClusterSize", ctypes.c_int),
+                ("minCTAs", ctypes.c_int), ("maxCTAs", ctypes.c_int),
+                ("netName", ctypes.c_char_p), ("splitShare", ctypes.c_int)]
 
 
 def candidate_paths() -> list[str]:
@@ -59,7 +60,8 @@ def candidate_paths() -> list[str]:
     roots.extend(os.path.join(s, "nvidia") for s in sites if s)
     found: list[str] = []
     for root in roots:
-        for pattern in ("lib/libnccl.so*", "nccl/lib/libnccl.so*", "cu1*/lib/libnccl.so*", "*/lib/libnccl.so*"):
+        for pattern in ("lib/libnccl.so*", "nccl/lib/libnccl.so*", "cu1*/lib/libnccl.so*",
+                        "*/lib/libnccl.so*"):
             found.extend(sorted(glob.glob(os.path.join(root, pattern))))
     torch_spec = importlib.util.find_spec("torch")
     if torch_spec is not None and torch_spec.origin:
@@ -78,9 +80,9 @@ def find_library(explicit: str | None = None) -> str:
     paths = candidate_paths()
     if not paths:
         raise TransportUnavailable(
-            "libnccl.so.2 not found (looked in the nvidia-nccl-cu12/-cu13 wheels, torch/lib and the "
-            "system loader path); install it with `pip install 'pdserve[gpu]'` (nvidia-nccl-cu12) or "
-            "use the ZMQ transport")
+            "libnccl.so.2 not found (looked in the nvidia-nccl-cu12/-cu13 wheels, torch/lib and "
+            "the system loader path); install it with `pip install 'pdserve[gpu]'` "
+            "(nvidia-nccl-cu12) or use the ZMQ transport")
     return paths[0]
 
 
@@ -136,7 +138,8 @@ class NcclLibrary:
         self.check(self._lib.ncclGetUniqueId(ctypes.byref(uid)), "ncclGetUniqueId")
         return ctypes.string_at(ctypes.addressof(uid), UNIQUE_ID_BYTES)
 
-    def comm_init_rank(self, nranks: int, uid: bytes, rank: int, *, nonblocking: bool) -> tuple[int, int]:
+    def comm_init_rank(self, nranks: int, uid: bytes, rank: int, *,
+                       nonblocking: bool) -> tuple[int, int]:
         """(comm handle, result). With `nonblocking` (and NCCL >= 2.14) the result may be
         NCCL_IN_PROGRESS: poll `async_error` until it is not. The CUDA device must be current."""
         if len(uid) != UNIQUE_ID_BYTES:
@@ -145,9 +148,11 @@ class NcclLibrary:
         nid = NcclUniqueId()
         ctypes.memmove(ctypes.addressof(nid), uid, UNIQUE_ID_BYTES)
         if nonblocking and self.has_config:
+            undef = _CONFIG_UNDEF_INT
             cfg = NcclConfig(ctypes.sizeof(NcclConfig), _CONFIG_MAGIC, self.version, 0,
-                             _CONFIG_UNDEF_INT, _CONFIG_UNDEF_INT, _CONFIG_UNDEF_INT, None, _CONFIG_UNDEF_INT)
-            res = self._lib.ncclCommInitRankConfig(ctypes.byref(handle), nranks, nid, rank, ctypes.byref(cfg))
+                             undef, undef, undef, None, undef)
+            res = self._lib.ncclCommInitRankConfig(ctypes.byref(handle), nranks, nid, rank,
+                                                   ctypes.byref(cfg))
         else:
             res = self._lib.ncclCommInitRank(ctypes.byref(handle), nranks, nid, rank)
         self.check(res, "ncclCommInitRank")
@@ -162,7 +167,7 @@ class NcclLibrary:
     def abort(self, comm: int) -> None:
         self._lib.ncclCommAbort(ctypes.c_void_p(comm))
 
-    # ---- point to point ---------------------------------------------------------------------------
+    # ---- point to point ---------------------------------------------------------------------
     def group_start(self) -> None:
         self.check(self._lib.ncclGroupStart(), "ncclGroupStart")
 

@@ -3,7 +3,7 @@
 The transfer protocol that runs over a link is in nccl/transport.py; the two ends are
 nccl/sender.py (prefill, rank 0) and nccl/receiver.py (decode, rank 1). Here: the link itself
 (blocking communicators set up on a helper thread, warm-up, enqueue/wait with deadlines, abort)
-and the small helpers both ends share (CUDA check, timed events, settle wait).
+and the small helpers both ends share (CUDA check, events, settle wait).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 
 from transfer.nccl.lib import NCCL_IN_PROGRESS, NCCL_SUCCESS, NcclLibrary
+from transfer.payload.trace import NO_TRACE, Tracer
 from transfer.wire.errors import TransferError, TransferTimeout, TransportUnavailable
 
 _POLL_S = 0.0002  # sleep between polls once the spin phase is over
@@ -22,14 +23,14 @@ REFUSAL_GRACE_S = 2.0  # a refused eager transfer: how long its sends may take t
 _SPIN_S = 0.05  # first spin (yielding the GIL): a transfer of a few ms must not wait for a timer
 _WATCH_S = 0.25  # the watchdog looks at its deadline at least this often
 STATUS_OK, STATUS_REFUSED = 1, 2  # the receiver's per-transfer status word (eager links)
-_WARMUP_BYTES = 32 << 20  # link set-up: one transfer this large connects every channel a payload uses
-
+_WARMUP_BYTES = 32 << 20  # link set-up: one transfer this large connects every channel used
 
 
 def require_cuda(device: torch.device | str | int) -> torch.device:
     if not torch.cuda.is_available():
-        raise TransportUnavailable("the NCCL transport needs CUDA, and this machine has no usable GPU "
-                                   "(torch.cuda.is_available() is False); choose the ZMQ transport")
+        raise TransportUnavailable("the NCCL transport needs CUDA, and this machine has no usable "
+                                   "GPU (torch.cuda.is_available() is False); choose the ZMQ "
+                                   "transport")
     dev = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
     if dev.type != "cuda":
         raise TransportUnavailable(f"the NCCL transport moves GPU memory; got device {dev}")
@@ -89,8 +90,10 @@ class NcclLink:
     thread), and every wait for the GPU is polled with a deadline and the watchdog.
     `blocking=False`: a non-blocking communicator, every call polled."""
 
-    def __init__(self, lib: NcclLibrary, uid: bytes, rank: int, device: torch.device, *, blocking: bool = True):
+    def __init__(self, lib: NcclLibrary, uid: bytes, rank: int, device: torch.device, *,
+                 blocking: bool = True, tracer: Tracer = NO_TRACE):
         self.lib, self.rank, self.peer, self.device = lib, rank, 1 - rank, device
+        self.tracer = tracer  # CPU time in enqueue() goes to its "nccl_calls" span
         self._lock = threading.Lock()  # held around non-blocking NCCL calls; abort takes it
         self._dead = False
         self.nonblocking = not blocking and lib.has_config
@@ -111,7 +114,6 @@ class NcclLink:
                 self._init_thread = threading.Thread(target=self._init_blocking, args=(uid,),
                                                      name="nccl-init", daemon=True)
                 self._init_thread.start()
-        self.enqueue_seconds = 0.0  # CPU time in enqueue() (reset per transfer by the plugins)
         self.eager = False  # receiver side: the sender enqueues before READY (set from its hello)
         self.watchdog = Watchdog(self.abort)
 
@@ -131,9 +133,11 @@ class NcclLink:
                 op = self.lib.send if self.rank == 0 else self.lib.recv
                 op(buf.data_ptr(), _WARMUP_BYTES, self.peer, comm, self.stream.cuda_stream)
                 buf.record_stream(self.stream)
-                status = self.status_ok if self.rank == 1 else self.status_in  # and the status word's way back
+                # and the status word's way back
+                status = self.status_ok if self.rank == 1 else self.status_in
                 back = self.lib.send if self.rank == 1 else self.lib.recv
-                back(status.data_ptr(), status.numel() * status.element_size(), self.peer, comm, self.stream.cuda_stream)
+                back(status.data_ptr(), status.numel() * status.element_size(), self.peer, comm,
+                     self.stream.cuda_stream)
                 done = torch.cuda.Event()
                 done.record(self.stream)
                 while not done.query():
@@ -164,7 +168,8 @@ class NcclLink:
     def _state(self) -> int:
         with self._lock:
             if self._dead:
-                raise TransferTimeout("the NCCL communicator was aborted (deadline passed or peer lost)")
+                raise TransferTimeout("the NCCL communicator was aborted (deadline passed or "
+                                      "peer lost)")
             return self.lib.async_error(self.comm)
 
     def _poll_until(self, done: Callable[[], bool], deadline: float, what: str,
@@ -181,13 +186,15 @@ class NcclLink:
                 state = self._state()
                 if state not in (NCCL_SUCCESS, NCCL_IN_PROGRESS):
                     self.abort()
-                    raise TransferError(f"NCCL {what}: {self.lib.error_string(state)} (code {state})")
+                    raise TransferError(f"NCCL {what}: {self.lib.error_string(state)} "
+                                        f"(code {state})")
                 if state == NCCL_SUCCESS and done():
                     return
                 now = time.monotonic()
                 if now > deadline:
                     self.abort()
-                    raise TransferTimeout(f"NCCL {what} not done before the deadline; communicator aborted")
+                    raise TransferTimeout(f"NCCL {what} not done before the deadline; "
+                                          "communicator aborted")
                 if not armed:
                     self.watchdog.arm(deadline)
                     armed = True
@@ -203,8 +210,8 @@ class NcclLink:
             self._init_thread.join(max(0.0, deadline - time.monotonic()))
             if self._init_thread.is_alive():
                 self.abort()
-                raise TransferTimeout("NCCL communicator set-up not done before the deadline (is the peer "
-                                      "joining?); link aborted")
+                raise TransferTimeout("NCCL communicator set-up not done before the deadline "
+                                      "(is the peer joining?); link aborted")
             if self._init_error is not None:
                 self.abort()
                 raise self._init_error
@@ -221,12 +228,18 @@ class NcclLink:
         an event that completes with it. A non-blocking communicator may return before the
         work is on the stream (NCCL_IN_PROGRESS), so the event is recorded only once NCCL says
         it is enqueued."""
-        t0 = time.perf_counter()
+        with self.tracer.span("nccl_calls"):
+            return self._enqueue(buf, deadline, is_send, after, interrupt)
+
+    def _enqueue(self, buf: torch.Tensor, deadline: float, is_send: bool,
+                 after: torch.cuda.Event | None,
+                 interrupt: Callable[[], None] | None) -> torch.cuda.Event:
         self.wait_ready(deadline)
         if after is not None:
             self.stream.wait_event(after)
         op = self.lib.send if is_send else self.lib.recv
-        args = (buf.data_ptr(), buf.numel() * buf.element_size(), self.peer, self.comm, self.stream.cuda_stream)
+        args = (buf.data_ptr(), buf.numel() * buf.element_size(), self.peer, self.comm,
+                self.stream.cuda_stream)
         # Hold the lock so that abort cannot interleave with the call. A blocking communicator
         # is connected (warm-up in set-up), so its calls only enqueue and never wait on the peer.
         self.watchdog.arm(deadline)
@@ -239,10 +252,7 @@ class NcclLink:
             self.watchdog.disarm()
         if res == NCCL_IN_PROGRESS:
             self._poll_until(lambda: True, deadline, "enqueue", interrupt)
-        event = torch.cuda.Event(enable_timing=True)
-        event.record(self.stream)
-        self.enqueue_seconds += time.perf_counter() - t0
-        return event
+        return record_event(self.stream)
 
     def wait(self, event: torch.cuda.Event, deadline: float, what: str,
              interrupt: Callable[[], None] | None = None) -> None:
@@ -263,16 +273,8 @@ def settles(event: torch.cuda.Event, deadline: float, grace_s: float = REFUSAL_G
     return True
 
 
-def timed_event(stream: torch.cuda.Stream) -> torch.cuda.Event:
-    event = torch.cuda.Event(enable_timing=True)
+def record_event(stream: torch.cuda.Stream) -> torch.cuda.Event:
+    """An event (no timing: cheaper to record) that completes with `stream`'s work so far."""
+    event = torch.cuda.Event()
     event.record(stream)
     return event
-
-
-def elapsed_ms(a: torch.cuda.Event | None, b: torch.cuda.Event | None) -> float | None:
-    if a is None or b is None:
-        return None
-    try:
-        return a.elapsed_time(b)
-    except RuntimeError:  # not recorded or not complete (a failed transfer)
-        return None

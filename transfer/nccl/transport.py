@@ -12,15 +12,16 @@ on its second stream) and enqueues its ncclSend, sends the HEADER (transport "nc
 gathers and enqueues the rest, each send after its own gather, without waiting: NCCL holds the
 sends on the GPU until the receiver posts → the receiver, on SIZES (checked against its limits),
 allocates the receive buffers and posts one ncclRecv per buffer at once (`post_sizes`); on the
-HEADER it checks that the sizes match (else the link is dropped: the pair would be out of
-step), looks up the reservation, builds the writer and writes each buffer into its cache (one
-scatter kernel per buffer) as soon as it has arrived; once every write is queued it sends a
-16-byte status word on the link behind them (OK) and the ack over ZMQ; the sender returns when
-it has both (its wait is on the GPU: no ZMQ hop after the last write). Nothing received is
-interpreted or written before the header is validated. A receiver that refuses the header (no
-reservation, incompatible spec, undecodable) still takes the payload into the posted buffers
-and drops it, sends the REFUSED status word, and answers ERROR: the sender's sends settle, the link stays in step, and the
-sender raises the receiver's typed error. If nothing was posted at all (SIZES refused), the
+HEADER it checks that the sizes match (`prepare`; else the link is dropped: the pair would be
+out of step), looks up the reservation, builds the writer and writes each buffer into its
+cache (one scatter kernel per buffer) as soon as it has arrived (`begin`); once every write is
+queued it sends a 16-byte status word on the link behind them (OK) and the ack over ZMQ; the
+sender returns when it has both (its wait is on the GPU: no ZMQ hop after the last write).
+Nothing received is interpreted or written before the header is validated. A receiver that
+refuses the header (no reservation, incompatible spec, undecodable) still takes the payload
+into the posted buffers and drops it (`refuse`), sends the REFUSED status word, and answers
+ERROR: the sender's sends settle, the link stays in step, and the sender raises the
+receiver's typed error. If nothing was posted at all (SIZES refused), the
 sends stay stuck: after a grace period the sender aborts the communicator and builds a new one
 on its next transfer. A receiver that finds the pair out of step (sizes differ from the
 header, receives still posted for a transfer that never came) drops its link and marks its
@@ -35,7 +36,9 @@ endpoint/receiver.py): source blocks are read until `send` returns; destination 
 the receiver's reservation.
 
 Code: the link (communicator, streams, watchdog) in nccl/link.py, the two ends in
-nccl/sender.py and nccl/receiver.py; this module names the protocol and the public API.
+nccl/sender.py and nccl/receiver.py (a `PayloadSender` and a `PayloadReceiver`, payload/);
+this module names the protocol and the public API. Benchmarks pass a `Tracer`
+(payload/trace.py) to either plugin for timing marks; serving passes none and pays nothing.
 
 Use: `ZmqKvSender(endpoint, nccl=NcclSenderPlugin(device))` and
 `ZmqKvReceiver(cache, config, ..., nccl=NcclReceiverPlugin(device))`. Without CUDA or

@@ -5,7 +5,7 @@ stream/plan.py) and books every complete buffer with the KvWriter: `placed` for 
 into the destination blocks, `accept` for staged ones. With a checksum, each buffer is hashed
 as it completes and the last one is booked only once the trailer matched (ChecksumMismatch
 otherwise). Errors are typed TransferErrors; the caller (stream/receiver.py) runs `pump` inside
-the receiver's `_guard`, which fails the transfer on any of them.
+the receiver's `run_step`, which fails the transfer on any of them.
 
 Ownership: writes only into the plan's segments (the reservation's blocks, the plan's scratch,
 the connection's staging memory).
@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from transfer.convert.iov import AGAIN, IoVec, hash_segments, segments
+from transfer.payload.receive import InboundTransfer
 from transfer.stream.plan import BufferPlan, PartAddresses, plan_buffer
 from transfer.wire.errors import ChecksumMismatch, PeerLost
 
@@ -28,12 +29,14 @@ class StreamJob:
     planned one at a time as reading reaches them (stream/plan.py); a staged buffer is booked
     before the next one is read, so one staging area per connection suffices."""
 
-    def __init__(self, inf: Any, addresses: PartAddresses | None):
-        h = inf.header
-        self.inf, self.writer, self.addresses = inf, inf.writer, addresses
+    def __init__(self, transfer: InboundTransfer, addresses: PartAddresses | None):
+        h = transfer.header
+        self.transfer, self.writer, self.addresses = transfer, transfer.writer, addresses
         self.sizes = h.buffer_sizes
         self.payload_bytes = h.payload_bytes
-        self.trailer = np.zeros(len(h.buffer_sizes), dtype="<u8") if h.checksum is not None else None
+        self.trailer = None  # the checksums sent after the last buffer
+        if h.checksum is not None:
+            self.trailer = np.zeros(len(h.buffer_sizes), dtype="<u8")
         self.conn: Any = None  # the data connection reading it (stream.receiver._Conn)
         self.index = 0  # buffer being read (len(sizes): the trailer)
         self.done_bytes = 0  # of completed buffers
@@ -53,7 +56,9 @@ class StreamJob:
 
     @property
     def progress(self) -> str:
-        done = self.done_bytes + (self.cur.done if self.cur is not None and self.index < len(self.sizes) else 0)
+        done = self.done_bytes
+        if self.cur is not None and self.index < len(self.sizes):
+            done += self.cur.done
         return f"{done} of {self.payload_bytes} payload bytes"
 
     def pump(self, fd: int, budget: int) -> None:
@@ -79,7 +84,8 @@ class StreamJob:
             self.plan = plan_buffer(self.writer, self.index, self.addresses, self.staging)
             self.cur = IoVec(self.plan.segs)
         elif self.index == n and self.trailer is not None:
-            self.cur = IoVec(segments(np.array([self.trailer.ctypes.data], dtype=np.uint64), self.trailer.nbytes))
+            at = np.array([self.trailer.ctypes.data], dtype=np.uint64)
+            self.cur = IoVec(segments(at, self.trailer.nbytes))
         else:
             return False
         if self.cur.is_done:  # an empty buffer

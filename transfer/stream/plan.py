@@ -45,7 +45,8 @@ class PartAddresses:
     def get(self, layer: int, part: str) -> tuple[int, int, int] | None:
         key = (layer, part)
         if key not in self._known:
-            self._known[key] = self.cache.block_rows(layer, part) if self.cache.device.type == "cpu" else None
+            on_cpu = self.cache.device.type == "cpu"
+            self._known[key] = self.cache.block_rows(layer, part) if on_cpu else None
         return self._known[key]
 
 
@@ -69,7 +70,8 @@ def plan_buffer(writer: KvWriter, index: int, addresses: PartAddresses | None,
     return BufferPlan(segments(np.array([staging(size).data_ptr()], dtype=np.uint64), size), True)
 
 
-def _place(writer: KvWriter, index: int, addresses: PartAddresses) -> tuple[np.ndarray, bool, list[Partial], torch.Tensor] | None:
+def _place(writer: KvWriter, index: int, addresses: PartAddresses,
+           ) -> tuple[np.ndarray, bool, list[Partial], torch.Tensor] | None:
     """Segments of a placed buffer, its partial blocks and their scratch; None: stage it."""
     entries = sorted(writer.by_buffer[index], key=lambda e: e.offset)
     size = writer.header.buffer_sizes[index]
@@ -116,9 +118,11 @@ def _block_bytes(e: TensorEntry) -> int:
     return e.nbytes // max(1, e.num_layers * e.num_blocks)
 
 
-def _entry_segments(writer: KvWriter, e: TensorEntry, addresses: PartAddresses, scratch: torch.Tensor,
-                    base: int, cursor: int) -> tuple[np.ndarray, list[Partial], int] | None:
-    """Per layer: [partial head blocks → scratch] [whole blocks → destination] [partial tail → scratch]."""
+def _entry_segments(writer: KvWriter, e: TensorEntry, addresses: PartAddresses,
+                    scratch: torch.Tensor, base: int, cursor: int,
+                    ) -> tuple[np.ndarray, list[Partial], int] | None:
+    """Per layer: [partial head blocks → scratch] [whole blocks → destination] [partial tail →
+    scratch]."""
     nl, n, bb = e.num_layers, e.num_blocks, _block_bytes(e)
     lo, hi = _whole(writer, e)
     sink = writer.sink

@@ -1,21 +1,22 @@
-"""StreamInbox: the receiver's end of the stream payload path (protocol: wire/framing.py).
+"""StreamReceiver: the stream payload path on the decode side (a `PayloadReceiver`,
+payload/receive.py; protocol: wire/framing.py).
 
-Owned by a ZmqKvReceiver and called from its polling thread, under its lock (except `wait`,
-which only polls descriptors). It owns a
+Owned by a ZmqKvReceiver and called from its polling thread, under its lock. It owns a
 listening socket on the ZMQ endpoint's host (TCP port 0) or next to its ipc path (Unix socket
 `<path>.data`, removed on close) and the data connections accepted there. A connection counts
-only once it presented a token that a ZMQ peer sent in a STREAM message (`hello`) within
-`token_timeout_s`; otherwise it is closed. Paired connections are read without blocking:
-`service` reads as much as is available (at most `pump_bytes` per connection and round) and
-returns to the caller's loop, so several peers interleave and every deadline keeps working.
+only once it presented a token that a ZMQ peer sent in a STREAM message (answered with LISTEN)
+within `token_timeout_s`; otherwise it is closed. Paired connections are read without
+blocking: `service` reads as much as is available (at most `pump_bytes` per connection and
+round) and returns to the receiver's loop, so several peers interleave and every deadline
+keeps working.
 
-Per transfer: the receiver calls `begin(inf)` once the stream header is validated (a
-StreamJob: stream/job.py, which plans each buffer's iovec as reading reaches it:
-stream/plan.py), and `end(inf, ok)` when the transfer leaves its in-flight table. Connections
-whose peer has a transfer in flight are read every round, readable or not (saves a poll). A prefix that arrives before its header waits for it (at most
-`idle_timeout_s`). Errors inside a transfer (EOF mid-payload, bad byte count, checksum) go
-through the receiver's `run_step` (its `_guard`), which fails the transfer with a typed error
-and an ERROR reply; errors outside one (garbage prefix, unknown transfer) are `report`ed.
+Per transfer: `begin(transfer)` once the stream header is accepted (a StreamJob: stream/job.py,
+which plans each buffer's iovec as reading reaches it: stream/plan.py), and `end(transfer, ok)`
+when the transfer leaves the in-flight table. Connections whose peer has a transfer in flight
+are read every round, readable or not (saves a poll). A prefix that arrives before its header
+waits for it (at most the idle timeout). Errors inside a transfer (EOF mid-payload, bad byte
+count, checksum) go through `desk.run_step`, which fails the transfer with a typed error and
+an ERROR reply; errors outside one (garbage prefix, unknown transfer) are `desk.report`ed.
 Any failure closes the connection that carried (or would carry) the payload; the sender sets
 up a new one for its next transfer.
 
@@ -30,14 +31,14 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import zmq
 
 from transfer.convert.cache import PagedKvCache
+from transfer.payload.receive import InboundTransfer, PayloadReceiver
 from transfer.stream.job import StreamJob
 from transfer.stream.plan import PartAddresses
 from transfer.wire import framing as proto
@@ -50,9 +51,6 @@ from transfer.wire.errors import (
 
 log = logging.getLogger(__name__)
 
-RunStep = Callable[[Any, Callable[[], None]], None]  # (inflight, step): the receiver's _guard
-Report = Callable[[bytes, TransferError, "int | None"], None]  # (peer, error, transfer id)
-
 
 @dataclass(frozen=True)
 class StreamReceiverOptions:
@@ -63,7 +61,8 @@ class StreamReceiverOptions:
     pump_bytes: int = 16 << 20  # read from one connection per poll round (bounds lock hold time)
 
     def __post_init__(self) -> None:
-        if self.token_timeout_s <= 0 or self.max_connections < 1 or self.rcvbuf < 0 or self.pump_bytes < 1:
+        if self.token_timeout_s <= 0 or self.max_connections < 1 or self.rcvbuf < 0 \
+                or self.pump_bytes < 1:
             raise ValueError("StreamReceiverOptions: timeouts and sizes must be positive")
 
 
@@ -76,46 +75,39 @@ class _Conn:
     issued: float = 0.0  # when its token was handed out (STREAM message handled)
     head: bytearray = field(default_factory=lambda: bytearray(proto.STREAM_PREFIX.size))
     got: int = 0
-    waiting: tuple[int, int] | None = None  # (transfer id, payload bytes) of a prefix without header
+    waiting: tuple[int, int] | None = None  # (transfer id, payload bytes): prefix, no header yet
     job: StreamJob | None = None
     staging: torch.Tensor | None = None
     is_open: bool = True
 
 
-class StreamInbox:
-    def __init__(self, endpoint: str, options: StreamReceiverOptions, cache: PagedKvCache, *,
-                 idle_timeout_s: float, run_step: RunStep, report: Report):
-        self.options, self._idle_s = options, idle_timeout_s
-        self._run_step, self._report = run_step, report
+class StreamReceiver(PayloadReceiver):
+    transport = "stream"
+    kinds = (proto.STREAM_HELLO,)
+
+    def __init__(self, endpoint: str, options: StreamReceiverOptions, cache: PagedKvCache):
+        """Listens next to `endpoint`; TransportUnavailable if it cannot."""
+        self.options = options
         self._listener, self.address, self._path = _listen(endpoint)
         self._addresses = PartAddresses(cache) if cache.device.type == "cpu" else None
         self._conns: dict[int, _Conn] = {}
         self._by_peer: dict[bytes, _Conn] = {}
-        self._tokens: dict[bytes, tuple[bytes, float, float]] = {}  # token -> (peer, expiry, issued)
+        # token -> (peer, expiry, issued)
+        self._tokens: dict[bytes, tuple[bytes, float, float]] = {}
         self._refused: dict[bytes, float] = {}  # peer -> when a header of it was last refused
-        self._lost: dict[bytes, TransferError] = {}  # peer -> why its connection closed (no new one yet)
+        # peer -> why its connection closed (no new one yet)
+        self._lost: dict[bytes, TransferError] = {}
         self._jobs: dict[tuple[bytes, int], StreamJob] = {}
-        self._poller: zmq.Poller | None = None  # the owner's wait (`wait`), rebuilt when fds change
-        self._polled: tuple[int, ...] = ()
 
-    # ---- called by the receiver -------------------------------------------------------------------
+    # ---- PayloadReceiver -------------------------------------------------------------------------
     def fds(self) -> tuple[int, ...]:
         """File descriptors to poll for reading (a prefix waiting for its header is left out)."""
-        return (self._listener.fileno(), *(fd for fd, c in self._conns.items() if c.waiting is None))
+        conns = (fd for fd, c in self._conns.items() if c.waiting is None)
+        return (self._listener.fileno(), *conns)
 
-    def wait(self, router: zmq.Socket, fds: tuple[int, ...], timeout_s: float) -> set[Any]:
-        """Wait up to `timeout_s` for the receiver's ROUTER socket or one of `fds` (a snapshot of
-        `fds()` taken under the owner's lock; this runs outside it). A descriptor closed since
-        shows up as ready and is ignored by `service`; the next wait leaves it out."""
-        if self._poller is None or fds != self._polled:
-            self._poller = zmq.Poller()
-            for item in (router, *fds):
-                self._poller.register(item, zmq.POLLIN)
-            self._polled = fds
-        return {item for item, _ in self._poller.poll(int(timeout_s * 1000))}
-
-    def hello(self, peer: bytes, rest: list[Any]) -> list[bytes]:
-        token = proto.stream_hello_token(rest)
+    def on_message(self, peer: bytes, kind: bytes, rest: list[Any]) -> None:
+        """STREAM: a token for the data connection `peer` opens next; answered with LISTEN."""
+        token = proto.stream_hello_token([f.buffer for f in rest])
         for t in [t for t, (p, _, _) in self._tokens.items() if p == peer]:
             del self._tokens[t]
         while len(self._tokens) >= self.options.max_connections:
@@ -123,37 +115,37 @@ class StreamInbox:
         now = time.monotonic()
         self._tokens[token] = (peer, now + 2 * self.options.token_timeout_s, now)
         self._lost.pop(peer, None)  # a new connection is on its way
-        return [proto.STREAM_LISTEN, proto.pack(self.address)]
+        self.desk.reply(peer, [proto.STREAM_LISTEN, proto.pack(self.address)])
 
-    def begin(self, inf: Any) -> None:
+    def begin(self, transfer: InboundTransfer) -> None:
         """A stream transfer's header was accepted: plan where its bytes go."""
-        key = (inf.peer, inf.header.transfer_id)
+        key, peer = transfer.key, transfer.peer
 
         def plan() -> None:
-            self._jobs[key] = StreamJob(inf, self._addresses)
+            self._jobs[key] = StreamJob(transfer, self._addresses)
 
-        self._run_step(inf, plan)
-        conn = self._by_peer.get(inf.peer)
-        lost = self._lost.get(inf.peer)
+        self.desk.run_step(transfer, plan)
+        conn = self._by_peer.get(peer)
+        lost = self._lost.get(peer)
         if key not in self._jobs:  # planning failed: the transfer failed with it
-            self.drop_peer(inf.peer)
-        elif conn is None and lost is not None:  # its connection is gone already: nothing will come
-            self._run_step(inf, lambda: _raise(_fresh(lost)))
+            self.refuse(peer)
+        elif conn is None and lost is not None:  # its connection is gone already: nothing comes
+            self.desk.run_step(transfer, lambda: _raise(_fresh(lost)))
         elif conn is not None and conn.waiting and conn.waiting[0] == key[1]:
             self._attach(conn, self._jobs[key], conn.waiting[1])
 
-    def end(self, inf: Any, ok: bool) -> None:
+    def end(self, transfer: InboundTransfer, ok: bool) -> None:
         """The transfer left the receiver's in-flight table (written, or failed)."""
-        job = self._jobs.pop((inf.peer, inf.header.transfer_id), None)
+        job = self._jobs.pop(transfer.key, None)
         if job is None:
             return
-        conn = job.conn if job.conn is not None else self._by_peer.get(inf.peer)
+        conn = job.conn if job.conn is not None else self._by_peer.get(transfer.peer)
         if conn is not None and conn.job is job:
             conn.job = None
         if not ok and conn is not None:  # its payload may still be on the wire
             self._close(conn, None, fail_pending=True)
 
-    def drop_peer(self, peer: bytes) -> None:
+    def refuse(self, peer: bytes) -> None:
         """A header from `peer` was refused: its payload (if any) must not be read. Connections
         set up before now (even those not paired yet) are closed at their next prefix."""
         self._refused.pop(peer, None)
@@ -162,16 +154,17 @@ class StreamInbox:
             del self._refused[next(iter(self._refused))]
         conn = self._by_peer.get(peer)
         if conn is not None:
-            self._close(conn, PeerLost("the data connection was closed: a header was refused"), fail_pending=True)
+            err = PeerLost("the data connection was closed: a header was refused")
+            self._close(conn, err, fail_pending=True)
 
-    def progress(self, inf: Any) -> str | None:
-        job = self._jobs.get((inf.peer, inf.header.transfer_id))
-        return None if job is None else job.progress
+    def progress(self, transfer: InboundTransfer) -> str:
+        job = self._jobs.get(transfer.key)
+        return "no data connection yet" if job is None else job.progress
 
     def service(self, ready: Collection[int], now: float) -> None:
         if self._listener.fileno() in ready:
             self._accept(now)
-        busy = {peer for peer, _ in self._jobs}  # read these even before poll says so (saves a round)
+        busy = {peer for peer, _ in self._jobs}  # read these before poll says so (saves a round)
         for conn in list(self._conns.values()):
             if conn.fd in ready or (conn.peer in busy and conn.waiting is None):
                 self._pump(conn)
@@ -189,7 +182,7 @@ class StreamInbox:
             with contextlib.suppress(OSError):
                 os.unlink(self._path)
 
-    # ---- connections --------------------------------------------------------------------------------
+    # ---- connections ---------------------------------------------------------------------------
     def _accept(self, now: float) -> None:
         while True:
             try:
@@ -207,7 +200,8 @@ class StreamInbox:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.options.rcvbuf:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.options.rcvbuf)
-            self._conns[sock.fileno()] = _Conn(sock, sock.fileno(), now + self.options.token_timeout_s)
+            deadline = now + self.options.token_timeout_s
+            self._conns[sock.fileno()] = _Conn(sock, sock.fileno(), deadline)
 
     def _pump(self, conn: _Conn) -> None:
         budget = self.options.pump_bytes
@@ -222,9 +216,10 @@ class StreamInbox:
                 self._on_prefix(conn)
             else:
                 job = conn.job
-                self._run_step(job.inf, lambda job=job, budget=budget: job.pump(conn.fd, budget))
+                self.desk.run_step(job.transfer,
+                                   lambda job=job, budget=budget: job.pump(conn.fd, budget))
                 if job.last_read:
-                    job.inf.idle_deadline = time.monotonic() + self._idle_s
+                    job.transfer.idle_deadline = time.monotonic() + self.desk.idle_timeout_s
                 budget -= job.last_read
                 if job.blocked or budget <= 0 or not job.last_read:
                     return
@@ -255,7 +250,8 @@ class StreamInbox:
             return
         old = self._by_peer.get(peer)
         if old is not None:
-            self._close(old, PeerLost("the sender opened a new data connection"), fail_pending=False)
+            err = PeerLost("the sender opened a new data connection")
+            self._close(old, err, fail_pending=False)
         conn.peer, conn.issued = peer, issued
         self._by_peer[peer] = conn
         self._lost.pop(peer, None)
@@ -265,31 +261,32 @@ class StreamInbox:
         try:
             tid, nbytes = proto.parse_stream_prefix(conn.head)
         except MalformedFrame as e:
-            self._report(conn.peer, e, None)
+            self.desk.report(conn.peer, e, None)
             self._close(conn, e, fail_pending=True)
             return
         job = self._jobs.get((conn.peer, tid))
         if job is None and self._refused.get(conn.peer, -1.0) >= conn.issued:
             self._close(conn, None, fail_pending=False)  # the payload of a refused header
         elif job is None:  # its header is not handled yet
-            conn.waiting, conn.deadline = (tid, nbytes), time.monotonic() + self._idle_s
+            conn.waiting, conn.deadline = (tid, nbytes), time.monotonic() + self.desk.idle_timeout_s
         else:
             self._attach(conn, job, nbytes)
 
     def _attach(self, conn: _Conn, job: StreamJob, nbytes: int) -> None:
         conn.waiting = None
         if job.conn is not None:
-            err = MalformedFrame(f"a second payload for transfer {job.inf.header.transfer_id}")
-            self._report(conn.peer or b"", err, job.inf.header.transfer_id)
+            err = MalformedFrame(f"a second payload for transfer {job.transfer.header.transfer_id}")
+            self.desk.report(conn.peer or b"", err, job.transfer.header.transfer_id)
             self._close(conn, err, fail_pending=False)
             return
         conn.job, job.conn = job, conn
 
         def start() -> None:
             if nbytes != job.payload_bytes:
-                raise MalformedFrame(f"stream payload of {nbytes} bytes; the header says {job.payload_bytes}")
+                raise MalformedFrame(f"stream payload of {nbytes} bytes; the header says "
+                                     f"{job.payload_bytes}")
 
-        self._run_step(job.inf, start)
+        self.desk.run_step(job.transfer, start)
 
     def _close(self, conn: _Conn, err: TransferError | None, *, fail_pending: bool) -> None:
         """Close a data connection; fail the transfer reading from it and, when it was its peer's
@@ -311,7 +308,7 @@ class StreamInbox:
             doomed += [j for (p, _), j in self._jobs.items() if p == conn.peer and j.conn is None]
         conn.job = None
         for job in doomed:
-            self._run_step(job.inf, lambda f=failure: _raise(_fresh(f)))
+            self.desk.run_step(job.transfer, lambda f=failure: _raise(_fresh(f)))
 
     def _expire(self, now: float) -> None:
         for conn in list(self._conns.values()):
@@ -323,7 +320,7 @@ class StreamInbox:
                     self._attach(conn, job, conn.waiting[1])
                 elif now > conn.deadline:
                     err = MalformedFrame(f"stream payload for unknown transfer {conn.waiting[0]}")
-                    self._report(conn.peer or b"", err, conn.waiting[0])
+                    self.desk.report(conn.peer or b"", err, conn.waiting[0])
                     self._close(conn, err, fail_pending=True)
         for token in [t for t, (_, expiry, _) in self._tokens.items() if now > expiry]:
             del self._tokens[token]
@@ -346,7 +343,8 @@ def _listen(endpoint: str) -> tuple[socket.socket, dict[str, Any], str | None]:
     try:
         if scheme == "tcp":
             host = rest.rpartition(":")[0].strip("[]")
-            sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
             sock.bind((host, 0))
             body: dict[str, Any] = {"port": sock.getsockname()[1]}
             path = None
@@ -358,9 +356,11 @@ def _listen(endpoint: str) -> tuple[socket.socket, dict[str, Any], str | None]:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.bind(path)
         else:
-            raise TransportUnavailable(f"stream payloads need a tcp:// or ipc:// endpoint, not {endpoint}")
+            raise TransportUnavailable(f"stream payloads need a tcp:// or ipc:// endpoint, "
+                                       f"not {endpoint}")
         sock.listen(64)
         sock.setblocking(False)
     except OSError as e:
-        raise TransportUnavailable(f"cannot listen for stream payloads next to {endpoint}: {e}") from None
+        raise TransportUnavailable(f"cannot listen for stream payloads next to {endpoint}: "
+                                   f"{e}") from None
     return sock, body, path

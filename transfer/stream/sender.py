@@ -1,19 +1,23 @@
-"""StreamLink: the sender's end of the stream payload path (protocol: wire/framing.py).
+"""StreamSender: the stream payload path on the prefill side (a `PayloadSender`,
+payload/send.py; protocol: wire/framing.py).
 
-Owned by one ZmqKvSender and used from its thread. `ensure` sets up the data connection (a
-STREAM message on the sender's ZMQ socket, the LISTEN reply, connect, write the token) when
-there is none; `send_payload` writes PREFIX, the buffers' bytes and, with checksums, the
-trailer. Buffers that `PackedKv.segments` describes (CPU caches) are written with writev
-straight from the source blocks; the others (scales, GPU caches) are filled first and written
-as one segment each. Checksums of in-place buffers are computed while the socket is full.
+Owned by one ZmqKvSender and used from its thread. `connect` sets up the data connection (a
+STREAM message on the pair's ZMQ connection, the LISTEN reply, connect, write the token) when
+there is none; a receiver that takes no stream payloads answers TransportUnavailable, and the
+sender falls back to frames for good. `send` sends the HEADER on ZMQ, then writes PREFIX, the
+buffers' bytes and, with checksums, the trailer on the data connection. Buffers that
+`PackedKv.segments` describes (CPU caches) are written with writev straight from the source
+blocks; the others (scales, GPU caches) are filled first and written as one segment each.
+Checksums of in-place buffers are computed while the socket is full.
 
-While the socket is full it waits on the data connection and on the ZMQ socket together, so
-an ERROR from the receiver ends the transfer at once. If the receiver closes the data
-connection (it does so whenever it refuses or fails a transfer) the link waits a moment for
-the ERROR that says why, else raises PeerLost. On any failure the caller `drop`s the link.
+While the socket is full it waits on the data connection and on the ZMQ connection together
+(`PeerChannel.wait_writable`), so an ERROR from the receiver ends the transfer at once. If the
+receiver closes the data connection (it does so whenever it refuses or fails a transfer) the
+sender waits a moment for the ERROR that says why, else raises PeerLost. A failed transfer
+drops the data connection (`finish`); the next one sets up a new one.
 
-Ownership: the source blocks must stay untouched until `send_payload` returns or raises (the
-kernel copies from them during the writev calls; nothing is read from them afterwards).
+Ownership: the source blocks must stay untouched until `send` returns or raises (the kernel
+copies from them during the writev calls; nothing is read from them afterwards).
 """
 
 from __future__ import annotations
@@ -23,16 +27,18 @@ import os
 import socket
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import torch
 import xxhash
-import zmq
 
+from transfer.convert.cache import PagedKvCache
 from transfer.convert.iov import AGAIN, IoVec, coalesce, hash_segments, segments
-from transfer.convert.pack import PackedKv
+from transfer.convert.pack import PackedKv, PackOptions, StagingPool, pack_kv
+from transfer.payload.send import PayloadSender, PeerChannel
 from transfer.wire import framing as proto
 from transfer.wire.errors import MalformedFrame, PeerLost, TransferTimeout
 
@@ -43,11 +49,21 @@ def stream_capable(endpoint: str) -> bool:
     return endpoint.startswith(("tcp://", "ipc://"))
 
 
-class StreamLink:
-    def __init__(self, endpoint: str, sndbuf: int = 0):
+class StreamSender(PayloadSender):
+    name = "stream"
+    falls_back_to_frames = True
+
+    def __init__(self, endpoint: str, options: PackOptions = PackOptions(), *,
+                 checksum: bool = False, chunk_bytes: int = 8 << 20, sndbuf: int = 0,
+                 staging_bytes: int = 1 << 30, staging_slots: int = 8):
         if not stream_capable(endpoint):
             raise ValueError(f"stream payloads need a tcp:// or ipc:// endpoint, not {endpoint}")
         self.endpoint, self.sndbuf = endpoint, sndbuf
+        # in-place segments replace views; big buffers, small header
+        self.options = replace(options, allow_views=False, chunk_bytes=chunk_bytes)
+        self.checksum = checksum
+        self._staging = (staging_bytes, staging_slots)
+        self.pool = StagingPool(staging_bytes, ring_slots=staging_slots)
         self._sock: socket.socket | None = None
 
     @property
@@ -59,15 +75,27 @@ class StreamLink:
             self._sock.close()
             self._sock = None
 
+    def finish(self, ok: bool) -> None:
+        self.pool.release_all()
+        if not ok:
+            self.drop()  # the receiver closes its end of a failed stream transfer too
+
+    def reset(self) -> None:
+        self.drop()
+        self.pool = StagingPool(self._staging[0], ring_slots=self._staging[1])
+
+    def close(self) -> None:
+        self.drop()
+
     # ---- set-up ----------------------------------------------------------------------------------
-    def ensure(self, sender: Any, tid: int, deadline: float) -> None:
+    def connect(self, channel: PeerChannel, transfer_id: int, deadline: float) -> None:
         """Connect the data connection unless there is one (raises the receiver's error, e.g.
         TransportUnavailable when it takes no stream payloads)."""
         if self._sock is not None:
             return
         token = os.urandom(proto.STREAM_TOKEN_BYTES)
-        sender._send_frames([proto.STREAM_HELLO, proto.pack([token])], deadline)
-        body = sender._wait_reply(tid, deadline, want=proto.STREAM_LISTEN)
+        channel.send_frames([proto.STREAM_HELLO, proto.pack([token])], deadline)
+        body = channel.wait_reply(transfer_id, deadline, want=proto.STREAM_LISTEN)
         family, address = self._address(body)
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
@@ -77,8 +105,10 @@ class StreamLink:
         except OSError as e:
             sock.close()
             if isinstance(e, TimeoutError):
-                raise TransferTimeout(f"data connection to {self.endpoint} not set up before the deadline") from None
-            raise PeerLost(f"cannot open the data connection to {self.endpoint} ({address!r}): {e}") from None
+                raise TransferTimeout(f"data connection to {self.endpoint} not set up before "
+                                      "the deadline") from None
+            raise PeerLost(f"cannot open the data connection to {self.endpoint} ({address!r}): "
+                           f"{e}") from None
         if family != socket.AF_UNIX:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.sndbuf:
@@ -95,19 +125,28 @@ class StreamLink:
             return (socket.AF_INET6 if ":" in host else socket.AF_INET), (host, port)
         path = proto.stream_ipc_path(rest)
         if body.get("path") != path:  # the sender connects only where the convention says
-            raise MalformedFrame(f"listen reply names {body.get('path')!r:.200}, expected {path!r}")
+            raise MalformedFrame(f"listen reply names {body.get('path')!r:.200}, "
+                                 f"expected {path!r}")
         return socket.AF_UNIX, proto.unix_address(path)
 
     # ---- payload ---------------------------------------------------------------------------------
-    def send_payload(self, sender: Any, packed: PackedKv, deadline: float) -> None:
+    def pack(self, cache: PagedKvCache, block_table: Sequence[int], token_start: int,
+             token_end: int, **fields: Any) -> PackedKv:
+        return pack_kv(cache, block_table, token_start, token_end, options=self.options,
+                       checksum="xxh3_64" if self.checksum else None, transport="stream",
+                       pool=self.pool, **fields)
+
+    def send(self, channel: PeerChannel, packed: PackedKv, deadline: float) -> Any:
         assert self._sock is not None
+        channel.send_frames(proto.header_frames(packed.header), deadline)
         h = packed.header
-        out = _Writer(self._sock.fileno(), sender, h.transfer_id, deadline)
+        out = _Writer(self._sock.fileno(), channel, h.transfer_id, deadline)
         sums: list[int | None] = [None] * len(h.buffer_sizes)
         lazy: list[tuple[int, np.ndarray]] = []  # in-place buffers to hash while the socket is full
         idle = _hash_jobs(lazy, sums) if h.checksum else None
         try:
-            out.push(np.frombuffer(proto.stream_prefix(h.transfer_id, h.payload_bytes), dtype=np.uint8))
+            prefix = proto.stream_prefix(h.transfer_id, h.payload_bytes)
+            out.push(np.frombuffer(prefix, dtype=np.uint8))
             for i in range(len(h.buffer_sizes)):
                 segs = packed.segments(i)
                 if segs is not None:  # the source blocks themselves
@@ -130,8 +169,9 @@ class StreamLink:
             self.drop()
             grace = min(deadline, time.monotonic() + _ERROR_GRACE_S)
             with contextlib.suppress(TransferTimeout):
-                sender._wait_reply(h.transfer_id, grace, want=proto.ACK)
+                channel.wait_reply(h.transfer_id, grace, want=proto.ACK)
             raise PeerLost(f"data connection to {self.endpoint} failed mid-payload: {e}") from None
+        return None
 
 
 def _host(buf: torch.Tensor) -> torch.Tensor:
@@ -151,10 +191,9 @@ class _Writer:
     """Queued non-blocking writes with a deadline, watching the ZMQ socket while it waits.
     `push*` writes what the socket takes now and queues the rest; `flush` writes everything."""
 
-    def __init__(self, fd: int, sender: Any, tid: int, deadline: float):
-        self.fd, self.sender, self.tid, self.deadline = fd, sender, tid, deadline
+    def __init__(self, fd: int, channel: PeerChannel, tid: int, deadline: float):
+        self.fd, self.channel, self.tid, self.deadline = fd, channel, tid, deadline
         self._queue: deque[tuple[IoVec, Any]] = deque()  # (segments, memory they point into)
-        self._poller: zmq.Poller | None = None
 
     def push(self, buf: np.ndarray | torch.Tensor) -> None:
         """Queue a contiguous buffer (kept alive until written)."""
@@ -188,12 +227,7 @@ class _Writer:
     def _wait(self) -> None:
         remaining = self.deadline - time.monotonic()
         if remaining <= 0:
-            raise TransferTimeout(f"peer {self.sender.endpoint} stopped reading the payload before the deadline")
-        if self._poller is None:
-            self._poller = zmq.Poller()
-            self._poller.register(self.fd, zmq.POLLOUT)
-            self._poller.register(self.sender._sock, zmq.POLLIN)
-            self._poller.register(self.sender._monitor, zmq.POLLIN)
-        ready = dict(self._poller.poll(max(1, int(min(remaining, 1.0) * 1000))))
-        if self.sender._sock in ready or self.sender._monitor in ready:
-            self.sender._check_replies(self.tid)  # raises the receiver's error, or PeerLost
+            raise TransferTimeout(f"peer {self.channel.endpoint} stopped reading the payload "
+                                  "before the deadline")
+        # raises the receiver's error, or PeerLost
+        self.channel.wait_writable(self.fd, self.tid, min(remaining, 1.0))

@@ -3,7 +3,8 @@
 One socket pair carries one message family; every frame list starts with a one-byte kind.
 Sender → receiver:
   HEADER  [b"H", header]                       header = transfer/wire/header.py msgpack
-  DATA    [b"D", meta, buf_0, ..., buf_k]      meta = msgpack [transfer_id, chunk_index, checksums|nil]
+  DATA    [b"D", meta, buf_0, ..., buf_k]      meta = msgpack [transfer_id, chunk_index,
+                                                                checksums|nil]
   ABORT   [b"A", msgpack [transfer_id, reason]]
   NCCL    [b"N", msgpack [unique_id_bytes, ...]]  (communicator set-up; see nccl/transport.py)
   SIZES   [b"Z", msgpack [transfer_id, [buffer bytes, ...]]]  (NCCL, eager: ahead of HEADER,
@@ -46,7 +47,7 @@ from typing import Any
 import msgpack
 
 from transfer.wire.errors import LimitExceeded, MalformedFrame, TransferError
-from transfer.wire.header import ReceiverLimits
+from transfer.wire.header import ReceiverLimits, TransferHeader
 
 HEADER = b"H"
 DATA = b"D"
@@ -87,10 +88,12 @@ def data_meta(raw: Any, max_checksums: int) -> tuple[int, int, list[int] | None]
     if not isinstance(meta, list) or len(meta) != 3:
         raise MalformedFrame("data meta must be [transfer_id, chunk_index, checksums]")
     tid, index, sums = meta
-    if not isinstance(tid, int) or not isinstance(index, int) or isinstance(tid, bool) or tid < 0 or index < 0:
+    if not isinstance(tid, int) or not isinstance(index, int) or isinstance(tid, bool) \
+            or tid < 0 or index < 0:
         raise MalformedFrame("data meta ids must be non-negative ints")
-    if sums is not None and (not isinstance(sums, list) or len(sums) > max_checksums
-                             or not all(isinstance(x, int) and not isinstance(x, bool) for x in sums)):
+    if sums is not None and (
+            not isinstance(sums, list) or len(sums) > max_checksums
+            or not all(isinstance(x, int) and not isinstance(x, bool) for x in sums)):
         raise MalformedFrame("data checksums must be a list of ints")
     return tid, index, sums
 
@@ -112,6 +115,10 @@ def parse_sizes(raw: Any, limits: ReceiverLimits) -> tuple[int, tuple[int, ...]]
     if sum(sizes) > limits.max_message_bytes:
         raise LimitExceeded("message bytes", sum(sizes), limits.max_message_bytes)
     return body[0], sizes
+
+
+def header_frames(header: TransferHeader) -> list[bytes]:
+    return [HEADER, header.encode()]
 
 
 def error_frames(err: TransferError, transfer_id: int | None) -> list[bytes]:
@@ -136,7 +143,8 @@ def parse_reply(frames: list[Any]) -> tuple[bytes, int | None, Any]:
         tid = body.get("tid") if kind == ERROR else body.get("transfer_id")
     else:
         raise MalformedFrame("reply body must be a map")
-    if kind not in (ACK, ERROR, READY, STREAM_LISTEN) or (tid is not None and not isinstance(tid, int)):
+    if kind not in (ACK, ERROR, READY, STREAM_LISTEN) \
+            or (tid is not None and not isinstance(tid, int)):
         raise MalformedFrame(f"unknown reply kind {kind!r}")
     return kind, tid, body
 
@@ -149,7 +157,8 @@ def parse_stream_prefix(raw: bytes | bytearray | memoryview) -> tuple[int, int]:
     """(transfer_id, payload bytes) of a data-connection prefix; MalformedFrame if it is not one."""
     magic, version, flags, tid, nbytes = STREAM_PREFIX.unpack(raw)
     if magic != STREAM_MAGIC or version != STREAM_VERSION or flags != 0:
-        raise MalformedFrame(f"bad stream prefix (magic {magic!r}, version {version}, flags {flags})")
+        raise MalformedFrame(f"bad stream prefix (magic {magic!r}, version {version}, "
+                             f"flags {flags})")
     return tid, nbytes
 
 

@@ -70,7 +70,8 @@ def wire_dtype_name(dtype: torch.dtype) -> str:
 def as_bits(t: torch.Tensor) -> torch.Tensor:
     """Same memory viewed as integers of the same width: bit-exact copies for dtypes whose
     CPU kernels lack copy ops (fp8 `index_copy_`)."""
-    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+    return t.view(ints[t.element_size()])
 
 
 def as_rows(t: torch.Tensor) -> torch.Tensor:
