@@ -1,0 +1,40 @@
+"""Start-up warm-up: a few synthetic requests through the worker's own engine, so its first
+heartbeats already carry step timings of prefill chunks of several sizes and of decode batches
+(the proxy fits its placement cost models to them) and the first real requests do not pay for
+lazy initialisation. Bounded in time; leaves no block used."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+
+from engine.llm_engine import LLMEngine
+from engine.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+PROMPT_LENGTHS = (16, 64, 256, 1024)
+DECODE_BATCH = 4
+
+
+def warm_up(engine: LLMEngine, budget_s: float = 5.0) -> int:
+    """Run the warm-up within about `budget_s` seconds; the number of steps it recorded."""
+    rng = random.Random(0)
+    vocab = engine.model_config.vocab_size
+    room = min(engine.plan.max_model_len, engine.cache.pool.num_blocks
+               * engine.cache.block_size // (DECODE_BATCH + 1)) - 9
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    before = len(engine.step_log)
+    t0 = time.perf_counter()
+    rounds = [[n] for n in PROMPT_LENGTHS if n <= room] + [[32] * DECODE_BATCH]
+    for lengths in rounds:
+        if time.perf_counter() - t0 > budget_s:
+            break
+        prompts = [[rng.randrange(vocab) for _ in range(n)] for n in lengths if n <= room]
+        if prompts:
+            engine.generate(prompts, params if len(prompts) == 1
+                            else SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
+    steps = len(engine.step_log) - before
+    log.info("warm-up: %d steps in %.2f s", steps, time.perf_counter() - t0)
+    return steps
