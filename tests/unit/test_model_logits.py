@@ -67,7 +67,8 @@ def _our_logits(engine: LLMEngine, tokens: list[list[int]]) -> tuple[list[torch.
             out[k][start:start + s.num_tokens] = logits[meta.query_start_loc[i]:meta.query_start_loc[i + 1]]
             if s.completes:  # feed the next token of the fixed list instead of sampling
                 results[s.seq.seq_id] = SampleResult(tokens[k][s.seq.num_tokens], None)
-        num_decode = sum(s.num_tokens == 1 and s.seq.is_prefill_done for s in batch)
+        num_decode = sum(s.num_tokens == 1 and s.seq.num_computed_tokens >= s.seq.num_prompt_tokens
+                         for s in batch)
         kinds.append("decode" if num_decode == len(batch) else "mixed" if num_decode else "prefill")
         scheduler.postprocess(batch, results)
     for seq, t in zip(seqs, tokens, strict=True):
