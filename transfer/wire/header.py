@@ -41,6 +41,9 @@ _SPEC_INTS = ("num_layers", "num_kv_heads", "head_dim", "block_size", "int4_grou
               "tp_rank", "tp_size", "kv_head_replicas")
 _SPEC_STRS = ("dtype", "layout", "kind", "scale_granularity", "model_fingerprint")
 _U64 = (1 << 64) - 1
+_META_DEPTH = 3  # lists / maps nested in one meta value, at most (a typed value: map, list, pair)
+_META_KEY_LEN = 64
+_META_STR_LEN = 1024
 
 
 @dataclass(frozen=True)
@@ -61,7 +64,8 @@ class ReceiverLimits:
     max_entries: int = 65536  # sum over entries of their num_layers
     max_buffers: int = 16384
     max_request_id_len: int = 256
-    max_meta_items: int = 32
+    max_meta_items: int = 32  # keys of the meta map
+    max_meta_values: int = 4096  # values in the meta map, nested ones and containers included
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -107,7 +111,8 @@ class TransferHeader:
     entries: tuple[TensorEntry, ...]
     checksum: str | None = None  # algorithm; values travel with the chunks
     transport: str = "zmq"
-    meta: Mapping[str, Any] = field(default_factory=dict)  # small plain values for the serving layer
+    # values for the serving layer: plain scalars, or lists / maps of them (see `_meta`)
+    meta: Mapping[str, Any] = field(default_factory=dict)
     version: int = WIRE_VERSION
 
     @property
@@ -230,16 +235,41 @@ def _entry(v: Any, i: int) -> TensorEntry:
                        nbytes=_int(v[9], f"entry {i} nbytes"))
 
 
+def _is_meta_scalar(x: Any) -> bool:
+    return x is None or isinstance(x, (bool, float)) or (isinstance(x, int) and -_U64 <= x <= _U64) \
+        or (isinstance(x, str) and len(x) <= _META_STR_LEN)
+
+
 def _meta(v: Any, limits: ReceiverLimits) -> dict[str, Any]:
+    """The meta map: short string keys; values plain scalars, or lists / short-keyed maps of
+    them nested at most `_META_DEPTH` deep (how the control plane's codec writes a typed value,
+    e.g. the first token's logprob); `max_meta_values` values in all. What a value means is the
+    serving layer's to check."""
     if not isinstance(v, dict):
         raise MalformedHeader("meta must be a map")
     if len(v) > limits.max_meta_items:
         raise LimitExceeded("meta items", len(v), limits.max_meta_items)
-    for k, x in v.items():
-        ok = x is None or isinstance(x, (bool, float)) or (isinstance(x, int) and -_U64 <= x <= _U64) \
-            or (isinstance(x, str) and len(x) <= 1024)
-        if not isinstance(k, str) or len(k) > 64 or not ok:
-            raise MalformedHeader(f"meta {k!r:.40}: keys are short strings, values plain scalars")
+    stack: list[tuple[Any, str, int]] = [(v, "meta", -1)]
+    num_values = 0
+    while stack:
+        x, where, depth = stack.pop()
+        num_values += 1
+        if num_values > limits.max_meta_values + 1:  # + 1: the meta map itself
+            raise LimitExceeded("meta values", num_values - 1, limits.max_meta_values)
+        if isinstance(x, (dict, list)) and depth == _META_DEPTH:
+            raise MalformedHeader(f"{where:.60}: nested deeper than {_META_DEPTH} levels")
+        if isinstance(x, dict):
+            bad = next((k for k in x if not isinstance(k, str) or len(k) > _META_KEY_LEN), None)
+            if bad is not None:
+                raise MalformedHeader(f"{where:.60}: key {bad!r:.40} is not a short string")
+            items = [(f"{where}.{k}", y) for k, y in x.items()]
+        elif isinstance(x, list):
+            items = [(f"{where}[{i}]", y) for i, y in enumerate(x)]
+        elif _is_meta_scalar(x):
+            continue
+        else:
+            raise MalformedHeader(f"{where:.60}: {type(x).__name__} is not a meta value")
+        stack.extend((y, w, depth + 1) for w, y in items)
     return dict(v)
 
 
