@@ -18,7 +18,7 @@ Tensor shapes per layout (one layer; `B` = num_blocks, `S` = block_size, `H` = k
 from __future__ import annotations
 
 import enum
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import xxhash
@@ -89,7 +89,6 @@ class KvSpec:
     tp_rank: int = 0
     tp_size: int = 1
     model_fingerprint: str = ""
-    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
     # With more TP ranks than model KV heads (MQA/GQA at high TP), each rank holds one head and
     # `kv_head_replicas` consecutive ranks hold the same head (vLLM's replication rule).
     kv_head_replicas: int = 1
@@ -201,13 +200,11 @@ class KvSpec:
         d = asdict(self)
         for key in ("dtype", "layout", "kind", "scale_granularity"):
             d[key] = d[key].value
-        d.pop("extra")
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> KvSpec:
-        known = {f for f in cls.__dataclass_fields__ if f != "extra"}
-        unknown = set(d) - known
+        unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
             raise KvSpecError(f"unknown KvSpec fields {sorted(unknown)}")
         return cls(**d)

@@ -15,8 +15,6 @@ from dataclasses import dataclass
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from engine.errors import RequestError
-from engine.sampling_params import SamplingParams
 from proxy import openai_api as api
 from proxy import responses
 from proxy.cluster import ClusterClient
@@ -132,19 +130,10 @@ def build_app(config: ProxyConfig, cluster: ClusterClient, tokenizer: ChatTokeni
         if not prompt_ids:
             raise invalid_request("the prompt is empty", "prompt" if isinstance(body, api.CompletionRequest)
                                   else "messages")
-        sampling = api.to_sampling(body)
-        param = "messages" if isinstance(body, api.ChatCompletionRequest) else "prompt"
-        max_tokens = api.resolve_max_tokens(sampling.max_tokens, len(prompt_ids), config.max_model_len, param)
-        try:
-            params = SamplingParams(max_tokens=max_tokens, temperature=sampling.temperature,
-                                    top_p=sampling.top_p, top_k=sampling.top_k, seed=sampling.seed,
-                                    ignore_eos=sampling.ignore_eos, logprobs=sampling.logprobs,
-                                    min_tokens=sampling.min_tokens)
-        except RequestError as e:
-            raise invalid_request(str(e)) from None
+        params = api.to_sampling(body, len(prompt_ids), config.max_model_len)
         # Internal id: unique even when clients reuse an X-Request-Id.
-        return responses.GenerationStream(cluster, tokenizer, metrics, uuid.uuid4().hex, prompt_ids,
-                                  params.to_dict(), sampling.stop)
+        return responses.GenerationStream(cluster, tokenizer, metrics, uuid.uuid4().hex,
+                                          prompt_ids, params, list(body.stop or []))
 
     return app
 

@@ -11,6 +11,8 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from engine.outputs import FinishReason, TokenLogprob
+from engine.sampling_params import SamplingParams
 from proxy import openai_api as api
 from proxy.cluster import ClusterClient
 from proxy.detokenizer import IncrementalDetokenizer, Tokenizer
@@ -23,7 +25,7 @@ from proxy.stop import StopMatcher
 @dataclass
 class Delta:
     text: str
-    logprobs: list[api.TokenLogprob]
+    logprobs: list[api.TextLogprob]
     finish_reason: str | None = None
 
 
@@ -34,7 +36,7 @@ class GenerationStream:
     metrics: ProxyMetrics
     request_id: str
     prompt_ids: list[int]
-    params: dict
+    params: SamplingParams
     stops: list[str]
     num_completion_tokens: int = 0
     num_cached_tokens: int = 0
@@ -63,10 +65,10 @@ class GenerationStream:
                 emit, stopped = stop.push(text)
                 if tokens.finish_reason is not None and not stopped:
                     emit += stop.flush()
-                reason = "stop" if stopped else tokens.finish_reason
                 logprobs = self._logprobs(tokens.logprobs)
-                if stopped or reason is not None:
-                    self.finish_reason = "length" if reason == "length" else "stop"
+                if stopped or tokens.finish_reason is not None:
+                    is_length = not stopped and tokens.finish_reason is FinishReason.LENGTH
+                    self.finish_reason = "length" if is_length else "stop"  # abort: "stop"
                     yield Delta(emit, logprobs, self.finish_reason)
                     return  # leaving the cluster iterator early aborts the request on the workers
                 if emit or logprobs:
@@ -81,18 +83,19 @@ class GenerationStream:
                     time.monotonic() - self.started,
                     None if first_at is None else first_at - self.started, self.num_cached_tokens)
 
-    def _logprobs(self, raw: list) -> list[api.TokenLogprob]:
-        decode = self.tokenizer.decode
-        return [api.TokenLogprob(decode([tok], skip_special_tokens=False), float(lp),
-                               [(decode([t], skip_special_tokens=False), float(v)) for t, v in top])
-                for tok, lp, top in raw]
+    def _logprobs(self, entries: list[TokenLogprob]) -> list[api.TextLogprob]:
+        def text(token_id: int) -> str:
+            return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+        return [api.TextLogprob(text(e.token_id), e.logprob,
+                                [(text(t), lp) for t, lp in e.top]) for e in entries]
 
     def usage(self) -> api.UsageInfo:
         return api.UsageInfo.of(len(self.prompt_ids), self.num_completion_tokens, self.num_cached_tokens)
 
 
 # ---- non-streaming ----------------------------------------------------------------------------
-async def collect(stream: GenerationStream) -> tuple[str, list[api.TokenLogprob]]:
+async def collect(stream: GenerationStream) -> tuple[str, list[api.TextLogprob]]:
     text, logprobs = [], []
     async for d in stream.deltas():
         text.append(d.text)

@@ -11,7 +11,8 @@ import zmq
 
 from bench.kv_fill import ReceiverHarness, fill_random
 from engine.kv_spec import KvDtype, KvSpec
-from prefill.kv_outbox import KvOutbox, SendResult
+from prefill.kv_outbox import KvOutbox, TransferOutcome
+from protocol.errors import ErrorCode
 from transfer.convert.cache import PagedKvCache
 from transfer.endpoint.records import ZmqReceiverConfig
 from worker.config import KvTransportConfig
@@ -20,9 +21,9 @@ SPEC = KvSpec(2, 2, 64, 16, dtype=KvDtype.BFLOAT16)
 TIMEOUT_S = 4.0
 
 
-def _results(outbox: KvOutbox, want: int, timeout_s: float) -> dict[str, tuple[SendResult, float]]:
+def _results(outbox: KvOutbox, want: int, timeout_s: float) -> dict[str, tuple[TransferOutcome, float]]:
     """Results by request id, each with the time it came back."""
-    got: dict[str, tuple[SendResult, float]] = {}
+    got: dict[str, tuple[TransferOutcome, float]] = {}
     deadline = time.monotonic() + timeout_s
     while len(got) < want and time.monotonic() < deadline:
         for r in outbox.poll_results():
@@ -57,9 +58,9 @@ def test_a_hung_decode_worker_delays_only_its_own_transfers() -> None:
         order = sorted(range(3), key=lambda i: got[f"ok-{i}"][1])
         assert order == [0, 1, 2]  # one peer's transfers go in order
         stuck, at = got["stuck"]
-        assert stuck.error is not None and stuck.error.startswith("TransferTimeout") and stuck.retryable
+        assert stuck.error is not None and stuck.error.startswith("TransferTimeout")
+        assert stuck.code is ErrorCode.KV_TRANSFER and stuck.retryable  # TransferTimeout.retryable
         assert at - t0 >= TIMEOUT_S * 0.9
-        assert outbox.num_bytes == sum(got[f"ok-{i}"][0].num_bytes for i in range(3))
     finally:
         outbox.close()
         healthy.close()
