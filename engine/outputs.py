@@ -8,7 +8,7 @@ token in the KV header's meta, the decode worker's `Tokens` events) and the prox
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 class FinishReason(str, enum.Enum):
@@ -23,8 +23,4 @@ class TokenLogprob:
 
     token_id: int
     logprob: float
-    top: tuple[tuple[int, float], ...] = ()
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.top, tuple):
-            object.__setattr__(self, "top", tuple(self.top))
+    top: list[tuple[int, float]] = field(default_factory=list)

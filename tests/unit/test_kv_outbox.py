@@ -15,6 +15,7 @@ from prefill.kv_outbox import KvOutbox, TransferOutcome
 from protocol.errors import ErrorCode
 from transfer.convert.cache import PagedKvCache
 from transfer.endpoint.records import ZmqReceiverConfig
+from transfer.wire.errors import ChecksumMismatch, PeerLost, TransferError, TransferTimeout
 from worker.config import KvTransportConfig
 
 SPEC = KvSpec(2, 2, 64, 16, dtype=KvDtype.BFLOAT16)
@@ -92,4 +93,34 @@ def test_idle_lanes_close_and_come_back() -> None:
     finally:
         outbox.close()
         healthy.close()
+        ctx.destroy(linger=0)
+
+
+def _all_subclasses(cls: type[TransferError]) -> set[type[TransferError]]:
+    return {c for sub in cls.__subclasses__() for c in (sub, *_all_subclasses(sub))}
+
+
+def test_a_failed_transfer_is_coded_from_its_error_class() -> None:
+    """One source of truth for what is retryable: the transfer error class's `retryable`
+    decides the outcome's ErrorCode (and so whether the proxy retries the prefill)."""
+    for cls in _all_subclasses(TransferError):
+        error = TransferError.from_wire({"code": cls.code, "message": "m"})
+        outcome = TransferOutcome.failed("r", error)
+        assert outcome.retryable is cls.retryable, cls.__name__
+        assert outcome.code is (ErrorCode.KV_TRANSFER if cls.retryable else ErrorCode.KV_REFUSED)
+    assert {c for c in _all_subclasses(TransferError) if c.retryable} == {
+        TransferTimeout, PeerLost, ChecksumMismatch}
+    unexpected = TransferOutcome.failed("r", RuntimeError("bug"))
+    assert unexpected.code is ErrorCode.INTERNAL and not unexpected.retryable
+    src = PagedKvCache.allocate(SPEC.with_(model_fingerprint="model-a"), 4)
+    ctx = zmq.Context()
+    outbox = KvOutbox(ctx, src, KvTransportConfig(transfer_timeout_s=TIMEOUT_S))
+    try:  # refused before anything is sent: another prefill worker would meet it too
+        outbox.send("other-model", "tcp://127.0.0.1:9", [0, 1], 32,
+                    SPEC.with_(model_fingerprint="model-b"), {"first_token": 1})
+        result, _ = _results(outbox, 1, 10)["other-model"]
+        assert result.error is not None and result.error.startswith("IncompatibleKv")
+        assert result.code is ErrorCode.KV_REFUSED and not result.retryable
+    finally:
+        outbox.close()
         ctx.destroy(linger=0)

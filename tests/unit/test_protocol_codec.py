@@ -30,7 +30,7 @@ PARAMS = SamplingParams(max_tokens=7, temperature=0.5, top_p=0.9, top_k=40, seed
                         stop_token_ids=(2, 3), ignore_eos=True, logprobs=2, min_tokens=1)
 SPEC = KvSpec(30, 3, 64, 16, dtype=KvDtype.INT8, layout=KvLayout.HND,
               scale_granularity=ScaleGranularity.PER_HEAD, model_fingerprint="f00d")
-LOGPROBS = [TokenLogprob(5, -0.25, ((5, -0.25), (9, -1.5))), TokenLogprob(6, float("-inf"))]
+LOGPROBS = [TokenLogprob(5, -0.25, [(5, -0.25), (9, -1.5)]), TokenLogprob(6, float("-inf"))]
 
 MESSAGES: list[tuple[MessageFamily, Any]] = [
     (dmsg.DECODE_CTRL, dmsg.Reserve("r1", [1, 2, 3], PARAMS, False, 2.5)),
@@ -214,5 +214,5 @@ def test_value_codec_round_trips_a_value_outside_a_message() -> None:
     assert codec.decode(KvSpec, msgpack.unpackb(msgpack.packb(codec.encode(KvSpec, spec))),
                         "spec") == spec
     assert codec.decode(KvSpec | None, None, "spec") is None
-    with pytest.raises(MalformedMessage, match="^spec: expected KvSpec, got int"):
+    with pytest.raises(MalformedMessage, match=r"^spec: expected KvSpec, got int"):
         codec.decode(KvSpec, 3, "spec")
