@@ -117,13 +117,15 @@ class KvSpec:
         if self.kind is KvKind.LATENT and self.num_kv_heads != 1:
             raise KvSpecError("a latent (MLA) cache has exactly one 'head' (num_kv_heads=1)")
         if self.layout is KvLayout.PAGED_V1 and self.head_dim % self.x != 0:
-            raise KvSpecError(f"paged_v1 needs head_dim % x == 0 (head_dim {self.head_dim}, x {self.x})")
+            raise KvSpecError(
+                f"paged_v1 needs head_dim % x == 0 (head_dim {self.head_dim}, x {self.x})")
         if self.dtype.is_quantized and self.scale_granularity is ScaleGranularity.NONE:
             raise KvSpecError(f"dtype {self.dtype.value} needs a scale granularity")
         if self.dtype is KvDtype.INT4 and (
             self.int4_group_size <= 0 or self.head_dim % self.int4_group_size or self.head_dim % 2
         ):
-            raise KvSpecError(f"int4 needs an even head_dim divisible by int4_group_size {self.int4_group_size}")
+            raise KvSpecError(f"int4 needs an even head_dim divisible by int4_group_size "
+                              f"{self.int4_group_size}")
 
     # ---- derived values -------------------------------------------------------------------
     @property

@@ -108,10 +108,12 @@ class ClusterClient:
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
-        self._tasks = [asyncio.create_task(self._event_loop()), asyncio.create_task(self._monitor())]
+        self._tasks = [asyncio.create_task(self._event_loop()),
+                       asyncio.create_task(self._monitor())]
 
     async def _broadcast(self, to_decode: object, to_prefill: object) -> None:
-        """One control message to every registered worker, without waiting (dropped if it can't go)."""
+        """One control message to every registered worker, without waiting (dropped if it
+        can't go)."""
         for w in list(self.workers.values()):
             msg = to_decode if w.hello.role == "decode" else to_prefill
             with contextlib.suppress(zmq.ZMQError):
@@ -139,7 +141,8 @@ class ClusterClient:
                 return
             if time.monotonic() > deadline:
                 raise TimeoutError(f"workers did not register in {timeout_s:.0f} s: "
-                                   f"{len(have[0])}/{num_prefill} prefill, {len(have[1])}/{num_decode} decode")
+                                   f"{len(have[0])}/{num_prefill} prefill, "
+                                   f"{len(have[1])}/{num_decode} decode")
             self._registered.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._registered.wait(), 0.5)
@@ -216,7 +219,8 @@ class ClusterClient:
                 self.workers[wid].requests.discard(req.request_id)
 
     def _start_prefill(self, req: RequestState) -> None:
-        candidates = [w.state for w in self.alive("prefill") if w.hello.worker_id not in req.tried_prefill]
+        candidates = [w.state for w in self.alive("prefill")
+                      if w.hello.worker_id not in req.tried_prefill]
         decode = self.workers.get(req.decode_id)
         if not candidates or decode is None:
             req.prefill_id = None
@@ -296,7 +300,8 @@ class ClusterClient:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 10000)
         sock.connect(hello.ctrl_address)
-        state = WorkerState(hello.worker_id, hello.role, hello.ctrl_address)  # type: ignore[arg-type]
+        state = WorkerState(hello.worker_id, hello.role,  # type: ignore[arg-type]
+                            hello.ctrl_address)
         block_size = hello.kv_spec.block_size
         if hello.role == "prefill" and block_size != self.prefill_policy.block_size:
             self.prefill_policy = PrefixAware(block_size=block_size)
@@ -311,9 +316,9 @@ class ClusterClient:
         if w is None:
             return
         usage = hb.num_used_blocks / hb.num_blocks if hb.num_blocks else 0.0
-        w.state = replace(w.state, is_alive=True, num_running=hb.num_running, num_waiting=hb.num_waiting,
-                          kv_usage=min(max(usage, 0.0), 1.0), num_free_blocks=hb.num_free_blocks,
-                          num_total_blocks=hb.num_blocks)
+        w.state = replace(w.state, is_alive=True, num_running=hb.num_running,
+                          num_waiting=hb.num_waiting, kv_usage=min(max(usage, 0.0), 1.0),
+                          num_free_blocks=hb.num_free_blocks, num_total_blocks=hb.num_blocks)
         self.metrics.set_worker(hb.worker_id, hb.role, is_alive=True, kv_usage=usage,
                                 num_used_blocks=hb.num_used_blocks)
         self.metrics.on_preemptions(hb.num_preemptions - w.num_preemptions_seen)
@@ -342,12 +347,13 @@ class ClusterClient:
                 continue
             if w.hello.role == "prefill" and req.prefill_id == w.hello.worker_id \
                     and req.stage is Stage.PREFILLING:
-                log.warning("prefill worker %s %s: retrying prefill of %s", w.hello.worker_id, what, rid)
+                log.warning("prefill worker %s %s: retrying prefill of %s", w.hello.worker_id,
+                            what, rid)
                 self._start_prefill(req)
             elif w.hello.role == "decode":
-                req.queue.put_nowait(ApiError(503, f"decode worker {w.hello.worker_id} {what} while "
-                                              f"serving this request", "service_unavailable",
-                                              code="worker_lost"))
+                req.queue.put_nowait(ApiError(
+                    503, f"decode worker {w.hello.worker_id} {what} while serving this request",
+                    "service_unavailable", code="worker_lost"))
                 self._spawn(self._send(req.prefill_id, pmsg.Abort(rid, "decode lost")))
 
     # ---- views --------------------------------------------------------------------------------

@@ -102,7 +102,8 @@ class _RequestBase(BaseModel):
 
     @property
     def include_usage(self) -> bool:
-        """Whether a stream ends with a usage chunk (`stream_options` is ignored unless streaming)."""
+        """Whether a stream ends with a usage chunk (`stream_options` is ignored unless
+        streaming)."""
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
 

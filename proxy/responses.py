@@ -49,7 +49,8 @@ class GenerationStream:
         first_at: float | None = None
         last_at = self.started
         try:
-            async for tokens in self.cluster.generate(self.request_id, self.prompt_ids, self.params):
+            events = self.cluster.generate(self.request_id, self.prompt_ids, self.params)
+            async for tokens in events:
                 now = time.monotonic()
                 if first_at is None:
                     first_at = now
@@ -91,7 +92,8 @@ class GenerationStream:
                                 [(text(t), lp) for t, lp in e.top]) for e in entries]
 
     def usage(self) -> api.UsageInfo:
-        return api.UsageInfo.of(len(self.prompt_ids), self.num_completion_tokens, self.num_cached_tokens)
+        return api.UsageInfo.of(len(self.prompt_ids), self.num_completion_tokens,
+                                self.num_cached_tokens)
 
 
 # ---- non-streaming ----------------------------------------------------------------------------
@@ -103,21 +105,24 @@ async def collect(stream: GenerationStream) -> tuple[str, list[api.TextLogprob]]
     return "".join(text), logprobs
 
 
-async def completion_response(stream: GenerationStream, model: str, want_logprobs: bool) -> api.CompletionResponse:
+async def completion_response(stream: GenerationStream, model: str,
+                              want_logprobs: bool) -> api.CompletionResponse:
     text, logprobs = await collect(stream)
-    choice = api.CompletionChoice(text=text, finish_reason=stream.finish_reason,  # type: ignore[arg-type]
-                                logprobs=api.CompletionLogprobs.build(logprobs) if want_logprobs else None)
+    choice = api.CompletionChoice(
+        text=text, finish_reason=stream.finish_reason,  # type: ignore[arg-type]
+        logprobs=api.CompletionLogprobs.build(logprobs) if want_logprobs else None)
     return api.CompletionResponse(id=f"cmpl-{stream.request_id}", model=model, choices=[choice],
-                                usage=stream.usage())
+                                  usage=stream.usage())
 
 
-async def chat_response(stream: GenerationStream, model: str, want_logprobs: bool) -> api.ChatCompletionResponse:
+async def chat_response(stream: GenerationStream, model: str,
+                        want_logprobs: bool) -> api.ChatCompletionResponse:
     text, logprobs = await collect(stream)
     choice = api.ChatChoice(message=api.ChatResponseMessage(content=text),
-                          finish_reason=stream.finish_reason,  # type: ignore[arg-type]
-                          logprobs=api.ChatLogprobs.build(logprobs) if want_logprobs else None)
+                            finish_reason=stream.finish_reason,  # type: ignore[arg-type]
+                            logprobs=api.ChatLogprobs.build(logprobs) if want_logprobs else None)
     return api.ChatCompletionResponse(id=f"chatcmpl-{stream.request_id}", model=model,
-                                    choices=[choice], usage=stream.usage())
+                                      choices=[choice], usage=stream.usage())
 
 
 # ---- streaming ---------------------------------------------------------------------------------
@@ -128,10 +133,12 @@ async def completion_sse(stream: GenerationStream, model: str, want_logprobs: bo
         async for d in stream.deltas():
             lp = api.CompletionLogprobs.build(d.logprobs, offset) if want_logprobs else None
             offset += len(d.text)
-            choice = api.CompletionChoice(text=d.text, logprobs=lp, finish_reason=d.finish_reason)  # type: ignore[arg-type]
+            choice = api.CompletionChoice(text=d.text, logprobs=lp,
+                                          finish_reason=d.finish_reason)  # type: ignore[arg-type]
             yield sse_event(api.CompletionResponse(id=rid, model=model, choices=[choice]))
         if include_usage:
-            yield sse_event(api.CompletionResponse(id=rid, model=model, choices=[], usage=stream.usage()))
+            yield sse_event(api.CompletionResponse(id=rid, model=model, choices=[],
+                                                   usage=stream.usage()))
     except ApiError as e:
         yield sse_error(e)
     except Exception as e:  # an unexpected failure still ends the stream properly
@@ -148,10 +155,11 @@ async def chat_sse(stream: GenerationStream, model: str, want_logprobs: bool,
         async for d in stream.deltas():
             lp = api.ChatLogprobs.build(d.logprobs) if want_logprobs and d.logprobs else None
             choice = api.ChatChunkChoice(delta=api.DeltaMessage(content=d.text), logprobs=lp,
-                                       finish_reason=d.finish_reason)  # type: ignore[arg-type]
+                                         finish_reason=d.finish_reason)  # type: ignore[arg-type]
             yield sse_event(api.ChatCompletionChunk(id=rid, model=model, choices=[choice]))
         if include_usage:
-            yield sse_event(api.ChatCompletionChunk(id=rid, model=model, choices=[], usage=stream.usage()))
+            yield sse_event(api.ChatCompletionChunk(id=rid, model=model, choices=[],
+                                                    usage=stream.usage()))
     except ApiError as e:
         yield sse_error(e)
     except Exception as e:

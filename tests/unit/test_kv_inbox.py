@@ -50,7 +50,8 @@ def test_forgets_racing_arrivals_end_each_reservation_once(payload: str) -> None
         try:
             for rid in rids:
                 try:
-                    sent[rid] = tx.send(src, list(range(8)), 0, 128, request_id=rid, meta={"first_token": 5})
+                    sent[rid] = tx.send(src, list(range(8)), 0, 128, request_id=rid,
+                                        meta={"first_token": 5})
                 except TransferError as e:  # a forgotten reservation: a typed error, and on we go
                     sent[rid] = e
         finally:

@@ -22,7 +22,8 @@ SPEC = KvSpec(2, 2, 64, 16, dtype=KvDtype.BFLOAT16)
 TIMEOUT_S = 4.0
 
 
-def _results(outbox: KvOutbox, want: int, timeout_s: float) -> dict[str, tuple[TransferOutcome, float]]:
+def _results(outbox: KvOutbox, want: int,
+             timeout_s: float) -> dict[str, tuple[TransferOutcome, float]]:
     """Results by request id, each with the time it came back."""
     got: dict[str, tuple[TransferOutcome, float]] = {}
     deadline = time.monotonic() + timeout_s
@@ -40,7 +41,8 @@ def test_a_hung_decode_worker_delays_only_its_own_transfers() -> None:
     ctx = zmq.Context()
     hung = ctx.socket(zmq.ROUTER)  # a decode worker that accepts the connection and never reads
     port = hung.bind_to_random_port("tcp://127.0.0.1")
-    healthy = ReceiverHarness(PagedKvCache.allocate(SPEC, 16), ZmqReceiverConfig(endpoint="tcp://127.0.0.1:0"))
+    healthy = ReceiverHarness(PagedKvCache.allocate(SPEC, 16),
+                              ZmqReceiverConfig(endpoint="tcp://127.0.0.1:0"))
     outbox = KvOutbox(ctx, src, config)
     try:
         for i in range(3):
@@ -73,7 +75,8 @@ def test_idle_lanes_close_and_come_back() -> None:
     src = PagedKvCache.allocate(SPEC, 16)
     config = KvTransportConfig(transfer_timeout_s=TIMEOUT_S)
     ctx = zmq.Context()
-    healthy = ReceiverHarness(PagedKvCache.allocate(SPEC, 16), ZmqReceiverConfig(endpoint="tcp://127.0.0.1:0"))
+    healthy = ReceiverHarness(PagedKvCache.allocate(SPEC, 16),
+                              ZmqReceiverConfig(endpoint="tcp://127.0.0.1:0"))
     outbox = KvOutbox(ctx, src, config, lane_idle_s=0.3)
     try:
         for round_ in range(2):
@@ -86,7 +89,8 @@ def test_idle_lanes_close_and_come_back() -> None:
             deadline = time.monotonic() + 5
             while outbox.num_lanes and time.monotonic() < deadline:
                 time.sleep(0.05)
-            assert outbox.num_lanes == 0  # idle: its sender and thread are gone; the next send reopens
+            # idle: its sender and thread are gone; the next send reopens
+            assert outbox.num_lanes == 0
         for t in outbox._threads:
             t.join(5)
         assert not [t for t in outbox._threads if t.is_alive()]

@@ -47,10 +47,11 @@ def _engine(path: Path, dtype: str) -> LLMEngine:
 
 @torch.inference_mode()
 def _our_logits(engine: LLMEngine, tokens: list[list[int]]) -> tuple[list[torch.Tensor], list[str]]:
-    """Logits [len(seq) - 1, vocab] of every position, and each step's kind ("prefill"/"mixed"/"decode")."""
+    """Logits [len(seq) - 1, vocab] of every position, and each step's kind
+    ("prefill"/"mixed"/"decode")."""
     runner, scheduler = engine.runner, engine.scheduler
-    seqs = [engine.add_request(f"seq{i}", t[:n], SamplingParams(max_tokens=NUM_DECODE + 1,
-                                                                   temperature=0.0, ignore_eos=True))
+    params = SamplingParams(max_tokens=NUM_DECODE + 1, temperature=0.0, ignore_eos=True)
+    seqs = [engine.add_request(f"seq{i}", t[:n], params)
             for i, (t, n) in enumerate(zip(tokens, PROMPT_LENS, strict=True))]
     index = {seq.seq_id: k for k, seq in enumerate(seqs)}
     out = [torch.full((len(t) - 1, engine.model_config.vocab_size), float("nan")) for t in tokens]
@@ -64,7 +65,8 @@ def _our_logits(engine: LLMEngine, tokens: list[list[int]]) -> tuple[list[torch.
         for i, s in enumerate(batch):
             k = index[s.seq.seq_id]
             start = s.seq.num_computed_tokens
-            out[k][start:start + s.num_tokens] = logits[meta.query_start_loc[i]:meta.query_start_loc[i + 1]]
+            rows = logits[meta.query_start_loc[i]:meta.query_start_loc[i + 1]]
+            out[k][start:start + s.num_tokens] = rows
             if s.completes:  # feed the next token of the fixed list instead of sampling
                 results[s.seq.seq_id] = SampleResult(tokens[k][s.seq.num_tokens], None)
         num_decode = sum(s.num_tokens == 1 and s.seq.num_computed_tokens >= s.seq.num_prompt_tokens
@@ -87,7 +89,8 @@ def _hf_logits(model: Any, tokens: list[list[int]]) -> list[torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_hf_checkpoint: Callable[[str], Path]) -> Callable[[str], tuple[list[list[int]], list[torch.Tensor]]]:
+def reference(tiny_hf_checkpoint: Callable[[str], Path]
+              ) -> Callable[[str], tuple[list[list[int]], list[torch.Tensor]]]:
     """variant -> (token lists, transformers fp32 logits), computed once per module."""
     cache: dict[str, tuple[list[list[int]], list[torch.Tensor]]] = {}
 
@@ -115,7 +118,8 @@ def test_fp32_logits_match_transformers(variant: str, tiny_hf_checkpoint: Callab
         worst = int(diff.argmax())
         assert diff.max() < FP32_TOL, (
             f"{variant} seq {i}: max abs logit diff {diff.max():.2e} at position {worst} "
-            f"(prompt {PROMPT_LENS[i]} tokens; per-position: {[f'{d:.1e}' for d in diff.tolist()]})")
+            f"(prompt {PROMPT_LENS[i]} tokens; "
+            f"per-position: {[f'{d:.1e}' for d in diff.tolist()]})")
 
 
 def test_tolerance_detects_position_errors(tiny_hf_checkpoint: Callable[[str], Path],

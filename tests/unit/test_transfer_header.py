@@ -124,8 +124,9 @@ def test_limits_checked_before_parsing() -> None:
         decode_header(raw, ReceiverLimits(max_message_bytes=100))
 
 
-@pytest.mark.parametrize("raw", [b"", b"\xc1", b"\x92\x01", b"\xdf\xff\xff\xff\xff", b"not msgpack at all",
-                                 msgpack.packb([1, 2, 3]), msgpack.packb({"v": 1})])
+@pytest.mark.parametrize("raw", [b"", b"\xc1", b"\x92\x01", b"\xdf\xff\xff\xff\xff",
+                                 b"not msgpack at all", msgpack.packb([1, 2, 3]),
+                                 msgpack.packb({"v": 1})])
 def test_garbage(raw: bytes) -> None:
     with pytest.raises(MalformedHeader):
         decode_header(raw, ReceiverLimits())

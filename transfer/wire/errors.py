@@ -104,7 +104,8 @@ class IncompatibleKv(TransferError):
 
 
 class ValueOutOfRange(TransferError):
-    """Finite source values the destination dtype cannot hold (they would become inf/NaN/clipped)."""
+    """Finite source values the destination dtype cannot hold (they would become inf/NaN or be
+    clipped)."""
 
     code = 1102
     dtype: str = ""

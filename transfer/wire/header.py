@@ -41,9 +41,7 @@ _SPEC_INTS = ("num_layers", "num_kv_heads", "head_dim", "block_size", "int4_grou
               "tp_rank", "tp_size", "kv_head_replicas")
 _SPEC_STRS = ("dtype", "layout", "kind", "scale_granularity", "model_fingerprint")
 _U64 = (1 << 64) - 1
-_META_DEPTH = 3  # lists / maps nested in one meta value, at most (a typed value: map, list, pair)
-_META_KEY_LEN = 64
-_META_STR_LEN = 1024
+_META_DEPTH, _META_KEY_LEN, _META_STR_LEN = 3, 64, 1024  # nesting (map, list, pair), lengths
 
 
 @dataclass(frozen=True)
@@ -235,41 +233,32 @@ def _entry(v: Any, i: int) -> TensorEntry:
                        nbytes=_int(v[9], f"entry {i} nbytes"))
 
 
-def _is_meta_scalar(x: Any) -> bool:
-    return x is None or isinstance(x, (bool, float)) or (isinstance(x, int) and -_U64 <= x <= _U64) \
-        or (isinstance(x, str) and len(x) <= _META_STR_LEN)
-
-
 def _meta(v: Any, limits: ReceiverLimits) -> dict[str, Any]:
-    """The meta map: short string keys; values plain scalars, or lists / short-keyed maps of
-    them nested at most `_META_DEPTH` deep (how the control plane's codec writes a typed value,
-    e.g. the first token's logprob); `max_meta_values` values in all. What a value means is the
-    serving layer's to check."""
+    """Short string keys; values plain scalars, or lists / short-keyed maps of them at most
+    `_META_DEPTH` deep (a typed value as the control plane's codec writes it, e.g. the first
+    token's logprob); `max_meta_values` in all. What they mean is the serving layer's to check."""
     if not isinstance(v, dict):
         raise MalformedHeader("meta must be a map")
     if len(v) > limits.max_meta_items:
         raise LimitExceeded("meta items", len(v), limits.max_meta_items)
     stack: list[tuple[Any, str, int]] = [(v, "meta", -1)]
-    num_values = 0
+    num_values = -1  # the meta map itself is not counted
     while stack:
         x, where, depth = stack.pop()
         num_values += 1
-        if num_values > limits.max_meta_values + 1:  # + 1: the meta map itself
-            raise LimitExceeded("meta values", num_values - 1, limits.max_meta_values)
+        if num_values > limits.max_meta_values:
+            raise LimitExceeded("meta values", num_values, limits.max_meta_values)
         if isinstance(x, (dict, list)) and depth == _META_DEPTH:
             raise MalformedHeader(f"{where:.60}: nested deeper than {_META_DEPTH} levels")
         if isinstance(x, dict):
-            bad = next((k for k in x if not isinstance(k, str) or len(k) > _META_KEY_LEN), None)
-            if bad is not None:
-                raise MalformedHeader(f"{where:.60}: key {bad!r:.40} is not a short string")
-            items = [(f"{where}.{k}", y) for k, y in x.items()]
+            if not all(isinstance(k, str) and len(k) <= _META_KEY_LEN for k in x):
+                raise MalformedHeader(f"{where:.60}: keys are strings of {_META_KEY_LEN} at most")
+            stack += [(y, f"{where}.{k}", depth + 1) for k, y in x.items()]
         elif isinstance(x, list):
-            items = [(f"{where}[{i}]", y) for i, y in enumerate(x)]
-        elif _is_meta_scalar(x):
-            continue
-        else:
+            stack += [(y, f"{where}[{i}]", depth + 1) for i, y in enumerate(x)]
+        elif not isinstance(x, (type(None), bool, int, float, str)) \
+                or (isinstance(x, str) and len(x) > _META_STR_LEN):
             raise MalformedHeader(f"{where:.60}: {type(x).__name__} is not a meta value")
-        stack.extend((y, w, depth + 1) for w, y in items)
     return dict(v)
 
 
@@ -283,24 +272,28 @@ def decode_header(raw: bytes | memoryview, limits: ReceiverLimits) -> TransferHe
                             max_str_len=1 << 16, max_bin_len=0, max_array_len=cap,
                             max_map_len=max(64, limits.max_meta_items), max_ext_len=0)
     except Exception as e:  # msgpack raises many types for hostile bytes
-        raise MalformedHeader(f"header is not valid msgpack: {type(e).__name__}: {e}"[:300]) from None
+        raise MalformedHeader(
+            f"header is not valid msgpack: {type(e).__name__}: {e}"[:300]) from None
     if not isinstance(d, dict):
         raise MalformedHeader("header must be a map")
     if d.get("v") != WIRE_VERSION:
-        raise UnsupportedVersion(f"header version {d.get('v')!r:.20}; this receiver speaks {WIRE_VERSION}")
+        raise UnsupportedVersion(
+            f"header version {d.get('v')!r:.20}; this receiver speaks {WIRE_VERSION}")
     if set(d) != _TOP_KEYS:
         raise MalformedHeader(f"header keys differ from v1: missing {sorted(_TOP_KEYS - set(d))}, "
                               f"unknown {sorted(map(str, set(d) - _TOP_KEYS))[:8]}")
     rid = d["rid"]
     if not isinstance(rid, str) or not 0 < len(rid) <= limits.max_request_id_len:
-        raise MalformedHeader(f"request id must be a non-empty string of at most {limits.max_request_id_len}")
+        raise MalformedHeader(
+            f"request id must be a non-empty string of at most {limits.max_request_id_len}")
     if not isinstance(d["ent"], list):
         raise MalformedHeader("ent must be a list")
     if d["sum"] is not None and (not isinstance(d["sum"], str) or d["sum"] not in CHECKSUM_ALGOS):
         raise MalformedHeader(f"unknown checksum algorithm {d['sum']!r:.40}")
     if not isinstance(d["tr"], str) or d["tr"] not in TRANSPORTS:
         raise MalformedHeader(f"unknown transport {d['tr']!r:.40}")
-    (t0, t1), (l0, l1), (h0, h1) = _pair(d["tok"], "tok"), _pair(d["lay"], "lay"), _pair(d["heads"], "heads")
+    (t0, t1), (l0, l1), (h0, h1) = (_pair(d["tok"], "tok"), _pair(d["lay"], "lay"),
+                                    _pair(d["heads"], "heads"))
     header = TransferHeader(
         request_id=rid, transfer_id=_int(d["tid"], "tid"), spec=_spec(d["spec"], limits),
         token_start=t0, token_end=t1, layer_start=l0, layer_end=l1, head_start=h0, head_end=h1,
@@ -336,19 +329,23 @@ def validate_header(h: TransferHeader, limits: ReceiverLimits) -> None:
     if h.token_end > limits.max_tokens:
         raise LimitExceeded("token_end", h.token_end, limits.max_tokens)
     if h.layer_end > spec.num_layers:
-        raise MalformedHeader(f"layers [{h.layer_start}, {h.layer_end}) beyond the spec's {spec.num_layers}")
+        raise MalformedHeader(
+            f"layers [{h.layer_start}, {h.layer_end}) beyond the spec's {spec.num_layers}")
     lo, hi = spec.head_range
     if not lo <= h.head_start < h.head_end <= hi:
-        raise MalformedHeader(f"heads [{h.head_start}, {h.head_end}) outside the sender's [{lo}, {hi})")
+        raise MalformedHeader(
+            f"heads [{h.head_start}, {h.head_end}) outside the sender's [{lo}, {hi})")
     if sum(h.chunks) != len(h.buffer_sizes):
-        raise MalformedHeader(f"chunks {list(h.chunks)[:8]} do not add up to {len(h.buffer_sizes)} buffers")
+        raise MalformedHeader(
+            f"chunks {list(h.chunks)[:8]} do not add up to {len(h.buffer_sizes)} buffers")
     for i, size in enumerate(h.buffer_sizes):
         if size > limits.max_buffer_bytes:
             raise LimitExceeded(f"buffer {i} bytes", size, limits.max_buffer_bytes)
     if h.payload_bytes > limits.max_message_bytes:
         raise LimitExceeded("message bytes", h.payload_bytes, limits.max_message_bytes)
     if sum(e.num_layers for e in h.entries) > limits.max_entries:
-        raise LimitExceeded("entry layers", sum(e.num_layers for e in h.entries), limits.max_entries)
+        raise LimitExceeded("entry layers", sum(e.num_layers for e in h.entries),
+                            limits.max_entries)
     coverage: dict[tuple[str, int], list[tuple[int, int]]] = defaultdict(list)
     num_blocks = h.num_blocks
     for i, e in enumerate(h.entries):
@@ -361,7 +358,8 @@ def validate_header(h: TransferHeader, limits: ReceiverLimits) -> None:
             raise MalformedHeader(f"entry {i}: nbytes {e.nbytes} != prod(shape) x {itemsize}")
         if e.buffer >= len(h.buffer_sizes) or e.offset % itemsize or \
                 e.offset + e.nbytes > h.buffer_sizes[e.buffer]:
-            raise MalformedHeader(f"entry {i} lies outside its buffer {e.buffer} (or is misaligned)")
+            raise MalformedHeader(
+                f"entry {i} lies outside its buffer {e.buffer} (or is misaligned)")
         if e.part == layouts.PART_SCALE and e.buffer != 0:
             raise MalformedHeader("scales travel in buffer 0")
         if e.num_layers == 0 or not h.layer_start <= e.layer_start <= h.layer_end - e.num_layers:
@@ -373,7 +371,8 @@ def validate_header(h: TransferHeader, limits: ReceiverLimits) -> None:
     _check_tiling(h, coverage, num_blocks)
 
 
-def _check_tiling(h: TransferHeader, coverage: dict[tuple[str, int], list[tuple[int, int]]], num_blocks: int) -> None:
+def _check_tiling(h: TransferHeader, coverage: dict[tuple[str, int], list[tuple[int, int]]],
+                  num_blocks: int) -> None:
     parts = layouts.wire_parts(h.spec)
     if len(coverage) != len(parts) * (h.layer_end - h.layer_start):
         raise MalformedHeader("entries do not cover every (part, layer) of the transfer exactly")
@@ -388,7 +387,8 @@ def _check_tiling(h: TransferHeader, coverage: dict[tuple[str, int], list[tuple[
             at = 0
             for start, n in spans:
                 if start != at or n == 0:
-                    raise MalformedHeader(f"{part} blocks of layer {layer} overlap or leave a gap at {at}")
+                    raise MalformedHeader(
+                        f"{part} blocks of layer {layer} overlap or leave a gap at {at}")
                 at += n
             if at != num_blocks:
                 raise MalformedHeader(f"{part} of layer {layer} covers {at} of {num_blocks} blocks")
