@@ -50,14 +50,67 @@ def _is_enum(tp: Any) -> bool:
     return isinstance(tp, type) and issubclass(tp, enum.Enum)
 
 
-def _optional_arg(tp: Any) -> Any | None:
-    """X for `X | None`; None for any other type."""
-    if typing.get_origin(tp) not in (typing.Union, types.UnionType):
-        return None
-    args = [a for a in typing.get_args(tp) if a is not _NONE]
-    if len(args) != 1 or len(typing.get_args(tp)) != 2:
-        raise TypeError(f"{_type_name(tp)}: only `X | None` unions travel on the control plane")
-    return args[0]
+class _Kind(enum.Enum):
+    OPTIONAL = "X | None"
+    LIST = "list[X]"
+    TUPLE = "tuple[X, ...]"
+    FIXED_TUPLE = "tuple[X, Y]"
+    ENUM = "enum"
+    SCALAR = "scalar"
+    DATACLASS = "dataclass"
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """One field type, taken apart once (when the codec is built), not at every value."""
+
+    kind: _Kind
+    args: tuple[Any, ...] = ()
+    is_plain: bool = False  # a list / tuple of plain scalars: msgpack carries it as it is
+    is_exact: bool = False  # ... and decoding builds it as it comes (no float among them)
+
+
+def _shape_of(tp: Any, where: str) -> _Shape:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        others = tuple(a for a in args if a is not _NONE)
+        if len(args) != 2 or len(others) != 1:
+            raise TypeError(f"{where}: {_type_name(tp)}: only `X | None` unions travel")
+        return _Shape(_Kind.OPTIONAL, others)
+    if origin is list and len(args) == 1:
+        kind, items = _Kind.LIST, args
+    elif origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        kind, items = _Kind.TUPLE, args[:1]
+    elif origin is tuple and args and Ellipsis not in args:
+        kind, items = _Kind.FIXED_TUPLE, args
+    elif _is_enum(tp):
+        return _Shape(_Kind.ENUM)
+    elif tp in _SCALARS:
+        return _Shape(_Kind.SCALAR)
+    elif isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        if not tp.__dataclass_params__.frozen:  # type: ignore[attr-defined]
+            raise TypeError(f"{where}: {tp.__name__} is not a frozen dataclass")
+        return _Shape(_Kind.DATACLASS)
+    else:
+        raise TypeError(f"{where}: {_type_name(tp)} cannot travel on the control plane")
+    is_plain = all(a in _SCALARS for a in items)
+    return _Shape(kind, items, is_plain, is_plain and float not in items)
+
+
+class _Bad(Exception):
+    """A value that does not fit its type; the path to it is assembled on the way out, so
+    nothing is formatted while values are good."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message, self.steps = message, []
+
+    def at(self, step: str) -> _Bad:
+        self.steps.append(step)
+        return self
+
+    def where(self, root: str) -> str:
+        return root + "".join(reversed(self.steps))
 
 
 @dataclass(frozen=True)
@@ -79,151 +132,161 @@ def _fields_of(cls: type) -> tuple[_Field, ...]:
 
 
 class ValueCodec:
-    """Encodes and decodes values of typed fields over the frozen dataclasses `roots` and every
-    type reachable from their fields (checked here: an unsupported field type is a TypeError)."""
+    """Encodes and decodes values of the field types `roots` (frozen dataclasses, or any type
+    above) and of every type reachable from them, all checked here: an unsupported type is a
+    TypeError when the codec is built, not when a value meets it."""
 
-    def __init__(self, *roots: type) -> None:
-        self._schemas: dict[type, tuple[_Field, ...]] = {}
-        for cls in roots:
-            self._register(cls, cls.__name__)
+    def __init__(self, *roots: Any) -> None:
+        self._shapes: dict[Any, _Shape] = {}
+        self._fields: dict[type, tuple[_Field, ...]] = {}
+        self._names: dict[type, frozenset[str]] = {}
+        for tp in roots:
+            self._register(tp, _type_name(tp))
 
     def _register(self, tp: Any, where: str) -> None:
-        try:
-            inner = _optional_arg(tp)
-        except TypeError as e:
-            raise TypeError(f"{where}: {e}") from None
-        if inner is not None:
-            self._register(inner, where)
-            return
-        origin, args = typing.get_origin(tp), typing.get_args(tp)
-        if origin is list and len(args) == 1:
-            self._register(args[0], where)
-        elif origin is tuple and args and (len(args) != 2 or args[1] is not Ellipsis):
-            for a in args:
-                self._register(a, where)
-        elif origin is tuple and args:
-            self._register(args[0], where)
-        elif _is_enum(tp) or tp in _SCALARS:
-            pass
-        elif isinstance(tp, type) and dataclasses.is_dataclass(tp):
-            if tp not in self._schemas:
-                if not tp.__dataclass_params__.frozen:  # type: ignore[attr-defined]
-                    raise TypeError(f"{where}: {tp.__name__} is not a frozen dataclass")
-                self._schemas[tp] = ()  # a cycle ends here
-                self._schemas[tp] = _fields_of(tp)
-                for f in self._schemas[tp]:
-                    self._register(f.hint, f"{where}.{f.name}")
-        else:
-            raise TypeError(f"{where}: {_type_name(tp)} cannot travel on the control plane")
+        if tp in self._shapes:
+            return  # also ends a cycle
+        shape = self._shapes[tp] = _shape_of(tp, where)
+        if shape.kind is _Kind.DATACLASS:
+            self._fields[tp] = _fields_of(tp)
+            self._names[tp] = frozenset(f.name for f in self._fields[tp])
+            for f in self._fields[tp]:
+                self._register(f.hint, f"{where}.{f.name}")
+        for a in shape.args:
+            self._register(a, where)
 
     # ---- encoding -------------------------------------------------------------------------------
     def encode(self, tp: Any, value: Any) -> Any:
-        """`value` (of type `tp`) as plain msgpack values."""
+        """`value` (of type `tp`, one of the roots) as plain msgpack values."""
+        if tp not in self._shapes:
+            raise TypeError(f"{_type_name(tp)} is not a type of this codec")
+        return self._encode(tp, value)
+
+    def _encode(self, tp: Any, value: Any) -> Any:
         if value is None:
             return None
-        inner = _optional_arg(tp)
-        if inner is not None:
-            return self.encode(inner, value)
-        schema = self._schemas.get(tp)
-        if schema is not None:
-            return {f.name: self.encode(f.hint, getattr(value, f.name)) for f in schema}
-        if isinstance(value, enum.Enum):
+        shape = self._shapes[tp]
+        kind = shape.kind
+        if kind is _Kind.OPTIONAL:
+            return self._encode(shape.args[0], value)
+        if kind is _Kind.DATACLASS:
+            if type(value) is not tp:
+                raise TypeError(f"expected {tp.__name__}, got {type(value).__name__}")
+            return {f.name: self._encode(f.hint, getattr(value, f.name))
+                    for f in self._fields[tp]}
+        if kind is _Kind.ENUM:
             return value.value
-        origin, args = typing.get_origin(tp), typing.get_args(tp)
-        if origin in (list, tuple):
-            if all(a in _SCALARS for a in args if a is not Ellipsis):
-                return value  # msgpack packs a list or tuple of plain values as it is
-            if origin is list or args[-1] is Ellipsis:
-                return [self.encode(args[0], v) for v in value]
-            return [self.encode(a, v) for a, v in zip(args, value, strict=True)]
-        return value
+        if kind is _Kind.SCALAR or shape.is_plain:
+            return value  # msgpack packs a list or tuple of plain values as it is
+        if kind is _Kind.FIXED_TUPLE:
+            return [self._encode(a, v) for a, v in zip(shape.args, value, strict=True)]
+        return [self._encode(shape.args[0], v) for v in value]
 
     # ---- decoding -------------------------------------------------------------------------------
     def decode(self, tp: Any, raw: Any, path: str) -> Any:
-        """Check `raw` against `tp` entirely, then build it; MalformedMessage names the path."""
-        self.check(tp, raw, path)
-        return self._build(tp, raw, path)
+        """Check `raw` against `tp` (one of the roots) entirely, then build it;
+        MalformedMessage names the path from `path`."""
+        if tp not in self._shapes:
+            raise TypeError(f"{_type_name(tp)} is not a type of this codec")
+        try:
+            self._check(tp, raw)
+            return self._build(tp, raw)
+        except _Bad as e:
+            raise MalformedMessage(f"{e.where(path)}: {e.message}") from None
 
-    def check(self, tp: Any, raw: Any, path: str) -> None:
-        inner = _optional_arg(tp)
-        if inner is not None:
+    def _check(self, tp: Any, raw: Any) -> None:
+        shape = self._shapes[tp]
+        if shape.kind is _Kind.OPTIONAL:
             if raw is None:
                 return
-            tp = inner
-        schema = self._schemas.get(tp)
-        if schema is not None:
-            self._check_fields(tp, schema, raw, path)
-        elif _is_enum(tp):
-            if type(raw) not in (str, int) or raw not in tp._value2member_map_:
-                raise MalformedMessage(f"{path}: expected {tp.__name__}, got {raw!r:.40}")
-        elif tp in _SCALARS:
+            tp = shape.args[0]
+            shape = self._shapes[tp]
+        kind = shape.kind
+        if kind is _Kind.SCALAR:
             if not isinstance(raw, _SCALARS[tp]) or (tp is not bool and isinstance(raw, bool)):
-                raise MalformedMessage(
-                    f"{path}: expected {tp.__name__}, got {type(raw).__name__}")
+                raise _Bad(f"expected {tp.__name__}, got {type(raw).__name__}")
+        elif kind is _Kind.ENUM:
+            if type(raw) not in (str, int) or raw not in tp._value2member_map_:
+                raise _Bad(f"expected {tp.__name__}, got {raw!r:.40}")
+        elif kind is _Kind.DATACLASS:
+            self._check_fields(tp, raw)
         else:
-            self._check_sequence(tp, raw, path)
+            self._check_items(tp, shape, raw)
 
-    def _check_fields(self, cls: type, schema: tuple[_Field, ...], raw: Any, path: str) -> None:
+    def _check_fields(self, cls: type, raw: Any) -> None:
         if not isinstance(raw, dict):
-            raise MalformedMessage(f"{path}: expected {cls.__name__}, got {type(raw).__name__}")
-        names = {f.name for f in schema}
-        unknown = set(raw) - names
-        if unknown:
-            raise MalformedMessage(f"{path}: unknown fields {sorted(map(str, unknown))[:8]}")
-        for f in schema:
+            raise _Bad(f"expected {cls.__name__}, got {type(raw).__name__}")
+        if not self._names[cls].issuperset(raw):
+            raise _Bad(f"unknown fields {sorted(map(str, set(raw) - self._names[cls]))[:8]}")
+        for f in self._fields[cls]:
             if f.name in raw:
-                self.check(f.hint, raw[f.name], f"{path}.{f.name}")
+                try:
+                    self._check(f.hint, raw[f.name])
+                except _Bad as e:
+                    raise e.at(f".{f.name}") from None
             elif f.is_required:
-                raise MalformedMessage(f"{path}: missing field {f.name!r}")
+                raise _Bad(f"missing field {f.name!r}")
 
-    def _check_sequence(self, tp: Any, raw: Any, path: str) -> None:
-        origin, args = typing.get_origin(tp), typing.get_args(tp)
+    def _check_items(self, tp: Any, shape: _Shape, raw: Any) -> None:
         if not isinstance(raw, list):
-            raise MalformedMessage(f"{path}: expected {_type_name(tp)}, got {type(raw).__name__}")
-        if origin is list or args[-1] is Ellipsis:
-            item = args[0]
+            raise _Bad(f"expected {_type_name(tp)}, got {type(raw).__name__}")
+        if shape.kind is _Kind.FIXED_TUPLE:
+            if len(raw) != len(shape.args):
+                raise _Bad(f"expected {len(shape.args)} items, got {len(raw)}")
+            pairs = zip(shape.args, raw, strict=True)
+        else:
+            item = shape.args[0]
             if item is int and all(type(x) is int for x in raw):
                 return  # the common case (token ids) without a call per item
-            for i, x in enumerate(raw):
-                self.check(item, x, f"{path}[{i}]")
-            return
-        if len(raw) != len(args):
-            raise MalformedMessage(f"{path}: expected {len(args)} items, got {len(raw)}")
-        for i, (a, x) in enumerate(zip(args, raw, strict=True)):
-            self.check(a, x, f"{path}[{i}]")
+            pairs = ((item, x) for x in raw)
+        for i, (a, x) in enumerate(pairs):
+            try:
+                self._check(a, x)
+            except _Bad as e:
+                raise e.at(f"[{i}]") from None
 
-    def _build(self, tp: Any, raw: Any, path: str) -> Any:
+    def _build(self, tp: Any, raw: Any) -> Any:
         """A checked value as `tp`: dataclasses through their constructors."""
         if raw is None:
             return None
-        inner = _optional_arg(tp)
-        if inner is not None:
-            tp = inner
-        schema = self._schemas.get(tp)
-        if schema is not None:
-            kwargs = {f.name: self._build(f.hint, raw[f.name], f"{path}.{f.name}")
-                      for f in schema if f.name in raw}
-            try:
-                return tp(**kwargs)
-            except Exception as e:  # the type's own validation, whatever it raises
-                raise MalformedMessage(f"{path}: {e}") from None
-        if _is_enum(tp):
+        shape = self._shapes[tp]
+        if shape.kind is _Kind.OPTIONAL:
+            tp = shape.args[0]
+            shape = self._shapes[tp]
+        kind = shape.kind
+        if kind is _Kind.DATACLASS:
+            return self._build_dataclass(tp, raw)
+        if kind is _Kind.ENUM:
             return tp(raw)
-        if tp is float:
-            return float(raw)
-        origin, args = typing.get_origin(tp), typing.get_args(tp)
-        if origin is None:
-            return raw
-        is_variadic = origin is list or args[-1] is Ellipsis
-        item_types = args[:1] if is_variadic else args
-        if all(a in _SCALARS and a is not float for a in item_types):
+        if kind is _Kind.SCALAR:
+            return float(raw) if tp is float else raw
+        if shape.is_exact:
             items = raw  # already what they are (token ids, say): no call per item
-        elif is_variadic:
-            items = [self._build(args[0], x, f"{path}[{i}]") for i, x in enumerate(raw)]
+        elif kind is _Kind.FIXED_TUPLE:
+            items = [self._build_item(a, x, i)
+                     for i, (a, x) in enumerate(zip(shape.args, raw, strict=True))]
         else:
-            items = [self._build(a, x, f"{path}[{i}]")
-                     for i, (a, x) in enumerate(zip(args, raw, strict=True))]
-        return items if origin is list else tuple(items)
+            items = [self._build_item(shape.args[0], x, i) for i, x in enumerate(raw)]
+        return items if kind is _Kind.LIST else tuple(items)
+
+    def _build_item(self, tp: Any, raw: Any, index: int) -> Any:
+        try:
+            return self._build(tp, raw)
+        except _Bad as e:
+            raise e.at(f"[{index}]") from None
+
+    def _build_dataclass(self, cls: type, raw: dict[str, Any]) -> Any:
+        kwargs = {}
+        for f in self._fields[cls]:
+            if f.name in raw:
+                try:
+                    kwargs[f.name] = self._build(f.hint, raw[f.name])
+                except _Bad as e:
+                    raise e.at(f".{f.name}") from None
+        try:
+            return cls(**kwargs)
+        except Exception as e:  # the type's own validation, whatever it raises
+            raise _Bad(str(e)) from None
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from engine.outputs import TokenLogprob
 from protocol.codec import MalformedMessage, ValueCodec
 
 log = logging.getLogger(__name__)
-_LOGPROB = ValueCodec(TokenLogprob)
+_LOGPROB = ValueCodec(TokenLogprob | None)
 
 
 @dataclass(frozen=True)

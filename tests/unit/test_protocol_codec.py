@@ -208,7 +208,7 @@ def test_first_token_meta_is_typed_and_a_bad_logprob_is_dropped() -> None:
 
 
 def test_value_codec_round_trips_a_value_outside_a_message() -> None:
-    codec = ValueCodec(KvSpec)
+    codec = ValueCodec(KvSpec, KvSpec | None)
     spec = KvSpec(2, 1, 128, 32, dtype=KvDtype.FP8_E4M3, layout=KvLayout.MLA,
                   kind=KvKind.LATENT, scale_granularity=ScaleGranularity.PER_TENSOR)
     assert codec.decode(KvSpec, msgpack.unpackb(msgpack.packb(codec.encode(KvSpec, spec))),
@@ -216,3 +216,5 @@ def test_value_codec_round_trips_a_value_outside_a_message() -> None:
     assert codec.decode(KvSpec | None, None, "spec") is None
     with pytest.raises(MalformedMessage, match=r"^spec: expected KvSpec, got int"):
         codec.decode(KvSpec, 3, "spec")
+    with pytest.raises(TypeError):  # not a root: nothing is decoded unchecked
+        codec.decode(SamplingParams, {}, "params")
