@@ -14,14 +14,15 @@ between steps (a payload then advances at most one receiver round per model step
 from __future__ import annotations
 
 import contextlib
-import json
 import socket
 import threading
 from dataclasses import dataclass
-from typing import Any
 
 import zmq
 
+from engine.outputs import TokenLogprob
+from protocol.codec import MalformedMessage
+from protocol.kv_meta import FirstToken
 from transfer.convert.cache import PagedKvCache
 from transfer.convert.writer import WriteReport
 from transfer.endpoint.receiver import ZmqKvReceiver, ZmqReceiverConfig
@@ -34,29 +35,17 @@ class KvArrival:
     request_id: str
     error: str | None = None
     first_token: int = -1
-    first_logprob: list[Any] | None = None  # [token, logprob, [[id, logprob], ...]]
+    first_logprob: TokenLogprob | None = None
     num_prefill_cached_tokens: int = 0
 
 
 def _arrival(request_id: str, reports: list[WriteReport]) -> KvArrival:
-    meta = reports[-1].meta if reports else {}
-    token = meta.get("first_token")
-    if not isinstance(token, int) or token < 0:
-        return KvArrival(request_id, error="KV arrived without a valid first token")
-    cached = meta.get("num_cached_tokens", 0)
-    return KvArrival(request_id, None, token, _logprob(meta.get("first_logprob")),
-                     cached if isinstance(cached, int) else 0)
-
-
-def _logprob(raw: object) -> list[Any] | None:
-    """[token, logprob, [[id, logprob], ...]] from its JSON form; None when absent or malformed."""
-    if not isinstance(raw, str):
-        return None
+    """The KV landed: the first token from the header's meta (protocol/kv_meta.py)."""
     try:
-        tok, lp, top = json.loads(raw)
-        return [int(tok), float(lp), [[int(t), float(v)] for t, v in top]]
-    except (ValueError, TypeError):
-        return None
+        first = FirstToken.from_meta(reports[-1].meta if reports else {})
+    except MalformedMessage as e:
+        return KvArrival(request_id, error=str(e))
+    return KvArrival(request_id, None, first.token_id, first.logprob, first.num_cached_tokens)
 
 
 class KvInbox:
@@ -68,10 +57,9 @@ class KvInbox:
         if config.transport == "nccl":  # TransportUnavailable (says what to do) without CUDA/NCCL
             from transfer.nccl.transport import NcclReceiverPlugin
             nccl = NcclReceiverPlugin(cache.device)
-        self._lock = threading.Lock()  # arrivals and counters: the receiver's thread adds, the worker takes
+        self._lock = threading.Lock()  # arrivals: the receiver's thread adds, the worker takes
         self._arrivals: list[KvArrival] = []
         self._registered: list[zmq.Socket | int] = []
-        self.num_bytes, self.num_seconds = 0, 0.0
         self._wake_r: socket.socket | None = None
         self._wake_w: socket.socket | None = None
         if threaded:  # the worker's poller wakes on this when arrivals are queued
@@ -124,9 +112,8 @@ class KvInbox:
             out, self._arrivals = self._arrivals, []
         return out
 
-    def _arrived(self, arrival: KvArrival, num_bytes: int = 0) -> None:
+    def _arrived(self, arrival: KvArrival) -> None:
         with self._lock:
-            self.num_bytes += num_bytes
             self._arrivals.append(arrival)
         if self._wake_w is not None:
             # a full socket holds wake-ups already: the worker will look
@@ -134,7 +121,7 @@ class KvInbox:
                 self._wake_w.send(b"\0")
 
     def _complete(self, request_id: str, reports: list[WriteReport]) -> None:
-        self._arrived(_arrival(request_id, reports), sum(r.num_bytes for r in reports))
+        self._arrived(_arrival(request_id, reports))
 
     def _release(self, request_id: str, error: TransferError) -> None:
         self._arrived(KvArrival(request_id, error=f"{type(error).__name__}: {error}"))

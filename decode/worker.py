@@ -22,10 +22,10 @@ from dataclasses import dataclass
 from decode.kv_inbox import KvArrival, KvInbox
 from engine.errors import EngineError, RequestError
 from engine.llm_engine import LLMEngine, RequestOutput
-from engine.sampling_params import SamplingParams
-from engine.sequence import Sequence, TokenLogprob
+from engine.sequence import Sequence
 from protocol import decode_ctrl as ctrl
 from protocol import worker_events as ev
+from protocol.errors import ErrorCode
 from worker.base import WorkerBase
 from worker.config import WorkerConfig
 
@@ -37,7 +37,6 @@ class Pending:
     """A Reserve waiting for blocks (bounded queue)."""
 
     msg: ctrl.Reserve
-    params: SamplingParams
     deadline: float
 
 
@@ -57,7 +56,6 @@ class DecodeWorker(WorkerBase):
         self.local: set[str] = set()  # requests in the engine's own scheduler
         self.kv = KvInbox(self.ctx, config.host, self.kv_cache, config.kv)
         self.kv.sync_poller(self.poller)  # the ROUTER socket and the KV data connections
-        self.num_generation_tokens = 0
 
     @property
     def kv_address(self) -> str:
@@ -84,24 +82,25 @@ class DecodeWorker(WorkerBase):
             self.stopping = True
 
     def _on_reserve(self, msg: ctrl.Reserve) -> None:
+        """`msg.params` was validated by its constructor as the codec built it; the engine
+        checks what it alone knows (length, blocks)."""
         try:
-            params = SamplingParams.from_dict(msg.params)
             if not msg.remote_prefill:
                 if self._queue_len() >= self.config.max_queue:
                     self._reject(msg.request_id, "decode worker queue is full")
                     return
-                self.engine.add_request(msg.request_id, msg.prompt_ids, params)
+                self.engine.add_request(msg.request_id, msg.prompt_ids, msg.params)
                 self.local.add(msg.request_id)
                 return
             self.engine.scheduler.check_admissible(
-                Sequence(msg.request_id, list(msg.prompt_ids), params))
+                Sequence(msg.request_id, list(msg.prompt_ids), msg.params))
         except (RequestError, EngineError) as e:
             self._reject(msg.request_id, str(e), status=400)
             return
         if len(self.pending) >= self.config.max_queue:
             self._reject(msg.request_id, f"decode worker queue is full ({self.config.max_queue})")
             return
-        self.pending[msg.request_id] = Pending(msg, params, time.monotonic() + msg.queue_timeout_s)
+        self.pending[msg.request_id] = Pending(msg, time.monotonic() + msg.queue_timeout_s)
         self._admit_pending()
 
     def _queue_len(self) -> int:
@@ -110,7 +109,7 @@ class DecodeWorker(WorkerBase):
     def _admit_pending(self) -> None:
         while self.pending:
             rid, p = next(iter(self.pending.items()))
-            seq = self.engine.reserve(rid, p.msg.prompt_ids, p.params)
+            seq = self.engine.reserve(rid, p.msg.prompt_ids, p.msg.params)
             if seq is None:
                 return  # first in, first served: wait for blocks
             del self.pending[rid]
@@ -144,15 +143,12 @@ class DecodeWorker(WorkerBase):
         if a.error is not None:
             log.warning("KV for %s failed: %s", a.request_id, a.error)
             self.engine.release(res.seq)
-            self.events.send(ev.RequestFailed(a.request_id, self.worker_id, a.error, "kv_transfer"))
+            self.events.send(ev.RequestFailed(a.request_id, self.worker_id, a.error,
+                                              ErrorCode.KV_LOST))
             return
-        first_lp = None
-        if a.first_logprob is not None:
-            tok, lp, top = a.first_logprob
-            first_lp = TokenLogprob(int(tok), float(lp), [(int(t), float(v)) for t, v in top])
         res.seq.num_cached_tokens = max(res.seq.num_cached_tokens, a.num_prefill_cached_tokens)
         self.local.add(a.request_id)
-        self._emit(self.engine.adopt_prefilled(res.seq, a.first_token, first_lp))
+        self._emit(self.engine.adopt_prefilled(res.seq, a.first_token, a.first_logprob))
 
     # ---- the loop's work ----------------------------------------------------------------------
     def has_work(self) -> bool:
@@ -168,12 +164,10 @@ class DecodeWorker(WorkerBase):
             self._admit_pending()
 
     def _emit(self, out: RequestOutput) -> None:
-        self.num_generation_tokens += len(out.new_token_ids)
         if out.is_finished:
             self.local.discard(out.request_id)
-        logprobs = [[lp.token_id, lp.logprob, [list(t) for t in lp.top]] for lp in out.new_logprobs]
-        reason = out.finish_reason.value if out.finish_reason is not None else None
-        self.events.send(ev.Tokens(out.request_id, self.worker_id, out.new_token_ids, logprobs, reason,
+        self.events.send(ev.Tokens(out.request_id, self.worker_id, out.new_token_ids,
+                                   list(out.new_logprobs), out.finish_reason,
                                    out.num_prompt_tokens, out.num_cached_tokens))
 
     def _expire(self) -> None:
@@ -185,16 +179,15 @@ class DecodeWorker(WorkerBase):
             res = self.reservations.pop(rid)
             self.kv.forget(rid)
             self.engine.release(res.seq)
-            self.events.send(ev.RequestFailed(rid, self.worker_id, "prompt KV did not arrive in time",
-                                              "timeout"))
+            self.events.send(ev.RequestFailed(rid, self.worker_id,
+                                              "prompt KV did not arrive in time",
+                                              ErrorCode.KV_TIMEOUT))
 
     def heartbeat(self) -> ev.Heartbeat:
-        pool, stats = self.engine.cache.pool, self.engine.scheduler.stats
-        return ev.Heartbeat(
-            self.worker_id, self.role, len(self.engine.scheduler.running),
-            self._queue_len(), pool.num_used, pool.num_free, pool.num_blocks, stats.num_preemptions,
-            stats.num_prefix_hit_tokens, stats.num_prompt_tokens, self.kv.num_bytes, self.kv.num_seconds,
-            self.num_generation_tokens)
+        pool, scheduler = self.engine.cache.pool, self.engine.scheduler
+        return ev.Heartbeat(self.worker_id, self.role, len(scheduler.running), self._queue_len(),
+                            pool.num_used, pool.num_free, pool.num_blocks,
+                            scheduler.stats.num_preemptions)
 
     def on_idle(self) -> None:
         if not self.reservations and not self.engine.has_unfinished:

@@ -18,7 +18,7 @@ Tensor shapes per layout (one layer; `B` = num_blocks, `S` = block_size, `H` = k
 from __future__ import annotations
 
 import enum
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import xxhash
@@ -89,7 +89,6 @@ class KvSpec:
     tp_rank: int = 0
     tp_size: int = 1
     model_fingerprint: str = ""
-    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
     # With more TP ranks than model KV heads (MQA/GQA at high TP), each rank holds one head and
     # `kv_head_replicas` consecutive ranks hold the same head (vLLM's replication rule).
     kv_head_replicas: int = 1
@@ -118,8 +117,8 @@ class KvSpec:
         if self.kind is KvKind.LATENT and self.num_kv_heads != 1:
             raise KvSpecError("a latent (MLA) cache has exactly one 'head' (num_kv_heads=1)")
         if self.layout is KvLayout.PAGED_V1 and self.head_dim % self.x != 0:
-            raise KvSpecError(f"paged_v1 needs head_dim % x == 0 "
-                              f"(head_dim {self.head_dim}, x {self.x})")
+            raise KvSpecError(
+                f"paged_v1 needs head_dim % x == 0 (head_dim {self.head_dim}, x {self.x})")
         if self.dtype.is_quantized and self.scale_granularity is ScaleGranularity.NONE:
             raise KvSpecError(f"dtype {self.dtype.value} needs a scale granularity")
         if self.dtype is KvDtype.INT4 and (
@@ -203,13 +202,11 @@ class KvSpec:
         d = asdict(self)
         for key in ("dtype", "layout", "kind", "scale_granularity"):
             d[key] = d[key].value
-        d.pop("extra")
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> KvSpec:
-        known = {f for f in cls.__dataclass_fields__ if f != "extra"}
-        unknown = set(d) - known
+        unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
             raise KvSpecError(f"unknown KvSpec fields {sorted(unknown)}")
         return cls(**d)

@@ -1,4 +1,9 @@
-"""Per-request sampling parameters (validated once, at admission)."""
+"""Per-request sampling parameters, validated in the constructor.
+
+The proxy builds them once from the HTTP request; they travel as they are (typed, on the
+control plane's codec, which builds them through this constructor) to the worker that samples,
+so a decoded `SamplingParams` is checked exactly as one built in-process.
+"""
 
 from __future__ import annotations
 
@@ -30,26 +35,10 @@ class SamplingParams:
             raise RequestError(f"top_k must be -1, 0 (off) or positive, got {self.top_k}")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise RequestError(f"logprobs must be in [0, 20], got {self.logprobs}")
+        if self.min_tokens < 0:
+            raise RequestError(f"min_tokens must be at least 0, got {self.min_tokens}")
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
 
     @property
     def is_greedy(self) -> bool:
         return self.temperature == 0.0
-
-    def to_dict(self) -> dict[str, object]:
-        return {
-            "max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
-            "top_k": self.top_k, "seed": self.seed, "stop_token_ids": list(self.stop_token_ids),
-            "ignore_eos": self.ignore_eos, "logprobs": self.logprobs, "min_tokens": self.min_tokens,
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict[str, object]) -> SamplingParams:
-        """From the wire (msgpack); unknown keys or bad values raise RequestError."""
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise RequestError(f"unknown sampling parameters {sorted(unknown)}")
-        try:
-            return cls(**d)  # type: ignore[arg-type]
-        except TypeError as e:
-            raise RequestError(f"bad sampling parameters: {e}") from None

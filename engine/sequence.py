@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.outputs import FinishReason, TokenLogprob
 from engine.sampling_params import SamplingParams
 
 _MASK64 = (1 << 64) - 1
@@ -28,19 +29,6 @@ class SeqStatus(enum.Enum):
     FINISHED = "finished"
 
 
-class FinishReason(str, enum.Enum):
-    STOP = "stop"  # eos or a stop token id
-    LENGTH = "length"  # max_tokens or max_model_len
-    ABORT = "abort"
-
-
-@dataclass
-class TokenLogprob:
-    token_id: int
-    logprob: float
-    top: list[tuple[int, float]]  # (token_id, logprob), best first
-
-
 @dataclass
 class Sequence:
     """Token ids (prompt + output), KV progress and the blocks that hold them.
@@ -59,7 +47,6 @@ class Sequence:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     finish_reason: FinishReason | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
-    arrival_step: int = 0
     prefill_chunk: int = 0  # most prompt tokens per step while it prefills (0: no cap)
     _generator: torch.Generator | None = field(default=None, repr=False, compare=False)
 
@@ -94,10 +81,6 @@ class Sequence:
     @property
     def num_uncomputed_tokens(self) -> int:
         return self.num_tokens - self.num_computed_tokens
-
-    @property
-    def is_prefill_done(self) -> bool:
-        return self.num_computed_tokens >= self.num_prompt_tokens
 
     @property
     def is_finished(self) -> bool:

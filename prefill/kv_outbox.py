@@ -5,9 +5,10 @@ lane per decode worker address (created on first use: a queue, a thread and that
 `ZmqKvSender`), transfers to one peer in order, one at a time. A slow or hung decode worker
 (stopped, not reading) holds up only its own lane until `transfer_timeout_s`, never the
 transfers to the others. A lane idle for `lane_idle_s` closes (decode workers come and go).
-Contract: from `send()` until its `SendResult` comes back from
-`poll_results()`, the sequence's blocks are read by a sender thread — the worker must not free
-or reuse them; after the result it frees them (success or failure alike).
+Contract: from `send()` until its `TransferOutcome` comes back from `poll_results()`, the
+sequence's blocks are read by a sender thread — the worker must not free or reuse them; after
+the outcome it frees them (success or failure alike). A failed transfer's outcome carries the
+`ErrorCode` its transfer error implies (`TransferError.retryable` decides: one source of truth).
 """
 
 from __future__ import annotations
@@ -21,30 +22,35 @@ from typing import Any
 import zmq
 
 from engine.kv_spec import KvSpec
+from protocol.errors import ErrorCode
 from transfer.convert.cache import PagedKvCache
 from transfer.endpoint.sender import ZmqKvSender, ZmqSenderConfig
-from transfer.wire.errors import (
-    IncompatibleKv,
-    InvalidRequest,
-    LimitExceeded,
-    MalformedHeader,
-    TransferError,
-)
+from transfer.wire.errors import IncompatibleKv, TransferError
 from worker.config import KvTransportConfig
 
 log = logging.getLogger(__name__)
 
-# Errors that another prefill worker would hit too: retrying them is pointless.
-_FINAL_ERRORS = (IncompatibleKv, InvalidRequest, LimitExceeded, MalformedHeader)
-
 
 @dataclass(frozen=True)
-class SendResult:
+class TransferOutcome:
+    """How one queued transfer ended: acked (`error` None), or failed with `error` and `code`."""
+
     request_id: str
-    num_bytes: int
-    seconds: float
-    error: str | None
-    retryable: bool = True
+    num_bytes: int = 0
+    seconds: float = 0.0
+    error: str | None = None
+    code: ErrorCode | None = None
+
+    @property
+    def retryable(self) -> bool:
+        return self.code is not None and self.code.retryable
+
+    @classmethod
+    def failed(cls, request_id: str, e: Exception) -> TransferOutcome:
+        """A transfer error's code follows its class; any other exception is INTERNAL."""
+        code = ErrorCode.of_transfer(e.retryable) if isinstance(e, TransferError) \
+            else ErrorCode.INTERNAL
+        return cls(request_id, error=f"{type(e).__name__}: {e}", code=code)
 
 
 @dataclass(frozen=True)
@@ -76,11 +82,10 @@ class KvOutbox:
         self.ctx = ctx
         self.address = "zmq+dealer"  # this side connects; it binds nothing
         self.lane_idle_s = lane_idle_s
-        self._results: queue.Queue[SendResult] = queue.Queue()
+        self._results: queue.Queue[TransferOutcome] = queue.Queue()
         self._lanes: dict[str, _Lane] = {}  # by decode address
         self._threads: list[threading.Thread] = []
-        self._lock = threading.Lock()  # the lanes (a lane retires itself) and the counters
-        self.num_bytes, self.num_seconds = 0, 0.0
+        self._lock = threading.Lock()  # the lanes (a lane retires itself)
 
     def send(self, request_id: str, address: str, block_table: list[int], num_tokens: int,
              dest_spec: KvSpec, meta: dict[str, Any]) -> None:
@@ -91,8 +96,8 @@ class KvOutbox:
             lane = self._lanes.get(address)
             if lane is None:
                 lane = self._lanes[address] = _Lane(address)
-                thread = threading.Thread(target=self._run, args=(lane,), name=f"kv-sender-{len(self._threads)}",
-                                          daemon=True)
+                thread = threading.Thread(target=self._run, args=(lane,),
+                                          name=f"kv-sender-{len(self._threads)}", daemon=True)
                 self._threads = [t for t in self._threads if t.is_alive()] + [thread]
                 thread.start()
             lane.jobs.put(job)
@@ -102,7 +107,7 @@ class KvOutbox:
         with self._lock:
             return len(self._lanes)
 
-    def poll_results(self) -> list[SendResult]:
+    def poll_results(self) -> list[TransferOutcome]:
         out = []
         while True:
             try:
@@ -126,7 +131,7 @@ class KvOutbox:
                 return
             self._results.put(self._send_one(lane, job))
 
-    def _send_one(self, lane: _Lane, job: _Job) -> SendResult:
+    def _send_one(self, lane: _Lane, job: _Job) -> TransferOutcome:
         try:
             if not self.cache.spec.fingerprint_compatible(job.dest_spec):
                 raise IncompatibleKv("different models", self.cache.spec, job.dest_spec)
@@ -134,18 +139,14 @@ class KvOutbox:
                 lane.sender = ZmqKvSender(job.address, ZmqSenderConfig(
                     timeout_s=self.config.transfer_timeout_s, checksum=self.config.checksum,
                     payload=self.config.kv_payload), context=self.ctx, nccl=self._nccl_plugin())
-            r = lane.sender.send(self.cache, job.block_table, 0, job.num_tokens, request_id=job.request_id,
-                                 meta=job.meta)
-            with self._lock:
-                self.num_bytes += r.num_bytes
-                self.num_seconds += r.seconds
-            return SendResult(job.request_id, r.num_bytes, r.seconds, None)
+            r = lane.sender.send(self.cache, job.block_table, 0, job.num_tokens,
+                                 request_id=job.request_id, meta=job.meta)
+            return TransferOutcome(job.request_id, r.num_bytes, r.seconds)
         except TransferError as e:
-            return SendResult(job.request_id, 0, 0.0, f"{type(e).__name__}: {e}",
-                              retryable=not isinstance(e, _FINAL_ERRORS))
+            return TransferOutcome.failed(job.request_id, e)
         except Exception as e:  # never let the sender thread die
             log.exception("KV send of %s failed", job.request_id)
-            return SendResult(job.request_id, 0, 0.0, f"{type(e).__name__}: {e}")
+            return TransferOutcome.failed(job.request_id, e)
 
     def _nccl_plugin(self) -> Any:
         """One NCCL pair link per decode worker (None with the ZMQ transport)."""

@@ -11,18 +11,17 @@ reports an error, or the transfer's lease (`transfer_timeout_s`) expires. Then t
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 
 from engine.errors import EngineError, RequestError
-from engine.kv_spec import KvSpec
 from engine.llm_engine import LLMEngine
-from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
-from prefill.kv_outbox import KvOutbox, SendResult
+from prefill.kv_outbox import KvOutbox, TransferOutcome
 from protocol import prefill_ctrl as ctrl
 from protocol import worker_events as ev
+from protocol.errors import ErrorCode
+from protocol.kv_meta import FirstToken
 from worker.base import WorkerBase
 from worker.config import WorkerConfig
 
@@ -71,18 +70,25 @@ class PrefillWorker(WorkerBase):
                 del self.jobs[request_id]
 
     def _on_prefill(self, msg: ctrl.Prefill) -> None:
+        """`msg.params` and `msg.kv_spec` were validated by their constructors as the codec
+        built them; the engine checks what it alone knows (length, queue, blocks)."""
+        if len(self.engine.scheduler.waiting) >= self.config.max_queue:
+            self._fail(msg.request_id, f"prefill queue is full ({self.config.max_queue})",
+                       ErrorCode.OVERLOADED)
+            return
+        seq = Sequence(msg.request_id, list(msg.prompt_ids), msg.params)
         try:
-            params = SamplingParams.from_dict(msg.params)
-            KvSpec.from_dict(msg.kv_spec)  # validated again by the receiver; fail early here
-            seq = Sequence(msg.request_id, list(msg.prompt_ids), params)
-            if len(self.engine.scheduler.waiting) >= self.config.max_queue:
-                raise EngineError(f"prefill queue is full ({self.config.max_queue})")
             self.engine.scheduler.add(seq)
-        except (RequestError, EngineError, ValueError, TypeError) as e:
-            self.events.send(ev.RequestFailed(msg.request_id, self.worker_id, str(e), "prefill",
-                                              retryable=not isinstance(e, RequestError)))
+        except RequestError as e:
+            self._fail(msg.request_id, str(e), ErrorCode.INVALID_REQUEST)
+            return
+        except EngineError as e:  # none is expected: still, this request fails alone
+            self._fail(msg.request_id, str(e), ErrorCode.INTERNAL)
             return
         self.jobs[msg.request_id] = Job(msg, seq)
+
+    def _fail(self, request_id: str, error: str, code: ErrorCode) -> None:
+        self.events.send(ev.RequestFailed(request_id, self.worker_id, error, code))
 
     # ---- work ---------------------------------------------------------------------------------
     def has_work(self) -> bool:
@@ -108,38 +114,34 @@ class PrefillWorker(WorkerBase):
             self._send(job)
 
     def _send(self, job: Job) -> None:
+        """Queue the KV + first token (protocol/kv_meta.py) for the decode worker."""
         seq, msg = job.seq, job.msg
-        lp = seq.logprobs[0] if seq.logprobs else None
-        meta = {"first_token": seq.token_ids[seq.num_prompt_tokens],
-                # header meta holds scalars only: the logprob entry travels as a short JSON string
-                "first_logprob": None if lp is None else json.dumps(
-                    [lp.token_id, lp.logprob, [list(t) for t in lp.top]], separators=(",", ":")),
-                "num_cached_tokens": seq.num_cached_tokens}
+        first = FirstToken(seq.token_ids[seq.num_prompt_tokens],
+                           seq.logprobs[0] if seq.logprobs else None, seq.num_cached_tokens)
         try:
             self.kv.send(msg.request_id, msg.kv_address, seq.block_table, seq.num_prompt_tokens,
-                         KvSpec.from_dict(msg.kv_spec), meta)
+                         msg.kv_spec, first.to_meta())
         except Exception as e:  # a typed transfer error, or a socket failure: this request only
-            self._on_sent(SendResult(msg.request_id, 0, 0.0, f"{type(e).__name__}: {e}", False))
+            self._on_sent(TransferOutcome.failed(msg.request_id, e))
 
-    def _on_sent(self, result: SendResult) -> None:
-        job = self.jobs.pop(result.request_id, None)
+    def _on_sent(self, outcome: TransferOutcome) -> None:
+        job = self.jobs.pop(outcome.request_id, None)
         if job is None:
             return
         self.engine.cache.free(job.seq)  # full blocks stay cached for the next turn
-        if result.error is None:
-            self.events.send(ev.PrefillDone(result.request_id, self.worker_id, job.seq.num_cached_tokens,
-                                            result.num_bytes, result.seconds))
+        if outcome.error is None:
+            self.events.send(ev.PrefillDone(outcome.request_id, self.worker_id,
+                                            job.seq.num_cached_tokens, outcome.num_bytes,
+                                            outcome.seconds))
         elif not job.is_aborted:
-            log.warning("KV transfer of %s failed: %s", result.request_id, result.error)
-            self.events.send(ev.RequestFailed(result.request_id, self.worker_id, result.error,
-                                              "kv_transfer", retryable=result.retryable))
+            log.warning("KV transfer of %s failed: %s", outcome.request_id, outcome.error)
+            self._fail(outcome.request_id, outcome.error, outcome.code or ErrorCode.INTERNAL)
 
     def heartbeat(self) -> ev.Heartbeat:
-        pool, stats = self.engine.cache.pool, self.engine.scheduler.stats
-        return ev.Heartbeat(self.worker_id, self.role, len(self.engine.scheduler.running),
-                            len(self.engine.scheduler.waiting), pool.num_used, pool.num_free,
-                            pool.num_blocks, stats.num_preemptions, stats.num_prefix_hit_tokens,
-                            stats.num_prompt_tokens, self.kv.num_bytes, self.kv.num_seconds)
+        pool, scheduler = self.engine.cache.pool, self.engine.scheduler
+        return ev.Heartbeat(self.worker_id, self.role, len(scheduler.running),
+                            len(scheduler.waiting), pool.num_used, pool.num_free, pool.num_blocks,
+                            scheduler.stats.num_preemptions)
 
     def on_idle(self) -> None:
         for result in self.kv.poll_results():

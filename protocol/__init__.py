@@ -7,6 +7,9 @@ message family), and the three message families, one module each:
 - prefill_ctrl.py  proxy -> prefill worker (Prefill, Abort, AbortAll, Shutdown)
 - worker_events.py workers -> proxy (Hello, Heartbeat, Reserved, Rejected, Tokens, PrefillDone,
                    RequestFailed)
+and the typed failure codes those carry (errors.py: `ErrorCode`, which says what is retryable).
+Fields are typed all the way down: the engine's `SamplingParams`, `KvSpec`, `TokenLogprob` and
+`FinishReason` travel as themselves, never as dicts or JSON strings.
 Never touches: torch, models, KV bytes (those travel on the transfer layer's own sockets), HTTP.
 Imports only the torch-free parts below it.
 """

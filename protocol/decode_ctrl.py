@@ -5,9 +5,9 @@ Replies travel on the workers -> proxy channel (protocol/worker_events.py).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
+from engine.sampling_params import SamplingParams
 from protocol.codec import MessageFamily
 
 
@@ -18,7 +18,7 @@ class Reserve:
 
     request_id: str
     prompt_ids: list[int]
-    params: dict[str, Any]
+    params: SamplingParams
     remote_prefill: bool = True
     queue_timeout_s: float = 30.0
 
@@ -46,7 +46,6 @@ class AbortAll:
 @dataclass(frozen=True)
 class Shutdown:
     reason: str = "shutdown"
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 DECODE_CTRL = MessageFamily("proxy->decode", (Reserve, PrefillLocally, Abort, AbortAll, Shutdown))

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
+from engine.kv_spec import KvSpec
+from engine.sampling_params import SamplingParams
 from protocol.codec import MessageFamily
 
 
@@ -19,11 +20,11 @@ class Prefill:
 
     request_id: str
     prompt_ids: list[int]
-    params: dict[str, Any]
+    params: SamplingParams
     decode_id: str
     kv_address: str
     block_ids: list[int]
-    kv_spec: dict[str, Any]
+    kv_spec: KvSpec
 
 
 @dataclass(frozen=True)

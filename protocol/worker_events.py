@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
+from engine.kv_spec import KvSpec
+from engine.outputs import FinishReason, TokenLogprob
 from protocol.codec import MessageFamily
+from protocol.errors import ErrorCode
 
 
 @dataclass(frozen=True)
@@ -14,7 +16,7 @@ class Hello:
     role: str  # "prefill" | "decode"
     ctrl_address: str
     kv_address: str
-    kv_spec: dict[str, Any]
+    kv_spec: KvSpec
     plan: str
     pid: int
     host: str
@@ -31,11 +33,6 @@ class Heartbeat:
     num_free_blocks: int
     num_blocks: int
     num_preemptions: int = 0
-    prefix_hit_tokens: int = 0
-    prefix_query_tokens: int = 0
-    kv_bytes: int = 0
-    kv_seconds: float = 0.0
-    generation_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -56,13 +53,13 @@ class Rejected:
 
 @dataclass(frozen=True)
 class Tokens:
-    """New output tokens of one request; `logprobs[i]` = [token, logprob, [[id, logprob], ...]]."""
+    """New output tokens of one request; `logprobs[i]` is token i's when they were asked for."""
 
     request_id: str
     worker_id: str
     token_ids: list[int]
-    logprobs: list[Any] = field(default_factory=list)
-    finish_reason: str | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
 
@@ -78,13 +75,17 @@ class PrefillDone:
 
 @dataclass(frozen=True)
 class RequestFailed:
-    """A request failed on a worker; `retryable` means another worker may redo the step."""
+    """A request failed on a worker: why (`code`) and the worker's words for it (`error`)."""
 
     request_id: str
     worker_id: str
     error: str
-    kind: str = "internal"
-    retryable: bool = False
+    code: ErrorCode = ErrorCode.INTERNAL
+
+    @property
+    def retryable(self) -> bool:
+        """Another worker may redo the failed step (follows from the code alone)."""
+        return self.code.retryable
 
 
 WORKER_EVENTS = MessageFamily(

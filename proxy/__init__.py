@@ -5,7 +5,7 @@ reserves blocks) and a prefill worker, streams tokens back as text, and exports 
 never runs the model and never touches KV cache bytes.
 
 Modules:
-    protocol     OpenAI request/response/chunk models; `to_sampling()` -> SamplingRequest
+    openai_api   OpenAI request/response/chunk models; `to_sampling()` -> `SamplingParams`
     errors       OpenAI-shaped errors (`ApiError`) and FastAPI exception handlers
     detokenizer  incremental detokenization that never emits broken UTF-8
     stop         stop strings over streamed text

@@ -15,8 +15,6 @@ from dataclasses import dataclass
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from engine.errors import RequestError
-from engine.sampling_params import SamplingParams
 from proxy import openai_api as api
 from proxy import responses
 from proxy.cluster import ClusterClient
@@ -33,7 +31,8 @@ from proxy.sse import sse_headers
 
 
 class ChatTokenizer(Tokenizer):
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str: ...
+    def apply_chat_template(self, messages: list[dict[str, str]],
+                            add_generation_prompt: bool = True) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -47,9 +46,16 @@ def build_app(config: ProxyConfig, cluster: ClusterClient, tokenizer: ChatTokeni
               metrics: ProxyMetrics) -> FastAPI:
     app = FastAPI(title="pdserve", docs_url=None, redoc_url=None)
     install_error_handlers(app)
+    _add_request_id_and_auth(app, config)
+    _add_views(app, config, cluster, metrics)
+    _add_generation(app, _Generation(config, cluster, tokenizer, metrics))
+    return app
 
+
+def _add_request_id_and_auth(app: FastAPI, config: ProxyConfig) -> None:
     @app.middleware("http")
-    async def request_id_and_auth(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+    async def request_id_and_auth(
+            request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         rid = request.headers.get("x-request-id") or uuid.uuid4().hex
         request.state.request_id = rid
         if config.api_key and request.url.path.startswith("/v1/"):
@@ -62,6 +68,9 @@ def build_app(config: ProxyConfig, cluster: ClusterClient, tokenizer: ChatTokeni
         response.headers["X-Request-Id"] = rid
         return response
 
+
+def _add_views(app: FastAPI, config: ProxyConfig, cluster: ClusterClient,
+               metrics: ProxyMetrics) -> None:
     @app.get("/health")
     async def health() -> JSONResponse:
         decode, prefill = cluster.alive("decode"), cluster.alive("prefill")
@@ -81,72 +90,75 @@ def build_app(config: ProxyConfig, cluster: ClusterClient, tokenizer: ChatTokeni
 
     @app.get("/v1/models")
     async def models() -> api.ModelList:
-        return api.ModelList(data=[api.ModelCard(id=config.model_name, max_model_len=config.max_model_len)])
+        return api.ModelList(data=[api.ModelCard(id=config.model_name,
+                                                 max_model_len=config.max_model_len)])
 
-    @app.post("/v1/completions", response_model=None)
-    async def completions(body: api.CompletionRequest, request: Request) -> Response | api.CompletionResponse:
-        _check_model(body.model)
-        prompt = body.prompt
+
+@dataclass(frozen=True)
+class _Generation:
+    """What the two generation endpoints share: checks, tokenization, the request's stream."""
+
+    config: ProxyConfig
+    cluster: ClusterClient
+    tokenizer: ChatTokenizer
+    metrics: ProxyMetrics
+
+    def check_model(self, model: str | None) -> None:
+        if model and model != self.config.model_name:
+            raise model_not_found(model, [self.config.model_name])
+
+    def prompt_ids(self, prompt: object) -> list[int]:
+        """A completion's prompt (a string, a list of one string, token ids) as token ids."""
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
             prompt = prompt[0]
         if isinstance(prompt, str):
-            prompt_ids = tokenizer.encode(prompt)
-        elif isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
-            prompt_ids = _check_token_ids(list(prompt))
-        else:
-            raise invalid_request("prompt must be a string, a list of one string, or a list of token ids",
-                                  "prompt")
-        stream, want_lp = _stream(body, request, prompt_ids), body.logprobs is not None
+            return self.tokenizer.encode(prompt)
+        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+            vocab = self.tokenizer.vocab_size  # type: ignore[attr-defined]
+            bad = [t for t in prompt if not 0 <= t < vocab]
+            if bad:
+                raise invalid_request(
+                    f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", "prompt")
+            return list(prompt)
+        raise invalid_request(
+            "prompt must be a string, a list of one string, or a list of token ids", "prompt")
+
+    def stream(self, body: api.CompletionRequest | api.ChatCompletionRequest,
+               prompt_ids: list[int]) -> responses.GenerationStream:
+        if not prompt_ids:
+            param = "prompt" if isinstance(body, api.CompletionRequest) else "messages"
+            raise invalid_request("the prompt is empty", param)
+        params = api.to_sampling(body, len(prompt_ids), self.config.max_model_len)
+        # Internal id: unique even when clients reuse an X-Request-Id.
+        return responses.GenerationStream(self.cluster, self.tokenizer, self.metrics,
+                                          uuid.uuid4().hex, prompt_ids, params,
+                                          list(body.stop or []))
+
+
+def _add_generation(app: FastAPI, gen: _Generation) -> None:
+    model = gen.config.model_name
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(body: api.CompletionRequest) -> Response | api.CompletionResponse:
+        gen.check_model(body.model)
+        stream, want_lp = gen.stream(body, gen.prompt_ids(body.prompt)), body.logprobs is not None
         if body.stream:
-            return StreamingResponse(responses.completion_sse(stream, config.model_name, want_lp, body.include_usage),
-                                     headers=sse_headers(), media_type="text/event-stream")
-        return await responses.completion_response(stream, config.model_name, want_lp)
+            events = responses.completion_sse(stream, model, want_lp, body.include_usage)
+            return StreamingResponse(events, headers=sse_headers(), media_type="text/event-stream")
+        return await responses.completion_response(stream, model, want_lp)
 
     @app.post("/v1/chat/completions", response_model=None)
-    async def chat(body: api.ChatCompletionRequest, request: Request) -> Response | api.ChatCompletionResponse:
-        _check_model(body.model)
+    async def chat(body: api.ChatCompletionRequest) -> Response | api.ChatCompletionResponse:
+        gen.check_model(body.model)
         try:
-            text = tokenizer.apply_chat_template(body.template_messages())
+            text = gen.tokenizer.apply_chat_template(body.template_messages())
         except Exception as e:  # template errors are the request's fault (raise_exception)
             raise invalid_request(f"chat template rejected the messages: {e}", "messages") from None
-        prompt_ids = tokenizer.encode(text)
-        stream, want_lp = _stream(body, request, prompt_ids), bool(body.logprobs)
+        stream, want_lp = gen.stream(body, gen.tokenizer.encode(text)), bool(body.logprobs)
         if body.stream:
-            return StreamingResponse(responses.chat_sse(stream, config.model_name, want_lp, body.include_usage),
-                                     headers=sse_headers(), media_type="text/event-stream")
-        return await responses.chat_response(stream, config.model_name, want_lp)
-
-    def _check_model(model: str | None) -> None:
-        if model and model != config.model_name:
-            raise model_not_found(model, [config.model_name])
-
-    def _check_token_ids(ids: list[int]) -> list[int]:
-        vocab = tokenizer.vocab_size  # type: ignore[attr-defined]
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
-            raise invalid_request(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", "prompt")
-        return ids
-
-    def _stream(body: api.CompletionRequest | api.ChatCompletionRequest, request: Request,
-                prompt_ids: list[int]) -> responses.GenerationStream:
-        if not prompt_ids:
-            raise invalid_request("the prompt is empty", "prompt" if isinstance(body, api.CompletionRequest)
-                                  else "messages")
-        sampling = api.to_sampling(body)
-        param = "messages" if isinstance(body, api.ChatCompletionRequest) else "prompt"
-        max_tokens = api.resolve_max_tokens(sampling.max_tokens, len(prompt_ids), config.max_model_len, param)
-        try:
-            params = SamplingParams(max_tokens=max_tokens, temperature=sampling.temperature,
-                                    top_p=sampling.top_p, top_k=sampling.top_k, seed=sampling.seed,
-                                    ignore_eos=sampling.ignore_eos, logprobs=sampling.logprobs,
-                                    min_tokens=sampling.min_tokens)
-        except RequestError as e:
-            raise invalid_request(str(e)) from None
-        # Internal id: unique even when clients reuse an X-Request-Id.
-        return responses.GenerationStream(cluster, tokenizer, metrics, uuid.uuid4().hex, prompt_ids,
-                                  params.to_dict(), sampling.stop)
-
-    return app
+            events = responses.chat_sse(stream, model, want_lp, body.include_usage)
+            return StreamingResponse(events, headers=sse_headers(), media_type="text/event-stream")
+        return await responses.chat_response(stream, model, want_lp)
 
 
 __all__ = ["ApiError", "ProxyConfig", "build_app"]

@@ -26,6 +26,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
+from engine.sampling_params import SamplingParams
 from protocol import decode_ctrl as dmsg
 from protocol import prefill_ctrl as pmsg
 from protocol import worker_events as ev
@@ -69,10 +70,13 @@ class Worker:
 
 
 @dataclass
-class InFlight:
+class RequestState:
+    """One request in flight: where it is (`stage`, since when), on which workers, and the
+    queue its Tokens events (or the ApiError that ends it) go to."""
+
     request_id: str
     prompt_ids: list[int]
-    params: dict
+    params: SamplingParams
     queue: asyncio.Queue
     decode_id: str
     prefill_id: str | None = None
@@ -95,7 +99,7 @@ class ClusterClient:
         self.events.bind(f"tcp://{config.host}:{config.events_port}")
         self.events_address: str = self.events.getsockopt_string(zmq.LAST_ENDPOINT)
         self.workers: dict[str, Worker] = {}
-        self.inflight: dict[str, InFlight] = {}
+        self.inflight: dict[str, RequestState] = {}
         self.decode_policy = RoundRobin() if config.router == "round-robin" else LeastLoaded()
         self.prefill_policy = PrefixAware()
         self._tasks: list[asyncio.Task] = []
@@ -104,10 +108,12 @@ class ClusterClient:
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
-        self._tasks = [asyncio.create_task(self._event_loop()), asyncio.create_task(self._monitor())]
+        self._tasks = [asyncio.create_task(self._event_loop()),
+                       asyncio.create_task(self._monitor())]
 
     async def _broadcast(self, to_decode: object, to_prefill: object) -> None:
-        """One control message to every registered worker, without waiting (dropped if it can't go)."""
+        """One control message to every registered worker, without waiting (dropped if it
+        can't go)."""
         for w in list(self.workers.values()):
             msg = to_decode if w.hello.role == "decode" else to_prefill
             with contextlib.suppress(zmq.ZMQError):
@@ -135,7 +141,8 @@ class ClusterClient:
                 return
             if time.monotonic() > deadline:
                 raise TimeoutError(f"workers did not register in {timeout_s:.0f} s: "
-                                   f"{len(have[0])}/{num_prefill} prefill, {len(have[1])}/{num_decode} decode")
+                                   f"{len(have[0])}/{num_prefill} prefill, "
+                                   f"{len(have[1])}/{num_decode} decode")
             self._registered.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._registered.wait(), 0.5)
@@ -165,7 +172,7 @@ class ClusterClient:
 
     # ---- requests -----------------------------------------------------------------------------
     async def generate(self, request_id: str, prompt_ids: list[int],
-                       params: dict) -> AsyncIterator[ev.Tokens]:
+                       params: SamplingParams) -> AsyncIterator[ev.Tokens]:
         """Yield Tokens events until the request finishes. Raises ApiError on failure.
 
         Leaving the iteration early (client gone, stop string) aborts the request everywhere.
@@ -176,7 +183,7 @@ class ClusterClient:
         except NoWorkerAvailable as e:
             raise overloaded(1.0, f"{e}; retry shortly") from None
         remote = not self.config.colocated and bool(self.alive("prefill"))
-        req = InFlight(request_id, prompt_ids, params, asyncio.Queue(), decode.worker_id)
+        req = RequestState(request_id, prompt_ids, params, asyncio.Queue(), decode.worker_id)
         self.inflight[request_id] = req
         self.workers[decode.worker_id].requests.add(request_id)
         finished = False
@@ -195,7 +202,7 @@ class ClusterClient:
                 await self._send(req.decode_id, dmsg.Abort(request_id, "client"))
                 await self._send(req.prefill_id, pmsg.Abort(request_id, "client"))
 
-    async def _next(self, req: InFlight) -> ev.Tokens | ApiError:
+    async def _next(self, req: RequestState) -> ev.Tokens | ApiError:
         timeout = {Stage.RESERVING: self.config.queue_timeout_s + 5.0,
                    Stage.PREFILLING: self.config.prefill_timeout_s,
                    Stage.DECODING: self.config.stream_timeout_s}[req.stage]
@@ -205,14 +212,15 @@ class ClusterClient:
             return ApiError(504, f"request {req.request_id} timed out after {timeout:.0f} s while "
                             f"{req.stage.value}", "timeout_error", code="timeout")
 
-    def _forget(self, req: InFlight) -> None:
+    def _forget(self, req: RequestState) -> None:
         self.inflight.pop(req.request_id, None)
         for wid in (req.decode_id, req.prefill_id):
             if wid in self.workers:
                 self.workers[wid].requests.discard(req.request_id)
 
-    def _start_prefill(self, req: InFlight) -> None:
-        candidates = [w.state for w in self.alive("prefill") if w.hello.worker_id not in req.tried_prefill]
+    def _start_prefill(self, req: RequestState) -> None:
+        candidates = [w.state for w in self.alive("prefill")
+                      if w.hello.worker_id not in req.tried_prefill]
         decode = self.workers.get(req.decode_id)
         if not candidates or decode is None:
             req.prefill_id = None
@@ -267,17 +275,19 @@ class ClusterClient:
         elif isinstance(msg, ev.RequestFailed):
             self._on_failed(req, msg)
 
-    def _on_failed(self, req: InFlight, msg: ev.RequestFailed) -> None:
+    def _on_failed(self, req: RequestState, msg: ev.RequestFailed) -> None:
+        """A retryable prefill failure (its code says so) is retried on another prefill worker
+        or locally; anything else fails the request."""
         worker = self.workers.get(msg.worker_id)
         if worker is not None and worker.hello.role == "prefill":
             if msg.worker_id != req.prefill_id or req.stage is not Stage.PREFILLING:
                 return  # a stale attempt (retried elsewhere, or the KV already arrived)
             if msg.retryable:
-                log.warning("prefill of %s failed on %s (%s); retrying", req.request_id, msg.worker_id,
-                            msg.error)
+                log.warning("prefill of %s failed on %s (%s: %s); retrying", req.request_id,
+                            msg.worker_id, msg.code.value, msg.error)
                 self._start_prefill(req)
                 return
-        req.queue.put_nowait(internal(f"{msg.kind}: {msg.error}", req.request_id))
+        req.queue.put_nowait(internal(f"{msg.code.value}: {msg.error}", req.request_id))
 
     def register(self, hello: ev.Hello) -> None:
         """A worker's Hello: from its event, or from its Ray actor (a restarted proxy registers
@@ -290,8 +300,9 @@ class ClusterClient:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 10000)
         sock.connect(hello.ctrl_address)
-        state = WorkerState(hello.worker_id, hello.role, hello.ctrl_address)  # type: ignore[arg-type]
-        block_size = int(hello.kv_spec.get("block_size", 16))
+        state = WorkerState(hello.worker_id, hello.role,  # type: ignore[arg-type]
+                            hello.ctrl_address)
+        block_size = hello.kv_spec.block_size
         if hello.role == "prefill" and block_size != self.prefill_policy.block_size:
             self.prefill_policy = PrefixAware(block_size=block_size)
         self.workers[hello.worker_id] = Worker(hello, sock, state, time.monotonic())
@@ -305,9 +316,9 @@ class ClusterClient:
         if w is None:
             return
         usage = hb.num_used_blocks / hb.num_blocks if hb.num_blocks else 0.0
-        w.state = replace(w.state, is_alive=True, num_running=hb.num_running, num_waiting=hb.num_waiting,
-                          kv_usage=min(max(usage, 0.0), 1.0), num_free_blocks=hb.num_free_blocks,
-                          num_total_blocks=hb.num_blocks)
+        w.state = replace(w.state, is_alive=True, num_running=hb.num_running,
+                          num_waiting=hb.num_waiting, kv_usage=min(max(usage, 0.0), 1.0),
+                          num_free_blocks=hb.num_free_blocks, num_total_blocks=hb.num_blocks)
         self.metrics.set_worker(hb.worker_id, hb.role, is_alive=True, kv_usage=usage,
                                 num_used_blocks=hb.num_used_blocks)
         self.metrics.on_preemptions(hb.num_preemptions - w.num_preemptions_seen)
@@ -336,12 +347,13 @@ class ClusterClient:
                 continue
             if w.hello.role == "prefill" and req.prefill_id == w.hello.worker_id \
                     and req.stage is Stage.PREFILLING:
-                log.warning("prefill worker %s %s: retrying prefill of %s", w.hello.worker_id, what, rid)
+                log.warning("prefill worker %s %s: retrying prefill of %s", w.hello.worker_id,
+                            what, rid)
                 self._start_prefill(req)
             elif w.hello.role == "decode":
-                req.queue.put_nowait(ApiError(503, f"decode worker {w.hello.worker_id} {what} while "
-                                              f"serving this request", "service_unavailable",
-                                              code="worker_lost"))
+                req.queue.put_nowait(ApiError(
+                    503, f"decode worker {w.hello.worker_id} {what} while serving this request",
+                    "service_unavailable", code="worker_lost"))
                 self._spawn(self._send(req.prefill_id, pmsg.Abort(rid, "decode lost")))
 
     # ---- views --------------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 Owns the pydantic models of /v1/completions and /v1/chat/completions requests (a value pdserve
 cannot honour is a 400 naming the parameter; unknown harmless fields are ignored, as OpenAI
 does), of responses, stream chunks and the model list, and `to_sampling()`, which turns a
-request into the `SamplingRequest` dataclass the workers get. No tokenizers, sockets or HTTP.
+request into the engine's `SamplingParams`, the one form the workers get (typed, on the
+control plane). No tokenizers, sockets or HTTP.
 """
 
 import math
@@ -17,12 +18,14 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
-from proxy.errors import context_length_exceeded
+from engine.errors import RequestError
+from engine.sampling_params import SamplingParams
+from proxy.errors import context_length_exceeded, invalid_request
 
 MAX_STOP_STRINGS = 4
 MAX_TOP_LOGPROBS = 20
 MIN_LOGPROB = -9999.0  # what OpenAI sends instead of -inf
-FinishReason = Literal["stop", "length"]
+ApiFinishReason = Literal["stop", "length"]  # what a client sees (an abort is an error)
 Role = Literal["system", "user", "assistant", "developer"]
 _OptInt = Annotated[int | None, Field(strict=True)]
 _OptBool = Annotated[bool | None, Field(strict=True)]
@@ -99,7 +102,8 @@ class _RequestBase(BaseModel):
 
     @property
     def include_usage(self) -> bool:
-        """Whether a stream ends with a usage chunk (`stream_options` is ignored unless streaming)."""
+        """Whether a stream ends with a usage chunk (`stream_options` is ignored unless
+        streaming)."""
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
 
@@ -184,53 +188,35 @@ class ChatCompletionRequest(_RequestBase):
                  "content": m.content or ""} for m in self.messages]
 
 
-@dataclass
-class SamplingRequest:
-    """What a worker needs to sample one sequence; plain values only (msgpack-friendly).
-
-    `top_k == 0`: disabled; `temperature == 0`: greedy; `logprobs`: None (off) or how many top
-    alternatives to return beside the sampled token; `max_tokens` None: up to the context limit
-    (see `resolve_max_tokens`). The proxy applies `stop` on detokenized text.
-    """
-
-    max_tokens: int | None
-    temperature: float
-    top_p: float
-    top_k: int
-    seed: int | None
-    stop: list[str]
-    logprobs: int | None
-    ignore_eos: bool
-    min_tokens: int = 0
-
-    def __post_init__(self) -> None:
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if not (self.temperature >= 0.0 and 0.0 < self.top_p <= 1.0 and self.top_k >= 0):
-            raise ValueError(f"invalid sampling values in {self}")
-
-
-def to_sampling(request: CompletionRequest | ChatCompletionRequest) -> SamplingRequest:
-    """The sampling parameters of a validated request, defaults filled in.
+def to_sampling(request: CompletionRequest | ChatCompletionRequest, num_prompt_tokens: int,
+                max_model_len: int) -> SamplingParams:
+    """The sampling parameters of a validated request, defaults filled in; a 400 when they
+    cannot run (`context_length_exceeded` when they do not fit --max-model-len).
 
     Chat: `max_completion_tokens` wins over the deprecated `max_tokens`; `logprobs: true`
-    with `top_logprobs` k becomes `logprobs=k`. Completions: `logprobs` is already k.
+    with `top_logprobs` k becomes `logprobs=k`. Completions: `logprobs` is already k. `top_k`
+    -1 means off, as 0 does. `max_tokens` omitted: up to the context limit (see
+    `resolve_max_tokens`). Stop strings are not sampling: the proxy applies `request.stop`.
     """
     max_tokens, logprobs = request.max_tokens, request.logprobs
+    param = "prompt"
     if isinstance(request, ChatCompletionRequest):
         max_tokens = request.max_completion_tokens or request.max_tokens
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
-    return SamplingRequest(
-        max_tokens=max_tokens,
-        temperature=1.0 if request.temperature is None else request.temperature,
-        top_p=1.0 if request.top_p is None else request.top_p,
-        top_k=max(request.top_k or 0, 0),
-        seed=request.seed,
-        stop=list(request.stop or []),
-        logprobs=logprobs,
-        ignore_eos=bool(request.ignore_eos),
-        min_tokens=request.min_tokens,
-    )
+        param = "messages"
+    try:
+        return SamplingParams(
+            max_tokens=resolve_max_tokens(max_tokens, num_prompt_tokens, max_model_len, param),
+            temperature=1.0 if request.temperature is None else request.temperature,
+            top_p=1.0 if request.top_p is None else request.top_p,
+            top_k=max(request.top_k or 0, 0),
+            seed=request.seed,
+            ignore_eos=bool(request.ignore_eos),
+            logprobs=logprobs,
+            min_tokens=request.min_tokens,
+        )
+    except RequestError as e:
+        raise invalid_request(str(e)) from None
 
 
 def resolve_max_tokens(
@@ -269,8 +255,9 @@ class UsageInfo(BaseModel):
 
 
 @dataclass
-class TokenLogprob:
-    """One generated token's logprob and its top alternatives, as text (the app decodes ids)."""
+class TextLogprob:
+    """One generated token's logprob and its top alternatives, as text: the engine's
+    `TokenLogprob` with its ids detokenized (proxy/responses.py)."""
 
     token: str
     logprob: float
@@ -288,7 +275,7 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int] = []
 
     @classmethod
-    def build(cls, entries: Sequence[TokenLogprob], text_offset: int = 0) -> "CompletionLogprobs":
+    def build(cls, entries: Sequence[TextLogprob], text_offset: int = 0) -> "CompletionLogprobs":
         """`text_offset` is where the first token starts in the completion text so far."""
         offsets = list(accumulate((len(e.token) for e in entries), initial=text_offset))[:-1]
         return cls(tokens=[e.token for e in entries],
@@ -315,7 +302,7 @@ class ChatLogprobs(BaseModel):
     content: list[ChatLogprobToken] | None = None
 
     @classmethod
-    def build(cls, entries: Sequence[TokenLogprob]) -> "ChatLogprobs":
+    def build(cls, entries: Sequence[TextLogprob]) -> "ChatLogprobs":
         return cls(content=[ChatLogprobToken.of(e.token, e.logprob, top_logprobs=[
             TopLogprob.of(t, lp) for t, lp in e.top]) for e in entries])
 
@@ -332,7 +319,7 @@ class CompletionChoice(BaseModel):
     index: int = 0
     text: str
     logprobs: CompletionLogprobs | None = None
-    finish_reason: FinishReason | None = None
+    finish_reason: ApiFinishReason | None = None
 
 
 class CompletionResponse(_Response):
@@ -352,7 +339,7 @@ class ChatChoice(BaseModel):
     index: int = 0
     message: ChatResponseMessage
     logprobs: ChatLogprobs | None = None
-    finish_reason: FinishReason | None = None
+    finish_reason: ApiFinishReason | None = None
 
 
 class ChatCompletionResponse(_Response):
@@ -372,7 +359,7 @@ class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: DeltaMessage
     logprobs: ChatLogprobs | None = None
-    finish_reason: FinishReason | None = None
+    finish_reason: ApiFinishReason | None = None
 
 
 class ChatCompletionChunk(_Response):

@@ -11,6 +11,8 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from engine.outputs import FinishReason, TokenLogprob
+from engine.sampling_params import SamplingParams
 from proxy import openai_api as api
 from proxy.cluster import ClusterClient
 from proxy.detokenizer import IncrementalDetokenizer, Tokenizer
@@ -23,7 +25,7 @@ from proxy.stop import StopMatcher
 @dataclass
 class Delta:
     text: str
-    logprobs: list[api.TokenLogprob]
+    logprobs: list[api.TextLogprob]
     finish_reason: str | None = None
 
 
@@ -34,7 +36,7 @@ class GenerationStream:
     metrics: ProxyMetrics
     request_id: str
     prompt_ids: list[int]
-    params: dict
+    params: SamplingParams
     stops: list[str]
     num_completion_tokens: int = 0
     num_cached_tokens: int = 0
@@ -47,7 +49,8 @@ class GenerationStream:
         first_at: float | None = None
         last_at = self.started
         try:
-            async for tokens in self.cluster.generate(self.request_id, self.prompt_ids, self.params):
+            events = self.cluster.generate(self.request_id, self.prompt_ids, self.params)
+            async for tokens in events:
                 now = time.monotonic()
                 if first_at is None:
                     first_at = now
@@ -63,10 +66,10 @@ class GenerationStream:
                 emit, stopped = stop.push(text)
                 if tokens.finish_reason is not None and not stopped:
                     emit += stop.flush()
-                reason = "stop" if stopped else tokens.finish_reason
                 logprobs = self._logprobs(tokens.logprobs)
-                if stopped or reason is not None:
-                    self.finish_reason = "length" if reason == "length" else "stop"
+                if stopped or tokens.finish_reason is not None:
+                    is_length = not stopped and tokens.finish_reason is FinishReason.LENGTH
+                    self.finish_reason = "length" if is_length else "stop"  # abort: "stop"
                     yield Delta(emit, logprobs, self.finish_reason)
                     return  # leaving the cluster iterator early aborts the request on the workers
                 if emit or logprobs:
@@ -81,18 +84,20 @@ class GenerationStream:
                     time.monotonic() - self.started,
                     None if first_at is None else first_at - self.started, self.num_cached_tokens)
 
-    def _logprobs(self, raw: list) -> list[api.TokenLogprob]:
-        decode = self.tokenizer.decode
-        return [api.TokenLogprob(decode([tok], skip_special_tokens=False), float(lp),
-                               [(decode([t], skip_special_tokens=False), float(v)) for t, v in top])
-                for tok, lp, top in raw]
+    def _logprobs(self, entries: list[TokenLogprob]) -> list[api.TextLogprob]:
+        def text(token_id: int) -> str:
+            return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+        return [api.TextLogprob(text(e.token_id), e.logprob,
+                                [(text(t), lp) for t, lp in e.top]) for e in entries]
 
     def usage(self) -> api.UsageInfo:
-        return api.UsageInfo.of(len(self.prompt_ids), self.num_completion_tokens, self.num_cached_tokens)
+        return api.UsageInfo.of(len(self.prompt_ids), self.num_completion_tokens,
+                                self.num_cached_tokens)
 
 
 # ---- non-streaming ----------------------------------------------------------------------------
-async def collect(stream: GenerationStream) -> tuple[str, list[api.TokenLogprob]]:
+async def collect(stream: GenerationStream) -> tuple[str, list[api.TextLogprob]]:
     text, logprobs = [], []
     async for d in stream.deltas():
         text.append(d.text)
@@ -100,21 +105,24 @@ async def collect(stream: GenerationStream) -> tuple[str, list[api.TokenLogprob]
     return "".join(text), logprobs
 
 
-async def completion_response(stream: GenerationStream, model: str, want_logprobs: bool) -> api.CompletionResponse:
+async def completion_response(stream: GenerationStream, model: str,
+                              want_logprobs: bool) -> api.CompletionResponse:
     text, logprobs = await collect(stream)
-    choice = api.CompletionChoice(text=text, finish_reason=stream.finish_reason,  # type: ignore[arg-type]
-                                logprobs=api.CompletionLogprobs.build(logprobs) if want_logprobs else None)
+    choice = api.CompletionChoice(
+        text=text, finish_reason=stream.finish_reason,  # type: ignore[arg-type]
+        logprobs=api.CompletionLogprobs.build(logprobs) if want_logprobs else None)
     return api.CompletionResponse(id=f"cmpl-{stream.request_id}", model=model, choices=[choice],
-                                usage=stream.usage())
+                                  usage=stream.usage())
 
 
-async def chat_response(stream: GenerationStream, model: str, want_logprobs: bool) -> api.ChatCompletionResponse:
+async def chat_response(stream: GenerationStream, model: str,
+                        want_logprobs: bool) -> api.ChatCompletionResponse:
     text, logprobs = await collect(stream)
     choice = api.ChatChoice(message=api.ChatResponseMessage(content=text),
-                          finish_reason=stream.finish_reason,  # type: ignore[arg-type]
-                          logprobs=api.ChatLogprobs.build(logprobs) if want_logprobs else None)
+                            finish_reason=stream.finish_reason,  # type: ignore[arg-type]
+                            logprobs=api.ChatLogprobs.build(logprobs) if want_logprobs else None)
     return api.ChatCompletionResponse(id=f"chatcmpl-{stream.request_id}", model=model,
-                                    choices=[choice], usage=stream.usage())
+                                      choices=[choice], usage=stream.usage())
 
 
 # ---- streaming ---------------------------------------------------------------------------------
@@ -125,10 +133,12 @@ async def completion_sse(stream: GenerationStream, model: str, want_logprobs: bo
         async for d in stream.deltas():
             lp = api.CompletionLogprobs.build(d.logprobs, offset) if want_logprobs else None
             offset += len(d.text)
-            choice = api.CompletionChoice(text=d.text, logprobs=lp, finish_reason=d.finish_reason)  # type: ignore[arg-type]
+            choice = api.CompletionChoice(text=d.text, logprobs=lp,
+                                          finish_reason=d.finish_reason)  # type: ignore[arg-type]
             yield sse_event(api.CompletionResponse(id=rid, model=model, choices=[choice]))
         if include_usage:
-            yield sse_event(api.CompletionResponse(id=rid, model=model, choices=[], usage=stream.usage()))
+            yield sse_event(api.CompletionResponse(id=rid, model=model, choices=[],
+                                                   usage=stream.usage()))
     except ApiError as e:
         yield sse_error(e)
     except Exception as e:  # an unexpected failure still ends the stream properly
@@ -145,10 +155,11 @@ async def chat_sse(stream: GenerationStream, model: str, want_logprobs: bool,
         async for d in stream.deltas():
             lp = api.ChatLogprobs.build(d.logprobs) if want_logprobs and d.logprobs else None
             choice = api.ChatChunkChoice(delta=api.DeltaMessage(content=d.text), logprobs=lp,
-                                       finish_reason=d.finish_reason)  # type: ignore[arg-type]
+                                         finish_reason=d.finish_reason)  # type: ignore[arg-type]
             yield sse_event(api.ChatCompletionChunk(id=rid, model=model, choices=[choice]))
         if include_usage:
-            yield sse_event(api.ChatCompletionChunk(id=rid, model=model, choices=[], usage=stream.usage()))
+            yield sse_event(api.ChatCompletionChunk(id=rid, model=model, choices=[],
+                                                    usage=stream.usage()))
     except ApiError as e:
         yield sse_error(e)
     except Exception as e:

@@ -71,7 +71,7 @@ class WorkerBase(abc.ABC):
     # ---- shared -------------------------------------------------------------------------------
     def hello(self) -> ev.Hello:
         return ev.Hello(self.worker_id, self.role, self.ctrl.address, self.kv_address,
-                        self.engine.plan.spec.to_dict(), self.engine.plan.line(), os.getpid(),
+                        self.engine.plan.spec, self.engine.plan.line(), os.getpid(),
                         socket.gethostname(), self.engine.config.model)
 
     def _heartbeats(self) -> None:

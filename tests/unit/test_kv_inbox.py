@@ -18,10 +18,12 @@ import zmq
 from bench.kv_fill import fill_random
 from decode.kv_inbox import KvArrival, KvInbox
 from engine.kv_spec import KvDtype, KvSpec
+from engine.outputs import TokenLogprob
+from protocol.kv_meta import FirstToken
 from transfer.convert.cache import PagedKvCache
 from transfer.convert.local import read_tokens_float
 from transfer.endpoint.sender import ZmqKvSender, ZmqSenderConfig
-from transfer.wire.errors import TransferError
+from transfer.wire.errors import MalformedHeader, TransferError
 from worker.config import KvTransportConfig
 
 SPEC = KvSpec(8, 4, 128, 16, dtype=KvDtype.BFLOAT16)  # 16 KiB per token: 2 MiB per transfer
@@ -48,7 +50,8 @@ def test_forgets_racing_arrivals_end_each_reservation_once(payload: str) -> None
         try:
             for rid in rids:
                 try:
-                    sent[rid] = tx.send(src, list(range(8)), 0, 128, request_id=rid, meta={"first_token": 5})
+                    sent[rid] = tx.send(src, list(range(8)), 0, 128, request_id=rid,
+                                        meta={"first_token": 5})
                 except TransferError as e:  # a forgotten reservation: a typed error, and on we go
                     sent[rid] = e
         finally:
@@ -91,3 +94,41 @@ def test_forgets_racing_arrivals_end_each_reservation_once(payload: str) -> None
     assert not rx._expected and not rx._inflight
     inbox.close()
     ctx.destroy(linger=0)
+
+
+def test_the_first_token_arrives_typed_and_a_bad_logprob_is_dropped() -> None:
+    """The first token's logprob rides in the KV header's meta as a msgpack structure
+    (protocol/kv_meta.py) and comes out a TokenLogprob; a malformed one is dropped, the KV and
+    the first token kept; without a first token the arrival is an error; a meta the header
+    does not allow is the sender's typed MalformedHeader, and the worker sees nothing."""
+    src = PagedKvCache.allocate(SPEC, 4)
+    ctx = zmq.Context()
+    inbox = KvInbox(ctx, "127.0.0.1", PagedKvCache.allocate(SPEC, 16), KvTransportConfig())
+    first = FirstToken(5, TokenLogprob(5, -0.5, [(5, -0.5), (2, float("-inf"))]), 16)
+    metas = {"typed": first.to_meta(),
+             "bad-logprob": {**first.to_meta(), "first_logprob": {"token_id": "5"}},
+             "no-token": {"first_logprob": first.to_meta()["first_logprob"]},
+             "too-deep": {**first.to_meta(), "first_logprob": [[[[5]]]]}}
+    tx = ZmqKvSender(inbox.address, ZmqSenderConfig(timeout_s=10.0))
+    try:
+        for i, (rid, meta) in enumerate(metas.items()):
+            inbox.expect(rid, [4 * i, 4 * i + 1])
+            if rid == "too-deep":
+                with pytest.raises(MalformedHeader, match="nested deeper"):
+                    tx.send(src, [0, 1], 0, 32, request_id=rid, meta=meta)
+                inbox.forget(rid)
+            else:
+                tx.send(src, [0, 1], 0, 32, request_id=rid, meta=meta)
+        arrivals: dict[str, KvArrival] = {}
+        deadline = time.monotonic() + 10
+        while len(arrivals) < 3 and time.monotonic() < deadline:
+            arrivals.update((a.request_id, a) for a in inbox.receive())
+            time.sleep(0.01)
+        assert set(arrivals) == {"typed", "bad-logprob", "no-token"}
+        assert arrivals["typed"] == KvArrival("typed", None, 5, first.logprob, 16)
+        assert arrivals["bad-logprob"] == KvArrival("bad-logprob", None, 5, None, 16)
+        assert arrivals["no-token"].error == "KV arrived without a valid first token"
+    finally:
+        tx.close()
+        inbox.close()
+        ctx.destroy(linger=0)

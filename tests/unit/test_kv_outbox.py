@@ -11,18 +11,21 @@ import zmq
 
 from bench.kv_fill import ReceiverHarness, fill_random
 from engine.kv_spec import KvDtype, KvSpec
-from prefill.kv_outbox import KvOutbox, SendResult
+from prefill.kv_outbox import KvOutbox, TransferOutcome
+from protocol.errors import ErrorCode
 from transfer.convert.cache import PagedKvCache
 from transfer.endpoint.records import ZmqReceiverConfig
+from transfer.wire.errors import ChecksumMismatch, PeerLost, TransferError, TransferTimeout
 from worker.config import KvTransportConfig
 
 SPEC = KvSpec(2, 2, 64, 16, dtype=KvDtype.BFLOAT16)
 TIMEOUT_S = 4.0
 
 
-def _results(outbox: KvOutbox, want: int, timeout_s: float) -> dict[str, tuple[SendResult, float]]:
+def _results(outbox: KvOutbox, want: int,
+             timeout_s: float) -> dict[str, tuple[TransferOutcome, float]]:
     """Results by request id, each with the time it came back."""
-    got: dict[str, tuple[SendResult, float]] = {}
+    got: dict[str, tuple[TransferOutcome, float]] = {}
     deadline = time.monotonic() + timeout_s
     while len(got) < want and time.monotonic() < deadline:
         for r in outbox.poll_results():
@@ -38,7 +41,8 @@ def test_a_hung_decode_worker_delays_only_its_own_transfers() -> None:
     ctx = zmq.Context()
     hung = ctx.socket(zmq.ROUTER)  # a decode worker that accepts the connection and never reads
     port = hung.bind_to_random_port("tcp://127.0.0.1")
-    healthy = ReceiverHarness(PagedKvCache.allocate(SPEC, 16), ZmqReceiverConfig(endpoint="tcp://127.0.0.1:0"))
+    healthy = ReceiverHarness(PagedKvCache.allocate(SPEC, 16),
+                              ZmqReceiverConfig(endpoint="tcp://127.0.0.1:0"))
     outbox = KvOutbox(ctx, src, config)
     try:
         for i in range(3):
@@ -57,9 +61,9 @@ def test_a_hung_decode_worker_delays_only_its_own_transfers() -> None:
         order = sorted(range(3), key=lambda i: got[f"ok-{i}"][1])
         assert order == [0, 1, 2]  # one peer's transfers go in order
         stuck, at = got["stuck"]
-        assert stuck.error is not None and stuck.error.startswith("TransferTimeout") and stuck.retryable
+        assert stuck.error is not None and stuck.error.startswith("TransferTimeout")
+        assert stuck.code is ErrorCode.KV_TRANSFER and stuck.retryable  # TransferTimeout.retryable
         assert at - t0 >= TIMEOUT_S * 0.9
-        assert outbox.num_bytes == sum(got[f"ok-{i}"][0].num_bytes for i in range(3))
     finally:
         outbox.close()
         healthy.close()
@@ -71,7 +75,8 @@ def test_idle_lanes_close_and_come_back() -> None:
     src = PagedKvCache.allocate(SPEC, 16)
     config = KvTransportConfig(transfer_timeout_s=TIMEOUT_S)
     ctx = zmq.Context()
-    healthy = ReceiverHarness(PagedKvCache.allocate(SPEC, 16), ZmqReceiverConfig(endpoint="tcp://127.0.0.1:0"))
+    healthy = ReceiverHarness(PagedKvCache.allocate(SPEC, 16),
+                              ZmqReceiverConfig(endpoint="tcp://127.0.0.1:0"))
     outbox = KvOutbox(ctx, src, config, lane_idle_s=0.3)
     try:
         for round_ in range(2):
@@ -84,11 +89,42 @@ def test_idle_lanes_close_and_come_back() -> None:
             deadline = time.monotonic() + 5
             while outbox.num_lanes and time.monotonic() < deadline:
                 time.sleep(0.05)
-            assert outbox.num_lanes == 0  # idle: its sender and thread are gone; the next send reopens
+            # idle: its sender and thread are gone; the next send reopens
+            assert outbox.num_lanes == 0
         for t in outbox._threads:
             t.join(5)
         assert not [t for t in outbox._threads if t.is_alive()]
     finally:
         outbox.close()
         healthy.close()
+        ctx.destroy(linger=0)
+
+
+def _all_subclasses(cls: type[TransferError]) -> set[type[TransferError]]:
+    return {c for sub in cls.__subclasses__() for c in (sub, *_all_subclasses(sub))}
+
+
+def test_a_failed_transfer_is_coded_from_its_error_class() -> None:
+    """One source of truth for what is retryable: the transfer error class's `retryable`
+    decides the outcome's ErrorCode (and so whether the proxy retries the prefill)."""
+    for cls in _all_subclasses(TransferError):
+        error = TransferError.from_wire({"code": cls.code, "message": "m"})
+        outcome = TransferOutcome.failed("r", error)
+        assert outcome.retryable is cls.retryable, cls.__name__
+        assert outcome.code is (ErrorCode.KV_TRANSFER if cls.retryable else ErrorCode.KV_REFUSED)
+    assert {c for c in _all_subclasses(TransferError) if c.retryable} == {
+        TransferTimeout, PeerLost, ChecksumMismatch}
+    unexpected = TransferOutcome.failed("r", RuntimeError("bug"))
+    assert unexpected.code is ErrorCode.INTERNAL and not unexpected.retryable
+    src = PagedKvCache.allocate(SPEC.with_(model_fingerprint="model-a"), 4)
+    ctx = zmq.Context()
+    outbox = KvOutbox(ctx, src, KvTransportConfig(transfer_timeout_s=TIMEOUT_S))
+    try:  # refused before anything is sent: another prefill worker would meet it too
+        outbox.send("other-model", "tcp://127.0.0.1:9", [0, 1], 32,
+                    SPEC.with_(model_fingerprint="model-b"), {"first_token": 1})
+        result, _ = _results(outbox, 1, 10)["other-model"]
+        assert result.error is not None and result.error.startswith("IncompatibleKv")
+        assert result.code is ErrorCode.KV_REFUSED and not result.retryable
+    finally:
+        outbox.close()
         ctx.destroy(linger=0)

@@ -12,7 +12,7 @@ import pytest
 @pytest.mark.parametrize("modules", [
     "proxy.app, proxy.cluster, proxy.router, proxy.responses, proxy.metrics",
     "protocol.codec, protocol.channel, protocol.decode_ctrl, protocol.prefill_ctrl, "
-    "protocol.worker_events",
+    "protocol.worker_events, protocol.errors, protocol.kv_meta",
 ])
 def test_importing_the_proxy_imports_no_torch(modules: str) -> None:
     code = (f"import sys; import {modules}; "

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import torch
 
+from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.model_runner import ScheduledSeq
 from engine.sampler import SampleResult
@@ -38,15 +39,14 @@ def _token_lists(vocab_size: int) -> list[list[int]]:
             for n in PROMPT_LENS]
 
 
-def _engine(tiny_engine: Callable[..., LLMEngine], variant: str, dtype: str) -> LLMEngine:
-    return tiny_engine(variant, dtype=dtype, kv_cache_memory="8MiB", max_model_len=128,
-                       block_size=8, max_num_batched_tokens=STEP_BUDGET,
-                       enable_prefix_caching=False)
+def _engine(path: Path, dtype: str) -> LLMEngine:
+    return LLMEngine.from_config(EngineConfig(
+        model=str(path), dtype=dtype, kv_cache_memory="8MiB", max_model_len=128, block_size=8,
+        max_num_batched_tokens=STEP_BUDGET, enable_prefix_caching=False), log_plan=False)
 
 
 @torch.inference_mode()
-def _our_logits(engine: LLMEngine,
-                tokens: list[list[int]]) -> tuple[list[torch.Tensor], list[str]]:
+def _our_logits(engine: LLMEngine, tokens: list[list[int]]) -> tuple[list[torch.Tensor], list[str]]:
     """Logits [len(seq) - 1, vocab] of every position, and each step's kind
     ("prefill"/"mixed"/"decode")."""
     runner, scheduler = engine.runner, engine.scheduler
@@ -65,11 +65,12 @@ def _our_logits(engine: LLMEngine,
         for i, s in enumerate(batch):
             k = index[s.seq.seq_id]
             start = s.seq.num_computed_tokens
-            rows = slice(meta.query_start_loc[i], meta.query_start_loc[i + 1])
-            out[k][start:start + s.num_tokens] = logits[rows]
+            rows = logits[meta.query_start_loc[i]:meta.query_start_loc[i + 1]]
+            out[k][start:start + s.num_tokens] = rows
             if s.completes:  # feed the next token of the fixed list instead of sampling
                 results[s.seq.seq_id] = SampleResult(tokens[k][s.seq.num_tokens], None)
-        num_decode = sum(s.num_tokens == 1 and s.seq.is_prefill_done for s in batch)
+        num_decode = sum(s.num_tokens == 1 and s.seq.num_computed_tokens >= s.seq.num_prompt_tokens
+                         for s in batch)
         kinds.append("decode" if num_decode == len(batch) else "mixed" if num_decode else "prefill")
         scheduler.postprocess(batch, results)
     for seq, t in zip(seqs, tokens, strict=True):
@@ -88,9 +89,8 @@ def _hf_logits(model: Any, tokens: list[list[int]]) -> list[torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def reference(
-    tiny_hf_checkpoint: Callable[[str], Path],
-) -> Callable[[str], tuple[list[list[int]], list[torch.Tensor]]]:
+def reference(tiny_hf_checkpoint: Callable[[str], Path]
+              ) -> Callable[[str], tuple[list[list[int]], list[torch.Tensor]]]:
     """variant -> (token lists, transformers fp32 logits), computed once per module."""
     cache: dict[str, tuple[list[list[int]], list[torch.Tensor]]] = {}
 
@@ -106,10 +106,10 @@ def reference(
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_fp32_logits_match_transformers(variant: str, tiny_engine: Callable[..., LLMEngine],
+def test_fp32_logits_match_transformers(variant: str, tiny_hf_checkpoint: Callable[[str], Path],
                                         reference: Callable[[str], Any]) -> None:
     tokens, ref = reference(variant)
-    ours, kinds = _our_logits(_engine(tiny_engine, variant, "float32"), tokens)
+    ours, kinds = _our_logits(_engine(tiny_hf_checkpoint(variant), "float32"), tokens)
     # The path under test really chunked the prefill and mixed it with decode steps.
     assert kinds.count("prefill") >= 2 and "mixed" in kinds and "decode" in kinds, kinds
     for i, (got, want) in enumerate(zip(ours, ref, strict=True)):
@@ -139,10 +139,10 @@ def test_tolerance_detects_position_errors(tiny_hf_checkpoint: Callable[[str], P
     ("qwen2", "bfloat16", 0.04), ("llama3_rope", "float16", 0.005),
 ])
 def test_half_precision_close_to_fp32_reference(variant: str, dtype: str, tol: float,
-                                                tiny_engine: Callable[..., LLMEngine],
+                                                tiny_hf_checkpoint: Callable[[str], Path],
                                                 reference: Callable[[str], Any]) -> None:
     tokens, ref = reference(variant)
-    engine = _engine(tiny_engine, variant, dtype)
+    engine = _engine(tiny_hf_checkpoint(variant), dtype)
     assert engine.plan.spec.dtype.value == dtype
     assert next(engine.runner.model.parameters()).dtype == getattr(torch, dtype)
     ours, _ = _our_logits(engine, tokens)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 
@@ -11,6 +10,7 @@ import openai.types.chat as oai_chat
 import pytest
 from pydantic import ValidationError
 
+from engine.sampling_params import SamplingParams
 from proxy.errors import ApiError
 from proxy.openai_api import (
     ChatChoice,
@@ -27,8 +27,7 @@ from proxy.openai_api import (
     DeltaMessage,
     ModelCard,
     ModelList,
-    SamplingRequest,
-    TokenLogprob,
+    TextLogprob,
     UsageInfo,
     resolve_max_tokens,
     to_sampling,
@@ -43,6 +42,11 @@ def chat(**fields: object) -> ChatCompletionRequest:
 
 def completion(**fields: object) -> CompletionRequest:
     return CompletionRequest.model_validate({"model": "m", "prompt": "hi", **fields})
+
+
+def sampling(request: CompletionRequest | ChatCompletionRequest, num_prompt_tokens: int = 100,
+             max_model_len: int = 2048) -> SamplingParams:
+    return to_sampling(request, num_prompt_tokens, max_model_len)
 
 
 def first_error(exc: pytest.ExceptionInfo[ValidationError]) -> tuple[tuple, str]:
@@ -142,42 +146,48 @@ def test_chat_logprob_rules() -> None:
     assert first_error(exc)[0] == ("top_logprobs",)
     with pytest.raises(ValidationError):
         chat(logprobs=True, top_logprobs=21)
-    assert to_sampling(chat(logprobs=True, top_logprobs=3)).logprobs == 3
-    assert to_sampling(chat(logprobs=True)).logprobs == 0
-    assert to_sampling(chat(logprobs=False)).logprobs is None
-    assert to_sampling(completion(logprobs=0)).logprobs == 0
+    assert sampling(chat(logprobs=True, top_logprobs=3)).logprobs == 3
+    assert sampling(chat(logprobs=True)).logprobs == 0
+    assert sampling(chat(logprobs=False)).logprobs is None
+    assert sampling(completion(logprobs=0)).logprobs == 0
 
 
 def test_min_tokens_must_fit_max_tokens() -> None:
     with pytest.raises(ValidationError) as exc:
         chat(max_completion_tokens=4, min_tokens=5)
     assert first_error(exc)[0] == ("min_tokens",)
-    assert to_sampling(completion(max_tokens=8, min_tokens=8)).min_tokens == 8
+    assert sampling(completion(max_tokens=8, min_tokens=8)).min_tokens == 8
 
 
 def test_to_sampling_defaults() -> None:
-    assert to_sampling(completion()) == SamplingRequest(
-        max_tokens=16, temperature=1.0, top_p=1.0, top_k=0, seed=None, stop=[],
-        logprobs=None, ignore_eos=False)
-    assert to_sampling(chat()).max_tokens is None
+    assert sampling(completion()) == SamplingParams(
+        max_tokens=16, temperature=1.0, top_p=1.0, top_k=0, seed=None, logprobs=None,
+        ignore_eos=False, min_tokens=0)
+    assert sampling(chat(), num_prompt_tokens=100, max_model_len=2048).max_tokens == 1948
 
 
 def test_to_sampling_values() -> None:
-    sampling = to_sampling(chat(max_tokens=9, max_completion_tokens=7, temperature=0,
-                                top_p=0.5, top_k=40, seed=-3, stop="###", ignore_eos=True))
-    assert sampling == SamplingRequest(max_tokens=7, temperature=0.0, top_p=0.5, top_k=40,
-                                       seed=-3, stop=["###"], logprobs=None, ignore_eos=True)
-    assert to_sampling(chat(top_k=-1)).top_k == 0
-    assert to_sampling(chat(stop=["", "x"])).stop == ["x"]
-    # Plain values only: it crosses processes as a dict (msgpack).
-    assert SamplingRequest(**dataclasses.asdict(sampling)) == sampling
+    request = chat(max_tokens=9, max_completion_tokens=7, temperature=0, top_p=0.5, top_k=40,
+                   seed=-3, stop="###", ignore_eos=True)
+    assert sampling(request) == SamplingParams(max_tokens=7, temperature=0.0, top_p=0.5,
+                                               top_k=40, seed=-3, logprobs=None, ignore_eos=True)
+    assert request.stop == ["###"]  # stop strings are the proxy's, not sampling
+    assert sampling(chat(top_k=-1)).top_k == 0
+    assert chat(stop=["", "x"]).stop == ["x"]
 
 
-def test_sampling_request_rejects_bad_values() -> None:
-    with pytest.raises(ValueError):
-        SamplingRequest(0, 1.0, 1.0, 0, None, [], None, False)
-    with pytest.raises(ValueError):
-        SamplingRequest(4, 1.0, 0.0, 0, None, [], None, False)
+def test_to_sampling_rejects_what_cannot_run() -> None:
+    """A 400: context length (naming the parameter), or SamplingParams' own checks."""
+    with pytest.raises(ApiError) as exc:
+        sampling(chat(max_tokens=100), num_prompt_tokens=2000, max_model_len=2048)
+    assert (exc.value.status, exc.value.code, exc.value.param) == (
+        400, "context_length_exceeded", "messages")
+    with pytest.raises(ApiError) as exc:
+        sampling(completion(), num_prompt_tokens=2048, max_model_len=2048)
+    assert exc.value.param == "prompt"
+    with pytest.raises(ApiError) as exc:
+        sampling(completion(temperature=2.0).model_copy(update={"temperature": 101.0}))
+    assert exc.value.status == 400 and "temperature" in exc.value.message
 
 
 def test_stream_options() -> None:
@@ -220,8 +230,8 @@ def test_chat_stream_chunks_parse_with_openai_types() -> None:
 
 
 def test_full_responses_parse_with_openai_types() -> None:
-    entries = [TokenLogprob("Hi", -0.1, [("Hi", -0.1), ("Yo", -2.5)]),
-               TokenLogprob("!", -math.inf)]
+    entries = [TextLogprob("Hi", -0.1, [("Hi", -0.1), ("Yo", -2.5)]),
+               TextLogprob("!", -math.inf)]
     chat_response = ChatCompletionResponse(
         id="chatcmpl-1", model="m", usage=UsageInfo.of(5, 2),
         choices=[ChatChoice(message=ChatResponseMessage(content="Hi!"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -83,7 +84,13 @@ CASES: list[tuple[str, Callable[[dict], None], type[TransferError]]] = [
     ("layers beyond spec", lambda d: d.update(lay=[0, 4]), MalformedHeader),
     ("checksum algo", lambda d: d.update(sum="md5"), MalformedHeader),
     ("transport", lambda d: d.update(tr="rdma"), MalformedHeader),
-    ("meta value", lambda d: d.update(meta={"x": [1, 2]}), MalformedHeader),
+    ("meta long string", lambda d: d.update(meta={"x": "s" * 1025}), MalformedHeader),
+    ("meta long key", lambda d: d.update(meta={"k" * 65: 1}), MalformedHeader),
+    ("meta nested too deep", lambda d: d.update(meta={"x": [[[[1]]]]}), MalformedHeader),
+    ("meta nested empty too deep", lambda d: d.update(meta={"x": {"a": [[[]]]}}), MalformedHeader),
+    ("meta nested key", lambda d: d.update(meta={"x": {"k" * 65: 1}}), MalformedHeader),
+    ("meta nested string", lambda d: d.update(meta={"x": [["s" * 1025]]}), MalformedHeader),
+    ("meta values limit", lambda d: d.update(meta={"x": [[0] * 60] * 70}), LimitExceeded),
     ("token limit", lambda d: d.update(tok=[5, 1 << 40]), LimitExceeded),
     ("buffer limit", lambda d: d["bufs"].__setitem__(0, 1 << 50), LimitExceeded),
     ("layers limit", lambda d: d["spec"].update(num_layers=5000), LimitExceeded),
@@ -96,6 +103,17 @@ def test_validation(name: str, fn: Callable[[dict], None], error: type[TransferE
     _, raw = packed_raw()
     with pytest.raises(error):
         decode_header(mutate(raw, fn), ReceiverLimits())
+
+
+def test_meta_carries_typed_values_as_msgpack_structures() -> None:
+    """A typed value (the first token's logprob: a map holding a list of pairs) travels as
+    msgpack lists and maps, not as a JSON string; -inf logprobs included."""
+    logprob = {"token_id": 7, "logprob": -0.25, "top": [[7, -0.25], [3, float("-inf")]]}
+    meta = {"first_token": 7, "first_logprob": logprob, "num_cached_tokens": 16}
+    packed, _ = packed_raw()
+    raw = dataclasses.replace(packed.header, meta=meta).encode()
+    assert msgpack.unpackb(raw)["meta"]["first_logprob"] == logprob
+    assert decode_header(raw, ReceiverLimits()).meta == meta
 
 
 def test_limits_checked_before_parsing() -> None:

@@ -7,6 +7,13 @@ sender as `{code, name, message, request_id}` (`to_wire`); the sender rebuilds t
 
 Numbers: 10xx header/wire, 11xx compatibility and values, 12xx limits and integrity,
 13xx transport and lifecycle.
+
+`retryable` is the one statement of which transfer failures another sender may get past (the
+serving layer codes a failed prefill from it: protocol/errors.py). True only where the failure
+belongs to this transfer's path — a timeout, a lost peer, bytes corrupted on the way; False
+where every sender would meet it again: the two caches (incompatible, values out of range), the
+receiver's limits, a malformed header or frame, the reservation gone (unexpected, cancelled), a
+caller's bug, a transport this deployment cannot run.
 """
 
 from __future__ import annotations
@@ -15,7 +22,8 @@ from typing import Any, ClassVar
 
 
 class TransferError(Exception):
-    """Base class. `code` identifies the class on the wire; `retryable` hints the caller."""
+    """Base class. `code` identifies the class on the wire; `retryable`: another sender may
+    succeed where this transfer failed (see the module docstring)."""
 
     code: ClassVar[int] = 1000
     retryable: ClassVar[bool] = False
@@ -96,8 +104,8 @@ class IncompatibleKv(TransferError):
 
 
 class ValueOutOfRange(TransferError):
-    """Finite source values the destination dtype cannot hold (they would become inf/NaN or
-    be clipped)."""
+    """Finite source values the destination dtype cannot hold (they would become inf/NaN or be
+    clipped)."""
 
     code = 1102
     dtype: str = ""

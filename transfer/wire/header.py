@@ -41,6 +41,7 @@ _SPEC_INTS = ("num_layers", "num_kv_heads", "head_dim", "block_size", "int4_grou
               "tp_rank", "tp_size", "kv_head_replicas")
 _SPEC_STRS = ("dtype", "layout", "kind", "scale_granularity", "model_fingerprint")
 _U64 = (1 << 64) - 1
+_META_DEPTH, _META_KEY_LEN, _META_STR_LEN = 3, 64, 1024  # nesting (map, list, pair), lengths
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,8 @@ class ReceiverLimits:
     max_entries: int = 65536  # sum over entries of their num_layers
     max_buffers: int = 16384
     max_request_id_len: int = 256
-    max_meta_items: int = 32
+    max_meta_items: int = 32  # keys of the meta map
+    max_meta_values: int = 4096  # values in the meta map, nested ones and containers included
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -107,7 +109,8 @@ class TransferHeader:
     entries: tuple[TensorEntry, ...]
     checksum: str | None = None  # algorithm; values travel with the chunks
     transport: str = "zmq"
-    meta: Mapping[str, Any] = field(default_factory=dict)  # small plain values (serving layer)
+    # values for the serving layer: plain scalars, or lists / maps of them (see `_meta`)
+    meta: Mapping[str, Any] = field(default_factory=dict)
     version: int = WIRE_VERSION
 
     @property
@@ -231,15 +234,31 @@ def _entry(v: Any, i: int) -> TensorEntry:
 
 
 def _meta(v: Any, limits: ReceiverLimits) -> dict[str, Any]:
+    """Short string keys; values plain scalars, or lists / short-keyed maps of them at most
+    `_META_DEPTH` deep (a typed value as the control plane's codec writes it, e.g. the first
+    token's logprob); `max_meta_values` in all. What they mean is the serving layer's to check."""
     if not isinstance(v, dict):
         raise MalformedHeader("meta must be a map")
     if len(v) > limits.max_meta_items:
         raise LimitExceeded("meta items", len(v), limits.max_meta_items)
-    for k, x in v.items():
-        ok = x is None or isinstance(x, (bool, float)) or (isinstance(x, int) and -_U64 <= x <= _U64) \
-            or (isinstance(x, str) and len(x) <= 1024)
-        if not isinstance(k, str) or len(k) > 64 or not ok:
-            raise MalformedHeader(f"meta {k!r:.40}: keys are short strings, values plain scalars")
+    stack: list[tuple[Any, str, int]] = [(v, "meta", -1)]
+    num_values = -1  # the meta map itself is not counted
+    while stack:
+        x, where, depth = stack.pop()
+        num_values += 1
+        if num_values > limits.max_meta_values:
+            raise LimitExceeded("meta values", num_values, limits.max_meta_values)
+        if isinstance(x, (dict, list)) and depth == _META_DEPTH:
+            raise MalformedHeader(f"{where:.60}: nested deeper than {_META_DEPTH} levels")
+        if isinstance(x, dict):
+            if not all(isinstance(k, str) and len(k) <= _META_KEY_LEN for k in x):
+                raise MalformedHeader(f"{where:.60}: keys are strings of {_META_KEY_LEN} at most")
+            stack += [(y, f"{where}.{k}", depth + 1) for k, y in x.items()]
+        elif isinstance(x, list):
+            stack += [(y, f"{where}[{i}]", depth + 1) for i, y in enumerate(x)]
+        elif not isinstance(x, (type(None), bool, int, float, str)) \
+                or (isinstance(x, str) and len(x) > _META_STR_LEN):
+            raise MalformedHeader(f"{where:.60}: {type(x).__name__} is not a meta value")
     return dict(v)
 
 
@@ -253,29 +272,28 @@ def decode_header(raw: bytes | memoryview, limits: ReceiverLimits) -> TransferHe
                             max_str_len=1 << 16, max_bin_len=0, max_array_len=cap,
                             max_map_len=max(64, limits.max_meta_items), max_ext_len=0)
     except Exception as e:  # msgpack raises many types for hostile bytes
-        why = f"header is not valid msgpack: {type(e).__name__}: {e}"[:300]
-        raise MalformedHeader(why) from None
+        raise MalformedHeader(
+            f"header is not valid msgpack: {type(e).__name__}: {e}"[:300]) from None
     if not isinstance(d, dict):
         raise MalformedHeader("header must be a map")
     if d.get("v") != WIRE_VERSION:
-        raise UnsupportedVersion(f"header version {d.get('v')!r:.20}; this receiver speaks "
-                                 f"{WIRE_VERSION}")
+        raise UnsupportedVersion(
+            f"header version {d.get('v')!r:.20}; this receiver speaks {WIRE_VERSION}")
     if set(d) != _TOP_KEYS:
         raise MalformedHeader(f"header keys differ from v1: missing {sorted(_TOP_KEYS - set(d))}, "
                               f"unknown {sorted(map(str, set(d) - _TOP_KEYS))[:8]}")
     rid = d["rid"]
     if not isinstance(rid, str) or not 0 < len(rid) <= limits.max_request_id_len:
-        raise MalformedHeader(f"request id must be a non-empty string of at most "
-                              f"{limits.max_request_id_len}")
+        raise MalformedHeader(
+            f"request id must be a non-empty string of at most {limits.max_request_id_len}")
     if not isinstance(d["ent"], list):
         raise MalformedHeader("ent must be a list")
     if d["sum"] is not None and (not isinstance(d["sum"], str) or d["sum"] not in CHECKSUM_ALGOS):
         raise MalformedHeader(f"unknown checksum algorithm {d['sum']!r:.40}")
     if not isinstance(d["tr"], str) or d["tr"] not in TRANSPORTS:
         raise MalformedHeader(f"unknown transport {d['tr']!r:.40}")
-    t0, t1 = _pair(d["tok"], "tok")
-    l0, l1 = _pair(d["lay"], "lay")
-    h0, h1 = _pair(d["heads"], "heads")
+    (t0, t1), (l0, l1), (h0, h1) = (_pair(d["tok"], "tok"), _pair(d["lay"], "lay"),
+                                    _pair(d["heads"], "heads"))
     header = TransferHeader(
         request_id=rid, transfer_id=_int(d["tid"], "tid"), spec=_spec(d["spec"], limits),
         token_start=t0, token_end=t1, layer_start=l0, layer_end=l1, head_start=h0, head_end=h1,
@@ -311,23 +329,23 @@ def validate_header(h: TransferHeader, limits: ReceiverLimits) -> None:
     if h.token_end > limits.max_tokens:
         raise LimitExceeded("token_end", h.token_end, limits.max_tokens)
     if h.layer_end > spec.num_layers:
-        raise MalformedHeader(f"layers [{h.layer_start}, {h.layer_end}) beyond the spec's "
-                              f"{spec.num_layers}")
+        raise MalformedHeader(
+            f"layers [{h.layer_start}, {h.layer_end}) beyond the spec's {spec.num_layers}")
     lo, hi = spec.head_range
     if not lo <= h.head_start < h.head_end <= hi:
-        raise MalformedHeader(f"heads [{h.head_start}, {h.head_end}) outside the sender's "
-                              f"[{lo}, {hi})")
+        raise MalformedHeader(
+            f"heads [{h.head_start}, {h.head_end}) outside the sender's [{lo}, {hi})")
     if sum(h.chunks) != len(h.buffer_sizes):
-        raise MalformedHeader(f"chunks {list(h.chunks)[:8]} do not add up to "
-                              f"{len(h.buffer_sizes)} buffers")
+        raise MalformedHeader(
+            f"chunks {list(h.chunks)[:8]} do not add up to {len(h.buffer_sizes)} buffers")
     for i, size in enumerate(h.buffer_sizes):
         if size > limits.max_buffer_bytes:
             raise LimitExceeded(f"buffer {i} bytes", size, limits.max_buffer_bytes)
     if h.payload_bytes > limits.max_message_bytes:
         raise LimitExceeded("message bytes", h.payload_bytes, limits.max_message_bytes)
-    entry_layers = sum(e.num_layers for e in h.entries)
-    if entry_layers > limits.max_entries:
-        raise LimitExceeded("entry layers", entry_layers, limits.max_entries)
+    if sum(e.num_layers for e in h.entries) > limits.max_entries:
+        raise LimitExceeded("entry layers", sum(e.num_layers for e in h.entries),
+                            limits.max_entries)
     coverage: dict[tuple[str, int], list[tuple[int, int]]] = defaultdict(list)
     num_blocks = h.num_blocks
     for i, e in enumerate(h.entries):
@@ -340,8 +358,8 @@ def validate_header(h: TransferHeader, limits: ReceiverLimits) -> None:
             raise MalformedHeader(f"entry {i}: nbytes {e.nbytes} != prod(shape) x {itemsize}")
         if e.buffer >= len(h.buffer_sizes) or e.offset % itemsize or \
                 e.offset + e.nbytes > h.buffer_sizes[e.buffer]:
-            raise MalformedHeader(f"entry {i} lies outside its buffer {e.buffer} "
-                                  "(or is misaligned)")
+            raise MalformedHeader(
+                f"entry {i} lies outside its buffer {e.buffer} (or is misaligned)")
         if e.part == layouts.PART_SCALE and e.buffer != 0:
             raise MalformedHeader("scales travel in buffer 0")
         if e.num_layers == 0 or not h.layer_start <= e.layer_start <= h.layer_end - e.num_layers:
@@ -369,8 +387,8 @@ def _check_tiling(h: TransferHeader, coverage: dict[tuple[str, int], list[tuple[
             at = 0
             for start, n in spans:
                 if start != at or n == 0:
-                    raise MalformedHeader(f"{part} blocks of layer {layer} overlap or leave a "
-                                          f"gap at {at}")
+                    raise MalformedHeader(
+                        f"{part} blocks of layer {layer} overlap or leave a gap at {at}")
                 at += n
             if at != num_blocks:
                 raise MalformedHeader(f"{part} of layer {layer} covers {at} of {num_blocks} blocks")
