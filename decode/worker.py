@@ -89,7 +89,8 @@ class DecodeWorker(WorkerBase):
                 if self._queue_len() >= self.config.max_queue:
                     self._reject(msg.request_id, "decode worker queue is full")
                     return
-                self.engine.add_request(msg.request_id, msg.prompt_ids, msg.params)
+                self.engine.add_request(msg.request_id, msg.prompt_ids, msg.params,
+                                        msg.prefill_chunk)
                 self.local.add(msg.request_id)
                 return
             self.engine.scheduler.check_admissible(

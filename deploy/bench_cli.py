@@ -13,7 +13,6 @@ import contextlib
 import dataclasses
 import logging
 import math
-import re
 import shlex
 import sys
 import tempfile
@@ -26,18 +25,9 @@ from bench.datasets import DatasetConfig, TextTokenizer, build_dataset, load_tok
 from bench.loadgen import LoadConfig, default_endpoint, fetch_model, make_client, run_load
 from bench.metrics import Slo, Summary, summarize
 from bench.sweep import ConfigResult, ServerSpec, SweepPlan, format_tables, plot_sweep, run_sweep
-from worker.args import add_dataclass_args, dataclass_from_args
+from worker.args import add_dataclass_args, dataclass_from_args, parse_seconds
 
 WARMUP_SEED_OFFSET = 10_007
-
-
-def parse_seconds(text: str) -> float:
-    """'0.25', '0.25s' or '250ms' -> 0.25."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e-?[0-9]+)?)\s*(ms|s)?\s*", text)
-    if not m:
-        raise argparse.ArgumentTypeError(f"expected seconds like 0.5, 0.5s or 500ms, "
-                                         f"got {text!r}")
-    return float(m.group(1)) / (1000.0 if m.group(2) == "ms" else 1.0)
 
 
 def parse_rates(text: str) -> tuple[float, ...]:

@@ -26,10 +26,13 @@ from engine.config import ConfigError, EngineConfig
 from engine.memory_plan import plan_kv_cache
 from engine.tokenizer import Tokenizer
 from proxy.app import ProxyConfig, build_app
-from proxy.cluster import ClusterClient, ClusterConfig
+from proxy.cluster import ClusterClient
+from proxy.cluster_state import ClusterConfig
 from proxy.metrics import ProxyMetrics
-from worker.args import dataclass_to_args
-from worker.config import KvTransportConfig
+from worker.args import dataclass_to_args, parse_seconds
+from worker.config import KvTransportConfig, parse_cpus
+
+PLACEMENTS = ("adaptive", "remote", "local")
 
 log = logging.getLogger("pdserve.launcher")
 
@@ -57,9 +60,37 @@ class ServeConfig:
         "help": "How long to wait for workers to load."})
     heartbeat_timeout_s: float = field(default=3.0, metadata={
         "help": "A worker silent this long is dead."})
+    placement: str = field(default="adaptive", metadata={
+        "help": "Where prompts are prefilled: adaptive (per request, by predicted TTFT and "
+                "TPOT against the SLOs), remote (prefill workers) or local (decode workers)."})
+    slo_ttft: float = field(default=1.0, metadata={
+        "parse": parse_seconds, "help": "Time-to-first-token SLO that adaptive placement "
+                                        "plans for, e.g. 1s or 800ms."})
+    slo_tpot: float = field(default=0.05, metadata={
+        "parse": parse_seconds, "help": "Time-per-output-token SLO that adaptive placement "
+                                        "plans for, e.g. 50ms."})
+    cpu_affinity: str = field(default="", metadata={
+        "help": "Pin worker i to core i mod N of this list, e.g. '0,1' (empty: no pinning). "
+                "Each pinned worker runs one torch thread unless --worker-threads says."})
+    worker_threads: int = field(default=0, metadata={
+        "help": "torch CPU threads per worker (0: the cores divided among the workers, or 1 "
+                "when pinned)."})
+    warmup_s: float = field(default=3.0, metadata={
+        "help": "Seconds of synthetic requests each worker runs at start-up to seed the "
+                "placement cost models (0: none)."})
     kv: KvTransportConfig = field(default_factory=KvTransportConfig)  # flags: worker/config.py
 
     def __post_init__(self) -> None:
+        if self.placement not in PLACEMENTS:
+            raise ConfigError(f"--placement must be one of {', '.join(PLACEMENTS)}, "
+                              f"got {self.placement!r}")
+        for flag, value in (("--slo-ttft", self.slo_ttft), ("--slo-tpot", self.slo_tpot)):
+            if not (isinstance(value, int | float) and 0 < value < 3600):
+                raise ConfigError(f"{flag} must be a duration above 0, got {value!r}")
+        if self.cpu_affinity:
+            parse_cpus(self.cpu_affinity)
+        if self.worker_threads < 0 or self.warmup_s < 0:
+            raise ConfigError("--worker-threads and --warmup-s must be 0 or more")
         if self.decode < 1:
             raise ConfigError("--decode must be at least 1")
         if self.prefill < 0:
@@ -85,12 +116,33 @@ def load_tokenizer(model: str) -> Tokenizer:
 
 
 def worker_command(role: str, worker_id: str, events_address: str, serve: ServeConfig,
-                   engine_args: list[str], device: str, num_threads: int) -> list[str]:
+                   engine_args: list[str], device: str, num_threads: int,
+                   cpus: str = "") -> list[str]:
     profile = serve.prefill_profile if role == "prefill" else serve.decode_profile
     cmd = [sys.executable, "-m", role, "--worker-id", worker_id,
            "--events-address", events_address, "--host", serve.host, "--device", device,
-           "--num-threads", str(num_threads), *dataclass_to_args(serve.kv), *engine_args]
+           "--num-threads", str(num_threads), "--warmup-s", str(serve.warmup_s),
+           *(["--cpu-affinity", cpus] if cpus else []), *dataclass_to_args(serve.kv),
+           *engine_args]
     return [*cmd, "--profile", profile] if profile else cmd
+
+
+def worker_cpus(serve: ServeConfig, num_workers: int) -> tuple[list[str], int]:
+    """Each worker's core (empty: unpinned) and its torch threads, from --cpu-affinity and
+    --worker-threads."""
+    if not serve.cpu_affinity:
+        threads = serve.worker_threads or max(1, (os.cpu_count() or 1) // num_workers)
+        return [""] * num_workers, threads
+    cores = sorted(parse_cpus(serve.cpu_affinity))
+    return [str(cores[i % len(cores)]) for i in range(num_workers)], serve.worker_threads or 1
+
+
+def cluster_config(serve: ServeConfig, **overrides: object) -> ClusterConfig:
+    """The proxy's settings from `pdserve serve`'s (local and Ray launchers alike)."""
+    return ClusterConfig(host=serve.host, colocated=serve.colocated, router=serve.router,
+                         heartbeat_timeout_s=serve.heartbeat_timeout_s,
+                         placement=serve.placement, slo_ttft_s=serve.slo_ttft,
+                         slo_tpot_s=serve.slo_tpot, **overrides)  # type: ignore[arg-type]
 
 
 def _devices(n: int) -> list[str]:
@@ -105,13 +157,13 @@ class LocalDeployment:
 
     def start_workers(self, events_address: str) -> None:
         roles = self.serve.worker_ids()
-        threads = max(1, (os.cpu_count() or 1) // len(roles))
+        cpus, threads = worker_cpus(self.serve, len(roles))
         # Idle OpenMP threads must sleep, not spin: on a small machine spinning workers starve
         # the proxy and each other (measured: colocated TTFT 2.5 s -> 0.5 s on 2 cores).
         env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ}
-        for (role, wid), device in zip(roles, _devices(len(roles)), strict=True):
+        for (role, wid), device, cores in zip(roles, _devices(len(roles)), cpus, strict=True):
             cmd = worker_command(role, wid, events_address, self.serve, self.engine_args, device,
-                                 threads)
+                                 threads, cores)
             self.procs[wid] = subprocess.Popen(cmd, env=env)
             log.info("started %s worker %s (pid %d) on %s", role, wid, self.procs[wid].pid, device)
 
@@ -132,10 +184,7 @@ class LocalDeployment:
         model = read_model_config(self.engine.model)
         plan = plan_kv_cache(model, self.engine)  # fails fast, before any worker loads weights
         metrics = ProxyMetrics()
-        cluster = ClusterClient(ClusterConfig(host=self.serve.host, colocated=self.serve.colocated,
-                                              router=self.serve.router,
-                                              heartbeat_timeout_s=self.serve.heartbeat_timeout_s),
-                                metrics)
+        cluster = ClusterClient(cluster_config(self.serve), metrics)
         cluster.start()
         try:
             self.start_workers(cluster.events_address)

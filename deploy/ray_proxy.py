@@ -30,10 +30,10 @@ from typing import Any, TypeVar
 
 import uvicorn
 
-from deploy.local_launcher import ServeConfig, load_tokenizer
+from deploy.local_launcher import ServeConfig, cluster_config, load_tokenizer
 from deploy.ray_worker import setup_actor_logging, where_am_i
 from proxy.app import ProxyConfig, build_app
-from proxy.cluster import ClusterClient, ClusterConfig
+from proxy.cluster import ClusterClient
 from proxy.metrics import ProxyMetrics
 
 log = logging.getLogger("pdserve.ray.proxy")
@@ -136,9 +136,8 @@ class ProxyActor:
     def start_cluster(self, events_port: int = 0) -> dict[str, Any]:
         """Bind the workers -> proxy event socket on this node's IP; its address and placement."""
         async def start() -> str:
-            config = ClusterConfig(host=self.where["node_ip"], colocated=self.serve.colocated,
-                                   router=self.serve.router, events_port=events_port,
-                                   heartbeat_timeout_s=self.serve.heartbeat_timeout_s)
+            config = cluster_config(self.serve, host=self.where["node_ip"],
+                                    events_port=events_port)
             self.cluster = ClusterClient(config, self.metrics)
             self.cluster.start()
             return self.cluster.events_address

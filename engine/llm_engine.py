@@ -19,10 +19,11 @@ from engine.errors import EngineError, RequestError
 from engine.kv_cache_manager import KvCacheManager
 from engine.memory_plan import KvPlan, plan_kv_cache
 from engine.model_runner import ModelRunner, ScheduledSeq
+from engine.outputs import FinishReason, TokenLogprob
 from engine.sampler import SampleResult
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig
-from engine.sequence import FinishReason, Sequence, TokenLogprob
+from engine.sequence import Sequence
 from engine.step_stats import StepStats
 
 log = logging.getLogger(__name__)

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.outputs import TokenLogprob
 from engine.sampling_params import SamplingParams
-from engine.sequence import TokenLogprob
 
 
 @dataclass

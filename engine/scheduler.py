@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 from engine.errors import RequestError
 from engine.kv_cache_manager import KvCacheManager
 from engine.model_runner import ScheduledSeq
+from engine.outputs import FinishReason
 from engine.sampler import SampleResult
-from engine.sequence import FinishReason, SeqStatus, Sequence
+from engine.sequence import SeqStatus, Sequence
 
 
 @dataclass(frozen=True)

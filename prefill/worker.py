@@ -103,7 +103,7 @@ class PrefillWorker(WorkerBase):
         batch = scheduler.schedule()
         if not batch:
             return
-        results = self.engine.runner.execute(batch)
+        results = self.engine.execute(batch)
         for seq in scheduler.advance(batch, results):
             scheduler.detach(seq)  # its blocks are ours until the decode worker acks
             job = self.jobs.get(seq.seq_id)

@@ -21,6 +21,7 @@ class Reserve:
     params: SamplingParams
     remote_prefill: bool = True
     queue_timeout_s: float = 30.0
+    prefill_chunk: int = 0  # local prefill: most prompt tokens per step (0: the step's budget)
 
 
 @dataclass(frozen=True)

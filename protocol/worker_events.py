@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from engine.kv_spec import KvSpec
 from engine.outputs import FinishReason, TokenLogprob
+from engine.step_stats import StepStats
 from protocol.codec import MessageFamily
 from protocol.errors import ErrorCode
 
@@ -21,6 +22,7 @@ class Hello:
     pid: int
     host: str
     model: str = ""
+    max_num_batched_tokens: int = 0  # its scheduler's token budget per step (0: unknown)
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,7 @@ class Heartbeat:
     num_free_blocks: int
     num_blocks: int
     num_preemptions: int = 0
+    steps: list[StepStats] = field(default_factory=list)  # since the last heartbeat (cost models)
 
 
 @dataclass(frozen=True)

@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
 import time
 from collections.abc import AsyncIterator, Coroutine
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 import zmq
@@ -30,64 +29,14 @@ from engine.sampling_params import SamplingParams
 from protocol import decode_ctrl as dmsg
 from protocol import prefill_ctrl as pmsg
 from protocol import worker_events as ev
+from proxy.cluster_state import ClusterConfig, RequestState, Stage, Worker
 from proxy.errors import ApiError, internal, overloaded
 from proxy.metrics import ProxyMetrics
+from proxy.placement import Placement, Slo
+from proxy.placer import Placer
 from proxy.router import LeastLoaded, NoWorkerAvailable, PrefixAware, RoundRobin, WorkerState
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ClusterConfig:
-    host: str = "127.0.0.1"
-    heartbeat_timeout_s: float = 3.0
-    queue_timeout_s: float = 30.0
-    prefill_timeout_s: float = 120.0
-    stream_timeout_s: float = 60.0
-    colocated: bool = False
-    router: str = "least-loaded"  # decode routing: least-loaded | round-robin
-    events_port: int = 0  # 0: any free port (a restarted Ray proxy binds its predecessor's)
-
-
-class Stage(enum.Enum):
-    RESERVING = "reserving"
-    PREFILLING = "prefilling"
-    DECODING = "decoding"
-
-
-@dataclass
-class Worker:
-    hello: ev.Hello
-    socket: zmq.asyncio.Socket
-    state: WorkerState
-    last_seen: float
-    requests: set[str] = field(default_factory=set)
-    num_preemptions_seen: int = 0
-
-    @property
-    def is_alive(self) -> bool:
-        return self.state.is_alive
-
-
-@dataclass
-class RequestState:
-    """One request in flight: where it is (`stage`, since when), on which workers, and the
-    queue its Tokens events (or the ApiError that ends it) go to."""
-
-    request_id: str
-    prompt_ids: list[int]
-    params: SamplingParams
-    queue: asyncio.Queue
-    decode_id: str
-    prefill_id: str | None = None
-    block_ids: list[int] = field(default_factory=list)
-    stage: Stage = Stage.RESERVING
-    stage_since: float = field(default_factory=time.monotonic)
-    tried_prefill: set[str] = field(default_factory=set)
-    num_prefill_cached_tokens: int = 0
-
-    def enter(self, stage: Stage) -> None:
-        self.stage, self.stage_since = stage, time.monotonic()
 
 
 class ClusterClient:
@@ -102,6 +51,8 @@ class ClusterClient:
         self.inflight: dict[str, RequestState] = {}
         self.decode_policy = RoundRobin() if config.router == "round-robin" else LeastLoaded()
         self.prefill_policy = PrefixAware()
+        self.placer = Placer(Placement(config.placement),
+                             Slo(config.slo_ttft_s, config.slo_tpot_s))
         self._tasks: list[asyncio.Task] = []
         self._registered = asyncio.Event()
         self._background: set[asyncio.Future] = set()
@@ -182,14 +133,13 @@ class ClusterClient:
                                                 if w.hello.role == "decode"], prompt_ids)
         except NoWorkerAvailable as e:
             raise overloaded(1.0, f"{e}; retry shortly") from None
-        remote = not self.config.colocated and bool(self.alive("prefill"))
         req = RequestState(request_id, prompt_ids, params, asyncio.Queue(), decode.worker_id)
+        reserve = self._place(req)
         self.inflight[request_id] = req
         self.workers[decode.worker_id].requests.add(request_id)
         finished = False
         try:
-            await self._send(decode.worker_id, dmsg.Reserve(request_id, prompt_ids, params, remote,
-                                                            self.config.queue_timeout_s))
+            await self._send(decode.worker_id, reserve)
             while not finished:
                 item = await self._next(req)
                 if isinstance(item, ApiError):
@@ -202,18 +152,41 @@ class ClusterClient:
                 await self._send(req.decode_id, dmsg.Abort(request_id, "client"))
                 await self._send(req.prefill_id, pmsg.Abort(request_id, "client"))
 
+    def _place(self, req: RequestState) -> dmsg.Reserve:
+        """Where the prompt is prefilled (placement.py): the decode worker's Reserve says."""
+        prefills = [] if self.config.colocated else \
+            [w.hello.worker_id for w in self.alive("prefill")]
+        p = self.placer.place(req.request_id, req.prompt_ids, req.params.max_tokens,
+                              req.decode_id, prefills)
+        remote = p.placement is Placement.REMOTE
+        if self.placer.mode is Placement.ADAPTIVE:
+            req.preferred_prefill = p.prefill_id
+        if not remote:
+            req.enter(Stage.PREFILLING)  # on the decode worker, from now on
+        self.metrics.on_placement(p.placement.value)
+        return dmsg.Reserve(req.request_id, req.prompt_ids, req.params, remote,
+                            self.config.queue_timeout_s, 0 if remote else p.chunk)
+
+    def _stage_timeout(self, stage: Stage) -> float:
+        return {Stage.RESERVING: self.config.queue_timeout_s + 5.0,
+                Stage.PREFILLING: self.config.prefill_timeout_s,
+                Stage.DECODING: self.config.stream_timeout_s}[stage]
+
     async def _next(self, req: RequestState) -> ev.Tokens | ApiError:
-        timeout = {Stage.RESERVING: self.config.queue_timeout_s + 5.0,
-                   Stage.PREFILLING: self.config.prefill_timeout_s,
-                   Stage.DECODING: self.config.stream_timeout_s}[req.stage]
-        try:
-            return await asyncio.wait_for(req.queue.get(), timeout)
-        except asyncio.TimeoutError:
-            return ApiError(504, f"request {req.request_id} timed out after {timeout:.0f} s while "
-                            f"{req.stage.value}", "timeout_error", code="timeout")
+        """The request's next event, or a 504 once it stayed longer in its stage than that
+        stage's timeout (re-read as the stage changes: a long prefill gets the prefill's)."""
+        while True:
+            timeout = self._stage_timeout(req.stage)
+            left = req.stage_since + timeout - time.monotonic()
+            if left <= 0:
+                return ApiError(504, f"request {req.request_id} timed out after {timeout:.0f} s "
+                                f"while {req.stage.value}", "timeout_error", code="timeout")
+            with contextlib.suppress(asyncio.TimeoutError):
+                return await asyncio.wait_for(req.queue.get(), min(left, 1.0))
 
     def _forget(self, req: RequestState) -> None:
         self.inflight.pop(req.request_id, None)
+        self.placer.on_finished(req.request_id)
         for wid in (req.decode_id, req.prefill_id):
             if wid in self.workers:
                 self.workers[wid].requests.discard(req.request_id)
@@ -227,7 +200,10 @@ class ClusterClient:
             req.enter(Stage.DECODING)
             self._spawn(self._send(req.decode_id, dmsg.PrefillLocally(req.request_id)))
             return
-        prefill = self.prefill_policy.choose(candidates, req.prompt_ids)
+        preferred = [c for c in candidates if c.worker_id == req.preferred_prefill]
+        prefill = preferred[0] if preferred else \
+            self.prefill_policy.choose(candidates, req.prompt_ids)
+        self.placer.moved(req.request_id, prefill.worker_id)
         req.prefill_id = prefill.worker_id
         req.tried_prefill.add(prefill.worker_id)
         self.workers[prefill.worker_id].requests.add(req.request_id)
@@ -266,12 +242,17 @@ class ClusterClient:
         elif isinstance(msg, ev.Tokens):
             req.enter(Stage.DECODING)
             req.queue.put_nowait(msg)
+            error = self.placer.on_tokens(req.request_id, len(msg.token_ids))
+            if error is not None:
+                self.metrics.on_ttft_prediction_error(-error)
         elif isinstance(msg, ev.Rejected):
             err = overloaded(msg.retry_after_s, msg.reason) if msg.status == 503 else \
                 ApiError(msg.status, msg.reason, "invalid_request_error")
             req.queue.put_nowait(err)
         elif isinstance(msg, ev.PrefillDone):
             req.num_prefill_cached_tokens = msg.num_cached_tokens
+            self.placer.on_prefill_done(req.request_id, msg.worker_id, msg.kv_bytes,
+                                        msg.kv_seconds)
         elif isinstance(msg, ev.RequestFailed):
             self._on_failed(req, msg)
 
@@ -309,12 +290,14 @@ class ClusterClient:
         log.info("%s worker %s up on %s (pid %d): %s", hello.role, hello.worker_id, hello.host,
                  hello.pid, hello.plan)
         self.metrics.set_worker(hello.worker_id, hello.role, is_alive=True)
+        self.placer.on_hello(hello)
         self._registered.set()
 
     def _on_heartbeat(self, hb: ev.Heartbeat) -> None:
         w = self.workers.get(hb.worker_id)
         if w is None:
             return
+        self.placer.on_heartbeat(hb)
         usage = hb.num_used_blocks / hb.num_blocks if hb.num_blocks else 0.0
         w.state = replace(w.state, is_alive=True, num_running=hb.num_running,
                           num_waiting=hb.num_waiting, kv_usage=min(max(usage, 0.0), 1.0),
@@ -364,5 +347,5 @@ class ClusterClient:
                  "num_running": w.state.num_running, "num_waiting": w.state.num_waiting,
                  "kv_usage": round(w.state.kv_usage, 4),
                  "used_blocks": w.state.num_total_blocks - w.state.num_free_blocks
-                 if w.state.num_total_blocks else 0}
+                 if w.state.num_total_blocks else 0, **self.placer.describe(w.hello.worker_id)}
                 for w in sorted(self.workers.values(), key=lambda w: w.hello.worker_id)]

@@ -15,6 +15,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 # Seconds. Wide enough for a CPU-only run (slow) and a GPU run (fast).
+TTFT_ERROR_BUCKETS = (-10.0, -5.0, -2.0, -1.0, -0.5, -0.25, -0.1, -0.05, -0.02, 0.0, 0.02, 0.05,
+                      0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0)
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
                 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0)
 TOKEN_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5,
@@ -73,6 +75,13 @@ class ProxyMetrics:
         self.prefix_cache_queries = Counter("pdserve:prefix_cache_queries",
                                             "Prompt tokens looked up in the prefix cache.",
                                             registry=r)
+        self.prefill_placement = Counter("pdserve:prefill_placement",
+                                         "Requests by where their prompt was prefilled.",
+                                         ["placement"], registry=r)
+        self.ttft_prediction_error = Histogram(
+            "pdserve:ttft_prediction_error_seconds",
+            "Placement's predicted minus measured time to first token.",
+            buckets=TTFT_ERROR_BUCKETS, registry=r)
 
     def _init_gauges(self) -> None:
         r = self.registry
@@ -133,6 +142,13 @@ class ProxyMetrics:
     def on_kv_transfer(self, num_bytes: int, seconds: float) -> None:
         self.kv_transfer_bytes.inc(max(num_bytes, 0))
         self.kv_transfer_seconds.inc(max(seconds, 0.0))
+
+    def on_placement(self, placement: str) -> None:
+        self.prefill_placement.labels(placement=placement).inc()
+
+    def on_ttft_prediction_error(self, seconds: float) -> None:
+        """Predicted minus measured TTFT of one request (negative: it took longer)."""
+        self.ttft_prediction_error.observe(seconds)
 
     def on_preemptions(self, num_preemptions: int) -> None:
         self.num_preemptions.inc(max(num_preemptions, 0))

@@ -1,6 +1,7 @@
 """Command-line flags generated from config dataclasses (`--max-model-len` from `max_model_len`).
 
-A field whose type is itself a config dataclass (`ServeConfig.kv: KvTransportConfig`) adds that
+A field's metadata may name a `parse` function for its flag (e.g. `parse_seconds`: `--slo-ttft
+500ms`). A field whose type is itself a config dataclass (`ServeConfig.kv: KvTransportConfig`) adds that
 dataclass's flags under their own names, and `dataclass_from_args` builds it back whole, so a
 nested config is defined once and parsed, printed (`dataclass_to_args`) and passed on as one.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import types
 import typing
 from typing import Any, TypeVar
@@ -22,6 +24,15 @@ def _flag_type(tp: Any) -> Any:
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         return str if str in args else args[0]
     return tp
+
+
+def parse_seconds(text: str) -> float:
+    """'0.25', '0.25s' or '250ms' -> 0.25 (the duration syntax of every `pdserve` flag)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e-?[0-9]+)?)\s*(ms|s)?\s*", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"expected seconds like 0.5, 0.5s or 500ms, "
+                                         f"got {text!r}")
+    return float(m.group(1)) / (1000.0 if m.group(2) == "ms" else 1.0)
 
 
 def _nested(tp: Any) -> type | None:
@@ -45,7 +56,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type,
             continue
         if "help" not in f.metadata:
             continue
-        kind = _flag_type(hints[f.name])
+        kind = f.metadata.get("parse") or _flag_type(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else None
         is_required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         help_text = f.metadata["help"]

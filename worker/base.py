@@ -8,6 +8,7 @@ not at all while there is work, so heartbeats keep flowing under load.
 from __future__ import annotations
 
 import abc
+import dataclasses
 import logging
 import os
 import socket
@@ -24,6 +25,8 @@ from transfer.convert.cache import PagedKvCache
 from worker.config import WorkerConfig
 
 log = logging.getLogger(__name__)
+
+MAX_STEPS = 256  # step timings per heartbeat
 
 
 class WorkerBase(abc.ABC):
@@ -72,7 +75,15 @@ class WorkerBase(abc.ABC):
     def hello(self) -> ev.Hello:
         return ev.Hello(self.worker_id, self.role, self.ctrl.address, self.kv_address,
                         self.engine.plan.spec, self.engine.plan.line(), os.getpid(),
-                        socket.gethostname(), self.engine.config.model)
+                        socket.gethostname(), self.engine.config.model,
+                        self.engine.config.max_num_batched_tokens)
+
+    def heartbeat_with_steps(self) -> ev.Heartbeat:
+        """`heartbeat()` with the engine's steps since the last one (at most `MAX_STEPS`, the
+        newest; the proxy fits its placement cost models to them)."""
+        log_ = self.engine.step_log
+        steps = [log_.popleft() for _ in range(len(log_))]
+        return dataclasses.replace(self.heartbeat(), steps=steps[-MAX_STEPS:])
 
     def _heartbeats(self) -> None:
         """Heartbeats come from their own thread and socket: a long model step (a big prefill on
@@ -80,7 +91,7 @@ class WorkerBase(abc.ABC):
         outbox = Outbox(self.ctx, ev.WORKER_EVENTS, self.config.events_address)
         try:
             while not self.stopping:
-                outbox.send(self.heartbeat())
+                outbox.send(self.heartbeat_with_steps())
                 time.sleep(self.config.heartbeat_interval_s)
         finally:
             outbox.close()

@@ -52,6 +52,21 @@ class KvTransportConfig:
         return ReceiverLimits(max_message_bytes=self.max_transfer_bytes)
 
 
+def parse_cpus(text: str) -> set[int]:
+    """'0', '2,3' or '0-3' -> a set of core numbers; ConfigError naming --cpu-affinity."""
+    cpus: set[int] = set()
+    try:
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            lo, _, hi = part.partition("-")
+            cpus.update(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise ConfigError(
+            f"--cpu-affinity: expected cores like 0, 2,3 or 0-3, got {text!r}") from None
+    if not cpus or min(cpus) < 0:
+        raise ConfigError(f"--cpu-affinity: expected cores like 0, 2,3 or 0-3, got {text!r}")
+    return cpus
+
+
 @dataclass(frozen=True)
 class WorkerConfig:
     worker_id: str = field(metadata={"help": "This worker's name (unique in the deployment)."})
@@ -65,4 +80,15 @@ class WorkerConfig:
     kv_timeout_s: float = field(default=60.0, metadata={
         "help": "Decode: how long a reservation waits for its KV."})
     idle_poll_ms: int = field(default=10, metadata={"help": "Poll wait when idle."})
+    warmup_s: float = field(default=3.0, metadata={
+        "help": "Seconds of synthetic requests at start-up that seed the proxy's step-time "
+                "models (0: none)."})
+    cpu_affinity: str = field(default="", metadata={
+        "help": "Cores this worker runs on, e.g. '0' or '2,3' (empty: any)."})
     kv: KvTransportConfig = field(default_factory=KvTransportConfig)
+
+    def __post_init__(self) -> None:
+        if self.warmup_s < 0:
+            raise ConfigError(f"--warmup-s must be 0 or more, got {self.warmup_s}")
+        if self.cpu_affinity:
+            parse_cpus(self.cpu_affinity)

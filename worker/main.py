@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import gc
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -25,7 +26,8 @@ from engine.llm_engine import LLMEngine
 from transfer.wire.errors import TransferError
 from worker.args import add_dataclass_args, dataclass_from_args
 from worker.base import WorkerBase
-from worker.config import WorkerConfig
+from worker.config import WorkerConfig, parse_cpus
+from worker.warmup import warm_up
 
 log = logging.getLogger("pdserve.worker")
 
@@ -54,7 +56,12 @@ WorkerClass = Callable[[WorkerConfig, LLMEngine], WorkerBase]
 def build_worker(worker_class: WorkerClass, worker_cfg: WorkerConfig,
                  engine_cfg: EngineConfig) -> WorkerBase:
     """Load the engine (memory plan first, then weights) and build one worker around it."""
-    worker = worker_class(worker_cfg, LLMEngine.from_config(engine_cfg))
+    if worker_cfg.cpu_affinity:
+        os.sched_setaffinity(0, parse_cpus(worker_cfg.cpu_affinity))
+    engine = LLMEngine.from_config(engine_cfg)
+    if worker_cfg.warmup_s > 0:
+        warm_up(engine, worker_cfg.warmup_s)
+    worker = worker_class(worker_cfg, engine)
     # Start-up objects (model, tokenizer, sockets) leave the collector's scans: full
     # collections otherwise pause a KV transfer for ~50 ms every few requests.
     gc.freeze()

@@ -23,8 +23,8 @@ def test_ampere_prefill_to_volta_decode_matches_reference() -> None:
     ref = LLMEngine.from_config(EngineConfig(kv_cache_memory="128MiB", max_model_len=2048),
                                 log_plan=False)
     tok = ref.tokenizer
-    with serve("--prefill-profile", "ampere",
-               "--decode-profile", "volta") as server, server.client() as c:
+    with serve("--prefill-profile", "ampere", "--decode-profile", "volta",
+               "--placement", "remote") as server, server.client() as c:
         status = {w["role"]: w["kv_plan"] for w in c.get("/status").json()["workers"]}
         assert "bfloat16" in status["prefill"] and "NHD" in status["prefill"]
         assert "float16" in status["decode"] and "paged_v1" in status["decode"]

@@ -32,7 +32,7 @@ MAX_TOKENS = 24
 
 @pytest.fixture(scope="module")
 def server() -> Server:
-    with serve("--prefill", "2", "--decode", "2") as s:
+    with serve("--prefill", "2", "--decode", "2", "--placement", "remote") as s:
         yield s
 
 
@@ -82,8 +82,8 @@ def test_completions_equal_colocated(server: Server, reference: LLMEngine) -> No
 def test_frames_payload_between_steps_equals_colocated(reference: LLMEngine) -> None:
     """The non-default KV options: `--kv-payload frames` (ZMQ multipart frames instead of the
     stream socket) and `--no-kv-receiver-thread` (the decode worker receives between steps)."""
-    with serve("--prefill", "1", "--decode", "1", "--kv-payload", "frames",
-               "--no-kv-receiver-thread") as s, s.client() as c:
+    with serve("--prefill", "1", "--decode", "1", "--placement", "remote",
+               "--kv-payload", "frames", "--no-kv-receiver-thread") as s, s.client() as c:
         prompt = PROMPTS[2]
         body = {"prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True}
         r = c.post("/v1/completions", json=body)
