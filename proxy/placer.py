@@ -14,6 +14,7 @@ Owned by the ClusterClient and used from its event loop only; it never talks to 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
@@ -30,6 +31,8 @@ from proxy.placement import (
     TransferView,
     choose,
 )
+
+log = logging.getLogger(__name__)
 
 DEFAULT_TRANSFER_RATE = 1e9  # bytes/s until the first PrefillDone says otherwise
 EWMA = 0.2  # weight of the newest measurement in the running averages
@@ -139,9 +142,11 @@ class Placer:
                               len(prompt_ids) // decode.prefixes.block_size)
         prefills = [self._prefill_view(pid, hashes, len(prompt_ids), now)
                     for pid in prefill_ids if pid in self.workers]
-        prediction = choose(mode or self.mode, len(prompt_ids), prefills,
-                            self._decode_view(decode_id, hashes, len(prompt_ids), now),
+        view = self._decode_view(decode_id, hashes, len(prompt_ids), now)
+        prediction = choose(mode or self.mode, len(prompt_ids), prefills, view,
                             self._transfer_view(decode), self.slo)
+        log.debug("placed %s (%d tokens): %s; decode %s; prefill %s", request_id,
+                  len(prompt_ids), prediction, view, prefills)
         target = decode if prediction.placement is Placement.LOCAL \
             else self.workers[prediction.prefill_id or ""]
         target.push(request_id, prediction.prefill_s, now)
