@@ -427,18 +427,68 @@ def test_kv_for_a_reservation_aborted_meanwhile_is_refused_and_freed_on_both_sid
 
 # ---- duplicated control messages (the proxy never sends them today: ids are uuids and a request
 # is never sent twice to one prefill worker; but "a bad request fails alone") ---------------------
-@pytest.mark.xfail(strict=True, raises=EngineError, reason=(
-    "a second Reserve with a held request id passes check_admissible, is queued, and "
-    "engine.reserve's 'duplicate request id' EngineError escapes on_ctrl (ending run()); it "
-    "stays at the head of the pending queue, so every later do_work raises it again"))
 def test_duplicate_reserve_is_rejected_alone(proxy: FakeProxy, make_worker: Any) -> None:
     d = make_worker(DecodeWorker, proxy.config("d0"))
     proxy.send(d, reserve("r1"))
     blocks = proxy.wait_event(ev.Reserved, "r1").block_ids
     proxy.send(d, reserve("r1"))
-    assert proxy.wait_event(ev.Rejected, "r1", drive=(d,)).status == 400
+    got = proxy.wait_event(ev.Rejected, "r1", drive=(d,))
+    assert got.status == 400 and "duplicate" in got.reason and "'r1'" in got.reason
     assert d.reservations["r1"].seq.block_table == blocks and not d.pending
     proxy.send(d, dmsg.Abort("r1"))
+    assert_all_free(d)
+
+
+@pytest.mark.parametrize("first", ["queued", "local"])
+def test_duplicate_of_a_queued_or_local_request_is_rejected_alone(
+        proxy: FakeProxy, make_worker: Any, first: str) -> None:
+    d = make_worker(DecodeWorker, proxy.config("d0"))
+    long_prompt = list(range(1, 61))  # 8 blocks: two fill the cache
+    if first == "queued":
+        for rid in ("a", "b", "r1"):
+            proxy.send(d, reserve(rid, long_prompt))
+        assert list(d.pending) == ["r1"]
+    else:
+        proxy.send(d, reserve("r1", params=sampling(max_tokens=40), remote_prefill=False))
+        assert d.local == {"r1"}
+    proxy.send(d, reserve("r1"))  # remote: it would queue beside a local one
+    got = proxy.wait_event(ev.Rejected, "r1", drive=(d,))
+    assert got.status == 400 and "duplicate" in got.reason
+    if first == "queued":
+        assert list(d.pending) == ["r1"]
+        proxy.send(d, dmsg.Abort("a"))
+        assert proxy.wait_event(ev.Reserved, "r1", drive=(d,)).block_ids == \
+            d.reservations["r1"].seq.block_table
+    else:
+        assert d.local == {"r1"} and len(d.engine.scheduler.waiting) + \
+            len(d.engine.scheduler.running) == 1
+    proxy.send(d, dmsg.AbortAll())
+    assert_all_free(d)
+
+
+def test_an_engine_error_in_the_reservation_queue_fails_that_entry_alone(
+        proxy: FakeProxy, make_worker: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    d = make_worker(DecodeWorker, proxy.config("d0"))
+    long_prompt = list(range(1, 61))  # 8 blocks: two fill the cache
+    for rid in ("a", "b", "bad", "good"):
+        proxy.send(d, reserve(rid, long_prompt))
+    assert list(d.pending) == ["bad", "good"]
+    real_reserve = d.engine.reserve
+
+    def reserve_or_fail(request_id: str, *args: Any) -> Any:
+        if request_id == "bad":
+            raise EngineError("an engine error of this entry only")
+        return real_reserve(request_id, *args)
+
+    monkeypatch.setattr(d.engine, "reserve", reserve_or_fail)
+    proxy.send(d, dmsg.Abort("a"))
+    d.do_work()
+    got = proxy.wait_event(ev.Rejected, "bad")
+    assert got.status == 400 and "this entry only" in got.reason
+    assert proxy.wait_event(ev.Reserved, "good").block_ids == \
+        d.reservations["good"].seq.block_table
+    assert not d.pending
+    proxy.send(d, dmsg.AbortAll())
     assert_all_free(d)
 
 
