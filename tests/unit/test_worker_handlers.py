@@ -492,10 +492,6 @@ def test_an_engine_error_in_the_reservation_queue_fails_that_entry_alone(
     assert_all_free(d)
 
 
-@pytest.mark.xfail(strict=True, raises=(AssertionError, EngineError), reason=(
-    "a second Prefill with a queued request id is added to the scheduler beside the first "
-    "and replaces its Job: after both are prefilled, one sequence's blocks are never freed, "
-    "and the worker's next idle integrity check raises"))
 def test_duplicate_prefill_leaks_nothing(proxy: FakeProxy, make_worker: Any) -> None:
     d = make_worker(DecodeWorker, proxy.config("d0"))
     p = make_worker(PrefillWorker, proxy.config("p0"))
@@ -503,6 +499,10 @@ def test_duplicate_prefill_leaks_nothing(proxy: FakeProxy, make_worker: Any) -> 
     blocks = proxy.wait_event(ev.Reserved, "r1").block_ids
     for _ in range(2):
         proxy.send(p, prefill("r1", "d0", d.kv_address, blocks, kv_spec_of(d)))
+    got = proxy.wait_event(ev.RequestFailed, "r1")
+    assert (got.worker_id, got.code, got.retryable) == ("p0", ErrorCode.INVALID_REQUEST, False)
+    assert "duplicate" in got.error and list(p.jobs) == ["r1"]
+    assert len(p.engine.scheduler.waiting) + len(p.engine.scheduler.running) == 1
     proxy.stream("r1", drive=(p, d))
     proxy.wait_event(ev.PrefillDone, "r1", drive=(p,))
     deadline = time.monotonic() + WAIT_S
