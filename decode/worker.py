@@ -83,7 +83,12 @@ class DecodeWorker(WorkerBase):
 
     def _on_reserve(self, msg: ctrl.Reserve) -> None:
         """`msg.params` was validated by its constructor as the codec built it; the engine
-        checks what it alone knows (length, blocks)."""
+        checks what it alone knows (length, blocks). A request id this worker already holds is
+        rejected alone: the request that holds it is left as it is."""
+        if self._holds(msg.request_id):
+            self._reject(msg.request_id, f"duplicate request id {msg.request_id!r}: this decode "
+                         "worker already holds a request with it", status=400)
+            return
         try:
             if not msg.remote_prefill:
                 if self._queue_len() >= self.config.max_queue:
@@ -104,13 +109,25 @@ class DecodeWorker(WorkerBase):
         self.pending[msg.request_id] = Pending(msg, time.monotonic() + msg.queue_timeout_s)
         self._admit_pending()
 
+    def _holds(self, request_id: str) -> bool:
+        """Queued, reserved or running here."""
+        return request_id in self.pending or request_id in self.reservations \
+            or request_id in self.local
+
     def _queue_len(self) -> int:
         return len(self.pending) + len(self.engine.scheduler.waiting)
 
     def _admit_pending(self) -> None:
         while self.pending:
             rid, p = next(iter(self.pending.items()))
-            seq = self.engine.reserve(rid, p.msg.prompt_ids, p.msg.params)
+            try:
+                seq = self.engine.reserve(rid, p.msg.prompt_ids, p.msg.params)
+            except EngineError as e:  # this entry fails alone; the queue moves on
+                del self.pending[rid]
+                if not isinstance(e, RequestError):
+                    log.warning("reservation of %s failed: %s", rid, e)
+                self._reject(rid, str(e), status=400)
+                continue
             if seq is None:
                 return  # first in, first served: wait for blocks
             del self.pending[rid]

@@ -71,7 +71,13 @@ class PrefillWorker(WorkerBase):
 
     def _on_prefill(self, msg: ctrl.Prefill) -> None:
         """`msg.params` and `msg.kv_spec` were validated by their constructors as the codec
-        built them; the engine checks what it alone knows (length, queue, blocks)."""
+        built them; the engine checks what it alone knows (length, queue, blocks). A request
+        id this worker already holds (queued, prefilling or its KV on the wire) fails alone:
+        the job that holds it is left as it is."""
+        if msg.request_id in self.jobs:
+            self._fail(msg.request_id, f"duplicate request id {msg.request_id!r}: this prefill "
+                       "worker already holds a request with it", ErrorCode.INVALID_REQUEST)
+            return
         if len(self.engine.scheduler.waiting) >= self.config.max_queue:
             self._fail(msg.request_id, f"prefill queue is full ({self.config.max_queue})",
                        ErrorCode.OVERLOADED)

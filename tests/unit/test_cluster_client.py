@@ -21,10 +21,12 @@ import zmq
 import zmq.asyncio
 
 from engine.kv_spec import KvDtype, KvSpec
+from engine.outputs import FinishReason
 from engine.sampling_params import SamplingParams
 from protocol import decode_ctrl as dmsg
 from protocol import prefill_ctrl as pmsg
 from protocol import worker_events as ev
+from protocol.errors import ErrorCode
 from proxy.cluster import ClusterClient, ClusterConfig, Stage
 from proxy.errors import ApiError
 from proxy.metrics import ProxyMetrics
@@ -35,12 +37,12 @@ PROMPT = list(range(100, 140))  # 40 tokens: 2 full blocks of 16
 
 
 # ---- messages (the one place they are built) ----------------------------------------------------
-def make_kv_spec() -> Any:
-    return KvSpec(2, 2, 64, 16, dtype=KvDtype.BFLOAT16).to_dict()
+def make_kv_spec() -> KvSpec:
+    return KvSpec(2, 2, 64, 16, dtype=KvDtype.BFLOAT16)
 
 
-def sampling(**kw: Any) -> Any:
-    return SamplingParams(**{"max_tokens": 8, "temperature": 0.0, **kw}).to_dict()
+def sampling(**kw: Any) -> SamplingParams:
+    return SamplingParams(**{"max_tokens": 8, "temperature": 0.0, **kw})
 
 
 def make_hello(worker_id: str, role: str, ctrl_address: str, kv_address: str) -> ev.Hello:
@@ -58,7 +60,7 @@ def reserved(request_id: str, worker_id: str, block_ids: list[int]) -> ev.Reserv
 
 
 def tokens(request_id: str, worker_id: str, token_ids: list[int],
-           finish_reason: str | None = None) -> ev.Tokens:
+           finish_reason: FinishReason | None = None) -> ev.Tokens:
     return ev.Tokens(request_id, worker_id, token_ids, [], finish_reason, len(PROMPT), 0)
 
 
@@ -66,9 +68,9 @@ def prefill_done(request_id: str, worker_id: str, num_cached_tokens: int = 0) ->
     return ev.PrefillDone(request_id, worker_id, num_cached_tokens, kv_bytes=4096, kv_seconds=0.01)
 
 
-def failed(request_id: str, worker_id: str, kind: str = "kv_transfer",
-           retryable: bool = False) -> ev.RequestFailed:
-    return ev.RequestFailed(request_id, worker_id, f"fake {kind} failure", kind, retryable)
+def failed(request_id: str, worker_id: str,
+           code: ErrorCode = ErrorCode.KV_REFUSED) -> ev.RequestFailed:
+    return ev.RequestFailed(request_id, worker_id, f"fake {code.value} failure", code)
 
 
 def rejected(request_id: str, worker_id: str, status: int,
@@ -166,7 +168,8 @@ class Cluster:
             w.start_heartbeats()
         return w
 
-    def generate(self, request_id: str, params: Any = None) -> asyncio.Task[list[ev.Tokens]]:
+    def generate(self, request_id: str,
+                 params: SamplingParams | None = None) -> asyncio.Task[list[ev.Tokens]]:
         """The request's whole stream, consumed in a task (raises the ApiError it ends with)."""
         async def consume() -> list[ev.Tokens]:
             return [t async for t in self.client.generate(request_id, PROMPT,
@@ -228,10 +231,10 @@ def test_reserve_then_prefill_to_the_reservation_then_stream() -> None:
         assert c.client.inflight["r1"].stage is Stage.PREFILLING
         await p.say(prefill_done("r1", "p0", num_cached_tokens=16))
         await d.say(tokens("r1", "d0", [11]))
-        await d.say(tokens("r1", "d0", [12, 13], "length"))
+        await d.say(tokens("r1", "d0", [12, 13], FinishReason.LENGTH))
         out = await asyncio.wait_for(stream, WAIT_S)
         assert [t.token_ids for t in out] == [[11], [12, 13]]
-        assert [t.finish_reason for t in out] == [None, "length"]
+        assert [t.finish_reason for t in out] == [None, FinishReason.LENGTH]
         assert not c.client.inflight
         assert not c.client.workers["d0"].requests and not c.client.workers["p0"].requests
         await d.assert_quiet()  # a finished request is not aborted
@@ -247,7 +250,7 @@ def test_local_prefill_when_colocated_or_without_prefill_workers(colocated: bool
         stream = c.generate("r1")
         reserve = await d.expect(dmsg.Reserve)
         assert reserve.remote_prefill is False
-        await d.say(tokens("r1", "d0", [11, 12], "stop"))
+        await d.say(tokens("r1", "d0", [11, 12], FinishReason.STOP))
         assert [t.token_ids for t in await asyncio.wait_for(stream, WAIT_S)] == [[11, 12]]
         if p is not None:
             await p.assert_quiet()
@@ -270,13 +273,13 @@ def test_retryable_prefill_failure_moves_to_the_other_worker_then_to_local_prefi
         stream = c.generate("r1")
         first, msg = await reserve_and_prefill(d, [p0, p1], "r1", [3, 4, 5])
         second = p1 if first is p0 else p0
-        await first.say(failed("r1", first.worker_id, retryable=True))
+        await first.say(failed("r1", first.worker_id, ErrorCode.KV_TRANSFER))
         retry = await second.expect(pmsg.Prefill)
         assert (retry.block_ids, retry.kv_address) == (msg.block_ids, msg.kv_address)
-        await second.say(failed("r1", second.worker_id, retryable=True))
+        await second.say(failed("r1", second.worker_id, ErrorCode.KV_TRANSFER))
         local = await d.expect(dmsg.PrefillLocally)
         assert local.request_id == "r1"
-        await d.say(tokens("r1", "d0", [7], "stop"))
+        await d.say(tokens("r1", "d0", [7], FinishReason.STOP))
         assert [t.token_ids for t in await asyncio.wait_for(stream, WAIT_S)] == [[7]]
         await first.assert_quiet()
         await second.assert_quiet()
@@ -294,23 +297,24 @@ def test_silent_prefill_worker_loses_its_prefill_to_the_next_one() -> None:
         retry = await second.expect(pmsg.Prefill)
         assert retry.block_ids == [3, 4, 5]
         await second.say(prefill_done("r1", second.worker_id))
-        await d.say(tokens("r1", "d0", [7], "stop"))
+        await d.say(tokens("r1", "d0", [7], FinishReason.STOP))
         assert [t.token_ids for t in await asyncio.wait_for(stream, WAIT_S)] == [[7]]
     run_cluster(body, heartbeat_timeout_s=1.0)
 
 
-@pytest.mark.parametrize("role", ["prefill", "decode"])
-def test_non_retryable_failure_is_an_api_error_and_both_workers_abort(role: str) -> None:
+@pytest.mark.parametrize(("role", "code"), [("prefill", ErrorCode.INVALID_REQUEST),
+                                            ("decode", ErrorCode.KV_TIMEOUT)])
+def test_non_retryable_failure_is_an_api_error_and_both_workers_abort(
+        role: str, code: ErrorCode) -> None:
     async def body(c: Cluster) -> None:
         d = await c.worker("decode", "d0")
         p = await c.worker("prefill", "p0")
         stream = c.generate("r1")
         await reserve_and_prefill(d, [p], "r1", [1])
-        kind = "prefill" if role == "prefill" else "timeout"
-        await (p if role == "prefill" else d).say(failed("r1", f"{role[0]}0", kind))
+        await (p if role == "prefill" else d).say(failed("r1", f"{role[0]}0", code))
         err = await api_error(stream)
         assert (err.status, err.code) == (500, "internal_error")
-        assert kind in err.message and "r1" in err.message
+        assert code.value in err.message and "r1" in err.message
         assert (await d.expect(dmsg.Abort)).request_id == "r1"
         assert (await p.expect(pmsg.Abort)).request_id == "r1"
         assert not c.client.inflight
@@ -324,9 +328,9 @@ def test_stale_failure_of_a_replaced_or_finished_prefill_is_ignored() -> None:
         stream = c.generate("r1")
         first, _ = await reserve_and_prefill(d, [p0, p1], "r1", [3])
         second = p1 if first is p0 else p0
-        await first.say(failed("r1", first.worker_id, retryable=True))
+        await first.say(failed("r1", first.worker_id, ErrorCode.KV_TRANSFER))
         await second.expect(pmsg.Prefill)
-        await first.say(failed("r1", first.worker_id, retryable=False))  # late, from the old one
+        await first.say(failed("r1", first.worker_id, ErrorCode.KV_REFUSED))  # late, the old one's
         await asyncio.sleep(0.2)
         assert not stream.done() and c.client.inflight["r1"].prefill_id == second.worker_id
         await second.say(prefill_done("r1", second.worker_id))
@@ -335,7 +339,7 @@ def test_stale_failure_of_a_replaced_or_finished_prefill_is_ignored() -> None:
         await second.say(failed("r1", second.worker_id))  # the KV already arrived
         await asyncio.sleep(0.2)
         assert not stream.done()
-        await d.say(tokens("r1", "d0", [8], "length"))
+        await d.say(tokens("r1", "d0", [8], FinishReason.LENGTH))
         assert [t.token_ids for t in await asyncio.wait_for(stream, WAIT_S)] == [[7], [8]]
     run_cluster(body)
 

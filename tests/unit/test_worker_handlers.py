@@ -12,7 +12,6 @@ Messages are built only by the factories at the top of this file.
 
 from __future__ import annotations
 
-import dataclasses
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -23,12 +22,15 @@ import zmq
 
 from decode.worker import DecodeWorker
 from engine.errors import EngineError
+from engine.kv_spec import KvSpec
 from engine.llm_engine import LLMEngine
+from engine.outputs import FinishReason
 from engine.sampling_params import SamplingParams
 from prefill.worker import PrefillWorker
 from protocol import decode_ctrl as dmsg
 from protocol import prefill_ctrl as pmsg
 from protocol import worker_events as ev
+from protocol.errors import ErrorCode
 from worker.base import WorkerBase
 from worker.config import KvTransportConfig, WorkerConfig
 
@@ -41,27 +43,23 @@ PROMPT = [(7 * i) % 500 + 10 for i in range(20)]  # 3 blocks
 
 
 # ---- messages (the one place they are built) ----------------------------------------------------
-def sampling(max_tokens: int = 4, **kw: Any) -> Any:
-    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, **kw).to_dict()
+def sampling(max_tokens: int = 4, **kw: Any) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, **kw)
 
 
-def engine_params(params: Any) -> SamplingParams:
-    """The engine's form of what `sampling` built (for reference runs)."""
-    return SamplingParams.from_dict(params)
+def kv_spec_of(worker: WorkerBase, **changes: Any) -> KvSpec:
+    return worker.engine.plan.spec.with_(**changes)
 
 
-def kv_spec_of(worker: WorkerBase, **changes: Any) -> Any:
-    return dataclasses.replace(worker.engine.plan.spec, **changes).to_dict()
-
-
-def reserve(request_id: str, prompt: list[int] = PROMPT, params: Any = None,
+def reserve(request_id: str, prompt: list[int] = PROMPT, params: SamplingParams | None = None,
             remote_prefill: bool = True, queue_timeout_s: float = 30.0) -> dmsg.Reserve:
     return dmsg.Reserve(request_id, list(prompt), params or sampling(), remote_prefill,
                         queue_timeout_s)
 
 
 def prefill(request_id: str, decode_id: str, kv_address: str, block_ids: list[int],
-            kv_spec: Any, prompt: list[int] = PROMPT, params: Any = None) -> pmsg.Prefill:
+            kv_spec: KvSpec, prompt: list[int] = PROMPT,
+            params: SamplingParams | None = None) -> pmsg.Prefill:
     return pmsg.Prefill(request_id, list(prompt), params or sampling(), decode_id, kv_address,
                         list(block_ids), kv_spec)
 
@@ -180,8 +178,8 @@ def closed_port_address() -> str:
     return f"tcp://127.0.0.1:{port}"
 
 
-def greedy_reference(tiny_engine: Callable[..., LLMEngine], params: Any) -> list[int]:
-    return tiny_engine().generate([PROMPT], engine_params(params))[0].output_ids
+def greedy_reference(tiny_engine: Callable[..., LLMEngine], params: SamplingParams) -> list[int]:
+    return tiny_engine().generate([PROMPT], params)[0].output_ids
 
 
 # ---- decode worker ------------------------------------------------------------------------------
@@ -252,7 +250,7 @@ def test_reservation_whose_kv_never_arrives_fails_with_timeout(
     proxy.send(d, reserve("r1"))
     proxy.wait_event(ev.Reserved, "r1")
     got = proxy.wait_event(ev.RequestFailed, "r1", drive=(d,))
-    assert (got.kind, got.worker_id) == ("timeout", "d0") and not d.reservations
+    assert (got.code, got.worker_id) == (ErrorCode.KV_TIMEOUT, "d0") and not d.reservations
     assert_all_free(d)
 
 
@@ -263,7 +261,7 @@ def test_local_prefill_streams_tokens_until_finished(
     proxy.send(d, reserve("r1", params=params, remote_prefill=False))
     out = proxy.stream("r1", drive=(d,))
     assert [t for e in out for t in e.token_ids] == greedy_reference(tiny_engine, params)
-    assert out[-1].finish_reason == "length" and out[-1].num_prompt_tokens == len(PROMPT)
+    assert out[-1].finish_reason is FinishReason.LENGTH and out[-1].num_prompt_tokens == len(PROMPT)
     assert not d.local
     assert_all_free(d)
 
@@ -310,7 +308,7 @@ def test_prefill_to_a_missing_kv_destination_fails_kv_transfer_and_frees_blocks(
     p = make_worker(PrefillWorker, proxy.config("p0", kv=kv))
     proxy.send(p, prefill("r1", "d0", closed_port_address(), [4, 5, 6], kv_spec_of(p)))
     got = proxy.wait_event(ev.RequestFailed, "r1", drive=(p,))
-    assert (got.kind, got.worker_id, got.retryable) == ("kv_transfer", "p0", True)
+    assert (got.code, got.worker_id, got.retryable) == (ErrorCode.KV_TRANSFER, "p0", True)
     assert not p.jobs
     assert_all_free(p)
 
@@ -351,9 +349,12 @@ def test_abort_while_the_kv_is_on_the_wire_ends_silently_with_the_transfer(
     assert_all_free(p)
 
 
-@pytest.mark.parametrize(("case", "retryable"), [("queue_full", True), ("too_long", False)])
+@pytest.mark.parametrize(("case", "code", "retryable"), [
+    ("queue_full", ErrorCode.OVERLOADED, True),
+    ("too_long", ErrorCode.INVALID_REQUEST, False),
+])
 def test_prefill_that_cannot_be_taken_fails_at_once(
-        proxy: FakeProxy, make_worker: Any, case: str, retryable: bool) -> None:
+        proxy: FakeProxy, make_worker: Any, case: str, code: ErrorCode, retryable: bool) -> None:
     p = make_worker(PrefillWorker, proxy.config("p0", max_queue=1))
     address = closed_port_address()
     if case == "queue_full":
@@ -362,7 +363,7 @@ def test_prefill_that_cannot_be_taken_fails_at_once(
     else:
         proxy.send(p, prefill("r1", "d0", address, [1], kv_spec_of(p), [5] * 64))
     got = proxy.wait_event(ev.RequestFailed, "r1")
-    assert (got.kind, got.retryable) == ("prefill", retryable)
+    assert (got.code, got.retryable) == (code, retryable)
     assert "r1" not in p.jobs
     proxy.send(p, pmsg.AbortAll())
     assert not p.jobs
@@ -384,7 +385,7 @@ def test_prefill_worker_fills_the_decode_reservation_and_decode_streams(
     done = proxy.wait_event(ev.PrefillDone, "r1", drive=(p,))
     assert done.kv_bytes > 0 and done.worker_id == "p0"
     assert [t for e in out for t in e.token_ids] == greedy_reference(tiny_engine, params)
-    assert out[-1].finish_reason == "length"
+    assert out[-1].finish_reason is FinishReason.LENGTH
     assert_all_free(d)
     assert_all_free(p)
 
@@ -401,7 +402,7 @@ def test_kv_for_another_model_fails_before_sending_and_leaves_the_reservation_to
     other = kv_spec_of(d, model_fingerprint="another-model")
     proxy.send(p, prefill("r1", "d0", d.kv_address, blocks, other))
     got = proxy.wait_event(ev.RequestFailed, "r1", drive=(p, d))
-    assert (got.worker_id, got.kind, got.retryable) == ("p0", "kv_transfer", False)
+    assert (got.worker_id, got.code, got.retryable) == ("p0", ErrorCode.KV_REFUSED, False)
     assert "IncompatibleKv" in got.error
     assert_all_free(p)
     assert "r1" in d.reservations  # the proxy's Abort (it saw the failure) frees it
@@ -418,7 +419,7 @@ def test_kv_for_a_reservation_aborted_meanwhile_is_refused_and_freed_on_both_sid
     proxy.send(d, dmsg.Abort("r1"))
     proxy.send(p, prefill("r1", "d0", d.kv_address, blocks, kv_spec_of(d)))
     got = proxy.wait_event(ev.RequestFailed, "r1", drive=(p, d))
-    assert (got.worker_id, got.kind) == ("p0", "kv_transfer")
+    assert (got.worker_id, got.code) == ("p0", ErrorCode.KV_REFUSED)
     assert "UnexpectedTransfer" in got.error
     proxy.assert_no_event("r1", drive=(p, d))
     assert_all_free(p)
@@ -426,25 +427,71 @@ def test_kv_for_a_reservation_aborted_meanwhile_is_refused_and_freed_on_both_sid
 
 # ---- duplicated control messages (the proxy never sends them today: ids are uuids and a request
 # is never sent twice to one prefill worker; but "a bad request fails alone") ---------------------
-@pytest.mark.xfail(strict=True, raises=EngineError, reason=(
-    "a second Reserve with a held request id passes check_admissible, is queued, and "
-    "engine.reserve's 'duplicate request id' EngineError escapes on_ctrl (ending run()); it "
-    "stays at the head of the pending queue, so every later do_work raises it again"))
 def test_duplicate_reserve_is_rejected_alone(proxy: FakeProxy, make_worker: Any) -> None:
     d = make_worker(DecodeWorker, proxy.config("d0"))
     proxy.send(d, reserve("r1"))
     blocks = proxy.wait_event(ev.Reserved, "r1").block_ids
     proxy.send(d, reserve("r1"))
-    assert proxy.wait_event(ev.Rejected, "r1", drive=(d,)).status == 400
+    got = proxy.wait_event(ev.Rejected, "r1", drive=(d,))
+    assert got.status == 400 and "duplicate" in got.reason and "'r1'" in got.reason
     assert d.reservations["r1"].seq.block_table == blocks and not d.pending
     proxy.send(d, dmsg.Abort("r1"))
     assert_all_free(d)
 
 
-@pytest.mark.xfail(strict=True, raises=(AssertionError, EngineError), reason=(
-    "a second Prefill with a queued request id is added to the scheduler beside the first "
-    "and replaces its Job: after both are prefilled, one sequence's blocks are never freed, "
-    "and the worker's next idle integrity check raises"))
+@pytest.mark.parametrize("first", ["queued", "local"])
+def test_duplicate_of_a_queued_or_local_request_is_rejected_alone(
+        proxy: FakeProxy, make_worker: Any, first: str) -> None:
+    d = make_worker(DecodeWorker, proxy.config("d0"))
+    long_prompt = list(range(1, 61))  # 8 blocks: two fill the cache
+    if first == "queued":
+        for rid in ("a", "b", "r1"):
+            proxy.send(d, reserve(rid, long_prompt))
+        assert list(d.pending) == ["r1"]
+    else:
+        proxy.send(d, reserve("r1", params=sampling(max_tokens=40), remote_prefill=False))
+        assert d.local == {"r1"}
+    proxy.send(d, reserve("r1"))  # remote: it would queue beside a local one
+    got = proxy.wait_event(ev.Rejected, "r1", drive=(d,))
+    assert got.status == 400 and "duplicate" in got.reason
+    if first == "queued":
+        assert list(d.pending) == ["r1"]
+        proxy.send(d, dmsg.Abort("a"))
+        assert proxy.wait_event(ev.Reserved, "r1", drive=(d,)).block_ids == \
+            d.reservations["r1"].seq.block_table
+    else:
+        assert d.local == {"r1"} and len(d.engine.scheduler.waiting) + \
+            len(d.engine.scheduler.running) == 1
+    proxy.send(d, dmsg.AbortAll())
+    assert_all_free(d)
+
+
+def test_an_engine_error_in_the_reservation_queue_fails_that_entry_alone(
+        proxy: FakeProxy, make_worker: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    d = make_worker(DecodeWorker, proxy.config("d0"))
+    long_prompt = list(range(1, 61))  # 8 blocks: two fill the cache
+    for rid in ("a", "b", "bad", "good"):
+        proxy.send(d, reserve(rid, long_prompt))
+    assert list(d.pending) == ["bad", "good"]
+    real_reserve = d.engine.reserve
+
+    def reserve_or_fail(request_id: str, *args: Any) -> Any:
+        if request_id == "bad":
+            raise EngineError("an engine error of this entry only")
+        return real_reserve(request_id, *args)
+
+    monkeypatch.setattr(d.engine, "reserve", reserve_or_fail)
+    proxy.send(d, dmsg.Abort("a"))
+    d.do_work()
+    got = proxy.wait_event(ev.Rejected, "bad")
+    assert got.status == 400 and "this entry only" in got.reason
+    assert proxy.wait_event(ev.Reserved, "good").block_ids == \
+        d.reservations["good"].seq.block_table
+    assert not d.pending
+    proxy.send(d, dmsg.AbortAll())
+    assert_all_free(d)
+
+
 def test_duplicate_prefill_leaks_nothing(proxy: FakeProxy, make_worker: Any) -> None:
     d = make_worker(DecodeWorker, proxy.config("d0"))
     p = make_worker(PrefillWorker, proxy.config("p0"))
@@ -452,6 +499,10 @@ def test_duplicate_prefill_leaks_nothing(proxy: FakeProxy, make_worker: Any) -> 
     blocks = proxy.wait_event(ev.Reserved, "r1").block_ids
     for _ in range(2):
         proxy.send(p, prefill("r1", "d0", d.kv_address, blocks, kv_spec_of(d)))
+    got = proxy.wait_event(ev.RequestFailed, "r1")
+    assert (got.worker_id, got.code, got.retryable) == ("p0", ErrorCode.INVALID_REQUEST, False)
+    assert "duplicate" in got.error and list(p.jobs) == ["r1"]
+    assert len(p.engine.scheduler.waiting) + len(p.engine.scheduler.running) == 1
     proxy.stream("r1", drive=(p, d))
     proxy.wait_event(ev.PrefillDone, "r1", drive=(p,))
     deadline = time.monotonic() + WAIT_S
