@@ -9,8 +9,8 @@ workers' step-time models (cost_model.py) and what the proxy knows they hold now
 - local: the decode worker's own queue of local prefills, then this prompt's uncached tokens
   in chunks, each sharing a step with the running batch. TPOT is a mean over a request's
   output, so what local prefills do to the batch is the prefill work still to run on that
-  worker (its queue of local prefills, plus this one) spread over the tokens its running
-  sequences have left (`horizon_tokens`): one short prompt barely moves it, a long one or a
+  worker (its queue of local prefills, plus this one) spread over the output tokens of its
+  running sequences (`horizon_tokens`): one short prompt barely moves it, a long one or a
   queue of them does, and the same queued work counts against the remote option too. Chunk
   sizes whose step stays within the TPOT SLO are tried; the best margin wins and travels to
   the decode worker as its prefill chunk cap.
@@ -77,7 +77,7 @@ class DecodeView:
     local_chunk: int  # prefill tokens its steps carry while those run (0: none)
     cached_tokens: int  # of this prompt, expected hits in its prefix cache
     max_batched_tokens: int
-    horizon_tokens: float = 64.0  # output tokens its running sequences still produce (mean)
+    horizon_tokens: float = 64.0  # output tokens its running sequences produce in all (mean)
 
 
 @dataclass(frozen=True)

@@ -224,13 +224,20 @@ class Placer:
         w = self.workers[worker_id]
         running = [r for r in self.requests.values()
                    if r.decode_id == worker_id and r.num_output_tokens > 0]
-        horizon = (sum(max(1.0, min(r.max_tokens, self.output_len) - r.num_output_tokens)
-                       for r in running) / len(running)) if running else self.output_len
+        horizon = (sum(self._expected_len(r) for r in running) / len(running)) if running \
+            else self.output_len
         return DecodeView(worker_id, w.model.coefficients, len(running),
                           sum(r.num_prompt_tokens + r.num_output_tokens for r in running),
                           w.queue_s(now), w.chunk,
                           w.prefixes.cached_tokens(hashes, num_prompt_tokens),
                           w.max_batched_tokens, horizon)
+
+    def _expected_len(self, r: Placed) -> float:
+        """Output tokens a running request will have produced in all, the tokens a stall in its
+        stream is spread over in its mean TPOT: the typical length, or twice what it produced
+        so far once it outlived that, never more than its max_tokens."""
+        return max(1.0, min(float(r.max_tokens),
+                            max(self.output_len, 2.0 * r.num_output_tokens)))
 
     def _transfer_view(self, decode: WorkerModel) -> TransferView:
         return TransferView(decode.kv_bytes_per_token, self.transfer_rate,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
+import uuid
 
 import httpx
 import pytest
@@ -76,12 +77,13 @@ async def _ttft(client: httpx.AsyncClient, prompt: str, max_tokens: int) -> floa
 
 
 async def _busy_then_short(url: str) -> list[float]:
-    """Two long streams decoding, four long prompts for the prefill side, then three short
+    """Two long streams decoding, two long prompts for the prefill side, then three short
     requests: their times to first token."""
     async with httpx.AsyncClient(base_url=url, timeout=300) as client:
         streams = [asyncio.create_task(_ttft(client, SHORT, 160)) for _ in range(2)]
         await asyncio.sleep(1.5)  # the streams are decoding
-        longs = [asyncio.create_task(_ttft(client, LONG + f" ({i})", 1)) for i in range(4)]
+        longs = [asyncio.create_task(_ttft(client, f"Ticket {uuid.uuid4().hex}. {LONG}", 1))
+                 for _ in range(2)]  # a new prefix each: no prefix-cache hit
         await asyncio.sleep(0.3)
         shorts = await asyncio.gather(*[_ttft(client, f"{SHORT} {i}", 4) for i in range(3)])
         await asyncio.gather(*longs, *streams)
@@ -102,7 +104,7 @@ def test_short_requests_go_local_while_the_prefill_worker_is_busy() -> None:
         local_before, remote_before = _placements(s)
         adaptive = asyncio.run(_busy_then_short(s.url))
         local_after, remote_after = _placements(s)
-        assert remote_after - remote_before >= 2, "the long prompts should mostly go remote"
+        assert remote_after - remote_before >= 2, "the long prompts should go remote"
         assert local_after - local_before >= 3, "the short prompts should go local"
         assert s.wait_idle_blocks() == 0
     assert statistics.median(adaptive) < 0.7 * statistics.median(remote), (adaptive, remote)
