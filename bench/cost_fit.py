@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--load-format", default="auto")
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-model-len", type=int, default=2048)
-    p.add_argument("--kv-cache-memory", default="1GiB")
+    p.add_argument("--kv-cache-memory", default=None,
+                   help="KV budget (default: 1GiB on CPU, --gpu-memory-utilization on CUDA)")
     p.add_argument("--requests", type=int, default=48)
     p.add_argument("--fit-fraction", type=float, default=0.6)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
@@ -109,8 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tag", default="", help="Result file name part (default: device kind)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    kv_memory = args.kv_cache_memory or ("1GiB" if args.device == "cpu" else None)
     config = EngineConfig(model=args.model, load_format=args.load_format, device=args.device,
-                          max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory)
+                          max_model_len=args.max_model_len, kv_cache_memory=kv_memory)
     engine = LLMEngine.from_config(config)
     workload(engine, 8, args.seed + 1)  # warm-up: kernels, allocator, graphs
     t0 = time.perf_counter()
