@@ -22,7 +22,7 @@ timeout "${TEST_TIMEOUT:-300}" $PY -m pytest -q -p no:cacheprovider -rs --durati
 tests_rc=$?
 
 timeout "${FIT_TIMEOUT:-240}" $PY -m bench.cost_fit --model "$MODEL" --load-format dummy \
-    --device cuda --max-model-len 4096 --requests 64 --tag h200_llama3-8b-shape \
+    --device cuda --max-model-len 4096 --requests 64 --tag cuda_llama3-8b-shape \
     --out-dir "$OUT" 2>&1 | tee "$OUT/cost_fit.log"
 fit_rc=$?
 
