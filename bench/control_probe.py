@@ -11,7 +11,8 @@ saves) is chosen on numbers:
   now), the same busy-polling, and a Unix socket pair blocking / busy-polling;
 - with CUDA: CPU time per call of what a transfer calls per buffer: CUDA event with/without
   timing (create + record), event query, stream wait_event, pinning the block ids, their H2D
-  copy, a torch index_select launch, and a Triton block-gather launch (transfer/convert/block_copy.py).
+  copy, a torch index_select launch, and a Triton block-gather launch
+  (transfer/convert/block_copy.py).
 
     python -m bench.control_probe [--round-trips 2000] [--calls 500] [--out PATH]
 """
@@ -144,7 +145,8 @@ def _cuda_calls(calls: int) -> dict[str, float]:
     ids_host = torch.tensor(table)
     ids_pinned = ids_host.pin_memory()
     ids = ids_pinned.to(dev)
-    packed = pack_kv(cache, table, 0, 256 * BLOCK, transfer_id=1, transport="nccl", request_id="probe",
+    packed = pack_kv(cache, table, 0, 256 * BLOCK, transfer_id=1, transport="nccl",
+                     request_id="probe",
                      options=PackOptions(allow_views=False, chunk_bytes=16 << 20, taper=False))
     entries = packed.header.entries_by_buffer()[0]  # one layer group of 16 MiB
     out = torch.empty(packed.header.buffer_sizes[0], dtype=torch.uint8, device=dev)
@@ -162,8 +164,10 @@ def _cuda_calls(calls: int) -> dict[str, float]:
         "event_query_done": _per_call_us(done.query, calls),
         "stream_wait_event": _per_call_us(lambda: stream.wait_event(done), calls),
         "pin_memory_256_ids": _per_call_us(lambda: ids_host.pin_memory(), calls),
-        "h2d_copy_256_ids_pinned": _per_call_us(lambda: ids_pinned.to(dev, non_blocking=True), calls),
-        "index_select_launch_1_layer_part": _per_call_us(lambda: layer0.index_select(0, ids), calls),
+        "h2d_copy_256_ids_pinned": _per_call_us(
+            lambda: ids_pinned.to(dev, non_blocking=True), calls),
+        "index_select_launch_1_layer_part": _per_call_us(
+            lambda: layer0.index_select(0, ids), calls),
     }
     if block_copy.is_available(dev):
         result["triton_gather_launch_16mib"] = _per_call_us(
@@ -180,7 +184,8 @@ def main() -> None:
     args = ap.parse_args()
     n = args.round_trips
     hops = {"zmq_blocking_poll": _zmq_hop(False, n), "zmq_busy_poll": _zmq_hop(True, n),
-            "unix_socketpair_blocking": _pair_hop(False, n), "unix_socketpair_busy_poll": _pair_hop(True, n)}
+            "unix_socketpair_blocking": _pair_hop(False, n),
+            "unix_socketpair_busy_poll": _pair_hop(True, n)}
     result: dict[str, Any] = {"benchmark": "control_probe", "machine": machine(),
                               "one_way_hop_us": {k: round(v, 1) for k, v in hops.items()},
                               "statistic": "median"}

@@ -26,7 +26,8 @@ def fill_random(cache: PagedKvCache, gen: torch.Generator, std: float = 1.0) -> 
             if dtype is KvDtype.INT8:
                 t.copy_(torch.randint(-127, 128, t.shape, generator=gen, dtype=torch.int8))
             elif dtype is KvDtype.INT4:
-                t.copy_(torch.randint(0, 256, t.shape, generator=gen, dtype=torch.int16).to(torch.uint8))
+                t.copy_(torch.randint(0, 256, t.shape, generator=gen,
+                                      dtype=torch.int16).to(torch.uint8))
             else:
                 scale = _FLOAT_STD.get(dtype, std)
                 t.copy_((torch.randn(t.shape, generator=gen) * scale).to(t.dtype))

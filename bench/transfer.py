@@ -60,7 +60,8 @@ def machine() -> dict:
             "load_avg_start": os.getloadavg()}
 
 
-def scattered_table(num_tokens: int, num_blocks: int, gen: torch.Generator, contiguous: bool) -> list[int]:
+def scattered_table(num_tokens: int, num_blocks: int, gen: torch.Generator,
+                    contiguous: bool) -> list[int]:
     need = -(-num_tokens // BLOCK)
     if contiguous:
         start = int(torch.randint(0, num_blocks - need + 1, (1,), generator=gen))
@@ -68,7 +69,7 @@ def scattered_table(num_tokens: int, num_blocks: int, gen: torch.Generator, cont
     return torch.randperm(num_blocks, generator=gen)[:need].tolist()
 
 
-# ---- ZMQ ------------------------------------------------------------------------------------------
+# ---- ZMQ -----------------------------------------------------------------------------------------
 def _raw_server(listener: socket.socket, capacity: int) -> None:
     conn, _ = listener.accept()
     conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -99,7 +100,8 @@ def _zmq_sender_proc(pipe, endpoint: str, raw_port: int, max_tokens: int, chunk_
     raw = socket.create_connection(("127.0.0.1", raw_port))
     raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     pack = PackOptions(chunk_bytes=chunk_bytes)
-    senders = {(payload_path, cs): ZmqKvSender(endpoint, ZmqSenderConfig(checksum=cs, pack=pack, payload=payload_path))
+    senders = {(payload_path, cs): ZmqKvSender(endpoint, ZmqSenderConfig(checksum=cs, pack=pack,
+                                                                          payload=payload_path))
                for payload_path in ("stream", "frames") for cs in (False, True)}
     gen = torch.Generator().manual_seed(2)
     while True:
@@ -138,19 +140,21 @@ def run_zmq(args: argparse.Namespace) -> dict:
                        on_release=lambda r, e: done.__setitem__(r, e))
     rx.start()
     listener = socket.create_server(("127.0.0.1", 0))
-    threading.Thread(target=_raw_server, args=(listener, max_tokens * spec.bytes_per_token), daemon=True).start()
+    threading.Thread(target=_raw_server, args=(listener, max_tokens * spec.bytes_per_token),
+                     daemon=True).start()
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_zmq_sender_proc, args=(child, rx.endpoint, listener.getsockname()[1], max_tokens,
-                                                                    args.chunk_kib << 10))
+    proc = ctx.Process(target=_zmq_sender_proc, args=(child, rx.endpoint, listener.getsockname()[1],
+                                                      max_tokens, args.chunk_kib << 10))
     proc.start()
     gen = torch.Generator().manual_seed(3)
     rows = []
     seq = 0
     for tokens in args.tokens:
         nbytes = tokens * spec.bytes_per_token
-        times: dict[str, list[float]] = {"raw": [], "zmq": [], "zmq_checksum": [], "zmq_contiguous": [],
-                                         "zmq_frames": [], "zmq_frames_checksum": []}
+        times: dict[str, list[float]] = {"raw": [], "zmq": [], "zmq_checksum": [],
+                                         "zmq_contiguous": [], "zmq_frames": [],
+                                         "zmq_frames_checksum": []}
         for rep in range(args.repeats + 2):  # two warm-ups
             for name in times:
                 if name == "raw":
@@ -159,35 +163,42 @@ def run_zmq(args: argparse.Namespace) -> dict:
                     seq += 1
                     rid = f"bench-{seq}"
                     rx.expect(rid, scattered_table(tokens, num_blocks, gen, contiguous=False))
-                    parent.send(("zmq", rid, tokens, name.endswith("checksum"), name == "zmq_contiguous",
+                    parent.send(("zmq", rid, tokens, name.endswith("checksum"),
+                                 name == "zmq_contiguous",
                                  "frames" if name.startswith("zmq_frames") else "stream"))
                 seconds = parent.recv()
                 if rep >= 2:
                     times[name].append(seconds)
         gbps = {k: nbytes / statistics.median(v) / 1e9 for k, v in times.items()}
-        row = {"tokens": tokens, "bytes": nbytes, **{f"{k}_gbps": round(v, 3) for k, v in gbps.items()},
+        row = {"tokens": tokens, "bytes": nbytes,
+               **{f"{k}_gbps": round(v, 3) for k, v in gbps.items()},
                "ratio": round(gbps["zmq"] / gbps["raw"], 3),
                "ratio_checksum": round(gbps["zmq_checksum"] / gbps["raw"], 3),
                "ratio_contiguous": round(gbps["zmq_contiguous"] / gbps["raw"], 3),
                "ratio_frames": round(gbps["zmq_frames"] / gbps["raw"], 3),
                "ratio_frames_checksum": round(gbps["zmq_frames_checksum"] / gbps["raw"], 3)}
         rows.append(row)
-        print(f"{tokens:>6} tokens {nbytes / 2**20:8.1f} MiB | raw socket {gbps['raw']:6.2f} GB/s | "
-              f"stream {gbps['zmq']:6.2f} GB/s (ratio {row['ratio']:.2f}) | checksum {gbps['zmq_checksum']:6.2f} "
-              f"({row['ratio_checksum']:.2f}) | contiguous blocks {gbps['zmq_contiguous']:6.2f} "
-              f"({row['ratio_contiguous']:.2f}) | frames {gbps['zmq_frames']:6.2f} ({row['ratio_frames']:.2f}) | "
-              f"frames+checksum {gbps['zmq_frames_checksum']:6.2f} ({row['ratio_frames_checksum']:.2f})", flush=True)
+        print(f"{tokens:>6} tokens {nbytes / 2**20:8.1f} MiB | "
+              f"raw socket {gbps['raw']:6.2f} GB/s | "
+              f"stream {gbps['zmq']:6.2f} GB/s (ratio {row['ratio']:.2f}) | "
+              f"checksum {gbps['zmq_checksum']:6.2f} ({row['ratio_checksum']:.2f}) | "
+              f"contiguous blocks {gbps['zmq_contiguous']:6.2f} ({row['ratio_contiguous']:.2f}) | "
+              f"frames {gbps['zmq_frames']:6.2f} ({row['ratio_frames']:.2f}) | "
+              f"frames+checksum {gbps['zmq_frames_checksum']:6.2f} "
+              f"({row['ratio_frames_checksum']:.2f})", flush=True)
     parent.send(("stop",))
     proc.join(timeout=30)
     rx.close()
     failures = [k for k, v in done.items() if not isinstance(v, list)]
-    return {"benchmark": "transfer_zmq", "model": "SmolLM2-135M KV (30 layers, 3 kv heads, dim 64, bf16)",
+    return {"benchmark": "transfer_zmq",
+            "model": "SmolLM2-135M KV (30 layers, 3 kv heads, dim 64, bf16)",
             "bytes_per_token": spec.bytes_per_token, "block_size": BLOCK, "endpoint": args.endpoint,
             "chunk_bytes": args.chunk_kib << 10, "payload_paths": {
                 "zmq": "stream (default): header on ZMQ, writev/readv on a data connection",
                 "zmq_frames": "ZMQ multipart DATA frames (payload='frames', chunk_bytes)"},
             "repeats": args.repeats, "statistic": "median", "machine": started,
-            "failed_transfers": len(failures), "rows": rows, "target": "ratio >= 0.9 at 8192 tokens",
+            "failed_transfers": len(failures), "rows": rows,
+            "target": "ratio >= 0.9 at 8192 tokens",
             "load_avg_end": os.getloadavg()}
 
 
@@ -203,7 +214,8 @@ def main() -> None:
     ap.add_argument("--ready-chunk-mib", type=int, nargs="*", default=[128],
                     help="NCCL: chunk sizes to measure with the READY handshake (eager=False)")
     ap.add_argument("--nonblocking-chunk-mib", type=int, nargs="*", default=[128],
-                    help="NCCL: chunk sizes to measure with eager sends on a non-blocking communicator")
+                    help="NCCL: chunk sizes to measure with eager sends on a non-blocking "
+                    "communicator")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     if args.nccl:
@@ -227,18 +239,22 @@ def markdown(result: dict) -> str:
     """The result as a table for the README (same numbers as the JSON)."""
     m = result["machine"]
     rows = result["rows"]
-    cols = [k for k in rows[0] if k.endswith("_gbps") or k.startswith("ratio") or k in ("chunk_mib", "mode")]
+    cols = [k for k in rows[0]
+            if k.endswith("_gbps") or k.startswith("ratio") or k in ("chunk_mib", "mode")]
     lines = [f"# {result['benchmark']}: {result['model']}", "",
              f"{m['date']} · {m.get('gpu', m['cpu'])} · {m['cores']} cores · torch {m['torch']} · "
              f"median of {result['repeats']} · target {result['target']}", "",
              "| tokens | MiB | " + " | ".join(cols) + " |", "|---" * (len(cols) + 2) + "|"]
     for r in rows:
-        lines.append(f"| {r['tokens']} | {r['bytes'] / 2**20:.1f} | " + " | ".join(str(r[c]) for c in cols) + " |")
+        lines.append(f"| {r['tokens']} | {r['bytes'] / 2**20:.1f} | "
+                     + " | ".join(str(r[c]) for c in cols) + " |")
     if "payload_paths" in result:
-        lines += ["", "Columns: " + "; ".join(f"`{k}*` = {v}" for k, v in result["payload_paths"].items())
+        lines += ["", "Columns: "
+                  + "; ".join(f"`{k}*` = {v}" for k, v in result["payload_paths"].items())
                   + "; `raw` = Python socket, one contiguous buffer holding the same bytes."]
     if "load_avg_end" in result:
-        lines += ["", f"Load average at start/end: {m['load_avg_start']} / {result['load_avg_end']} "
+        lines += ["", f"Load average at start/end: {m['load_avg_start']} / "
+                  f"{result['load_avg_end']} "
                   "(other work shares this machine; raw and pdserve repetitions alternate)."]
     return "\n".join(lines) + "\n"
 

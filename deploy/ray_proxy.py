@@ -76,7 +76,8 @@ def _was_restarted() -> bool:
 
 
 class ProxyActor:
-    def __init__(self, serve: ServeConfig, model: str, max_model_len: int, log_level: str = "INFO") -> None:
+    def __init__(self, serve: ServeConfig, model: str, max_model_len: int,
+                 log_level: str = "INFO") -> None:
         setup_actor_logging(log_level, "proxy")
         self.serve, self.model, self.max_model_len = serve, model, max_model_len
         self.where = where_am_i()
@@ -94,7 +95,8 @@ class ProxyActor:
         """This process replaces a proxy that died: same ports, running workers, serve again."""
         ports = _load_ports()
         if ports is None:
-            log.error("proxy restarted before it ever served: nothing to recover; the launcher decides")
+            log.error("proxy restarted before it ever served: nothing to recover; "
+                      "the launcher decides")
             return
         self.start_cluster(events_port=int(ports["events_port"]))
         registered = self._register_running_workers()
@@ -102,7 +104,8 @@ class ProxyActor:
         assert cluster is not None
         self._run(cluster.abort_all("the proxy restarted; its requests' clients are gone"))
         self.start_http(port=int(ports["http_port"]))
-        log.warning("proxy restarted: %d running worker(s) registered again, serving on %s", registered, self.url)
+        log.warning("proxy restarted: %d running worker(s) registered again, serving on %s",
+                    registered, self.url)
 
     def _register_running_workers(self) -> int:
         import ray
@@ -160,7 +163,8 @@ class ProxyActor:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, self.serve.port if port is None else port))
         port = sock.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning",
+                                                    timeout_graceful_shutdown=5))
         self._http = asyncio.run_coroutine_threadsafe(self.server.serve(sockets=[sock]), self.loop)
         deadline = time.monotonic() + 30.0
         while not self.server.started:
@@ -173,7 +177,8 @@ class ProxyActor:
         shown = self.where["node_ip"] if host in ("0.0.0.0", "::", "") else host
         self.url = f"http://{f'[{shown}]' if ':' in shown else shown}:{port}"
         log.info("serving the OpenAI API on %s", self.url)
-        _save_ports({"events_port": int(self.cluster.events_address.rsplit(":", 1)[1]), "http_port": port})
+        _save_ports({"events_port": int(self.cluster.events_address.rsplit(":", 1)[1]),
+                     "http_port": port})
         return self.url
 
     # ---- views ---------------------------------------------------------------------------------
@@ -193,7 +198,8 @@ class ProxyActor:
         async def topology() -> list[dict]:
             return self.cluster.topology() if self.cluster is not None else []
 
-        return {"model": self.serve.served_model_name or self.model, "max_model_len": self.max_model_len,
+        return {"model": self.serve.served_model_name or self.model,
+                "max_model_len": self.max_model_len,
                 "workers": self._run(topology(), 10.0)}
 
     # ---- shutdown ------------------------------------------------------------------------------

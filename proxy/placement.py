@@ -16,9 +16,9 @@ workers' step-time models (cost_model.py) and what the proxy knows they hold now
   the decode worker as its prefill chunk cap.
 The option that meets both SLOs with the larger margin (the smaller of its TTFT and TPOT
 slack, relative to the SLO) is chosen; when neither does, the one that misses by less. Margins
-within `TIE` of each other are decided by the TTFT slack. Short prompts (hops and transfer cost more than the prefill) and prompts
-the decode worker's prefix cache mostly covers come out local by this rule, not by a special
-case; a decode worker near its TPOT limit sends prompts away.
+within `TIE` of each other are decided by the TTFT slack. Short prompts (hops and transfer cost
+more than the prefill) and prompts the decode worker's prefix cache mostly covers come out local
+by this rule, not by a special case; a decode worker near its TPOT limit sends prompts away.
 
 Pure functions over snapshots: nothing here talks to workers or keeps state.
 """

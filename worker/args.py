@@ -1,8 +1,8 @@
 """Command-line flags generated from config dataclasses (`--max-model-len` from `max_model_len`).
 
 A field's metadata may name a `parse` function for its flag (e.g. `parse_seconds`: `--slo-ttft
-500ms`). A field whose type is itself a config dataclass (`ServeConfig.kv: KvTransportConfig`) adds that
-dataclass's flags under their own names, and `dataclass_from_args` builds it back whole, so a
+500ms`). A field whose type is itself a config dataclass (`ServeConfig.kv: KvTransportConfig`) adds
+that dataclass's flags under their own names, and `dataclass_from_args` builds it back whole, so a
 nested config is defined once and parsed, printed (`dataclass_to_args`) and passed on as one.
 """
 

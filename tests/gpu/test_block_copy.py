@@ -1,4 +1,5 @@
-"""One-launch block gather/scatter on CUDA (transfer/convert/block_copy.py) against torch's own copies.
+"""One-launch block gather/scatter on CUDA (transfer/convert/block_copy.py) against torch's own
+copies.
 
 Skips without CUDA or Triton. Covers word widths 8/4/2/1 (block sizes of 12, 20 and 5 bytes),
 the sender's gather of whole payload buffers for several cache layouts (byte-equal to pack.py's
@@ -50,8 +51,10 @@ def test_gather_matches_torch_gather_and_scatter_round_trips(spec: KvSpec) -> No
         want = packed.buffer(i).clone()
         got = torch.full_like(want, 0xAB)
         entries = by_buffer[i]
-        back_to_back = all(e.offset == entries[0].offset + j * e.nbytes for j, e in enumerate(entries))
-        assert block_copy.gather_entries(src, ids, entries, got) == back_to_back  # else: torch's path
+        back_to_back = all(e.offset == entries[0].offset + j * e.nbytes
+                           for j, e in enumerate(entries))
+        # True where the entries lie back to back, else False (torch's path)
+        assert block_copy.gather_entries(src, ids, entries, got) == back_to_back
         torch.cuda.synchronize()
         buffers.append(got if back_to_back else want)
         assert torch.equal(buffers[-1], want), f"buffer {i}"
@@ -68,7 +71,8 @@ def test_gather_matches_torch_gather_and_scatter_round_trips(spec: KvSpec) -> No
     for i, buf in enumerate(buffers):
         for e in by_buffer[i]:
             blocks = buf[e.offset:e.offset + e.nbytes]
-            assert block_copy.scatter_entry(direct, dst_ids[e.block_start:e.block_start + e.num_blocks], e, blocks)
+            assert block_copy.scatter_entry(
+                direct, dst_ids[e.block_start:e.block_start + e.num_blocks], e, blocks)
     # and a whole buffer per launch (all its entries at their offsets), where the entries allow
     whole = PagedKvCache.allocate(spec, 64, device=DEV)
     for i, buf in enumerate(buffers):
@@ -76,13 +80,15 @@ def test_gather_matches_torch_gather_and_scatter_round_trips(spec: KvSpec) -> No
         ids_i = dst_ids[entries[0].block_start:entries[0].block_start + entries[0].num_blocks]
         if not block_copy.scatter_entries(whole, ids_i, entries, buf):
             for e in entries:
-                assert block_copy.scatter_entry(whole, dst_ids[e.block_start:e.block_start + e.num_blocks], e,
-                                                buf[e.offset:e.offset + e.nbytes])
+                assert block_copy.scatter_entry(
+                    whole, dst_ids[e.block_start:e.block_start + e.num_blocks], e,
+                    buf[e.offset:e.offset + e.nbytes])
     torch.cuda.synchronize()
     untouched = sorted(set(range(64)) - set(dst_table))
     for cache in (dst, direct, whole):
         for layer in range(spec.num_layers):
             for part, t in cache.parts(layer).items():
-                got, want = t[dst_table].view(torch.uint8), src.parts(layer)[part][table].view(torch.uint8)
+                got, want = (t[dst_table].view(torch.uint8),
+                             src.parts(layer)[part][table].view(torch.uint8))
                 assert torch.equal(got, want), (layer, part)
                 assert not t[untouched].view(torch.uint8).any()

@@ -112,7 +112,8 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
     tok.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    (out / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
     return out
 
 
@@ -156,12 +157,14 @@ def _logits_in_steps(engine: LLMEngine, tokens: list[int], chunks: list[int]) ->
 
 
 def test_logits_gpu_bf16_match_cpu_fp32(cpu_fp32: LLMEngine, gpu_bf16: LLMEngine) -> None:
-    """Whole-prompt prefill (flash), a later prefill chunk (cache + mask) and decode steps (Triton)."""
+    """Whole-prompt prefill (flash), a later prefill chunk (cache + mask) and decode steps
+    (Triton)."""
     tokens = _prompts()[3][:300]
     chunks = [200, 60] + [1] * 40
     ref = _logits_in_steps(cpu_fp32, tokens, [300])
     out = _logits_in_steps(gpu_bf16, tokens, chunks)
-    for name, rows in (("prefill", slice(0, 200)), ("chunk", slice(200, 260)), ("decode", slice(260, 300))):
+    for name, rows in (("prefill", slice(0, 200)), ("chunk", slice(200, 260)),
+                       ("decode", slice(260, 300))):
         assert _rel_err(out[rows], ref[rows]) < BF16_REL_TOL, (name, _rel_err(out[rows], ref[rows]))
 
 
@@ -185,7 +188,8 @@ def test_greedy_gpu_bf16_vs_cpu_fp32(cpu_fp32: LLMEngine, gpu_bf16: LLMEngine) -
         top2 = ref.topk(2, dim=1).values
         ties = (top2[:, 0] - top2[:, 1] < noise).nonzero()
         first_tie = int(ties[0]) if len(ties) else new_tokens
-        assert g.output_ids[:first_tie] == c.output_ids[:first_tie], (first_tie, g.output_ids, c.output_ids)
+        assert g.output_ids[:first_tie] == c.output_ids[:first_tie], (
+            first_tie, g.output_ids, c.output_ids)
         # fp32 logits along the GPU's path: each GPU token is (nearly) the fp32 argmax
         ref = _logits_in_steps(cpu_fp32, prompt + g.output_ids[:-1], [len(prompt) + new_tokens - 1])
         ref = ref[len(prompt) - 1:]
@@ -200,8 +204,10 @@ def test_cuda_graph_decode_equals_eager_exactly(gpu_bf16: LLMEngine) -> None:
     runner = gpu_bf16.runner
     gen = torch.Generator().manual_seed(3)
     seqs, first = [], 0
-    for i, n in enumerate((3, 17, 64, 200, 511)):  # 5 sequences -> the batch-8 graph, 3 padding rows
-        seq = Sequence(f"g{i}", torch.randint(3, VOCAB, (n,), generator=gen).tolist(), SamplingParams())
+    # 5 sequences -> the batch-8 graph, 3 padding rows
+    for i, n in enumerate((3, 17, 64, 200, 511)):
+        seq = Sequence(f"g{i}", torch.randint(3, VOCAB, (n,), generator=gen).tolist(),
+                       SamplingParams())
         num_blocks = -(-n // 16)
         seq.block_table = list(range(first, first + num_blocks))
         first += num_blocks
@@ -225,7 +231,8 @@ def test_decode_step_does_not_sync(gpu_bf16: LLMEngine) -> None:
     """Preparing and running a step (eager mixed, eager decode, graph decode) never waits for
     the GPU; only the sampler's read of the tokens does."""
     runner = gpu_bf16.runner
-    seqs = [Sequence(f"s{i}", list(range(3, 3 + n)), SamplingParams()) for i, n in enumerate((40, 9))]
+    seqs = [Sequence(f"s{i}", list(range(3, 3 + n)), SamplingParams())
+            for i, n in enumerate((40, 9))]
     seqs[0].block_table, seqs[1].block_table = [0, 1, 2], [3]
     seqs[0].num_computed_tokens = 39
     steps = [[ScheduledSeq(seqs[0], 1), ScheduledSeq(seqs[1], 9)], [ScheduledSeq(seqs[0], 1)]]
@@ -250,7 +257,8 @@ def test_sampler_on_gpu() -> None:
               SamplingParams(temperature=0.0, logprobs=0)]
 
     def gens():
-        return [torch.Generator().manual_seed(p.seed) if p.seed is not None else None for p in params]
+        return [torch.Generator().manual_seed(p.seed) if p.seed is not None else None
+                for p in params]
 
     on_cpu = sample(logits, params, gens())
     on_gpu = sample(logits.cuda(), params, gens())

@@ -24,5 +24,7 @@ def test_matrix_cuda(src_name: str, dst_name: str, kind: str) -> None:
 
 def test_reblocking_cuda() -> None:
     for sb, db in [(8, 32), (32, 8), (16, 16)]:
-        matrix.run_pair("ampere", "volta", matrix.make_shape("gqa", 128), sb, db, seed=1, device="cuda")
-        matrix.run_pair("hopper_fp8", "ada", matrix.make_shape("mla", 64), sb, db, seed=2, device="cuda")
+        matrix.run_pair("ampere", "volta", matrix.make_shape("gqa", 128), sb, db, seed=1,
+                        device="cuda")
+        matrix.run_pair("hopper_fp8", "ada", matrix.make_shape("mla", 64), sb, db, seed=2,
+                        device="cuda")

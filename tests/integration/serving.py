@@ -59,8 +59,8 @@ class Server:
 @contextlib.contextmanager
 def serve(*args: str, timeout_s: float = 180.0) -> Iterator[Server]:
     """`pdserve serve --port 0 ARGS`, yielding once the URL is printed; always stops it."""
-    cmd = [sys.executable, "-m", "deploy.cli", *LOG_ARGS, "serve", "--host", "127.0.0.1", "--port", "0",
-           "--kv-cache-memory", "256MiB", "--max-model-len", "2048", *args]
+    cmd = [sys.executable, "-m", "deploy.cli", *LOG_ARGS, "serve", "--host", "127.0.0.1",
+           "--port", "0", "--kv-cache-memory", "256MiB", "--max-model-len", "2048", *args]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env, start_new_session=True)
