@@ -30,20 +30,9 @@ SPEC = KvSpec(8, 4, 128, 16, dtype=KvDtype.BFLOAT16)  # 16 KiB per token: 2 MiB 
 N = 40
 
 
-@pytest.mark.parametrize("payload", ["stream", "frames"])
-def test_forgets_racing_arrivals_end_each_reservation_once(payload: str) -> None:
-    src = PagedKvCache.allocate(SPEC, 8)
-    fill_random(src, torch.Generator().manual_seed(0))
-    dst = PagedKvCache.allocate(SPEC, 8 * N)
-    ctx = zmq.Context()
-    inbox = KvInbox(ctx, "127.0.0.1", dst, KvTransportConfig())
-    poller = zmq.Poller()
-    inbox.sync_poller(poller)
-    rng = random.Random(7)
-    rids = [f"r{i}" for i in range(N)]
-    for i, rid in enumerate(rids):
-        inbox.expect(rid, list(range(8 * i, 8 * i + 8)))
-    sent: dict[str, object] = {}
+def start_sender(inbox: KvInbox, src: PagedKvCache, rids: list[str], payload: str,
+                 sent: dict[str, object]) -> threading.Thread:
+    """A thread that sends `src` to each of `rids` in turn, recording an ack or a typed error."""
 
     def sender() -> None:
         tx = ZmqKvSender(inbox.address, ZmqSenderConfig(timeout_s=10.0, payload=payload))
@@ -59,6 +48,14 @@ def test_forgets_racing_arrivals_end_each_reservation_once(payload: str) -> None
 
     thread = threading.Thread(target=sender)
     thread.start()
+    return thread
+
+
+def poll_and_forget(inbox: KvInbox, poller: zmq.Poller, rids: list[str],
+                    thread: threading.Thread, rng: random.Random,
+                    ) -> tuple[list[KvArrival], set[str]]:
+    """The worker's side while `thread` sends: it polls, takes arrivals and now and then forgets
+    a reservation it still holds; returns (arrivals, forgotten)."""
     forgotten: set[str] = set()
     arrivals: list[KvArrival] = []
     deadline = time.monotonic() + 30
@@ -72,6 +69,25 @@ def test_forgets_racing_arrivals_end_each_reservation_once(payload: str) -> None
             rid = held[0] if rng.random() < 0.7 else rng.choice(held)  # often the one on the wire
             inbox.forget(rid)
             forgotten.add(rid)
+    return arrivals, forgotten
+
+
+@pytest.mark.parametrize("payload", ["stream", "frames"])
+def test_forgets_racing_arrivals_end_each_reservation_once(payload: str) -> None:
+    src = PagedKvCache.allocate(SPEC, 8)
+    fill_random(src, torch.Generator().manual_seed(0))
+    dst = PagedKvCache.allocate(SPEC, 8 * N)
+    ctx = zmq.Context()
+    inbox = KvInbox(ctx, "127.0.0.1", dst, KvTransportConfig())
+    poller = zmq.Poller()
+    inbox.sync_poller(poller)
+    rng = random.Random(7)
+    rids = [f"r{i}" for i in range(N)]
+    for i, rid in enumerate(rids):
+        inbox.expect(rid, list(range(8 * i, 8 * i + 8)))
+    sent: dict[str, object] = {}
+    thread = start_sender(inbox, src, rids, payload, sent)
+    arrivals, forgotten = poll_and_forget(inbox, poller, rids, thread, rng)
     thread.join(10)
     time.sleep(0.2)
     arrivals += inbox.receive()

@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 from bench.kv_fill import fill_random
 from engine.kv_spec import KvDtype, KvKind, KvLayout, KvSpec, ScaleGranularity
 from transfer.convert.cache import PagedKvCache
-from transfer.convert.pack import PackOptions, pack_kv
+from transfer.convert.pack import PackedKv, PackOptions, pack_kv
 from transfer.convert.writer import KvWriter, PagedSink
 from transfer.endpoint.receiver import ZmqKvReceiver, ZmqReceiverConfig
 from transfer.endpoint.sender import ZmqKvSender
@@ -257,6 +257,34 @@ def _data_connection(ctx: zmq.Context, endpoint: str) -> tuple[zmq.Socket, socke
     return sock, data
 
 
+def _hostile_prefix_and_body(packed: PackedKv) -> tuple[st.SearchStrategy[bytes],
+                                                         st.SearchStrategy[bytes]]:
+    """Strategies for a data connection's stream prefix (mostly valid fields, some mutated) and
+    the bytes after it (the payload of `packed`, truncated, extended or empty)."""
+    payload = b"".join(b.numpy().tobytes() for b in packed.all_buffers())
+    prefix = st.builds(proto.STREAM_PREFIX.pack,
+                       st.sampled_from([proto.STREAM_MAGIC, b"PDKX", b"\0\0\0\0"]),
+                       st.sampled_from([1, 1, 0, 2]),
+                       st.sampled_from([0, 0, 1]), st.sampled_from([5, 5, 6, 0, 2**64 - 1]),
+                       st.sampled_from([len(payload), len(payload), 0, len(payload) - 1, 2**63]))
+    body = st.sampled_from([payload, payload[:100], payload + b"\0" * 9, b"",
+                            payload[: len(payload) // 2]])
+    return prefix, body
+
+
+def _assert_drained(rx: ZmqKvReceiver, ended: dict[str, object]) -> None:
+    """Nothing in flight on `rx` (no transfer, data connection or stream job) within 10 s, every
+    ended transfer a report list or a typed error; then the reservations left are cancelled."""
+    deadline = time.monotonic() + 10
+    stream: Any = rx._paths["stream"]
+    while (rx._inflight or stream._conns or stream._jobs) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not rx._inflight and not stream._conns and not stream._jobs
+    assert all(isinstance(v, (list, TransferError)) for v in ended.values())
+    for rid in [r for r in list(rx._expected)]:
+        rx.cancel(rid)  # reservations whose payload never came in full
+
+
 def test_live_receiver_survives_hostile_stream_prefixes() -> None:
     """Hostile bytes on data connections (mutated prefixes, truncated or extended payloads,
     garbage, with or without a valid header first): only typed errors, nothing left behind,
@@ -270,14 +298,7 @@ def test_live_receiver_survives_hostile_stream_prefixes() -> None:
     ctx = zmq.Context()
     tx = ZmqKvSender(rx.endpoint, context=ctx)
     packed = pack_kv(VALID_SRC, [1, 2, 3], 0, 40, request_id="h", transfer_id=5, transport="stream")
-    payload = b"".join(b.numpy().tobytes() for b in packed.all_buffers())
-    prefix = st.builds(proto.STREAM_PREFIX.pack,
-                       st.sampled_from([proto.STREAM_MAGIC, b"PDKX", b"\0\0\0\0"]),
-                       st.sampled_from([1, 1, 0, 2]),
-                       st.sampled_from([0, 0, 1]), st.sampled_from([5, 5, 6, 0, 2**64 - 1]),
-                       st.sampled_from([len(payload), len(payload), 0, len(payload) - 1, 2**63]))
-    body = st.sampled_from([payload, payload[:100], payload + b"\0" * 9, b"",
-                            payload[: len(payload) // 2]])
+    prefix, body = _hostile_prefix_and_body(packed)
     seen = 0
 
     @settings(max_examples=120, deadline=None, database=None,
@@ -308,14 +329,7 @@ def test_live_receiver_survives_hostile_stream_prefixes() -> None:
     try:
         case()
         tx.close()  # its data connection goes too
-        deadline = time.monotonic() + 10
-        stream: Any = rx._paths["stream"]
-        while (rx._inflight or stream._conns or stream._jobs) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not rx._inflight and not stream._conns and not stream._jobs
-        assert all(isinstance(v, (list, TransferError)) for v in ended.values())
-        for rid in [r for r in list(rx._expected)]:
-            rx.cancel(rid)  # reservations whose payload never came in full
+        _assert_drained(rx, ended)
         assert seen >= 120
     finally:
         tx.close()

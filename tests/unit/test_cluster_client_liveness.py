@@ -1,0 +1,114 @@
+"""The proxy's request state machine (`ClusterClient`) against fake workers, with no model:
+worker death, a client leaving early, stage timeouts and abort-all. The fake workers and the
+message factories are in cluster_fakes.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from cluster_fakes import (
+    PROMPT,
+    WAIT_S,
+    Cluster,
+    api_error,
+    reserve_and_prefill,
+    run_cluster,
+    sampling,
+    tokens,
+)
+
+from protocol import decode_ctrl as dmsg
+from protocol import prefill_ctrl as pmsg
+from proxy.cluster import Stage
+
+
+# ---- worker death, client gone, timeouts --------------------------------------------------------
+def test_silent_decode_worker_fails_its_request_and_aborts_the_prefill() -> None:
+    async def body(c: Cluster) -> None:
+        d = await c.worker("decode", "d0")
+        p = await c.worker("prefill", "p0")
+        stream = c.generate("r1")
+        await reserve_and_prefill(d, [p], "r1", [1, 2])
+        d.stop_heartbeats()
+        err = await api_error(stream)
+        assert (err.status, err.code) == (503, "worker_lost") and "d0" in err.message
+        assert (await p.expect(pmsg.Abort)).request_id == "r1"
+        assert not c.client.alive("decode")
+        late = await api_error(c.generate("r2"))  # no decode worker left to route to
+        assert (late.status, late.code) == (503, "overloaded")
+    run_cluster(body, heartbeat_timeout_s=1.0)
+
+
+def test_restarted_decode_worker_fails_the_requests_it_held() -> None:
+    async def body(c: Cluster) -> None:
+        d = await c.worker("decode", "d0")
+        stream = c.generate("r1")
+        await d.expect(dmsg.Reserve)
+        await d.say(d.hello)  # the same worker id says Hello again: a new process
+        err = await api_error(stream)
+        assert (err.status, err.code) == (503, "worker_lost") and "restarted" in err.message
+    run_cluster(body)
+
+
+@pytest.mark.parametrize("stage", [Stage.PREFILLING, Stage.DECODING])
+def test_client_leaving_early_aborts_the_request_on_both_workers(stage: Stage) -> None:
+    async def body(c: Cluster) -> None:
+        d = await c.worker("decode", "d0")
+        p = await c.worker("prefill", "p0")
+        gen = c.client.generate("r1", PROMPT, sampling())
+        first = asyncio.ensure_future(gen.__anext__())
+        await reserve_and_prefill(d, [p], "r1", [1, 2])
+        if stage is Stage.DECODING:
+            await d.say(tokens("r1", "d0", [7]))
+            assert (await asyncio.wait_for(first, WAIT_S)).token_ids == [7]
+        else:
+            first.cancel()  # the client disconnects while the prompt is being prefilled
+            with pytest.raises(asyncio.CancelledError):
+                await first
+        await gen.aclose()
+        abort_d, abort_p = await d.expect(dmsg.Abort), await p.expect(pmsg.Abort)
+        assert abort_d.request_id == abort_p.request_id == "r1"
+        assert not c.client.inflight and not c.client.workers["d0"].requests
+    run_cluster(body)
+
+
+def test_no_token_within_the_stream_timeout_is_a_504_and_aborts_both() -> None:
+    async def body(c: Cluster) -> None:
+        d = await c.worker("decode", "d0")
+        p = await c.worker("prefill", "p0")
+        stream = c.generate("r1")
+        await reserve_and_prefill(d, [p], "r1", [1, 2])
+        await d.say(tokens("r1", "d0", [7]))
+        err = await api_error(stream)
+        assert (err.status, err.code) == (504, "timeout") and "decoding" in err.message
+        await d.expect(dmsg.Abort)
+        await p.expect(pmsg.Abort)
+    run_cluster(body, stream_timeout_s=0.3)
+
+
+@pytest.mark.xfail(strict=True, raises=(asyncio.TimeoutError, TimeoutError), reason=(
+    "ClusterClient._next picks the timeout of the stage the request is in when it starts "
+    "waiting: the first wait starts in RESERVING (queue_timeout_s + 5 s) and goes on through "
+    "the whole prefill, so prefill_timeout_s never applies (a default prefill gets 35 s, not "
+    "120 s)"))
+def test_prefill_that_outlasts_the_prefill_timeout_is_a_504() -> None:
+    async def body(c: Cluster) -> None:
+        d = await c.worker("decode", "d0")
+        p = await c.worker("prefill", "p0")
+        stream = c.generate("r1")
+        await reserve_and_prefill(d, [p], "r1", [1, 2])
+        err = await api_error(stream, timeout_s=2.0)
+        assert (err.status, err.code) == (504, "timeout") and "prefilling" in err.message
+    run_cluster(body, prefill_timeout_s=0.3, queue_timeout_s=1.0)
+
+
+def test_abort_all_reaches_every_worker() -> None:
+    async def body(c: Cluster) -> None:
+        d = await c.worker("decode", "d0")
+        p = await c.worker("prefill", "p0")
+        await c.client.abort_all("proxy restarted")
+        assert (await d.expect(dmsg.AbortAll)).reason == "proxy restarted"
+        assert (await p.expect(pmsg.AbortAll)).reason == "proxy restarted"
+    run_cluster(body)
