@@ -88,11 +88,6 @@ def test_no_token_within_the_stream_timeout_is_a_504_and_aborts_both() -> None:
     run_cluster(body, stream_timeout_s=0.3)
 
 
-@pytest.mark.xfail(strict=True, raises=(asyncio.TimeoutError, TimeoutError), reason=(
-    "ClusterClient._next picks the timeout of the stage the request is in when it starts "
-    "waiting: the first wait starts in RESERVING (queue_timeout_s + 5 s) and goes on through "
-    "the whole prefill, so prefill_timeout_s never applies (a default prefill gets 35 s, not "
-    "120 s)"))
 def test_prefill_that_outlasts_the_prefill_timeout_is_a_504() -> None:
     async def body(c: Cluster) -> None:
         d = await c.worker("decode", "d0")
