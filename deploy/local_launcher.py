@@ -139,10 +139,11 @@ def worker_cpus(serve: ServeConfig, num_workers: int) -> tuple[list[str], int]:
 
 def cluster_config(serve: ServeConfig, **overrides: object) -> ClusterConfig:
     """The proxy's settings from `pdserve serve`'s (local and Ray launchers alike)."""
-    return ClusterConfig(host=serve.host, colocated=serve.colocated, router=serve.router,
-                         heartbeat_timeout_s=serve.heartbeat_timeout_s,
-                         placement=serve.placement, slo_ttft_s=serve.slo_ttft,
-                         slo_tpot_s=serve.slo_tpot, **overrides)  # type: ignore[arg-type]
+    settings: dict[str, object] = {
+        "host": serve.host, "colocated": serve.colocated, "router": serve.router,
+        "heartbeat_timeout_s": serve.heartbeat_timeout_s, "placement": serve.placement,
+        "slo_ttft_s": serve.slo_ttft, "slo_tpot_s": serve.slo_tpot}
+    return ClusterConfig(**{**settings, **overrides})  # type: ignore[arg-type]
 
 
 def _devices(n: int) -> list[str]:

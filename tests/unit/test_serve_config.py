@@ -5,10 +5,12 @@ ConfigErrors naming the flag."""
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
 
 import pytest
 
-from deploy.local_launcher import ServeConfig, worker_command
+from deploy.local_launcher import ServeConfig, cluster_config, worker_command
 from engine.config import ConfigError, EngineConfig
 from worker.args import add_dataclass_args, dataclass_from_args
 from worker.config import KvTransportConfig, WorkerConfig
@@ -60,3 +62,25 @@ def test_bad_values_name_the_flag(kwargs: dict, flag: str) -> None:
             ServeConfig(**kwargs)
         else:
             KvTransportConfig(**kwargs)
+
+
+def test_cluster_config_takes_the_serve_settings_and_the_launchers_overrides() -> None:
+    serve = ServeConfig(placement="local", slo_ttft=2.0, slo_tpot=0.1, router="round-robin")
+    config = cluster_config(serve, host="10.0.0.7", events_port=5555)
+    assert (config.host, config.events_port) == ("10.0.0.7", 5555)
+    assert (config.placement, config.slo_ttft_s, config.slo_tpot_s, config.router) == \
+        ("local", 2.0, 0.1, "round-robin")
+
+
+@pytest.mark.parametrize(("flags", "flag"), [
+    (["--placement", "sideways"], "--placement"),
+    (["--slo-ttft", "soon"], "--slo-ttft"),
+    (["--slo-tpot", "-5ms"], "--slo-tpot"),
+    (["--cpu-affinity", "x,y"], "--cpu-affinity"),
+])
+def test_bad_placement_flags_are_refused_at_start_up(flags: list[str], flag: str) -> None:
+    """`pdserve serve` refuses them before anything starts, naming the flag."""
+    out = subprocess.run([sys.executable, "-m", "deploy.cli", "serve", *flags],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    assert flag in out.stderr + out.stdout
