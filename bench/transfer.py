@@ -125,6 +125,27 @@ def _zmq_sender_proc(pipe, endpoint: str, raw_port: int, max_tokens: int, chunk_
     raw.close()
 
 
+def _zmq_row(tokens: int, nbytes: int, times: dict[str, list[float]]) -> dict:
+    """One size's result (GB/s per path and ratios to the raw socket), printed as a line."""
+    gbps = {k: nbytes / statistics.median(v) / 1e9 for k, v in times.items()}
+    row = {"tokens": tokens, "bytes": nbytes,
+           **{f"{k}_gbps": round(v, 3) for k, v in gbps.items()},
+           "ratio": round(gbps["zmq"] / gbps["raw"], 3),
+           "ratio_checksum": round(gbps["zmq_checksum"] / gbps["raw"], 3),
+           "ratio_contiguous": round(gbps["zmq_contiguous"] / gbps["raw"], 3),
+           "ratio_frames": round(gbps["zmq_frames"] / gbps["raw"], 3),
+           "ratio_frames_checksum": round(gbps["zmq_frames_checksum"] / gbps["raw"], 3)}
+    print(f"{tokens:>6} tokens {nbytes / 2**20:8.1f} MiB | "
+          f"raw socket {gbps['raw']:6.2f} GB/s | "
+          f"stream {gbps['zmq']:6.2f} GB/s (ratio {row['ratio']:.2f}) | "
+          f"checksum {gbps['zmq_checksum']:6.2f} ({row['ratio_checksum']:.2f}) | "
+          f"contiguous blocks {gbps['zmq_contiguous']:6.2f} ({row['ratio_contiguous']:.2f}) | "
+          f"frames {gbps['zmq_frames']:6.2f} ({row['ratio_frames']:.2f}) | "
+          f"frames+checksum {gbps['zmq_frames_checksum']:6.2f} "
+          f"({row['ratio_frames_checksum']:.2f})", flush=True)
+    return row
+
+
 def run_zmq(args: argparse.Namespace) -> dict:
     from transfer.endpoint.receiver import ZmqKvReceiver, ZmqReceiverConfig
 
@@ -169,23 +190,7 @@ def run_zmq(args: argparse.Namespace) -> dict:
                 seconds = parent.recv()
                 if rep >= 2:
                     times[name].append(seconds)
-        gbps = {k: nbytes / statistics.median(v) / 1e9 for k, v in times.items()}
-        row = {"tokens": tokens, "bytes": nbytes,
-               **{f"{k}_gbps": round(v, 3) for k, v in gbps.items()},
-               "ratio": round(gbps["zmq"] / gbps["raw"], 3),
-               "ratio_checksum": round(gbps["zmq_checksum"] / gbps["raw"], 3),
-               "ratio_contiguous": round(gbps["zmq_contiguous"] / gbps["raw"], 3),
-               "ratio_frames": round(gbps["zmq_frames"] / gbps["raw"], 3),
-               "ratio_frames_checksum": round(gbps["zmq_frames_checksum"] / gbps["raw"], 3)}
-        rows.append(row)
-        print(f"{tokens:>6} tokens {nbytes / 2**20:8.1f} MiB | "
-              f"raw socket {gbps['raw']:6.2f} GB/s | "
-              f"stream {gbps['zmq']:6.2f} GB/s (ratio {row['ratio']:.2f}) | "
-              f"checksum {gbps['zmq_checksum']:6.2f} ({row['ratio_checksum']:.2f}) | "
-              f"contiguous blocks {gbps['zmq_contiguous']:6.2f} ({row['ratio_contiguous']:.2f}) | "
-              f"frames {gbps['zmq_frames']:6.2f} ({row['ratio_frames']:.2f}) | "
-              f"frames+checksum {gbps['zmq_frames_checksum']:6.2f} "
-              f"({row['ratio_frames_checksum']:.2f})", flush=True)
+        rows.append(_zmq_row(tokens, nbytes, times))
     parent.send(("stop",))
     proc.join(timeout=30)
     rx.close()

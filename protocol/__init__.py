@@ -5,6 +5,7 @@ message is built, never pickle), the typed ZMQ queues (channel.py: one socket ca
 message family), and the three message families, one module each:
 - decode_ctrl.py   proxy -> decode worker (Reserve, PrefillLocally, Abort, AbortAll, Shutdown)
 - prefill_ctrl.py  proxy -> prefill worker (Prefill, Abort, AbortAll, Shutdown)
+- lifecycle_ctrl.py Abort, AbortAll and Shutdown, in both ctrl families
 - worker_events.py workers -> proxy (Hello, Heartbeat, Reserved, Rejected, Tokens, PrefillDone,
                    RequestFailed)
 and the typed failure codes those carry (errors.py: `ErrorCode`, which says what is retryable).

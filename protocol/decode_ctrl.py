@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from engine.sampling_params import SamplingParams
 from protocol.codec import MessageFamily
+from protocol.lifecycle_ctrl import Abort, AbortAll, Shutdown
 
 
 @dataclass(frozen=True)
@@ -31,22 +32,6 @@ class PrefillLocally:
     request_id: str
 
 
-@dataclass(frozen=True)
-class Abort:
-    request_id: str
-    reason: str = "aborted"
-
-
-@dataclass(frozen=True)
-class AbortAll:
-    """Drop every request this worker holds (a restarted proxy: their clients are gone)."""
-
-    reason: str = "proxy restarted"
-
-
-@dataclass(frozen=True)
-class Shutdown:
-    reason: str = "shutdown"
-
-
 DECODE_CTRL = MessageFamily("proxy->decode", (Reserve, PrefillLocally, Abort, AbortAll, Shutdown))
+
+__all__ = ["DECODE_CTRL", "Abort", "AbortAll", "PrefillLocally", "Reserve", "Shutdown"]

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from engine.kv_spec import KvSpec
 from engine.sampling_params import SamplingParams
 from protocol.codec import MessageFamily
+from protocol.lifecycle_ctrl import Abort, AbortAll, Shutdown
 
 
 @dataclass(frozen=True)
@@ -27,22 +28,6 @@ class Prefill:
     kv_spec: KvSpec
 
 
-@dataclass(frozen=True)
-class Abort:
-    request_id: str
-    reason: str = "aborted"
-
-
-@dataclass(frozen=True)
-class AbortAll:
-    """Drop every request this worker holds (a restarted proxy: their clients are gone)."""
-
-    reason: str = "proxy restarted"
-
-
-@dataclass(frozen=True)
-class Shutdown:
-    reason: str = "shutdown"
-
-
 PREFILL_CTRL = MessageFamily("proxy->prefill", (Prefill, Abort, AbortAll, Shutdown))
+
+__all__ = ["PREFILL_CTRL", "Abort", "AbortAll", "Prefill", "Shutdown"]

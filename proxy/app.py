@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from proxy import openai_api as api
 from proxy import responses
 from proxy.cluster import ClusterClient
-from proxy.detokenizer import Tokenizer
+from proxy.detokenizer import TokenDecoder
 from proxy.errors import (
     ApiError,
     install_error_handlers,
@@ -30,7 +30,7 @@ from proxy.metrics import ProxyMetrics
 from proxy.sse import sse_headers
 
 
-class ChatTokenizer(Tokenizer):
+class ChatTokenizer(TokenDecoder):
     def apply_chat_template(self, messages: list[dict[str, str]],
                             add_generation_prompt: bool = True) -> str: ...
 

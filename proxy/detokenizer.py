@@ -19,7 +19,7 @@ from typing import Protocol
 REPLACEMENT_CHAR = "\ufffd"
 
 
-class Tokenizer(Protocol):
+class TokenDecoder(Protocol):
     """What the proxy needs from a tokenizer (HF tokenizers and `tokenizers.Tokenizer` fit)."""
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str: ...
@@ -40,7 +40,7 @@ class IncrementalDetokenizer:
 
     def __init__(
         self,
-        tokenizer: Tokenizer,
+        tokenizer: TokenDecoder,
         prompt_ids: Sequence[int] | None = None,
         skip_special_tokens: bool = True,
     ) -> None:

@@ -15,7 +15,7 @@ from engine.outputs import FinishReason, TokenLogprob
 from engine.sampling_params import SamplingParams
 from proxy import openai_api as api
 from proxy.cluster import ClusterClient
-from proxy.detokenizer import IncrementalDetokenizer, Tokenizer
+from proxy.detokenizer import IncrementalDetokenizer, TokenDecoder
 from proxy.errors import ApiError, internal
 from proxy.metrics import ProxyMetrics
 from proxy.sse import SSE_DONE, sse_error, sse_event
@@ -32,7 +32,7 @@ class Delta:
 @dataclass
 class GenerationStream:
     cluster: ClusterClient
-    tokenizer: Tokenizer
+    tokenizer: TokenDecoder
     metrics: ProxyMetrics
     request_id: str
     prompt_ids: list[int]
