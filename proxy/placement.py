@@ -7,13 +7,13 @@ workers' step-time models (cost_model.py) and what the proxy knows they hold now
   uncached tokens in chunks of its token budget, the KV transfer (bytes / measured rate) and
   the hops; the decode batch then runs with one more sequence.
 - local: the decode worker's own queue of local prefills, then this prompt's uncached tokens
-  in chunks, each sharing a step with the running batch. TPOT is a mean over a request's
-  output, so what local prefills do to the batch is the prefill work still to run on that
-  worker (its queue of local prefills, plus this one) spread over the output tokens of its
-  running sequences (`horizon_tokens`): one short prompt barely moves it, a long one or a
-  queue of them does, and the same queued work counts against the remote option too. Chunk
-  sizes whose step stays within the TPOT SLO are tried; the best margin wins and travels to
-  the decode worker as its prefill chunk cap.
+  in chunks, each sharing a step with the running batch. Only chunk sizes whose step stays
+  within the TPOT SLO are tried (with a batch running), and the best margin wins and travels
+  to the decode worker as its prefill chunk cap. TPOT is a mean over a request's output, so
+  the batch's TPOT is the mean step time over the output tokens of its sequences
+  (`horizon_tokens`): so many of its steps carry chunks (of the local prefills queued there,
+  and of this one), the rest are plain decode steps; the queued local work counts against the
+  remote option too.
 The option that meets both SLOs with the larger margin (the smaller of its TTFT and TPOT
 slack, relative to the SLO) is chosen; when neither does, the one that misses by less. Margins
 within `TIE` of each other are decided by the TTFT slack. Short prompts (hops and transfer cost
@@ -123,7 +123,7 @@ def predict_remote(num_prompt_tokens: int, prefill: PrefillView, decode: DecodeV
     own = prefill_seconds(prefill.model, uncached, prefill.max_batched_tokens)
     kv_s = num_prompt_tokens * transfer.kv_bytes_per_token / max(transfer.bytes_per_second, 1.0)
     ttft = prefill.queue_s + own + kv_s + transfer.remote_overhead_s
-    tpot = _joined_step(decode, num_prompt_tokens) + _stall_per_token(decode, 0.0)
+    tpot = _batch_tpot(decode, num_prompt_tokens, decode.local_chunk, 0.0)
     return Prediction(Placement.REMOTE, ttft, tpot, slo.margin(ttft, tpot),
                       slo.margin(ttft, 0.0), prefill.worker_id, 0, own)
 
@@ -135,13 +135,11 @@ def predict_local(num_prompt_tokens: int, decode: DecodeView, transfer: Transfer
     so no single inter-token gap breaks it."""
     uncached = max(1, num_prompt_tokens - decode.cached_tokens)
     n, ctx = decode.num_running, decode.context_tokens
-    base = decode.model.step_seconds(0, n, ctx) if n else 0.0
     best: Prediction | None = None
     for chunk in _chunk_candidates(decode, uncached, slo):
         own = prefill_seconds(decode.model, uncached, chunk, n, ctx)
         ttft = decode.local_queue_s + own + transfer.local_overhead_s
-        stall = own - math.ceil(uncached / chunk) * base  # beyond the decoding it does anyway
-        tpot = _joined_step(decode, num_prompt_tokens) + _stall_per_token(decode, stall)
+        tpot = _batch_tpot(decode, num_prompt_tokens, chunk, own)
         cap = 0 if chunk >= decode.max_batched_tokens else chunk
         p = Prediction(Placement.LOCAL, ttft, tpot, slo.margin(ttft, tpot),
                        slo.margin(ttft, 0.0), None, cap, own)
@@ -151,18 +149,22 @@ def predict_local(num_prompt_tokens: int, decode: DecodeView, transfer: Transfer
     return best
 
 
-def _joined_step(decode: DecodeView, num_prompt_tokens: int) -> float:
-    """A decode step once this request joins the batch."""
-    return decode.model.step_seconds(0, decode.num_running + 1,
-                                     decode.context_tokens + num_prompt_tokens)
-
-
-def _stall_per_token(decode: DecodeView, own_stall_s: float) -> float:
-    """Local prefill work still to run on `decode` (queued, plus this prompt's), spread over the
-    tokens its running sequences have left: what it adds to their mean TPOT."""
-    if not decode.num_running:
-        return 0.0
-    return (decode.local_queue_s + own_stall_s) / max(decode.horizon_tokens, 1.0)
+def _batch_tpot(decode: DecodeView, num_prompt_tokens: int, chunk: int,
+                own_prefill_s: float) -> float:
+    """The mean TPOT of the decode batch over the output tokens its sequences produce
+    (`horizon_tokens`): steps that carry a local prefill chunk (those queued on it, plus
+    `own_prefill_s` of this prompt's) take the chunked step time, the others a plain decode
+    step with this request in the batch. Chunks are capped, so each step stays short; what
+    local prefills cost the batch is how many of its steps they stretch."""
+    after = decode.model.step_seconds(0, decode.num_running + 1,
+                                      decode.context_tokens + num_prompt_tokens)
+    if not decode.num_running or not chunk:
+        return after
+    during = decode.model.step_seconds(chunk, decode.num_running, decode.context_tokens)
+    busy_s = decode.local_queue_s + own_prefill_s
+    stretched = min(math.ceil(busy_s / max(during, 1e-6)), decode.horizon_tokens)
+    horizon = max(decode.horizon_tokens, 1.0)
+    return max(after, (stretched * during + (horizon - stretched) * after) / horizon)
 
 
 def _chunk_candidates(decode: DecodeView, uncached: int, slo: Slo) -> list[int]:
