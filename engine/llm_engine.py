@@ -51,7 +51,9 @@ class LLMEngine:
         torch.manual_seed(config.seed)
         device = config.torch_device
         if device.type == "cuda":  # kernels, graphs and streams all go to this worker's GPU
-            torch.cuda.set_device(device)
+            # a bare "cuda" means the current device (set_device refuses it on torch >= 2.11)
+            torch.cuda.set_device(device.index if device.index is not None
+                                  else torch.cuda.current_device())
         self.runner = ModelRunner(checkpoint.config, checkpoint.weights, plan, config.torch_dtype,
                                   config.torch_device)
         self.cache = KvCacheManager(plan.num_blocks, plan.spec.block_size,
