@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     config = EngineConfig(model=args.model, load_format=args.load_format, device=args.device,
                           max_model_len=args.max_model_len, kv_cache_memory=kv_memory)
     engine = LLMEngine.from_config(config)
-    workload(engine, 8, args.seed + 1)  # warm-up: kernels, allocator, graphs
+    workload(engine, args.requests, args.seed + 1)  # warm-up: every kernel shape compiles
     t0 = time.perf_counter()
     steps = workload(engine, args.requests, args.seed)
     result = evaluate(steps, args.fit_fraction)
