@@ -218,3 +218,31 @@ def test_value_codec_round_trips_a_value_outside_a_message() -> None:
         codec.decode(KvSpec, 3, "spec")
     with pytest.raises(TypeError):  # not a root: nothing is decoded unchecked
         codec.decode(SamplingParams, {}, "params")
+
+
+def _forged(family: MessageFamily, type_name: str, fields: dict[str, Any]) -> bytes:
+    return msgpack.packb({"t": type_name, "v": 1, "d": fields}, use_bin_type=True)
+
+
+@pytest.mark.parametrize(("fields", "path"), [
+    ({"steps": [{"seconds": -1.0, "num_prefill_tokens": 1, "num_decode_seqs": 0,
+                 "num_context_tokens": 1}]}, "Heartbeat"),
+    ({"steps": [{"seconds": float("nan"), "num_prefill_tokens": 1, "num_decode_seqs": 0,
+                 "num_context_tokens": 1}]}, "Heartbeat"),
+    ({"steps": [{"seconds": 0.1, "num_prefill_tokens": "many", "num_decode_seqs": 0,
+                 "num_context_tokens": 1}]}, "Heartbeat.steps"),
+])
+def test_forged_step_timings_in_a_heartbeat_are_malformed(fields: dict[str, Any],
+                                                          path: str) -> None:
+    """The placement cost models learn from these: a forged step never reaches them."""
+    base = {"worker_id": "d0", "role": "decode", "num_running": 0, "num_waiting": 0,
+            "num_used_blocks": 0, "num_free_blocks": 8, "num_blocks": 8}
+    with pytest.raises(MalformedMessage, match=path):
+        ev.WORKER_EVENTS.decode(_forged(ev.WORKER_EVENTS, "Heartbeat", {**base, **fields}))
+
+
+def test_reserve_prefill_chunk_must_be_an_int() -> None:
+    fields = {"request_id": "r", "prompt_ids": [1], "params": {"max_tokens": 4},
+              "prefill_chunk": "big"}
+    with pytest.raises(MalformedMessage, match="prefill_chunk"):
+        dmsg.DECODE_CTRL.decode(_forged(dmsg.DECODE_CTRL, "Reserve", fields))
