@@ -128,9 +128,6 @@ class Placer:
             w.model.observe(s.seconds, s.num_prefill_tokens, s.num_decode_seqs,
                             s.num_context_tokens)
 
-    def forget_worker(self, worker_id: str) -> None:
-        self.workers.pop(worker_id, None)
-
     # ---- requests -----------------------------------------------------------------------------
     def place(self, request_id: str, prompt_ids: list[int], max_tokens: int, decode_id: str,
               prefill_ids: list[str], mode: Placement | None = None) -> Prediction:

@@ -24,7 +24,6 @@ def warm_up(engine: LLMEngine, budget_s: float = 5.0) -> int:
     vocab = engine.model_config.vocab_size
     room = min(engine.plan.max_model_len, engine.cache.pool.num_blocks
                * engine.cache.block_size // (DECODE_BATCH + 1)) - 9
-    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
     before = len(engine.step_log)
     t0 = time.perf_counter()
     rounds = [[n] for n in PROMPT_LENGTHS if n <= room] + [[32] * DECODE_BATCH]
@@ -33,8 +32,10 @@ def warm_up(engine: LLMEngine, budget_s: float = 5.0) -> int:
             break
         prompts = [[rng.randrange(vocab) for _ in range(n)] for n in lengths if n <= room]
         if prompts:
-            engine.generate(prompts, params if len(prompts) == 1
-                            else SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
+            # one prompt: prefill chunks; a batch: decode steps of several sequences
+            max_tokens = 4 if len(prompts) == 1 else 8
+            engine.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0,
+                                                    ignore_eos=True))
     steps = len(engine.step_log) - before
     log.info("warm-up: %d steps in %.2f s", steps, time.perf_counter() - t0)
     return steps
