@@ -2,7 +2,8 @@
 
 `Inbox` binds a PULL socket (port 0 = any free port) and yields decoded messages; `Outbox`
 connects a PUSH socket and sends them without blocking the caller's loop. A frame that does
-not decode is logged and dropped: a bad peer cannot take a worker down.
+not decode is logged, counted in the owner's `Rejections` (reason "malformed") and dropped: a
+bad peer cannot take a worker down.
 """
 
 from __future__ import annotations
@@ -13,13 +14,17 @@ from typing import Any
 import zmq
 
 from protocol.codec import MalformedMessage, MessageFamily
+from protocol.rejections import Plane, Rejections
 
 log = logging.getLogger(__name__)
 
 
 class Inbox:
-    def __init__(self, ctx: zmq.Context, family: MessageFamily, host: str, port: int = 0) -> None:
+    def __init__(self, ctx: zmq.Context, family: MessageFamily, host: str, port: int = 0,
+                 rejections: Rejections | None = None, plane: Plane = Plane.CONTROL) -> None:
         self.family = family
+        self.rejections = rejections if rejections is not None else Rejections()
+        self.plane = plane
         self.socket = ctx.socket(zmq.PULL)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.RCVHWM, 100000)
@@ -37,6 +42,7 @@ class Inbox:
             try:
                 out.append(self.family.decode(frame))
             except MalformedMessage as e:
+                self.rejections.add(self.plane, "malformed")
                 log.warning("dropped a malformed %s frame: %s", self.family.name, e)
         return out
 

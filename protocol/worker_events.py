@@ -9,6 +9,7 @@ from engine.outputs import FinishReason, TokenLogprob
 from engine.step_stats import StepStats
 from protocol.codec import MessageFamily
 from protocol.errors import ErrorCode
+from protocol.rejections import RejectedCount
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class Heartbeat:
     num_blocks: int
     num_preemptions: int = 0
     steps: list[StepStats] = field(default_factory=list)  # since the last heartbeat (cost models)
+    rejected: list[RejectedCount] = field(default_factory=list)  # running totals, by plane/reason
 
 
 @dataclass(frozen=True)

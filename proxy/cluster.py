@@ -29,6 +29,8 @@ from engine.sampling_params import SamplingParams
 from protocol import decode_ctrl as dmsg
 from protocol import prefill_ctrl as pmsg
 from protocol import worker_events as ev
+from protocol.codec import MalformedMessage
+from protocol.rejections import Plane
 from proxy.cluster_state import ClusterConfig, RequestState, Stage, Worker
 from proxy.errors import ApiError, internal, overloaded
 from proxy.metrics import ProxyMetrics
@@ -217,7 +219,13 @@ class ClusterClient:
         while True:
             frame = await self.events.recv()
             try:
-                self._handle(ev.WORKER_EVENTS.decode(frame))
+                msg = ev.WORKER_EVENTS.decode(frame)
+            except MalformedMessage as e:
+                self.metrics.on_rejected("proxy", Plane.EVENTS.value, "malformed")
+                log.warning("dropped a malformed worker event: %s", e)
+                continue
+            try:
+                self._handle(msg)
             except Exception:  # a bad event must never kill the proxy's event loop
                 log.exception("dropping a worker event that could not be handled")
 
@@ -306,6 +314,11 @@ class ClusterClient:
                                 num_used_blocks=hb.num_used_blocks)
         self.metrics.on_preemptions(hb.num_preemptions - w.num_preemptions_seen)
         w.num_preemptions_seen = max(hb.num_preemptions, w.num_preemptions_seen)
+        for r in hb.rejected:  # running totals: count what is new since the last heartbeat
+            key = (r.plane.value, r.reason)
+            self.metrics.on_rejected(hb.worker_id, key[0], key[1],
+                                     r.count - w.rejected_seen.get(key, 0))
+            w.rejected_seen[key] = max(r.count, w.rejected_seen.get(key, 0))
 
     # ---- failure detection ----------------------------------------------------------------------
     async def _monitor(self) -> None:

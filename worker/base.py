@@ -21,6 +21,7 @@ from engine.llm_engine import LLMEngine
 from protocol import worker_events as ev
 from protocol.channel import Inbox, Outbox
 from protocol.codec import MessageFamily
+from protocol.rejections import Plane, Rejections
 from transfer.convert.cache import PagedKvCache
 from worker.config import WorkerConfig
 
@@ -37,7 +38,9 @@ class WorkerBase(abc.ABC):
         self.worker_id = config.worker_id
         self.kv_cache = PagedKvCache(engine.plan.spec, engine.runner.kv_caches)  # the KV endpoints'
         self.ctx = zmq.Context()
-        self.ctrl = Inbox(self.ctx, ctrl_family, config.host)
+        self.rejections = Rejections()  # what every plane of this worker refused (in heartbeats)
+        self.ctrl = Inbox(self.ctx, ctrl_family, config.host, rejections=self.rejections,
+                          plane=Plane.CONTROL)
         self.events = Outbox(self.ctx, ev.WORKER_EVENTS, config.events_address)
         self.poller = zmq.Poller()
         self.poller.register(self.ctrl.socket, zmq.POLLIN)
@@ -83,7 +86,8 @@ class WorkerBase(abc.ABC):
         newest; the proxy fits its placement cost models to them)."""
         log_ = self.engine.step_log
         steps = [log_.popleft() for _ in range(len(log_))]
-        return dataclasses.replace(self.heartbeat(), steps=steps[-MAX_STEPS:])
+        return dataclasses.replace(self.heartbeat(), steps=steps[-MAX_STEPS:],
+                                   rejected=self.rejections.snapshot())
 
     def _heartbeats(self) -> None:
         """Heartbeats come from their own thread and socket: a long model step (a big prefill on
