@@ -25,9 +25,11 @@ from engine.checkpoint import read_model_config, resolve_model_path
 from engine.config import ConfigError, EngineConfig
 from engine.memory_plan import plan_kv_cache
 from engine.tokenizer import Tokenizer
-from proxy.app import ProxyConfig, build_app
+from proxy.app import ProxyConfig, build_app, http_rejections
 from proxy.cluster import ClusterClient
 from proxy.cluster_state import ClusterConfig
+from proxy.http_server import uvicorn_config
+from proxy.limits import HttpLimits
 from proxy.metrics import ProxyMetrics
 from worker.args import dataclass_to_args, parse_seconds
 from worker.config import KvTransportConfig, parse_cpus
@@ -79,6 +81,7 @@ class ServeConfig:
         "help": "Seconds of synthetic requests each worker runs at start-up to seed the "
                 "placement cost models (0: none)."})
     kv: KvTransportConfig = field(default_factory=KvTransportConfig)  # flags: worker/config.py
+    http: HttpLimits = field(default_factory=HttpLimits)  # flags: proxy/limits.py
 
     def __post_init__(self) -> None:
         if self.placement not in PLACEMENTS:
@@ -193,9 +196,9 @@ class LocalDeployment:
             await self._wait_for_workers(cluster)
             tokenizer = load_tokenizer(self.engine.model)
             name = self.serve.served_model_name or self.engine.model
-            app = build_app(ProxyConfig(name, plan.max_model_len, self.serve.api_key), cluster,
-                            tokenizer, metrics)
-            await self._run_http(app)
+            app = build_app(ProxyConfig(name, plan.max_model_len, self.serve.api_key,
+                                        self.serve.http), cluster, tokenizer, metrics)
+            await self._run_http(app, metrics)
         finally:
             await cluster.close()
             self.stop_workers()
@@ -213,14 +216,12 @@ class LocalDeployment:
             await asyncio.sleep(0.2)
         wait.result()
 
-    async def _run_http(self, app: object) -> None:
+    async def _run_http(self, app: object, metrics: ProxyMetrics) -> None:
         sock = socket.socket(socket.AF_INET6 if ":" in self.serve.host else socket.AF_INET)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self.serve.host, self.serve.port))
         port = sock.getsockname()[1]
-        config = uvicorn.Config(app,  # type: ignore[arg-type]
-                                log_level="warning", timeout_graceful_shutdown=5)
-        server = uvicorn.Server(config)
+        server = uvicorn.Server(uvicorn_config(app, self.serve.http, http_rejections(metrics)))
         print(f"pdserve: serving {self.engine.model} on http://{self.serve.host}:{port} "
               f"({self.serve.num_prefill} prefill + {self.serve.decode} decode, "
               f"{self.serve.kv.transport})",

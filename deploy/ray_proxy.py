@@ -32,8 +32,9 @@ import uvicorn
 
 from deploy.local_launcher import ServeConfig, cluster_config, load_tokenizer
 from deploy.ray_worker import setup_actor_logging, where_am_i
-from proxy.app import ProxyConfig, build_app
+from proxy.app import ProxyConfig, build_app, http_rejections
 from proxy.cluster import ClusterClient
+from proxy.http_server import uvicorn_config
 from proxy.metrics import ProxyMetrics
 
 log = logging.getLogger("pdserve.ray.proxy")
@@ -156,15 +157,16 @@ class ProxyActor:
         use. Records both ports for a restart."""
         assert self.cluster is not None, "start_cluster() first"
         name = self.serve.served_model_name or self.model
-        app = build_app(ProxyConfig(name, self.max_model_len, self.serve.api_key), self.cluster,
-                        load_tokenizer(self.model), self.metrics)
+        app = build_app(ProxyConfig(name, self.max_model_len, self.serve.api_key,
+                                    self.serve.http), self.cluster, load_tokenizer(self.model),
+                        self.metrics)
         host = self.serve.host
         sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, self.serve.port if port is None else port))
         port = sock.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning",
-                                                    timeout_graceful_shutdown=5))
+        self.server = uvicorn.Server(uvicorn_config(app, self.serve.http,
+                                                    http_rejections(self.metrics)))
         self._http = asyncio.run_coroutine_threadsafe(self.server.serve(sockets=[sock]), self.loop)
         deadline = time.monotonic() + 30.0
         while not self.server.started:

@@ -38,7 +38,12 @@ def engine_args(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    serve = dataclass_from_args(ServeConfig, args)
+    try:
+        serve = dataclass_from_args(ServeConfig, args)
+    except ConfigError:
+        raise
+    except ValueError as e:  # the proxy's own configs (e.g. HttpLimits) cannot use ConfigError
+        raise ConfigError(str(e)) from None
     engine = dataclass_from_args(EngineConfig, args)
     ray_config = dataclass_from_args(RayConfig, args)
     if args.ray:

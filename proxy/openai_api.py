@@ -23,6 +23,7 @@ from engine.sampling_params import SamplingParams
 from proxy.errors import context_length_exceeded, invalid_request
 
 MAX_STOP_STRINGS = 4
+MAX_STOP_CHARS = 1024  # per stop string: the proxy matches them against every streamed delta
 MAX_TOP_LOGPROBS = 20
 MIN_LOGPROB = -9999.0  # what OpenAI sends instead of -inf
 ApiFinishReason = Literal["stop", "length"]  # what a client sees (an abort is an error)
@@ -81,6 +82,8 @@ class _RequestBase(BaseModel):
             if len(value) > MAX_STOP_STRINGS:
                 raise _error(f"at most {MAX_STOP_STRINGS} stop sequences are allowed")
             if all(isinstance(s, str) for s in value):
+                if any(len(s) > MAX_STOP_CHARS for s in value):
+                    raise _error(f"a stop sequence may have at most {MAX_STOP_CHARS} characters")
                 return [s for s in value if s]  # an empty stop string means nothing
         return value
 
