@@ -45,8 +45,8 @@ def encode_chat(
     special-token strings.
     """
     contents = [m.get("content") or "" for m in messages]
-    if specials is None or not any(specials.search(c) for c in contents):
-        return backend.encode(render(messages), add_special_tokens=True).ids
+    if specials is None or not any(specials.search(c) for c in contents):  # encode_batch: no GIL
+        return backend.encode_batch([render(messages)], add_special_tokens=True)[0].ids
     nonce = secrets.token_hex(8)
     originals: dict[str, str] = {}
 
@@ -59,18 +59,17 @@ def encode_chat(
                                                                         strict=True)]
     text = render(hidden)
     restore = re.compile("|".join(re.escape(k) for k in originals))
-    encodings: list[Encoding] = []
-    position = 0
+    texts, controls, position = [], [], 0
     for match in specials.finditer(text):  # only the template's own: content's are hidden
-        encodings.append(_plain(plain, restore, originals, text[position:match.start()]))
-        encodings.append(backend.encode(match.group(0), add_special_tokens=False))
+        texts.append(text[position:match.start()])
+        controls.append(match.group(0))
         position = match.end()
-    encodings.append(_plain(plain, restore, originals, text[position:]))
+    texts.append(text[position:])
+    restored = [restore.sub(lambda m: originals[m.group(0)], t) for t in texts]
+    plain_parts = plain.encode_batch(restored, add_special_tokens=False)
+    control_parts = backend.encode_batch(controls, add_special_tokens=False) if controls else []
+    encodings = [plain_parts[0]]
+    for control, part in zip(control_parts, plain_parts[1:], strict=True):
+        encodings += [control, part]
     merged = Encoding.merge([e for e in encodings if e.ids], growing_offsets=False)
     return backend.post_process(merged, add_special_tokens=True).ids
-
-
-def _plain(plain: BackendTokenizer, restore: re.Pattern[str], originals: dict[str, str],
-           text: str) -> Encoding:
-    return plain.encode(restore.sub(lambda m: originals[m.group(0)], text),
-                        add_special_tokens=False)

@@ -127,9 +127,10 @@ class Tokenizer:
     def encode(self, text: str, parse_special: bool = True) -> list[int]:
         """Ids for `text`; special tokens written in the text map to their ids (with
         `parse_special=False`, they are encoded as the plain text they are). Adds BOS only
-        when the checkpoint's tokenizer does (its post-processor)."""
+        when the checkpoint's tokenizer does (its post-processor). Releases the GIL while it
+        encodes (`encode_batch` does; `encode` does not), so other threads run meanwhile."""
         backend = self.backend if parse_special else self._plain_backend
-        return backend.encode(text, add_special_tokens=True).ids
+        return backend.encode_batch([text], add_special_tokens=True)[0].ids
 
     @cached_property
     def _plain_backend(self) -> BackendTokenizer:

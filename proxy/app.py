@@ -30,7 +30,12 @@ from proxy.errors import (
     model_not_found,
     unauthorized,
 )
-from proxy.limits import BodyLimitMiddleware, HttpLimits, lone_surrogate_path
+from proxy.limits import (
+    BodyLimitMiddleware,
+    HttpLimits,
+    lone_surrogate_path,
+    may_hold_surrogates,
+)
 from proxy.metrics import ProxyMetrics
 from proxy.prompts import PromptEncoder
 from proxy.prompts import PromptTokenizer as ChatTokenizer
@@ -116,9 +121,9 @@ class _Generation:
     metrics: ProxyMetrics
     prompts: PromptEncoder
 
-    def check(self, body: api.CompletionRequest | api.ChatCompletionRequest) -> None:
+    def check(self, body: api.CompletionRequest | api.ChatCompletionRequest, raw: bytes) -> None:
         """400 for text that is not Unicode (a lone surrogate), 404 for another model."""
-        where = lone_surrogate_path(body.model_dump(exclude_none=True))
+        where = may_hold_surrogates(raw) and lone_surrogate_path(body.model_dump())
         if where:
             raise invalid_request(f"'{where}' holds a lone UTF-16 surrogate (e.g. \\ud800 "
                                   f"without its pair): not valid Unicode text", where,
@@ -144,7 +149,7 @@ def _add_generation(app: FastAPI, gen: _Generation) -> None:
     @app.post("/v1/completions", response_model=None)
     async def completions(body: api.CompletionRequest,
                           request: Request) -> Response | api.CompletionResponse:
-        gen.check(body)
+        gen.check(body, await request.body())
         ids = await gen.prompts.completion_ids(body.prompt)
         stream, want_lp = gen.stream(body, ids), body.logprobs is not None
         if body.stream:
@@ -156,7 +161,7 @@ def _add_generation(app: FastAPI, gen: _Generation) -> None:
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(body: api.ChatCompletionRequest,
                    request: Request) -> Response | api.ChatCompletionResponse:
-        gen.check(body)
+        gen.check(body, await request.body())
         ids = await gen.prompts.chat_ids(body.template_messages())
         stream, want_lp = gen.stream(body, ids), bool(body.logprobs)
         if body.stream:

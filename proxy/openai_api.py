@@ -24,6 +24,7 @@ from proxy.errors import context_length_exceeded, invalid_request
 
 MAX_STOP_STRINGS = 4
 MAX_STOP_CHARS = 1024  # per stop string: the proxy matches them against every streamed delta
+MAX_MESSAGES = 2048  # per chat request, checked before any message is validated
 MAX_TOP_LOGPROBS = 20
 MIN_LOGPROB = -9999.0  # what OpenAI sends instead of -inf
 ApiFinishReason = Literal["stop", "length"]  # what a client sees (an abort is an error)
@@ -169,6 +170,13 @@ class ChatCompletionRequest(_RequestBase):
     top_logprobs: int | None = Field(None, strict=True, ge=0, le=MAX_TOP_LOGPROBS)
     tools: list[Any] | None = None
     functions: list[Any] | None = None
+
+    @field_validator("messages", mode="before")
+    @classmethod
+    def _check_num_messages(cls, value: Any) -> Any:
+        if isinstance(value, list) and len(value) > MAX_MESSAGES:
+            raise _error(f"at most {MAX_MESSAGES} messages are allowed, got {len(value)}")
+        return value
 
     @field_validator("messages")
     @classmethod

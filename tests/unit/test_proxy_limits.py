@@ -149,3 +149,14 @@ def test_keep_alive_requests_get_a_fresh_header_deadline(
             time.sleep(0.4)
         sock.sendall(b"GET / HTTP/1.1\r\n")  # a partial next request still times out
         assert _seconds_until_closed(sock) < 2.5
+
+
+def test_too_many_messages_are_refused_before_each_is_validated() -> None:
+    from pydantic import ValidationError
+
+    from proxy.openai_api import MAX_MESSAGES, ChatCompletionRequest
+
+    messages = [{"role": "user", "content": "x"}] * MAX_MESSAGES
+    assert len(ChatCompletionRequest(messages=messages).messages) == MAX_MESSAGES
+    with pytest.raises(ValidationError, match=f"at most {MAX_MESSAGES} messages"):
+        ChatCompletionRequest(messages=[*messages, {"role": "nobody"}])
