@@ -84,3 +84,17 @@ def test_bad_placement_flags_are_refused_at_start_up(flags: list[str], flag: str
                          capture_output=True, text=True, timeout=120)
     assert out.returncode != 0
     assert flag in out.stderr + out.stdout
+
+
+def test_http_limit_flags_parse_into_the_nested_limits() -> None:
+    from proxy.limits import HttpLimits
+
+    parser = argparse.ArgumentParser()
+    add_dataclass_args(parser, ServeConfig)
+    serve = dataclass_from_args(ServeConfig, parser.parse_args(
+        ["--max-request-bytes", "1MiB", "--header-timeout-s", "2.5", "--limit-concurrency", "64",
+         "--allow-special-tokens-in-content", "--no-allow-special-tokens-in-prompt"]))
+    assert serve.http == HttpLimits(max_request_bytes=2**20, header_timeout_s=2.5,
+                                    limit_concurrency=64, allow_special_tokens_in_content=True,
+                                    allow_special_tokens_in_prompt=False)
+    assert ServeConfig().http == HttpLimits()
