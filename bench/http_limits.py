@@ -56,7 +56,7 @@ def _cases() -> dict[str, tuple[str, Any]]:
 
 class _Health:
     def __init__(self, url: str) -> None:
-        self.url, self.worst, self.count = url, 0.0, 0
+        self.url, self.worst, self.count, self.errors = url, 0.0, 0, 0
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
@@ -64,7 +64,10 @@ class _Health:
         with httpx.Client(base_url=self.url, timeout=120) as c:
             while not self.stop.is_set():
                 t0 = time.monotonic()
-                c.get("/health")
+                try:
+                    c.get("/health")
+                except httpx.HTTPError:
+                    self.errors += 1
                 self.worst = max(self.worst, time.monotonic() - t0)
                 self.count += 1
                 time.sleep(0.05)
@@ -109,6 +112,7 @@ def _one(url: str, pid: int, path: str, body: Any) -> dict[str, Any]:
     health.thread.join(300)
     return {"status": status, "seconds": round(seconds, 3),
             "health_worst_ms": round(health.worst * 1000, 1), "health_polls": health.count,
+            "health_errors": health.errors,
             "rss_growth_mib": round(_rss_mib(pid) - rss, 1)}
 
 
