@@ -11,8 +11,10 @@ a body that never ends, holds its connection (and a slot of `--limit-concurrency
   the rest of a refused body (413) is read and thrown away before the connection closes.
 
 Each close is counted as `pdserve:rejected_messages_total{component="proxy",plane="http",
-reason="header_timeout"|"body_timeout"}`. `uvicorn_config()` is what both launchers (local and
-Ray) run: this protocol, `--limit-concurrency`, `--keep-alive-timeout-s`.
+reason="header_timeout"|"body_timeout"}`, and a request h11 cannot parse (bad syntax, or an
+unfinished request line + headers over h11's 16 KiB) as `reason="bad_http"` (a 400).
+`uvicorn_config()` is what both launchers (local and Ray) run: this protocol,
+`--limit-concurrency`, `--keep-alive-timeout-s`.
 """
 
 from __future__ import annotations
@@ -51,6 +53,10 @@ class LimitedH11Protocol(H11Protocol):
         super().on_response_complete()
         if self.conn.their_state is not h11.SEND_BODY:  # a refused body keeps its deadline
             self._disarm()
+
+    def send_400_response(self, msg: str) -> None:
+        self.on_reject("bad_http")
+        super().send_400_response(msg)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()

@@ -160,3 +160,22 @@ def test_too_many_messages_are_refused_before_each_is_validated() -> None:
     assert len(ChatCompletionRequest(messages=messages).messages) == MAX_MESSAGES
     with pytest.raises(ValidationError, match=f"at most {MAX_MESSAGES} messages"):
         ChatCompletionRequest(messages=[*messages, {"role": "nobody"}])
+
+
+def test_unfinished_headers_past_h11s_limit_are_a_400(tiny_server: tuple[int, list[str]]) -> None:
+    port, rejected = tiny_server
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        # unfinished: h11 bounds what it buffers while waiting for the end of the headers
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20_000)
+        sock.settimeout(5)
+        assert sock.recv(4096).startswith(b"HTTP/1.1 400")
+    assert rejected[-1] == "bad_http"
+
+
+def test_uvicorn_gets_the_limits() -> None:
+    from proxy.http_server import LimitedH11Protocol
+
+    config = uvicorn_config(None, HttpLimits(limit_concurrency=7, keep_alive_timeout_s=3),
+                            print)
+    assert (config.limit_concurrency, config.timeout_keep_alive) == (7, 3)
+    assert issubclass(config.http, LimitedH11Protocol)  # type: ignore[arg-type]
