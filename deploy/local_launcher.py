@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 import uvicorn
 
+from deploy.worker_net import WorkerNetConfig
 from engine.checkpoint import read_model_config, resolve_model_path
 from engine.config import ConfigError, EngineConfig
 from engine.memory_plan import plan_kv_cache
@@ -79,6 +80,7 @@ class ServeConfig:
         "help": "Seconds of synthetic requests each worker runs at start-up to seed the "
                 "placement cost models (0: none)."})
     kv: KvTransportConfig = field(default_factory=KvTransportConfig)  # flags: worker/config.py
+    net: WorkerNetConfig = field(default_factory=WorkerNetConfig)  # flags: deploy/worker_net.py
 
     def __post_init__(self) -> None:
         if self.placement not in PLACEMENTS:
@@ -119,8 +121,9 @@ def worker_command(role: str, worker_id: str, events_address: str, serve: ServeC
                    engine_args: list[str], device: str, num_threads: int,
                    cpus: str = "") -> list[str]:
     profile = serve.prefill_profile if role == "prefill" else serve.decode_profile
-    cmd = [sys.executable, "-m", role, "--worker-id", worker_id,
-           "--events-address", events_address, "--host", serve.host, "--device", device,
+    cmd = [*serve.net.prefix(role), sys.executable, "-m", role, "--worker-id", worker_id,
+           "--events-address", events_address, "--host", serve.net.host(role, serve.host),
+           "--device", device,
            "--num-threads", str(num_threads), "--warmup-s", str(serve.warmup_s),
            *(["--cpu-affinity", cpus] if cpus else []), *dataclass_to_args(serve.kv),
            *engine_args]

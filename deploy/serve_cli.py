@@ -8,6 +8,7 @@ import sys
 
 from deploy.local_launcher import LocalDeployment, ServeConfig
 from deploy.ray_config import RayConfig
+from deploy.worker_net import WorkerNetConfig
 from engine.config import ConfigError, EngineConfig
 from worker.args import add_dataclass_args, dataclass_from_args
 
@@ -41,6 +42,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     serve = dataclass_from_args(ServeConfig, args)
     engine = dataclass_from_args(EngineConfig, args)
     ray_config = dataclass_from_args(RayConfig, args)
+    if args.ray and serve.net != WorkerNetConfig():
+        raise ConfigError("--prefill/--decode-host and -netns place local workers; on Ray each "
+                          "worker binds its node's address")
     if args.ray:
         from deploy.ray_launcher import RayDeployment
         try:
