@@ -60,7 +60,6 @@ def test_kv_crosses_the_shaped_link(testbed: netns.Testbed) -> None:
                               server.url], capture_output=True, text=True, timeout=180)
         assert out.returncode == 0, out.stderr
         probe = json.loads(out.stdout)
-    print({k: v for k, v in probe.items() if k != "status"})
     decode = next(w for w in probe["status"] if w["role"] == "decode")
     assert decode["kv_address"].startswith(f"tcp://{netns.ADDR_B}:")
     assert probe["prompt_tokens"] > 400
