@@ -60,6 +60,7 @@ class ClusterSpec:
     remote_overhead_s: float = 0.0
     local_overhead_s: float = 0.0
     kv_capacity_tokens: int = 0  # per decode worker; 0: the profile's
+    transfer_gbps: float = 0.0  # KV transfer rate measured elsewhere (GB/s); 0: the profile's
 
     def __post_init__(self) -> None:
         if self.num_prefill < 0 or self.num_decode < 1:
@@ -130,7 +131,7 @@ class Simulation:
                                      limits.block_size) for _ in range(spec.num_decode)]
         self.mode = Placement.LOCAL if spec.is_colocated else Placement(spec.placement)
         self.slo = Slo(spec.slo_ttft_s, spec.slo_tpot_s)
-        if not spec.is_colocated:
+        if not spec.is_colocated and not spec.transfer_gbps:
             self.times.transfer_s(spec.transport, 1.0)  # fails now, naming what was measured
         self.rate = self._transfer_rate()
         self.link_free = [0.0] * spec.num_decode
@@ -186,7 +187,7 @@ class Simulation:
         for job in self.prefills[p].finish_step():
             nbytes = job.request.prompt_tokens * self.profile.kv_bytes_per_token
             start = max(now, self.link_free[job.decode])
-            self.link_free[job.decode] = start + self.times.transfer_s(self.spec.transport, nbytes)
+            self.link_free[job.decode] = start + self._transfer_s(nbytes)
             self._push(self.link_free[job.decode], 2, job.index)
         self._kick_prefill(now, p)
 
@@ -261,7 +262,14 @@ class Simulation:
         return TransferView(self.profile.kv_bytes_per_token, self.rate,
                             self.spec.remote_overhead_s, self.spec.local_overhead_s)
 
+    def _transfer_s(self, nbytes: float) -> float:
+        if self.spec.transfer_gbps:
+            return nbytes / (self.spec.transfer_gbps * 1e9)
+        return self.times.transfer_s(self.spec.transport, nbytes)
+
     def _transfer_rate(self) -> float:
+        if self.spec.transfer_gbps:
+            return self.spec.transfer_gbps * 1e9
         rows = self.profile.transfers.get(self.spec.transport)
         if not isinstance(rows, list) or not rows:
             return 1e9
