@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.datasets import DatasetConfig, build_dataset, load_tokenizer
+from bench.datasets import DatasetConfig, LengthDist, build_dataset, load_tokenizer
 from bench.loadgen import arrival_offsets
 from engine.config import ConfigError
 from planner import report
@@ -157,9 +157,23 @@ def default_rates(times: StepTimes, requests: list[SimRequest], num_devices: int
     return [float(f"{top * k / 8:.2g}") for k in range(1, 9)]
 
 
+def _dataset_config(args: argparse.Namespace) -> DatasetConfig:
+    for flag in ("input_len", "output_len"):
+        value = getattr(args, flag)
+        try:
+            if value is not None:
+                LengthDist.parse(value)
+        except ValueError as e:
+            raise ConfigError(f"--{flag.replace('_', '-')}: {e}") from None
+    try:
+        return dataclass_from_args(DatasetConfig, args)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def cmd_plan_cluster(args: argparse.Namespace) -> int:
     cfg = dataclass_from_args(PlanClusterConfig, args)
-    dataset = dataclass_from_args(DatasetConfig, args)
+    dataset = _dataset_config(args)
     try:
         profile = Profile.load(cfg.profile)
         times = StepTimes(profile)

@@ -10,9 +10,9 @@ What it models, in the order a request meets it (as pdserve runs it, README "One
 3. remote: decode-first reservation (blocks for prompt + output, or a FIFO wait for them),
    the prefill worker's queue and steps (servers.py), the KV transfer (bytes / the profile's
    measured rate for the transport, one transfer at a time into each decode worker), then
-   `remote_overhead_s` (hops) before the first token is out;
+   `remote_overhead_s` (hops; it delays the whole token stream, not the TPOT);
 4. local: the decode worker's scheduler admits the prompt when blocks allow and prefills it in
-   chunks beside its running batch (mixed steps), then `local_overhead_s`;
+   chunks beside its running batch (mixed steps); `local_overhead_s` delays its stream;
 5. continuous-batching decode: one token per sequence per step, until the output length.
 
 Not modelled (say so when you compare): the proxy's own CPU time (tokenize, detokenize, HTTP),
@@ -157,8 +157,10 @@ class Simulation:
         if unfinished:
             raise SimulationError(f"{len(unfinished)} requests never finished (first: "
                                   f"{unfinished[0]}): a bug in the simulator")
-        return [RequestOutcome(j.request, j.placement, float(j.first_token_s or 0.0),
-                               float(j.finish_s or 0.0)) for j in self.jobs]
+        delay = {"remote": self.spec.remote_overhead_s, "local": self.spec.local_overhead_s}
+        return [RequestOutcome(j.request, j.placement, float(j.first_token_s or 0.0)
+                               + delay[j.placement], float(j.finish_s or 0.0)
+                               + delay[j.placement]) for j in self.jobs]
 
     # ---- events ----------------------------------------------------------------------------
     def _push(self, at: float, kind: int, index: int) -> None:
@@ -193,7 +195,7 @@ class Simulation:
 
     def _kv_landed(self, now: float, index: int) -> None:
         job = self.jobs[index]
-        job.num_generated, job.first_token_s = 1, now + self.spec.remote_overhead_s
+        job.num_generated, job.first_token_s = 1, now
         decode = self.decodes[job.decode]
         if job.request.output_tokens <= 1:
             job.finish_s = job.first_token_s
@@ -203,11 +205,7 @@ class Simulation:
         self._kick_decode(now, job.decode)
 
     def _decode_end(self, now: float, d: int) -> None:
-        first, finished = self.decodes[d].finish_step(now)
-        for job in first:
-            job.first_token_s = now + self.spec.local_overhead_s
-            if job.finish_s is not None:
-                job.finish_s = job.first_token_s
+        _, finished = self.decodes[d].finish_step(now)
         for job in finished:
             self._finished(now, job)
         self._kick_decode(now, d)
