@@ -16,8 +16,10 @@ fitted numbers, so a better model can be fitted later from the same file:
 
 `StepTimes` interpolates: prefill time piecewise-linear in tokens plus a fitted term per new
 token x context token; decode time bilinear in (batch, context per sequence); a mixed step is
-decode + prefill minus the overlap measured in `mixed` (0 on a CPU that runs them one after the
-other, up to the shorter of the two on a GPU that hides one in the other).
+the decode step plus the prefill's marginal cost (its time less a prefill step's fixed cost, the
+prefill line at 0 tokens, which the decode step already pays), minus the overlap measured in
+`mixed` (0 on a CPU that runs them one after the other, up to the shorter of the two on a GPU
+that hides one in the other).
 """
 
 from __future__ import annotations
@@ -162,6 +164,9 @@ class StepTimes:
         self._batches = sorted(by_batch)
         self._decode = [_series(by_batch[b]) for b in self._batches]
         self.per_token_context = self._fit_context_term(profile.chunked)
+        # a prefill step's cost at 0 tokens (the line through its first two points at 0)
+        xs, ys = self._prefill
+        self.prefill_fixed_s = min(max(interp(xs[:2], ys[:2], 0.0), 0.0), ys[0])
         self.overlap = self._fit_overlap(profile.mixed)
 
     def prefill_s(self, tokens: float, token_context: float = 0.0) -> float:
@@ -186,6 +191,7 @@ class StepTimes:
         p = self.prefill_s(prefill_tokens, token_context)
         d = self.decode_s(decode_seqs, decode_context / decode_seqs) if decode_seqs else 0.0
         if p and d:
+            p = max(p - self.prefill_fixed_s, 0.0)  # the step's fixed cost is in d already
             return p + d - self.overlap * min(p, d)
         return p + d
 
@@ -213,7 +219,8 @@ class StepTimes:
         """Median share of the shorter of (decode, prefill) that a mixed step hides, in [0, 1]."""
         shares = []
         for batch, ctx, chunk, s in rows:
-            p, d = self.prefill_s(chunk), self.decode_s(batch, ctx)
+            p = max(self.prefill_s(chunk) - self.prefill_fixed_s, 0.0)
+            d = self.decode_s(batch, ctx)
             if min(p, d) > 0:
                 shares.append((p + d - s) / min(p, d))
         return min(max(statistics.median(shares), 0.0), 1.0) if shares else 0.0
