@@ -25,6 +25,7 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +34,10 @@ import numpy as np
 from bench.datasets import DatasetConfig, build_dataset
 from bench.loadgen import arrival_offsets
 from deploy.cli import build_parser
-from deploy.local_launcher import ServeConfig
 from planner.profile import Profile, StepTimes
 from planner.search import run_config
 from planner.servers import SimRequest
 from planner.simulator import ClusterSpec
-from worker.args import dataclass_from_args
 
 CPU_SWEEPS = ["bench/results/placement_cpu_prefill_heavy_2026-12-06.json",
               "bench/results/placement_cpu_interference_2026-12-06.json"]
@@ -58,9 +57,10 @@ def take_cpu_profile(path: Path, budget_s: float, core: int) -> None:
 def spec_of(server: str, serve_args: str, transport_gbps: float) -> ClusterSpec:
     """The ClusterSpec of a measured configuration, from its `pdserve serve` flags."""
     argv = shlex.split(server)[1:] + shlex.split(serve_args)
-    serve = dataclass_from_args(ServeConfig, build_parser().parse_args(argv))
-    transport = ("nccl" if serve.kv.transport == "nccl"
-                 else "frames" if serve.kv.kv_payload == "frames" else "stream")
+    # the parsed flags, not ServeConfig: its checks need the measured machine (CUDA for nccl)
+    serve = build_parser().parse_args(argv)
+    transport = ("nccl" if serve.transport == "nccl"
+                 else "frames" if serve.kv_payload == "frames" else "stream")
     if serve.colocated:
         return ClusterSpec(0, serve.decode, "local", serve.slo_ttft, serve.slo_tpot, transport,
                            transfer_gbps=transport_gbps)
@@ -68,17 +68,21 @@ def spec_of(server: str, serve_args: str, transport_gbps: float) -> ClusterSpec:
                        serve.slo_tpot, transport, transfer_gbps=transport_gbps)
 
 
-def workload(sweep: dict[str, Any]):  # -> Callable[[float], list[SimRequest]]
+def workload(sweep: dict[str, Any]) -> Callable[[float], list[SimRequest]]:
+    """rate -> the requests `pdserve bench sweep` sent at it: rate i of the sweep draws its
+    lengths and arrivals from seed + i (bench/sweep.py)."""
     d, load = sweep["dataset"], sweep["load"]
     cfg = DatasetConfig(**{k: d[k] for k in ("dataset", "dataset_path", "num_prompts",
                                               "input_len", "output_len", "num_turns",
                                               "system_prompt_len", "max_prompt_len")})
-    # lengths are drawn before any text, so no tokenizer is needed to reproduce them
-    lengths = [(r.num_prompt_tokens, r.max_tokens) for r in build_dataset(cfg, None, load["seed"])]
+    rates = [float(r) for r in sweep["request_rates"]]
 
     def at(rate: float) -> list[SimRequest]:
+        seed = load["seed"] + rates.index(float(rate))
+        # lengths are drawn before any text, so no tokenizer is needed to reproduce them
+        lengths = [(r.num_prompt_tokens, r.max_tokens) for r in build_dataset(cfg, None, seed)]
         offsets = arrival_offsets(len(lengths), rate, load["burstiness"],
-                                  np.random.default_rng(load["seed"]))
+                                  np.random.default_rng(seed))
         return [SimRequest(float(t), n, m) for t, (n, m) in zip(offsets, lengths, strict=True)]
     return at
 
