@@ -40,11 +40,9 @@ val_rc=$?
 predict() {  # name n workload-flags...
     local name=$1 n=$2
     shift 2
-    $PY -m deploy.cli plan cluster --profile "$profile" --num-devices "$n" --slo-ttft 1s \
-        --slo-tpot 40ms --transfer-gbps "$TRANSFER_GBPS" --num-prompts 200 "$@" \
-        --json > "$OUT/plan_${gpu}_${name}_${n}gpu_${day}.json"
-    $PY -m deploy.cli plan cluster --profile "$profile" --num-devices "$n" --slo-ttft 1s \
-        --slo-tpot 40ms --transfer-gbps "$TRANSFER_GBPS" --num-prompts 200 "$@" \
+    timeout 300 $PY -m deploy.cli plan cluster --profile "$profile" --num-devices "$n" \
+        --slo-ttft 1s --slo-tpot 40ms --transfer-gbps "$TRANSFER_GBPS" --num-prompts 200 "$@" \
+        --out "$OUT/plan_${gpu}_${name}_${n}gpu_${day}.json" \
         | tee "$OUT/plan_${gpu}_${name}_${n}gpu_${day}.txt"
 }
 for n in 4 8; do

@@ -70,6 +70,8 @@ class PlanClusterConfig:
     serve_args: str = field(default="", metadata={
         "help": "Extra flags appended to the recommended `pdserve serve` command."})
     json: bool = field(default=False, metadata={"help": "Print JSON instead of the table."})
+    out: str | None = field(default=None, metadata={
+        "help": "Also write the JSON (with the workload and the profile's device) to this file."})
 
     def __post_init__(self) -> None:
         if self.num_devices < 1:
@@ -191,8 +193,14 @@ def cmd_plan_cluster(args: argparse.Namespace) -> int:
         raise ConfigError(str(e)) from None
     best = recommend(results)
     engine_args = [*profile.meta.get("engine_args", []), *shlex.split(cfg.serve_args)]
+    doc = report.as_dict(results, best, engine_args, cfg.attainment)
+    if cfg.out:
+        doc_out = {"plan_command": shlex.join(["pdserve", *sys.argv[1:]]), "profile": cfg.profile,
+                   "device": profile.meta.get("device"), "workload": vars(dataset) | {
+                       "bench_result": cfg.bench_result, "seed": cfg.seed}, **doc}
+        Path(cfg.out).write_text(json.dumps(doc_out, indent=1))
     if cfg.json:
-        print(json.dumps(report.as_dict(results, best, engine_args, cfg.attainment), indent=1))
+        print(json.dumps(doc, indent=1))
     else:
         print(report.text(results, best, engine_args, cfg.attainment))
     if args.plot:

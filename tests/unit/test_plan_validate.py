@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -23,7 +24,7 @@ def test_workload_reproduces_the_measured_requests(name: str) -> None:
         assert sum(r.prompt_tokens for r in reqs) == point["summary"]["prompt_tokens"]
         assert sum(r.output_tokens for r in reqs) == point["summary"]["output_tokens"]
         assert reqs[0].arrival_s == 0.0
-        assert all(a.arrival_s <= b.arrival_s for a, b in zip(reqs, reqs[1:], strict=False))
+        assert all(a.arrival_s <= b.arrival_s for a, b in itertools.pairwise(reqs))
 
 
 def test_serve_flags_become_cluster_specs() -> None:
