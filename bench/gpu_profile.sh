@@ -8,7 +8,8 @@
 # plan_validation_gpu-<gpu>_<date>.{json,md}, plan_<gpu>_<workload>_<n>gpu_<date>.{txt,json}
 # and the logs. The KV transfer rate between two GPUs cannot be measured on one: the validation
 # uses pdserve's NCCL path as measured on 2xH200 (205.8 GB/s at 4k tokens,
-# bench/results/transfer_nccl_h200x2_2026-11-22.json), override with TRANSFER_GBPS.
+# bench/results/transfer_nccl_h200x2_2026-11-22.json), override with TRANSFER_GBPS. That sweep
+# predates placement (every prompt ran on the prefill GPU): --unnamed-placement remote.
 set -u -o pipefail
 OUT=${OUT:-bench/results}
 mkdir -p "$OUT"
@@ -30,6 +31,7 @@ prof_rc=$?
 
 timeout 600 $PY -m bench.plan_validate --profile "$profile" --out-dir "$OUT" \
     --sweeps bench/results/sweep_h200x2_2026-11-22.json --transfer-gbps "$TRANSFER_GBPS" \
+    --unnamed-placement remote \
     --tag "gpu-${gpu}" --note "Profile on one ${gpu}; KV transfer ${TRANSFER_GBPS} GB/s (pdserve \
 NCCL path measured on 2xH200, transfer_nccl_h200x2_2026-11-22.json)." \
     2>&1 | tee "$OUT/plan_validation_${gpu}.log"

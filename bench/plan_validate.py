@@ -54,9 +54,14 @@ def take_cpu_profile(path: Path, budget_s: float, core: int) -> None:
     subprocess.run(cmd, check=True, env=env)
 
 
-def spec_of(server: str, serve_args: str, transport_gbps: float) -> ClusterSpec:
-    """The ClusterSpec of a measured configuration, from its `pdserve serve` flags."""
+def spec_of(server: str, serve_args: str, transport_gbps: float,
+            unnamed_placement: str = "") -> ClusterSpec:
+    """The ClusterSpec of a measured configuration, from its `pdserve serve` flags;
+    `unnamed_placement` stands for the placement of a run that named none (a sweep older than
+    placement, 2026-12-06, ran every prompt remote)."""
     argv = shlex.split(server)[1:] + shlex.split(serve_args)
+    if unnamed_placement and "--placement" not in argv:
+        argv += ["--placement", unnamed_placement]
     # the parsed flags, not ServeConfig: its checks need the measured machine (CUDA for nccl)
     serve = build_parser().parse_args(argv)
     transport = ("nccl" if serve.transport == "nccl"
@@ -97,12 +102,13 @@ def _step_index(rates: list[float], goodput: float | None) -> int:
     return -1 if goodput is None else rates.index(goodput)
 
 
-def compare(profile: Profile, sweep: dict[str, Any], gbps: float) -> dict[str, Any]:
+def compare(profile: Profile, sweep: dict[str, Any], gbps: float,
+            unnamed_placement: str = "") -> dict[str, Any]:
     rates, slo = sweep["request_rates"], sweep["slo"]
     times, at = StepTimes(profile), workload(sweep)
     configs = []
     for c in sweep["configs"]:
-        spec = spec_of(c["server"], sweep["serve_args"], gbps)
+        spec = spec_of(c["server"], sweep["serve_args"], gbps, unnamed_placement)
         pred = run_config(profile, spec, rates, at, slo["attainment"], times,
                           slo["ttft_s"], slo["tpot_s"])
         rows = []
@@ -171,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sweeps", nargs="+", default=CPU_SWEEPS)
     p.add_argument("--transfer-gbps", type=float, default=0.0,
                    help="KV transfer rate measured elsewhere (GB/s); 0: the profile's.")
+    p.add_argument("--unnamed-placement", default="", choices=["", "remote", "adaptive"],
+                   help="Placement of a measured config that names none (remote for sweeps "
+                        "older than adaptive placement, e.g. 2026-11-22).")
     p.add_argument("--note", default="", help="Said in the results (e.g. 'machine contended').")
     p.add_argument("--tag", default="cpu")
     p.add_argument("--out-dir", default="bench/results")
@@ -186,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     for sweep_file in args.sweeps:
         sweep = json.loads(Path(sweep_file).read_text())
         validations.append({"sweep_file": sweep_file,
-                            **compare(profile, sweep, args.transfer_gbps)})
+                            **compare(profile, sweep, args.transfer_gbps,
+                                      args.unnamed_placement)})
     doc = {"date": day, "command": "python -m bench.plan_validate " + shlex.join(
                argv if argv is not None else sys.argv[1:]),
            "profile_path": str(path), "device": profile.meta.get("device"),

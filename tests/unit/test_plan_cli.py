@@ -114,3 +114,22 @@ def test_profile_on_smollm2_is_bounded_and_valid(tmp_path: Path) -> None:
     assert profile.meta["model_shape"]["num_layers"] == 30
     assert {"device", "dtype", "versions", "date"} <= set(profile.meta)
     assert "not measured" in profile.transfers["stream"]
+
+
+def test_plan_cluster_replays_a_bench_result(profile_path: str, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """--bench-result: the recorded arrivals and lengths, rescaled to each rate swept."""
+    result = tmp_path / "bench.json"
+    result.write_text(json.dumps({"requests": [
+        {"scheduled_s": i * 0.5, "prompt_tokens": 300, "completion_tokens": 20,
+         "expected_prompt_tokens": 300, "expected_output_tokens": 20} for i in range(20)]}))
+    assert main(["plan", "cluster", "--profile", profile_path, "--num-devices", "2",
+                 "--bench-result", str(result), "--rates", "2,8", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    points = doc["configs"][0]["points"]
+    assert [p["num_requests"] for p in points] == [20, 20]
+    assert points[0]["attainment"] >= points[1]["attainment"]
+    bad = tmp_path / "not_bench.json"
+    bad.write_text('{"configs": []}')
+    assert main(["plan", "cluster", "--profile", profile_path, "--bench-result", str(bad)]) == 2
+    assert "--bench-result" in capsys.readouterr().err

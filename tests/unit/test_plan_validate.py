@@ -31,6 +31,8 @@ def test_serve_flags_become_cluster_specs() -> None:
     s = spec_of("pdserve serve --prefill 1 --decode 1 --transport nccl", "--max-model-len 8192",
                 205.8)
     assert (s.name, s.transport, s.transfer_gbps) == ("1p1d-adaptive", "nccl", 205.8)
+    s = spec_of("pdserve serve --prefill 1 --decode 1", "", 0.0, unnamed_placement="remote")
+    assert s.name == "1p1d"
     s = spec_of("pdserve serve --colocated --decode 2", "", 0.0)
     assert (s.name, s.placement, s.slo_tpot_s) == ("colocated-x2", "local", 0.05)
     s = spec_of("pdserve serve --prefill 2 --decode 1 --placement remote --slo-tpot 40ms", "", 0)
