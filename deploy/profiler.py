@@ -10,7 +10,8 @@ Every point is a real engine step (`LLMEngine.step_log`, the same `StepStats` wo
 - transfers: bench/transfer.py's ZMQ benchmark (stream and frames payload paths, loopback,
   separate processes) on CPU; NCCL via bench/transfer_nccl.py when CUDA shows >= 2 devices.
 Points run from cheap to expensive and each phase stops when its share of `--budget-s` is
-spent, so the profile is always written in bounded time.
+spent (prefill and decode always measure their cheapest point), so the profile is written in
+bounded time.
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ class Profiler:
         self.budget.begin("prefill")
         rows, n, last = [], 16, 0.0
         top = min(self.max_batched, self.max_len - 8)
-        while n <= top and self.budget.left(2.5 * last):
+        while n <= top and (not rows or self.budget.left(2.5 * last)):  # >= 1 point
             step = [self._run([self._prompt(n)], 1)[0] for _ in range(self.repeats)][-1]
             rows.append([n, step.seconds])
             last = step.seconds
@@ -140,8 +141,8 @@ class Profiler:
         # cheap first: a context is prefilled once (then hit), a batch costs every step
         for batch, context in sorted(((b, c) for b in batches for c in contexts),
                                      key=lambda bc: bc[1] / 64 + bc[0]):
-            if not self.budget.left() or batch * (context + 32) > self.capacity:
-                continue
+            if batch * (context + 32) > self.capacity or (rows and not self.budget.left()):
+                continue  # the first point always runs: a profile needs one
             steps = [s for s in self._batch_steps(batch, context, 4)
                      if s.num_decode_seqs == batch and not s.num_prefill_tokens]
             if steps:

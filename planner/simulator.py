@@ -16,7 +16,8 @@ What it models, in the order a request meets it (as pdserve runs it, README "One
 5. continuous-batching decode: one token per sequence per step, until the output length.
 
 Not modelled (say so when you compare): the proxy's own CPU time (tokenize, detokenize, HTTP),
-preemption (reservations hold a request's longest KV, so none happens), prefix-cache hits
+preemption (reservations hold a request's longest KV, so none happens), the prefill workers' own
+KV capacity (their batches are bounded by the token budget only), prefix-cache hits
 across requests, and the placer's learned TTFT corrections (it starts them at 0, as here).
 """
 
