@@ -98,3 +98,34 @@ def test_the_planner_imports_no_torch_numpy_or_zmq() -> None:
             "print(heavy); sys.exit(1 if heavy else 0)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, f"importing the planner pulled in {out.stdout}{out.stderr}"
+
+
+def test_decode_first_reservation_queues_for_kv() -> None:
+    """A decode worker holding KV for one request only: the second waits for the first to
+    finish before its prefill may start (no prefill work without a landing place)."""
+    profile = small_profile(capacity=400)
+    first, second = simulate(profile, ClusterSpec(1, 1), [SimRequest(0.0, 256, 20),
+                                                          SimRequest(0.0, 256, 20)])
+    assert second.first_token_s >= first.finish_s + 0.256
+    assert first.ttft_s == pytest.approx(0.256 + 256 * KV_BYTES / 1e9)
+
+
+def test_adaptive_placement_uses_the_proxys_rule() -> None:
+    """With costly hops to a prefill worker, the proxy's rule (proxy/placement.py) keeps short
+    prompts on the decode worker; with free hops a long prompt goes remote."""
+    short = simulate(small_profile(), ClusterSpec(1, 1, "adaptive", remote_overhead_s=0.5),
+                     [SimRequest(0.0, 32, 4)])
+    assert short[0].placement == "local"
+    long_ = simulate(small_profile(), ClusterSpec(1, 1, "adaptive", slo_tpot_s=0.03),
+                     [SimRequest(0.0, 64, 200), SimRequest(0.5, 2000, 4)])
+    assert long_[1].placement == "remote"
+
+
+def test_colocated_replicas_share_the_load() -> None:
+    """Two colocated replicas at the same time serve two prompts in parallel (the router
+    spreads them), one replica one after the other."""
+    reqs = [SimRequest(0.0, 1024, 2), SimRequest(0.0, 1024, 2)]
+    two = simulate(small_profile(), ClusterSpec(0, 2, "local"), reqs)
+    one = simulate(small_profile(), ClusterSpec(0, 1, "local"), reqs)
+    assert max(o.ttft_s for o in two) == pytest.approx(1.024, rel=0.01)
+    assert max(o.ttft_s for o in one) > 1.5
