@@ -144,12 +144,17 @@ def interp(xs: list[float], ys: list[float], x: float) -> float:
 
 
 def _series(points: list[tuple[float, float]]) -> tuple[list[float], list[float]]:
-    """Points sorted by x, repeated xs averaged."""
+    """Points sorted by x, repeated xs averaged, made non-decreasing (a running max): more
+    tokens, sequences or context never make a step faster, so a dip is measurement noise."""
     by_x: dict[float, list[float]] = {}
     for x, y in points:
         by_x.setdefault(float(x), []).append(float(y))
     xs = sorted(by_x)
-    return xs, [statistics.fmean(by_x[x]) for x in xs]
+    ys, top = [], 0.0
+    for x in xs:
+        top = max(top, statistics.fmean(by_x[x]))
+        ys.append(top)
+    return xs, ys
 
 
 class StepTimes:
@@ -166,7 +171,8 @@ class StepTimes:
         self.per_token_context = self._fit_context_term(profile.chunked)
         # a prefill step's cost at 0 tokens (the line through its first two points at 0)
         xs, ys = self._prefill
-        self.prefill_fixed_s = min(max(interp(xs[:2], ys[:2], 0.0), 0.0), ys[0])
+        self.prefill_fixed_s = (min(max(interp(xs[:2], ys[:2], 0.0), 0.0), ys[0])
+                                if len(xs) > 1 else 0.0)
         self.overlap = self._fit_overlap(profile.mixed)
 
     def prefill_s(self, tokens: float, token_context: float = 0.0) -> float:
@@ -182,7 +188,8 @@ class StepTimes:
         if batch <= 0:
             return 0.0
         per_batch = [max(interp(xs, ys, context), 0.0) for xs, ys in self._decode]
-        return max(interp(self._batches, per_batch, batch), 1e-9)
+        xs, ys = _series(list(zip(self._batches, per_batch, strict=True)))
+        return max(interp(xs, ys, batch), 1e-9)
 
     def step_s(self, prefill_tokens: float, token_context: float, decode_seqs: int,
                decode_context: float) -> float:

@@ -129,3 +129,16 @@ def test_colocated_replicas_share_the_load() -> None:
     one = simulate(small_profile(), ClusterSpec(0, 1, "local"), reqs)
     assert max(o.ttft_s for o in two) == pytest.approx(1.024, rel=0.01)
     assert max(o.ttft_s for o in one) > 1.5
+
+
+def test_noisy_dips_do_not_make_bigger_steps_faster() -> None:
+    """A profile taken on a busy machine may time batch 8 faster than batch 1; the model keeps
+    step time non-decreasing in batch, context and tokens instead of extrapolating the dip."""
+    profile = small_profile()
+    noisy = Profile(profile.engine, profile.kv_bytes_per_token,
+                    prefill=[[16, 0.5], [64, 0.2], [256, 0.3]],
+                    decode=[[1, 128, 0.5], [8, 128, 0.3], [16, 128, 0.2]],
+                    transfers=profile.transfers)
+    times = StepTimes(noisy)
+    assert times.decode_s(32, 128) >= times.decode_s(1, 128) == pytest.approx(0.5)
+    assert times.prefill_s(1024) >= times.prefill_s(16) == pytest.approx(0.5)
