@@ -62,6 +62,7 @@ class ClusterSpec:
     local_overhead_s: float = 0.0
     kv_capacity_tokens: int = 0  # per decode worker; 0: the profile's
     transfer_gbps: float = 0.0  # KV transfer rate measured elsewhere (GB/s); 0: the profile's
+    chunk_caps: bool = True  # False: local prompts take the whole token budget (a bare engine)
 
     def __post_init__(self) -> None:
         if self.num_prefill < 0 or self.num_decode < 1:
@@ -174,7 +175,8 @@ class Simulation:
         prediction = choose(self.mode, job.request.prompt_tokens, self._prefill_views(now),
                             self._decode_view(job.decode), self._transfer_view(), self.slo)
         if prediction.placement is Placement.LOCAL:
-            job.placement, job.chunk_cap = "local", prediction.chunk
+            job.placement = "local"
+            job.chunk_cap = prediction.chunk if self.spec.chunk_caps else 0
             decode.waiting.append(job)
             self._kick_decode(now, job.decode)
             return
