@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     day = time.strftime("%Y-%m-%d")
     doc = {"date": day, "command": "python -m bench.plan_engine_check " + shlex.join(
         argv if argv is not None else sys.argv[1:]), "load_avg": os.getloadavg(),
-           "workload": vars(args), "rows": rows}
+           "workload": vars(args), "rows": rows, "profile": json.loads(profile.to_json())}
     lines = [f"# Planner vs a bare engine ({day}, load average {doc['load_avg'][0]:.1f})", "",
              f"`{doc['command']}`", "", "SmolLM2, 1 torch thread, prompts "
              f"{args.input_len} tokens, {args.output_len} output tokens, Poisson arrivals, "
