@@ -60,7 +60,8 @@ class LLMEngine:
                                     config.enable_prefix_caching)
         eos = tuple(checkpoint.tokenizer.eos_token_ids) or checkpoint.config.eos_token_ids
         self.scheduler = Scheduler(
-            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, plan.max_model_len),
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, plan.max_model_len,
+                            checkpoint.config.vocab_size),
             self.cache, eos)
         self._seqs: dict[str, Sequence] = {}
         self._num_emitted: dict[str, int] = {}

@@ -29,6 +29,7 @@ from engine.kv_layout import allocate_cache, copy_block
 from engine.kv_spec import KvLayout
 from engine.memory_plan import KvPlan
 from engine.model import LlamaForCausalLM
+from engine.penalties import apply_penalties
 from engine.sampler import SampleResult, sample
 from engine.sequence import Sequence
 
@@ -211,7 +212,10 @@ class ModelRunner:
             # logits: [len(done), vocab]
             logits = self.model.compute_logits(hidden.index_select(0, step.logits_rows))
             seqs = [batch[i].seq for i in step.done]
-        results = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        params = [s.params for s in seqs]
+        processed = apply_penalties(logits, params, [s.token_ids for s in seqs],
+                                    [s.num_prompt_tokens for s in seqs])
+        results = sample(processed, params, [s.generator for s in seqs], raw_logits=logits)
         return {s.seq_id: r for s, r in zip(seqs, results, strict=True)}
 
     def _graph_logits(self, batch: list[ScheduledSeq],

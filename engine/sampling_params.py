@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 from engine.errors import RequestError
 
+MAX_LOGIT_BIAS_ENTRIES = 1024
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -23,6 +25,11 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # top-n logprobs per generated token (0 = only the sampled one)
     min_tokens: int = 0  # eos / stop ids do not end the sequence before this many tokens
+    # engine/penalties.py: OpenAI's over the output so far, vLLM/HF's over prompt + output
+    frequency_penalty: float = 0.0  # minus this times the token's count in the output
+    presence_penalty: float = 0.0  # minus this once the token is in the output
+    repetition_penalty: float = 1.0  # seen tokens: positive logits / this, negative * this
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -38,7 +45,36 @@ class SamplingParams:
         if self.min_tokens < 0:
             raise RequestError(f"min_tokens must be at least 0, got {self.min_tokens}")
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        self._check_penalties()
+
+    def _check_penalties(self) -> None:
+        for name in ("frequency_penalty", "presence_penalty"):
+            value = getattr(self, name)
+            if not -2.0 <= value <= 2.0:
+                raise RequestError(f"{name} must be in [-2, 2], got {value}")
+        if not 0.0 < self.repetition_penalty <= 100.0:
+            raise RequestError(
+                f"repetition_penalty must be in (0, 100], got {self.repetition_penalty}")
+        bias = tuple((int(t), float(b)) for t, b in self.logit_bias)
+        if len(bias) > MAX_LOGIT_BIAS_ENTRIES:
+            raise RequestError(f"logit_bias has {len(bias)} entries, at most "
+                               f"{MAX_LOGIT_BIAS_ENTRIES} are allowed")
+        if len({t for t, _ in bias}) != len(bias):
+            raise RequestError("logit_bias names a token id twice")
+        for token, value in bias:
+            if token < 0:
+                raise RequestError(f"logit_bias token id {token} is negative")
+            if not -100.0 <= value <= 100.0:
+                raise RequestError(f"logit_bias value for token {token} must be in [-100, 100], "
+                                   f"got {value}")
+        object.__setattr__(self, "logit_bias", bias)
 
     @property
     def is_greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def has_penalties(self) -> bool:
+        """Whether the logits change before sampling (penalties or a bias)."""
+        return bool(self.frequency_penalty or self.presence_penalty
+                    or self.repetition_penalty != 1.0 or self.logit_bias)

@@ -128,6 +128,7 @@ class _Generation:
         if not prompt_ids:
             param = "prompt" if isinstance(body, api.CompletionRequest) else "messages"
             raise invalid_request("the prompt is empty", param)
+        body.check_logit_bias_vocab(self.tokenizer.vocab_size)  # type: ignore[attr-defined]
         params = api.to_sampling(body, len(prompt_ids), self.config.max_model_len)
         # Internal id: unique even when clients reuse an X-Request-Id.
         return responses.GenerationStream(self.cluster, self.tokenizer, self.metrics,

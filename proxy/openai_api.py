@@ -21,6 +21,7 @@ from pydantic_core import PydanticCustomError
 from engine.errors import RequestError
 from engine.sampling_params import SamplingParams
 from proxy.errors import context_length_exceeded, invalid_request
+from proxy.request_params import PenaltyParams
 
 MAX_STOP_STRINGS = 4
 MAX_TOP_LOGPROBS = 20
@@ -40,14 +41,13 @@ class StreamOptions(BaseModel):
     include_usage: bool | None = False
 
 
-class _RequestBase(BaseModel):
+class _RequestBase(PenaltyParams):
     """Fields shared by both endpoints. `None` everywhere means "the default"."""
 
     model_config = ConfigDict(extra="allow")
     # Parameters accepted only at a neutral value; anything else is a 400 naming the field.
     _NEUTRAL: ClassVar[Mapping[str, Any]] = MappingProxyType({
-        "n": 1, "best_of": 1, "echo": False, "presence_penalty": 0.0, "frequency_penalty": 0.0,
-        "repetition_penalty": 1.0, "min_p": 0.0, "suffix": "", "logit_bias": {}, "tools": [],
+        "n": 1, "best_of": 1, "echo": False, "min_p": 0.0, "suffix": "", "tools": [],
         "functions": [], "response_format": {"type": "text"},
     })
 
@@ -64,12 +64,8 @@ class _RequestBase(BaseModel):
     n: _OptInt = None
     best_of: _OptInt = None
     echo: _OptBool = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    repetition_penalty: float | None = None
     min_p: float | None = None
     suffix: str | None = None
-    logit_bias: dict[str, float] | None = None
     response_format: dict[str, Any] | None = None
 
     @field_validator("stop", mode="before")
@@ -214,6 +210,7 @@ def to_sampling(request: CompletionRequest | ChatCompletionRequest, num_prompt_t
             ignore_eos=bool(request.ignore_eos),
             logprobs=logprobs,
             min_tokens=request.min_tokens,
+            **request.penalty_kwargs(),
         )
     except RequestError as e:
         raise invalid_request(str(e)) from None

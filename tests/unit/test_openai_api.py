@@ -104,9 +104,8 @@ def test_bad_prompts(prompt: object, kind: str) -> None:
 
 
 @pytest.mark.parametrize("field, value", [
-    ("n", 2), ("best_of", 3), ("echo", True), ("presence_penalty", 0.5),
-    ("frequency_penalty", -1.0), ("repetition_penalty", 1.2), ("min_p", 0.1), ("suffix", "x"),
-    ("logit_bias", {"50256": -100}), ("response_format", {"type": "json_object"}),
+    ("n", 2), ("best_of", 3), ("echo", True), ("min_p", 0.1), ("suffix", "x"),
+    ("response_format", {"type": "json_object"}),
 ])
 def test_unsupported_values_name_the_parameter(field: str, value: object) -> None:
     for make in (chat, completion):
