@@ -48,6 +48,9 @@ class ServeConfig:
         "help": "No prefill workers: decode workers prefill locally (baseline)."})
     api_key: str | None = field(default=None, metadata={
         "help": "Require 'Authorization: Bearer KEY' on /v1/*."})
+    allowed_origins: str = field(default="", metadata={
+        "help": "CORS: comma-separated origins browsers may call the API from, e.g. "
+                "'https://app.example.com' or '*' (default: none, no CORS headers)."})
     served_model_name: str | None = field(default=None, metadata={
         "help": "Model name in the API (default: the --model value)."})
     prefill_profile: str | None = field(default=None, metadata={
@@ -108,6 +111,12 @@ class ServeConfig:
         names)."""
         return ([("prefill", f"prefill-{i}") for i in range(self.num_prefill)]
                 + [("decode", f"decode-{i}") for i in range(self.decode)])
+
+
+def proxy_config(serve: ServeConfig, name: str, max_model_len: int) -> ProxyConfig:
+    """The HTTP front end's settings from `pdserve serve`'s."""
+    origins = tuple(o.strip() for o in serve.allowed_origins.split(",") if o.strip())
+    return ProxyConfig(name, max_model_len, serve.api_key, allowed_origins=origins)
 
 
 def load_tokenizer(model: str) -> Tokenizer:
@@ -193,7 +202,7 @@ class LocalDeployment:
             await self._wait_for_workers(cluster)
             tokenizer = load_tokenizer(self.engine.model)
             name = self.serve.served_model_name or self.engine.model
-            app = build_app(ProxyConfig(name, plan.max_model_len, self.serve.api_key), cluster,
+            app = build_app(proxy_config(self.serve, name, plan.max_model_len), cluster,
                             tokenizer, metrics)
             await self._run_http(app)
         finally:

@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP front end (FastAPI): routes, auth, tokenization, length checks.
 
-Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health
-(503 when no decode worker is alive), GET /metrics (Prometheus), GET /status (topology).
+Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET|HEAD /health
+(503 when no decode worker is alive), GET /metrics (Prometheus), GET /status (topology); and
+proxy/extra_routes.py's GET /v1/models/{id}, POST /tokenize, POST /detokenize, CORS.
 Every error is OpenAI-shaped JSON (proxy/errors.py); `X-Request-Id` is echoed or generated.
 """
 
@@ -26,6 +27,7 @@ from proxy.errors import (
     model_not_found,
     unauthorized,
 )
+from proxy.extra_routes import add_cors, add_extra_routes
 from proxy.metrics import ProxyMetrics
 from proxy.sse import sse_headers
 
@@ -40,6 +42,7 @@ class ProxyConfig:
     model_name: str
     max_model_len: int
     api_key: str | None = None
+    allowed_origins: tuple[str, ...] = ()  # CORS: origins browsers may call from (none: off)
 
 
 def build_app(config: ProxyConfig, cluster: ClusterClient, tokenizer: ChatTokenizer,
@@ -48,6 +51,9 @@ def build_app(config: ProxyConfig, cluster: ClusterClient, tokenizer: ChatTokeni
     install_error_handlers(app)
     _add_request_id_and_auth(app, config)
     _add_views(app, config, cluster, metrics)
+    add_extra_routes(app, config.model_name, config.max_model_len,
+                     tokenizer)  # type: ignore[arg-type]
+    add_cors(app, config.allowed_origins)
     _add_generation(app, _Generation(config, cluster, tokenizer, metrics))
     return app
 
@@ -58,7 +64,8 @@ def _add_request_id_and_auth(app: FastAPI, config: ProxyConfig) -> None:
             request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         rid = request.headers.get("x-request-id") or uuid.uuid4().hex
         request.state.request_id = rid
-        if config.api_key and request.url.path.startswith("/v1/"):
+        if config.api_key and (request.url.path.startswith("/v1/")
+                               or request.url.path in ("/tokenize", "/detokenize")):
             given = request.headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {config.api_key}".encode()):
                 response: Response = unauthorized().to_response()
@@ -71,7 +78,7 @@ def _add_request_id_and_auth(app: FastAPI, config: ProxyConfig) -> None:
 
 def _add_views(app: FastAPI, config: ProxyConfig, cluster: ClusterClient,
                metrics: ProxyMetrics) -> None:
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> JSONResponse:
         decode, prefill = cluster.alive("decode"), cluster.alive("prefill")
         body = {"status": "ok" if decode else "unavailable", "decode_workers": len(decode),

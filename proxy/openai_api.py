@@ -162,6 +162,7 @@ class ChatCompletionRequest(_RequestBase):
     top_logprobs: int | None = Field(None, strict=True, ge=0, le=MAX_TOP_LOGPROBS)
     tools: list[Any] | None = None
     functions: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
 
     @field_validator("messages")
     @classmethod
@@ -169,6 +170,13 @@ class ChatCompletionRequest(_RequestBase):
         for i, message in enumerate(value):
             if message.content is None and message.role != "assistant":
                 raise _error(f"messages[{i}].content is required for role '{message.role}'")
+        return value
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _check_tool_choice(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is not None and not info.data.get("tools"):
+            raise _error("'tool_choice' is only allowed when 'tools' are specified")
         return value
 
     @field_validator("top_logprobs")
@@ -259,6 +267,8 @@ class TextLogprob:
     token: str
     logprob: float
     top: list[tuple[str, float]] = field(default_factory=list)
+    token_bytes: bytes | None = None  # the token's own bytes (default: the text's)
+    top_bytes: list[bytes] | None = None
 
 
 def _finite(logprob: float) -> float:
@@ -287,8 +297,11 @@ class TopLogprob(BaseModel):
     bytes: list[int] | None = None
 
     @classmethod
-    def of(cls, token: str, logprob: float, **extra: Any) -> "TopLogprob":
-        return cls(token=token, logprob=_finite(logprob), bytes=list(token.encode()), **extra)
+    def of(cls, token: str, logprob: float, raw: "bytes | None" = None,
+           **extra: Any) -> "TopLogprob":
+        """`raw`: the token's own bytes (a piece of a character is not its U+FFFD text)."""
+        raw = token.encode() if raw is None else raw
+        return cls(token=token, logprob=_finite(logprob), bytes=list(raw), **extra)
 
 
 class ChatLogprobToken(TopLogprob):
@@ -300,8 +313,9 @@ class ChatLogprobs(BaseModel):
 
     @classmethod
     def build(cls, entries: Sequence[TextLogprob]) -> "ChatLogprobs":
-        return cls(content=[ChatLogprobToken.of(e.token, e.logprob, top_logprobs=[
-            TopLogprob.of(t, lp) for t, lp in e.top]) for e in entries])
+        return cls(content=[ChatLogprobToken.of(e.token, e.logprob, e.token_bytes, top_logprobs=[
+            TopLogprob.of(t, lp, None if e.top_bytes is None else e.top_bytes[j])
+            for j, (t, lp) in enumerate(e.top)]) for e in entries])
 
 
 class _Response(BaseModel):

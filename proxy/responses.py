@@ -88,8 +88,11 @@ class GenerationStream:
         def text(token_id: int) -> str:
             return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
-        return [api.TextLogprob(text(e.token_id), e.logprob,
-                                [(text(t), lp) for t, lp in e.top]) for e in entries]
+        raw = getattr(self.tokenizer, "token_bytes", None)  # a TokenDecoder may lack it
+        return [api.TextLogprob(text(e.token_id), e.logprob, [(text(t), lp) for t, lp in e.top],
+                                None if raw is None else raw(e.token_id),
+                                None if raw is None else [raw(t) for t, _ in e.top])
+                for e in entries]
 
     def usage(self) -> api.UsageInfo:
         return api.UsageInfo.of(len(self.prompt_ids), self.num_completion_tokens,
