@@ -12,6 +12,19 @@ from dataclasses import dataclass
 from engine.errors import RequestError
 
 MAX_LOGIT_BIAS_ENTRIES = 1024
+_MASK64 = (1 << 64) - 1
+
+
+def choice_seed(seed: int | None, choice: int) -> int | None:
+    """The seed of choice `choice` of a request seeded with `seed` (`n` > 1): choice 0 keeps
+    `seed`; choice j > 0 gets splitmix64(seed + j * 0xD1B54A32D192ED03), so neighbouring seeds
+    and choices give unrelated streams, and the seed stays within the API's [-2**63, 2**64)."""
+    if seed is None or choice == 0:
+        return seed
+    z = (seed + choice * 0xD1B54A32D192ED03) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ Every error is OpenAI-shaped JSON (proxy/errors.py); `X-Request-Id` is echoed or
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import uuid
 from collections.abc import Awaitable, Callable
@@ -16,8 +17,9 @@ from dataclasses import dataclass
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from engine.sampling_params import choice_seed
+from proxy import choices, responses
 from proxy import openai_api as api
-from proxy import responses
 from proxy.cluster import ClusterClient
 from proxy.detokenizer import TokenDecoder
 from proxy.errors import (
@@ -43,6 +45,7 @@ class ProxyConfig:
     max_model_len: int
     api_key: str | None = None
     allowed_origins: tuple[str, ...] = ()  # CORS: origins browsers may call from (none: off)
+    max_n: int = 16  # most choices (`n`) per prompt
 
 
 def build_app(config: ProxyConfig, cluster: ClusterClient, tokenizer: ChatTokenizer,
@@ -131,16 +134,34 @@ class _Generation:
             "prompt must be a string, a list of one string, or a list of token ids", "prompt")
 
     def stream(self, body: api.CompletionRequest | api.ChatCompletionRequest,
-               prompt_ids: list[int]) -> responses.GenerationStream:
+               prompt_ids: list[int], choice: int = 0) -> responses.GenerationStream:
         if not prompt_ids:
             param = "prompt" if isinstance(body, api.CompletionRequest) else "messages"
             raise invalid_request("the prompt is empty", param)
         body.check_logit_bias_vocab(self.tokenizer.vocab_size)  # type: ignore[attr-defined]
         params = api.to_sampling(body, len(prompt_ids), self.config.max_model_len)
+        if choice:
+            params = dataclasses.replace(params, seed=choice_seed(params.seed, choice))
         # Internal id: unique even when clients reuse an X-Request-Id.
         return responses.GenerationStream(self.cluster, self.tokenizer, self.metrics,
                                           uuid.uuid4().hex, prompt_ids, params,
                                           list(body.stop or []))
+
+    def choices(self, body: api.CompletionRequest | api.ChatCompletionRequest,
+                prompts: list[list[int]]) -> list[list[choices.Choice]] | None:
+        """One group of `n` choices per prompt (index i * n + j), or None for a request of
+        one prompt and one choice (the plain path)."""
+        n = body.n or 1
+        if n > self.config.max_n:
+            raise invalid_request(f"n must be at most {self.config.max_n} (--max-n), got {n}",
+                                  "n")
+        if len(prompts) * n > api.MAX_PROMPTS:
+            raise invalid_request(f"{len(prompts)} prompts x n={n} choices is more than "
+                                  f"{api.MAX_PROMPTS} completions in one request", "n")
+        if len(prompts) == 1 and n == 1:
+            return None
+        return [[choices.Choice(i * n + j, self.stream(body, ids, j)) for j in range(n)]
+                for i, ids in enumerate(prompts)]
 
 
 def _add_generation(app: FastAPI, gen: _Generation) -> None:
@@ -149,7 +170,16 @@ def _add_generation(app: FastAPI, gen: _Generation) -> None:
     @app.post("/v1/completions", response_model=None)
     async def completions(body: api.CompletionRequest) -> Response | api.CompletionResponse:
         gen.check_model(body.model)
-        stream, want_lp = gen.stream(body, gen.prompt_ids(body.prompt)), body.logprobs is not None
+        want_lp = body.logprobs is not None
+        prompts = [gen.prompt_ids(p) for p in body.prompts()]
+        groups = gen.choices(body, prompts)
+        if groups is not None:
+            if body.stream:
+                events = choices.completion_sse(groups, model, want_lp, body.include_usage)
+                return StreamingResponse(events, headers=sse_headers(),
+                                         media_type="text/event-stream")
+            return await choices.completion_response(groups, model, want_lp)
+        stream = gen.stream(body, prompts[0])
         if body.stream:
             events = responses.completion_sse(stream, model, want_lp, body.include_usage)
             return StreamingResponse(events, headers=sse_headers(), media_type="text/event-stream")
@@ -162,7 +192,15 @@ def _add_generation(app: FastAPI, gen: _Generation) -> None:
             text = gen.tokenizer.apply_chat_template(body.template_messages())
         except Exception as e:  # template errors are the request's fault (raise_exception)
             raise invalid_request(f"chat template rejected the messages: {e}", "messages") from None
-        stream, want_lp = gen.stream(body, gen.tokenizer.encode(text)), bool(body.logprobs)
+        prompt_ids, want_lp = gen.tokenizer.encode(text), bool(body.logprobs)
+        groups = gen.choices(body, [prompt_ids])
+        if groups is not None:
+            if body.stream:
+                events = choices.chat_sse(groups, model, want_lp, body.include_usage)
+                return StreamingResponse(events, headers=sse_headers(),
+                                         media_type="text/event-stream")
+            return await choices.chat_response(groups, model, want_lp)
+        stream = gen.stream(body, prompt_ids)
         if body.stream:
             events = responses.chat_sse(stream, model, want_lp, body.include_usage)
             return StreamingResponse(events, headers=sse_headers(), media_type="text/event-stream")

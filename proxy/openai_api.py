@@ -24,6 +24,7 @@ from proxy.errors import context_length_exceeded, invalid_request
 from proxy.request_params import PenaltyParams
 
 MAX_STOP_STRINGS = 4
+MAX_PROMPTS = 256  # prompts in one /v1/completions request
 MAX_TOP_LOGPROBS = 20
 MIN_LOGPROB = -9999.0  # what OpenAI sends instead of -inf
 ApiFinishReason = Literal["stop", "length"]  # what a client sees (an abort is an error)
@@ -47,7 +48,7 @@ class _RequestBase(PenaltyParams):
     model_config = ConfigDict(extra="allow")
     # Parameters accepted only at a neutral value; anything else is a 400 naming the field.
     _NEUTRAL: ClassVar[Mapping[str, Any]] = MappingProxyType({
-        "n": 1, "best_of": 1, "echo": False, "min_p": 0.0, "suffix": "", "tools": [],
+        "best_of": 1, "echo": False, "min_p": 0.0, "suffix": "", "tools": [],
         "functions": [], "response_format": {"type": "text"},
     })
 
@@ -61,7 +62,7 @@ class _RequestBase(PenaltyParams):
     stream_options: StreamOptions | None = None
     ignore_eos: _OptBool = False
     user: str | None = None
-    n: _OptInt = None
+    n: _OptInt = Field(None, ge=1)  # the upper bound is --max-n (proxy/app.py)
     best_of: _OptInt = None
     echo: _OptBool = None
     min_p: float | None = None
@@ -104,9 +105,10 @@ class _RequestBase(PenaltyParams):
 
 
 class CompletionRequest(_RequestBase):
-    """`POST /v1/completions`. `prompt` ends up as a `str` or a list of token ids."""
+    """`POST /v1/completions`. `prompt` ends up as a `str`, a list of token ids, or a list of
+    several prompts of either kind (`prompts()`)."""
 
-    prompt: str | list[int]
+    prompt: str | list[int] | list[str | list[int]]
     max_tokens: int | None = Field(16, strict=True, ge=1)  # OpenAI's legacy default
     min_tokens: int = Field(0, strict=True, ge=0)
     logprobs: int | None = Field(None, strict=True, ge=0, le=MAX_TOP_LOGPROBS)
@@ -118,15 +120,27 @@ class CompletionRequest(_RequestBase):
             return value
         if not value:
             raise _error("prompt must not be empty")
-        if all(isinstance(x, str) for x in value):
-            if len(value) != 1:
-                raise _error("only one prompt per request is supported", "unsupported")
-            return value[0]
-        if all(isinstance(x, int) and not isinstance(x, bool) for x in value):
-            if min(value) < 0:
-                raise _error("token ids must be non-negative")
+        if _is_ids(value):
             return value
-        raise _error("prompt must be a string, a list of one string or a list of token ids")
+        if not all(isinstance(x, str) or (isinstance(x, list) and _is_ids(x)) for x in value):
+            raise _error("prompt must be a string, a list of token ids, or a list of prompts "
+                         "(strings or non-empty lists of non-negative token ids)")
+        if len(value) > MAX_PROMPTS:
+            raise _error(f"at most {MAX_PROMPTS} prompts per request, got {len(value)}")
+        return value[0] if len(value) == 1 and isinstance(value[0], str) else value
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts of the request (one unless `prompt` was a list of prompts)."""
+        p = self.prompt
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            return [p]  # type: ignore[list-item]
+        return list(p)  # type: ignore[arg-type]
+
+
+def _is_ids(value: list[Any]) -> bool:
+    """A non-empty list of non-negative ints (bools are not token ids)."""
+    return bool(value) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0
+                               for x in value)
 
 
 class ChatMessage(BaseModel):

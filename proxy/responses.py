@@ -8,7 +8,7 @@ yields `Delta`s. `completion_*` / `chat_*` shape those deltas into responses or 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from engine.outputs import FinishReason, TokenLogprob
@@ -42,6 +42,7 @@ class GenerationStream:
     num_cached_tokens: int = 0
     finish_reason: str | None = None
     started: float = field(default_factory=time.monotonic)
+    on_first_token: Callable[[], None] | None = None  # called once, when the first token arrives
 
     async def deltas(self) -> AsyncIterator[Delta]:
         detok = IncrementalDetokenizer(self.tokenizer, self.prompt_ids)
@@ -55,6 +56,8 @@ class GenerationStream:
                 if first_at is None:
                     first_at = now
                     self.metrics.on_first_token(now - self.started)
+                    if self.on_first_token is not None:
+                        self.on_first_token()
                 elif tokens.token_ids:
                     self.metrics.on_inter_token(now - last_at, len(tokens.token_ids))
                 last_at = now
