@@ -78,3 +78,78 @@ def test_bad_penalties_are_400s_naming_the_parameter(disagg: Server) -> None:
         name = next(iter(kwargs.get("extra_body", kwargs)))
         assert e.value.body["param"] == name  # type: ignore[index]
     assert disagg.wait_idle_blocks() == 0
+
+
+LONG_PROMPT = ("Write a short story about a lighthouse keeper who finds a message in a bottle. "
+               "The story should be set on a rocky island in the north, during a winter storm, "
+               "and it should end with the keeper deciding whether to answer the message.")
+
+
+def _one_prefill(server: Server, num_prompt: int, n: int, hits_before: float) -> None:
+    """The other n-1 choices found every full block of the prompt in the prefix cache."""
+    full = (num_prompt - 1) // 16 * 16
+    hits = server.metric("pdserve:prefix_cache_hits_total") - hits_before
+    assert hits >= (n - 1) * full > 0, (hits, full)
+
+
+@pytest.mark.parametrize("which", ["disagg", "colocated"])
+def test_n_greedy_choices_are_identical_with_one_prefill(
+        which: str, request: pytest.FixtureRequest, reference: LLMEngine) -> None:
+    server: Server = request.getfixturevalue(which)
+    ids = reference.tokenizer.encode(LONG_PROMPT)
+    want = reference.generate([ids], SamplingParams(max_tokens=12, temperature=0.0))[0]
+    hits = server.metric("pdserve:prefix_cache_hits_total")
+    got = client(server).completions.create(model="smollm2", prompt=LONG_PROMPT, max_tokens=12,
+                                            temperature=0, n=4)
+    assert [c.index for c in got.choices] == [0, 1, 2, 3]
+    assert {c.text for c in got.choices} == {reference.tokenizer.decode(want.output_ids)}
+    assert got.usage.prompt_tokens == len(ids)
+    assert got.usage.completion_tokens == 4 * len(want.output_ids)
+    _one_prefill(server, len(ids), 4, hits)
+    assert server.wait_idle_blocks() == 0
+
+
+def test_n_seeded_choices_differ_reproducibly_on_both_paths(
+        disagg: Server, colocated: Server) -> None:
+    messages = [{"role": "user", "content": "Name a colour and an animal."}]
+    runs = []
+    for server in (disagg, colocated, disagg):
+        chat = client(server).chat.completions.create(
+            model="smollm2", messages=messages, max_tokens=16, temperature=1.0, seed=1234, n=4)
+        runs.append([c.message.content for c in chat.choices])
+        assert [c.index for c in chat.choices] == [0, 1, 2, 3]
+    assert runs[0] == runs[1] == runs[2]
+    assert len(set(runs[0])) >= 3, runs[0]
+    single = client(disagg).chat.completions.create(
+        model="smollm2", messages=messages, max_tokens=16, temperature=1.0, seed=1234)
+    assert single.choices[0].message.content == runs[0][0]  # choice 0 keeps the seed
+
+
+def test_prompt_list_with_n_streams_indices_as_openai(disagg: Server) -> None:
+    prompts = ["The capital of France is", "1, 2, 3, 4,", "def add(a, b):"]
+    kwargs: dict = dict(model="smollm2", prompt=prompts, max_tokens=8, temperature=0, n=2)
+    whole = client(disagg).completions.create(**kwargs)
+    assert [c.index for c in whole.choices] == list(range(6))
+    texts = [c.text for c in whole.choices]
+    assert texts[0] == texts[1] and texts[2] == texts[3] and texts[0] != texts[2]
+    streamed: dict[int, str] = {}
+    finished = set()
+    for chunk in client(disagg).completions.create(stream=True, **kwargs):
+        for c in chunk.choices:
+            streamed[c.index] = streamed.get(c.index, "") + c.text
+            if c.finish_reason:
+                finished.add(c.index)
+    assert [streamed[i] for i in range(6)] == texts and finished == set(range(6))
+    assert disagg.wait_idle_blocks() == 0
+
+
+def test_models_retrieve_and_head_health(disagg: Server) -> None:
+    sdk = client(disagg)
+    assert sdk.models.retrieve("smollm2").id == "smollm2"
+    with pytest.raises(openai.NotFoundError):
+        sdk.models.retrieve("gpt-4")
+    with disagg.client() as c:
+        assert c.head("/health").status_code == 200
+        r = c.post("/tokenize", json={"prompt": PROMPT})
+        assert r.json()["count"] == len(r.json()["tokens"]) > 0
+        assert c.post("/detokenize", json=r.json()).json()["prompt"] == PROMPT
