@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -41,6 +41,7 @@ class RequestOutput:
     num_prompt_tokens: int
     num_cached_tokens: int
     error: str | None = None
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # with the first output
 
 
 class LLMEngine:
@@ -140,7 +141,8 @@ class LLMEngine:
             self._num_emitted.pop(seq.seq_id, None)
         return RequestOutput(seq.seq_id, new, seq.logprobs[emitted:emitted + len(new)],
                              seq.is_finished, seq.finish_reason, seq.num_prompt_tokens,
-                             seq.num_cached_tokens)
+                             seq.num_cached_tokens,
+                             prompt_logprobs=seq.prompt_logprobs if emitted == 0 and new else [])
 
     # ---- disaggregated decode: reservations filled by a prefill worker ---------------------
     def reserve(self, request_id: str, prompt_ids: list[int],

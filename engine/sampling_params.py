@@ -38,6 +38,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # top-n logprobs per generated token (0 = only the sampled one)
     min_tokens: int = 0  # eos / stop ids do not end the sequence before this many tokens
+    prompt_logprobs: int | None = None  # top-n logprobs per prompt token (engine/prompt_logprobs)
     # engine/penalties.py: OpenAI's over the output so far, vLLM/HF's over prompt + output
     frequency_penalty: float = 0.0  # minus this times the token's count in the output
     presence_penalty: float = 0.0  # minus this once the token is in the output
@@ -55,6 +56,8 @@ class SamplingParams:
             raise RequestError(f"top_k must be -1, 0 (off) or positive, got {self.top_k}")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise RequestError(f"logprobs must be in [0, 20], got {self.logprobs}")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= 20:
+            raise RequestError(f"prompt_logprobs must be in [0, 20], got {self.prompt_logprobs}")
         if self.min_tokens < 0:
             raise RequestError(f"min_tokens must be at least 0, got {self.min_tokens}")
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
