@@ -22,6 +22,7 @@ from proxy import choices, responses
 from proxy import openai_api as api
 from proxy.cluster import ClusterClient
 from proxy.detokenizer import TokenDecoder
+from proxy.echo import Echo
 from proxy.errors import (
     ApiError,
     install_error_handlers,
@@ -31,6 +32,7 @@ from proxy.errors import (
 )
 from proxy.extra_routes import add_cors, add_extra_routes
 from proxy.metrics import ProxyMetrics
+from proxy.request_params import MAX_PROMPTS
 from proxy.sse import sse_headers
 
 
@@ -155,9 +157,9 @@ class _Generation:
         if n > self.config.max_n:
             raise invalid_request(f"n must be at most {self.config.max_n} (--max-n), got {n}",
                                   "n")
-        if len(prompts) * n > api.MAX_PROMPTS:
+        if len(prompts) * n > MAX_PROMPTS:
             raise invalid_request(f"{len(prompts)} prompts x n={n} choices is more than "
-                                  f"{api.MAX_PROMPTS} completions in one request", "n")
+                                  f"{MAX_PROMPTS} completions in one request", "n")
         if len(prompts) == 1 and n == 1:
             return None
         return [[choices.Choice(i * n + j, self.stream(body, ids, j)) for j in range(n)]
@@ -170,20 +172,20 @@ def _add_generation(app: FastAPI, gen: _Generation) -> None:
     @app.post("/v1/completions", response_model=None)
     async def completions(body: api.CompletionRequest) -> Response | api.CompletionResponse:
         gen.check_model(body.model)
-        want_lp = body.logprobs is not None
+        want_lp, echo = body.logprobs is not None, Echo.of(body)
         prompts = [gen.prompt_ids(p) for p in body.prompts()]
         groups = gen.choices(body, prompts)
         if groups is not None:
             if body.stream:
-                events = choices.completion_sse(groups, model, want_lp, body.include_usage)
+                events = choices.completion_sse(groups, model, want_lp, body.include_usage, echo)
                 return StreamingResponse(events, headers=sse_headers(),
                                          media_type="text/event-stream")
-            return await choices.completion_response(groups, model, want_lp)
+            return await choices.completion_response(groups, model, want_lp, echo)
         stream = gen.stream(body, prompts[0])
         if body.stream:
-            events = responses.completion_sse(stream, model, want_lp, body.include_usage)
+            events = responses.completion_sse(stream, model, want_lp, body.include_usage, echo)
             return StreamingResponse(events, headers=sse_headers(), media_type="text/event-stream")
-        return await responses.completion_response(stream, model, want_lp)
+        return await responses.completion_response(stream, model, want_lp, echo)
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(body: api.ChatCompletionRequest) -> Response | api.ChatCompletionResponse:

@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from proxy import openai_api as api
+from proxy.echo import Echo
 from proxy.errors import ApiError, internal
 from proxy.responses import Delta, GenerationStream
 from proxy.sse import SSE_DONE, sse_error, sse_event
@@ -98,13 +99,16 @@ def _finish(groups: list[list[Choice]]) -> dict[int, str | None]:
     return {c.index: c.stream.finish_reason for g in groups for c in g}
 
 
-async def completion_response(groups: list[list[Choice]], model: str,
-                              want_logprobs: bool) -> api.CompletionResponse:
+async def completion_response(groups: list[list[Choice]], model: str, want_logprobs: bool,
+                              echo: Echo = Echo()) -> api.CompletionResponse:
     results, finish = await _collect(groups), _finish(groups)
     choices = [api.CompletionChoice(
         index=i, text=text, finish_reason=finish[i],  # type: ignore[arg-type]
         logprobs=api.CompletionLogprobs.build(lps) if want_logprobs else None)
         for i, (text, lps) in sorted(results.items())]
+    streams = {c.index: c.stream for g in groups for c in g}
+    for choice in choices:
+        echo.apply(choice, streams[choice.index])
     return api.CompletionResponse(id=f"cmpl-{uuid.uuid4().hex}", model=model, choices=choices,
                                   usage=_usage(groups))
 
@@ -122,11 +126,17 @@ async def chat_response(groups: list[list[Choice]], model: str,
 
 
 async def completion_sse(groups: list[list[Choice]], model: str, want_logprobs: bool,
-                         include_usage: bool) -> AsyncIterator[bytes]:
+                         include_usage: bool, echo: Echo = Echo()) -> AsyncIterator[bytes]:
     rid = f"cmpl-{uuid.uuid4().hex}"
     offsets = {c.index: 0 for g in groups for c in g}
+    streams, heads_due = {c.index: c.stream for g in groups for c in g}, set(offsets)
     try:
         async for i, d in merged(groups):
+            if echo.is_on and i in heads_due:  # the prompt part first
+                heads_due.discard(i)
+                head = echo.head(streams[i], i)
+                offsets[i] = len(head.text)
+                yield sse_event(api.CompletionResponse(id=rid, model=model, choices=[head]))
             lp = api.CompletionLogprobs.build(d.logprobs, offsets[i]) if want_logprobs else None
             offsets[i] += len(d.text)
             choice = api.CompletionChoice(index=i, text=d.text, logprobs=lp,

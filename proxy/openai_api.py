@@ -21,10 +21,9 @@ from pydantic_core import PydanticCustomError
 from engine.errors import RequestError
 from engine.sampling_params import SamplingParams
 from proxy.errors import context_length_exceeded, invalid_request
-from proxy.request_params import PenaltyParams
+from proxy.request_params import PenaltyParams, PromptList
 
 MAX_STOP_STRINGS = 4
-MAX_PROMPTS = 256  # prompts in one /v1/completions request
 MAX_TOP_LOGPROBS = 20
 MIN_LOGPROB = -9999.0  # what OpenAI sends instead of -inf
 ApiFinishReason = Literal["stop", "length"]  # what a client sees (an abort is an error)
@@ -92,7 +91,7 @@ class _RequestBase(PenaltyParams):
     @field_validator(*_NEUTRAL, check_fields=False)
     @classmethod
     def _check_neutral(cls, value: Any, info: ValidationInfo) -> Any:
-        neutral = cls._NEUTRAL[info.field_name or ""]
+        neutral = cls._NEUTRAL.get(info.field_name or "", value)  # a subclass may accept it
         if value is not None and value != neutral:
             raise _error(f"pdserve supports only {info.field_name}={neutral!r}", "unsupported")
         return value
@@ -104,44 +103,18 @@ class _RequestBase(PenaltyParams):
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
 
-class CompletionRequest(_RequestBase):
+class CompletionRequest(_RequestBase, PromptList):
     """`POST /v1/completions`. `prompt` ends up as a `str`, a list of token ids, or a list of
     several prompts of either kind (`prompts()`)."""
 
-    prompt: str | list[int] | list[str | list[int]]
+    _NEUTRAL: ClassVar[Mapping[str, Any]] = MappingProxyType(
+        {k: v for k, v in _RequestBase._NEUTRAL.items() if k != "echo"})
+
+    prompt: str | list[int] | list[str | list[int]]  # checked by PromptList
     max_tokens: int | None = Field(16, strict=True, ge=1)  # OpenAI's legacy default
     min_tokens: int = Field(0, strict=True, ge=0)
     logprobs: int | None = Field(None, strict=True, ge=0, le=MAX_TOP_LOGPROBS)
-
-    @field_validator("prompt", mode="before")
-    @classmethod
-    def _check_prompt(cls, value: Any) -> Any:
-        if not isinstance(value, list):
-            return value
-        if not value:
-            raise _error("prompt must not be empty")
-        if _is_ids(value):
-            return value
-        if not all(isinstance(x, str) or (isinstance(x, list) and _is_ids(x)) for x in value):
-            raise _error("prompt must be a string, a list of token ids, or a list of prompts "
-                         "(strings or non-empty lists of non-negative token ids)")
-        if len(value) > MAX_PROMPTS:
-            raise _error(f"at most {MAX_PROMPTS} prompts per request, got {len(value)}")
-        return value[0] if len(value) == 1 and isinstance(value[0], str) else value
-
-    def prompts(self) -> list[str | list[int]]:
-        """The prompts of the request (one unless `prompt` was a list of prompts)."""
-        p = self.prompt
-        if isinstance(p, str) or (p and isinstance(p[0], int)):
-            return [p]  # type: ignore[list-item]
-        return list(p)  # type: ignore[arg-type]
-
-
-def _is_ids(value: list[Any]) -> bool:
-    """A non-empty list of non-negative ints (bools are not token ids)."""
-    return bool(value) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0
-                               for x in value)
-
+    prompt_logprobs: int | None = Field(None, strict=True, ge=0, le=MAX_TOP_LOGPROBS)  # vLLM's
 
 class ChatMessage(BaseModel):
     """One message; list-of-parts content is joined into one string at validation."""
@@ -217,7 +190,11 @@ def to_sampling(request: CompletionRequest | ChatCompletionRequest, num_prompt_t
     `resolve_max_tokens`). Stop strings are not sampling: the proxy applies `request.stop`.
     """
     max_tokens, logprobs = request.max_tokens, request.logprobs
-    param = "prompt"
+    param, prompt_logprobs = "prompt", None
+    if isinstance(request, CompletionRequest):
+        prompt_logprobs = request.prompt_logprobs
+        if request.echo and logprobs is not None:  # echo + logprobs: the prompt's too
+            prompt_logprobs = max(prompt_logprobs or 0, logprobs)
     if isinstance(request, ChatCompletionRequest):
         max_tokens = request.max_completion_tokens or request.max_tokens
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
@@ -232,6 +209,7 @@ def to_sampling(request: CompletionRequest | ChatCompletionRequest, num_prompt_t
             ignore_eos=bool(request.ignore_eos),
             logprobs=logprobs,
             min_tokens=request.min_tokens,
+            prompt_logprobs=prompt_logprobs,
             **request.penalty_kwargs(),
         )
     except RequestError as e:
@@ -285,11 +263,14 @@ class TextLogprob:
     top_bytes: list[bytes] | None = None
 
 
-def _finite(logprob: float) -> float:
+def finite(logprob: float) -> float:
+    """A logprob as JSON can carry it (-inf is sent as MIN_LOGPROB, as OpenAI does)."""
     return logprob if math.isfinite(logprob) else MIN_LOGPROB
 
 
 class CompletionLogprobs(BaseModel):
+    """`token_logprobs` / `top_logprobs` are None for an echoed prompt's first token."""
+
     tokens: list[str] = []
     token_logprobs: list[float | None] = []
     top_logprobs: list[dict[str, float] | None] = []
@@ -300,8 +281,8 @@ class CompletionLogprobs(BaseModel):
         """`text_offset` is where the first token starts in the completion text so far."""
         offsets = list(accumulate((len(e.token) for e in entries), initial=text_offset))[:-1]
         return cls(tokens=[e.token for e in entries],
-                   token_logprobs=[_finite(e.logprob) for e in entries],
-                   top_logprobs=[{t: _finite(lp) for t, lp in e.top} for e in entries],
+                   token_logprobs=[finite(e.logprob) for e in entries],
+                   top_logprobs=[{t: finite(lp) for t, lp in e.top} for e in entries],
                    text_offset=offsets)
 
 
@@ -315,7 +296,7 @@ class TopLogprob(BaseModel):
            **extra: Any) -> "TopLogprob":
         """`raw`: the token's own bytes (a piece of a character is not its U+FFFD text)."""
         raw = token.encode() if raw is None else raw
-        return cls(token=token, logprob=_finite(logprob), bytes=list(raw), **extra)
+        return cls(token=token, logprob=finite(logprob), bytes=list(raw), **extra)
 
 
 class ChatLogprobToken(TopLogprob):
@@ -345,6 +326,7 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: ApiFinishReason | None = None
+    prompt_logprobs: list[dict[str, dict[str, Any]] | None] | None = _omitted_if_none()  # vLLM
 
 
 class CompletionResponse(_Response):

@@ -1,5 +1,6 @@
 """Request parameters that change the logits before sampling: `frequency_penalty`,
-`presence_penalty`, `repetition_penalty` and `logit_bias`, shared by both generation endpoints.
+`presence_penalty`, `repetition_penalty` and `logit_bias`, shared by both generation endpoints;
+and /v1/completions' `prompt` as one prompt or a list of them (`PromptList`).
 
 A pydantic mixin of `proxy/openai_api.py`'s request models: a bad value is a 400 naming the
 parameter (OpenAI's ranges: penalties in [-2, 2], bias values in [-100, 100] keyed by token id
@@ -16,6 +17,8 @@ from pydantic_core import PydanticCustomError
 
 from engine.sampling_params import MAX_LOGIT_BIAS_ENTRIES
 from proxy.errors import invalid_request
+
+MAX_PROMPTS = 256  # completions (prompts x n) in one request
 
 
 class PenaltyParams(BaseModel):
@@ -61,6 +64,41 @@ class PenaltyParams(BaseModel):
             if _token_id(key) >= vocab_size:
                 raise invalid_request(f"logit_bias token id {key} is outside the vocabulary "
                                       f"(0..{vocab_size - 1})", "logit_bias")
+
+
+class PromptList(BaseModel):
+    """`prompt`: a string, a list of token ids, or a list of prompts of either kind."""
+
+    prompt: str | list[int] | list[str | list[int]]
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _check_prompt(cls, value: Any) -> Any:
+        if not isinstance(value, list):
+            return value
+        if not value:
+            raise _error("prompt must not be empty")
+        if _is_ids(value):
+            return value
+        if not all(isinstance(x, str) or (isinstance(x, list) and _is_ids(x)) for x in value):
+            raise _error("prompt must be a string, a list of token ids, or a list of prompts "
+                         "(strings or non-empty lists of non-negative token ids)")
+        if len(value) > MAX_PROMPTS:
+            raise _error(f"at most {MAX_PROMPTS} prompts per request, got {len(value)}")
+        return value[0] if len(value) == 1 and isinstance(value[0], str) else value
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts of the request (one unless `prompt` was a list of prompts)."""
+        p = self.prompt
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            return [p]  # type: ignore[list-item]
+        return list(p)  # type: ignore[arg-type]
+
+
+def _is_ids(value: list[Any]) -> bool:
+    """A non-empty list of non-negative ints (bools are not token ids)."""
+    return bool(value) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0
+                               for x in value)
 
 
 def _token_id(key: str) -> int:

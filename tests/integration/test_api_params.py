@@ -5,9 +5,11 @@ parameters of issue 18 give the same outputs on both paths and the in-process en
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import openai
 import pytest
+import torch
 from serving import Server, serve
 
 from engine.config import EngineConfig
@@ -153,3 +155,39 @@ def test_models_retrieve_and_head_health(disagg: Server) -> None:
         r = c.post("/tokenize", json={"prompt": PROMPT})
         assert r.json()["count"] == len(r.json()["tokens"]) > 0
         assert c.post("/detokenize", json=r.json()).json()["prompt"] == PROMPT
+
+
+def test_echo_logprobs_equal_transformers_on_both_paths(
+        disagg: Server, colocated: Server, reference: LLMEngine, hf_smollm2_model: Any) -> None:
+    """lm-eval's log-likelihood request (a list of prompts, echo, logprobs=1, max_tokens=1):
+    the prompt tokens' logprobs are transformers' log-softmax on the same fp32 weights."""
+    prompts = ["The capital of France is Paris.", "def add(a, b):\n    return a + b"]
+    wants = []
+    for prompt in prompts:
+        ids = reference.tokenizer.encode(prompt)
+        with torch.no_grad():
+            lp = torch.log_softmax(hf_smollm2_model(torch.tensor([ids])).logits[0].float(), -1)
+        wants.append((ids, [lp[p, ids[p + 1]].item() for p in range(len(ids) - 1)], lp))
+    for server in (disagg, colocated):
+        got = client(server).completions.create(model="smollm2", prompt=prompts, echo=True,
+                                                logprobs=1, max_tokens=1, temperature=0)
+        for choice, prompt, (ids, want, _) in zip(got.choices, prompts, wants, strict=True):
+            assert choice.text.startswith(prompt) and len(choice.text) > len(prompt)
+            lps = choice.logprobs
+            assert lps is not None and len(lps.tokens) == len(ids) + 1
+            assert lps.token_logprobs[0] is None and lps.top_logprobs[0] is None
+            assert lps.token_logprobs[1:len(ids)] == pytest.approx(want, abs=1e-4)
+            assert "".join(lps.tokens) == choice.text
+    ids, want, lp = wants[0]
+    got = client(disagg).completions.create(model="smollm2", prompt=prompts[0], max_tokens=2,
+                                            temperature=0, extra_body={"prompt_logprobs": 2})
+    vllm = got.choices[0].model_extra["prompt_logprobs"]  # type: ignore[index]
+    assert vllm[0] is None and len(vllm) == len(ids)
+    entry = vllm[1][str(ids[1])]
+    assert entry["logprob"] == pytest.approx(want[0], abs=1e-4)
+    assert entry["rank"] == int((lp[0] > lp[0, ids[1]]).sum()) + 1
+    assert not got.choices[0].text.startswith(prompts[0])  # no echo asked for
+    chunks = list(client(disagg).completions.create(
+        model="smollm2", prompt=prompts[0], max_tokens=3, temperature=0, echo=True, stream=True))
+    assert chunks[0].choices[0].text == prompts[0]
+    assert disagg.wait_idle_blocks() == 0 and colocated.wait_idle_blocks() == 0

@@ -106,7 +106,7 @@ def test_bad_prompts(prompt: object, kind: str) -> None:
 
 
 @pytest.mark.parametrize("field, value", [
-    ("best_of", 3), ("echo", True), ("min_p", 0.1), ("suffix", "x"),
+    ("best_of", 3), ("min_p", 0.1), ("suffix", "x"),
     ("response_format", {"type": "json_object"}),
 ])
 def test_unsupported_values_name_the_parameter(field: str, value: object) -> None:
@@ -114,6 +114,16 @@ def test_unsupported_values_name_the_parameter(field: str, value: object) -> Non
         with pytest.raises(ValidationError) as exc:
             make(**{field: value})
         assert first_error(exc) == ((field,), "unsupported_value")
+
+
+def test_echo_is_for_completions_only() -> None:
+    assert completion(echo=True, logprobs=2).echo
+    assert sampling(completion(echo=True, logprobs=2)).prompt_logprobs == 2
+    assert sampling(completion(echo=True)).prompt_logprobs is None
+    assert sampling(completion(prompt_logprobs=0)).prompt_logprobs == 0
+    with pytest.raises(ValidationError) as exc:
+        chat(echo=True)
+    assert first_error(exc) == (("echo",), "unsupported_value")
 
 
 @pytest.mark.parametrize("field", ["tools", "functions"])
