@@ -191,3 +191,14 @@ def test_echo_logprobs_equal_transformers_on_both_paths(
         model="smollm2", prompt=prompts[0], max_tokens=3, temperature=0, echo=True, stream=True))
     assert chunks[0].choices[0].text == prompts[0]
     assert disagg.wait_idle_blocks() == 0 and colocated.wait_idle_blocks() == 0
+
+
+def test_client_leaving_a_multi_choice_stream_frees_every_block(disagg: Server) -> None:
+    body = {"prompt": [LONG_PROMPT, "Once upon a time"], "n": 3, "max_tokens": 200,
+            "ignore_eos": True, "stream": True, "prompt_logprobs": 1}
+    with disagg.client() as c, c.stream("POST", "/v1/completions", json=body) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: {") and '"index":5' in line:
+                break  # the last choice has started: leave with all six running
+    assert disagg.wait_idle_blocks() == 0
