@@ -186,7 +186,8 @@ class DecodeWorker(WorkerBase):
             self.local.discard(out.request_id)
         self.events.send(ev.Tokens(out.request_id, self.worker_id, out.new_token_ids,
                                    list(out.new_logprobs), out.finish_reason,
-                                   out.num_prompt_tokens, out.num_cached_tokens))
+                                   out.num_prompt_tokens, out.num_cached_tokens,
+                                   list(out.prompt_logprobs)))
 
     def _expire(self) -> None:
         now = time.monotonic()

@@ -49,6 +49,11 @@ class ServeConfig:
         "help": "No prefill workers: decode workers prefill locally (baseline)."})
     api_key: str | None = field(default=None, metadata={
         "help": "Require 'Authorization: Bearer KEY' on /v1/*."})
+    max_n: int = field(default=16, metadata={
+        "help": "Most choices (`n`) a request may ask for per prompt."})
+    allowed_origins: str = field(default="", metadata={
+        "help": "CORS: comma-separated origins browsers may call the API from, e.g. "
+                "'https://app.example.com' or '*' (default: none, no CORS headers)."})
     served_model_name: str | None = field(default=None, metadata={
         "help": "Model name in the API (default: the --model value)."})
     prefill_profile: str | None = field(default=None, metadata={
@@ -95,6 +100,8 @@ class ServeConfig:
             raise ConfigError("--worker-threads and --warmup-s must be 0 or more")
         if self.decode < 1:
             raise ConfigError("--decode must be at least 1")
+        if not 1 <= self.max_n <= 256:
+            raise ConfigError(f"--max-n must be in [1, 256], got {self.max_n}")
         if self.prefill < 0:
             raise ConfigError("--prefill must be 0 or more")
         if self.kv.transport == "nccl" and not torch.cuda.is_available():
@@ -110,6 +117,13 @@ class ServeConfig:
         names)."""
         return ([("prefill", f"prefill-{i}") for i in range(self.num_prefill)]
                 + [("decode", f"decode-{i}") for i in range(self.decode)])
+
+
+def proxy_config(serve: ServeConfig, name: str, max_model_len: int) -> ProxyConfig:
+    """The HTTP front end's settings from `pdserve serve`'s."""
+    origins = tuple(o.strip() for o in serve.allowed_origins.split(",") if o.strip())
+    return ProxyConfig(name, max_model_len, serve.api_key, allowed_origins=origins,
+                       max_n=serve.max_n)
 
 
 def load_tokenizer(model: str) -> Tokenizer:
@@ -196,7 +210,7 @@ class LocalDeployment:
             await self._wait_for_workers(cluster)
             tokenizer = load_tokenizer(self.engine.model)
             name = self.serve.served_model_name or self.engine.model
-            app = build_app(ProxyConfig(name, plan.max_model_len, self.serve.api_key), cluster,
+            app = build_app(proxy_config(self.serve, name, plan.max_model_len), cluster,
                             tokenizer, metrics)
             await self._run_http(app)
         finally:

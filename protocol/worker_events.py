@@ -67,6 +67,17 @@ class Tokens:
     finish_reason: FinishReason | None = None
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # local prefill, first event
+
+
+@dataclass(frozen=True)
+class PromptLogprobs:
+    """A prefill worker's prompt logprobs of a request that asked for them (entry e: prompt
+    token e + 1's), sent before its KV, so before the decode worker's first token."""
+
+    request_id: str
+    worker_id: str
+    logprobs: list[TokenLogprob]
 
 
 @dataclass(frozen=True)
@@ -94,4 +105,5 @@ class RequestFailed:
 
 
 WORKER_EVENTS = MessageFamily(
-    "workers->proxy", (Hello, Heartbeat, Reserved, Rejected, Tokens, PrefillDone, RequestFailed))
+    "workers->proxy", (Hello, Heartbeat, Reserved, Rejected, Tokens, PromptLogprobs, PrefillDone,
+                       RequestFailed))

@@ -147,12 +147,32 @@ class ClusterClient:
                 if isinstance(item, ApiError):
                     raise item
                 finished = item.finish_reason is not None
-                yield item
+                yield await self._with_prompt_logprobs(req, item)
         finally:
             self._forget(req)
             if not finished:
                 await self._send(req.decode_id, dmsg.Abort(request_id, "client"))
                 await self._send(req.prefill_id, pmsg.Abort(request_id, "client"))
+
+    async def _with_prompt_logprobs(self, req: RequestState, item: ev.Tokens) -> ev.Tokens:
+        """The first Tokens of a request that asked for prompt logprobs carries them: the
+        decode worker's (a local prefill), else the prefill worker's PromptLogprobs, waited
+        for (it was sent before the KV, but on another socket)."""
+        if req.params.prompt_logprobs is None or len(req.prompt_ids) < 2 \
+                or req.prompt_logprobs == []:  # none asked for, none to give, or given
+            return item
+        if item.prompt_logprobs:
+            req.prompt_logprobs = []
+            return item
+        if req.prompt_logprobs is None:
+            try:
+                await asyncio.wait_for(req.prompt_logprobs_arrived.wait(),
+                                       self.config.prefill_timeout_s)
+            except asyncio.TimeoutError:
+                raise ApiError(504, f"request {req.request_id}: the prompt logprobs did not "
+                               "arrive", "timeout_error", code="timeout") from None
+        logprobs, req.prompt_logprobs = req.prompt_logprobs or [], []  # given once
+        return replace(item, prompt_logprobs=logprobs)
 
     def _place(self, req: RequestState) -> dmsg.Reserve:
         """Where the prompt is prefilled (placement.py): the decode worker's Reserve says."""
@@ -257,6 +277,10 @@ class ClusterClient:
             err = overloaded(msg.retry_after_s, msg.reason) if msg.status == 503 else \
                 ApiError(msg.status, msg.reason, "invalid_request_error")
             req.queue.put_nowait(err)
+        elif isinstance(msg, ev.PromptLogprobs):
+            if req.prompt_logprobs is None:
+                req.prompt_logprobs = list(msg.logprobs)
+            req.prompt_logprobs_arrived.set()
         elif isinstance(msg, ev.PrefillDone):
             req.num_prefill_cached_tokens = msg.num_cached_tokens
             self.placer.on_prefill_done(req.request_id, msg.worker_id, msg.kv_bytes,
