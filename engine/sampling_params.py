@@ -7,22 +7,28 @@ so a decoded `SamplingParams` is checked exactly as one built in-process.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import types
+from dataclasses import dataclass, field
 
 from engine.errors import RequestError
+
+# Bounds the control plane's codec checks before building one (protocol/bounds.py: the same
+# keys; "max_model_len" and "vocab_size" are the receiving worker's own limits).
+_TOKEN_IDS = types.MappingProxyType({"lo": 0, "below": "vocab_size", "max_len": 1024})
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    max_tokens: int = 16
+    max_tokens: int = field(default=16, metadata={"hi": "max_model_len"})
     temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 or -1 = off
     seed: int | None = None
-    stop_token_ids: tuple[int, ...] = ()
+    stop_token_ids: tuple[int, ...] = field(default=(), metadata=_TOKEN_IDS)
     ignore_eos: bool = False
     logprobs: int | None = None  # top-n logprobs per generated token (0 = only the sampled one)
-    min_tokens: int = 0  # eos / stop ids do not end the sequence before this many tokens
+    # eos / stop ids do not end the sequence before this many tokens
+    min_tokens: int = field(default=0, metadata={"lo": 0, "hi": "max_model_len"})
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
