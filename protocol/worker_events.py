@@ -58,7 +58,8 @@ class Hello:
         if self.role not in ROLES:
             raise ValueError(f"role must be prefill or decode, got {self.role!r:.20}")
         _check_address("ctrl_address", self.ctrl_address)
-        _check_address("kv_address", self.kv_address)
+        if self.role == "decode":  # where prefill workers send KV (a prefill worker binds none)
+            _check_address("kv_address", self.kv_address)
 
     @property
     def identity(self) -> tuple[str, str, int, str, str]:
