@@ -78,7 +78,7 @@ class DecodeWorker(WorkerBase):
                 self.engine.prefill_locally(res.seq)
                 self.local.add(msg.request_id)
         elif isinstance(msg, ctrl.Abort):
-            if self._holds(msg.request_id):
+            if self.holds(msg.request_id):
                 self._abort(msg.request_id)
                 self.send_failed(msg.request_id, f"aborted: {msg.reason}", ErrorCode.ABORTED)
         elif isinstance(msg, ctrl.AbortAll):
@@ -94,7 +94,7 @@ class DecodeWorker(WorkerBase):
         """`msg.params` was validated by its constructor as the codec built it; the engine
         checks what it alone knows (length, blocks). A request id this worker already holds is
         rejected alone: the request that holds it is left as it is."""
-        if self._holds(msg.request_id):
+        if self.holds(msg.request_id):
             self._reject(msg.request_id, f"duplicate request id {msg.request_id!r}: this decode "
                          "worker already holds a request with it", status=400)
             return
@@ -118,7 +118,7 @@ class DecodeWorker(WorkerBase):
         self.pending[msg.request_id] = Pending(msg, time.monotonic() + msg.queue_timeout_s)
         self._admit_pending()
 
-    def _holds(self, request_id: str) -> bool:
+    def holds(self, request_id: str) -> bool:
         """Queued, reserved or running here."""
         return request_id in self.pending or request_id in self.reservations \
             or request_id in self.local
@@ -148,7 +148,7 @@ class DecodeWorker(WorkerBase):
         self.events.send(ev.Rejected(request_id, self.worker_id, reason, status, 1.0))
 
     def fail_request(self, request_id: str) -> bool:
-        held = self._holds(request_id)
+        held = self.holds(request_id)
         self._abort(request_id)
         return held
 

@@ -72,6 +72,9 @@ class PrefillWorker(WorkerBase):
             if self.engine.scheduler.abort(request_id) is not None:
                 del self.jobs[request_id]
 
+    def holds(self, request_id: str) -> bool:
+        return request_id in self.jobs
+
     def fail_request(self, request_id: str) -> bool:
         held = request_id in self.jobs
         self._abort(request_id)

@@ -107,10 +107,15 @@ class WorkerBase(abc.ABC):
     def send_failed(self, request_id: str, error: str, code: ErrorCode) -> None:
         self.events.send(ev.RequestFailed(request_id, self.worker_id, error, code))
 
+    def holds(self, request_id: str) -> bool:
+        """Whether a request with this id is queued, running or transferring here."""
+        return False
+
     def _on_malformed(self, e: MalformedMessage) -> None:
-        """A control frame naming a request did not decode: that request fails, typed."""
-        assert e.request_id is not None
-        self.send_failed(e.request_id, f"invalid message: {e}", ErrorCode.INVALID_REQUEST)
+        """A control frame naming a request did not decode: that request fails, typed (unless
+        the id names a request this worker holds: a bad frame does not end another's)."""
+        if e.request_id is not None and not self.holds(e.request_id):
+            self.send_failed(e.request_id, f"invalid message: {e}", ErrorCode.INVALID_REQUEST)
 
     def dispatch(self, msg: object) -> None:
         """`on_ctrl(msg)`, guarded: a handler that raises fails only its message's request."""
@@ -124,8 +129,10 @@ class WorkerBase(abc.ABC):
             if isinstance(rid, str):
                 try:
                     self.fail_request(rid)
-                finally:
-                    self.send_failed(rid, f"{type(e).__name__}: {e}", ErrorCode.INTERNAL)
+                except Exception as cleanup:
+                    self.log.error("fail_request", "freeing %s failed too (%s: %s)", rid,
+                                   type(cleanup).__name__, cleanup)
+                self.send_failed(rid, f"{type(e).__name__}: {e}", ErrorCode.INTERNAL)
 
     def guarded(self, work: Callable[[], None]) -> None:
         """`work()` (`do_work`, `on_kv`), guarded: a step that raises fails the requests it
@@ -137,7 +144,13 @@ class WorkerBase(abc.ABC):
             self.log.error("step", "a step failed (%s: %s); failing its requests",
                            type(e).__name__, e)
             log.debug("step failure", exc_info=True)
-            for rid in self.fail_step():
+            try:
+                failed = self.fail_step()
+            except Exception as cleanup:  # the engine is beyond repair: say so, keep serving
+                self.log.error("fail_step", "dropping the step's requests failed too (%s: %s)",
+                               type(cleanup).__name__, cleanup)
+                failed = []
+            for rid in failed:
                 self.send_failed(rid, f"engine step failed: {type(e).__name__}: {e}",
                                  ErrorCode.INTERNAL)
 
