@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import gc
 import types
 import typing
 from collections.abc import Mapping
@@ -337,6 +338,8 @@ class MessageFamily:
         if len(frame) > MAX_CTRL_BYTES:
             raise MalformedMessage(
                 f"{self.name}: frame of {len(frame)} bytes exceeds {MAX_CTRL_BYTES}")
+        was_collecting = gc.isenabled()
+        gc.disable()  # a frame of empty containers would run the collector again and again
         try:
             raw = msgpack.unpackb(frame, raw=False, strict_map_key=True,
                                   max_bin_len=MAX_CTRL_BYTES, max_str_len=MAX_STR_LEN,
@@ -344,6 +347,9 @@ class MessageFamily:
                                   max_ext_len=0)
         except Exception as e:  # msgpack raises several unrelated types
             raise MalformedMessage(f"{self.name}: not msgpack ({type(e).__name__}: {e})") from None
+        finally:
+            if was_collecting:
+                gc.enable()
         if not isinstance(raw, dict) or set(raw) != {"t", "v", "d"}:
             raise MalformedMessage(f"{self.name}: frame is not a {{t, v, d}} envelope")
         rid = raw["d"].get("request_id") if isinstance(raw["d"], dict) else None

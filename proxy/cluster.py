@@ -46,7 +46,7 @@ from proxy.router import LeastLoaded, NoWorkerAvailable, PrefixAware, RoundRobin
 
 log = logging.getLogger(__name__)
 
-EVENT_FRAME_BYTES = 256 << 10  # the largest worker event (a Heartbeat of 256 steps: ~30 KiB)
+EVENT_FRAME_BYTES = 64 << 10  # the largest worker event (a Heartbeat of 256 steps: ~15 KiB)
 MAX_ORPHANS = 4096  # request ids recently aborted for being unknown here
 
 
