@@ -48,7 +48,7 @@ class Hello:
     plan: str = bounded(max_len=MAX_TEXT_LEN)
     pid: int = bounded(lo=1, hi=1 << 31)
     host: str = bounded(max_len=MAX_ADDRESS_LEN)
-    model: str = bounded("", max_len=MAX_ADDRESS_LEN)
+    model: str = bounded("", max_len=MAX_TEXT_LEN)
     # its scheduler's token budget per step (0: unknown)
     max_num_batched_tokens: int = bounded(0, lo=0, hi=MAX_COUNT)
 
