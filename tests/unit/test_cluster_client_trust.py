@@ -119,3 +119,22 @@ def test_heartbeats_of_another_process_do_not_keep_a_dead_worker_alive() -> None
             await asyncio.sleep(0.1)
         assert not c.client.workers["d0"].is_alive
     run_cluster(body, heartbeat_timeout_s=1.0)
+
+
+def test_the_deadline_is_re_armed_at_every_stage_change() -> None:
+    """Each stage gets its own timeout from when it began: a request slower in total than any
+    one stage's timeout, but within each, is served."""
+    async def body(c: Cluster) -> None:
+        d = await c.worker("decode", "d0")
+        p = await c.worker("prefill", "p0")
+        stream = c.generate("r1")
+        await reserve_and_prefill(d, [p], "r1", [1, 2])
+        await asyncio.sleep(1.0)  # prefilling: half the prefill timeout
+        await d.say(tokens("r1", "d0", [1]))
+        for _ in range(2):
+            await asyncio.sleep(1.0)  # decoding: half the stream timeout between tokens
+            await d.say(tokens("r1", "d0", [2]))
+        await d.say(tokens("r1", "d0", [3], FinishReason.LENGTH))
+        out = await asyncio.wait_for(stream, WAIT_S)
+        assert [t.token_ids for t in out] == [[1], [2], [2], [3]]
+    run_cluster(body, prefill_timeout_s=2.0, stream_timeout_s=2.0)
