@@ -333,6 +333,7 @@ class ClusterClient:
         sock = self.ctx.socket(zmq.PUSH)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 10000)
+        sock.setsockopt(zmq.MAXMSGSIZE, EVENT_FRAME_BYTES)  # it receives nothing
         sock.connect(hello.ctrl_address)
         state = WorkerState(hello.worker_id, hello.role,  # type: ignore[arg-type]
                             hello.ctrl_address)
