@@ -118,7 +118,7 @@ def test_fuzzed_prefill_messages_never_escape_the_guards(proxy: FakeProxy,
         transfer_timeout_s=0.2)))
     spec = p.engine.plan.spec
     samples = [prefill("r", "d0", closed_port_address(), [1, 2, 3], spec),
-               dmsg.Abort("r"), dmsg.AbortAll()]
+               dmsg.Abort("r"), dmsg.AbortAll(), dmsg.Shutdown()]
 
     @FUZZ
     @given(st.lists(frames(p.ctrl.family, samples), min_size=1, max_size=3))
