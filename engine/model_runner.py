@@ -29,6 +29,8 @@ from engine.kv_layout import allocate_cache, copy_block
 from engine.kv_spec import KvLayout
 from engine.memory_plan import KvPlan
 from engine.model import LlamaForCausalLM
+from engine.penalties import apply_penalties
+from engine.prompt_logprobs import add_prompt_logprobs, wants_prompt_logprobs
 from engine.sampler import SampleResult, sample
 from engine.sequence import Sequence
 
@@ -195,7 +197,8 @@ class ModelRunner:
     def execute(self, batch: list[ScheduledSeq]) -> dict[str, SampleResult]:
         """Compute the batch's K/V; sample one token for every sequence the step completes.
 
-        Does not change the sequences: the caller advances `num_computed_tokens` and appends
+        Does not change the sequences (but for appending prompt logprobs, by position:
+        engine/prompt_logprobs.py): the caller advances `num_computed_tokens` and appends
         sampled tokens (so a failed step leaves them as they were). The only wait for the GPU
         is the sampler reading the tokens back.
         """
@@ -206,13 +209,27 @@ class ModelRunner:
             step = self._prepare(batch)
             # hidden: [T, hidden]
             hidden = self.model(step.input_ids, step.positions, self.kv_caches, step.meta)
+            self._prompt_logprobs(batch, hidden)
             if not step.done:
                 return {}
             # logits: [len(done), vocab]
             logits = self.model.compute_logits(hidden.index_select(0, step.logits_rows))
             seqs = [batch[i].seq for i in step.done]
-        results = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        params = [s.params for s in seqs]
+        processed = apply_penalties(logits, params, [s.token_ids for s in seqs],
+                                    [s.num_prompt_tokens for s in seqs])
+        results = sample(processed, params, [s.generator for s in seqs], raw_logits=logits)
         return {s.seq_id: r for s, r in zip(seqs, results, strict=True)}
+
+    def _prompt_logprobs(self, batch: list[ScheduledSeq], hidden: torch.Tensor) -> None:
+        rows, row0 = [], 0
+        for s in batch:
+            start = s.seq.num_computed_tokens
+            if wants_prompt_logprobs(s.seq, start, start + s.num_tokens):
+                rows.append((s.seq, row0, start, start + s.num_tokens))
+            row0 += s.num_tokens
+        if rows:
+            add_prompt_logprobs(self.model.compute_logits, hidden, rows)
 
     def _graph_logits(self, batch: list[ScheduledSeq],
                       use_graph: bool = True) -> torch.Tensor | None:

@@ -24,6 +24,7 @@ from tokenizers import Tokenizer as BackendTokenizer
 from engine import content_tokens
 from engine.config import ConfigError
 from engine.gguf_loader import GgufFile, read_gguf
+from engine.token_bytes import TokenBytes
 
 # Tokens that close a chat turn; when a template uses one, generation stops on it too.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>",
@@ -124,13 +125,15 @@ class Tokenizer:
                    special_tokens=special, extra_eos_ids=() if eot is None else (int(eot),))
 
     # ---- ids ----------------------------------------------------------------------------
-    def encode(self, text: str, parse_special: bool = True) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True,
+               parse_special: bool = True) -> list[int]:
         """Ids for `text`; special tokens written in the text map to their ids (with
         `parse_special=False`, they are encoded as the plain text they are). Adds BOS only
-        when the checkpoint's tokenizer does (its post-processor). Releases the GIL while it
-        encodes (`encode_batch` does; `encode` does not), so other threads run meanwhile."""
+        when the checkpoint's tokenizer does (its post-processor) and `add_special_tokens`.
+        Releases the GIL while it encodes (`encode_batch` does; `encode` does not), so other
+        threads run meanwhile."""
         backend = self.backend if parse_special else self._plain_backend
-        return backend.encode_batch([text], add_special_tokens=True)[0].ids
+        return backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     @cached_property
     def _plain_backend(self) -> BackendTokenizer:
@@ -158,6 +161,18 @@ class Tokenizer:
 
     def token_to_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        """The vocabulary's spelling of a token (e.g. 'Ġthe'), None outside it."""
+        return self.backend.id_to_token(token_id)
+
+    @cached_property
+    def _token_bytes(self) -> TokenBytes:
+        return TokenBytes(self.backend, {c: b for b, c in bytes_to_unicode().items()})
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The token's own bytes (a piece of a multi-byte character is its bytes, not U+FFFD)."""
+        return self._token_bytes(token_id)
 
     @property
     def vocab_size(self) -> int:

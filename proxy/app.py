@@ -1,8 +1,9 @@
 """The OpenAI-compatible HTTP front end (FastAPI): routes, auth, tokenization, length checks.
 
-Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health
-(503 when no decode worker is alive), GET /metrics (Prometheus), GET /status (topology; like
-/v1/*, it needs the API key when one is set). Every error is OpenAI-shaped JSON
+Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET|HEAD /health
+(503 when no decode worker is alive), GET /metrics (Prometheus), GET /status (topology); and
+proxy/extra_routes.py's GET /v1/models/{id}, POST /tokenize, POST /detokenize, CORS. /status,
+like /v1/*, needs the API key when one is set. Every error is OpenAI-shaped JSON
 (proxy/errors.py); `X-Request-Id` is echoed or generated. The HTTP limits (body size, prompt
 length, tokenizer threads, client disconnects) are proxy/limits.py, proxy/prompts.py and
 proxy/disconnect.py; timeouts and concurrency are the server's (proxy/http_server.py).
@@ -10,6 +11,7 @@ proxy/disconnect.py; timeouts and concurrency are the server's (proxy/http_serve
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import uuid
 from collections.abc import Awaitable, Callable
@@ -18,11 +20,13 @@ from dataclasses import dataclass, field
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from engine.sampling_params import choice_seed
 from protocol.rejections import Plane
+from proxy import choices, responses
 from proxy import openai_api as api
-from proxy import responses
 from proxy.cluster import ClusterClient
 from proxy.disconnect import until_disconnected
+from proxy.echo import Echo
 from proxy.errors import (
     ApiError,
     install_error_handlers,
@@ -30,6 +34,7 @@ from proxy.errors import (
     model_not_found,
     unauthorized,
 )
+from proxy.extra_routes import add_cors, add_extra_routes
 from proxy.limits import (
     BodyLimitMiddleware,
     HttpLimits,
@@ -39,6 +44,7 @@ from proxy.limits import (
 from proxy.metrics import ProxyMetrics
 from proxy.prompts import PromptEncoder
 from proxy.prompts import PromptTokenizer as ChatTokenizer
+from proxy.request_params import MAX_PROMPTS
 from proxy.sse import sse_headers
 
 
@@ -47,6 +53,8 @@ class ProxyConfig:
     model_name: str
     max_model_len: int
     api_key: str | None = None
+    allowed_origins: tuple[str, ...] = ()  # CORS: origins browsers may call from (none: off)
+    max_n: int = 16  # most choices (`n`) per prompt
     limits: HttpLimits = field(default_factory=HttpLimits)
 
 
@@ -58,6 +66,9 @@ def build_app(config: ProxyConfig, cluster: ClusterClient, tokenizer: ChatTokeni
     app.add_middleware(BodyLimitMiddleware, limits=config.limits,  # type: ignore[arg-type]
                        on_reject=http_rejections(metrics))  # outermost: before auth and routes
     _add_views(app, config, cluster, metrics)
+    add_extra_routes(app, config.model_name, config.max_model_len,
+                     tokenizer)  # type: ignore[arg-type]
+    add_cors(app, config.allowed_origins)
     prompts = PromptEncoder(tokenizer, config.max_model_len, config.limits)
     _add_generation(app, _Generation(config, cluster, tokenizer, metrics, prompts))
     return app
@@ -74,8 +85,8 @@ def _add_request_id_and_auth(app: FastAPI, config: ProxyConfig) -> None:
             request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         rid = request.headers.get("x-request-id") or uuid.uuid4().hex
         request.state.request_id = rid
-        path = request.url.path
-        if config.api_key and (path.startswith("/v1/") or path == "/status"):
+        if config.api_key and (request.url.path.startswith("/v1/")
+                               or request.url.path in ("/tokenize", "/detokenize", "/status")):
             given = request.headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {config.api_key}".encode()):
                 response: Response = unauthorized().to_response()
@@ -88,7 +99,7 @@ def _add_request_id_and_auth(app: FastAPI, config: ProxyConfig) -> None:
 
 def _add_views(app: FastAPI, config: ProxyConfig, cluster: ClusterClient,
                metrics: ProxyMetrics) -> None:
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> JSONResponse:
         decode, prefill = cluster.alive("decode"), cluster.alive("prefill")
         body = {"status": "ok" if decode else "unavailable", "decode_workers": len(decode),
@@ -132,15 +143,34 @@ class _Generation:
             raise model_not_found(body.model, [self.config.model_name])
 
     def stream(self, body: api.CompletionRequest | api.ChatCompletionRequest,
-               prompt_ids: list[int]) -> responses.GenerationStream:
+               prompt_ids: list[int], choice: int = 0) -> responses.GenerationStream:
         if not prompt_ids:
             param = "prompt" if isinstance(body, api.CompletionRequest) else "messages"
             raise invalid_request("the prompt is empty", param)
+        body.check_logit_bias_vocab(self.tokenizer.vocab_size)  # type: ignore[attr-defined]
         params = api.to_sampling(body, len(prompt_ids), self.config.max_model_len)
+        if choice:
+            params = dataclasses.replace(params, seed=choice_seed(params.seed, choice))
         # Internal id: unique even when clients reuse an X-Request-Id.
         return responses.GenerationStream(self.cluster, self.tokenizer, self.metrics,
                                           uuid.uuid4().hex, prompt_ids, params,
                                           list(body.stop or []))
+
+    def choices(self, body: api.CompletionRequest | api.ChatCompletionRequest,
+                prompts: list[list[int]]) -> list[list[choices.Choice]] | None:
+        """One group of `n` choices per prompt (index i * n + j), or None for a request of
+        one prompt and one choice (the plain path)."""
+        n = body.n or 1
+        if n > self.config.max_n:
+            raise invalid_request(f"n must be at most {self.config.max_n} (--max-n), got {n}",
+                                  "n")
+        if len(prompts) * n > MAX_PROMPTS:
+            raise invalid_request(f"{len(prompts)} prompts x n={n} choices is more than "
+                                  f"{MAX_PROMPTS} completions in one request", "n")
+        if len(prompts) == 1 and n == 1:
+            return None
+        return [[choices.Choice(i * n + j, self.stream(body, ids, j)) for j in range(n)]
+                for i, ids in enumerate(prompts)]
 
 
 def _add_generation(app: FastAPI, gen: _Generation) -> None:
@@ -150,20 +180,38 @@ def _add_generation(app: FastAPI, gen: _Generation) -> None:
     async def completions(body: api.CompletionRequest,
                           request: Request) -> Response | api.CompletionResponse:
         gen.check(body, await request.body())
-        ids = await gen.prompts.completion_ids(body.prompt)
-        stream, want_lp = gen.stream(body, ids), body.logprobs is not None
+        want_lp, echo = body.logprobs is not None, Echo.of(body)
+        prompts = [await gen.prompts.completion_ids(p) for p in body.prompts()]
+        groups = gen.choices(body, prompts)
+        if groups is not None:
+            if body.stream:
+                events = choices.completion_sse(groups, model, want_lp, body.include_usage, echo)
+                return StreamingResponse(events, headers=sse_headers(),
+                                         media_type="text/event-stream")
+            return await until_disconnected(
+                request, choices.completion_response(groups, model, want_lp, echo))
+        stream = gen.stream(body, prompts[0])
         if body.stream:
-            events = responses.completion_sse(stream, model, want_lp, body.include_usage)
+            events = responses.completion_sse(stream, model, want_lp, body.include_usage, echo)
             return StreamingResponse(events, headers=sse_headers(), media_type="text/event-stream")
-        return await until_disconnected(request,
-                                        responses.completion_response(stream, model, want_lp))
+        return await until_disconnected(
+            request, responses.completion_response(stream, model, want_lp, echo))
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(body: api.ChatCompletionRequest,
                    request: Request) -> Response | api.ChatCompletionResponse:
         gen.check(body, await request.body())
-        ids = await gen.prompts.chat_ids(body.template_messages())
-        stream, want_lp = gen.stream(body, ids), bool(body.logprobs)
+        prompt_ids = await gen.prompts.chat_ids(body.template_messages())
+        want_lp = bool(body.logprobs)
+        groups = gen.choices(body, [prompt_ids])
+        if groups is not None:
+            if body.stream:
+                events = choices.chat_sse(groups, model, want_lp, body.include_usage)
+                return StreamingResponse(events, headers=sse_headers(),
+                                         media_type="text/event-stream")
+            return await until_disconnected(
+                request, choices.chat_response(groups, model, want_lp))
+        stream = gen.stream(body, prompt_ids)
         if body.stream:
             events = responses.chat_sse(stream, model, want_lp, body.include_usage)
             return StreamingResponse(events, headers=sse_headers(), media_type="text/event-stream")

@@ -20,6 +20,8 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic_core import PydanticCustomError
+
 from proxy.errors import ApiError
 
 Scope = MutableMapping[str, Any]
@@ -124,6 +126,16 @@ def _surrogate_keys(value: object) -> list[str | int] | None:
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
+MAX_MESSAGES = 2048  # per chat request
+
+
+def check_num_messages(cls: type, value: Any) -> Any:
+    """Before-validator of a chat request's `messages`: more than `MAX_MESSAGES` is refused
+    before any message is validated (validating 100k tiny messages would hold the loop)."""
+    if isinstance(value, list) and len(value) > MAX_MESSAGES:
+        raise PydanticCustomError("invalid_value", "{message}", {
+            "message": f"at most {MAX_MESSAGES} messages are allowed, got {len(value)}"})
+    return value
 _ESCAPED_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 

@@ -33,7 +33,8 @@ class PromptTokenizer(TokenDecoder, Protocol):
     @property
     def max_token_bytes(self) -> int: ...
 
-    def encode(self, text: str, parse_special: bool = True) -> list[int]: ...  # type: ignore[override]
+    def encode(self, text: str, add_special_tokens: bool = True,  # type: ignore[override]
+               parse_special: bool = True) -> list[int]: ...
 
     def encode_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
                     special_in_content: bool = False) -> list[int]: ...
@@ -54,7 +55,8 @@ class PromptEncoder:
         if isinstance(prompt, str):
             self._check_chars(len(prompt), "prompt")
             parse = self.limits.allow_special_tokens_in_prompt
-            return await self._run(lambda: self.tokenizer.encode(prompt, parse), "prompt")
+            return await self._run(lambda: self.tokenizer.encode(prompt, parse_special=parse),
+                                   "prompt")
         if len(prompt) >= self.max_model_len:
             raise context_length_exceeded(len(prompt), None, self.max_model_len)
         vocab = self.tokenizer.vocab_size

@@ -73,9 +73,10 @@ def test_prompt_encoder_caps_and_runs_off_the_loop(tok: Tokenizer) -> None:
     seen_threads: list[str] = []
 
     class Spy(Tokenizer):
-        def encode(self, text: str, parse_special: bool = True) -> list[int]:
+        def encode(self, text: str, add_special_tokens: bool = True,
+                   parse_special: bool = True) -> list[int]:
             seen_threads.append(threading.current_thread().name)
-            return super().encode(text, parse_special)
+            return super().encode(text, add_special_tokens, parse_special)
 
     spy = Spy(tok.backend, chat_template=tok.chat_template, special_tokens=tok.special_tokens)
     encoder = PromptEncoder(spy, max_model_len=64, limits=HttpLimits(tokenizer_threads=1))

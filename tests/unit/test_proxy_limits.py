@@ -154,7 +154,8 @@ def test_keep_alive_requests_get_a_fresh_header_deadline(
 def test_too_many_messages_are_refused_before_each_is_validated() -> None:
     from pydantic import ValidationError
 
-    from proxy.openai_api import MAX_MESSAGES, ChatCompletionRequest
+    from proxy.limits import MAX_MESSAGES
+    from proxy.openai_api import ChatCompletionRequest
 
     messages = [{"role": "user", "content": "x"}] * MAX_MESSAGES
     assert len(ChatCompletionRequest(messages=messages).messages) == MAX_MESSAGES
