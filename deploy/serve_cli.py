@@ -10,6 +10,7 @@ from deploy.local_launcher import LocalDeployment, ServeConfig
 from deploy.ray_config import RayConfig
 from engine.config import ConfigError, EngineConfig
 from worker.args import add_dataclass_args, dataclass_from_args
+from worker.main import refuse_tensor_parallel
 
 
 def add_serve_parser(sub: argparse._SubParsersAction) -> None:
@@ -41,6 +42,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     serve = dataclass_from_args(ServeConfig, args)
     engine = dataclass_from_args(EngineConfig, args)
     ray_config = dataclass_from_args(RayConfig, args)
+    refuse_tensor_parallel(engine)
     if args.ray:
         from deploy.ray_launcher import RayDeployment
         try:

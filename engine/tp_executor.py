@@ -110,6 +110,8 @@ class TpExecutor:
             with contextlib.suppress(TpError):
                 self.tp.broadcast_host(stop_header())
         for proc in self.procs:
+            if self.tp.is_broken or self.tp.is_single:  # no STOP was sent: do not wait for one
+                proc.terminate()
             proc.join(STOP_GRACE_S)
             if proc.is_alive():
                 proc.terminate()
