@@ -42,7 +42,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     serve = dataclass_from_args(ServeConfig, args)
     engine = dataclass_from_args(EngineConfig, args)
     ray_config = dataclass_from_args(RayConfig, args)
-    refuse_tensor_parallel(engine)
+    if not serve.colocated:
+        refuse_tensor_parallel(engine)
     if args.ray:
         from deploy.ray_launcher import RayDeployment
         try:

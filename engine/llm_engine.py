@@ -105,6 +105,13 @@ class LLMEngine:
                  config.tensor_parallel_size)
         return engine
 
+    @property
+    def rank_pids(self) -> list[int]:
+        """The pid of every tensor-parallel rank, rank 0 (this process) first."""
+        import os
+
+        return [os.getpid(), *(self.executor.pids if self.executor else [])]
+
     def close(self) -> None:
         """Stop the other tensor-parallel ranks (nothing to do without TP); idempotent."""
         if self.executor is not None:
@@ -181,6 +188,9 @@ class LLMEngine:
         """
         if request_id in self._seqs:
             raise EngineError(f"duplicate request id {request_id!r}")
+        if not self.runner.tp.is_single:  # its other ranks' heads would never be written
+            raise EngineError(f"this engine is tensor parallel ({self.runner.tp.size} ranks) and "
+                              "takes no KV from a prefill worker yet; serve it --colocated")
         seq = Sequence(request_id, list(prompt_ids), params)
         self.scheduler.check_admissible(seq)
         if not self.cache.can_allocate(seq, use_prefix_cache=False):

@@ -24,6 +24,7 @@ class Hello:
     host: str
     model: str = ""
     max_num_batched_tokens: int = 0  # its scheduler's token budget per step (0: unknown)
+    rank_pids: list[int] = field(default_factory=list)  # tensor-parallel ranks: pid of each
 
 
 @dataclass(frozen=True)
