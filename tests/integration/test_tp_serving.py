@@ -63,4 +63,4 @@ def test_tp3_colocated_worker_serves_tp1_tokens_and_fails_cleanly_on_rank_death(
     assert elapsed < FAIL_BOUND_S
     assert events[-1] == "[DONE]"
     errors = [e for e in events if isinstance(e, dict) and "error" in e]
-    assert errors, json.dumps(events[-3:])
+    assert errors and errors[-1]["error"]["code"] == "worker_lost", json.dumps(events[-3:])
