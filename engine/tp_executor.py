@@ -58,6 +58,7 @@ def share_cpu_threads(size: int) -> None:
 class TpExecutor:
     def __init__(self, tp: TpGroup, procs: list[BaseProcess]) -> None:
         self.tp, self.procs = tp, procs
+        self.num_threads = torch.get_num_threads()  # restored at shutdown
 
     @classmethod
     def start(cls, config: EngineConfig) -> TpExecutor:
@@ -73,9 +74,9 @@ class TpExecutor:
             procs.append(proc)
         log.info("tensor parallel: started ranks 1..%d (pids %s), store on %s:%d", size - 1,
                  [p.pid for p in procs], HOST, store.port)
+        executor = cls(TpGroup.single(), procs)
         if config.torch_device.type == "cpu":
             share_cpu_threads(size)
-        executor = cls(TpGroup.single(), procs)
         try:
             executor.wait_started(store, timeout)
             executor.tp = TpGroup.join(0, size, store.port, config.torch_device, timeout,
@@ -121,6 +122,7 @@ class TpExecutor:
                 proc.join()
         self.procs = []
         self.tp.destroy()
+        torch.set_num_threads(self.num_threads)
 
 
 def serve_steps(runner: ModelRunner, tp: TpGroup) -> None:
