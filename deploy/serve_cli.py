@@ -10,7 +10,6 @@ from deploy.local_launcher import LocalDeployment, ServeConfig
 from deploy.ray_config import RayConfig
 from engine.config import ConfigError, EngineConfig
 from worker.args import add_dataclass_args, dataclass_from_args
-from worker.main import refuse_tensor_parallel
 
 
 def add_serve_parser(sub: argparse._SubParsersAction) -> None:
@@ -42,9 +41,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     serve = dataclass_from_args(ServeConfig, args)
     engine = dataclass_from_args(EngineConfig, args)
     ray_config = dataclass_from_args(RayConfig, args)
-    if not serve.colocated:
-        refuse_tensor_parallel(engine)
+    serve.check_tp(engine.tensor_parallel_size)
     if args.ray:
+        if serve.tp_of("decode", engine.tensor_parallel_size) > 1:
+            raise ConfigError("--tensor-parallel-size / --decode-tp: the Ray launcher does not "
+                              "start tensor-parallel workers yet; run without --ray")
         from deploy.ray_launcher import RayDeployment
         try:
             return RayDeployment(serve, engine, ray_config, args.log_level).run()
