@@ -2,8 +2,10 @@
 
 Start-up order: check the KV plan (fails fast, before any weight is read), bind the proxy's
 event socket, start the workers (each prints its plan and address as it comes up), wait for
-all of them to say Hello, then bind HTTP and print the URL. Ctrl-C or SIGTERM stops the HTTP
-server, tells every worker to shut down, and terminates any that do not exit in time.
+all of them to say Hello, then bind HTTP and print the URL. While serving, a worker that exits
+is reaped and started again (`--max-restarts`, deploy/worker_supervisor.py). Ctrl-C or SIGTERM
+stops the HTTP server, tells every worker to shut down, and terminates any that do not exit in
+time.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from dataclasses import dataclass, field
 import torch
 import uvicorn
 
+from deploy.worker_net import WorkerNetConfig
+from deploy.worker_supervisor import WorkerSupervisor
 from engine.checkpoint import read_model_config, resolve_model_path
 from engine.config import ConfigError, EngineConfig
 from engine.memory_plan import plan_kv_cache
@@ -48,6 +52,11 @@ class ServeConfig:
         "help": "No prefill workers: decode workers prefill locally (baseline)."})
     api_key: str | None = field(default=None, metadata={
         "help": "Require 'Authorization: Bearer KEY' on /v1/*."})
+    max_n: int = field(default=16, metadata={
+        "help": "Most choices (`n`) a request may ask for per prompt."})
+    allowed_origins: str = field(default="", metadata={
+        "help": "CORS: comma-separated origins browsers may call the API from, e.g. "
+                "'https://app.example.com' or '*' (default: none, no CORS headers)."})
     served_model_name: str | None = field(default=None, metadata={
         "help": "Model name in the API (default: the --model value)."})
     prefill_profile: str | None = field(default=None, metadata={
@@ -85,6 +94,7 @@ class ServeConfig:
         "help": "Seconds of synthetic requests each worker runs at start-up to seed the "
                 "placement cost models (0: none)."})
     kv: KvTransportConfig = field(default_factory=KvTransportConfig)  # flags: worker/config.py
+    net: WorkerNetConfig = field(default_factory=WorkerNetConfig)  # flags: deploy/worker_net.py
 
     def __post_init__(self) -> None:
         if self.placement not in PLACEMENTS:
@@ -102,6 +112,8 @@ class ServeConfig:
         for flag, tp in (("--prefill-tp", self.prefill_tp), ("--decode-tp", self.decode_tp)):
             if tp is not None and tp < 1:
                 raise ConfigError(f"{flag} must be at least 1, got {tp}")
+        if not 1 <= self.max_n <= 256:
+            raise ConfigError(f"--max-n must be in [1, 256], got {self.max_n}")
         if self.prefill < 0:
             raise ConfigError("--prefill must be 0 or more")
         if self.kv.transport == "nccl" and not torch.cuda.is_available():
@@ -136,6 +148,13 @@ class ServeConfig:
                 + [("decode", f"decode-{i}") for i in range(self.decode)])
 
 
+def proxy_config(serve: ServeConfig, name: str, max_model_len: int) -> ProxyConfig:
+    """The HTTP front end's settings from `pdserve serve`'s."""
+    origins = tuple(o.strip() for o in serve.allowed_origins.split(",") if o.strip())
+    return ProxyConfig(name, max_model_len, serve.api_key, allowed_origins=origins,
+                       max_n=serve.max_n)
+
+
 def load_tokenizer(model: str) -> Tokenizer:
     path = resolve_model_path(model)
     return Tokenizer.from_gguf(path) if path.is_file() else Tokenizer.from_hf_dir(path)
@@ -146,8 +165,9 @@ def worker_command(role: str, worker_id: str, events_address: str, serve: ServeC
                    cpus: str = "") -> list[str]:
     profile = serve.prefill_profile if role == "prefill" else serve.decode_profile
     tp = serve.prefill_tp if role == "prefill" else serve.decode_tp
-    cmd = [sys.executable, "-m", role, "--worker-id", worker_id,
-           "--events-address", events_address, "--host", serve.host, "--device", device,
+    cmd = [*serve.net.prefix(role), sys.executable, "-m", role, "--worker-id", worker_id,
+           "--events-address", events_address, "--host", serve.net.host(role, serve.host),
+           "--device", device,
            "--num-threads", str(num_threads), "--warmup-s", str(serve.warmup_s),
            *(["--cpu-affinity", cpus] if cpus else []), *dataclass_to_args(serve.kv),
            *engine_args, *(["--tensor-parallel-size", str(tp)] if tp else [])]
@@ -188,24 +208,30 @@ def worker_devices(widths: list[int], count: int) -> list[str]:
 
 
 class LocalDeployment:
-    def __init__(self, serve: ServeConfig, engine: EngineConfig, engine_args: list[str]) -> None:
+    def __init__(self, serve: ServeConfig, engine: EngineConfig, engine_args: list[str],
+                 max_restarts: int = 3) -> None:
         self.serve, self.engine, self.engine_args = serve, engine, engine_args
+        self.max_restarts = max_restarts
         self.procs: dict[str, subprocess.Popen] = {}
+        self.commands: dict[str, list[str]] = {}
 
     def start_workers(self, events_address: str) -> None:
         roles = self.serve.worker_ids()
         cpus, threads = worker_cpus(self.serve, len(roles))
-        # Idle OpenMP threads must sleep, not spin: on a small machine spinning workers starve
-        # the proxy and each other (measured: colocated TTFT 2.5 s -> 0.5 s on 2 cores).
-        env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ}
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         widths = [self.serve.tp_of(role, self.engine.tensor_parallel_size) for role, _ in roles]
         devices = worker_devices(widths, count)
         for (role, wid), device, cores in zip(roles, devices, cpus, strict=True):
-            cmd = worker_command(role, wid, events_address, self.serve, self.engine_args, device,
-                                 threads, cores)
-            self.procs[wid] = subprocess.Popen(cmd, env=env)
+            self.commands[wid] = worker_command(role, wid, events_address, self.serve,
+                                                self.engine_args, device, threads, cores)
+            self.procs[wid] = self.start_worker(wid)
             log.info("started %s worker %s (pid %d) on %s", role, wid, self.procs[wid].pid, device)
+
+    def start_worker(self, worker_id: str) -> subprocess.Popen:
+        # Idle OpenMP threads must sleep, not spin: on a small machine spinning workers starve
+        # the proxy and each other (measured: colocated TTFT 2.5 s -> 0.5 s on 2 cores).
+        env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ}
+        return subprocess.Popen(self.commands[worker_id], env=env)
 
     def stop_workers(self, timeout_s: float = 10.0) -> None:
         for p in self.procs.values():
@@ -232,9 +258,14 @@ class LocalDeployment:
             await self._wait_for_workers(cluster)
             tokenizer = load_tokenizer(self.engine.model)
             name = self.serve.served_model_name or self.engine.model
-            app = build_app(ProxyConfig(name, plan.max_model_len, self.serve.api_key), cluster,
+            app = build_app(proxy_config(self.serve, name, plan.max_model_len), cluster,
                             tokenizer, metrics)
-            await self._run_http(app)
+            supervisor = WorkerSupervisor(self.procs, self.start_worker, self.max_restarts)
+            supervise = asyncio.create_task(supervisor.run())
+            try:
+                await self._run_http(app)
+            finally:
+                supervise.cancel()
         finally:
             await cluster.close()
             self.stop_workers()

@@ -30,9 +30,9 @@ from typing import Any, TypeVar
 
 import uvicorn
 
-from deploy.local_launcher import ServeConfig, cluster_config, load_tokenizer
+from deploy.local_launcher import ServeConfig, cluster_config, load_tokenizer, proxy_config
 from deploy.ray_worker import setup_actor_logging, where_am_i
-from proxy.app import ProxyConfig, build_app
+from proxy.app import build_app
 from proxy.cluster import ClusterClient
 from proxy.metrics import ProxyMetrics
 
@@ -156,7 +156,7 @@ class ProxyActor:
         use. Records both ports for a restart."""
         assert self.cluster is not None, "start_cluster() first"
         name = self.serve.served_model_name or self.model
-        app = build_app(ProxyConfig(name, self.max_model_len, self.serve.api_key), self.cluster,
+        app = build_app(proxy_config(self.serve, name, self.max_model_len), self.cluster,
                         load_tokenizer(self.model), self.metrics)
         host = self.serve.host
         sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)

@@ -1,13 +1,16 @@
-"""`pdserve serve`: flags from ServeConfig + EngineConfig; local processes or a Ray cluster."""
+"""`pdserve serve`: flags from ServeConfig + EngineConfig; local processes or a Ray cluster.
+`--max-restarts` applies to both: Ray restarts dead actors, the local launcher dead processes."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import sys
+from dataclasses import replace
 
 from deploy.local_launcher import LocalDeployment, ServeConfig
 from deploy.ray_config import RayConfig
+from deploy.worker_net import WorkerNetConfig
 from engine.config import ConfigError, EngineConfig
 from worker.args import add_dataclass_args, dataclass_from_args
 
@@ -42,6 +45,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     engine = dataclass_from_args(EngineConfig, args)
     ray_config = dataclass_from_args(RayConfig, args)
     serve.check_tp(engine.tensor_parallel_size)
+    if args.ray and serve.net != WorkerNetConfig():
+        raise ConfigError("--prefill/--decode-host and -netns place local workers; on Ray each "
+                          "worker binds its node's address")
     if args.ray:
         if serve.tp_of("decode", engine.tensor_parallel_size) > 1:
             raise ConfigError("--tensor-parallel-size / --decode-tp: the Ray launcher does not "
@@ -52,9 +58,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         except (RuntimeError, TimeoutError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
-    if ray_config != RayConfig():
-        raise ConfigError("the Ray flags (--address, --max-restarts, --proxy-node, ...) need --ray")
-    deployment = LocalDeployment(serve, engine, engine_args(args))
+    if replace(ray_config, max_restarts=RayConfig.max_restarts) != RayConfig():
+        raise ConfigError("the Ray flags (--address, --proxy-node, ...) need --ray")
+    deployment = LocalDeployment(serve, engine, engine_args(args), ray_config.max_restarts)
     try:
         asyncio.run(deployment.serve_forever())
     except KeyboardInterrupt:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -47,6 +47,7 @@ class RequestOutput:
     num_prompt_tokens: int
     num_cached_tokens: int
     error: str | None = None
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # with the first output
 
 
 def _set_cuda_device(config: EngineConfig) -> None:
@@ -72,7 +73,8 @@ class LLMEngine:
                                     config.enable_prefix_caching)
         eos = tuple(checkpoint.tokenizer.eos_token_ids) or checkpoint.config.eos_token_ids
         self.scheduler = Scheduler(
-            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, plan.max_model_len),
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, plan.max_model_len,
+                            checkpoint.config.vocab_size),
             self.cache, eos)
         self._seqs: dict[str, Sequence] = {}
         self._num_emitted: dict[str, int] = {}
@@ -127,6 +129,9 @@ class LLMEngine:
             raise EngineError(f"duplicate request id {request_id!r}")
         if prefill_chunk < 0:
             raise RequestError(f"prefill chunk must be >= 0, got {prefill_chunk}")
+        if params.prompt_logprobs is not None and not self.runner.tp.is_single:
+            raise RequestError(f"prompt_logprobs is not supported yet by a tensor-parallel "
+                               f"engine (--tensor-parallel-size {self.runner.tp.size})")
         seq = Sequence(request_id, list(prompt_ids), params, prefill_chunk=prefill_chunk)
         self.scheduler.add(seq)  # raises RequestError for a request that can never run
         self._seqs[request_id] = seq
@@ -175,7 +180,8 @@ class LLMEngine:
             self._num_emitted.pop(seq.seq_id, None)
         return RequestOutput(seq.seq_id, new, seq.logprobs[emitted:emitted + len(new)],
                              seq.is_finished, seq.finish_reason, seq.num_prompt_tokens,
-                             seq.num_cached_tokens)
+                             seq.num_cached_tokens,
+                             prompt_logprobs=seq.prompt_logprobs if emitted == 0 and new else [])
 
     # ---- disaggregated decode: reservations filled by a prefill worker ---------------------
     def reserve(self, request_id: str, prompt_ids: list[int],

@@ -35,6 +35,8 @@ from engine.kv_layout import allocate_cache, copy_block
 from engine.kv_spec import KvLayout
 from engine.memory_plan import KvPlan
 from engine.model import LlamaForCausalLM
+from engine.penalties import apply_penalties
+from engine.prompt_logprobs import add_prompt_logprobs, wants_prompt_logprobs
 from engine.sampler import SampleResult, sample
 from engine.sequence import Sequence
 from engine.step_inputs import StepInputs, copy_blocks_message
@@ -213,7 +215,8 @@ class ModelRunner:
     def execute(self, batch: list[ScheduledSeq]) -> dict[str, SampleResult]:
         """Compute the batch's K/V; sample one token for every sequence the step completes.
 
-        Does not change the sequences: the caller advances `num_computed_tokens` and appends
+        Does not change the sequences (but for appending prompt logprobs, by position:
+        engine/prompt_logprobs.py): the caller advances `num_computed_tokens` and appends
         sampled tokens (so a failed step leaves them as they were). The only wait for the GPU
         is the sampler reading the tokens back.
         """
@@ -225,24 +228,45 @@ class ModelRunner:
             if not self.tp.is_single:
                 self.tp.broadcast_host(inputs.header())
                 self.tp.broadcast_host(inputs.payload())
-            logits = self.run_step(inputs)
+            step, hidden = self._forward(inputs)
+            if self.tp.is_single:  # a TP engine refuses prompt logprobs (LLMEngine.add_request)
+                self._prompt_logprobs(batch, hidden)
+            logits = self._logits(step, hidden)
             if logits is None:
                 return {}
             seqs = [s.seq for s in batch if s.completes]
-        results = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        params = [s.params for s in seqs]
+        processed = apply_penalties(logits, params, [s.token_ids for s in seqs],
+                                    [s.num_prompt_tokens for s in seqs])
+        results = sample(processed, params, [s.generator for s in seqs], raw_logits=logits)
         return {s.seq_id: r for s, r in zip(seqs, results, strict=True)}
 
     @torch.inference_mode()
     def run_step(self, inputs: StepInputs) -> torch.Tensor | None:
         """Forward pass of one step; the fp32 logits [D, vocab] of the sequences it completes
         (None when it completes none, and on TP ranks other than 0)."""
+        return self._logits(*self._forward(inputs))
+
+    def _forward(self, inputs: StepInputs) -> tuple[_Step, torch.Tensor]:
         step = self._device_step(inputs)
         # hidden: [T, hidden]
-        hidden = self.model(step.input_ids, step.positions, self.kv_caches, step.meta)
-        if not inputs.logits_rows.size:
+        return step, self.model(step.input_ids, step.positions, self.kv_caches, step.meta)
+
+    def _logits(self, step: _Step, hidden: torch.Tensor) -> torch.Tensor | None:
+        if not step.logits_rows.numel():
             return None
-        # logits: [D, vocab]
+        # logits: [D, vocab] (gathered to rank 0 under TP)
         return self.model.compute_logits(hidden.index_select(0, step.logits_rows))
+
+    def _prompt_logprobs(self, batch: list[ScheduledSeq], hidden: torch.Tensor) -> None:
+        rows, row0 = [], 0
+        for s in batch:
+            start = s.seq.num_computed_tokens
+            if wants_prompt_logprobs(s.seq, start, start + s.num_tokens):
+                rows.append((s.seq, row0, start, start + s.num_tokens))
+            row0 += s.num_tokens
+        if rows:
+            add_prompt_logprobs(self.model.compute_logits, hidden, rows)
 
     def _graph_logits(self, batch: list[ScheduledSeq],
                       use_graph: bool = True) -> torch.Tensor | None:

@@ -23,6 +23,7 @@ from tokenizers import Tokenizer as BackendTokenizer
 
 from engine.config import ConfigError
 from engine.gguf_loader import GgufFile, read_gguf
+from engine.token_bytes import TokenBytes
 
 # Tokens that close a chat turn; when a template uses one, generation stops on it too.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>",
@@ -123,16 +124,28 @@ class Tokenizer:
                    special_tokens=special, extra_eos_ids=() if eot is None else (int(eot),))
 
     # ---- ids ----------------------------------------------------------------------------
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Ids for `text`; special tokens written in the text map to their ids. Adds BOS only
-        when the checkpoint's tokenizer does (its post-processor)."""
-        return self.backend.encode(text, add_special_tokens=True).ids
+        when the checkpoint's tokenizer does (its post-processor) and `add_special_tokens`."""
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def token_to_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        """The vocabulary's spelling of a token (e.g. 'Ġthe'), None outside it."""
+        return self.backend.id_to_token(token_id)
+
+    @cached_property
+    def _token_bytes(self) -> TokenBytes:
+        return TokenBytes(self.backend, {c: b for b, c in bytes_to_unicode().items()})
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The token's own bytes (a piece of a multi-byte character is its bytes, not U+FFFD)."""
+        return self._token_bytes(token_id)
 
     @property
     def vocab_size(self) -> int:

@@ -1,12 +1,14 @@
 """The OpenAI-compatible HTTP front end (FastAPI): routes, auth, tokenization, length checks.
 
-Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health
-(503 when no decode worker is alive), GET /metrics (Prometheus), GET /status (topology).
+Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET|HEAD /health
+(503 when no decode worker is alive), GET /metrics (Prometheus), GET /status (topology); and
+proxy/extra_routes.py's GET /v1/models/{id}, POST /tokenize, POST /detokenize, CORS.
 Every error is OpenAI-shaped JSON (proxy/errors.py); `X-Request-Id` is echoed or generated.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import uuid
 from collections.abc import Awaitable, Callable
@@ -15,10 +17,12 @@ from dataclasses import dataclass
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from engine.sampling_params import choice_seed
+from proxy import choices, responses
 from proxy import openai_api as api
-from proxy import responses
 from proxy.cluster import ClusterClient
 from proxy.detokenizer import TokenDecoder
+from proxy.echo import Echo
 from proxy.errors import (
     ApiError,
     install_error_handlers,
@@ -26,7 +30,9 @@ from proxy.errors import (
     model_not_found,
     unauthorized,
 )
+from proxy.extra_routes import add_cors, add_extra_routes
 from proxy.metrics import ProxyMetrics
+from proxy.request_params import MAX_PROMPTS
 from proxy.sse import sse_headers
 
 
@@ -40,6 +46,8 @@ class ProxyConfig:
     model_name: str
     max_model_len: int
     api_key: str | None = None
+    allowed_origins: tuple[str, ...] = ()  # CORS: origins browsers may call from (none: off)
+    max_n: int = 16  # most choices (`n`) per prompt
 
 
 def build_app(config: ProxyConfig, cluster: ClusterClient, tokenizer: ChatTokenizer,
@@ -48,6 +56,9 @@ def build_app(config: ProxyConfig, cluster: ClusterClient, tokenizer: ChatTokeni
     install_error_handlers(app)
     _add_request_id_and_auth(app, config)
     _add_views(app, config, cluster, metrics)
+    add_extra_routes(app, config.model_name, config.max_model_len,
+                     tokenizer)  # type: ignore[arg-type]
+    add_cors(app, config.allowed_origins)
     _add_generation(app, _Generation(config, cluster, tokenizer, metrics))
     return app
 
@@ -58,7 +69,8 @@ def _add_request_id_and_auth(app: FastAPI, config: ProxyConfig) -> None:
             request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         rid = request.headers.get("x-request-id") or uuid.uuid4().hex
         request.state.request_id = rid
-        if config.api_key and request.url.path.startswith("/v1/"):
+        if config.api_key and (request.url.path.startswith("/v1/")
+                               or request.url.path in ("/tokenize", "/detokenize")):
             given = request.headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {config.api_key}".encode()):
                 response: Response = unauthorized().to_response()
@@ -71,7 +83,7 @@ def _add_request_id_and_auth(app: FastAPI, config: ProxyConfig) -> None:
 
 def _add_views(app: FastAPI, config: ProxyConfig, cluster: ClusterClient,
                metrics: ProxyMetrics) -> None:
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> JSONResponse:
         decode, prefill = cluster.alive("decode"), cluster.alive("prefill")
         body = {"status": "ok" if decode else "unavailable", "decode_workers": len(decode),
@@ -124,15 +136,34 @@ class _Generation:
             "prompt must be a string, a list of one string, or a list of token ids", "prompt")
 
     def stream(self, body: api.CompletionRequest | api.ChatCompletionRequest,
-               prompt_ids: list[int]) -> responses.GenerationStream:
+               prompt_ids: list[int], choice: int = 0) -> responses.GenerationStream:
         if not prompt_ids:
             param = "prompt" if isinstance(body, api.CompletionRequest) else "messages"
             raise invalid_request("the prompt is empty", param)
+        body.check_logit_bias_vocab(self.tokenizer.vocab_size)  # type: ignore[attr-defined]
         params = api.to_sampling(body, len(prompt_ids), self.config.max_model_len)
+        if choice:
+            params = dataclasses.replace(params, seed=choice_seed(params.seed, choice))
         # Internal id: unique even when clients reuse an X-Request-Id.
         return responses.GenerationStream(self.cluster, self.tokenizer, self.metrics,
                                           uuid.uuid4().hex, prompt_ids, params,
                                           list(body.stop or []))
+
+    def choices(self, body: api.CompletionRequest | api.ChatCompletionRequest,
+                prompts: list[list[int]]) -> list[list[choices.Choice]] | None:
+        """One group of `n` choices per prompt (index i * n + j), or None for a request of
+        one prompt and one choice (the plain path)."""
+        n = body.n or 1
+        if n > self.config.max_n:
+            raise invalid_request(f"n must be at most {self.config.max_n} (--max-n), got {n}",
+                                  "n")
+        if len(prompts) * n > MAX_PROMPTS:
+            raise invalid_request(f"{len(prompts)} prompts x n={n} choices is more than "
+                                  f"{MAX_PROMPTS} completions in one request", "n")
+        if len(prompts) == 1 and n == 1:
+            return None
+        return [[choices.Choice(i * n + j, self.stream(body, ids, j)) for j in range(n)]
+                for i, ids in enumerate(prompts)]
 
 
 def _add_generation(app: FastAPI, gen: _Generation) -> None:
@@ -141,11 +172,20 @@ def _add_generation(app: FastAPI, gen: _Generation) -> None:
     @app.post("/v1/completions", response_model=None)
     async def completions(body: api.CompletionRequest) -> Response | api.CompletionResponse:
         gen.check_model(body.model)
-        stream, want_lp = gen.stream(body, gen.prompt_ids(body.prompt)), body.logprobs is not None
+        want_lp, echo = body.logprobs is not None, Echo.of(body)
+        prompts = [gen.prompt_ids(p) for p in body.prompts()]
+        groups = gen.choices(body, prompts)
+        if groups is not None:
+            if body.stream:
+                events = choices.completion_sse(groups, model, want_lp, body.include_usage, echo)
+                return StreamingResponse(events, headers=sse_headers(),
+                                         media_type="text/event-stream")
+            return await choices.completion_response(groups, model, want_lp, echo)
+        stream = gen.stream(body, prompts[0])
         if body.stream:
-            events = responses.completion_sse(stream, model, want_lp, body.include_usage)
+            events = responses.completion_sse(stream, model, want_lp, body.include_usage, echo)
             return StreamingResponse(events, headers=sse_headers(), media_type="text/event-stream")
-        return await responses.completion_response(stream, model, want_lp)
+        return await responses.completion_response(stream, model, want_lp, echo)
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(body: api.ChatCompletionRequest) -> Response | api.ChatCompletionResponse:
@@ -154,7 +194,15 @@ def _add_generation(app: FastAPI, gen: _Generation) -> None:
             text = gen.tokenizer.apply_chat_template(body.template_messages())
         except Exception as e:  # template errors are the request's fault (raise_exception)
             raise invalid_request(f"chat template rejected the messages: {e}", "messages") from None
-        stream, want_lp = gen.stream(body, gen.tokenizer.encode(text)), bool(body.logprobs)
+        prompt_ids, want_lp = gen.tokenizer.encode(text), bool(body.logprobs)
+        groups = gen.choices(body, [prompt_ids])
+        if groups is not None:
+            if body.stream:
+                events = choices.chat_sse(groups, model, want_lp, body.include_usage)
+                return StreamingResponse(events, headers=sse_headers(),
+                                         media_type="text/event-stream")
+            return await choices.chat_response(groups, model, want_lp)
+        stream = gen.stream(body, prompt_ids)
         if body.stream:
             events = responses.chat_sse(stream, model, want_lp, body.include_usage)
             return StreamingResponse(events, headers=sse_headers(), media_type="text/event-stream")

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import zmq.asyncio
 
+from engine.outputs import TokenLogprob
 from engine.sampling_params import SamplingParams
 from protocol import worker_events as ev
 from proxy.router import WorkerState
@@ -68,6 +69,8 @@ class RequestState:
     tried_prefill: set[str] = field(default_factory=set)
     num_prefill_cached_tokens: int = 0
     preferred_prefill: str | None = None  # adaptive placement's choice of prefill worker
+    prompt_logprobs: list[TokenLogprob] | None = None  # from the prefill worker (PromptLogprobs)
+    prompt_logprobs_arrived: asyncio.Event = field(default_factory=asyncio.Event)
 
     def enter(self, stage: Stage) -> None:
         self.stage, self.stage_since = stage, time.monotonic()
