@@ -65,6 +65,12 @@ class ServeConfig:
         "help": "GPU profile of the prefill workers' KV cache (e.g. ampere)."})
     decode_profile: str | None = field(default=None, metadata={
         "help": "GPU profile of the decode workers' KV cache (e.g. volta)."})
+    prefill_tp: int | None = field(default=None, metadata={
+        "help": "Tensor-parallel ranks of each prefill worker (default: "
+                "--tensor-parallel-size)."})
+    decode_tp: int | None = field(default=None, metadata={
+        "help": "Tensor-parallel ranks of each decode worker (default: "
+                "--tensor-parallel-size)."})
     router: str = field(default="least-loaded", metadata={
         "help": "Decode routing: least-loaded or round-robin."})
     startup_timeout_s: float = field(default=300.0, metadata={
@@ -106,6 +112,9 @@ class ServeConfig:
             raise ConfigError("--worker-threads and --warmup-s must be 0 or more")
         if self.decode < 1:
             raise ConfigError("--decode must be at least 1")
+        for flag, tp in (("--prefill-tp", self.prefill_tp), ("--decode-tp", self.decode_tp)):
+            if tp is not None and tp < 1:
+                raise ConfigError(f"{flag} must be at least 1, got {tp}")
         if not 1 <= self.max_n <= 256:
             raise ConfigError(f"--max-n must be in [1, 256], got {self.max_n}")
         if self.prefill < 0:
@@ -117,6 +126,23 @@ class ServeConfig:
     @property
     def num_prefill(self) -> int:
         return 0 if self.colocated else self.prefill
+
+    def tp_of(self, role: str, engine_tp: int) -> int:
+        """Tensor-parallel ranks of a worker of `role` (its override, else the engine's)."""
+        override = self.prefill_tp if role == "prefill" else self.decode_tp
+        return override or engine_tp
+
+    def check_tp(self, engine_tp: int) -> None:
+        """Only decode workers that prefill locally run tensor parallel so far: KV does not yet
+        cross between sharded caches (transfer/convert/tp_routes.py says how it will)."""
+        for role, flag, is_used in (("prefill", "--prefill-tp", self.num_prefill > 0),
+                                    ("decode", "--decode-tp", not self.colocated)):
+            tp = self.tp_of(role, engine_tp)
+            if tp > 1 and is_used:
+                raise ConfigError(
+                    f"{flag} / --tensor-parallel-size {tp}: {role} workers that exchange KV "
+                    f"do not run tensor parallel yet; serve with --colocated (decode workers "
+                    f"prefill locally) and --decode-tp N, or keep TP 1 for {role} workers")
 
     def worker_ids(self) -> list[tuple[str, str]]:
         """(role, worker id) of every worker: `prefill-<i>` then `decode-<i>` (also Ray actor
@@ -141,12 +167,13 @@ def worker_command(role: str, worker_id: str, events_address: str, serve: ServeC
                    engine_args: list[str], device: str, num_threads: int,
                    cpus: str = "") -> list[str]:
     profile = serve.prefill_profile if role == "prefill" else serve.decode_profile
+    tp = serve.prefill_tp if role == "prefill" else serve.decode_tp
     cmd = [*serve.net.prefix(role), sys.executable, "-m", role, "--worker-id", worker_id,
            "--events-address", events_address, "--host", serve.net.host(role, serve.host),
            "--device", device,
            "--num-threads", str(num_threads), "--warmup-s", str(serve.warmup_s),
            *(["--cpu-affinity", cpus] if cpus else []), *dataclass_to_args(serve.kv),
-           *engine_args]
+           *engine_args, *(["--tensor-parallel-size", str(tp)] if tp else [])]
     return [*cmd, "--profile", profile] if profile else cmd
 
 
@@ -169,9 +196,18 @@ def cluster_config(serve: ServeConfig, **overrides: object) -> ClusterConfig:
     return ClusterConfig(**{**settings, **overrides})  # type: ignore[arg-type]
 
 
-def _devices(n: int) -> list[str]:
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    return [f"cuda:{i % count}" for i in range(n)] if count else ["cpu"] * n
+def worker_devices(widths: list[int], count: int) -> list[str]:
+    """Each worker's first device, for workers of `widths` TP ranks on `count` GPUs: GPUs in
+    turn, a worker's ranks never wrapping past the last GPU (rank r runs on first + r)."""
+    if not count:
+        return ["cpu"] * len(widths)
+    out, start = [], 0
+    for width in widths:
+        if start % count + width > count:
+            start += count - start % count
+        out.append(f"cuda:{start % count}")
+        start += width
+    return out
 
 
 class LocalDeployment:
@@ -185,7 +221,10 @@ class LocalDeployment:
     def start_workers(self, events_address: str) -> None:
         roles = self.serve.worker_ids()
         cpus, threads = worker_cpus(self.serve, len(roles))
-        for (role, wid), device, cores in zip(roles, _devices(len(roles)), cpus, strict=True):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        widths = [self.serve.tp_of(role, self.engine.tensor_parallel_size) for role, _ in roles]
+        devices = worker_devices(widths, count)
+        for (role, wid), device, cores in zip(roles, devices, cpus, strict=True):
             self.commands[wid] = worker_command(role, wid, events_address, self.serve,
                                                 self.engine_args, device, threads, cores)
             self.procs[wid] = self.start_worker(wid)

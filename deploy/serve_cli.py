@@ -49,10 +49,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ConfigError(str(e)) from None
     engine = dataclass_from_args(EngineConfig, args)
     ray_config = dataclass_from_args(RayConfig, args)
+    serve.check_tp(engine.tensor_parallel_size)
     if args.ray and serve.net != WorkerNetConfig():
         raise ConfigError("--prefill/--decode-host and -netns place local workers; on Ray each "
                           "worker binds its node's address")
     if args.ray:
+        if serve.tp_of("decode", engine.tensor_parallel_size) > 1:
+            raise ConfigError("--tensor-parallel-size / --decode-tp: the Ray launcher does not "
+                              "start tensor-parallel workers yet; run without --ray")
         from deploy.ray_launcher import RayDeployment
         try:
             return RayDeployment(serve, engine, ray_config, args.log_level).run()

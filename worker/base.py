@@ -159,7 +159,7 @@ class WorkerBase(abc.ABC):
         return ev.Hello(self.worker_id, self.role, self.ctrl.address, self.kv_address,
                         self.engine.plan.spec, self.engine.plan.line(), os.getpid(),
                         socket.gethostname(), self.engine.config.model,
-                        self.engine.config.max_num_batched_tokens)
+                        self.engine.config.max_num_batched_tokens, self.engine.rank_pids)
 
     def heartbeat_with_steps(self) -> ev.Heartbeat:
         """`heartbeat()` with the engine's steps since the last one (at most `MAX_STEPS`, the
@@ -209,3 +209,4 @@ class WorkerBase(abc.ABC):
         self.ctrl.close()
         self.events.close()
         self.ctx.term()
+        self.engine.close()  # stops its other tensor-parallel ranks, if any

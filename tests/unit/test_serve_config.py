@@ -98,3 +98,43 @@ def test_http_limit_flags_parse_into_the_nested_limits() -> None:
                                     limit_concurrency=64, allow_special_tokens_in_content=True,
                                     allow_special_tokens_in_prompt=False)
     assert ServeConfig().http == HttpLimits()
+
+
+def test_role_tp_flags_reach_each_role_and_stride_the_gpus() -> None:
+    from deploy.local_launcher import worker_devices
+
+    serve = ServeConfig(colocated=True, decode_tp=3, prefill_tp=1)
+    parser = argparse.ArgumentParser()
+    for flag in ("--num-threads", "--profile"):
+        parser.add_argument(flag)
+    add_dataclass_args(parser, EngineConfig)
+    add_dataclass_args(parser, WorkerConfig)
+    for role, want in (("decode", 3), ("prefill", 1)):
+        cmd = worker_command(role, f"{role}-0", "tcp://127.0.0.1:5555", serve,
+                             ["-tp", "2"], "cpu", 1)
+        args = parser.parse_args(cmd[cmd.index(role) + 1:])
+        assert dataclass_from_args(EngineConfig, args).tensor_parallel_size == want
+        assert serve.tp_of(role, 2) == want
+    assert worker_devices([1, 1, 1], 2) == ["cuda:0", "cuda:1", "cuda:0"]
+    assert worker_devices([2, 2], 4) == ["cuda:0", "cuda:2"]
+    assert worker_devices([1, 2], 2) == ["cuda:0", "cuda:0"]  # a worker's ranks never wrap
+    assert worker_devices([3], 0) == ["cpu"]
+
+
+@pytest.mark.parametrize(("serve", "engine_tp", "flag"), [
+    (ServeConfig(prefill=1), 2, "--prefill-tp / --tensor-parallel-size 2"),
+    (ServeConfig(decode_tp=3), 1, "--decode-tp / --tensor-parallel-size 3"),
+    (ServeConfig(prefill_tp=2), 1, "--prefill-tp / --tensor-parallel-size 2"),
+])
+def test_tp_for_workers_that_exchange_kv_is_refused(serve: ServeConfig, engine_tp: int,
+                                                    flag: str) -> None:
+    with pytest.raises(ConfigError, match="--colocated") as err:
+        serve.check_tp(engine_tp)
+    assert flag in str(err.value)
+
+
+def test_tp_for_colocated_decode_workers_is_accepted() -> None:
+    ServeConfig(colocated=True, prefill_tp=4).check_tp(3)
+    ServeConfig(prefill=0, decode_tp=1).check_tp(1)
+    with pytest.raises(ConfigError, match="--decode-tp must be at least 1"):
+        ServeConfig(decode_tp=0)
