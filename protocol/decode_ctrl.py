@@ -23,6 +23,7 @@ class Reserve:
     remote_prefill: bool = True
     queue_timeout_s: float = 30.0
     prefill_chunk: int = 0  # local prefill: most prompt tokens per step (0: the step's budget)
+    kv_token: str = ""  # the reservation token the KV transfer must carry (the proxy's, random)
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ import zmq
 
 from engine.llm_engine import LLMEngine
 from protocol import worker_events as ev
+from protocol.auth import ClusterAuth
 from protocol.channel import Inbox, Outbox
 from protocol.codec import MessageFamily
 from protocol.rejections import Plane, Rejections
@@ -39,9 +40,10 @@ class WorkerBase(abc.ABC):
         self.kv_cache = PagedKvCache(engine.plan.spec, engine.runner.kv_caches)  # the KV endpoints'
         self.ctx = zmq.Context()
         self.rejections = Rejections()  # what every plane of this worker refused (in heartbeats)
+        self.auth = ClusterAuth(self.ctx, config.cluster_secret, self._refused)
         self.ctrl = Inbox(self.ctx, ctrl_family, config.host, rejections=self.rejections,
-                          plane=Plane.CONTROL)
-        self.events = Outbox(self.ctx, ev.WORKER_EVENTS, config.events_address)
+                          plane=Plane.CONTROL, auth=self.auth)
+        self.events = Outbox(self.ctx, ev.WORKER_EVENTS, config.events_address, auth=self.auth)
         self.poller = zmq.Poller()
         self.poller.register(self.ctrl.socket, zmq.POLLIN)
         self.stopping = False
@@ -75,6 +77,10 @@ class WorkerBase(abc.ABC):
         """Called when there was nothing to do (integrity checks belong here)."""
 
     # ---- shared -------------------------------------------------------------------------------
+    def _refused(self, plane: str, reason: str) -> None:
+        """What the auth handler and the KV endpoint refused (counted; in every heartbeat)."""
+        self.rejections.add(Plane(plane), reason)
+
     def hello(self) -> ev.Hello:
         return ev.Hello(self.worker_id, self.role, self.ctrl.address, self.kv_address,
                         self.engine.plan.spec, self.engine.plan.line(), os.getpid(),
@@ -92,7 +98,7 @@ class WorkerBase(abc.ABC):
     def _heartbeats(self) -> None:
         """Heartbeats come from their own thread and socket: a long model step (a big prefill on
         a CPU) must not make a live worker look dead. They carry the loop's latest counters."""
-        outbox = Outbox(self.ctx, ev.WORKER_EVENTS, self.config.events_address)
+        outbox = Outbox(self.ctx, ev.WORKER_EVENTS, self.config.events_address, auth=self.auth)
         try:
             while not self.stopping:
                 outbox.send(self.heartbeat_with_steps())
@@ -123,4 +129,5 @@ class WorkerBase(abc.ABC):
     def close(self) -> None:
         self.ctrl.close()
         self.events.close()
+        self.auth.close()
         self.ctx.term()
