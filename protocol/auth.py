@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import itertools
 import logging
 import os
 import secrets
@@ -132,14 +133,17 @@ class ClusterAuth:
         self._lock = threading.Lock()
         self._pending: list[tuple[str, str]] = []  # monitor endpoints to read, with their plane
         self._stop = threading.Event()
+        self._monitor_ids = itertools.count()
         self._thread: threading.Thread | None = None
+        self._start_error: str | None = None
         if self.keys is not None:
             ready = threading.Event()
             self._thread = threading.Thread(target=self._serve, args=(ready,), name="zap",
                                             daemon=True)
             self._thread.start()
-            if not ready.wait(10):
-                raise AuthError("the ZAP handler did not start")
+            if not ready.wait(10) or self._start_error is not None:
+                raise AuthError(f"the ZAP handler did not start: {self._start_error or 'timeout'}"
+                                " (one ClusterAuth per ZMQ context)")
 
     @property
     def is_secure(self) -> bool:
@@ -153,7 +157,7 @@ class ClusterAuth:
         sock.curve_secretkey = self.keys.server_secret
         sock.curve_server = True
         sock.zap_domain = str(plane).encode()
-        endpoint = f"inproc://pdserve-auth-monitor-{id(self)}-{sock.underlying}"
+        endpoint = f"inproc://pdserve-auth-monitor-{id(self)}-{next(self._monitor_ids)}"
         sock.monitor(endpoint, _FAILED)
         with self._lock:
             self._pending.append((endpoint, str(plane)))
@@ -176,7 +180,13 @@ class ClusterAuth:
     def _serve(self, ready: threading.Event) -> None:
         zap = self._sync.socket(zmq.REP)
         zap.linger = 0
-        zap.bind(ZAP_ENDPOINT)
+        try:
+            zap.bind(ZAP_ENDPOINT)
+        except zmq.ZMQError as e:
+            zap.close(linger=0)
+            self._start_error = str(e)
+            ready.set()
+            return
         ready.set()
         poller = zmq.Poller()
         poller.register(zap, zmq.POLLIN)

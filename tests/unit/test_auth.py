@@ -155,3 +155,14 @@ def test_the_secret_never_appears_in_a_worker_command_line() -> None:
     wide = ServeConfig(host="0.0.0.0")
     cmd = worker_command("decode", "decode-0", "tcp://127.0.0.1:1", wide, [], "cpu", 1)
     assert cmd[cmd.index("--host") + 1] == "127.0.0.1"  # --internal-host, not the HTTP host
+
+
+def test_one_authenticator_per_context() -> None:
+    ctx = zmq.Context()
+    auth = ClusterAuth(ctx, SECRET)
+    try:
+        with pytest.raises(AuthError, match="one ClusterAuth per ZMQ context"):
+            ClusterAuth(ctx, SECRET)
+    finally:
+        auth.close()
+        ctx.term()
