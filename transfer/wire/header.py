@@ -10,18 +10,15 @@ by the receiver.
 exact key sets, the type of every field, every size against the receiver's `ReceiverLimits`
 (so a hostile header cannot make it allocate), `nbytes == prod(shape) * itemsize`, each shape
 equal to the one the spec and layout imply, entries inside their buffers, and that the entries
-of every part tile layers x blocks exactly once. Buffer sizes (`bufs`) are bounded twice before
-anything is allocated: their count by msgpack's `max_array_len` while parsing, each size and
-their sum by the limits. Failures raise `MalformedHeader`,
+of every part tile layers x blocks exactly once (`bufs`: its length bounded while parsing, each
+size and their sum by the limits). Failures raise `MalformedHeader`,
 `UnsupportedVersion` or `LimitExceeded`; nothing else escapes.
 
 Blocks are numbered per transfer: block 0 holds token `first_block * S` where
 `first_block = token_start // S` (S = the sender's block size).
 
-Version 2 added `rtok`, the reservation token: a random string the proxy issued for the
-destination reservation (at most `MAX_TOKEN_LEN` characters; "" when the serving layer uses
-none). The receiver admits a transfer only if it equals its reservation's token
-(endpoint/books.py), so a peer that knows a request id but not its token cannot write into it.
+Version 2 added `rtok`, the destination reservation's token (the proxy's, random; at most
+`MAX_TOKEN_LEN` characters, "" for none): endpoint/books.py admits a transfer only with it.
 """
 
 from __future__ import annotations
