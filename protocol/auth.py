@@ -27,6 +27,7 @@ import os
 import secrets
 import stat
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,7 @@ MIN_SECRET_BYTES = 16
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 _KDF_SALT = b"pdserve cluster secret v1"
 _FAILED = zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+_LOG_EVERY_S = 10.0  # one warning per plane and reason in this long (a refused peer retries)
 RefusedFn = Callable[[str, str], None]  # (plane, reason)
 
 
@@ -134,6 +136,7 @@ class ClusterAuth:
         self._pending: list[tuple[str, str]] = []  # monitor endpoints to read, with their plane
         self._stop = threading.Event()
         self._monitor_ids = itertools.count()
+        self._logged: dict[tuple[str, str], tuple[float, int]] = {}  # (plane, reason) -> last
         self._thread: threading.Thread | None = None
         self._start_error: str | None = None
         if self.keys is not None:
@@ -223,9 +226,7 @@ class ClusterAuth:
         ok = mechanism == b"CURVE" and len(frames) == 7 and len(frames[6]) == 32 and \
             hmac.compare_digest(zmq.utils.z85.encode(frames[6]), self.keys.client_public)
         if not ok:
-            self._on_refused(domain.decode(errors="replace") or "unknown", "bad_key")
-            log.warning("refused a %s peer on the %s plane: not this deployment's key",
-                        mechanism.decode(errors="replace"), domain.decode(errors="replace"))
+            self._refuse(domain.decode(errors="replace") or "unknown", "bad_key")
         zap.send_multipart([b"1.0", request_id, b"200" if ok else b"400",
                             b"OK" if ok else b"not this deployment's key", b"", b""])
 
@@ -235,6 +236,18 @@ class ClusterAuth:
         except (zmq.ZMQError, ValueError):
             return
         if event["event"] & _FAILED:
-            self._on_refused(plane, "unauthenticated")
-            log.debug("refused a peer on the %s plane: its handshake failed (no or wrong "
-                        "cluster secret)", plane)
+            self._refuse(plane, "unauthenticated")
+
+    def _refuse(self, plane: str, reason: str) -> None:
+        """Count a refusal; warn at most every `_LOG_EVERY_S` per plane and reason."""
+        self._on_refused(plane, reason)
+        now = time.monotonic()
+        last, skipped = self._logged.get((plane, reason), (-_LOG_EVERY_S, 0))
+        if now - last < _LOG_EVERY_S:
+            self._logged[(plane, reason)] = (last, skipped + 1)
+            return
+        self._logged[(plane, reason)] = (now, 0)
+        what = ("a CURVE key that is not this deployment's" if reason == "bad_key"
+                else "a failed handshake (no or another cluster secret)")
+        log.warning("refused a peer on the %s plane: %s%s", plane, what,
+                    f" ({skipped} more since the last warning)" if skipped else "")
