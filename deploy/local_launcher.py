@@ -29,6 +29,7 @@ from engine.checkpoint import read_model_config, resolve_model_path
 from engine.config import ConfigError, EngineConfig
 from engine.memory_plan import plan_kv_cache
 from engine.tokenizer import Tokenizer
+from protocol.auth import AuthError, generate_secret, load_secret, secret_env
 from proxy.app import ProxyConfig, build_app, http_rejections
 from proxy.cluster import ClusterClient
 from proxy.cluster_state import ClusterConfig
@@ -46,7 +47,16 @@ log = logging.getLogger("pdserve.launcher")
 @dataclass(frozen=True)
 class ServeConfig:
     host: str = field(default="127.0.0.1", metadata={
-        "help": "HTTP bind address (and workers' address)."})
+        "help": "HTTP bind address (the API only; internal sockets bind --internal-host)."})
+    internal_host: str = field(default="127.0.0.1", metadata={
+        "help": "Address the internal sockets bind (workers' control and KV ports, the proxy's "
+                "event port), whatever --host is. With --ray: each node's IP."})
+    cluster_secret_file: str = field(default="", metadata={
+        "help": "File holding the deployment's secret (hex, mode 600) that authenticates every "
+                "internal plane; default PDSERVE_CLUSTER_SECRET, else a fresh one per launch."})
+    insecure_internal: bool = field(default=False, metadata={
+        "help": "Run the internal planes unauthenticated (benchmarks only: anyone who reaches "
+                "an internal port can read prompts and control the workers)."})
     port: int = field(default=8000, metadata={"help": "HTTP port (0 = any free port)."})
     prefill: int = field(default=1, metadata={"help": "Number of prefill workers."})
     decode: int = field(default=1, metadata={"help": "Number of decode workers."})
@@ -163,14 +173,35 @@ def load_tokenizer(model: str) -> Tokenizer:
     return Tokenizer.from_gguf(path) if path.is_file() else Tokenizer.from_hf_dir(path)
 
 
+INSECURE_WARNING = ("WARNING: --insecure-internal: the internal planes (control, events, KV) are "
+                    "NOT authenticated; anyone who reaches their ports can read prompts, inject "
+                    "tokens and stop workers. Use it for benchmarks only.")
+
+
+def cluster_secret(serve: ServeConfig) -> bytes | None:
+    """The deployment's secret: --cluster-secret-file, else PDSERVE_CLUSTER_SECRET, else a fresh
+    one (a single launch that starts every component); None with --insecure-internal (after
+    a loud warning). Raises ConfigError for an unreadable or weak secret."""
+    if serve.insecure_internal:
+        print(INSECURE_WARNING, file=sys.stderr, flush=True)
+        log.warning(INSECURE_WARNING)
+        return None
+    try:
+        return load_secret(serve.cluster_secret_file) or generate_secret()
+    except AuthError as e:
+        raise ConfigError(str(e)) from None
+
+
 def worker_command(role: str, worker_id: str, events_address: str, serve: ServeConfig,
                    engine_args: list[str], device: str, num_threads: int,
                    cpus: str = "") -> list[str]:
+    """The worker's command line: no secret on it (it travels in the environment)."""
     profile = serve.prefill_profile if role == "prefill" else serve.decode_profile
     tp = serve.prefill_tp if role == "prefill" else serve.decode_tp
     cmd = [*serve.net.prefix(role), sys.executable, "-m", role, "--worker-id", worker_id,
-           "--events-address", events_address, "--host", serve.net.host(role, serve.host),
-           "--device", device,
+           "--events-address", events_address,
+           "--host", serve.net.host(role, serve.internal_host),
+           *(["--insecure-internal"] if serve.insecure_internal else []), "--device", device,
            "--num-threads", str(num_threads), "--warmup-s", str(serve.warmup_s),
            *(["--cpu-affinity", cpus] if cpus else []), *dataclass_to_args(serve.kv),
            *engine_args, *(["--tensor-parallel-size", str(tp)] if tp else [])]
@@ -190,7 +221,7 @@ def worker_cpus(serve: ServeConfig, num_workers: int) -> tuple[list[str], int]:
 def cluster_config(serve: ServeConfig, **overrides: object) -> ClusterConfig:
     """The proxy's settings from `pdserve serve`'s (local and Ray launchers alike)."""
     settings: dict[str, object] = {
-        "host": serve.host, "colocated": serve.colocated, "router": serve.router,
+        "host": serve.internal_host, "colocated": serve.colocated, "router": serve.router,
         "heartbeat_timeout_s": serve.heartbeat_timeout_s, "placement": serve.placement,
         "slo_ttft_s": serve.slo_ttft, "slo_tpot_s": serve.slo_tpot}
     return ClusterConfig(**{**settings, **overrides})  # type: ignore[arg-type]
@@ -217,6 +248,7 @@ class LocalDeployment:
         self.max_restarts = max_restarts
         self.procs: dict[str, subprocess.Popen] = {}
         self.commands: dict[str, list[str]] = {}
+        self.secret = cluster_secret(serve)
 
     def start_workers(self, events_address: str) -> None:
         roles = self.serve.worker_ids()
@@ -233,7 +265,8 @@ class LocalDeployment:
     def start_worker(self, worker_id: str) -> subprocess.Popen:
         # Idle OpenMP threads must sleep, not spin: on a small machine spinning workers starve
         # the proxy and each other (measured: colocated TTFT 2.5 s -> 0.5 s on 2 cores).
-        env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ}
+        env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ,
+               **(secret_env(self.secret) if self.secret is not None else {})}
         return subprocess.Popen(self.commands[worker_id], env=env)
 
     def stop_workers(self, timeout_s: float = 10.0) -> None:
@@ -253,7 +286,7 @@ class LocalDeployment:
         model = read_model_config(self.engine.model)
         plan = plan_kv_cache(model, self.engine)  # fails fast, before any worker loads weights
         metrics = ProxyMetrics()
-        cluster = ClusterClient(cluster_config(self.serve), metrics)
+        cluster = ClusterClient(cluster_config(self.serve, secret=self.secret), metrics)
         cluster.start()
         try:
             self.start_workers(cluster.events_address)

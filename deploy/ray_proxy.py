@@ -78,9 +78,12 @@ def _was_restarted() -> bool:
 
 class ProxyActor:
     def __init__(self, serve: ServeConfig, model: str, max_model_len: int,
-                 log_level: str = "INFO") -> None:
+                 log_level: str = "INFO", secret: bytes | None = None) -> None:
+        """`secret`: the deployment's (an actor argument, never a command line; None with
+        --insecure-internal)."""
         setup_actor_logging(log_level, "proxy")
         self.serve, self.model, self.max_model_len = serve, model, max_model_len
+        self.secret = secret
         self.where = where_am_i()
         self.metrics = ProxyMetrics()
         self.cluster: ClusterClient | None = None
@@ -141,7 +144,7 @@ class ProxyActor:
         """Bind the workers -> proxy event socket on this node's IP; its address and placement."""
         async def start() -> str:
             config = cluster_config(self.serve, host=self.where["node_ip"],
-                                    events_port=events_port)
+                                    events_port=events_port, secret=self.secret)
             self.cluster = ClusterClient(config, self.metrics)
             self.cluster.start()
             return self.cluster.events_address

@@ -23,6 +23,7 @@ import torch
 from engine.config import ConfigError, EngineConfig
 from engine.errors import EngineError
 from engine.llm_engine import LLMEngine
+from protocol.auth import SECRET_ENV, AuthError, load_secret
 from transfer.wire.errors import TransferError
 from worker.args import add_dataclass_args, dataclass_from_args
 from worker.base import WorkerBase
@@ -100,8 +101,14 @@ def main(worker_class: WorkerClass, role: str, argv: list[str] | None = None) ->
         torch.set_num_threads(args.num_threads)
     try:
         engine_cfg = apply_profile(dataclass_from_args(EngineConfig, args), args.profile)
-        worker = build_worker(worker_class, dataclass_from_args(WorkerConfig, args), engine_cfg)
-    except (ConfigError, EngineError, TransferError) as e:
+        secret = None if args.insecure_internal else load_secret(args.cluster_secret_file)
+        os.environ.pop(SECRET_ENV, None)  # not inherited by what this process starts
+        worker_cfg = dataclass_from_args(WorkerConfig, args, cluster_secret=secret)
+        if worker_cfg.insecure_internal:
+            log.warning("--insecure-internal: this worker's control and KV sockets accept anyone "
+                        "who reaches them")
+        worker = build_worker(worker_class, worker_cfg, engine_cfg)
+    except (ConfigError, EngineError, TransferError, AuthError) as e:
         log.error("cannot start: %s", e)
         return 2
 

@@ -22,7 +22,10 @@ def _worker_config(cmd: list[str]) -> WorkerConfig:
         parser.add_argument(flag)
     add_dataclass_args(parser, EngineConfig)
     add_dataclass_args(parser, WorkerConfig)
-    return dataclass_from_args(WorkerConfig, parser.parse_args(cmd[cmd.index("decode") + 1:]))
+    args = parser.parse_args(cmd[cmd.index("decode") + 1:])
+    # the secret comes from the environment (worker/main.py), never from the command line
+    secret = None if args.insecure_internal else b"s" * 32
+    return dataclass_from_args(WorkerConfig, args, cluster_secret=secret)
 
 
 @pytest.mark.parametrize("serve", [
@@ -37,6 +40,18 @@ def test_kv_flags_reach_the_worker(serve: ServeConfig) -> None:
     got = _worker_config(cmd)
     assert (got.worker_id, got.events_address) == ("decode-3", "tcp://127.0.0.1:5555")
     assert got.kv == serve.kv
+    assert got.host == serve.internal_host and not got.insecure_internal
+
+
+def test_insecure_internal_reaches_the_worker_and_a_worker_without_a_secret_refuses() -> None:
+    serve = ServeConfig(insecure_internal=True, internal_host="10.1.2.3", host="0.0.0.0")
+    got = _worker_config(worker_command("decode", "decode-0", "tcp://127.0.0.1:5555", serve,
+                                        [], "cpu", 1))
+    assert got.insecure_internal and got.cluster_secret is None and got.host == "10.1.2.3"
+    with pytest.raises(ConfigError, match="no cluster secret"):
+        WorkerConfig(worker_id="decode-0", events_address="tcp://127.0.0.1:5555")
+    with pytest.raises(ConfigError, match="--max-kv-peers"):
+        KvTransportConfig(max_kv_peers=0)
 
 
 def test_serve_flags_parse_into_the_nested_transport_config() -> None:
@@ -70,6 +85,7 @@ def test_cluster_config_takes_the_serve_settings_and_the_launchers_overrides() -
     assert (config.host, config.events_port) == ("10.0.0.7", 5555)
     assert (config.placement, config.slo_ttft_s, config.slo_tpot_s, config.router) == \
         ("local", 2.0, 0.1, "round-robin")
+    assert cluster_config(ServeConfig(host="0.0.0.0")).host == "127.0.0.1"  # --internal-host
 
 
 @pytest.mark.parametrize(("flags", "flag"), [
