@@ -37,6 +37,7 @@ def encode_chat(
     backend: BackendTokenizer,
     plain: BackendTokenizer,
     specials: re.Pattern[str] | None,
+    add_special_tokens: bool = True,
 ) -> list[int]:
     """Ids of the rendered chat with special tokens in message content encoded as text.
 
@@ -46,7 +47,8 @@ def encode_chat(
     """
     contents = [m.get("content") or "" for m in messages]
     if specials is None or not any(specials.search(c) for c in contents):  # encode_batch: no GIL
-        return backend.encode_batch([render(messages)], add_special_tokens=True)[0].ids
+        return backend.encode_batch([render(messages)],
+                                    add_special_tokens=add_special_tokens)[0].ids
     nonce = secrets.token_hex(8)
     originals: dict[str, str] = {}
 
@@ -72,4 +74,4 @@ def encode_chat(
     for control, part in zip(control_parts, plain_parts[1:], strict=True):
         encodings += [control, part]
     merged = Encoding.merge([e for e in encodings if e.ids], growing_offsets=False)
-    return backend.post_process(merged, add_special_tokens=True).ids
+    return backend.post_process(merged, add_special_tokens=add_special_tokens).ids

@@ -220,7 +220,8 @@ class Tokenizer:
             raise TokenizerError(f"chat template rejected the messages: {e}") from e
 
     def encode_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
-                    special_in_content: bool = False) -> list[int]:
+                    special_in_content: bool = False,
+                    add_special_tokens: bool = True) -> list[int]:
         """Ids of the rendered chat. Special tokens written inside message content are encoded
         as text (no role injection) unless `special_in_content`; the template's own control
         tokens stay special (engine/content_tokens.py)."""
@@ -228,9 +229,9 @@ class Tokenizer:
             return self.apply_chat_template(msgs, add_generation_prompt)
 
         if special_in_content:
-            return self.encode(render(messages))
+            return self.encode(render(messages), add_special_tokens)
         return content_tokens.encode_chat(messages, render, self.backend, self._plain_backend,
-                                          self._special_pattern)
+                                          self._special_pattern, add_special_tokens)
 
 
 def _hf_chat_template(path: Path, config: dict[str, Any]) -> str | None:

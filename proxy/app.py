@@ -66,10 +66,10 @@ def build_app(config: ProxyConfig, cluster: ClusterClient, tokenizer: ChatTokeni
     app.add_middleware(BodyLimitMiddleware, limits=config.limits,  # type: ignore[arg-type]
                        on_reject=http_rejections(metrics))  # outermost: before auth and routes
     _add_views(app, config, cluster, metrics)
-    add_extra_routes(app, config.model_name, config.max_model_len,
-                     tokenizer)  # type: ignore[arg-type]
-    add_cors(app, config.allowed_origins)
     prompts = PromptEncoder(tokenizer, config.max_model_len, config.limits)
+    add_extra_routes(app, config.model_name, config.max_model_len,
+                     tokenizer, prompts)  # type: ignore[arg-type]
+    add_cors(app, config.allowed_origins)
     _add_generation(app, _Generation(config, cluster, tokenizer, metrics, prompts))
     return app
 

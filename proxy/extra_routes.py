@@ -18,6 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from proxy import openai_api as api
 from proxy.errors import invalid_request, model_not_found
+from proxy.limits import HttpLimits
+from proxy.prompts import PromptEncoder
 
 MAX_DETOKENIZE_TOKENS = 1 << 20
 
@@ -25,7 +27,12 @@ MAX_DETOKENIZE_TOKENS = 1 << 20
 class RouteTokenizer(Protocol):
     vocab_size: int
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
+    def encode(self, text: str, add_special_tokens: bool = True,
+               parse_special: bool = True) -> list[int]: ...
+
+    def encode_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
+                    special_in_content: bool = False,
+                    add_special_tokens: bool = True) -> list[int]: ...
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str: ...
 
@@ -74,7 +81,9 @@ def add_cors(app: FastAPI, allowed_origins: tuple[str, ...]) -> None:
 
 
 def add_extra_routes(app: FastAPI, model_name: str, max_model_len: int,
-                     tokenizer: RouteTokenizer) -> None:
+                     tokenizer: RouteTokenizer, prompts: PromptEncoder) -> None:
+    """`prompts`: /tokenize runs on its thread pool with the same special-token policy as the
+    generation endpoints (so it counts what they see)."""
     def check_model(model: str | None) -> None:
         if model and model != model_name:
             raise model_not_found(model, [model_name])
@@ -87,8 +96,8 @@ def add_extra_routes(app: FastAPI, model_name: str, max_model_len: int,
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
         check_model(body.model)
-        text = _text_of(body, tokenizer)
-        ids = tokenizer.encode(text, add_special_tokens=body.add_special_tokens)
+        limits = prompts.limits
+        ids = await prompts.run(lambda: _ids_of(body, tokenizer, limits), "messages")
         strs = [tokenizer.id_to_token(t) for t in ids] if body.return_token_strs else None
         return TokenizeResponse(count=len(ids), max_model_len=max_model_len, tokens=ids,
                                 token_strs=strs)
@@ -103,15 +112,20 @@ def add_extra_routes(app: FastAPI, model_name: str, max_model_len: int,
         return DetokenizeResponse(prompt=tokenizer.decode(body.tokens, skip_special_tokens=False))
 
 
-def _text_of(body: TokenizeRequest, tokenizer: RouteTokenizer) -> str:
+def _ids_of(body: TokenizeRequest, tokenizer: RouteTokenizer, limits: HttpLimits) -> list[int]:
     if (body.prompt is None) == (body.messages is None):
         raise invalid_request("give exactly one of 'prompt' and 'messages'", "prompt")
     if body.prompt is not None:
-        return body.prompt
+        return tokenizer.encode(body.prompt, body.add_special_tokens,
+                                limits.allow_special_tokens_in_prompt)
     messages: list[dict[str, Any]] = [
         {"role": "system" if m.role == "developer" else m.role, "content": m.content or ""}
         for m in body.messages or []]
     try:
-        return tokenizer.apply_chat_template(messages, body.add_generation_prompt)
+        return tokenizer.encode_chat(messages, body.add_generation_prompt,
+                                     limits.allow_special_tokens_in_content,
+                                     body.add_special_tokens)
+    except UnicodeError:
+        raise
     except Exception as e:  # template errors are the request's fault (raise_exception)
         raise invalid_request(f"chat template rejected the messages: {e}", "messages") from None

@@ -55,7 +55,7 @@ class PromptEncoder:
         if isinstance(prompt, str):
             self._check_chars(len(prompt), "prompt")
             parse = self.limits.allow_special_tokens_in_prompt
-            return await self._run(lambda: self.tokenizer.encode(prompt, parse_special=parse),
+            return await self.run(lambda: self.tokenizer.encode(prompt, parse_special=parse),
                                    "prompt")
         if len(prompt) >= self.max_model_len:
             raise context_length_exceeded(len(prompt), None, self.max_model_len)
@@ -71,7 +71,7 @@ class PromptEncoder:
         messages cannot fit."""
         self._check_chars(sum(len(m.get("content") or "") for m in messages), "messages")
         special = self.limits.allow_special_tokens_in_content
-        return await self._run(
+        return await self.run(
             lambda: self.tokenizer.encode_chat(messages, special_in_content=special), "messages")
 
     def close(self) -> None:
@@ -85,7 +85,8 @@ class PromptEncoder:
                 f"at {self.tokenizer.max_token_bytes} bytes per token at most. Please shorten "
                 f"the {param}.", param, "context_length_exceeded")
 
-    async def _run(self, work: Callable[[], T], param: str) -> T:
+    async def run(self, work: Callable[[], T], param: str) -> T:
+        """`work` on the pool; a Unicode or chat-template failure is a 400 naming `param`."""
         try:
             return await asyncio.get_running_loop().run_in_executor(self._pool, work)
         except ApiError:
