@@ -29,6 +29,7 @@ from collections.abc import Callable
 import zmq
 
 from engine.llm_engine import LLMEngine
+from engine.tp_group import TpError
 from protocol import worker_events as ev
 from protocol.auth import ClusterAuth
 from protocol.bounds import MAX_MODEL_LEN, VOCAB_SIZE
@@ -155,6 +156,8 @@ class WorkerBase(abc.ABC):
             for rid in failed:
                 self.send_failed(rid, f"engine step failed: {type(e).__name__}: {e}",
                                  ErrorCode.INTERNAL)
+            if isinstance(e, TpError):  # a rank is gone: the engine cannot step again, so the
+                raise  # worker exits (worker/main.py) and is handled as a dead worker
 
     # ---- shared -------------------------------------------------------------------------------
     def _refused(self, plane: str, reason: str) -> None:

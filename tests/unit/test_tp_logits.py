@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from engine.config import ConfigError, EngineConfig
+from engine.errors import RequestError
 from engine.llm_engine import LLMEngine
 from engine.sampler import SampleResult
 from engine.sampling_params import SamplingParams
@@ -78,6 +79,8 @@ def test_tp_logits_equal_tp1(variant: str, tp: int,
     try:
         assert engine.plan.spec.tp_size == tp and len(engine.executor.procs) == tp - 1
         got = _all_logits(engine, tokens)
+        with pytest.raises(RequestError, match="prompt_logprobs is not supported yet"):
+            engine.add_request("pl", tokens[0][:4], SamplingParams(prompt_logprobs=1))
     finally:
         engine.close()
     for i, (g, w) in enumerate(zip(got, want, strict=True)):
