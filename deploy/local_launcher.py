@@ -2,8 +2,10 @@
 
 Start-up order: check the KV plan (fails fast, before any weight is read), bind the proxy's
 event socket, start the workers (each prints its plan and address as it comes up), wait for
-all of them to say Hello, then bind HTTP and print the URL. Ctrl-C or SIGTERM stops the HTTP
-server, tells every worker to shut down, and terminates any that do not exit in time.
+all of them to say Hello, then bind HTTP and print the URL. While serving, a worker that exits
+is reaped and started again (`--max-restarts`, deploy/worker_supervisor.py). Ctrl-C or SIGTERM
+stops the HTTP server, tells every worker to shut down, and terminates any that do not exit in
+time.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from dataclasses import dataclass, field
 import torch
 import uvicorn
 
+from deploy.worker_net import WorkerNetConfig
+from deploy.worker_supervisor import WorkerSupervisor
 from engine.checkpoint import read_model_config, resolve_model_path
 from engine.config import ConfigError, EngineConfig
 from engine.memory_plan import plan_kv_cache
@@ -84,6 +88,7 @@ class ServeConfig:
         "help": "Seconds of synthetic requests each worker runs at start-up to seed the "
                 "placement cost models (0: none)."})
     kv: KvTransportConfig = field(default_factory=KvTransportConfig)  # flags: worker/config.py
+    net: WorkerNetConfig = field(default_factory=WorkerNetConfig)  # flags: deploy/worker_net.py
 
     def __post_init__(self) -> None:
         if self.placement not in PLACEMENTS:
@@ -133,8 +138,9 @@ def worker_command(role: str, worker_id: str, events_address: str, serve: ServeC
                    engine_args: list[str], device: str, num_threads: int,
                    cpus: str = "") -> list[str]:
     profile = serve.prefill_profile if role == "prefill" else serve.decode_profile
-    cmd = [sys.executable, "-m", role, "--worker-id", worker_id,
-           "--events-address", events_address, "--host", serve.host, "--device", device,
+    cmd = [*serve.net.prefix(role), sys.executable, "-m", role, "--worker-id", worker_id,
+           "--events-address", events_address, "--host", serve.net.host(role, serve.host),
+           "--device", device,
            "--num-threads", str(num_threads), "--warmup-s", str(serve.warmup_s),
            *(["--cpu-affinity", cpus] if cpus else []), *dataclass_to_args(serve.kv),
            *engine_args]
@@ -166,21 +172,27 @@ def _devices(n: int) -> list[str]:
 
 
 class LocalDeployment:
-    def __init__(self, serve: ServeConfig, engine: EngineConfig, engine_args: list[str]) -> None:
+    def __init__(self, serve: ServeConfig, engine: EngineConfig, engine_args: list[str],
+                 max_restarts: int = 3) -> None:
         self.serve, self.engine, self.engine_args = serve, engine, engine_args
+        self.max_restarts = max_restarts
         self.procs: dict[str, subprocess.Popen] = {}
+        self.commands: dict[str, list[str]] = {}
 
     def start_workers(self, events_address: str) -> None:
         roles = self.serve.worker_ids()
         cpus, threads = worker_cpus(self.serve, len(roles))
+        for (role, wid), device, cores in zip(roles, _devices(len(roles)), cpus, strict=True):
+            self.commands[wid] = worker_command(role, wid, events_address, self.serve,
+                                                self.engine_args, device, threads, cores)
+            self.procs[wid] = self.start_worker(wid)
+            log.info("started %s worker %s (pid %d) on %s", role, wid, self.procs[wid].pid, device)
+
+    def start_worker(self, worker_id: str) -> subprocess.Popen:
         # Idle OpenMP threads must sleep, not spin: on a small machine spinning workers starve
         # the proxy and each other (measured: colocated TTFT 2.5 s -> 0.5 s on 2 cores).
         env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ}
-        for (role, wid), device, cores in zip(roles, _devices(len(roles)), cpus, strict=True):
-            cmd = worker_command(role, wid, events_address, self.serve, self.engine_args, device,
-                                 threads, cores)
-            self.procs[wid] = subprocess.Popen(cmd, env=env)
-            log.info("started %s worker %s (pid %d) on %s", role, wid, self.procs[wid].pid, device)
+        return subprocess.Popen(self.commands[worker_id], env=env)
 
     def stop_workers(self, timeout_s: float = 10.0) -> None:
         for p in self.procs.values():
@@ -209,7 +221,12 @@ class LocalDeployment:
             name = self.serve.served_model_name or self.engine.model
             app = build_app(proxy_config(self.serve, name, plan.max_model_len), cluster,
                             tokenizer, metrics)
-            await self._run_http(app)
+            supervisor = WorkerSupervisor(self.procs, self.start_worker, self.max_restarts)
+            supervise = asyncio.create_task(supervisor.run())
+            try:
+                await self._run_http(app)
+            finally:
+                supervise.cancel()
         finally:
             await cluster.close()
             self.stop_workers()

@@ -1,13 +1,16 @@
-"""`pdserve serve`: flags from ServeConfig + EngineConfig; local processes or a Ray cluster."""
+"""`pdserve serve`: flags from ServeConfig + EngineConfig; local processes or a Ray cluster.
+`--max-restarts` applies to both: Ray restarts dead actors, the local launcher dead processes."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import sys
+from dataclasses import replace
 
 from deploy.local_launcher import LocalDeployment, ServeConfig
 from deploy.ray_config import RayConfig
+from deploy.worker_net import WorkerNetConfig
 from engine.config import ConfigError, EngineConfig
 from worker.args import add_dataclass_args, dataclass_from_args
 
@@ -41,6 +44,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     serve = dataclass_from_args(ServeConfig, args)
     engine = dataclass_from_args(EngineConfig, args)
     ray_config = dataclass_from_args(RayConfig, args)
+    if args.ray and serve.net != WorkerNetConfig():
+        raise ConfigError("--prefill/--decode-host and -netns place local workers; on Ray each "
+                          "worker binds its node's address")
     if args.ray:
         from deploy.ray_launcher import RayDeployment
         try:
@@ -48,9 +54,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         except (RuntimeError, TimeoutError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
-    if ray_config != RayConfig():
-        raise ConfigError("the Ray flags (--address, --max-restarts, --proxy-node, ...) need --ray")
-    deployment = LocalDeployment(serve, engine, engine_args(args))
+    if replace(ray_config, max_restarts=RayConfig.max_restarts) != RayConfig():
+        raise ConfigError("the Ray flags (--address, --proxy-node, ...) need --ray")
+    deployment = LocalDeployment(serve, engine, engine_args(args), ray_config.max_restarts)
     try:
         asyncio.run(deployment.serve_forever())
     except KeyboardInterrupt:

@@ -7,7 +7,8 @@ so a decoded `SamplingParams` is checked exactly as one built in-process.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import types
+from dataclasses import dataclass, field
 
 from engine.errors import RequestError
 
@@ -27,23 +28,32 @@ def choice_seed(seed: int | None, choice: int) -> int | None:
     return z ^ (z >> 31)
 
 
+# Bounds the control plane's codec checks before building one (protocol/bounds.py: the same
+# keys; "max_model_len" and "vocab_size" are the receiving worker's own limits).
+_TOKEN_IDS = types.MappingProxyType({"lo": 0, "below": "vocab_size", "max_len": 1024})
+_BIAS = types.MappingProxyType({"keys_below": "vocab_size", "max_len": 1024})
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    max_tokens: int = 16
+    max_tokens: int = field(default=16, metadata={"hi": "max_model_len"})
     temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 or -1 = off
     seed: int | None = None
-    stop_token_ids: tuple[int, ...] = ()
+    stop_token_ids: tuple[int, ...] = field(default=(), metadata=_TOKEN_IDS)
     ignore_eos: bool = False
     logprobs: int | None = None  # top-n logprobs per generated token (0 = only the sampled one)
-    min_tokens: int = 0  # eos / stop ids do not end the sequence before this many tokens
-    prompt_logprobs: int | None = None  # top-n logprobs per prompt token (engine/prompt_logprobs)
+    # eos / stop ids do not end the sequence before this many tokens
+    min_tokens: int = field(default=0, metadata={"lo": 0, "hi": "max_model_len"})
+    # top-n logprobs per prompt token (engine/prompt_logprobs)
+    prompt_logprobs: int | None = field(default=None, metadata={"lo": 0, "hi": 20})
     # engine/penalties.py: OpenAI's over the output so far, vLLM/HF's over prompt + output
     frequency_penalty: float = 0.0  # minus this times the token's count in the output
     presence_penalty: float = 0.0  # minus this once the token is in the output
     repetition_penalty: float = 1.0  # seen tokens: positive logits / this, negative * this
-    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    # (token id, added to its logit); ids below the receiving worker's vocabulary
+    logit_bias: tuple[tuple[int, float], ...] = field(default=(), metadata=_BIAS)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:

@@ -4,7 +4,10 @@ Sends run on background threads, so the worker keeps prefilling while KV is on t
 lane per decode worker address (created on first use: a queue, a thread and that peer's
 `ZmqKvSender`), transfers to one peer in order, one at a time. A slow or hung decode worker
 (stopped, not reading) holds up only its own lane until `transfer_timeout_s`, never the
-transfers to the others. A lane idle for `lane_idle_s` closes (decode workers come and go).
+transfers to the others. A lane idle for `lane_idle_s` closes (decode workers come and go); a
+lane whose transfer failed closes its sender at once (no socket left reconnecting to a dead or
+forged address) and, with nothing else queued, ends its thread: a failure costs a thread only
+for the transfer's own timeout.
 Contract: from `send()` until its `TransferOutcome` comes back from `poll_results()`, the
 sequence's blocks are read by a sender thread — the worker must not free or reuse them; after
 the outcome it frees them (success or failure alike). A failed transfer's outcome carries the
@@ -120,16 +123,30 @@ class KvOutbox:
             try:
                 job = lane.jobs.get(timeout=self.lane_idle_s)
             except queue.Empty:
-                with self._lock:
-                    if not lane.jobs.empty():
-                        continue
-                    del self._lanes[lane.address]  # idle: the next send to it starts a new lane
                 job = None
+                if not self._retire(lane):
+                    continue
             if job is None:
                 if lane.sender is not None:
                     lane.sender.close()
                 return
-            self._results.put(self._send_one(lane, job))
+            outcome = self._send_one(lane, job)
+            self._results.put(outcome)
+            if outcome.error is not None:
+                if lane.sender is not None:
+                    lane.sender.close()  # the next job (if any) connects afresh
+                    lane.sender = None
+                if self._retire(lane):
+                    return
+
+    def _retire(self, lane: _Lane) -> bool:
+        """Remove `lane` if nothing is queued on it (the next send to its address starts a new
+        lane); whether it was removed."""
+        with self._lock:
+            if not lane.jobs.empty() or self._lanes.get(lane.address) is not lane:
+                return False
+            del self._lanes[lane.address]
+            return True
 
     def _send_one(self, lane: _Lane, job: _Job) -> TransferOutcome:
         try:

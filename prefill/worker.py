@@ -52,11 +52,14 @@ class PrefillWorker(WorkerBase):
         if isinstance(msg, ctrl.Prefill):
             self._on_prefill(msg)
         elif isinstance(msg, ctrl.Abort):
-            self._abort(msg.request_id)
+            if msg.request_id in self.jobs and not self.jobs[msg.request_id].is_aborted:
+                self._abort(msg.request_id)
+                self._fail(msg.request_id, f"aborted: {msg.reason}", ErrorCode.ABORTED)
         elif isinstance(msg, ctrl.AbortAll):
-            held = list(self.jobs)
+            held = [rid for rid, job in self.jobs.items() if not job.is_aborted]
             for rid in held:
                 self._abort(rid)
+                self._fail(rid, f"aborted: {msg.reason}", ErrorCode.ABORTED)
             log.warning("dropped %d request(s): %s", len(held), msg.reason)
         elif isinstance(msg, ctrl.Shutdown):
             self.stopping = True
@@ -68,6 +71,22 @@ class PrefillWorker(WorkerBase):
             job.is_aborted = True
             if self.engine.scheduler.abort(request_id) is not None:
                 del self.jobs[request_id]
+
+    def holds(self, request_id: str) -> bool:
+        return request_id in self.jobs
+
+    def fail_request(self, request_id: str) -> bool:
+        held = request_id in self.jobs
+        self._abort(request_id)
+        return held
+
+    def fail_step(self) -> list[str]:
+        """The requests still in the engine's scheduler (those with KV on the wire are not in
+        the step: their transfers end as they will)."""
+        failed = [rid for rid in self.jobs if self.engine.scheduler.abort(rid) is not None]
+        for rid in failed:
+            del self.jobs[rid]
+        return failed
 
     def _on_prefill(self, msg: ctrl.Prefill) -> None:
         """`msg.params` and `msg.kv_spec` were validated by their constructors as the codec

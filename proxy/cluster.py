@@ -8,8 +8,11 @@ into an error on that request's stream:
 - a decode worker silent for `heartbeat_timeout_s`: its requests fail at once, it leaves routing;
 - a prefill worker silent, or a retryable prefill failure: the prefill is retried on another
   prefill worker, or done locally by the decode worker;
-- every state has a timeout (queue, prefill, gap between tokens); on timeout or client
-  disconnect the request is aborted on both workers, which free its blocks.
+- every state has a timeout (queue, prefill, gap between tokens), re-armed at every stage
+  change; on timeout or client disconnect the request is aborted on both workers, which free
+  its blocks; a worker that drops a request says so at once (`RequestFailed`);
+- Reserved / Tokens for a request not held here is aborted on its worker (a forged Reserve);
+  event frames are bounded (ZMQ_MAXMSGSIZE); Hellos are judged first (proxy/admission.py).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import replace
 from typing import Any
@@ -29,14 +33,21 @@ from engine.sampling_params import SamplingParams
 from protocol import decode_ctrl as dmsg
 from protocol import prefill_ctrl as pmsg
 from protocol import worker_events as ev
+from protocol.codec import MalformedMessage
+from protocol.log_limit import LogLimiter
+from protocol.rejections import Plane
+from proxy.admission import HelloVerdict, failure_error, is_from_registered, judge_hello, serves
 from proxy.cluster_state import ClusterConfig, RequestState, Stage, Worker
-from proxy.errors import ApiError, internal, overloaded
+from proxy.errors import ApiError, overloaded
 from proxy.metrics import ProxyMetrics
 from proxy.placement import Placement, Slo
 from proxy.placer import Placer
 from proxy.router import LeastLoaded, NoWorkerAvailable, PrefixAware, RoundRobin, WorkerState
 
 log = logging.getLogger(__name__)
+
+EVENT_FRAME_BYTES = 64 << 10  # the largest worker event (a Heartbeat of 256 steps: ~15 KiB)
+MAX_ORPHANS = 4096  # request ids recently aborted for being unknown here
 
 
 class ClusterClient:
@@ -45,6 +56,7 @@ class ClusterClient:
         self.ctx = zmq.asyncio.Context()
         self.events = self.ctx.socket(zmq.PULL)
         self.events.setsockopt(zmq.LINGER, 0)
+        self.events.setsockopt(zmq.MAXMSGSIZE, EVENT_FRAME_BYTES)
         self.events.bind(f"tcp://{config.host}:{config.events_port}")
         self.events_address: str = self.events.getsockopt_string(zmq.LAST_ENDPOINT)
         self.workers: dict[str, Worker] = {}
@@ -56,6 +68,8 @@ class ClusterClient:
         self._tasks: list[asyncio.Task] = []
         self._registered = asyncio.Event()
         self._background: set[asyncio.Future] = set()
+        self._orphans: OrderedDict[str, None] = OrderedDict()
+        self.log = LogLimiter(log)
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -237,24 +251,42 @@ class ClusterClient:
         while True:
             frame = await self.events.recv()
             try:
-                self._handle(ev.WORKER_EVENTS.decode(frame))
-            except Exception:  # a bad event must never kill the proxy's event loop
-                log.exception("dropping a worker event that could not be handled")
+                msg = ev.WORKER_EVENTS.decode(frame)
+            except MalformedMessage as e:
+                self._refused("malformed", "dropped a malformed worker event: %s", e)
+                continue
+            try:
+                self._handle(msg)
+            except Exception as e:  # a bad event must never kill the proxy's event loop
+                self._refused("handler_error", "dropped a worker event that could not be "
+                              "handled: %s: %s", type(e).__name__, e)
+
+    def _refused(self, reason: str, fmt: str, *args: object) -> None:
+        self.metrics.on_rejected("proxy", Plane.EVENTS.value, reason)
+        self.log.warning(reason, fmt, *args)
 
     def _handle(self, msg: object) -> None:
         if isinstance(msg, ev.Hello):
             self.register(msg)
             return
         worker = self.workers.get(getattr(msg, "worker_id", ""))
+        if isinstance(msg, ev.Heartbeat):
+            if worker is not None and is_from_registered(worker, msg):
+                worker.last_seen = time.monotonic()
+                self._on_heartbeat(msg)
+            return
         if worker is not None:
             worker.last_seen = time.monotonic()
-        if isinstance(msg, ev.Heartbeat):
-            self._on_heartbeat(msg)
-            return
         if isinstance(msg, ev.PrefillDone):  # counted even when the request has ended meanwhile
             self.metrics.on_kv_transfer(msg.kv_bytes, msg.kv_seconds)
         req = self.inflight.get(getattr(msg, "request_id", ""))
         if req is None:
+            if worker is not None and isinstance(msg, ev.Reserved | ev.Tokens):
+                self._abort_orphan(worker, msg)
+            return
+        if not serves(req, msg.worker_id):  # type: ignore[attr-defined]
+            self._refused("wrong_worker", "event %s for %s from %s, which does not serve it",
+                          type(msg).__name__, req.request_id, msg.worker_id)  # type: ignore
             return
         if isinstance(msg, ev.Reserved):
             req.block_ids = list(msg.block_ids)
@@ -292,11 +324,32 @@ class ClusterClient:
                             msg.worker_id, msg.code.value, msg.error)
                 self._start_prefill(req)
                 return
-        req.queue.put_nowait(internal(f"{msg.code.value}: {msg.error}", req.request_id))
+        req.queue.put_nowait(failure_error(msg, req.request_id))
+
+    def _abort_orphan(self, worker: Worker, msg: ev.Reserved | ev.Tokens) -> None:
+        """Reserved / Tokens for a request not held here: the worker frees it now."""
+        if msg.request_id in self._orphans or (isinstance(msg, ev.Tokens) and msg.finish_reason):
+            return
+        self._orphans[msg.request_id] = None
+        if len(self._orphans) > MAX_ORPHANS:
+            self._orphans.popitem(last=False)
+        if isinstance(msg, ev.Reserved):
+            self._refused("unknown_request", "%s reserved blocks for %s, which the proxy does "
+                          "not hold: aborting it there", worker.hello.worker_id, msg.request_id)
+        self._spawn(self._send(worker.hello.worker_id, dmsg.Abort(msg.request_id, "unknown")))
 
     def register(self, hello: ev.Hello) -> None:
         """A worker's Hello: from its event, or from its Ray actor (a restarted proxy registers
-        the running workers); on the event loop's thread."""
+        the running workers); on the event loop's thread. Judged first (proxy/admission.py):
+        a re-announcement refreshes, a conflicting Hello for a live worker is refused."""
+        verdict = judge_hello(self.workers.get(hello.worker_id), hello)
+        if verdict is HelloVerdict.REFRESH:
+            self.workers[hello.worker_id].last_seen = time.monotonic()
+            return
+        if verdict is HelloVerdict.REFUSE:
+            self._refused("hello_conflict", "refused a Hello for live worker %s from another "
+                          "process (pid %d at %s)", hello.worker_id, hello.pid, hello.host)
+            return
         old = self.workers.pop(hello.worker_id, None)
         if old is not None:
             old.socket.close(linger=0)
@@ -304,6 +357,7 @@ class ClusterClient:
         sock = self.ctx.socket(zmq.PUSH)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 10000)
+        sock.setsockopt(zmq.MAXMSGSIZE, EVENT_FRAME_BYTES)  # it receives nothing
         sock.connect(hello.ctrl_address)
         state = WorkerState(hello.worker_id, hello.role,  # type: ignore[arg-type]
                             hello.ctrl_address)
@@ -330,6 +384,11 @@ class ClusterClient:
                                 num_used_blocks=hb.num_used_blocks)
         self.metrics.on_preemptions(hb.num_preemptions - w.num_preemptions_seen)
         w.num_preemptions_seen = max(hb.num_preemptions, w.num_preemptions_seen)
+        for r in hb.rejected:  # running totals: count what is new since the last heartbeat
+            key = (r.plane.value, r.reason)
+            self.metrics.on_rejected(hb.worker_id, key[0], key[1],
+                                     r.count - w.rejected_seen.get(key, 0))
+            w.rejected_seen[key] = max(r.count, w.rejected_seen.get(key, 0))
 
     # ---- failure detection ----------------------------------------------------------------------
     async def _monitor(self) -> None:

@@ -45,6 +45,7 @@ class Worker:
     last_seen: float
     requests: set[str] = field(default_factory=set)
     num_preemptions_seen: int = 0
+    rejected_seen: dict[tuple[str, str], int] = field(default_factory=dict)  # (plane, reason)
 
     @property
     def is_alive(self) -> bool:

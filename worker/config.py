@@ -75,6 +75,9 @@ class WorkerConfig:
         "help": "Address this worker binds (ports are chosen free)."})
     heartbeat_interval_s: float = field(default=0.5, metadata={
         "help": "Seconds between heartbeats."})
+    hello_interval_s: float = field(default=5.0, metadata={
+        "help": "Seconds between repeated Hellos (a proxy that lost this worker registers it "
+                "again)."})
     max_queue: int = field(default=512, metadata={
         "help": "Requests waiting for blocks before 503."})
     kv_timeout_s: float = field(default=60.0, metadata={

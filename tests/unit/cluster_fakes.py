@@ -91,7 +91,8 @@ class FakeWorker:
         self.ctrl.setsockopt(zmq.LINGER, 0)
         self.ctrl.bind("tcp://127.0.0.1:0")
         self.ctrl_address = self.ctrl.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.kv_address = f"tcp://127.0.0.1:9/{worker_id}-kv"  # never dialled by the proxy
+        port = int(self.ctrl_address.rsplit(":", 1)[1])
+        self.kv_address = f"tcp://127.0.0.2:{port}"  # never dialled by the proxy
         self.events = ctx.socket(zmq.PUSH)
         self.events.setsockopt(zmq.LINGER, 0)
         self.events.connect(events_address)

@@ -98,7 +98,7 @@ FORGED: list[tuple[int, Callable[[dict], None], str]] = [
     (0, lambda d: d["params"].update(temperature=True),
      "Reserve.params.temperature: expected float, got bool"),
     (0, lambda d: d["params"].update(top_k=-2), "Reserve.params: top_k must be -1"),
-    (0, lambda d: d["params"].update(min_tokens=-1), "Reserve.params: min_tokens must be"),
+    (0, lambda d: d["params"].update(min_tokens=-1), "Reserve.params.min_tokens: -1 is below 0"),
     (0, lambda d: d["params"]["stop_token_ids"].append(None),
      r"Reserve.params.stop_token_ids\[2\]: expected int, got NoneType"),
     (0, lambda d: d["params"].update(stop="###"), r"Reserve.params: unknown fields \['stop'\]"),
