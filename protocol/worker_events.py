@@ -114,6 +114,9 @@ class Tokens:
     finish_reason: FinishReason | None = None
     num_prompt_tokens: int = bounded(0, lo=0, hi=MAX_COUNT)
     num_cached_tokens: int = bounded(0, lo=0, hi=MAX_COUNT)
+    # workers leave it empty (they send PromptLogprobs parts); the proxy's cluster client puts
+    # the assembled prompt logprobs on the first event it hands on
+    prompt_logprobs: list[TokenLogprob] = bounded([], max_len=MAX_LIST)
 
 
 @dataclass(frozen=True)
