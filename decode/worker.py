@@ -60,7 +60,8 @@ class DecodeWorker(WorkerBase):
         self.pending: OrderedDict[str, Pending] = OrderedDict()
         self.reservations: dict[str, Reservation] = {}
         self.local: set[str] = set()  # requests in the engine's own scheduler
-        self.kv = KvInbox(self.ctx, config.host, self.kv_cache, config.kv)
+        self.kv = KvInbox(self.ctx, config.host, self.kv_cache, config.kv, security=self.auth,
+                          on_refused=self._refused)
         self.kv.sync_poller(self.poller)  # the ROUTER socket and the KV data connections
 
     @property
@@ -141,7 +142,7 @@ class DecodeWorker(WorkerBase):
                 return  # first in, first served: wait for blocks
             del self.pending[rid]
             self.reservations[rid] = Reservation(seq, time.monotonic() + self.config.kv_timeout_s)
-            self.kv.expect(rid, seq.block_table)
+            self.kv.expect(rid, seq.block_table, p.msg.kv_token)
             self.events.send(ev.Reserved(rid, self.worker_id, list(seq.block_table)))
 
     def _reject(self, request_id: str, reason: str, status: int = 503) -> None:

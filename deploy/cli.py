@@ -88,7 +88,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
                             top_p=args.top_p, top_k=args.top_k, seed=args.sample_seed,
                             ignore_eos=args.ignore_eos)
     t0 = time.perf_counter()
-    seqs = engine.generate(prompts, params)
+    try:
+        seqs = engine.generate(prompts, params)
+    finally:
+        engine.close()
     elapsed = time.perf_counter() - t0
     for i, seq in enumerate(seqs):
         if len(seqs) > 1:

@@ -31,7 +31,7 @@ import time
 from types import FrameType
 from typing import Any
 
-from deploy.local_launcher import ServeConfig
+from deploy.local_launcher import ServeConfig, cluster_secret
 from deploy.ray_config import PROXY_ACTOR, RayConfig, resolve_node
 from engine.checkpoint import read_model_config
 from engine.config import ConfigError, EngineConfig
@@ -119,6 +119,8 @@ class RayDeployment:
         self.proxy: Any = None
         self.workers: dict[str, Any] = {}
         self.engines: dict[str, EngineConfig] = {}  # per role, GPU profile applied
+        # handed to the actors as arguments (Ray's own channel), never on a command line
+        self.secret = cluster_secret(serve)
 
     def run(self) -> int:
         plan = plan_kv_cache(read_model_config(self.engine.model), self.engine)  # fails fast
@@ -172,7 +174,7 @@ class RayDeployment:
                 name=PROXY_ACTOR, lifetime=self._lifetime(), num_cpus=0,
                 max_restarts=self.config.max_restarts, max_concurrency=8,
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
-            ).remote(self.serve, self.engine.model, max_model_len, self.log_level)
+            ).remote(self.serve, self.engine.model, max_model_len, self.log_level, self.secret)
         except ValueError:  # another launcher took the name in between
             raise already from None
 
@@ -246,7 +248,8 @@ class RayDeployment:
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     pg, placement_group_bundle_index=i),
             ).remote(role, WorkerConfig(worker_id=wid, events_address=events_address,
-                                           kv=self.serve.kv),
+                                           kv=self.serve.kv, cluster_secret=self.secret,
+                                           insecure_internal=self.secret is None),
                      engines[role],
                      int(self.config.cpus_per_worker) if not num_gpus else 0, self.log_level)
         log.info("loading weights in %d worker actor(s)...", len(self.workers))

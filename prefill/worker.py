@@ -41,7 +41,8 @@ class PrefillWorker(WorkerBase):
     def __init__(self, config: WorkerConfig, engine: LLMEngine) -> None:
         super().__init__(config, engine, ctrl.PREFILL_CTRL)
         self.jobs: dict[str, Job] = {}  # admitted, not yet acked
-        self.kv = KvOutbox(self.ctx, self.kv_cache, config.kv)  # results come back through a queue
+        self.kv = KvOutbox(self.ctx, self.kv_cache, config.kv, security=self.auth,
+                           on_refused=self._refused)  # results come back through a queue
 
     @property
     def kv_address(self) -> str:
@@ -149,7 +150,7 @@ class PrefillWorker(WorkerBase):
                            seq.logprobs[0] if seq.logprobs else None, seq.num_cached_tokens)
         try:
             self.kv.send(msg.request_id, msg.kv_address, seq.block_table, seq.num_prompt_tokens,
-                         msg.kv_spec, first.to_meta())
+                         msg.kv_spec, first.to_meta(), kv_token=msg.kv_token)
         except Exception as e:  # a typed transfer error, or a socket failure: this request only
             self._on_sent(TransferOutcome.failed(msg.request_id, e))
 

@@ -24,6 +24,7 @@ VOCAB_SIZE = "vocab_size"
 MAX_ID_LEN = 256  # request and worker ids
 MAX_ADDRESS_LEN = 512
 MAX_TEXT_LEN = 8192  # reasons, errors, plan lines
+MAX_KV_TOKEN_LEN = 64  # a reservation's KV token (transfer/wire/header.py MAX_TOKEN_LEN)
 
 Bound = int | float | str  # a number, or the name of a receiver's limit
 

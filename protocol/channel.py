@@ -10,6 +10,9 @@ Every socket refuses frames over `max_frame_bytes` (`ZMQ_MAXMSGSIZE`: ZMQ drops 
 soon as it reads the length, before a byte is buffered), and the codec decodes what is left
 with bounded msgpack (protocol/codec.py), so a frame costs at most its bounded size. An Inbox
 decodes with `limits` (the receiver's `max_model_len`, `vocab_size`: protocol/bounds.py).
+With a `ClusterAuth` (protocol/auth.py) the Inbox is a CURVE server and the Outbox a CURVE
+client: a peer without the deployment's secret never gets a frame through (its refusals are
+counted by the auth's handler).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any
 
 import zmq
 
+from protocol.auth import ClusterAuth
 from protocol.codec import MalformedMessage, MessageFamily
 from protocol.log_limit import LogLimiter
 from protocol.rejections import Plane, Rejections
@@ -41,7 +45,8 @@ class Inbox:
                  rejections: Rejections | None = None, plane: Plane = Plane.CONTROL, *,
                  max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
                  limits: Mapping[str, int] | None = None,
-                 on_malformed: Callable[[MalformedMessage], None] | None = None) -> None:
+                 on_malformed: Callable[[MalformedMessage], None] | None = None,
+                 auth: ClusterAuth | None = None) -> None:
         self.family = family
         self.rejections = rejections if rejections is not None else Rejections()
         self.plane = plane
@@ -52,6 +57,8 @@ class Inbox:
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes)
         self.socket.setsockopt(zmq.RCVHWM, 100000)
+        if auth is not None:
+            auth.server(self.socket, plane.value)
         self.socket.bind(f"tcp://{host}:{port}")
         self.address: str = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
 
@@ -78,12 +85,15 @@ class Inbox:
 
 
 class Outbox:
-    def __init__(self, ctx: zmq.Context, family: MessageFamily, address: str) -> None:
+    def __init__(self, ctx: zmq.Context, family: MessageFamily, address: str,
+                 auth: ClusterAuth | None = None) -> None:
         self.family = family
         self.socket = ctx.socket(zmq.PUSH)
         self.socket.setsockopt(zmq.LINGER, 500)
         self.socket.setsockopt(zmq.MAXMSGSIZE, DEFAULT_MAX_FRAME_BYTES)  # it receives nothing
         self.socket.setsockopt(zmq.SNDHWM, 100000)
+        if auth is not None:
+            auth.client(self.socket)
         self.socket.connect(address)
 
     def send(self, msg: Any) -> bool:

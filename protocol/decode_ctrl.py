@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from engine.sampling_params import SamplingParams
-from protocol.bounds import MAX_ID_LEN, MAX_MODEL_LEN, VOCAB_SIZE, bounded
+from protocol.bounds import MAX_ID_LEN, MAX_KV_TOKEN_LEN, MAX_MODEL_LEN, VOCAB_SIZE, bounded
 from protocol.codec import MessageFamily
 from protocol.lifecycle_ctrl import Abort, AbortAll, Shutdown
 
@@ -27,6 +27,8 @@ class Reserve:
     queue_timeout_s: float = bounded(30.0, lo=0.0, hi=MAX_QUEUE_TIMEOUT_S)
     # local prefill: most prompt tokens per step (0: the step's budget)
     prefill_chunk: int = bounded(0, lo=0, hi=MAX_MODEL_LEN)
+    # the reservation token the KV transfer must carry (the proxy's, random)
+    kv_token: str = bounded("", max_len=MAX_KV_TOKEN_LEN)
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,8 @@ class Hello:
     model: str = bounded("", max_len=MAX_TEXT_LEN)
     # its scheduler's token budget per step (0: unknown)
     max_num_batched_tokens: int = bounded(0, lo=0, hi=MAX_COUNT)
+    # tensor parallel: the pid of every rank of this worker, rank 0 (pid) first
+    rank_pids: list[int] = bounded([], lo=1, hi=1 << 31, max_len=1024)
 
     def __post_init__(self) -> None:
         if not self.worker_id:

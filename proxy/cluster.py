@@ -33,6 +33,7 @@ from engine.sampling_params import SamplingParams
 from protocol import decode_ctrl as dmsg
 from protocol import prefill_ctrl as pmsg
 from protocol import worker_events as ev
+from protocol.auth import ClusterAuth
 from protocol.codec import MalformedMessage
 from protocol.log_limit import LogLimiter
 from protocol.rejections import Plane
@@ -54,9 +55,12 @@ class ClusterClient:
     def __init__(self, config: ClusterConfig, metrics: ProxyMetrics) -> None:
         self.config, self.metrics = config, metrics
         self.ctx = zmq.asyncio.Context()
+        self.auth = ClusterAuth(self.ctx, config.secret,
+                                lambda plane, reason: metrics.on_rejected("proxy", plane, reason))
         self.events = self.ctx.socket(zmq.PULL)
         self.events.setsockopt(zmq.LINGER, 0)
         self.events.setsockopt(zmq.MAXMSGSIZE, EVENT_FRAME_BYTES)
+        self.auth.server(self.events, Plane.EVENTS.value)
         self.events.bind(f"tcp://{config.host}:{config.events_port}")
         self.events_address: str = self.events.getsockopt_string(zmq.LAST_ENDPOINT)
         self.workers: dict[str, Worker] = {}
@@ -91,6 +95,7 @@ class ClusterClient:
         for w in self.workers.values():
             w.socket.close(linger=100)
         self.events.close(linger=0)
+        self.auth.close()
         self.ctx.term()
 
     async def abort_all(self, reason: str) -> None:
@@ -196,7 +201,7 @@ class ClusterClient:
             req.enter(Stage.PREFILLING)  # on the decode worker, from now on
         self.metrics.on_placement(p.placement.value)
         return dmsg.Reserve(req.request_id, req.prompt_ids, req.params, remote,
-                            self.config.queue_timeout_s, 0 if remote else p.chunk)
+                            self.config.queue_timeout_s, 0 if remote else p.chunk, req.kv_token)
 
     def _stage_timeout(self, stage: Stage) -> float:
         return {Stage.RESERVING: self.config.queue_timeout_s + 5.0,
@@ -240,7 +245,8 @@ class ClusterClient:
         self.workers[prefill.worker_id].requests.add(req.request_id)
         req.enter(Stage.PREFILLING)
         msg = pmsg.Prefill(req.request_id, req.prompt_ids, req.params, req.decode_id,
-                           decode.hello.kv_address, req.block_ids, decode.hello.kv_spec)
+                           decode.hello.kv_address, req.block_ids, decode.hello.kv_spec,
+                           req.kv_token)
         self._spawn(self._send(prefill.worker_id, msg))
 
     # ---- events -------------------------------------------------------------------------------
@@ -353,6 +359,7 @@ class ClusterClient:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 10000)
         sock.setsockopt(zmq.MAXMSGSIZE, EVENT_FRAME_BYTES)  # it receives nothing
+        self.auth.client(sock)
         sock.connect(hello.ctrl_address)
         state = WorkerState(hello.worker_id, hello.role,  # type: ignore[arg-type]
                             hello.ctrl_address)
@@ -420,7 +427,8 @@ class ClusterClient:
     # ---- views --------------------------------------------------------------------------------
     def topology(self) -> list[dict]:
         return [{"worker_id": w.hello.worker_id, "role": w.hello.role, "host": w.hello.host,
-                 "pid": w.hello.pid, "alive": w.is_alive, "ctrl_address": w.hello.ctrl_address,
+                 "pid": w.hello.pid, "rank_pids": w.hello.rank_pids, "alive": w.is_alive,
+                 "ctrl_address": w.hello.ctrl_address,
                  "kv_address": w.hello.kv_address, "kv_plan": w.hello.plan,
                  "num_running": w.state.num_running, "num_waiting": w.state.num_waiting,
                  "kv_usage": round(w.state.kv_usage, 4),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import secrets
 import time
 from dataclasses import dataclass, field
 
@@ -29,6 +30,9 @@ class ClusterConfig:
     placement: str = "remote"  # where prompts are prefilled: adaptive | remote | local
     slo_ttft_s: float = 1.0  # the SLOs adaptive placement plans for
     slo_tpot_s: float = 0.05
+    # the deployment's secret (protocol/auth.py): CURVE on the event socket and every control
+    # socket; None: unauthenticated (--insecure-internal)
+    secret: bytes | None = field(default=None, repr=False)
 
 
 class Stage(enum.Enum):
@@ -72,6 +76,9 @@ class RequestState:
     prompt_logprobs: list[TokenLogprob] | None = None  # all of them, once the last part came
     prompt_logprobs_arrived: asyncio.Event = field(default_factory=asyncio.Event)
     _prompt_logprobs_parts: list[TokenLogprob] = field(default_factory=list)
+    # the reservation's token: the decode worker gets it with Reserve, the prefill worker with
+    # Prefill, and the KV header must carry it
+    kv_token: str = field(default_factory=lambda: secrets.token_hex(16))
 
     def add_prompt_logprobs(self, part: ev.PromptLogprobs) -> None:
         """Assemble the parts in order; a part that does not continue them is dropped, and a

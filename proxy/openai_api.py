@@ -21,9 +21,11 @@ from pydantic_core import PydanticCustomError
 from engine.errors import RequestError
 from engine.sampling_params import SamplingParams
 from proxy.errors import context_length_exceeded, invalid_request
+from proxy.limits import check_num_messages
 from proxy.request_params import PenaltyParams, PromptList
 
 MAX_STOP_STRINGS = 4
+MAX_STOP_CHARS = 1024  # per stop string: the proxy matches them against every streamed delta
 MAX_TOP_LOGPROBS = 20
 MIN_LOGPROB = -9999.0  # what OpenAI sends instead of -inf
 ApiFinishReason = Literal["stop", "length"]  # what a client sees (an abort is an error)
@@ -77,6 +79,8 @@ class _RequestBase(PenaltyParams):
             if len(value) > MAX_STOP_STRINGS:
                 raise _error(f"at most {MAX_STOP_STRINGS} stop sequences are allowed")
             if all(isinstance(s, str) for s in value):
+                if any(len(s) > MAX_STOP_CHARS for s in value):
+                    raise _error(f"a stop sequence may have at most {MAX_STOP_CHARS} characters")
                 return [s for s in value if s]  # an empty stop string means nothing
         return value
 
@@ -151,6 +155,7 @@ class ChatCompletionRequest(_RequestBase):
     functions: list[Any] | None = None
     tool_choice: str | dict[str, Any] | None = None
 
+    _check_num_messages = field_validator("messages", mode="before")(check_num_messages)
     @field_validator("messages")
     @classmethod
     def _check_messages(cls, value: list[ChatMessage]) -> list[ChatMessage]:

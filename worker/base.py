@@ -30,6 +30,7 @@ import zmq
 
 from engine.llm_engine import LLMEngine
 from protocol import worker_events as ev
+from protocol.auth import ClusterAuth
 from protocol.bounds import MAX_MODEL_LEN, VOCAB_SIZE
 from protocol.channel import Inbox, Outbox, frame_limit_for
 from protocol.codec import MalformedMessage, MessageFamily
@@ -54,13 +55,14 @@ class WorkerBase(abc.ABC):
         self.ctx = zmq.Context()
         self.rejections = Rejections()  # what every plane of this worker refused (in heartbeats)
         self.log = LogLimiter(log)
+        self.auth = ClusterAuth(self.ctx, config.cluster_secret, self._refused)
         max_model_len = engine.plan.max_model_len
         self.ctrl = Inbox(self.ctx, ctrl_family, config.host, rejections=self.rejections,
                           plane=Plane.CONTROL, max_frame_bytes=frame_limit_for(max_model_len),
                           limits={MAX_MODEL_LEN: max_model_len,
                                   VOCAB_SIZE: engine.model_config.vocab_size},
-                          on_malformed=self._on_malformed)
-        self.events = Outbox(self.ctx, ev.WORKER_EVENTS, config.events_address)
+                          on_malformed=self._on_malformed, auth=self.auth)
+        self.events = Outbox(self.ctx, ev.WORKER_EVENTS, config.events_address, auth=self.auth)
         self.poller = zmq.Poller()
         self.poller.register(self.ctrl.socket, zmq.POLLIN)
         self.stopping = False
@@ -155,11 +157,15 @@ class WorkerBase(abc.ABC):
                                  ErrorCode.INTERNAL)
 
     # ---- shared -------------------------------------------------------------------------------
+    def _refused(self, plane: str, reason: str) -> None:
+        """What the auth handler and the KV endpoint refused (counted; in every heartbeat)."""
+        self.rejections.add(Plane(plane), reason)
+
     def hello(self) -> ev.Hello:
         return ev.Hello(self.worker_id, self.role, self.ctrl.address, self.kv_address,
                         self.engine.plan.spec, self.engine.plan.line(), os.getpid(),
                         socket.gethostname(), self.engine.config.model,
-                        self.engine.config.max_num_batched_tokens)
+                        self.engine.config.max_num_batched_tokens, self.engine.rank_pids)
 
     def heartbeat_with_steps(self) -> ev.Heartbeat:
         """`heartbeat()` with the engine's steps since the last one (at most `MAX_STEPS`, the
@@ -173,7 +179,7 @@ class WorkerBase(abc.ABC):
     def _heartbeats(self) -> None:
         """Heartbeats come from their own thread and socket: a long model step (a big prefill on
         a CPU) must not make a live worker look dead. They carry the loop's latest counters."""
-        outbox = Outbox(self.ctx, ev.WORKER_EVENTS, self.config.events_address)
+        outbox = Outbox(self.ctx, ev.WORKER_EVENTS, self.config.events_address, auth=self.auth)
         last_hello = time.monotonic()
         try:
             while not self.stopping:
@@ -208,4 +214,6 @@ class WorkerBase(abc.ABC):
     def close(self) -> None:
         self.ctrl.close()
         self.events.close()
+        self.auth.close()
         self.ctx.term()
+        self.engine.close()  # stops its other tensor-parallel ranks, if any
