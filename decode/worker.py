@@ -207,10 +207,14 @@ class DecodeWorker(WorkerBase):
     def _emit(self, out: RequestOutput) -> None:
         if out.is_finished:
             self.local.discard(out.request_id)
+        if out.prompt_logprobs:  # a local prefill's, before its first token (same socket)
+            top_n = max((len(e.top) for e in out.prompt_logprobs), default=0)
+            for part in ev.prompt_logprobs_events(out.request_id, self.worker_id,
+                                                  out.prompt_logprobs, top_n):
+                self.events.send(part)
         self.events.send(ev.Tokens(out.request_id, self.worker_id, out.new_token_ids,
                                    list(out.new_logprobs), out.finish_reason,
-                                   out.num_prompt_tokens, out.num_cached_tokens,
-                                   list(out.prompt_logprobs)))
+                                   out.num_prompt_tokens, out.num_cached_tokens))
 
     def _expire(self) -> None:
         now = time.monotonic()

@@ -143,8 +143,9 @@ class PrefillWorker(WorkerBase):
         """Queue the KV + first token (protocol/kv_meta.py) for the decode worker."""
         seq, msg = job.seq, job.msg
         if seq.params.prompt_logprobs is not None:  # to the proxy, before the KV leaves
-            self.events.send(ev.PromptLogprobs(msg.request_id, self.worker_id,
-                                               list(seq.prompt_logprobs)))
+            for part in ev.prompt_logprobs_events(msg.request_id, self.worker_id,
+                                                  seq.prompt_logprobs, seq.params.prompt_logprobs):
+                self.events.send(part)
         first = FirstToken(seq.token_ids[seq.num_prompt_tokens],
                            seq.logprobs[0] if seq.logprobs else None, seq.num_cached_tokens)
         try:

@@ -116,18 +116,37 @@ class Tokens:
     finish_reason: FinishReason | None = None
     num_prompt_tokens: int = bounded(0, lo=0, hi=MAX_COUNT)
     num_cached_tokens: int = bounded(0, lo=0, hi=MAX_COUNT)
-    # a local prefill's prompt logprobs, on its first event
+    # workers leave it empty (they send PromptLogprobs parts); the proxy's cluster client puts
+    # the assembled prompt logprobs on the first event it hands on
     prompt_logprobs: list[TokenLogprob] = bounded([], max_len=MAX_LIST)
 
 
 @dataclass(frozen=True)
 class PromptLogprobs:
-    """A prefill worker's prompt logprobs of a request that asked for them (entry e: prompt
-    token e + 1's), sent before its KV, so before the decode worker's first token."""
+    """Prompt logprobs of a request that asked for them, from the worker that prefilled it
+    (entry e: prompt token e + 1's), in parts of a few KiB (`prompt_logprobs_events`; an event
+    frame is at most 64 KiB): entries [start, start + len(logprobs)); `is_last` on the final
+    part. Sent before the request's first token leaves that worker (a prefill worker: before
+    its KV; a decode worker prefilling locally: before its first Tokens, on the same socket)."""
 
     request_id: str = bounded(max_len=MAX_ID_LEN)
     worker_id: str = bounded(max_len=MAX_ID_LEN)
     logprobs: list[TokenLogprob] = bounded(max_len=MAX_LIST)
+    start: int = bounded(0, lo=0, hi=MAX_COUNT)
+    is_last: bool = True
+
+
+PROMPT_LOGPROBS_PART_BYTES = 24 << 10  # of one PromptLogprobs event, roughly
+
+
+def prompt_logprobs_events(request_id: str, worker_id: str, logprobs: list[TokenLogprob],
+                           top_n: int) -> list[PromptLogprobs]:
+    """`logprobs` as PromptLogprobs events, each well under the 64 KiB event frame (an entry
+    with n alternatives is at most ~40 + 16 n bytes of msgpack)."""
+    per_event = max(1, PROMPT_LOGPROBS_PART_BYTES // (48 + 16 * top_n))
+    starts = range(0, max(len(logprobs), 1), per_event)
+    return [PromptLogprobs(request_id, worker_id, logprobs[i:i + per_event], i,
+                           i + per_event >= len(logprobs)) for i in starts]
 
 
 @dataclass(frozen=True)

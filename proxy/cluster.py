@@ -172,14 +172,11 @@ class ClusterClient:
                 await self._send(req.prefill_id, pmsg.Abort(request_id, "client"))
 
     async def _with_prompt_logprobs(self, req: RequestState, item: ev.Tokens) -> ev.Tokens:
-        """The first Tokens of a request that asked for prompt logprobs carries them: the
-        decode worker's (a local prefill), else the prefill worker's PromptLogprobs, waited
-        for (it was sent before the KV, but on another socket)."""
+        """The first Tokens of a request that asked for prompt logprobs carries them, from
+        the PromptLogprobs events of the worker that prefilled it: waited for, as a prefill
+        worker's come on another socket than the decode worker's tokens."""
         if req.params.prompt_logprobs is None or len(req.prompt_ids) < 2 \
                 or req.prompt_logprobs == []:  # none asked for, none to give, or given
-            return item
-        if item.prompt_logprobs:
-            req.prompt_logprobs = []
             return item
         if req.prompt_logprobs is None:
             try:
@@ -308,9 +305,7 @@ class ClusterClient:
                 ApiError(msg.status, msg.reason, "invalid_request_error")
             req.queue.put_nowait(err)
         elif isinstance(msg, ev.PromptLogprobs):
-            if req.prompt_logprobs is None:
-                req.prompt_logprobs = list(msg.logprobs)
-            req.prompt_logprobs_arrived.set()
+            req.add_prompt_logprobs(msg)
         elif isinstance(msg, ev.PrefillDone):
             req.num_prefill_cached_tokens = msg.num_cached_tokens
             self.placer.on_prefill_done(req.request_id, msg.worker_id, msg.kv_bytes,

@@ -202,3 +202,22 @@ def test_client_leaving_a_multi_choice_stream_frees_every_block(disagg: Server) 
             if line.startswith("data: {") and '"index":5' in line:
                 break  # the last choice has started: leave with all six running
     assert disagg.wait_idle_blocks() == 0
+
+
+def test_long_prompt_logprobs_cross_in_parts(disagg: Server, colocated: Server,
+                                             reference: LLMEngine) -> None:
+    """~1500 prompt tokens with the top 5 each: more than one event frame holds, on both
+    paths, equal to the in-process engine's."""
+    prompt = " ".join(f"item {i} costs {i * 7 % 101} coins;" for i in range(180))
+    ids = reference.tokenizer.encode(prompt)
+    assert len(ids) > 1200
+    seq = reference.generate([ids], SamplingParams(max_tokens=1, temperature=0.0,
+                                                   prompt_logprobs=5))[0]
+    want = [e.logprob for e in seq.prompt_logprobs]
+    for server in (disagg, colocated):
+        got = client(server).completions.create(model="smollm2", prompt=prompt, echo=True,
+                                                logprobs=5, max_tokens=1, temperature=0)
+        lps = got.choices[0].logprobs
+        assert lps is not None and lps.token_logprobs[0] is None
+        assert lps.token_logprobs[1:len(ids)] == pytest.approx(want, abs=1e-4)
+        assert all(len(t) == 5 for t in lps.top_logprobs[1:len(ids)])

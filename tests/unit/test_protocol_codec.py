@@ -53,8 +53,7 @@ MESSAGES: list[tuple[MessageFamily, Any]] = [
     (ev.WORKER_EVENTS, ev.Tokens("r1", "d0", [5])),
     (ev.WORKER_EVENTS, ev.PrefillDone("r1", "p0", 16, 1 << 20, 0.01)),
     (ev.WORKER_EVENTS, ev.RequestFailed("r1", "p0", "boom", ErrorCode.KV_TRANSFER)),
-    (ev.WORKER_EVENTS, ev.Tokens("r1", "d0", [5], prompt_logprobs=[TokenLogprob(3, -2.0, [], 4)])),
-    (ev.WORKER_EVENTS, ev.PromptLogprobs("r1", "p0", LOGPROBS)),
+    (ev.WORKER_EVENTS, ev.PromptLogprobs("r1", "p0", LOGPROBS, 40, False)),
 ]
 
 
@@ -250,3 +249,25 @@ def test_reserve_prefill_chunk_must_be_an_int() -> None:
               "prefill_chunk": "big"}
     with pytest.raises(MalformedMessage, match="prefill_chunk"):
         dmsg.DECODE_CTRL.decode(_forged(dmsg.DECODE_CTRL, "Reserve", fields))
+
+
+def test_prompt_logprobs_travel_in_parts_under_the_event_frame() -> None:
+    """A 4096-token prompt's logprobs with the top 20 each: every part fits the proxy's 64 KiB
+    event frame, and the parts assemble in order (a retried prefill starts over)."""
+    import asyncio
+
+    from proxy.cluster import EVENT_FRAME_BYTES
+    from proxy.cluster_state import RequestState
+
+    entries = [TokenLogprob(40000 + i, -1.0 / (i + 1), [(49000 + j, -0.1 * j) for j in range(20)],
+                            i + 1) for i in range(4095)]
+    parts = ev.prompt_logprobs_events("r1", "p0", entries, 20)
+    assert len(parts) > 1 and [p.is_last for p in parts].count(True) == 1 and parts[-1].is_last
+    assert max(len(ev.WORKER_EVENTS.encode(p)) for p in parts) < EVENT_FRAME_BYTES // 2
+    req = RequestState("r1", [1, 2], PARAMS, asyncio.Queue(), "d0")
+    req.add_prompt_logprobs(parts[0])
+    req.add_prompt_logprobs(parts[2])  # out of order: dropped
+    assert req.prompt_logprobs is None and not req.prompt_logprobs_arrived.is_set()
+    for part in parts:  # a retry sends them all again, from the first
+        req.add_prompt_logprobs(ev.WORKER_EVENTS.decode(ev.WORKER_EVENTS.encode(part)))
+    assert req.prompt_logprobs == entries and req.prompt_logprobs_arrived.is_set()
