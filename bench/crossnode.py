@@ -2,11 +2,14 @@
 
     sudo python -m bench.crossnode [--rates unshaped,10gbit,1gbit,100mbit] \\
         [--placements remote,adaptive] [--input-len 512] [--num-prompts 8] [--output PREFIX]
+        [--serve-args "--kv-wire-dtype auto;--kv-wire-dtype int8"]
 
 For each link rate it builds the testbed (bench/netns.py: prefill worker, proxy and load
 generator in `NAME-a`, decode worker in `NAME-b`), starts `pdserve serve --prefill 1 --decode 1`
 for each placement with the two workers pinned one per core (`--cpu-affinity 0,1`, one torch
-thread each; the proxy and the load generator share both cores), sends the prompts one at a time
+thread each; the proxy and the load generator share both cores) and, with `--serve-args`,
+once per `;`-separated set of extra `pdserve serve` flags (variants compared in one run), sends
+the prompts one at a time
 (`pdserve bench --max-concurrency 1`, so TTFT is prefill + transfer + hops, no queueing), reads
 the KV transfer time from the proxy's metrics, and tears the testbed down. Writes PREFIX.json and
 PREFIX.md (with the command) and prints the table.
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -35,11 +39,11 @@ def _in_ns(ns: str, *cmd: str) -> list[str]:
     return ["ip", "netns", "exec", ns, *cmd]
 
 
-def _start_server(tb: netns.Testbed, placement: str, log_path: Path) -> tuple[subprocess.Popen,
-                                                                                str]:
+def _start_server(tb: netns.Testbed, placement: str, log_path: Path,
+                  extra: list[str]) -> tuple[subprocess.Popen, str]:
     cmd = _in_ns(tb.ns_a, sys.executable, "-m", "deploy.cli", "serve", "--host", netns.ADDR_A,
                  "--port", "0", "--prefill", "1", "--decode", "1", "--placement", placement,
-                 "--decode-netns", tb.ns_b, "--decode-host", netns.ADDR_B, *SERVE_ARGS)
+                 "--decode-netns", tb.ns_b, "--decode-host", netns.ADDR_B, *SERVE_ARGS, *extra)
     log = log_path.open("w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 300
@@ -67,10 +71,11 @@ def _kv_metrics(tb: netns.Testbed, url: str) -> dict[str, float]:
 
 
 def run_point(tb: netns.Testbed, placement: str, args: argparse.Namespace,
-              workdir: Path) -> dict[str, Any]:
-    proc, url = _start_server(tb, placement, workdir / f"serve-{placement}.log")
+              workdir: Path, extra: str = "") -> dict[str, Any]:
+    tag = f"{placement}-{time.monotonic_ns()}"
+    proc, url = _start_server(tb, placement, workdir / f"serve-{tag}.log", shlex.split(extra))
     try:
-        result = workdir / f"bench-{placement}.json"
+        result = workdir / f"bench-{tag}.json"
         subprocess.run(_in_ns(tb.ns_a, sys.executable, "-m", "deploy.cli", "bench",
                               "--base-url", url, "--input-len", str(args.input_len),
                               "--output-len", "8", "--num-prompts", str(args.num_prompts),
@@ -86,7 +91,8 @@ def run_point(tb: netns.Testbed, placement: str, args: argparse.Namespace,
         except subprocess.TimeoutExpired:
             proc.kill()
     n = max(kv.get("placed_remote", 0.0), 1.0)
-    return {"placement": placement, "ttft_p50_ms": summary["ttft"]["median"] * 1e3,
+    return {"placement": placement, "serve_args": extra,
+            "ttft_p50_ms": summary["ttft"]["median"] * 1e3,
             "ttft_p90_ms": summary["ttft"]["p90"] * 1e3,
             "kv_seconds_per_remote_request": kv["kv_transfer_seconds_total"] / n,
             "kv_mib_per_remote_request": kv["kv_transfer_bytes_total"] / n / 2**20, **kv}
@@ -100,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-prompts", type=int, default=8)
     p.add_argument("--name", default="pdxn", help="Testbed name (namespaces NAME-a/-b).")
     p.add_argument("--note", default="")
+    p.add_argument("--serve-args", default="", help="Extra `pdserve serve` flags; several sets "
+                   "separated by ';' run one after the other at each point (e.g. "
+                   "\"--kv-wire-dtype auto;--kv-wire-dtype int8\").")
     p.add_argument("--output", default=f"bench/results/crossnode_cpu_{time.strftime('%Y-%m-%d')}")
     args = p.parse_args(argv)
     tb = netns.Testbed(args.name)
@@ -110,9 +119,11 @@ def main(argv: list[str] | None = None) -> int:
             netns.up(link, tb)
             try:
                 for placement in args.placements.split(","):
-                    row = {"link": rate, **run_point(tb, placement, args, Path(tmp))}
-                    print(json.dumps(row), flush=True)
-                    rows.append(row)
+                    for extra in args.serve_args.split(";"):
+                        row = {"link": rate, **run_point(tb, placement, args, Path(tmp),
+                                                         extra.strip())}
+                        print(json.dumps(row), flush=True)
+                        rows.append(row)
             finally:
                 netns.down(tb)
     command = "python -m bench.crossnode " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -120,11 +131,12 @@ def main(argv: list[str] | None = None) -> int:
     report.write_json(f"{args.output}.json", doc)
     lines = [f"# KV across a shaped link (bench/netns.py testbed), {time.strftime('%Y-%m-%d')}",
              "", f"Command: `{command}`", "", args.note, "",
-             "| link | placement | TTFT p50 / p90 (ms) | KV per remote request (MiB) | "
-             "KV seconds per remote request | remote / local |",
-             "| --- | --- | ---: | ---: | ---: | ---: |"]
+             "| link | placement | serve args | TTFT p50 / p90 (ms) | "
+             "KV per remote request (MiB) | KV seconds per remote request | remote / local |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
     for r in rows:
-        lines.append(f"| {r['link']} | {r['placement']} | {r['ttft_p50_ms']:.0f} / "
+        lines.append(f"| {r['link']} | {r['placement']} | {r['serve_args'] or '-'} | "
+                     f"{r['ttft_p50_ms']:.0f} / "
                      f"{r['ttft_p90_ms']:.0f} | {r['kv_mib_per_remote_request']:.1f} | "
                      f"{r['kv_seconds_per_remote_request']:.3f} | "
                      f"{r.get('placed_remote', 0):.0f} / {r.get('placed_local', 0):.0f} |")

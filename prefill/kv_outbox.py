@@ -138,7 +138,8 @@ class KvOutbox:
             if lane.sender is None:
                 lane.sender = ZmqKvSender(job.address, ZmqSenderConfig(
                     timeout_s=self.config.transfer_timeout_s, checksum=self.config.checksum,
-                    payload=self.config.kv_payload), context=self.ctx, nccl=self._nccl_plugin())
+                    payload=self.config.kv_payload, wire_dtype=self.config.kv_wire_dtype),
+                    context=self.ctx, nccl=self._nccl_plugin())
             r = lane.sender.send(self.cache, job.block_table, 0, job.num_tokens,
                                  request_id=job.request_id, meta=job.meta)
             return TransferOutcome(job.request_id, r.num_bytes, r.seconds)

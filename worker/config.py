@@ -15,6 +15,7 @@ from transfer.wire.header import ReceiverLimits
 
 TRANSPORTS = ("zmq", "nccl")
 KV_PAYLOADS = ("stream", "frames")
+KV_WIRE_DTYPES = ("auto", "fp8_e4m3", "int8")  # transfer/convert/wire_dtype.py: WIRE_DTYPES
 
 
 @dataclass(frozen=True)
@@ -35,12 +36,19 @@ class KvTransportConfig:
         "help": "Prefill workers: an xxh3 checksum on every KV buffer, checked on arrival."})
     max_transfer_bytes: int = field(default=8 << 30, metadata={
         "help": "Decode workers: the largest KV message accepted (bytes)."})
+    kv_wire_dtype: str = field(default="auto", metadata={
+        "help": "Prefill workers: KV dtype on the wire: auto (the cache's own), int8 or "
+                "fp8_e4m3 (quantized with per-token-head scales, dequantized by the decode "
+                "worker; lossy, see the README)."})
 
     def __post_init__(self) -> None:
         if self.transport not in TRANSPORTS:
             raise ConfigError(f"--transport must be zmq or nccl, got {self.transport!r}")
         if self.kv_payload not in KV_PAYLOADS:
             raise ConfigError(f"--kv-payload must be stream or frames, got {self.kv_payload!r}")
+        if self.kv_wire_dtype not in KV_WIRE_DTYPES:
+            raise ConfigError(f"--kv-wire-dtype must be one of {', '.join(KV_WIRE_DTYPES)}, "
+                              f"got {self.kv_wire_dtype!r}")
         if self.transfer_timeout_s <= 0:
             raise ConfigError(
                 f"--transfer-timeout-s must be positive, got {self.transfer_timeout_s}")
