@@ -15,6 +15,7 @@ from transfer.wire.header import ReceiverLimits
 
 TRANSPORTS = ("zmq", "nccl")
 KV_PAYLOADS = ("stream", "frames")
+KV_STREAMING = ("whole", "layerwise")
 KV_WIRE_DTYPES = ("auto", "fp8_e4m3", "int8")  # transfer/convert/wire_dtype.py: WIRE_DTYPES
 
 
@@ -41,7 +42,19 @@ class KvTransportConfig:
                 "fp8_e4m3 (quantized with per-token-head scales, dequantized by the decode "
                 "worker; lossy, see the README)."})
 
+    kv_streaming: str = field(default="whole", metadata={
+        "help": "Prefill workers: send a prompt's KV whole once it is prefilled, or layerwise: "
+                "each layer group of each chunk as soon as the forward pass has written it, "
+                "while the following layers compute."})
+    kv_stream_groups: int = field(default=4, metadata={
+        "help": "With --kv-streaming layerwise: layer groups per chunk (one transfer each)."})
+
     def __post_init__(self) -> None:
+        if self.kv_streaming not in KV_STREAMING:
+            raise ConfigError(f"--kv-streaming must be whole or layerwise, "
+                              f"got {self.kv_streaming!r}")
+        if self.kv_stream_groups < 1:
+            raise ConfigError(f"--kv-stream-groups must be 1 or more, got {self.kv_stream_groups}")
         if self.transport not in TRANSPORTS:
             raise ConfigError(f"--transport must be zmq or nccl, got {self.transport!r}")
         if self.kv_payload not in KV_PAYLOADS:

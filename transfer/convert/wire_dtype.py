@@ -52,11 +52,12 @@ def wire_spec(spec: KvSpec, name: str) -> KvSpec | None:
 
 
 def to_wire(cache: PagedKvCache, block_table: Sequence[int], token_start: int, token_end: int,
-            spec: KvSpec) -> tuple[PagedKvCache, list[int]]:
+            spec: KvSpec, layer_range: tuple[int, int] | None = None,
+            ) -> tuple[PagedKvCache, list[int]]:
     """Tokens `[token_start, token_end)` of the sequence at `block_table` quantized into a new
     cache of `spec` on the same device; returns it and the block table (from token 0) that
     holds them there. Blocks before `token_start`'s block are not allocated (their ids repeat
-    block 0 and are never read)."""
+    block 0 and are never read). Only layers `layer_range` (default all) are filled."""
     size = spec.block_size
     first, end = token_start // size, -(-token_end // size)
     wire = PagedKvCache.allocate(spec, end - first, cache.device)
@@ -64,10 +65,11 @@ def to_wire(cache: PagedKvCache, block_table: Sequence[int], token_start: int, t
     src = cache.spec
     if src.layout is KvLayout.NHD and src.block_size == size and src.head_range == spec.head_range:
         ids = cache.check_block_table(block_table, token_end)[first:].to(cache.device)
-        for layer in range(src.num_layers):
+        for layer in range(*(layer_range or (0, src.num_layers))):
             _quantize_blocks(cache.layers[layer], ids, wire, layer)
     else:  # any other layout: the receiver's own conversion path, token by token
         convert_kv(cache, block_table, wire, table, token_start, token_end,
+                   layer_range=layer_range,
                    pack_options=PackOptions(allow_views=False, chunk_bytes=64 << 20))
     return wire, table
 

@@ -38,3 +38,4 @@ class Expectation:
     deadline: float | None
     reports: list[WriteReport] = field(default_factory=list)
     inflight: set[tuple[bytes, int]] = field(default_factory=set)  # (peer, transfer id)
+    num_parts: int = 0  # streamed parts admitted so far (parts.py)

@@ -145,7 +145,8 @@ class ZmqKvSender:
             self._connect_path(tid, deadline)
             wire = wire_spec(cache.spec, self.config.wire_dtype)
             if wire is not None:  # the quantized copy lives until this call returns
-                cache, block_table = to_wire(cache, block_table, token_start, token_end, wire)
+                cache, block_table = to_wire(cache, block_table, token_start, token_end, wire,
+                                             layer_range)
             packed = self._path.pack(cache, block_table, token_start, token_end, transfer_id=tid,
                                      request_id=request_id, layer_range=layer_range,
                                      head_range=head_range, meta=meta)
