@@ -71,38 +71,46 @@ def _kv_metrics(tb: netns.Testbed, url: str) -> dict[str, float]:
 
 
 def run_point(tb: netns.Testbed, placement: str, args: argparse.Namespace,
-              workdir: Path, extra: str = "") -> dict[str, Any]:
+              workdir: Path, extra: str = "") -> list[dict[str, Any]]:
+    """One server; a row per input length (KV metrics are the differences over its prompts)."""
     tag = f"{placement}-{time.monotonic_ns()}"
     proc, url = _start_server(tb, placement, workdir / f"serve-{tag}.log", shlex.split(extra))
+    rows = []
     try:
-        result = workdir / f"bench-{tag}.json"
-        subprocess.run(_in_ns(tb.ns_a, sys.executable, "-m", "deploy.cli", "bench",
-                              "--base-url", url, "--input-len", str(args.input_len),
-                              "--output-len", "8", "--num-prompts", str(args.num_prompts),
-                              "--max-concurrency", "1", "--warmup", "2", "--no-progress",
-                              "--seed", "0", "--result-file", str(result)),
-                       check=True, capture_output=True, timeout=1200)
-        summary = json.loads(result.read_text())["summary"]
-        kv = _kv_metrics(tb, url)
+        before = _kv_metrics(tb, url)
+        for input_len in str(args.input_len).split(","):
+            result = workdir / f"bench-{tag}-{input_len}.json"
+            subprocess.run(_in_ns(tb.ns_a, sys.executable, "-m", "deploy.cli", "bench",
+                                  "--base-url", url, "--input-len", input_len,
+                                  "--output-len", "8", "--num-prompts", str(args.num_prompts),
+                                  "--max-concurrency", "1", "--warmup", "2", "--no-progress",
+                                  "--seed", "0", "--result-file", str(result)),
+                           check=True, capture_output=True, timeout=1800)
+            summary = json.loads(result.read_text())["summary"]
+            after = _kv_metrics(tb, url)
+            kv = {k: v - before.get(k, 0.0) for k, v in after.items()}
+            before = after
+            n = max(kv.get("placed_remote", 0.0), 1.0)
+            rows.append({"placement": placement, "serve_args": extra, "input_len": int(input_len),
+                         "ttft_p50_ms": summary["ttft"]["median"] * 1e3,
+                         "ttft_p90_ms": summary["ttft"]["p90"] * 1e3,
+                         "kv_seconds_per_remote_request": kv["kv_transfer_seconds_total"] / n,
+                         "kv_mib_per_remote_request": kv["kv_transfer_bytes_total"] / n / 2**20,
+                         **kv})
     finally:
         proc.send_signal(2)
         try:
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
-    n = max(kv.get("placed_remote", 0.0), 1.0)
-    return {"placement": placement, "serve_args": extra,
-            "ttft_p50_ms": summary["ttft"]["median"] * 1e3,
-            "ttft_p90_ms": summary["ttft"]["p90"] * 1e3,
-            "kv_seconds_per_remote_request": kv["kv_transfer_seconds_total"] / n,
-            "kv_mib_per_remote_request": kv["kv_transfer_bytes_total"] / n / 2**20, **kv}
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.crossnode", description=__doc__)
     p.add_argument("--rates", default="unshaped,10gbit,1gbit,100mbit")
     p.add_argument("--placements", default="remote,adaptive")
-    p.add_argument("--input-len", type=int, default=512)
+    p.add_argument("--input-len", default="512", help="Prompt length(s), comma-separated.")
     p.add_argument("--num-prompts", type=int, default=8)
     p.add_argument("--name", default="pdxn", help="Testbed name (namespaces NAME-a/-b).")
     p.add_argument("--note", default="")
@@ -120,10 +128,10 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 for placement in args.placements.split(","):
                     for extra in args.serve_args.split(";"):
-                        row = {"link": rate, **run_point(tb, placement, args, Path(tmp),
-                                                         extra.strip())}
-                        print(json.dumps(row), flush=True)
-                        rows.append(row)
+                        for row in run_point(tb, placement, args, Path(tmp), extra.strip()):
+                            row = {"link": rate, **row}
+                            print(json.dumps(row), flush=True)
+                            rows.append(row)
             finally:
                 netns.down(tb)
     command = "python -m bench.crossnode " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -131,12 +139,12 @@ def main(argv: list[str] | None = None) -> int:
     report.write_json(f"{args.output}.json", doc)
     lines = [f"# KV across a shaped link (bench/netns.py testbed), {time.strftime('%Y-%m-%d')}",
              "", f"Command: `{command}`", "", args.note, "",
-             "| link | placement | serve args | TTFT p50 / p90 (ms) | "
+             "| link | placement | serve args | input | TTFT p50 / p90 (ms) | "
              "KV per remote request (MiB) | KV seconds per remote request | remote / local |",
-             "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         lines.append(f"| {r['link']} | {r['placement']} | {r['serve_args'] or '-'} | "
-                     f"{r['ttft_p50_ms']:.0f} / "
+                     f"{r['input_len']} | {r['ttft_p50_ms']:.0f} / "
                      f"{r['ttft_p90_ms']:.0f} | {r['kv_mib_per_remote_request']:.1f} | "
                      f"{r['kv_seconds_per_remote_request']:.3f} | "
                      f"{r.get('placed_remote', 0):.0f} / {r.get('placed_local', 0):.0f} |")
