@@ -48,7 +48,7 @@ def complete(server: Server, body: dict) -> str:
 def test_greedy_seeded_and_prefix_hit_equal_colocated(server: Server,
                                                       reference: LLMEngine) -> None:
     tok = reference.tokenizer
-    assert len(tok.encode(PROMPTS[1])) > 3 * 64  # several chunks
+    assert len(tok.encode(PROMPTS[1])) > 2 * 64  # three chunks or more
     for i, prompt in enumerate(PROMPTS):
         ids = tok.encode(prompt)
         greedy = reference.generate([ids], SamplingParams(max_tokens=MAX_TOKENS, temperature=0,
@@ -83,4 +83,14 @@ def test_kill_prefill_worker_mid_stream(server: Server) -> None:
     os.kill(pid, signal.SIGKILL)
     thread.join(180)
     assert results and results[0] in (200, 503), results
-    assert server.wait_idle_blocks(60) == 0
+    # the dead worker's gauge keeps its last report: count the live workers' blocks
+    deadline = time.monotonic() + 60
+    while (used := live_used_blocks(server)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert used == 0
+
+
+def live_used_blocks(server: Server) -> int:
+    with server.client() as c:
+        workers = c.get("/status").json()["workers"]
+    return sum(w["used_blocks"] for w in workers if w["alive"])
