@@ -83,7 +83,8 @@ def run_point(tb: netns.Testbed, placement: str, args: argparse.Namespace,
             subprocess.run(_in_ns(tb.ns_a, sys.executable, "-m", "deploy.cli", "bench",
                                   "--base-url", url, "--input-len", input_len,
                                   "--output-len", "8", "--num-prompts", str(args.num_prompts),
-                                  "--max-concurrency", "1", "--warmup", "2", "--no-progress",
+                                  "--max-concurrency", "1", "--warmup", str(args.warmup),
+                                  "--no-progress",
                                   "--seed", "0", "--result-file", str(result)),
                            check=True, capture_output=True, timeout=1800)
             summary = json.loads(result.read_text())["summary"]
@@ -112,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--placements", default="remote,adaptive")
     p.add_argument("--input-len", default="512", help="Prompt length(s), comma-separated.")
     p.add_argument("--num-prompts", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=2, help="Warm-up prompts per point.")
     p.add_argument("--name", default="pdxn", help="Testbed name (namespaces NAME-a/-b).")
     p.add_argument("--note", default="")
     p.add_argument("--serve-args", default="", help="Extra `pdserve serve` flags; several sets "

@@ -75,3 +75,51 @@ def test_a_part_out_of_order_or_malformed_fails_the_reservation(src: PagedKvCach
     finally:
         tx.close()
         h.close()
+
+
+def _lossless_cells() -> list[tuple[str, str, str]]:
+    from transfer.convert.profiles import PROFILES
+    from transfer.convert.quant import is_lossless_cast
+
+    cells = []
+    for kind in ("gqa", "mla"):
+        shape = _shape(kind)
+        for a in PROFILES:
+            for b in PROFILES:
+                if kind == "mla" and not (a.supports_mla and b.supports_mla):
+                    continue
+                if is_lossless_cast(a.spec_for(shape, 16), b.spec_for(shape, 16)):
+                    cells.append((a.name, b.name, kind))
+    return cells
+
+
+def _shape(kind: str) -> object:
+    from transfer.convert.profiles import KvModelShape
+
+    return KvModelShape(kind, 2, 2 if kind == "gqa" else 1, 64, is_latent=kind == "mla")
+
+
+@pytest.mark.parametrize(("src_name", "dst_name", "kind"), _lossless_cells())
+def test_parts_are_bit_identical_to_whole_on_every_lossless_matrix_pair(
+        src_name: str, dst_name: str, kind: str) -> None:
+    """The matrix's lossless cells, whole vs (prefix + chunk x layer-group) parts, through the
+    real codec (pack -> header bytes -> decode_header -> KvWriter), re-blocking 16 -> 32."""
+    from transfer.convert.local import convert_kv
+    from transfer.convert.profiles import profile
+
+    gen = torch.Generator().manual_seed(7)
+    src = PagedKvCache.allocate(profile(src_name).spec_for(_shape(kind), 16), 8)
+    fill_random(src, gen)
+    dst_spec = profile(dst_name).spec_for(_shape(kind), 32)
+    whole, parts = PagedKvCache.allocate(dst_spec, 4), PagedKvCache.allocate(dst_spec, 4)
+    for d in (whole, parts):  # fixed (per-tensor / per-head) scales: the same calibration
+        for s, t in zip(src.scales or [], d.scales or [], strict=False):
+            t.copy_(s.reshape(t.shape) if s.numel() == t.numel() else t)
+    src_table, dst_table = [5, 1, 7, 2], [3, 0]
+    convert_kv(src, src_table, whole, dst_table, 0, 61)
+    for (t0, t1), layers in [((0, 16), (0, 2)), ((16, 40), (0, 1)), ((16, 40), (1, 2)),
+                             ((40, 61), (0, 1)), ((40, 61), (1, 2))]:
+        convert_kv(src, src_table, parts, dst_table, t0, t1, layer_range=layers)
+    want = read_tokens_float(whole, dst_table, 0, 61)
+    got = read_tokens_float(parts, dst_table, 0, 61)
+    assert all(torch.equal(a, b) for a, b in zip(want, got, strict=True))
