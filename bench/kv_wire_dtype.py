@@ -76,6 +76,34 @@ def compare(ref: Sequence, got: Sequence) -> dict[str, Any]:
             "is_identical": same == len(ref.output_ids), "max_logprob_drift": drift}
 
 
+def write(args: argparse.Namespace, argv: list[str] | None,
+          rows: list[dict[str, Any]]) -> list[str]:
+    """PREFIX.json and PREFIX.md from the rows so far; returns the markdown lines."""
+    dtypes = [d for d in args.dtypes.split(",") if any(r["wire_dtype"] == d for r in rows)]
+    command = "python -m bench.kv_wire_dtype " + " ".join(argv if argv is not None
+                                                          else sys.argv[1:])
+    summary = {d: {"prompts": sum(r["wire_dtype"] == d for r in rows),
+                   "identical": sum(r["is_identical"] for r in rows if r["wire_dtype"] == d),
+                   "max_logprob_drift": max(r["max_logprob_drift"] for r in rows
+                                            if r["wire_dtype"] == d)}
+               for d in dtypes}
+    report.write_json(f"{args.output}.json", {"command": command, "machine": report.machine(),
+                                              "summary": summary, "rows": rows})
+    lines = [f"# KV wire dtype: greedy agreement and logprob drift ({args.max_tokens} tokens)",
+             "", f"Command: `{command}`", "",
+             "| prompt | tokens | wire dtype | equal prefix | max logprob drift |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {r['prompt']} | {r['prompt_tokens']} | {r['wire_dtype']} | "
+              f"{r['num_equal_prefix']}/{r['num_tokens']} | {r['max_logprob_drift']:.4f} |"
+              for r in rows]
+    lines += ["", "| wire dtype | identical outputs | max logprob drift (common prefix) |",
+              "|---|---|---|"]
+    lines += [f"| {d} | {s['identical']}/{s['prompts']} | {s['max_logprob_drift']:.4f} |"
+              for d, s in summary.items()]
+    Path(f"{args.output}.md").write_text("\n".join(lines) + "\n")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.kv_wire_dtype", description=__doc__)
     p.add_argument("--dtypes", default="int8,fp8_e4m3")
@@ -96,28 +124,9 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"prompt": name, "prompt_tokens": len(ids), "wire_dtype": dtype,
                          **compare(ref, got)})
             print(rows[-1], flush=True)
+            write(args, argv, rows)  # after every row: a run cut short keeps what it measured
     engine.check_idle_integrity()
-    command = "python -m bench.kv_wire_dtype " + " ".join(argv if argv is not None
-                                                          else sys.argv[1:])
-    summary = {d: {"prompts": sum(r["wire_dtype"] == d for r in rows),
-                   "identical": sum(r["is_identical"] for r in rows if r["wire_dtype"] == d),
-                   "max_logprob_drift": max(r["max_logprob_drift"] for r in rows
-                                            if r["wire_dtype"] == d)}
-               for d in args.dtypes.split(",")}
-    report.write_json(f"{args.output}.json", {"command": command, "machine": report.machine(),
-                                              "summary": summary, "rows": rows})
-    lines = [f"# KV wire dtype: greedy agreement and logprob drift ({args.max_tokens} tokens)",
-             "", f"Command: `{command}`", "",
-             "| prompt | tokens | wire dtype | equal prefix | max logprob drift |",
-             "|---|---|---|---|---|"]
-    lines += [f"| {r['prompt']} | {r['prompt_tokens']} | {r['wire_dtype']} | "
-              f"{r['num_equal_prefix']}/{r['num_tokens']} | {r['max_logprob_drift']:.4f} |"
-              for r in rows]
-    lines += ["", "| wire dtype | identical outputs | max logprob drift (common prefix) |",
-              "|---|---|---|"]
-    lines += [f"| {d} | {s['identical']}/{s['prompts']} | {s['max_logprob_drift']:.4f} |"
-              for d, s in summary.items()]
-    Path(f"{args.output}.md").write_text("\n".join(lines) + "\n")
+    lines = write(args, argv, rows)
     print("\n".join(lines))
     return 0
 
