@@ -86,8 +86,13 @@ def run_point(tb: netns.Testbed, placement: str, args: argparse.Namespace,
                                   "--max-concurrency", "1", "--warmup", str(args.warmup),
                                   "--no-progress",
                                   "--seed", "0", "--result-file", str(result)),
-                           check=True, capture_output=True, timeout=1800)
-            summary = json.loads(result.read_text())["summary"]
+                           check=False, capture_output=True, timeout=1800)
+            summary = json.loads(result.read_text())["summary"] if result.exists() else {}
+            if not summary.get("ttft", {}).get("median"):  # every request failed: say why
+                log = (workdir / f"serve-{tag}.log").read_text()[-2000:]
+                rows.append({"placement": placement, "serve_args": extra,
+                             "input_len": int(input_len), "error": summary.get("errors") or log})
+                continue
             after = _kv_metrics(tb, url)
             kv = {k: v - before.get(k, 0.0) for k, v in after.items()}
             before = after
@@ -145,6 +150,10 @@ def main(argv: list[str] | None = None) -> int:
              "KV per remote request (MiB) | KV seconds per remote request | remote / local |",
              "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['link']} | {r['placement']} | {r['serve_args'] or '-'} | "
+                         f"{r['input_len']} | failed: {str(r['error'])[:80]!r} | | | |")
+            continue
         lines.append(f"| {r['link']} | {r['placement']} | {r['serve_args'] or '-'} | "
                      f"{r['input_len']} | {r['ttft_p50_ms']:.0f} / "
                      f"{r['ttft_p90_ms']:.0f} | {r['kv_mib_per_remote_request']:.1f} | "
