@@ -43,7 +43,8 @@ def _start_server(tb: netns.Testbed, placement: str, log_path: Path,
                   extra: list[str]) -> tuple[subprocess.Popen, str]:
     cmd = _in_ns(tb.ns_a, sys.executable, "-m", "deploy.cli", "serve", "--host", netns.ADDR_A,
                  "--port", "0", "--prefill", "1", "--decode", "1", "--placement", placement,
-                 "--decode-netns", tb.ns_b, "--decode-host", netns.ADDR_B, *SERVE_ARGS, *extra)
+                 "--decode-netns", tb.ns_b, "--decode-host", netns.ADDR_B,
+                 "--internal-host", netns.ADDR_A, *SERVE_ARGS, *extra)
     log = log_path.open("w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 300

@@ -5,7 +5,9 @@ This is what makes a cross-node deployment reproducible on one machine (bench/ne
 namespaces joined by a shaped veth link): `--decode-netns pdserve-b --decode-host 10.77.0.2`
 starts every decode worker with `ip netns exec pdserve-b` and binds its sockets on the far end of
 the link, so KV, control and events cross the shaped link exactly as they would cross a network.
-Empty values keep today's behaviour (workers in the launcher's namespace, bound on `--host`).
+Empty values keep today's behaviour (workers in the launcher's namespace, bound on
+`--internal-host`; the proxy's event socket binds there too, so give the launcher's side of the
+link as `--internal-host`).
 """
 
 from __future__ import annotations
@@ -22,9 +24,9 @@ NETNS_DIR = Path("/var/run/netns")  # where `ip netns add` puts named namespaces
 @dataclass(frozen=True)
 class WorkerNetConfig:
     prefill_host: str = field(default="", metadata={
-        "help": "Bind address of the prefill workers' sockets (default: --host)."})
+        "help": "Bind address of the prefill workers' sockets (default: --internal-host)."})
     decode_host: str = field(default="", metadata={
-        "help": "Bind address of the decode workers' sockets (default: --host)."})
+        "help": "Bind address of the decode workers' sockets (default: --internal-host)."})
     prefill_netns: str = field(default="", metadata={
         "help": "Start prefill workers inside this network namespace (`ip netns exec`; root "
                 "only; see bench/netns.py)."})

@@ -28,8 +28,11 @@ class SampleResult:
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams],
-           generators: list[torch.Generator | None]) -> list[SampleResult]:
-    """logits: [N, vocab] float32, one row per sequence. Returns one result per row."""
+           generators: list[torch.Generator | None],
+           raw_logits: torch.Tensor | None = None) -> list[SampleResult]:
+    """logits: [N, vocab] float32, one row per sequence, as processed (engine/penalties.py);
+    `raw_logits` the model's own, which logprobs report (default: `logits`). Returns one
+    result per row."""
     logits = logits.float()
     tokens = logits.argmax(dim=-1)  # [N]
     batched = [i for i, p in enumerate(params) if not p.is_greedy and generators[i] is None]
@@ -40,7 +43,8 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
         if not p.is_greedy and generators[i] is not None:
             tokens[i] = _sample_row_seeded(logits[i], p, generators[i])
     token_ids = tokens.tolist()  # one host sync for the whole batch
-    logprobs = _logprobs(logits, tokens, token_ids, params)
+    logprobs = _logprobs(logits if raw_logits is None else raw_logits.float(), tokens, token_ids,
+                         params)
     return [SampleResult(t, lp) for t, lp in zip(token_ids, logprobs, strict=True)]
 
 

@@ -151,4 +151,4 @@ class LayerStreamer:
         self._address[msg.request_id] = msg.kv_address
         self.outbox.send_part(msg.request_id, msg.kv_address, chunk.block_table, token_start,
                               token_end, layers, msg.kv_spec, {**meta, **part_meta(index, is_last)},
-                              (index, is_last), ready)
+                              (index, is_last), ready, kv_token=msg.kv_token)

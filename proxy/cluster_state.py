@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import secrets
 import time
 from dataclasses import dataclass, field
 
 import zmq.asyncio
 
+from engine.outputs import TokenLogprob
 from engine.sampling_params import SamplingParams
 from protocol import worker_events as ev
 from proxy.router import WorkerState
@@ -28,6 +30,9 @@ class ClusterConfig:
     placement: str = "remote"  # where prompts are prefilled: adaptive | remote | local
     slo_ttft_s: float = 1.0  # the SLOs adaptive placement plans for
     slo_tpot_s: float = 0.05
+    # the deployment's secret (protocol/auth.py): CURVE on the event socket and every control
+    # socket; None: unauthenticated (--insecure-internal)
+    secret: bytes | None = field(default=None, repr=False)
 
 
 class Stage(enum.Enum):
@@ -68,6 +73,11 @@ class RequestState:
     tried_prefill: set[str] = field(default_factory=set)
     num_prefill_cached_tokens: int = 0
     preferred_prefill: str | None = None  # adaptive placement's choice of prefill worker
+    prompt_logprobs: list[TokenLogprob] | None = None  # from the prefill worker (PromptLogprobs)
+    prompt_logprobs_arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    # the reservation's token: the decode worker gets it with Reserve, the prefill worker with
+    # Prefill, and the KV header must carry it
+    kv_token: str = field(default_factory=lambda: secrets.token_hex(16))
 
     def enter(self, stage: Stage) -> None:
         self.stage, self.stage_since = stage, time.monotonic()

@@ -54,7 +54,8 @@ def testbed():
 
 def test_kv_crosses_the_shaped_link(testbed: netns.Testbed) -> None:
     args = ("--prefill", "1", "--decode", "1", "--placement", "remote", "--warmup-s", "0",
-            "--decode-netns", testbed.ns_b, "--decode-host", netns.ADDR_B)
+            "--decode-netns", testbed.ns_b, "--decode-host", netns.ADDR_B,
+            "--internal-host", netns.ADDR_A)
     with serve(*args, host=netns.ADDR_A, prefix=("ip", "netns", "exec", testbed.ns_a)) as server:
         out = subprocess.run(["ip", "netns", "exec", testbed.ns_a, sys.executable, "-c", PROBE,
                               server.url], capture_output=True, text=True, timeout=180)

@@ -27,7 +27,9 @@ from protocol.errors import ErrorCode
 from protocol.kv_meta import FirstToken
 
 PARAMS = SamplingParams(max_tokens=7, temperature=0.5, top_p=0.9, top_k=40, seed=2**64 - 1,
-                        stop_token_ids=(2, 3), ignore_eos=True, logprobs=2, min_tokens=1)
+                        stop_token_ids=(2, 3), ignore_eos=True, logprobs=2, min_tokens=1,
+                        frequency_penalty=0.5, presence_penalty=-1.0, repetition_penalty=1.2,
+                        logit_bias=((7, -100.0), (9, 2.5)), prompt_logprobs=1)
 SPEC = KvSpec(30, 3, 64, 16, dtype=KvDtype.INT8, layout=KvLayout.HND,
               scale_granularity=ScaleGranularity.PER_HEAD, model_fingerprint="f00d")
 LOGPROBS = [TokenLogprob(5, -0.25, [(5, -0.25), (9, -1.5)]), TokenLogprob(6, float("-inf"))]
@@ -51,6 +53,8 @@ MESSAGES: list[tuple[MessageFamily, Any]] = [
     (ev.WORKER_EVENTS, ev.Tokens("r1", "d0", [5])),
     (ev.WORKER_EVENTS, ev.PrefillDone("r1", "p0", 16, 1 << 20, 0.01)),
     (ev.WORKER_EVENTS, ev.RequestFailed("r1", "p0", "boom", ErrorCode.KV_TRANSFER)),
+    (ev.WORKER_EVENTS, ev.Tokens("r1", "d0", [5], prompt_logprobs=[TokenLogprob(3, -2.0, [], 4)])),
+    (ev.WORKER_EVENTS, ev.PromptLogprobs("r1", "p0", LOGPROBS)),
 ]
 
 
@@ -71,7 +75,7 @@ def test_typed_fields_travel_as_msgpack_structures() -> None:
     """Nested dataclasses are maps, enums their values: never a JSON string, never pickle."""
     raw = msgpack.unpackb(ev.WORKER_EVENTS.encode(MESSAGES[13][1]))
     assert raw["d"]["logprobs"][0] == {"token_id": 5, "logprob": -0.25,
-                                       "top": [[5, -0.25], [9, -1.5]]}
+                                       "top": [[5, -0.25], [9, -1.5]], "rank": 0}
     assert raw["d"]["finish_reason"] == "length"
     prefill = msgpack.unpackb(pmsg.PREFILL_CTRL.encode(MESSAGES[5][1]))["d"]
     assert prefill["params"]["stop_token_ids"] == [2, 3]
@@ -94,7 +98,7 @@ FORGED: list[tuple[int, Callable[[dict], None], str]] = [
     (0, lambda d: d["params"].update(temperature=True),
      "Reserve.params.temperature: expected float, got bool"),
     (0, lambda d: d["params"].update(top_k=-2), "Reserve.params: top_k must be -1"),
-    (0, lambda d: d["params"].update(min_tokens=-1), "Reserve.params: min_tokens must be"),
+    (0, lambda d: d["params"].update(min_tokens=-1), "Reserve.params.min_tokens: -1 is below 0"),
     (0, lambda d: d["params"]["stop_token_ids"].append(None),
      r"Reserve.params.stop_token_ids\[2\]: expected int, got NoneType"),
     (0, lambda d: d["params"].update(stop="###"), r"Reserve.params: unknown fields \['stop'\]"),
