@@ -46,9 +46,9 @@ def workers(proxy: FakeProxy, make_worker: Any) -> tuple[DecodeWorker, PrefillWo
     send_part = p.kv.send_part
 
     def spy(rid: str, address: str, table: list[int], t0: int, t1: int,
-            layers: tuple[int, int], *args: Any) -> None:
+            layers: tuple[int, int], *args: Any, **kw: Any) -> None:
         parts.append((rid, t0, t1, layers, args[-2]))
-        send_part(rid, address, table, t0, t1, layers, *args)
+        send_part(rid, address, table, t0, t1, layers, *args, **kw)
 
     p.kv.send_part = spy  # type: ignore[method-assign]
     return d, p, parts
@@ -103,7 +103,10 @@ def test_abort_mid_stream_frees_both_sides(proxy: FakeProxy, make_worker: Any) -
     first_parts(p, parts)
     proxy.send(p, pmsg.Abort("r1"))
     proxy.send(d, dmsg.Abort("r1"))
-    proxy.assert_no_event("r1", drive=(p, d), for_s=1.0)  # an aborted request says nothing
+    failed = [proxy.wait_event(ev.RequestFailed, "r1", drive=(p, d)) for _ in range(2)]
+    assert sorted((f.worker_id, f.code) for f in failed) == [("d0", ErrorCode.ABORTED),
+                                                             ("p0", ErrorCode.ABORTED)]
+    proxy.assert_no_event("r1", drive=(p, d), for_s=1.0)  # and nothing more
     assert not p.jobs and len(parts) < 6
     assert_all_free(p)
     assert_all_free(d)
@@ -117,8 +120,9 @@ def test_reservation_gone_mid_stream_fails_the_request(proxy: FakeProxy,
     proxy.send(p, prefill("r1", "d0", d.kv_address, blocks, kv_spec_of(d)))
     first_parts(p, parts)
     proxy.send(d, dmsg.Abort("r1"))  # the decode side drops it; the prefill side goes on
-    got = proxy.wait_event(ev.RequestFailed, "r1", drive=(p, d))
-    assert (got.worker_id, got.code) == ("p0", ErrorCode.KV_REFUSED)
+    failed = {f.worker_id: f for f in (proxy.wait_event(ev.RequestFailed, "r1", drive=(p, d))
+                                       for _ in range(2))}  # the decode side says ABORTED
+    assert failed["p0"].code is ErrorCode.KV_REFUSED
     proxy.assert_no_event("r1", drive=(p, d))
     assert not p.jobs
     assert_all_free(p)
