@@ -2,11 +2,14 @@
 
     sudo python -m bench.crossnode [--rates unshaped,10gbit,1gbit,100mbit] \\
         [--placements remote,adaptive] [--input-len 512] [--num-prompts 8] [--output PREFIX]
+        [--serve-args "--kv-wire-dtype auto;--kv-wire-dtype int8"]
 
 For each link rate it builds the testbed (bench/netns.py: prefill worker, proxy and load
 generator in `NAME-a`, decode worker in `NAME-b`), starts `pdserve serve --prefill 1 --decode 1`
 for each placement with the two workers pinned one per core (`--cpu-affinity 0,1`, one torch
-thread each; the proxy and the load generator share both cores), sends the prompts one at a time
+thread each; the proxy and the load generator share both cores) and, with `--serve-args`,
+once per `;`-separated set of extra `pdserve serve` flags (variants compared in one run), sends
+the prompts one at a time
 (`pdserve bench --max-concurrency 1`, so TTFT is prefill + transfer + hops, no queueing), reads
 the KV transfer time from the proxy's metrics, and tears the testbed down. Writes PREFIX.json and
 PREFIX.md (with the command) and prints the table.
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -35,12 +39,12 @@ def _in_ns(ns: str, *cmd: str) -> list[str]:
     return ["ip", "netns", "exec", ns, *cmd]
 
 
-def _start_server(tb: netns.Testbed, placement: str, log_path: Path) -> tuple[subprocess.Popen,
-                                                                                str]:
+def _start_server(tb: netns.Testbed, placement: str, log_path: Path,
+                  extra: list[str]) -> tuple[subprocess.Popen, str]:
     cmd = _in_ns(tb.ns_a, sys.executable, "-m", "deploy.cli", "serve", "--host", netns.ADDR_A,
                  "--port", "0", "--prefill", "1", "--decode", "1", "--placement", placement,
                  "--decode-netns", tb.ns_b, "--decode-host", netns.ADDR_B,
-                 "--internal-host", netns.ADDR_A, *SERVE_ARGS)
+                 "--internal-host", netns.ADDR_A, *SERVE_ARGS, *extra)
     log = log_path.open("w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 300
@@ -68,39 +72,59 @@ def _kv_metrics(tb: netns.Testbed, url: str) -> dict[str, float]:
 
 
 def run_point(tb: netns.Testbed, placement: str, args: argparse.Namespace,
-              workdir: Path) -> dict[str, Any]:
-    proc, url = _start_server(tb, placement, workdir / f"serve-{placement}.log")
+              workdir: Path, extra: str = "") -> list[dict[str, Any]]:
+    """One server; a row per input length (KV metrics are the differences over its prompts)."""
+    tag = f"{placement}-{time.monotonic_ns()}"
+    proc, url = _start_server(tb, placement, workdir / f"serve-{tag}.log", shlex.split(extra))
+    rows = []
     try:
-        result = workdir / f"bench-{placement}.json"
-        subprocess.run(_in_ns(tb.ns_a, sys.executable, "-m", "deploy.cli", "bench",
-                              "--base-url", url, "--input-len", str(args.input_len),
-                              "--output-len", "8", "--num-prompts", str(args.num_prompts),
-                              "--max-concurrency", "1", "--warmup", "2", "--no-progress",
-                              "--seed", "0", "--result-file", str(result)),
-                       check=True, capture_output=True, timeout=1200)
-        summary = json.loads(result.read_text())["summary"]
-        kv = _kv_metrics(tb, url)
+        before = _kv_metrics(tb, url)
+        for input_len in str(args.input_len).split(","):
+            result = workdir / f"bench-{tag}-{input_len}.json"
+            subprocess.run(_in_ns(tb.ns_a, sys.executable, "-m", "deploy.cli", "bench",
+                                  "--base-url", url, "--input-len", input_len,
+                                  "--output-len", "8", "--num-prompts", str(args.num_prompts),
+                                  "--max-concurrency", "1", "--warmup", str(args.warmup),
+                                  "--no-progress",
+                                  "--seed", "0", "--result-file", str(result)),
+                           check=False, capture_output=True, timeout=1800)
+            summary = json.loads(result.read_text())["summary"] if result.exists() else {}
+            if not summary.get("ttft", {}).get("median"):  # every request failed: say why
+                log = (workdir / f"serve-{tag}.log").read_text()[-2000:]
+                rows.append({"placement": placement, "serve_args": extra,
+                             "input_len": int(input_len), "error": summary.get("errors") or log})
+                continue
+            after = _kv_metrics(tb, url)
+            kv = {k: v - before.get(k, 0.0) for k, v in after.items()}
+            before = after
+            n = max(kv.get("placed_remote", 0.0), 1.0)
+            rows.append({"placement": placement, "serve_args": extra, "input_len": int(input_len),
+                         "ttft_p50_ms": summary["ttft"]["median"] * 1e3,
+                         "ttft_p90_ms": summary["ttft"]["p90"] * 1e3,
+                         "kv_seconds_per_remote_request": kv["kv_transfer_seconds_total"] / n,
+                         "kv_mib_per_remote_request": kv["kv_transfer_bytes_total"] / n / 2**20,
+                         **kv})
     finally:
         proc.send_signal(2)
         try:
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
-    n = max(kv.get("placed_remote", 0.0), 1.0)
-    return {"placement": placement, "ttft_p50_ms": summary["ttft"]["median"] * 1e3,
-            "ttft_p90_ms": summary["ttft"]["p90"] * 1e3,
-            "kv_seconds_per_remote_request": kv["kv_transfer_seconds_total"] / n,
-            "kv_mib_per_remote_request": kv["kv_transfer_bytes_total"] / n / 2**20, **kv}
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.crossnode", description=__doc__)
     p.add_argument("--rates", default="unshaped,10gbit,1gbit,100mbit")
     p.add_argument("--placements", default="remote,adaptive")
-    p.add_argument("--input-len", type=int, default=512)
+    p.add_argument("--input-len", default="512", help="Prompt length(s), comma-separated.")
     p.add_argument("--num-prompts", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=2, help="Warm-up prompts per point.")
     p.add_argument("--name", default="pdxn", help="Testbed name (namespaces NAME-a/-b).")
     p.add_argument("--note", default="")
+    p.add_argument("--serve-args", default="", help="Extra `pdserve serve` flags; several sets "
+                   "separated by ';' run one after the other at each point (e.g. "
+                   "\"--kv-wire-dtype auto;--kv-wire-dtype int8\").")
     p.add_argument("--output", default=f"bench/results/crossnode_cpu_{time.strftime('%Y-%m-%d')}")
     args = p.parse_args(argv)
     tb = netns.Testbed(args.name)
@@ -111,9 +135,11 @@ def main(argv: list[str] | None = None) -> int:
             netns.up(link, tb)
             try:
                 for placement in args.placements.split(","):
-                    row = {"link": rate, **run_point(tb, placement, args, Path(tmp))}
-                    print(json.dumps(row), flush=True)
-                    rows.append(row)
+                    for extra in args.serve_args.split(";"):
+                        for row in run_point(tb, placement, args, Path(tmp), extra.strip()):
+                            row = {"link": rate, **row}
+                            print(json.dumps(row), flush=True)
+                            rows.append(row)
             finally:
                 netns.down(tb)
     command = "python -m bench.crossnode " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -121,11 +147,16 @@ def main(argv: list[str] | None = None) -> int:
     report.write_json(f"{args.output}.json", doc)
     lines = [f"# KV across a shaped link (bench/netns.py testbed), {time.strftime('%Y-%m-%d')}",
              "", f"Command: `{command}`", "", args.note, "",
-             "| link | placement | TTFT p50 / p90 (ms) | KV per remote request (MiB) | "
-             "KV seconds per remote request | remote / local |",
-             "| --- | --- | ---: | ---: | ---: | ---: |"]
+             "| link | placement | serve args | input | TTFT p50 / p90 (ms) | "
+             "KV per remote request (MiB) | KV seconds per remote request | remote / local |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
-        lines.append(f"| {r['link']} | {r['placement']} | {r['ttft_p50_ms']:.0f} / "
+        if "error" in r:
+            lines.append(f"| {r['link']} | {r['placement']} | {r['serve_args'] or '-'} | "
+                         f"{r['input_len']} | failed: {str(r['error'])[:80]!r} | | | |")
+            continue
+        lines.append(f"| {r['link']} | {r['placement']} | {r['serve_args'] or '-'} | "
+                     f"{r['input_len']} | {r['ttft_p50_ms']:.0f} / "
                      f"{r['ttft_p90_ms']:.0f} | {r['kv_mib_per_remote_request']:.1f} | "
                      f"{r['kv_seconds_per_remote_request']:.3f} | "
                      f"{r.get('placed_remote', 0):.0f} / {r.get('placed_local', 0):.0f} |")

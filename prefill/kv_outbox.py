@@ -19,6 +19,7 @@ connections without bound.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -33,7 +34,7 @@ from transfer.convert.cache import PagedKvCache
 from transfer.endpoint.books import RefusedFn
 from transfer.endpoint.security import SocketSecurity
 from transfer.endpoint.sender import ZmqKvSender, ZmqSenderConfig
-from transfer.wire.errors import IncompatibleKv, TooManyPeers, TransferError
+from transfer.wire.errors import IncompatibleKv, TooManyPeers, TransferCancelled, TransferError
 from worker.config import KvTransportConfig
 
 log = logging.getLogger(__name__)
@@ -66,10 +67,24 @@ class _Job:
     request_id: str
     address: str
     block_table: list[int]
-    num_tokens: int
+    num_tokens: int  # token_end
     dest_spec: KvSpec
     meta: dict[str, Any]
     kv_token: str = ""
+    token_start: int = 0
+    layer_range: tuple[int, int] | None = None
+    part: tuple[int, bool] | None = None  # (index, is_last) of a streamed part
+    ready: Any = None  # waited on (`.synchronize()`) before reading: a CUDA event
+    is_cancel: bool = False  # end_stream's marker
+
+
+@dataclass
+class _Stream:
+    """A streamed request's parts sent so far on a lane."""
+
+    num_bytes: int = 0
+    seconds: float = 0.0
+    is_failed: bool = False
 
 
 @dataclass
@@ -79,6 +94,7 @@ class _Lane:
     address: str
     jobs: queue.Queue[_Job | None] = field(default_factory=queue.Queue)
     sender: ZmqKvSender | None = None
+    streams: dict[str, _Stream] = field(default_factory=dict)  # by request id
 
 
 class KvOutbox:
@@ -104,7 +120,31 @@ class KvOutbox:
         """Queue tokens [0, num_tokens) of a sequence for the reservation at `address` (the
         receiver knows its destination blocks already: it expects them, with `kv_token`).
         Raises TooManyPeers when `address` would be one lane more than `max_kv_peers`."""
-        job = _Job(request_id, address, list(block_table), num_tokens, dest_spec, meta, kv_token)
+        self._queue(_Job(request_id, address, list(block_table), num_tokens, dest_spec, meta,
+                         kv_token))
+
+    def send_part(self, request_id: str, address: str, block_table: list[int], token_start: int,
+                  token_end: int, layer_range: tuple[int, int], dest_spec: KvSpec,
+                  meta: dict[str, Any], part: tuple[int, bool], ready: Any = None,
+                  kv_token: str = "") -> None:
+        """Queue part `part = (index, is_last)` of a streamed request: tokens
+        `[token_start, token_end)` of layers `layer_range` (`meta` carries the part marker).
+        Never raises: a refused lane (TooManyPeers) comes back as the request's outcome."""
+        job = _Job(request_id, address, list(block_table), token_end, dest_spec, meta, kv_token,
+                   token_start=token_start, layer_range=layer_range, part=part, ready=ready)
+        try:
+            self._queue(job)
+        except TooManyPeers as e:
+            self._results.put(TransferOutcome.failed(request_id, e))
+
+    def end_stream(self, request_id: str, address: str) -> None:
+        """Cancel a streamed request whose last part will not come (an abort): its outcome
+        (failed) follows the parts queued before."""
+        with contextlib.suppress(TooManyPeers):  # no lane: no part was queued
+            self._queue(_Job(request_id, address, [], 0, self.cache.spec, {}, is_cancel=True))
+
+    def _queue(self, job: _Job) -> None:
+        address, request_id = job.address, job.request_id
         with self._lock:  # a lane retiring meanwhile either sees this job or is gone already
             lane = self._lanes.get(address)
             if lane is None and len(self._lanes) >= self.config.max_kv_peers:
@@ -145,14 +185,47 @@ class KvOutbox:
                 if lane.sender is not None:
                     lane.sender.close()
                 return
-            outcome = self._send_one(lane, job)
+            outcome = self._send_one(lane, job) if job.part is None and not job.is_cancel \
+                else self._send_part(lane, job)
+            if outcome is None:
+                continue
             self._results.put(outcome)
             if outcome.error is not None:
                 if lane.sender is not None:
                     lane.sender.close()  # the next job (if any) connects afresh
                     lane.sender = None
-                if self._retire(lane):
+                if not lane.streams and self._retire(lane):  # a failed stream keeps its lane
                     return
+
+    def _send_part(self, lane: _Lane, job: _Job) -> TransferOutcome | None:
+        """One part of a streamed request; its outcome once the request's stream is over."""
+        rid = job.request_id
+        stream = lane.streams.setdefault(rid, _Stream())
+        if job.is_cancel:
+            del lane.streams[rid]
+            if stream.is_failed:
+                return None
+            return TransferOutcome.failed(rid, TransferCancelled("the stream was cancelled"))
+        assert job.part is not None
+        is_last = job.part[1]
+        if stream.is_failed:  # its outcome went out at the failure
+            if is_last:
+                del lane.streams[rid]
+            return None
+        if job.ready is not None:
+            job.ready.synchronize()
+        outcome = self._send_one(lane, job)
+        stream.num_bytes += outcome.num_bytes
+        stream.seconds += outcome.seconds
+        if outcome.error is not None:
+            stream.is_failed = not is_last
+            if is_last:
+                del lane.streams[rid]
+            return outcome
+        if not is_last:
+            return None
+        del lane.streams[rid]
+        return TransferOutcome(rid, stream.num_bytes, stream.seconds)
 
     def _retire(self, lane: _Lane) -> bool:
         """Remove `lane` if nothing is queued on it (the next send to its address starts a new
@@ -170,11 +243,11 @@ class KvOutbox:
             if lane.sender is None:
                 lane.sender = ZmqKvSender(job.address, ZmqSenderConfig(
                     timeout_s=self.config.transfer_timeout_s, checksum=self.config.checksum,
-                    payload=self.config.kv_payload), context=self.ctx, nccl=self._nccl_plugin(),
-                    security=self.security)
-            r = lane.sender.send(self.cache, job.block_table, 0, job.num_tokens,
-                                 request_id=job.request_id, meta=job.meta,
-                                 reservation_token=job.kv_token)
+                    payload=self.config.kv_payload, wire_dtype=self.config.kv_wire_dtype),
+                    context=self.ctx, nccl=self._nccl_plugin(), security=self.security)
+            r = lane.sender.send(self.cache, job.block_table, job.token_start, job.num_tokens,
+                                 request_id=job.request_id, layer_range=job.layer_range,
+                                 meta=job.meta, reservation_token=job.kv_token)
             return TransferOutcome(job.request_id, r.num_bytes, r.seconds)
         except TransferError as e:
             return TransferOutcome.failed(job.request_id, e)

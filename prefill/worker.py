@@ -18,6 +18,7 @@ from engine.errors import EngineError, RequestError
 from engine.llm_engine import LLMEngine
 from engine.sequence import Sequence
 from prefill.kv_outbox import KvOutbox, TransferOutcome
+from prefill.layer_stream import LayerStreamer, take_out
 from protocol import prefill_ctrl as ctrl
 from protocol import worker_events as ev
 from protocol.errors import ErrorCode
@@ -43,6 +44,8 @@ class PrefillWorker(WorkerBase):
         self.jobs: dict[str, Job] = {}  # admitted, not yet acked
         self.kv = KvOutbox(self.ctx, self.kv_cache, config.kv, security=self.auth,
                            on_refused=self._refused)  # results come back through a queue
+        self.stream = LayerStreamer(engine, self.kv, config.kv.kv_stream_groups) \
+            if config.kv.kv_streaming == "layerwise" else None
 
     @property
     def kv_address(self) -> str:
@@ -70,6 +73,9 @@ class PrefillWorker(WorkerBase):
         job = self.jobs.get(request_id)
         if job is not None:
             job.is_aborted = True
+            if self.stream is not None and self.stream.cancel(request_id):
+                take_out(self.engine.scheduler, job.seq)  # blocks freed by the outcome
+                return
             if self.engine.scheduler.abort(request_id) is not None:
                 del self.jobs[request_id]
 
@@ -84,9 +90,15 @@ class PrefillWorker(WorkerBase):
     def fail_step(self) -> list[str]:
         """The requests still in the engine's scheduler (those with KV on the wire are not in
         the step: their transfers end as they will)."""
-        failed = [rid for rid in self.jobs if self.engine.scheduler.abort(rid) is not None]
-        for rid in failed:
-            del self.jobs[rid]
+        failed = []
+        for rid, job in list(self.jobs.items()):
+            if self.stream is not None and self.stream.cancel(rid):  # parts on the wire
+                take_out(self.engine.scheduler, job.seq)  # blocks freed by the outcome
+                job.is_aborted = True
+                failed.append(rid)
+            elif self.engine.scheduler.abort(rid) is not None:
+                del self.jobs[rid]
+                failed.append(rid)
         return failed
 
     def _on_prefill(self, msg: ctrl.Prefill) -> None:
@@ -129,11 +141,20 @@ class PrefillWorker(WorkerBase):
         batch = scheduler.schedule()
         if not batch:
             return
-        results = self.engine.execute(batch)
+        if self.stream is not None:
+            self.stream.begin_step(batch, {rid: job.msg for rid, job in self.jobs.items()
+                                           if not job.is_aborted})
+        try:
+            results = self.engine.execute(batch)
+        finally:
+            if self.stream is not None:
+                self.stream.end_step()
         for seq in scheduler.advance(batch, results):
             scheduler.detach(seq)  # its blocks are ours until the decode worker acks
             job = self.jobs.get(seq.seq_id)
             if job is None or job.is_aborted:
+                if self.stream is not None and self.stream.cancel(seq.seq_id):
+                    continue  # parts on the wire: the outcome frees the blocks
                 self.engine.cache.free(seq)
                 self.jobs.pop(seq.seq_id, None)
                 continue
@@ -149,6 +170,9 @@ class PrefillWorker(WorkerBase):
         first = FirstToken(seq.token_ids[seq.num_prompt_tokens],
                            seq.logprobs[0] if seq.logprobs else None, seq.num_cached_tokens)
         try:
+            if self.stream is not None and self.stream.has_final(msg.request_id):
+                self.stream.finish(msg.request_id, first.to_meta())
+                return
             self.kv.send(msg.request_id, msg.kv_address, seq.block_table, seq.num_prompt_tokens,
                          msg.kv_spec, first.to_meta(), kv_token=msg.kv_token)
         except Exception as e:  # a typed transfer error, or a socket failure: this request only
@@ -158,7 +182,10 @@ class PrefillWorker(WorkerBase):
         job = self.jobs.pop(outcome.request_id, None)
         if job is None:
             return
-        self.engine.cache.free(job.seq)  # full blocks stay cached for the next turn
+        if self.stream is not None:  # a part failed mid-prompt: its later parts are dropped
+            self.stream.cancel(outcome.request_id)
+        if self.engine.scheduler.abort(outcome.request_id) is None:  # not prefilling any more
+            self.engine.cache.free(job.seq)  # full blocks stay cached for the next turn
         if outcome.error is None:
             self.events.send(ev.PrefillDone(outcome.request_id, self.worker_id,
                                             job.seq.num_cached_tokens, outcome.num_bytes,
@@ -180,5 +207,7 @@ class PrefillWorker(WorkerBase):
             self.engine.check_idle_integrity()
 
     def close(self) -> None:
+        if self.stream is not None:
+            self.stream.close()
         self.kv.close()
         super().close()

@@ -15,6 +15,8 @@ from transfer.wire.header import ReceiverLimits
 
 TRANSPORTS = ("zmq", "nccl")
 KV_PAYLOADS = ("stream", "frames")
+KV_STREAMING = ("whole", "layerwise")
+KV_WIRE_DTYPES = ("auto", "fp8_e4m3", "int8")  # transfer/convert/wire_dtype.py: WIRE_DTYPES
 
 
 @dataclass(frozen=True)
@@ -38,12 +40,30 @@ class KvTransportConfig:
     max_kv_peers: int = field(default=64, metadata={
         "help": "KV peers per worker: prefill send lanes (one per decode worker) and decode NCCL "
                 "links (one per prefill worker); more are refused and counted."})
+    kv_wire_dtype: str = field(default="auto", metadata={
+        "help": "Prefill workers: KV dtype on the wire: auto (the cache's own), int8 or "
+                "fp8_e4m3 (quantized with per-token-head scales, dequantized by the decode "
+                "worker; lossy, see the README)."})
+    kv_streaming: str = field(default="whole", metadata={
+        "help": "Prefill workers: send a prompt's KV whole once it is prefilled, or layerwise: "
+                "each layer group of each chunk as soon as the forward pass has written it, "
+                "while the following layers compute."})
+    kv_stream_groups: int = field(default=4, metadata={
+        "help": "With --kv-streaming layerwise: layer groups per chunk (one transfer each)."})
 
     def __post_init__(self) -> None:
+        if self.kv_streaming not in KV_STREAMING:
+            raise ConfigError(f"--kv-streaming must be whole or layerwise, "
+                              f"got {self.kv_streaming!r}")
+        if self.kv_stream_groups < 1:
+            raise ConfigError(f"--kv-stream-groups must be 1 or more, got {self.kv_stream_groups}")
         if self.transport not in TRANSPORTS:
             raise ConfigError(f"--transport must be zmq or nccl, got {self.transport!r}")
         if self.kv_payload not in KV_PAYLOADS:
             raise ConfigError(f"--kv-payload must be stream or frames, got {self.kv_payload!r}")
+        if self.kv_wire_dtype not in KV_WIRE_DTYPES:
+            raise ConfigError(f"--kv-wire-dtype must be one of {', '.join(KV_WIRE_DTYPES)}, "
+                              f"got {self.kv_wire_dtype!r}")
         if self.transfer_timeout_s <= 0:
             raise ConfigError(
                 f"--transfer-timeout-s must be positive, got {self.transfer_timeout_s}")

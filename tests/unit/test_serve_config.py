@@ -66,6 +66,7 @@ def test_serve_flags_parse_into_the_nested_transport_config() -> None:
 
 @pytest.mark.parametrize(("kwargs", "flag"), [
     ({"kv_payload": "pigeon"}, "--kv-payload"),
+    ({"kv_wire_dtype": "int4"}, "--kv-wire-dtype"),
     ({"transport": "udp"}, "--transport"),
     ({"transfer_timeout_s": 0.0}, "--transfer-timeout-s"),
     ({"max_transfer_bytes": 0}, "--max-transfer-bytes"),

@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping
 
 from transfer.convert.cache import PagedKvCache
 from transfer.convert.writer import KvWriter, PagedSink, WriteReport
+from transfer.endpoint.parts import count_part
 from transfer.endpoint.records import Expectation, ZmqReceiverConfig
 from transfer.payload.receive import InboundTransfer, PayloadReceiver
 from transfer.wire import framing as proto
@@ -115,6 +116,7 @@ class TransferBooks:
             raise TransportUnavailable(f"this receiver takes no {header.transport} payloads",
                                        request_id=rid)
         try:
+            count_part(exp, header)  # a streamed part (parts.py) sets how many transfers to wait
             sink = PagedSink(self.cache, exp.block_table)
             writer = KvWriter(header, sink, self.config.convert)
         except TransferError as e:

@@ -39,3 +39,4 @@ class Expectation:
     token: str = ""  # the reservation token a header must carry ("" accepts any)
     reports: list[WriteReport] = field(default_factory=list)
     inflight: set[tuple[bytes, int]] = field(default_factory=set)  # (peer, transfer id)
+    num_parts: int = 0  # streamed parts admitted so far (parts.py)

@@ -21,6 +21,8 @@ to it as a `PeerChannel` (channel.py):
 - "frames" (frames/sender.py): ZMQ multipart DATA messages, zero-copy.
 - "nccl" (nccl/sender.py, `nccl=NcclSenderPlugin(device)`): GPU to GPU over NCCL.
 A cache on a GPU is gathered on the GPU and copied to host per buffer on the first two.
+With `config.wire_dtype` int8 / fp8_e4m3 every path sends a quantized copy of the blocks
+(convert/wire_dtype.py) whose header names the wire spec; the receiver dequantizes it.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import zmq
 
 from transfer.convert.cache import PagedKvCache
 from transfer.convert.pack import PackOptions
+from transfer.convert.wire_dtype import WIRE_DTYPES, to_wire, wire_spec
 from transfer.endpoint.channel import DealerChannel
 from transfer.endpoint.security import SocketSecurity
 from transfer.frames.sender import FramesSender
@@ -68,11 +71,15 @@ class ZmqSenderConfig:
     payload: str = "stream"  # "stream": writev on a data connection; "frames": ZMQ DATA messages
     stream_chunk_bytes: int = 8 << 20  # stream path: buffer size (checksum / conversion unit)
     stream_sndbuf: int = 0  # stream path: SO_SNDBUF of the data connection (0: kernel autotuning)
+    wire_dtype: str = "auto"  # quantize KV for the wire (convert/wire_dtype.py); auto: as stored
 
     def __post_init__(self) -> None:
         if self.payload not in PAYLOADS:
             raise ValueError(f"ZmqSenderConfig.payload must be one of {PAYLOADS}, "
                              f"got {self.payload!r}")
+        if self.wire_dtype not in WIRE_DTYPES:
+            raise ValueError(f"ZmqSenderConfig.wire_dtype must be one of {WIRE_DTYPES}, "
+                             f"got {self.wire_dtype!r}")
         if self.timeout_s <= 0 or self.stream_chunk_bytes < 1 or self.stream_sndbuf < 0:
             raise ValueError("ZmqSenderConfig: timeout_s and stream_chunk_bytes must be positive")
 
@@ -141,6 +148,10 @@ class ZmqKvSender:
         began = ok = False
         try:
             self._connect_path(tid, deadline)
+            wire = wire_spec(cache.spec, self.config.wire_dtype)
+            if wire is not None:  # the quantized copy lives until this call returns
+                cache, block_table = to_wire(cache, block_table, token_start, token_end, wire,
+                                             layer_range)
             packed = self._path.pack(cache, block_table, token_start, token_end, transfer_id=tid,
                                      request_id=request_id, layer_range=layer_range,
                                      head_range=head_range, meta=meta,

@@ -1,0 +1,154 @@
+"""Layer-wise KV streaming (`--kv-streaming layerwise`): a prompt's KV leaves while it is computed.
+
+The model's decoder layers are split into `num_groups` groups of consecutive layers. A forward
+hook on the last layer of each group (PyTorch's `register_forward_hook`: the model code knows
+nothing of it) runs right after that layer has written its K/V for the step, and queues one
+part per prompt in the step on the outbox (kv_outbox.py): the step's tokens of that chunk x the
+group's layers. The outbox's lane thread sends it while the following layers compute (CPU:
+torch releases the GIL in its kernels; CUDA: the part carries an event recorded on the compute
+stream after the group, and the lane waits on it before reading). Parts go in order, each an
+ordinary transfer with `meta["kv_part"] = [index, is_last]` (transfer/endpoint/parts.py); the
+decode worker's receiver writes each as it lands and completes the reservation after the last.
+
+Order of a request's parts: its prefix-cache hit first (tokens `[0, num_cached)`, all layers,
+queued when its first computed chunk starts), then chunk by chunk and group by group; the last
+group of the last chunk is held back until the first token is sampled and goes last, with the
+first token in its meta (`finish`), exactly where a whole transfer would have carried it.
+
+Ownership: as with a whole transfer, the blocks stay the worker's until the request's single
+outcome (kv_outbox.py); the worker does not free a streaming request's blocks before that, even
+on an abort (`cancel` queues the end of the stream; the outcome follows the parts queued).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from engine.llm_engine import LLMEngine
+from engine.model_runner import ScheduledSeq
+from engine.scheduler import Scheduler
+from engine.sequence import Sequence
+from prefill.kv_outbox import KvOutbox
+from protocol import prefill_ctrl as ctrl
+from transfer.endpoint.parts import part_meta
+
+
+@dataclass
+class _InStep:
+    """A prompt in the step being computed: its request, the chunk's tokens, whether it is the
+    prompt's last chunk (then its last group waits for the first token)."""
+
+    msg: ctrl.Prefill
+    block_table: list[int]
+    token_start: int
+    token_end: int
+    is_final: bool
+
+
+def layer_groups(num_layers: int, num_groups: int) -> list[tuple[int, int]]:
+    """`[start, end)` of each group: `num_groups` near-equal runs of consecutive layers."""
+    n = max(1, min(num_groups, num_layers))
+    bounds = [round(i * num_layers / n) for i in range(n + 1)]
+    return list(itertools.pairwise(bounds))
+
+
+def take_out(scheduler: Scheduler, seq: Sequence) -> None:
+    """Remove a streaming prompt from the batch keeping its blocks (the outbox reads them until
+    the request's outcome); a preempted one waiting for readmission holds none."""
+    if any(s is seq for s in scheduler.running):
+        scheduler.detach(seq)
+    else:
+        scheduler.abort(seq.seq_id)
+
+
+class LayerStreamer:
+    def __init__(self, engine: LLMEngine, outbox: KvOutbox, num_groups: int) -> None:
+        layers = engine.runner.model.model.layers
+        self.outbox = outbox
+        self.num_layers = len(layers)
+        self.groups = layer_groups(self.num_layers, num_groups)
+        self.device = engine.runner.device
+        self._in_step: list[_InStep] = []
+        self._num_parts: dict[str, int] = {}  # parts queued per streaming request
+        self._final_chunk: dict[str, _InStep] = {}  # the last chunk, until `finish`
+        self._address: dict[str, str] = {}  # the decode worker's KV address per request
+        self._hooks = [layers[group[1] - 1].register_forward_hook(self._hook(group))
+                       for group in self.groups]
+
+    def has_final(self, request_id: str) -> bool:
+        """Whether this request streamed its last chunk (then `finish` sends its last part)."""
+        return request_id in self._final_chunk
+
+    def begin_step(self, batch: list[ScheduledSeq], msgs: dict[str, ctrl.Prefill]) -> None:
+        """Before the model runs `batch`: note the prompts whose chunks stream (`msgs`: the
+        live, not aborted requests by id); queue a prefix-cache hit first."""
+        self._in_step = []
+        for s in batch:
+            seq, msg = s.seq, msgs.get(s.seq.seq_id)
+            if msg is None or s.num_tokens == 0 or seq.num_computed_tokens >= seq.num_prompt_tokens:
+                continue
+            start = seq.num_computed_tokens
+            end = min(start + s.num_tokens, seq.num_prompt_tokens)
+            chunk = _InStep(msg, list(seq.block_table), start, end,
+                            end == seq.num_prompt_tokens)
+            if seq.seq_id not in self._num_parts and start > 0:  # cached tokens go first
+                self._queue(chunk, 0, start, (0, self.num_layers), {}, is_last=False)
+            self._num_parts.setdefault(seq.seq_id, 0)
+            self._in_step.append(chunk)
+            if chunk.is_final:
+                self._final_chunk[seq.seq_id] = chunk
+
+    def end_step(self) -> None:
+        self._in_step = []
+
+    def finish(self, request_id: str, meta: dict[str, Any]) -> None:
+        """The first token is sampled: queue the last part (last group of the last chunk)."""
+        chunk = self._final_chunk.pop(request_id)
+        self._queue(chunk, chunk.token_start, chunk.token_end, self.groups[-1], meta,
+                    is_last=True)
+        del self._num_parts[request_id]
+        self._address.pop(request_id, None)
+
+    def cancel(self, request_id: str) -> bool:
+        """The request ends before its last part (abort, failed part): end its stream. True when
+        parts were queued: the outbox still reads its blocks, and an outcome follows them."""
+        self._final_chunk.pop(request_id, None)
+        address = self._address.pop(request_id, None)
+        if self._num_parts.pop(request_id, 0) == 0 or address is None:
+            return False
+        self.outbox.end_stream(request_id, address)
+        return True
+
+    def close(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+
+    # ---- inside the forward pass ----------------------------------------------------------
+    def _hook(self, group: tuple[int, int]) -> Any:
+        def after_group(module: Any, inputs: Any, output: Any) -> None:
+            if not self._in_step:
+                return
+            ready = None
+            if self.device.type == "cuda":  # the group's K/V is written once the stream gets here
+                ready = torch.cuda.Event()
+                ready.record()
+            for chunk in self._in_step:
+                if chunk.is_final and group == self.groups[-1]:
+                    continue  # goes with the first token (`finish`)
+                self._queue(chunk, chunk.token_start, chunk.token_end, group, {},
+                            is_last=False, ready=ready)
+        return after_group
+
+    def _queue(self, chunk: _InStep, token_start: int, token_end: int, layers: tuple[int, int],
+               meta: dict[str, Any], *, is_last: bool, ready: Any = None) -> None:
+        msg = chunk.msg
+        index = self._num_parts.get(msg.request_id, 0)
+        self._num_parts[msg.request_id] = index + 1
+        self._address[msg.request_id] = msg.kv_address
+        self.outbox.send_part(msg.request_id, msg.kv_address, chunk.block_table, token_start,
+                              token_end, layers, msg.kv_spec, {**meta, **part_meta(index, is_last)},
+                              (index, is_last), ready, kv_token=msg.kv_token)

@@ -1,0 +1,129 @@
+"""Layer-wise streaming between real workers, in-process (`--kv-streaming layerwise`): a chunked
+prefill's KV goes out as (cached prefix) + chunk x layer-group parts while the model computes,
+the decode worker admits the sequence after the last part, and its tokens equal a colocated
+engine's (with a prefix-cache hit too); aborts and a reservation gone mid-stream free every
+block on both sides. Tiny random-weight engines (2 layers, 8-token blocks; a step budget of 8
+tokens puts the 20-token prompt in 3 chunks)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from worker_fakes import (
+    WAIT_S,
+    FakeProxy,
+    assert_all_free,
+    greedy_reference,
+    kv_spec_of,
+    prefill,
+    reserve,
+    sampling,
+)
+
+from decode.worker import DecodeWorker
+from engine.llm_engine import LLMEngine
+from prefill.layer_stream import layer_groups
+from prefill.worker import PrefillWorker
+from protocol import decode_ctrl as dmsg
+from protocol import prefill_ctrl as pmsg
+from protocol import worker_events as ev
+from protocol.errors import ErrorCode
+from worker.config import KvTransportConfig
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+LAYERWISE = KvTransportConfig(kv_streaming="layerwise", kv_stream_groups=2)
+CHUNKED = {"max_num_batched_tokens": 8}
+
+
+def workers(proxy: FakeProxy, make_worker: Any) -> tuple[DecodeWorker, PrefillWorker, list]:
+    """A decode worker and a streaming prefill worker; the list collects its parts' markers."""
+    d = make_worker(DecodeWorker, proxy.config("d0"))
+    p = make_worker(PrefillWorker, proxy.config("p0", kv=LAYERWISE), **CHUNKED)
+    parts: list[tuple[str, int, int, tuple[int, int], tuple[int, bool]]] = []
+    send_part = p.kv.send_part
+
+    def spy(rid: str, address: str, table: list[int], t0: int, t1: int,
+            layers: tuple[int, int], *args: Any, **kw: Any) -> None:
+        parts.append((rid, t0, t1, layers, args[-2]))
+        send_part(rid, address, table, t0, t1, layers, *args, **kw)
+
+    p.kv.send_part = spy  # type: ignore[method-assign]
+    return d, p, parts
+
+
+def first_parts(p: PrefillWorker, parts: list) -> None:
+    """Step the prefill worker until the first chunk's parts are queued (bounded)."""
+    deadline = time.monotonic() + WAIT_S
+    while not parts:
+        assert time.monotonic() < deadline, "no part was queued"
+        p.do_work()
+
+
+def run_one(proxy: FakeProxy, d: DecodeWorker, p: PrefillWorker, rid: str,
+            max_tokens: int = 5) -> list[int]:
+    params = sampling(max_tokens=max_tokens)
+    proxy.send(d, reserve(rid, params=params))
+    blocks = proxy.wait_event(ev.Reserved, rid).block_ids
+    proxy.send(p, prefill(rid, "d0", d.kv_address, blocks, kv_spec_of(d), params=params))
+    out = proxy.stream(rid, drive=(p, d))
+    proxy.wait_event(ev.PrefillDone, rid, drive=(p,))
+    return [t for e in out for t in e.token_ids]
+
+
+def test_layer_groups() -> None:
+    assert layer_groups(30, 4) == [(0, 8), (8, 15), (15, 22), (22, 30)]
+    assert layer_groups(2, 4) == [(0, 1), (1, 2)]
+    assert layer_groups(5, 1) == [(0, 5)]
+
+
+def test_chunked_prefill_streams_parts_and_equals_colocated(
+        proxy: FakeProxy, make_worker: Any, tiny_engine: Callable[..., LLMEngine]) -> None:
+    d, p, parts = workers(proxy, make_worker)
+    assert run_one(proxy, d, p, "r1") == greedy_reference(tiny_engine, sampling(max_tokens=5))
+    # 3 chunks x 2 groups, in order; the last group of the last chunk last
+    assert [(t0, t1, layers, part) for _, t0, t1, layers, part in parts] == [
+        (0, 8, (0, 1), (0, False)), (0, 8, (1, 2), (1, False)), (8, 16, (0, 1), (2, False)),
+        (8, 16, (1, 2), (3, False)), (16, 20, (0, 1), (4, False)), (16, 20, (1, 2), (5, True))]
+    # a prefix-cache hit on the prefill worker: the cached blocks go first, all layers at once
+    parts.clear()
+    assert run_one(proxy, d, p, "r2") == greedy_reference(tiny_engine, sampling(max_tokens=5))
+    assert parts[0][1:4] == (0, 16, (0, 2)) and parts[-1][4] == (len(parts) - 1, True)
+    assert_all_free(d)
+    assert_all_free(p)
+
+
+def test_abort_mid_stream_frees_both_sides(proxy: FakeProxy, make_worker: Any) -> None:
+    d, p, parts = workers(proxy, make_worker)
+    proxy.send(d, reserve("r1"))
+    blocks = proxy.wait_event(ev.Reserved, "r1").block_ids
+    proxy.send(p, prefill("r1", "d0", d.kv_address, blocks, kv_spec_of(d)))
+    first_parts(p, parts)
+    proxy.send(p, pmsg.Abort("r1"))
+    proxy.send(d, dmsg.Abort("r1"))
+    failed = [proxy.wait_event(ev.RequestFailed, "r1", drive=(p, d)) for _ in range(2)]
+    assert sorted((f.worker_id, f.code) for f in failed) == [("d0", ErrorCode.ABORTED),
+                                                             ("p0", ErrorCode.ABORTED)]
+    proxy.assert_no_event("r1", drive=(p, d), for_s=1.0)  # and nothing more
+    assert not p.jobs and len(parts) < 6
+    assert_all_free(p)
+    assert_all_free(d)
+
+
+def test_reservation_gone_mid_stream_fails_the_request(proxy: FakeProxy,
+                                                       make_worker: Any) -> None:
+    d, p, parts = workers(proxy, make_worker)
+    proxy.send(d, reserve("r1"))
+    blocks = proxy.wait_event(ev.Reserved, "r1").block_ids
+    proxy.send(p, prefill("r1", "d0", d.kv_address, blocks, kv_spec_of(d)))
+    first_parts(p, parts)
+    proxy.send(d, dmsg.Abort("r1"))  # the decode side drops it; the prefill side goes on
+    failed = {f.worker_id: f for f in (proxy.wait_event(ev.RequestFailed, "r1", drive=(p, d))
+                                       for _ in range(2))}  # the decode side says ABORTED
+    assert failed["p0"].code is ErrorCode.KV_REFUSED
+    proxy.assert_no_event("r1", drive=(p, d))
+    assert not p.jobs
+    assert_all_free(p)
+    assert_all_free(d)
