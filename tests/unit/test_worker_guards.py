@@ -24,6 +24,7 @@ VOCAB = 49152  # the tiny checkpoints' (tests/conftest.py)
 
 def push_frame(proxy: FakeProxy, worker: DecodeWorker, frame: bytes) -> None:
     sock = proxy.ctx.socket(zmq.PUSH)
+    proxy.auth.client(sock)  # an insider (holds the secret): the guards, not auth, must hold
     sock.connect(worker.ctrl.address)
     sock.send(frame)
     sock.close(linger=1000)
