@@ -1,9 +1,10 @@
 """The attacker of the security suite: a plain ZMQ PUSH socket that sends frames of its choice
 to an internal socket of a running deployment, and the frames it sends.
 
-Today any local process can connect to the internal planes; once they are authenticated (issue
-#14 item 1), `push` connects as an insider holding the deployment's keys (a compromised
-component), so the same tests keep proving that the guards behind authentication hold.
+The internal planes are authenticated (issue #14 item 1: tests/security/test_internal_auth.py
+proves that outsiders are refused), so `push` connects as an insider holding the deployment's
+secret (a compromised component): these tests prove that the guards behind authentication
+hold.
 """
 
 from __future__ import annotations
@@ -14,21 +15,26 @@ from typing import Any
 import msgpack
 import zmq
 
+from protocol.auth import ClusterAuth
 from protocol.codec import CTRL_VERSION
 
 
-def push(address: str, frames: list[bytes], linger_ms: int = 3000) -> None:
-    """Send `frames` to `address` (tcp://host:port), each a message of its own; returns once
-    ZMQ has handed them to the peer (or after `linger_ms`)."""
+def push(address: str, frames: list[bytes], secret: bytes, linger_ms: int = 3000) -> None:
+    """Send `frames` to `address` (tcp://host:port) as a holder of the deployment's `secret`,
+    each a message of its own; returns once ZMQ has handed them to the peer (or after
+    `linger_ms`)."""
     ctx = zmq.Context()
+    auth = ClusterAuth(ctx, secret)
     try:
         sock = ctx.socket(zmq.PUSH)
         sock.setsockopt(zmq.LINGER, linger_ms)
+        auth.client(sock)
         sock.connect(address)
         for f in frames:
             sock.send(f)
         sock.close(linger=linger_ms)
     finally:
+        auth.close()
         ctx.term()
 
 

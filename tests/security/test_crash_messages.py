@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import attacker
 import httpx
 import pytest
+from attacks import secret_file
 from serving import Server, serve, sse_events
 
 from engine.kv_spec import KvDtype, KvSpec
@@ -31,8 +32,12 @@ VICTIM = {"prompt": "The capital of France is", "max_tokens": 24, "temperature":
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[Server]:
-    with serve("--colocated", "--decode", "1", "--max-restarts", "1") as s:
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A deployment whose secret the attacker holds (an insider: auth is not what is tested)."""
+    path, secret = secret_file(tmp_path_factory.mktemp("secret"))
+    with serve("--colocated", "--decode", "1", "--max-restarts", "1",
+               "--cluster-secret-file", str(path)) as s:
+        s.secret = secret  # type: ignore[attr-defined]
         yield s
 
 
@@ -109,7 +114,7 @@ def test_crashing_reserves_fail_alone_and_are_counted(server: Server) -> None:
               attacker.reserve("evil-5", [1, 2**64 - 1, 3]),
               attacker.reserve("evil-6", [-1, 2, 3]),
               attacker.reserve("evil-7", [5] * (MAX_MODEL_LEN + 5000))]
-    attacker.push(worker["ctrl_address"], frames)
+    attacker.push(worker["ctrl_address"], frames, server.secret)
     assert victim.join() == expected and victim.error is None
     wait_for(lambda: refused(server, worker["worker_id"], "control", "malformed")
              >= before + len(frames), 20, "the refusals never reached /metrics")
@@ -123,7 +128,8 @@ def test_forged_reserve_pins_no_blocks(server: Server) -> None:
     proxy (which holds no such request) has it free the blocks at once, not after 60 s."""
     worker = decode_worker(server)
     t0 = time.monotonic()
-    attacker.push(worker["ctrl_address"], [attacker.reserve("forged", [7] * 2000)])
+    attacker.push(worker["ctrl_address"], [attacker.reserve("forged", [7] * 2000)],
+                  server.secret)
     wait_for(lambda: refused(server, "proxy", "events", "unknown_request") >= 1, 20,
              "the proxy never heard of the forged reservation")
     assert server.wait_idle_blocks(timeout_s=20) == 0
@@ -152,8 +158,8 @@ def test_msgpack_bomb_costs_nobody(server: Server) -> None:
         time.sleep(0.5)
         events = attacker.events_address_of(worker["pid"])
         for _ in range(3):
-            attacker.push(worker["ctrl_address"], [attacker.bomb()], linger_ms=1000)
-            attacker.push(events, [attacker.bomb()], linger_ms=1000)
+            attacker.push(worker["ctrl_address"], [attacker.bomb()], server.secret, linger_ms=1000)
+            attacker.push(events, [attacker.bomb()], server.secret, linger_ms=1000)
         time.sleep(2.0)
     finally:
         stop.set()
@@ -179,7 +185,7 @@ def test_hello_reusing_a_live_worker_id_replaces_nothing(server: Server) -> None
     bad_role = evil.replace(b"\xa6decode", b"\xa6rogue!", 1)
     assert bad_role != evil
     before = refused(server, "proxy", "events", "malformed")
-    attacker.push(events, [bad_role, evil])
+    attacker.push(events, [bad_role, evil], server.secret)
     wait_for(lambda: refused(server, "proxy", "events", "hello_conflict") >= 1, 20,
              "the conflicting Hello was not counted")
     assert refused(server, "proxy", "events", "malformed") >= before + 1
@@ -196,7 +202,8 @@ def test_abort_all_reaches_the_clients_at_once(server: Server) -> None:
     victim = Stream(server, {**VICTIM, "max_tokens": 2000}).start()
     wait_for(lambda: victim.text, 60, "the victim's stream never started")
     t0 = time.monotonic()
-    attacker.push(worker["ctrl_address"], [attacker.forge("AbortAll", {"reason": "forged"})])
+    attacker.push(worker["ctrl_address"], [attacker.forge("AbortAll", {"reason": "forged"})],
+                  server.secret)
     victim.join(30)
     assert victim.error is not None and victim.error.get("code") == "aborted", victim.error
     assert victim.ended_at - t0 < 2.0, f"the client waited {victim.ended_at - t0:.1f} s"
