@@ -25,6 +25,7 @@ from engine.attention import AttentionMetadata, DecodeMetadata
 from engine.config import ModelConfig
 from engine.cpu_malloc import keep_freed_memory
 from engine.cuda_graphs import DecodeGraphs, capture_sizes
+from engine.grammar_runtime import GrammarRuntime
 from engine.kv_layout import allocate_cache, copy_block
 from engine.kv_spec import KvLayout
 from engine.memory_plan import KvPlan
@@ -96,6 +97,7 @@ class ModelRunner:
                  dtype: torch.dtype, device: torch.device, *, attention_backend: str = "auto",
                  cuda_graphs: bool = True) -> None:
         self.config, self.plan, self.device, self.dtype = config, plan, device, dtype
+        self.grammars: GrammarRuntime | None = None  # set by the engine (it has the tokenizer)
         if device.type == "cpu":
             keep_freed_memory()  # no page-fault storm per decode step (engine/cpu_malloc.py)
         self.attention_backend = choose_attention_backend(attention_backend, device,
@@ -211,7 +213,9 @@ class ModelRunner:
             # logits: [len(done), vocab]
             logits = self.model.compute_logits(hidden.index_select(0, step.logits_rows))
             seqs = [batch[i].seq for i in step.done]
-        results = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        # on CUDA the forward pass still runs while the host builds the grammar masks
+        bitmask = None if self.grammars is None else self.grammars.bitmask(seqs)
+        results = sample(logits, [s.params for s in seqs], [s.generator for s in seqs], bitmask)
         return {s.seq_id: r for s, r in zip(seqs, results, strict=True)}
 
     def _graph_logits(self, batch: list[ScheduledSeq],

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from engine.errors import RequestError
+from engine.guided import GuidedDecoding
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # top-n logprobs per generated token (0 = only the sampled one)
     min_tokens: int = 0  # eos / stop ids do not end the sequence before this many tokens
+    guided: GuidedDecoding | None = None  # the output must match this (engine/guided.py)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -37,6 +39,8 @@ class SamplingParams:
             raise RequestError(f"logprobs must be in [0, 20], got {self.logprobs}")
         if self.min_tokens < 0:
             raise RequestError(f"min_tokens must be at least 0, got {self.min_tokens}")
+        if self.guided is not None and not isinstance(self.guided, GuidedDecoding):
+            raise RequestError(f"guided must be a GuidedDecoding, got {type(self.guided)}")
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
 
     @property
