@@ -11,10 +11,12 @@ import hmac
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from engine.guided import GuidedDecoding
 from proxy import openai_api as api
 from proxy import responses
 from proxy.cluster import ClusterClient
@@ -28,11 +30,16 @@ from proxy.errors import (
 )
 from proxy.metrics import ProxyMetrics
 from proxy.sse import sse_headers
+from proxy.structured import guided_decoding
+from proxy.tools import template_messages, template_tools, tool_plan
 
 
 class ChatTokenizer(TokenDecoder):
-    def apply_chat_template(self, messages: list[dict[str, str]],
-                            add_generation_prompt: bool = True) -> str: ...
+    chat_template: str | None
+
+    def apply_chat_template(self, messages: list[dict[str, Any]],
+                            add_generation_prompt: bool = True,
+                            tools: list[dict[str, Any]] | None = None) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -124,11 +131,12 @@ class _Generation:
             "prompt must be a string, a list of one string, or a list of token ids", "prompt")
 
     def stream(self, body: api.CompletionRequest | api.ChatCompletionRequest,
-               prompt_ids: list[int]) -> responses.GenerationStream:
+               prompt_ids: list[int], guided: GuidedDecoding | None = None
+               ) -> responses.GenerationStream:
         if not prompt_ids:
             param = "prompt" if isinstance(body, api.CompletionRequest) else "messages"
             raise invalid_request("the prompt is empty", param)
-        params = api.to_sampling(body, len(prompt_ids), self.config.max_model_len)
+        params = api.to_sampling(body, len(prompt_ids), self.config.max_model_len, guided)
         # Internal id: unique even when clients reuse an X-Request-Id.
         return responses.GenerationStream(self.cluster, self.tokenizer, self.metrics,
                                           uuid.uuid4().hex, prompt_ids, params,
@@ -141,7 +149,9 @@ def _add_generation(app: FastAPI, gen: _Generation) -> None:
     @app.post("/v1/completions", response_model=None)
     async def completions(body: api.CompletionRequest) -> Response | api.CompletionResponse:
         gen.check_model(body.model)
-        stream, want_lp = gen.stream(body, gen.prompt_ids(body.prompt)), body.logprobs is not None
+        guided = guided_decoding(body)  # a 400 for a grammar that cannot compile, before work
+        stream = gen.stream(body, gen.prompt_ids(body.prompt), guided)
+        want_lp = body.logprobs is not None
         if body.stream:
             events = responses.completion_sse(stream, model, want_lp, body.include_usage)
             return StreamingResponse(events, headers=sse_headers(), media_type="text/event-stream")
@@ -150,15 +160,22 @@ def _add_generation(app: FastAPI, gen: _Generation) -> None:
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(body: api.ChatCompletionRequest) -> Response | api.ChatCompletionResponse:
         gen.check_model(body.model)
+        plan = tool_plan(body.tools, body.tool_choice)
+        forced = None if plan is None else plan.grammar()
+        guided = guided_decoding(body, None if forced is None else ("tool_choice", forced))
+        has_tools = "tools" in (getattr(gen.tokenizer, "chat_template", None) or "")
         try:
-            text = gen.tokenizer.apply_chat_template(body.template_messages())
+            text = gen.tokenizer.apply_chat_template(
+                template_messages(body.messages, plan, has_tools),
+                tools=template_tools(plan) if has_tools else None)
         except Exception as e:  # template errors are the request's fault (raise_exception)
             raise invalid_request(f"chat template rejected the messages: {e}", "messages") from None
-        stream, want_lp = gen.stream(body, gen.tokenizer.encode(text)), bool(body.logprobs)
+        stream = gen.stream(body, gen.tokenizer.encode(text), guided)
+        want_lp = bool(body.logprobs)
         if body.stream:
-            events = responses.chat_sse(stream, model, want_lp, body.include_usage)
+            events = responses.chat_sse(stream, model, want_lp, body.include_usage, plan)
             return StreamingResponse(events, headers=sse_headers(), media_type="text/event-stream")
-        return await responses.chat_response(stream, model, want_lp)
+        return await responses.chat_response(stream, model, want_lp, plan)
 
 
 __all__ = ["ApiError", "ProxyConfig", "build_app"]

@@ -19,14 +19,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from pydantic_core import PydanticCustomError
 
 from engine.errors import RequestError
+from engine.guided import GuidedDecoding
 from engine.sampling_params import SamplingParams
 from proxy.errors import context_length_exceeded, invalid_request
+from proxy.tools import ToolCall, ToolCallDelta, ToolDefinition
 
 MAX_STOP_STRINGS = 4
 MAX_TOP_LOGPROBS = 20
 MIN_LOGPROB = -9999.0  # what OpenAI sends instead of -inf
-ApiFinishReason = Literal["stop", "length"]  # what a client sees (an abort is an error)
-Role = Literal["system", "user", "assistant", "developer"]
+# what a client sees (an abort is an error)
+ApiFinishReason = Literal["stop", "length", "tool_calls"]
+Role = Literal["system", "user", "assistant", "developer", "tool"]
 _OptInt = Annotated[int | None, Field(strict=True)]
 _OptBool = Annotated[bool | None, Field(strict=True)]
 
@@ -47,8 +50,8 @@ class _RequestBase(BaseModel):
     # Parameters accepted only at a neutral value; anything else is a 400 naming the field.
     _NEUTRAL: ClassVar[Mapping[str, Any]] = MappingProxyType({
         "n": 1, "best_of": 1, "echo": False, "presence_penalty": 0.0, "frequency_penalty": 0.0,
-        "repetition_penalty": 1.0, "min_p": 0.0, "suffix": "", "logit_bias": {}, "tools": [],
-        "functions": [], "response_format": {"type": "text"},
+        "repetition_penalty": 1.0, "min_p": 0.0, "suffix": "", "logit_bias": {},
+        "functions": [],
     })
 
     model: str | None = None
@@ -139,6 +142,8 @@ class ChatMessage(BaseModel):
     role: Role
     content: str | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls (proxy/tools.py)
+    tool_call_id: str | None = None  # which call a 'tool' message answers
 
     @field_validator("content", mode="before")
     @classmethod
@@ -164,7 +169,9 @@ class ChatCompletionRequest(_RequestBase):
     min_tokens: int = Field(0, strict=True, ge=0)
     logprobs: bool | None = Field(False, strict=True)
     top_logprobs: int | None = Field(None, strict=True, ge=0, le=MAX_TOP_LOGPROBS)
-    tools: list[Any] | None = None
+    tools: list[ToolDefinition] | None = None
+    tool_choice: str | dict[str, Any] | None = None  # checked with tools (proxy/tools.py)
+    parallel_tool_calls: _OptBool = None
     functions: list[Any] | None = None
 
     @field_validator("messages")
@@ -189,7 +196,7 @@ class ChatCompletionRequest(_RequestBase):
 
 
 def to_sampling(request: CompletionRequest | ChatCompletionRequest, num_prompt_tokens: int,
-                max_model_len: int) -> SamplingParams:
+                max_model_len: int, guided: GuidedDecoding | None = None) -> SamplingParams:
     """The sampling parameters of a validated request, defaults filled in; a 400 when they
     cannot run (`context_length_exceeded` when they do not fit --max-model-len).
 
@@ -214,6 +221,7 @@ def to_sampling(request: CompletionRequest | ChatCompletionRequest, num_prompt_t
             ignore_eos=bool(request.ignore_eos),
             logprobs=logprobs,
             min_tokens=request.min_tokens,
+            guided=guided,
         )
     except RequestError as e:
         raise invalid_request(str(e)) from None
@@ -333,6 +341,7 @@ class CompletionResponse(_Response):
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] | None = _omitted_if_none()
 
 
 class ChatChoice(BaseModel):
@@ -353,6 +362,7 @@ class DeltaMessage(BaseModel):
 
     role: Literal["assistant"] | None = _omitted_if_none()
     content: str | None = _omitted_if_none()
+    tool_calls: list[ToolCallDelta] | None = _omitted_if_none()
 
 
 class ChatChunkChoice(BaseModel):
