@@ -23,6 +23,9 @@ from llguidance import LLMatcher
 from engine.errors import RequestError
 
 MAX_GUIDED_SPEC_CHARS = 64 * 1024
+# JSON is written as json.dumps writes it: one space after ',' and ':', no other whitespace
+# (a small model given free whitespace can pad with newlines until max_tokens).
+JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
 class GuidedKind(enum.Enum):
@@ -58,9 +61,9 @@ def to_grammar(guided: GuidedDecoding) -> str:
     kind = guided.kind
     try:
         if kind is GuidedKind.JSON_OBJECT:
-            return LLMatcher.grammar_from_json_schema({"type": "object"})
+            return LLMatcher.grammar_from_json_schema({"type": "object"}, JSON_LAYOUT)
         if kind is GuidedKind.JSON_SCHEMA:
-            return LLMatcher.grammar_from_json_schema(json.loads(guided.spec))
+            return LLMatcher.grammar_from_json_schema(json.loads(guided.spec), JSON_LAYOUT)
         if kind is GuidedKind.REGEX:
             return LLMatcher.grammar_from_regex(guided.spec)
         if kind is GuidedKind.CHOICE:

@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from engine.guided import GuidedDecoding, GuidedKind
+from engine.guided import JSON_LAYOUT, GuidedDecoding, GuidedKind
 from proxy.errors import invalid_request
 
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
@@ -87,7 +87,8 @@ class ToolPlan:
             return None
         calls = [_call_schema(t.function) for t in self.tools
                  if self.mode == "required" or t.function.name == self.name]
-        schema = calls[0] if len(calls) == 1 else {"anyOf": calls}
+        schema = {**(calls[0] if len(calls) == 1 else {"anyOf": calls}),
+                  "x-guidance": JSON_LAYOUT}
         lark = (f"start: {json.dumps(CALL_OPEN + chr(10))} call {json.dumps(chr(10) + CALL_CLOSE)}"
                 f"\ncall: %json {json.dumps(schema)}")
         return GuidedDecoding(GuidedKind.LARK, lark)

@@ -18,7 +18,7 @@ from typing import Literal
 import jsonschema
 import openai
 import pytest
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from serving import Server, serve
 
 DEPLOYMENTS = {"colocated": ("--colocated",),
@@ -58,10 +58,10 @@ WEATHER_ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
 class City(BaseModel):
-    name: str
-    country: str
+    name: str = Field(max_length=20)
+    country: str = Field(max_length=20)
     continent: Literal["Europe", "Asia", "Africa", "America", "Oceania"]
-    population_millions: int
+    population_millions: int = Field(ge=0, le=100)
 
 
 @pytest.fixture(scope="module", params=list(DEPLOYMENTS))
