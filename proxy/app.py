@@ -165,9 +165,9 @@ def _add_generation(app: FastAPI, gen: _Generation) -> None:
         guided = guided_decoding(body, None if forced is None else ("tool_choice", forced))
         has_tools = "tools" in (getattr(gen.tokenizer, "chat_template", None) or "")
         try:
+            extra = {"tools": template_tools(plan)} if has_tools else {}
             text = gen.tokenizer.apply_chat_template(
-                template_messages(body.messages, plan, has_tools),
-                tools=template_tools(plan) if has_tools else None)
+                template_messages(body.messages, plan, has_tools), **extra)
         except Exception as e:  # template errors are the request's fault (raise_exception)
             raise invalid_request(f"chat template rejected the messages: {e}", "messages") from None
         stream = gen.stream(body, gen.tokenizer.encode(text), guided)

@@ -109,8 +109,11 @@ def test_parse_into_pydantic_and_json_object(server: tuple[str, Server],
     city = parsed.choices[0].message.parsed
     assert isinstance(city, City)
     _same_on_both_paths(seen, "parse", city.model_dump_json())
-    r = client.chat.completions.create(model="smollm2", messages=ASK, temperature=0,  # type: ignore[arg-type]
-                                       max_tokens=120, response_format={"type": "json_object"})
+    r = client.chat.completions.create(
+        model="smollm2", temperature=0, max_tokens=120, response_format={"type": "json_object"},
+        messages=[{"role": "user", "content": "Return a JSON object with the keys name and age "
+                   "for a person called Bob who is 30."}])
+    assert r.choices[0].finish_reason == "stop"
     assert isinstance(json.loads(r.choices[0].message.content or ""), dict)
 
 

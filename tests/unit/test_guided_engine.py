@@ -57,12 +57,15 @@ def test_json_schema_greedy_and_seeded_beside_unguided(engine: LLMEngine) -> Non
     params = [_guided(GuidedKind.JSON_SCHEMA, json.dumps(SCHEMA)),
               SamplingParams(max_tokens=20, temperature=0.0),
               _guided(GuidedKind.JSON_SCHEMA, json.dumps(SCHEMA), t=1.0, seed=7),
-              _guided(GuidedKind.JSON_OBJECT, t=0.8)]
-    seqs = engine.generate([prompt] * len(params), params)
+              _guided(GuidedKind.JSON_OBJECT)]
+    bob = engine.tokenizer.encode(engine.tokenizer.apply_chat_template([{
+        "role": "user", "content": "Return a JSON object with the keys name and age for a "
+        "person called Bob who is 30."}]))
+    seqs = engine.generate([prompt] * 3 + [bob], params)
     for i in (0, 2):
         jsonschema.validate(json.loads(_text(engine, seqs[i])), SCHEMA)
         assert seqs[i].finish_reason.value == "stop"
-    assert isinstance(json.loads(_text(engine, seqs[3])), dict)
+    assert json.loads(_text(engine, seqs[3])) == {"name": "Bob", "age": 30}
     alone = engine.generate([prompt], SamplingParams(max_tokens=20, temperature=0.0))[0]
     assert seqs[1].output_ids == alone.output_ids  # the unguided row is untouched
     engine.check_idle_integrity()
