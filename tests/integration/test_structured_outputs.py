@@ -159,7 +159,7 @@ def test_completions_guided_regex_choice_and_schema(server: tuple[str, Server]) 
     ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
      "tool_choice"),
     ({"tools": [WEATHER], "tool_choice": "required",
-      "response_format": {"type": "json_object"}}, "response_format"),
+      "response_format": {"type": "json_object"}}, "tool_choice"),
 ])
 def test_bad_grammar_is_a_400_naming_the_parameter(server: tuple[str, Server], body: dict,
                                                    param: str) -> None:
