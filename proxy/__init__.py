@@ -12,4 +12,7 @@ Modules:
     sse          server-sent-events framing
     metrics      `pdserve:` Prometheus metrics (one registry per instance)
     router       worker snapshots and routing policies (round-robin, least-loaded, prefix-aware)
+    structured   response_format / guided_* -> one compiled-checked `GuidedDecoding`
+    tools        tools / tool_choice: prompt format (Hermes when the template has none), forced
+                 call grammar; tool_parser: calls out of the output, whole or streamed
 """
