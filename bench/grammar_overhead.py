@@ -157,6 +157,7 @@ def _end_to_end(engine: LLMEngine, guided: GuidedDecoding, batch: int, repeats: 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--batches", default="1,4", help="end-to-end batch sizes, comma-separated")
     args = ap.parse_args()
     torch.manual_seed(0)
     engine = LLMEngine.from_config(EngineConfig(model="smollm2", dtype="float32",
@@ -180,9 +181,13 @@ def main() -> None:
         if xg is not None:
             masks["xgrammar"] = _time_xgr(xg, schema, tokens)
         print(name, masks, flush=True)
-        e2e = [_end_to_end(engine, guided, b, args.repeats) for b in (1, 4)]
+        e2e = [_end_to_end(engine, guided, int(b), args.repeats) for b in args.batches.split(",")]
         print(name, e2e, flush=True)
         out["schemas"][name] = {"end_to_end": e2e, "mask": masks, "num_tokens": len(tokens)}
+        _write(out, load0)  # after each schema, so a long run leaves what it measured
+
+
+def _write(out: dict[str, Any], load0: tuple[float, float, float]) -> None:
     out["env"] = {"date": datetime.date.today().isoformat(), "machine": platform.machine(),
                   "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                   "torch": torch.__version__, "python": platform.python_version(),
@@ -191,7 +196,6 @@ def main() -> None:
     stem = RESULTS / f"grammar_overhead_cpu_{out['env']['date']}"
     stem.with_suffix(".json").write_text(json.dumps(out, indent=2))
     stem.with_suffix(".md").write_text(_markdown(out))
-    print(_markdown(out))
 
 
 def _version(name: str) -> str | None:
