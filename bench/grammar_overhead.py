@@ -229,8 +229,8 @@ def _markdown(out: dict[str, Any]) -> str:
             lines.append(f"| {name} | {e['batch']} | {e['num_tokens']} | "
                          f"{e['unconstrained_ms_per_token']:.2f} | {e['guided_ms_per_token']:.2f}"
                          f" | {e['overhead_ms_per_step']:.2f} | {e['ratio']:.3f} |")
-    lines += ["", "ms/token is per sequence (step time); batch 4 samples with seeds 0..3 at "
-              "temperature 1.", ""]
+    lines += ["", "ms/token is per sequence (step time); batch 1 is greedy, larger batches sample "
+              "with seeds 0..n-1 at temperature 1.", ""]
     return "\n".join(lines)
 
 
