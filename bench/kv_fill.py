@@ -56,13 +56,15 @@ class ReceiverHarness:
     """A started ZmqKvReceiver whose outcomes land in `ended` (request id → reports or error);
     asserts that no reservation ends twice. For tests and benchmarks."""
 
-    def __init__(self, cache: PagedKvCache, config: Any) -> None:
+    def __init__(self, cache: PagedKvCache, config: Any, **receiver: Any) -> None:
+        """`receiver`: more ZmqKvReceiver arguments (context, security, on_refused)."""
         from transfer.endpoint.receiver import ZmqKvReceiver
 
         self.cache = cache
         self.ended: dict[str, Any] = {}
         self._cond = threading.Condition()
-        self.rx = ZmqKvReceiver(cache, config, on_complete=self._end, on_release=self._end)
+        self.rx = ZmqKvReceiver(cache, config, on_complete=self._end, on_release=self._end,
+                                **receiver)
         self.rx.start()
 
     def _end(self, rid: str, outcome: Any) -> None:

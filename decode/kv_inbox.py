@@ -25,7 +25,9 @@ from protocol.codec import MalformedMessage
 from protocol.kv_meta import FirstToken
 from transfer.convert.cache import PagedKvCache
 from transfer.convert.writer import WriteReport
+from transfer.endpoint.books import RefusedFn
 from transfer.endpoint.receiver import ZmqKvReceiver, ZmqReceiverConfig
+from transfer.endpoint.security import SocketSecurity
 from transfer.wire.errors import TransferError
 from worker.config import KvTransportConfig
 
@@ -50,13 +52,15 @@ def _arrival(request_id: str, reports: list[WriteReport]) -> KvArrival:
 
 class KvInbox:
     def __init__(self, ctx: zmq.Context, host: str, cache: PagedKvCache,
-                 config: KvTransportConfig) -> None:
-        """Receive into `cache` (this worker's paged cache and its spec) on `host`, port 0."""
+                 config: KvTransportConfig, *, security: SocketSecurity | None = None,
+                 on_refused: RefusedFn | None = None) -> None:
+        """Receive into `cache` (this worker's paged cache and its spec) on `host`, port 0;
+        `security`: the deployment's authentication; `on_refused`: counts what was refused."""
         threaded = config.kv_receiver_thread
         nccl = None
         if config.transport == "nccl":  # TransportUnavailable (says what to do) without CUDA/NCCL
             from transfer.nccl.transport import NcclReceiverPlugin
-            nccl = NcclReceiverPlugin(cache.device)
+            nccl = NcclReceiverPlugin(cache.device, max_links=config.max_kv_peers)
         self._lock = threading.Lock()  # arrivals: the receiver's thread adds, the worker takes
         self._arrivals: list[KvArrival] = []
         self._registered: list[zmq.Socket | int] = []
@@ -68,7 +72,8 @@ class KvInbox:
             self._wake_w.setblocking(False)
         self.receiver = ZmqKvReceiver(
             cache, ZmqReceiverConfig(endpoint=f"tcp://{host}:0", limits=config.limits()),
-            on_complete=self._complete, on_release=self._release, context=ctx, nccl=nccl)
+            on_complete=self._complete, on_release=self._release, context=ctx, nccl=nccl,
+            security=security, on_refused=on_refused)
         self.address = self.receiver.endpoint
         if threaded:
             self.receiver.start()
@@ -87,9 +92,10 @@ class KvInbox:
                 poller.register(item, zmq.POLLIN)
         self._registered = want
 
-    def expect(self, request_id: str, block_ids: list[int]) -> None:
-        """From now on the receiver may write `block_ids` (this reservation's blocks)."""
-        self.receiver.expect(request_id, list(block_ids))
+    def expect(self, request_id: str, block_ids: list[int], token: str = "") -> None:
+        """From now on the receiver may write `block_ids` (this reservation's blocks), for a
+        sender whose header carries `token` (the proxy's reservation token)."""
+        self.receiver.expect(request_id, list(block_ids), token=token)
 
     def forget(self, request_id: str) -> None:
         """Withdraw an expectation (abort, timeout, local prefill); the caller frees the blocks."""

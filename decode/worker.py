@@ -10,6 +10,11 @@ Loop (single thread; every wait is bounded):
 
 Ownership: a reservation's blocks belong to this worker from Reserved until the request
 finishes, is aborted, times out, or its transfer fails — each path frees them exactly once.
+Every message and step is guarded (worker/base.py); a request dropped here (Abort, AbortAll, a
+failed step) is reported to the proxy at once as `RequestFailed`, so its client hears of it in
+milliseconds, not at a timeout. A reservation is bounded by `--max-model-len` (the codec) and
+lives at most `kv_timeout_s` without its KV; expiries are counted (rejections, reason
+"reservation_expired").
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from engine.sequence import Sequence
 from protocol import decode_ctrl as ctrl
 from protocol import worker_events as ev
 from protocol.errors import ErrorCode
+from protocol.rejections import Plane
 from worker.base import WorkerBase
 from worker.config import WorkerConfig
 
@@ -54,7 +60,8 @@ class DecodeWorker(WorkerBase):
         self.pending: OrderedDict[str, Pending] = OrderedDict()
         self.reservations: dict[str, Reservation] = {}
         self.local: set[str] = set()  # requests in the engine's own scheduler
-        self.kv = KvInbox(self.ctx, config.host, self.kv_cache, config.kv)
+        self.kv = KvInbox(self.ctx, config.host, self.kv_cache, config.kv, security=self.auth,
+                          on_refused=self._refused)
         self.kv.sync_poller(self.poller)  # the ROUTER socket and the KV data connections
 
     @property
@@ -72,11 +79,14 @@ class DecodeWorker(WorkerBase):
                 self.engine.prefill_locally(res.seq)
                 self.local.add(msg.request_id)
         elif isinstance(msg, ctrl.Abort):
-            self._abort(msg.request_id)
+            if self.holds(msg.request_id):
+                self._abort(msg.request_id)
+                self.send_failed(msg.request_id, f"aborted: {msg.reason}", ErrorCode.ABORTED)
         elif isinstance(msg, ctrl.AbortAll):
             held = [*self.pending, *self.reservations, *self.local]
             for rid in held:
                 self._abort(rid)
+                self.send_failed(rid, f"aborted: {msg.reason}", ErrorCode.ABORTED)
             log.warning("dropped %d request(s): %s", len(held), msg.reason)
         elif isinstance(msg, ctrl.Shutdown):
             self.stopping = True
@@ -85,7 +95,7 @@ class DecodeWorker(WorkerBase):
         """`msg.params` was validated by its constructor as the codec built it; the engine
         checks what it alone knows (length, blocks). A request id this worker already holds is
         rejected alone: the request that holds it is left as it is."""
-        if self._holds(msg.request_id):
+        if self.holds(msg.request_id):
             self._reject(msg.request_id, f"duplicate request id {msg.request_id!r}: this decode "
                          "worker already holds a request with it", status=400)
             return
@@ -109,7 +119,7 @@ class DecodeWorker(WorkerBase):
         self.pending[msg.request_id] = Pending(msg, time.monotonic() + msg.queue_timeout_s)
         self._admit_pending()
 
-    def _holds(self, request_id: str) -> bool:
+    def holds(self, request_id: str) -> bool:
         """Queued, reserved or running here."""
         return request_id in self.pending or request_id in self.reservations \
             or request_id in self.local
@@ -132,11 +142,24 @@ class DecodeWorker(WorkerBase):
                 return  # first in, first served: wait for blocks
             del self.pending[rid]
             self.reservations[rid] = Reservation(seq, time.monotonic() + self.config.kv_timeout_s)
-            self.kv.expect(rid, seq.block_table)
+            self.kv.expect(rid, seq.block_table, p.msg.kv_token)
             self.events.send(ev.Reserved(rid, self.worker_id, list(seq.block_table)))
 
     def _reject(self, request_id: str, reason: str, status: int = 503) -> None:
         self.events.send(ev.Rejected(request_id, self.worker_id, reason, status, 1.0))
+
+    def fail_request(self, request_id: str) -> bool:
+        held = self.holds(request_id)
+        self._abort(request_id)
+        return held
+
+    def fail_step(self) -> list[str]:
+        """Every request in the engine (the step held some of them; which ones is not known
+        once it raised)."""
+        failed = sorted(self.local)
+        for rid in failed:
+            self._abort(rid)
+        return failed
 
     def _abort(self, request_id: str) -> None:
         self.pending.pop(request_id, None)
@@ -184,6 +207,11 @@ class DecodeWorker(WorkerBase):
     def _emit(self, out: RequestOutput) -> None:
         if out.is_finished:
             self.local.discard(out.request_id)
+        if out.prompt_logprobs:  # a local prefill's, before its first token (same socket)
+            top_n = max((len(e.top) for e in out.prompt_logprobs), default=0)
+            for part in ev.prompt_logprobs_events(out.request_id, self.worker_id,
+                                                  out.prompt_logprobs, top_n):
+                self.events.send(part)
         self.events.send(ev.Tokens(out.request_id, self.worker_id, out.new_token_ids,
                                    list(out.new_logprobs), out.finish_reason,
                                    out.num_prompt_tokens, out.num_cached_tokens))
@@ -197,6 +225,7 @@ class DecodeWorker(WorkerBase):
             res = self.reservations.pop(rid)
             self.kv.forget(rid)
             self.engine.release(res.seq)
+            self.rejections.add(Plane.CONTROL, "reservation_expired")
             self.events.send(ev.RequestFailed(rid, self.worker_id,
                                               "prompt KV did not arrive in time",
                                               ErrorCode.KV_TIMEOUT))

@@ -1,4 +1,5 @@
-"""`pdserve` command line: generate, plan (and serve / bench, in their own modules).
+"""`pdserve` command line: generate, plan (and serve / bench / profile / plan cluster, in their
+own modules).
 
 Each subcommand's flags come from the config dataclasses (worker/args.py), so a flag has one
 name, one default and one help text everywhere.
@@ -44,8 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
 
     p = _engine_parser(sub, "plan",
-                       "Print the KV cache plan without loading weights or allocating it.")
+                       "Print the KV cache plan without loading weights or allocating it; "
+                       "`plan cluster`: predict a cluster from a device profile.")
     p.set_defaults(func=cmd_plan)
+    from deploy.plan_cli import add_plan_cluster_parser
+    add_plan_cluster_parser(p)
+    from deploy.profile_cli import add_profile_parser
+    add_profile_parser(sub)
 
     from deploy.serve_cli import add_serve_parser
     add_serve_parser(sub)
@@ -82,7 +88,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
                             top_p=args.top_p, top_k=args.top_k, seed=args.sample_seed,
                             ignore_eos=args.ignore_eos)
     t0 = time.perf_counter()
-    seqs = engine.generate(prompts, params)
+    try:
+        seqs = engine.generate(prompts, params)
+    finally:
+        engine.close()
     elapsed = time.perf_counter() - t0
     for i, seq in enumerate(seqs):
         if len(seqs) > 1:

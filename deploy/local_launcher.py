@@ -2,8 +2,10 @@
 
 Start-up order: check the KV plan (fails fast, before any weight is read), bind the proxy's
 event socket, start the workers (each prints its plan and address as it comes up), wait for
-all of them to say Hello, then bind HTTP and print the URL. Ctrl-C or SIGTERM stops the HTTP
-server, tells every worker to shut down, and terminates any that do not exit in time.
+all of them to say Hello, then bind HTTP and print the URL. While serving, a worker that exits
+is reaped and started again (`--max-restarts`, deploy/worker_supervisor.py). Ctrl-C or SIGTERM
+stops the HTTP server, tells every worker to shut down, and terminates any that do not exit in
+time.
 """
 
 from __future__ import annotations
@@ -21,13 +23,18 @@ from dataclasses import dataclass, field
 import torch
 import uvicorn
 
+from deploy.worker_net import WorkerNetConfig
+from deploy.worker_supervisor import WorkerSupervisor
 from engine.checkpoint import read_model_config, resolve_model_path
 from engine.config import ConfigError, EngineConfig
 from engine.memory_plan import plan_kv_cache
 from engine.tokenizer import Tokenizer
-from proxy.app import ProxyConfig, build_app
+from protocol.auth import AuthError, generate_secret, load_secret, secret_env
+from proxy.app import ProxyConfig, build_app, http_rejections
 from proxy.cluster import ClusterClient
 from proxy.cluster_state import ClusterConfig
+from proxy.http_server import uvicorn_config
+from proxy.limits import HttpLimits
 from proxy.metrics import ProxyMetrics
 from worker.args import dataclass_to_args, parse_seconds
 from worker.config import KvTransportConfig, parse_cpus
@@ -40,7 +47,16 @@ log = logging.getLogger("pdserve.launcher")
 @dataclass(frozen=True)
 class ServeConfig:
     host: str = field(default="127.0.0.1", metadata={
-        "help": "HTTP bind address (and workers' address)."})
+        "help": "HTTP bind address (the API only; internal sockets bind --internal-host)."})
+    internal_host: str = field(default="127.0.0.1", metadata={
+        "help": "Address the internal sockets bind (workers' control and KV ports, the proxy's "
+                "event port), whatever --host is. With --ray: each node's IP."})
+    cluster_secret_file: str = field(default="", metadata={
+        "help": "File holding the deployment's secret (hex, mode 600) that authenticates every "
+                "internal plane; default PDSERVE_CLUSTER_SECRET, else a fresh one per launch."})
+    insecure_internal: bool = field(default=False, metadata={
+        "help": "Run the internal planes unauthenticated (benchmarks only: anyone who reaches "
+                "an internal port can read prompts and control the workers)."})
     port: int = field(default=8000, metadata={"help": "HTTP port (0 = any free port)."})
     prefill: int = field(default=1, metadata={"help": "Number of prefill workers."})
     decode: int = field(default=1, metadata={"help": "Number of decode workers."})
@@ -48,12 +64,23 @@ class ServeConfig:
         "help": "No prefill workers: decode workers prefill locally (baseline)."})
     api_key: str | None = field(default=None, metadata={
         "help": "Require 'Authorization: Bearer KEY' on /v1/*."})
+    max_n: int = field(default=16, metadata={
+        "help": "Most choices (`n`) a request may ask for per prompt."})
+    allowed_origins: str = field(default="", metadata={
+        "help": "CORS: comma-separated origins browsers may call the API from, e.g. "
+                "'https://app.example.com' or '*' (default: none, no CORS headers)."})
     served_model_name: str | None = field(default=None, metadata={
         "help": "Model name in the API (default: the --model value)."})
     prefill_profile: str | None = field(default=None, metadata={
         "help": "GPU profile of the prefill workers' KV cache (e.g. ampere)."})
     decode_profile: str | None = field(default=None, metadata={
         "help": "GPU profile of the decode workers' KV cache (e.g. volta)."})
+    prefill_tp: int | None = field(default=None, metadata={
+        "help": "Tensor-parallel ranks of each prefill worker (default: "
+                "--tensor-parallel-size)."})
+    decode_tp: int | None = field(default=None, metadata={
+        "help": "Tensor-parallel ranks of each decode worker (default: "
+                "--tensor-parallel-size)."})
     router: str = field(default="least-loaded", metadata={
         "help": "Decode routing: least-loaded or round-robin."})
     startup_timeout_s: float = field(default=300.0, metadata={
@@ -79,6 +106,8 @@ class ServeConfig:
         "help": "Seconds of synthetic requests each worker runs at start-up to seed the "
                 "placement cost models (0: none)."})
     kv: KvTransportConfig = field(default_factory=KvTransportConfig)  # flags: worker/config.py
+    http: HttpLimits = field(default_factory=HttpLimits)  # flags: proxy/limits.py
+    net: WorkerNetConfig = field(default_factory=WorkerNetConfig)  # flags: deploy/worker_net.py
 
     def __post_init__(self) -> None:
         if self.placement not in PLACEMENTS:
@@ -93,6 +122,11 @@ class ServeConfig:
             raise ConfigError("--worker-threads and --warmup-s must be 0 or more")
         if self.decode < 1:
             raise ConfigError("--decode must be at least 1")
+        for flag, tp in (("--prefill-tp", self.prefill_tp), ("--decode-tp", self.decode_tp)):
+            if tp is not None and tp < 1:
+                raise ConfigError(f"{flag} must be at least 1, got {tp}")
+        if not 1 <= self.max_n <= 256:
+            raise ConfigError(f"--max-n must be in [1, 256], got {self.max_n}")
         if self.prefill < 0:
             raise ConfigError("--prefill must be 0 or more")
         if self.kv.transport == "nccl" and not torch.cuda.is_available():
@@ -103,6 +137,23 @@ class ServeConfig:
     def num_prefill(self) -> int:
         return 0 if self.colocated else self.prefill
 
+    def tp_of(self, role: str, engine_tp: int) -> int:
+        """Tensor-parallel ranks of a worker of `role` (its override, else the engine's)."""
+        override = self.prefill_tp if role == "prefill" else self.decode_tp
+        return override or engine_tp
+
+    def check_tp(self, engine_tp: int) -> None:
+        """Only decode workers that prefill locally run tensor parallel so far: KV does not yet
+        cross between sharded caches (transfer/convert/tp_routes.py says how it will)."""
+        for role, flag, is_used in (("prefill", "--prefill-tp", self.num_prefill > 0),
+                                    ("decode", "--decode-tp", not self.colocated)):
+            tp = self.tp_of(role, engine_tp)
+            if tp > 1 and is_used:
+                raise ConfigError(
+                    f"{flag} / --tensor-parallel-size {tp}: {role} workers that exchange KV "
+                    f"do not run tensor parallel yet; serve with --colocated (decode workers "
+                    f"prefill locally) and --decode-tp N, or keep TP 1 for {role} workers")
+
     def worker_ids(self) -> list[tuple[str, str]]:
         """(role, worker id) of every worker: `prefill-<i>` then `decode-<i>` (also Ray actor
         names)."""
@@ -110,20 +161,50 @@ class ServeConfig:
                 + [("decode", f"decode-{i}") for i in range(self.decode)])
 
 
+def proxy_config(serve: ServeConfig, name: str, max_model_len: int) -> ProxyConfig:
+    """The HTTP front end's settings from `pdserve serve`'s."""
+    origins = tuple(o.strip() for o in serve.allowed_origins.split(",") if o.strip())
+    return ProxyConfig(name, max_model_len, serve.api_key, allowed_origins=origins,
+                       max_n=serve.max_n, limits=serve.http)
+
+
 def load_tokenizer(model: str) -> Tokenizer:
     path = resolve_model_path(model)
     return Tokenizer.from_gguf(path) if path.is_file() else Tokenizer.from_hf_dir(path)
 
 
+INSECURE_WARNING = ("WARNING: --insecure-internal: the internal planes (control, events, KV) are "
+                    "NOT authenticated; anyone who reaches their ports can read prompts, inject "
+                    "tokens and stop workers. Use it for benchmarks only.")
+
+
+def cluster_secret(serve: ServeConfig) -> bytes | None:
+    """The deployment's secret: --cluster-secret-file, else PDSERVE_CLUSTER_SECRET, else a fresh
+    one (a single launch that starts every component); None with --insecure-internal (after
+    a loud warning). Raises ConfigError for an unreadable or weak secret."""
+    if serve.insecure_internal:
+        print(INSECURE_WARNING, file=sys.stderr, flush=True)
+        log.warning(INSECURE_WARNING)
+        return None
+    try:
+        return load_secret(serve.cluster_secret_file) or generate_secret()
+    except AuthError as e:
+        raise ConfigError(str(e)) from None
+
+
 def worker_command(role: str, worker_id: str, events_address: str, serve: ServeConfig,
                    engine_args: list[str], device: str, num_threads: int,
                    cpus: str = "") -> list[str]:
+    """The worker's command line: no secret on it (it travels in the environment)."""
     profile = serve.prefill_profile if role == "prefill" else serve.decode_profile
-    cmd = [sys.executable, "-m", role, "--worker-id", worker_id,
-           "--events-address", events_address, "--host", serve.host, "--device", device,
+    tp = serve.prefill_tp if role == "prefill" else serve.decode_tp
+    cmd = [*serve.net.prefix(role), sys.executable, "-m", role, "--worker-id", worker_id,
+           "--events-address", events_address,
+           "--host", serve.net.host(role, serve.internal_host),
+           *(["--insecure-internal"] if serve.insecure_internal else []), "--device", device,
            "--num-threads", str(num_threads), "--warmup-s", str(serve.warmup_s),
            *(["--cpu-affinity", cpus] if cpus else []), *dataclass_to_args(serve.kv),
-           *engine_args]
+           *engine_args, *(["--tensor-parallel-size", str(tp)] if tp else [])]
     return [*cmd, "--profile", profile] if profile else cmd
 
 
@@ -140,33 +221,53 @@ def worker_cpus(serve: ServeConfig, num_workers: int) -> tuple[list[str], int]:
 def cluster_config(serve: ServeConfig, **overrides: object) -> ClusterConfig:
     """The proxy's settings from `pdserve serve`'s (local and Ray launchers alike)."""
     settings: dict[str, object] = {
-        "host": serve.host, "colocated": serve.colocated, "router": serve.router,
+        "host": serve.internal_host, "colocated": serve.colocated, "router": serve.router,
         "heartbeat_timeout_s": serve.heartbeat_timeout_s, "placement": serve.placement,
         "slo_ttft_s": serve.slo_ttft, "slo_tpot_s": serve.slo_tpot}
     return ClusterConfig(**{**settings, **overrides})  # type: ignore[arg-type]
 
 
-def _devices(n: int) -> list[str]:
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    return [f"cuda:{i % count}" for i in range(n)] if count else ["cpu"] * n
+def worker_devices(widths: list[int], count: int) -> list[str]:
+    """Each worker's first device, for workers of `widths` TP ranks on `count` GPUs: GPUs in
+    turn, a worker's ranks never wrapping past the last GPU (rank r runs on first + r)."""
+    if not count:
+        return ["cpu"] * len(widths)
+    out, start = [], 0
+    for width in widths:
+        if start % count + width > count:
+            start += count - start % count
+        out.append(f"cuda:{start % count}")
+        start += width
+    return out
 
 
 class LocalDeployment:
-    def __init__(self, serve: ServeConfig, engine: EngineConfig, engine_args: list[str]) -> None:
+    def __init__(self, serve: ServeConfig, engine: EngineConfig, engine_args: list[str],
+                 max_restarts: int = 3) -> None:
         self.serve, self.engine, self.engine_args = serve, engine, engine_args
+        self.max_restarts = max_restarts
         self.procs: dict[str, subprocess.Popen] = {}
+        self.commands: dict[str, list[str]] = {}
+        self.secret = cluster_secret(serve)
 
     def start_workers(self, events_address: str) -> None:
         roles = self.serve.worker_ids()
         cpus, threads = worker_cpus(self.serve, len(roles))
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        widths = [self.serve.tp_of(role, self.engine.tensor_parallel_size) for role, _ in roles]
+        devices = worker_devices(widths, count)
+        for (role, wid), device, cores in zip(roles, devices, cpus, strict=True):
+            self.commands[wid] = worker_command(role, wid, events_address, self.serve,
+                                                self.engine_args, device, threads, cores)
+            self.procs[wid] = self.start_worker(wid)
+            log.info("started %s worker %s (pid %d) on %s", role, wid, self.procs[wid].pid, device)
+
+    def start_worker(self, worker_id: str) -> subprocess.Popen:
         # Idle OpenMP threads must sleep, not spin: on a small machine spinning workers starve
         # the proxy and each other (measured: colocated TTFT 2.5 s -> 0.5 s on 2 cores).
-        env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ}
-        for (role, wid), device, cores in zip(roles, _devices(len(roles)), cpus, strict=True):
-            cmd = worker_command(role, wid, events_address, self.serve, self.engine_args, device,
-                                 threads, cores)
-            self.procs[wid] = subprocess.Popen(cmd, env=env)
-            log.info("started %s worker %s (pid %d) on %s", role, wid, self.procs[wid].pid, device)
+        env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ,
+               **(secret_env(self.secret) if self.secret is not None else {})}
+        return subprocess.Popen(self.commands[worker_id], env=env)
 
     def stop_workers(self, timeout_s: float = 10.0) -> None:
         for p in self.procs.values():
@@ -185,7 +286,7 @@ class LocalDeployment:
         model = read_model_config(self.engine.model)
         plan = plan_kv_cache(model, self.engine)  # fails fast, before any worker loads weights
         metrics = ProxyMetrics()
-        cluster = ClusterClient(cluster_config(self.serve), metrics)
+        cluster = ClusterClient(cluster_config(self.serve, secret=self.secret), metrics)
         cluster.start()
         try:
             self.start_workers(cluster.events_address)
@@ -193,9 +294,14 @@ class LocalDeployment:
             await self._wait_for_workers(cluster)
             tokenizer = load_tokenizer(self.engine.model)
             name = self.serve.served_model_name or self.engine.model
-            app = build_app(ProxyConfig(name, plan.max_model_len, self.serve.api_key), cluster,
+            app = build_app(proxy_config(self.serve, name, plan.max_model_len), cluster,
                             tokenizer, metrics)
-            await self._run_http(app)
+            supervisor = WorkerSupervisor(self.procs, self.start_worker, self.max_restarts)
+            supervise = asyncio.create_task(supervisor.run())
+            try:
+                await self._run_http(app, metrics)
+            finally:
+                supervise.cancel()
         finally:
             await cluster.close()
             self.stop_workers()
@@ -213,14 +319,12 @@ class LocalDeployment:
             await asyncio.sleep(0.2)
         wait.result()
 
-    async def _run_http(self, app: object) -> None:
+    async def _run_http(self, app: object, metrics: ProxyMetrics) -> None:
         sock = socket.socket(socket.AF_INET6 if ":" in self.serve.host else socket.AF_INET)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self.serve.host, self.serve.port))
         port = sock.getsockname()[1]
-        config = uvicorn.Config(app,  # type: ignore[arg-type]
-                                log_level="warning", timeout_graceful_shutdown=5)
-        server = uvicorn.Server(config)
+        server = uvicorn.Server(uvicorn_config(app, self.serve.http, http_rejections(metrics)))
         print(f"pdserve: serving {self.engine.model} on http://{self.serve.host}:{port} "
               f"({self.serve.num_prefill} prefill + {self.serve.decode} decode, "
               f"{self.serve.kv.transport})",

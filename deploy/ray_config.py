@@ -30,7 +30,8 @@ class RayConfig:
     deployment_name: str = field(default="pdserve", metadata={
         "help": "Ray namespace holding this deployment's actors and placement group."})
     max_restarts: int = field(default=3, metadata={
-        "help": "How often Ray restarts a dead worker or proxy actor (-1 = without limit)."})
+        "help": "How often a dead worker is restarted (-1 = without limit): by Ray (also the "
+                "proxy actor) with --ray, else by the local launcher."})
     proxy_node: str = field(default="head", metadata={
         "help": "Node that runs the proxy: head, a node id (or a unique prefix of one) "
                 "or a node IP."})

@@ -31,7 +31,7 @@ import time
 from types import FrameType
 from typing import Any
 
-from deploy.local_launcher import ServeConfig
+from deploy.local_launcher import ServeConfig, cluster_secret
 from deploy.ray_config import PROXY_ACTOR, RayConfig, resolve_node
 from engine.checkpoint import read_model_config
 from engine.config import ConfigError, EngineConfig
@@ -44,8 +44,11 @@ FORWARDED_ENV_PREFIXES = ("NCCL_",)
 """Variables set where `pdserve serve --ray` runs that every worker actor gets too."""
 
 
-def connect(address: str | None, namespace: str, log_to_driver: bool = True) -> Any:
-    """Join the Ray cluster at `address` (None: $RAY_ADDRESS, else auto) as a driver."""
+def connect(address: str | None, namespace: str, log_to_driver: bool = True,
+            start_local: bool = False) -> Any:
+    """Join the Ray cluster at `address` (None: $RAY_ADDRESS, else auto) as a driver. With
+    `start_local`, no address given and no cluster running, start a local one (as a bare
+    `ray.init()` does; it stops when this process exits) and say so."""
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # keep every worker's log lines
     if not sys.stdout.isatty():
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # no escape codes in log files
@@ -54,14 +57,28 @@ def connect(address: str | None, namespace: str, log_to_driver: bool = True) -> 
     except ImportError:
         raise ConfigError("--ray needs Ray on this machine and every node: "
                           "pip install 'pdserve[ray]'") from None
+    is_auto = not (address or os.environ.get("RAY_ADDRESS"))
     address = address or os.environ.get("RAY_ADDRESS") or "auto"
     try:
         ray.init(address=address, namespace=namespace, log_to_driver=log_to_driver,
                  logging_level=logging.WARNING)
     except (ConnectionError, ValueError) as e:
+        if start_local and is_auto and isinstance(e, ConnectionError):
+            return _start_local(ray, namespace, log_to_driver)
         raise ConfigError(f"cannot join the Ray cluster at {address!r}: {e}. Start one with "
                           f"`ray start --head` (then `ray start --address HEAD:6379` on the other "
                           f"nodes) and pass --address HEAD:6379") from None
+    return ray
+
+
+def _start_local(ray: Any, namespace: str, log_to_driver: bool) -> Any:
+    ray.init(namespace=namespace, log_to_driver=log_to_driver, logging_level=logging.WARNING,
+             include_dashboard=False)
+    res = ray.cluster_resources()
+    print(f"pdserve: no Ray cluster is running: started a local one on this machine "
+          f"({int(res.get('CPU', 0))} CPUs, {int(res.get('GPU', 0))} GPUs); it stops when "
+          f"pdserve exits. For several nodes run `ray start --head` and pass --address.",
+          flush=True)
     return ray
 
 
@@ -102,13 +119,16 @@ class RayDeployment:
         self.proxy: Any = None
         self.workers: dict[str, Any] = {}
         self.engines: dict[str, EngineConfig] = {}  # per role, GPU profile applied
+        # handed to the actors as arguments (Ray's own channel), never on a command line
+        self.secret = cluster_secret(serve)
 
     def run(self) -> int:
         plan = plan_kv_cache(read_model_config(self.engine.model), self.engine)  # fails fast
         self.engines = {"prefill": apply_profile(self.engine, self.serve.prefill_profile),
                         "decode": apply_profile(self.engine, self.serve.decode_profile)}
         signal.signal(signal.SIGTERM, _raise_interrupt)
-        self.ray = connect(self.config.address, self.config.deployment_name)
+        self.ray = connect(self.config.address, self.config.deployment_name,
+                           start_local=not self.config.detach)
         is_up = False
         try:
             self._claim_name(plan.max_model_len)  # from here on, the namespace's actors are ours
@@ -154,7 +174,7 @@ class RayDeployment:
                 name=PROXY_ACTOR, lifetime=self._lifetime(), num_cpus=0,
                 max_restarts=self.config.max_restarts, max_concurrency=8,
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
-            ).remote(self.serve, self.engine.model, max_model_len, self.log_level)
+            ).remote(self.serve, self.engine.model, max_model_len, self.log_level, self.secret)
         except ValueError:  # another launcher took the name in between
             raise already from None
 
@@ -228,7 +248,8 @@ class RayDeployment:
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     pg, placement_group_bundle_index=i),
             ).remote(role, WorkerConfig(worker_id=wid, events_address=events_address,
-                                           kv=self.serve.kv),
+                                           kv=self.serve.kv, cluster_secret=self.secret,
+                                           insecure_internal=self.secret is None),
                      engines[role],
                      int(self.config.cpus_per_worker) if not num_gpus else 0, self.log_level)
         log.info("loading weights in %d worker actor(s)...", len(self.workers))

@@ -30,10 +30,11 @@ from typing import Any, TypeVar
 
 import uvicorn
 
-from deploy.local_launcher import ServeConfig, cluster_config, load_tokenizer
+from deploy.local_launcher import ServeConfig, cluster_config, load_tokenizer, proxy_config
 from deploy.ray_worker import setup_actor_logging, where_am_i
-from proxy.app import ProxyConfig, build_app
+from proxy.app import build_app, http_rejections
 from proxy.cluster import ClusterClient
+from proxy.http_server import uvicorn_config
 from proxy.metrics import ProxyMetrics
 
 log = logging.getLogger("pdserve.ray.proxy")
@@ -77,9 +78,12 @@ def _was_restarted() -> bool:
 
 class ProxyActor:
     def __init__(self, serve: ServeConfig, model: str, max_model_len: int,
-                 log_level: str = "INFO") -> None:
+                 log_level: str = "INFO", secret: bytes | None = None) -> None:
+        """`secret`: the deployment's (an actor argument, never a command line; None with
+        --insecure-internal)."""
         setup_actor_logging(log_level, "proxy")
         self.serve, self.model, self.max_model_len = serve, model, max_model_len
+        self.secret = secret
         self.where = where_am_i()
         self.metrics = ProxyMetrics()
         self.cluster: ClusterClient | None = None
@@ -140,7 +144,7 @@ class ProxyActor:
         """Bind the workers -> proxy event socket on this node's IP; its address and placement."""
         async def start() -> str:
             config = cluster_config(self.serve, host=self.where["node_ip"],
-                                    events_port=events_port)
+                                    events_port=events_port, secret=self.secret)
             self.cluster = ClusterClient(config, self.metrics)
             self.cluster.start()
             return self.cluster.events_address
@@ -156,15 +160,15 @@ class ProxyActor:
         use. Records both ports for a restart."""
         assert self.cluster is not None, "start_cluster() first"
         name = self.serve.served_model_name or self.model
-        app = build_app(ProxyConfig(name, self.max_model_len, self.serve.api_key), self.cluster,
+        app = build_app(proxy_config(self.serve, name, self.max_model_len), self.cluster,
                         load_tokenizer(self.model), self.metrics)
         host = self.serve.host
         sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, self.serve.port if port is None else port))
         port = sock.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning",
-                                                    timeout_graceful_shutdown=5))
+        self.server = uvicorn.Server(uvicorn_config(app, self.serve.http,
+                                                    http_rejections(self.metrics)))
         self._http = asyncio.run_coroutine_threadsafe(self.server.serve(sockets=[sock]), self.loop)
         deadline = time.monotonic() + 30.0
         while not self.server.started:

@@ -1,13 +1,16 @@
-"""`pdserve serve`: flags from ServeConfig + EngineConfig; local processes or a Ray cluster."""
+"""`pdserve serve`: flags from ServeConfig + EngineConfig; local processes or a Ray cluster.
+`--max-restarts` applies to both: Ray restarts dead actors, the local launcher dead processes."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import sys
+from dataclasses import replace
 
 from deploy.local_launcher import LocalDeployment, ServeConfig
 from deploy.ray_config import RayConfig
+from deploy.worker_net import WorkerNetConfig
 from engine.config import ConfigError, EngineConfig
 from worker.args import add_dataclass_args, dataclass_from_args
 
@@ -38,19 +41,31 @@ def engine_args(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    serve = dataclass_from_args(ServeConfig, args)
+    try:
+        serve = dataclass_from_args(ServeConfig, args)
+    except ConfigError:
+        raise
+    except ValueError as e:  # the proxy's own configs (e.g. HttpLimits) cannot use ConfigError
+        raise ConfigError(str(e)) from None
     engine = dataclass_from_args(EngineConfig, args)
     ray_config = dataclass_from_args(RayConfig, args)
+    serve.check_tp(engine.tensor_parallel_size)
+    if args.ray and serve.net != WorkerNetConfig():
+        raise ConfigError("--prefill/--decode-host and -netns place local workers; on Ray each "
+                          "worker binds its node's address")
     if args.ray:
+        if serve.tp_of("decode", engine.tensor_parallel_size) > 1:
+            raise ConfigError("--tensor-parallel-size / --decode-tp: the Ray launcher does not "
+                              "start tensor-parallel workers yet; run without --ray")
         from deploy.ray_launcher import RayDeployment
         try:
             return RayDeployment(serve, engine, ray_config, args.log_level).run()
         except (RuntimeError, TimeoutError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
-    if ray_config != RayConfig():
-        raise ConfigError("the Ray flags (--address, --max-restarts, --proxy-node, ...) need --ray")
-    deployment = LocalDeployment(serve, engine, engine_args(args))
+    if replace(ray_config, max_restarts=RayConfig.max_restarts) != RayConfig():
+        raise ConfigError("the Ray flags (--address, --proxy-node, ...) need --ray")
+    deployment = LocalDeployment(serve, engine, engine_args(args), ray_config.max_restarts)
     try:
         asyncio.run(deployment.serve_forever())
     except KeyboardInterrupt:

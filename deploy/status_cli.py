@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 from typing import Any
 
 from deploy.ray_config import PROXY_ACTOR, RayConfig
@@ -22,6 +23,9 @@ def add_status_parsers(sub: argparse._SubParsersAction) -> None:
     _add_target_args(s)
     s.add_argument("--url", default=None,
                    help="Read GET /status from this proxy URL instead of Ray.")
+    s.add_argument("--api-key", default=None,
+                   help="The proxy's --api-key, needed for /status when it has one "
+                        "(default: $OPENAI_API_KEY).")
     s.add_argument("--json", action="store_true", help="Print the joined view as JSON.")
     s.set_defaults(func=cmd_status)
     t = sub.add_parser("stop", help="Remove a Ray deployment: its actors and placement group.",
@@ -54,7 +58,9 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    view = _from_url(args.url) if args.url else _from_ray(args.address, args.deployment_name)
+    key = args.api_key or os.environ.get("OPENAI_API_KEY")
+    view = _from_url(args.url, key) if args.url else _from_ray(args.address,
+                                                               args.deployment_name)
     if view is None:
         print(f"pdserve: no deployment named {args.deployment_name!r} is running")
         return 1
@@ -62,10 +68,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _from_url(url: str) -> dict[str, Any]:
+def _from_url(url: str, api_key: str | None = None) -> dict[str, Any]:
     import httpx
 
-    body = httpx.get(url.rstrip("/") + "/status", timeout=10).json()
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    response = httpx.get(url.rstrip("/") + "/status", headers=headers, timeout=10)
+    if response.status_code == 401:
+        raise SystemExit("pdserve: the proxy wants its API key for /status: pass --api-key "
+                         "or set OPENAI_API_KEY")
+    body = response.json()
     return {"deployment": None, "proxy": {"url": url}, **body}
 
 

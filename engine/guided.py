@@ -22,7 +22,8 @@ from llguidance import LLMatcher
 
 from engine.errors import RequestError
 
-MAX_GUIDED_SPEC_CHARS = 64 * 1024
+# UTF-8 bytes; under the control plane's 64 KiB cap on one string (protocol/codec.py)
+MAX_GUIDED_SPEC_BYTES = 60 * 1024
 # JSON is written as json.dumps writes it: one space after ',' and ':', no other whitespace
 # (a small model given free whitespace can pad with newlines until max_tokens).
 JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
@@ -44,9 +45,10 @@ class GuidedDecoding:
     def __post_init__(self) -> None:
         if not isinstance(self.kind, GuidedKind):
             raise RequestError(f"guided decoding kind must be a GuidedKind, got {self.kind!r}")
-        if len(self.spec) > MAX_GUIDED_SPEC_CHARS:
-            raise RequestError(f"guided decoding spec is {len(self.spec)} characters; at most "
-                               f"{MAX_GUIDED_SPEC_CHARS} are allowed")
+        size = len(self.spec.encode("utf-8", "surrogatepass"))
+        if size > MAX_GUIDED_SPEC_BYTES:
+            raise RequestError(f"guided decoding spec is {size} bytes; at most "
+                               f"{MAX_GUIDED_SPEC_BYTES} are allowed")
         if self.kind is not GuidedKind.JSON_OBJECT and not self.spec:
             raise RequestError(f"guided decoding of kind {self.kind.value} needs a spec")
 

@@ -30,7 +30,8 @@ class KvCacheManager:
     # ---- admission --------------------------------------------------------------------------
     def _prefix_hits(self, seq: Sequence, use_prefix_cache: bool = True) -> list[int]:
         """Cached blocks that cover the start of the prompt (at least one token left to compute)."""
-        if not (self.enable_prefix_caching and use_prefix_cache):
+        if not (self.enable_prefix_caching and use_prefix_cache) \
+                or seq.params.prompt_logprobs is not None:  # needs every prompt position
             return []
         max_blocks = (seq.num_prompt_tokens - 1) // self.block_size
         hits = []

@@ -2,6 +2,10 @@
 
 Requests join and leave the running batch every step. This is the engine a decode worker
 runs for local (colocated) prefill and the baseline the disaggregated path must match.
+
+With `--tensor-parallel-size N` the engine is rank 0 of N: it schedules and samples; its
+runner sends each step's inputs to the other ranks, which `engine/tp_executor.py` starts and
+stops (`close()`).
 """
 
 from __future__ import annotations
@@ -9,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -26,6 +30,8 @@ from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig
 from engine.sequence import Sequence
 from engine.step_stats import StepStats
+from engine.tp_executor import TpExecutor, load_rank
+from engine.tp_group import TpGroup
 
 log = logging.getLogger(__name__)
 
@@ -42,27 +48,35 @@ class RequestOutput:
     num_prompt_tokens: int
     num_cached_tokens: int
     error: str | None = None
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # with the first output
+
+
+def _set_cuda_device(config: EngineConfig) -> None:
+    """Kernels, graphs and streams all go to this worker's GPU."""
+    device = config.torch_device
+    if device.type == "cuda":
+        # a bare "cuda" means the current device (set_device refuses it on torch >= 2.11)
+        torch.cuda.set_device(device.index if device.index is not None
+                              else torch.cuda.current_device())
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, checkpoint: Checkpoint, plan: KvPlan) -> None:
-        self.config, self.plan = config, plan
+    def __init__(self, config: EngineConfig, checkpoint: Checkpoint, plan: KvPlan,
+                 tp: TpGroup | None = None, executor: TpExecutor | None = None) -> None:
+        self.config, self.plan, self.executor = config, plan, executor
         self.model_config = checkpoint.config
         self.tokenizer = checkpoint.tokenizer
         torch.manual_seed(config.seed)
-        device = config.torch_device
-        if device.type == "cuda":  # kernels, graphs and streams all go to this worker's GPU
-            # a bare "cuda" means the current device (set_device refuses it on torch >= 2.11)
-            torch.cuda.set_device(device.index if device.index is not None
-                                  else torch.cuda.current_device())
+        _set_cuda_device(config)
         self.runner = ModelRunner(checkpoint.config, checkpoint.weights, plan, config.torch_dtype,
-                                  config.torch_device)
+                                  config.torch_device, tp=tp)
         self.cache = KvCacheManager(plan.num_blocks, plan.spec.block_size,
                                     config.enable_prefix_caching)
         eos = tuple(checkpoint.tokenizer.eos_token_ids) or checkpoint.config.eos_token_ids
         self.runner.grammars = GrammarRuntime(checkpoint.tokenizer, eos)
         self.scheduler = Scheduler(
-            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, plan.max_model_len),
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, plan.max_model_len,
+                            checkpoint.config.vocab_size),
             self.cache, eos)
         self._seqs: dict[str, Sequence] = {}
         self._num_emitted: dict[str, int] = {}
@@ -77,12 +91,36 @@ class LLMEngine:
         if log_plan:
             log.info(plan.line())
         t0 = time.perf_counter()
-        checkpoint = load_checkpoint(config.model, config.torch_dtype, config.load_format)
-        plan = plan_kv_cache(checkpoint.config, config, checkpoint.identity)
-        engine = cls(config, checkpoint, plan)
-        log.info("loaded %s in %.1f s on %s (%s)", config.model, time.perf_counter() - t0,
-                 config.torch_device, config.torch_dtype)
+        if config.tensor_parallel_size == 1:
+            checkpoint = load_checkpoint(config.model, config.torch_dtype, config.load_format)
+            engine = cls(config, checkpoint,
+                         plan_kv_cache(checkpoint.config, config, checkpoint.identity))
+        else:
+            _set_cuda_device(config)
+            executor = TpExecutor.start(config)
+            try:
+                checkpoint, plan = load_rank(config, executor.tp)
+                engine = cls(config, checkpoint, plan, executor.tp, executor)
+            except BaseException:
+                executor.shutdown()
+                raise
+        log.info("loaded %s in %.1f s on %s (%s, tensor parallel %d)", config.model,
+                 time.perf_counter() - t0, config.torch_device, config.torch_dtype,
+                 config.tensor_parallel_size)
         return engine
+
+    @property
+    def rank_pids(self) -> list[int]:
+        """The pid of every tensor-parallel rank, rank 0 (this process) first."""
+        import os
+
+        return [os.getpid(), *(self.executor.pids if self.executor else [])]
+
+    def close(self) -> None:
+        """Stop the other tensor-parallel ranks (nothing to do without TP); idempotent."""
+        if self.executor is not None:
+            self.executor.shutdown()
+            self.executor = None
 
     # ---- requests ---------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
@@ -93,6 +131,9 @@ class LLMEngine:
             raise EngineError(f"duplicate request id {request_id!r}")
         if prefill_chunk < 0:
             raise RequestError(f"prefill chunk must be >= 0, got {prefill_chunk}")
+        if params.prompt_logprobs is not None and not self.runner.tp.is_single:
+            raise RequestError(f"prompt_logprobs is not supported yet by a tensor-parallel "
+                               f"engine (--tensor-parallel-size {self.runner.tp.size})")
         seq = Sequence(request_id, list(prompt_ids), params, prefill_chunk=prefill_chunk)
         self.scheduler.add(seq)  # raises RequestError for a request that can never run
         self._seqs[request_id] = seq
@@ -141,7 +182,8 @@ class LLMEngine:
             self._num_emitted.pop(seq.seq_id, None)
         return RequestOutput(seq.seq_id, new, seq.logprobs[emitted:emitted + len(new)],
                              seq.is_finished, seq.finish_reason, seq.num_prompt_tokens,
-                             seq.num_cached_tokens)
+                             seq.num_cached_tokens,
+                             prompt_logprobs=seq.prompt_logprobs if emitted == 0 and new else [])
 
     # ---- disaggregated decode: reservations filled by a prefill worker ---------------------
     def reserve(self, request_id: str, prompt_ids: list[int],
@@ -154,6 +196,9 @@ class LLMEngine:
         """
         if request_id in self._seqs:
             raise EngineError(f"duplicate request id {request_id!r}")
+        if not self.runner.tp.is_single:  # its other ranks' heads would never be written
+            raise EngineError(f"this engine is tensor parallel ({self.runner.tp.size} ranks) and "
+                              "takes no KV from a prefill worker yet; serve it --colocated")
         seq = Sequence(request_id, list(prompt_ids), params)
         self.scheduler.check_admissible(seq)
         if not self.cache.can_allocate(seq, use_prefix_cache=False):

@@ -11,6 +11,11 @@ measures them instead of estimating them (the in-use term then holds them, and n
 are pending).
 A `--max-model-len` longer than the cache can hold fails here, with both numbers and the flags
 that fix it, instead of after a minute of loading.
+
+Under tensor parallelism (`--tensor-parallel-size N`) a plan is one rank's: its cache holds
+that rank's KV heads (engine/tp_plan.py), the budget (`--kv-cache-memory`, or
+`--gpu-memory-utilization` of the rank's own device) is per rank, the weights counted are the
+rank's shards; every rank allocates the same number of blocks (the smallest any rank can hold).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import torch
 from engine.config import EngineConfig, ModelConfig
 from engine.errors import MemoryPlanError
 from engine.kv_spec import KvDtype, KvLayout, KvSpec, model_fingerprint
+from engine.tp_plan import TpPlan
 
 DEFAULT_CPU_KV_BYTES = 1 << 30
 MAX_DEFAULT_MODEL_LEN = 8192
@@ -61,7 +67,12 @@ class KvPlan:
         return min(self.num_blocks // per_seq, self.max_num_seqs)
 
     def line(self) -> str:
-        return (f"KV cache: {self.num_blocks} blocks x {self.spec.block_size} tokens = "
+        spec = self.spec
+        per_rank = "" if spec.tp_size == 1 else (
+            f" per rank (each of {spec.tp_size} TP ranks holds {spec.num_kv_heads} of "
+            f"{spec.model_kv_heads} KV heads; {_fmt_bytes(self.total_bytes * spec.tp_size)} "
+            f"over all ranks)")
+        return (f"KV cache{per_rank}: {self.num_blocks} blocks x {self.spec.block_size} tokens = "
                 f"{self.num_tokens} tokens, {_fmt_bytes(self.total_bytes)} "
                 f"({self.spec.dtype.value} {self.spec.layout.value}, "
                 f"{_fmt_bytes(self.spec.bytes_per_token)}/token, "
@@ -69,9 +80,13 @@ class KvPlan:
                 f"sequences at --max-model-len {self.max_model_len}")
 
 
-def kv_spec_for(model: ModelConfig, engine: EngineConfig, weights_identity: str = "") -> KvSpec:
+def kv_spec_for(model: ModelConfig, engine: EngineConfig, weights_identity: str = "",
+                tp_rank: int = 0) -> KvSpec:
+    """The spec of the cache TP rank `tp_rank` allocates (its KV heads only)."""
+    tp = TpPlan(model, tp_rank, engine.tensor_parallel_size)
     return KvSpec(
-        num_layers=model.num_layers, num_kv_heads=model.num_kv_heads, head_dim=model.head_dim,
+        num_layers=model.num_layers, num_kv_heads=tp.num_kv_heads, head_dim=model.head_dim,
+        tp_rank=tp_rank, tp_size=tp.size, kv_head_replicas=tp.kv_head_replicas,
         block_size=engine.block_size, dtype=_KV_DTYPES[engine.kv_torch_dtype],
         layout=KvLayout(engine.kv_cache_layout),
         is_kv_stacked=KvLayout(engine.kv_cache_layout) is not KvLayout.PAGED_V1,
@@ -83,18 +98,20 @@ CUDA_FIXED_RESERVE = 512 << 20
 """cuBLAS workspaces, CUDA-graph pools, kernel partials, allocator fragmentation."""
 
 
-def weight_bytes(model: ModelConfig, dtype: torch.dtype) -> int:
-    return model.num_params * torch.tensor([], dtype=dtype).element_size()
+def weight_bytes(model: ModelConfig, dtype: torch.dtype, tp_size: int = 1) -> int:
+    """Bytes of one rank's weights (the sharded matrices / tp_size; norms are small)."""
+    return -(-model.num_params // tp_size) * torch.tensor([], dtype=dtype).element_size()
 
 
 def activation_reserve_bytes(model: ModelConfig, engine: EngineConfig) -> int:
     """Peak memory of one step beside weights and KV cache, from the shapes the step can have."""
     elem = torch.tensor([], dtype=engine.torch_dtype).element_size()
     max_len = engine.max_model_len or min(model.max_position_embeddings, MAX_DEFAULT_MODEL_LEN)
-    q_width, kv_width = model.num_heads * model.head_dim, model.num_kv_heads * model.head_dim
+    tp = TpPlan(model, 0, engine.tensor_parallel_size)  # one rank's widths
+    q_width, kv_width = tp.num_heads * model.head_dim, tp.num_kv_heads * model.head_dim
     # per token in flight: hidden states and norms, q/k/v and their rotated copies, MLP gate/up/act
     per_token = (6 * model.hidden_size + 2 * (q_width + 2 * kv_width)
-                 + 4 * model.intermediate_size) * elem
+                 + 4 * tp.intermediate_size) * elem
     # fp32 logits of every sequence a step can sample, and the sampler's sorted copies
     logits = engine.max_num_seqs * model.vocab_size * 4 * 6
     # a prefill chunk attending to a full-length context: K/V expanded to all heads, bool mask
@@ -120,7 +137,8 @@ def kv_budget_bytes(model: ModelConfig, engine: EngineConfig,
     # allocator holds free (they are ours to reuse)
     cached_free = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     in_use = total - free - cached_free
-    pending_weights = 0 if weights_on_device else weight_bytes(model, engine.torch_dtype)
+    pending_weights = 0 if weights_on_device else weight_bytes(
+        model, engine.torch_dtype, engine.tensor_parallel_size)
     reserve = activation_reserve_bytes(model, engine)
     util = engine.gpu_memory_utilization
     budget = int(total * util) - in_use - pending_weights - reserve
@@ -131,12 +149,13 @@ def kv_budget_bytes(model: ModelConfig, engine: EngineConfig,
 
 
 def plan_kv_cache(model: ModelConfig, engine: EngineConfig, weights_identity: str = "",
-                  weights_on_device: bool = False) -> KvPlan:
-    """Decide the cache size. Raises MemoryPlanError with the numbers and flags when it cannot work.
+                  weights_on_device: bool = False, tp_rank: int = 0) -> KvPlan:
+    """Decide the cache size (of TP rank `tp_rank`'s cache). Raises MemoryPlanError with the
+    numbers and flags when it cannot work, ConfigError when the TP size does not fit the model.
 
     On CUDA, planning with `weights_on_device=True` after the weights are loaded measures them
     (see kv_budget_bytes); before loading, they are estimated from the parameter count."""
-    spec = kv_spec_for(model, engine, weights_identity)
+    spec = kv_spec_for(model, engine, weights_identity, tp_rank)
     max_len = engine.max_model_len or min(model.max_position_embeddings, MAX_DEFAULT_MODEL_LEN)
     if max_len > model.max_position_embeddings:
         raise MemoryPlanError(

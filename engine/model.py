@@ -3,6 +3,10 @@
 Parameter names equal Hugging Face's (`model.layers.0.self_attn.q_proj.weight`, ...), so a
 checkpoint's state dict loads directly. The model knows nothing of batching policy, networks
 or cache layout conversion: it reads `AttentionMetadata` and one cache tensor per layer.
+
+Under tensor parallelism each rank builds its share (`TpPlan`: its query and KV heads, its MLP
+columns, its vocabulary rows) and the row-parallel layers and the embedding all-reduce through
+the `TpGroup` (engine/tp_layers.py); `compute_logits` gathers the vocabulary to rank 0.
 """
 
 from __future__ import annotations
@@ -15,6 +19,9 @@ from engine.attention import AttentionMetadata, paged_attention
 from engine.config import ModelConfig
 from engine.kv_layout import LayerCache
 from engine.rope import RotaryEmbedding
+from engine.tp_group import TpGroup
+from engine.tp_layers import RowParallelLinear, VocabParallelEmbedding
+from engine.tp_plan import TpPlan
 
 
 class RMSNorm(nn.Module):
@@ -31,15 +38,15 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, plan: TpPlan, tp: TpGroup) -> None:
         super().__init__()
-        self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
+        self.num_heads, self.num_kv_heads = plan.num_heads, plan.num_kv_heads  # this rank's
         self.head_dim = cfg.head_dim
         bias = cfg.attention_bias
-        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=bias)
-        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * cfg.head_dim, bias=bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * cfg.head_dim, bias=bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * cfg.head_dim, bias=bias)
+        self.o_proj = RowParallelLinear(self.num_heads * cfg.head_dim, cfg.hidden_size, tp)
         self.scale = cfg.head_dim ** -0.5
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding,
@@ -54,23 +61,24 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, plan: TpPlan, tp: TpGroup) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        width = plan.intermediate_size  # this rank's columns
+        self.gate_proj = nn.Linear(cfg.hidden_size, width, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, width, bias=False)
+        self.down_proj = RowParallelLinear(width, cfg.hidden_size, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, plan: TpPlan, tp: TpGroup) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, plan, tp)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, plan, tp)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding,
                 kv_cache: LayerCache, meta: AttentionMetadata) -> torch.Tensor:
@@ -79,10 +87,11 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, max_positions: int) -> None:
+    def __init__(self, cfg: ModelConfig, max_positions: int, plan: TpPlan, tp: TpGroup) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.embed_tokens = VocabParallelEmbedding(plan.vocab_per_rank, cfg.hidden_size,
+                                                   plan.vocab_start, tp)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, plan, tp) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rope = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
 
@@ -95,13 +104,16 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    """forward() -> final hidden states [T, hidden]; compute_logits() -> fp32 logits [N, vocab]."""
+    """forward() -> final hidden states [T, hidden]; compute_logits() -> fp32 logits [N, vocab]
+    (on rank 0; None on the other TP ranks)."""
 
-    def __init__(self, cfg: ModelConfig, max_positions: int) -> None:
+    def __init__(self, cfg: ModelConfig, max_positions: int, tp: TpGroup | None = None) -> None:
         super().__init__()
         self.config = cfg
-        self.model = LlamaModel(cfg, max_positions)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.tp = tp or TpGroup.single()
+        self.plan = TpPlan(cfg, self.tp.rank, self.tp.size)
+        self.model = LlamaModel(cfg, max_positions, self.plan, self.tp)
+        self.lm_head = nn.Linear(cfg.hidden_size, self.plan.vocab_per_rank, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -109,13 +121,15 @@ class LlamaForCausalLM(nn.Module):
                 kv_caches: list[LayerCache], meta: AttentionMetadata) -> torch.Tensor:
         return self.model(input_ids, positions, kv_caches, meta)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        # [N, V'] this rank's vocabulary slice -> [N, vocab] on rank 0
+        return self.tp.gather_vocab(self.lm_head(hidden).float(), self.config.vocab_size)
 
     @torch.no_grad()
     def init_dummy_weights(self, seed: int = 0) -> None:
-        """Random weights for benchmarks (`--load-format dummy`): N(0, 0.02), norms at 1."""
-        gen = torch.Generator(device=self.lm_head.weight.device).manual_seed(seed)
+        """Random weights for benchmarks (`--load-format dummy`): N(0, 0.02), norms at 1 (each
+        TP rank draws its own shard)."""
+        gen = torch.Generator(device=self.lm_head.weight.device).manual_seed(seed + self.tp.rank)
         for name, param in self.named_parameters():
             if name.endswith("norm.weight"):
                 param.fill_(1.0)
@@ -123,7 +137,8 @@ class LlamaForCausalLM(nn.Module):
                 param.normal_(0.0, 0.02, generator=gen)
 
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        """Copy a HF-named state dict in; every parameter must be present, none extra."""
+        """Copy a HF-named state dict in (this rank's shards under TP); every parameter must be
+        present, none extra."""
         expected = dict(self.named_parameters())
         if self.config.tie_word_embeddings:
             expected.pop("lm_head.weight", None)

@@ -9,6 +9,12 @@ On CUDA a step does not wait for the GPU until it reads the sampled tokens: the 
 copied over in one non-blocking transfer; attention runs on the triton backend when the cache
 is NHD (engine/attention.py), with the layers' small ops fused (engine/triton_layers.py);
 decode-only steps replay a CUDA graph (engine/cuda_graphs.py).
+
+Under tensor parallelism this runner is one rank's (its shard of the model, its heads of the
+cache). On rank 0 `execute` sends each step's inputs to the other ranks (`TpGroup`, as the
+compact int64 `StepInputs`) before running its own share; the other ranks run
+`engine/tp_executor.py`'s loop, which calls `run_step` with what arrives. Only rank 0 gets the
+logits and samples. CUDA graphs are off with TP > 1 (the collectives are not captured).
 """
 
 from __future__ import annotations
@@ -30,8 +36,12 @@ from engine.kv_layout import allocate_cache, copy_block
 from engine.kv_spec import KvLayout
 from engine.memory_plan import KvPlan
 from engine.model import LlamaForCausalLM
+from engine.penalties import apply_penalties
+from engine.prompt_logprobs import add_prompt_logprobs, wants_prompt_logprobs
 from engine.sampler import SampleResult, sample
 from engine.sequence import Sequence
+from engine.step_inputs import StepInputs, copy_blocks_message
+from engine.tp_group import TpGroup
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +62,7 @@ class _Step:
     input_ids: torch.Tensor  # [T] int64
     positions: torch.Tensor  # [T] int64
     meta: AttentionMetadata
-    logits_rows: torch.Tensor  # [len(done)] int64: last row of each sequence the step completes
-    done: list[int]  # batch indices of those sequences
+    logits_rows: torch.Tensor  # [D] int64: last row of each sequence the step completes
 
 
 def upload(arrays: list[np.ndarray], device: torch.device) -> list[torch.Tensor]:
@@ -95,15 +104,16 @@ def choose_attention_backend(requested: str, device: torch.device, layout: KvLay
 class ModelRunner:
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], plan: KvPlan,
                  dtype: torch.dtype, device: torch.device, *, attention_backend: str = "auto",
-                 cuda_graphs: bool = True) -> None:
+                 cuda_graphs: bool = True, tp: TpGroup | None = None) -> None:
         self.config, self.plan, self.device, self.dtype = config, plan, device, dtype
         self.grammars: GrammarRuntime | None = None  # set by the engine (it has the tokenizer)
+        self.tp = tp or TpGroup.single(device)
         if device.type == "cpu":
             keep_freed_memory()  # no page-fault storm per decode step (engine/cpu_malloc.py)
         self.attention_backend = choose_attention_backend(attention_backend, device,
                                                           plan.spec.layout)
         with torch.device("meta"):
-            model = LlamaForCausalLM(config, plan.max_model_len)
+            model = LlamaForCausalLM(config, plan.max_model_len, self.tp)
         model = model.to_empty(device=device).to(dtype)
         model.model.rope.build(device)
         if config.tie_word_embeddings:
@@ -122,7 +132,8 @@ class ModelRunner:
         self.num_sms = (torch.cuda.get_device_properties(device).multi_processor_count
                         if device.type == "cuda" else 1)
         self.graphs: DecodeGraphs | None = None
-        if cuda_graphs and device.type == "cuda" and self.attention_backend == "triton":
+        if (cuda_graphs and device.type == "cuda" and self.attention_backend == "triton"
+                and self.tp.is_single):
             self.graphs = self._capture_graphs()
         self.use_cuda_graphs = self.graphs is not None
         if device.type == "cuda":
@@ -134,7 +145,7 @@ class ModelRunner:
     def _num_splits(self, num_seqs: int, max_seq_len: int) -> int:
         from engine.triton_attention import choose_num_splits
 
-        return choose_num_splits(num_seqs, self.config.num_kv_heads, max_seq_len, self.num_sms)
+        return choose_num_splits(num_seqs, self.plan.spec.num_kv_heads, max_seq_len, self.num_sms)
 
     def _capture_graphs(self) -> DecodeGraphs:
         t0 = time.perf_counter()
@@ -150,10 +161,11 @@ class ModelRunner:
     def prepare(
         self, batch: list[ScheduledSeq]
     ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        step = self._prepare(batch)
+        step = self._device_step(self.host_inputs(batch))
         return step.input_ids, step.positions, step.meta
 
-    def _prepare(self, batch: list[ScheduledSeq]) -> _Step:
+    def host_inputs(self, batch: list[ScheduledSeq]) -> StepInputs:
+        """The step's inputs as host arrays (what rank 0 sends to the other TP ranks)."""
         bs = self.plan.spec.block_size
         input_ids: list[int] = []
         positions, slots = [], []
@@ -170,12 +182,20 @@ class ModelRunner:
             qsl.append(qsl[-1] + s.num_tokens)
             seq_lens.append(end)
         done = [i for i, s in enumerate(batch) if s.completes]
-        arrays = [np.asarray(input_ids, dtype=np.int64), np.concatenate(positions),
-                  np.concatenate(slots), tables,
-                  np.asarray([qsl[i + 1] - 1 for i in done], dtype=np.int64)]
-        decode_idx = [i for i, s in enumerate(batch) if s.num_tokens == 1]
+        return StepInputs(np.asarray(input_ids, dtype=np.int64), np.concatenate(positions),
+                          np.concatenate(slots), tables,
+                          np.asarray([qsl[i + 1] - 1 for i in done], dtype=np.int64),
+                          np.asarray(qsl, dtype=np.int64), np.asarray(seq_lens, dtype=np.int64))
+
+    def _device_step(self, inputs: StepInputs) -> _Step:
+        """Device tensors and attention metadata of a step (the same on every TP rank)."""
+        qsl, seq_lens = inputs.query_start_loc.tolist(), inputs.seq_lens.tolist()
+        tables = inputs.block_tables
+        arrays = [inputs.input_ids, inputs.positions, inputs.slot_mapping, tables,
+                  inputs.logits_rows]
+        decode_idx = [i for i in range(len(seq_lens)) if qsl[i + 1] - qsl[i] == 1]
         is_triton = self.attention_backend == "triton"
-        all_decode = len(decode_idx) == len(batch)
+        all_decode = len(decode_idx) == len(seq_lens)
         if is_triton:
             arrays.append(np.asarray([seq_lens[i] for i in decode_idx], dtype=np.int64))
             if not all_decode:
@@ -190,14 +210,15 @@ class ModelRunner:
             decode = (DecodeMetadata(dev[5], tables_t, None, splits) if all_decode
                       else DecodeMetadata(dev[5], dev[7], dev[6], splits))
         meta = AttentionMetadata(slots_t, qsl, seq_lens, tables_t, self.plan.spec, decode)
-        return _Step(input_ids_t, positions_t, meta, logits_rows, done)
+        return _Step(input_ids_t, positions_t, meta, logits_rows)
 
     # ---- one step -----------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, batch: list[ScheduledSeq]) -> dict[str, SampleResult]:
         """Compute the batch's K/V; sample one token for every sequence the step completes.
 
-        Does not change the sequences: the caller advances `num_computed_tokens` and appends
+        Does not change the sequences (but for appending prompt logprobs, by position:
+        engine/prompt_logprobs.py): the caller advances `num_computed_tokens` and appends
         sampled tokens (so a failed step leaves them as they were). The only wait for the GPU
         is the sampler reading the tokens back.
         """
@@ -205,18 +226,52 @@ class ModelRunner:
         if logits is not None:
             seqs = [s.seq for s in batch]
         else:
-            step = self._prepare(batch)
-            # hidden: [T, hidden]
-            hidden = self.model(step.input_ids, step.positions, self.kv_caches, step.meta)
-            if not step.done:
+            inputs = self.host_inputs(batch)
+            if not self.tp.is_single:
+                self.tp.broadcast_host(inputs.header())
+                self.tp.broadcast_host(inputs.payload())
+            step, hidden = self._forward(inputs)
+            if self.tp.is_single:  # a TP engine refuses prompt logprobs (LLMEngine.add_request)
+                self._prompt_logprobs(batch, hidden)
+            logits = self._logits(step, hidden)
+            if logits is None:
                 return {}
-            # logits: [len(done), vocab]
-            logits = self.model.compute_logits(hidden.index_select(0, step.logits_rows))
-            seqs = [batch[i].seq for i in step.done]
+            seqs = [s.seq for s in batch if s.completes]
+        params = [s.params for s in seqs]
+        processed = apply_penalties(logits, params, [s.token_ids for s in seqs],
+                                    [s.num_prompt_tokens for s in seqs])
         # on CUDA the forward pass still runs while the host builds the grammar masks
         bitmask = None if self.grammars is None else self.grammars.bitmask(seqs)
-        results = sample(logits, [s.params for s in seqs], [s.generator for s in seqs], bitmask)
+        results = sample(processed, params, [s.generator for s in seqs], raw_logits=logits,
+                         bitmask=bitmask)
         return {s.seq_id: r for s, r in zip(seqs, results, strict=True)}
+
+    @torch.inference_mode()
+    def run_step(self, inputs: StepInputs) -> torch.Tensor | None:
+        """Forward pass of one step; the fp32 logits [D, vocab] of the sequences it completes
+        (None when it completes none, and on TP ranks other than 0)."""
+        return self._logits(*self._forward(inputs))
+
+    def _forward(self, inputs: StepInputs) -> tuple[_Step, torch.Tensor]:
+        step = self._device_step(inputs)
+        # hidden: [T, hidden]
+        return step, self.model(step.input_ids, step.positions, self.kv_caches, step.meta)
+
+    def _logits(self, step: _Step, hidden: torch.Tensor) -> torch.Tensor | None:
+        if not step.logits_rows.numel():
+            return None
+        # logits: [D, vocab] (gathered to rank 0 under TP)
+        return self.model.compute_logits(hidden.index_select(0, step.logits_rows))
+
+    def _prompt_logprobs(self, batch: list[ScheduledSeq], hidden: torch.Tensor) -> None:
+        rows, row0 = [], 0
+        for s in batch:
+            start = s.seq.num_computed_tokens
+            if wants_prompt_logprobs(s.seq, start, start + s.num_tokens):
+                rows.append((s.seq, row0, start, start + s.num_tokens))
+            row0 += s.num_tokens
+        if rows:
+            add_prompt_logprobs(self.model.compute_logits, hidden, rows)
 
     def _graph_logits(self, batch: list[ScheduledSeq],
                       use_graph: bool = True) -> torch.Tensor | None:
@@ -236,6 +291,12 @@ class ModelRunner:
             seq_lens=[p + 1 for p in positions], block_tables=tables, use_graph=use_graph)
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
-        """Copy cache contents block to block (copy-on-write after a fork)."""
+        """Copy cache contents block to block (copy-on-write after a fork), on every TP rank."""
+        if not self.tp.is_single:
+            for array in copy_blocks_message(pairs):
+                self.tp.broadcast_host(array)
+        self.copy_local_blocks(pairs)
+
+    def copy_local_blocks(self, pairs: list[tuple[int, int]]) -> None:
         for src, dst in pairs:
             copy_block(self.plan.spec, self.kv_caches, src, dst)

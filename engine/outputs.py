@@ -24,3 +24,4 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: list[tuple[int, float]] = field(default_factory=list)
+    rank: int = 0  # 1 = the most likely token; 0 = not computed (sampled tokens)

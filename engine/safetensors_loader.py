@@ -3,7 +3,8 @@
 Owns the HF-specific side of loading: which files make up a checkpoint (single file or shards
 listed in model.safetensors.index.json), reading config.json for the Llama / Mistral / Qwen2
 families (old `rope_theta`/`rope_scaling` keys and transformers 5 `rope_parameters` alike), and
-reading tensors one at a time, cast to the requested dtype. Tokenizer files are read by
+reading tensors one at a time, cast to the requested dtype (under tensor parallelism only the
+rows or columns of this rank's shard are read from the file). Tokenizer files are read by
 engine/tokenizer.py.
 """
 
@@ -17,6 +18,7 @@ import torch
 from safetensors import safe_open
 
 from engine.config import ConfigError, ModelConfig
+from engine.tp_plan import Shard, TpPlan
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 INDEX_FILE = "model.safetensors.index.json"
@@ -115,10 +117,26 @@ def safetensors_files(path: str | Path) -> list[Path]:
     return files
 
 
-def load_safetensors_weights(path: str | Path, config: ModelConfig,
-                             dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """All tensors of the checkpoint by HF name, cast to `dtype`, one tensor in memory at a time.
-    A tied model's `lm_head.weight` is dropped (the embedding is used)."""
+def read_shard(source: Any, shard: Shard | None) -> torch.Tensor:
+    """The part of a tensor (or a lazily read safetensors slice) that `shard` names, padded
+    with zeros to the shard's size."""
+    if shard is None:
+        return source[:] if not isinstance(source, torch.Tensor) else source
+    index = (slice(None),) * shard.dim + (slice(shard.start, shard.stop),)
+    part = source[index]
+    missing = shard.size - (shard.stop - shard.start)
+    if missing:
+        pad = [0, 0] * (part.dim() - 1 - shard.dim) + [0, missing]
+        part = torch.nn.functional.pad(part, pad)
+    return part
+
+
+def load_safetensors_weights(path: str | Path, config: ModelConfig, dtype: torch.dtype,
+                             plan: TpPlan | None = None) -> dict[str, torch.Tensor]:
+    """All tensors of the checkpoint by HF name, cast to `dtype`, one tensor in memory at a time
+    (with `plan`, only this TP rank's shard of each). A tied model's `lm_head.weight` is dropped
+    (the embedding is used)."""
+    plan = plan or TpPlan(config)
     weights: dict[str, torch.Tensor] = {}
     for file in safetensors_files(path):
         with safe_open(str(file), framework="pt") as fh:
@@ -127,5 +145,5 @@ def load_safetensors_weights(path: str | Path, config: ModelConfig,
                     continue
                 if config.tie_word_embeddings and name == "lm_head.weight":
                     continue
-                weights[name] = fh.get_tensor(name).to(dtype)
+                weights[name] = read_shard(fh.get_slice(name), plan.shard(name)).to(dtype)
     return weights

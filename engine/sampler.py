@@ -30,10 +30,12 @@ class SampleResult:
 
 def sample(logits: torch.Tensor, params: list[SamplingParams],
            generators: list[torch.Generator | None],
+           raw_logits: torch.Tensor | None = None,
            bitmask: torch.Tensor | None = None) -> list[SampleResult]:
-    """logits: [N, vocab] float32, one row per sequence. Returns one result per row.
-    bitmask: [N, ceil(vocab / 32)] int32 allowed tokens of guided rows (engine/grammar_runtime.py),
-    applied on the logits' device before any choice; logprobs stay the model's raw ones."""
+    """logits: [N, vocab] float32, one row per sequence, as processed (engine/penalties.py);
+    `raw_logits` the model's own, which logprobs report (default: `logits`). Returns one
+    result per row. bitmask: [N, ceil(vocab / 32)] int32 allowed tokens of guided rows
+    (engine/grammar_runtime.py), applied on the logits' device before any choice."""
     logits = logits.float()
     scores = logits if bitmask is None else apply_bitmask(logits, bitmask)
     tokens = scores.argmax(dim=-1)  # [N]
@@ -45,7 +47,8 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
         if not p.is_greedy and generators[i] is not None:
             tokens[i] = _sample_row_seeded(scores[i], p, generators[i])
     token_ids = tokens.tolist()  # one host sync for the whole batch
-    logprobs = _logprobs(logits, tokens, token_ids, params)
+    logprobs = _logprobs(logits if raw_logits is None else raw_logits.float(), tokens, token_ids,
+                         params)
     return [SampleResult(t, lp) for t, lp in zip(token_ids, logprobs, strict=True)]
 
 

@@ -26,6 +26,7 @@ class SchedulerConfig:
     max_num_seqs: int
     max_num_batched_tokens: int
     max_model_len: int
+    vocab_size: int = 0  # logit_bias ids are checked against it (0: unchecked)
 
 
 @dataclass
@@ -87,6 +88,11 @@ class Scheduler:
         if self.cache.blocks_for(n + 1) > self.cache.pool.num_blocks:
             raise RequestError(f"prompt of {n} tokens needs more KV blocks than the cache has "
                                f"({self.cache.pool.num_blocks})")
+        vocab = self.config.vocab_size
+        bad = [t for t, _ in seq.params.logit_bias if vocab and t >= vocab]
+        if bad:
+            raise RequestError(f"logit_bias token id {bad[0]} is outside the vocabulary "
+                               f"(0..{vocab - 1})")
 
     def add(self, seq: Sequence) -> None:
         self.check_admissible(seq)

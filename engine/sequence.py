@@ -47,6 +47,7 @@ class Sequence:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     finish_reason: FinishReason | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # entry e: token e + 1's
     prefill_chunk: int = 0  # most prompt tokens per step while it prefills (0: no cap)
     _generator: torch.Generator | None = field(default=None, repr=False, compare=False)
     # the grammar matcher of a guided request (engine/grammar_runtime.py), built on first use

@@ -21,8 +21,10 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as BackendTokenizer
 
+from engine import content_tokens
 from engine.config import ConfigError
 from engine.gguf_loader import GgufFile, read_gguf
+from engine.token_bytes import TokenBytes
 
 # Tokens that close a chat turn; when a template uses one, generation stops on it too.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>",
@@ -123,16 +125,54 @@ class Tokenizer:
                    special_tokens=special, extra_eos_ids=() if eot is None else (int(eot),))
 
     # ---- ids ----------------------------------------------------------------------------
-    def encode(self, text: str) -> list[int]:
-        """Ids for `text`; special tokens written in the text map to their ids. Adds BOS only
-        when the checkpoint's tokenizer does (its post-processor)."""
-        return self.backend.encode(text, add_special_tokens=True).ids
+    def encode(self, text: str, add_special_tokens: bool = True,
+               parse_special: bool = True) -> list[int]:
+        """Ids for `text`; special tokens written in the text map to their ids (with
+        `parse_special=False`, they are encoded as the plain text they are). Adds BOS only
+        when the checkpoint's tokenizer does (its post-processor) and `add_special_tokens`.
+        Releases the GIL while it encodes (`encode_batch` does; `encode` does not), so other
+        threads run meanwhile."""
+        backend = self.backend if parse_special else self._plain_backend
+        return backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+
+    @cached_property
+    def _plain_backend(self) -> BackendTokenizer:
+        """A copy that never parses special tokens in text (`encode_special_tokens`); a copy,
+        so that the shared backend is never switched while another thread encodes."""
+        plain = BackendTokenizer.from_str(self.backend.to_str())
+        plain.encode_special_tokens = True
+        return plain
+
+    @cached_property
+    def _special_pattern(self) -> Any:
+        decoder = self.backend.get_added_tokens_decoder()
+        return content_tokens.special_pattern([t.content for t in decoder.values() if t.special])
+
+    @cached_property
+    def max_token_bytes(self) -> int:
+        """An upper bound on the UTF-8 bytes one token stands for: a text of more than
+        `n * max_token_bytes` characters has more than `n` tokens (checked before encoding)."""
+        texts = self.backend.decode_batch([[i] for i in range(self.vocab_size)],
+                                          skip_special_tokens=False)
+        return max(1, *(len(t.encode("utf-8", "replace")) for t in texts))
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def token_to_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        """The vocabulary's spelling of a token (e.g. 'Ġthe'), None outside it."""
+        return self.backend.id_to_token(token_id)
+
+    @cached_property
+    def _token_bytes(self) -> TokenBytes:
+        return TokenBytes(self.backend, {c: b for b, c in bytes_to_unicode().items()})
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The token's own bytes (a piece of a multi-byte character is its bytes, not U+FFFD)."""
+        return self._token_bytes(token_id)
 
     @property
     def vocab_size(self) -> int:
@@ -181,6 +221,20 @@ class Tokenizer:
                 **extra, **self.special_tokens)
         except jinja2.TemplateError as e:
             raise TokenizerError(f"chat template rejected the messages: {e}") from e
+
+    def encode_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
+                    special_in_content: bool = False,
+                    add_special_tokens: bool = True) -> list[int]:
+        """Ids of the rendered chat. Special tokens written inside message content are encoded
+        as text (no role injection) unless `special_in_content`; the template's own control
+        tokens stay special (engine/content_tokens.py)."""
+        def render(msgs: list[dict[str, str]]) -> str:
+            return self.apply_chat_template(msgs, add_generation_prompt)
+
+        if special_in_content:
+            return self.encode(render(messages), add_special_tokens)
+        return content_tokens.encode_chat(messages, render, self.backend, self._plain_backend,
+                                          self._special_pattern, add_special_tokens)
 
 
 def _hf_chat_template(path: Path, config: dict[str, Any]) -> str | None:

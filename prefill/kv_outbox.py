@@ -4,11 +4,17 @@ Sends run on background threads, so the worker keeps prefilling while KV is on t
 lane per decode worker address (created on first use: a queue, a thread and that peer's
 `ZmqKvSender`), transfers to one peer in order, one at a time. A slow or hung decode worker
 (stopped, not reading) holds up only its own lane until `transfer_timeout_s`, never the
-transfers to the others. A lane idle for `lane_idle_s` closes (decode workers come and go).
+transfers to the others. A lane idle for `lane_idle_s` closes (decode workers come and go); a
+lane whose transfer failed closes its sender at once (no socket left reconnecting to a dead or
+forged address) and, with nothing else queued, ends its thread: a failure costs a thread only
+for the transfer's own timeout.
 Contract: from `send()` until its `TransferOutcome` comes back from `poll_results()`, the
 sequence's blocks are read by a sender thread — the worker must not free or reuse them; after
 the outcome it frees them (success or failure alike). A failed transfer's outcome carries the
 `ErrorCode` its transfer error implies (`TransferError.retryable` decides: one source of truth).
+Lanes are capped (`max_kv_peers`): a send to one more decode address fails at once with
+`TooManyPeers` (counted "too_many_lanes"), so no message can make the worker open threads and
+connections without bound.
 """
 
 from __future__ import annotations
@@ -24,8 +30,10 @@ import zmq
 from engine.kv_spec import KvSpec
 from protocol.errors import ErrorCode
 from transfer.convert.cache import PagedKvCache
+from transfer.endpoint.books import RefusedFn
+from transfer.endpoint.security import SocketSecurity
 from transfer.endpoint.sender import ZmqKvSender, ZmqSenderConfig
-from transfer.wire.errors import IncompatibleKv, TransferError
+from transfer.wire.errors import IncompatibleKv, TooManyPeers, TransferError
 from worker.config import KvTransportConfig
 
 log = logging.getLogger(__name__)
@@ -61,6 +69,7 @@ class _Job:
     num_tokens: int
     dest_spec: KvSpec
     meta: dict[str, Any]
+    kv_token: str = ""
 
 
 @dataclass
@@ -74,9 +83,12 @@ class _Lane:
 
 class KvOutbox:
     def __init__(self, ctx: zmq.Context, cache: PagedKvCache, config: KvTransportConfig, *,
-                 lane_idle_s: float = 300.0) -> None:
+                 lane_idle_s: float = 300.0, security: SocketSecurity | None = None,
+                 on_refused: RefusedFn | None = None) -> None:
         """`lane_idle_s`: a lane with nothing to send for this long closes its sender and thread
-        (decode workers come and go: a restarted one has a new address)."""
+        (decode workers come and go: a restarted one has a new address); `security`: the
+        deployment's authentication; `on_refused`: counts refused sends."""
+        self.security, self.on_refused = security, on_refused
         self.cache = cache
         self.config = config
         self.ctx = ctx
@@ -88,12 +100,18 @@ class KvOutbox:
         self._lock = threading.Lock()  # the lanes (a lane retires itself)
 
     def send(self, request_id: str, address: str, block_table: list[int], num_tokens: int,
-             dest_spec: KvSpec, meta: dict[str, Any]) -> None:
+             dest_spec: KvSpec, meta: dict[str, Any], kv_token: str = "") -> None:
         """Queue tokens [0, num_tokens) of a sequence for the reservation at `address` (the
-        receiver knows its destination blocks already: it expects them)."""
-        job = _Job(request_id, address, list(block_table), num_tokens, dest_spec, meta)
+        receiver knows its destination blocks already: it expects them, with `kv_token`).
+        Raises TooManyPeers when `address` would be one lane more than `max_kv_peers`."""
+        job = _Job(request_id, address, list(block_table), num_tokens, dest_spec, meta, kv_token)
         with self._lock:  # a lane retiring meanwhile either sees this job or is gone already
             lane = self._lanes.get(address)
+            if lane is None and len(self._lanes) >= self.config.max_kv_peers:
+                if self.on_refused is not None:
+                    self.on_refused("kv", "too_many_lanes")
+                raise TooManyPeers("KV send lanes", len(self._lanes) + 1,
+                                   self.config.max_kv_peers, request_id=request_id)
             if lane is None:
                 lane = self._lanes[address] = _Lane(address)
                 thread = threading.Thread(target=self._run, args=(lane,),
@@ -120,16 +138,30 @@ class KvOutbox:
             try:
                 job = lane.jobs.get(timeout=self.lane_idle_s)
             except queue.Empty:
-                with self._lock:
-                    if not lane.jobs.empty():
-                        continue
-                    del self._lanes[lane.address]  # idle: the next send to it starts a new lane
                 job = None
+                if not self._retire(lane):
+                    continue
             if job is None:
                 if lane.sender is not None:
                     lane.sender.close()
                 return
-            self._results.put(self._send_one(lane, job))
+            outcome = self._send_one(lane, job)
+            self._results.put(outcome)
+            if outcome.error is not None:
+                if lane.sender is not None:
+                    lane.sender.close()  # the next job (if any) connects afresh
+                    lane.sender = None
+                if self._retire(lane):
+                    return
+
+    def _retire(self, lane: _Lane) -> bool:
+        """Remove `lane` if nothing is queued on it (the next send to its address starts a new
+        lane); whether it was removed."""
+        with self._lock:
+            if not lane.jobs.empty() or self._lanes.get(lane.address) is not lane:
+                return False
+            del self._lanes[lane.address]
+            return True
 
     def _send_one(self, lane: _Lane, job: _Job) -> TransferOutcome:
         try:
@@ -138,9 +170,11 @@ class KvOutbox:
             if lane.sender is None:
                 lane.sender = ZmqKvSender(job.address, ZmqSenderConfig(
                     timeout_s=self.config.transfer_timeout_s, checksum=self.config.checksum,
-                    payload=self.config.kv_payload), context=self.ctx, nccl=self._nccl_plugin())
+                    payload=self.config.kv_payload), context=self.ctx, nccl=self._nccl_plugin(),
+                    security=self.security)
             r = lane.sender.send(self.cache, job.block_table, 0, job.num_tokens,
-                                 request_id=job.request_id, meta=job.meta)
+                                 request_id=job.request_id, meta=job.meta,
+                                 reservation_token=job.kv_token)
             return TransferOutcome(job.request_id, r.num_bytes, r.seconds)
         except TransferError as e:
             return TransferOutcome.failed(job.request_id, e)

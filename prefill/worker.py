@@ -41,7 +41,8 @@ class PrefillWorker(WorkerBase):
     def __init__(self, config: WorkerConfig, engine: LLMEngine) -> None:
         super().__init__(config, engine, ctrl.PREFILL_CTRL)
         self.jobs: dict[str, Job] = {}  # admitted, not yet acked
-        self.kv = KvOutbox(self.ctx, self.kv_cache, config.kv)  # results come back through a queue
+        self.kv = KvOutbox(self.ctx, self.kv_cache, config.kv, security=self.auth,
+                           on_refused=self._refused)  # results come back through a queue
 
     @property
     def kv_address(self) -> str:
@@ -52,11 +53,14 @@ class PrefillWorker(WorkerBase):
         if isinstance(msg, ctrl.Prefill):
             self._on_prefill(msg)
         elif isinstance(msg, ctrl.Abort):
-            self._abort(msg.request_id)
+            if msg.request_id in self.jobs and not self.jobs[msg.request_id].is_aborted:
+                self._abort(msg.request_id)
+                self._fail(msg.request_id, f"aborted: {msg.reason}", ErrorCode.ABORTED)
         elif isinstance(msg, ctrl.AbortAll):
-            held = list(self.jobs)
+            held = [rid for rid, job in self.jobs.items() if not job.is_aborted]
             for rid in held:
                 self._abort(rid)
+                self._fail(rid, f"aborted: {msg.reason}", ErrorCode.ABORTED)
             log.warning("dropped %d request(s): %s", len(held), msg.reason)
         elif isinstance(msg, ctrl.Shutdown):
             self.stopping = True
@@ -68,6 +72,22 @@ class PrefillWorker(WorkerBase):
             job.is_aborted = True
             if self.engine.scheduler.abort(request_id) is not None:
                 del self.jobs[request_id]
+
+    def holds(self, request_id: str) -> bool:
+        return request_id in self.jobs
+
+    def fail_request(self, request_id: str) -> bool:
+        held = request_id in self.jobs
+        self._abort(request_id)
+        return held
+
+    def fail_step(self) -> list[str]:
+        """The requests still in the engine's scheduler (those with KV on the wire are not in
+        the step: their transfers end as they will)."""
+        failed = [rid for rid in self.jobs if self.engine.scheduler.abort(rid) is not None]
+        for rid in failed:
+            del self.jobs[rid]
+        return failed
 
     def _on_prefill(self, msg: ctrl.Prefill) -> None:
         """`msg.params` and `msg.kv_spec` were validated by their constructors as the codec
@@ -122,11 +142,15 @@ class PrefillWorker(WorkerBase):
     def _send(self, job: Job) -> None:
         """Queue the KV + first token (protocol/kv_meta.py) for the decode worker."""
         seq, msg = job.seq, job.msg
+        if seq.params.prompt_logprobs is not None:  # to the proxy, before the KV leaves
+            for part in ev.prompt_logprobs_events(msg.request_id, self.worker_id,
+                                                  seq.prompt_logprobs, seq.params.prompt_logprobs):
+                self.events.send(part)
         first = FirstToken(seq.token_ids[seq.num_prompt_tokens],
                            seq.logprobs[0] if seq.logprobs else None, seq.num_cached_tokens)
         try:
             self.kv.send(msg.request_id, msg.kv_address, seq.block_table, seq.num_prompt_tokens,
-                         msg.kv_spec, first.to_meta())
+                         msg.kv_spec, first.to_meta(), kv_token=msg.kv_token)
         except Exception as e:  # a typed transfer error, or a socket failure: this request only
             self._on_sent(TransferOutcome.failed(msg.request_id, e))
 

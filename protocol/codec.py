@@ -13,12 +13,21 @@ validation (`SamplingParams`, `KvSpec`) runs exactly as for one built in-process
 is `MalformedMessage` naming the path (`Reserve.params.max_tokens: expected int, got str`),
 never a bare exception. `ValueCodec` offers the same to a typed value outside a message (the
 first token's logprob in the KV header's meta).
+
+Bounds (protocol/bounds.py): a field may carry ranges and lengths in its metadata, checked with
+its type; a bound may name a limit only the receiver knows (`max_model_len`, `vocab_size`),
+given to `decode(..., limits=...)`. So a worker refuses a prompt id >= its vocabulary or a
+prompt longer than its `--max-model-len` as `MalformedMessage` naming the field, before any
+handler runs. Below the codec, msgpack refuses any str, array or map longer than
+`MAX_STR_LEN` / `MAX_ARRAY_LEN` / `MAX_MAP_LEN` while it reads, and the sockets refuse frames
+over their channel's size (protocol/channel.py: `ZMQ_MAXMSGSIZE`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import gc
 import types
 import typing
 from collections.abc import Mapping
@@ -27,12 +36,23 @@ from typing import Any
 
 import msgpack
 
+from protocol.bounds import BOUND_KEYS, MAX_ID_LEN, Bound, check_bounds
+
 CTRL_VERSION = 1
 MAX_CTRL_BYTES = 64 << 20
+MAX_STR_LEN = 1 << 16  # any str on the control plane (ids, addresses, reasons, plan lines)
+MAX_ARRAY_LEN = 1 << 21  # any list (token ids up to a 2M-token context)
+MAX_MAP_LEN = 64  # maps are dataclasses: a few fields each
 
 
 class MalformedMessage(ValueError):
-    """A control frame that is not a valid message of the channel's family."""
+    """A control frame that is not a valid message of the channel's family. `request_id` is
+    the request it names when the envelope could be read that far (so the receiver can fail
+    that request alone, with this error), else None."""
+
+    def __init__(self, message: str, request_id: str | None = None) -> None:
+        super().__init__(message)
+        self.request_id = request_id
 
 
 _SCALARS: Mapping[type, tuple[type, ...]] = types.MappingProxyType(
@@ -118,6 +138,7 @@ class _Field:
     name: str
     hint: Any
     is_required: bool
+    bounds: tuple[tuple[str, Bound], ...] = ()  # (key, bound) from the field's metadata
 
 
 def _fields_of(cls: type) -> tuple[_Field, ...]:
@@ -127,7 +148,8 @@ def _fields_of(cls: type) -> tuple[_Field, ...]:
         raise TypeError(f"{cls.__name__}: a field type does not resolve ({e})") from None
     return tuple(
         _Field(f.name, hints[f.name],
-               f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+               f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING,
+               tuple((k, f.metadata[k]) for k in BOUND_KEYS if k in f.metadata))
         for f in dataclasses.fields(cls) if f.init)
 
 
@@ -183,18 +205,19 @@ class ValueCodec:
         return [self._encode(shape.args[0], v) for v in value]
 
     # ---- decoding -------------------------------------------------------------------------------
-    def decode(self, tp: Any, raw: Any, path: str) -> Any:
-        """Check `raw` against `tp` (one of the roots) entirely, then build it;
-        MalformedMessage names the path from `path`."""
+    def decode(self, tp: Any, raw: Any, path: str,
+               limits: Mapping[str, int] | None = None) -> Any:
+        """Check `raw` against `tp` (one of the roots) entirely, bounds included (named ones
+        from `limits`), then build it; MalformedMessage names the path from `path`."""
         if tp not in self._shapes:
             raise TypeError(f"{_type_name(tp)} is not a type of this codec")
         try:
-            self._check(tp, raw)
+            self._check(tp, raw, limits or {})
             return self._build(tp, raw)
         except _Bad as e:
             raise MalformedMessage(f"{e.where(path)}: {e.message}") from None
 
-    def _check(self, tp: Any, raw: Any) -> None:
+    def _check(self, tp: Any, raw: Any, limits: Mapping[str, int]) -> None:
         shape = self._shapes[tp]
         if shape.kind is _Kind.OPTIONAL:
             if raw is None:
@@ -209,11 +232,11 @@ class ValueCodec:
             if type(raw) not in (str, int) or raw not in tp._value2member_map_:
                 raise _Bad(f"expected {tp.__name__}, got {raw!r:.40}")
         elif kind is _Kind.DATACLASS:
-            self._check_fields(tp, raw)
+            self._check_fields(tp, raw, limits)
         else:
-            self._check_items(tp, shape, raw)
+            self._check_items(tp, shape, raw, limits)
 
-    def _check_fields(self, cls: type, raw: Any) -> None:
+    def _check_fields(self, cls: type, raw: Any, limits: Mapping[str, int]) -> None:
         if not isinstance(raw, dict):
             raise _Bad(f"expected {cls.__name__}, got {type(raw).__name__}")
         if not self._names[cls].issuperset(raw):
@@ -221,13 +244,15 @@ class ValueCodec:
         for f in self._fields[cls]:
             if f.name in raw:
                 try:
-                    self._check(f.hint, raw[f.name])
+                    self._check(f.hint, raw[f.name], limits)
+                    if f.bounds and (bad := check_bounds(f.bounds, raw[f.name], limits)):
+                        raise _Bad(bad)
                 except _Bad as e:
                     raise e.at(f".{f.name}") from None
             elif f.is_required:
                 raise _Bad(f"missing field {f.name!r}")
 
-    def _check_items(self, tp: Any, shape: _Shape, raw: Any) -> None:
+    def _check_items(self, tp: Any, shape: _Shape, raw: Any, limits: Mapping[str, int]) -> None:
         if not isinstance(raw, list):
             raise _Bad(f"expected {_type_name(tp)}, got {type(raw).__name__}")
         if shape.kind is _Kind.FIXED_TUPLE:
@@ -241,7 +266,7 @@ class ValueCodec:
             pairs = ((item, x) for x in raw)
         for i, (a, x) in enumerate(pairs):
             try:
-                self._check(a, x)
+                self._check(a, x, limits)
             except _Bad as e:
                 raise e.at(f"[{i}]") from None
 
@@ -307,21 +332,35 @@ class MessageFamily:
         return msgpack.packb({"t": type(msg).__name__, "v": CTRL_VERSION, "d": fields},
                              use_bin_type=True)
 
-    def decode(self, frame: bytes | memoryview) -> Any:
+    def decode(self, frame: bytes | memoryview, limits: Mapping[str, int] | None = None) -> Any:
+        """The message in `frame`, every field checked (bounds named in `limits` too);
+        MalformedMessage otherwise, carrying the request id when the frame names one."""
         if len(frame) > MAX_CTRL_BYTES:
             raise MalformedMessage(
                 f"{self.name}: frame of {len(frame)} bytes exceeds {MAX_CTRL_BYTES}")
+        was_collecting = gc.isenabled()
+        gc.disable()  # a frame of empty containers would run the collector again and again
         try:
             raw = msgpack.unpackb(frame, raw=False, strict_map_key=True,
-                                  max_bin_len=MAX_CTRL_BYTES, max_str_len=MAX_CTRL_BYTES)
+                                  max_bin_len=MAX_CTRL_BYTES, max_str_len=MAX_STR_LEN,
+                                  max_array_len=MAX_ARRAY_LEN, max_map_len=MAX_MAP_LEN,
+                                  max_ext_len=0)
         except Exception as e:  # msgpack raises several unrelated types
             raise MalformedMessage(f"{self.name}: not msgpack ({type(e).__name__}: {e})") from None
+        finally:
+            if was_collecting:
+                gc.enable()
         if not isinstance(raw, dict) or set(raw) != {"t", "v", "d"}:
             raise MalformedMessage(f"{self.name}: frame is not a {{t, v, d}} envelope")
+        rid = raw["d"].get("request_id") if isinstance(raw["d"], dict) else None
+        rid = rid if isinstance(rid, str) and 0 < len(rid) <= MAX_ID_LEN else None
         if raw["v"] != CTRL_VERSION:
             raise MalformedMessage(
-                f"{self.name}: version {raw['v']!r:.20}, this side speaks {CTRL_VERSION}")
+                f"{self.name}: version {raw['v']!r:.20}, this side speaks {CTRL_VERSION}", rid)
         cls = next((t for t in self.types if t.__name__ == raw["t"]), None)
         if cls is None:
-            raise MalformedMessage(f"{self.name}: unknown message type {raw['t']!r:.60}")
-        return self._codec.decode(cls, raw["d"], cls.__name__)
+            raise MalformedMessage(f"{self.name}: unknown message type {raw['t']!r:.60}", rid)
+        try:
+            return self._codec.decode(cls, raw["d"], cls.__name__, limits)
+        except MalformedMessage as e:
+            raise MalformedMessage(str(e), rid) from None

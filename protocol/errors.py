@@ -20,6 +20,7 @@ class ErrorCode(enum.Enum):
     KV_LOST = "kv_lost"  # decode: the prompt KV failed on arrival; the reservation is released
     KV_TIMEOUT = "kv_timeout"  # decode: the prompt KV did not arrive in time; released too
     INTERNAL = "internal"  # a failure this worker did not expect (a bug: see its log)
+    ABORTED = "aborted"  # the worker was told to drop it (Abort / AbortAll)
 
     @property
     def retryable(self) -> bool:

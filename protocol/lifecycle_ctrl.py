@@ -8,23 +8,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from protocol.bounds import MAX_ID_LEN, MAX_TEXT_LEN, bounded
+
 
 @dataclass(frozen=True)
 class Abort:
     """Stop one request and free what it holds here (client gone, timeout, the other side
     failed)."""
 
-    request_id: str
-    reason: str = "aborted"
+    request_id: str = bounded(max_len=MAX_ID_LEN)
+    reason: str = bounded("aborted", max_len=MAX_TEXT_LEN)
 
 
 @dataclass(frozen=True)
 class AbortAll:
     """Drop every request this worker holds (a restarted proxy: their clients are gone)."""
 
-    reason: str = "proxy restarted"
+    reason: str = bounded("proxy restarted", max_len=MAX_TEXT_LEN)
 
 
 @dataclass(frozen=True)
 class Shutdown:
-    reason: str = "shutdown"
+    reason: str = bounded("shutdown", max_len=MAX_TEXT_LEN)

@@ -8,8 +8,11 @@ into an error on that request's stream:
 - a decode worker silent for `heartbeat_timeout_s`: its requests fail at once, it leaves routing;
 - a prefill worker silent, or a retryable prefill failure: the prefill is retried on another
   prefill worker, or done locally by the decode worker;
-- every state has a timeout (queue, prefill, gap between tokens); on timeout or client
-  disconnect the request is aborted on both workers, which free its blocks.
+- every state has a timeout (queue, prefill, gap between tokens), re-armed at every stage
+  change; on timeout or client disconnect the request is aborted on both workers, which free
+  its blocks; a worker that drops a request says so at once (`RequestFailed`);
+- Reserved / Tokens for a request not held here is aborted on its worker (a forged Reserve);
+  event frames are bounded (ZMQ_MAXMSGSIZE); Hellos are judged first (proxy/admission.py).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import replace
 from typing import Any
@@ -29,8 +33,13 @@ from engine.sampling_params import SamplingParams
 from protocol import decode_ctrl as dmsg
 from protocol import prefill_ctrl as pmsg
 from protocol import worker_events as ev
+from protocol.auth import ClusterAuth
+from protocol.codec import MalformedMessage
+from protocol.log_limit import LogLimiter
+from protocol.rejections import Plane
+from proxy.admission import HelloVerdict, failure_error, is_from_registered, judge_hello, serves
 from proxy.cluster_state import ClusterConfig, RequestState, Stage, Worker
-from proxy.errors import ApiError, internal, overloaded
+from proxy.errors import ApiError, overloaded
 from proxy.metrics import ProxyMetrics
 from proxy.placement import Placement, Slo
 from proxy.placer import Placer
@@ -38,13 +47,20 @@ from proxy.router import LeastLoaded, NoWorkerAvailable, PrefixAware, RoundRobin
 
 log = logging.getLogger(__name__)
 
+EVENT_FRAME_BYTES = 64 << 10  # the largest worker event (a Heartbeat of 256 steps: ~15 KiB)
+MAX_ORPHANS = 4096  # request ids recently aborted for being unknown here
+
 
 class ClusterClient:
     def __init__(self, config: ClusterConfig, metrics: ProxyMetrics) -> None:
         self.config, self.metrics = config, metrics
         self.ctx = zmq.asyncio.Context()
+        self.auth = ClusterAuth(self.ctx, config.secret,
+                                lambda plane, reason: metrics.on_rejected("proxy", plane, reason))
         self.events = self.ctx.socket(zmq.PULL)
         self.events.setsockopt(zmq.LINGER, 0)
+        self.events.setsockopt(zmq.MAXMSGSIZE, EVENT_FRAME_BYTES)
+        self.auth.server(self.events, Plane.EVENTS.value)
         self.events.bind(f"tcp://{config.host}:{config.events_port}")
         self.events_address: str = self.events.getsockopt_string(zmq.LAST_ENDPOINT)
         self.workers: dict[str, Worker] = {}
@@ -56,6 +72,8 @@ class ClusterClient:
         self._tasks: list[asyncio.Task] = []
         self._registered = asyncio.Event()
         self._background: set[asyncio.Future] = set()
+        self._orphans: OrderedDict[str, None] = OrderedDict()
+        self.log = LogLimiter(log)
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -77,6 +95,7 @@ class ClusterClient:
         for w in self.workers.values():
             w.socket.close(linger=100)
         self.events.close(linger=0)
+        self.auth.close()
         self.ctx.term()
 
     async def abort_all(self, reason: str) -> None:
@@ -145,12 +164,29 @@ class ClusterClient:
                 if isinstance(item, ApiError):
                     raise item
                 finished = item.finish_reason is not None
-                yield item
+                yield await self._with_prompt_logprobs(req, item)
         finally:
             self._forget(req)
             if not finished:
                 await self._send(req.decode_id, dmsg.Abort(request_id, "client"))
                 await self._send(req.prefill_id, pmsg.Abort(request_id, "client"))
+
+    async def _with_prompt_logprobs(self, req: RequestState, item: ev.Tokens) -> ev.Tokens:
+        """The first Tokens of a request that asked for prompt logprobs carries them, from
+        the PromptLogprobs events of the worker that prefilled it: waited for, as a prefill
+        worker's come on another socket than the decode worker's tokens."""
+        if req.params.prompt_logprobs is None or len(req.prompt_ids) < 2 \
+                or req.prompt_logprobs == []:  # none asked for, none to give, or given
+            return item
+        if req.prompt_logprobs is None:
+            try:
+                await asyncio.wait_for(req.prompt_logprobs_arrived.wait(),
+                                       self.config.prefill_timeout_s)
+            except asyncio.TimeoutError:
+                raise ApiError(504, f"request {req.request_id}: the prompt logprobs did not "
+                               "arrive", "timeout_error", code="timeout") from None
+        logprobs, req.prompt_logprobs = req.prompt_logprobs or [], []  # given once
+        return replace(item, prompt_logprobs=logprobs)
 
     def _place(self, req: RequestState) -> dmsg.Reserve:
         """Where the prompt is prefilled (placement.py): the decode worker's Reserve says."""
@@ -165,7 +201,7 @@ class ClusterClient:
             req.enter(Stage.PREFILLING)  # on the decode worker, from now on
         self.metrics.on_placement(p.placement.value)
         return dmsg.Reserve(req.request_id, req.prompt_ids, req.params, remote,
-                            self.config.queue_timeout_s, 0 if remote else p.chunk)
+                            self.config.queue_timeout_s, 0 if remote else p.chunk, req.kv_token)
 
     def _stage_timeout(self, stage: Stage) -> float:
         return {Stage.RESERVING: self.config.queue_timeout_s + 5.0,
@@ -209,7 +245,8 @@ class ClusterClient:
         self.workers[prefill.worker_id].requests.add(req.request_id)
         req.enter(Stage.PREFILLING)
         msg = pmsg.Prefill(req.request_id, req.prompt_ids, req.params, req.decode_id,
-                           decode.hello.kv_address, req.block_ids, decode.hello.kv_spec)
+                           decode.hello.kv_address, req.block_ids, decode.hello.kv_spec,
+                           req.kv_token)
         self._spawn(self._send(prefill.worker_id, msg))
 
     # ---- events -------------------------------------------------------------------------------
@@ -217,24 +254,42 @@ class ClusterClient:
         while True:
             frame = await self.events.recv()
             try:
-                self._handle(ev.WORKER_EVENTS.decode(frame))
-            except Exception:  # a bad event must never kill the proxy's event loop
-                log.exception("dropping a worker event that could not be handled")
+                msg = ev.WORKER_EVENTS.decode(frame)
+            except MalformedMessage as e:
+                self._refused("malformed", "dropped a malformed worker event: %s", e)
+                continue
+            try:
+                self._handle(msg)
+            except Exception as e:  # a bad event must never kill the proxy's event loop
+                self._refused("handler_error", "dropped a worker event that could not be "
+                              "handled: %s: %s", type(e).__name__, e)
+
+    def _refused(self, reason: str, fmt: str, *args: object) -> None:
+        self.metrics.on_rejected("proxy", Plane.EVENTS.value, reason)
+        self.log.warning(reason, fmt, *args)
 
     def _handle(self, msg: object) -> None:
         if isinstance(msg, ev.Hello):
             self.register(msg)
             return
         worker = self.workers.get(getattr(msg, "worker_id", ""))
+        if isinstance(msg, ev.Heartbeat):
+            if worker is not None and is_from_registered(worker, msg):
+                worker.last_seen = time.monotonic()
+                self._on_heartbeat(msg)
+            return
         if worker is not None:
             worker.last_seen = time.monotonic()
-        if isinstance(msg, ev.Heartbeat):
-            self._on_heartbeat(msg)
-            return
         if isinstance(msg, ev.PrefillDone):  # counted even when the request has ended meanwhile
             self.metrics.on_kv_transfer(msg.kv_bytes, msg.kv_seconds)
         req = self.inflight.get(getattr(msg, "request_id", ""))
         if req is None:
+            if worker is not None and isinstance(msg, ev.Reserved | ev.Tokens):
+                self._abort_orphan(worker, msg)
+            return
+        if not serves(req, msg.worker_id):  # type: ignore[attr-defined]
+            self._refused("wrong_worker", "event %s for %s from %s, which does not serve it",
+                          type(msg).__name__, req.request_id, msg.worker_id)  # type: ignore
             return
         if isinstance(msg, ev.Reserved):
             req.block_ids = list(msg.block_ids)
@@ -249,6 +304,8 @@ class ClusterClient:
             err = overloaded(msg.retry_after_s, msg.reason) if msg.status == 503 else \
                 ApiError(msg.status, msg.reason, "invalid_request_error")
             req.queue.put_nowait(err)
+        elif isinstance(msg, ev.PromptLogprobs):
+            req.add_prompt_logprobs(msg)
         elif isinstance(msg, ev.PrefillDone):
             req.num_prefill_cached_tokens = msg.num_cached_tokens
             self.placer.on_prefill_done(req.request_id, msg.worker_id, msg.kv_bytes,
@@ -268,11 +325,32 @@ class ClusterClient:
                             msg.worker_id, msg.code.value, msg.error)
                 self._start_prefill(req)
                 return
-        req.queue.put_nowait(internal(f"{msg.code.value}: {msg.error}", req.request_id))
+        req.queue.put_nowait(failure_error(msg, req.request_id))
+
+    def _abort_orphan(self, worker: Worker, msg: ev.Reserved | ev.Tokens) -> None:
+        """Reserved / Tokens for a request not held here: the worker frees it now."""
+        if msg.request_id in self._orphans or (isinstance(msg, ev.Tokens) and msg.finish_reason):
+            return
+        self._orphans[msg.request_id] = None
+        if len(self._orphans) > MAX_ORPHANS:
+            self._orphans.popitem(last=False)
+        if isinstance(msg, ev.Reserved):
+            self._refused("unknown_request", "%s reserved blocks for %s, which the proxy does "
+                          "not hold: aborting it there", worker.hello.worker_id, msg.request_id)
+        self._spawn(self._send(worker.hello.worker_id, dmsg.Abort(msg.request_id, "unknown")))
 
     def register(self, hello: ev.Hello) -> None:
         """A worker's Hello: from its event, or from its Ray actor (a restarted proxy registers
-        the running workers); on the event loop's thread."""
+        the running workers); on the event loop's thread. Judged first (proxy/admission.py):
+        a re-announcement refreshes, a conflicting Hello for a live worker is refused."""
+        verdict = judge_hello(self.workers.get(hello.worker_id), hello)
+        if verdict is HelloVerdict.REFRESH:
+            self.workers[hello.worker_id].last_seen = time.monotonic()
+            return
+        if verdict is HelloVerdict.REFUSE:
+            self._refused("hello_conflict", "refused a Hello for live worker %s from another "
+                          "process (pid %d at %s)", hello.worker_id, hello.pid, hello.host)
+            return
         old = self.workers.pop(hello.worker_id, None)
         if old is not None:
             old.socket.close(linger=0)
@@ -280,6 +358,8 @@ class ClusterClient:
         sock = self.ctx.socket(zmq.PUSH)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 10000)
+        sock.setsockopt(zmq.MAXMSGSIZE, EVENT_FRAME_BYTES)  # it receives nothing
+        self.auth.client(sock)
         sock.connect(hello.ctrl_address)
         state = WorkerState(hello.worker_id, hello.role,  # type: ignore[arg-type]
                             hello.ctrl_address)
@@ -306,6 +386,11 @@ class ClusterClient:
                                 num_used_blocks=hb.num_used_blocks)
         self.metrics.on_preemptions(hb.num_preemptions - w.num_preemptions_seen)
         w.num_preemptions_seen = max(hb.num_preemptions, w.num_preemptions_seen)
+        for r in hb.rejected:  # running totals: count what is new since the last heartbeat
+            key = (r.plane.value, r.reason)
+            self.metrics.on_rejected(hb.worker_id, key[0], key[1],
+                                     r.count - w.rejected_seen.get(key, 0))
+            w.rejected_seen[key] = max(r.count, w.rejected_seen.get(key, 0))
 
     # ---- failure detection ----------------------------------------------------------------------
     async def _monitor(self) -> None:
@@ -342,7 +427,8 @@ class ClusterClient:
     # ---- views --------------------------------------------------------------------------------
     def topology(self) -> list[dict]:
         return [{"worker_id": w.hello.worker_id, "role": w.hello.role, "host": w.hello.host,
-                 "pid": w.hello.pid, "alive": w.is_alive, "ctrl_address": w.hello.ctrl_address,
+                 "pid": w.hello.pid, "rank_pids": w.hello.rank_pids, "alive": w.is_alive,
+                 "ctrl_address": w.hello.ctrl_address,
                  "kv_address": w.hello.kv_address, "kv_plan": w.hello.plan,
                  "num_running": w.state.num_running, "num_waiting": w.state.num_waiting,
                  "kv_usage": round(w.state.kv_usage, 4),

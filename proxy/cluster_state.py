@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import secrets
 import time
 from dataclasses import dataclass, field
 
 import zmq.asyncio
 
+from engine.outputs import TokenLogprob
 from engine.sampling_params import SamplingParams
 from protocol import worker_events as ev
 from proxy.router import WorkerState
@@ -28,6 +30,9 @@ class ClusterConfig:
     placement: str = "remote"  # where prompts are prefilled: adaptive | remote | local
     slo_ttft_s: float = 1.0  # the SLOs adaptive placement plans for
     slo_tpot_s: float = 0.05
+    # the deployment's secret (protocol/auth.py): CURVE on the event socket and every control
+    # socket; None: unauthenticated (--insecure-internal)
+    secret: bytes | None = field(default=None, repr=False)
 
 
 class Stage(enum.Enum):
@@ -44,6 +49,7 @@ class Worker:
     last_seen: float
     requests: set[str] = field(default_factory=set)
     num_preemptions_seen: int = 0
+    rejected_seen: dict[tuple[str, str], int] = field(default_factory=dict)  # (plane, reason)
 
     @property
     def is_alive(self) -> bool:
@@ -67,6 +73,26 @@ class RequestState:
     tried_prefill: set[str] = field(default_factory=set)
     num_prefill_cached_tokens: int = 0
     preferred_prefill: str | None = None  # adaptive placement's choice of prefill worker
+    prompt_logprobs: list[TokenLogprob] | None = None  # all of them, once the last part came
+    prompt_logprobs_arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    _prompt_logprobs_parts: list[TokenLogprob] = field(default_factory=list)
+    # the reservation's token: the decode worker gets it with Reserve, the prefill worker with
+    # Prefill, and the KV header must carry it
+    kv_token: str = field(default_factory=lambda: secrets.token_hex(16))
+
+    def add_prompt_logprobs(self, part: ev.PromptLogprobs) -> None:
+        """Assemble the parts in order; a part that does not continue them is dropped, and a
+        first part starts over (a retried prefill sends them again)."""
+        if self.prompt_logprobs is not None:
+            return  # complete already
+        if part.start == 0:
+            self._prompt_logprobs_parts = []
+        if part.start != len(self._prompt_logprobs_parts):
+            return
+        self._prompt_logprobs_parts += part.logprobs
+        if part.is_last:
+            self.prompt_logprobs, self._prompt_logprobs_parts = self._prompt_logprobs_parts, []
+            self.prompt_logprobs_arrived.set()
 
     def enter(self, stage: Stage) -> None:
         self.stage, self.stage_since = stage, time.monotonic()

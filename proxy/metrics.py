@@ -78,6 +78,11 @@ class ProxyMetrics:
         self.prefill_placement = Counter("pdserve:prefill_placement",
                                          "Requests by where their prompt was prefilled.",
                                          ["placement"], registry=r)
+        self.rejected_messages = Counter(
+            "pdserve:rejected_messages",
+            "Messages, frames or connections refused before a handler, by component, plane and "
+            "reason (workers' totals arrive with their heartbeats).",
+            ["component", "plane", "reason"], registry=r)
         self.ttft_prediction_error = Histogram(
             "pdserve:ttft_prediction_error_seconds",
             "Placement's predicted minus measured time to first token.",
@@ -149,6 +154,10 @@ class ProxyMetrics:
     def on_ttft_prediction_error(self, seconds: float) -> None:
         """Predicted minus measured TTFT of one request (negative: it took longer)."""
         self.ttft_prediction_error.observe(seconds)
+
+    def on_rejected(self, component: str, plane: str, reason: str, n: int = 1) -> None:
+        if n > 0:
+            self.rejected_messages.labels(component, plane, reason).inc(n)
 
     def on_preemptions(self, num_preemptions: int) -> None:
         self.num_preemptions.inc(max(num_preemptions, 0))

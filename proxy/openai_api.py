@@ -22,9 +22,12 @@ from engine.errors import RequestError
 from engine.guided import GuidedDecoding
 from engine.sampling_params import SamplingParams
 from proxy.errors import context_length_exceeded, invalid_request
+from proxy.limits import check_num_messages
+from proxy.request_params import PenaltyParams, PromptList
 from proxy.tools import ToolCall, ToolCallDelta, ToolDefinition
 
 MAX_STOP_STRINGS = 4
+MAX_STOP_CHARS = 1024  # per stop string: the proxy matches them against every streamed delta
 MAX_TOP_LOGPROBS = 20
 MIN_LOGPROB = -9999.0  # what OpenAI sends instead of -inf
 # what a client sees (an abort is an error)
@@ -43,14 +46,13 @@ class StreamOptions(BaseModel):
     include_usage: bool | None = False
 
 
-class _RequestBase(BaseModel):
+class _RequestBase(PenaltyParams):
     """Fields shared by both endpoints. `None` everywhere means "the default"."""
 
     model_config = ConfigDict(extra="allow")
     # Parameters accepted only at a neutral value; anything else is a 400 naming the field.
     _NEUTRAL: ClassVar[Mapping[str, Any]] = MappingProxyType({
-        "n": 1, "best_of": 1, "echo": False, "presence_penalty": 0.0, "frequency_penalty": 0.0,
-        "repetition_penalty": 1.0, "min_p": 0.0, "suffix": "", "logit_bias": {},
+        "best_of": 1, "echo": False, "min_p": 0.0, "suffix": "",
         "functions": [],
     })
 
@@ -64,15 +66,11 @@ class _RequestBase(BaseModel):
     stream_options: StreamOptions | None = None
     ignore_eos: _OptBool = False
     user: str | None = None
-    n: _OptInt = None
+    n: _OptInt = Field(None, ge=1)  # the upper bound is --max-n (proxy/app.py)
     best_of: _OptInt = None
     echo: _OptBool = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    repetition_penalty: float | None = None
     min_p: float | None = None
     suffix: str | None = None
-    logit_bias: dict[str, float] | None = None
     response_format: dict[str, Any] | None = None
 
     @field_validator("stop", mode="before")
@@ -84,6 +82,8 @@ class _RequestBase(BaseModel):
             if len(value) > MAX_STOP_STRINGS:
                 raise _error(f"at most {MAX_STOP_STRINGS} stop sequences are allowed")
             if all(isinstance(s, str) for s in value):
+                if any(len(s) > MAX_STOP_CHARS for s in value):
+                    raise _error(f"a stop sequence may have at most {MAX_STOP_CHARS} characters")
                 return [s for s in value if s]  # an empty stop string means nothing
         return value
 
@@ -98,7 +98,7 @@ class _RequestBase(BaseModel):
     @field_validator(*_NEUTRAL, check_fields=False)
     @classmethod
     def _check_neutral(cls, value: Any, info: ValidationInfo) -> Any:
-        neutral = cls._NEUTRAL[info.field_name or ""]
+        neutral = cls._NEUTRAL.get(info.field_name or "", value)  # a subclass may accept it
         if value is not None and value != neutral:
             raise _error(f"pdserve supports only {info.field_name}={neutral!r}", "unsupported")
         return value
@@ -110,31 +110,18 @@ class _RequestBase(BaseModel):
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
 
-class CompletionRequest(_RequestBase):
-    """`POST /v1/completions`. `prompt` ends up as a `str` or a list of token ids."""
+class CompletionRequest(_RequestBase, PromptList):
+    """`POST /v1/completions`. `prompt` ends up as a `str`, a list of token ids, or a list of
+    several prompts of either kind (`prompts()`)."""
 
-    prompt: str | list[int]
+    _NEUTRAL: ClassVar[Mapping[str, Any]] = MappingProxyType(
+        {k: v for k, v in _RequestBase._NEUTRAL.items() if k != "echo"})
+
+    prompt: str | list[int] | list[str | list[int]]  # checked by PromptList
     max_tokens: int | None = Field(16, strict=True, ge=1)  # OpenAI's legacy default
     min_tokens: int = Field(0, strict=True, ge=0)
     logprobs: int | None = Field(None, strict=True, ge=0, le=MAX_TOP_LOGPROBS)
-
-    @field_validator("prompt", mode="before")
-    @classmethod
-    def _check_prompt(cls, value: Any) -> Any:
-        if not isinstance(value, list):
-            return value
-        if not value:
-            raise _error("prompt must not be empty")
-        if all(isinstance(x, str) for x in value):
-            if len(value) != 1:
-                raise _error("only one prompt per request is supported", "unsupported")
-            return value[0]
-        if all(isinstance(x, int) and not isinstance(x, bool) for x in value):
-            if min(value) < 0:
-                raise _error("token ids must be non-negative")
-            return value
-        raise _error("prompt must be a string, a list of one string or a list of token ids")
-
+    prompt_logprobs: int | None = Field(None, strict=True, ge=0, le=MAX_TOP_LOGPROBS)  # vLLM's
 
 class ChatMessage(BaseModel):
     """One message; list-of-parts content is joined into one string at validation."""
@@ -174,12 +161,20 @@ class ChatCompletionRequest(_RequestBase):
     parallel_tool_calls: _OptBool = None
     functions: list[Any] | None = None
 
+    _check_num_messages = field_validator("messages", mode="before")(check_num_messages)
     @field_validator("messages")
     @classmethod
     def _check_messages(cls, value: list[ChatMessage]) -> list[ChatMessage]:
         for i, message in enumerate(value):
             if message.content is None and message.role != "assistant":
                 raise _error(f"messages[{i}].content is required for role '{message.role}'")
+        return value
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _check_tool_choice(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is not None and not info.data.get("tools"):
+            raise _error("'tool_choice' is only allowed when 'tools' are specified")
         return value
 
     @field_validator("top_logprobs")
@@ -206,7 +201,11 @@ def to_sampling(request: CompletionRequest | ChatCompletionRequest, num_prompt_t
     `resolve_max_tokens`). Stop strings are not sampling: the proxy applies `request.stop`.
     """
     max_tokens, logprobs = request.max_tokens, request.logprobs
-    param = "prompt"
+    param, prompt_logprobs = "prompt", None
+    if isinstance(request, CompletionRequest):
+        prompt_logprobs = request.prompt_logprobs
+        if request.echo and logprobs is not None:  # echo + logprobs: the prompt's too
+            prompt_logprobs = max(prompt_logprobs or 0, logprobs)
     if isinstance(request, ChatCompletionRequest):
         max_tokens = request.max_completion_tokens or request.max_tokens
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
@@ -222,6 +221,8 @@ def to_sampling(request: CompletionRequest | ChatCompletionRequest, num_prompt_t
             logprobs=logprobs,
             min_tokens=request.min_tokens,
             guided=guided,
+            prompt_logprobs=prompt_logprobs,
+            **request.penalty_kwargs(),
         )
     except RequestError as e:
         raise invalid_request(str(e)) from None
@@ -270,13 +271,18 @@ class TextLogprob:
     token: str
     logprob: float
     top: list[tuple[str, float]] = field(default_factory=list)
+    token_bytes: bytes | None = None  # the token's own bytes (default: the text's)
+    top_bytes: list[bytes] | None = None
 
 
-def _finite(logprob: float) -> float:
+def finite(logprob: float) -> float:
+    """A logprob as JSON can carry it (-inf is sent as MIN_LOGPROB, as OpenAI does)."""
     return logprob if math.isfinite(logprob) else MIN_LOGPROB
 
 
 class CompletionLogprobs(BaseModel):
+    """`token_logprobs` / `top_logprobs` are None for an echoed prompt's first token."""
+
     tokens: list[str] = []
     token_logprobs: list[float | None] = []
     top_logprobs: list[dict[str, float] | None] = []
@@ -287,8 +293,8 @@ class CompletionLogprobs(BaseModel):
         """`text_offset` is where the first token starts in the completion text so far."""
         offsets = list(accumulate((len(e.token) for e in entries), initial=text_offset))[:-1]
         return cls(tokens=[e.token for e in entries],
-                   token_logprobs=[_finite(e.logprob) for e in entries],
-                   top_logprobs=[{t: _finite(lp) for t, lp in e.top} for e in entries],
+                   token_logprobs=[finite(e.logprob) for e in entries],
+                   top_logprobs=[{t: finite(lp) for t, lp in e.top} for e in entries],
                    text_offset=offsets)
 
 
@@ -298,8 +304,11 @@ class TopLogprob(BaseModel):
     bytes: list[int] | None = None
 
     @classmethod
-    def of(cls, token: str, logprob: float, **extra: Any) -> "TopLogprob":
-        return cls(token=token, logprob=_finite(logprob), bytes=list(token.encode()), **extra)
+    def of(cls, token: str, logprob: float, raw: "bytes | None" = None,
+           **extra: Any) -> "TopLogprob":
+        """`raw`: the token's own bytes (a piece of a character is not its U+FFFD text)."""
+        raw = token.encode() if raw is None else raw
+        return cls(token=token, logprob=finite(logprob), bytes=list(raw), **extra)
 
 
 class ChatLogprobToken(TopLogprob):
@@ -311,8 +320,9 @@ class ChatLogprobs(BaseModel):
 
     @classmethod
     def build(cls, entries: Sequence[TextLogprob]) -> "ChatLogprobs":
-        return cls(content=[ChatLogprobToken.of(e.token, e.logprob, top_logprobs=[
-            TopLogprob.of(t, lp) for t, lp in e.top]) for e in entries])
+        return cls(content=[ChatLogprobToken.of(e.token, e.logprob, e.token_bytes, top_logprobs=[
+            TopLogprob.of(t, lp, None if e.top_bytes is None else e.top_bytes[j])
+            for j, (t, lp) in enumerate(e.top)]) for e in entries])
 
 
 class _Response(BaseModel):
@@ -328,6 +338,7 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: ApiFinishReason | None = None
+    prompt_logprobs: list[dict[str, dict[str, Any]] | None] | None = _omitted_if_none()  # vLLM
 
 
 class CompletionResponse(_Response):

@@ -8,8 +8,9 @@ yields `Delta`s. `completion_*` / `chat_*` shape those deltas into responses or 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from engine.outputs import FinishReason, TokenLogprob
 from engine.sampling_params import SamplingParams
@@ -22,6 +23,9 @@ from proxy.sse import SSE_DONE, sse_error, sse_event
 from proxy.stop import StopMatcher
 from proxy.tool_parser import ToolStreamFilter, parse_tool_calls
 from proxy.tools import ToolCallDelta, ToolPlan
+
+if TYPE_CHECKING:
+    from proxy.echo import Echo
 
 
 @dataclass
@@ -44,6 +48,8 @@ class GenerationStream:
     num_cached_tokens: int = 0
     finish_reason: str | None = None
     started: float = field(default_factory=time.monotonic)
+    on_first_token: Callable[[], None] | None = None  # called once, when the first token arrives
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # when asked for
 
     async def deltas(self) -> AsyncIterator[Delta]:
         detok = IncrementalDetokenizer(self.tokenizer, self.prompt_ids)
@@ -57,6 +63,9 @@ class GenerationStream:
                 if first_at is None:
                     first_at = now
                     self.metrics.on_first_token(now - self.started)
+                    self.prompt_logprobs = list(tokens.prompt_logprobs)
+                    if self.on_first_token is not None:
+                        self.on_first_token()
                 elif tokens.token_ids:
                     self.metrics.on_inter_token(now - last_at, len(tokens.token_ids))
                 last_at = now
@@ -90,8 +99,11 @@ class GenerationStream:
         def text(token_id: int) -> str:
             return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
-        return [api.TextLogprob(text(e.token_id), e.logprob,
-                                [(text(t), lp) for t, lp in e.top]) for e in entries]
+        raw = getattr(self.tokenizer, "token_bytes", None)  # a TokenDecoder may lack it
+        return [api.TextLogprob(text(e.token_id), e.logprob, [(text(t), lp) for t, lp in e.top],
+                                None if raw is None else raw(e.token_id),
+                                None if raw is None else [raw(t) for t, _ in e.top])
+                for e in entries]
 
     def usage(self) -> api.UsageInfo:
         return api.UsageInfo.of(len(self.prompt_ids), self.num_completion_tokens,
@@ -107,12 +119,14 @@ async def collect(stream: GenerationStream) -> tuple[str, list[api.TextLogprob]]
     return "".join(text), logprobs
 
 
-async def completion_response(stream: GenerationStream, model: str,
-                              want_logprobs: bool) -> api.CompletionResponse:
+async def completion_response(stream: GenerationStream, model: str, want_logprobs: bool,
+                              echo: Echo | None = None) -> api.CompletionResponse:
     text, logprobs = await collect(stream)
     choice = api.CompletionChoice(
         text=text, finish_reason=stream.finish_reason,  # type: ignore[arg-type]
         logprobs=api.CompletionLogprobs.build(logprobs) if want_logprobs else None)
+    if echo is not None:
+        echo.apply(choice, stream)
     return api.CompletionResponse(id=f"cmpl-{stream.request_id}", model=model, choices=[choice],
                                   usage=stream.usage())
 
@@ -135,10 +149,14 @@ async def chat_response(stream: GenerationStream, model: str, want_logprobs: boo
 
 # ---- streaming ---------------------------------------------------------------------------------
 async def completion_sse(stream: GenerationStream, model: str, want_logprobs: bool,
-                         include_usage: bool) -> AsyncIterator[bytes]:
+                         include_usage: bool, echo: Echo | None = None) -> AsyncIterator[bytes]:
     rid, offset = f"cmpl-{stream.request_id}", 0
     try:
         async for d in stream.deltas():
+            if echo is not None and echo.is_on and offset == 0:  # the prompt part first
+                head = echo.head(stream)
+                yield sse_event(api.CompletionResponse(id=rid, model=model, choices=[head]))
+                offset, echo = len(head.text), None
             lp = api.CompletionLogprobs.build(d.logprobs, offset) if want_logprobs else None
             offset += len(d.text)
             choice = api.CompletionChoice(text=d.text, logprobs=lp,

@@ -17,6 +17,7 @@ from typing import Any
 from engine.errors import RequestError
 from engine.guided import GuidedDecoding, GuidedKind, grammar_error
 from proxy.errors import invalid_request
+from proxy.tools import ToolPlan, tool_plan
 
 GUIDED_PARAMS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
 
@@ -113,3 +114,11 @@ def check_compiles(guided: GuidedDecoding, param: str) -> None:
                               param)
 
 
+
+
+def request_guided(request: Any) -> tuple[ToolPlan | None, GuidedDecoding | None]:
+    """A request's tool plan (chat) and its one checked grammar: response_format / guided_*,
+    or the forced tool call of `tool_choice` required / named."""
+    plan = tool_plan(request.tools, request.tool_choice) if hasattr(request, "tools") else None
+    forced = None if plan is None else plan.grammar()
+    return plan, guided_decoding(request, None if forced is None else ("tool_choice", forced))

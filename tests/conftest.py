@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import torch
 
-TINY_VARIANTS = ("llama_gqa", "qwen2", "mha", "tied", "llama3_rope", "mistral", "sharded")
+TINY_VARIANTS = ("llama_gqa", "qwen2", "mha", "tied", "llama3_rope", "mistral", "sharded", "mqa")
 """Names accepted by the `tiny_hf_checkpoint` factory."""
 
 
@@ -63,6 +63,8 @@ def _tiny_config(variant: str) -> Any:
         return transformers.MistralConfig(**common, sliding_window=None)
     if variant == "mha":
         common["num_key_value_heads"] = 4
+    elif variant == "mqa":  # one KV head (replicated under TP); a vocabulary TP does not divide
+        common.update(num_key_value_heads=1, vocab_size=49153)
     elif variant == "tied":
         common["tie_word_embeddings"] = True
     elif variant == "llama3_rope":
@@ -93,7 +95,8 @@ def tiny_hf_checkpoint(tmp_path_factory: pytest.TempPathFactory,
                        hf_smollm2_tokenizer: Any) -> Callable[[str], Path]:
     """Factory: `tiny_hf_checkpoint("qwen2")` -> directory with config.json, *.safetensors
     (random float32 weights, seed 0) and SmolLM2's tokenizer.json / chat template.
-    Variants: see TINY_VARIANTS ("sharded" is llama_gqa saved as several shards)."""
+    Variants: see TINY_VARIANTS ("sharded" is llama_gqa saved as several shards; "mqa" has one
+    KV head and 49153 vocabulary rows)."""
     root = tmp_path_factory.mktemp("tiny_hf")
     tokenizer_dir = root / "_tokenizer"
     hf_smollm2_tokenizer.save_pretrained(tokenizer_dir)

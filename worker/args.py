@@ -67,7 +67,8 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type,
                                 default=default, help=help_text)
         else:
             suffix = f" (default: {default})" if default is not None else ""
-            parser.add_argument(_flag(f.name), type=kind, default=default, help=help_text + suffix)
+            parser.add_argument(_flag(f.name), *f.metadata.get("aliases", ()), type=kind,
+                                default=default, help=help_text + suffix)
 
 
 def dataclass_from_args(cls: type[T], ns: argparse.Namespace, **overrides: Any) -> T:

@@ -35,6 +35,9 @@ class KvTransportConfig:
         "help": "Prefill workers: an xxh3 checksum on every KV buffer, checked on arrival."})
     max_transfer_bytes: int = field(default=8 << 30, metadata={
         "help": "Decode workers: the largest KV message accepted (bytes)."})
+    max_kv_peers: int = field(default=64, metadata={
+        "help": "KV peers per worker: prefill send lanes (one per decode worker) and decode NCCL "
+                "links (one per prefill worker); more are refused and counted."})
 
     def __post_init__(self) -> None:
         if self.transport not in TRANSPORTS:
@@ -44,6 +47,8 @@ class KvTransportConfig:
         if self.transfer_timeout_s <= 0:
             raise ConfigError(
                 f"--transfer-timeout-s must be positive, got {self.transfer_timeout_s}")
+        if self.max_kv_peers < 1:
+            raise ConfigError(f"--max-kv-peers must be at least 1, got {self.max_kv_peers}")
         if self.max_transfer_bytes <= 0:
             raise ConfigError(
                 f"--max-transfer-bytes must be positive, got {self.max_transfer_bytes}")
@@ -75,6 +80,9 @@ class WorkerConfig:
         "help": "Address this worker binds (ports are chosen free)."})
     heartbeat_interval_s: float = field(default=0.5, metadata={
         "help": "Seconds between heartbeats."})
+    hello_interval_s: float = field(default=5.0, metadata={
+        "help": "Seconds between repeated Hellos (a proxy that lost this worker registers it "
+                "again)."})
     max_queue: int = field(default=512, metadata={
         "help": "Requests waiting for blocks before 503."})
     kv_timeout_s: float = field(default=60.0, metadata={
@@ -85,9 +93,21 @@ class WorkerConfig:
                 "models (0: none)."})
     cpu_affinity: str = field(default="", metadata={
         "help": "Cores this worker runs on, e.g. '0' or '2,3' (empty: any)."})
+    cluster_secret_file: str = field(default="", metadata={
+        "help": "File holding the deployment's secret (hex; mode 600). Default: the "
+                "PDSERVE_CLUSTER_SECRET environment variable the launcher sets."})
+    insecure_internal: bool = field(default=False, metadata={
+        "help": "No authentication on the internal planes (benchmarks only: anyone who reaches "
+                "a worker's ports controls it)."})
     kv: KvTransportConfig = field(default_factory=KvTransportConfig)
+    # read from cluster_secret_file or the environment by the entry point; never a flag
+    cluster_secret: bytes | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
+        if self.cluster_secret is None and not self.insecure_internal:
+            raise ConfigError("no cluster secret: the launcher passes one in "
+                              "PDSERVE_CLUSTER_SECRET; give --cluster-secret-file, or "
+                              "--insecure-internal to run the internal planes unauthenticated")
         if self.warmup_s < 0:
             raise ConfigError(f"--warmup-s must be 0 or more, got {self.warmup_s}")
         if self.cpu_affinity:

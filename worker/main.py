@@ -23,6 +23,7 @@ import torch
 from engine.config import ConfigError, EngineConfig
 from engine.errors import EngineError
 from engine.llm_engine import LLMEngine
+from protocol.auth import SECRET_ENV, AuthError, load_secret
 from transfer.wire.errors import TransferError
 from worker.args import add_dataclass_args, dataclass_from_args
 from worker.base import WorkerBase
@@ -53,9 +54,22 @@ def apply_profile(config: EngineConfig, name: str | None) -> EngineConfig:
 WorkerClass = Callable[[WorkerConfig, LLMEngine], WorkerBase]
 
 
+def refuse_tensor_parallel(config: EngineConfig) -> None:
+    """Workers hand their KV cache to the transfer layer whole; a TP worker's cache is spread
+    over its ranks, which the KV endpoints do not route yet (issue #16): only decode workers
+    that prefill locally (`pdserve serve --colocated`) run tensor parallel."""
+    if config.tensor_parallel_size > 1:
+        raise ConfigError(
+            f"--tensor-parallel-size {config.tensor_parallel_size}: prefill/decode workers do "
+            f"not exchange tensor-parallel KV caches yet; serve with --colocated (decode "
+            f"workers prefill locally), or --tensor-parallel-size 1")
+
+
 def build_worker(worker_class: WorkerClass, worker_cfg: WorkerConfig,
                  engine_cfg: EngineConfig) -> WorkerBase:
     """Load the engine (memory plan first, then weights) and build one worker around it."""
+    if getattr(worker_class, "role", "") == "prefill":
+        refuse_tensor_parallel(engine_cfg)
     if worker_cfg.cpu_affinity:
         os.sched_setaffinity(0, parse_cpus(worker_cfg.cpu_affinity))
     engine = LLMEngine.from_config(engine_cfg)
@@ -87,8 +101,14 @@ def main(worker_class: WorkerClass, role: str, argv: list[str] | None = None) ->
         torch.set_num_threads(args.num_threads)
     try:
         engine_cfg = apply_profile(dataclass_from_args(EngineConfig, args), args.profile)
-        worker = build_worker(worker_class, dataclass_from_args(WorkerConfig, args), engine_cfg)
-    except (ConfigError, EngineError, TransferError) as e:
+        secret = None if args.insecure_internal else load_secret(args.cluster_secret_file)
+        os.environ.pop(SECRET_ENV, None)  # not inherited by what this process starts
+        worker_cfg = dataclass_from_args(WorkerConfig, args, cluster_secret=secret)
+        if worker_cfg.insecure_internal:
+            log.warning("--insecure-internal: this worker's control and KV sockets accept anyone "
+                        "who reaches them")
+        worker = build_worker(worker_class, worker_cfg, engine_cfg)
+    except (ConfigError, EngineError, TransferError, AuthError) as e:
         log.error("cannot start: %s", e)
         return 2
 
@@ -99,6 +119,9 @@ def main(worker_class: WorkerClass, role: str, argv: list[str] | None = None) ->
     signal.signal(signal.SIGINT, stop)
     try:
         worker.run()
+    except EngineError as e:  # e.g. a tensor-parallel rank died: this worker is gone
+        log.error("%s worker stops: %s", role, e)
+        return 1
     finally:
         worker.close()
     return 0

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import httpx
 
 LOG_ARGS: list[str] = []  # e.g. ["--log-level", "DEBUG"] while diagnosing
-URL_RE = re.compile(r"serving .* on (http://127\.0\.0\.1:\d+)")
+URL_RE = re.compile(r"serving .* on (http://\d+\.\d+\.\d+\.\d+:\d+)")
 
 
 @dataclass
@@ -57,9 +57,11 @@ class Server:
 
 
 @contextlib.contextmanager
-def serve(*args: str, timeout_s: float = 180.0) -> Iterator[Server]:
-    """`pdserve serve --port 0 ARGS`, yielding once the URL is printed; always stops it."""
-    cmd = [sys.executable, "-m", "deploy.cli", *LOG_ARGS, "serve", "--host", "127.0.0.1",
+def serve(*args: str, timeout_s: float = 180.0, host: str = "127.0.0.1",
+          prefix: tuple[str, ...] = ()) -> Iterator[Server]:
+    """`pdserve serve --port 0 ARGS`, yielding once the URL is printed; always stops it.
+    `prefix` goes before the command (e.g. `ip netns exec NS` to start it in a namespace)."""
+    cmd = [*prefix, sys.executable, "-m", "deploy.cli", *LOG_ARGS, "serve", "--host", host,
            "--port", "0", "--kv-cache-memory", "256MiB", "--max-model-len", "2048", *args]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

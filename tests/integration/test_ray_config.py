@@ -63,7 +63,7 @@ def test_serve_flags() -> None:
                                       "--placement-strategy", "SPREAD",
                                       "--prefill-resource", "prefill", "--detach"])
     assert args.ray and args.address == "10.0.0.1:6379" and args.max_restarts == 5 and args.detach
-    args = build_parser().parse_args(["serve", "--max-restarts", "5"])
+    args = build_parser().parse_args(["serve", "--proxy-node", "10.0.0.1"])
     with pytest.raises(ConfigError, match="need --ray"):
         cmd_serve(args)
     for command in ("status", "stop"):

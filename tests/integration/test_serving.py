@@ -161,7 +161,7 @@ def test_bad_requests_are_openai_shaped(server: Server) -> None:
         assert r.status_code == 400 and "error" in r.json()
         r = c.post("/v1/chat/completions", json={"messages": [], "max_tokens": 3})
         assert r.status_code == 400 and r.json()["error"]["param"]
-        r = c.post("/v1/completions", json={"prompt": "hi", "n": 3})
+        r = c.post("/v1/completions", json={"prompt": "hi", "n": 17})  # over --max-n
         assert r.status_code == 400 and r.json()["error"]["param"] == "n"
         r = c.post("/v1/completions", json={"prompt": "hi", "model": "gpt-7"})
         assert r.status_code == 404

@@ -27,6 +27,7 @@ from engine.sampling_params import SamplingParams
 from protocol import decode_ctrl as dmsg
 from protocol import prefill_ctrl as pmsg
 from protocol import worker_events as ev
+from protocol.auth import ClusterAuth, generate_secret
 from protocol.errors import ErrorCode
 from proxy.cluster import ClusterClient, ClusterConfig
 from proxy.errors import ApiError
@@ -84,16 +85,19 @@ class FakeWorker:
     """A worker's two sockets; ctrl messages it receives are decoded into `received`."""
 
     def __init__(self, ctx: zmq.asyncio.Context, events_address: str, worker_id: str,
-                 role: str) -> None:
+                 role: str, auth: ClusterAuth) -> None:
         self.worker_id, self.role = worker_id, role
         self.family = dmsg.DECODE_CTRL if role == "decode" else pmsg.PREFILL_CTRL
         self.ctrl = ctx.socket(zmq.PULL)
         self.ctrl.setsockopt(zmq.LINGER, 0)
+        auth.server(self.ctrl, "control")
         self.ctrl.bind("tcp://127.0.0.1:0")
         self.ctrl_address = self.ctrl.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.kv_address = f"tcp://127.0.0.1:9/{worker_id}-kv"  # never dialled by the proxy
+        port = int(self.ctrl_address.rsplit(":", 1)[1])
+        self.kv_address = f"tcp://127.0.0.2:{port}"  # never dialled by the proxy
         self.events = ctx.socket(zmq.PUSH)
         self.events.setsockopt(zmq.LINGER, 0)
+        auth.client(self.events)
         self.events.connect(events_address)
         self.hello = make_hello(worker_id, role, self.ctrl_address, self.kv_address)
         self.received: asyncio.Queue[object] = asyncio.Queue()
@@ -158,10 +162,11 @@ class Cluster:
     def __init__(self, client: ClusterClient) -> None:
         self.client = client
         self.ctx = zmq.asyncio.Context()
+        self.auth = ClusterAuth(self.ctx, client.config.secret)  # the deployment's, as workers
         self.fakes: list[FakeWorker] = []
 
     async def worker(self, role: str, worker_id: str, heartbeats: bool = True) -> FakeWorker:
-        w = FakeWorker(self.ctx, self.client.events_address, worker_id, role)
+        w = FakeWorker(self.ctx, self.client.events_address, worker_id, role, self.auth)
         self.fakes.append(w)
         await w.say(w.hello)
         await eventually(lambda: worker_id in self.client.workers)
@@ -181,12 +186,14 @@ class Cluster:
         for w in self.fakes:
             w.close()
         await self.client.close()
+        self.auth.close()
         self.ctx.destroy(linger=0)
 
 
 def run_cluster(body: Callable[[Cluster], Awaitable[None]], **config: Any) -> None:
     async def main() -> None:
-        client = ClusterClient(ClusterConfig(**config), ProxyMetrics())
+        client = ClusterClient(ClusterConfig(**{"secret": generate_secret(), **config}),
+                               ProxyMetrics())
         client.start()
         cluster = Cluster(client)
         try:

@@ -124,7 +124,7 @@ def test_silent_prefill_worker_loses_its_prefill_to_the_next_one() -> None:
     run_cluster(body, heartbeat_timeout_s=1.0)
 
 
-@pytest.mark.parametrize(("role", "code"), [("prefill", ErrorCode.INVALID_REQUEST),
+@pytest.mark.parametrize(("role", "code"), [("prefill", ErrorCode.KV_REFUSED),
                                             ("decode", ErrorCode.KV_TIMEOUT)])
 def test_non_retryable_failure_is_an_api_error_and_both_workers_abort(
         role: str, code: ErrorCode) -> None:

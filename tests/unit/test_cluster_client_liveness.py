@@ -6,6 +6,7 @@ message factories are in cluster_fakes.py.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import pytest
 from cluster_fakes import (
@@ -13,6 +14,7 @@ from cluster_fakes import (
     WAIT_S,
     Cluster,
     api_error,
+    eventually,
     reserve_and_prefill,
     run_cluster,
     sampling,
@@ -41,15 +43,23 @@ def test_silent_decode_worker_fails_its_request_and_aborts_the_prefill() -> None
     run_cluster(body, heartbeat_timeout_s=1.0)
 
 
-def test_restarted_decode_worker_fails_the_requests_it_held() -> None:
+def test_restarted_decode_worker_replaces_its_dead_predecessor_only() -> None:
+    """A Hello from another process under a live worker's id is refused (the live one keeps
+    its requests); once the worker is dead (its requests failed), the new process registers."""
     async def body(c: Cluster) -> None:
         d = await c.worker("decode", "d0")
         stream = c.generate("r1")
         await d.expect(dmsg.Reserve)
-        await d.say(d.hello)  # the same worker id says Hello again: a new process
+        restarted = replace(d.hello, pid=d.hello.pid + 1)
+        await d.say(restarted)  # the old process still beats: refused
+        await asyncio.sleep(0.3)
+        assert c.client.workers["d0"].hello.pid == d.hello.pid and not stream.done()
+        d.stop_heartbeats()
         err = await api_error(stream)
-        assert (err.status, err.code) == (503, "worker_lost") and "restarted" in err.message
-    run_cluster(body)
+        assert (err.status, err.code) == (503, "worker_lost") and "died" in err.message
+        await d.say(restarted)
+        await eventually(lambda: c.client.workers["d0"].hello.pid == restarted.pid)
+    run_cluster(body, heartbeat_timeout_s=1.0)
 
 
 @pytest.mark.parametrize("stage", [Stage.PREFILLING, Stage.DECODING])

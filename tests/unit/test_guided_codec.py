@@ -8,7 +8,7 @@ import msgpack
 import pytest
 
 from engine.errors import RequestError
-from engine.guided import MAX_GUIDED_SPEC_CHARS, GuidedDecoding, GuidedKind
+from engine.guided import MAX_GUIDED_SPEC_BYTES, GuidedDecoding, GuidedKind
 from engine.sampling_params import SamplingParams
 from protocol import decode_ctrl as dmsg
 from protocol.codec import MalformedMessage
@@ -31,8 +31,8 @@ def test_guided_params_round_trip() -> None:
 @pytest.mark.parametrize("edit,error", [
     (lambda p: p["guided"].update(kind="lark2"), "Reserve.params.guided.kind: expected GuidedKind"),
     (lambda p: p["guided"].update(spec=7), "Reserve.params.guided.spec: expected str, got int"),
-    (lambda p: p["guided"].update(spec="x" * (MAX_GUIDED_SPEC_CHARS + 1)),
-     f"Reserve.params.guided: guided decoding spec is {MAX_GUIDED_SPEC_CHARS + 1} characters"),
+    (lambda p: p["guided"].update(spec="x" * (MAX_GUIDED_SPEC_BYTES + 1)),
+     f"Reserve.params.guided: guided decoding spec is {MAX_GUIDED_SPEC_BYTES + 1} bytes"),
     (lambda p: p["guided"].update(kind="regex", spec=""),
      "Reserve.params.guided: guided decoding of kind regex needs a spec"),
     (lambda p: p.update(guided="json"), "Reserve.params.guided: expected GuidedDecoding"),

@@ -128,3 +128,29 @@ def test_a_failed_transfer_is_coded_from_its_error_class() -> None:
     finally:
         outbox.close()
         ctx.destroy(linger=0)
+
+
+def test_a_failed_transfer_retires_its_lane_at_once() -> None:
+    """A forged Prefill's `kv_address` (nobody there): the transfer fails within its timeout,
+    and the lane's thread and socket go with it, not after the 300 s idle time."""
+    src = PagedKvCache.allocate(SPEC, 16)
+    fill_random(src, torch.Generator().manual_seed(0))
+    ctx = zmq.Context()
+    outbox = KvOutbox(ctx, src, KvTransportConfig(transfer_timeout_s=0.3))
+    with zmq.Context() as probe:  # a port bound, then released: nothing listens there
+        s = probe.socket(zmq.PULL)
+        address = f"tcp://127.0.0.1:{s.bind_to_random_port('tcp://127.0.0.1')}"
+        s.close(linger=0)
+    try:
+        for i in range(4):
+            outbox.send(f"forged-{i}", address, [1, 2], 32, SPEC, {"first_token": 1})
+        got = _results(outbox, 4, 10.0)
+        assert all(r.error is not None for r, _ in got.values()) and len(got) == 4
+        deadline = time.monotonic() + 5.0
+        while outbox.num_lanes and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert outbox.num_lanes == 0
+        assert not [t for t in outbox._threads if t.is_alive()]
+    finally:
+        outbox.close()
+        ctx.term()

@@ -88,15 +88,17 @@ def test_chat_bad_messages_name_the_field(messages: list, loc: tuple) -> None:
 
 
 @pytest.mark.parametrize("prompt, expected", [
-    ("hello", "hello"), (["hello"], "hello"), ([1, 2, 3], [1, 2, 3]),
+    ("hello", ["hello"]), (["hello"], ["hello"]), ([1, 2, 3], [[1, 2, 3]]),
+    (["a", "b"], ["a", "b"]), ([[1, 2], [3]], [[1, 2], [3]]), (["a", [3]], ["a", [3]]),
 ])
 def test_prompt_forms(prompt: object, expected: object) -> None:
-    assert completion(prompt=prompt).prompt == expected
+    assert completion(prompt=prompt).prompts() == expected
 
 
 @pytest.mark.parametrize("prompt, kind", [
-    ([], "invalid_value"), (["a", "b"], "unsupported_value"), ([1, "a"], "invalid_value"),
-    ([-1], "invalid_value"), ([True], "invalid_value"),
+    ([], "invalid_value"), ([1, "a"], "invalid_value"), ([[]], "invalid_value"),
+    ([-1], "invalid_value"), ([True], "invalid_value"), ([[1, -2]], "invalid_value"),
+    (["a"] * 257, "invalid_value"),
 ])
 def test_bad_prompts(prompt: object, kind: str) -> None:
     with pytest.raises(ValidationError) as exc:
@@ -105,15 +107,23 @@ def test_bad_prompts(prompt: object, kind: str) -> None:
 
 
 @pytest.mark.parametrize("field, value", [
-    ("n", 2), ("best_of", 3), ("echo", True), ("presence_penalty", 0.5),
-    ("frequency_penalty", -1.0), ("repetition_penalty", 1.2), ("min_p", 0.1), ("suffix", "x"),
-    ("logit_bias", {"50256": -100}),
+    ("best_of", 3), ("min_p", 0.1), ("suffix", "x"),
 ])
 def test_unsupported_values_name_the_parameter(field: str, value: object) -> None:
     for make in (chat, completion):
         with pytest.raises(ValidationError) as exc:
             make(**{field: value})
         assert first_error(exc) == ((field,), "unsupported_value")
+
+
+def test_echo_is_for_completions_only() -> None:
+    assert completion(echo=True, logprobs=2).echo
+    assert sampling(completion(echo=True, logprobs=2)).prompt_logprobs == 2
+    assert sampling(completion(echo=True)).prompt_logprobs is None
+    assert sampling(completion(prompt_logprobs=0)).prompt_logprobs == 0
+    with pytest.raises(ValidationError) as exc:
+        chat(echo=True)
+    assert first_error(exc) == (("echo",), "unsupported_value")
 
 
 @pytest.mark.parametrize("field", ["functions"])  # the deprecated form of tools
@@ -133,7 +143,7 @@ def test_neutral_values_are_accepted() -> None:
     ("temperature", -0.1), ("temperature", 2.01), ("top_p", 0.0), ("top_p", 1.5),
     ("top_k", -2), ("max_tokens", 0), ("max_tokens", "10"), ("max_tokens", True),
     ("stream", "yes"), ("seed", 1.5), ("seed", 2**64), ("stop", ["a", "b", "c", "d", "e"]),
-    ("stop", [1]), ("logprobs", 21), ("min_tokens", -1),
+    ("stop", [1]), ("logprobs", 21), ("min_tokens", -1), ("n", 0), ("n", 1.5),
 ])
 def test_out_of_range_values(field: str, value: object) -> None:
     with pytest.raises(ValidationError) as exc:

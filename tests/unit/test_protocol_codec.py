@@ -27,7 +27,9 @@ from protocol.errors import ErrorCode
 from protocol.kv_meta import FirstToken
 
 PARAMS = SamplingParams(max_tokens=7, temperature=0.5, top_p=0.9, top_k=40, seed=2**64 - 1,
-                        stop_token_ids=(2, 3), ignore_eos=True, logprobs=2, min_tokens=1)
+                        stop_token_ids=(2, 3), ignore_eos=True, logprobs=2, min_tokens=1,
+                        frequency_penalty=0.5, presence_penalty=-1.0, repetition_penalty=1.2,
+                        logit_bias=((7, -100.0), (9, 2.5)), prompt_logprobs=1)
 SPEC = KvSpec(30, 3, 64, 16, dtype=KvDtype.INT8, layout=KvLayout.HND,
               scale_granularity=ScaleGranularity.PER_HEAD, model_fingerprint="f00d")
 LOGPROBS = [TokenLogprob(5, -0.25, [(5, -0.25), (9, -1.5)]), TokenLogprob(6, float("-inf"))]
@@ -51,6 +53,7 @@ MESSAGES: list[tuple[MessageFamily, Any]] = [
     (ev.WORKER_EVENTS, ev.Tokens("r1", "d0", [5])),
     (ev.WORKER_EVENTS, ev.PrefillDone("r1", "p0", 16, 1 << 20, 0.01)),
     (ev.WORKER_EVENTS, ev.RequestFailed("r1", "p0", "boom", ErrorCode.KV_TRANSFER)),
+    (ev.WORKER_EVENTS, ev.PromptLogprobs("r1", "p0", LOGPROBS, 40, False)),
 ]
 
 
@@ -71,7 +74,7 @@ def test_typed_fields_travel_as_msgpack_structures() -> None:
     """Nested dataclasses are maps, enums their values: never a JSON string, never pickle."""
     raw = msgpack.unpackb(ev.WORKER_EVENTS.encode(MESSAGES[13][1]))
     assert raw["d"]["logprobs"][0] == {"token_id": 5, "logprob": -0.25,
-                                       "top": [[5, -0.25], [9, -1.5]]}
+                                       "top": [[5, -0.25], [9, -1.5]], "rank": 0}
     assert raw["d"]["finish_reason"] == "length"
     prefill = msgpack.unpackb(pmsg.PREFILL_CTRL.encode(MESSAGES[5][1]))["d"]
     assert prefill["params"]["stop_token_ids"] == [2, 3]
@@ -94,7 +97,7 @@ FORGED: list[tuple[int, Callable[[dict], None], str]] = [
     (0, lambda d: d["params"].update(temperature=True),
      "Reserve.params.temperature: expected float, got bool"),
     (0, lambda d: d["params"].update(top_k=-2), "Reserve.params: top_k must be -1"),
-    (0, lambda d: d["params"].update(min_tokens=-1), "Reserve.params: min_tokens must be"),
+    (0, lambda d: d["params"].update(min_tokens=-1), "Reserve.params.min_tokens: -1 is below 0"),
     (0, lambda d: d["params"]["stop_token_ids"].append(None),
      r"Reserve.params.stop_token_ids\[2\]: expected int, got NoneType"),
     (0, lambda d: d["params"].update(stop="###"), r"Reserve.params: unknown fields \['stop'\]"),
@@ -246,3 +249,25 @@ def test_reserve_prefill_chunk_must_be_an_int() -> None:
               "prefill_chunk": "big"}
     with pytest.raises(MalformedMessage, match="prefill_chunk"):
         dmsg.DECODE_CTRL.decode(_forged(dmsg.DECODE_CTRL, "Reserve", fields))
+
+
+def test_prompt_logprobs_travel_in_parts_under_the_event_frame() -> None:
+    """A 4096-token prompt's logprobs with the top 20 each: every part fits the proxy's 64 KiB
+    event frame, and the parts assemble in order (a retried prefill starts over)."""
+    import asyncio
+
+    from proxy.cluster import EVENT_FRAME_BYTES
+    from proxy.cluster_state import RequestState
+
+    entries = [TokenLogprob(40000 + i, -1.0 / (i + 1), [(49000 + j, -0.1 * j) for j in range(20)],
+                            i + 1) for i in range(4095)]
+    parts = ev.prompt_logprobs_events("r1", "p0", entries, 20)
+    assert len(parts) > 1 and [p.is_last for p in parts].count(True) == 1 and parts[-1].is_last
+    assert max(len(ev.WORKER_EVENTS.encode(p)) for p in parts) < EVENT_FRAME_BYTES // 2
+    req = RequestState("r1", [1, 2], PARAMS, asyncio.Queue(), "d0")
+    req.add_prompt_logprobs(parts[0])
+    req.add_prompt_logprobs(parts[2])  # out of order: dropped
+    assert req.prompt_logprobs is None and not req.prompt_logprobs_arrived.is_set()
+    for part in parts:  # a retry sends them all again, from the first
+        req.add_prompt_logprobs(ev.WORKER_EVENTS.decode(ev.WORKER_EVENTS.encode(part)))
+    assert req.prompt_logprobs == entries and req.prompt_logprobs_arrived.is_set()

@@ -82,9 +82,9 @@ def test_nested_and_unsupported_parameters(client: TestClient) -> None:
         "messages": [{"role": "robot", "content": "x"}]}), 400)
     assert error["param"] == "messages[0].role"
     error = assert_openai_error(client.post("/v1/chat/completions", json={
-        "messages": [{"role": "user", "content": "x"}], "n": 3}), 400)
-    assert (error["param"], error["code"]) == ("n", "unsupported_value")
-    assert "n=1" in error["message"]
+        "messages": [{"role": "user", "content": "x"}], "best_of": 3}), 400)
+    assert (error["param"], error["code"]) == ("best_of", "unsupported_value")
+    assert "best_of=1" in error["message"]
 
 
 def test_missing_parameter(client: TestClient) -> None:

@@ -22,7 +22,10 @@ def _worker_config(cmd: list[str]) -> WorkerConfig:
         parser.add_argument(flag)
     add_dataclass_args(parser, EngineConfig)
     add_dataclass_args(parser, WorkerConfig)
-    return dataclass_from_args(WorkerConfig, parser.parse_args(cmd[cmd.index("decode") + 1:]))
+    args = parser.parse_args(cmd[cmd.index("decode") + 1:])
+    # the secret comes from the environment (worker/main.py), never from the command line
+    secret = None if args.insecure_internal else b"s" * 32
+    return dataclass_from_args(WorkerConfig, args, cluster_secret=secret)
 
 
 @pytest.mark.parametrize("serve", [
@@ -37,6 +40,18 @@ def test_kv_flags_reach_the_worker(serve: ServeConfig) -> None:
     got = _worker_config(cmd)
     assert (got.worker_id, got.events_address) == ("decode-3", "tcp://127.0.0.1:5555")
     assert got.kv == serve.kv
+    assert got.host == serve.internal_host and not got.insecure_internal
+
+
+def test_insecure_internal_reaches_the_worker_and_a_worker_without_a_secret_refuses() -> None:
+    serve = ServeConfig(insecure_internal=True, internal_host="10.1.2.3", host="0.0.0.0")
+    got = _worker_config(worker_command("decode", "decode-0", "tcp://127.0.0.1:5555", serve,
+                                        [], "cpu", 1))
+    assert got.insecure_internal and got.cluster_secret is None and got.host == "10.1.2.3"
+    with pytest.raises(ConfigError, match="no cluster secret"):
+        WorkerConfig(worker_id="decode-0", events_address="tcp://127.0.0.1:5555")
+    with pytest.raises(ConfigError, match="--max-kv-peers"):
+        KvTransportConfig(max_kv_peers=0)
 
 
 def test_serve_flags_parse_into_the_nested_transport_config() -> None:
@@ -70,6 +85,7 @@ def test_cluster_config_takes_the_serve_settings_and_the_launchers_overrides() -
     assert (config.host, config.events_port) == ("10.0.0.7", 5555)
     assert (config.placement, config.slo_ttft_s, config.slo_tpot_s, config.router) == \
         ("local", 2.0, 0.1, "round-robin")
+    assert cluster_config(ServeConfig(host="0.0.0.0")).host == "127.0.0.1"  # --internal-host
 
 
 @pytest.mark.parametrize(("flags", "flag"), [
@@ -84,3 +100,57 @@ def test_bad_placement_flags_are_refused_at_start_up(flags: list[str], flag: str
                          capture_output=True, text=True, timeout=120)
     assert out.returncode != 0
     assert flag in out.stderr + out.stdout
+
+
+def test_http_limit_flags_parse_into_the_nested_limits() -> None:
+    from proxy.limits import HttpLimits
+
+    parser = argparse.ArgumentParser()
+    add_dataclass_args(parser, ServeConfig)
+    serve = dataclass_from_args(ServeConfig, parser.parse_args(
+        ["--max-request-bytes", "1MiB", "--header-timeout-s", "2.5", "--limit-concurrency", "64",
+         "--allow-special-tokens-in-content", "--no-allow-special-tokens-in-prompt"]))
+    assert serve.http == HttpLimits(max_request_bytes=2**20, header_timeout_s=2.5,
+                                    limit_concurrency=64, allow_special_tokens_in_content=True,
+                                    allow_special_tokens_in_prompt=False)
+    assert ServeConfig().http == HttpLimits()
+
+
+def test_role_tp_flags_reach_each_role_and_stride_the_gpus() -> None:
+    from deploy.local_launcher import worker_devices
+
+    serve = ServeConfig(colocated=True, decode_tp=3, prefill_tp=1)
+    parser = argparse.ArgumentParser()
+    for flag in ("--num-threads", "--profile"):
+        parser.add_argument(flag)
+    add_dataclass_args(parser, EngineConfig)
+    add_dataclass_args(parser, WorkerConfig)
+    for role, want in (("decode", 3), ("prefill", 1)):
+        cmd = worker_command(role, f"{role}-0", "tcp://127.0.0.1:5555", serve,
+                             ["-tp", "2"], "cpu", 1)
+        args = parser.parse_args(cmd[cmd.index(role) + 1:])
+        assert dataclass_from_args(EngineConfig, args).tensor_parallel_size == want
+        assert serve.tp_of(role, 2) == want
+    assert worker_devices([1, 1, 1], 2) == ["cuda:0", "cuda:1", "cuda:0"]
+    assert worker_devices([2, 2], 4) == ["cuda:0", "cuda:2"]
+    assert worker_devices([1, 2], 2) == ["cuda:0", "cuda:0"]  # a worker's ranks never wrap
+    assert worker_devices([3], 0) == ["cpu"]
+
+
+@pytest.mark.parametrize(("serve", "engine_tp", "flag"), [
+    (ServeConfig(prefill=1), 2, "--prefill-tp / --tensor-parallel-size 2"),
+    (ServeConfig(decode_tp=3), 1, "--decode-tp / --tensor-parallel-size 3"),
+    (ServeConfig(prefill_tp=2), 1, "--prefill-tp / --tensor-parallel-size 2"),
+])
+def test_tp_for_workers_that_exchange_kv_is_refused(serve: ServeConfig, engine_tp: int,
+                                                    flag: str) -> None:
+    with pytest.raises(ConfigError, match="--colocated") as err:
+        serve.check_tp(engine_tp)
+    assert flag in str(err.value)
+
+
+def test_tp_for_colocated_decode_workers_is_accepted() -> None:
+    ServeConfig(colocated=True, prefill_tp=4).check_tp(3)
+    ServeConfig(prefill=0, decode_tp=1).check_tp(1)
+    with pytest.raises(ConfigError, match="--decode-tp must be at least 1"):
+        ServeConfig(decode_tp=0)

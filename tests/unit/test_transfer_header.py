@@ -59,7 +59,12 @@ def test_sender_head_slice_round_trip() -> None:
 
 
 CASES: list[tuple[str, Callable[[dict], None], type[TransferError]]] = [
-    ("version", lambda d: d.update(v=2), UnsupportedVersion),
+    ("version", lambda d: d.update(v=1), UnsupportedVersion),
+    ("rtok type", lambda d: d.update(rtok=b"x" * 16), MalformedHeader),
+    ("rtok too long", lambda d: d.update(rtok="x" * 65), MalformedHeader),
+    ("rtok missing", lambda d: d.pop("rtok"), MalformedHeader),
+    ("bufs size over the limit", lambda d: d.update(bufs=[1 << 40] * len(d["bufs"])),
+     LimitExceeded),
     ("missing key", lambda d: d.pop("tok"), MalformedHeader),
     ("unknown key", lambda d: d.update(extra=1), MalformedHeader),
     ("tid type", lambda d: d.update(tid="1"), MalformedHeader),

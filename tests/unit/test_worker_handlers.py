@@ -145,6 +145,8 @@ def test_abort_frees_a_running_request_and_abort_all_drops_everything(
     proxy.wait_event(ev.Tokens, "local", drive=(d,))
     proxy.send(d, dmsg.Abort("local"))
     assert not d.local and not d.engine.has_unfinished
+    got = proxy.wait_event(ev.RequestFailed, "local")  # said at once, typed
+    assert (got.code, got.retryable) == (ErrorCode.ABORTED, False)
     proxy.assert_no_event("local", drive=(d,))
     assert_all_free(d)
     proxy.send(d, reserve("running", params=sampling(max_tokens=40), remote_prefill=False))
@@ -156,6 +158,9 @@ def test_abort_frees_a_running_request_and_abort_all_drops_everything(
     proxy.send(d, dmsg.AbortAll("proxy restarted"))
     assert not d.pending and not d.reservations and not d.local
     assert not d.engine.has_unfinished
+    for rid in ("running", "reserved", "queued"):  # each dropped request is reported at once
+        got = proxy.wait_event(ev.RequestFailed, rid)
+        assert got.code is ErrorCode.ABORTED and "proxy restarted" in got.error
     proxy.assert_no_event("queued", drive=(d,))
     assert_all_free(d)
 
@@ -172,7 +177,7 @@ def test_prefill_to_a_missing_kv_destination_fails_kv_transfer_and_frees_blocks(
     assert_all_free(p)
 
 
-def test_abort_of_a_queued_or_running_prefill_sends_nothing_and_frees_blocks(
+def test_abort_of_a_queued_or_running_prefill_reports_it_once_and_frees_blocks(
         proxy: FakeProxy, make_worker: Any) -> None:
     p = make_worker(PrefillWorker, proxy.config("p0"), max_num_batched_tokens=8)
     long_prompt = list(range(1, 41))  # 5 chunks of 8
@@ -185,12 +190,14 @@ def test_abort_of_a_queued_or_running_prefill_sends_nothing_and_frees_blocks(
     proxy.send(p, pmsg.Abort("queued"))
     proxy.send(p, pmsg.Abort("running"))
     assert not p.jobs and not p.engine.scheduler.has_work
+    for rid in ("queued", "running"):
+        assert proxy.wait_event(ev.RequestFailed, rid).code is ErrorCode.ABORTED
     proxy.assert_no_event("queued", drive=(p,))
     assert not proxy.pending
     assert_all_free(p)
 
 
-def test_abort_while_the_kv_is_on_the_wire_ends_silently_with_the_transfer(
+def test_abort_while_the_kv_is_on_the_wire_is_reported_once_then_ends_with_the_transfer(
         proxy: FakeProxy, make_worker: Any) -> None:
     kv = KvTransportConfig(transfer_timeout_s=0.5)
     p = make_worker(PrefillWorker, proxy.config("p0", kv=kv))
@@ -199,6 +206,7 @@ def test_abort_while_the_kv_is_on_the_wire_ends_silently_with_the_transfer(
     assert "r1" in p.jobs and p.engine.cache.pool.num_used == 3
     proxy.send(p, pmsg.Abort("r1"))
     assert p.jobs["r1"].is_aborted and p.engine.cache.pool.num_used == 3  # a sender reads them
+    assert proxy.wait_event(ev.RequestFailed, "r1").code is ErrorCode.ABORTED
     deadline = time.monotonic() + WAIT_S
     while p.jobs and time.monotonic() < deadline:
         p.do_work()

@@ -82,6 +82,8 @@ def test_kv_for_a_reservation_aborted_meanwhile_is_refused_and_freed_on_both_sid
     proxy.send(d, reserve("r1"))
     blocks = proxy.wait_event(ev.Reserved, "r1").block_ids
     proxy.send(d, dmsg.Abort("r1"))
+    aborted = proxy.wait_event(ev.RequestFailed, "r1")  # the decode worker says so at once
+    assert (aborted.worker_id, aborted.code) == ("d0", ErrorCode.ABORTED)
     proxy.send(p, prefill("r1", "d0", d.kv_address, blocks, kv_spec_of(d)))
     got = proxy.wait_event(ev.RequestFailed, "r1", drive=(p, d))
     assert (got.worker_id, got.code) == ("p0", ErrorCode.KV_REFUSED)

@@ -1,8 +1,10 @@
 """The fake proxy and the message factories of the worker handler tests
 (test_worker_handlers.py, test_worker_handlers_pd.py).
 
-A `FakeProxy` owns the proxy's ends: a PULL socket bound on 127.0.0.1 port 0 that the workers'
-events go to (`WorkerConfig.events_address`), and PUSH sockets to each worker's ctrl address.
+A `FakeProxy` owns the proxy's ends, authenticated as the real proxy's are (a fresh cluster
+secret per fake, which its workers' configs carry): a PULL socket bound on 127.0.0.1 port 0
+that the workers' events go to (`WorkerConfig.events_address`), and PUSH sockets to each
+worker's ctrl address.
 `send` encodes a control message with the real codec, and hands what the worker's Inbox
 decodes to `worker.on_ctrl`; `wait_event` calls the workers' `do_work` until the wanted event
 arrives. The `proxy` and `make_worker` fixtures are in tests/unit/conftest.py.
@@ -25,6 +27,7 @@ from engine.sampling_params import SamplingParams
 from protocol import decode_ctrl as dmsg
 from protocol import prefill_ctrl as pmsg
 from protocol import worker_events as ev
+from protocol.auth import ClusterAuth, generate_secret
 from worker.base import WorkerBase
 from worker.config import WorkerConfig
 
@@ -60,15 +63,19 @@ def prefill(request_id: str, decode_id: str, kv_address: str, block_ids: list[in
 class FakeProxy:
     def __init__(self) -> None:
         self.ctx = zmq.Context()
+        self.secret = generate_secret()
+        self.auth = ClusterAuth(self.ctx, self.secret)
         self.events = self.ctx.socket(zmq.PULL)
         self.events.setsockopt(zmq.LINGER, 0)
+        self.auth.server(self.events, "events")
         self.events.bind("tcp://127.0.0.1:0")
         self.address = self.events.getsockopt_string(zmq.LAST_ENDPOINT)
         self.pending: list[Any] = []  # events received and not yet taken by a test
         self._ctrl: dict[str, zmq.Socket] = {}
 
     def config(self, worker_id: str, **kw: Any) -> WorkerConfig:
-        return WorkerConfig(worker_id=worker_id, events_address=self.address, **kw)
+        return WorkerConfig(worker_id=worker_id, events_address=self.address,
+                            cluster_secret=self.secret, **kw)
 
     def send(self, worker: WorkerBase, msg: object) -> None:
         """Over the wire to the worker's ctrl Inbox, then into its handler."""
@@ -76,6 +83,7 @@ class FakeProxy:
         if sock is None:
             sock = self._ctrl[worker.worker_id] = self.ctx.socket(zmq.PUSH)
             sock.setsockopt(zmq.LINGER, 0)
+            self.auth.client(sock)
             sock.connect(worker.ctrl.address)
         sock.send(worker.ctrl.family.encode(msg))
         deadline = time.monotonic() + WAIT_S
@@ -127,6 +135,7 @@ class FakeProxy:
         for sock in self._ctrl.values():
             sock.close(linger=0)
         self.events.close(linger=0)
+        self.auth.close()
         self.ctx.term()
 
 

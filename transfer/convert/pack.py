@@ -349,7 +349,7 @@ def pack_kv(
     request_id: str, transfer_id: int = 0, layer_range: tuple[int, int] | None = None,
     head_range: tuple[int, int] | None = None, checksum: str | None = None, transport: str = "zmq",
     meta: Mapping[str, Any] | None = None, options: PackOptions = PackOptions(),
-    pool: StagingPool | None = None,
+    pool: StagingPool | None = None, reservation_token: str = "",
 ) -> PackedKv:
     """Plan a message carrying tokens `[token_start, token_end)` of a sequence whose blocks are
     `block_table` (block ids from token 0, in the sender's block size), layers `layer_range`
@@ -388,5 +388,6 @@ def pack_kv(
         token_end=token_end, layer_start=l0, layer_end=l1, head_start=heads[0], head_end=heads[1],
         buffer_sizes=tuple(sizes), chunks=_chunks(sizes, options.chunk_bytes),
         entries=tuple(p.entries), checksum=checksum, transport=transport, meta=dict(meta or {}),
+        reservation_token=reservation_token,
     )
     return PackedKv(header, p.buffers, cache, ids)  # the receiver validates it (decode_header)

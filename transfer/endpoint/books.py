@@ -16,6 +16,7 @@ block the receiver's thread.
 
 from __future__ import annotations
 
+import hmac
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -30,6 +31,7 @@ from transfer.wire.errors import (
     LimitExceeded,
     MalformedFrame,
     PeerLost,
+    ReservationMismatch,
     TransferCancelled,
     TransferError,
     TransferTimeout,
@@ -43,14 +45,17 @@ log = logging.getLogger(__name__)
 CompleteFn = Callable[[str, list[WriteReport]], None]
 ReleaseFn = Callable[[str, TransferError], None]
 SendFn = Callable[[list[list[bytes]]], None]  # sends [peer, *frames] messages on the socket
+RefusedFn = Callable[[str, str], None]  # (plane, reason): a refused message or connection
 
 
 class TransferBooks:
     def __init__(self, cache: PagedKvCache, config: ZmqReceiverConfig, *,
                  paths: Mapping[str, PayloadReceiver], on_complete: CompleteFn,
-                 on_release: ReleaseFn, send: SendFn):
-        """`paths`: the receiver's payload paths by transport (filled by the receiver)."""
+                 on_release: ReleaseFn, send: SendFn, on_refused: RefusedFn | None = None):
+        """`paths`: the receiver's payload paths by transport (filled by the receiver);
+        `on_refused(plane, reason)`: counts what was refused (e.g. a worker's Rejections)."""
         self.cache, self.config, self._paths = cache, config, paths
+        self._on_refused = on_refused
         self.limits, self.idle_timeout_s = config.limits, config.idle_timeout_s
         self._on_complete, self._on_release, self._send = on_complete, on_release, send
         self.expected: dict[str, Expectation] = {}
@@ -62,10 +67,16 @@ class TransferBooks:
 
     # ---- reservations ----------------------------------------------------------------------------
     def expect(self, request_id: str, block_table: list[int], num_transfers: int,
-               deadline: float | None) -> None:
+               deadline: float | None, token: str = "") -> None:
         if request_id in self.expected:
             raise InvalidRequest(f"request {request_id} is already expected")
-        self.expected[request_id] = Expectation(request_id, block_table, num_transfers, deadline)
+        self.expected[request_id] = Expectation(request_id, block_table, num_transfers, deadline,
+                                                token)
+
+    def refused(self, plane: str, reason: str) -> None:
+        """Count a refused message or connection (called under the lock; must be quick)."""
+        if self._on_refused is not None:
+            self._on_refused(plane, reason)
 
     def cancel(self, request_id: str) -> bool:
         exp = self.expected.pop(request_id, None)
@@ -92,6 +103,11 @@ class TransferBooks:
             raise UnexpectedTransfer("no reservation for this request (expect() was not called, "
                                      "or it already completed, failed or was cancelled)",
                                      request_id=rid)
+        if exp.token and not hmac.compare_digest(exp.token.encode(),
+                                                 header.reservation_token.encode()):
+            raise ReservationMismatch("the header's reservation token (rtok) is not this "
+                                      "reservation's: the sender was not sent here for it",
+                                      request_id=rid)
         if len(self.inflight) >= self.config.max_inflight:
             raise LimitExceeded("transfers in flight", len(self.inflight) + 1,
                                 self.config.max_inflight)

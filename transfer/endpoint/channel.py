@@ -17,14 +17,16 @@ from typing import Any
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from transfer.endpoint.security import SocketSecurity
 from transfer.wire import framing as proto
 from transfer.wire.errors import PeerLost, TransferError, TransferTimeout
 
 
 class DealerChannel:
     def __init__(self, endpoint: str, context: zmq.Context, *, sndhwm: int = 64,
-                 heartbeat_ivl_ms: int = 1000, heartbeat_timeout_ms: int = 10000):
-        self._endpoint, self._ctx = endpoint, context
+                 heartbeat_ivl_ms: int = 1000, heartbeat_timeout_ms: int = 10000,
+                 security: SocketSecurity | None = None):
+        self._endpoint, self._ctx, self._security = endpoint, context, security
         self._options = ((zmq.LINGER, 0), (zmq.SNDHWM, sndhwm), (zmq.IMMEDIATE, 1),
                          (zmq.HEARTBEAT_IVL, heartbeat_ivl_ms),
                          (zmq.HEARTBEAT_TIMEOUT, heartbeat_timeout_ms))
@@ -46,6 +48,8 @@ class DealerChannel:
         # Every payload frame zero-copy (no small-frame copies): a chunk's tracker (its last
         # part) then covers all of its frames, which ZMQ releases in order.
         sock.copy_threshold = 0
+        if self._security is not None:
+            self._security.client(sock)
         self._monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         sock.connect(self._endpoint)
         self._sock = sock

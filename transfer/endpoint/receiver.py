@@ -26,6 +26,12 @@ decide every outcome (ack or ERROR, `on_complete` / `on_release`). A caller with
 must wake on all of `pollables()` (the ROUTER socket and the stream path's data connections,
 which change as senders come and go: re-read it after each `poll`).
 
+With a `security` (security.py) the ROUTER is a CURVE server: only the deployment's peers get a
+frame through. Every refused header is counted through `on_refused(plane, reason)`: a request id
+with no reservation ("unknown_reservation"), a reservation token that differs
+("bad_token"), malformed ("malformed") or over the limits ("limit"); the stream path counts data
+connections closed without a valid token ("unauthenticated").
+
 Every header is validated against `limits` before a payload byte is looked at; frames larger
 than `limits.max_buffer_bytes` are refused by ZMQ itself (MAXMSGSIZE disconnects the peer).
 Malformed or hostile input — on ZMQ or on a data connection — produces a typed ERROR reply
@@ -45,18 +51,24 @@ import torch
 import zmq
 
 from transfer.convert.cache import PagedKvCache
-from transfer.endpoint.books import CompleteFn, ReleaseFn, TransferBooks
+from transfer.endpoint.books import CompleteFn, RefusedFn, ReleaseFn, TransferBooks
 from transfer.endpoint.records import ZmqReceiverConfig
+from transfer.endpoint.security import SocketSecurity
 from transfer.frames.receiver import FramesReceiver
 from transfer.payload.receive import PayloadReceiver
 from transfer.stream.receiver import StreamReceiver
 from transfer.wire import framing as proto
 from transfer.wire.errors import (
     InvalidRequest,
+    LimitExceeded,
     MalformedFrame,
+    MalformedHeader,
+    ReservationMismatch,
+    TooManyPeers,
     TransferCancelled,
     TransferError,
     TransportUnavailable,
+    UnexpectedTransfer,
 )
 from transfer.wire.header import decode_header
 
@@ -68,17 +80,20 @@ __all__ = ["CompleteFn", "ReleaseFn", "ZmqKvReceiver", "ZmqReceiverConfig"]
 class ZmqKvReceiver:
     def __init__(self, cache: PagedKvCache, config: ZmqReceiverConfig = ZmqReceiverConfig(), *,
                  on_complete: CompleteFn, on_release: ReleaseFn,
-                 context: zmq.Context | None = None, nccl: PayloadReceiver | None = None):
-        """`nccl`: an `nccl.NcclReceiverPlugin` to accept NCCL payloads (optional)."""
+                 context: zmq.Context | None = None, nccl: PayloadReceiver | None = None,
+                 security: SocketSecurity | None = None, on_refused: RefusedFn | None = None):
+        """`nccl`: an `nccl.NcclReceiverPlugin` to accept NCCL payloads (optional); `security`:
+        authenticate peers (security.py); `on_refused(plane, reason)`: count refusals."""
         self.cache, self.config = cache, config
         self._own_context = context is None
         self._ctx = context or zmq.Context()
-        self._sock = self._bind()
+        self._sock = self._bind(security)
         self.endpoint: str = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._lock = threading.Lock()
         self._paths: dict[str, PayloadReceiver] = {}  # by the header `transport` they take
         self._books = TransferBooks(cache, config, paths=self._paths, on_complete=on_complete,
-                                    on_release=on_release, send=self._send_all)
+                                    on_release=on_release, send=self._send_all,
+                                    on_refused=on_refused)
         for path in (FramesReceiver(), self._open_stream(), nccl):
             if path is not None:
                 path.attach(self._books)
@@ -88,8 +103,10 @@ class ZmqKvReceiver:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
 
-    def _bind(self) -> zmq.Socket:
+    def _bind(self, security: SocketSecurity | None) -> zmq.Socket:
         sock = self._ctx.socket(zmq.ROUTER)
+        if security is not None:
+            security.server(sock, "kv")
         config, lim = self.config, self.config.limits
         for opt, val in ((zmq.LINGER, 0), (zmq.RCVHWM, config.rcvhwm), (zmq.SNDHWM, 1024),
                          (zmq.MAXMSGSIZE, max(lim.max_buffer_bytes, lim.max_header_bytes)),
@@ -148,16 +165,17 @@ class ZmqKvReceiver:
             return [self._sock, *self._fds()]
 
     def expect(self, request_id: str, block_table: Sequence[int], *, num_transfers: int = 1,
-               timeout_s: float | None = None) -> None:
+               timeout_s: float | None = None, token: str = "") -> None:
         """Declare a reservation (see the module contract). `num_transfers` > 1 when several
-        senders (prefill TP ranks) or several layer groups fill it."""
+        senders (prefill TP ranks) or several layer groups fill it. `token`: the reservation
+        token every header for it must carry (`rtok`; "" accepts any)."""
         ids = list(block_table)
         if any(not 0 <= b < self.cache.num_blocks for b in ids) or num_transfers < 1:
             raise InvalidRequest(f"block ids must lie in [0, {self.cache.num_blocks}) and "
                                  "num_transfers >= 1")
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         with self._lock:
-            self._books.expect(request_id, ids, num_transfers, deadline)
+            self._books.expect(request_id, ids, num_transfers, deadline, token)
 
     def cancel(self, request_id: str) -> bool:
         """Withdraw a reservation. True: it was pending; no write is in progress or will happen,
@@ -236,6 +254,9 @@ class ZmqKvReceiver:
             else:
                 self._path_for(kind).on_message(peer, kind, rest)
         except TransferError as e:
+            reason = _refusal_reason(e)
+            if reason is not None:
+                self._books.refused("nccl" if kind == proto.NCCL_HELLO else "kv", reason)
             self._books.report(peer, e, None)
         except Exception as e:  # a bug must not stop the receiver; report it to the peer
             log.exception("KV receiver: internal error handling a message")
@@ -321,3 +342,15 @@ class ZmqKvReceiver:
                 cb()
             except Exception:
                 log.exception("KV receiver: a completion/release callback raised")
+
+
+def _refusal_reason(err: TransferError) -> str | None:
+    """How a refused message is counted (None: not a refusal of the peer, e.g. incompatible
+    caches, which the serving layer reports as a request failure)."""
+    for cls, reason in ((ReservationMismatch, "bad_token"), (TooManyPeers, "too_many_links"),
+                        (UnexpectedTransfer, "unknown_reservation"),
+                        (LimitExceeded, "limit"), (MalformedHeader, "malformed"),
+                        (MalformedFrame, "malformed")):
+        if isinstance(err, cls):
+            return reason
+    return None

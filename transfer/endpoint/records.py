@@ -36,5 +36,6 @@ class Expectation:
     block_table: list[int]
     num_transfers: int
     deadline: float | None
+    token: str = ""  # the reservation token a header must carry ("" accepts any)
     reports: list[WriteReport] = field(default_factory=list)
     inflight: set[tuple[bytes, int]] = field(default_factory=set)  # (peer, transfer id)

@@ -37,6 +37,7 @@ import zmq
 from transfer.convert.cache import PagedKvCache
 from transfer.convert.pack import PackOptions
 from transfer.endpoint.channel import DealerChannel
+from transfer.endpoint.security import SocketSecurity
 from transfer.frames.sender import FramesSender
 from transfer.payload.send import PayloadSender
 from transfer.stream.sender import StreamSender, stream_capable
@@ -87,8 +88,10 @@ class SendResult:
 
 class ZmqKvSender:
     def __init__(self, endpoint: str, config: ZmqSenderConfig = ZmqSenderConfig(), *,
-                 context: zmq.Context | None = None, nccl: PayloadSender | None = None):
-        """`nccl`: an `nccl.NcclSenderPlugin` to move payloads over NCCL (optional)."""
+                 context: zmq.Context | None = None, nccl: PayloadSender | None = None,
+                 security: SocketSecurity | None = None):
+        """`nccl`: an `nccl.NcclSenderPlugin` to move payloads over NCCL (optional);
+        `security`: authenticate to the receiver (endpoint/security.py)."""
         self.endpoint, self.config = endpoint, config
         self._own_context = context is None
         self._ctx = context or zmq.Context()
@@ -96,7 +99,8 @@ class ZmqKvSender:
         self._path: PayloadSender = nccl if nccl is not None else self._choose_path()
         self._channel = DealerChannel(endpoint, self._ctx, sndhwm=config.sndhwm,
                                       heartbeat_ivl_ms=config.heartbeat_ivl_ms,
-                                      heartbeat_timeout_ms=config.heartbeat_timeout_ms)
+                                      heartbeat_timeout_ms=config.heartbeat_timeout_ms,
+                                      security=security)
 
     def _choose_path(self) -> PayloadSender:
         c = self.config
@@ -126,8 +130,9 @@ class ZmqKvSender:
     def send(self, cache: PagedKvCache, block_table: Sequence[int], token_start: int,
              token_end: int, *, request_id: str, layer_range: tuple[int, int] | None = None,
              head_range: tuple[int, int] | None = None, meta: Mapping[str, Any] | None = None,
-             timeout_s: float | None = None) -> SendResult:
-        """Send tokens `[token_start, token_end)` of `request_id` (see the module contract)."""
+             timeout_s: float | None = None, reservation_token: str = "") -> SendResult:
+        """Send tokens `[token_start, token_end)` of `request_id` (see the module contract);
+        `reservation_token`: the destination reservation's (the receiver checks it)."""
         t0 = time.monotonic()
         deadline = t0 + (timeout_s if timeout_s is not None else self.config.timeout_s)
         self._next_tid += 1
@@ -138,7 +143,8 @@ class ZmqKvSender:
             self._connect_path(tid, deadline)
             packed = self._path.pack(cache, block_table, token_start, token_end, transfer_id=tid,
                                      request_id=request_id, layer_range=layer_range,
-                                     head_range=head_range, meta=meta)
+                                     head_range=head_range, meta=meta,
+                                     reservation_token=reservation_token)
             began = True
             body = self._path.send(self._channel, packed, deadline)
             if body is None:

@@ -18,6 +18,7 @@ from transfer.wire import framing as proto
 from transfer.wire.errors import (
     MalformedFrame,
     MalformedHeader,
+    TooManyPeers,
     TransferError,
     TransportUnavailable,
 )
@@ -43,7 +44,10 @@ class NcclReceiverPlugin(PayloadReceiver):
     kinds = (proto.NCCL_HELLO, proto.SIZES)
 
     def __init__(self, device: torch.device | str | int, *, library_path: str | None = None,
-                 tracer: Tracer = NO_TRACE):
+                 tracer: Tracer = NO_TRACE, max_links: int = 64):
+        """`max_links`: prefill peers with a link at once; a hello beyond them is refused
+        (LimitExceeded, counted "too_many_links") before any communicator is built."""
+        self.max_links = max_links
         self.device = require_cuda(device)
         self.lib = NcclLibrary(library_path)
         self.tracer = tracer
@@ -60,6 +64,8 @@ class NcclReceiverPlugin(PayloadReceiver):
         body = proto.unpack_small(rest[0].buffer, "nccl hello") if len(rest) == 1 else None
         if not isinstance(body, list) or not body or not isinstance(body[0], bytes):
             raise MalformedFrame("NCCL hello must be [unique_id, ...]")
+        if peer not in self.links and len(self.links) >= self.max_links:
+            raise TooManyPeers("NCCL links", len(self.links) + 1, self.max_links)
         self._posted.pop(peer, None)
         old = self.links.pop(peer, None)
         if old is not None:

@@ -77,6 +77,10 @@ class ReceiverDesk(Protocol):
         """An error outside any transfer in flight (e.g. on a data connection): ERROR reply."""
         ...
 
+    def refused(self, plane: str, reason: str) -> None:
+        """Count a refused message or connection on `plane` ("kv", "kv_data", "nccl")."""
+        ...
+
 
 class PayloadReceiver(Protocol):
     """One payload path, decode side. Hooks a path does not need are no-ops here."""

@@ -5,7 +5,14 @@ Owned by a ZmqKvReceiver and called from its polling thread, under its lock. It 
 listening socket on the ZMQ endpoint's host (TCP port 0) or next to its ipc path (Unix socket
 `<path>.data`, removed on close) and the data connections accepted there. A connection counts
 only once it presented a token that a ZMQ peer sent in a STREAM message (answered with LISTEN)
-within `token_timeout_s`; otherwise it is closed. Paired connections are read without
+within `token_timeout_s`; otherwise it is closed and counted (`desk.refused`, "unauthenticated").
+This is the data connection's authentication: the token is 16 random bytes, single-use, valid
+for `2 * token_timeout_s`, and reaches the sender only over the pair's ZMQ connection, which is
+CURVE-authenticated and encrypted in a secured deployment; so only a peer that holds the
+deployment's secret can have a connection paired. The payload bytes that follow are neither
+encrypted nor MACed (speed: they go straight from and into cache blocks); an on-path attacker
+on the network between the two workers can read or alter them (--checksum detects accidents,
+not attacks). Paired connections are read without
 blocking: `service` reads as much as is available (at most `pump_bytes` per connection and
 round) and returns to the receiver's loop, so several peers interleave and every deadline
 keeps working.
@@ -194,6 +201,7 @@ class StreamReceiver(PayloadReceiver):
                 return
             if len(self._conns) >= self.options.max_connections:
                 sock.close()
+                self.desk.refused("kv_data", "too_many_connections")
                 continue
             sock.setblocking(False)
             if sock.family != socket.AF_UNIX:
@@ -234,6 +242,8 @@ class StreamReceiver(PayloadReceiver):
             self._close(conn, PeerLost(f"data connection failed: {e}"), fail_pending=True)
             return False
         if n == 0:
+            if conn.peer is None:  # closed before it presented a token
+                self.desk.refused("kv_data", "unauthenticated")
             self._close(conn, PeerLost("data connection closed by the sender"), fail_pending=True)
             return False
         conn.got += n
@@ -247,6 +257,7 @@ class StreamReceiver(PayloadReceiver):
         peer, expiry, issued = self._tokens.pop(token, (None, 0.0, 0.0))
         if peer is None or time.monotonic() > expiry:
             self._close(conn, None, fail_pending=False)  # not ours: say nothing
+            self.desk.refused("kv_data", "unauthenticated")
             return
         old = self._by_peer.get(peer)
         if old is not None:
@@ -314,6 +325,7 @@ class StreamReceiver(PayloadReceiver):
         for conn in list(self._conns.values()):
             if conn.peer is None and now > conn.deadline:
                 self._close(conn, None, fail_pending=False)
+                self.desk.refused("kv_data", "unauthenticated")
             elif conn.waiting is not None and conn.is_open:
                 job = self._jobs.get((conn.peer, conn.waiting[0]))  # type: ignore[arg-type]
                 if job is not None:

@@ -148,6 +148,12 @@ class LimitExceeded(TransferError):
         self.what, self.value, self.limit = what, value, limit
 
 
+class TooManyPeers(LimitExceeded):
+    """A worker already has as many KV peers (NCCL links, send lanes) as it allows."""
+
+    code = 1203
+
+
 class ChecksumMismatch(TransferError):
     code = 1202
     retryable = True
@@ -174,6 +180,13 @@ class UnexpectedTransfer(TransferError):
 
 class TransferCancelled(TransferError):
     code = 1304
+
+
+class ReservationMismatch(UnexpectedTransfer):
+    """The header's reservation token (`rtok`) is not the one of the reservation it names: the
+    sender was not sent there by the proxy. Nothing is written; the reservation stays."""
+
+    code = 1306
 
 
 class TransportUnavailable(TransferError):

@@ -10,11 +10,15 @@ by the receiver.
 exact key sets, the type of every field, every size against the receiver's `ReceiverLimits`
 (so a hostile header cannot make it allocate), `nbytes == prod(shape) * itemsize`, each shape
 equal to the one the spec and layout imply, entries inside their buffers, and that the entries
-of every part tile layers x blocks exactly once. Failures raise `MalformedHeader`,
+of every part tile layers x blocks exactly once (`bufs`: its length bounded while parsing, each
+size and their sum by the limits). Failures raise `MalformedHeader`,
 `UnsupportedVersion` or `LimitExceeded`; nothing else escapes.
 
 Blocks are numbered per transfer: block 0 holds token `first_block * S` where
 `first_block = token_start // S` (S = the sender's block size).
+
+Version 2 added `rtok`, the destination reservation's token (the proxy's, random; at most
+`MAX_TOKEN_LEN` characters, "" for none): endpoint/books.py admits a transfer only with it.
 """
 
 from __future__ import annotations
@@ -32,11 +36,12 @@ from engine.kv_spec import KvSpec, KvSpecError, ScaleGranularity
 from transfer.wire import layouts
 from transfer.wire.errors import LimitExceeded, MalformedHeader, UnsupportedVersion
 
-WIRE_VERSION = 1
+WIRE_VERSION = 2
+MAX_TOKEN_LEN = 64  # characters of `rtok`
 CHECKSUM_ALGOS = ("xxh3_64",)
 TRANSPORTS = ("zmq", "stream", "nccl")  # ZMQ frames, stream socket (wire/framing.py), NCCL
 _TOP_KEYS = frozenset({"v", "rid", "tid", "spec", "tok", "lay", "heads", "bufs", "chunks", "ent",
-                       "sum", "tr", "meta"})
+                       "sum", "tr", "meta", "rtok"})
 _SPEC_INTS = ("num_layers", "num_kv_heads", "head_dim", "block_size", "int4_group_size",
               "tp_rank", "tp_size", "kv_head_replicas")
 _SPEC_STRS = ("dtype", "layout", "kind", "scale_granularity", "model_fingerprint")
@@ -111,6 +116,7 @@ class TransferHeader:
     transport: str = "zmq"
     # values for the serving layer: plain scalars, or lists / maps of them (see `_meta`)
     meta: Mapping[str, Any] = field(default_factory=dict)
+    reservation_token: str = ""  # the destination reservation's token ("" = none)
     version: int = WIRE_VERSION
 
     @property
@@ -147,7 +153,7 @@ class TransferHeader:
             "lay": [self.layer_start, self.layer_end], "heads": [self.head_start, self.head_end],
             "bufs": list(self.buffer_sizes), "chunks": list(self.chunks),
             "ent": [e.to_wire() for e in self.entries], "sum": self.checksum,
-            "tr": self.transport, "meta": dict(self.meta),
+            "tr": self.transport, "meta": dict(self.meta), "rtok": self.reservation_token,
         }, use_bin_type=True)
 
 
@@ -280,7 +286,8 @@ def decode_header(raw: bytes | memoryview, limits: ReceiverLimits) -> TransferHe
         raise UnsupportedVersion(
             f"header version {d.get('v')!r:.20}; this receiver speaks {WIRE_VERSION}")
     if set(d) != _TOP_KEYS:
-        raise MalformedHeader(f"header keys differ from v1: missing {sorted(_TOP_KEYS - set(d))}, "
+        raise MalformedHeader(f"header keys differ from v{WIRE_VERSION}: missing "
+                              f"{sorted(_TOP_KEYS - set(d))}, "
                               f"unknown {sorted(map(str, set(d) - _TOP_KEYS))[:8]}")
     rid = d["rid"]
     if not isinstance(rid, str) or not 0 < len(rid) <= limits.max_request_id_len:
@@ -290,6 +297,9 @@ def decode_header(raw: bytes | memoryview, limits: ReceiverLimits) -> TransferHe
         raise MalformedHeader("ent must be a list")
     if d["sum"] is not None and (not isinstance(d["sum"], str) or d["sum"] not in CHECKSUM_ALGOS):
         raise MalformedHeader(f"unknown checksum algorithm {d['sum']!r:.40}")
+    if not isinstance(d["rtok"], str) or len(d["rtok"]) > MAX_TOKEN_LEN:
+        raise MalformedHeader(f"rtok (the reservation token) must be a string of at most "
+                              f"{MAX_TOKEN_LEN} characters")
     if not isinstance(d["tr"], str) or d["tr"] not in TRANSPORTS:
         raise MalformedHeader(f"unknown transport {d['tr']!r:.40}")
     (t0, t1), (l0, l1), (h0, h1) = (_pair(d["tok"], "tok"), _pair(d["lay"], "lay"),
@@ -301,6 +311,7 @@ def decode_header(raw: bytes | memoryview, limits: ReceiverLimits) -> TransferHe
         chunks=_int_list(d["chunks"], "chunks", limits.max_buffers, lo=1),
         entries=tuple(_entry(e, i) for i, e in enumerate(d["ent"])),
         checksum=d["sum"], transport=d["tr"], meta=_meta(d["meta"], limits),
+        reservation_token=d["rtok"],
     )
     validate_header(header, limits)
     return header

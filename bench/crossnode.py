@@ -1,0 +1,138 @@
+"""What a network between prefill and decode costs: TTFT over the netns testbed's shaped link.
+
+    sudo python -m bench.crossnode [--rates unshaped,10gbit,1gbit,100mbit] \\
+        [--placements remote,adaptive] [--input-len 512] [--num-prompts 8] [--output PREFIX]
+
+For each link rate it builds the testbed (bench/netns.py: prefill worker, proxy and load
+generator in `NAME-a`, decode worker in `NAME-b`), starts `pdserve serve --prefill 1 --decode 1`
+for each placement with the two workers pinned one per core (`--cpu-affinity 0,1`, one torch
+thread each; the proxy and the load generator share both cores), sends the prompts one at a time
+(`pdserve bench --max-concurrency 1`, so TTFT is prefill + transfer + hops, no queueing), reads
+the KV transfer time from the proxy's metrics, and tears the testbed down. Writes PREFIX.json and
+PREFIX.md (with the command) and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import netns, report
+
+URL_RE = re.compile(r"serving .* on (http://[\d.]+:\d+)")
+SERVE_ARGS = ["--kv-cache-memory", "256MiB", "--max-model-len", "2048", "--cpu-affinity", "0,1",
+              "--heartbeat-timeout-s", "30"]
+
+
+def _in_ns(ns: str, *cmd: str) -> list[str]:
+    return ["ip", "netns", "exec", ns, *cmd]
+
+
+def _start_server(tb: netns.Testbed, placement: str, log_path: Path) -> tuple[subprocess.Popen,
+                                                                                str]:
+    cmd = _in_ns(tb.ns_a, sys.executable, "-m", "deploy.cli", "serve", "--host", netns.ADDR_A,
+                 "--port", "0", "--prefill", "1", "--decode", "1", "--placement", placement,
+                 "--decode-netns", tb.ns_b, "--decode-host", netns.ADDR_B,
+                 "--internal-host", netns.ADDR_A, *SERVE_ARGS)
+    log = log_path.open("w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        m = URL_RE.search(log_path.read_text())
+        if m:
+            return proc, m.group(1)
+        if proc.poll() is not None:
+            break
+        time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError(f"pdserve serve did not start; see {log_path}")
+
+
+def _kv_metrics(tb: netns.Testbed, url: str) -> dict[str, float]:
+    text = subprocess.run(_in_ns(tb.ns_a, "curl", "-s", f"{url}/metrics"), capture_output=True,
+                          text=True, check=True, timeout=30).stdout
+    out = {}
+    for name in ("kv_transfer_bytes_total", "kv_transfer_seconds_total"):
+        out[name] = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                        if line.startswith(f"pdserve:{name} "))
+    placed = re.findall(r'pdserve:prefill_placement_total\{placement="(\w+)"\} (\S+)', text)
+    out.update({f"placed_{k}": float(v) for k, v in placed})
+    return out
+
+
+def run_point(tb: netns.Testbed, placement: str, args: argparse.Namespace,
+              workdir: Path) -> dict[str, Any]:
+    proc, url = _start_server(tb, placement, workdir / f"serve-{placement}.log")
+    try:
+        result = workdir / f"bench-{placement}.json"
+        subprocess.run(_in_ns(tb.ns_a, sys.executable, "-m", "deploy.cli", "bench",
+                              "--base-url", url, "--input-len", str(args.input_len),
+                              "--output-len", "8", "--num-prompts", str(args.num_prompts),
+                              "--max-concurrency", "1", "--warmup", "2", "--no-progress",
+                              "--seed", "0", "--result-file", str(result)),
+                       check=True, capture_output=True, timeout=1200)
+        summary = json.loads(result.read_text())["summary"]
+        kv = _kv_metrics(tb, url)
+    finally:
+        proc.send_signal(2)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    n = max(kv.get("placed_remote", 0.0), 1.0)
+    return {"placement": placement, "ttft_p50_ms": summary["ttft"]["median"] * 1e3,
+            "ttft_p90_ms": summary["ttft"]["p90"] * 1e3,
+            "kv_seconds_per_remote_request": kv["kv_transfer_seconds_total"] / n,
+            "kv_mib_per_remote_request": kv["kv_transfer_bytes_total"] / n / 2**20, **kv}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.crossnode", description=__doc__)
+    p.add_argument("--rates", default="unshaped,10gbit,1gbit,100mbit")
+    p.add_argument("--placements", default="remote,adaptive")
+    p.add_argument("--input-len", type=int, default=512)
+    p.add_argument("--num-prompts", type=int, default=8)
+    p.add_argument("--name", default="pdxn", help="Testbed name (namespaces NAME-a/-b).")
+    p.add_argument("--note", default="")
+    p.add_argument("--output", default=f"bench/results/crossnode_cpu_{time.strftime('%Y-%m-%d')}")
+    args = p.parse_args(argv)
+    tb = netns.Testbed(args.name)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for rate in args.rates.split(","):
+            link = None if rate == "unshaped" else netns.Link(netns.parse_rate(rate), 0.0)
+            netns.up(link, tb)
+            try:
+                for placement in args.placements.split(","):
+                    row = {"link": rate, **run_point(tb, placement, args, Path(tmp))}
+                    print(json.dumps(row), flush=True)
+                    rows.append(row)
+            finally:
+                netns.down(tb)
+    command = "python -m bench.crossnode " + " ".join(argv if argv is not None else sys.argv[1:])
+    doc = {"machine": report.machine(), "command": command, "note": args.note, "rows": rows}
+    report.write_json(f"{args.output}.json", doc)
+    lines = [f"# KV across a shaped link (bench/netns.py testbed), {time.strftime('%Y-%m-%d')}",
+             "", f"Command: `{command}`", "", args.note, "",
+             "| link | placement | TTFT p50 / p90 (ms) | KV per remote request (MiB) | "
+             "KV seconds per remote request | remote / local |",
+             "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        lines.append(f"| {r['link']} | {r['placement']} | {r['ttft_p50_ms']:.0f} / "
+                     f"{r['ttft_p90_ms']:.0f} | {r['kv_mib_per_remote_request']:.1f} | "
+                     f"{r['kv_seconds_per_remote_request']:.3f} | "
+                     f"{r.get('placed_remote', 0):.0f} / {r.get('placed_local', 0):.0f} |")
+    Path(f"{args.output}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines[6:]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

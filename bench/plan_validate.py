@@ -1,0 +1,214 @@
+"""The planner against measured sweeps: profile (optional), predict, compare, in one command.
+
+For every configuration and rate of each measured `pdserve bench sweep` JSON, the simulator
+(planner/) runs the same workload (the sweep's lengths and Poisson arrivals from its seed, as
+bench/datasets.py and bench/loadgen.py draw them) on the configuration's `pdserve serve` flags,
+and the table puts predicted and measured side by side: attainment, TTFT p90, TPOT p90, goodput.
+Targets (issue 15): goodput within one rate step of the measured one; p90 TTFT and TPOT within
+25 % at every rate where the measured run meets the SLO.
+
+    # CPU, this machine: take the profile as the sweeps ran (one torch thread, pinned), compare
+    python -m bench.plan_validate --take-profile --budget-s 300
+    # a profile taken elsewhere (bench/gpu_profile.sh), against the 2xH200 sweep
+    python -m bench.plan_validate --profile bench/results/profile_h100_llama3-8b-shape.json \
+        --sweeps bench/results/sweep_h200x2_2026-11-22.json --transfer-gbps 205.8 --tag gpu
+
+Writes bench/results/plan_validation_<tag>_<date>.{json,md} with the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.datasets import DatasetConfig, build_dataset
+from bench.loadgen import arrival_offsets
+from deploy.cli import build_parser
+from planner.profile import Profile, StepTimes
+from planner.search import run_config
+from planner.servers import SimRequest
+from planner.simulator import ClusterSpec
+
+CPU_SWEEPS = ["bench/results/placement_cpu_prefill_heavy_2026-12-06.json",
+              "bench/results/placement_cpu_interference_2026-12-06.json"]
+# bench/placement_sweep.sh's engine flags (its --serve-args, less the launcher's own)
+CPU_ENGINE_ARGS = ["--kv-cache-memory", "256MiB", "--max-model-len", "2048"]
+
+
+def take_cpu_profile(path: Path, budget_s: float, core: int) -> None:
+    """`pdserve profile` as the sweeps' workers ran: one torch thread, pinned to one core."""
+    cmd = [sys.executable, "-m", "deploy.cli", "profile", "--out", str(path), "--budget-s",
+           str(budget_s), "--threads", "1", "--cpu-core", str(core), *CPU_ENGINE_ARGS]
+    print("$", shlex.join(cmd), flush=True)
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    subprocess.run(cmd, check=True, env=env)
+
+
+def spec_of(server: str, serve_args: str, transport_gbps: float,
+            unnamed_placement: str = "") -> ClusterSpec:
+    """The ClusterSpec of a measured configuration, from its `pdserve serve` flags;
+    `unnamed_placement` stands for the placement of a run that named none (a sweep older than
+    placement, 2026-12-06, ran every prompt remote)."""
+    argv = shlex.split(server)[1:] + shlex.split(serve_args)
+    if unnamed_placement and "--placement" not in argv:
+        argv += ["--placement", unnamed_placement]
+    # the parsed flags, not ServeConfig: its checks need the measured machine (CUDA for nccl)
+    serve = build_parser().parse_args(argv)
+    transport = ("nccl" if serve.transport == "nccl"
+                 else "frames" if serve.kv_payload == "frames" else "stream")
+    if serve.colocated:
+        return ClusterSpec(0, serve.decode, "local", serve.slo_ttft, serve.slo_tpot, transport,
+                           transfer_gbps=transport_gbps)
+    return ClusterSpec(serve.prefill, serve.decode, serve.placement, serve.slo_ttft,
+                       serve.slo_tpot, transport, transfer_gbps=transport_gbps)
+
+
+def workload(sweep: dict[str, Any]) -> Callable[[float], list[SimRequest]]:
+    """rate -> the requests `pdserve bench sweep` sent at it: rate i of the sweep draws its
+    lengths and arrivals from seed + i (bench/sweep.py)."""
+    d, load = sweep["dataset"], sweep["load"]
+    cfg = DatasetConfig(**{k: d[k] for k in ("dataset", "dataset_path", "num_prompts",
+                                              "input_len", "output_len", "num_turns",
+                                              "system_prompt_len", "max_prompt_len")})
+    rates = [float(r) for r in sweep["request_rates"]]
+
+    def at(rate: float) -> list[SimRequest]:
+        seed = load["seed"] + rates.index(float(rate))
+        # lengths are drawn before any text, so no tokenizer is needed to reproduce them
+        lengths = [(r.num_prompt_tokens, r.max_tokens) for r in build_dataset(cfg, None, seed)]
+        offsets = arrival_offsets(len(lengths), rate, load["burstiness"],
+                                  np.random.default_rng(seed))
+        return [SimRequest(float(t), n, m) for t, (n, m) in zip(offsets, lengths, strict=True)]
+    return at
+
+
+def _err(pred: float | None, meas: float | None) -> float | None:
+    if pred is None or meas is None or meas <= 0:
+        return None
+    return 100.0 * (pred - meas) / meas
+
+
+def _step_index(rates: list[float], goodput: float | None) -> int:
+    return -1 if goodput is None else rates.index(goodput)
+
+
+def compare(profile: Profile, sweep: dict[str, Any], gbps: float,
+            unnamed_placement: str = "") -> dict[str, Any]:
+    rates, slo = sweep["request_rates"], sweep["slo"]
+    times, at = StepTimes(profile), workload(sweep)
+    configs = []
+    for c in sweep["configs"]:
+        spec = spec_of(c["server"], sweep["serve_args"], gbps, unnamed_placement)
+        pred = run_config(profile, spec, rates, at, slo["attainment"], times,
+                          slo["ttft_s"], slo["tpot_s"])
+        rows = []
+        for p, m in zip(pred.points, c["points"], strict=True):
+            s = m["summary"]
+            met = s["attainment"] >= slo["attainment"]
+            rows.append({"rate": p.rate, "attainment_pred": p.attainment,
+                         "attainment_meas": s["attainment"],
+                         "ttft_p90_pred": p.ttft_p90_s, "ttft_p90_meas": s["ttft"]["p90"],
+                         "tpot_p90_pred": p.tpot_p90_s,
+                         "tpot_p90_meas": (s.get("tpot") or {}).get("p90"),
+                         "slo_met_measured": met,
+                         "ttft_err_pct": _err(p.ttft_p90_s, s["ttft"]["p90"]),
+                         "tpot_err_pct": _err(p.tpot_p90_s, (s.get("tpot") or {}).get("p90"))})
+        steps = abs(_step_index(rates, pred.goodput) - _step_index(rates, c["goodput"]["rate"]))
+        checked = [r for r in rows if r["slo_met_measured"]]
+        within = all(abs(r[k]) <= 25 for r in checked for k in ("ttft_err_pct", "tpot_err_pct")
+                     if r[k] is not None)
+        configs.append({"name": c["name"], "server": c["server"], "spec": spec.name,
+                        "goodput_pred": pred.goodput, "goodput_meas": c["goodput"]["rate"],
+                        "goodput_steps_off": steps, "goodput_ok": steps <= 1,
+                        "p90_within_25pct": within, "rows": rows})
+    return {"sweep": sweep["command"], "slo": slo, "rates": rates, "configs": configs}
+
+
+def _fmt(x: float | None, scale: float = 1000.0) -> str:
+    return "-" if x is None else f"{x * scale:.0f}"
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    lines = [f"# Planner validation ({doc['date']}): predicted vs measured", "",
+             f"`{doc['command']}`", "", f"Profile: {doc['profile_path']} ({doc['device']}, "
+             f"taken {doc['profile_date']}). {doc['note']}", ""]
+    for v in doc["validations"]:
+        slo = v["slo"]
+        lines += [f"## {Path(v['sweep_file']).name}", "", f"SLO TTFT {slo['ttft_s']} s, TPOT "
+                  f"{slo['tpot_s'] * 1000:.0f} ms, attainment {slo['attainment']:.0%}. "
+                  f"Measured: `{v['sweep'][:160]}...`", "",
+                  "| config | rate | attainment pred / meas | TTFT p90 ms pred / meas (err %) | "
+                  "TPOT p90 ms pred / meas (err %) |", "| --- | ---: | --- | --- | --- |"]
+        for c in v["configs"]:
+            for r in c["rows"]:
+                te = "" if r["ttft_err_pct"] is None else f" ({r['ttft_err_pct']:+.0f})"
+                pe = "" if r["tpot_err_pct"] is None else f" ({r['tpot_err_pct']:+.0f})"
+                lines.append(f"| {c['name']} | {r['rate']:g} | {r['attainment_pred']:.0%} / "
+                             f"{r['attainment_meas']:.0%} | {_fmt(r['ttft_p90_pred'])} / "
+                             f"{_fmt(r['ttft_p90_meas'])}{te} | {_fmt(r['tpot_p90_pred'])} / "
+                             f"{_fmt(r['tpot_p90_meas'])}{pe} |")
+        lines += ["", "| config | goodput pred / meas (req/s) | within one rate step | "
+                  "p90 within 25 % where the SLO is met |", "| --- | --- | --- | --- |"]
+        for c in v["configs"]:
+            lines.append(f"| {c['name']} | {c['goodput_pred']} / {c['goodput_meas']} | "
+                         f"{'yes' if c['goodput_ok'] else 'no'} | "
+                         f"{'yes' if c['p90_within_25pct'] else 'no'} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--profile", default=None, help="An existing profile JSON.")
+    p.add_argument("--take-profile", action="store_true",
+                   help="Take a CPU profile first (one thread, pinned to --cpu-core).")
+    p.add_argument("--budget-s", type=float, default=300.0)
+    p.add_argument("--cpu-core", type=int, default=0)
+    p.add_argument("--sweeps", nargs="+", default=CPU_SWEEPS)
+    p.add_argument("--transfer-gbps", type=float, default=0.0,
+                   help="KV transfer rate measured elsewhere (GB/s); 0: the profile's.")
+    p.add_argument("--unnamed-placement", default="", choices=["", "remote", "adaptive"],
+                   help="Placement of a measured config that names none (remote for sweeps "
+                        "older than adaptive placement, e.g. 2026-11-22).")
+    p.add_argument("--note", default="", help="Said in the results (e.g. 'machine contended').")
+    p.add_argument("--tag", default="cpu")
+    p.add_argument("--out-dir", default="bench/results")
+    args = p.parse_args(argv)
+    day = time.strftime("%Y-%m-%d")
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = Path(args.profile or out / f"profile_{args.tag}_{day}.json")
+    if args.take_profile:
+        take_cpu_profile(path, args.budget_s, args.cpu_core)
+    profile = Profile.load(str(path))
+    validations = []
+    for sweep_file in args.sweeps:
+        sweep = json.loads(Path(sweep_file).read_text())
+        validations.append({"sweep_file": sweep_file,
+                            **compare(profile, sweep, args.transfer_gbps,
+                                      args.unnamed_placement)})
+    doc = {"date": day, "command": "python -m bench.plan_validate " + shlex.join(
+               argv if argv is not None else sys.argv[1:]),
+           "profile_path": str(path), "device": profile.meta.get("device"),
+           "profile_date": profile.meta.get("date"), "load_avg": os.getloadavg(),
+           "note": args.note, "validations": validations}
+    stem = out / f"plan_validation_{args.tag}_{day}"
+    stem.with_suffix(".json").write_text(json.dumps(doc, indent=1))
+    text = markdown(doc)
+    stem.with_suffix(".md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""Tensor-parallel ranks of one engine: rank 0 (the caller's process) starts the others.
+
+`TpExecutor.start(config)` serves a TCP store on 127.0.0.1 (a free port), spawns one process
+per follower rank (multiprocessing "spawn"; each gets its `EngineConfig.for_rank`: on CUDA
+its own GPU) and joins the process group with them (engine/tp_group.py). Every rank then
+loads only its shard (`load_rank`) and all agree on the number of KV blocks (the smallest any
+rank can hold). Followers run `serve_steps`: wait for rank 0's next command, run their share
+of the step, repeat until STOP.
+
+Contract: rank 0 owns the followers. `shutdown()` stops them (STOP, then terminate after a
+grace period, then kill) and is safe after a failure. A follower that dies makes rank 0's next
+collective raise `TpError`; rank 0 dying makes the followers' wait fail (their gloo sockets
+close) and they exit. Nothing waits on a dead rank past `--distributed-timeout`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing as mp
+import os
+import sys
+import time
+from dataclasses import replace
+from datetime import timedelta
+from multiprocessing.process import BaseProcess
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from engine.checkpoint import Checkpoint, load_checkpoint
+from engine.config import EngineConfig
+from engine.memory_plan import KvPlan, plan_kv_cache
+from engine.model_runner import ModelRunner
+from engine.step_inputs import HEADER_LEN, Command, payload_len, stop_header, unpack_step
+from engine.tp_group import HOST, TpError, TpGroup
+
+log = logging.getLogger(__name__)
+STOP_GRACE_S = 10.0
+STARTED_KEY = "pdserve/started/"
+
+
+def load_rank(config: EngineConfig, tp: TpGroup) -> tuple[Checkpoint, KvPlan]:
+    """This rank's shard of the checkpoint and its cache plan, with the block count all ranks
+    agree on."""
+    checkpoint = load_checkpoint(config.model, config.torch_dtype, config.load_format,
+                                 tp.rank, tp.size)
+    plan = plan_kv_cache(checkpoint.config, config, checkpoint.identity, tp_rank=tp.rank)
+    return checkpoint, replace(plan, num_blocks=tp.min_int(plan.num_blocks))
+
+
+def share_cpu_threads(size: int) -> None:
+    """On CPU, each of `size` ranks takes its share of the cores (no oversubscription)."""
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
+
+
+class TpExecutor:
+    def __init__(self, tp: TpGroup, procs: list[BaseProcess]) -> None:
+        self.tp, self.procs = tp, procs
+        self.num_threads = torch.get_num_threads()  # restored at shutdown
+
+    @classmethod
+    def start(cls, config: EngineConfig) -> TpExecutor:
+        size, timeout = config.tensor_parallel_size, config.distributed_timeout
+        store = dist.TCPStore(HOST, 0, size, is_master=True, wait_for_workers=False,
+                              timeout=timedelta(seconds=timeout))
+        ctx = mp.get_context("spawn")
+        procs: list[BaseProcess] = []
+        for rank in range(1, size):
+            proc = ctx.Process(target=follower_main, name=f"pdserve-tp-rank{rank}", daemon=True,
+                               args=(config.for_rank(rank), rank, size, store.port))
+            proc.start()
+            procs.append(proc)
+        log.info("tensor parallel: started ranks 1..%d (pids %s), store on %s:%d", size - 1,
+                 [p.pid for p in procs], HOST, store.port)
+        executor = cls(TpGroup.single(), procs)
+        if config.torch_device.type == "cpu":
+            share_cpu_threads(size)
+        try:
+            executor.wait_started(store, timeout)
+            executor.tp = TpGroup.join(0, size, store.port, config.torch_device, timeout,
+                                       store=store)
+        except BaseException:
+            executor.shutdown()
+            raise
+        return executor
+
+    def wait_started(self, store: dist.Store, timeout_s: float) -> None:
+        """Until every follower has reached the store; a follower that dies first (bad spawn,
+        import error) fails at once with its exit code instead of after the timeout."""
+        deadline = time.monotonic() + timeout_s
+        keys = [f"{STARTED_KEY}{rank}" for rank in range(1, len(self.procs) + 1)]
+        while not store.check(keys):
+            dead = [(p.name, p.exitcode) for p in self.procs if not p.is_alive()]
+            if dead:
+                raise TpError(f"tensor-parallel ranks exited while starting (name, exit code): "
+                              f"{dead}; see their log above")
+            if time.monotonic() > deadline:
+                raise TpError(f"tensor-parallel ranks did not start within "
+                              f"--distributed-timeout {timeout_s:g} s")
+            time.sleep(0.05)
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs if p.pid is not None]
+
+    def shutdown(self) -> None:
+        """Stop the followers and leave the group (idempotent; safe after a failure)."""
+        if not self.tp.is_single and not self.tp.is_broken:
+            with contextlib.suppress(TpError):
+                self.tp.broadcast_host(stop_header())
+        for proc in self.procs:
+            if self.tp.is_broken or self.tp.is_single:  # no STOP was sent: do not wait for one
+                proc.terminate()
+            proc.join(STOP_GRACE_S)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(STOP_GRACE_S)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        self.procs = []
+        self.tp.destroy()
+        torch.set_num_threads(self.num_threads)
+
+
+def serve_steps(runner: ModelRunner, tp: TpGroup) -> None:
+    """A follower's loop: run rank 0's commands until STOP. Raises TpError when rank 0 dies."""
+    header = np.zeros(HEADER_LEN, dtype=np.int64)
+    while True:
+        tp.broadcast_host(header)  # receive: waits while the engine is idle
+        command = Command(int(header[0]))
+        if command is Command.STOP:
+            return
+        payload = np.empty(payload_len(header), dtype=np.int64)
+        tp.broadcast_host(payload)
+        if command is Command.STEP:
+            runner.run_step(unpack_step(header, payload))
+        else:
+            runner.copy_local_blocks([(int(a), int(b)) for a, b in payload.reshape(-1, 2)])
+
+
+def follower_main(config: EngineConfig, rank: int, size: int, port: int) -> None:
+    """Entry point of follower rank `rank` (a spawned process)."""
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format=f"%(asctime)s %(levelname)s tp-rank{rank} %(name)s: %(message)s")
+    device = config.torch_device
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    else:
+        share_cpu_threads(size)
+    tp = TpGroup.single()
+    try:
+        store = dist.TCPStore(HOST, port, size, is_master=False,
+                              timeout=timedelta(seconds=config.distributed_timeout))
+        store.set(f"{STARTED_KEY}{rank}", "1")
+        tp = TpGroup.join(rank, size, port, device, config.distributed_timeout, store=store)
+        checkpoint, plan = load_rank(config, tp)
+        runner = ModelRunner(checkpoint.config, checkpoint.weights, plan, config.torch_dtype,
+                             device, tp=tp)
+        del checkpoint
+        serve_steps(runner, tp)
+    except TpError as e:
+        log.error("%s; this rank exits", e)
+        sys.exit(1)
+    finally:
+        tp.destroy()

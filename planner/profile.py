@@ -1,0 +1,234 @@
+"""A device profile: what `pdserve profile` measured, and the step-time model built from it.
+
+The JSON (`Profile.to_json` / `Profile.from_json`, `version` 1) holds measured points, never
+fitted numbers, so a better model can be fitted later from the same file:
+- `prefill`: [tokens, seconds]: one prompt prefilled in one step, nothing cached;
+- `chunked`: [chunk, context, seconds]: a prefill step of `chunk` new tokens after `context`
+  tokens already in the cache (a later chunk of a long prompt, or a prefix-cache hit);
+- `decode`: [batch, context, seconds]: a decode step of `batch` sequences of `context` tokens;
+- `mixed`: [batch, context, chunk, seconds]: the same decode batch and one prefill chunk
+  (a whole prompt of `chunk` tokens, nothing cached);
+- `transfers`: per transport, [bytes, seconds] of one KV transfer, or a string saying why it
+  was not measured;
+- `steps`: [seconds, prefill tokens, decode sequences, context tokens] of every measured step
+  (the engine's `StepStats`), what the proxy's cost model is fitted to;
+- `engine`: the limits the profile ran with (token budget, max sequences, KV capacity).
+
+`StepTimes` interpolates: prefill time piecewise-linear in tokens plus a fitted term per new
+token x context token; decode time bilinear in (batch, context per sequence); a mixed step is
+the decode step plus the prefill's marginal cost (its time less a prefill step's fixed cost, the
+prefill line at 0 tokens, which the decode step already pays), minus the overlap measured in
+`mixed` (0 on a CPU that runs them one after the other, up to the shorter of the two on a GPU
+that hides one in the other).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+VERSION = 1
+
+
+class ProfileError(ValueError):
+    """A profile file that cannot be used; the message names the field."""
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    max_num_batched_tokens: int
+    max_num_seqs: int
+    block_size: int
+    kv_capacity_tokens: int  # KV cache of one worker, in tokens
+    max_model_len: int
+
+    def __post_init__(self) -> None:
+        for name, value in asdict(self).items():
+            if not isinstance(value, int) or value <= 0:
+                raise ProfileError(f"profile engine.{name} must be a positive integer, "
+                                   f"got {value!r}")
+
+
+@dataclass(frozen=True)
+class Profile:
+    engine: EngineLimits
+    kv_bytes_per_token: float
+    prefill: list[list[float]]
+    decode: list[list[float]]
+    chunked: list[list[float]] = field(default_factory=list)
+    mixed: list[list[float]] = field(default_factory=list)
+    transfers: dict[str, Any] = field(default_factory=dict)
+    steps: list[list[float]] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.kv_bytes_per_token, int | float) and self.kv_bytes_per_token > 0):
+            raise ProfileError("profile kv_bytes_per_token must be > 0, "
+                               f"got {self.kv_bytes_per_token!r}")
+        for name, arity, required in (("prefill", 2, True), ("decode", 3, True),
+                                      ("chunked", 3, False), ("mixed", 4, False),
+                                      ("steps", 4, False)):
+            rows = getattr(self, name)
+            if not isinstance(rows, list) or (required and not rows):
+                raise ProfileError(f"profile {name} needs at least one measured point")
+            for row in rows:
+                _check_row(name, row, arity)
+        for transport, rows in self.transfers.items():
+            if not isinstance(rows, str):
+                if not isinstance(rows, list):
+                    raise ProfileError(f"profile transfers.{transport} must be a list of "
+                                       "[bytes, seconds] or a string (why not measured)")
+                for row in rows:
+                    _check_row(f"transfers.{transport}", row, 2)
+
+    def synthetic_steps(self) -> list[list[float]]:
+        """[seconds, prefill tokens, decode sequences, context tokens] from the measured points
+        (the engine's StepStats fields), for a profile written without its raw steps."""
+        rows = [[s, n, 0, n] for n, s in self.prefill]
+        rows += [[s, c, 0, c + ctx] for c, ctx, s in self.chunked]
+        rows += [[s, 0, b, b * ctx] for b, ctx, s in self.decode]
+        rows += [[s, c, b, b * ctx + c] for b, ctx, c, s in self.mixed]
+        return rows
+
+    def to_json(self) -> str:
+        return json.dumps({"version": VERSION, **asdict(self)}, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> Profile:
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ProfileError(f"profile is not JSON: {e}") from None
+        if not isinstance(doc, dict) or doc.get("version") != VERSION:
+            raise ProfileError(f"profile version must be {VERSION}, got "
+                               f"{doc.get('version') if isinstance(doc, dict) else doc!r}")
+        try:
+            engine = EngineLimits(**doc["engine"])
+            return cls(engine, doc["kv_bytes_per_token"], doc["prefill"], doc["decode"],
+                       doc.get("chunked", []), doc.get("mixed", []), doc.get("transfers", {}),
+                       doc.get("steps", []), doc.get("meta", {}))
+        except KeyError as e:
+            raise ProfileError(f"profile is missing field {e.args[0]!r}") from None
+        except TypeError as e:
+            raise ProfileError(f"profile engine section: {e}") from None
+
+    @classmethod
+    def load(cls, path: str) -> Profile:
+        try:
+            with open(path) as f:
+                return cls.from_json(f.read())
+        except OSError as e:
+            raise ProfileError(f"cannot read profile {path}: {e}") from None
+
+
+def _check_row(name: str, row: Any, arity: int) -> None:
+    if (not isinstance(row, list | tuple) or len(row) != arity
+            or not all(isinstance(v, int | float) and math.isfinite(v) and v >= 0 for v in row)):
+        raise ProfileError(f"profile {name}: each point is {arity} numbers >= 0, got {row!r}")
+
+
+def interp(xs: list[float], ys: list[float], x: float) -> float:
+    """Piecewise-linear through (xs, ys) (xs ascending), extended linearly past both ends."""
+    if len(xs) == 1:
+        return ys[0]
+    i = 1
+    while i < len(xs) - 1 and x > xs[i]:
+        i += 1
+    x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+    if x1 == x0:
+        return y1
+    return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+
+
+def _series(points: list[tuple[float, float]]) -> tuple[list[float], list[float]]:
+    """Points sorted by x, repeated xs averaged, made non-decreasing (a running max): more
+    tokens, sequences or context never make a step faster, so a dip is measurement noise."""
+    by_x: dict[float, list[float]] = {}
+    for x, y in points:
+        by_x.setdefault(float(x), []).append(float(y))
+    xs = sorted(by_x)
+    ys, top = [], 0.0
+    for x in xs:
+        top = max(top, statistics.fmean(by_x[x]))
+        ys.append(top)
+    return xs, ys
+
+
+class StepTimes:
+    """Seconds of one model step of a worker, interpolated from a profile."""
+
+    def __init__(self, profile: Profile) -> None:
+        self.profile = profile
+        self._prefill = _series([(r[0], r[1]) for r in profile.prefill])
+        by_batch: dict[float, list[tuple[float, float]]] = {}
+        for batch, ctx, s in profile.decode:
+            by_batch.setdefault(float(batch), []).append((ctx, s))
+        self._batches = sorted(by_batch)
+        self._decode = [_series(by_batch[b]) for b in self._batches]
+        self.per_token_context = self._fit_context_term(profile.chunked)
+        # a prefill step's cost at 0 tokens (the line through its first two points at 0)
+        xs, ys = self._prefill
+        self.prefill_fixed_s = (min(max(interp(xs[:2], ys[:2], 0.0), 0.0), ys[0])
+                                if len(xs) > 1 else 0.0)
+        self.overlap = self._fit_overlap(profile.mixed)
+
+    def prefill_s(self, tokens: float, token_context: float = 0.0) -> float:
+        """A prefill step of `tokens` new tokens (no decodes); `token_context` is the sum over
+        its chunks of chunk tokens x tokens already cached before the chunk."""
+        if tokens <= 0:
+            return 0.0
+        base = max(interp(*self._prefill, tokens), 0.0)
+        return base + self.per_token_context * token_context
+
+    def decode_s(self, batch: float, context: float) -> float:
+        """A decode step of `batch` sequences of `context` tokens each (mean)."""
+        if batch <= 0:
+            return 0.0
+        per_batch = [max(interp(xs, ys, context), 0.0) for xs, ys in self._decode]
+        xs, ys = _series(list(zip(self._batches, per_batch, strict=True)))
+        return max(interp(xs, ys, batch), 1e-9)
+
+    def step_s(self, prefill_tokens: float, token_context: float, decode_seqs: int,
+               decode_context: float) -> float:
+        """One step: `prefill_tokens` new prompt tokens (`token_context` as in `prefill_s`)
+        beside `decode_seqs` decoding sequences holding `decode_context` tokens in all."""
+        p = self.prefill_s(prefill_tokens, token_context)
+        d = self.decode_s(decode_seqs, decode_context / decode_seqs) if decode_seqs else 0.0
+        if p and d:
+            p = max(p - self.prefill_fixed_s, 0.0)  # the step's fixed cost is in d already
+            return p + d - self.overlap * min(p, d)
+        return p + d
+
+    def transfer_s(self, transport: str, num_bytes: float) -> float:
+        rows = self.profile.transfers.get(transport)
+        if not isinstance(rows, list) or not rows:
+            raise ProfileError(f"the profile has no measured KV transfer over {transport!r} "
+                               f"({rows or 'absent'}); measured: {self.measured_transports()}")
+        xs, ys = _series([(r[0], r[1]) for r in rows])
+        return max(interp(xs, ys, num_bytes), 0.0)
+
+    def measured_transports(self) -> list[str]:
+        return [t for t, rows in self.profile.transfers.items() if isinstance(rows, list) and rows]
+
+    def _fit_context_term(self, rows: list[list[float]]) -> float:
+        """Seconds per (new token x cached context token), least squares through 0, >= 0."""
+        num = den = 0.0
+        for chunk, ctx, s in rows:
+            extra = s - max(interp(*self._prefill, chunk), 0.0)
+            x = chunk * ctx
+            num, den = num + x * extra, den + x * x
+        return max(num / den, 0.0) if den else 0.0
+
+    def _fit_overlap(self, rows: list[list[float]]) -> float:
+        """Median share of the shorter of (decode, prefill) that a mixed step hides, in [0, 1]."""
+        shares = []
+        for batch, ctx, chunk, s in rows:
+            p = max(self.prefill_s(chunk) - self.prefill_fixed_s, 0.0)
+            d = self.decode_s(batch, ctx)
+            if min(p, d) > 0:
+                shares.append((p + d - s) / min(p, d))
+        return min(max(statistics.median(shares), 0.0), 1.0) if shares else 0.0
+

@@ -1,0 +1,283 @@
+"""The discrete-event serving simulator: one cluster configuration, one list of requests.
+
+What it models, in the order a request meets it (as pdserve runs it, README "One request"):
+1. arrival (the workload's time); the decode worker is the least-loaded one (proxy/router.py:
+   fewest waiting, then KV usage in 5 % steps, then fewest running; ties in turn);
+2. placement by the proxy's own rule (proxy/placement.py `choose`, imported, not copied) over
+   views built from the simulated state, with a step-time model fitted to the profile's steps
+   by the proxy's own `StepCostModel`: `remote` (a prefill worker), `local` (the decode worker,
+   in chunks capped by the rule) or `adaptive` (per request);
+3. remote: decode-first reservation (blocks for prompt + output, or a FIFO wait for them),
+   the prefill worker's queue and steps (servers.py), the KV transfer (bytes / the profile's
+   measured rate for the transport, one transfer at a time into each decode worker), then
+   `remote_overhead_s` (hops; it delays the whole token stream, not the TPOT);
+4. local: the decode worker's scheduler admits the prompt when blocks allow and prefills it in
+   chunks beside its running batch (mixed steps); `local_overhead_s` delays its stream;
+5. continuous-batching decode: one token per sequence per step, until the output length.
+
+Not modelled (say so when you compare): the proxy's own CPU time (tokenize, detokenize, HTTP),
+preemption (reservations hold a request's longest KV, so none happens), the prefill workers' own
+KV capacity (their batches are bounded by the token budget only), prefix-cache hits
+across requests, and the placer's learned TTFT corrections (it starts them at 0, as here).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from planner.profile import Profile, StepTimes
+from planner.servers import DecodeServer, Job, PrefillServer, SimRequest, kv_need
+from proxy.cost_model import Coefficients, StepCostModel
+from proxy.placement import (
+    DecodeView,
+    Placement,
+    PrefillView,
+    Slo,
+    TransferView,
+    choose,
+    prefill_seconds,
+)
+
+TRANSPORTS = ("stream", "frames", "nccl")
+EWMA = 0.2  # the placer's running mean of finished output lengths (proxy/placer.py)
+
+
+class SimulationError(ValueError):
+    """A configuration or workload the simulator cannot run; the message says which part."""
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    num_prefill: int
+    num_decode: int
+    placement: str = "remote"  # remote | local | adaptive (colocated: num_prefill 0, local)
+    slo_ttft_s: float = 1.0
+    slo_tpot_s: float = 0.05
+    transport: str = "stream"
+    remote_overhead_s: float = 0.0
+    local_overhead_s: float = 0.0
+    kv_capacity_tokens: int = 0  # per decode worker; 0: the profile's
+    transfer_gbps: float = 0.0  # KV transfer rate measured elsewhere (GB/s); 0: the profile's
+    chunk_caps: bool = True  # False: local prompts take the whole token budget (a bare engine)
+
+    def __post_init__(self) -> None:
+        if self.num_prefill < 0 or self.num_decode < 1:
+            raise SimulationError(f"a cluster needs >= 1 decode and >= 0 prefill workers, got "
+                                  f"{self.num_prefill}p{self.num_decode}d")
+        if self.placement not in ("remote", "local", "adaptive"):
+            raise SimulationError(f"placement must be remote, local or adaptive, "
+                                  f"got {self.placement!r}")
+        if self.transport not in TRANSPORTS:
+            raise SimulationError(f"transport must be one of {TRANSPORTS}, got {self.transport!r}")
+        Slo(self.slo_ttft_s, self.slo_tpot_s)
+
+    @property
+    def is_colocated(self) -> bool:
+        return self.num_prefill == 0
+
+    @property
+    def name(self) -> str:
+        if self.is_colocated:
+            return f"colocated-x{self.num_decode}"
+        base = f"{self.num_prefill}p{self.num_decode}d"
+        return base if self.placement == "remote" else f"{base}-{self.placement}"
+
+    @property
+    def num_devices(self) -> int:
+        return self.num_prefill + self.num_decode
+
+
+@dataclass(frozen=True)
+class RequestOutcome:
+    request: SimRequest
+    placement: str
+    first_token_s: float
+    finish_s: float
+
+    @property
+    def ttft_s(self) -> float:
+        return self.first_token_s - self.request.arrival_s
+
+    @property
+    def tpot_s(self) -> float | None:
+        if self.request.output_tokens < 2:
+            return None
+        return (self.finish_s - self.first_token_s) / (self.request.output_tokens - 1)
+
+
+def fit_coefficients(profile: Profile) -> Coefficients:
+    """The proxy's step-time model fitted to the profile's steps, as heartbeats would feed it."""
+    model = StepCostModel(window=4096, decay=1.0)
+    for seconds, tokens, seqs, context in profile.steps or profile.synthetic_steps():
+        model.observe(seconds, int(tokens), int(seqs), int(context))
+    return model.coefficients
+
+
+class Simulation:
+    """One run: `Simulation(profile, spec).run(requests)` -> outcomes in request order."""
+
+    def __init__(self, profile: Profile, spec: ClusterSpec,
+                 times: StepTimes | None = None, coefficients: Coefficients | None = None) -> None:
+        self.profile, self.spec = profile, spec
+        self.times = times or StepTimes(profile)
+        self.coef = coefficients or fit_coefficients(profile)
+        limits = profile.engine
+        self.budget = limits.max_num_batched_tokens
+        capacity = spec.kv_capacity_tokens or limits.kv_capacity_tokens
+        self.prefills = [PrefillServer(self.times, self.budget) for _ in range(spec.num_prefill)]
+        self.decodes = [DecodeServer(self.times, self.budget, limits.max_num_seqs, capacity,
+                                     limits.block_size) for _ in range(spec.num_decode)]
+        self.mode = Placement.LOCAL if spec.is_colocated else Placement(spec.placement)
+        self.slo = Slo(spec.slo_ttft_s, spec.slo_tpot_s)
+        if not spec.is_colocated and not spec.transfer_gbps:
+            self.times.transfer_s(spec.transport, 1.0)  # fails now, naming what was measured
+        self.rate = self._transfer_rate()
+        self.link_free = [0.0] * spec.num_decode
+        self.events: list[tuple[float, int, int, int]] = []
+        self.seq = itertools.count()
+        self.num_routed = 0
+        self.output_len = 64.0
+        self.jobs: list[Job] = []
+
+    def run(self, requests: Sequence[SimRequest]) -> list[RequestOutcome]:
+        capacity = self.decodes[0].capacity
+        for i, r in enumerate(requests):
+            if kv_need(r, self.profile.engine.block_size) > capacity:
+                raise SimulationError(f"request {i} needs {r.prompt_tokens + r.output_tokens} "
+                                      f"tokens of KV, more than a decode worker holds "
+                                      f"({capacity}; --kv-capacity-tokens)")
+            self.jobs.append(Job(i, r))
+            self._push(r.arrival_s, 0, i)
+        while self.events:
+            now, _, kind, index = heapq.heappop(self.events)
+            (self._arrive, self._prefill_end, self._kv_landed, self._decode_end)[kind](now, index)
+        unfinished = [j.index for j in self.jobs if j.finish_s is None]
+        if unfinished:
+            raise SimulationError(f"{len(unfinished)} requests never finished (first: "
+                                  f"{unfinished[0]}): a bug in the simulator")
+        delay = {"remote": self.spec.remote_overhead_s, "local": self.spec.local_overhead_s}
+        return [RequestOutcome(j.request, j.placement, float(j.first_token_s or 0.0)
+                               + delay[j.placement], float(j.finish_s or 0.0)
+                               + delay[j.placement]) for j in self.jobs]
+
+    # ---- events ----------------------------------------------------------------------------
+    def _push(self, at: float, kind: int, index: int) -> None:
+        heapq.heappush(self.events, (at, next(self.seq), kind, index))
+
+    def _arrive(self, now: float, index: int) -> None:
+        job = self.jobs[index]
+        job.decode = self._route()
+        decode = self.decodes[job.decode]
+        prediction = choose(self.mode, job.request.prompt_tokens, self._prefill_views(now),
+                            self._decode_view(job.decode), self._transfer_view(), self.slo)
+        if prediction.placement is Placement.LOCAL:
+            job.placement = "local"
+            job.chunk_cap = prediction.chunk if self.spec.chunk_caps else 0
+            decode.waiting.append(job)
+            self._kick_decode(now, job.decode)
+            return
+        job.prefill = int(prediction.prefill_id or 0)
+        if decode.reserve_or_queue(job):
+            self._to_prefill(now, job)
+
+    def _to_prefill(self, now: float, job: Job) -> None:
+        self.prefills[job.prefill].queue.append(job)
+        self._kick_prefill(now, job.prefill)
+
+    def _prefill_end(self, now: float, p: int) -> None:
+        for job in self.prefills[p].finish_step():
+            nbytes = job.request.prompt_tokens * self.profile.kv_bytes_per_token
+            start = max(now, self.link_free[job.decode])
+            self.link_free[job.decode] = start + self._transfer_s(nbytes)
+            self._push(self.link_free[job.decode], 2, job.index)
+        self._kick_prefill(now, p)
+
+    def _kv_landed(self, now: float, index: int) -> None:
+        job = self.jobs[index]
+        job.num_generated, job.first_token_s = 1, now
+        decode = self.decodes[job.decode]
+        if job.request.output_tokens <= 1:
+            job.finish_s = job.first_token_s
+            self._finished(now, job)
+            return
+        decode.inbound.append(job)
+        self._kick_decode(now, job.decode)
+
+    def _decode_end(self, now: float, d: int) -> None:
+        _, finished = self.decodes[d].finish_step(now)
+        for job in finished:
+            self._finished(now, job)
+        self._kick_decode(now, d)
+
+    def _finished(self, now: float, job: Job) -> None:
+        self.output_len += EWMA * (job.request.output_tokens - self.output_len)
+        for granted in self.decodes[job.decode].release(job):
+            self._to_prefill(now, granted)
+
+    def _kick_prefill(self, now: float, p: int) -> None:
+        seconds = self.prefills[p].start_step(now)
+        if seconds is not None:
+            self._push(now + seconds, 1, p)
+
+    def _kick_decode(self, now: float, d: int) -> None:
+        seconds = self.decodes[d].start_step(now)
+        if seconds is not None:
+            self._push(now + seconds, 3, d)
+
+    # ---- routing and the placement rule's views ----------------------------------------------
+    def _route(self) -> int:
+        def score(d: DecodeServer) -> tuple[int, int, int]:
+            usage = d.kv_used / d.capacity
+            return (len(d.waiting) + len(d.reserve_queue), math.floor(usage / 0.05 + 1e-9),
+                    len(d.running) + len(d.inbound))
+        best = min(score(d) for d in self.decodes)
+        tied = [i for i, d in enumerate(self.decodes) if score(d) == best]
+        self.num_routed += 1
+        return tied[(self.num_routed - 1) % len(tied)]
+
+    def _prefill_views(self, now: float) -> list[PrefillView]:
+        return [PrefillView(str(i), self.coef,
+                            (max(0.0, p.busy_until - now) if p.batch else 0.0)
+                            + prefill_seconds(self.coef, p.queued_tokens(), self.budget),
+                            0, self.budget) for i, p in enumerate(self.prefills)]
+
+    def _decode_view(self, d: int) -> DecodeView:
+        server = self.decodes[d]
+        running = server.running + server.inbound
+        local = server.prefilling + list(server.waiting)
+        local_tokens = sum(j.num_uncomputed for j in local)
+        chunk = min((j.chunk_cap for j in local if j.chunk_cap), default=0)
+        horizon = (sum(max(1.0, min(float(j.request.output_tokens),
+                                    max(self.output_len, 2.0 * j.num_generated)))
+                       for j in running) / len(running)) if running else self.output_len
+        local_s = prefill_seconds(self.coef, local_tokens, chunk or self.budget, len(running),
+                                  sum(j.context for j in running))
+        return DecodeView(str(d), self.coef, len(running), sum(j.context for j in running),
+                          local_s, chunk, 0, self.budget, horizon)
+
+    def _transfer_view(self) -> TransferView:
+        return TransferView(self.profile.kv_bytes_per_token, self.rate,
+                            self.spec.remote_overhead_s, self.spec.local_overhead_s)
+
+    def _transfer_s(self, nbytes: float) -> float:
+        if self.spec.transfer_gbps:
+            return nbytes / (self.spec.transfer_gbps * 1e9)
+        return self.times.transfer_s(self.spec.transport, nbytes)
+
+    def _transfer_rate(self) -> float:
+        if self.spec.transfer_gbps:
+            return self.spec.transfer_gbps * 1e9
+        rows = self.profile.transfers.get(self.spec.transport)
+        if not isinstance(rows, list) or not rows:
+            return 1e9
+        nbytes, seconds = max(rows, key=lambda r: r[0])
+        return nbytes / max(seconds, 1e-9)
+
+
+def simulate(profile: Profile, spec: ClusterSpec,
+             requests: Sequence[SimRequest]) -> list[RequestOutcome]:
+    return Simulation(profile, spec).run(requests)

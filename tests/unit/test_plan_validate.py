@@ -1,0 +1,39 @@
+"""bench/plan_validate.py simulates what the measured sweeps sent: the same requests per rate
+(their token totals equal the server-counted ones in the sweep files) on the same serve flags."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+
+from bench.plan_validate import spec_of, workload
+
+RESULTS = Path(__file__).resolve().parents[2] / "bench" / "results"
+
+
+@pytest.mark.parametrize("name", ["placement_cpu_prefill_heavy_2026-12-06.json",
+                                  "sweep_h200x2_2026-11-22.json"])
+def test_workload_reproduces_the_measured_requests(name: str) -> None:
+    sweep = json.loads((RESULTS / name).read_text())
+    at = workload(sweep)
+    for rate, point in zip(sweep["request_rates"], sweep["configs"][0]["points"], strict=True):
+        reqs = at(rate)
+        assert sum(r.prompt_tokens for r in reqs) == point["summary"]["prompt_tokens"]
+        assert sum(r.output_tokens for r in reqs) == point["summary"]["output_tokens"]
+        assert reqs[0].arrival_s == 0.0
+        assert all(a.arrival_s <= b.arrival_s for a, b in itertools.pairwise(reqs))
+
+
+def test_serve_flags_become_cluster_specs() -> None:
+    s = spec_of("pdserve serve --prefill 1 --decode 1 --transport nccl", "--max-model-len 8192",
+                205.8)
+    assert (s.name, s.transport, s.transfer_gbps) == ("1p1d-adaptive", "nccl", 205.8)
+    s = spec_of("pdserve serve --prefill 1 --decode 1", "", 0.0, unnamed_placement="remote")
+    assert s.name == "1p1d"
+    s = spec_of("pdserve serve --colocated --decode 2", "", 0.0)
+    assert (s.name, s.placement, s.slo_tpot_s) == ("colocated-x2", "local", 0.05)
+    s = spec_of("pdserve serve --prefill 2 --decode 1 --placement remote --slo-tpot 40ms", "", 0)
+    assert (s.name, s.slo_tpot_s) == ("2p1d", 0.04)

@@ -1,0 +1,144 @@
+"""The planner's simulator against numbers that can be checked by hand: one request alone
+takes exactly the profile's step times, and a single prefill server with deterministic service
+behaves as an M/D/1 queue (Pollaczek-Khinchine mean wait)."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+
+import pytest
+
+from planner.profile import Profile, ProfileError, StepTimes
+from planner.servers import SimRequest
+from planner.simulator import ClusterSpec, SimulationError, simulate
+from tests.unit.planner_fixtures import KV_BYTES, small_profile
+
+
+def test_one_remote_request_takes_the_profiles_times() -> None:
+    profile = small_profile()
+    (out,) = simulate(profile, ClusterSpec(1, 1), [SimRequest(0.5, 1024, 10)])
+    transfer = 1024 * KV_BYTES / 1e9
+    assert out.placement == "remote"
+    assert out.ttft_s == pytest.approx(1.024 + transfer, rel=1e-9)
+    assert out.tpot_s == pytest.approx(0.02, rel=1e-9)  # decode at batch 1, flat in context
+
+
+def test_one_colocated_request_takes_the_profiles_times() -> None:
+    profile = small_profile()
+    spec = ClusterSpec(0, 1, "local", local_overhead_s=0.003)
+    (out,) = simulate(profile, spec, [SimRequest(0.0, 256, 5)])
+    assert out.placement == "local"
+    assert out.ttft_s == pytest.approx(0.256 + 0.003, rel=1e-9)
+    assert out.tpot_s == pytest.approx(0.02, rel=1e-9)
+
+
+def test_overheads_and_measured_rate_override() -> None:
+    spec = ClusterSpec(1, 1, remote_overhead_s=0.01, transfer_gbps=0.5)
+    (out,) = simulate(small_profile(), spec, [SimRequest(0.0, 256, 1)])
+    assert out.ttft_s == pytest.approx(0.256 + 256 * KV_BYTES / 0.5e9 + 0.01, rel=1e-9)
+    assert out.tpot_s is None
+
+
+def test_step_times_interpolate_and_mix() -> None:
+    times = StepTimes(small_profile())
+    assert times.prefill_s(512) == pytest.approx(0.512)
+    assert times.decode_s(8, 128) == pytest.approx(0.03)
+    assert times.decode_s(36, 128) == pytest.approx(0.055)  # halfway between 8 and 64
+    # the mixed point: 0.256 + 0.03x = 0.276 with decode(8, 512) -> overlap of the shorter
+    d = times.decode_s(8, 512)
+    assert times.overlap == pytest.approx((0.256 + d - 0.276) / d)
+    assert times.step_s(256, 0, 8, 8 * 512) == pytest.approx(0.276)
+
+
+def test_md1_queue_matches_pollaczek_khinchine() -> None:
+    """Prompts of 100 tokens, a budget of 100 tokens (one prompt per step: service D = 0.1 s),
+    Poisson arrivals at rho = 0.5, one output token: the mean wait before service must be
+    rho * D / (2 (1 - rho)) within 2 %."""
+    profile = small_profile(max_num_batched_tokens=100, capacity=10**9, max_num_seqs=10**6)
+    service, rho = StepTimes(profile).prefill_s(100), 0.5
+    rate = rho / service
+    rng = random.Random(7)
+    t, reqs = 0.0, []
+    for _ in range(40_000):
+        t += rng.expovariate(rate)
+        reqs.append(SimRequest(t, 100, 1))
+    spec = ClusterSpec(1, 1, "remote", transfer_gbps=1e9)  # transfer ~0
+    outs = simulate(profile, spec, reqs)
+    mean_wait = sum(o.ttft_s - service for o in outs) / len(outs)
+    expected = rho * service / (2 * (1 - rho))
+    assert mean_wait == pytest.approx(expected, rel=0.02, abs=1e-4)
+
+
+def test_bad_inputs_are_typed_errors_naming_the_part() -> None:
+    with pytest.raises(SimulationError, match="KV"):
+        simulate(small_profile(capacity=512), ClusterSpec(1, 1), [SimRequest(0, 1000, 8)])
+    with pytest.raises(SimulationError, match="placement"):
+        ClusterSpec(1, 1, "nowhere")
+    with pytest.raises(ProfileError, match="frames"):
+        simulate(small_profile(), ClusterSpec(1, 1, transport="frames"), [SimRequest(0, 8, 2)])
+    with pytest.raises(ProfileError, match="decode"):
+        Profile.from_json('{"version": 1, "engine": {"max_num_batched_tokens": 8, '
+                          '"max_num_seqs": 1, "block_size": 16, "kv_capacity_tokens": 64, '
+                          '"max_model_len": 64}, "kv_bytes_per_token": 1, '
+                          '"prefill": [[1, 0.1]], "decode": []}')
+    with pytest.raises(ProfileError, match="version"):
+        Profile.from_json('{"version": 7}')
+
+
+def test_profile_round_trips_through_json() -> None:
+    profile = small_profile()
+    assert Profile.from_json(profile.to_json()) == profile
+
+
+def test_the_planner_imports_no_torch_numpy_or_zmq() -> None:
+    code = ("import sys; import planner.search, planner.report, planner.simulator; "
+            "heavy = sorted(m for m in ('torch', 'numpy', 'zmq') if m in sys.modules); "
+            "print(heavy); sys.exit(1 if heavy else 0)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, f"importing the planner pulled in {out.stdout}{out.stderr}"
+
+
+def test_decode_first_reservation_queues_for_kv() -> None:
+    """A decode worker holding KV for one request only: the second waits for the first to
+    finish before its prefill may start (no prefill work without a landing place)."""
+    profile = small_profile(capacity=400)
+    first, second = simulate(profile, ClusterSpec(1, 1), [SimRequest(0.0, 256, 20),
+                                                          SimRequest(0.0, 256, 20)])
+    assert second.first_token_s >= first.finish_s + 0.256
+    assert first.ttft_s == pytest.approx(0.256 + 256 * KV_BYTES / 1e9)
+
+
+def test_adaptive_placement_uses_the_proxys_rule() -> None:
+    """With costly hops to a prefill worker, the proxy's rule (proxy/placement.py) keeps short
+    prompts on the decode worker; with free hops a long prompt goes remote."""
+    short = simulate(small_profile(), ClusterSpec(1, 1, "adaptive", remote_overhead_s=0.5),
+                     [SimRequest(0.0, 32, 4)])
+    assert short[0].placement == "local"
+    long_ = simulate(small_profile(), ClusterSpec(1, 1, "adaptive", slo_tpot_s=0.03),
+                     [SimRequest(0.0, 64, 200), SimRequest(0.5, 2000, 4)])
+    assert long_[1].placement == "remote"
+
+
+def test_colocated_replicas_share_the_load() -> None:
+    """Two colocated replicas at the same time serve two prompts in parallel (the router
+    spreads them), one replica one after the other."""
+    reqs = [SimRequest(0.0, 1024, 2), SimRequest(0.0, 1024, 2)]
+    two = simulate(small_profile(), ClusterSpec(0, 2, "local"), reqs)
+    one = simulate(small_profile(), ClusterSpec(0, 1, "local"), reqs)
+    assert max(o.ttft_s for o in two) == pytest.approx(1.024, rel=0.01)
+    assert max(o.ttft_s for o in one) > 1.5
+
+
+def test_noisy_dips_do_not_make_bigger_steps_faster() -> None:
+    """A profile taken on a busy machine may time batch 8 faster than batch 1; the model keeps
+    step time non-decreasing in batch, context and tokens instead of extrapolating the dip."""
+    profile = small_profile()
+    noisy = Profile(profile.engine, profile.kv_bytes_per_token,
+                    prefill=[[16, 0.5], [64, 0.2], [256, 0.3]],
+                    decode=[[1, 128, 0.5], [8, 128, 0.3], [16, 128, 0.2]],
+                    transfers=profile.transfers)
+    times = StepTimes(noisy)
+    assert times.decode_s(32, 128) >= times.decode_s(1, 128) == pytest.approx(0.5)
+    assert times.prefill_s(1024) >= times.prefill_s(16) == pytest.approx(0.5)
