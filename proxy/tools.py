@@ -1,8 +1,9 @@
 """Tool calling: `tools` / `tool_choice` types, the prompt format, and the forced-call grammar.
 
-The prompt: a chat template that knows tools (it mentions `tools`) renders them itself, with
-assistant `tool_calls` and `role: "tool"` messages passed as Hugging Face templates expect.
-Otherwise (SmolLM2's template has no tools) pdserve writes the Hermes / Qwen2.5 format: the
+The prompt: `template_messages(..., template_has_tools=True)` builds messages for a chat
+template that renders tools itself (assistant `tool_calls` and `role: "tool"` as Hugging Face
+templates expect; the app does not use it yet: the prompt encoder passes no tools to a
+template). Otherwise (SmolLM2's template has no tools) it writes the Hermes / Qwen2.5 format: the
 tool signatures as JSON lines inside `<tools></tools>` in the system message, each call as
 `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`, each tool result as a user
 turn `<tool_response>\\n...\\n</tool_response>`. The model answers in the same format and
