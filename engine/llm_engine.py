@@ -20,6 +20,7 @@ import torch
 from engine.checkpoint import Checkpoint, load_checkpoint, read_model_config
 from engine.config import EngineConfig
 from engine.errors import EngineError, RequestError
+from engine.grammar_runtime import GrammarRuntime
 from engine.kv_cache_manager import KvCacheManager
 from engine.memory_plan import KvPlan, plan_kv_cache
 from engine.model_runner import ModelRunner, ScheduledSeq
@@ -72,6 +73,7 @@ class LLMEngine:
         self.cache = KvCacheManager(plan.num_blocks, plan.spec.block_size,
                                     config.enable_prefix_caching)
         eos = tuple(checkpoint.tokenizer.eos_token_ids) or checkpoint.config.eos_token_ids
+        self.runner.grammars = GrammarRuntime(checkpoint.tokenizer, eos)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, plan.max_model_len,
                             checkpoint.config.vocab_size),

@@ -31,6 +31,7 @@ from engine.attention import AttentionMetadata, DecodeMetadata
 from engine.config import ModelConfig
 from engine.cpu_malloc import keep_freed_memory
 from engine.cuda_graphs import DecodeGraphs, capture_sizes
+from engine.grammar_runtime import GrammarRuntime
 from engine.kv_layout import allocate_cache, copy_block
 from engine.kv_spec import KvLayout
 from engine.memory_plan import KvPlan
@@ -105,6 +106,7 @@ class ModelRunner:
                  dtype: torch.dtype, device: torch.device, *, attention_backend: str = "auto",
                  cuda_graphs: bool = True, tp: TpGroup | None = None) -> None:
         self.config, self.plan, self.device, self.dtype = config, plan, device, dtype
+        self.grammars: GrammarRuntime | None = None  # set by the engine (it has the tokenizer)
         self.tp = tp or TpGroup.single(device)
         if device.type == "cpu":
             keep_freed_memory()  # no page-fault storm per decode step (engine/cpu_malloc.py)
@@ -238,7 +240,10 @@ class ModelRunner:
         params = [s.params for s in seqs]
         processed = apply_penalties(logits, params, [s.token_ids for s in seqs],
                                     [s.num_prompt_tokens for s in seqs])
-        results = sample(processed, params, [s.generator for s in seqs], raw_logits=logits)
+        # on CUDA the forward pass still runs while the host builds the grammar masks
+        bitmask = None if self.grammars is None else self.grammars.bitmask(seqs)
+        results = sample(processed, params, [s.generator for s in seqs], raw_logits=logits,
+                         bitmask=bitmask)
         return {s.seq_id: r for s, r in zip(seqs, results, strict=True)}
 
     @torch.inference_mode()

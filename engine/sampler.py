@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.grammar_runtime import apply_bitmask
 from engine.outputs import TokenLogprob
 from engine.sampling_params import SamplingParams
 
@@ -29,19 +30,22 @@ class SampleResult:
 
 def sample(logits: torch.Tensor, params: list[SamplingParams],
            generators: list[torch.Generator | None],
-           raw_logits: torch.Tensor | None = None) -> list[SampleResult]:
+           raw_logits: torch.Tensor | None = None,
+           bitmask: torch.Tensor | None = None) -> list[SampleResult]:
     """logits: [N, vocab] float32, one row per sequence, as processed (engine/penalties.py);
     `raw_logits` the model's own, which logprobs report (default: `logits`). Returns one
-    result per row."""
+    result per row. bitmask: [N, ceil(vocab / 32)] int32 allowed tokens of guided rows
+    (engine/grammar_runtime.py), applied on the logits' device before any choice."""
     logits = logits.float()
-    tokens = logits.argmax(dim=-1)  # [N]
+    scores = logits if bitmask is None else apply_bitmask(logits, bitmask)
+    tokens = scores.argmax(dim=-1)  # [N]
     batched = [i for i, p in enumerate(params) if not p.is_greedy and generators[i] is None]
     if batched:
         idx = _to_device(batched, torch.int64, logits.device)
-        tokens[idx] = _sample_rows(logits[idx], [params[i] for i in batched])
+        tokens[idx] = _sample_rows(scores[idx], [params[i] for i in batched])
     for i, p in enumerate(params):
         if not p.is_greedy and generators[i] is not None:
-            tokens[i] = _sample_row_seeded(logits[i], p, generators[i])
+            tokens[i] = _sample_row_seeded(scores[i], p, generators[i])
     token_ids = tokens.tolist()  # one host sync for the whole batch
     logprobs = _logprobs(logits if raw_logits is None else raw_logits.float(), tokens, token_ids,
                          params)

@@ -11,6 +11,7 @@ import types
 from dataclasses import dataclass, field
 
 from engine.errors import RequestError
+from engine.guided import GuidedDecoding
 
 MAX_LOGIT_BIAS_ENTRIES = 1024
 _MASK64 = (1 << 64) - 1
@@ -54,6 +55,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # seen tokens: positive logits / this, negative * this
     # (token id, added to its logit); ids below the receiving worker's vocabulary
     logit_bias: tuple[tuple[int, float], ...] = field(default=(), metadata=_BIAS)
+    guided: GuidedDecoding | None = None  # the output must match this (engine/guided.py)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -70,6 +72,8 @@ class SamplingParams:
             raise RequestError(f"prompt_logprobs must be in [0, 20], got {self.prompt_logprobs}")
         if self.min_tokens < 0:
             raise RequestError(f"min_tokens must be at least 0, got {self.min_tokens}")
+        if self.guided is not None and not isinstance(self.guided, GuidedDecoding):
+            raise RequestError(f"guided must be a GuidedDecoding, got {type(self.guided)}")
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
         self._check_penalties()
 

@@ -50,6 +50,8 @@ class Sequence:
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # entry e: token e + 1's
     prefill_chunk: int = 0  # most prompt tokens per step while it prefills (0: no cap)
     _generator: torch.Generator | None = field(default=None, repr=False, compare=False)
+    # the grammar matcher of a guided request (engine/grammar_runtime.py), built on first use
+    grammar: object | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.num_prompt_tokens < 0:

@@ -209,13 +209,16 @@ class Tokenizer:
         except jinja2.TemplateSyntaxError as e:
             raise TokenizerError(f"the model's chat template does not parse: {e}") from e
 
-    def apply_chat_template(self, messages: list[dict[str, str]],
-                            add_generation_prompt: bool = True) -> str:
-        """Render `messages` ([{"role": ..., "content": ...}]) to the prompt text."""
+    def apply_chat_template(self, messages: list[dict[str, Any]],
+                            add_generation_prompt: bool = True,
+                            tools: list[dict[str, Any]] | None = None) -> str:
+        """Render `messages` ([{"role": ..., "content": ...}]) to the prompt text; `tools`
+        (OpenAI tool definitions) go to templates that render them."""
+        extra = {} if tools is None else {"tools": tools}
         try:
             return self._compiled_template.render(
                 messages=messages, add_generation_prompt=add_generation_prompt,
-                **self.special_tokens)
+                **extra, **self.special_tokens)
         except jinja2.TemplateError as e:
             raise TokenizerError(f"chat template rejected the messages: {e}") from e
 

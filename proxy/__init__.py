@@ -16,4 +16,7 @@ Modules:
     http_server  uvicorn settings and the h11 protocol with header/body timeouts
     prompts      prompt caps, chat template + tokenizer in a thread pool, special-token policy
     disconnect   non-streaming requests cancelled when their client leaves
+    structured   response_format / guided_* -> one compiled-checked `GuidedDecoding`
+    tools        tools / tool_choice: prompt format (Hermes when the template has none), forced
+                 call grammar; tool_parser: calls out of the output, whole or streamed
 """

@@ -46,6 +46,8 @@ from proxy.prompts import PromptEncoder
 from proxy.prompts import PromptTokenizer as ChatTokenizer
 from proxy.request_params import MAX_PROMPTS
 from proxy.sse import sse_headers
+from proxy.structured import request_guided
+from proxy.tools import template_messages
 
 
 @dataclass(frozen=True)
@@ -148,7 +150,8 @@ class _Generation:
             param = "prompt" if isinstance(body, api.CompletionRequest) else "messages"
             raise invalid_request("the prompt is empty", param)
         body.check_logit_bias_vocab(self.tokenizer.vocab_size)  # type: ignore[attr-defined]
-        params = api.to_sampling(body, len(prompt_ids), self.config.max_model_len)
+        _, guided = request_guided(body)  # checked before any work by the handlers
+        params = api.to_sampling(body, len(prompt_ids), self.config.max_model_len, guided)
         if choice:
             params = dataclasses.replace(params, seed=choice_seed(params.seed, choice))
         # Internal id: unique even when clients reuse an X-Request-Id.
@@ -180,6 +183,7 @@ def _add_generation(app: FastAPI, gen: _Generation) -> None:
     async def completions(body: api.CompletionRequest,
                           request: Request) -> Response | api.CompletionResponse:
         gen.check(body, await request.body())
+        request_guided(body)  # a 400 for a grammar that cannot compile, before any work
         want_lp, echo = body.logprobs is not None, Echo.of(body)
         prompts = [await gen.prompts.completion_ids(p) for p in body.prompts()]
         groups = gen.choices(body, prompts)
@@ -201,7 +205,9 @@ def _add_generation(app: FastAPI, gen: _Generation) -> None:
     async def chat(body: api.ChatCompletionRequest,
                    request: Request) -> Response | api.ChatCompletionResponse:
         gen.check(body, await request.body())
-        prompt_ids = await gen.prompts.chat_ids(body.template_messages())
+        plan, _ = request_guided(body)  # a 400 for a grammar that cannot compile, before work
+        # tools in the Hermes format (proxy/tools.py); n > 1 choices do not parse tool calls
+        prompt_ids = await gen.prompts.chat_ids(template_messages(body.messages, plan, False))
         want_lp = bool(body.logprobs)
         groups = gen.choices(body, [prompt_ids])
         if groups is not None:
@@ -213,10 +219,10 @@ def _add_generation(app: FastAPI, gen: _Generation) -> None:
                 request, choices.chat_response(groups, model, want_lp))
         stream = gen.stream(body, prompt_ids)
         if body.stream:
-            events = responses.chat_sse(stream, model, want_lp, body.include_usage)
+            events = responses.chat_sse(stream, model, want_lp, body.include_usage, plan)
             return StreamingResponse(events, headers=sse_headers(), media_type="text/event-stream")
         return await until_disconnected(request,
-                                        responses.chat_response(stream, model, want_lp))
+                                        responses.chat_response(stream, model, want_lp, plan))
 
 
 __all__ = ["ApiError", "ProxyConfig", "build_app"]

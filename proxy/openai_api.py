@@ -19,17 +19,20 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from pydantic_core import PydanticCustomError
 
 from engine.errors import RequestError
+from engine.guided import GuidedDecoding
 from engine.sampling_params import SamplingParams
 from proxy.errors import context_length_exceeded, invalid_request
 from proxy.limits import check_num_messages
 from proxy.request_params import PenaltyParams, PromptList
+from proxy.tools import ToolCall, ToolCallDelta, ToolDefinition
 
 MAX_STOP_STRINGS = 4
 MAX_STOP_CHARS = 1024  # per stop string: the proxy matches them against every streamed delta
 MAX_TOP_LOGPROBS = 20
 MIN_LOGPROB = -9999.0  # what OpenAI sends instead of -inf
-ApiFinishReason = Literal["stop", "length"]  # what a client sees (an abort is an error)
-Role = Literal["system", "user", "assistant", "developer"]
+# what a client sees (an abort is an error)
+ApiFinishReason = Literal["stop", "length", "tool_calls"]
+Role = Literal["system", "user", "assistant", "developer", "tool"]
 _OptInt = Annotated[int | None, Field(strict=True)]
 _OptBool = Annotated[bool | None, Field(strict=True)]
 
@@ -49,8 +52,8 @@ class _RequestBase(PenaltyParams):
     model_config = ConfigDict(extra="allow")
     # Parameters accepted only at a neutral value; anything else is a 400 naming the field.
     _NEUTRAL: ClassVar[Mapping[str, Any]] = MappingProxyType({
-        "best_of": 1, "echo": False, "min_p": 0.0, "suffix": "", "tools": [],
-        "functions": [], "response_format": {"type": "text"},
+        "best_of": 1, "echo": False, "min_p": 0.0, "suffix": "",
+        "functions": [],
     })
 
     model: str | None = None
@@ -126,6 +129,8 @@ class ChatMessage(BaseModel):
     role: Role
     content: str | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls (proxy/tools.py)
+    tool_call_id: str | None = None  # which call a 'tool' message answers
 
     @field_validator("content", mode="before")
     @classmethod
@@ -151,9 +156,10 @@ class ChatCompletionRequest(_RequestBase):
     min_tokens: int = Field(0, strict=True, ge=0)
     logprobs: bool | None = Field(False, strict=True)
     top_logprobs: int | None = Field(None, strict=True, ge=0, le=MAX_TOP_LOGPROBS)
-    tools: list[Any] | None = None
+    tools: list[ToolDefinition] | None = None
+    tool_choice: str | dict[str, Any] | None = None  # checked with tools (proxy/tools.py)
+    parallel_tool_calls: _OptBool = None
     functions: list[Any] | None = None
-    tool_choice: str | dict[str, Any] | None = None
 
     _check_num_messages = field_validator("messages", mode="before")(check_num_messages)
     @field_validator("messages")
@@ -185,7 +191,7 @@ class ChatCompletionRequest(_RequestBase):
 
 
 def to_sampling(request: CompletionRequest | ChatCompletionRequest, num_prompt_tokens: int,
-                max_model_len: int) -> SamplingParams:
+                max_model_len: int, guided: GuidedDecoding | None = None) -> SamplingParams:
     """The sampling parameters of a validated request, defaults filled in; a 400 when they
     cannot run (`context_length_exceeded` when they do not fit --max-model-len).
 
@@ -214,6 +220,7 @@ def to_sampling(request: CompletionRequest | ChatCompletionRequest, num_prompt_t
             ignore_eos=bool(request.ignore_eos),
             logprobs=logprobs,
             min_tokens=request.min_tokens,
+            guided=guided,
             prompt_logprobs=prompt_logprobs,
             **request.penalty_kwargs(),
         )
@@ -345,6 +352,7 @@ class CompletionResponse(_Response):
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] | None = _omitted_if_none()
 
 
 class ChatChoice(BaseModel):
@@ -365,6 +373,7 @@ class DeltaMessage(BaseModel):
 
     role: Literal["assistant"] | None = _omitted_if_none()
     content: str | None = _omitted_if_none()
+    tool_calls: list[ToolCallDelta] | None = _omitted_if_none()
 
 
 class ChatChunkChoice(BaseModel):

@@ -21,6 +21,8 @@ from proxy.errors import ApiError, internal
 from proxy.metrics import ProxyMetrics
 from proxy.sse import SSE_DONE, sse_error, sse_event
 from proxy.stop import StopMatcher
+from proxy.tool_parser import ToolStreamFilter, parse_tool_calls
+from proxy.tools import ToolCallDelta, ToolPlan
 
 if TYPE_CHECKING:
     from proxy.echo import Echo
@@ -129,11 +131,17 @@ async def completion_response(stream: GenerationStream, model: str, want_logprob
                                   usage=stream.usage())
 
 
-async def chat_response(stream: GenerationStream, model: str,
-                        want_logprobs: bool) -> api.ChatCompletionResponse:
+async def chat_response(stream: GenerationStream, model: str, want_logprobs: bool,
+                        tools: ToolPlan | None = None) -> api.ChatCompletionResponse:
     text, logprobs = await collect(stream)
-    choice = api.ChatChoice(message=api.ChatResponseMessage(content=text),
-                            finish_reason=stream.finish_reason,  # type: ignore[arg-type]
+    message, finish = api.ChatResponseMessage(content=text), stream.finish_reason
+    if tools is not None and tools.mode != "none" and finish == "stop":
+        content, calls = parse_tool_calls(text, tools)
+        if calls:
+            message, finish = api.ChatResponseMessage(content=content, tool_calls=calls), \
+                "tool_calls"
+    choice = api.ChatChoice(message=message,
+                            finish_reason=finish,  # type: ignore[arg-type]
                             logprobs=api.ChatLogprobs.build(logprobs) if want_logprobs else None)
     return api.ChatCompletionResponse(id=f"chatcmpl-{stream.request_id}", model=model,
                                       choices=[choice], usage=stream.usage())
@@ -165,16 +173,19 @@ async def completion_sse(stream: GenerationStream, model: str, want_logprobs: bo
 
 
 async def chat_sse(stream: GenerationStream, model: str, want_logprobs: bool,
-                   include_usage: bool) -> AsyncIterator[bytes]:
+                   include_usage: bool, tools: ToolPlan | None = None) -> AsyncIterator[bytes]:
     rid = f"chatcmpl-{stream.request_id}"
     first = api.ChatChunkChoice(delta=api.DeltaMessage(role="assistant", content=""))
     yield sse_event(api.ChatCompletionChunk(id=rid, model=model, choices=[first]))
+    calls = None if tools is None or tools.mode == "none" else ToolStreamFilter(tools)
     try:
         async for d in stream.deltas():
             lp = api.ChatLogprobs.build(d.logprobs) if want_logprobs and d.logprobs else None
-            choice = api.ChatChunkChoice(delta=api.DeltaMessage(content=d.text), logprobs=lp,
-                                         finish_reason=d.finish_reason)  # type: ignore[arg-type]
-            yield sse_event(api.ChatCompletionChunk(id=rid, model=model, choices=[choice]))
+            for delta, finish in _chat_deltas(d, calls):
+                choice = api.ChatChunkChoice(delta=delta, logprobs=lp,
+                                             finish_reason=finish)  # type: ignore[arg-type]
+                lp = None
+                yield sse_event(api.ChatCompletionChunk(id=rid, model=model, choices=[choice]))
         if include_usage:
             yield sse_event(api.ChatCompletionChunk(id=rid, model=model, choices=[],
                                                     usage=stream.usage()))
@@ -183,3 +194,21 @@ async def chat_sse(stream: GenerationStream, model: str, want_logprobs: bool,
     except Exception as e:
         yield sse_error(internal(f"{type(e).__name__}: {e}", stream.request_id))
     yield SSE_DONE
+
+
+def _chat_deltas(d: Delta, calls: ToolStreamFilter | None
+                 ) -> list[tuple[api.DeltaMessage, str | None]]:
+    """A stream delta as chat deltas; with tools, text that may be a call is held back until
+    the end, then sent as one `tool_calls` delta per call (finish_reason 'tool_calls')."""
+    if calls is None:
+        return [(api.DeltaMessage(content=d.text), d.finish_reason)]
+    text = calls.push(d.text)
+    if d.finish_reason is None:
+        return [(api.DeltaMessage(content=text), None)] if text or d.logprobs else []
+    rest, found = calls.finish()
+    if d.finish_reason != "stop" or not found:
+        return [(api.DeltaMessage(content=text + rest), d.finish_reason)]
+    out = [(api.DeltaMessage(content=text + rest), None)] if text + rest else []
+    deltas = [ToolCallDelta(index=i, **c.model_dump()) for i, c in enumerate(found)]
+    return [*out, (api.DeltaMessage(tool_calls=deltas), None),
+            (api.DeltaMessage(), "tool_calls")]

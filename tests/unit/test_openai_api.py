@@ -63,19 +63,20 @@ def test_chat_messages_parts_roles_and_extras() -> None:
             {"role": "user", "content": "hi", "name": "bob"},
             {"role": "assistant", "content": None},
         ],
-        "parallel_tool_calls": False, "store": True,  # unknown but harmless: ignored
+        "parallel_tool_calls": False, "store": True,  # store: unknown but harmless, ignored
     })
     assert request.template_messages() == [
         {"role": "system", "content": "be\nbrief"},
         {"role": "user", "content": "hi"},
         {"role": "assistant", "content": ""},
     ]
-    assert set(request.model_extra or {}) == {"parallel_tool_calls", "store"}
+    assert set(request.model_extra or {}) == {"store"}
 
 
 @pytest.mark.parametrize("messages, loc", [
     ([], ("messages",)),
-    ([{"role": "tool", "content": "x"}], ("messages", 0, "role")),
+    ([{"role": "robot", "content": "x"}], ("messages", 0, "role")),
+    ([{"role": "tool"}], ("messages",)),
     ([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}],
      ("messages", 0, "content")),
     ([{"role": "user"}], ("messages",)),
@@ -107,7 +108,6 @@ def test_bad_prompts(prompt: object, kind: str) -> None:
 
 @pytest.mark.parametrize("field, value", [
     ("best_of", 3), ("min_p", 0.1), ("suffix", "x"),
-    ("response_format", {"type": "json_object"}),
 ])
 def test_unsupported_values_name_the_parameter(field: str, value: object) -> None:
     for make in (chat, completion):
@@ -126,7 +126,7 @@ def test_echo_is_for_completions_only() -> None:
     assert first_error(exc) == (("echo",), "unsupported_value")
 
 
-@pytest.mark.parametrize("field", ["tools", "functions"])
+@pytest.mark.parametrize("field", ["functions"])  # the deprecated form of tools
 def test_tool_calling_is_unsupported(field: str) -> None:
     with pytest.raises(ValidationError) as exc:
         chat(**{field: [{"type": "function", "function": {"name": "f"}}]})
