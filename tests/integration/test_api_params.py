@@ -204,6 +204,7 @@ def test_client_leaving_a_multi_choice_stream_frees_every_block(disagg: Server) 
     assert disagg.wait_idle_blocks() == 0
 
 
+@pytest.mark.slow  # run with -m slow: kept out of CI for time (README, Development)
 def test_long_prompt_logprobs_cross_in_parts(disagg: Server, colocated: Server,
                                              reference: LLMEngine) -> None:
     """~1500 prompt tokens with the top 5 each: more than one event frame holds, on both

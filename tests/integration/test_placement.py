@@ -110,6 +110,7 @@ def test_short_requests_go_local_while_the_prefill_worker_is_busy() -> None:
     assert statistics.median(adaptive) < 0.7 * statistics.median(remote), (adaptive, remote)
 
 
+@pytest.mark.slow  # run with -m slow: kept out of CI for time (README, Development)
 def test_64_concurrent_mixed_requests_leave_no_block_used() -> None:
     async def run(url: str) -> list[int]:
         async with httpx.AsyncClient(base_url=url, timeout=300) as client:

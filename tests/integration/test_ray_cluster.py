@@ -250,6 +250,7 @@ async def _chat(client: httpx.AsyncClient, i: int) -> str:
     return r.json()["choices"][0]["message"]["content"]
 
 
+@pytest.mark.slow  # run with -m slow: kept out of CI for time (README, Development)
 def test_detached_2p2d_32_concurrent_then_stop(cluster: Nodes,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("NCCL_DEBUG", "WARN")  # forwarded to every worker actor
