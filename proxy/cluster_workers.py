@@ -10,6 +10,7 @@ the worker's running totals of refused messages into `pdserve:rejected_messages_
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import logging
@@ -32,9 +33,9 @@ log = logging.getLogger("proxy.cluster")
 EVENT_FRAME_BYTES = 64 << 10  # the largest worker event (a Heartbeat of 256 steps: ~15 KiB)
 
 
-class WorkerBook:
+class WorkerBook(abc.ABC):
     """Registration, heartbeats and views; `ClusterClient` supplies the state below and
-    `_refused` / `_fail_worker_requests`."""
+    implements `_refused` / `_fail_worker_requests`."""
 
     config: ClusterConfig
     metrics: ProxyMetrics
@@ -45,11 +46,13 @@ class WorkerBook:
     prefill_policy: PrefixAware
     _registered: asyncio.Event
 
+    @abc.abstractmethod
     def _refused(self, reason: str, fmt: str, *args: object) -> None:
-        raise NotImplementedError
+        """Count and log (rate-limited) an event refused for `reason`."""
 
+    @abc.abstractmethod
     def _fail_worker_requests(self, w: Worker, what: str) -> None:
-        raise NotImplementedError
+        """A worker died or restarted (`what`): retry or fail the requests it held."""
 
     async def wait_for_workers(self, num_prefill: int, num_decode: int, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s

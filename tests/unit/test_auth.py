@@ -152,7 +152,7 @@ def test_the_secret_never_appears_in_a_worker_command_line() -> None:
     cmd = worker_command("decode", "decode-0", "tcp://127.0.0.1:1", ServeConfig(), [], "cpu", 1)
     assert SECRET.hex() not in " ".join(cmd) and "--cluster-secret" not in " ".join(cmd)
     assert cmd[cmd.index("--host") + 1] == "127.0.0.1"
-    wide = ServeConfig(host="0.0.0.0")
+    wide = ServeConfig(host="192.0.2.1")  # an HTTP address that is not 127.0.0.1 (never bound)
     cmd = worker_command("decode", "decode-0", "tcp://127.0.0.1:1", wide, [], "cpu", 1)
     assert cmd[cmd.index("--host") + 1] == "127.0.0.1"  # --internal-host, not the HTTP host
 

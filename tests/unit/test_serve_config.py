@@ -44,7 +44,7 @@ def test_kv_flags_reach_the_worker(serve: ServeConfig) -> None:
 
 
 def test_insecure_internal_reaches_the_worker_and_a_worker_without_a_secret_refuses() -> None:
-    serve = ServeConfig(insecure_internal=True, internal_host="10.1.2.3", host="0.0.0.0")
+    serve = ServeConfig(insecure_internal=True, internal_host="10.1.2.3", host="192.0.2.1")
     got = _worker_config(worker_command("decode", "decode-0", "tcp://127.0.0.1:5555", serve,
                                         [], "cpu", 1))
     assert got.insecure_internal and got.cluster_secret is None and got.host == "10.1.2.3"
@@ -86,7 +86,8 @@ def test_cluster_config_takes_the_serve_settings_and_the_launchers_overrides() -
     assert (config.host, config.events_port) == ("10.0.0.7", 5555)
     assert (config.placement, config.slo_ttft_s, config.slo_tpot_s, config.router) == \
         ("local", 2.0, 0.1, "round-robin")
-    assert cluster_config(ServeConfig(host="0.0.0.0")).host == "127.0.0.1"  # --internal-host
+    wide = ServeConfig(host="192.0.2.1")  # an HTTP address that is not 127.0.0.1 (never bound)
+    assert cluster_config(wide).host == "127.0.0.1"  # --internal-host
 
 
 @pytest.mark.parametrize(("flags", "flag"), [
