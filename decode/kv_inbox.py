@@ -39,6 +39,7 @@ class KvArrival:
     first_token: int = -1
     first_logprob: TokenLogprob | None = None
     num_prefill_cached_tokens: int = 0
+    retryable: bool = False  # the failure was the path's (`TransferError.retryable`)
 
 
 def _arrival(request_id: str, reports: list[WriteReport]) -> KvArrival:
@@ -130,7 +131,8 @@ class KvInbox:
         self._arrived(_arrival(request_id, reports))
 
     def _release(self, request_id: str, error: TransferError) -> None:
-        self._arrived(KvArrival(request_id, error=f"{type(error).__name__}: {error}"))
+        self._arrived(KvArrival(request_id, error=f"{type(error).__name__}: {error}",
+                                retryable=error.retryable))
 
     def close(self) -> None:
         self.receiver.close()  # stops its thread first

@@ -9,7 +9,10 @@ Loop (single thread; every wait is bounded):
   5. a heartbeat with the worker's load every `heartbeat_interval_s`.
 
 Ownership: a reservation's blocks belong to this worker from Reserved until the request
-finishes, is aborted, times out, or its transfer fails — each path frees them exactly once.
+finishes, is aborted, times out, or its transfer fails — each path frees them exactly once. A
+transfer that fails on its path (a retryable `TransferError`: sender lost mid-stream, timeout,
+corrupted bytes) keeps the blocks, is expected again and reported as `KV_TRANSFER`, so the
+proxy retries the prefill elsewhere or here (at most `MAX_KV_RETRIES` times, then `KV_LOST`).
 Every message and step is guarded (worker/base.py); a request dropped here (Abort, AbortAll, a
 failed step) is reported to the proxy at once as `RequestFailed`, so its client hears of it in
 milliseconds, not at a timeout. A reservation is bounded by `--max-model-len` (the codec) and
@@ -38,6 +41,9 @@ from worker.config import WorkerConfig
 log = logging.getLogger(__name__)
 
 
+MAX_KV_RETRIES = 2  # path failures after which a reservation is released (KV_LOST)
+
+
 @dataclass
 class Pending:
     """A Reserve waiting for blocks (bounded queue)."""
@@ -50,6 +56,8 @@ class Pending:
 class Reservation:
     seq: Sequence
     deadline: float  # the prompt KV must have arrived by then
+    token: str = ""  # the proxy's reservation token a sender must carry
+    retries: int = 0  # transfers that failed on their path and were expected again
 
 
 class DecodeWorker(WorkerBase):
@@ -141,7 +149,8 @@ class DecodeWorker(WorkerBase):
             if seq is None:
                 return  # first in, first served: wait for blocks
             del self.pending[rid]
-            self.reservations[rid] = Reservation(seq, time.monotonic() + self.config.kv_timeout_s)
+            self.reservations[rid] = Reservation(seq, time.monotonic() + self.config.kv_timeout_s,
+                                                 p.msg.kv_token)
             self.kv.expect(rid, seq.block_table, p.msg.kv_token)
             self.events.send(ev.Reserved(rid, self.worker_id, list(seq.block_table)))
 
@@ -180,6 +189,18 @@ class DecodeWorker(WorkerBase):
     def _on_arrival(self, a: KvArrival) -> None:
         res = self.reservations.pop(a.request_id, None)
         if res is None:
+            return
+        if a.error is not None and a.retryable and res.retries < MAX_KV_RETRIES:
+            # the path failed (sender lost mid-stream, timeout, corrupted bytes): keep the
+            # blocks and expect the KV again; the proxy retries the prefill or has it run here
+            log.warning("KV for %s failed on its path (%s): expecting it again", a.request_id,
+                        a.error)
+            res.retries += 1
+            res.deadline = time.monotonic() + self.config.kv_timeout_s
+            self.reservations[a.request_id] = res
+            self.kv.expect(a.request_id, res.seq.block_table, res.token)
+            self.events.send(ev.RequestFailed(a.request_id, self.worker_id, a.error,
+                                              ErrorCode.KV_TRANSFER))
             return
         if a.error is not None:
             log.warning("KV for %s failed: %s", a.request_id, a.error)

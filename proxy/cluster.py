@@ -6,7 +6,8 @@ decode-first lifecycle (Reserve -> Reserved -> Prefill -> Tokens...) and turns e
 into an error on that request's stream:
 
 - a decode worker silent for `heartbeat_timeout_s`: its requests fail at once, it leaves routing;
-- a prefill worker silent, or a retryable prefill failure: the prefill is retried on another
+- a prefill worker silent, a retryable prefill failure, or KV that failed on its path into the
+  decode worker (`KV_TRANSFER` from it: it keeps the blocks): the prefill is retried on another
   prefill worker, or done locally by the decode worker;
 - every state has a timeout (queue, prefill, gap between tokens), re-armed at every stage
   change; on timeout or client disconnect the request is aborted on both workers, which free
@@ -37,6 +38,7 @@ from protocol import prefill_ctrl as pmsg
 from protocol import worker_events as ev
 from protocol.auth import ClusterAuth
 from protocol.codec import MalformedMessage
+from protocol.errors import ErrorCode
 from protocol.log_limit import LogLimiter
 from protocol.rejections import Plane
 from proxy.admission import failure_error, is_from_registered, serves
@@ -310,6 +312,15 @@ class ClusterClient(WorkerBook):
                             msg.worker_id, msg.code.value, msg.error)
                 self._start_prefill(req)
                 return
+        elif msg.code is ErrorCode.KV_TRANSFER and msg.worker_id == req.decode_id:
+            # the decode worker still holds the blocks and expects the KV again
+            if req.stage is not Stage.PREFILLING or req.prefill_id is None:
+                return  # already prefilling there (PrefillLocally): nothing more arrives
+            log.warning("KV of %s from %s failed on arrival at %s (%s); retrying the prefill",
+                        req.request_id, req.prefill_id, msg.worker_id, msg.error)
+            self._spawn(self._send(req.prefill_id, pmsg.Abort(req.request_id, "kv lost")))
+            self._start_prefill(req)
+            return
         req.queue.put_nowait(failure_error(msg, req.request_id))
 
     def _abort_orphan(self, worker: Worker, msg: ev.Reserved | ev.Tokens) -> None:

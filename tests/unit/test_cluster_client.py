@@ -124,6 +124,31 @@ def test_silent_prefill_worker_loses_its_prefill_to_the_next_one() -> None:
     run_cluster(body, heartbeat_timeout_s=1.0)
 
 
+def test_kv_lost_on_its_path_into_the_decode_worker_retries_the_prefill_then_locally() -> None:
+    """The decode worker says KV_TRANSFER (a sender killed mid-stream): it kept the blocks, so
+    the prefill moves to the other prefill worker (the first is told to abort), then to the
+    decode worker itself; the client sees only its tokens."""
+    async def body(c: Cluster) -> None:
+        d = await c.worker("decode", "d0")
+        p0, p1 = await c.worker("prefill", "p0"), await c.worker("prefill", "p1")
+        stream = c.generate("r1")
+        first, msg = await reserve_and_prefill(d, [p0, p1], "r1", [3, 4])
+        second = p1 if first is p0 else p0
+        await d.say(failed("r1", "d0", ErrorCode.KV_TRANSFER))
+        assert (await first.expect(pmsg.Abort)).request_id == "r1"
+        retry = await second.expect(pmsg.Prefill)
+        assert (retry.block_ids, retry.kv_address) == (msg.block_ids, msg.kv_address)
+        await d.say(failed("r1", "d0", ErrorCode.KV_TRANSFER))
+        assert (await second.expect(pmsg.Abort)).request_id == "r1"
+        assert (await d.expect(dmsg.PrefillLocally)).request_id == "r1"
+        await d.say(failed("r1", "d0", ErrorCode.KV_TRANSFER))  # late: prefilling there now
+        await asyncio.sleep(0.2)
+        assert not stream.done()
+        await d.say(tokens("r1", "d0", [7], FinishReason.STOP))
+        assert [t.token_ids for t in await asyncio.wait_for(stream, WAIT_S)] == [[7]]
+    run_cluster(body)
+
+
 @pytest.mark.parametrize(("role", "code"), [("prefill", ErrorCode.KV_REFUSED),
                                             ("decode", ErrorCode.KV_TIMEOUT)])
 def test_non_retryable_failure_is_an_api_error_and_both_workers_abort(

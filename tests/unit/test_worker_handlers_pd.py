@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -26,7 +27,8 @@ from worker_fakes import (
     sampling,
 )
 
-from decode.worker import DecodeWorker
+from decode.kv_inbox import KvArrival
+from decode.worker import MAX_KV_RETRIES, DecodeWorker
 from engine.errors import EngineError
 from engine.llm_engine import LLMEngine
 from engine.outputs import FinishReason
@@ -178,3 +180,39 @@ def test_duplicate_prefill_leaks_nothing(proxy: FakeProxy, make_worker: Any) -> 
         p.do_work()
         time.sleep(0.01)
     assert_all_free(p)
+
+
+def test_kv_lost_on_its_path_keeps_the_reservation_for_a_retry_then_releases_it(
+        proxy: FakeProxy, make_worker: Any, tiny_engine: Callable[..., LLMEngine]) -> None:
+    """A transfer that fails on its path (here: the receiver's PeerLost for a sender killed
+    mid-stream) keeps the blocks, expects the KV again and says KV_TRANSFER (retryable); a
+    second sender then fills the same blocks and the tokens equal a colocated engine's. After
+    MAX_KV_RETRIES path failures the reservation is released (KV_LOST)."""
+    d = make_worker(DecodeWorker, proxy.config("d0"))
+    p = make_worker(PrefillWorker, proxy.config("p0"))
+    params = sampling(max_tokens=5)
+    proxy.send(d, reserve("r1", params=params))
+    blocks = proxy.wait_event(ev.Reserved, "r1").block_ids
+    lost = KvArrival("r1", error="PeerLost: data connection closed by the sender",
+                     retryable=True)
+    d.kv.forget("r1")  # what the receiver does as it reports the failure
+    d._on_arrival(lost)
+    got = proxy.wait_event(ev.RequestFailed, "r1")
+    assert (got.code, got.retryable) == (ErrorCode.KV_TRANSFER, True) and "PeerLost" in got.error
+    assert d.reservations["r1"].seq.block_table == blocks
+    proxy.send(p, prefill("r1", "d0", d.kv_address, blocks, kv_spec_of(d), params=params))
+    out = proxy.stream("r1", drive=(p, d))
+    assert [t for e in out for t in e.token_ids] == greedy_reference(tiny_engine, params)
+    assert_all_free(d)
+    assert_all_free(p)
+
+    proxy.send(d, reserve("r2", params=params))
+    proxy.wait_event(ev.Reserved, "r2")
+    codes = []
+    for _ in range(MAX_KV_RETRIES + 1):
+        d.kv.forget("r2")
+        d._on_arrival(replace(lost, request_id="r2"))
+        codes.append(proxy.wait_event(ev.RequestFailed, "r2").code)
+    assert codes == [ErrorCode.KV_TRANSFER] * MAX_KV_RETRIES + [ErrorCode.KV_LOST]
+    assert "r2" not in d.reservations
+    assert_all_free(d)
