@@ -12,11 +12,12 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+import torch
 from worker_fakes import (
+    PROMPT,
     WAIT_S,
     FakeProxy,
     assert_all_free,
-    greedy_reference,
     kv_spec_of,
     prefill,
     reserve,
@@ -38,10 +39,16 @@ LAYERWISE = KvTransportConfig(kv_streaming="layerwise", kv_stream_groups=2)
 CHUNKED = {"max_num_batched_tokens": 8}
 
 
-def workers(proxy: FakeProxy, make_worker: Any) -> tuple[DecodeWorker, PrefillWorker, list]:
-    """A decode worker and a streaming prefill worker; the list collects its parts' markers."""
-    d = make_worker(DecodeWorker, proxy.config("d0"))
-    p = make_worker(PrefillWorker, proxy.config("p0", kv=LAYERWISE), **CHUNKED)
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                    reason="needs CUDA"))
+
+
+def workers(proxy: FakeProxy, make_worker: Any, device: str = "cpu"
+            ) -> tuple[DecodeWorker, PrefillWorker, list]:
+    """A decode worker and a streaming prefill worker; the list collects its parts' markers.
+    On CUDA the parts wait on an event recorded after their layer group (the lane's stream)."""
+    d = make_worker(DecodeWorker, proxy.config("d0"), device=device)
+    p = make_worker(PrefillWorker, proxy.config("p0", kv=LAYERWISE), device=device, **CHUNKED)
     parts: list[tuple[str, int, int, tuple[int, int], tuple[int, bool]]] = []
     send_part = p.kv.send_part
 
@@ -79,17 +86,20 @@ def test_layer_groups() -> None:
     assert layer_groups(5, 1) == [(0, 5)]
 
 
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 def test_chunked_prefill_streams_parts_and_equals_colocated(
-        proxy: FakeProxy, make_worker: Any, tiny_engine: Callable[..., LLMEngine]) -> None:
-    d, p, parts = workers(proxy, make_worker)
-    assert run_one(proxy, d, p, "r1") == greedy_reference(tiny_engine, sampling(max_tokens=5))
+        proxy: FakeProxy, make_worker: Any, tiny_engine: Callable[..., LLMEngine],
+        device: str) -> None:
+    d, p, parts = workers(proxy, make_worker, device)
+    want = tiny_engine(device=device).generate([PROMPT], sampling(max_tokens=5))[0].output_ids
+    assert run_one(proxy, d, p, "r1") == want
     # 3 chunks x 2 groups, in order; the last group of the last chunk last
     assert [(t0, t1, layers, part) for _, t0, t1, layers, part in parts] == [
         (0, 8, (0, 1), (0, False)), (0, 8, (1, 2), (1, False)), (8, 16, (0, 1), (2, False)),
         (8, 16, (1, 2), (3, False)), (16, 20, (0, 1), (4, False)), (16, 20, (1, 2), (5, True))]
     # a prefix-cache hit on the prefill worker: the cached blocks go first, all layers at once
     parts.clear()
-    assert run_one(proxy, d, p, "r2") == greedy_reference(tiny_engine, sampling(max_tokens=5))
+    assert run_one(proxy, d, p, "r2") == want
     assert parts[0][1:4] == (0, 16, (0, 2)) and parts[-1][4] == (len(parts) - 1, True)
     assert_all_free(d)
     assert_all_free(p)
