@@ -6,8 +6,8 @@
 #     backend, bench/chunk_context_probe.py on the engine, first run vs second);
 #  3. raw step timings of the Llama-3-8B-shaped engine for the step-cost model (bench/cost_fit);
 #  4. whole vs layer-wise KV over the netns testbed's shaped link (10 Gbit/s), both workers on
-#     the one GPU, 4k-token prompts (falls back to the unshaped testbed, then to nothing, where
-#     the machine has no netns/tc).
+#     the one GPU, 4k-token prompts (falls back to the unshaped testbed, then to TCP on
+#     127.0.0.1, where the machine has no ip/tc).
 #
 #   OUT=/tmp/x bash bench/gpu_layerwise_check.sh   # repository root; carry .whl and .gl_models
 set -u -o pipefail
@@ -30,20 +30,19 @@ timeout 120 $PY -m bench.cost_fit --model "$MODEL" --load-format dummy --device 
     --max-model-len 4096 --requests 64 --tag cuda_llama3-8b-shape --out-dir "$OUT" 2>&1 \
     | tail -12 | tee "$OUT/cost_fit.log"
 
-rates=""
 if $PY -m bench.netns --name probe up --rate 10gbit >"$OUT/netns.log" 2>&1; then
     rates=10gbit
 elif $PY -m bench.netns --name probe up --unshaped >>"$OUT/netns.log" 2>&1; then
     rates=unshaped
+else
+    rates=loopback  # no ip/tc here: the KV still crosses TCP on 127.0.0.1
 fi
 $PY -m bench.netns --name probe down >>"$OUT/netns.log" 2>&1
-echo "testbed: ${rates:-none}" | tee -a "$OUT/netns.log"
-if [ -n "$rates" ]; then
+echo "testbed: $rates" | tee -a "$OUT/netns.log"
     GPU_ARGS="--model $MODEL --load-format dummy --kv-cache-memory 8GiB --max-model-len 8192 --max-num-batched-tokens 8192"
     timeout ${XN_TIMEOUT:-330} $PY -m bench.crossnode --name lwg --rates "$rates" --placements remote \
         --input-len 4000 --num-prompts 2 --warmup 1 --bench-args "--tokenizer $MODEL" \
         --serve-args "--kv-streaming whole $GPU_ARGS;--kv-streaming layerwise $GPU_ARGS;--kv-streaming layerwise --kv-stream-groups 16 $GPU_ARGS" \
         --note "one GPU (both workers on it, 8 GiB of KV each), Llama-3-8B-shaped random bf16 weights; prompts sent one at a time" \
         --output "$OUT/crossnode_layerwise_gpu" 2>&1 | tail -12 | tee "$OUT/crossnode.log"
-fi
 echo done
