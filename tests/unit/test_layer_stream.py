@@ -1,8 +1,9 @@
 """Layer-wise streaming between real workers, in-process (`--kv-streaming layerwise`): a chunked
 prefill's KV goes out as (cached prefix) + chunk x layer-group parts while the model computes,
 the decode worker admits the sequence after the last part, and its tokens equal a colocated
-engine's (with a prefix-cache hit too); aborts and a reservation gone mid-stream free every
-block on both sides. Tiny random-weight engines (2 layers, 8-token blocks; a step budget of 8
+engine's (with a prefix-cache hit too), also when the forward pass runs the layers without
+their hooks (the groups then go after the step); aborts and a reservation gone mid-stream free
+every block on both sides. Tiny random-weight engines (2 layers, 8-token blocks; a step budget of 8
 tokens puts the 20-token prompt in 3 chunks)."""
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from worker_fakes import (
 from decode.worker import DecodeWorker
 from engine.config import ConfigError
 from engine.llm_engine import LLMEngine
+from engine.model import LlamaModel
 from prefill.layer_stream import check_device, layer_groups
 from prefill.worker import PrefillWorker
 from protocol import decode_ctrl as dmsg
@@ -107,6 +109,33 @@ def test_chunked_prefill_streams_parts_and_equals_colocated(
     parts.clear()
     assert run_one(proxy, d, p, "r2") == want
     assert parts[0][1:4] == (0, 16, (0, 2)) and parts[-1][4] == (len(parts) - 1, True)
+    assert_all_free(d)
+    assert_all_free(p)
+
+
+def bypass_layer_hooks(model: LlamaModel) -> None:
+    """Run `model`'s layers without module calls, so their forward hooks never run: what a CUDA
+    graph replay does, and what the fused CUDA pass (engine/triton_layers.py) did on issue 17's
+    H100 run (only the last part went out: one layer group's bytes)."""
+    def forward(input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list,
+                meta: Any) -> torch.Tensor:
+        x = model.embed_tokens(input_ids)
+        for layer, kv_cache in zip(model.layers, kv_caches, strict=True):
+            x = layer.forward(x, positions, model.rope, kv_cache, meta)
+        return model.norm(x)
+
+    model.forward = forward  # type: ignore[method-assign]
+
+
+def test_groups_whose_hooks_did_not_run_still_go(
+        proxy: FakeProxy, make_worker: Any, tiny_engine: Callable[..., LLMEngine]) -> None:
+    d, p, parts = workers(proxy, make_worker)
+    bypass_layer_hooks(p.engine.runner.model.model)
+    want = tiny_engine().generate([PROMPT], sampling(max_tokens=5))[0].output_ids
+    assert run_one(proxy, d, p, "r1") == want
+    assert [(t0, t1, layers, part) for _, t0, t1, layers, part in parts] == [
+        (0, 8, (0, 1), (0, False)), (0, 8, (1, 2), (1, False)), (8, 16, (0, 1), (2, False)),
+        (8, 16, (1, 2), (3, False)), (16, 20, (0, 1), (4, False)), (16, 20, (1, 2), (5, True))]
     assert_all_free(d)
     assert_all_free(p)
 
