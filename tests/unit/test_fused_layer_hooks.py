@@ -60,7 +60,7 @@ def runner(tiny_engine: Callable[..., LLMEngine], monkeypatch: pytest.MonkeyPatc
     for name, fn in [("add_rms_norm", _add_rms_norm), ("rope_and_write_kv", _rope),
                      ("paged_attention", _attend), ("silu_mul", _silu_mul)]:
         monkeypatch.setattr(triton_layers, name, fn)
-    return tiny_engine().runner
+    return tiny_engine(device="cpu").runner  # the op-by-op model, the torch attention
 
 
 def _fused(runner: ModelRunner) -> LlamaForCausalLM:

@@ -42,10 +42,13 @@ LAYERWISE = KvTransportConfig(kv_streaming="layerwise", kv_stream_groups=2)
 CHUNKED = {"max_num_batched_tokens": 8}
 
 
-def workers(proxy: FakeProxy, make_worker: Any) -> tuple[DecodeWorker, PrefillWorker, list]:
-    """A decode worker and a streaming prefill worker; the list collects its parts' markers."""
-    d = make_worker(DecodeWorker, proxy.config("d0"))
-    p = make_worker(PrefillWorker, proxy.config("p0", kv=LAYERWISE), **CHUNKED)
+def workers(proxy: FakeProxy, make_worker: Any,
+            **engine: Any) -> tuple[DecodeWorker, PrefillWorker, list]:
+    """A decode worker and a streaming prefill worker (`engine`: overrides for both engines; on
+    CPU unless it says otherwise); the list collects the prefill worker's parts' markers."""
+    engine = {"device": "cpu", **engine}
+    d = make_worker(DecodeWorker, proxy.config("d0"), **engine)
+    p = make_worker(PrefillWorker, proxy.config("p0", kv=LAYERWISE), **CHUNKED, **engine)
     parts: list[tuple[str, int, int, tuple[int, int], tuple[int, bool]]] = []
     send_part = p.kv.send_part
 
@@ -67,11 +70,11 @@ def first_parts(p: PrefillWorker, parts: list) -> None:
 
 
 def run_one(proxy: FakeProxy, d: DecodeWorker, p: PrefillWorker, rid: str,
-            max_tokens: int = 5) -> list[int]:
+            max_tokens: int = 5, prompt: list[int] = PROMPT) -> list[int]:
     params = sampling(max_tokens=max_tokens)
-    proxy.send(d, reserve(rid, params=params))
+    proxy.send(d, reserve(rid, prompt, params=params))
     blocks = proxy.wait_event(ev.Reserved, rid).block_ids
-    proxy.send(p, prefill(rid, "d0", d.kv_address, blocks, kv_spec_of(d), params=params))
+    proxy.send(p, prefill(rid, "d0", d.kv_address, blocks, kv_spec_of(d), prompt, params=params))
     out = proxy.stream(rid, drive=(p, d))
     proxy.wait_event(ev.PrefillDone, rid, drive=(p,))
     return [t for e in out for t in e.token_ids]
@@ -96,10 +99,39 @@ def test_refused_on_cuda(proxy: FakeProxy, make_worker: Any) -> None:
         make_worker(PrefillWorker, proxy.config("p0", kv=LAYERWISE), device="cuda")
 
 
+def chunk_parts(num_tokens: int) -> list[tuple[int, int, tuple[int, int], tuple[int, bool]]]:
+    """The parts of a `num_tokens` prompt with no cache hit: 8-token chunks x 2 groups."""
+    spans = [(t0, min(t0 + 8, num_tokens)) for t0 in range(0, num_tokens, 8)]
+    cells = [(t0, t1, group) for t0, t1 in spans for group in ((0, 1), (1, 2))]
+    return [(t0, t1, group, (i, i == len(cells) - 1)) for i, (t0, t1, group) in enumerate(cells)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_streams_every_group_and_equals_colocated(
+        proxy: FakeProxy, make_worker: Any, tiny_engine: Callable[..., LLMEngine],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 17's GPU check, small: the fused CUDA pass runs the group hooks (engine/
+    triton_layers.py), a 1-token last chunk (a CUDA graph replay: no hook runs) still sends
+    every group (LayerStreamer.end_step), and the tokens equal a colocated CUDA engine's."""
+    monkeypatch.setenv("PDSERVE_UNVERIFIED_CUDA_LAYERWISE", "1")
+    d, p, parts = workers(proxy, make_worker, device="cuda")
+    assert p.engine.runner.attention_backend == "triton"
+    colocated = tiny_engine(device="cuda", **CHUNKED)
+    # no common prefix (no cache hit); the 17-token prompt ends with a 1-token chunk
+    for rid, prompt in (("r1", PROMPT), ("r2", [t + 1 for t in PROMPT[:17]])):
+        want = colocated.generate([prompt], sampling(max_tokens=5))[0].output_ids
+        parts.clear()
+        assert run_one(proxy, d, p, rid, prompt=prompt) == want
+        assert [(t0, t1, layers, part) for _, t0, t1, layers, part in parts] == \
+            chunk_parts(len(prompt))
+    assert_all_free(d)
+    assert_all_free(p)
+
+
 def test_chunked_prefill_streams_parts_and_equals_colocated(
         proxy: FakeProxy, make_worker: Any, tiny_engine: Callable[..., LLMEngine]) -> None:
     d, p, parts = workers(proxy, make_worker)
-    want = tiny_engine().generate([PROMPT], sampling(max_tokens=5))[0].output_ids
+    want = tiny_engine(device="cpu").generate([PROMPT], sampling(max_tokens=5))[0].output_ids
     assert run_one(proxy, d, p, "r1") == want
     # 3 chunks x 2 groups, in order; the last group of the last chunk last
     assert [(t0, t1, layers, part) for _, t0, t1, layers, part in parts] == [
@@ -131,11 +163,9 @@ def test_groups_whose_hooks_did_not_run_still_go(
         proxy: FakeProxy, make_worker: Any, tiny_engine: Callable[..., LLMEngine]) -> None:
     d, p, parts = workers(proxy, make_worker)
     bypass_layer_hooks(p.engine.runner.model.model)
-    want = tiny_engine().generate([PROMPT], sampling(max_tokens=5))[0].output_ids
+    want = tiny_engine(device="cpu").generate([PROMPT], sampling(max_tokens=5))[0].output_ids
     assert run_one(proxy, d, p, "r1") == want
-    assert [(t0, t1, layers, part) for _, t0, t1, layers, part in parts] == [
-        (0, 8, (0, 1), (0, False)), (0, 8, (1, 2), (1, False)), (8, 16, (0, 1), (2, False)),
-        (8, 16, (1, 2), (3, False)), (16, 20, (0, 1), (4, False)), (16, 20, (1, 2), (5, True))]
+    assert [(t0, t1, layers, part) for _, t0, t1, layers, part in parts] == chunk_parts(20)
     assert_all_free(d)
     assert_all_free(p)
 
