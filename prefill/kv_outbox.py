@@ -214,10 +214,12 @@ class KvOutbox:
             if is_last:
                 del lane.streams[rid]
             return None
-        if job.ready is not None:
-            job.ready.synchronize()  # the part's layers are written: any stream may read them
-        with self._part_stream(lane):
+        if job.ready is None:  # CPU, or the last part (queued once the sampling synced)
             outcome = self._send_one(lane, job)
+        else:
+            job.ready.synchronize()  # the part's layers are written: any stream may read them
+            with self._part_stream(lane):
+                outcome = self._send_one(lane, job)
         stream.num_bytes += outcome.num_bytes
         stream.seconds += outcome.seconds
         if outcome.error is not None:
@@ -231,9 +233,10 @@ class KvOutbox:
         return TransferOutcome(rid, stream.num_bytes, stream.seconds)
 
     def _part_stream(self, lane: _Lane) -> contextlib.AbstractContextManager[Any]:
-        """CUDA: a part's reads (gather, copy to host) go on the lane's own stream. On the
-        default stream they would queue behind every layer the worker has enqueued since the
-        part's event, and the part would leave only once the whole step is computed."""
+        """CUDA: a part's reads (gather, copy to host), once its event is reached, go on the
+        lane's own stream. On the default stream they would queue behind every layer the worker
+        has enqueued since the event, and the part would leave only once the step is computed.
+        A part without an event is read on the default stream (ordered after the steps)."""
         if self.cache.device.type != "cuda":
             return contextlib.nullcontext()
         if lane.cuda_stream is None:

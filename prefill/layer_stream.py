@@ -120,7 +120,9 @@ class LayerStreamer:
             chunk = _InStep(msg, list(seq.block_table), start, end,
                             end == seq.num_prompt_tokens)
             if seq.seq_id not in self._num_parts and start > 0:  # cached tokens go first
-                self._queue(chunk, 0, start, (0, self.num_layers), {}, is_last=False)
+                # (on CUDA after the steps enqueued so far: they may have written those blocks)
+                self._queue(chunk, 0, start, (0, self.num_layers), {}, is_last=False,
+                            ready=self._ready_event())
             self._num_parts.setdefault(seq.seq_id, 0)
             self._in_step.append(chunk)
             if chunk.is_final:
