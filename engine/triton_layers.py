@@ -13,6 +13,9 @@ the model file knows nothing of it:
 - SiLU(gate) * up: one kernel.
 
 A layer is then ~10 kernels: 2 add+norm, 4 GEMMs, rope+write, attention (1-2), SiLU-mul.
+Each decoder layer stays a module call (its `forward` is replaced, not bypassed), so forward
+hooks on a layer run once it has written its K/V, as in the op-by-op model (layer-wise KV
+streaming sends from them: prefill/layer_stream.py).
 Rounding follows the op-by-op model (bf16 results rounded where it rounds them), except that
 the rotary embedding is computed in fp32 and rounded once.
 Applied by the ModelRunner with the triton attention backend (CUDA, NHD cache).
@@ -30,7 +33,7 @@ from torch import nn
 
 from engine.attention import AttentionMetadata, paged_attention
 from engine.kv_layout import LayerCache
-from engine.model import Attention, LlamaForCausalLM, LlamaModel, RMSNorm
+from engine.model import Attention, DecoderLayer, LlamaForCausalLM, LlamaModel, RMSNorm
 from engine.rope import RotaryEmbedding
 
 
@@ -188,16 +191,27 @@ def _attention(attn: Attention, x: torch.Tensor, positions: torch.Tensor, rope: 
     return attn.o_proj(out.view(num_tokens, -1))
 
 
+def _layer_forward(self: DecoderLayer, x: torch.Tensor, h: torch.Tensor | None,
+                   positions: torch.Tensor, rope: RotaryEmbedding, kv_cache: LayerCache,
+                   meta: AttentionMetadata) -> torch.Tensor:
+    """One fused decoder layer. x: the residual stream [T, hidden], updated in place (x += h,
+    the previous layer's output, then this layer's attention); returns this layer's MLP output,
+    not yet added to x (the next layer's or the final norm's kernel adds it)."""
+    normed = add_rms_norm(x, h, self.input_layernorm)
+    h = _attention(self.self_attn, normed, positions, rope, kv_cache, meta)
+    normed = add_rms_norm(x, h, self.post_attention_layernorm)
+    mlp = self.mlp
+    return mlp.down_proj(silu_mul(F.linear(normed, mlp.gate_up_weight)))
+
+
 def _model_forward(self: LlamaModel, input_ids: torch.Tensor, positions: torch.Tensor,
                    kv_caches: list[LayerCache], meta: AttentionMetadata) -> torch.Tensor:
     x = self.embed_tokens(input_ids)  # [T, hidden], the residual stream
     h = None  # the last block's output, not yet added to x
     for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-        normed = add_rms_norm(x, h, layer.input_layernorm)
-        h = _attention(layer.self_attn, normed, positions, self.rope, kv_cache, meta)
-        normed = add_rms_norm(x, h, layer.post_attention_layernorm)
-        mlp = layer.mlp
-        h = mlp.down_proj(silu_mul(F.linear(normed, mlp.gate_up_weight)))
+        # a module call, as in the op-by-op model: forward hooks on a layer run once it has
+        # written its K/V (layer-wise KV streaming sends each layer group from one)
+        h = layer(x, h, positions, self.rope, kv_cache, meta)
     return add_rms_norm(x, h, self.norm)
 
 
@@ -209,4 +223,5 @@ def apply_fused_layers(model: LlamaForCausalLM) -> None:
         attn, mlp = layer.self_attn, layer.mlp
         attn.qkv_weight, attn.qkv_bias = _merge_linears([attn.q_proj, attn.k_proj, attn.v_proj])
         mlp.gate_up_weight, _ = _merge_linears([mlp.gate_proj, mlp.up_proj])
+        layer.forward = types.MethodType(_layer_forward, layer)
     inner.forward = types.MethodType(_model_forward, inner)

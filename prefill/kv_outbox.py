@@ -26,6 +26,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import zmq
 
 from engine.kv_spec import KvSpec
@@ -95,6 +96,7 @@ class _Lane:
     jobs: queue.Queue[_Job | None] = field(default_factory=queue.Queue)
     sender: ZmqKvSender | None = None
     streams: dict[str, _Stream] = field(default_factory=dict)  # by request id
+    cuda_stream: Any = None  # CUDA caches: the stream the lane reads streamed parts on
 
 
 class KvOutbox:
@@ -212,9 +214,12 @@ class KvOutbox:
             if is_last:
                 del lane.streams[rid]
             return None
-        if job.ready is not None:
-            job.ready.synchronize()
-        outcome = self._send_one(lane, job)
+        if job.ready is None:  # CPU, or the last part (queued once the sampling synced)
+            outcome = self._send_one(lane, job)
+        else:
+            job.ready.synchronize()  # the part's layers are written: any stream may read them
+            with self._part_stream(lane):
+                outcome = self._send_one(lane, job)
         stream.num_bytes += outcome.num_bytes
         stream.seconds += outcome.seconds
         if outcome.error is not None:
@@ -226,6 +231,17 @@ class KvOutbox:
             return None
         del lane.streams[rid]
         return TransferOutcome(rid, stream.num_bytes, stream.seconds)
+
+    def _part_stream(self, lane: _Lane) -> contextlib.AbstractContextManager[Any]:
+        """CUDA: a part's reads (gather, copy to host), once its event is reached, go on the
+        lane's own stream. On the default stream they would queue behind every layer the worker
+        has enqueued since the event, and the part would leave only once the step is computed.
+        A part without an event is read on the default stream (ordered after the steps)."""
+        if self.cache.device.type != "cuda":
+            return contextlib.nullcontext()
+        if lane.cuda_stream is None:
+            lane.cuda_stream = torch.cuda.Stream(self.cache.device)
+        return torch.cuda.stream(lane.cuda_stream)
 
     def _retire(self, lane: _Lane) -> bool:
         """Remove `lane` if nothing is queued on it (the next send to its address starts a new

@@ -7,9 +7,12 @@ part per prompt in the step on the outbox (kv_outbox.py): the step's tokens of t
 group's layers. The outbox's lane thread sends it while the following layers compute (CPU:
 torch releases the GIL in its kernels; CUDA: the part carries an event recorded on the compute
 stream after the group, and the lane waits on it before reading; refused on CUDA for now:
-`check_device`). Parts go in order, each an
-ordinary transfer with `meta["kv_part"] = [index, is_last]` (transfer/endpoint/parts.py); the
-decode worker's receiver writes each as it lands and completes the reservation after the last.
+`check_device`). A step that ran its layers without their hooks (a CUDA graph replay of
+1-token chunks; any forward pass that does not call each layer as a module) still sends every
+group: `end_step` queues the groups whose hook did not run, after the step. Parts go in order,
+each an ordinary transfer with `meta["kv_part"] = [index, is_last]` (transfer/endpoint/parts.py);
+the decode worker's receiver writes each as it lands and completes the reservation after the
+last (once every layer has every token: it refuses a stream with a hole).
 
 Order of a request's parts: its prefix-cache hit first (tokens `[0, num_cached)`, all layers,
 queued when its first computed chunk starts), then chunk by chunk and group by group; the last
@@ -24,6 +27,7 @@ on an abort (`cancel` queues the end of the stream; the outcome follows the part
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +42,8 @@ from engine.sequence import Sequence
 from prefill.kv_outbox import KvOutbox
 from protocol import prefill_ctrl as ctrl
 from transfer.endpoint.parts import part_meta
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -89,6 +95,8 @@ class LayerStreamer:
         self.groups = layer_groups(self.num_layers, num_groups)
         self.device = engine.runner.device
         self._in_step: list[_InStep] = []
+        self._sent_groups: set[tuple[int, int]] = set()  # groups queued by their hook this step
+        self._is_bypass_logged = False
         self._num_parts: dict[str, int] = {}  # parts queued per streaming request
         self._final_chunk: dict[str, _InStep] = {}  # the last chunk, until `finish`
         self._address: dict[str, str] = {}  # the decode worker's KV address per request
@@ -102,7 +110,7 @@ class LayerStreamer:
     def begin_step(self, batch: list[ScheduledSeq], msgs: dict[str, ctrl.Prefill]) -> None:
         """Before the model runs `batch`: note the prompts whose chunks stream (`msgs`: the
         live, not aborted requests by id); queue a prefix-cache hit first."""
-        self._in_step = []
+        self._in_step, self._sent_groups = [], set()
         for s in batch:
             seq, msg = s.seq, msgs.get(s.seq.seq_id)
             if msg is None or s.num_tokens == 0 or seq.num_computed_tokens >= seq.num_prompt_tokens:
@@ -112,14 +120,30 @@ class LayerStreamer:
             chunk = _InStep(msg, list(seq.block_table), start, end,
                             end == seq.num_prompt_tokens)
             if seq.seq_id not in self._num_parts and start > 0:  # cached tokens go first
-                self._queue(chunk, 0, start, (0, self.num_layers), {}, is_last=False)
+                # (on CUDA after the steps enqueued so far: they may have written those blocks)
+                self._queue(chunk, 0, start, (0, self.num_layers), {}, is_last=False,
+                            ready=self._ready_event())
             self._num_parts.setdefault(seq.seq_id, 0)
             self._in_step.append(chunk)
             if chunk.is_final:
                 self._final_chunk[seq.seq_id] = chunk
 
-    def end_step(self) -> None:
-        self._in_step = []
+    def end_step(self, is_computed: bool = True) -> None:
+        """After the model ran the step (`is_computed`: it did not fail): queue the groups whose
+        hook did not run, so that every group of every chunk goes out whatever way the step ran
+        its layers (a CUDA graph replay runs no Python hook; so does any forward pass that does
+        not call each layer as a module). Such groups leave after the step, with no overlap."""
+        missed = [g for g in self.groups if g not in self._sent_groups]
+        if is_computed and self._in_step and missed:
+            if not self._is_bypass_logged:
+                log.warning("layer-wise KV streaming: the forward pass ran %d of %d layer "
+                            "groups without their hooks; those groups are sent after the step "
+                            "(no overlap)", len(missed), len(self.groups))
+                self._is_bypass_logged = True
+            ready = self._ready_event()
+            for group in missed:
+                self._queue_group(group, ready)
+        self._in_step, self._sent_groups = [], set()
 
     def finish(self, request_id: str, meta: dict[str, Any]) -> None:
         """The first token is sampled: queue the last part (last group of the last chunk)."""
@@ -146,18 +170,28 @@ class LayerStreamer:
     # ---- inside the forward pass ----------------------------------------------------------
     def _hook(self, group: tuple[int, int]) -> Any:
         def after_group(module: Any, inputs: Any, output: Any) -> None:
-            if not self._in_step:
+            if not self._in_step or group in self._sent_groups:
                 return
-            ready = None
-            if self.device.type == "cuda":  # the group's K/V is written once the stream gets here
-                ready = torch.cuda.Event()
-                ready.record()
-            for chunk in self._in_step:
-                if chunk.is_final and group == self.groups[-1]:
-                    continue  # goes with the first token (`finish`)
-                self._queue(chunk, chunk.token_start, chunk.token_end, group, {},
-                            is_last=False, ready=ready)
+            self._queue_group(group, self._ready_event())
         return after_group
+
+    def _ready_event(self) -> Any:
+        """On CUDA, an event recorded now on the current (compute) stream: the K/V enqueued so
+        far is written once the GPU gets here (the lane waits on it before reading)."""
+        if self.device.type != "cuda":
+            return None
+        ready = torch.cuda.Event()
+        ready.record()
+        return ready
+
+    def _queue_group(self, group: tuple[int, int], ready: Any) -> None:
+        """One part per prompt in the step: its chunk's tokens x `group`'s layers."""
+        self._sent_groups.add(group)
+        for chunk in self._in_step:
+            if chunk.is_final and group == self.groups[-1]:
+                continue  # goes with the first token (`finish`)
+            self._queue(chunk, chunk.token_start, chunk.token_end, group, {},
+                        is_last=False, ready=ready)
 
     def _queue(self, chunk: _InStep, token_start: int, token_end: int, layers: tuple[int, int],
                meta: dict[str, Any], *, is_last: bool, ready: Any = None) -> None:

@@ -146,11 +146,13 @@ class PrefillWorker(WorkerBase):
         if self.stream is not None:
             self.stream.begin_step(batch, {rid: job.msg for rid, job in self.jobs.items()
                                            if not job.is_aborted})
+        is_computed = False
         try:
             results = self.engine.execute(batch)
+            is_computed = True
         finally:
-            if self.stream is not None:
-                self.stream.end_step()
+            if self.stream is not None:  # groups whose hooks did not run go now
+                self.stream.end_step(is_computed)
         for seq in scheduler.advance(batch, results):
             scheduler.detach(seq)  # its blocks are ours until the decode worker acks
             job = self.jobs.get(seq.seq_id)

@@ -1,7 +1,8 @@
 """Layer-wise streaming on the wire: one reservation filled by parts (transfer/endpoint/parts.py),
 each a token range x layer range with `meta["kv_part"]`; the receiver completes it after the
 last part only, bit-identical to one whole transfer (lossless conversions, both payload paths);
-a part out of order or a bad marker fails the reservation with a typed error."""
+a part out of order, a bad marker or a stream with a hole fails the reservation with a typed
+error."""
 
 from __future__ import annotations
 
@@ -72,6 +73,28 @@ def test_a_part_out_of_order_or_malformed_fails_the_reservation(src: PagedKvCach
         assert isinstance(h.wait("r"), MalformedHeader)
         with pytest.raises(UnexpectedTransfer):  # the reservation is gone: nothing more lands
             tx.send(src, TABLE, 16, 70, request_id="r", meta=part_meta(1, True))
+    finally:
+        tx.close()
+        h.close()
+
+
+@pytest.mark.parametrize("kept", [[0, 2, 3, 4], [0, 1, 2, 3], [4]],
+                         ids=["a-chunk-group", "the-last-group", "only-the-last-part"])
+def test_a_stream_with_a_hole_fails_the_reservation(src: PagedKvCache, kept: list[int]) -> None:
+    """Parts that leave a layer without some of its tokens (a group never sent: issue 17's H100
+    run sent only the last part, its layer hooks never ran) fail the reservation with a typed
+    error instead of completing it over blocks that hold stale KV."""
+    h = ReceiverHarness(PagedKvCache.allocate(SRC, 16), ZmqReceiverConfig())
+    tx = ZmqKvSender(h.rx.endpoint, ZmqSenderConfig(timeout_s=10.0))
+    try:
+        h.rx.expect("r", list(range(5)))
+        with pytest.raises(MalformedHeader, match="missing"):
+            for i, k in enumerate(kept):
+                (t0, t1), layers = PARTS[k]
+                tx.send(src, TABLE, t0, t1, request_id="r", layer_range=layers,
+                        meta=part_meta(i, i == len(kept) - 1))
+        assert isinstance(h.wait("r"), MalformedHeader)
+        assert not h.rx._expected and not h.rx._inflight
     finally:
         tx.close()
         h.close()

@@ -9,8 +9,14 @@ learnt from the parts: until the last part is admitted the reservation wants one
 than it has seen, then exactly as many as there were. A transfer without the key counts as one
 of the reservation's `num_transfers`, as always.
 
+A stream must leave every layer with every token: the parts of one layer cover its tokens from
+0 with no hole (a part's tokens start at or before where that layer's earlier parts ended), and
+the last part ends every layer at the same token. A sender that skipped a part (a layer group
+whose hook never ran) is refused at once, instead of completing a reservation whose skipped
+layers hold whatever the blocks held before.
+
 `count_part` runs in the books' admission (under the receiver's lock) and raises MalformedHeader
-for a part out of order or a bad marker; the books then fail the whole reservation.
+for a part out of order, a bad marker or a hole; the books then fail the whole reservation.
 """
 
 from __future__ import annotations
@@ -42,5 +48,31 @@ def count_part(exp: Expectation, header: TransferHeader) -> None:
     if index != exp.num_parts or index >= MAX_PARTS:
         raise MalformedHeader(f"part {index} of request {exp.request_id} arrived; expected part "
                               f"{exp.num_parts} (parts go in order, at most {MAX_PARTS})")
+    _cover(exp, header, index, bool(is_last))
     exp.num_parts += 1
     exp.num_transfers = index + 1 if is_last else index + 2
+
+
+def _cover(exp: Expectation, header: TransferHeader, index: int, is_last: bool) -> None:
+    """Book part `index`'s tokens on its layers; raise MalformedHeader on a hole (see above)."""
+    num_layers = header.spec.num_layers
+    if not exp.part_tokens:
+        exp.part_tokens = [0] * num_layers
+    covered, rid = exp.part_tokens, exp.request_id
+    t0, t1, l0, l1 = header.token_start, header.token_end, header.layer_start, header.layer_end
+    if len(covered) != num_layers or not 0 <= l0 < l1 <= num_layers:
+        raise MalformedHeader(f"part {index} of request {rid}: layers [{l0}, {l1}) of a "
+                              f"{num_layers}-layer spec, after parts of {len(covered)} layers")
+    holes = [layer for layer in range(l0, l1) if t0 > covered[layer]]
+    if holes:
+        raise MalformedHeader(f"part {index} of request {rid} carries tokens [{t0}, {t1}) of "
+                              f"layers [{l0}, {l1}), but layer {holes[0]} has tokens only up to "
+                              f"{covered[holes[0]]}: a part is missing")
+    for layer in range(l0, l1):
+        covered[layer] = max(covered[layer], t1)
+    short = [layer for layer, n in enumerate(covered) if n != t1] if is_last else []
+    if short:
+        raise MalformedHeader(f"the last part ({index}) of request {rid} ends at token {t1}, but "
+                              f"{len(short)} layer(s) from layer {short[0]} end at token "
+                              f"{covered[short[0]]}: parts are missing (every layer needs every "
+                              f"token)")
