@@ -5,8 +5,10 @@ Two process groups:
 - the model group (NCCL or gloo, timeout `--distributed-timeout`): the all-reduces of the
   row-parallel layers and the embedding, the gather of the logits to rank 0;
 - the control group (gloo, on the host): rank 0 broadcasts each step's inputs as two int64
-  tensors (engine/step_inputs.py; no pickle). Followers wait on it while the engine is idle,
-  so its timeout is long; a dead peer is noticed at once on gloo (its sockets close).
+  tensors (engine/step_inputs.py; no pickle), and the messages of the ranks' services
+  (engine/tp_service.py), who answer with a sum over the group (`all_reduce_host`).
+  Followers wait on it while the engine is idle, so its timeout is long; a dead peer is
+  noticed at once on gloo (its sockets close).
 
 Any failure of a collective becomes `TpError` (an EngineError) naming the rank: a dead rank
 takes the engine down with a clear message, it never hangs past the timeout.
@@ -116,6 +118,14 @@ class TpGroup:
         tensor = torch.from_numpy(array)
         self._guard("step broadcast",
                     lambda: dist.broadcast(tensor, src=0, group=self.control))
+
+    def all_reduce_host(self, array: np.ndarray) -> np.ndarray:
+        """Sum of an int64 host array over all ranks, in place (on the control group: the
+        followers' services report through it, engine/tp_service.py)."""
+        if self.size > 1:
+            tensor = torch.from_numpy(array)
+            self._guard("service all-reduce", lambda: dist.all_reduce(tensor, group=self.control))
+        return array
 
     def destroy(self) -> None:
         if self.size > 1 and dist.is_initialized():

@@ -40,3 +40,4 @@ class Expectation:
     reports: list[WriteReport] = field(default_factory=list)
     inflight: set[tuple[bytes, int]] = field(default_factory=set)  # (peer, transfer id)
     num_parts: int = 0  # streamed parts admitted so far (parts.py)
+    num_routes: int = 0  # tensor-parallel route transfers admitted so far (parts.py)
