@@ -119,6 +119,11 @@ class LLMEngine:
 
         return [os.getpid(), *(self.executor.pids if self.executor else [])]
 
+    def check_ranks(self) -> None:
+        """Raise TpError if one of the other tensor-parallel ranks is gone (no-op without TP)."""
+        if self.executor is not None:
+            self.executor.check_alive()
+
     def close(self) -> None:
         """Stop the other tensor-parallel ranks (nothing to do without TP); idempotent."""
         if self.executor is not None:

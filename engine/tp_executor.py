@@ -120,6 +120,14 @@ class TpExecutor:
         self.wait_started(self.store, self.timeout_s, INFO_KEY)
         return [self.store.get(f"{INFO_KEY}{rank}") for rank in range(1, len(self.procs) + 1)]
 
+    def check_alive(self) -> None:
+        """Raise TpError if a follower process has exited (an idle engine runs no collective
+        that would notice)."""
+        dead = [(p.name, p.exitcode) for p in self.procs if not p.is_alive()]
+        if dead:
+            self.tp.is_broken = True
+            raise TpError(f"tensor-parallel ranks exited (name, exit code): {dead}")
+
     def tell_ranks(self, data: bytes) -> None:
         """Send `data` to every follower's service handler (they handle it in order, between
         steps). Raises TpError when a follower is gone."""

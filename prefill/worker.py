@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from engine.errors import EngineError, RequestError
 from engine.llm_engine import LLMEngine
 from engine.sequence import Sequence
+from engine.tp_group import TpError
 from prefill.kv_outbox import KvOutbox, TransferOutcome
 from prefill.layer_stream import LayerStreamer, take_out
 from prefill.tp_outbox import RoutedOutbox
@@ -190,6 +191,8 @@ class PrefillWorker(WorkerBase):
                 return
             self.kv.send(msg.request_id, msg.kv_address, seq.block_table, seq.num_prompt_tokens,
                          msg.kv_spec, first.to_meta(), kv_token=msg.kv_token)
+        except TpError:  # a rank is gone: the worker stops (worker/base.py)
+            raise
         except Exception as e:  # a typed transfer error, or a socket failure: this request only
             self._on_sent(TransferOutcome.failed(msg.request_id, e))
 

@@ -224,6 +224,7 @@ class WorkerBase(abc.ABC):
                 self.guarded(self.on_kv)
             self.guarded(self.do_work)
             if not busy and not ready:
+                self.guarded(self.engine.check_ranks)  # a dead TP rank stops the worker
                 self.on_idle()
         beats.join(timeout=2 * self.config.heartbeat_interval_s)
         log.info("%s worker %s stopping", self.role, self.worker_id)

@@ -6,7 +6,8 @@ prefill rank sends its head, the decode worker's one rank takes all three) on Sm
 heads): the colocated TP=1 engine's tokens for greedy and seeded requests, one at a time and
 concurrently, every KV block free afterwards. kill -9 of one decode rank fails the request it
 was streaming with a clean error within a bound (nothing hangs in a collective) and the broken
-worker exits.
+worker exits; kill -9 of an idle prefill rank makes its worker exit within a bound, and the
+decode worker serves on.
 """
 
 from __future__ import annotations
@@ -65,12 +66,22 @@ def _serves_reference_tokens(server: Server, reference: LLMEngine) -> None:
     assert server.wait_idle_blocks() == 0
 
 
-def test_p3_to_d1_serves_the_colocated_tokens(reference: LLMEngine) -> None:
+def test_p3_to_d1_serves_the_colocated_tokens_and_survives_a_prefill_rank_death(
+        reference: LLMEngine) -> None:
     with serve(*ARGS, "--prefill-tp", "3", timeout_s=300) as server:
         with server.client() as c:
             workers = {w["role"]: w for w in c.get("/status").json()["workers"]}
         assert len(workers["prefill"]["rank_pids"]) == 3, workers
         _serves_reference_tokens(server, reference)
+
+        worker_pid = workers["prefill"]["pid"]
+        os.kill(workers["prefill"]["rank_pids"][1], signal.SIGKILL)  # while idle
+        deadline = time.monotonic() + FAIL_BOUND_S
+        while _alive(worker_pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _alive(worker_pid), "the prefill worker with a dead rank kept running"
+        prompt, params = PROMPTS[0], PARAMS[0]  # the decode worker serves on
+        assert _complete(server, prompt, params) == _want(reference, prompt, params)
 
 
 def test_p1_to_d3_serves_the_colocated_tokens_and_fails_cleanly_on_rank_death(
@@ -79,6 +90,8 @@ def test_p1_to_d3_serves_the_colocated_tokens_and_fails_cleanly_on_rank_death(
         with server.client() as c:
             workers = {w["role"]: w for w in c.get("/status").json()["workers"]}
         assert len(workers["decode"]["rank_pids"]) == 3, workers
+        addresses = workers["decode"]["kv_rank_addresses"]
+        assert len(set(addresses)) == 3 and addresses[0] == workers["decode"]["kv_address"]
         _serves_reference_tokens(server, reference)
 
         worker_pid, rank = workers["decode"]["pid"], workers["decode"]["rank_pids"][2]
