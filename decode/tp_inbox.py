@@ -40,10 +40,6 @@ class TpKvInbox:
     def sync_poller(self, poller: zmq.Poller) -> None:
         self.local.sync_poller(poller)
 
-    @property
-    def has_pending(self) -> bool:
-        return bool(self.slots)
-
     def expect(self, request_id: str, block_ids: list[int], token: str = "") -> None:
         self.local.expect(request_id, block_ids, token)
         slot = self.link.new_slot()

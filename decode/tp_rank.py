@@ -80,8 +80,12 @@ class DecodeRankHandler:
     def handle(self, data: bytes) -> None:
         msg = TP_RANKS.decode(data)
         if isinstance(msg, KvExpect):
-            self.inbox.expect(msg.request_id, list(msg.block_ids), msg.kv_token)
             self.slots[msg.slot] = msg.request_id
+            try:
+                self.inbox.expect(msg.request_id, list(msg.block_ids), msg.kv_token)
+            except Exception as e:  # this rank cannot take it: the next poll fails it everywhere
+                log.error("tp rank %d cannot expect %s: %s", self.tp.rank, msg.request_id, e)
+                self.ended[msg.request_id] = KvArrival(msg.request_id, error=str(e))
             sync(self.tp)
         elif isinstance(msg, KvForget):
             rid = self.slots.pop(msg.slot, None)

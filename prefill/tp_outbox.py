@@ -78,16 +78,17 @@ class RoutedOutbox:
         return out
 
     def _ended(self, request_id: str, column: np.ndarray | None) -> TransferOutcome:
+        """The request's outcome: from rank 0's tally alone (`column` None: no followers), or
+        from the poll's sum over the group."""
         tally = self.pending.pop(request_id).tally
         if column is None:
-            num_failed, num_fatal, num_bytes = int(tally.error is not None), 0, tally.num_bytes
-            if tally.error is not None and not (tally.code and tally.code.retryable):
-                num_fatal = 1
-        else:
-            num_failed, num_fatal, num_bytes = (int(x) for x in column[1:4])
+            rows = poll_rows(1)
+            tally.poll_column(rows, 0)
+            column = rows[:, 0]
+        num_failed, num_fatal, num_bytes = (int(x) for x in column[1:4])
         if num_failed == 0:
             return TransferOutcome(request_id, num_bytes, tally.seconds)
-        code = ErrorCode.of_transfer(num_fatal == 0)
         error = tally.error or (f"the KV send of {num_failed} tensor-parallel rank(s) of this "
                                 f"prefill worker failed (their log says why)")
-        return TransferOutcome(request_id, num_bytes, tally.seconds, error, code)
+        return TransferOutcome(request_id, num_bytes, tally.seconds, error,
+                               ErrorCode.of_transfer(num_fatal == 0))
