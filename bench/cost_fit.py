@@ -124,7 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     doc = {"command": "python -m bench.cost_fit " + " ".join(argv or sys.argv[1:]),
            "model": args.model, "device_name": device_name,
            "date": time.strftime("%Y-%m-%d"), "seconds": round(time.perf_counter() - t0, 1),
-           "num_steps": len(steps), "result": result}
+           "num_steps": len(steps), "result": result,
+           # raw, to refit other model forms offline: seconds, prefill tokens, decode seqs, context
+           "steps": [[s.seconds, s.num_prefill_tokens, s.num_decode_seqs, s.num_context_tokens]
+                     for s in steps]}
     text = markdown(doc)
     print(text)
     out = Path(args.out_dir)

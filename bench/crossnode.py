@@ -35,16 +35,19 @@ SERVE_ARGS = ["--kv-cache-memory", "256MiB", "--max-model-len", "2048", "--cpu-a
               "--heartbeat-timeout-s", "30"]
 
 
-def _in_ns(ns: str, *cmd: str) -> list[str]:
-    return ["ip", "netns", "exec", ns, *cmd]
+def _in_ns(ns: str | None, *cmd: str) -> list[str]:
+    """`cmd` inside namespace `ns`; as it is with `ns=None` (the `loopback` link)."""
+    return ["ip", "netns", "exec", ns, *cmd] if ns else list(cmd)
 
 
-def _start_server(tb: netns.Testbed, placement: str, log_path: Path,
+def _start_server(tb: netns.Testbed | None, placement: str, log_path: Path,
                   extra: list[str]) -> tuple[subprocess.Popen, str]:
-    cmd = _in_ns(tb.ns_a, sys.executable, "-m", "deploy.cli", "serve", "--host", netns.ADDR_A,
+    where = ["--host", "127.0.0.1"] if tb is None else [
+        "--host", netns.ADDR_A, "--decode-netns", tb.ns_b, "--decode-host", netns.ADDR_B,
+        "--internal-host", netns.ADDR_A]
+    cmd = _in_ns(tb and tb.ns_a, sys.executable, "-m", "deploy.cli", "serve", *where,
                  "--port", "0", "--prefill", "1", "--decode", "1", "--placement", placement,
-                 "--decode-netns", tb.ns_b, "--decode-host", netns.ADDR_B,
-                 "--internal-host", netns.ADDR_A, *SERVE_ARGS, *extra)
+                 *SERVE_ARGS, *extra)
     log = log_path.open("w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 300
@@ -59,9 +62,9 @@ def _start_server(tb: netns.Testbed, placement: str, log_path: Path,
     raise RuntimeError(f"pdserve serve did not start; see {log_path}")
 
 
-def _kv_metrics(tb: netns.Testbed, url: str) -> dict[str, float]:
-    text = subprocess.run(_in_ns(tb.ns_a, "curl", "-s", f"{url}/metrics"), capture_output=True,
-                          text=True, check=True, timeout=30).stdout
+def _kv_metrics(tb: netns.Testbed | None, url: str) -> dict[str, float]:
+    text = subprocess.run(_in_ns(tb and tb.ns_a, "curl", "-s", f"{url}/metrics"),
+                          capture_output=True, text=True, check=True, timeout=30).stdout
     out = {}
     for name in ("kv_transfer_bytes_total", "kv_transfer_seconds_total"):
         out[name] = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
@@ -71,7 +74,7 @@ def _kv_metrics(tb: netns.Testbed, url: str) -> dict[str, float]:
     return out
 
 
-def run_point(tb: netns.Testbed, placement: str, args: argparse.Namespace,
+def run_point(tb: netns.Testbed | None, placement: str, args: argparse.Namespace,
               workdir: Path, extra: str = "") -> list[dict[str, Any]]:
     """One server; a row per input length (KV metrics are the differences over its prompts)."""
     tag = f"{placement}-{time.monotonic_ns()}"
@@ -81,12 +84,13 @@ def run_point(tb: netns.Testbed, placement: str, args: argparse.Namespace,
         before = _kv_metrics(tb, url)
         for input_len in str(args.input_len).split(","):
             result = workdir / f"bench-{tag}-{input_len}.json"
-            subprocess.run(_in_ns(tb.ns_a, sys.executable, "-m", "deploy.cli", "bench",
+            subprocess.run(_in_ns(tb and tb.ns_a, sys.executable, "-m", "deploy.cli", "bench",
                                   "--base-url", url, "--input-len", input_len,
                                   "--output-len", "8", "--num-prompts", str(args.num_prompts),
                                   "--max-concurrency", "1", "--warmup", str(args.warmup),
                                   "--no-progress",
-                                  "--seed", "0", "--result-file", str(result)),
+                                  "--seed", "0", "--result-file", str(result),
+                                  *shlex.split(args.bench_args)),
                            check=False, capture_output=True, timeout=1800)
             summary = json.loads(result.read_text())["summary"] if result.exists() else {}
             if not summary.get("ttft", {}).get("median"):  # every request failed: say why
@@ -113,9 +117,44 @@ def run_point(tb: netns.Testbed, placement: str, args: argparse.Namespace,
     return rows
 
 
+def overlap_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Issue 17's target for each layer-wise row that has its `whole` twin (same flags but
+    `--kv-streaming whole`, same link and length), all from the same run: prefill-only = the
+    twin's TTFT minus its KV seconds (TTFT = prefill + transfer + hops), transfer-only = the
+    twin's KV seconds; target TTFT <= max(prefill, transfer) + 10 % of min(prefill, transfer);
+    hidden = the share of the shorter phase the overlap removed."""
+    ok = [r for r in rows if "error" not in r]
+    twins = {(r["link"], r["input_len"], r["serve_args"]): r for r in ok}
+    out = ["", "Overlap (issue 17's target, p50s): prefill-only = whole TTFT - whole KV seconds,"
+           " transfer-only = whole KV seconds, target = max + 10 % of min.", "",
+           "| link | serve args | input | prefill-only (ms) | transfer-only (ms) | target (ms) "
+           "| layerwise TTFT (ms) | shorter phase hidden | met |",
+           "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    found = False
+    for r in ok:
+        if "--kv-streaming layerwise" not in r["serve_args"]:
+            continue
+        twin = twins.get((r["link"], r["input_len"], re.sub(
+            r" ?--kv-stream-groups \d+", "", r["serve_args"]).replace(
+            "--kv-streaming layerwise", "--kv-streaming whole")))
+        if twin is None:
+            continue
+        found = True
+        transfer = twin["kv_seconds_per_remote_request"] * 1e3
+        prefill = twin["ttft_p50_ms"] - transfer
+        target = max(prefill, transfer) + 0.1 * min(prefill, transfer)
+        hidden = (twin["ttft_p50_ms"] - r["ttft_p50_ms"]) / max(min(prefill, transfer), 1e-9)
+        out.append(f"| {r['link']} | {r['serve_args']} | {r['input_len']} | {prefill:.0f} | "
+                   f"{transfer:.0f} | {target:.0f} | {r['ttft_p50_ms']:.0f} | {hidden:.0%} | "
+                   f"{'yes' if r['ttft_p50_ms'] <= target else 'no'} |")
+    return out if found else []
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.crossnode", description=__doc__)
-    p.add_argument("--rates", default="unshaped,10gbit,1gbit,100mbit")
+    p.add_argument("--rates", default="unshaped,10gbit,1gbit,100mbit",
+                   help="Link rates; `unshaped` is the testbed's link unshaped, `loopback` no "
+                        "testbed at all (every process on 127.0.0.1; no root needed).")
     p.add_argument("--placements", default="remote,adaptive")
     p.add_argument("--input-len", default="512", help="Prompt length(s), comma-separated.")
     p.add_argument("--num-prompts", type=int, default=8)
@@ -125,23 +164,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--serve-args", default="", help="Extra `pdserve serve` flags; several sets "
                    "separated by ';' run one after the other at each point (e.g. "
                    "\"--kv-wire-dtype auto;--kv-wire-dtype int8\").")
+    p.add_argument("--bench-args", default="", help="Extra `pdserve bench` flags (e.g. "
+                   "\"--tokenizer DIR\" where the default model is not installed).")
     p.add_argument("--output", default=f"bench/results/crossnode_cpu_{time.strftime('%Y-%m-%d')}")
     args = p.parse_args(argv)
     tb = netns.Testbed(args.name)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for rate in args.rates.split(","):
-            link = None if rate == "unshaped" else netns.Link(netns.parse_rate(rate), 0.0)
-            netns.up(link, tb)
+            where = None if rate == "loopback" else tb  # loopback: no testbed, 127.0.0.1
+            if where is not None:
+                link = None if rate == "unshaped" else netns.Link(netns.parse_rate(rate), 0.0)
+                netns.up(link, tb)
             try:
                 for placement in args.placements.split(","):
                     for extra in args.serve_args.split(";"):
-                        for row in run_point(tb, placement, args, Path(tmp), extra.strip()):
+                        for row in run_point(where, placement, args, Path(tmp), extra.strip()):
                             row = {"link": rate, **row}
                             print(json.dumps(row), flush=True)
                             rows.append(row)
             finally:
-                netns.down(tb)
+                if where is not None:
+                    netns.down(tb)
     command = "python -m bench.crossnode " + " ".join(argv if argv is not None else sys.argv[1:])
     doc = {"machine": report.machine(), "command": command, "note": args.note, "rows": rows}
     report.write_json(f"{args.output}.json", doc)
@@ -160,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"{r['ttft_p90_ms']:.0f} | {r['kv_mib_per_remote_request']:.1f} | "
                      f"{r['kv_seconds_per_remote_request']:.3f} | "
                      f"{r.get('placed_remote', 0):.0f} / {r.get('placed_local', 0):.0f} |")
+    lines += overlap_lines(rows)
     Path(f"{args.output}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines[6:]))
     return 0

@@ -137,6 +137,10 @@ class ModelRunner:
             self.graphs = self._capture_graphs()
         self.use_cuda_graphs = self.graphs is not None
         if device.type == "cuda":
+            # cuDNN's SDPA builds a plan for every new (query, context) shape: ~70 ms on an H100
+            # (bench/sdpa_probe.py), paid by every chunk of a prompt with cached context (its
+            # shape is new each time); flash / memory-efficient attention have no per-shape cost
+            torch.backends.cuda.enable_cudnn_sdp(False)
             free, total = torch.cuda.mem_get_info(device)
             log.info("CUDA memory: %.2f GiB held by this engine (weights, KV cache, graphs), "
                      "%.2f GiB free of %.2f GiB", torch.cuda.memory_reserved(device) / 2**30,

@@ -12,11 +12,12 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+import torch
 from worker_fakes import (
+    PROMPT,
     WAIT_S,
     FakeProxy,
     assert_all_free,
-    greedy_reference,
     kv_spec_of,
     prefill,
     reserve,
@@ -24,8 +25,9 @@ from worker_fakes import (
 )
 
 from decode.worker import DecodeWorker
+from engine.config import ConfigError
 from engine.llm_engine import LLMEngine
-from prefill.layer_stream import layer_groups
+from prefill.layer_stream import check_device, layer_groups
 from prefill.worker import PrefillWorker
 from protocol import decode_ctrl as dmsg
 from protocol import prefill_ctrl as pmsg
@@ -79,17 +81,31 @@ def test_layer_groups() -> None:
     assert layer_groups(5, 1) == [(0, 5)]
 
 
+def test_check_device_refuses_cuda_names_the_flag() -> None:
+    check_device(torch.device("cpu"))
+    with pytest.raises(ConfigError, match="--kv-streaming whole"):
+        check_device(torch.device("cuda", 0))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_refused_on_cuda(proxy: FakeProxy, make_worker: Any) -> None:
+    """Until a GPU run shows layer-wise tokens equal to whole ones (layer_stream.check_device)."""
+    with pytest.raises(ConfigError, match="--kv-streaming layerwise"):
+        make_worker(PrefillWorker, proxy.config("p0", kv=LAYERWISE), device="cuda")
+
+
 def test_chunked_prefill_streams_parts_and_equals_colocated(
         proxy: FakeProxy, make_worker: Any, tiny_engine: Callable[..., LLMEngine]) -> None:
     d, p, parts = workers(proxy, make_worker)
-    assert run_one(proxy, d, p, "r1") == greedy_reference(tiny_engine, sampling(max_tokens=5))
+    want = tiny_engine().generate([PROMPT], sampling(max_tokens=5))[0].output_ids
+    assert run_one(proxy, d, p, "r1") == want
     # 3 chunks x 2 groups, in order; the last group of the last chunk last
     assert [(t0, t1, layers, part) for _, t0, t1, layers, part in parts] == [
         (0, 8, (0, 1), (0, False)), (0, 8, (1, 2), (1, False)), (8, 16, (0, 1), (2, False)),
         (8, 16, (1, 2), (3, False)), (16, 20, (0, 1), (4, False)), (16, 20, (1, 2), (5, True))]
     # a prefix-cache hit on the prefill worker: the cached blocks go first, all layers at once
     parts.clear()
-    assert run_one(proxy, d, p, "r2") == greedy_reference(tiny_engine, sampling(max_tokens=5))
+    assert run_one(proxy, d, p, "r2") == want
     assert parts[0][1:4] == (0, 16, (0, 2)) and parts[-1][4] == (len(parts) - 1, True)
     assert_all_free(d)
     assert_all_free(p)
