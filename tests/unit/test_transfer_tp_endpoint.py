@@ -1,4 +1,5 @@
-"""TP routes over the real KV endpoints (ZMQ sender -> receiver on 127.0.0.1, stream payloads).
+"""TP routes over the real KV endpoints (ZMQ sender -> receiver on 127.0.0.1; stream and frames
+payloads).
 
 What the serving path does per rank (prefill/tp_sends.py, decode/tp_rank.py), without models:
 P1 -> D3 splits one cache's heads over three receivers; P3 -> D1 fills one reservation from
@@ -50,8 +51,8 @@ def _source(tp: int, rank: int, full: PagedKvCache) -> PagedKvCache:
 
 
 def _send(src: PagedKvCache, rx: ReceiverHarness, rid: str, heads: tuple[int, int],
-          num_routes: int) -> None:
-    tx = ZmqKvSender(rx.rx.endpoint, CONFIG)
+          num_routes: int, config: ZmqSenderConfig = CONFIG) -> None:
+    tx = ZmqKvSender(rx.rx.endpoint, config)
     try:
         tx.send(src, TABLE, 0, NUM_TOKENS, request_id=rid, head_range=heads,
                 meta=routes_meta(num_routes))
@@ -74,9 +75,10 @@ def full() -> PagedKvCache:
     return cache
 
 
+@pytest.mark.parametrize("payload", ["stream", "frames"])
 @pytest.mark.parametrize(("p_tp", "d_tp"), [(1, 3), (3, 1), (3, 3)])
 def test_every_decode_rank_gets_its_heads_straight_from_the_prefill_ranks(
-        full: PagedKvCache, p_tp: int, d_tp: int) -> None:
+        full: PagedKvCache, p_tp: int, d_tp: int, payload: str) -> None:
     receivers = _receivers(d_tp)
     try:
         for rx in receivers:
@@ -88,7 +90,8 @@ def test_every_decode_rank_gets_its_heads_straight_from_the_prefill_ranks(
                 rx = receivers[route.dst_rank]
                 assert rx.cache.spec == rank_spec(dst0, route.dst_rank)
                 assert "r" not in rx.ended  # a reservation waits for all of its routes
-                _send(src, rx, "r", route.heads, num_routes)
+                _send(src, rx, "r", route.heads, num_routes,
+                      ZmqSenderConfig(timeout_s=10.0, payload=payload))
         for rx in receivers:
             reports = rx.wait("r")
             assert isinstance(reports, list), reports
