@@ -22,7 +22,7 @@ import zmq
 
 from engine.outputs import TokenLogprob
 from protocol.codec import MalformedMessage
-from protocol.kv_meta import FirstToken
+from protocol.kv_meta import FIRST_TOKEN_KEY, FirstToken
 from transfer.convert.cache import PagedKvCache
 from transfer.convert.writer import WriteReport
 from transfer.endpoint.books import RefusedFn
@@ -43,9 +43,11 @@ class KvArrival:
 
 
 def _arrival(request_id: str, reports: list[WriteReport]) -> KvArrival:
-    """The KV landed: the first token from the header's meta (protocol/kv_meta.py)."""
+    """The KV landed: the first token from the header's meta (protocol/kv_meta.py) of the
+    transfer that carries it (the last one; of several TP routes, prefill rank 0's)."""
+    metas = [r.meta for r in reports if FIRST_TOKEN_KEY in r.meta] or [{}]
     try:
-        first = FirstToken.from_meta(reports[-1].meta if reports else {})
+        first = FirstToken.from_meta(metas[-1])
     except MalformedMessage as e:
         return KvArrival(request_id, error=str(e))
     return KvArrival(request_id, None, first.token_id, first.logprob, first.num_cached_tokens)
@@ -54,9 +56,12 @@ def _arrival(request_id: str, reports: list[WriteReport]) -> KvArrival:
 class KvInbox:
     def __init__(self, ctx: zmq.Context, host: str, cache: PagedKvCache,
                  config: KvTransportConfig, *, security: SocketSecurity | None = None,
-                 on_refused: RefusedFn | None = None) -> None:
+                 on_refused: RefusedFn | None = None, has_first_token: bool = True) -> None:
         """Receive into `cache` (this worker's paged cache and its spec) on `host`, port 0;
-        `security`: the deployment's authentication; `on_refused`: counts what was refused."""
+        `security`: the deployment's authentication; `on_refused`: counts what was refused;
+        `has_first_token` False: a follower TP rank's inbox (rank 0 alone adopts the request,
+        so an arrival here needs no first token)."""
+        self.has_first_token = has_first_token
         threaded = config.kv_receiver_thread
         nccl = None
         if config.transport == "nccl":  # TransportUnavailable (says what to do) without CUDA/NCCL
@@ -128,7 +133,8 @@ class KvInbox:
                 self._wake_w.send(b"\0")
 
     def _complete(self, request_id: str, reports: list[WriteReport]) -> None:
-        self._arrived(_arrival(request_id, reports))
+        self._arrived(_arrival(request_id, reports) if self.has_first_token
+                      else KvArrival(request_id))
 
     def _release(self, request_id: str, error: TransferError) -> None:
         self._arrived(KvArrival(request_id, error=f"{type(error).__name__}: {error}",

@@ -28,6 +28,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from decode.kv_inbox import KvArrival, KvInbox
+from decode.tp_inbox import TpKvInbox
+from decode.tp_rank import DecodeRankService
 from engine.errors import EngineError, RequestError
 from engine.llm_engine import LLMEngine, RequestOutput
 from engine.sequence import Sequence
@@ -37,6 +39,7 @@ from protocol.errors import ErrorCode
 from protocol.rejections import Plane
 from worker.base import WorkerBase
 from worker.config import WorkerConfig
+from worker.tp_link import RankLink
 
 log = logging.getLogger(__name__)
 
@@ -68,13 +71,23 @@ class DecodeWorker(WorkerBase):
         self.pending: OrderedDict[str, Pending] = OrderedDict()
         self.reservations: dict[str, Reservation] = {}
         self.local: set[str] = set()  # requests in the engine's own scheduler
-        self.kv = KvInbox(self.ctx, config.host, self.kv_cache, config.kv, security=self.auth,
-                          on_refused=self._refused)
+        local = KvInbox(self.ctx, config.host, self.kv_cache, config.kv, security=self.auth,
+                        on_refused=self._refused)
+        link = RankLink.of(engine)  # tensor parallel: every rank receives its own heads
+        self.kv: KvInbox | TpKvInbox = TpKvInbox(local, link) if link is not None else local
         self.kv.sync_poller(self.poller)  # the ROUTER socket and the KV data connections
 
     @property
     def kv_address(self) -> str:
         return self.kv.address
+
+    @property
+    def kv_rank_addresses(self) -> list[str]:
+        return self.kv.addresses if isinstance(self.kv, TpKvInbox) else []
+
+    @classmethod
+    def rank_service(cls, config: WorkerConfig) -> DecodeRankService:
+        return DecodeRankService(config.host, config.kv, config.cluster_secret)
 
     # ---- control ------------------------------------------------------------------------------
     def on_ctrl(self, msg: object) -> None:

@@ -144,16 +144,23 @@ class ServeConfig:
         return override or engine_tp
 
     def check_tp(self, engine_tp: int) -> None:
-        """Only decode workers that prefill locally run tensor parallel so far: KV does not yet
-        cross between sharded caches (transfer/convert/tp_routes.py says how it will)."""
+        """Tensor-parallel workers exchange KV rank to rank (transfer/convert/tp_routes.py) over
+        the ZMQ transport, whole prompts only: refuse what is not routed per rank yet."""
         for role, flag, is_used in (("prefill", "--prefill-tp", self.num_prefill > 0),
                                     ("decode", "--decode-tp", not self.colocated)):
             tp = self.tp_of(role, engine_tp)
-            if tp > 1 and is_used:
+            if tp == 1 or not is_used:
+                continue
+            if self.kv.transport != "zmq":
                 raise ConfigError(
-                    f"{flag} / --tensor-parallel-size {tp}: {role} workers that exchange KV "
-                    f"do not run tensor parallel yet; serve with --colocated (decode workers "
-                    f"prefill locally) and --decode-tp N, or keep TP 1 for {role} workers")
+                    f"{flag} / --tensor-parallel-size {tp} with --transport "
+                    f"{self.kv.transport}: tensor-parallel {role} workers exchange KV per rank "
+                    f"over --transport zmq only (NCCL pairs are not routed per rank yet)")
+            if self.kv.kv_streaming != "whole":
+                raise ConfigError(
+                    f"{flag} / --tensor-parallel-size {tp} with --kv-streaming "
+                    f"{self.kv.kv_streaming}: tensor-parallel {role} workers send whole "
+                    f"prompts only (--kv-streaming whole)")
 
     def worker_ids(self) -> list[tuple[str, str]]:
         """(role, worker id) of every worker: `prefill-<i>` then `decode-<i>` (also Ray actor

@@ -32,6 +32,7 @@ from engine.sequence import Sequence
 from engine.step_stats import StepStats
 from engine.tp_executor import TpExecutor, load_rank
 from engine.tp_group import TpGroup
+from engine.tp_service import RankService
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +86,10 @@ class LLMEngine:
         self.step_log: deque[StepStats] = deque(maxlen=1024)
 
     @classmethod
-    def from_config(cls, config: EngineConfig, log_plan: bool = True) -> LLMEngine:
-        """Plan memory from the model's metadata first (fails fast), then load the weights."""
+    def from_config(cls, config: EngineConfig, log_plan: bool = True,
+                    rank_service: RankService | None = None) -> LLMEngine:
+        """Plan memory from the model's metadata first (fails fast), then load the weights.
+        `rank_service`: what each follower rank runs beside the model (engine/tp_service.py)."""
         plan = plan_kv_cache(read_model_config(config.model), config)
         if log_plan:
             log.info(plan.line())
@@ -97,7 +100,7 @@ class LLMEngine:
                          plan_kv_cache(checkpoint.config, config, checkpoint.identity))
         else:
             _set_cuda_device(config)
-            executor = TpExecutor.start(config)
+            executor = TpExecutor.start(config, rank_service)
             try:
                 checkpoint, plan = load_rank(config, executor.tp)
                 engine = cls(config, checkpoint, plan, executor.tp, executor)
@@ -115,6 +118,11 @@ class LLMEngine:
         import os
 
         return [os.getpid(), *(self.executor.pids if self.executor else [])]
+
+    def check_ranks(self) -> None:
+        """Raise TpError if one of the other tensor-parallel ranks is gone (no-op without TP)."""
+        if self.executor is not None:
+            self.executor.check_alive()
 
     def close(self) -> None:
         """Stop the other tensor-parallel ranks (nothing to do without TP); idempotent."""
@@ -192,13 +200,12 @@ class LLMEngine:
 
         Returns None (nothing taken) when the blocks are not free right now; raises RequestError
         for a prompt that can never run. The reservation owns its blocks until `adopt_prefilled`
-        (they pass to the running batch) or `release` (they are freed).
+        (they pass to the running batch) or `release` (they are freed). Under tensor
+        parallelism the same block ids hold the prompt on every rank: the caller has every
+        rank's heads written there (decode/tp_inbox.py) before `adopt_prefilled`.
         """
         if request_id in self._seqs:
             raise EngineError(f"duplicate request id {request_id!r}")
-        if not self.runner.tp.is_single:  # its other ranks' heads would never be written
-            raise EngineError(f"this engine is tensor parallel ({self.runner.tp.size} ranks) and "
-                              "takes no KV from a prefill worker yet; serve it --colocated")
         seq = Sequence(request_id, list(prompt_ids), params)
         self.scheduler.check_admissible(seq)
         if not self.cache.can_allocate(seq, use_prefix_cache=False):

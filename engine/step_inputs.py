@@ -21,6 +21,7 @@ class Command(enum.IntEnum):
     STOP = 0  # followers leave their loop
     STEP = 1  # a forward pass (payload: StepInputs)
     COPY_BLOCKS = 2  # copy cache blocks (payload: [src, dst] pairs)
+    SERVICE = 3  # a message for the rank's service (engine/tp_service.py; payload: its bytes)
 
 
 @dataclass
@@ -61,6 +62,8 @@ def payload_len(header: np.ndarray) -> int:
         return 3 * num_tokens + num_seqs * max_blocks + num_done + 2 * num_seqs + 1
     if command is Command.COPY_BLOCKS:
         return 2 * int(header[1])
+    if command is Command.SERVICE:
+        return (int(header[1]) + 7) // 8
     return 0
 
 
@@ -77,6 +80,19 @@ def copy_blocks_message(pairs: list[tuple[int, int]]) -> tuple[np.ndarray, np.nd
     header = np.zeros(HEADER_LEN, dtype=np.int64)
     header[:2] = (Command.COPY_BLOCKS, len(pairs))
     return header, np.asarray(pairs, dtype=np.int64).reshape(-1)
+
+
+def service_message(data: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """Opaque bytes for the follower ranks' services, as a header and an int64 payload (the
+    bytes zero-padded to whole words)."""
+    header = np.zeros(HEADER_LEN, dtype=np.int64)
+    header[:2] = (Command.SERVICE, len(data))
+    padded = data + bytes(-len(data) % 8)
+    return header, np.frombuffer(padded, dtype=np.int64).copy()
+
+
+def service_bytes(header: np.ndarray, payload: np.ndarray) -> bytes:
+    return payload.tobytes()[:int(header[1])]
 
 
 def stop_header() -> np.ndarray:

@@ -33,8 +33,17 @@ from engine.checkpoint import Checkpoint, load_checkpoint
 from engine.config import EngineConfig
 from engine.memory_plan import KvPlan, plan_kv_cache
 from engine.model_runner import ModelRunner
-from engine.step_inputs import HEADER_LEN, Command, payload_len, stop_header, unpack_step
+from engine.step_inputs import (
+    HEADER_LEN,
+    Command,
+    payload_len,
+    service_bytes,
+    service_message,
+    stop_header,
+    unpack_step,
+)
 from engine.tp_group import HOST, TpError, TpGroup
+from engine.tp_service import INFO_KEY, RankHandler, RankService
 
 log = logging.getLogger(__name__)
 STOP_GRACE_S = 10.0
@@ -56,12 +65,14 @@ def share_cpu_threads(size: int) -> None:
 
 
 class TpExecutor:
-    def __init__(self, tp: TpGroup, procs: list[BaseProcess]) -> None:
-        self.tp, self.procs = tp, procs
+    def __init__(self, tp: TpGroup, procs: list[BaseProcess],
+                 store: dist.Store | None = None, timeout_s: float = 60.0) -> None:
+        self.tp, self.procs, self.store, self.timeout_s = tp, procs, store, timeout_s
         self.num_threads = torch.get_num_threads()  # restored at shutdown
 
     @classmethod
-    def start(cls, config: EngineConfig) -> TpExecutor:
+    def start(cls, config: EngineConfig, service: RankService | None = None) -> TpExecutor:
+        """Start the follower ranks; each runs `service` (engine/tp_service.py) if given."""
         size, timeout = config.tensor_parallel_size, config.distributed_timeout
         store = dist.TCPStore(HOST, 0, size, is_master=True, wait_for_workers=False,
                               timeout=timedelta(seconds=timeout))
@@ -69,12 +80,12 @@ class TpExecutor:
         procs: list[BaseProcess] = []
         for rank in range(1, size):
             proc = ctx.Process(target=follower_main, name=f"pdserve-tp-rank{rank}", daemon=True,
-                               args=(config.for_rank(rank), rank, size, store.port))
+                               args=(config.for_rank(rank), rank, size, store.port, service))
             proc.start()
             procs.append(proc)
         log.info("tensor parallel: started ranks 1..%d (pids %s), store on %s:%d", size - 1,
                  [p.pid for p in procs], HOST, store.port)
-        executor = cls(TpGroup.single(), procs)
+        executor = cls(TpGroup.single(), procs, store, timeout)
         if config.torch_device.type == "cpu":
             share_cpu_threads(size)
         try:
@@ -86,11 +97,13 @@ class TpExecutor:
             raise
         return executor
 
-    def wait_started(self, store: dist.Store, timeout_s: float) -> None:
-        """Until every follower has reached the store; a follower that dies first (bad spawn,
-        import error) fails at once with its exit code instead of after the timeout."""
+    def wait_started(self, store: dist.Store, timeout_s: float,
+                     key: str = STARTED_KEY) -> None:
+        """Until every follower has set `key`<rank> in the store; a follower that dies first
+        (bad spawn, import error) fails at once with its exit code instead of after the
+        timeout."""
         deadline = time.monotonic() + timeout_s
-        keys = [f"{STARTED_KEY}{rank}" for rank in range(1, len(self.procs) + 1)]
+        keys = [f"{key}{rank}" for rank in range(1, len(self.procs) + 1)]
         while not store.check(keys):
             dead = [(p.name, p.exitcode) for p in self.procs if not p.is_alive()]
             if dead:
@@ -100,6 +113,26 @@ class TpExecutor:
                 raise TpError(f"tensor-parallel ranks did not start within "
                               f"--distributed-timeout {timeout_s:g} s")
             time.sleep(0.05)
+
+    def rank_infos(self) -> list[bytes]:
+        """Each follower's service `info`, rank 1 first (waits for them to publish it)."""
+        assert self.store is not None
+        self.wait_started(self.store, self.timeout_s, INFO_KEY)
+        return [self.store.get(f"{INFO_KEY}{rank}") for rank in range(1, len(self.procs) + 1)]
+
+    def check_alive(self) -> None:
+        """Raise TpError if a follower process has exited (an idle engine runs no collective
+        that would notice)."""
+        dead = [(p.name, p.exitcode) for p in self.procs if not p.is_alive()]
+        if dead:
+            self.tp.is_broken = True
+            raise TpError(f"tensor-parallel ranks exited (name, exit code): {dead}")
+
+    def tell_ranks(self, data: bytes) -> None:
+        """Send `data` to every follower's service handler (they handle it in order, between
+        steps). Raises TpError when a follower is gone."""
+        for array in service_message(data):
+            self.tp.broadcast_host(array)
 
     @property
     def pids(self) -> list[int]:
@@ -125,7 +158,7 @@ class TpExecutor:
         torch.set_num_threads(self.num_threads)
 
 
-def serve_steps(runner: ModelRunner, tp: TpGroup) -> None:
+def serve_steps(runner: ModelRunner, tp: TpGroup, handler: RankHandler | None = None) -> None:
     """A follower's loop: run rank 0's commands until STOP. Raises TpError when rank 0 dies."""
     header = np.zeros(HEADER_LEN, dtype=np.int64)
     while True:
@@ -137,11 +170,15 @@ def serve_steps(runner: ModelRunner, tp: TpGroup) -> None:
         tp.broadcast_host(payload)
         if command is Command.STEP:
             runner.run_step(unpack_step(header, payload))
+        elif command is Command.SERVICE:
+            if handler is not None:
+                handler.handle(service_bytes(header, payload))
         else:
             runner.copy_local_blocks([(int(a), int(b)) for a, b in payload.reshape(-1, 2)])
 
 
-def follower_main(config: EngineConfig, rank: int, size: int, port: int) -> None:
+def follower_main(config: EngineConfig, rank: int, size: int, port: int,
+                  service: RankService | None = None) -> None:
     """Entry point of follower rank `rank` (a spawned process)."""
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"%(asctime)s %(levelname)s tp-rank{rank} %(name)s: %(message)s")
@@ -151,6 +188,7 @@ def follower_main(config: EngineConfig, rank: int, size: int, port: int) -> None
     else:
         share_cpu_threads(size)
     tp = TpGroup.single()
+    handler: RankHandler | None = None
     try:
         store = dist.TCPStore(HOST, port, size, is_master=False,
                               timeout=timedelta(seconds=config.distributed_timeout))
@@ -160,9 +198,14 @@ def follower_main(config: EngineConfig, rank: int, size: int, port: int) -> None
         runner = ModelRunner(checkpoint.config, checkpoint.weights, plan, config.torch_dtype,
                              device, tp=tp)
         del checkpoint
-        serve_steps(runner, tp)
+        if service is not None:
+            handler = service.start(runner, tp)
+            store.set(f"{INFO_KEY}{rank}", handler.info)
+        serve_steps(runner, tp, handler)
     except TpError as e:
         log.error("%s; this rank exits", e)
         sys.exit(1)
     finally:
+        if handler is not None:
+            handler.close()
         tp.destroy()

@@ -1,12 +1,15 @@
 """TpGroup: the collectives one tensor-parallel rank takes part in.
 
 One process per rank; torch.distributed with NCCL on CUDA and gloo on CPU (the same code).
-Two process groups:
+Three process groups:
 - the model group (NCCL or gloo, timeout `--distributed-timeout`): the all-reduces of the
   row-parallel layers and the embedding, the gather of the logits to rank 0;
 - the control group (gloo, on the host): rank 0 broadcasts each step's inputs as two int64
-  tensors (engine/step_inputs.py; no pickle). Followers wait on it while the engine is idle,
-  so its timeout is long; a dead peer is noticed at once on gloo (its sockets close).
+  tensors (engine/step_inputs.py; no pickle), and the messages of the ranks' services
+  (engine/tp_service.py). Followers wait on it while the engine is idle, so its timeout is
+  long; a dead peer is noticed at once on gloo (its sockets close);
+- the service group (gloo, timeout `--distributed-timeout`): the services' answers, a sum
+  over the group (`all_reduce_host`).
 
 Any failure of a collective becomes `TpError` (an EngineError) naming the rank: a dead rank
 takes the engine down with a clear message, it never hangs past the timeout.
@@ -42,6 +45,7 @@ class TpGroup:
     size: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     control: dist.ProcessGroup | None = None
+    service: dist.ProcessGroup | None = None  # the services' answers (gloo, the model timeout)
     is_broken: bool = False
 
     @classmethod
@@ -64,10 +68,11 @@ class TpGroup:
                                     timeout=timeout, **({"device_id": device}
                                                         if device.type == "cuda" else {}))
             control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
+            service = dist.new_group(backend="gloo", timeout=timeout)
         except Exception as e:
             raise TpError(f"tensor-parallel rank {rank} of {size} could not join the group "
                           f"within --distributed-timeout {timeout_s:g} s: {e}") from e
-        return cls(rank, size, device, control)
+        return cls(rank, size, device, control, service)
 
     @property
     def is_single(self) -> bool:
@@ -116,6 +121,15 @@ class TpGroup:
         tensor = torch.from_numpy(array)
         self._guard("step broadcast",
                     lambda: dist.broadcast(tensor, src=0, group=self.control))
+
+    def all_reduce_host(self, array: np.ndarray) -> np.ndarray:
+        """Sum of an int64 host array over all ranks, in place: the followers' services answer
+        rank 0 through it (engine/tp_service.py). On its own gloo group, whose timeout is
+        `--distributed-timeout`: a stalled rank fails it instead of holding rank 0 forever."""
+        if self.size > 1:
+            tensor = torch.from_numpy(array)
+            self._guard("service all-reduce", lambda: dist.all_reduce(tensor, group=self.service))
+        return array
 
     def destroy(self) -> None:
         if self.size > 1 and dist.is_initialized():

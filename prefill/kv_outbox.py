@@ -77,6 +77,7 @@ class _Job:
     part: tuple[int, bool] | None = None  # (index, is_last) of a streamed part
     ready: Any = None  # waited on (`.synchronize()`) before reading: a CUDA event
     is_cancel: bool = False  # end_stream's marker
+    head_range: tuple[int, int] | None = None  # model KV heads sent (None: all this cache holds)
 
 
 @dataclass
@@ -118,12 +119,14 @@ class KvOutbox:
         self._lock = threading.Lock()  # the lanes (a lane retires itself)
 
     def send(self, request_id: str, address: str, block_table: list[int], num_tokens: int,
-             dest_spec: KvSpec, meta: dict[str, Any], kv_token: str = "") -> None:
+             dest_spec: KvSpec, meta: dict[str, Any], kv_token: str = "",
+             head_range: tuple[int, int] | None = None) -> None:
         """Queue tokens [0, num_tokens) of a sequence for the reservation at `address` (the
-        receiver knows its destination blocks already: it expects them, with `kv_token`).
+        receiver knows its destination blocks already: it expects them, with `kv_token`);
+        `head_range`: only these model KV heads (a TP route, transfer/convert/tp_routes.py).
         Raises TooManyPeers when `address` would be one lane more than `max_kv_peers`."""
         self._queue(_Job(request_id, address, list(block_table), num_tokens, dest_spec, meta,
-                         kv_token))
+                         kv_token, head_range=head_range))
 
     def send_part(self, request_id: str, address: str, block_table: list[int], token_start: int,
                   token_end: int, layer_range: tuple[int, int], dest_spec: KvSpec,
@@ -263,7 +266,8 @@ class KvOutbox:
                     context=self.ctx, nccl=self._nccl_plugin(), security=self.security)
             r = lane.sender.send(self.cache, job.block_table, job.token_start, job.num_tokens,
                                  request_id=job.request_id, layer_range=job.layer_range,
-                                 meta=job.meta, reservation_token=job.kv_token)
+                                 head_range=job.head_range, meta=job.meta,
+                                 reservation_token=job.kv_token)
             return TransferOutcome(job.request_id, r.num_bytes, r.seconds)
         except TransferError as e:
             return TransferOutcome.failed(job.request_id, e)

@@ -17,14 +17,18 @@ from dataclasses import dataclass
 from engine.errors import EngineError, RequestError
 from engine.llm_engine import LLMEngine
 from engine.sequence import Sequence
+from engine.tp_group import TpError
 from prefill.kv_outbox import KvOutbox, TransferOutcome
 from prefill.layer_stream import LayerStreamer, check_device, take_out
+from prefill.tp_outbox import RoutedOutbox
+from prefill.tp_rank import PrefillRankService
 from protocol import prefill_ctrl as ctrl
 from protocol import worker_events as ev
 from protocol.errors import ErrorCode
 from protocol.kv_meta import FirstToken
 from worker.base import WorkerBase
 from worker.config import WorkerConfig
+from worker.tp_link import RankLink
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +52,12 @@ class PrefillWorker(WorkerBase):
                            on_refused=self._refused)  # results come back through a queue
         self.stream = LayerStreamer(engine, self.kv, config.kv.kv_stream_groups) \
             if config.kv.kv_streaming == "layerwise" else None
+        # tensor parallel (either side): every rank sends its heads over its routes
+        self.routes = RoutedOutbox(self.kv, RankLink.of(engine))
+
+    @classmethod
+    def rank_service(cls, config: WorkerConfig) -> PrefillRankService:
+        return PrefillRankService(config.kv, config.cluster_secret)
 
     @property
     def kv_address(self) -> str:
@@ -135,7 +145,7 @@ class PrefillWorker(WorkerBase):
         return self.engine.scheduler.has_work
 
     def do_work(self) -> None:
-        for result in self.kv.poll_results():
+        for result in self.routes.poll_results():
             self._on_sent(result)
         scheduler = self.engine.scheduler
         if not scheduler.has_work:
@@ -177,8 +187,16 @@ class PrefillWorker(WorkerBase):
             if self.stream is not None and self.stream.has_final(msg.request_id):
                 self.stream.finish(msg.request_id, first.to_meta())
                 return
+            if self.routes.is_routed(msg.kv_spec):
+                self.routes.send(msg.request_id, msg.kv_spec,
+                                 list(msg.kv_rank_addresses) or [msg.kv_address],
+                                 seq.block_table, seq.num_prompt_tokens, first.to_meta(),
+                                 msg.kv_token)
+                return
             self.kv.send(msg.request_id, msg.kv_address, seq.block_table, seq.num_prompt_tokens,
                          msg.kv_spec, first.to_meta(), kv_token=msg.kv_token)
+        except TpError:  # a rank is gone: the worker stops (worker/base.py)
+            raise
         except Exception as e:  # a typed transfer error, or a socket failure: this request only
             self._on_sent(TransferOutcome.failed(msg.request_id, e))
 
@@ -205,7 +223,7 @@ class PrefillWorker(WorkerBase):
                             scheduler.stats.num_preemptions)
 
     def on_idle(self) -> None:
-        for result in self.kv.poll_results():
+        for result in self.routes.poll_results():
             self._on_sent(result)
         if not self.jobs and not self.engine.scheduler.has_work:
             self.engine.check_idle_integrity()

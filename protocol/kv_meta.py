@@ -20,6 +20,7 @@ from protocol.codec import MalformedMessage, ValueCodec
 
 log = logging.getLogger(__name__)
 _LOGPROB = ValueCodec(TokenLogprob | None)
+FIRST_TOKEN_KEY = "first_token"
 
 
 @dataclass(frozen=True)
@@ -29,13 +30,13 @@ class FirstToken:
     num_cached_tokens: int = 0  # prompt tokens the prefill worker's prefix cache served
 
     def to_meta(self) -> dict[str, Any]:
-        return {"first_token": self.token_id,
+        return {FIRST_TOKEN_KEY: self.token_id,
                 "first_logprob": _LOGPROB.encode(TokenLogprob | None, self.logprob),
                 "num_cached_tokens": self.num_cached_tokens}
 
     @classmethod
     def from_meta(cls, meta: Mapping[str, Any]) -> FirstToken:
-        token = meta.get("first_token")
+        token = meta.get(FIRST_TOKEN_KEY)
         if type(token) is not int or token < 0:
             raise MalformedMessage("KV arrived without a valid first token")
         try:

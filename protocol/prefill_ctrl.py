@@ -16,6 +16,7 @@ from protocol.bounds import (
 )
 from protocol.codec import MessageFamily
 from protocol.lifecycle_ctrl import Abort, AbortAll, Shutdown
+from protocol.worker_events import MAX_TP_RANKS, check_rank_addresses
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,14 @@ class Prefill:
     block_ids: list[int] = bounded(lo=0, max_len=MAX_MODEL_LEN)  # a block holds >= 1 token
     kv_spec: KvSpec = bounded()
     kv_token: str = bounded("", max_len=MAX_KV_TOKEN_LEN)  # the KV header carries it (`rtok`)
+    # a tensor-parallel decode worker: every rank's KV receiver, kv_address first (Hello's)
+    kv_rank_addresses: list[str] = bounded([], max_len=MAX_TP_RANKS)
+
+    def __post_init__(self) -> None:
+        check_rank_addresses(self.kv_rank_addresses, self.kv_address, self.kv_spec)
+        if self.kv_spec.tp_size > 1 and not self.kv_rank_addresses:
+            raise ValueError(f"kv_rank_addresses: kv_spec.tp_size is {self.kv_spec.tp_size} "
+                             f"but no rank addresses were given")
 
 
 PREFILL_CTRL = MessageFamily("proxy->prefill", (Prefill, Abort, AbortAll, Shutdown))

@@ -21,6 +21,7 @@ from protocol.rejections import RejectedCount
 ROLES = ("prefill", "decode")
 MAX_COUNT = 1 << 40  # any count a worker reports (tokens, blocks, requests)
 MAX_LIST = 1 << 20  # token ids and block ids in one event
+MAX_TP_RANKS = 1024
 
 
 def _cut(text: str) -> str:
@@ -32,6 +33,18 @@ def _check_address(name: str, address: str) -> None:
     if not address.startswith("tcp://") or not host or not port.isdigit() \
             or not 0 < int(port) < 65536:
         raise ValueError(f"{name} must be tcp://host:port, got {address!r:.80}")
+
+
+def check_rank_addresses(addresses: list[str], kv_address: str, spec: KvSpec) -> None:
+    """A decode worker's per-rank KV receivers: none, or one per TP rank of `spec`, rank 0's
+    being `kv_address`."""
+    if not addresses:
+        return
+    if len(addresses) != spec.tp_size or addresses[0] != kv_address:
+        raise ValueError(f"kv_rank_addresses must list kv_spec.tp_size ({spec.tp_size}) "
+                         f"addresses, kv_address first; got {len(addresses)}")
+    for i, address in enumerate(addresses):
+        _check_address(f"kv_rank_addresses[{i}]", address)
 
 
 @dataclass(frozen=True)
@@ -52,7 +65,10 @@ class Hello:
     # its scheduler's token budget per step (0: unknown)
     max_num_batched_tokens: int = bounded(0, lo=0, hi=MAX_COUNT)
     # tensor parallel: the pid of every rank of this worker, rank 0 (pid) first
-    rank_pids: list[int] = bounded([], lo=1, hi=1 << 31, max_len=1024)
+    rank_pids: list[int] = bounded([], lo=1, hi=1 << 31, max_len=MAX_TP_RANKS)
+    # tensor parallel decode: every rank's KV receiver, rank 0 (kv_address) first; each rank's
+    # spec is kv_spec with its tp_rank (empty: one receiver, kv_address)
+    kv_rank_addresses: list[str] = bounded([], max_len=MAX_TP_RANKS)
 
     def __post_init__(self) -> None:
         if not self.worker_id:
@@ -62,6 +78,7 @@ class Hello:
         _check_address("ctrl_address", self.ctrl_address)
         if self.role == "decode":  # where prefill workers send KV (a prefill worker binds none)
             _check_address("kv_address", self.kv_address)
+        check_rank_addresses(self.kv_rank_addresses, self.kv_address, self.kv_spec)
 
     @property
     def identity(self) -> tuple[str, str, int, str, str]:

@@ -233,7 +233,7 @@ class ClusterClient(WorkerBook):
         req.enter(Stage.PREFILLING)
         msg = pmsg.Prefill(req.request_id, req.prompt_ids, req.params, req.decode_id,
                            decode.hello.kv_address, req.block_ids, decode.hello.kv_spec,
-                           req.kv_token)
+                           req.kv_token, decode.hello.kv_rank_addresses)
         self._spawn(self._send(prefill.worker_id, msg))
 
     # ---- events -------------------------------------------------------------------------------

@@ -129,7 +129,8 @@ class WorkerBook(abc.ABC):
         return [{"worker_id": w.hello.worker_id, "role": w.hello.role, "host": w.hello.host,
                  "pid": w.hello.pid, "rank_pids": w.hello.rank_pids, "alive": w.is_alive,
                  "ctrl_address": w.hello.ctrl_address,
-                 "kv_address": w.hello.kv_address, "kv_plan": w.hello.plan,
+                 "kv_address": w.hello.kv_address,
+                 "kv_rank_addresses": w.hello.kv_rank_addresses, "kv_plan": w.hello.plan,
                  "num_running": w.state.num_running, "num_waiting": w.state.num_waiting,
                  "kv_usage": round(w.state.kv_usage, 4),
                  "used_blocks": w.state.num_total_blocks - w.state.num_free_blocks

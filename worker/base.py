@@ -30,6 +30,7 @@ import zmq
 
 from engine.llm_engine import LLMEngine
 from engine.tp_group import TpError
+from engine.tp_service import RankService
 from protocol import worker_events as ev
 from protocol.auth import ClusterAuth
 from protocol.bounds import MAX_MODEL_LEN, VOCAB_SIZE
@@ -73,6 +74,18 @@ class WorkerBase(abc.ABC):
     @abc.abstractmethod
     def kv_address(self) -> str:
         """Where this worker's KV endpoint listens (reported in Hello)."""
+
+    @property
+    def kv_rank_addresses(self) -> list[str]:
+        """Tensor parallel: every rank's KV receiver, rank 0 first (reported in Hello; empty
+        for a worker that binds none per rank)."""
+        return []
+
+    @classmethod
+    def rank_service(cls, config: WorkerConfig) -> RankService | None:
+        """What each follower tensor-parallel rank runs beside the model (its KV endpoint;
+        engine/tp_service.py); None: nothing."""
+        return None
 
     @abc.abstractmethod
     def on_ctrl(self, msg: object) -> None:
@@ -168,7 +181,8 @@ class WorkerBase(abc.ABC):
         return ev.Hello(self.worker_id, self.role, self.ctrl.address, self.kv_address,
                         self.engine.plan.spec, self.engine.plan.line(), os.getpid(),
                         socket.gethostname(), self.engine.config.model,
-                        self.engine.config.max_num_batched_tokens, self.engine.rank_pids)
+                        self.engine.config.max_num_batched_tokens, self.engine.rank_pids,
+                        self.kv_rank_addresses)
 
     def heartbeat_with_steps(self) -> ev.Heartbeat:
         """`heartbeat()` with the engine's steps since the last one (at most `MAX_STEPS`, the
@@ -210,6 +224,7 @@ class WorkerBase(abc.ABC):
                 self.guarded(self.on_kv)
             self.guarded(self.do_work)
             if not busy and not ready:
+                self.guarded(self.engine.check_ranks)  # a dead TP rank stops the worker
                 self.on_idle()
         beats.join(timeout=2 * self.config.heartbeat_interval_s)
         log.info("%s worker %s stopping", self.role, self.worker_id)

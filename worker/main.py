@@ -54,25 +54,30 @@ def apply_profile(config: EngineConfig, name: str | None) -> EngineConfig:
 WorkerClass = Callable[[WorkerConfig, LLMEngine], WorkerBase]
 
 
-def refuse_tensor_parallel(config: EngineConfig) -> None:
-    """Workers hand their KV cache to the transfer layer whole; a TP worker's cache is spread
-    over its ranks, which the KV endpoints do not route yet (issue #16): only decode workers
-    that prefill locally (`pdserve serve --colocated`) run tensor parallel."""
-    if config.tensor_parallel_size > 1:
-        raise ConfigError(
-            f"--tensor-parallel-size {config.tensor_parallel_size}: prefill/decode workers do "
-            f"not exchange tensor-parallel KV caches yet; serve with --colocated (decode "
-            f"workers prefill locally), or --tensor-parallel-size 1")
+def refuse_tensor_parallel(engine: EngineConfig, worker: WorkerConfig) -> None:
+    """A tensor-parallel worker's ranks exchange KV over the ZMQ transport, whole prompts only:
+    NCCL pairs and layer-wise streaming are not routed per rank yet."""
+    tp = engine.tensor_parallel_size
+    if tp == 1:
+        return
+    if worker.kv.transport != "zmq":
+        raise ConfigError(f"--tensor-parallel-size {tp} with --transport {worker.kv.transport}: "
+                          f"tensor-parallel workers send KV per rank over --transport zmq only")
+    if worker.kv.kv_streaming != "whole":
+        raise ConfigError(f"--tensor-parallel-size {tp} with --kv-streaming "
+                          f"{worker.kv.kv_streaming}: tensor-parallel workers send whole prompts "
+                          f"only (--kv-streaming whole)")
 
 
 def build_worker(worker_class: WorkerClass, worker_cfg: WorkerConfig,
                  engine_cfg: EngineConfig) -> WorkerBase:
     """Load the engine (memory plan first, then weights) and build one worker around it."""
-    if getattr(worker_class, "role", "") == "prefill":
-        refuse_tensor_parallel(engine_cfg)
+    refuse_tensor_parallel(engine_cfg, worker_cfg)
     if worker_cfg.cpu_affinity:
         os.sched_setaffinity(0, parse_cpus(worker_cfg.cpu_affinity))
-    engine = LLMEngine.from_config(engine_cfg)
+    service = getattr(worker_class, "rank_service", None)
+    engine = LLMEngine.from_config(engine_cfg,
+                                   rank_service=service(worker_cfg) if service else None)
     if worker_cfg.warmup_s > 0:
         warm_up(engine, worker_cfg.warmup_s)
     worker = worker_class(worker_cfg, engine)

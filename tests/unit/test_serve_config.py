@@ -139,20 +139,39 @@ def test_role_tp_flags_reach_each_role_and_stride_the_gpus() -> None:
     assert worker_devices([3], 0) == ["cpu"]
 
 
-@pytest.mark.parametrize(("serve", "engine_tp", "flag"), [
-    (ServeConfig(prefill=1), 2, "--prefill-tp / --tensor-parallel-size 2"),
-    (ServeConfig(decode_tp=3), 1, "--decode-tp / --tensor-parallel-size 3"),
-    (ServeConfig(prefill_tp=2), 1, "--prefill-tp / --tensor-parallel-size 2"),
+def _with_kv(serve: ServeConfig, **kv: str) -> ServeConfig:
+    """`serve` with these KV settings, past the launcher's own checks (--transport nccl needs
+    CUDA there; check_tp is what is tested)."""
+    object.__setattr__(serve, "kv", KvTransportConfig(**kv))
+    return serve
+
+
+def test_tp_for_workers_that_exchange_kv_is_accepted_over_zmq_whole() -> None:
+    ServeConfig(prefill=1).check_tp(2)
+    ServeConfig(decode_tp=3).check_tp(1)
+    ServeConfig(prefill_tp=2, decode_tp=4).check_tp(1)
+
+
+@pytest.mark.parametrize(("serve", "engine_tp", "flags"), [
+    (_with_kv(ServeConfig(prefill=1), transport="nccl"), 2,
+     ("--prefill-tp / --tensor-parallel-size 2", "--transport nccl")),
+    (_with_kv(ServeConfig(decode_tp=3), transport="nccl"), 1,
+     ("--decode-tp / --tensor-parallel-size 3", "--transport nccl")),
+    (ServeConfig(prefill_tp=2, kv=KvTransportConfig(kv_streaming="layerwise")), 1,
+     ("--prefill-tp / --tensor-parallel-size 2", "--kv-streaming layerwise")),
+    (ServeConfig(decode_tp=2, kv=KvTransportConfig(kv_streaming="layerwise")), 1,
+     ("--decode-tp / --tensor-parallel-size 2", "--kv-streaming layerwise")),
 ])
-def test_tp_for_workers_that_exchange_kv_is_refused(serve: ServeConfig, engine_tp: int,
-                                                    flag: str) -> None:
-    with pytest.raises(ConfigError, match="--colocated") as err:
+def test_tp_kv_exchange_not_routed_per_rank_is_refused(serve: ServeConfig, engine_tp: int,
+                                                       flags: tuple[str, str]) -> None:
+    with pytest.raises(ConfigError) as err:
         serve.check_tp(engine_tp)
-    assert flag in str(err.value)
+    assert all(flag in str(err.value) for flag in flags), err.value
 
 
 def test_tp_for_colocated_decode_workers_is_accepted() -> None:
     ServeConfig(colocated=True, prefill_tp=4).check_tp(3)
+    ServeConfig(colocated=True, kv=KvTransportConfig(kv_streaming="layerwise")).check_tp(3)
     ServeConfig(prefill=0, decode_tp=1).check_tp(1)
     with pytest.raises(ConfigError, match="--decode-tp must be at least 1"):
         ServeConfig(decode_tp=0)

@@ -49,3 +49,11 @@ def tp_routes(src: KvSpec, dst: KvSpec) -> list[TpRoute]:
             if lo < hi:
                 routes.append(TpRoute(ranks[d_rank % len(ranks)], d_rank, (lo, hi)))
     return routes
+
+
+def sends_of(src: KvSpec, dst: KvSpec, rank: int) -> list[tuple[TpRoute, int]]:
+    """The routes source rank `rank` sends, each with the number of routes its destination
+    rank gets in all (the receiver waits for that many: transfer/endpoint/parts.py)."""
+    routes = tp_routes(src, dst)
+    into = {r.dst_rank: sum(1 for x in routes if x.dst_rank == r.dst_rank) for r in routes}
+    return [(r, into[r.dst_rank]) for r in routes if r.src_rank == rank]

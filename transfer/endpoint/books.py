@@ -23,11 +23,12 @@ from collections.abc import Callable, Mapping
 
 from transfer.convert.cache import PagedKvCache
 from transfer.convert.writer import KvWriter, PagedSink, WriteReport
-from transfer.endpoint.parts import count_part
+from transfer.endpoint.parts import check_routes, count_part
 from transfer.endpoint.records import Expectation, ZmqReceiverConfig
 from transfer.payload.receive import InboundTransfer, PayloadReceiver
 from transfer.wire import framing as proto
 from transfer.wire.errors import (
+    IncompatibleKv,
     InvalidRequest,
     LimitExceeded,
     MalformedFrame,
@@ -177,6 +178,11 @@ class TransferBooks:
         exp.inflight.discard(transfer.key)
         exp.reports.append(report)
         if len(exp.reports) == exp.num_transfers:
+            try:
+                check_routes(exp, transfer.header.spec, self.cache.spec)
+            except IncompatibleKv as e:
+                self.fail_request(exp, e)
+                return
             del self.expected[exp.request_id]
             self.num_completed += 1
             reports = list(exp.reports)

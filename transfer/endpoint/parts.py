@@ -15,18 +15,27 @@ the last part ends every layer at the same token. A sender that skipped a part (
 whose hook never ran) is refused at once, instead of completing a reservation whose skipped
 layers hold whatever the blocks held before.
 
+Tensor parallelism (transfer/convert/tp_routes.py): a reservation on one decode rank may be
+filled by several prefill ranks, each sending its heads; each such transfer carries
+`meta["kv_routes"] = n`, the number of route transfers the rank gets for the request, so the
+reservation waits for exactly n (all must agree), and on completion their heads must cover the
+rank's heads exactly once (`check_routes`), else IncompatibleKv naming both specs.
+
 `count_part` runs in the books' admission (under the receiver's lock) and raises MalformedHeader
 for a part out of order, a bad marker or a hole; the books then fail the whole reservation.
 """
 
 from __future__ import annotations
 
+from engine.kv_spec import KvSpec
 from transfer.endpoint.records import Expectation
-from transfer.wire.errors import MalformedHeader
+from transfer.wire.errors import IncompatibleKv, MalformedHeader
 from transfer.wire.header import TransferHeader
 
 PART_KEY = "kv_part"
+ROUTES_KEY = "kv_routes"
 MAX_PARTS = 1 << 16
+MAX_ROUTES = 1 << 10
 
 
 def part_meta(index: int, is_last: bool) -> dict[str, list[int]]:
@@ -34,8 +43,52 @@ def part_meta(index: int, is_last: bool) -> dict[str, list[int]]:
     return {PART_KEY: [index, int(is_last)]}
 
 
+def routes_meta(num_routes: int) -> dict[str, int]:
+    """The meta entry of each of the `num_routes` TP route transfers into one reservation."""
+    return {ROUTES_KEY: num_routes}
+
+
+def count_route(exp: Expectation, header: TransferHeader) -> None:
+    """Book one admitted TP route transfer of `exp` (see the module docstring)."""
+    n = header.meta.get(ROUTES_KEY)
+    if n is None:
+        if exp.num_routes:
+            raise MalformedHeader("a transfer without a route count after TP route transfers")
+        return
+    if type(n) is not int or not 1 <= n <= MAX_ROUTES or PART_KEY in header.meta:
+        raise MalformedHeader(f"meta.{ROUTES_KEY} must be an int in [1, {MAX_ROUTES}], "
+                              f"without meta.{PART_KEY}")
+    if exp.num_routes and n != exp.num_transfers:
+        raise MalformedHeader(f"meta.{ROUTES_KEY} {n} disagrees with {exp.num_transfers} "
+                              f"announced for request {exp.request_id}")
+    if exp.num_routes >= n:
+        raise MalformedHeader(f"more than {n} route transfers for request {exp.request_id}")
+    exp.num_routes += 1
+    exp.num_transfers = n
+
+
+def check_routes(exp: Expectation, src: KvSpec, dst: KvSpec) -> None:
+    """Raise IncompatibleKv unless the route transfers of a complete `exp` wrote each of the
+    destination's heads exactly once (no-op for a reservation without routes)."""
+    if not exp.num_routes:
+        return
+    heads = sorted((r.head_start, r.head_end) for r in exp.reports)
+    lo, hi = dst.head_range
+    at = lo
+    for start, end in heads:
+        if start != at:
+            break
+        at = end
+    else:
+        if at == hi:
+            return
+    raise IncompatibleKv(f"the route transfers wrote heads {heads}, not each of this cache's "
+                         f"[{lo}, {hi}) once", src, dst)
+
+
 def count_part(exp: Expectation, header: TransferHeader) -> None:
     """Book one admitted transfer of `exp` if it is a part (see the module docstring)."""
+    count_route(exp, header)
     marker = header.meta.get(PART_KEY)
     if marker is None:
         if exp.num_parts:

@@ -41,3 +41,4 @@ class Expectation:
     inflight: set[tuple[bytes, int]] = field(default_factory=set)  # (peer, transfer id)
     num_parts: int = 0  # streamed parts admitted so far (parts.py)
     part_tokens: list[int] = field(default_factory=list)  # per layer: tokens the parts cover
+    num_routes: int = 0  # tensor-parallel route transfers admitted so far (parts.py)

@@ -1,0 +1,125 @@
+"""Prefill and decode workers of different tensor-parallel sizes exchange KV rank to rank.
+
+`pdserve serve --prefill 1 --decode 1 --placement remote` with `--decode-tp 3` (P1 -> D3: the
+prefill worker splits its heads over the decode ranks) and `--prefill-tp 3` (P3 -> D1: each
+prefill rank sends its head, the decode worker's one rank takes all three) on SmolLM2 (3 KV
+heads): the colocated TP=1 engine's tokens for greedy and seeded requests, one at a time and
+concurrently, every KV block free afterwards. kill -9 of one decode rank fails the request it
+was streaming with a clean error within a bound (nothing hangs in a collective) and the broken
+worker exits; kill -9 of an idle prefill rank makes its worker exit within a bound, and the
+decode worker serves on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from serving import Server, serve, sse_events
+
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.sampling_params import SamplingParams
+
+PROMPTS = ["The capital of France is",
+           "Write a short story about a robot who learns to paint. Once upon a time, in a city "
+           "of glass towers and humming machines, there lived a small robot named"]
+PARAMS: list[dict[str, float | int]] = [{"temperature": 0.0}, {"temperature": 0.8, "seed": 5}]
+FAIL_BOUND_S = 60.0
+ARGS = ("--prefill", "1", "--decode", "1", "--placement", "remote", "--max-model-len", "512",
+        "--kv-cache-memory", "32MiB")
+
+
+@pytest.fixture(scope="module")
+def reference() -> LLMEngine:
+    return LLMEngine.from_config(EngineConfig(kv_cache_memory="32MiB", max_model_len=512),
+                                 log_plan=False)
+
+
+def _want(engine: LLMEngine, prompt: str, params: dict[str, float | int]) -> str:
+    seq = engine.generate([engine.tokenizer.encode(prompt)],
+                          SamplingParams(max_tokens=8, ignore_eos=True, **params))[0]
+    return engine.tokenizer.decode(seq.output_ids)
+
+
+def _complete(server: Server, prompt: str, params: dict[str, float | int]) -> str:
+    body = {"model": "smollm2", "prompt": prompt, "max_tokens": 8, "ignore_eos": True, **params}
+    with server.client(timeout=120) as c:
+        r = c.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["text"]
+
+
+def _serves_reference_tokens(server: Server, reference: LLMEngine) -> None:
+    cases = [(p, params) for p in PROMPTS for params in PARAMS]
+    for prompt, params in cases:  # one at a time
+        assert _complete(server, prompt, params) == _want(reference, prompt, params), params
+    with ThreadPoolExecutor(len(cases)) as pool:  # several transfers in flight at once
+        got = list(pool.map(lambda case: _complete(server, *case), cases))
+    assert got == [_want(reference, *case) for case in cases]
+    assert server.metric("pdserve:prefill_placement_total", 'placement="remote"') == 2 * len(cases)
+    assert server.metric("pdserve:kv_transfer_bytes_total") > 0
+    assert server.wait_idle_blocks() == 0
+
+
+def test_p3_to_d1_serves_the_colocated_tokens_and_survives_a_prefill_rank_death(
+        reference: LLMEngine) -> None:
+    with serve(*ARGS, "--prefill-tp", "3", timeout_s=300) as server:
+        with server.client() as c:
+            workers = {w["role"]: w for w in c.get("/status").json()["workers"]}
+        assert len(workers["prefill"]["rank_pids"]) == 3, workers
+        _serves_reference_tokens(server, reference)
+
+        worker_pid = workers["prefill"]["pid"]
+        os.kill(workers["prefill"]["rank_pids"][1], signal.SIGKILL)  # while idle
+        deadline = time.monotonic() + FAIL_BOUND_S
+        while _alive(worker_pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _alive(worker_pid), "the prefill worker with a dead rank kept running"
+        prompt, params = PROMPTS[0], PARAMS[0]  # the decode worker serves on
+        assert _complete(server, prompt, params) == _want(reference, prompt, params)
+
+
+def test_p1_to_d3_serves_the_colocated_tokens_and_fails_cleanly_on_rank_death(
+        reference: LLMEngine) -> None:
+    with serve(*ARGS, "--decode-tp", "3", timeout_s=300) as server:
+        with server.client() as c:
+            workers = {w["role"]: w for w in c.get("/status").json()["workers"]}
+        assert len(workers["decode"]["rank_pids"]) == 3, workers
+        addresses = workers["decode"]["kv_rank_addresses"]
+        assert len(set(addresses)) == 3 and addresses[0] == workers["decode"]["kv_address"]
+        _serves_reference_tokens(server, reference)
+
+        worker_pid, rank = workers["decode"]["pid"], workers["decode"]["rank_pids"][2]
+        body = {"model": "smollm2", "prompt": PROMPTS[0], "max_tokens": 400, "ignore_eos": True,
+                "stream": True}
+        events: list[dict | str] = []
+        t0 = 0.0
+        with server.client(timeout=120) as c, c.stream("POST", "/v1/completions", json=body) as r:
+            for event in sse_events(r):
+                events.append(event)
+                if len(events) == 2:
+                    os.kill(rank, signal.SIGKILL)
+                    t0 = time.monotonic()
+        assert time.monotonic() - t0 < FAIL_BOUND_S
+        assert events[-1] == "[DONE]"
+        errors = [e for e in events if isinstance(e, dict) and "error" in e]
+        assert errors, json.dumps(events[-3:])
+        error = errors[-1]["error"]
+        assert error["code"] == "worker_lost" or "tensor-parallel" in error["message"], error
+        deadline = time.monotonic() + FAIL_BOUND_S  # the broken worker exits (to be restarted)
+        while _alive(worker_pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _alive(worker_pid), "the decode worker with a dead rank kept running"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(") ")[1][0] != "Z"
+    except FileNotFoundError:
+        return False
