@@ -6,11 +6,13 @@
 
 - `a` is what every step costs (on a GPU: reading the weights once, ~6 ms for 8B in bf16);
 - `e` what a step with prefill costs beyond that (a different attention path, more launches),
-  `g` what a step without costs beyond that: the fit has one intercept for steps with prefill
-  and one for steps without, each >= 0, and `a` is the smaller (so `e` or `g` is 0);
+  `g` what a step without costs beyond that: a split form fits one intercept for steps with
+  prefill and one for steps without, each >= 0, and `a` is the smaller (so `e` or `g` is 0);
+  the plain form has one intercept (e = g = 0);
 - `k` prefill tokens a step carries at no extra cost: a GPU is memory-bound until a step holds
   enough tokens to be compute-bound, so its step time is flat in P up to the knee `k` and
   linear after it (a roofline). On a CPU, `k` = 0: linear from the first token.
+With e = g = k = 0 it is the linear model a + b*P + c*D + d*C.
 `StepCostModel.observe(...)` takes one measured step (what the step held and how long it took);
 `predict(...)` evaluates the current fit. The fit is a robust, recency-weighted least squares
 in relative error over the last `window` steps (robust_fit.py), redone lazily when new steps
@@ -22,10 +24,13 @@ came in:
   bends the fit by a bounded amount;
 - sense: coefficients are never negative; a term the samples cannot identify (a prefill worker
   never runs decode sequences) keeps its prior;
-- the knee `k`: the candidates in `KNEES` below the largest prefill the window holds are each
-  fitted, and the one with the lowest robust loss wins (a larger knee must lower it by
-  `KNEE_GAIN`, so linear data keeps k = 0). The knee is searched again every
-  `knee_every` new steps; refits in between keep it (one fit, not one per candidate).
+- the form: the plain linear form, the split intercepts, and the split form with each knee in
+  `KNEES` below the largest prefills the window holds are fitted; each step up in complexity
+  is kept only if it lowers the robust loss by `FORM_GAIN` (so linear or noisy data keeps the
+  linear form).
+  The form is chosen again every `form_every` new steps (candidates with one reweighting, not
+  three); refits in between keep it, so an online refit costs one robust fit, as a linear
+  model's would.
 
 The prior (`seed`) is what the model predicts before any sample arrives; workers report a short
 warm-up at start-up, so it is rarely used for long. Pure Python: the proxy imports no numpy.
@@ -45,8 +50,8 @@ TERM_NAMES = ("seconds_per_step", "seconds_per_prefill_token", "seconds_per_deco
 # Columns of the fit: step without prefill, step with prefill, prefill tokens past the knee,
 # decode seqs, context; scaled to similar magnitudes before solving (per 1, 1, 1k, 10, 10k).
 _SCALE = (1.0, 1.0, 1e-3, 1e-1, 1e-4)
-KNEES = (0, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 4096)
-KNEE_GAIN = 0.03  # a knee above 0 must lower the robust loss by 3 %
+KNEES = (64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 4096)
+FORM_GAIN = 0.05  # each step up in form must lower the robust loss by 5 %
 
 
 @dataclass(frozen=True)
@@ -93,17 +98,17 @@ DEFAULT_PRIOR = Coefficients(0.02, 2e-3, 1e-3, 2e-6)
 class StepCostModel:
     def __init__(self, seed: Coefficients = DEFAULT_PRIOR, *, window: int = 512,
                  decay: float = 0.995, huber_k: float = 2.0, ridge: float = 1e-3,
-                 knee_every: int = 32) -> None:
+                 form_every: int = 128) -> None:
         if (window < 8 or not 0.0 < decay <= 1.0 or huber_k <= 0 or ridge < 0
-                or knee_every < 1):
+                or form_every < 1):
             raise ValueError("window >= 8, 0 < decay <= 1, huber_k > 0, ridge >= 0 and "
-                             "knee_every >= 1 required")
+                             "form_every >= 1 required")
         self.prior = seed
-        self.decay, self.huber_k, self.ridge, self.knee_every = decay, huber_k, ridge, knee_every
+        self.decay, self.huber_k, self.ridge, self.form_every = decay, huber_k, ridge, form_every
         self._samples: deque[tuple[float, int, int, int]] = deque(maxlen=window)
         self._fit = seed
-        self._knee = seed.prefill_free_tokens
-        self._since_knee_search = knee_every  # search on the first refit
+        self._form = _Form(seed.prefill_free_tokens, split=True)
+        self._since_form_search = form_every  # search on the first refit
         self._is_stale = False
         self.num_observed = 0
 
@@ -118,7 +123,7 @@ class StepCostModel:
         self._samples.append((float(seconds), int(prefill_tokens), int(decode_seqs),
                               int(context_tokens)))
         self.num_observed += 1
-        self._since_knee_search += 1
+        self._since_form_search += 1
         self._is_stale = True
 
     @property
@@ -138,45 +143,63 @@ class StepCostModel:
         n = len(self._samples)
         recency = [self.decay ** (n - 1 - i) for i in range(n)]
         ys = [s[0] for s in self._samples]
-        if self._since_knee_search >= self.knee_every:
-            self._since_knee_search = 0
-            self._knee = self._search_knee(ys, recency)
-        return self._coefficients(self._fit_at(self._knee, ys, recency), self._knee)
+        if self._since_form_search >= self.form_every:
+            self._since_form_search = 0
+            self._form = self._search_form(ys, recency)
+        return self._coefficients(self._fit_at(self._form, ys, recency), self._form)
 
-    def _search_knee(self, ys: list[float], recency: list[float]) -> float:
+    def _search_form(self, ys: list[float], recency: list[float]) -> _Form:
+        """The simplest form that fits: the plain one, else split intercepts, then with a knee,
+        each step kept only if it lowers the robust loss by `FORM_GAIN`. Losses are compared in
+        the smallest residual scale of the candidates (the noise, not a poor form's misfit)."""
         prefills = sorted(p for _, p, _, _ in self._samples if p)
-        if len(prefills) < MIN_SUPPORT:
-            return self.prior.prefill_free_tokens
+        if len(prefills) < MIN_SUPPORT or len(prefills) > len(ys) - MIN_SUPPORT:
+            return _Form(self.prior.prefill_free_tokens, split=True)  # one kind of step only
         # a knee needs prefill steps past it to fit the slope after it
-        knees = [k for k in KNEES if k < prefills[-MIN_SUPPORT]]
-        fits = [(k, self._fit_at(k, ys, recency)) for k in knees]
-        scale = fits[0][1].scale
-        losses = [(fit.loss(recency, scale, self.huber_k), k) for k, fit in fits]
-        base = losses[0][0]
-        best_loss, best = min(losses)
-        return float(best) if best_loss < (1 - KNEE_GAIN) * base else 0.0
+        forms = [_Form(0.0, split=False), _Form(0.0, split=True)]
+        forms += [_Form(float(k), split=True) for k in KNEES if k < prefills[-MIN_SUPPORT]]
+        fits = [self._fit_at(f, ys, recency, iterations=1) for f in forms]
+        scale = min(fit.scale for fit in fits)
+        losses = [fit.loss(recency, scale, self.huber_k) for fit in fits]
+        if losses[1] >= (1 - FORM_GAIN) * losses[0]:
+            return forms[0]
+        best = min(range(1, len(forms)), key=lambda i: losses[i])
+        return forms[best] if losses[best] < (1 - FORM_GAIN) * losses[1] else forms[1]
 
-    def _fit_at(self, knee: float, ys: list[float], recency: list[float]) -> RobustFit:
-        rows = [_features(p, d, c, knee) for _, p, d, c in self._samples]
+    def _fit_at(self, form: _Form, ys: list[float], recency: list[float],
+                iterations: int = 3) -> RobustFit:
+        rows = [_features(p, d, c, form) for _, p, d, c in self._samples]
         p = self.prior
         prior = [v / s for v, s in zip((p.per_step + p.per_decode_only_step,
                                         p.per_step + p.per_prefill_step,
                                         p.per_prefill_token, p.per_decode_seq,
                                         p.per_context_token), _SCALE, strict=True)]
-        return robust_fit(rows, ys, recency, prior, self.ridge, self.huber_k)
+        return robust_fit(rows, ys, recency, prior, self.ridge, self.huber_k, iterations)
 
     @staticmethod
-    def _coefficients(fit: RobustFit, knee: float) -> Coefficients:
+    def _coefficients(fit: RobustFit, form: _Form) -> Coefficients:
         step, prefill_step, token, seq, context = (max(0.0, t * s) for t, s in
                                                    zip(fit.theta, _SCALE, strict=True))
+        if not form.split:
+            return Coefficients(step, token, seq, context, 0.0, form.knee)
         common = min(step, prefill_step)
-        return Coefficients(common, token, seq, context, prefill_step - common, knee,
+        return Coefficients(common, token, seq, context, prefill_step - common, form.knee,
                             step - common)
 
 
+@dataclass(frozen=True)
+class _Form:
+    """Which model form a fit uses: the knee, and one intercept or two (with/without prefill)."""
+
+    knee: float
+    split: bool
+
+
 def _features(prefill_tokens: int, decode_seqs: int, context_tokens: int,
-              knee: float) -> tuple[float, float, float, float, float]:
-    has_prefill = 1.0 if prefill_tokens else 0.0
-    past_knee = max(0.0, prefill_tokens - knee) if prefill_tokens else 0.0
+              form: _Form) -> tuple[float, float, float, float, float]:
+    """Fit columns (see _SCALE); with one intercept its second column is all zero, so the
+    fit holds it at its prior and `_coefficients` ignores it."""
+    has_prefill = 1.0 if prefill_tokens and form.split else 0.0
+    past_knee = max(0.0, prefill_tokens - form.knee) if prefill_tokens else 0.0
     return (1.0 - has_prefill, has_prefill, past_knee * _SCALE[2], decode_seqs * _SCALE[3],
             context_tokens * _SCALE[4])

@@ -60,14 +60,25 @@ def test_gpu_like_fit_recovers_floor_knee_and_slope() -> None:
     assert _rel(added, GPU.prefill_step_seconds(2048) - GPU.prefill_step_seconds(8)) < 0.2, got
 
 
-def test_cpu_like_steps_stay_linear_from_the_first_token() -> None:
+def test_cpu_like_steps_keep_the_plain_linear_form() -> None:
     model = _fitted(CPU, seed=2)
     got = model.coefficients
-    assert got.prefill_free_tokens == 0, got
-    assert got.per_prefill_step < 0.2 * CPU.per_step, got
+    assert (got.prefill_free_tokens, got.per_prefill_step, got.per_decode_only_step) == (0, 0, 0)
     assert _rel(got.per_prefill_token, CPU.per_prefill_token) < 0.05, got
     for mix in [(0, 1, 500), (8, 4, 3000), (256, 8, 4000), (2048, 12, 12000)]:
         assert _rel(model.predict(*mix), CPU.step_seconds(*mix)) < 0.05, (mix, got)
+
+
+def test_a_prefill_step_may_cost_less_fixed_time_than_a_decode_step() -> None:
+    """Two intercepts, each >= 0: a decode step's fixed cost above a prefill step's is fitted
+    as `per_decode_only_step`, not forced into a negative `per_prefill_step`."""
+    truth = Coefficients(per_step=0.004, per_prefill_token=1e-3, per_decode_seq=1e-3,
+                         per_decode_only_step=0.016)
+    model = _fitted(truth, seed=5)
+    got = model.coefficients
+    assert got.per_prefill_step == 0 and _rel(got.per_decode_only_step, 0.016) < 0.15, got
+    for mix in [(16, 0, 16), (16, 2, 500), (0, 1, 128), (0, 8, 4000)]:
+        assert _rel(model.predict(*mix), truth.step_seconds(*mix)) < 0.1, (mix, got)
 
 
 def test_a_worker_that_moves_from_cpu_like_to_gpu_like_is_followed() -> None:
@@ -98,10 +109,10 @@ def test_chunked_prefill_pays_the_floor_per_chunk_and_the_last_chunk_its_own_tok
     assert got == pytest.approx(3 * linear.step_seconds(1024, 0, 1250) - 572 * 2e-3)
 
 
-def test_new_terms_validate_and_knee_every_is_checked() -> None:
+def test_new_terms_validate_and_form_every_is_checked() -> None:
     with pytest.raises(ValueError, match="prefill_free_tokens"):
         Coefficients(prefill_free_tokens=-1.0)
     with pytest.raises(ValueError, match="seconds_per_prefill_step"):
         Coefficients(per_prefill_step=float("nan"))
-    with pytest.raises(ValueError, match="knee_every"):
-        StepCostModel(knee_every=0)
+    with pytest.raises(ValueError, match="form_every"):
+        StepCostModel(form_every=0)
