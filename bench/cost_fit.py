@@ -8,8 +8,12 @@ by kind of step (decode only, prefill only, mixed).
 
     python -m bench.cost_fit                                     # SmolLM2 on this CPU
     python -m bench.cost_fit --model /tmp/llama3-8b-shape --load-format dummy --device cuda
+    python -m bench.cost_fit --from-json bench/results/cost_fit_X_DATE.json   # no engine
 
-Writes a JSON and a Markdown table (with the command) to --out-dir (default bench/results).
+Writes a JSON (with every step's raw timing) and a Markdown table (with the command) to
+--out-dir (default bench/results). `--from-json` re-evaluates a saved run's raw steps with the
+current model (same fit/test split, the saved result beside it as "before"), so model forms
+can be compared offline; it writes `<source name>_refit_<date>`.
 """
 
 from __future__ import annotations

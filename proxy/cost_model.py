@@ -20,8 +20,9 @@ came in:
 - recency: step i of n weighs `decay ** (n - 1 - i)`, so the fit follows a worker whose speed
   changes (another tenant, thermal limits) within a few hundred steps;
 - robustness: Huber weights on the relative residuals (beyond `huber_k` robust standard
-  deviations they count linearly), so a step stalled by a garbage collection or a page fault
-  bends the fit by a bounded amount;
+  deviations they count linearly), so a step stalled by a garbage collection, a page fault or
+  another tenant bends the fit by a bounded amount (`huber_k` 1 by default: step times on a
+  shared host are heavy-tailed, and the proxy wants the typical step);
 - sense: coefficients are never negative; a term the samples cannot identify (a prefill worker
   never runs decode sequences) keeps its prior;
 - the form: the plain linear form, the split intercepts, and the split form with each knee in
@@ -97,7 +98,7 @@ DEFAULT_PRIOR = Coefficients(0.02, 2e-3, 1e-3, 2e-6)
 
 class StepCostModel:
     def __init__(self, seed: Coefficients = DEFAULT_PRIOR, *, window: int = 512,
-                 decay: float = 0.995, huber_k: float = 2.0, ridge: float = 1e-3,
+                 decay: float = 0.995, huber_k: float = 1.0, ridge: float = 1e-3,
                  form_every: int = 128) -> None:
         if (window < 8 or not 0.0 < decay <= 1.0 or huber_k <= 0 or ridge < 0
                 or form_every < 1):
