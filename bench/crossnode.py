@@ -134,7 +134,8 @@ def overlap_lines(rows: list[dict[str, Any]]) -> list[str]:
     for r in ok:
         if "--kv-streaming layerwise" not in r["serve_args"]:
             continue
-        twin = twins.get((r["link"], r["input_len"], r["serve_args"].replace(
+        twin = twins.get((r["link"], r["input_len"], re.sub(
+            r" ?--kv-stream-groups \d+", "", r["serve_args"]).replace(
             "--kv-streaming layerwise", "--kv-streaming whole")))
         if twin is None:
             continue

@@ -5,6 +5,8 @@
 # for every configuration; the proxy and the load generator are not pinned and share them.
 #
 #   bash bench/placement_sweep.sh [prefill_heavy|interference|both]
+#   (NUM_PROMPTS=40 RATES_A=0.15,0.25,0.35 RATES_B=... SUFFIX=_hires: more requests, other rates,
+#   another results name)
 #
 # Results: bench/results/placement_cpu_<workload>_<date>.{md,json,png} (+ the command).
 set -u -o pipefail
@@ -20,17 +22,17 @@ sweep() {  # name slo_ttft slo_tpot rates workload-flags...
         --config "1p1d=--prefill 1 --decode 1 --placement remote" \
         --config "colocated-x2=--colocated --decode 2" \
         --config "adaptive=--prefill 1 --decode 1 --placement adaptive --slo-ttft $ttft --slo-tpot $tpot" \
-        --serve-args "$common" --request-rates "$rates" --num-prompts 20 --seed 0 \
+        --serve-args "$common" --request-rates "$rates" --num-prompts "${NUM_PROMPTS:-20}" --seed 0 \
         --slo-ttft "$ttft" --slo-tpot "$tpot" --warmup 2 --no-progress "$@" \
-        --note "2-core VM; workers pinned one per core (--cpu-affinity 0,1), 1 torch thread each; proxy and load generator unpinned, sharing both cores. 20 requests per rate." \
-        --output "bench/results/placement_cpu_${name}_${day}" --log-dir "/tmp/placement_${name}_logs"
+        --note "2-core VM; workers pinned one per core (--cpu-affinity 0,1), 1 torch thread each; proxy and load generator unpinned, sharing both cores. ${NUM_PROMPTS:-20} requests per rate." \
+        --output "bench/results/placement_cpu_${name}_${day}${SUFFIX:-}" --log-dir "/tmp/placement_${name}_logs"
 }
 
 if [ "$which" = prefill_heavy ] || [ "$which" = both ]; then
     # (a) long prompts, short outputs: one prefill core is the bottleneck of 1p1d
-    sweep prefill_heavy 3s 300ms 0.1,0.2,0.3,0.4 --input-len uniform:384:768 --output-len 8
+    sweep prefill_heavy 3s 300ms "${RATES_A:-0.1,0.2,0.3,0.4}" --input-len uniform:384:768 --output-len 8
 fi
 if [ "$which" = interference ] || [ "$which" = both ]; then
     # (b) short-to-medium prompts, longer outputs, tight TPOT: colocated prefills stall decodes
-    sweep interference 2s 150ms 0.25,0.5,0.75,1,1.25 --input-len 128 --output-len 48
+    sweep interference 2s 150ms "${RATES_B:-0.25,0.5,0.75,1,1.25}" --input-len 128 --output-len 48
 fi

@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -102,13 +103,30 @@ def _step_index(rates: list[float], goodput: float | None) -> int:
     return -1 if goodput is None else rates.index(goodput)
 
 
+def serving_overhead(profile: Profile, sweep: dict[str, Any], name: str, gbps: float,
+                     unnamed_placement: str = "") -> float:
+    """The serving overhead (proxy, HTTP, tokenization, hops: what bare engine steps leave out)
+    fitted on ONE measured point: configuration `name`'s lowest rate, measured minus predicted
+    TTFT p50 (>= 0). The other configurations and rates then test it."""
+    c = next((c for c in sweep["configs"] if c["name"] == name), None)
+    if c is None or not c["points"]:
+        raise SystemExit(f"--calibrate {name}: no such configuration with points in the sweep "
+                         f"({', '.join(x['name'] for x in sweep['configs'])})")
+    spec = spec_of(c["server"], sweep["serve_args"], gbps, unnamed_placement)
+    rate = sweep["request_rates"][0]
+    pred = run_config(profile, spec, [rate], workload(sweep), sweep["slo"]["attainment"],
+                      StepTimes(profile), sweep["slo"]["ttft_s"], sweep["slo"]["tpot_s"])
+    return max(0.0, c["points"][0]["summary"]["ttft"]["median"] - pred.points[0].ttft_p50_s)
+
+
 def compare(profile: Profile, sweep: dict[str, Any], gbps: float,
-            unnamed_placement: str = "") -> dict[str, Any]:
+            unnamed_placement: str = "", overhead_s: float = 0.0) -> dict[str, Any]:
     rates, slo = sweep["request_rates"], sweep["slo"]
     times, at = StepTimes(profile), workload(sweep)
     configs = []
     for c in sweep["configs"]:
-        spec = spec_of(c["server"], sweep["serve_args"], gbps, unnamed_placement)
+        spec = replace(spec_of(c["server"], sweep["serve_args"], gbps, unnamed_placement),
+                       remote_overhead_s=overhead_s, local_overhead_s=overhead_s)
         pred = run_config(profile, spec, rates, at, slo["attainment"], times,
                           slo["ttft_s"], slo["tpot_s"])
         rows = []
@@ -142,6 +160,10 @@ def markdown(doc: dict[str, Any]) -> str:
     lines = [f"# Planner validation ({doc['date']}): predicted vs measured", "",
              f"`{doc['command']}`", "", f"Profile: {doc['profile_path']} ({doc['device']}, "
              f"taken {doc['profile_date']}). {doc['note']}", ""]
+    if doc.get("calibrated_on"):
+        lines += [f"Serving overhead {doc['serving_overhead_s'] * 1000:.0f} ms added to every "
+                  f"TTFT, fitted on one measured point ({doc['calibrated_on']}: measured minus "
+                  f"predicted TTFT p50); every other point tests it.", ""]
     for v in doc["validations"]:
         slo = v["slo"]
         lines += [f"## {Path(v['sweep_file']).name}", "", f"SLO TTFT {slo['ttft_s']} s, TPOT "
@@ -180,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--unnamed-placement", default="", choices=["", "remote", "adaptive"],
                    help="Placement of a measured config that names none (remote for sweeps "
                         "older than adaptive placement, e.g. 2026-11-22).")
+    p.add_argument("--calibrate", default="", metavar="CONFIG",
+                   help="Fit a serving overhead (added to every TTFT) on one measured point: "
+                        "CONFIG's lowest rate in the first sweep; the rest test it.")
     p.add_argument("--note", default="", help="Said in the results (e.g. 'machine contended').")
     p.add_argument("--tag", default="cpu")
     p.add_argument("--out-dir", default="bench/results")
@@ -191,17 +216,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.take_profile:
         take_cpu_profile(path, args.budget_s, args.cpu_core)
     profile = Profile.load(str(path))
-    validations = []
-    for sweep_file in args.sweeps:
-        sweep = json.loads(Path(sweep_file).read_text())
-        validations.append({"sweep_file": sweep_file,
-                            **compare(profile, sweep, args.transfer_gbps,
-                                      args.unnamed_placement)})
+    sweeps = [(f, json.loads(Path(f).read_text())) for f in args.sweeps]
+    overhead = serving_overhead(profile, sweeps[0][1], args.calibrate, args.transfer_gbps,
+                                args.unnamed_placement) if args.calibrate else 0.0
+    validations = [{"sweep_file": f, **compare(profile, sweep, args.transfer_gbps,
+                                               args.unnamed_placement, overhead)}
+                   for f, sweep in sweeps]
     doc = {"date": day, "command": "python -m bench.plan_validate " + shlex.join(
                argv if argv is not None else sys.argv[1:]),
            "profile_path": str(path), "device": profile.meta.get("device"),
            "profile_date": profile.meta.get("date"), "load_avg": os.getloadavg(),
-           "note": args.note, "validations": validations}
+           "note": args.note, "serving_overhead_s": overhead,
+           "calibrated_on": f"{args.calibrate} at {sweeps[0][1]['request_rates'][0]} req/s in "
+                            f"{sweeps[0][0]}" if args.calibrate else None,
+           "validations": validations}
     stem = out / f"plan_validation_{args.tag}_{day}"
     stem.with_suffix(".json").write_text(json.dumps(doc, indent=1))
     text = markdown(doc)

@@ -154,11 +154,24 @@ def server_for(spec: ServerSpec, serve_cmd: Sequence[str], common_flags: Sequenc
         yield srv.url or ""
 
 
+PLACED_RE = re.compile(r'^pdserve:prefill_placement_total\{placement="(\w+)"\} (\S+)$', re.M)
+
+
+def placement_counts(url: str) -> dict[str, float]:
+    """The server's prefill placements so far (`remote` / `local`); {} where it says none."""
+    try:
+        text = httpx.get(root_url(url) + "/metrics", timeout=10.0).text
+    except httpx.HTTPError:
+        return {}
+    return {k: float(v) for k, v in PLACED_RE.findall(text)}
+
+
 @dataclass
 class ConfigResult:
     spec: ServerSpec
     points: list[tuple[float, Summary]] = field(default_factory=list)
     error: str | None = None
+    placed: list[dict[str, float]] = field(default_factory=list)  # per point: remote / local
 
     def goodput(self, target: float) -> Goodput:
         return goodput_from_curve(((r, s.attainment) for r, s in self.points), target)
@@ -166,7 +179,9 @@ class ConfigResult:
     def to_dict(self, target: float) -> dict[str, Any]:
         return {"name": self.spec.name, "server": self.spec.describe(), "error": self.error,
                 "goodput": asdict(self.goodput(target)),
-                "points": [{"request_rate": r, "summary": s.to_dict()} for r, s in self.points]}
+                "points": [{"request_rate": r, "summary": s.to_dict(),
+                            **({"placed": self.placed[i]} if i < len(self.placed) else {})}
+                           for i, (r, s) in enumerate(self.points)]}
 
 
 @dataclass(frozen=True)
@@ -196,12 +211,15 @@ def run_config(spec: ServerSpec, base: LoadConfig, plan: SweepPlan, url: str,
                              plan.warmup, plan.endpoint))
     for i, (rate, requests) in enumerate(zip(plan.rates, plan.requests, strict=True)):
         bar = progress(len(requests), f"{spec.name} @ {rate:g} req/s") if progress else None
+        before = placement_counts(url)
         run = asyncio.run(run_load(replace(cfg, request_rate=rate, seed=base.seed + i), requests,
                                    plan.endpoint, on_result=bar.update if bar else None))
         if bar:
             bar.close()
         summary = summarize(run.results, run.duration_s, plan.slo)
         out.points.append((rate, summary))
+        after = placement_counts(url)
+        out.placed.append({k: v - before.get(k, 0.0) for k, v in after.items()})
         if on_point:
             on_point(spec.name, rate, run, summary)
         if summary.attainment < plan.stop_below:
@@ -241,19 +259,23 @@ def format_tables(results: Sequence[ConfigResult], slo: Slo) -> str:
         miss = "-" if g.first_miss is None else f"{g.first_miss:g}"
         goodput.append(f"| {c.spec.name} | `{c.spec.describe()}` | {value} | {miss} |")
     points = ["| config | rate (req/s) | SLO attainment | TTFT p50 / p90 (ms) "
-              "| TPOT p50 / p90 (ms) | E2E p90 (ms) | done (req/s) | output tok/s | errors |",
-              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+              "| TPOT p50 / p90 (ms) | E2E p90 (ms) | done (req/s) | output tok/s | errors "
+              "| prefills remote / local |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |"]
     for c in results:
         if c.error:
             points.append(f"| {c.spec.name} | - | - | - | - | - | - | - | "
-                          f"{c.error.splitlines()[0][:80]} |")
-        for rate, s in c.points:
+                          f"{c.error.splitlines()[0][:80]} | - |")
+        for i, (rate, s) in enumerate(c.points):
+            placed = c.placed[i] if i < len(c.placed) else {}
+            where = (f"{placed.get('remote', 0):.0f} / {placed.get('local', 0):.0f}"
+                     if placed else "-")
             ttft = f"{_ms(s.ttft and s.ttft.median)} / {_ms(s.ttft and s.ttft.p90)}"
             tpot = f"{_ms(s.tpot and s.tpot.median)} / {_ms(s.tpot and s.tpot.p90)}"
             errors = ", ".join(f"{k}: {n}" for k, n in sorted(s.errors.items())) or "0"
             points.append(f"| {c.spec.name} | {rate:g} | {s.attainment:.0%} | {ttft} | {tpot} | "
                           f"{_ms(s.e2e and s.e2e.p90)} | {s.request_throughput:.2f} | "
-                          f"{s.output_token_throughput:.1f} | {errors} |")
+                          f"{s.output_token_throughput:.1f} | {errors} | {where} |")
     slo_line = (f"SLO: TTFT <= {slo.ttft_s * 1000:g} ms and TPOT <= {slo.tpot_s * 1000:g} ms; "
                 f"goodput = the highest rate with >= {slo.attainment:.0%} of requests "
                 f"meeting both.")

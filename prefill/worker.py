@@ -18,7 +18,7 @@ from engine.errors import EngineError, RequestError
 from engine.llm_engine import LLMEngine
 from engine.sequence import Sequence
 from prefill.kv_outbox import KvOutbox, TransferOutcome
-from prefill.layer_stream import LayerStreamer, take_out
+from prefill.layer_stream import LayerStreamer, check_device, take_out
 from protocol import prefill_ctrl as ctrl
 from protocol import worker_events as ev
 from protocol.errors import ErrorCode
@@ -40,6 +40,8 @@ class PrefillWorker(WorkerBase):
     role = "prefill"
 
     def __init__(self, config: WorkerConfig, engine: LLMEngine) -> None:
+        if config.kv.kv_streaming == "layerwise":
+            check_device(engine.runner.device)  # before any socket is bound
         super().__init__(config, engine, ctrl.PREFILL_CTRL)
         self.jobs: dict[str, Job] = {}  # admitted, not yet acked
         self.kv = KvOutbox(self.ctx, self.kv_cache, config.kv, security=self.auth,

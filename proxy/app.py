@@ -25,6 +25,7 @@ from protocol.rejections import Plane
 from proxy import choices, responses
 from proxy import openai_api as api
 from proxy.cluster import ClusterClient
+from proxy.concurrency import ConcurrencyLimitMiddleware
 from proxy.disconnect import until_disconnected
 from proxy.echo import Echo
 from proxy.errors import (
@@ -66,7 +67,10 @@ def build_app(config: ProxyConfig, cluster: ClusterClient, tokenizer: ChatTokeni
     install_error_handlers(app)
     _add_request_id_and_auth(app, config)
     app.add_middleware(BodyLimitMiddleware, limits=config.limits,  # type: ignore[arg-type]
-                       on_reject=http_rejections(metrics))  # outermost: before auth and routes
+                       on_reject=http_rejections(metrics))  # before auth and routes
+    app.add_middleware(ConcurrencyLimitMiddleware,  # type: ignore[arg-type]
+                       limit=config.limits.limit_concurrency,
+                       on_reject=http_rejections(metrics))  # outermost: before reading a body
     _add_views(app, config, cluster, metrics)
     prompts = PromptEncoder(tokenizer, config.max_model_len, config.limits)
     add_extra_routes(app, config.model_name, config.max_model_len,

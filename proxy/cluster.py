@@ -344,8 +344,11 @@ class ClusterClient(WorkerBook):
                 if w.is_alive and now - w.last_seen > self.config.heartbeat_timeout_s:
                     log.error("%s worker %s missed heartbeats for %.1f s: marking it dead",
                               w.hello.role, w.hello.worker_id, now - w.last_seen)
-                    w.state = replace(w.state, is_alive=False)
-                    self.metrics.set_worker(w.hello.worker_id, w.hello.role, is_alive=False)
+                    # a dead process holds no blocks: its last report must not linger
+                    w.state = replace(w.state, is_alive=False, num_running=0, num_waiting=0,
+                                      kv_usage=0.0, num_free_blocks=w.state.num_total_blocks)
+                    self.metrics.set_worker(w.hello.worker_id, w.hello.role, is_alive=False,
+                                            kv_usage=0.0, num_used_blocks=0)
                     self._fail_worker_requests(w, "died")
             self.metrics.set_request_counts(
                 sum(1 for r in self.inflight.values() if r.stage is Stage.DECODING),

@@ -13,8 +13,9 @@ a body that never ends, holds its connection (and a slot of `--limit-concurrency
 Each close is counted as `pdserve:rejected_messages_total{component="proxy",plane="http",
 reason="header_timeout"|"body_timeout"}`, and a request h11 cannot parse (bad syntax, or an
 unfinished request line + headers over h11's 16 KiB) as `reason="bad_http"` (a 400).
-`uvicorn_config()` is what both launchers (local and Ray) run: this protocol,
-`--limit-concurrency`, `--keep-alive-timeout-s`.
+`uvicorn_config()` is what both launchers (local and Ray) run: this protocol, a connection cap
+of twice `--limit-concurrency` (requests over the limit itself get an OpenAI-shaped 503 from
+proxy/concurrency.py), `--keep-alive-timeout-s`.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from proxy.concurrency import connection_cap
 from proxy.limits import HttpLimits, OnReject
 
 
@@ -99,6 +101,6 @@ def protocol_class(limits: HttpLimits, on_reject: OnReject) -> type[LimitedH11Pr
 
 def uvicorn_config(app: Any, limits: HttpLimits, on_reject: OnReject) -> uvicorn.Config:
     return uvicorn.Config(app, http=protocol_class(limits, on_reject),
-                          limit_concurrency=limits.limit_concurrency,
+                          limit_concurrency=connection_cap(limits.limit_concurrency),
                           timeout_keep_alive=limits.keep_alive_timeout_s,
                           log_level="warning", timeout_graceful_shutdown=5)

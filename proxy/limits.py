@@ -61,7 +61,8 @@ class HttpLimits:
     keep_alive_timeout_s: int = field(default=5, metadata={
         "help": "Seconds an idle keep-alive connection stays open."})
     limit_concurrency: int = field(default=1024, metadata={
-        "help": "Most open connections and requests at once; beyond it new requests get 503."})
+        "help": "Most HTTP requests served at once; beyond it a request gets an OpenAI-shaped "
+                "503 with Retry-After (open connections are capped at twice this)."})
     tokenizer_threads: int = field(default=2, metadata={
         "help": "Threads that apply the chat template and tokenize prompts, off the event "
                 "loop."})

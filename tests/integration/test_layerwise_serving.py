@@ -83,7 +83,7 @@ def test_kill_prefill_worker_mid_stream(server: Server) -> None:
     os.kill(pid, signal.SIGKILL)
     thread.join(180)
     assert results and results[0] in (200, 503), results
-    # the dead worker's gauge keeps its last report: count the live workers' blocks
+    # count the live workers' blocks (a worker restarted under the same id may still be booting)
     deadline = time.monotonic() + 60
     while (used := live_used_blocks(server)) and time.monotonic() < deadline:
         time.sleep(0.5)

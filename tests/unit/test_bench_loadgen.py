@@ -344,3 +344,13 @@ def test_cli_value_parsers() -> None:
         ServerSpec.parse("a=localhost:8000", is_url=True)
     assert ServerSpec.parse("1p1d=--prefill 1 --decode 1", is_url=False).flags == (
         "--prefill", "1", "--decode", "1")
+
+
+def test_sweep_records_the_servers_prefill_placements(fake: tuple[str, Any]) -> None:
+    from bench.sweep import PLACED_RE, placement_counts
+
+    text = ('# TYPE pdserve:prefill_placement_total counter\n'
+            'pdserve:prefill_placement_total{placement="remote"} 7.0\n'
+            'pdserve:prefill_placement_total{placement="local"} 3.0\n')
+    assert dict(PLACED_RE.findall(text)) == {"remote": "7.0", "local": "3.0"}
+    assert placement_counts(fake[0]) == {}  # a server without those metrics

@@ -15,6 +15,7 @@ from cluster_fakes import (
     Cluster,
     api_error,
     eventually,
+    make_heartbeat,
     reserve_and_prefill,
     run_cluster,
     sampling,
@@ -26,6 +27,10 @@ from protocol import prefill_ctrl as pmsg
 from proxy.cluster import Stage
 
 
+def used_blocks(c: Cluster, worker_id: str) -> int:
+    return next(w["used_blocks"] for w in c.client.topology() if w["worker_id"] == worker_id)
+
+
 # ---- worker death, client gone, timeouts --------------------------------------------------------
 def test_silent_decode_worker_fails_its_request_and_aborts_the_prefill() -> None:
     async def body(c: Cluster) -> None:
@@ -34,10 +39,16 @@ def test_silent_decode_worker_fails_its_request_and_aborts_the_prefill() -> None
         stream = c.generate("r1")
         await reserve_and_prefill(d, [p], "r1", [1, 2])
         d.stop_heartbeats()
+        await d.say(replace(make_heartbeat("d0", "decode"), num_used_blocks=10,
+                            num_free_blocks=54))  # its last report: 10 blocks in use
+        await eventually(lambda: used_blocks(c, "d0") == 10)
         err = await api_error(stream)
         assert (err.status, err.code) == (503, "worker_lost") and "d0" in err.message
         assert (await p.expect(pmsg.Abort)).request_id == "r1"
         assert not c.client.alive("decode")
+        assert used_blocks(c, "d0") == 0  # a dead process holds no blocks
+        assert 'pdserve:kv_cache_used_blocks{worker="d0"} 0.0' in \
+            c.client.metrics.render()[0].decode()
         late = await api_error(c.generate("r2"))  # no decode worker left to route to
         assert (late.status, late.code) == (503, "overloaded")
     run_cluster(body, heartbeat_timeout_s=1.0)

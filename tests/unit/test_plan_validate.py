@@ -37,3 +37,18 @@ def test_serve_flags_become_cluster_specs() -> None:
     assert (s.name, s.placement, s.slo_tpot_s) == ("colocated-x2", "local", 0.05)
     s = spec_of("pdserve serve --prefill 2 --decode 1 --placement remote --slo-tpot 40ms", "", 0)
     assert (s.name, s.slo_tpot_s) == ("2p1d", 0.04)
+
+
+def test_calibration_fits_the_overhead_on_one_point_and_adds_it_to_every_ttft() -> None:
+    from bench.plan_validate import compare, serving_overhead
+    from planner.profile import Profile
+
+    profile = Profile.load(str(RESULTS / "profile_cpu_2026-12-06.json"))
+    sweep = json.loads((RESULTS / "placement_cpu_interference_2026-12-06.json").read_text())
+    overhead = serving_overhead(profile, sweep, "1p1d", 0.0)
+    assert 0.0 < overhead < 0.5
+    bare, fitted = compare(profile, sweep, 0.0), compare(profile, sweep, 0.0, "", overhead)
+    row0, row1 = bare["configs"][0]["rows"][0], fitted["configs"][0]["rows"][0]
+    assert row1["ttft_p90_pred"] == pytest.approx(row0["ttft_p90_pred"] + overhead, abs=1e-6)
+    with pytest.raises(SystemExit, match="no such configuration"):
+        serving_overhead(profile, sweep, "4p4d", 0.0)

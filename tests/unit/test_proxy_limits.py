@@ -178,5 +178,5 @@ def test_uvicorn_gets_the_limits() -> None:
 
     config = uvicorn_config(None, HttpLimits(limit_concurrency=7, keep_alive_timeout_s=3),
                             print)
-    assert (config.limit_concurrency, config.timeout_keep_alive) == (7, 3)
+    assert (config.limit_concurrency, config.timeout_keep_alive) == (14, 3)  # connection cap
     assert issubclass(config.http, LimitedH11Protocol)  # type: ignore[arg-type]
