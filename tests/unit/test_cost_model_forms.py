@@ -9,7 +9,7 @@ import random
 import pytest
 
 from proxy.cost_model import Coefficients, StepCostModel
-from proxy.placement import prefill_seconds
+from proxy.placement import DecodeView, Slo, TransferView, predict_local, prefill_seconds
 
 # An H100-like worker (Llama-3-8B shape, measured: decode ~6 ms for any batch up to a dozen
 # sequences, any prefill step >= ~22 ms, a 1500-token prefill ~37 ms).
@@ -116,3 +116,16 @@ def test_new_terms_validate_and_form_every_is_checked() -> None:
         Coefficients(per_prefill_step=float("nan"))
     with pytest.raises(ValueError, match="form_every"):
         StepCostModel(form_every=0)
+
+
+def test_local_prefill_on_a_gpu_like_worker_takes_chunks_up_to_the_knee() -> None:
+    """Below the knee a chunk costs a decode batch no more than a smaller one does, so the
+    placement rule takes large chunks (few steps at ~the floor), not many small ones."""
+    decode = DecodeView("decode-0", GPU, num_running=8, context_tokens=8 * 600,
+                        local_queue_s=0.0, local_chunk=0, cached_tokens=0,
+                        max_batched_tokens=4096)
+    transfer = TransferView(kv_bytes_per_token=131072, bytes_per_second=1e10,
+                            remote_overhead_s=0.01, local_overhead_s=0.001)
+    got = predict_local(2000, decode, transfer, Slo(ttft_s=1.0, tpot_s=0.04))
+    assert got.chunk >= GPU.prefill_free_tokens, got
+    assert got.ttft_s < 0.1 and got.tpot_s < 0.04, got
