@@ -73,14 +73,36 @@ def evaluate(steps: list[Step], fit_fraction: float) -> dict[str, Any]:
     coefficients = model.coefficients
     fit_ms = 1e3 * (time.perf_counter() - t0)
     rows: dict[str, list[float]] = {"all": [], "decode": [], "prefill": [], "mixed": []}
+    mixes: dict[str, list[tuple[float, float]]] = {}
     for seconds, prefill, seqs, context in steps[split:]:
-        err = 100.0 * (coefficients.step_seconds(prefill, seqs, context) - seconds) / seconds
+        predicted = coefficients.step_seconds(prefill, seqs, context)
+        err = 100.0 * (predicted - seconds) / seconds
         rows["all"].append(err)
         rows[kind(prefill, seqs)].append(err)
+        mixes.setdefault(mix(prefill, seqs), []).append((seconds, predicted))
     summary = {k: _stats(v) for k, v in rows.items() if v}
+    by_mix = [{"mix": name, "n": len(pairs),
+               "measured_ms": 1e3 * statistics.median(m for m, _ in pairs),
+               "predicted_ms": 1e3 * statistics.median(p for _, p in pairs),
+               "median_abs_pct": statistics.median(abs(p - m) / m * 100 for m, p in pairs)}
+              for name, pairs in sorted(mixes.items(), key=lambda kv: _MIX_ORDER[kv[0]])]
     return {"num_fit_steps": split, "num_test_steps": len(steps) - split,
-            "coefficients": asdict(coefficients), "error_pct": summary,
+            "coefficients": asdict(coefficients), "error_pct": summary, "by_mix": by_mix,
             "fit_ms": round(fit_ms, 1)}
+
+
+_SEQS = ((4, "1-4"), (8, "5-8"), (16, "9-16"), (10**9, "17+"))
+_TOKENS = ((64, "1-64"), (512, "65-512"), (1024, "513-1024"), (10**9, "1025+"))
+_MIX_ORDER = {**{f"decode only, {label} seqs": i for i, (_, label) in enumerate(_SEQS)},
+              **{f"with {label} prefill tokens": 10 + i for i, (_, label) in enumerate(_TOKENS)}}
+
+
+def mix(prefill_tokens: int, decode_seqs: int) -> str:
+    """The bucket a step falls in: its decode batch size, or its prefill tokens if any."""
+    if prefill_tokens:
+        label = next(name for top, name in _TOKENS if prefill_tokens <= top)
+        return f"with {label} prefill tokens"
+    return f"decode only, {next(name for top, name in _SEQS if decode_seqs <= top)} seqs"
 
 
 def _stats(errors: list[float]) -> dict[str, float]:
@@ -110,6 +132,12 @@ def markdown(doc: dict[str, Any]) -> str:
             b = before.get(name)
             row += (f" {b['median_abs']:.1f} | {b['mean_signed']:+.1f} |" if b else " - | - |")
         lines.append(row)
+    if result.get("by_mix"):
+        lines += ["", "By mix (test steps; medians):", "",
+                  "| steps | n | measured ms | predicted ms | abs error % |",
+                  "| --- | ---: | ---: | ---: | ---: |"]
+        lines += [f"| {r['mix']} | {r['n']} | {r['measured_ms']:.1f} | {r['predicted_ms']:.1f} | "
+                  f"{r['median_abs_pct']:.1f} |" for r in result["by_mix"]]
     lines += ["", "Fitted: " + ", ".join(f"{k} = {v:.3g}" for k, v in
                                          result["coefficients"].items())]
     if "before" in doc:
