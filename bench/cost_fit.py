@@ -85,7 +85,7 @@ def evaluate(steps: list[Step], fit_fraction: float) -> dict[str, Any]:
                "measured_ms": 1e3 * statistics.median(m for m, _ in pairs),
                "predicted_ms": 1e3 * statistics.median(p for _, p in pairs),
                "median_abs_pct": statistics.median(abs(p - m) / m * 100 for m, p in pairs)}
-              for name, pairs in sorted(mixes.items(), key=lambda kv: _MIX_ORDER[kv[0]])]
+              for name, pairs in sorted(mixes.items(), key=lambda kv: _MIXES.index(kv[0]))]
     return {"num_fit_steps": split, "num_test_steps": len(steps) - split,
             "coefficients": asdict(coefficients), "error_pct": summary, "by_mix": by_mix,
             "fit_ms": round(fit_ms, 1)}
@@ -93,8 +93,8 @@ def evaluate(steps: list[Step], fit_fraction: float) -> dict[str, Any]:
 
 _SEQS = ((4, "1-4"), (8, "5-8"), (16, "9-16"), (10**9, "17+"))
 _TOKENS = ((64, "1-64"), (512, "65-512"), (1024, "513-1024"), (10**9, "1025+"))
-_MIX_ORDER = {**{f"decode only, {label} seqs": i for i, (_, label) in enumerate(_SEQS)},
-              **{f"with {label} prefill tokens": 10 + i for i, (_, label) in enumerate(_TOKENS)}}
+_MIXES = (tuple(f"decode only, {label} seqs" for _, label in _SEQS)
+          + tuple(f"with {label} prefill tokens" for _, label in _TOKENS))
 
 
 def mix(prefill_tokens: int, decode_seqs: int) -> str:

@@ -152,20 +152,24 @@ class StepCostModel:
     def _search_form(self, ys: list[float], recency: list[float]) -> _Form:
         """The simplest form that fits: the plain one, else split intercepts, then with a knee,
         each step kept only if it lowers the robust loss by `FORM_GAIN`. Losses are compared in
-        the smallest residual scale of the candidates (the noise, not a poor form's misfit)."""
+        the smallest residual scale of the candidates (the noise, not a poor form's misfit).
+        A worker that only prefills (a prefill worker) has no plain form to try."""
         prefills = sorted(p for _, p, _, _ in self._samples if p)
-        if len(prefills) < MIN_SUPPORT or len(prefills) > len(ys) - MIN_SUPPORT:
-            return _Form(self.prior.prefill_free_tokens, split=True)  # one kind of step only
+        if len(prefills) < MIN_SUPPORT:
+            return _Form(self.prior.prefill_free_tokens, split=True)  # prefill terms: prior
+        both_kinds = len(prefills) <= len(ys) - MIN_SUPPORT
+        forms = [_Form(0.0, split=False)] if both_kinds else []
+        forms.append(_Form(0.0, split=True))
         # a knee needs prefill steps past it to fit the slope after it
-        forms = [_Form(0.0, split=False), _Form(0.0, split=True)]
         forms += [_Form(float(k), split=True) for k in KNEES if k < prefills[-MIN_SUPPORT]]
         fits = [self._fit_at(f, ys, recency, iterations=1) for f in forms]
         scale = min(fit.scale for fit in fits)
         losses = [fit.loss(recency, scale, self.huber_k) for fit in fits]
-        if losses[1] >= (1 - FORM_GAIN) * losses[0]:
+        base = 1 if both_kinds else 0  # the split form without a knee
+        if both_kinds and losses[1] >= (1 - FORM_GAIN) * losses[0]:
             return forms[0]
-        best = min(range(1, len(forms)), key=lambda i: losses[i])
-        return forms[best] if losses[best] < (1 - FORM_GAIN) * losses[1] else forms[1]
+        best = min(range(base, len(forms)), key=lambda i: losses[i])
+        return forms[best] if losses[best] < (1 - FORM_GAIN) * losses[base] else forms[base]
 
     def _fit_at(self, form: _Form, ys: list[float], recency: list[float],
                 iterations: int = 3) -> RobustFit:

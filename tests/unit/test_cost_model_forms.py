@@ -60,6 +60,20 @@ def test_gpu_like_fit_recovers_floor_knee_and_slope() -> None:
     assert _rel(added, GPU.prefill_step_seconds(2048) - GPU.prefill_step_seconds(8)) < 0.2, got
 
 
+def test_a_gpu_like_prefill_worker_finds_its_knee_from_prefill_steps_alone() -> None:
+    rng = random.Random(6)
+    model = StepCostModel()
+    for _ in range(300):
+        tokens = rng.choice([16, 64, 200, 400, 800, 1200, 1600, 2048])
+        model.observe(GPU.step_seconds(tokens, 0, tokens) * (1 + rng.gauss(0, 0.03)), tokens, 0,
+                      tokens)
+    got = model.coefficients
+    assert 512 <= got.prefill_free_tokens <= 1024, got
+    for tokens in (16, 400, 1500, 2048):
+        want = GPU.step_seconds(tokens, 0, tokens)
+        assert _rel(model.predict(tokens, 0, tokens), want) < 0.1, (tokens, got)
+
+
 def test_cpu_like_steps_keep_the_plain_linear_form() -> None:
     model = _fitted(CPU, seed=2)
     got = model.coefficients
