@@ -115,7 +115,8 @@ class StepCostModel:
 
     def observe(self, seconds: float, prefill_tokens: int, decode_seqs: int,
                 context_tokens: int) -> None:
-        """One measured step. Values that cannot be a step (negative, not finite) are ignored."""
+        """One measured step. Values that cannot be a step (negative, not finite, a step of no
+        time or holding nothing) are ignored: the fit is in relative error."""
         values = (seconds, prefill_tokens, decode_seqs, context_tokens)
         if not all(isinstance(v, int | float) and math.isfinite(v) and v >= 0 for v in values):
             return
