@@ -1,19 +1,37 @@
 """Step-time cost model of one worker, fitted online from the steps it reports.
 
-    step seconds = a + b * prefill tokens + c * decode sequences + d * context tokens
+    step seconds = a + b * decode sequences + c * context tokens
+                   + (if the step holds prefill tokens P) e + f * max(0, P - k)
+                   + (if it holds none) g
 
+- `a` is what every step costs (on a GPU: reading the weights once, ~6 ms for 8B in bf16);
+- `e` what a step with prefill costs beyond that (a different attention path, more launches),
+  `g` what a step without costs beyond that: a split form fits one intercept for steps with
+  prefill and one for steps without, each >= 0, and `a` is the smaller (so `e` or `g` is 0);
+  the plain form has one intercept (e = g = 0);
+- `k` prefill tokens a step carries at no extra cost: a GPU is memory-bound until a step holds
+  enough tokens to be compute-bound, so its step time is flat in P up to the knee `k` and
+  linear after it (a roofline). On a CPU, `k` = 0: linear from the first token.
+With e = g = k = 0 it is the linear model a + b*P + c*D + d*C.
 `StepCostModel.observe(...)` takes one measured step (what the step held and how long it took);
 `predict(...)` evaluates the current fit. The fit is a robust, recency-weighted least squares
-over the last `window` steps, redone lazily when new steps came in:
+in relative error over the last `window` steps (robust_fit.py), redone lazily when new steps
+came in:
 - recency: step i of n weighs `decay ** (n - 1 - i)`, so the fit follows a worker whose speed
   changes (another tenant, thermal limits) within a few hundred steps;
-- robustness: iteratively reweighted least squares with Huber weights (residuals beyond
-  `huber_k` robust standard deviations, estimated from the median absolute residual, count
-  linearly, not squared), so a step stalled by a garbage collection or a page fault bends the
-  fit by a bounded amount;
-- sense: coefficients are never negative (a term whose fitted cost is negative is dropped and
-  the rest refitted); a small ridge pull toward the prior keeps terms the samples cannot tell
-  apart (a prefill worker never runs decode sequences) at their prior.
+- robustness: Huber weights on the relative residuals (beyond `huber_k` robust standard
+  deviations they count linearly), so a step stalled by a garbage collection, a page fault or
+  another tenant bends the fit by a bounded amount (`huber_k` 1 by default: step times on a
+  shared host are heavy-tailed, and the proxy wants the typical step);
+- sense: coefficients are never negative; a term the samples cannot identify (a prefill worker
+  never runs decode sequences) keeps its prior;
+- the form: the plain linear form, the split intercepts, and the split form with each knee in
+  `KNEES` below the largest prefills the window holds are fitted; each step up in complexity
+  is kept only if it lowers the robust loss by `FORM_GAIN` (so linear or noisy data keeps the
+  linear form).
+  The form is chosen again every `form_every` new steps (candidates with one reweighting, not
+  three); refits in between keep it, so an online refit costs one robust fit, as a linear
+  model's would.
 
 The prior (`seed`) is what the model predicts before any sample arrives; workers report a short
 warm-up at start-up, so it is rarely used for long. Pure Python: the proxy imports no numpy.
@@ -25,35 +43,53 @@ import math
 from collections import deque
 from dataclasses import dataclass
 
-NUM_TERMS = 4  # intercept, prefill tokens, decode sequences, context tokens
+from proxy.robust_fit import MIN_SUPPORT, RobustFit, robust_fit
+
 TERM_NAMES = ("seconds_per_step", "seconds_per_prefill_token", "seconds_per_decode_seq",
-              "seconds_per_context_token")
-# Features are scaled to similar magnitudes before solving (per 1, 1k, 10, 10k).
-_SCALE = (1.0, 1e-3, 1e-1, 1e-4)
+              "seconds_per_context_token", "seconds_per_prefill_step", "prefill_free_tokens",
+              "seconds_per_decode_only_step")
+# Columns of the fit: step without prefill, step with prefill, prefill tokens past the knee,
+# decode seqs, context; scaled to similar magnitudes before solving (per 1, 1, 1k, 10, 10k).
+_SCALE = (1.0, 1.0, 1e-3, 1e-1, 1e-4)
+KNEES = (64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 4096)
+FORM_GAIN = 0.05  # each step up in form must lower the robust loss by 5 %
 
 
 @dataclass(frozen=True)
 class Coefficients:
-    """Seconds per step, per prefill token, per decode sequence and per context token."""
+    """Seconds per step, per prefill token (past `prefill_free_tokens`), per decode sequence,
+    per context token, and added to `per_step` for a step that holds prefill tokens
+    (`per_prefill_step`) or for one that holds none (`per_decode_only_step`)."""
 
     per_step: float = 0.0
     per_prefill_token: float = 0.0
     per_decode_seq: float = 0.0
     per_context_token: float = 0.0
+    per_prefill_step: float = 0.0
+    prefill_free_tokens: float = 0.0
+    per_decode_only_step: float = 0.0
 
     def __post_init__(self) -> None:
         for name, value in zip(TERM_NAMES, self.as_tuple(), strict=True):
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"cost model {name} must be finite and >= 0, got {value}")
 
-    def as_tuple(self) -> tuple[float, float, float, float]:
+    def as_tuple(self) -> tuple[float, float, float, float, float, float, float]:
         return (self.per_step, self.per_prefill_token, self.per_decode_seq,
-                self.per_context_token)
+                self.per_context_token, self.per_prefill_step, self.prefill_free_tokens,
+                self.per_decode_only_step)
+
+    def prefill_step_seconds(self, prefill_tokens: float) -> float:
+        """What a step holding `prefill_tokens` (> 0) costs beyond `per_step` and its decodes."""
+        return self.per_prefill_step + self.per_prefill_token * max(
+            0.0, prefill_tokens - self.prefill_free_tokens)
 
     def step_seconds(self, prefill_tokens: float, decode_seqs: float,
                      context_tokens: float) -> float:
-        return (self.per_step + self.per_prefill_token * prefill_tokens
-                + self.per_decode_seq * decode_seqs + self.per_context_token * context_tokens)
+        own = (self.prefill_step_seconds(prefill_tokens) if prefill_tokens > 0
+               else self.per_decode_only_step)
+        return (self.per_step + own + self.per_decode_seq * decode_seqs
+                + self.per_context_token * context_tokens)
 
 
 # A CPU-sized guess (SmolLM2 on one core), replaced as soon as a worker reports its warm-up.
@@ -62,27 +98,34 @@ DEFAULT_PRIOR = Coefficients(0.02, 2e-3, 1e-3, 2e-6)
 
 class StepCostModel:
     def __init__(self, seed: Coefficients = DEFAULT_PRIOR, *, window: int = 512,
-                 decay: float = 0.995, huber_k: float = 2.0, ridge: float = 1e-3) -> None:
-        if window < 8 or not 0.0 < decay <= 1.0 or huber_k <= 0 or ridge < 0:
-            raise ValueError("window >= 8, 0 < decay <= 1, huber_k > 0 and ridge >= 0 required")
+                 decay: float = 0.995, huber_k: float = 1.0, ridge: float = 1e-3,
+                 form_every: int = 128) -> None:
+        if (window < 8 or not 0.0 < decay <= 1.0 or huber_k <= 0 or ridge < 0
+                or form_every < 1):
+            raise ValueError("window >= 8, 0 < decay <= 1, huber_k > 0, ridge >= 0 and "
+                             "form_every >= 1 required")
         self.prior = seed
-        self.decay, self.huber_k, self.ridge = decay, huber_k, ridge
-        self._samples: deque[tuple[float, float, float, float, float]] = deque(maxlen=window)
+        self.decay, self.huber_k, self.ridge, self.form_every = decay, huber_k, ridge, form_every
+        self._samples: deque[tuple[float, int, int, int]] = deque(maxlen=window)
         self._fit = seed
+        self._form = _Form(seed.prefill_free_tokens, split=True)
+        self._since_form_search = form_every  # search on the first refit
         self._is_stale = False
         self.num_observed = 0
 
     def observe(self, seconds: float, prefill_tokens: int, decode_seqs: int,
                 context_tokens: int) -> None:
-        """One measured step. Values that cannot be a step (negative, not finite) are ignored."""
+        """One measured step. Values that cannot be a step (negative, not finite, a step of no
+        time or holding nothing) are ignored: the fit is in relative error."""
         values = (seconds, prefill_tokens, decode_seqs, context_tokens)
         if not all(isinstance(v, int | float) and math.isfinite(v) and v >= 0 for v in values):
             return
-        if prefill_tokens == 0 and decode_seqs == 0:
+        if (prefill_tokens == 0 and decode_seqs == 0) or seconds == 0:
             return  # an empty step says nothing about the model
-        self._samples.append((1.0, float(prefill_tokens), float(decode_seqs),
-                              float(context_tokens), float(seconds)))
+        self._samples.append((float(seconds), int(prefill_tokens), int(decode_seqs),
+                              int(context_tokens)))
         self.num_observed += 1
+        self._since_form_search += 1
         self._is_stale = True
 
     @property
@@ -97,89 +140,72 @@ class StepCostModel:
 
     # ---- fitting ------------------------------------------------------------------------------
     def _refit(self) -> Coefficients:
-        rows = [tuple(x * s for x, s in zip(r[:NUM_TERMS], _SCALE, strict=True))
-                for r in self._samples]
-        ys = [r[NUM_TERMS] for r in self._samples]
-        if len(rows) < 2:
+        if len(self._samples) < 2:
             return self.prior
-        n = len(rows)
+        n = len(self._samples)
         recency = [self.decay ** (n - 1 - i) for i in range(n)]
-        prior = [p / s for p, s in zip(self.prior.as_tuple(), _SCALE, strict=True)]
-        theta = _nonneg_solve(rows, ys, recency, prior, self.ridge)
-        for _ in range(3):  # IRLS: Huber weights from the current residuals
-            residuals = [y - _dot(r, theta) for r, y in zip(rows, ys, strict=True)]
-            scale = 1.4826 * _median([abs(e) for e in residuals]) or 1e-9
-            limit = self.huber_k * scale
-            weights = [w * min(1.0, limit / abs(e)) if e else w
-                       for w, e in zip(recency, residuals, strict=True)]
-            theta = _nonneg_solve(rows, ys, weights, prior, self.ridge)
-        return Coefficients(*(max(0.0, t * s) for t, s in zip(theta, _SCALE, strict=True)))
+        ys = [s[0] for s in self._samples]
+        if self._since_form_search >= self.form_every:
+            self._since_form_search = 0
+            self._form = self._search_form(ys, recency)
+        return self._coefficients(self._fit_at(self._form, ys, recency), self._form)
+
+    def _search_form(self, ys: list[float], recency: list[float]) -> _Form:
+        """The simplest form that fits: the plain one, else split intercepts, then with a knee,
+        each step kept only if it lowers the robust loss by `FORM_GAIN`. Losses are compared in
+        the smallest residual scale of the candidates (the noise, not a poor form's misfit).
+        A worker that only prefills (a prefill worker) has no plain form to try."""
+        prefills = sorted(p for _, p, _, _ in self._samples if p)
+        if len(prefills) < MIN_SUPPORT:
+            return _Form(self.prior.prefill_free_tokens, split=True)  # prefill terms: prior
+        both_kinds = len(prefills) <= len(ys) - MIN_SUPPORT
+        forms = [_Form(0.0, split=False)] if both_kinds else []
+        forms.append(_Form(0.0, split=True))
+        # a knee needs prefill steps past it to fit the slope after it
+        forms += [_Form(float(k), split=True) for k in KNEES if k < prefills[-MIN_SUPPORT]]
+        fits = [self._fit_at(f, ys, recency, iterations=1) for f in forms]
+        scale = min(fit.scale for fit in fits)
+        losses = [fit.loss(recency, scale, self.huber_k) for fit in fits]
+        base = 1 if both_kinds else 0  # the split form without a knee
+        if both_kinds and losses[1] >= (1 - FORM_GAIN) * losses[0]:
+            return forms[0]
+        best = min(range(base, len(forms)), key=lambda i: losses[i])
+        return forms[best] if losses[best] < (1 - FORM_GAIN) * losses[base] else forms[base]
+
+    def _fit_at(self, form: _Form, ys: list[float], recency: list[float],
+                iterations: int = 3) -> RobustFit:
+        rows = [_features(p, d, c, form) for _, p, d, c in self._samples]
+        p = self.prior
+        prior = [v / s for v, s in zip((p.per_step + p.per_decode_only_step,
+                                        p.per_step + p.per_prefill_step,
+                                        p.per_prefill_token, p.per_decode_seq,
+                                        p.per_context_token), _SCALE, strict=True)]
+        return robust_fit(rows, ys, recency, prior, self.ridge, self.huber_k, iterations)
+
+    @staticmethod
+    def _coefficients(fit: RobustFit, form: _Form) -> Coefficients:
+        step, prefill_step, token, seq, context = (max(0.0, t * s) for t, s in
+                                                   zip(fit.theta, _SCALE, strict=True))
+        if not form.split:
+            return Coefficients(step, token, seq, context, 0.0, form.knee)
+        common = min(step, prefill_step)
+        return Coefficients(common, token, seq, context, prefill_step - common, form.knee,
+                            step - common)
 
 
-def _dot(a: tuple[float, ...] | list[float], b: list[float]) -> float:
-    return sum(x * y for x, y in zip(a, b, strict=True))
+@dataclass(frozen=True)
+class _Form:
+    """Which model form a fit uses: the knee, and one intercept or two (with/without prefill)."""
+
+    knee: float
+    split: bool
 
 
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
-
-
-def _nonneg_solve(rows: list[tuple[float, ...]], ys: list[float], weights: list[float],
-                  prior: list[float], ridge: float) -> list[float]:
-    """Weighted ridge least squares (pulled toward `prior`), terms with a negative fit dropped
-    (held at 0) one at a time until none is negative."""
-    active = list(range(NUM_TERMS))
-    while True:
-        theta = _ridge_solve(rows, ys, weights, prior, ridge, active)
-        negative = [j for j in active if theta[j] < 0]
-        if not negative:
-            return theta
-        active.remove(min(negative, key=lambda j: theta[j]))
-
-
-def _ridge_solve(rows: list[tuple[float, ...]], ys: list[float], weights: list[float],
-                 prior: list[float], ridge: float, active: list[int]) -> list[float]:
-    k = len(active)
-    total = sum(weights) or 1.0
-    ata = [[0.0] * k for _ in range(k)]
-    atb = [0.0] * k
-    for r, y, w in zip(rows, ys, weights, strict=True):
-        xs = [r[j] for j in active]
-        for i in range(k):
-            wx = w * xs[i]
-            atb[i] += wx * y
-            for j in range(i, k):
-                ata[i][j] += wx * xs[j]
-    for i in range(k):
-        for j in range(i):
-            ata[i][j] = ata[j][i]
-        ata[i][i] += ridge * total  # ridge scaled to the data's weight
-        atb[i] += ridge * total * prior[active[i]]
-    solved = _gauss(ata, atb)
-    theta = [0.0] * NUM_TERMS
-    for i, j in enumerate(active):
-        theta[j] = solved[i]
-    return theta
-
-
-def _gauss(a: list[list[float]], b: list[float]) -> list[float]:
-    """Solve a @ x = b (small, symmetric positive definite thanks to the ridge term)."""
-    k = len(b)
-    m = [[*row, b[i]] for i, row in enumerate(a)]
-    for col in range(k):
-        pivot = max(range(col, k), key=lambda r: abs(m[r][col]))
-        m[col], m[pivot] = m[pivot], m[col]
-        if abs(m[col][col]) < 1e-300:
-            continue
-        for r in range(col + 1, k):
-            f = m[r][col] / m[col][col]
-            for c in range(col, k + 1):
-                m[r][c] -= f * m[col][c]
-    x = [0.0] * k
-    for r in range(k - 1, -1, -1):
-        if abs(m[r][r]) < 1e-300:
-            continue
-        x[r] = (m[r][k] - sum(m[r][c] * x[c] for c in range(r + 1, k))) / m[r][r]
-    return x
+def _features(prefill_tokens: int, decode_seqs: int, context_tokens: int,
+              form: _Form) -> tuple[float, float, float, float, float]:
+    """Fit columns (see _SCALE); with one intercept its second column is all zero, so the
+    fit holds it at its prior and `_coefficients` ignores it."""
+    has_prefill = 1.0 if prefill_tokens and form.split else 0.0
+    past_knee = max(0.0, prefill_tokens - form.knee) if prefill_tokens else 0.0
+    return (1.0 - has_prefill, has_prefill, past_knee * _SCALE[2], decode_seqs * _SCALE[3],
+            context_tokens * _SCALE[4])

@@ -113,8 +113,9 @@ def prefill_seconds(model: Coefficients, num_tokens: int, chunk: int, decode_seq
     steps = math.ceil(num_tokens / chunk)
     # attention over the prompt itself grows through the chunks: on average half of it
     mean_context = context_tokens + num_tokens / 2
-    return steps * model.step_seconds(chunk, decode_seqs, mean_context) \
-        - (steps * chunk - num_tokens) * model.per_prefill_token
+    last = num_tokens - (steps - 1) * chunk
+    return ((steps - 1) * model.step_seconds(chunk, decode_seqs, mean_context)
+            + model.step_seconds(last, decode_seqs, mean_context))
 
 
 def predict_remote(num_prompt_tokens: int, prefill: PrefillView, decode: DecodeView,
