@@ -40,7 +40,9 @@ warm-up at start-up, so it is rarely used for long. Pure Python: the proxy impor
 from __future__ import annotations
 
 import math
+import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from proxy.robust_fit import MIN_SUPPORT, RobustFit, robust_fit
@@ -99,11 +101,17 @@ DEFAULT_PRIOR = Coefficients(0.02, 2e-3, 1e-3, 2e-6)
 class StepCostModel:
     def __init__(self, seed: Coefficients = DEFAULT_PRIOR, *, window: int = 512,
                  decay: float = 0.995, huber_k: float = 1.0, ridge: float = 1e-3,
-                 form_every: int = 128) -> None:
+                 form_every: int = 128, form_interval_s: float = 30.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        """`form_every` steps and `form_interval_s` seconds at least between two searches of
+        the model's form (~70 ms each, on the proxy's event loop: a GPU worker reports ~150
+        steps a second, so the step count alone would search every second per worker)."""
         if (window < 8 or not 0.0 < decay <= 1.0 or huber_k <= 0 or ridge < 0
-                or form_every < 1):
-            raise ValueError("window >= 8, 0 < decay <= 1, huber_k > 0, ridge >= 0 and "
-                             "form_every >= 1 required")
+                or form_every < 1 or form_interval_s < 0):
+            raise ValueError("window >= 8, 0 < decay <= 1, huber_k > 0, ridge >= 0, "
+                             "form_every >= 1 and form_interval_s >= 0 required")
+        self.form_interval_s, self._clock = form_interval_s, clock
+        self._searched_at = -math.inf
         self.prior = seed
         self.decay, self.huber_k, self.ridge, self.form_every = decay, huber_k, ridge, form_every
         self._samples: deque[tuple[float, int, int, int]] = deque(maxlen=window)
@@ -145,8 +153,10 @@ class StepCostModel:
         n = len(self._samples)
         recency = [self.decay ** (n - 1 - i) for i in range(n)]
         ys = [s[0] for s in self._samples]
-        if self._since_form_search >= self.form_every:
-            self._since_form_search = 0
+        now = self._clock()
+        if (self._since_form_search >= self.form_every
+                and now - self._searched_at >= self.form_interval_s):
+            self._since_form_search, self._searched_at = 0, now
             self._form = self._search_form(ys, recency)
         return self._coefficients(self._fit_at(self._form, ys, recency), self._form)
 

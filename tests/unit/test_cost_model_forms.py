@@ -143,3 +143,19 @@ def test_local_prefill_on_a_gpu_like_worker_takes_chunks_up_to_the_knee() -> Non
     got = predict_local(2000, decode, transfer, Slo(ttft_s=1.0, tpot_s=0.04))
     assert got.chunk >= GPU.prefill_free_tokens, got
     assert got.ttft_s < 0.1 and got.tpot_s < 0.04, got
+
+
+def test_form_searches_are_spaced_in_time_on_the_proxys_event_loop() -> None:
+    """A GPU worker reports ~150 steps a second: searches (~70 ms each) wait `form_interval_s`
+    as well as `form_every` steps."""
+    now = [0.0]
+    model = StepCostModel(form_every=8, form_interval_s=30.0, clock=lambda: now[0])
+    searches = []
+    search = model._search_form
+    model._search_form = lambda *a: searches.append(now[0]) or search(*a)  # type: ignore
+    for t, steps in ((0.0, 64), (10.0, 64), (29.0, 64), (31.0, 64), (40.0, 4)):
+        now[0] = t
+        for step in _steps(random.Random(int(t)), steps, GPU):
+            model.observe(*step)
+        model.coefficients  # noqa: B018 (the refit runs on access)
+    assert searches == [0.0, 31.0]
