@@ -92,13 +92,16 @@ class RayConfig:
                               f"got {text!r}")
         return {key.strip(): value.strip()}
 
-    def worker_bundle(self, role: str, num_gpus: float) -> dict[str, float]:
-        """Resources of one worker's placement-group bundle (and of the actor placed in it)."""
+    def worker_bundle(self, role: str, num_gpus: float, tp: int = 1) -> dict[str, float]:
+        """Resources of one worker's placement-group bundle (and of the actor placed in it). A
+        tensor-parallel worker of `tp` ranks takes `tp` times the CPUs and GPUs in ONE bundle:
+        a bundle lives on one node, where the worker's actor (rank 0) starts its other ranks
+        as processes of its own (the engine's TP executor), rank r on the actor's GPU r."""
         bundle: dict[str, float] = {}
         if self.cpus_per_worker:
-            bundle["CPU"] = self.cpus_per_worker
+            bundle["CPU"] = self.cpus_per_worker * tp
         if num_gpus:
-            bundle["GPU"] = num_gpus
+            bundle["GPU"] = num_gpus * tp
         resource = self.role_resource(role)
         if resource:
             bundle[resource] = ROLE_RESOURCE_AMOUNT

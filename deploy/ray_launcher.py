@@ -124,8 +124,11 @@ class RayDeployment:
 
     def run(self) -> int:
         plan = plan_kv_cache(read_model_config(self.engine.model), self.engine)  # fails fast
-        self.engines = {"prefill": apply_profile(self.engine, self.serve.prefill_profile),
-                        "decode": apply_profile(self.engine, self.serve.decode_profile)}
+        self.engines = {role: dataclasses.replace(
+            apply_profile(self.engine, profile),
+            tensor_parallel_size=self.serve.tp_of(role, self.engine.tensor_parallel_size))
+            for role, profile in (("prefill", self.serve.prefill_profile),
+                                  ("decode", self.serve.decode_profile))}
         signal.signal(signal.SIGTERM, _raise_interrupt)
         self.ray = connect(self.config.address, self.config.deployment_name,
                            start_local=not self.config.detach)
@@ -199,10 +202,14 @@ class RayDeployment:
             log.info("passing %s to every worker", ", ".join(sorted(env)))
         return {"env_vars": env} if env else None
 
+    def _bundle(self, role: str, num_gpus: float) -> dict[str, float]:
+        return self.config.worker_bundle(role, num_gpus,
+                                         self.engines[role].tensor_parallel_size)
+
     def _placement_group(self, roles: list[str], num_gpus: float) -> Any:
         from ray.util.placement_group import placement_group
 
-        bundles = [self.config.worker_bundle(role, num_gpus) for role in roles]
+        bundles = [self._bundle(role, num_gpus) for role in roles]
         labels = [self.config.role_label(role) for role in roles]
         extra = {"bundle_label_selector": labels} if any(labels) else {}
         try:
@@ -222,9 +229,10 @@ class RayDeployment:
                 f"the cluster has no room for {len(bundles)} worker(s) with bundles {bundles} "
                 f"(strategy {self.config.placement_strategy}"
                 f"{f', labels {labels}' if any(labels) else ''}) after "
-                f"{self.config.placement_timeout_s:.0f} s; free now: {free}. Add nodes, start them "
-                f"with the role resources/labels, or lower "
-                f"--prefill/--decode/--cpus-per-worker") from None
+                f"{self.config.placement_timeout_s:.0f} s; free now: {free}. A tensor-parallel "
+                f"worker's bundle holds all its ranks on one node. Add nodes, start them with "
+                f"the role resources/labels, or lower --prefill/--decode/--cpus-per-worker/"
+                f"--prefill-tp/--decode-tp") from None
         return pg
 
     def _start_workers(self, events_address: str) -> None:
@@ -239,7 +247,7 @@ class RayDeployment:
         pg = self._placement_group([role for role, _ in roles], num_gpus)
         runtime_env = self._runtime_env()
         for i, (role, wid) in enumerate(roles):
-            bundle = self.config.worker_bundle(role, num_gpus)
+            bundle = self._bundle(role, num_gpus)
             custom = {k: v for k, v in bundle.items() if k not in ("CPU", "GPU")}
             self.workers[wid] = self.ray.remote(WorkerActor).options(
                 name=wid, lifetime=self._lifetime(), max_restarts=self.config.max_restarts,

@@ -54,11 +54,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ConfigError("--prefill/--decode-host and -netns place local workers; on Ray each "
                           "worker binds its node's address")
     if args.ray:
-        if max(serve.tp_of(role, engine.tensor_parallel_size)
-               for role in ("prefill", "decode")) > 1:
-            raise ConfigError("--tensor-parallel-size / --prefill-tp / --decode-tp: the Ray "
-                              "launcher does not start tensor-parallel workers yet; run "
-                              "without --ray")
         from deploy.ray_launcher import RayDeployment
         try:
             return RayDeployment(serve, engine, ray_config, args.log_level).run()

@@ -35,6 +35,10 @@ import xxhash
 from engine.kv_spec import KvSpec, KvSpecError, ScaleGranularity
 from transfer.wire import layouts
 from transfer.wire.errors import LimitExceeded, MalformedHeader, UnsupportedVersion
+from transfer.wire.fields import int_field as _int
+from transfer.wire.fields import int_list as _int_list
+from transfer.wire.fields import ints as _ints
+from transfer.wire.fields import pair as _pair
 
 WIRE_VERSION = 2
 MAX_TOKEN_LEN = 64  # characters of `rtok`
@@ -45,7 +49,6 @@ _TOP_KEYS = frozenset({"v", "rid", "tid", "spec", "tok", "lay", "heads", "bufs",
 _SPEC_INTS = ("num_layers", "num_kv_heads", "head_dim", "block_size", "int4_group_size",
               "tp_rank", "tp_size", "kv_head_replicas")
 _SPEC_STRS = ("dtype", "layout", "kind", "scale_granularity", "model_fingerprint")
-_U64 = (1 << 64) - 1
 _META_DEPTH, _META_KEY_LEN, _META_STR_LEN = 3, 64, 1024  # nesting (map, list, pair), lengths
 
 
@@ -165,38 +168,6 @@ def compute_checksum(algo: str, buf: Any) -> int:
 
 
 # ---- decoding -----------------------------------------------------------------------------------
-def _int(v: Any, what: str, lo: int = 0, hi: int = _U64) -> int:
-    if not isinstance(v, int) or isinstance(v, bool):
-        raise MalformedHeader(f"{what} must be an int, got {type(v).__name__}")
-    if not lo <= v <= hi:
-        raise MalformedHeader(f"{what} {v} outside [{lo}, {hi}]")
-    return v
-
-
-def _ints(values: list[Any], what: str, lo: int = 0) -> tuple[int, ...]:
-    """Many ints at once; the per-item message is built only when one is bad."""
-    if all(type(x) is int and lo <= x <= _U64 for x in values):
-        return tuple(values)
-    return tuple(_int(x, f"{what}[{i}]", lo) for i, x in enumerate(values))
-
-
-def _pair(v: Any, what: str) -> tuple[int, int]:
-    if not isinstance(v, list) or len(v) != 2:
-        raise MalformedHeader(f"{what} must be a [start, end] pair")
-    a, b = _int(v[0], f"{what}[0]"), _int(v[1], f"{what}[1]")
-    if a >= b:
-        raise MalformedHeader(f"{what} [{a}, {b}) is empty")
-    return a, b
-
-
-def _int_list(v: Any, what: str, max_len: int, lo: int = 0) -> tuple[int, ...]:
-    if not isinstance(v, list):
-        raise MalformedHeader(f"{what} must be a list")
-    if len(v) > max_len:
-        raise LimitExceeded(f"{what} length", len(v), max_len)
-    return _ints(v, what, lo)
-
-
 def _spec(d: Any, limits: ReceiverLimits) -> KvSpec:
     if not isinstance(d, dict):
         raise MalformedHeader("spec must be a map")
