@@ -16,9 +16,15 @@ workers' step-time models (cost_model.py) and what the proxy knows they hold now
   remote option too.
 The option that meets both SLOs with the larger margin (the smaller of its TTFT and TPOT
 slack, relative to the SLO) is chosen; when neither does, the one that misses by less. Margins
-within `TIE` of each other are decided by the TTFT slack. Short prompts (hops and transfer cost
-more than the prefill) and prompts the decode worker's prefix cache mostly covers come out local
-by this rule, not by a special case; a decode worker near its TPOT limit sends prompts away.
+within `TIE` of each other are decided by the TTFT slack. While the remote option meets both
+SLOs, local must beat it by more: its first token sooner (or its margin larger) by
+`REMOTE_FIRST` (0.25) times the local prefill's time over the TTFT SLO, with a margin no worse,
+since a local prefill spends decode time the batch and later arrivals need (a
+sweep on 2026-12-06 saw adaptive prefill 30-33 of 40 long prompts locally on near-equal
+margins, with the prefill worker idle and the decode batch's TPOT p90 at 264-410 ms).
+Short prompts (hops and transfer cost more than the prefill) and prompts the decode worker's
+prefix cache mostly covers come out local by this rule, not by a special case; a decode worker
+near its TPOT limit sends prompts away.
 
 Pure functions over snapshots: nothing here talks to workers or keeps state.
 """
@@ -101,6 +107,7 @@ class Prediction:
 
 
 TIE = 0.02
+REMOTE_FIRST = 0.25  # margin a local prefill of a whole TTFT SLO's length must win by (choose)
 CHUNKS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
 
@@ -189,6 +196,17 @@ def choose(mode: Placement, num_prompt_tokens: int, prefills: Sequence[PrefillVi
     remote = max(remotes, key=lambda p: (p.margin, -p.ttft_s))
     if mode is Placement.REMOTE:
         return remote
+    # A local prefill spends the decode worker's time, which its running sequences and the ones
+    # arriving meanwhile need (their TPOT); a remote one spends only the prefill worker's. While
+    # the remote option meets both SLOs, local must beat it by a margin that grows with how long
+    # the prompt would hold the decode worker (`REMOTE_FIRST` x its prefill time / the TTFT SLO):
+    # a short or mostly cached prompt still goes local, a long one local only as overflow.
+    if remote.margin >= 0:
+        bias = REMOTE_FIRST * min(local.prefill_s / slo.ttft_s, 1.0)
+        ttft_gain = (remote.ttft_s - local.ttft_s) / slo.ttft_s
+        if local.margin >= remote.margin - TIE and ttft_gain > bias:
+            return local  # no worse, and sooner by more than it holds the decode worker
+        return local if local.margin > remote.margin + bias else remote
     if abs(local.margin - remote.margin) <= TIE:
         return local if local.ttft_margin > remote.ttft_margin else remote
     return local if local.margin > remote.margin else remote

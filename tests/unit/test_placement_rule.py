@@ -144,3 +144,18 @@ def test_local_prefills_already_queued_on_the_decode_worker_send_the_next_one_aw
     loaded = dataclasses.replace(d, local_queue_s=2.5, local_chunk=128)
     assert choose(Placement.ADAPTIVE, 128, [prefill(queue_s=0.5)], loaded, TRANSFER,
                   SLO).placement is Placement.REMOTE
+
+
+def test_a_long_prompt_goes_remote_while_the_prefill_worker_meets_the_slos() -> None:
+    """Local would be a little sooner on an idle cluster (no transfer, no hops), but it holds
+    the decode worker for the whole prefill: remote first, local as the overflow."""
+    slo = Slo(3.0, 0.3)
+    d = decode()
+    local = predict_local(600, d, TRANSFER, slo)
+    remote = predict_remote(600, prefill(), d, TRANSFER, slo)
+    assert local.ttft_s < remote.ttft_s and remote.margin >= 0
+    assert choose(Placement.ADAPTIVE, 600, [prefill()], d, TRANSFER, slo).placement \
+        is Placement.REMOTE
+    # the prefill worker holds 1.5 s of queued work: now only local meets the TTFT SLO well
+    assert choose(Placement.ADAPTIVE, 600, [prefill(queue_s=1.5)], d, TRANSFER, slo).placement \
+        is Placement.LOCAL
