@@ -40,7 +40,7 @@ def _in_ns(ns: str | None, *cmd: str) -> list[str]:
     return ["ip", "netns", "exec", ns, *cmd] if ns else list(cmd)
 
 
-def _start_server(tb: netns.Testbed | None, placement: str, log_path: Path,
+def start_server(tb: netns.Testbed | None, placement: str, log_path: Path,
                   extra: list[str]) -> tuple[subprocess.Popen, str]:
     where = ["--host", "127.0.0.1"] if tb is None else [
         "--host", netns.ADDR_A, "--decode-netns", tb.ns_b, "--decode-host", netns.ADDR_B,
@@ -78,7 +78,7 @@ def run_point(tb: netns.Testbed | None, placement: str, args: argparse.Namespace
               workdir: Path, extra: str = "") -> list[dict[str, Any]]:
     """One server; a row per input length (KV metrics are the differences over its prompts)."""
     tag = f"{placement}-{time.monotonic_ns()}"
-    proc, url = _start_server(tb, placement, workdir / f"serve-{tag}.log", shlex.split(extra))
+    proc, url = start_server(tb, placement, workdir / f"serve-{tag}.log", shlex.split(extra))
     rows = []
     try:
         before = _kv_metrics(tb, url)

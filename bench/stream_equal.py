@@ -19,7 +19,7 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
-from bench.crossnode import _start_server
+from bench.crossnode import start_server
 
 PROMPTS = ["The capital of France is", "Once upon a time " * 300 + "In the end,"]
 
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     texts: dict[str, list[str]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for mode in args.modes.split(";"):
-            proc, url = _start_server(None, "remote", Path(tmp) / "serve.log",
+            proc, url = start_server(None, "remote", Path(tmp) / "serve.log",
                                       shlex.split(args.serve_args) + shlex.split(mode))
             try:
                 texts[mode] = [complete(url, prompt) for prompt in PROMPTS]

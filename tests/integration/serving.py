@@ -102,3 +102,37 @@ def sse_events(response: httpx.Response) -> Iterator[dict | str]:
             continue
         data = line[len("data: "):]
         yield data if data == "[DONE]" else json.loads(data)
+
+
+def is_alive(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(") ")[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def assert_exits(pid: int, within_s: float, what: str) -> None:
+    deadline = time.monotonic() + within_s
+    while is_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not is_alive(pid), f"{what} kept running"
+
+
+def kill_rank_mid_stream(c: httpx.Client, body: dict, rank_pid: int, within_s: float) -> dict:
+    """Stream `body`, SIGKILL TP rank `rank_pid` after the first events; the stream must end
+    (`[DONE]`) within `within_s` with an error event, whose `error` object is returned."""
+    events: list[dict | str] = []
+    t0 = 0.0
+    with c.stream("POST", "/v1/completions", json=body) as r:
+        for event in sse_events(r):
+            events.append(event)
+            if len(events) == 2:
+                os.kill(rank_pid, signal.SIGKILL)
+                t0 = time.monotonic()
+    assert time.monotonic() - t0 < within_s
+    assert events[-1] == "[DONE]"
+    errors = [e for e in events if isinstance(e, dict) and "error" in e]
+    assert errors, json.dumps(events[-3:])
+    return errors[-1]["error"]

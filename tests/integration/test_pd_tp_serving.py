@@ -12,14 +12,12 @@ decode worker serves on.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from serving import Server, serve, sse_events
+from serving import Server, assert_exits, kill_rank_mid_stream, serve
 
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
@@ -76,10 +74,7 @@ def test_p3_to_d1_serves_the_colocated_tokens_and_survives_a_prefill_rank_death(
 
         worker_pid = workers["prefill"]["pid"]
         os.kill(workers["prefill"]["rank_pids"][1], signal.SIGKILL)  # while idle
-        deadline = time.monotonic() + FAIL_BOUND_S
-        while _alive(worker_pid) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not _alive(worker_pid), "the prefill worker with a dead rank kept running"
+        assert_exits(worker_pid, FAIL_BOUND_S, "the prefill worker with a dead rank")
         prompt, params = PROMPTS[0], PARAMS[0]  # the decode worker serves on
         assert _complete(server, prompt, params) == _want(reference, prompt, params)
 
@@ -97,29 +92,8 @@ def test_p1_to_d3_serves_the_colocated_tokens_and_fails_cleanly_on_rank_death(
         worker_pid, rank = workers["decode"]["pid"], workers["decode"]["rank_pids"][2]
         body = {"model": "smollm2", "prompt": PROMPTS[0], "max_tokens": 400, "ignore_eos": True,
                 "stream": True}
-        events: list[dict | str] = []
-        t0 = 0.0
-        with server.client(timeout=120) as c, c.stream("POST", "/v1/completions", json=body) as r:
-            for event in sse_events(r):
-                events.append(event)
-                if len(events) == 2:
-                    os.kill(rank, signal.SIGKILL)
-                    t0 = time.monotonic()
-        assert time.monotonic() - t0 < FAIL_BOUND_S
-        assert events[-1] == "[DONE]"
-        errors = [e for e in events if isinstance(e, dict) and "error" in e]
-        assert errors, json.dumps(events[-3:])
-        error = errors[-1]["error"]
+        with server.client(timeout=120) as c:
+            error = kill_rank_mid_stream(c, body, rank, FAIL_BOUND_S)
         assert error["code"] == "worker_lost" or "tensor-parallel" in error["message"], error
-        deadline = time.monotonic() + FAIL_BOUND_S  # the broken worker exits (to be restarted)
-        while _alive(worker_pid) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not _alive(worker_pid), "the decode worker with a dead rank kept running"
+        assert_exits(worker_pid, FAIL_BOUND_S, "the decode worker with a dead rank")
 
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().split(") ")[1][0] != "Z"
-    except FileNotFoundError:
-        return False

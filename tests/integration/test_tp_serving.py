@@ -6,13 +6,8 @@ worker exits (the launcher handles it as a dead worker).
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import time
-
 import pytest
-from serving import serve, sse_events
+from serving import assert_exits, kill_rank_mid_stream, serve
 
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
@@ -52,30 +47,7 @@ def test_tp3_colocated_worker_serves_tp1_tokens_and_fails_cleanly_on_rank_death(
         worker_pid, rank = workers[0]["pid"], workers[0]["rank_pids"][1]
         body = {"model": "smollm2", "prompt": PROMPT, "max_tokens": 400, "ignore_eos": True,
                 "stream": True}
-        events: list[dict | str] = []
-        with c.stream("POST", "/v1/completions", json=body) as r:
-            t0 = 0.0
-            for event in sse_events(r):
-                events.append(event)
-                if len(events) == 2:
-                    os.kill(rank, signal.SIGKILL)
-                    t0 = time.monotonic()
-        elapsed = time.monotonic() - t0
-        assert elapsed < FAIL_BOUND_S
-        assert events[-1] == "[DONE]"
-        errors = [e for e in events if isinstance(e, dict) and "error" in e]
-        assert errors, json.dumps(events[-3:])
-        error = errors[-1]["error"]
+        error = kill_rank_mid_stream(c, body, rank, FAIL_BOUND_S)
         assert error["code"] == "worker_lost" or "tensor-parallel" in error["message"], error
-        deadline = time.monotonic() + FAIL_BOUND_S  # the broken worker exits (to be restarted)
-        while _alive(worker_pid) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not _alive(worker_pid), "the worker with a dead rank kept running"
+        assert_exits(worker_pid, FAIL_BOUND_S, "the worker with a dead rank")
 
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().split(") ")[1][0] != "Z"
-    except FileNotFoundError:
-        return False

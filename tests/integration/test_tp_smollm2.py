@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from serving import assert_exits
 
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
@@ -84,14 +85,6 @@ def test_generate_cli_tp3_prints_tp1_output(tp1: tuple[LLMEngine, list[list[int]
     assert out.rstrip("\n") == engine.tokenizer.decode(want[0])
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().split(") ")[1][0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 def test_killed_rank_fails_generate_cleanly() -> None:
     proc = _pdserve("generate", "-tp", "3", *KV, "--distributed-timeout", "30", "--prompt",
                     "Once upon a time", "--max-tokens", "400", "--ignore-eos")
@@ -118,10 +111,7 @@ def test_killed_rank_fails_generate_cleanly() -> None:
     assert proc.returncode == 2, err[-2000:]
     assert re.search(r"error: tensor-parallel .* failed on rank 0 of 3", err), err[-2000:]
     assert elapsed < KILL_BOUND_S
-    deadline = time.monotonic() + 30
-    while _alive(pids[1]) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not _alive(pids[1]), "the surviving rank did not exit"
+    assert_exits(pids[1], 30, "the surviving rank")
 
 
 def test_tp_size_that_does_not_divide_heads_fails_at_start() -> None:
