@@ -26,10 +26,9 @@ from worker_fakes import (
 )
 
 from decode.worker import DecodeWorker
-from engine.config import ConfigError
 from engine.llm_engine import LLMEngine
 from engine.model import LlamaModel
-from prefill.layer_stream import check_device, layer_groups
+from prefill.layer_stream import layer_groups
 from prefill.worker import PrefillWorker
 from protocol import decode_ctrl as dmsg
 from protocol import prefill_ctrl as pmsg
@@ -86,19 +85,6 @@ def test_layer_groups() -> None:
     assert layer_groups(5, 1) == [(0, 5)]
 
 
-def test_check_device_refuses_cuda_names_the_flag() -> None:
-    check_device(torch.device("cpu"))
-    with pytest.raises(ConfigError, match="--kv-streaming whole"):
-        check_device(torch.device("cuda", 0))
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_refused_on_cuda(proxy: FakeProxy, make_worker: Any) -> None:
-    """Until a GPU run shows layer-wise tokens equal to whole ones (layer_stream.check_device)."""
-    with pytest.raises(ConfigError, match="--kv-streaming layerwise"):
-        make_worker(PrefillWorker, proxy.config("p0", kv=LAYERWISE), device="cuda")
-
-
 def chunk_parts(num_tokens: int) -> list[tuple[int, int, tuple[int, int], tuple[int, bool]]]:
     """The parts of a `num_tokens` prompt with no cache hit: 8-token chunks x 2 groups."""
     spans = [(t0, min(t0 + 8, num_tokens)) for t0 in range(0, num_tokens, 8)]
@@ -113,7 +99,6 @@ def test_cuda_streams_every_group_and_equals_colocated(
     """Issue 17's GPU check, small: the fused CUDA pass runs the group hooks (engine/
     triton_layers.py), a 1-token last chunk (a CUDA graph replay: no hook runs) still sends
     every group (LayerStreamer.end_step), and the tokens equal a colocated CUDA engine's."""
-    monkeypatch.setenv("PDSERVE_UNVERIFIED_CUDA_LAYERWISE", "1")
     d, p, parts = workers(proxy, make_worker, device="cuda")
     assert p.engine.runner.attention_backend == "triton"
     colocated = tiny_engine(device="cuda", **CHUNKED)
