@@ -58,9 +58,22 @@ class _InStep:
 
 
 def layer_groups(num_layers: int, num_groups: int) -> list[tuple[int, int]]:
-    """`[start, end)` of each group: `num_groups` near-equal runs of consecutive layers."""
+    """`[start, end)` of each group of consecutive layers, tapered at both ends: group sizes
+    weighted 1, 2, 4, 4, ..., 4, 2, 1 (30 layers in 6 groups: 2, 4, 9, 9, 4, 2). What the
+    overlap cannot hide is the first group's compute (before anything can leave; it counts
+    when the link is the slower phase) and the last group's send (after the last layer; it
+    counts when the prefill is): small end groups shrink both, with the per-part cost of only
+    `num_groups` parts. Two groups or fewer, or too few layers to taper: near-equal runs."""
     n = max(1, min(num_groups, num_layers))
-    bounds = [round(i * num_layers / n) for i in range(n + 1)]
+    weights = [2 ** min(i, n - 1 - i, 2) for i in range(n)]
+    if n < 3 or num_layers < 2 * n:
+        weights = [1] * n
+    marks = list(itertools.accumulate(weights))
+    bounds = [0]
+    for i, mark in enumerate(marks):  # rounded cumulative shares, each group >= 1 layer
+        left = n - 1 - i
+        bounds.append(min(max(round(num_layers * mark / marks[-1]), bounds[-1] + 1),
+                          num_layers - left))
     return list(itertools.pairwise(bounds))
 
 
