@@ -142,3 +142,33 @@ def test_plan_cluster_replays_a_bench_result(profile_path: str, tmp_path: Path,
     bad.write_text('{"configs": []}')
     assert main(["plan", "cluster", "--profile", profile_path, "--bench-result", str(bad)]) == 2
     assert "--bench-result" in capsys.readouterr().err
+
+
+def test_synthetic_rates_run_long_enough_for_a_steady_state(profile_path: str) -> None:
+    """A burst of --num-prompts that the batches absorb says nothing of a rate: each rate gets
+    at least --min-duration of arrivals (more draws from the same distributions)."""
+    from deploy.plan_cli import (
+        PlanClusterConfig,
+        _dataset_config,
+        default_rates,
+        workload_factory,
+    )
+    from planner.profile import StepTimes
+
+    def factory(*flags: str) -> tuple:
+        args = build_parser().parse_args(["plan", "cluster", "--profile", profile_path,
+                                          "--num-devices", "2", *WORKLOAD, *flags])
+        return workload_factory(dataclass_from_args(PlanClusterConfig, args),
+                                _dataset_config(args))
+    at, sample, _ = factory("--min-duration", "20s")
+    assert len(sample) == 30
+    assert len(at(0.5)) == 30  # 10 s of arrivals need fewer than --num-prompts
+    reqs = at(4.0)
+    assert len(reqs) == 80 and reqs[-1].arrival_s > 15.0
+    assert all(200 <= r.prompt_tokens <= 400 and r.output_tokens == 16 for r in reqs)
+    assert len(factory("--min-duration", "0")[0](4.0)) == 30
+    # default rates count decode work too: longer outputs, lower rates
+    times = StepTimes(small_profile())
+    short = default_rates(times, sample, 2)
+    longer = [r.__class__(r.arrival_s, r.prompt_tokens, 400) for r in sample]
+    assert max(default_rates(times, longer, 2)) < max(short) / 2
