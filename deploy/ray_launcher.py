@@ -86,7 +86,7 @@ def _start_local(ray: Any, namespace: str, log_to_driver: bool) -> Any:
 
 def remove_deployment(ray: Any, config: RayConfig, timeout_s: float = 10.0) -> list[str]:
     """Stop the proxy gracefully (workers get Shutdown), kill every actor of the deployment's
-    namespace and remove its placement group. Returns the names of the actors removed."""
+    namespace and remove its placement groups. Returns the names of the actors removed."""
     from ray.util.placement_group import get_placement_group, remove_placement_group
 
     names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
@@ -160,7 +160,7 @@ class RayDeployment:
         finally:
             if not (is_up and self.config.detach):
                 removed = remove_deployment(self.ray, self.config)
-                log.info("removed %d actor(s) and the placement group of %r", len(removed),
+                log.info("removed %d actor(s) and the placement groups of %r", len(removed),
                          self.config.deployment_name)
             self.ray.shutdown()
 

@@ -29,8 +29,8 @@ def add_status_parsers(sub: argparse._SubParsersAction) -> None:
                         "(default: $OPENAI_API_KEY).")
     s.add_argument("--json", action="store_true", help="Print the joined view as JSON.")
     s.set_defaults(func=cmd_status)
-    t = sub.add_parser("stop", help="Remove a Ray deployment: its actors and placement group.",
-                       description="Remove a Ray deployment: its actors and placement group.")
+    t = sub.add_parser("stop", help="Remove a Ray deployment: its actors and placement groups.",
+                       description="Remove a Ray deployment: its actors and placement groups.")
     _add_target_args(t)
     t.set_defaults(func=cmd_stop)
 
@@ -54,7 +54,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
         print(f"pdserve: no deployment named {config.deployment_name!r} is running")
         return 1
     print(f"pdserve: stopped {config.deployment_name!r}: removed {', '.join(removed)} "
-          f"and its placement group")
+          f"and its placement groups")
     return 0
 
 
