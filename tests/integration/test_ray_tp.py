@@ -11,6 +11,7 @@ resources and the flags (3 ranks x --cpus-per-worker 2 on nodes of 4 and 1 CPUs)
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -115,6 +116,16 @@ def test_p1_d3_on_ray_serves_the_local_engines_tokens(deployment: Server,
     assert group["strategy"] == "STRICT_PACK" and len(group["bundles"]) == 3, group
     assert set(group["bundles_to_node_id"].values()) == {cluster[1]}
     assert f"{NAME}-workers" in groups  # the prefill worker (TP 1) in the shared group
+    # `pdserve status` lists the rank actors under their worker, not as workers of their own
+    out = subprocess.run([sys.executable, "-m", "deploy.cli", "status", "--address", cluster[0],
+                          "--deployment-name", NAME, "--json"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    view = {w["worker_id"]: w for w in json.loads(out.stdout)["workers"]}
+    assert sorted(view) == ["decode-0", "prefill-0"], sorted(view)
+    ranks = view["decode-0"]["rank_actors"]
+    assert [(r["rank"], r["pid"], r["actor_state"]) for r in ranks] == [
+        (1, decode["rank_pids"][1], "ALIVE"), (2, decode["rank_pids"][2], "ALIVE")], ranks
 
 
 def test_killing_a_rank_actor_takes_its_worker_down_and_ray_restarts_it(
