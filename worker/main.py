@@ -56,18 +56,15 @@ WorkerClass = Callable[[WorkerConfig, LLMEngine], WorkerBase]
 
 
 def refuse_tensor_parallel(engine: EngineConfig, worker: WorkerConfig) -> None:
-    """A tensor-parallel worker's ranks exchange KV over the ZMQ transport, whole prompts only:
-    NCCL pairs and layer-wise streaming are not routed per rank yet."""
+    """A tensor-parallel worker's ranks exchange KV over the ZMQ transport (whole or layer-wise):
+    NCCL pairs are not routed per rank yet."""
     tp = engine.tensor_parallel_size
     if tp == 1:
         return
     if worker.kv.transport != "zmq":
         raise ConfigError(f"--tensor-parallel-size {tp} with --transport {worker.kv.transport}: "
                           f"tensor-parallel workers send KV per rank over --transport zmq only")
-    if worker.kv.kv_streaming != "whole":
-        raise ConfigError(f"--tensor-parallel-size {tp} with --kv-streaming "
-                          f"{worker.kv.kv_streaming}: tensor-parallel workers send whole prompts "
-                          f"only (--kv-streaming whole)")
+
 
 
 def build_worker(worker_class: WorkerClass, worker_cfg: WorkerConfig,
