@@ -93,8 +93,8 @@ class PrefillWorker(WorkerBase):
             if self.stream is not None and self.stream.cancel(request_id):
                 take_out(self.engine.scheduler, job.seq)  # blocks freed by the outcome
                 return
-            self.routes.forget(request_id)
-            if self.engine.scheduler.abort(request_id) is not None:
+            if self.engine.scheduler.abort(request_id) is not None:  # nothing on the wire yet
+                self.routes.forget(request_id)
                 del self.jobs[request_id]
 
     def holds(self, request_id: str) -> bool:

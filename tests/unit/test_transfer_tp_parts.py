@@ -7,8 +7,8 @@ part, and each decode rank ends bit-exactly with its heads. A route with a hole,
 its route's last, one route too many or counts that disagree fail the reservation with a typed
 error; routes whose heads overlap fail it with IncompatibleKv.
 
-The receiving end of `--kv-streaming layerwise` with TP workers; the serving path does not send
-such streams yet (the workers refuse the flag with TP)."""
+The receiving end of `--kv-streaming layerwise` with TP workers (the sending end:
+prefill/layer_stream.py; served end to end in tests/integration/test_pd_tp_serving.py)."""
 
 from __future__ import annotations
 
