@@ -110,3 +110,17 @@ def test_layerwise_streaming_between_tp_sizes_serves_the_colocated_tokens(
                timeout_s=300) as server:
         _serves_reference_tokens(server, reference)
         assert server.metric("pdserve:kv_transfer_bytes_total") > 0
+
+
+def test_layerwise_streaming_of_chunked_prompts_from_tp_ranks() -> None:
+    """P3 -> D1 layer-wise with 16-token chunks: a prompt of several chunks streams each chunk's
+    groups from every prefill rank; its greedy tokens equal an engine's prefilling the same
+    chunks."""
+    chunked = LLMEngine.from_config(EngineConfig(kv_cache_memory="32MiB", max_model_len=512,
+                                                 max_num_batched_tokens=16), log_plan=False)
+    with serve(*ARGS, "--prefill-tp", "3", "--kv-streaming", "layerwise",
+               "--max-num-batched-tokens", "16", timeout_s=300) as server:
+        for _ in range(2):  # the second turn streams its prefix-cache hit first
+            assert _complete(server, PROMPTS[1], PARAMS[0]) == _want(chunked, PROMPTS[1],
+                                                                     PARAMS[0])
+        assert server.wait_idle_blocks() == 0
