@@ -29,7 +29,6 @@ from engine.checkpoint import read_model_config, resolve_model_path
 from engine.config import ConfigError, EngineConfig
 from engine.memory_plan import plan_kv_cache
 from engine.tokenizer import Tokenizer
-from prefill.layer_stream import check_device
 from protocol.auth import AuthError, generate_secret, load_secret, secret_env
 from proxy.app import ProxyConfig, build_app, http_rejections
 from proxy.cluster import ClusterClient
@@ -260,10 +259,6 @@ class LocalDeployment:
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         widths = [self.serve.tp_of(role, self.engine.tensor_parallel_size) for role, _ in roles]
         devices = worker_devices(widths, count)
-        if self.serve.kv.kv_streaming == "layerwise":  # fail here, not in a worker's log
-            for (role, _), device in zip(roles, devices, strict=True):
-                if role == "prefill":
-                    check_device(torch.device(device))
         for (role, wid), device, cores in zip(roles, devices, cpus, strict=True):
             self.commands[wid] = worker_command(role, wid, events_address, self.serve,
                                                 self.engine_args, device, threads, cores)

@@ -55,6 +55,11 @@ class PlanClusterConfig:
         "parse": parse_seconds, "help": "Added to a remote request's TTFT (hops)."})
     local_overhead: float = field(default=0.0, metadata={
         "parse": parse_seconds, "help": "Added to a local request's TTFT."})
+    step_overhead: float = field(default=0.0, metadata={
+        "parse": parse_seconds,
+        "help": "Serving time per model step that the profile's bare engine steps leave out "
+                "(scheduling, streaming tokens to the proxy), e.g. 5ms; "
+                "`python -m bench.plan_validate --calibrate CONFIG` fits it on a measured run."})
     transfer_gbps: float = field(default=0.0, metadata={
         "help": "KV transfer rate in GB/s measured elsewhere (e.g. NCCL between two GPUs, "
                 "bench/transfer.py --nccl); 0: the profile's measurement for --transport."})
@@ -178,7 +183,7 @@ def cmd_plan_cluster(args: argparse.Namespace) -> int:
     dataset = _dataset_config(args)
     try:
         profile = Profile.load(cfg.profile)
-        times = StepTimes(profile)
+        times = StepTimes(profile, cfg.step_overhead)
         transport = cfg.transport or ("nccl" if "nccl" in times.measured_transports()
                                       else "stream")
         base = ClusterSpec(1, 1, "remote", cfg.slo_ttft, cfg.slo_tpot, transport,

@@ -6,13 +6,14 @@ nothing of it) runs right after that layer has written its K/V for the step, and
 part per prompt in the step on the outbox (kv_outbox.py): the step's tokens of that chunk x the
 group's layers. The outbox's lane thread sends it while the following layers compute (CPU:
 torch releases the GIL in its kernels; CUDA: the part carries an event recorded on the compute
-stream after the group, and the lane waits on it before reading; refused on CUDA for now:
-`check_device`). A step that ran its layers without their hooks (a CUDA graph replay of
-1-token chunks; any forward pass that does not call each layer as a module) still sends every
-group: `end_step` queues the groups whose hook did not run, after the step. Parts go in order,
-each an ordinary transfer with `meta["kv_part"] = [index, is_last]` (transfer/endpoint/parts.py);
-the decode worker's receiver writes each as it lands and completes the reservation after the
-last (once every layer has every token: it refuses a stream with a hole).
+stream after the group, and the lane waits on it before reading; checked on an H100:
+bench/results/stream_equal_h100_hookfix_2026-12-06.json). A step that ran its layers without
+their hooks (a CUDA graph replay of 1-token chunks; any forward pass that does not call each
+layer as a module) still sends every group: `end_step` queues the groups whose hook did not
+run, after the step. Parts go in order, each an ordinary transfer with
+`meta["kv_part"] = [index, is_last]` (transfer/endpoint/parts.py); the decode worker's receiver
+writes each as it lands and completes the reservation after the last (once every layer has
+every token: it refuses a stream with a hole).
 
 Order of a request's parts: its prefix-cache hit first (tokens `[0, num_cached)`, all layers,
 queued when its first computed chunk starts), then chunk by chunk and group by group; the last
@@ -35,14 +36,12 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from engine.config import ConfigError
 from engine.kv_spec import KvSpec
 from engine.model_runner import ModelRunner, ScheduledSeq
 from engine.scheduler import Scheduler
@@ -94,9 +93,22 @@ class Chunk:
 
 
 def layer_groups(num_layers: int, num_groups: int) -> list[tuple[int, int]]:
-    """`[start, end)` of each group: `num_groups` near-equal runs of consecutive layers."""
+    """`[start, end)` of each group of consecutive layers, tapered at both ends: group sizes
+    weighted 1, 2, 4, 4, ..., 4, 2, 1 (30 layers in 6 groups: 2, 4, 9, 9, 4, 2). What the
+    overlap cannot hide is the first group's compute (before anything can leave; it counts
+    when the link is the slower phase) and the last group's send (after the last layer; it
+    counts when the prefill is): small end groups shrink both, with the per-part cost of only
+    `num_groups` parts. Two groups or fewer, or too few layers to taper: near-equal runs."""
     n = max(1, min(num_groups, num_layers))
-    bounds = [round(i * num_layers / n) for i in range(n + 1)]
+    weights = [2 ** min(i, n - 1 - i, 2) for i in range(n)]
+    if n < 3 or num_layers < 2 * n:
+        weights = [1] * n
+    marks = list(itertools.accumulate(weights))
+    bounds = [0]
+    for i, mark in enumerate(marks):  # rounded cumulative shares, each group >= 1 layer
+        left = n - 1 - i
+        bounds.append(min(max(round(num_layers * mark / marks[-1]), bounds[-1] + 1),
+                          num_layers - left))
     return list(itertools.pairwise(bounds))
 
 
@@ -108,18 +120,6 @@ def take_out(scheduler: Scheduler, seq: Sequence) -> None:
     else:
         scheduler.abort(seq.seq_id)
 
-
-def check_device(device: torch.device) -> None:
-    """Refuse a device where layer-wise streaming is not known to be correct. On CUDA (an H100,
-    2026-12-06, bench/stream_equal.py) greedy tokens after the first differed from `whole` and
-    the bytes reported per request were one group's (bench/results/
-    stream_equal_h100_2026-12-06.json, crossnode_layerwise_h100_loopback_2026-12-06.md): until
-    the cause is found and a GPU run shows equal tokens, CUDA workers send KV whole.
-    `PDSERVE_UNVERIFIED_CUDA_LAYERWISE=1` lets a developer run it there to find the cause."""
-    if device.type == "cuda" and os.environ.get("PDSERVE_UNVERIFIED_CUDA_LAYERWISE") != "1":
-        raise ConfigError("--kv-streaming layerwise is not supported on CUDA devices yet (a GPU "
-                          "check gave tokens different from --kv-streaming whole); use "
-                          "--kv-streaming whole (the default) on GPUs")
 
 
 class LayerStreamer:

@@ -19,7 +19,7 @@ from engine.llm_engine import LLMEngine
 from engine.sequence import Sequence
 from engine.tp_group import TpError
 from prefill.kv_outbox import KvOutbox, TransferOutcome
-from prefill.layer_stream import Chunk, LayerStreamer, StreamDest, check_device, take_out
+from prefill.layer_stream import Chunk, LayerStreamer, StreamDest, take_out
 from prefill.tp_outbox import RoutedOutbox
 from prefill.tp_rank import PrefillRankService
 from protocol import prefill_ctrl as ctrl
@@ -45,8 +45,6 @@ class PrefillWorker(WorkerBase):
     role = "prefill"
 
     def __init__(self, config: WorkerConfig, engine: LLMEngine) -> None:
-        if config.kv.kv_streaming == "layerwise":
-            check_device(engine.runner.device)  # before any socket is bound
         super().__init__(config, engine, ctrl.PREFILL_CTRL)
         self.jobs: dict[str, Job] = {}  # admitted, not yet acked
         self.kv = KvOutbox(self.ctx, self.kv_cache, config.kv, security=self.auth,

@@ -60,6 +60,14 @@ def test_plan_cluster_json(profile_path: str, capsys: pytest.CaptureFixture[str]
     for c in doc["configs"]:
         assert [p["rate"] for p in c["points"]] == [0.5, 1, 2, 4]
         assert all(0 <= p["attainment"] <= 1 for p in c["points"])
+    # a per-step serving overhead makes every predicted TPOT longer by it
+    assert main(["plan", "cluster", "--profile", profile_path, "--num-devices", "2",
+                 "--json", "--step-overhead", "7ms", *WORKLOAD]) == 0
+    slower = json.loads(capsys.readouterr().out)
+    for c, s in zip(doc["configs"], slower["configs"], strict=True):
+        for p, q in zip(c["points"], s["points"], strict=True):
+            if p["tpot_p50_s"] is not None:
+                assert q["tpot_p50_s"] > p["tpot_p50_s"] + 0.005
 
 
 def test_plain_plan_still_prints_the_kv_plan(capsys: pytest.CaptureFixture[str]) -> None:
@@ -75,6 +83,7 @@ def test_plain_plan_still_prints_the_kv_plan(capsys: pytest.CaptureFixture[str])
     (["--input-len", "uniform:9:3"], "uniform"),
     (["--placements", "remote,elsewhere"], "--placements"),
     (["--num-devices", "0"], "--num-devices"),
+    (["--step-overhead", "-3ms"], "--step-overhead"),
 ])
 def test_parse_errors_name_the_flag(profile_path: str, argv: list[str], flag: str,
                                     capsys: pytest.CaptureFixture[str]) -> None:
