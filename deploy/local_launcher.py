@@ -144,7 +144,8 @@ class ServeConfig:
 
     def check_tp(self, engine_tp: int) -> None:
         """Tensor-parallel workers exchange KV rank to rank (transfer/convert/tp_routes.py) over
-        the ZMQ transport, whole prompts only: refuse what is not routed per rank yet."""
+        the ZMQ transport (whole prompts or layer-wise streams): refuse what is not routed per rank
+        yet."""
         for role, flag, is_used in (("prefill", "--prefill-tp", self.num_prefill > 0),
                                     ("decode", "--decode-tp", not self.colocated)):
             tp = self.tp_of(role, engine_tp)
@@ -155,11 +156,6 @@ class ServeConfig:
                     f"{flag} / --tensor-parallel-size {tp} with --transport "
                     f"{self.kv.transport}: tensor-parallel {role} workers exchange KV per rank "
                     f"over --transport zmq only (NCCL pairs are not routed per rank yet)")
-            if self.kv.kv_streaming != "whole":
-                raise ConfigError(
-                    f"{flag} / --tensor-parallel-size {tp} with --kv-streaming "
-                    f"{self.kv.kv_streaming}: tensor-parallel {role} workers send whole "
-                    f"prompts only (--kv-streaming whole)")
 
     def worker_ids(self) -> list[tuple[str, str]]:
         """(role, worker id) of every worker: `prefill-<i>` then `decode-<i>` (also Ray actor

@@ -20,6 +20,13 @@ queued when its first computed chunk starts), then chunk by chunk and group by g
 group of the last chunk is held back until the first token is sampled and goes last, with the
 first token in its meta (`finish`), exactly where a whole transfer would have carried it.
 
+Tensor parallelism (either side): each prefill rank streams its own heads to the decode ranks
+that hold them, every part once per route (transfer/convert/tp_routes.py), carrying the route
+count beside its part marker (transfer/endpoint/parts.py). Rank 0 tells its followers each
+step's streaming chunks before the step and each stream's end (protocol/tp_ranks.py
+StreamStep/StreamEnd); their own streamer (prefill/tp_rank.py) hooks their own layers, so the
+parts of every rank leave while the layers compute. Only the first token's meta is rank 0's.
+
 Ownership: as with a whole transfer, the blocks stay the worker's until the request's single
 outcome (kv_outbox.py); the worker does not free a streaming request's blocks before that, even
 on an abort (`cancel` queues the end of the stream; the outcome follows the parts queued).
@@ -29,28 +36,56 @@ from __future__ import annotations
 
 import itertools
 import logging
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from engine.llm_engine import LLMEngine
-from engine.model_runner import ScheduledSeq
+from engine.kv_spec import KvSpec
+from engine.model_runner import ModelRunner, ScheduledSeq
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
 from prefill.kv_outbox import KvOutbox
 from protocol import prefill_ctrl as ctrl
-from transfer.endpoint.parts import part_meta
+from transfer.convert.tp_routes import rank_spec, sends_of
+from transfer.endpoint.parts import part_meta, routes_meta
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class _InStep:
-    """A prompt in the step being computed: its request, the chunk's tokens, whether it is the
-    prompt's last chunk (then its last group waits for the first token)."""
+@dataclass(frozen=True)
+class StreamDest:
+    """Where one request's KV goes: the decode worker's rank-0 spec, its ranks' KV addresses
+    (rank 0 first; one without TP has one) and the reservation's token."""
 
-    msg: ctrl.Prefill
+    request_id: str
+    kv_spec: KvSpec
+    addresses: list[str]
+    kv_token: str = ""
+
+    @classmethod
+    def of(cls, msg: ctrl.Prefill) -> StreamDest:
+        return cls(msg.request_id, msg.kv_spec, list(msg.kv_rank_addresses) or [msg.kv_address],
+                   msg.kv_token)
+
+
+@dataclass(frozen=True)
+class _Target:
+    """One receiver of a request's parts: with TP (either side) one route of this rank."""
+
+    address: str
+    spec: KvSpec
+    heads: tuple[int, int] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Chunk:
+    """A prompt in the step being computed: where its KV goes, the chunk's tokens, whether it
+    is the prompt's last chunk (then its last group waits for the first token)."""
+
+    dest: StreamDest
     block_table: list[int]
     token_start: int
     token_end: int
@@ -88,18 +123,22 @@ def take_out(scheduler: Scheduler, seq: Sequence) -> None:
 
 
 class LayerStreamer:
-    def __init__(self, engine: LLMEngine, outbox: KvOutbox, num_groups: int) -> None:
-        layers = engine.runner.model.model.layers
-        self.outbox = outbox
+    def __init__(self, runner: ModelRunner, outbox: KvOutbox, num_groups: int, rank: int = 0,
+                 tp_size: int = 1, on_end: Callable[[str, bool], None] | None = None) -> None:
+        """Stream the KV of `runner`'s cache (TP rank `rank` of `tp_size`) through `outbox`;
+        `on_end(request_id, is_cancel)`: rank 0 tells its followers a stream's end."""
+        layers = runner.model.model.layers
+        self.outbox, self.rank, self.tp_size, self.on_end = outbox, rank, tp_size, on_end
         self.num_layers = len(layers)
         self.groups = layer_groups(self.num_layers, num_groups)
-        self.device = engine.runner.device
-        self._in_step: list[_InStep] = []
+        self.device = runner.device
+        self._in_step: list[Chunk] = []
         self._sent_groups: set[tuple[int, int]] = set()  # groups queued by their hook this step
         self._is_bypass_logged = False
         self._num_parts: dict[str, int] = {}  # parts queued per streaming request
-        self._final_chunk: dict[str, _InStep] = {}  # the last chunk, until `finish`
-        self._address: dict[str, str] = {}  # the decode worker's KV address per request
+        self._final_chunk: dict[str, Chunk] = {}  # the last chunk, until `finish`
+        self._targets: dict[str, list[_Target]] = {}  # where each request's parts go
+        self.new_requests: list[str] = []  # the requests the last `begin_chunks` saw first
         self._hooks = [layers[group[1] - 1].register_forward_hook(self._hook(group))
                        for group in self.groups]
 
@@ -107,26 +146,55 @@ class LayerStreamer:
         """Whether this request streamed its last chunk (then `finish` sends its last part)."""
         return request_id in self._final_chunk
 
-    def begin_step(self, batch: list[ScheduledSeq], msgs: dict[str, ctrl.Prefill]) -> None:
-        """Before the model runs `batch`: note the prompts whose chunks stream (`msgs`: the
-        live, not aborted requests by id); queue a prefix-cache hit first."""
-        self._in_step, self._sent_groups = [], set()
+    def targets(self, request_id: str) -> int:
+        """How many receivers (TP routes) a streaming request's parts go to."""
+        return len(self._targets.get(request_id, ()))
+
+    def begin_step(self, batch: list[ScheduledSeq], dests: dict[str, StreamDest]) -> list[Chunk]:
+        """Before the model runs `batch`: note the prompts whose chunks stream (`dests`: the
+        live, not aborted requests by id); queue a prefix-cache hit first. The chunks noted."""
+        chunks = []
         for s in batch:
-            seq, msg = s.seq, msgs.get(s.seq.seq_id)
-            if msg is None or s.num_tokens == 0 or seq.num_computed_tokens >= seq.num_prompt_tokens:
+            seq, dest = s.seq, dests.get(s.seq.seq_id)
+            is_done = seq.num_computed_tokens >= seq.num_prompt_tokens
+            if dest is None or s.num_tokens == 0 or is_done:
                 continue
             start = seq.num_computed_tokens
             end = min(start + s.num_tokens, seq.num_prompt_tokens)
-            chunk = _InStep(msg, list(seq.block_table), start, end,
-                            end == seq.num_prompt_tokens)
-            if seq.seq_id not in self._num_parts and start > 0:  # cached tokens go first
-                # (on CUDA after the steps enqueued so far: they may have written those blocks)
-                self._queue(chunk, 0, start, (0, self.num_layers), {}, is_last=False,
-                            ready=self._ready_event())
-            self._num_parts.setdefault(seq.seq_id, 0)
+            chunks.append(Chunk(dest, list(seq.block_table), start, end,
+                                end == seq.num_prompt_tokens))
+        self.begin_chunks(chunks)
+        return chunks
+
+    def begin_chunks(self, chunks: list[Chunk]) -> None:
+        """`begin_step` given the step's streaming chunks (a follower rank gets them from rank
+        0: protocol/tp_ranks.py StreamStep)."""
+        self._in_step, self._sent_groups, self.new_requests = [], set(), []
+        for chunk in chunks:
+            rid = chunk.dest.request_id
+            if rid not in self._num_parts:
+                self._targets[rid] = self._targets_of(chunk.dest)
+                self.new_requests.append(rid)
+                if chunk.token_start > 0:  # cached tokens go first
+                    # (on CUDA after the steps enqueued so far: they may have written those blocks)
+                    self._queue(chunk, 0, chunk.token_start, (0, self.num_layers), {},
+                                is_last=False, ready=self._ready_event())
+            self._num_parts.setdefault(rid, 0)
             self._in_step.append(chunk)
             if chunk.is_final:
-                self._final_chunk[seq.seq_id] = chunk
+                self._final_chunk[rid] = chunk
+
+    def _targets_of(self, dest: StreamDest) -> list[_Target]:
+        """Without TP on either side, the decode worker's one address; else this rank's routes
+        (transfer/convert/tp_routes.py), each part carrying the route count."""
+        if self.tp_size == 1 and dest.kv_spec.tp_size == 1:
+            return [_Target(dest.addresses[0], dest.kv_spec)]
+        sends = sends_of(self.outbox.cache.spec, dest.kv_spec, self.rank)
+        if any(route.dst_rank >= len(dest.addresses) for route, _ in sends):
+            raise ValueError(f"the decode worker has {dest.kv_spec.tp_size} TP ranks but "
+                             f"{len(dest.addresses)} KV addresses")
+        return [_Target(dest.addresses[route.dst_rank], rank_spec(dest.kv_spec, route.dst_rank),
+                        route.heads, routes_meta(n)) for route, n in sends]
 
     def end_step(self, is_computed: bool = True) -> None:
         """After the model ran the step (`is_computed`: it did not fail): queue the groups whose
@@ -147,20 +215,31 @@ class LayerStreamer:
 
     def finish(self, request_id: str, meta: dict[str, Any]) -> None:
         """The first token is sampled: queue the last part (last group of the last chunk)."""
-        chunk = self._final_chunk.pop(request_id)
+        chunk = self._final_chunk.pop(request_id, None)
+        if chunk is None:  # a follower told of a stream it does not hold: nothing to send
+            return
         self._queue(chunk, chunk.token_start, chunk.token_end, self.groups[-1], meta,
                     is_last=True)
         del self._num_parts[request_id]
-        self._address.pop(request_id, None)
+        self._targets.pop(request_id, None)
+        if self.on_end is not None:
+            self.on_end(request_id, False)
 
     def cancel(self, request_id: str) -> bool:
         """The request ends before its last part (abort, failed part): end its stream. True when
-        parts were queued: the outbox still reads its blocks, and an outcome follows them."""
+        parts were queued: the outbox still reads its blocks, and an outcome follows them (one
+        per target)."""
         self._final_chunk.pop(request_id, None)
-        address = self._address.pop(request_id, None)
-        if self._num_parts.pop(request_id, 0) == 0 or address is None:
+        targets = self._targets.pop(request_id, [])
+        is_known = request_id in self._num_parts
+        if self._num_parts.pop(request_id, 0) == 0 or not targets:
+            if is_known and self.on_end is not None:
+                self.on_end(request_id, True)
             return False
-        self.outbox.end_stream(request_id, address)
+        for target in targets:
+            self.outbox.end_stream(request_id, target.address)
+        if self.on_end is not None:
+            self.on_end(request_id, True)
         return True
 
     def close(self) -> None:
@@ -193,12 +272,14 @@ class LayerStreamer:
             self._queue(chunk, chunk.token_start, chunk.token_end, group, {},
                         is_last=False, ready=ready)
 
-    def _queue(self, chunk: _InStep, token_start: int, token_end: int, layers: tuple[int, int],
+    def _queue(self, chunk: Chunk, token_start: int, token_end: int, layers: tuple[int, int],
                meta: dict[str, Any], *, is_last: bool, ready: Any = None) -> None:
-        msg = chunk.msg
-        index = self._num_parts.get(msg.request_id, 0)
-        self._num_parts[msg.request_id] = index + 1
-        self._address[msg.request_id] = msg.kv_address
-        self.outbox.send_part(msg.request_id, msg.kv_address, chunk.block_table, token_start,
-                              token_end, layers, msg.kv_spec, {**meta, **part_meta(index, is_last)},
-                              (index, is_last), ready, kv_token=msg.kv_token)
+        dest = chunk.dest
+        index = self._num_parts.get(dest.request_id, 0)
+        self._num_parts[dest.request_id] = index + 1
+        for t in self._targets.get(dest.request_id, ()):
+            self.outbox.send_part(dest.request_id, t.address, chunk.block_table, token_start,
+                                  token_end, layers, t.spec,
+                                  {**meta, **t.meta, **part_meta(index, is_last)},
+                                  (index, is_last), ready, kv_token=dest.kv_token,
+                                  head_range=t.heads)
