@@ -42,6 +42,7 @@ class Job:
     num_generated: int = 0  # output tokens produced (the first comes from the prefill)
     first_token_s: float | None = None
     finish_s: float | None = None
+    expected_first_s: float = 0.0  # when the placement rule predicted its first token
 
     @property
     def num_uncomputed(self) -> int:

@@ -173,7 +173,8 @@ class Simulation:
         job.decode = self._route()
         decode = self.decodes[job.decode]
         prediction = choose(self.mode, job.request.prompt_tokens, self._prefill_views(now),
-                            self._decode_view(job.decode), self._transfer_view(), self.slo)
+                            self._decode_view(job.decode, now), self._transfer_view(), self.slo)
+        job.expected_first_s = now + prediction.ttft_s
         if prediction.placement is Placement.LOCAL:
             job.placement = "local"
             job.chunk_cap = prediction.chunk if self.spec.chunk_caps else 0
@@ -245,7 +246,7 @@ class Simulation:
                             + prefill_seconds(self.coef, p.queued_tokens(), self.budget),
                             0, self.budget) for i, p in enumerate(self.prefills)]
 
-    def _decode_view(self, d: int) -> DecodeView:
+    def _decode_view(self, d: int, now: float) -> DecodeView:
         server = self.decodes[d]
         running = server.running + server.inbound
         local = server.prefilling + list(server.waiting)
@@ -254,10 +255,16 @@ class Simulation:
         horizon = (sum(max(1.0, min(float(j.request.output_tokens),
                                     max(self.output_len, 2.0 * j.num_generated)))
                        for j in running) / len(running)) if running else self.output_len
+        context = sum(j.context for j in running)
         local_s = prefill_seconds(self.coef, local_tokens, chunk or self.budget, len(running),
-                                  sum(j.context for j in running))
-        return DecodeView(str(d), self.coef, len(running), sum(j.context for j in running),
-                          local_s, chunk, 0, self.budget, horizon)
+                                  context)
+        # remote prompts routed here whose KV has not landed, when the rule predicted it would
+        # (local ones are in `local_s`; proxy/placer.py builds the same view)
+        joining = tuple((max(0.0, j.expected_first_s - now), j.request.prompt_tokens)
+                        for j in self.jobs if j.decode == d and j.placement == "remote"
+                        and j.expected_first_s > 0.0 and j.first_token_s is None)
+        return DecodeView(str(d), self.coef, len(running), context, local_s, chunk, 0,
+                          self.budget, horizon, joining)
 
     def _transfer_view(self) -> TransferView:
         return TransferView(self.profile.kv_bytes_per_token, self.rate,

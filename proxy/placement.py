@@ -84,6 +84,15 @@ class DecodeView:
     cached_tokens: int  # of this prompt, expected hits in its prefix cache
     max_batched_tokens: int
     horizon_tokens: float = 64.0  # output tokens its running sequences produce in all (mean)
+    # remote prefills headed to it, not landed yet: (seconds from now until its KV should land,
+    # its prompt tokens) each; they join the batch a local prefill then runs beside
+    joining: tuple[tuple[float, int], ...] = ()
+
+    def batch_during(self, until_s: float) -> tuple[int, int]:
+        """(sequences, context tokens) its batch holds by `until_s` seconds from now: those
+        running and those joining before then."""
+        landed = [tokens for at, tokens in self.joining if at < until_s]
+        return self.num_running + len(landed), self.context_tokens + sum(landed)
 
 
 @dataclass(frozen=True)
@@ -131,58 +140,62 @@ def predict_remote(num_prompt_tokens: int, prefill: PrefillView, decode: DecodeV
     own = prefill_seconds(prefill.model, uncached, prefill.max_batched_tokens)
     kv_s = num_prompt_tokens * transfer.kv_bytes_per_token / max(transfer.bytes_per_second, 1.0)
     ttft = prefill.queue_s + own + kv_s + transfer.remote_overhead_s
-    tpot = _batch_tpot(decode, num_prompt_tokens, decode.local_chunk, 0.0)
+    n, ctx = decode.batch_during(ttft)
+    tpot = _batch_tpot(decode, num_prompt_tokens, decode.local_chunk, 0.0, n, ctx)
     return Prediction(Placement.REMOTE, ttft, tpot, slo.margin(ttft, tpot),
                       slo.margin(ttft, 0.0), prefill.worker_id, 0, own)
 
 
 def predict_local(num_prompt_tokens: int, decode: DecodeView, transfer: TransferView,
                   slo: Slo) -> Prediction:
-    """The best chunk size for a local prefill on `decode` (its margin decides). With a running
-    batch, only chunks whose step stays within the TPOT SLO are tried (the smallest otherwise),
-    so no single inter-token gap breaks it."""
+    """The best chunk size for a local prefill on `decode` (its margin decides). The batch it
+    runs beside is the running one and the sequences joining it before the prefill ends
+    (`DecodeView.joining`); with such a batch, only chunks whose step stays within the TPOT SLO
+    are tried (the smallest otherwise), so no single inter-token gap breaks it."""
     uncached = max(1, num_prompt_tokens - decode.cached_tokens)
-    n, ctx = decode.num_running, decode.context_tokens
     best: Prediction | None = None
-    for chunk in _chunk_candidates(decode, uncached, slo):
+    for chunk in _chunk_candidates(decode, uncached):
+        n, ctx = decode.batch_during(decode.local_queue_s + prefill_seconds(
+            decode.model, uncached, chunk, decode.num_running, decode.context_tokens))
+        if n and chunk > CHUNKS[0] and decode.model.step_seconds(chunk, n, ctx) > slo.tpot_s:
+            continue  # a step this long would break the TPOT of the batch it runs beside
         own = prefill_seconds(decode.model, uncached, chunk, n, ctx)
         ttft = decode.local_queue_s + own + transfer.local_overhead_s
-        tpot = _batch_tpot(decode, num_prompt_tokens, chunk, own)
+        tpot = _batch_tpot(decode, num_prompt_tokens, chunk, own, n, ctx)
         cap = 0 if chunk >= decode.max_batched_tokens else chunk
         p = Prediction(Placement.LOCAL, ttft, tpot, slo.margin(ttft, tpot),
                        slo.margin(ttft, 0.0), None, cap, own)
         if best is None or p.margin > best.margin:
             best = p
-    assert best is not None  # _chunk_candidates is never empty
+    assert best is not None  # the smallest candidate is never skipped
     return best
 
 
 def _batch_tpot(decode: DecodeView, num_prompt_tokens: int, chunk: int,
-                own_prefill_s: float) -> float:
-    """The mean TPOT of the decode batch over the output tokens its sequences produce
-    (`horizon_tokens`): steps that carry a local prefill chunk (those queued on it, plus
-    `own_prefill_s` of this prompt's) take the chunked step time, the others a plain decode
-    step with this request in the batch. Chunks are capped, so each step stays short; what
-    local prefills cost the batch is how many of its steps they stretch."""
-    after = decode.model.step_seconds(0, decode.num_running + 1,
-                                      decode.context_tokens + num_prompt_tokens)
-    if not decode.num_running or not chunk:
+                own_prefill_s: float, num_seqs: int, context_tokens: int) -> float:
+    """The mean TPOT of the decode batch (`num_seqs` sequences holding `context_tokens`) over
+    the output tokens its sequences produce (`horizon_tokens`): steps that carry a local
+    prefill chunk (those queued on it, plus `own_prefill_s` of this prompt's) take the chunked
+    step time, the others a plain decode step with this request in the batch. Chunks are
+    capped, so each step stays short; what local prefills cost the batch is how many of its
+    steps they stretch."""
+    after = decode.model.step_seconds(0, num_seqs + 1, context_tokens + num_prompt_tokens)
+    if not num_seqs or not chunk:
         return after
-    during = decode.model.step_seconds(chunk, decode.num_running, decode.context_tokens)
+    during = decode.model.step_seconds(chunk, num_seqs, context_tokens)
     busy_s = decode.local_queue_s + own_prefill_s
     stretched = min(math.ceil(busy_s / max(during, 1e-6)), decode.horizon_tokens)
     horizon = max(decode.horizon_tokens, 1.0)
     return max(after, (stretched * during + (horizon - stretched) * after) / horizon)
 
 
-def _chunk_candidates(decode: DecodeView, uncached: int, slo: Slo) -> list[int]:
+def _chunk_candidates(decode: DecodeView, uncached: int) -> list[int]:
+    """Every chunk size up to the prompt (or the token budget); the whole prompt alone when
+    no sequence runs or joins, since then no step stretches anyone's TPOT."""
     limit = max(1, min(decode.max_batched_tokens, uncached))
-    chunks = [c for c in CHUNKS if c < limit] + [limit]
-    if not decode.num_running:
+    if not decode.num_running and not decode.joining:
         return [limit]
-    fits = [c for c in chunks if decode.model.step_seconds(
-        c, decode.num_running, decode.context_tokens) <= slo.tpot_s]
-    return fits or chunks[:1]
+    return [c for c in CHUNKS if c < limit] + [limit]
 
 
 def choose(mode: Placement, num_prompt_tokens: int, prefills: Sequence[PrefillView],
