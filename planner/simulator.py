@@ -42,6 +42,7 @@ from proxy.placement import (
     Slo,
     TransferView,
     choose,
+    learn_overhead,
     prefill_seconds,
 )
 
@@ -237,8 +238,8 @@ class Simulation:
         delay = (self.spec.remote_overhead_s if job.placement == "remote"
                  else self.spec.local_overhead_s)
         error = (job.first_token_s or 0.0) + delay - job.expected_first_s
-        learned = self.corrections[job.placement] + EWMA * error
-        self.corrections[job.placement] = min(max(learned, 0.0), self.slo.ttft_s)
+        self.corrections[job.placement] = learn_overhead(self.corrections[job.placement], error,
+                                                         self.slo)
 
     def _finished(self, now: float, job: Job) -> None:
         self.output_len += EWMA * (job.request.output_tokens - self.output_len)

@@ -117,7 +117,20 @@ class Prediction:
 
 TIE = 0.02
 REMOTE_FIRST = 0.25  # margin a local prefill of a whole TTFT SLO's length must win by (choose)
+CORRECTION_EWMA = 0.2  # weight of the newest first token in a placement's TTFT correction
+CORRECTION_STEP = 0.1  # the most one error counts, as a fraction of the TTFT SLO
 CHUNKS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+
+
+def learn_overhead(overhead_s: float, error_s: float, slo: Slo) -> float:
+    """The running TTFT correction of a placement after one measured first token (`error_s`:
+    measured minus predicted TTFT): a running mean (`CORRECTION_EWMA`) of the errors, each
+    counted at most `CORRECTION_STEP` x the TTFT SLO, kept within [0, the TTFT SLO]. Bounded
+    steps follow the typical error, not its tail: one request that waited behind a long step
+    the prediction left out moves the correction a little, not by a fifth of its wait."""
+    step = CORRECTION_STEP * slo.ttft_s
+    learned = overhead_s + CORRECTION_EWMA * min(max(error_s, -step), step)
+    return min(max(learned, 0.0), slo.ttft_s)
 
 
 def prefill_seconds(model: Coefficients, num_tokens: int, chunk: int, decode_seqs: int = 0,

@@ -30,6 +30,7 @@ from proxy.placement import (
     Slo,
     TransferView,
     choose,
+    learn_overhead,
 )
 
 log = logging.getLogger(__name__)
@@ -193,9 +194,7 @@ class Placer:
             if wid in self.workers:
                 self.workers[wid].pop(request_id, now)
         error = (now - placed.started) - p.ttft_s
-        bound = self.slo.ttft_s
-        corrected = self.overhead[p.placement] + EWMA * error
-        self.overhead[p.placement] = min(max(corrected, 0.0), bound)
+        self.overhead[p.placement] = learn_overhead(self.overhead[p.placement], error, self.slo)
         return error
 
     def on_finished(self, request_id: str) -> None:
