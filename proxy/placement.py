@@ -7,13 +7,16 @@ workers' step-time models (cost_model.py) and what the proxy knows they hold now
   uncached tokens in chunks of its token budget, the KV transfer (bytes / measured rate) and
   the hops; the decode batch then runs with one more sequence.
 - local: the decode worker's own queue of local prefills, then this prompt's uncached tokens
-  in chunks, each sharing a step with the running batch. Only chunk sizes whose step stays
-  within the TPOT SLO are tried (with a batch running), and the best margin wins and travels
-  to the decode worker as its prefill chunk cap. TPOT is a mean over a request's output, so
-  the batch's TPOT is the mean step time over the output tokens of its sequences
+  in chunks, each sharing a step with the batch: the running sequences and the remote prompts
+  whose KV will land before the prefill ends (`DecodeView.joining`; replayed in the planner's
+  simulator, the 2026-12-06 sweep's workload (a) showed whole-prompt local steps on an idle
+  decode worker stall the remote prompts landing during them). Only chunk sizes whose step
+  stays within the TPOT SLO are tried (with such a batch), and the best margin wins and
+  travels to the decode worker as its prefill chunk cap. TPOT is a mean over a request's
+  output, so the batch's TPOT is the mean step time over the output tokens of its sequences
   (`horizon_tokens`): so many of its steps carry chunks (of the local prefills queued there,
-  and of this one), the rest are plain decode steps; the queued local work counts against the
-  remote option too.
+  and of this one), the rest are plain decode steps; the queued local work counts against
+  the remote option too.
 The option that meets both SLOs with the larger margin (the smaller of its TTFT and TPOT
 slack, relative to the SLO) is chosen; when neither does, the one that misses by less. Margins
 within `TIE` of each other are decided by the TTFT slack. While the remote option meets both
@@ -22,6 +25,8 @@ SLOs, local must beat it by more: its first token sooner (or its margin larger) 
 since a local prefill spends decode time the batch and later arrivals need (a
 sweep on 2026-12-06 saw adaptive prefill 30-33 of 40 long prompts locally on near-equal
 margins, with the prefill worker idle and the decode batch's TPOT p90 at 264-410 ms).
+Each placement's TTFT carries a learned correction for what the prediction leaves out
+(`learn_overhead`: bounded steps, so a tail of long waits does not tilt later choices).
 Short prompts (hops and transfer cost more than the prefill) and prompts the decode worker's
 prefix cache mostly covers come out local by this rule, not by a special case; a decode worker
 near its TPOT limit sends prompts away.
