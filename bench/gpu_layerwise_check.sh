@@ -9,9 +9,8 @@
 #     the one GPU, 4k-token prompts (falls back to the unshaped testbed, then to TCP on
 #     127.0.0.1, where the machine has no ip/tc).
 #
-# The record of the 2026-12-06 H100 call (bench/results/*h100*2026-12-06*). Layer-wise is
-# refused on CUDA since (prefill/layer_stream.check_device): its modes in step 4 fail here;
-# bench/gpu_layerwise_confirm.sh is the call that decides the refusal.
+# The record of the 2026-12-06 H100 call (bench/results/*h100*2026-12-06*), which found the
+# fused-pass hook bug; bench/gpu_layerwise_confirm.sh is the check after the fix.
 #
 #   OUT=/tmp/x bash bench/gpu_layerwise_check.sh   # repository root; carry .whl and .gl_models
 set -u -o pipefail

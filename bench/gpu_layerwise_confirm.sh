@@ -8,7 +8,7 @@
 #     layerwise, layerwise with 16 groups and 512-token chunks; exit 1 when texts differ;
 #  3. KV bytes and TTFT per request, whole vs layerwise (4 and 16 groups), 4000-token prompts,
 #     over TCP on 127.0.0.1: the bytes must be equal in every mode.
-# Passing all three is what lifting the refusal (prefill/layer_stream.check_device) needs.
+# Passed on an H100, 2026-12-06 (bench/results/*hookfix*): CUDA layer-wise is no longer refused.
 #
 #   OUT=/tmp/x bash bench/gpu_layerwise_confirm.sh   # repository root; carry .whl and .gl_models
 set -u -o pipefail
@@ -16,7 +16,6 @@ OUT=${OUT:-$PWD/gpu_layerwise_confirm_out}
 mkdir -p "$OUT"
 source bench/gpu_env.sh
 MODEL=${MODEL:-.gl_models/llama3-8b-shape}
-export PDSERVE_UNVERIFIED_CUDA_LAYERWISE=1  # this run is the check the refusal waits for
 {
     date -u
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv

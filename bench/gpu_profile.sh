@@ -31,11 +31,16 @@ prof_rc=$?
 
 timeout 600 $PY -m bench.plan_validate --profile "$profile" --out-dir "$OUT" \
     --sweeps bench/results/sweep_h200x2_2026-11-22.json --transfer-gbps "$TRANSFER_GBPS" \
-    --unnamed-placement remote \
+    --unnamed-placement remote --calibrate 1p1d-nccl \
     --tag "gpu-${gpu}" --note "Profile on one ${gpu}; KV transfer ${TRANSFER_GBPS} GB/s (pdserve \
-NCCL path measured on 2xH200, transfer_nccl_h200x2_2026-11-22.json)." \
+NCCL path measured on 2xH200, transfer_nccl_h200x2_2026-11-22.json); serving overheads \
+calibrated on 1p1d-nccl at its lowest rate." \
     2>&1 | tee "$OUT/plan_validation_${gpu}.log"
 val_rc=$?
+# the calibrated serving overheads (per request, per model step) go into the predictions
+read -r REQ_OH STEP_OH < <($PY -c "import json, sys; d = json.load(open(sys.argv[1])); \
+print(f\"{d['serving_overhead_s']:.6f} {d['step_overhead_s']:.6f}\")" "$OUT/plan_validation_gpu-${gpu}_${day}.json" \
+    2>/dev/null || echo "0 0")
 
 # predictions: the sweep's prefill-heavy workload, and an interference-prone one (medium
 # prompts, long outputs), on 4 and 8 GPUs
@@ -43,7 +48,8 @@ predict() {  # name n workload-flags...
     local name=$1 n=$2
     shift 2
     timeout 300 $PY -m deploy.cli plan cluster --profile "$profile" --num-devices "$n" \
-        --slo-ttft 1s --slo-tpot 40ms --transfer-gbps "$TRANSFER_GBPS" --num-prompts 200 "$@" \
+        --slo-ttft 1s --slo-tpot 40ms --transfer-gbps "$TRANSFER_GBPS" --num-prompts 200 \
+        --remote-overhead "${REQ_OH}s" --local-overhead "${REQ_OH}s" --step-overhead "${STEP_OH}s" "$@" \
         --out "$OUT/plan_${gpu}_${name}_${n}gpu_${day}.json" \
         | tee "$OUT/plan_${gpu}_${name}_${n}gpu_${day}.txt"
 }

@@ -59,7 +59,8 @@ def spec_of(server: str, serve_args: str, transport_gbps: float,
             unnamed_placement: str = "") -> ClusterSpec:
     """The ClusterSpec of a measured configuration, from its `pdserve serve` flags;
     `unnamed_placement` stands for the placement of a run that named none (a sweep older than
-    placement, 2026-12-06, ran every prompt remote)."""
+    placement, 2026-12-06, ran every prompt remote, and its colocated workers prefilled each
+    prompt in the engine's token budget, not in the placement rule's chunk caps)."""
     argv = shlex.split(server)[1:] + shlex.split(serve_args)
     if unnamed_placement and "--placement" not in argv:
         argv += ["--placement", unnamed_placement]
@@ -67,9 +68,9 @@ def spec_of(server: str, serve_args: str, transport_gbps: float,
     serve = build_parser().parse_args(argv)
     transport = ("nccl" if serve.transport == "nccl"
                  else "frames" if serve.kv_payload == "frames" else "stream")
-    if serve.colocated:
+    if serve.colocated:  # a server older than placement ran local prompts uncapped
         return ClusterSpec(0, serve.decode, "local", serve.slo_ttft, serve.slo_tpot, transport,
-                           transfer_gbps=transport_gbps)
+                           transfer_gbps=transport_gbps, chunk_caps=not unnamed_placement)
     return ClusterSpec(serve.prefill, serve.decode, serve.placement, serve.slo_ttft,
                        serve.slo_tpot, transport, transfer_gbps=transport_gbps)
 
@@ -104,25 +105,34 @@ def _step_index(rates: list[float], goodput: float | None) -> int:
 
 
 def serving_overhead(profile: Profile, sweep: dict[str, Any], name: str, gbps: float,
-                     unnamed_placement: str = "") -> float:
-    """The serving overhead (proxy, HTTP, tokenization, hops: what bare engine steps leave out)
-    fitted on ONE measured point: configuration `name`'s lowest rate, measured minus predicted
-    TTFT p50 (>= 0). The other configurations and rates then test it."""
+                     unnamed_placement: str = "") -> tuple[float, float]:
+    """What bare engine steps leave out, fitted on ONE measured point (configuration `name`'s
+    lowest rate); the other configurations and rates then test it. Returns (per request: proxy,
+    HTTP, tokenization, hops = measured minus predicted TTFT p50; per model step: scheduling,
+    sampling's sync, streaming tokens = measured minus predicted TPOT p50), both >= 0."""
     c = next((c for c in sweep["configs"] if c["name"] == name), None)
     if c is None or not c["points"]:
         raise SystemExit(f"--calibrate {name}: no such configuration with points in the sweep "
                          f"({', '.join(x['name'] for x in sweep['configs'])})")
     spec = spec_of(c["server"], sweep["serve_args"], gbps, unnamed_placement)
-    rate = sweep["request_rates"][0]
-    pred = run_config(profile, spec, [rate], workload(sweep), sweep["slo"]["attainment"],
-                      StepTimes(profile), sweep["slo"]["ttft_s"], sweep["slo"]["tpot_s"])
-    return max(0.0, c["points"][0]["summary"]["ttft"]["median"] - pred.points[0].ttft_p50_s)
+    rate, measured = sweep["request_rates"][0], c["points"][0]["summary"]
+
+    def predict(step_s: float) -> Any:
+        return run_config(profile, spec, [rate], workload(sweep), sweep["slo"]["attainment"],
+                          StepTimes(profile, step_s), sweep["slo"]["ttft_s"],
+                          sweep["slo"]["tpot_s"]).points[0]
+    step_s = 0.0
+    tpot = (measured.get("tpot") or {}).get("median")
+    if tpot is not None and predict(0.0).tpot_p50_s is not None:
+        step_s = max(0.0, tpot - predict(0.0).tpot_p50_s)
+    return max(0.0, measured["ttft"]["median"] - predict(step_s).ttft_p50_s), step_s
 
 
 def compare(profile: Profile, sweep: dict[str, Any], gbps: float,
-            unnamed_placement: str = "", overhead_s: float = 0.0) -> dict[str, Any]:
+            unnamed_placement: str = "", overhead_s: float = 0.0,
+            step_overhead_s: float = 0.0) -> dict[str, Any]:
     rates, slo = sweep["request_rates"], sweep["slo"]
-    times, at = StepTimes(profile), workload(sweep)
+    times, at = StepTimes(profile, step_overhead_s), workload(sweep)
     configs = []
     for c in sweep["configs"]:
         spec = replace(spec_of(c["server"], sweep["serve_args"], gbps, unnamed_placement),
@@ -162,8 +172,9 @@ def markdown(doc: dict[str, Any]) -> str:
              f"taken {doc['profile_date']}). {doc['note']}", ""]
     if doc.get("calibrated_on"):
         lines += [f"Serving overhead {doc['serving_overhead_s'] * 1000:.0f} ms added to every "
-                  f"TTFT, fitted on one measured point ({doc['calibrated_on']}: measured minus "
-                  f"predicted TTFT p50); every other point tests it.", ""]
+                  f"TTFT and {doc.get('step_overhead_s', 0.0) * 1000:.1f} ms to every model "
+                  f"step, fitted on one measured point ({doc['calibrated_on']}: measured minus "
+                  f"predicted TPOT p50, then TTFT p50); every other point tests them.", ""]
     for v in doc["validations"]:
         slo = v["slo"]
         lines += [f"## {Path(v['sweep_file']).name}", "", f"SLO TTFT {slo['ttft_s']} s, TPOT "
@@ -217,16 +228,18 @@ def main(argv: list[str] | None = None) -> int:
         take_cpu_profile(path, args.budget_s, args.cpu_core)
     profile = Profile.load(str(path))
     sweeps = [(f, json.loads(Path(f).read_text())) for f in args.sweeps]
-    overhead = serving_overhead(profile, sweeps[0][1], args.calibrate, args.transfer_gbps,
-                                args.unnamed_placement) if args.calibrate else 0.0
+    overhead, step_overhead = serving_overhead(
+        profile, sweeps[0][1], args.calibrate, args.transfer_gbps,
+        args.unnamed_placement) if args.calibrate else (0.0, 0.0)
     validations = [{"sweep_file": f, **compare(profile, sweep, args.transfer_gbps,
-                                               args.unnamed_placement, overhead)}
+                                               args.unnamed_placement, overhead, step_overhead)}
                    for f, sweep in sweeps]
     doc = {"date": day, "command": "python -m bench.plan_validate " + shlex.join(
                argv if argv is not None else sys.argv[1:]),
            "profile_path": str(path), "device": profile.meta.get("device"),
            "profile_date": profile.meta.get("date"), "load_avg": os.getloadavg(),
            "note": args.note, "serving_overhead_s": overhead,
+           "step_overhead_s": step_overhead,
            "calibrated_on": f"{args.calibrate} at {sweeps[0][1]['request_rates'][0]} req/s in "
                             f"{sweeps[0][0]}" if args.calibrate else None,
            "validations": validations}

@@ -3,8 +3,8 @@
 `pdserve serve --prefill 1 --decode 1` once per flag set on 127.0.0.1, sends the same greedy
 prompts (one short, one long enough for several chunks), and compares the texts. `whole`
 runs twice: the control (random weights make greedy ties, so a device that is not
-deterministic run to run differs there too). On CUDA set PDSERVE_UNVERIFIED_CUDA_LAYERWISE=1
-(prefill/layer_stream.py refuses layer-wise there until this passes).
+deterministic run to run differs there too). Compare modes at the same chunk size
+(`--max-num-batched-tokens`): chunked prefill with other chunk sizes gives other bf16 numerics.
 
     python -m bench.stream_equal --serve-args "--model DIR --load-format dummy" [--out FILE]
 """
@@ -20,6 +20,7 @@ import urllib.request
 from pathlib import Path
 
 from bench.crossnode import start_server
+from bench.sweep import wait_ready
 
 PROMPTS = ["The capital of France is", "Once upon a time " * 300 + "In the end,"]
 
@@ -44,10 +45,16 @@ def main(argv: list[str] | None = None) -> int:
     texts: dict[str, list[str]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for mode in args.modes.split(";"):
-            proc, url = start_server(None, "remote", Path(tmp) / "serve.log",
-                                      shlex.split(args.serve_args) + shlex.split(mode))
+            log = Path(tmp) / "serve.log"
+            proc, url = start_server(None, "remote", log,
+                                     shlex.split(args.serve_args) + shlex.split(mode))
             try:
+                wait_ready(url, 300)
                 texts[mode] = [complete(url, prompt) for prompt in PROMPTS]
+            except (OSError, RuntimeError) as e:  # say why: the server's own last words
+                print(f"{mode}: {type(e).__name__}: {e}\n--- serve log (tail) ---\n"
+                      f"{log.read_text()[-4000:]}", flush=True)
+                return 2
             finally:
                 proc.send_signal(2)
                 proc.wait(60)

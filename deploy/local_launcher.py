@@ -29,7 +29,6 @@ from engine.checkpoint import read_model_config, resolve_model_path
 from engine.config import ConfigError, EngineConfig
 from engine.memory_plan import plan_kv_cache
 from engine.tokenizer import Tokenizer
-from prefill.layer_stream import check_device
 from protocol.auth import AuthError, generate_secret, load_secret, secret_env
 from proxy.app import ProxyConfig, build_app, http_rejections
 from proxy.cluster import ClusterClient
@@ -145,7 +144,8 @@ class ServeConfig:
 
     def check_tp(self, engine_tp: int) -> None:
         """Tensor-parallel workers exchange KV rank to rank (transfer/convert/tp_routes.py) over
-        the ZMQ transport, whole prompts only: refuse what is not routed per rank yet."""
+        the ZMQ transport (whole prompts or layer-wise streams): refuse what is not routed per rank
+        yet."""
         for role, flag, is_used in (("prefill", "--prefill-tp", self.num_prefill > 0),
                                     ("decode", "--decode-tp", not self.colocated)):
             tp = self.tp_of(role, engine_tp)
@@ -156,11 +156,6 @@ class ServeConfig:
                     f"{flag} / --tensor-parallel-size {tp} with --transport "
                     f"{self.kv.transport}: tensor-parallel {role} workers exchange KV per rank "
                     f"over --transport zmq only (NCCL pairs are not routed per rank yet)")
-            if self.kv.kv_streaming != "whole":
-                raise ConfigError(
-                    f"{flag} / --tensor-parallel-size {tp} with --kv-streaming "
-                    f"{self.kv.kv_streaming}: tensor-parallel {role} workers send whole "
-                    f"prompts only (--kv-streaming whole)")
 
     def worker_ids(self) -> list[tuple[str, str]]:
         """(role, worker id) of every worker: `prefill-<i>` then `decode-<i>` (also Ray actor
@@ -264,10 +259,6 @@ class LocalDeployment:
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         widths = [self.serve.tp_of(role, self.engine.tensor_parallel_size) for role, _ in roles]
         devices = worker_devices(widths, count)
-        if self.serve.kv.kv_streaming == "layerwise":  # fail here, not in a worker's log
-            for (role, _), device in zip(roles, devices, strict=True):
-                if role == "prefill":
-                    check_device(torch.device(device))
         for (role, wid), device, cores in zip(roles, devices, cpus, strict=True):
             self.commands[wid] = worker_command(role, wid, events_address, self.serve,
                                                 self.engine_args, device, threads, cores)

@@ -16,7 +16,7 @@ import math
 import shlex
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +55,11 @@ class PlanClusterConfig:
         "parse": parse_seconds, "help": "Added to a remote request's TTFT (hops)."})
     local_overhead: float = field(default=0.0, metadata={
         "parse": parse_seconds, "help": "Added to a local request's TTFT."})
+    step_overhead: float = field(default=0.0, metadata={
+        "parse": parse_seconds,
+        "help": "Serving time per model step that the profile's bare engine steps leave out "
+                "(scheduling, streaming tokens to the proxy), e.g. 5ms; "
+                "`python -m bench.plan_validate --calibrate CONFIG` fits it on a measured run."})
     transfer_gbps: float = field(default=0.0, metadata={
         "help": "KV transfer rate in GB/s measured elsewhere (e.g. NCCL between two GPUs, "
                 "bench/transfer.py --nccl); 0: the profile's measurement for --transport."})
@@ -64,6 +69,11 @@ class PlanClusterConfig:
         "help": "Replay the requests (arrivals, lengths) of a `pdserve bench` result JSON."})
     tokenizer: str | None = field(default=None, metadata={
         "help": "Sizes --dataset sharegpt prompts (default: one word = one token)."})
+    min_duration: float = field(default=30.0, metadata={
+        "parse": parse_seconds,
+        "help": "Synthetic workloads: at least this long of arrivals at every rate (more "
+                "requests than --num-prompts where a rate needs them), so that a verdict is the "
+                "cluster's steady state, not a burst its batches absorb; 0: --num-prompts."})
     burstiness: float = field(default=1.0, metadata={
         "help": "Gamma shape of the arrival gaps (1 = Poisson)."})
     seed: int = field(default=0, metadata={"help": "Seed of the lengths and the arrivals."})
@@ -143,19 +153,29 @@ def workload_factory(cfg: PlanClusterConfig, dataset: DatasetConfig
         bench_reqs = build_dataset(dataset, tokenizer, cfg.seed)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    lengths = [(r.num_prompt_tokens, r.max_tokens) for r in bench_reqs]
+    drawn = {len(bench_reqs): [(r.num_prompt_tokens, r.max_tokens) for r in bench_reqs]}
 
     def synthetic(rate: float) -> list[SimRequest]:
-        offsets = arrival_offsets(len(lengths), rate, cfg.burstiness,
-                                  np.random.default_rng(cfg.seed))
-        return [SimRequest(float(t), max(1, n), max(1, m))
-                for t, (n, m) in zip(offsets, lengths, strict=True)]
-    return synthetic, synthetic(1.0), math.inf
+        n = max(dataset.num_prompts, math.ceil(rate * cfg.min_duration))
+        if n not in drawn:  # the same distributions, more draws
+            more = build_dataset(replace(dataset, num_prompts=n), tokenizer, cfg.seed)
+            drawn[n] = [(r.num_prompt_tokens, r.max_tokens) for r in more]
+        offsets = arrival_offsets(n, rate, cfg.burstiness, np.random.default_rng(cfg.seed))
+        return [SimRequest(float(t), max(1, p), max(1, m))
+                for t, (p, m) in zip(offsets, drawn[n], strict=True)]
+    sample = [SimRequest(0.0, max(1, p), max(1, m)) for p, m in drawn[len(bench_reqs)]]
+    return synthetic, sample, math.inf
 
 
 def default_rates(times: StepTimes, requests: list[SimRequest], num_devices: int) -> list[float]:
+    """8 rates up to 1.5x what the devices could serve if each prefilled and decoded its share:
+    per request, its prefill plus its output tokens' share of full-batch decode steps."""
     mean_prompt = sum(r.prompt_tokens for r in requests) / len(requests)
-    top = 1.5 * num_devices / max(times.prefill_s(mean_prompt), 1e-6)
+    mean_output = sum(r.output_tokens for r in requests) / len(requests)
+    batch = times.profile.engine.max_num_seqs
+    per_token = times.step_s(0, 0, batch, batch * (mean_prompt + mean_output / 2)) / batch
+    per_request = times.prefill_s(mean_prompt) + mean_output * per_token
+    top = 1.5 * num_devices / max(per_request, 1e-6)
     return [float(f"{top * k / 8:.2g}") for k in range(1, 9)]
 
 
@@ -178,7 +198,7 @@ def cmd_plan_cluster(args: argparse.Namespace) -> int:
     dataset = _dataset_config(args)
     try:
         profile = Profile.load(cfg.profile)
-        times = StepTimes(profile)
+        times = StepTimes(profile, cfg.step_overhead)
         transport = cfg.transport or ("nccl" if "nccl" in times.measured_transports()
                                       else "stream")
         base = ClusterSpec(1, 1, "remote", cfg.slo_ttft, cfg.slo_tpot, transport,

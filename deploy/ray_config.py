@@ -5,11 +5,15 @@ of placement rules run without it.
 
 Names on the cluster (what `pdserve status` / `pdserve stop` look up): every deployment lives
 in the Ray namespace `--deployment-name`; its actors are named `proxy`, `prefill-<i>`,
-`decode-<i>`, its placement group `<deployment-name>-workers`.
+`decode-<i>` (a tensor-parallel worker's rank 0) and `<worker>-rank<r>` (its follower rank r),
+its placement groups `<deployment-name>-workers` (the workers without tensor parallelism, placed
+by `--placement-strategy`) and `<deployment-name>-workers/<worker>` (one per tensor-parallel
+worker: a bundle per rank, STRICT_PACK, so that its ranks share a node).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +21,9 @@ from engine.config import ConfigError
 
 PROXY_ACTOR = "proxy"
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+TP_STRATEGY = "STRICT_PACK"
+"""A tensor-parallel worker's ranks reach each other on 127.0.0.1: all its bundles on one node."""
+RANK_ACTOR = re.compile(r"^(?P<worker>.+)-rank(?P<rank>[1-9][0-9]*)$")
 ROLE_RESOURCE_AMOUNT = 0.001
 """How much of a role's custom resource one worker takes: enough to require the resource on its
 node, little enough that the amount a node declares is a marker, not a count."""
@@ -79,6 +86,14 @@ class RayConfig:
     def placement_group_name(self) -> str:
         return f"{self.deployment_name}-workers"
 
+    def worker_placement_group_name(self, worker_id: str) -> str:
+        """The placement group of one tensor-parallel worker (deployment names hold no '/')."""
+        return f"{self.placement_group_name}/{worker_id}"
+
+    def is_own_placement_group(self, name: str) -> bool:
+        return name == self.placement_group_name or name.startswith(
+            self.placement_group_name + "/")
+
     def role_resource(self, role: str) -> str | None:
         return self.prefill_resource if role == "prefill" else self.decode_resource
 
@@ -92,16 +107,14 @@ class RayConfig:
                               f"got {text!r}")
         return {key.strip(): value.strip()}
 
-    def worker_bundle(self, role: str, num_gpus: float, tp: int = 1) -> dict[str, float]:
-        """Resources of one worker's placement-group bundle (and of the actor placed in it). A
-        tensor-parallel worker of `tp` ranks takes `tp` times the CPUs and GPUs in ONE bundle:
-        a bundle lives on one node, where the worker's actor (rank 0) starts its other ranks
-        as processes of its own (the engine's TP executor), rank r on the actor's GPU r."""
+    def worker_bundle(self, role: str, num_gpus: float) -> dict[str, float]:
+        """Resources of one worker's placement-group bundle (and of the actor placed in it); a
+        tensor-parallel worker has one such bundle per rank, each holding that rank's actor."""
         bundle: dict[str, float] = {}
         if self.cpus_per_worker:
-            bundle["CPU"] = self.cpus_per_worker * tp
+            bundle["CPU"] = self.cpus_per_worker
         if num_gpus:
-            bundle["GPU"] = num_gpus * tp
+            bundle["GPU"] = num_gpus
         resource = self.role_resource(role)
         if resource:
             bundle[resource] = ROLE_RESOURCE_AMOUNT
@@ -109,6 +122,17 @@ class RayConfig:
             raise ConfigError(f"a {role} worker would reserve nothing: give --cpus-per-worker, "
                               f"--gpus-per-worker or --{role}-resource")
         return bundle
+
+
+def rank_actor_name(worker_id: str, rank: int) -> str:
+    """The Ray actor name of a tensor-parallel worker's follower rank (rank 0 is the worker)."""
+    return f"{worker_id}-rank{rank}"
+
+
+def rank_of_actor(name: str) -> tuple[str, int] | None:
+    """(worker id, rank) of a follower rank actor's name; None for any other actor."""
+    m = RANK_ACTOR.match(name)
+    return (m["worker"], int(m["rank"])) if m else None
 
 
 def resolve_node(nodes: list[dict[str, Any]], spec: str) -> str:

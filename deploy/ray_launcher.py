@@ -7,13 +7,15 @@ Start-up order (each step fails with what to do next):
 3. start the proxy actor on the head node (or `--proxy-node`) and bind its event socket on that
    node's IP (deploy/ray_proxy.py);
 4. reserve one placement-group bundle per worker (`--placement-strategy`, role pinning by
-   `--prefill-resource`/`--decode-resource` or `--prefill-label`/`--decode-label`), then start
-   one worker actor per bundle (deploy/ray_worker.py); each binds its sockets on its node's IP
-   and says Hello to the proxy;
+   `--prefill-resource`/`--decode-resource` or `--prefill-label`/`--decode-label`), and for a
+   tensor-parallel worker a group of its own with one bundle per rank, STRICT_PACK (its ranks
+   share a node); then start one worker actor per worker (deploy/ray_worker.py; a TP worker's
+   is rank 0, which starts one actor per other rank: deploy/ray_ranks.py); each binds its
+   sockets on its node's IP and says Hello to the proxy;
 5. wait for every Hello, start HTTP, print the URL and where each worker runs.
 
 Then it watches the proxy until Ctrl-C / SIGTERM (or `pdserve stop`), and removes the actors and
-the placement group. With `--detach` it exits after step 5 and `pdserve stop` removes them.
+the placement groups. With `--detach` it exits after step 5 and `pdserve stop` removes them.
 Dead workers are Ray's to restart (`--max-restarts`); the proxy fails their in-flight requests
 and routes to them again once they say Hello. A dead proxy is restarted the same way and
 recovers on its own (deploy/ray_proxy.py); the launcher waits for it.
@@ -32,7 +34,7 @@ from types import FrameType
 from typing import Any
 
 from deploy.local_launcher import ServeConfig, cluster_secret
-from deploy.ray_config import PROXY_ACTOR, RayConfig, resolve_node
+from deploy.ray_config import PROXY_ACTOR, TP_STRATEGY, RayConfig, resolve_node
 from engine.checkpoint import read_model_config
 from engine.config import ConfigError, EngineConfig
 from engine.memory_plan import plan_kv_cache
@@ -84,7 +86,7 @@ def _start_local(ray: Any, namespace: str, log_to_driver: bool) -> Any:
 
 def remove_deployment(ray: Any, config: RayConfig, timeout_s: float = 10.0) -> list[str]:
     """Stop the proxy gracefully (workers get Shutdown), kill every actor of the deployment's
-    namespace and remove its placement group. Returns the names of the actors removed."""
+    namespace and remove its placement groups. Returns the names of the actors removed."""
     from ray.util.placement_group import get_placement_group, remove_placement_group
 
     names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
@@ -99,8 +101,13 @@ def remove_deployment(ray: Any, config: RayConfig, timeout_s: float = 10.0) -> l
     for handle in handles.values():
         with contextlib.suppress(Exception):
             ray.kill(handle, no_restart=True)
+    table = {}
     with contextlib.suppress(Exception):
-        remove_placement_group(get_placement_group(config.placement_group_name))
+        table = ray.util.placement_group_table()
+    names = {pg.get("name", "") for pg in table.values() if pg.get("state") != "REMOVED"}
+    for name in sorted(n for n in names if config.is_own_placement_group(n)):
+        with contextlib.suppress(Exception):
+            remove_placement_group(get_placement_group(name))
     from deploy.ray_proxy import clear_state
 
     clear_state(config.deployment_name)
@@ -153,7 +160,7 @@ class RayDeployment:
         finally:
             if not (is_up and self.config.detach):
                 removed = remove_deployment(self.ray, self.config)
-                log.info("removed %d actor(s) and the placement group of %r", len(removed),
+                log.info("removed %d actor(s) and the placement groups of %r", len(removed),
                          self.config.deployment_name)
             self.ray.shutdown()
 
@@ -202,64 +209,99 @@ class RayDeployment:
             log.info("passing %s to every worker", ", ".join(sorted(env)))
         return {"env_vars": env} if env else None
 
-    def _bundle(self, role: str, num_gpus: float) -> dict[str, float]:
-        return self.config.worker_bundle(role, num_gpus,
-                                         self.engines[role].tensor_parallel_size)
-
-    def _placement_group(self, roles: list[str], num_gpus: float) -> Any:
+    def _placement_groups(self, roles: list[tuple[str, str]], num_gpus: float
+                          ) -> dict[str, tuple[Any, int]]:
+        """Reserve every worker's place; by worker id, its group and its (rank 0's) bundle.
+        Workers without TP share one group (`--placement-strategy`); each tensor-parallel
+        worker gets its own, a bundle per rank, STRICT_PACK (its ranks meet on 127.0.0.1)."""
         from ray.util.placement_group import placement_group
 
-        bundles = [self._bundle(role, num_gpus) for role in roles]
-        labels = [self.config.role_label(role) for role in roles]
-        extra = {"bundle_label_selector": labels} if any(labels) else {}
-        try:
-            pg = placement_group(bundles, strategy=self.config.placement_strategy,
-                                 name=self.config.placement_group_name,
-                                 lifetime=self._lifetime(), **extra)
-        except TypeError:
-            raise ConfigError(f"--prefill-label/--decode-label need Ray >= 2.49 (this is "
-                              f"{self.ray.__version__}); pin roles with --*-resource "
-                              f"instead") from None
-        try:
-            self.ray.get(pg.ready(), timeout=self.config.placement_timeout_s)
-        except self.ray.exceptions.GetTimeoutError:
-            free = {k: round(v, 3) for k, v in sorted(self.ray.available_resources().items())
-                    if not k.startswith(("node:", "memory", "object_store"))}
-            raise RuntimeError(
-                f"the cluster has no room for {len(bundles)} worker(s) with bundles {bundles} "
-                f"(strategy {self.config.placement_strategy}"
-                f"{f', labels {labels}' if any(labels) else ''}) after "
-                f"{self.config.placement_timeout_s:.0f} s; free now: {free}. A tensor-parallel "
-                f"worker's bundle holds all its ranks on one node. Add nodes, start them with "
-                f"the role resources/labels, or lower --prefill/--decode/--cpus-per-worker/"
-                f"--prefill-tp/--decode-tp") from None
-        return pg
+        plain = [(role, wid) for role, wid in roles if self.engines[role].tensor_parallel_size == 1]
+        wanted: list[tuple[str, list[str], list[dict[str, float]], str]] = []  # name, wids, ...
+        if plain:
+            wanted.append((self.config.placement_group_name, [wid for _, wid in plain],
+                           [self.config.worker_bundle(role, num_gpus) for role, _ in plain],
+                           self.config.placement_strategy))
+        for role, wid in roles:
+            tp = self.engines[role].tensor_parallel_size
+            if tp > 1:
+                wanted.append((self.config.worker_placement_group_name(wid), [wid],
+                               [self.config.worker_bundle(role, num_gpus)] * tp, TP_STRATEGY))
+        role_of = dict((wid, role) for role, wid in roles)
+        groups: dict[str, tuple[Any, int]] = {}
+        pending = []
+        for name, wids, bundles, strategy in wanted:
+            labels = [self.config.role_label(role_of[w]) for w in wids]
+            if strategy == TP_STRATEGY and len(wids) == 1:
+                labels = labels * len(bundles)
+            extra = {"bundle_label_selector": labels} if any(labels) else {}
+            try:
+                pg = placement_group(bundles, strategy=strategy, name=name,
+                                     lifetime=self._lifetime(), **extra)
+            except TypeError:
+                raise ConfigError(f"--prefill-label/--decode-label need Ray >= 2.49 (this is "
+                                  f"{self.ray.__version__}); pin roles with --*-resource "
+                                  f"instead") from None
+            groups.update({wid: (pg, i) for i, wid in enumerate(wids)})
+            pending.append((pg, wids, bundles, strategy, labels))
+        deadline = time.monotonic() + self.config.placement_timeout_s
+        no_room = []
+        for pg, wids, bundles, strategy, labels in pending:
+            try:
+                self.ray.get(pg.ready(), timeout=max(0.1, deadline - time.monotonic()))
+            except self.ray.exceptions.GetTimeoutError:
+                no_room.append(self._no_room(wids, bundles, strategy, labels))
+        if no_room:
+            raise RuntimeError("; and ".join(no_room))
+        return groups
+
+    def _no_room(self, wids: list[str], bundles: list[dict[str, float]], strategy: str,
+                 labels: list[dict[str, str]]) -> str:
+        free = {k: round(v, 3) for k, v in sorted(self.ray.available_resources().items())
+                if not k.startswith(("node:", "memory", "object_store"))}
+        where = f", labels {labels}" if any(labels) else ""
+        after = f"after {self.config.placement_timeout_s:.0f} s; free now: {free}"
+        if strategy == TP_STRATEGY and len(wids) == 1 and len(bundles) > 1:
+            total = {k: v * len(bundles) for k, v in bundles[0].items()}
+            return (f"the cluster has no room for tensor-parallel worker {wids[0]}: "
+                    f"{len(bundles)} bundles {bundles[0]} (one per rank, {TP_STRATEGY}: "
+                    f"{total} on ONE node{where}) {after}. Add a node that big, or lower "
+                    f"--prefill-tp/--decode-tp/--tensor-parallel-size or --cpus-per-worker/"
+                    f"--gpus-per-worker")
+        return (f"the cluster has no room for {len(bundles)} worker(s) with bundles {bundles} "
+                f"(strategy {strategy}{where}) {after}. Add nodes, start them with the role "
+                f"resources/labels, or lower --prefill/--decode/--cpus-per-worker")
 
     def _start_workers(self, events_address: str) -> None:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+        from deploy.ray_ranks import RayRankLauncher
         from deploy.ray_worker import WorkerActor
 
         roles = self.serve.worker_ids()
         num_gpus = self._num_gpus()
         device = "cuda" if num_gpus else "cpu"
-        engines = {role: dataclasses.replace(e, device=device) for role, e in self.engines.items()}
-        pg = self._placement_group([role for role, _ in roles], num_gpus)
+        engines = {role: dataclasses.replace(e, device=device, rank_devices="own")
+                   for role, e in self.engines.items()}
+        groups = self._placement_groups(roles, num_gpus)
         runtime_env = self._runtime_env()
-        for i, (role, wid) in enumerate(roles):
-            bundle = self._bundle(role, num_gpus)
+        num_threads = int(self.config.cpus_per_worker) if not num_gpus else 0
+        for role, wid in roles:
+            bundle = self.config.worker_bundle(role, num_gpus)
             custom = {k: v for k, v in bundle.items() if k not in ("CPU", "GPU")}
+            pg, index = groups[wid]
+            ranks = (RayRankLauncher(wid, bundle, num_threads, self.log_level, runtime_env)
+                     if engines[role].tensor_parallel_size > 1 else None)
             self.workers[wid] = self.ray.remote(WorkerActor).options(
                 name=wid, lifetime=self._lifetime(), max_restarts=self.config.max_restarts,
                 max_concurrency=4, num_cpus=bundle.get("CPU", 0), num_gpus=bundle.get("GPU", 0),
                 resources=custom, runtime_env=runtime_env,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    pg, placement_group_bundle_index=i),
+                    pg, placement_group_bundle_index=index),
             ).remote(role, WorkerConfig(worker_id=wid, events_address=events_address,
                                            kv=self.serve.kv, cluster_secret=self.secret,
                                            insecure_internal=self.secret is None),
-                     engines[role],
-                     int(self.config.cpus_per_worker) if not num_gpus else 0, self.log_level)
+                     engines[role], num_threads, self.log_level, ranks)
         log.info("loading weights in %d worker actor(s)...", len(self.workers))
 
     def _wait_for_workers(self) -> dict[str, dict]:
@@ -288,8 +330,10 @@ class RayDeployment:
     def _print_ready(self, url: str, placement: dict[str, dict]) -> None:
         proxy = self.ray.get(self.proxy.info.remote(), timeout=30)
         for wid, where in sorted(placement.items()):
+            ranks = where.get("rank_pids", [])[1:]
             print(f"pdserve: {wid} on node {where['node_id'][:12]} "
-                  f"({where['node_ip']}, pid {where['pid']})", flush=True)
+                  f"({where['node_ip']}, pid {where['pid']}"
+                  f"{f', rank actors pids {ranks}' if ranks else ''})", flush=True)
         print(f"pdserve: serving {self.engine.model} on {url} ({self.serve.num_prefill} prefill + "
               f"{self.serve.decode} decode, {self.serve.kv.transport}, Ray deployment "
               f"{self.config.deployment_name!r}, proxy on node {proxy['node_id'][:12]})",

@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 import uvicorn
 
 from deploy.local_launcher import ServeConfig, cluster_config, load_tokenizer, proxy_config
-from deploy.ray_worker import setup_actor_logging, where_am_i
+from deploy.ray_env import setup_actor_logging, where_am_i
 from proxy.app import build_app, http_rejections
 from proxy.cluster import ClusterClient
 from proxy.http_server import uvicorn_config

@@ -6,24 +6,29 @@ proxy with addresses other nodes can reach. Because Ray re-runs the constructor 
 restarts a dead actor (`max_restarts`), a restarted worker says Hello again with the same
 worker id and the proxy puts it back into routing.
 
-Crash-only: if the worker loop raises, the process exits so Ray restarts it; a worker that
-cannot even start on its first try reports why through `ready()` and the launcher gives up.
+A tensor-parallel worker's actor is its rank 0: its engine starts the other ranks as actors of
+their own in the worker's placement group (`ranks`, deploy/ray_ranks.py).
+
+Crash-only: if the worker loop raises (a rank died, say), the process stops its rank actors and
+exits so Ray restarts it; a worker that cannot even start on its first try reports why through
+`ready()` and the launcher gives up.
 Ownership: the launcher (deploy/ray_launcher.py) creates and kills these actors; the proxy talks
 to the worker only over its ZMQ sockets, never through Ray.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
-import socket
-import sys
 import threading
 import warnings
 from typing import Any
 
 from decode.worker import DecodeWorker
+from deploy.ray_env import setup_actor_logging, where_am_i
+from deploy.ray_ranks import RayRankLauncher
 from engine.config import EngineConfig
 from prefill.worker import PrefillWorker
 from worker.base import WorkerBase
@@ -35,32 +40,12 @@ log = logging.getLogger("pdserve.ray.worker")
 WORKER_CLASSES = {"prefill": PrefillWorker, "decode": DecodeWorker}
 
 
-def setup_actor_logging(level: str, tag: str) -> None:
-    """Log lines of an actor go to its stderr, which Ray forwards to the driver's terminal."""
-    root = logging.getLogger()
-    if not any(getattr(h, "_pdserve", False) for h in root.handlers):
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s [{tag}] "
-                                               f"%(name)s: %(message)s"))
-        handler._pdserve = True  # type: ignore[attr-defined]
-        root.addHandler(handler)
-    root.setLevel(level.upper())
-
-
-def where_am_i() -> dict[str, Any]:
-    """This actor's node id, node IP, host name and pid (the topology view's placement columns)."""
-    import ray
-
-    ctx = ray.get_runtime_context()
-    return {"node_id": ctx.get_node_id(), "node_ip": ray.util.get_node_ip_address(),
-            "hostname": socket.gethostname(), "pid": os.getpid()}
-
-
 class WorkerActor:
     def __init__(self, role: str, worker_config: WorkerConfig, engine_config: EngineConfig,
-                 num_threads: int, log_level: str = "INFO") -> None:
+                 num_threads: int, log_level: str = "INFO",
+                 ranks: RayRankLauncher | None = None) -> None:
         """`engine_config` has the GPU profile (if any) applied and the device set by the
-        launcher."""
+        launcher; `ranks` starts a tensor-parallel engine's follower ranks."""
         import ray
 
         self.role, self.worker_id = role, worker_config.worker_id
@@ -74,6 +59,7 @@ class WorkerActor:
         if num_threads > 0:
             import torch
             torch.set_num_threads(num_threads)
+        self.ranks = ranks
         self.worker: WorkerBase | None = None
         self.error: str | None = None
         self._built = threading.Event()
@@ -85,7 +71,8 @@ class WorkerActor:
 
     def _main(self, engine_config: EngineConfig) -> None:
         try:
-            worker = build_worker(WORKER_CLASSES[self.role], self.config, engine_config)
+            worker = build_worker(WORKER_CLASSES[self.role], self.config, engine_config,
+                                  self.ranks)
         except Exception as e:
             self.error = f"{type(e).__name__}: {e}"
             self._built.set()
@@ -99,6 +86,8 @@ class WorkerActor:
             worker.run()
         except BaseException:
             log.exception("worker loop crashed; exiting so that Ray restarts this actor")
+            with contextlib.suppress(BaseException):
+                worker.engine.close()  # its rank actors go first (Ray would end them anyway)
             os._exit(1)
         worker.close()
 
@@ -110,7 +99,8 @@ class WorkerActor:
         if self.error:
             raise RuntimeError(f"{self.role} worker {self.worker_id} on node "
                                f"{self.where['node_ip']} cannot start: {self.error}")
-        return self.where
+        worker = self.worker
+        return {**self.where, "rank_pids": worker.engine.rank_pids if worker else []}
 
     def info(self) -> dict[str, Any]:
         return {**self.where, "is_ready": self._built.is_set() and not self.error,

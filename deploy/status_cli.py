@@ -2,8 +2,9 @@
 
 `status` joins two views: the proxy's (role, liveness by heartbeat, addresses, KV plan, load —
 the body of GET /status) and Ray's (node, IP, pid, actor state, restarts). With `--url` it reads
-GET /status of any running proxy, local launch included, without Ray. `stop` removes a Ray
-deployment's actors and placement group (deploy/ray_launcher.py: remove_deployment).
+GET /status of any running proxy, local launch included, without Ray. A tensor-parallel worker's
+follower rank actors are listed under it (`rank_actors`). `stop` removes a Ray deployment's
+actors and placement groups (deploy/ray_launcher.py: remove_deployment).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import json
 import os
 from typing import Any
 
-from deploy.ray_config import PROXY_ACTOR, RayConfig
+from deploy.ray_config import PROXY_ACTOR, RayConfig, rank_of_actor
 
 
 def add_status_parsers(sub: argparse._SubParsersAction) -> None:
@@ -28,8 +29,8 @@ def add_status_parsers(sub: argparse._SubParsersAction) -> None:
                         "(default: $OPENAI_API_KEY).")
     s.add_argument("--json", action="store_true", help="Print the joined view as JSON.")
     s.set_defaults(func=cmd_status)
-    t = sub.add_parser("stop", help="Remove a Ray deployment: its actors and placement group.",
-                       description="Remove a Ray deployment: its actors and placement group.")
+    t = sub.add_parser("stop", help="Remove a Ray deployment: its actors and placement groups.",
+                       description="Remove a Ray deployment: its actors and placement groups.")
     _add_target_args(t)
     t.set_defaults(func=cmd_stop)
 
@@ -53,7 +54,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
         print(f"pdserve: no deployment named {config.deployment_name!r} is running")
         return 1
     print(f"pdserve: stopped {config.deployment_name!r}: removed {', '.join(removed)} "
-          f"and its placement group")
+          f"and its placement groups")
     return 0
 
 
@@ -93,10 +94,18 @@ def _from_ray(address: str | None, name: str) -> dict[str, Any] | None:
                 **ray.get(proxy.status.remote(), timeout=10)}
         names = sorted(n for n in ray.util.list_named_actors() if n != PROXY_ACTOR)
         placement = {n: _placement(ray, ray.get_actor(n, namespace=name)) for n in names}
+        ranks: dict[str, list[dict[str, Any]]] = {}  # a TP worker's follower rank actors
+        for n in names:
+            of = rank_of_actor(n)
+            if of is not None:
+                ranks.setdefault(of[0], []).append({"rank": of[1], **placement.pop(n)})
         seen = {w["worker_id"] for w in view["workers"]}
         view["workers"] = ([{**w, **placement.get(w["worker_id"], {})} for w in view["workers"]]
                            + [{"worker_id": n, "alive": False, **p}
                               for n, p in placement.items() if n not in seen])
+        for w in view["workers"]:
+            if w["worker_id"] in ranks:
+                w["rank_actors"] = sorted(ranks[w["worker_id"]], key=lambda r: r["rank"])
         return view
     finally:
         ray.shutdown()
@@ -142,4 +151,8 @@ def render(view: dict[str, Any]) -> str:
                          f"kv {w.get('kv_address')}; {w['kv_plan']}")
         if w.get("error"):
             lines.append(f"  {w['worker_id']}: cannot start: {w['error']}")
+        for r in w.get("rank_actors", []):
+            lines.append(f"  {w['worker_id']} rank {r['rank']}: node "
+                         f"{(r.get('node_id') or '?')[:12]}, pid {r.get('pid', '?')}, actor "
+                         f"{r.get('actor_state', '-')}")
     return "\n".join(lines)

@@ -145,6 +145,10 @@ class EngineConfig:
     distributed_timeout: float = field(default=120.0, metadata={
         "help": "Seconds a tensor-parallel collective may wait for another rank before the "
                 "engine fails (a dead rank on gloo is noticed at once)."})
+    rank_devices: str = "local"
+    """Where the tensor-parallel ranks' GPUs come from (set by launchers, no flag): `local`,
+    rank r of this process's ranks on cuda:(index + r), all of them visible here; `own`, each
+    rank runs where its own GPU is the current device (a Ray actor per rank)."""
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -178,8 +182,10 @@ class EngineConfig:
         if not self.distributed_timeout > 0:
             raise ConfigError(f"--distributed-timeout must be positive, got "
                               f"{self.distributed_timeout}")
+        if self.rank_devices not in ("local", "own"):
+            raise ConfigError(f"rank_devices must be local or own, got {self.rank_devices!r}")
         device = self.torch_device
-        if tp > 1 and device.type == "cuda":
+        if tp > 1 and device.type == "cuda" and self.rank_devices == "local":
             first, count = device.index or 0, torch.cuda.device_count()
             if first + tp > count:
                 raise ConfigError(
@@ -189,9 +195,9 @@ class EngineConfig:
 
     def for_rank(self, rank: int) -> EngineConfig:
         """This config as TP rank `rank` runs it: on CUDA its own GPU (the device's index +
-        rank); on CPU the same."""
+        rank); on CPU, or with `rank_devices` own, the same."""
         device = self.torch_device
-        if device.type != "cuda" or rank == 0:
+        if device.type != "cuda" or rank == 0 or self.rank_devices == "own":
             return self
         return replace(self, device=f"cuda:{(device.index or 0) + rank}")
 

@@ -32,6 +32,7 @@ from engine.sequence import Sequence
 from engine.step_stats import StepStats
 from engine.tp_executor import TpExecutor, load_rank
 from engine.tp_group import TpGroup
+from engine.tp_launch import RankLauncher
 from engine.tp_service import RankService
 
 log = logging.getLogger(__name__)
@@ -87,9 +88,12 @@ class LLMEngine:
 
     @classmethod
     def from_config(cls, config: EngineConfig, log_plan: bool = True,
-                    rank_service: RankService | None = None) -> LLMEngine:
+                    rank_service: RankService | None = None,
+                    rank_launcher: RankLauncher | None = None) -> LLMEngine:
         """Plan memory from the model's metadata first (fails fast), then load the weights.
-        `rank_service`: what each follower rank runs beside the model (engine/tp_service.py)."""
+        `rank_service`: what each follower rank runs beside the model (engine/tp_service.py);
+        `rank_launcher`: how the follower ranks start (engine/tp_launch.py; default: local
+        processes)."""
         plan = plan_kv_cache(read_model_config(config.model), config)
         if log_plan:
             log.info(plan.line())
@@ -100,7 +104,7 @@ class LLMEngine:
                          plan_kv_cache(checkpoint.config, config, checkpoint.identity))
         else:
             _set_cuda_device(config)
-            executor = TpExecutor.start(config, rank_service)
+            executor = TpExecutor.start(config, rank_service, rank_launcher)
             try:
                 checkpoint, plan = load_rank(config, executor.tp)
                 engine = cls(config, checkpoint, plan, executor.tp, executor)

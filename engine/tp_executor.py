@@ -1,11 +1,11 @@
 """Tensor-parallel ranks of one engine: rank 0 (the caller's process) starts the others.
 
-`TpExecutor.start(config)` serves a TCP store on 127.0.0.1 (a free port), spawns one process
-per follower rank (multiprocessing "spawn"; each gets its `EngineConfig.for_rank`: on CUDA
-its own GPU) and joins the process group with them (engine/tp_group.py). Every rank then
-loads only its shard (`load_rank`) and all agree on the number of KV blocks (the smallest any
-rank can hold). Followers run `serve_steps`: wait for rank 0's next command, run their share
-of the step, repeat until STOP.
+`TpExecutor.start(config)` serves a TCP store on 127.0.0.1 (a free port), starts one process
+per follower rank through its launcher (engine/tp_launch.py; by default multiprocessing "spawn";
+each gets its `EngineConfig.for_rank`: on CUDA its own GPU) and joins the process group with
+them (engine/tp_group.py). Every rank then loads only its shard (`load_rank`) and all agree on
+the number of KV blocks (the smallest any rank can hold). Followers run `serve_steps`: wait for
+rank 0's next command, run their share of the step, repeat until STOP.
 
 Contract: rank 0 owns the followers. `shutdown()` stops them (STOP, then terminate after a
 grace period, then kill) and is safe after a failure. A follower that dies makes rank 0's next
@@ -23,7 +23,6 @@ import sys
 import time
 from dataclasses import replace
 from datetime import timedelta
-from multiprocessing.process import BaseProcess
 
 import numpy as np
 import torch
@@ -43,6 +42,7 @@ from engine.step_inputs import (
     unpack_step,
 )
 from engine.tp_group import HOST, TpError, TpGroup
+from engine.tp_launch import RankLauncher, RankProcess
 from engine.tp_service import INFO_KEY, RankHandler, RankService
 
 log = logging.getLogger(__name__)
@@ -59,35 +59,53 @@ def load_rank(config: EngineConfig, tp: TpGroup) -> tuple[Checkpoint, KvPlan]:
     return checkpoint, replace(plan, num_blocks=tp.min_int(plan.num_blocks))
 
 
-def share_cpu_threads(size: int) -> None:
-    """On CPU, each of `size` ranks takes its share of the cores (no oversubscription)."""
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
+def share_cpu_threads(size: int, num_threads: int = 0) -> None:
+    """On CPU, each of `size` ranks takes its share of the cores (no oversubscription), or
+    `num_threads` when its launcher reserved that many for it."""
+    torch.set_num_threads(num_threads or max(1, (os.cpu_count() or 1) // size))
+
+
+class SpawnLauncher:
+    """Follower ranks as local processes (multiprocessing "spawn"), children of rank 0."""
+
+    num_threads = 0
+
+    def start(self, config: EngineConfig, rank: int, size: int, port: int,
+              service: RankService | None) -> RankProcess:
+        proc = mp.get_context("spawn").Process(
+            target=follower_main, name=f"pdserve-tp-rank{rank}", daemon=True,
+            args=(config, rank, size, port, service))
+        proc.start()
+        return proc
 
 
 class TpExecutor:
-    def __init__(self, tp: TpGroup, procs: list[BaseProcess],
+    def __init__(self, tp: TpGroup, procs: list[RankProcess],
                  store: dist.Store | None = None, timeout_s: float = 60.0) -> None:
         self.tp, self.procs, self.store, self.timeout_s = tp, procs, store, timeout_s
         self.num_threads = torch.get_num_threads()  # restored at shutdown
 
     @classmethod
-    def start(cls, config: EngineConfig, service: RankService | None = None) -> TpExecutor:
-        """Start the follower ranks; each runs `service` (engine/tp_service.py) if given."""
+    def start(cls, config: EngineConfig, service: RankService | None = None,
+              launcher: RankLauncher | None = None) -> TpExecutor:
+        """Start the follower ranks (by `launcher`, default: local processes); each runs
+        `service` (engine/tp_service.py) if given."""
         size, timeout = config.tensor_parallel_size, config.distributed_timeout
+        launcher = launcher or SpawnLauncher()
         store = dist.TCPStore(HOST, 0, size, is_master=True, wait_for_workers=False,
                               timeout=timedelta(seconds=timeout))
-        ctx = mp.get_context("spawn")
-        procs: list[BaseProcess] = []
-        for rank in range(1, size):
-            proc = ctx.Process(target=follower_main, name=f"pdserve-tp-rank{rank}", daemon=True,
-                               args=(config.for_rank(rank), rank, size, store.port, service))
-            proc.start()
-            procs.append(proc)
-        log.info("tensor parallel: started ranks 1..%d (pids %s), store on %s:%d", size - 1,
-                 [p.pid for p in procs], HOST, store.port)
-        executor = cls(TpGroup.single(), procs, store, timeout)
+        executor = cls(TpGroup.single(), [], store, timeout)
+        try:
+            for rank in range(1, size):
+                executor.procs.append(launcher.start(config.for_rank(rank), rank, size,
+                                                     store.port, service))
+        except BaseException:
+            executor.shutdown()
+            raise
+        log.info("tensor parallel: started ranks 1..%d (%s), store on %s:%d", size - 1,
+                 [p.name for p in executor.procs], HOST, store.port)
         if config.torch_device.type == "cpu":
-            share_cpu_threads(size)
+            share_cpu_threads(size, launcher.num_threads)
         try:
             executor.wait_started(store, timeout)
             executor.tp = TpGroup.join(0, size, store.port, config.torch_device, timeout,
@@ -153,6 +171,8 @@ class TpExecutor:
             if proc.is_alive():
                 proc.kill()
                 proc.join()
+            with contextlib.suppress(Exception):
+                proc.close()
         self.procs = []
         self.tp.destroy()
         torch.set_num_threads(self.num_threads)
@@ -178,15 +198,17 @@ def serve_steps(runner: ModelRunner, tp: TpGroup, handler: RankHandler | None = 
 
 
 def follower_main(config: EngineConfig, rank: int, size: int, port: int,
-                  service: RankService | None = None) -> None:
-    """Entry point of follower rank `rank` (a spawned process)."""
+                  service: RankService | None = None, num_threads: int = 0) -> None:
+    """Entry point of follower rank `rank` (a spawned process, or a launcher's: `num_threads`
+    torch threads, 0 = its share of the node's cores). Exits 1 (SystemExit) when the group
+    fails."""
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"%(asctime)s %(levelname)s tp-rank{rank} %(name)s: %(message)s")
     device = config.torch_device
     if device.type == "cuda":
         torch.cuda.set_device(device)
     else:
-        share_cpu_threads(size)
+        share_cpu_threads(size, num_threads)
     tp = TpGroup.single()
     handler: RankHandler | None = None
     try:

@@ -160,8 +160,13 @@ def _series(points: list[tuple[float, float]]) -> tuple[list[float], list[float]
 class StepTimes:
     """Seconds of one model step of a worker, interpolated from a profile."""
 
-    def __init__(self, profile: Profile) -> None:
+    def __init__(self, profile: Profile, step_overhead_s: float = 0.0) -> None:
+        """`step_overhead_s`: serving time per model step that bare engine steps leave out
+        (scheduling, sampling's sync, streaming tokens to the proxy); added to every step."""
+        if step_overhead_s < 0:
+            raise ProfileError(f"step overhead must be >= 0 s, got {step_overhead_s}")
         self.profile = profile
+        self.step_overhead_s = step_overhead_s
         self._prefill = _series([(r[0], r[1]) for r in profile.prefill])
         by_batch: dict[float, list[tuple[float, float]]] = {}
         for batch, ctx, s in profile.decode:
@@ -197,10 +202,11 @@ class StepTimes:
         beside `decode_seqs` decoding sequences holding `decode_context` tokens in all."""
         p = self.prefill_s(prefill_tokens, token_context)
         d = self.decode_s(decode_seqs, decode_context / decode_seqs) if decode_seqs else 0.0
+        extra = self.step_overhead_s if p or d else 0.0
         if p and d:
             p = max(p - self.prefill_fixed_s, 0.0)  # the step's fixed cost is in d already
-            return p + d - self.overlap * min(p, d)
-        return p + d
+            return p + d - self.overlap * min(p, d) + extra
+        return p + d + extra
 
     def transfer_s(self, transport: str, num_bytes: float) -> float:
         rows = self.profile.transfers.get(transport)

@@ -315,6 +315,6 @@ class Simulation:
         return nbytes / max(seconds, 1e-9)
 
 
-def simulate(profile: Profile, spec: ClusterSpec,
-             requests: Sequence[SimRequest]) -> list[RequestOutcome]:
-    return Simulation(profile, spec).run(requests)
+def simulate(profile: Profile, spec: ClusterSpec, requests: Sequence[SimRequest],
+             times: StepTimes | None = None) -> list[RequestOutcome]:
+    return Simulation(profile, spec, times).run(requests)

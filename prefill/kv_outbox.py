@@ -131,12 +131,14 @@ class KvOutbox:
     def send_part(self, request_id: str, address: str, block_table: list[int], token_start: int,
                   token_end: int, layer_range: tuple[int, int], dest_spec: KvSpec,
                   meta: dict[str, Any], part: tuple[int, bool], ready: Any = None,
-                  kv_token: str = "") -> None:
+                  kv_token: str = "", head_range: tuple[int, int] | None = None) -> None:
         """Queue part `part = (index, is_last)` of a streamed request: tokens
-        `[token_start, token_end)` of layers `layer_range` (`meta` carries the part marker).
-        Never raises: a refused lane (TooManyPeers) comes back as the request's outcome."""
+        `[token_start, token_end)` of layers `layer_range` (`meta` carries the part marker;
+        `head_range`: a TP route's heads). Never raises: a refused lane (TooManyPeers) comes
+        back as the request's outcome."""
         job = _Job(request_id, address, list(block_table), token_end, dest_spec, meta, kv_token,
-                   token_start=token_start, layer_range=layer_range, part=part, ready=ready)
+                   token_start=token_start, layer_range=layer_range, part=part, ready=ready,
+                   head_range=head_range)
         try:
             self._queue(job)
         except TooManyPeers as e:

@@ -10,7 +10,8 @@ nothing is gathered through rank 0. The first token travels in the meta of rank 
 ended (rank 0's tally, and a `RankPoll` sum over the group): only then may the worker free the
 blocks, which the follower ranks read until their sends end. The outcome fails if any rank's
 send failed (retryable unless one failure was not); its bytes are every rank's. Outcomes of
-sends that are not routed (one rank each side, layer-wise parts) pass through unchanged.
+sends that are not routed (one rank each side) pass through unchanged; layer-wise streamed
+routes (`stream_slot`) combine like whole ones, one outcome per route and rank.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from worker.tp_link import RankLink, poll_rows
 class _Routed:
     tally: RouteTally
     slot: int = 0  # 0: no follower ranks
+    is_stream: bool = False  # layer-wise parts (prefill/layer_stream.py), not a whole send
 
 
 class RoutedOutbox:
@@ -56,6 +58,24 @@ class RoutedOutbox:
             self.link.tell(KvSend(routed.slot, request_id, list(block_table), num_tokens,
                                   dest_spec, list(addresses), kv_token))
         self.pending[request_id] = routed
+
+    def stream_slot(self, request_id: str, num_targets: int) -> int:
+        """A layer-wise streamed request over TP routes (prefill/layer_stream.py): its slot
+        (0: no followers), registered on its first chunk with rank 0's `num_targets` routes;
+        its outcome then comes as a routed send's."""
+        routed = self.pending.get(request_id)
+        if routed is None:
+            routed = self.pending[request_id] = _Routed(RouteTally(num_targets), is_stream=True)
+            if self.link is not None:
+                routed.slot = self.link.new_slot()
+        return routed.slot
+
+    def forget(self, request_id: str) -> None:
+        """A streamed request that queued nothing (cancelled before its first part); a whole
+        send in flight is kept (its outcome frees the blocks)."""
+        routed = self.pending.get(request_id)
+        if routed is not None and routed.is_stream:
+            del self.pending[request_id]
 
     def poll_results(self) -> list[TransferOutcome]:
         out = []

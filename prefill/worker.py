@@ -19,13 +19,14 @@ from engine.llm_engine import LLMEngine
 from engine.sequence import Sequence
 from engine.tp_group import TpError
 from prefill.kv_outbox import KvOutbox, TransferOutcome
-from prefill.layer_stream import LayerStreamer, check_device, take_out
+from prefill.layer_stream import Chunk, LayerStreamer, StreamDest, take_out
 from prefill.tp_outbox import RoutedOutbox
 from prefill.tp_rank import PrefillRankService
 from protocol import prefill_ctrl as ctrl
 from protocol import worker_events as ev
 from protocol.errors import ErrorCode
 from protocol.kv_meta import FirstToken
+from protocol.tp_ranks import StreamChunk, StreamEnd, StreamStep
 from worker.base import WorkerBase
 from worker.config import WorkerConfig
 from worker.tp_link import RankLink
@@ -44,16 +45,18 @@ class PrefillWorker(WorkerBase):
     role = "prefill"
 
     def __init__(self, config: WorkerConfig, engine: LLMEngine) -> None:
-        if config.kv.kv_streaming == "layerwise":
-            check_device(engine.runner.device)  # before any socket is bound
         super().__init__(config, engine, ctrl.PREFILL_CTRL)
         self.jobs: dict[str, Job] = {}  # admitted, not yet acked
         self.kv = KvOutbox(self.ctx, self.kv_cache, config.kv, security=self.auth,
                            on_refused=self._refused)  # results come back through a queue
-        self.stream = LayerStreamer(engine, self.kv, config.kv.kv_stream_groups) \
-            if config.kv.kv_streaming == "layerwise" else None
         # tensor parallel (either side): every rank sends its heads over its routes
-        self.routes = RoutedOutbox(self.kv, RankLink.of(engine))
+        self.link = RankLink.of(engine)
+        self.routes = RoutedOutbox(self.kv, self.link)
+        self.stream = LayerStreamer(
+            engine.runner, self.kv, config.kv.kv_stream_groups, 0,
+            self.link.size if self.link else 1,
+            self._tell_end if self.link else None) \
+            if config.kv.kv_streaming == "layerwise" else None
 
     @classmethod
     def rank_service(cls, config: WorkerConfig) -> PrefillRankService:
@@ -88,7 +91,8 @@ class PrefillWorker(WorkerBase):
             if self.stream is not None and self.stream.cancel(request_id):
                 take_out(self.engine.scheduler, job.seq)  # blocks freed by the outcome
                 return
-            if self.engine.scheduler.abort(request_id) is not None:
+            if self.engine.scheduler.abort(request_id) is not None:  # nothing on the wire yet
+                self.routes.forget(request_id)
                 del self.jobs[request_id]
 
     def holds(self, request_id: str) -> bool:
@@ -109,6 +113,7 @@ class PrefillWorker(WorkerBase):
                 job.is_aborted = True
                 failed.append(rid)
             elif self.engine.scheduler.abort(rid) is not None:
+                self.routes.forget(rid)
                 del self.jobs[rid]
                 failed.append(rid)
         return failed
@@ -154,8 +159,10 @@ class PrefillWorker(WorkerBase):
         if not batch:
             return
         if self.stream is not None:
-            self.stream.begin_step(batch, {rid: job.msg for rid, job in self.jobs.items()
-                                           if not job.is_aborted})
+            chunks = self.stream.begin_step(batch, {rid: StreamDest.of(job.msg)
+                                                    for rid, job in self.jobs.items()
+                                                    if not job.is_aborted})
+            self._stream_routes(chunks)
         is_computed = False
         try:
             results = self.engine.execute(batch)
@@ -169,10 +176,30 @@ class PrefillWorker(WorkerBase):
             if job is None or job.is_aborted:
                 if self.stream is not None and self.stream.cancel(seq.seq_id):
                     continue  # parts on the wire: the outcome frees the blocks
+                self.routes.forget(seq.seq_id)
                 self.engine.cache.free(seq)
                 self.jobs.pop(seq.seq_id, None)
                 continue
             self._send(job)
+
+    def _stream_routes(self, chunks: list[Chunk]) -> None:
+        """Streamed requests over TP routes: their outcomes combine every route's, of every rank
+        (prefill/tp_outbox.py); the followers stream their heads of the same chunks."""
+        assert self.stream is not None
+        slots = {}
+        for chunk in chunks:
+            rid = chunk.dest.request_id
+            if self.routes.is_routed(chunk.dest.kv_spec):
+                slots[rid] = self.routes.stream_slot(rid, self.stream.targets(rid))
+        if self.link is not None:
+            self.link.tell(StreamStep([StreamChunk(
+                slots[c.dest.request_id], c.dest.request_id, c.block_table, c.token_start,
+                c.token_end, c.dest.kv_spec, c.dest.addresses, c.dest.kv_token, c.is_final)
+                for c in chunks]))
+
+    def _tell_end(self, request_id: str, is_cancel: bool) -> None:
+        if self.link is not None:
+            self.link.tell(StreamEnd(request_id, is_cancel))
 
     def _send(self, job: Job) -> None:
         """Queue the KV + first token (protocol/kv_meta.py) for the decode worker."""

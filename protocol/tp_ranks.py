@@ -63,6 +63,48 @@ class KvSend:
 
 
 @dataclass(frozen=True)
+class StreamChunk:
+    """One prompt chunk of the next model step whose KV streams layer group by layer group
+    (`--kv-streaming layerwise`): tokens [token_start, token_end) in `block_ids`, to the decode
+    worker of `kv_spec` / `kv_addresses` as in `KvSend`; `is_final`: the prompt's last chunk
+    (its last group waits for `StreamEnd`). Slot `slot` tallies this rank's routes."""
+
+    slot: int = bounded(lo=0, hi=1 << 62)
+    request_id: str = bounded(max_len=MAX_ID_LEN)
+    block_ids: list[int] = bounded(lo=0, max_len=MAX_BLOCKS)
+    token_start: int = bounded(lo=0, hi=1 << 40)
+    token_end: int = bounded(lo=1, hi=1 << 40)
+    kv_spec: KvSpec = bounded()
+    kv_addresses: list[str] = bounded([], max_len=MAX_TP_RANKS)
+    kv_token: str = bounded("", max_len=MAX_KV_TOKEN_LEN)
+    is_final: bool = False
+
+    def __post_init__(self) -> None:
+        if self.token_end <= self.token_start:
+            raise ValueError(f"token_end {self.token_end} must exceed token_start "
+                             f"{self.token_start}")
+        if any(len(a) > MAX_ADDRESS_LEN for a in self.kv_addresses):
+            raise ValueError(f"kv_addresses: an address is longer than {MAX_ADDRESS_LEN}")
+
+
+@dataclass(frozen=True)
+class StreamStep:
+    """Prefill followers, before every model step of a layer-wise streaming worker: the chunks
+    of that step whose KV streams (none: the step streams nothing)."""
+
+    chunks: list[StreamChunk] = bounded([], max_len=MAX_SLOTS)
+
+
+@dataclass(frozen=True)
+class StreamEnd:
+    """Prefill followers: a streamed request's end: its last part (the first token is sampled),
+    or with `is_cancel` the stream's cancellation (abort, a failed part)."""
+
+    request_id: str = bounded(max_len=MAX_ID_LEN)
+    is_cancel: bool = False
+
+
+@dataclass(frozen=True)
 class RankPoll:
     """Every rank answers for each slot in `slots` (see POLL_ROWS), then forgets the slots
     the sum shows as over (decode: landed on every rank or failed on one; prefill: ended on
@@ -71,6 +113,8 @@ class RankPoll:
     slots: list[int] = bounded(lo=0, hi=1 << 62, max_len=MAX_SLOTS)
 
 
-TP_RANKS = MessageFamily("rank0->ranks", (KvExpect, KvForget, KvSend, RankPoll))
+TP_RANKS = MessageFamily("rank0->ranks", (KvExpect, KvForget, KvSend, RankPoll, StreamChunk,
+                                           StreamStep, StreamEnd))
 
-__all__ = ["POLL_ROWS", "TP_RANKS", "KvExpect", "KvForget", "KvSend", "RankPoll"]
+__all__ = ["POLL_ROWS", "TP_RANKS", "KvExpect", "KvForget", "KvSend", "RankPoll", "StreamChunk",
+           "StreamEnd", "StreamStep"]

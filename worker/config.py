@@ -48,8 +48,9 @@ class KvTransportConfig:
         "help": "Prefill workers: send a prompt's KV whole once it is prefilled, or layerwise: "
                 "each layer group of each chunk as soon as the forward pass has written it, "
                 "while the following layers compute."})
-    kv_stream_groups: int = field(default=4, metadata={
-        "help": "With --kv-streaming layerwise: layer groups per chunk (one transfer each)."})
+    kv_stream_groups: int = field(default=6, metadata={
+        "help": "With --kv-streaming layerwise: layer groups per chunk (one transfer each), "
+                "smaller at both ends (30 layers in 6: 2, 4, 9, 9, 4, 2)."})
 
     def __post_init__(self) -> None:
         if self.kv_streaming not in KV_STREAMING:

@@ -23,6 +23,7 @@ import torch
 from engine.config import ConfigError, EngineConfig
 from engine.errors import EngineError
 from engine.llm_engine import LLMEngine
+from engine.tp_launch import RankLauncher
 from protocol.auth import SECRET_ENV, AuthError, load_secret
 from transfer.wire.errors import TransferError
 from worker.args import add_dataclass_args, dataclass_from_args
@@ -55,29 +56,29 @@ WorkerClass = Callable[[WorkerConfig, LLMEngine], WorkerBase]
 
 
 def refuse_tensor_parallel(engine: EngineConfig, worker: WorkerConfig) -> None:
-    """A tensor-parallel worker's ranks exchange KV over the ZMQ transport, whole prompts only:
-    NCCL pairs and layer-wise streaming are not routed per rank yet."""
+    """A tensor-parallel worker's ranks exchange KV over the ZMQ transport (whole or layer-wise):
+    NCCL pairs are not routed per rank yet."""
     tp = engine.tensor_parallel_size
     if tp == 1:
         return
     if worker.kv.transport != "zmq":
         raise ConfigError(f"--tensor-parallel-size {tp} with --transport {worker.kv.transport}: "
                           f"tensor-parallel workers send KV per rank over --transport zmq only")
-    if worker.kv.kv_streaming != "whole":
-        raise ConfigError(f"--tensor-parallel-size {tp} with --kv-streaming "
-                          f"{worker.kv.kv_streaming}: tensor-parallel workers send whole prompts "
-                          f"only (--kv-streaming whole)")
+
 
 
 def build_worker(worker_class: WorkerClass, worker_cfg: WorkerConfig,
-                 engine_cfg: EngineConfig) -> WorkerBase:
-    """Load the engine (memory plan first, then weights) and build one worker around it."""
+                 engine_cfg: EngineConfig, rank_launcher: RankLauncher | None = None
+                 ) -> WorkerBase:
+    """Load the engine (memory plan first, then weights) and build one worker around it;
+    `rank_launcher` starts its follower tensor-parallel ranks (default: local processes)."""
     refuse_tensor_parallel(engine_cfg, worker_cfg)
     if worker_cfg.cpu_affinity:
         os.sched_setaffinity(0, parse_cpus(worker_cfg.cpu_affinity))
     service = getattr(worker_class, "rank_service", None)
     engine = LLMEngine.from_config(engine_cfg,
-                                   rank_service=service(worker_cfg) if service else None)
+                                   rank_service=service(worker_cfg) if service else None,
+                                   rank_launcher=rank_launcher)
     if worker_cfg.warmup_s > 0:
         warm_up(engine, worker_cfg.warmup_s)
     worker = worker_class(worker_cfg, engine)

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import httpx
@@ -123,13 +123,20 @@ def assert_exits(pid: int, within_s: float, what: str) -> None:
 def kill_rank_mid_stream(c: httpx.Client, body: dict, rank_pid: int, within_s: float) -> dict:
     """Stream `body`, SIGKILL TP rank `rank_pid` after the first events; the stream must end
     (`[DONE]`) within `within_s` with an error event, whose `error` object is returned."""
+    return break_mid_stream(c, body, lambda: os.kill(rank_pid, signal.SIGKILL), within_s)
+
+
+def break_mid_stream(c: httpx.Client, body: dict, kill: Callable[[], None],
+                     within_s: float) -> dict:
+    """Stream `body`, call `kill` after the first events; the stream must end (`[DONE]`) within
+    `within_s` with an error event, whose `error` object is returned."""
     events: list[dict | str] = []
     t0 = 0.0
     with c.stream("POST", "/v1/completions", json=body) as r:
         for event in sse_events(r):
             events.append(event)
             if len(events) == 2:
-                os.kill(rank_pid, signal.SIGKILL)
+                kill()
                 t0 = time.monotonic()
     assert time.monotonic() - t0 < within_s
     assert events[-1] == "[DONE]"

@@ -1,4 +1,5 @@
-"""Prefill and decode workers of different tensor-parallel sizes exchange KV rank to rank.
+"""Prefill and decode workers of different tensor-parallel sizes exchange KV rank to rank (whole
+prompts, and layer-wise streams with `--kv-streaming layerwise`).
 
 `pdserve serve --prefill 1 --decode 1 --placement remote` with `--decode-tp 3` (P1 -> D3: the
 prefill worker splits its heads over the decode ranks) and `--prefill-tp 3` (P3 -> D1: each
@@ -97,3 +98,29 @@ def test_p1_to_d3_serves_the_colocated_tokens_and_fails_cleanly_on_rank_death(
         assert error["code"] == "worker_lost" or "tensor-parallel" in error["message"], error
         assert_exits(worker_pid, FAIL_BOUND_S, "the decode worker with a dead rank")
 
+
+
+@pytest.mark.parametrize("tp_flag", ["--prefill-tp", "--decode-tp"])
+def test_layerwise_streaming_between_tp_sizes_serves_the_colocated_tokens(
+        reference: LLMEngine, tp_flag: str) -> None:
+    """`--kv-streaming layerwise` with P3 -> D1 and P1 -> D3: every prefill rank streams its
+    heads' layer groups to the decode ranks that hold them (the second turn of each prompt
+    streams its prefix-cache hit first); tokens equal, every block free after."""
+    with serve(*ARGS, tp_flag, "3", "--kv-streaming", "layerwise", "--kv-stream-groups", "3",
+               timeout_s=300) as server:
+        _serves_reference_tokens(server, reference)
+        assert server.metric("pdserve:kv_transfer_bytes_total") > 0
+
+
+def test_layerwise_streaming_of_chunked_prompts_from_tp_ranks() -> None:
+    """P3 -> D1 layer-wise with 16-token chunks: a prompt of several chunks streams each chunk's
+    groups from every prefill rank; its greedy tokens equal an engine's prefilling the same
+    chunks."""
+    chunked = LLMEngine.from_config(EngineConfig(kv_cache_memory="32MiB", max_model_len=512,
+                                                 max_num_batched_tokens=16), log_plan=False)
+    with serve(*ARGS, "--prefill-tp", "3", "--kv-streaming", "layerwise",
+               "--max-num-batched-tokens", "16", timeout_s=300) as server:
+        for _ in range(2):  # the second turn streams its prefix-cache hit first
+            assert _complete(server, PROMPTS[1], PARAMS[0]) == _want(chunked, PROMPTS[1],
+                                                                     PARAMS[0])
+        assert server.wait_idle_blocks() == 0

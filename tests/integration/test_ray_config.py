@@ -6,7 +6,13 @@ from __future__ import annotations
 import pytest
 
 from deploy.cli import build_parser
-from deploy.ray_config import ROLE_RESOURCE_AMOUNT, RayConfig, resolve_node
+from deploy.ray_config import (
+    ROLE_RESOURCE_AMOUNT,
+    RayConfig,
+    rank_actor_name,
+    rank_of_actor,
+    resolve_node,
+)
 from deploy.serve_cli import cmd_serve
 from engine.config import ConfigError
 
@@ -27,6 +33,20 @@ def test_bundles_pin_roles_by_resource_and_label() -> None:
     assert RayConfig(cpus_per_worker=0).worker_bundle("decode", 1) == {"GPU": 1}
     with pytest.raises(ConfigError, match="reserve nothing"):
         RayConfig(cpus_per_worker=0).worker_bundle("decode", 0)
+
+
+def test_tensor_parallel_names_belong_to_their_deployment_and_worker() -> None:
+    config = RayConfig(deployment_name="pd")
+    assert config.worker_placement_group_name("decode-0") == "pd-workers/decode-0"
+    assert config.is_own_placement_group("pd-workers")
+    assert config.is_own_placement_group("pd-workers/decode-0")
+    # another deployment's groups, even one whose name starts with this one's
+    assert not config.is_own_placement_group("pd-workers-workers")
+    assert not RayConfig(deployment_name="pd-workers").is_own_placement_group("pd-workers")
+    assert rank_actor_name("decode-0", 2) == "decode-0-rank2"
+    assert rank_of_actor("decode-0-rank2") == ("decode-0", 2)
+    assert rank_of_actor("decode-0") is None and rank_of_actor("proxy") is None
+    assert rank_of_actor("decode-0-rank0") is None  # rank 0 is the worker's own actor
 
 
 @pytest.mark.parametrize("kwargs, message", [

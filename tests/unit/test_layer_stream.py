@@ -8,6 +8,7 @@ tokens puts the 20-token prompt in 3 chunks)."""
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable
 from typing import Any
@@ -26,10 +27,9 @@ from worker_fakes import (
 )
 
 from decode.worker import DecodeWorker
-from engine.config import ConfigError
 from engine.llm_engine import LLMEngine
 from engine.model import LlamaModel
-from prefill.layer_stream import check_device, layer_groups
+from prefill.layer_stream import layer_groups
 from prefill.worker import PrefillWorker
 from protocol import decode_ctrl as dmsg
 from protocol import prefill_ctrl as pmsg
@@ -80,23 +80,20 @@ def run_one(proxy: FakeProxy, d: DecodeWorker, p: PrefillWorker, rid: str,
     return [t for e in out for t in e.token_ids]
 
 
-def test_layer_groups() -> None:
-    assert layer_groups(30, 4) == [(0, 8), (8, 15), (15, 22), (22, 30)]
-    assert layer_groups(2, 4) == [(0, 1), (1, 2)]
-    assert layer_groups(5, 1) == [(0, 5)]
-
-
-def test_check_device_refuses_cuda_names_the_flag() -> None:
-    check_device(torch.device("cpu"))
-    with pytest.raises(ConfigError, match="--kv-streaming whole"):
-        check_device(torch.device("cuda", 0))
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_refused_on_cuda(proxy: FakeProxy, make_worker: Any) -> None:
-    """Until a GPU run shows layer-wise tokens equal to whole ones (layer_stream.check_device)."""
-    with pytest.raises(ConfigError, match="--kv-streaming layerwise"):
-        make_worker(PrefillWorker, proxy.config("p0", kv=LAYERWISE), device="cuda")
+def test_layer_groups_taper_at_both_ends() -> None:
+    def sizes(layers: int, groups: int) -> list[int]:
+        got = layer_groups(layers, groups)
+        assert got[0][0] == 0 and got[-1][1] == layers  # every layer once, in order
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(got))
+        return [end - start for start, end in got]
+    assert sizes(30, 6) == [2, 4, 9, 9, 4, 2]  # SmolLM2: the end parts 1/15 of the KV
+    assert sizes(32, 6) == [2, 5, 9, 9, 5, 2]  # Llama-3-8B
+    assert sizes(30, 4) == [5, 10, 10, 5]
+    assert sizes(30, 3) == [8, 14, 8]
+    assert sizes(30, 2) == [15, 15]  # too few groups to taper: even
+    assert sizes(30, 16) == [2, 2, 2, 2, 1, 2, 2, 2, 2, 2, 2, 1, 2, 2, 2, 2]  # too few layers
+    assert sizes(2, 4) == [1, 1]
+    assert sizes(5, 1) == [5]
 
 
 def chunk_parts(num_tokens: int) -> list[tuple[int, int, tuple[int, int], tuple[int, bool]]]:
@@ -113,7 +110,6 @@ def test_cuda_streams_every_group_and_equals_colocated(
     """Issue 17's GPU check, small: the fused CUDA pass runs the group hooks (engine/
     triton_layers.py), a 1-token last chunk (a CUDA graph replay: no hook runs) still sends
     every group (LayerStreamer.end_step), and the tokens equal a colocated CUDA engine's."""
-    monkeypatch.setenv("PDSERVE_UNVERIFIED_CUDA_LAYERWISE", "1")
     d, p, parts = workers(proxy, make_worker, device="cuda")
     assert p.engine.runner.attention_backend == "triton"
     colocated = tiny_engine(device="cuda", **CHUNKED)

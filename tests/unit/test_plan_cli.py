@@ -60,6 +60,14 @@ def test_plan_cluster_json(profile_path: str, capsys: pytest.CaptureFixture[str]
     for c in doc["configs"]:
         assert [p["rate"] for p in c["points"]] == [0.5, 1, 2, 4]
         assert all(0 <= p["attainment"] <= 1 for p in c["points"])
+    # a per-step serving overhead makes every predicted TPOT longer by it
+    assert main(["plan", "cluster", "--profile", profile_path, "--num-devices", "2",
+                 "--json", "--step-overhead", "7ms", *WORKLOAD]) == 0
+    slower = json.loads(capsys.readouterr().out)
+    for c, s in zip(doc["configs"], slower["configs"], strict=True):
+        for p, q in zip(c["points"], s["points"], strict=True):
+            if p["tpot_p50_s"] is not None:
+                assert q["tpot_p50_s"] > p["tpot_p50_s"] + 0.005
 
 
 def test_plain_plan_still_prints_the_kv_plan(capsys: pytest.CaptureFixture[str]) -> None:
@@ -75,6 +83,7 @@ def test_plain_plan_still_prints_the_kv_plan(capsys: pytest.CaptureFixture[str])
     (["--input-len", "uniform:9:3"], "uniform"),
     (["--placements", "remote,elsewhere"], "--placements"),
     (["--num-devices", "0"], "--num-devices"),
+    (["--step-overhead", "-3ms"], "--step-overhead"),
 ])
 def test_parse_errors_name_the_flag(profile_path: str, argv: list[str], flag: str,
                                     capsys: pytest.CaptureFixture[str]) -> None:
@@ -133,3 +142,33 @@ def test_plan_cluster_replays_a_bench_result(profile_path: str, tmp_path: Path,
     bad.write_text('{"configs": []}')
     assert main(["plan", "cluster", "--profile", profile_path, "--bench-result", str(bad)]) == 2
     assert "--bench-result" in capsys.readouterr().err
+
+
+def test_synthetic_rates_run_long_enough_for_a_steady_state(profile_path: str) -> None:
+    """A burst of --num-prompts that the batches absorb says nothing of a rate: each rate gets
+    at least --min-duration of arrivals (more draws from the same distributions)."""
+    from deploy.plan_cli import (
+        PlanClusterConfig,
+        _dataset_config,
+        default_rates,
+        workload_factory,
+    )
+    from planner.profile import StepTimes
+
+    def factory(*flags: str) -> tuple:
+        args = build_parser().parse_args(["plan", "cluster", "--profile", profile_path,
+                                          "--num-devices", "2", *WORKLOAD, *flags])
+        return workload_factory(dataclass_from_args(PlanClusterConfig, args),
+                                _dataset_config(args))
+    at, sample, _ = factory("--min-duration", "20s")
+    assert len(sample) == 30
+    assert len(at(0.5)) == 30  # 10 s of arrivals need fewer than --num-prompts
+    reqs = at(4.0)
+    assert len(reqs) == 80 and reqs[-1].arrival_s > 15.0
+    assert all(200 <= r.prompt_tokens <= 400 and r.output_tokens == 16 for r in reqs)
+    assert len(factory("--min-duration", "0")[0](4.0)) == 30
+    # default rates count decode work too: longer outputs, lower rates
+    times = StepTimes(small_profile())
+    short = default_rates(times, sample, 2)
+    longer = [r.__class__(r.arrival_s, r.prompt_tokens, 400) for r in sample]
+    assert max(default_rates(times, longer, 2)) < max(short) / 2

@@ -34,21 +34,37 @@ def test_serve_flags_become_cluster_specs() -> None:
     s = spec_of("pdserve serve --prefill 1 --decode 1", "", 0.0, unnamed_placement="remote")
     assert s.name == "1p1d"
     s = spec_of("pdserve serve --colocated --decode 2", "", 0.0)
-    assert (s.name, s.placement, s.slo_tpot_s) == ("colocated-x2", "local", 0.05)
+    assert (s.name, s.placement, s.slo_tpot_s, s.chunk_caps) == ("colocated-x2", "local", 0.05,
+                                                                 True)
+    # a sweep older than placement: its colocated workers prefilled in the engine's budget
+    s = spec_of("pdserve serve --colocated --decode 2", "", 0.0, unnamed_placement="remote")
+    assert (s.name, s.chunk_caps) == ("colocated-x2", False)
     s = spec_of("pdserve serve --prefill 2 --decode 1 --placement remote --slo-tpot 40ms", "", 0)
     assert (s.name, s.slo_tpot_s) == ("2p1d", 0.04)
 
 
-def test_calibration_fits_the_overhead_on_one_point_and_adds_it_to_every_ttft() -> None:
+def test_calibration_fits_the_overheads_on_one_point() -> None:
     from bench.plan_validate import compare, serving_overhead
     from planner.profile import Profile
 
     profile = Profile.load(str(RESULTS / "profile_cpu_2026-12-06.json"))
     sweep = json.loads((RESULTS / "placement_cpu_interference_2026-12-06.json").read_text())
-    overhead = serving_overhead(profile, sweep, "1p1d", 0.0)
-    assert 0.0 < overhead < 0.5
+    overhead, step = serving_overhead(profile, sweep, "1p1d", 0.0)
+    assert 0.0 < overhead < 0.5 and 0.0 < step < 0.05
     bare, fitted = compare(profile, sweep, 0.0), compare(profile, sweep, 0.0, "", overhead)
     row0, row1 = bare["configs"][0]["rows"][0], fitted["configs"][0]["rows"][0]
     assert row1["ttft_p90_pred"] == pytest.approx(row0["ttft_p90_pred"] + overhead, abs=1e-6)
+    # the per-step overhead brings the calibration point's predicted TPOT p50 to the measured
+    measured = sweep["configs"][0]["points"][0]["summary"]["tpot"]["median"]
+    both = compare(profile, sweep, 0.0, "", overhead, step)["configs"][0]["rows"][0]
+    assert both["tpot_p90_pred"] > row1["tpot_p90_pred"]
+    from bench.plan_validate import spec_of as spec
+    from planner.profile import StepTimes
+    from planner.search import run_config
+    c = sweep["configs"][0]
+    p50 = run_config(profile, spec(c["server"], sweep["serve_args"], 0.0),
+                     [sweep["request_rates"][0]], workload(sweep), 0.9, StepTimes(profile, step),
+                     sweep["slo"]["ttft_s"], sweep["slo"]["tpot_s"]).points[0].tpot_p50_s
+    assert p50 == pytest.approx(measured, rel=0.05)
     with pytest.raises(SystemExit, match="no such configuration"):
         serving_overhead(profile, sweep, "4p4d", 0.0)

@@ -41,6 +41,18 @@ def test_overheads_and_measured_rate_override() -> None:
     assert out.tpot_s is None
 
 
+def test_a_step_overhead_is_added_to_every_step_once() -> None:
+    times = StepTimes(small_profile(), step_overhead_s=0.005)
+    assert times.step_s(256, 0, 0, 0) == pytest.approx(0.256 + 0.005)
+    assert times.step_s(0, 0, 8, 8 * 128) == pytest.approx(0.03 + 0.005)
+    assert times.step_s(256, 0, 8, 8 * 512) == pytest.approx(0.276 + 0.005)
+    assert times.step_s(0, 0, 0, 0) == 0.0
+    (out,) = simulate(small_profile(), ClusterSpec(1, 1), [SimRequest(0.5, 1024, 10)], times)
+    assert out.tpot_s == pytest.approx(0.025, rel=1e-9)
+    with pytest.raises(ProfileError, match="step overhead"):
+        StepTimes(small_profile(), step_overhead_s=-1.0)
+
+
 def test_step_times_interpolate_and_mix() -> None:
     times = StepTimes(small_profile())
     assert times.prefill_s(512) == pytest.approx(0.512)

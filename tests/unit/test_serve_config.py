@@ -157,10 +157,6 @@ def test_tp_for_workers_that_exchange_kv_is_accepted_over_zmq_whole() -> None:
      ("--prefill-tp / --tensor-parallel-size 2", "--transport nccl")),
     (_with_kv(ServeConfig(decode_tp=3), transport="nccl"), 1,
      ("--decode-tp / --tensor-parallel-size 3", "--transport nccl")),
-    (ServeConfig(prefill_tp=2, kv=KvTransportConfig(kv_streaming="layerwise")), 1,
-     ("--prefill-tp / --tensor-parallel-size 2", "--kv-streaming layerwise")),
-    (ServeConfig(decode_tp=2, kv=KvTransportConfig(kv_streaming="layerwise")), 1,
-     ("--decode-tp / --tensor-parallel-size 2", "--kv-streaming layerwise")),
 ])
 def test_tp_kv_exchange_not_routed_per_rank_is_refused(serve: ServeConfig, engine_tp: int,
                                                        flags: tuple[str, str]) -> None:
@@ -172,6 +168,8 @@ def test_tp_kv_exchange_not_routed_per_rank_is_refused(serve: ServeConfig, engin
 def test_tp_for_colocated_decode_workers_is_accepted() -> None:
     ServeConfig(colocated=True, prefill_tp=4).check_tp(3)
     ServeConfig(colocated=True, kv=KvTransportConfig(kv_streaming="layerwise")).check_tp(3)
+    ServeConfig(prefill_tp=3, kv=KvTransportConfig(kv_streaming="layerwise")).check_tp(1)
+    ServeConfig(decode_tp=3, kv=KvTransportConfig(kv_streaming="layerwise")).check_tp(1)
     ServeConfig(prefill=0, decode_tp=1).check_tp(1)
     with pytest.raises(ConfigError, match="--decode-tp must be at least 1"):
         ServeConfig(decode_tp=0)

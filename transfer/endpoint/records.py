@@ -31,6 +31,15 @@ class ZmqReceiverConfig:
 
 
 @dataclass
+class RouteStream:
+    """The parts one tensor-parallel route (one sender's heads) streamed into a reservation."""
+
+    num_parts: int = 0
+    part_tokens: list[int] = field(default_factory=list)  # per layer: tokens the parts cover
+    is_done: bool = False  # its last part was admitted
+
+
+@dataclass
 class Expectation:
     request_id: str
     block_table: list[int]
@@ -42,3 +51,6 @@ class Expectation:
     num_parts: int = 0  # streamed parts admitted so far (parts.py)
     part_tokens: list[int] = field(default_factory=list)  # per layer: tokens the parts cover
     num_routes: int = 0  # tensor-parallel route transfers admitted so far (parts.py)
+    # streamed TP routes, by the model heads they carry (parts.py); their announced count
+    route_streams: dict[tuple[int, int], RouteStream] = field(default_factory=dict)
+    num_route_streams: int = 0
