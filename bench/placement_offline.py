@@ -40,9 +40,10 @@ PROFILE = "bench/results/profile_cpu_2026-12-06.json"
 
 
 def simulate_sweep(profile: Profile, sweep: dict[str, Any], seeds: list[int], overhead_s: float,
-                   learn: bool) -> list[dict[str, Any]]:
+                   learn: bool, step_overhead_s: float = 0.0) -> list[dict[str, Any]]:
     """Per configuration of `sweep`: attainment per rate and goodput, for each seed."""
-    slo, rates, times = sweep["slo"], sweep["request_rates"], StepTimes(profile)
+    slo, rates = sweep["slo"], sweep["request_rates"]
+    times = StepTimes(profile, step_overhead_s)
     configs = []
     for c in sweep["configs"]:
         spec = replace(spec_of(c["server"], sweep["serve_args"], 0.0),
@@ -69,7 +70,8 @@ def markdown(doc: dict[str, Any]) -> str:
     lines = [f"# Adaptive placement offline ({doc['date']}, {doc['commit']})", "",
              f"`{doc['command']}`", "",
              f"Simulator (planner/) running the proxy's rule on {doc['profile']}; serving "
-             f"overhead {doc['overhead_s'] * 1000:.0f} ms; learned corrections "
+             f"overhead {doc['overhead_s'] * 1000:.0f} ms per request and "
+             f"{doc.get('step_overhead_s', 0.0) * 1000:.1f} ms per step; learned corrections "
              f"{'on' if doc['learn_corrections'] else 'off'}; seeds {doc['seeds']}. "
              "A prediction, not a measurement.", ""]
     for v in doc["sweeps"]:
@@ -100,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--extra-seeds", type=int, default=4,
                    help="Draws of each workload besides the sweep's own seed.")
     p.add_argument("--overhead-s", type=float, default=0.037)
+    p.add_argument("--step-overhead-s", type=float, default=0.0,
+                   help="Serving time per model step (bench.plan_validate --calibrate fits it).")
     p.add_argument("--learn-corrections", action="store_true")
     p.add_argument("--tag", default="cpu")
     p.add_argument("--out-dir", default="bench/results")
@@ -111,13 +115,15 @@ def main(argv: list[str] | None = None) -> int:
         seeds = [sweep["load"]["seed"] + 100 * k for k in range(args.extra_seeds + 1)]
         docs.append({"sweep_file": f, "slo": sweep["slo"], "rates": sweep["request_rates"],
                      "seeds": seeds, "configs": simulate_sweep(
-                         profile, sweep, seeds, args.overhead_s, args.learn_corrections)})
+                         profile, sweep, seeds, args.overhead_s, args.learn_corrections,
+                         args.step_overhead_s)})
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
     day = time.strftime("%Y-%m-%d")
     doc = {"date": day, "commit": commit, "command": "python -m bench.placement_offline "
            + shlex.join(argv if argv is not None else sys.argv[1:]), "profile": args.profile,
-           "overhead_s": args.overhead_s, "learn_corrections": args.learn_corrections,
+           "overhead_s": args.overhead_s, "step_overhead_s": args.step_overhead_s,
+           "learn_corrections": args.learn_corrections,
            "seeds": docs[0]["seeds"] if docs else [], "sweeps": docs}
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
