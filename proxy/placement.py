@@ -26,7 +26,7 @@ since a local prefill spends decode time the batch and later arrivals need (a
 sweep on 2026-12-06 saw adaptive prefill 30-33 of 40 long prompts locally on near-equal
 margins, with the prefill worker idle and the decode batch's TPOT p90 at 264-410 ms).
 Each placement's TTFT carries a learned correction for what the prediction leaves out
-(`learn_overhead`: bounded steps, so a tail of long waits does not tilt later choices).
+(`learn_overhead`, a running mean of measured minus predicted TTFT).
 Short prompts (hops and transfer cost more than the prefill) and prompts the decode worker's
 prefix cache mostly covers come out local by this rule, not by a special case; a decode worker
 near its TPOT limit sends prompts away.
@@ -123,18 +123,14 @@ class Prediction:
 TIE = 0.02
 REMOTE_FIRST = 0.25  # margin a local prefill of a whole TTFT SLO's length must win by (choose)
 CORRECTION_EWMA = 0.2  # weight of the newest first token in a placement's TTFT correction
-CORRECTION_STEP = 0.1  # the most one error counts, as a fraction of the TTFT SLO
 CHUNKS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
 
 def learn_overhead(overhead_s: float, error_s: float, slo: Slo) -> float:
     """The running TTFT correction of a placement after one measured first token (`error_s`:
-    measured minus predicted TTFT): a running mean (`CORRECTION_EWMA`) of the errors, each
-    counted at most `CORRECTION_STEP` x the TTFT SLO, kept within [0, the TTFT SLO]. Bounded
-    steps follow the typical error, not its tail: one request that waited behind a long step
-    the prediction left out moves the correction a little, not by a fifth of its wait."""
-    step = CORRECTION_STEP * slo.ttft_s
-    learned = overhead_s + CORRECTION_EWMA * min(max(error_s, -step), step)
+    measured minus predicted TTFT): a running mean (`CORRECTION_EWMA`) of the errors, kept
+    within [0, the TTFT SLO]. The placer and the simulator both learn with it."""
+    learned = overhead_s + CORRECTION_EWMA * error_s
     return min(max(learned, 0.0), slo.ttft_s)
 
 
