@@ -165,24 +165,24 @@ def predict_local(num_prompt_tokens: int, decode: DecodeView, transfer: Transfer
     """The best chunk size for a local prefill on `decode` (its margin decides). The batch it
     runs beside is the running one and the sequences joining it before the prefill ends
     (`DecodeView.joining`); with such a batch, only chunks whose step stays within the TPOT SLO
-    are tried, so no single inter-token gap breaks it. When none does (a step's fixed cost
-    alone is past it), every chunk is tried: the margin then weighs fewer, longer stalls
-    against more, shorter ones."""
+    are tried (the smallest otherwise), so no single inter-token gap breaks it."""
     uncached = max(1, num_prompt_tokens - decode.cached_tokens)
-    fitting: list[Prediction] = []
-    others: list[Prediction] = []
+    best: Prediction | None = None
     for chunk in _chunk_candidates(decode, uncached):
         n, ctx = decode.batch_during(decode.local_queue_s + prefill_seconds(
             decode.model, uncached, chunk, decode.num_running, decode.context_tokens))
+        if n and chunk > CHUNKS[0] and decode.model.step_seconds(chunk, n, ctx) > slo.tpot_s:
+            continue  # a step this long would break the TPOT of the batch it runs beside
         own = prefill_seconds(decode.model, uncached, chunk, n, ctx)
         ttft = decode.local_queue_s + own + transfer.local_overhead_s
         tpot = _batch_tpot(decode, num_prompt_tokens, chunk, own, n, ctx)
         cap = 0 if chunk >= decode.max_batched_tokens else chunk
         p = Prediction(Placement.LOCAL, ttft, tpot, slo.margin(ttft, tpot),
                        slo.margin(ttft, 0.0), None, cap, own)
-        fits = not n or decode.model.step_seconds(chunk, n, ctx) <= slo.tpot_s
-        (fitting if fits else others).append(p)
-    return max(fitting or others, key=lambda p: p.margin)
+        if best is None or p.margin > best.margin:
+            best = p
+    assert best is not None  # the smallest candidate is never skipped
+    return best
 
 
 def _batch_tpot(decode: DecodeView, num_prompt_tokens: int, chunk: int,

@@ -94,16 +94,3 @@ def test_local_prompts_are_not_joining(mode: Placement) -> None:
     placer.on_hello(_hello("d0", "decode"))
     placer.place("r1", list(range(300)), 8, "d0", [], Placement.LOCAL)
     assert placer._decode_view("d0", [], 10, time.monotonic()).joining == ()
-
-
-def test_when_no_chunk_keeps_the_tpot_the_margin_picks_the_chunk() -> None:
-    """A decode worker's fit with a 0.45 s fixed cost per prefill step (seen online on a busy
-    2-core VM): no chunk keeps a 300 ms TPOT beside the joining prompt, and 16-token chunks
-    would take 30 steps (20 s); the margin picks fewer, longer steps instead."""
-    model = Coefficients(per_step=0.086, per_prefill_token=0.0033, per_decode_seq=0.067,
-                         per_prefill_step=0.45)
-    slo = Slo(3.0, 0.3)
-    d = dataclasses.replace(IDLE, model=model, joining=((0.03, 629),), horizon_tokens=36.0)
-    assert model.step_seconds(16, 1, 629) > slo.tpot_s
-    got = predict_local(487, d, TRANSFER, slo)
-    assert got.chunk >= 128 and got.ttft_s < slo.ttft_s
