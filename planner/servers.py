@@ -42,6 +42,7 @@ class Job:
     num_generated: int = 0  # output tokens produced (the first comes from the prefill)
     first_token_s: float | None = None
     finish_s: float | None = None
+    expected_first_s: float = 0.0  # when the placement rule predicted its first token
 
     @property
     def num_uncomputed(self) -> int:
@@ -117,6 +118,7 @@ class DecodeServer:
         self.inbound: list[Job] = []  # KV arrived, join at the next step
         self.batch: list[tuple[Job, int]] = []
         self.is_busy = False
+        self.step_end_s = 0.0  # when the step in progress ends (while is_busy)
 
     # ---- reservation ---------------------------------------------------------------------
     def can_hold(self, job: Job) -> bool:
@@ -174,8 +176,10 @@ class DecodeServer:
         if not self.running and not self.batch:
             return None
         self.is_busy = True
-        return self.times.step_s(tokens, token_context, len(self.running),
-                                 sum(j.context for j in self.running))
+        seconds = self.times.step_s(tokens, token_context, len(self.running),
+                                    sum(j.context for j in self.running))
+        self.step_end_s = now + seconds
+        return seconds
 
     def finish_step(self, now: float) -> tuple[list[Job], list[Job]]:
         """Ends the step at `now`: (jobs that produced their first token, jobs finished)."""

@@ -8,7 +8,9 @@ What it models, in the order a request meets it (as pdserve runs it, README "One
    by the proxy's own `StepCostModel`: `remote` (a prefill worker), `local` (the decode worker,
    in chunks capped by the rule) or `adaptive` (per request);
 3. remote: decode-first reservation (blocks for prompt + output, or a FIFO wait for them),
-   the prefill worker's queue and steps (servers.py), the KV transfer (bytes / the profile's
+   read by the decode worker once its step in progress ends (its loop reads control messages
+   between steps: a long local prefill step delays the remote prompts behind it), the prefill
+   worker's queue and steps (servers.py), the KV transfer (bytes / the profile's
    measured rate for the transport, one transfer at a time into each decode worker), then
    `remote_overhead_s` (hops; it delays the whole token stream, not the TPOT);
 4. local: the decode worker's scheduler admits the prompt when blocks allow and prefills it in
@@ -18,7 +20,8 @@ What it models, in the order a request meets it (as pdserve runs it, README "One
 Not modelled (say so when you compare): the proxy's own CPU time (tokenize, detokenize, HTTP),
 preemption (reservations hold a request's longest KV, so none happens), the prefill workers' own
 KV capacity (their batches are bounded by the token budget only), prefix-cache hits
-across requests, and the placer's learned TTFT corrections (it starts them at 0, as here).
+across requests, and the placer's learned TTFT corrections unless `learn_corrections` is set
+(then the rule sees them, learned from the simulated TTFTs, instead of the overheads given).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from proxy.placement import (
     Slo,
     TransferView,
     choose,
+    learn_overhead,
     prefill_seconds,
 )
 
@@ -63,6 +67,9 @@ class ClusterSpec:
     kv_capacity_tokens: int = 0  # per decode worker; 0: the profile's
     transfer_gbps: float = 0.0  # KV transfer rate measured elsewhere (GB/s); 0: the profile's
     chunk_caps: bool = True  # False: local prompts take the whole token budget (a bare engine)
+    # True: the rule sees the placer's learned TTFT corrections (proxy/placer.py: per placement,
+    # from 0, a running mean of measured minus predicted TTFT), not the overheads above
+    learn_corrections: bool = False
 
     def __post_init__(self) -> None:
         if self.num_prefill < 0 or self.num_decode < 1:
@@ -142,6 +149,7 @@ class Simulation:
         self.num_routed = 0
         self.output_len = 64.0
         self.jobs: list[Job] = []
+        self.corrections = {"remote": 0.0, "local": 0.0}
 
     def run(self, requests: Sequence[SimRequest]) -> list[RequestOutcome]:
         capacity = self.decodes[0].capacity
@@ -154,7 +162,8 @@ class Simulation:
             self._push(r.arrival_s, 0, i)
         while self.events:
             now, _, kind, index = heapq.heappop(self.events)
-            (self._arrive, self._prefill_end, self._kv_landed, self._decode_end)[kind](now, index)
+            (self._arrive, self._prefill_end, self._kv_landed, self._decode_end,
+             self._reserve)[kind](now, index)
         unfinished = [j.index for j in self.jobs if j.finish_s is None]
         if unfinished:
             raise SimulationError(f"{len(unfinished)} requests never finished (first: "
@@ -173,7 +182,8 @@ class Simulation:
         job.decode = self._route()
         decode = self.decodes[job.decode]
         prediction = choose(self.mode, job.request.prompt_tokens, self._prefill_views(now),
-                            self._decode_view(job.decode), self._transfer_view(), self.slo)
+                            self._decode_view(job.decode, now), self._transfer_view(), self.slo)
+        job.expected_first_s = now + prediction.ttft_s
         if prediction.placement is Placement.LOCAL:
             job.placement = "local"
             job.chunk_cap = prediction.chunk if self.spec.chunk_caps else 0
@@ -181,7 +191,14 @@ class Simulation:
             self._kick_decode(now, job.decode)
             return
         job.prefill = int(prediction.prefill_id or 0)
-        if decode.reserve_or_queue(job):
+        if decode.is_busy:  # the worker reads its Reserve once the step in progress ends
+            self._push(decode.step_end_s, 4, index)
+        else:
+            self._reserve(now, index)
+
+    def _reserve(self, now: float, index: int) -> None:
+        job = self.jobs[index]
+        if self.decodes[job.decode].reserve_or_queue(job):
             self._to_prefill(now, job)
 
     def _to_prefill(self, now: float, job: Job) -> None:
@@ -199,6 +216,7 @@ class Simulation:
     def _kv_landed(self, now: float, index: int) -> None:
         job = self.jobs[index]
         job.num_generated, job.first_token_s = 1, now
+        self._learn(job)
         decode = self.decodes[job.decode]
         if job.request.output_tokens <= 1:
             job.finish_s = job.first_token_s
@@ -208,10 +226,20 @@ class Simulation:
         self._kick_decode(now, job.decode)
 
     def _decode_end(self, now: float, d: int) -> None:
-        _, finished = self.decodes[d].finish_step(now)
+        first, finished = self.decodes[d].finish_step(now)
+        for job in first:
+            self._learn(job)
         for job in finished:
             self._finished(now, job)
         self._kick_decode(now, d)
+
+    def _learn(self, job: Job) -> None:
+        """The placer's correction on a first token (proxy/placer.py `on_tokens`)."""
+        delay = (self.spec.remote_overhead_s if job.placement == "remote"
+                 else self.spec.local_overhead_s)
+        error = (job.first_token_s or 0.0) + delay - job.expected_first_s
+        self.corrections[job.placement] = learn_overhead(self.corrections[job.placement], error,
+                                                         self.slo)
 
     def _finished(self, now: float, job: Job) -> None:
         self.output_len += EWMA * (job.request.output_tokens - self.output_len)
@@ -245,7 +273,7 @@ class Simulation:
                             + prefill_seconds(self.coef, p.queued_tokens(), self.budget),
                             0, self.budget) for i, p in enumerate(self.prefills)]
 
-    def _decode_view(self, d: int) -> DecodeView:
+    def _decode_view(self, d: int, now: float) -> DecodeView:
         server = self.decodes[d]
         running = server.running + server.inbound
         local = server.prefilling + list(server.waiting)
@@ -254,12 +282,21 @@ class Simulation:
         horizon = (sum(max(1.0, min(float(j.request.output_tokens),
                                     max(self.output_len, 2.0 * j.num_generated)))
                        for j in running) / len(running)) if running else self.output_len
+        context = sum(j.context for j in running)
         local_s = prefill_seconds(self.coef, local_tokens, chunk or self.budget, len(running),
-                                  sum(j.context for j in running))
-        return DecodeView(str(d), self.coef, len(running), sum(j.context for j in running),
-                          local_s, chunk, 0, self.budget, horizon)
+                                  context)
+        # remote prompts routed here whose KV has not landed, when the rule predicted it would
+        # (local ones are in `local_s`; proxy/placer.py builds the same view)
+        joining = tuple((max(0.0, j.expected_first_s - now), j.request.prompt_tokens)
+                        for j in self.jobs if j.decode == d and j.placement == "remote"
+                        and j.expected_first_s > 0.0 and j.first_token_s is None)
+        return DecodeView(str(d), self.coef, len(running), context, local_s, chunk, 0,
+                          self.budget, horizon, joining)
 
     def _transfer_view(self) -> TransferView:
+        if self.spec.learn_corrections:
+            return TransferView(self.profile.kv_bytes_per_token, self.rate,
+                                self.corrections["remote"], self.corrections["local"])
         return TransferView(self.profile.kv_bytes_per_token, self.rate,
                             self.spec.remote_overhead_s, self.spec.local_overhead_s)
 

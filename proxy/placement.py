@@ -7,13 +7,16 @@ workers' step-time models (cost_model.py) and what the proxy knows they hold now
   uncached tokens in chunks of its token budget, the KV transfer (bytes / measured rate) and
   the hops; the decode batch then runs with one more sequence.
 - local: the decode worker's own queue of local prefills, then this prompt's uncached tokens
-  in chunks, each sharing a step with the running batch. Only chunk sizes whose step stays
-  within the TPOT SLO are tried (with a batch running), and the best margin wins and travels
-  to the decode worker as its prefill chunk cap. TPOT is a mean over a request's output, so
-  the batch's TPOT is the mean step time over the output tokens of its sequences
+  in chunks, each sharing a step with the batch: the running sequences and the remote prompts
+  whose KV will land before the prefill ends (`DecodeView.joining`; replayed in the planner's
+  simulator, the 2026-12-06 sweep's workload (a) showed whole-prompt local steps on an idle
+  decode worker stall the remote prompts landing during them). Only chunk sizes whose step
+  stays within the TPOT SLO are tried (with such a batch), and the best margin wins and
+  travels to the decode worker as its prefill chunk cap. TPOT is a mean over a request's
+  output, so the batch's TPOT is the mean step time over the output tokens of its sequences
   (`horizon_tokens`): so many of its steps carry chunks (of the local prefills queued there,
-  and of this one), the rest are plain decode steps; the queued local work counts against the
-  remote option too.
+  and of this one), the rest are plain decode steps; the queued local work counts against
+  the remote option too.
 The option that meets both SLOs with the larger margin (the smaller of its TTFT and TPOT
 slack, relative to the SLO) is chosen; when neither does, the one that misses by less. Margins
 within `TIE` of each other are decided by the TTFT slack. While the remote option meets both
@@ -22,6 +25,8 @@ SLOs, local must beat it by more: its first token sooner (or its margin larger) 
 since a local prefill spends decode time the batch and later arrivals need (a
 sweep on 2026-12-06 saw adaptive prefill 30-33 of 40 long prompts locally on near-equal
 margins, with the prefill worker idle and the decode batch's TPOT p90 at 264-410 ms).
+Each placement's TTFT carries a learned correction for what the prediction leaves out
+(`learn_overhead`, a running mean of measured minus predicted TTFT).
 Short prompts (hops and transfer cost more than the prefill) and prompts the decode worker's
 prefix cache mostly covers come out local by this rule, not by a special case; a decode worker
 near its TPOT limit sends prompts away.
@@ -84,6 +89,15 @@ class DecodeView:
     cached_tokens: int  # of this prompt, expected hits in its prefix cache
     max_batched_tokens: int
     horizon_tokens: float = 64.0  # output tokens its running sequences produce in all (mean)
+    # remote prefills headed to it, not landed yet: (seconds from now until its KV should land,
+    # its prompt tokens) each; they join the batch a local prefill then runs beside
+    joining: tuple[tuple[float, int], ...] = ()
+
+    def batch_during(self, until_s: float) -> tuple[int, int]:
+        """(sequences, context tokens) its batch holds by `until_s` seconds from now: those
+        running and those joining before then."""
+        landed = [tokens for at, tokens in self.joining if at < until_s]
+        return self.num_running + len(landed), self.context_tokens + sum(landed)
 
 
 @dataclass(frozen=True)
@@ -108,7 +122,16 @@ class Prediction:
 
 TIE = 0.02
 REMOTE_FIRST = 0.25  # margin a local prefill of a whole TTFT SLO's length must win by (choose)
+CORRECTION_EWMA = 0.2  # weight of the newest first token in a placement's TTFT correction
 CHUNKS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+
+
+def learn_overhead(overhead_s: float, error_s: float, slo: Slo) -> float:
+    """The running TTFT correction of a placement after one measured first token (`error_s`:
+    measured minus predicted TTFT): a running mean (`CORRECTION_EWMA`) of the errors, kept
+    within [0, the TTFT SLO]. The placer and the simulator both learn with it."""
+    learned = overhead_s + CORRECTION_EWMA * error_s
+    return min(max(learned, 0.0), slo.ttft_s)
 
 
 def prefill_seconds(model: Coefficients, num_tokens: int, chunk: int, decode_seqs: int = 0,
@@ -131,58 +154,62 @@ def predict_remote(num_prompt_tokens: int, prefill: PrefillView, decode: DecodeV
     own = prefill_seconds(prefill.model, uncached, prefill.max_batched_tokens)
     kv_s = num_prompt_tokens * transfer.kv_bytes_per_token / max(transfer.bytes_per_second, 1.0)
     ttft = prefill.queue_s + own + kv_s + transfer.remote_overhead_s
-    tpot = _batch_tpot(decode, num_prompt_tokens, decode.local_chunk, 0.0)
+    n, ctx = decode.batch_during(ttft)
+    tpot = _batch_tpot(decode, num_prompt_tokens, decode.local_chunk, 0.0, n, ctx)
     return Prediction(Placement.REMOTE, ttft, tpot, slo.margin(ttft, tpot),
                       slo.margin(ttft, 0.0), prefill.worker_id, 0, own)
 
 
 def predict_local(num_prompt_tokens: int, decode: DecodeView, transfer: TransferView,
                   slo: Slo) -> Prediction:
-    """The best chunk size for a local prefill on `decode` (its margin decides). With a running
-    batch, only chunks whose step stays within the TPOT SLO are tried (the smallest otherwise),
-    so no single inter-token gap breaks it."""
+    """The best chunk size for a local prefill on `decode` (its margin decides). The batch it
+    runs beside is the running one and the sequences joining it before the prefill ends
+    (`DecodeView.joining`); with such a batch, only chunks whose step stays within the TPOT SLO
+    are tried (the smallest otherwise), so no single inter-token gap breaks it."""
     uncached = max(1, num_prompt_tokens - decode.cached_tokens)
-    n, ctx = decode.num_running, decode.context_tokens
     best: Prediction | None = None
-    for chunk in _chunk_candidates(decode, uncached, slo):
+    for chunk in _chunk_candidates(decode, uncached):
+        n, ctx = decode.batch_during(decode.local_queue_s + prefill_seconds(
+            decode.model, uncached, chunk, decode.num_running, decode.context_tokens))
+        if n and chunk > CHUNKS[0] and decode.model.step_seconds(chunk, n, ctx) > slo.tpot_s:
+            continue  # a step this long would break the TPOT of the batch it runs beside
         own = prefill_seconds(decode.model, uncached, chunk, n, ctx)
         ttft = decode.local_queue_s + own + transfer.local_overhead_s
-        tpot = _batch_tpot(decode, num_prompt_tokens, chunk, own)
+        tpot = _batch_tpot(decode, num_prompt_tokens, chunk, own, n, ctx)
         cap = 0 if chunk >= decode.max_batched_tokens else chunk
         p = Prediction(Placement.LOCAL, ttft, tpot, slo.margin(ttft, tpot),
                        slo.margin(ttft, 0.0), None, cap, own)
         if best is None or p.margin > best.margin:
             best = p
-    assert best is not None  # _chunk_candidates is never empty
+    assert best is not None  # the smallest candidate is never skipped
     return best
 
 
 def _batch_tpot(decode: DecodeView, num_prompt_tokens: int, chunk: int,
-                own_prefill_s: float) -> float:
-    """The mean TPOT of the decode batch over the output tokens its sequences produce
-    (`horizon_tokens`): steps that carry a local prefill chunk (those queued on it, plus
-    `own_prefill_s` of this prompt's) take the chunked step time, the others a plain decode
-    step with this request in the batch. Chunks are capped, so each step stays short; what
-    local prefills cost the batch is how many of its steps they stretch."""
-    after = decode.model.step_seconds(0, decode.num_running + 1,
-                                      decode.context_tokens + num_prompt_tokens)
-    if not decode.num_running or not chunk:
+                own_prefill_s: float, num_seqs: int, context_tokens: int) -> float:
+    """The mean TPOT of the decode batch (`num_seqs` sequences holding `context_tokens`) over
+    the output tokens its sequences produce (`horizon_tokens`): steps that carry a local
+    prefill chunk (those queued on it, plus `own_prefill_s` of this prompt's) take the chunked
+    step time, the others a plain decode step with this request in the batch. Chunks are
+    capped, so each step stays short; what local prefills cost the batch is how many of its
+    steps they stretch."""
+    after = decode.model.step_seconds(0, num_seqs + 1, context_tokens + num_prompt_tokens)
+    if not num_seqs or not chunk:
         return after
-    during = decode.model.step_seconds(chunk, decode.num_running, decode.context_tokens)
+    during = decode.model.step_seconds(chunk, num_seqs, context_tokens)
     busy_s = decode.local_queue_s + own_prefill_s
     stretched = min(math.ceil(busy_s / max(during, 1e-6)), decode.horizon_tokens)
     horizon = max(decode.horizon_tokens, 1.0)
     return max(after, (stretched * during + (horizon - stretched) * after) / horizon)
 
 
-def _chunk_candidates(decode: DecodeView, uncached: int, slo: Slo) -> list[int]:
+def _chunk_candidates(decode: DecodeView, uncached: int) -> list[int]:
+    """Every chunk size up to the prompt (or the token budget); the whole prompt alone when
+    no sequence runs or joins, since then no step stretches anyone's TPOT."""
     limit = max(1, min(decode.max_batched_tokens, uncached))
-    chunks = [c for c in CHUNKS if c < limit] + [limit]
-    if not decode.num_running:
+    if not decode.num_running and not decode.joining:
         return [limit]
-    fits = [c for c in chunks if decode.model.step_seconds(
-        c, decode.num_running, decode.context_tokens) <= slo.tpot_s]
-    return fits or chunks[:1]
+    return [c for c in CHUNKS if c < limit] + [limit]
 
 
 def choose(mode: Placement, num_prompt_tokens: int, prefills: Sequence[PrefillView],

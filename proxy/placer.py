@@ -30,6 +30,7 @@ from proxy.placement import (
     Slo,
     TransferView,
     choose,
+    learn_overhead,
 )
 
 log = logging.getLogger(__name__)
@@ -193,9 +194,7 @@ class Placer:
             if wid in self.workers:
                 self.workers[wid].pop(request_id, now)
         error = (now - placed.started) - p.ttft_s
-        bound = self.slo.ttft_s
-        corrected = self.overhead[p.placement] + EWMA * error
-        self.overhead[p.placement] = min(max(corrected, 0.0), bound)
+        self.overhead[p.placement] = learn_overhead(self.overhead[p.placement], error, self.slo)
         return error
 
     def on_finished(self, request_id: str) -> None:
@@ -223,11 +222,15 @@ class Placer:
                    if r.decode_id == worker_id and r.num_output_tokens > 0]
         horizon = (sum(self._expected_len(r) for r in running) / len(running)) if running \
             else self.output_len
+        joining = tuple((max(0.0, r.started + r.prediction.ttft_s - now), r.num_prompt_tokens)
+                        for r in self.requests.values()
+                        if r.decode_id == worker_id and r.num_output_tokens == 0
+                        and r.prediction.placement is Placement.REMOTE)
         return DecodeView(worker_id, w.model.coefficients, len(running),
                           sum(r.num_prompt_tokens + r.num_output_tokens for r in running),
                           w.queue_s(now), w.chunk,
                           w.prefixes.cached_tokens(hashes, num_prompt_tokens),
-                          w.max_batched_tokens, horizon)
+                          w.max_batched_tokens, horizon, joining)
 
     def _expected_len(self, r: Placed) -> float:
         """Output tokens a running request will have produced in all, the tokens a stall in its

@@ -18,6 +18,7 @@ from proxy.placement import (
     Slo,
     TransferView,
     choose,
+    learn_overhead,
     predict_local,
     predict_remote,
     prefill_seconds,
@@ -159,3 +160,13 @@ def test_a_long_prompt_goes_remote_while_the_prefill_worker_meets_the_slos() -> 
     # the prefill worker holds 1.5 s of queued work: now only local meets the TTFT SLO well
     assert choose(Placement.ADAPTIVE, 600, [prefill(queue_s=1.5)], d, TRANSFER, slo).placement \
         is Placement.LOCAL
+
+
+def test_a_ttft_correction_learns_the_hops_within_bounds() -> None:
+    slo = Slo(3.0, 0.3)
+    overhead = 0.0
+    for _ in range(30):
+        overhead = learn_overhead(overhead, 0.05 - overhead, slo)
+    assert overhead == pytest.approx(0.05, abs=1e-3)
+    assert learn_overhead(0.01, -1.0, slo) == 0.0  # never below zero
+    assert learn_overhead(2.99, 0.3, slo) == 3.0  # nor above the SLO

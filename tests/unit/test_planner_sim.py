@@ -12,7 +12,7 @@ import pytest
 
 from planner.profile import Profile, ProfileError, StepTimes
 from planner.servers import SimRequest
-from planner.simulator import ClusterSpec, SimulationError, simulate
+from planner.simulator import ClusterSpec, Simulation, SimulationError, simulate
 from tests.unit.planner_fixtures import KV_BYTES, small_profile
 
 
@@ -154,3 +154,21 @@ def test_noisy_dips_do_not_make_bigger_steps_faster() -> None:
     times = StepTimes(noisy)
     assert times.decode_s(32, 128) >= times.decode_s(1, 128) == pytest.approx(0.5)
     assert times.prefill_s(1024) >= times.prefill_s(16) == pytest.approx(0.5)
+
+
+def test_a_reserve_waits_for_the_decode_workers_step_in_progress() -> None:
+    """The decode worker reads control messages between steps: request 1 arrives 4 ms into the
+    second 20 ms decode step of request 0, so its prefill starts 16 ms later than on an idle
+    worker."""
+    first, second = simulate(small_profile(), ClusterSpec(1, 1),
+                             [SimRequest(0.0, 16, 50), SimRequest(0.040, 16, 2)])
+    step_end = first.first_token_s + 2 * 0.02  # request 0's KV landed, then two steps
+    assert second.ttft_s == pytest.approx(step_end - 0.040 + 0.016 + 16 * KV_BYTES / 1e9,
+                                          rel=1e-6)
+
+
+def test_learned_corrections_start_at_zero_and_follow_the_hops() -> None:
+    spec = ClusterSpec(1, 1, remote_overhead_s=0.3, learn_corrections=True)
+    sim = Simulation(small_profile(), spec)
+    sim.run([SimRequest(float(i), 64, 2) for i in range(20)])
+    assert 0.25 < sim.corrections["remote"] <= 0.3 and sim.corrections["local"] == 0.0
