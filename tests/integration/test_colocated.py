@@ -5,14 +5,12 @@ from __future__ import annotations
 
 from serving import serve
 
-from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 
 
-def test_colocated_with_api_key() -> None:
-    ref = LLMEngine.from_config(EngineConfig(kv_cache_memory="128MiB", max_model_len=2048),
-                                log_plan=False)
+def test_colocated_with_api_key(smollm2_reference: LLMEngine) -> None:
+    ref = smollm2_reference
     prompt = "The capital of Italy is"
     want = ref.generate([ref.tokenizer.encode(prompt)],
                         SamplingParams(max_tokens=16, temperature=0.0))[0]

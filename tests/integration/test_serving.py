@@ -15,9 +15,8 @@ import time
 import httpx
 import openai
 import pytest
-from serving import Server, serve, sse_events
+from serving import NO_WARMUP, Server, serve, sse_events
 
-from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 
@@ -32,15 +31,14 @@ MAX_TOKENS = 24
 
 @pytest.fixture(scope="module")
 def server() -> Server:
-    with serve("--prefill", "2", "--decode", "2", "--placement", "remote") as s:
+    with serve("--prefill", "2", "--decode", "2", "--placement", "remote", *NO_WARMUP) as s:
         yield s
 
 
 @pytest.fixture(scope="module")
-def reference() -> LLMEngine:
+def reference(smollm2_reference: LLMEngine) -> LLMEngine:
     """The colocated engine in this process: the output the disaggregated path must equal."""
-    return LLMEngine.from_config(EngineConfig(kv_cache_memory="128MiB", max_model_len=2048),
-                                 log_plan=False)
+    return smollm2_reference  # tests/conftest.py: loaded once per session
 
 
 def greedy(engine: LLMEngine, prompt_ids: list[int], max_tokens: int = MAX_TOKENS) -> str:
@@ -83,7 +81,8 @@ def test_frames_payload_between_steps_equals_colocated(reference: LLMEngine) -> 
     """The non-default KV options: `--kv-payload frames` (ZMQ multipart frames instead of the
     stream socket) and `--no-kv-receiver-thread` (the decode worker receives between steps)."""
     with serve("--prefill", "1", "--decode", "1", "--placement", "remote",
-               "--kv-payload", "frames", "--no-kv-receiver-thread") as s, s.client() as c:
+               "--kv-payload", "frames", "--no-kv-receiver-thread", *NO_WARMUP) as s, \
+            s.client() as c:
         prompt = PROMPTS[2]
         body = {"prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True}
         r = c.post("/v1/completions", json=body)

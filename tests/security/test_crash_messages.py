@@ -20,7 +20,7 @@ import attacker
 import httpx
 import pytest
 from attacks import secret_file
-from serving import Server, serve, sse_events
+from serving import NO_WARMUP, Server, serve, sse_events
 
 from engine.kv_spec import KvDtype, KvSpec
 from protocol import worker_events as ev
@@ -35,7 +35,7 @@ VICTIM = {"prompt": "The capital of France is", "max_tokens": 24, "temperature":
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """A deployment whose secret the attacker holds (an insider: auth is not what is tested)."""
     path, secret = secret_file(tmp_path_factory.mktemp("secret"))
-    with serve("--colocated", "--decode", "1", "--max-restarts", "1",
+    with serve("--colocated", "--decode", "1", "--max-restarts", "1", *NO_WARMUP,
                "--cluster-secret-file", str(path)) as s:
         s.secret = secret  # type: ignore[attr-defined]
         yield s

@@ -7,13 +7,14 @@ import time
 from pathlib import Path
 
 from attacks import secret_file, send_as
-from serving import serve
+from serving import NO_WARMUP, serve
 
 
 def test_malformed_control_frames_are_counted_and_the_worker_keeps_serving(
         tmp_path: Path) -> None:
     path, secret = secret_file(tmp_path)
-    with serve("--colocated", "--decode", "1", "--cluster-secret-file", str(path)) as server, \
+    with serve("--colocated", "--decode", "1", *NO_WARMUP,
+               "--cluster-secret-file", str(path)) as server, \
             server.client() as c:
         worker = c.get("/status").json()["workers"][0]
         garbage = [b"\x00not msgpack", b"\x92\x01\x02", b"\x81\xa4type\xa5Bogus"]
