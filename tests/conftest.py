@@ -2,9 +2,10 @@
 random HF checkpoints, engines built on them, and ZMQ endpoints.
 
 Expensive references (transformers' GGUF-loaded SmolLM2, ~12 s; its tokenizer, ~4 s; our own
-engine on SmolLM2, `smollm2_reference`, ~5-10 s) are session-scoped and built at most once per
-session. `tiny_hf_checkpoint(variant)` builds each variant once per session under a temporary
-directory; `tiny_engine(**overrides)` builds a fresh LLMEngine on one (~0.1 s).
+checkpoint of SmolLM2, ~5 s, and `smollm2_reference`, an engine on it) are session-scoped and
+built at most once per session; `smollm2_engine(**fields)` builds an engine on that checkpoint.
+`tiny_hf_checkpoint(variant)` builds each variant once per session under a temporary directory;
+`tiny_engine(**overrides)` builds a fresh LLMEngine on one (~0.1 s).
 
 `shared_deployment(*flags)` is a `pdserve serve` shared by every test module that asks for the
 same flags (tests/integration/serving.py: `DeploymentPool`). The modules that use it run one
@@ -50,14 +51,37 @@ def hf_smollm2_tokenizer(smollm2_gguf_path: Path) -> Any:
 
 
 @pytest.fixture(scope="session")
-def smollm2_reference() -> Any:
-    """The in-process SmolLM2 engine (fp32, 128 MiB of KV, --max-model-len 2048) whose outputs
-    the served paths must equal; loaded once per session (~5-10 s) for every test file."""
+def smollm2_checkpoint() -> Any:
+    """SmolLM2's checkpoint (engine.checkpoint.load_checkpoint), fp32: read once per session
+    (~5 s); `smollm2_engine` builds engines on it. Read-only: copy `.weights` to change it."""
+    from engine.checkpoint import load_checkpoint
+
+    return load_checkpoint("smollm2", torch.float32)
+
+
+@pytest.fixture(scope="session")
+def smollm2_engine(smollm2_checkpoint: Any) -> Callable[..., Any]:
+    """Factory: `smollm2_engine(**EngineConfig fields)` -> a fresh LLMEngine on SmolLM2 (fp32,
+    one rank): what `LLMEngine.from_config` builds, on the session's checkpoint (its weights
+    are copied into the engine's model), so without reading the GGUF again."""
     from engine.config import EngineConfig
     from engine.llm_engine import LLMEngine
+    from engine.memory_plan import plan_kv_cache
 
-    return LLMEngine.from_config(EngineConfig(kv_cache_memory="128MiB", max_model_len=2048),
-                                 log_plan=False)
+    def build(**fields: Any) -> LLMEngine:
+        config = EngineConfig(**{"model": "smollm2", **fields})
+        assert config.torch_dtype == torch.float32 and config.tensor_parallel_size == 1, fields
+        ckpt = smollm2_checkpoint
+        return LLMEngine(config, ckpt, plan_kv_cache(ckpt.config, config, ckpt.identity))
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def smollm2_reference(smollm2_engine: Callable[..., Any]) -> Any:
+    """The in-process SmolLM2 engine (fp32, 128 MiB of KV, --max-model-len 2048) whose outputs
+    the served paths must equal; built once per session for every test file."""
+    return smollm2_engine(kv_cache_memory="128MiB", max_model_len=2048)
 
 
 @pytest.fixture(scope="session")

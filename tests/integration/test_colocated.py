@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from serving import serve
+from serving import NO_WARMUP, serve
 
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
@@ -14,7 +14,7 @@ def test_colocated_with_api_key(smollm2_reference: LLMEngine) -> None:
     prompt = "The capital of Italy is"
     want = ref.generate([ref.tokenizer.encode(prompt)],
                         SamplingParams(max_tokens=16, temperature=0.0))[0]
-    with serve("--colocated", "--api-key", "s3cret") as server, server.client() as c:
+    with serve("--colocated", "--api-key", "s3cret", *NO_WARMUP) as server, server.client() as c:
         assert c.get("/health").json()["prefill_workers"] == 0
         body = {"prompt": prompt, "max_tokens": 16, "temperature": 0}
         r = c.post("/v1/completions", json=body)
