@@ -10,7 +10,9 @@ import torch
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
     """Inverse frequencies `[head_dim // 2]` in float64, scaled the way the checkpoint says."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    # on the CPU even under `torch.device("meta")` (meta ops would import torch._dynamo: seconds)
+    steps = torch.arange(0, head_dim, 2, dtype=torch.float64, device="cpu")
+    inv_freq = 1.0 / (theta ** (steps / head_dim))
     if not scaling:
         return inv_freq
     kind = scaling.get("rope_type", scaling.get("type"))
@@ -50,7 +52,7 @@ class RotaryEmbedding(torch.nn.Module):
     def build(self, device: torch.device | None) -> None:
         """(Re)compute the float32 tables on `device` (after the model left the meta device)."""
         inv_freq = rope_inv_freq(self.head_dim, self.theta, self.scaling)
-        t = torch.arange(self.max_positions, dtype=torch.float64)
+        t = torch.arange(self.max_positions, dtype=torch.float64, device="cpu")
         freqs = torch.outer(t, inv_freq)  # [max_positions, head_dim // 2]
         emb = torch.cat([freqs, freqs], dim=-1)  # [max_positions, head_dim]
         self.register_buffer("cos", emb.cos().float().to(device), persistent=False)

@@ -32,6 +32,10 @@ class VocabParallelEmbedding(nn.Embedding):
         super().__init__(num_rows, hidden_size)
         self.vocab_start, self.tp = vocab_start, tp
 
+    def reset_parameters(self) -> None:
+        """No random draw: the weights come from the checkpoint (or `init_dummy_weights`). On
+        the meta device `normal_` would import torch._dynamo: seconds of every worker's start."""
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.tp.is_single:
             return super().forward(input_ids)

@@ -1,21 +1,31 @@
 """Shared pytest fixtures: the default SmolLM2 checkpoint, its Hugging Face reference, and tiny
 random HF checkpoints, engines built on them, and ZMQ endpoints.
 
-Expensive references (transformers' GGUF-loaded SmolLM2, ~12 s; its tokenizer, ~4 s) are
-session-scoped and built at most once per session. `tiny_hf_checkpoint(variant)` builds each
-variant once per session under a temporary directory; `tiny_engine(**overrides)` builds a fresh
-LLMEngine on one (~0.1 s).
+Expensive references (transformers' GGUF-loaded SmolLM2, ~12 s; its tokenizer, ~4 s; our own
+checkpoint of SmolLM2, ~5 s, and `smollm2_reference`, an engine on it) are session-scoped and
+built at most once per session; `smollm2_engine(**fields)` builds an engine on that checkpoint.
+`tiny_hf_checkpoint(variant)` builds each variant once per session under a temporary directory;
+`tiny_engine(**overrides)` builds a fresh LLMEngine on one (~0.1 s).
+
+`shared_deployment(*flags)` is a `pdserve serve` shared by every test module that asks for the
+same flags (tests/integration/serving.py: `DeploymentPool`). The modules that use it run one
+after another (`pytest_collection_modifyitems`), and its deployments stop after the last of
+their tests, so that no idle deployment runs beside the other modules.
 """
 
 from __future__ import annotations
 
 import shutil
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import torch
+
+if TYPE_CHECKING:
+    from serving import DeploymentPool, Server
 
 TINY_VARIANTS = ("llama_gqa", "qwen2", "mha", "tied", "llama3_rope", "mistral", "sharded", "mqa")
 """Names accepted by the `tiny_hf_checkpoint` factory."""
@@ -38,6 +48,40 @@ def hf_smollm2_tokenizer(smollm2_gguf_path: Path) -> Any:
     transformers = pytest.importorskip("transformers")
     return transformers.AutoTokenizer.from_pretrained(
         str(smollm2_gguf_path.parent), gguf_file=smollm2_gguf_path.name)
+
+
+@pytest.fixture(scope="session")
+def smollm2_checkpoint() -> Any:
+    """SmolLM2's checkpoint (engine.checkpoint.load_checkpoint), fp32: read once per session
+    (~5 s); `smollm2_engine` builds engines on it. Read-only: copy `.weights` to change it."""
+    from engine.checkpoint import load_checkpoint
+
+    return load_checkpoint("smollm2", torch.float32)
+
+
+@pytest.fixture(scope="session")
+def smollm2_engine(smollm2_checkpoint: Any) -> Callable[..., Any]:
+    """Factory: `smollm2_engine(**EngineConfig fields)` -> a fresh LLMEngine on SmolLM2 (fp32,
+    one rank): what `LLMEngine.from_config` builds, on the session's checkpoint (its weights
+    are copied into the engine's model), so without reading the GGUF again."""
+    from engine.config import EngineConfig
+    from engine.llm_engine import LLMEngine
+    from engine.memory_plan import plan_kv_cache
+
+    def build(**fields: Any) -> LLMEngine:
+        config = EngineConfig(**{"model": "smollm2", **fields})
+        assert config.torch_dtype == torch.float32 and config.tensor_parallel_size == 1, fields
+        ckpt = smollm2_checkpoint
+        return LLMEngine(config, ckpt, plan_kv_cache(ckpt.config, config, ckpt.identity))
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def smollm2_reference(smollm2_engine: Callable[..., Any]) -> Any:
+    """The in-process SmolLM2 engine (fp32, 128 MiB of KV, --max-model-len 2048) whose outputs
+    the served paths must equal; built once per session for every test file."""
+    return smollm2_engine(kv_cache_memory="128MiB", max_model_len=2048)
 
 
 @pytest.fixture(scope="session")
@@ -142,3 +186,54 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+SHARED = "shared_deployment"
+POOL = pytest.StashKey["DeploymentPool"]()
+SHARING = pytest.StashKey[set[Path]]()  # the test files that use `shared_deployment`
+
+
+def _pool(config: pytest.Config) -> DeploymentPool:
+    if POOL not in config.stash:
+        sys.path.insert(0, str(Path(__file__).resolve().parent / "integration"))
+        from serving import DeploymentPool
+
+        config.stash[POOL] = DeploymentPool()
+    return config.stash[POOL]
+
+
+@pytest.fixture(scope="session")
+def shared_deployment(pytestconfig: pytest.Config) -> Callable[..., Server]:
+    """Factory: `shared_deployment(*flags)` -> the running `pdserve serve FLAGS` (started on
+    first use; see the module docstring for its lifetime). Only for tests that leave it as
+    they found it: KV blocks back to zero, no worker killed, counters read as deltas."""
+    return _pool(pytestconfig).get
+
+
+@pytest.hookimpl(trylast=True)  # after pytest orders parametrized tests
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Move the test files that use `shared_deployment` to just after the first of them (each
+    file whole, in collection order), so that its deployments start once."""
+    sharing = config.stash[SHARING] = {
+        i.path for i in items if SHARED in getattr(i, "fixturenames", ())}
+    if len(sharing) < 2:
+        return
+    first = next(k for k, i in enumerate(items) if i.path in sharing)
+    moved = [i for i in items[first:] if i.path in sharing]
+    rest = [i for i in items[first:] if i.path not in sharing]
+    items[first:] = moved + rest
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    """After the last test of the files that use `shared_deployment`: stop its deployments."""
+    yield
+    sharing = item.config.stash.get(SHARING, set())
+    leaving = item.path in sharing and (nextitem is None or nextitem.path not in sharing)
+    if leaving and POOL in item.config.stash:
+        item.config.stash[POOL].close()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    if POOL in session.config.stash:
+        session.config.stash[POOL].close()

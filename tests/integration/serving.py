@@ -18,6 +18,10 @@ import httpx
 
 LOG_ARGS: list[str] = []  # e.g. ["--log-level", "DEBUG"] while diagnosing
 URL_RE = re.compile(r"serving .* on (http://\d+\.\d+\.\d+\.\d+:\d+)")
+NO_WARMUP = ("--warmup-s", "0")  # the warm-up only seeds adaptive placement's cost models
+COLOCATED = ("--colocated",)
+DISAGG = ("--prefill", "1", "--decode", "1", "--placement", "remote", *NO_WARMUP)
+"""The flags of the two deployments `DeploymentPool` shares between test modules."""
 
 
 @dataclass
@@ -93,6 +97,33 @@ def serve(*args: str, timeout_s: float = 180.0, host: str = "127.0.0.1",
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+
+
+class DeploymentPool:
+    """`pdserve serve` deployments shared by the test modules that ask for the same flags
+    (tests/conftest.py's `shared_deployment` fixture): each starts once, on first use, and runs
+    until `close()`. For tests that leave a deployment as they found it (no killed worker, KV
+    blocks back to zero; counters compared as deltas): a module that breaks one starts its own.
+    """
+
+    def __init__(self) -> None:
+        self._stack = contextlib.ExitStack()
+        self._running: dict[tuple[str, ...], Server] = {}
+
+    def get(self, *flags: str) -> Server:
+        server = self._running.get(flags)
+        if server is None:
+            server = self._running[flags] = self._stack.enter_context(serve(*flags))
+        if server.proc.poll() is not None:
+            raise RuntimeError(f"the shared deployment {flags} exited (an earlier test module "
+                               "took it down?):\n" + "".join(server.log[-60:]))
+        return server
+
+    def close(self) -> None:
+        """Stop every deployment started so far (a later `get` starts a fresh one)."""
+        self._running.clear()
+        stack, self._stack = self._stack, contextlib.ExitStack()
+        stack.close()
 
 
 def sse_events(response: httpx.Response) -> Iterator[dict | str]:

@@ -1,18 +1,18 @@
 """End-to-end, with the official `openai` client, on a disaggregated deployment (1 prefill +
-1 decode worker, every prompt prefilled remotely) and a colocated one, SmolLM2: the sampling
+1 decode worker, every prompt prefilled remotely) and a colocated one (both shared with other
+test modules: tests/conftest.py, `shared_deployment`), SmolLM2: the sampling
 parameters of issue 18 give the same outputs on both paths and the in-process engine's."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable
 from typing import Any
 
 import openai
 import pytest
 import torch
-from serving import Server, serve
+from serving import COLOCATED, DISAGG, Server
 
-from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 
@@ -21,21 +21,18 @@ MAX_TOKENS = 20
 
 
 @pytest.fixture(scope="module")
-def disagg() -> Iterator[Server]:
-    with serve("--prefill", "1", "--decode", "1", "--placement", "remote") as s:
-        yield s
+def disagg(shared_deployment: Callable[..., Server]) -> Server:
+    return shared_deployment(*DISAGG)
 
 
 @pytest.fixture(scope="module")
-def colocated() -> Iterator[Server]:
-    with serve("--colocated") as s:
-        yield s
+def colocated(shared_deployment: Callable[..., Server]) -> Server:
+    return shared_deployment(*COLOCATED)
 
 
 @pytest.fixture(scope="module")
-def reference() -> LLMEngine:
-    return LLMEngine.from_config(EngineConfig(kv_cache_memory="128MiB", max_model_len=2048),
-                                 log_plan=False)
+def reference(smollm2_reference: LLMEngine) -> LLMEngine:
+    return smollm2_reference  # tests/conftest.py: loaded once per session
 
 
 def client(server: Server) -> openai.OpenAI:

@@ -7,10 +7,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from serving import Server, serve
+from serving import DISAGG, Server
 
 from bench.datasets import DatasetConfig, build_dataset, load_tokenizer
 from bench.loadgen import LoadConfig, run_load
@@ -22,9 +23,9 @@ LOOSE_SLO = Slo(ttft_s=60.0, tpot_s=10.0)  # consistency is under test here, not
 
 
 @pytest.fixture(scope="module")
-def server() -> Server:
-    with serve("--prefill", "1", "--decode", "1") as s:
-        yield s
+def server(shared_deployment: Callable[..., Server]) -> Server:
+    """1 prefill + 1 decode, remote placement, shared with other modules (tests/conftest.py)."""
+    return shared_deployment(*DISAGG)
 
 
 @pytest.fixture(scope="module")

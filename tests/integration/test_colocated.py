@@ -3,20 +3,18 @@
 
 from __future__ import annotations
 
-from serving import serve
+from serving import NO_WARMUP, serve
 
-from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 
 
-def test_colocated_with_api_key() -> None:
-    ref = LLMEngine.from_config(EngineConfig(kv_cache_memory="128MiB", max_model_len=2048),
-                                log_plan=False)
+def test_colocated_with_api_key(smollm2_reference: LLMEngine) -> None:
+    ref = smollm2_reference
     prompt = "The capital of Italy is"
     want = ref.generate([ref.tokenizer.encode(prompt)],
                         SamplingParams(max_tokens=16, temperature=0.0))[0]
-    with serve("--colocated", "--api-key", "s3cret") as server, server.client() as c:
+    with serve("--colocated", "--api-key", "s3cret", *NO_WARMUP) as server, server.client() as c:
         assert c.get("/health").json()["prefill_workers"] == 0
         body = {"prompt": prompt, "max_tokens": 16, "temperature": 0}
         r = c.post("/v1/completions", json=body)

@@ -10,14 +10,14 @@ is a bug).
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 
@@ -109,20 +109,17 @@ def _prompt_ids(tokenizer: Any, case: Case) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def engine() -> LLMEngine:
+def engine(smollm2_engine: Callable[..., LLMEngine]) -> LLMEngine:
     # A 256-token step budget chunks the long prompts and mixes them with decode steps.
-    return LLMEngine.from_config(EngineConfig(
-        model="smollm2", dtype="float32", kv_cache_memory="128MiB", max_model_len=1024,
-        max_num_batched_tokens=256, block_size=16), log_plan=False)
+    return smollm2_engine(dtype="float32", kv_cache_memory="128MiB", max_model_len=1024,
+                          max_num_batched_tokens=256, block_size=16)
 
 
 @pytest.fixture(scope="module")
-def hf_model(smollm2_gguf_path: Path) -> Any:
-    transformers = pytest.importorskip("transformers")
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(smollm2_gguf_path.parent), gguf_file=smollm2_gguf_path.name, dtype=torch.float32)
-    # No EOS: transformers would stop there and pad; we compare all 32 tokens. (This model object
-    # belongs to this module, so changing its generation config affects no other test.)
+def hf_model(hf_smollm2_model: Any) -> Any:
+    # No EOS: transformers would stop there and pad; we compare all 32 tokens. (A copy of the
+    # session's model, so changing its generation config affects no other test.)
+    model = copy.deepcopy(hf_smollm2_model)
     model.generation_config.eos_token_id = None
     return model.eval()
 

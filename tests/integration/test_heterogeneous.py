@@ -10,21 +10,19 @@ and the whole 24-token texts to match for at least 2 of the 3 prompts.
 
 from __future__ import annotations
 
-from serving import serve
+from serving import NO_WARMUP, serve
 
-from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 
 PROMPTS = ["The three primary colors are", "Water boils at", "def add(a, b):\n    return"]
 
 
-def test_ampere_prefill_to_volta_decode_matches_reference() -> None:
-    ref = LLMEngine.from_config(EngineConfig(kv_cache_memory="128MiB", max_model_len=2048),
-                                log_plan=False)
+def test_ampere_prefill_to_volta_decode_matches_reference(smollm2_reference: LLMEngine) -> None:
+    ref = smollm2_reference
     tok = ref.tokenizer
     with serve("--prefill-profile", "ampere", "--decode-profile", "volta",
-               "--placement", "remote") as server, server.client() as c:
+               "--placement", "remote", *NO_WARMUP) as server, server.client() as c:
         status = {w["role"]: w["kv_plan"] for w in c.get("/status").json()["workers"]}
         assert "bfloat16" in status["prefill"] and "NHD" in status["prefill"]
         assert "float16" in status["decode"] and "paged_v1" in status["decode"]

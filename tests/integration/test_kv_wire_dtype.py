@@ -8,9 +8,8 @@ and no block is left used."""
 from __future__ import annotations
 
 import pytest
-from serving import serve
+from serving import NO_WARMUP, serve
 
-from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 
@@ -18,13 +17,12 @@ PROMPTS = ["The three primary colors are", "Water boils at", "def add(a, b):\n  
 NUM_TOKENS = 16
 
 
-def test_int8_wire_is_close_to_uncompressed() -> None:
-    ref = LLMEngine.from_config(EngineConfig(kv_cache_memory="128MiB", max_model_len=2048),
-                                log_plan=False)
+def test_int8_wire_is_close_to_uncompressed(smollm2_reference: LLMEngine) -> None:
+    ref = smollm2_reference
     tok = ref.tokenizer
     identical = 0
     with serve("--prefill", "1", "--decode", "1", "--placement", "remote",
-               "--kv-wire-dtype", "int8") as server, server.client() as c:
+               "--kv-wire-dtype", "int8", *NO_WARMUP) as server, server.client() as c:
         for prompt in PROMPTS:
             want = ref.generate([tok.encode(prompt)], SamplingParams(
                 max_tokens=NUM_TOKENS, temperature=0.0, ignore_eos=True, logprobs=5))[0]

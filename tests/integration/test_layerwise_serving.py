@@ -12,9 +12,8 @@ import threading
 import time
 
 import pytest
-from serving import Server, serve
+from serving import NO_WARMUP, Server, serve
 
-from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 
@@ -28,14 +27,13 @@ MAX_TOKENS = 16
 @pytest.fixture(scope="module")
 def server() -> Server:
     with serve("--prefill", "1", "--decode", "1", "--placement", "remote",
-               "--kv-streaming", "layerwise", "--max-num-batched-tokens", "64") as s:
+               "--kv-streaming", "layerwise", "--max-num-batched-tokens", "64", *NO_WARMUP) as s:
         yield s
 
 
 @pytest.fixture(scope="module")
-def reference() -> LLMEngine:
-    return LLMEngine.from_config(EngineConfig(kv_cache_memory="128MiB", max_model_len=2048),
-                                 log_plan=False)
+def reference(smollm2_reference: LLMEngine) -> LLMEngine:
+    return smollm2_reference  # tests/conftest.py: loaded once per session
 
 
 def complete(server: Server, body: dict) -> str:

@@ -15,9 +15,8 @@ import time
 import httpx
 import openai
 import pytest
-from serving import Server, serve, sse_events
+from serving import NO_WARMUP, Server, serve, sse_events
 
-from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 
@@ -32,15 +31,20 @@ MAX_TOKENS = 24
 
 @pytest.fixture(scope="module")
 def server() -> Server:
-    with serve("--prefill", "2", "--decode", "2", "--placement", "remote") as s:
+    with serve("--prefill", "2", "--decode", "2", "--placement", "remote", *NO_WARMUP) as s:
         yield s
 
 
 @pytest.fixture(scope="module")
-def reference() -> LLMEngine:
+def reference(smollm2_reference: LLMEngine) -> LLMEngine:
     """The colocated engine in this process: the output the disaggregated path must equal."""
-    return LLMEngine.from_config(EngineConfig(kv_cache_memory="128MiB", max_model_len=2048),
-                                 log_plan=False)
+    return smollm2_reference  # tests/conftest.py: loaded once per session
+
+
+@pytest.fixture(scope="module")
+def greedy_text(reference: LLMEngine) -> dict[str, str]:
+    """Each of PROMPTS' greedy MAX_TOKENS-token continuation by the reference, computed once."""
+    return {p: greedy(reference, reference.tokenizer.encode(p)) for p in PROMPTS}
 
 
 def greedy(engine: LLMEngine, prompt_ids: list[int], max_tokens: int = MAX_TOKENS) -> str:
@@ -64,10 +68,10 @@ def test_health_models_status(server: Server) -> None:
         assert r.headers["x-request-id"] == "abc123"
 
 
-def test_completions_equal_colocated(server: Server, reference: LLMEngine) -> None:
+def test_completions_equal_colocated(server: Server, greedy_text: dict[str, str]) -> None:
     with server.client() as c:
         for prompt in PROMPTS:
-            want = greedy(reference, reference.tokenizer.encode(prompt))
+            want = greedy_text[prompt]
             body = {"prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0,
                     "ignore_eos": True}
             r = c.post("/v1/completions", json=body)
@@ -79,16 +83,17 @@ def test_completions_equal_colocated(server: Server, reference: LLMEngine) -> No
             assert "".join(e["choices"][0]["text"] for e in events[:-1] if e["choices"]) == want
 
 
-def test_frames_payload_between_steps_equals_colocated(reference: LLMEngine) -> None:
+def test_frames_payload_between_steps_equals_colocated(greedy_text: dict[str, str]) -> None:
     """The non-default KV options: `--kv-payload frames` (ZMQ multipart frames instead of the
     stream socket) and `--no-kv-receiver-thread` (the decode worker receives between steps)."""
     with serve("--prefill", "1", "--decode", "1", "--placement", "remote",
-               "--kv-payload", "frames", "--no-kv-receiver-thread") as s, s.client() as c:
+               "--kv-payload", "frames", "--no-kv-receiver-thread", *NO_WARMUP) as s, \
+            s.client() as c:
         prompt = PROMPTS[2]
         body = {"prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True}
         r = c.post("/v1/completions", json=body)
         assert r.status_code == 200, r.text
-        want = greedy(reference, reference.tokenizer.encode(prompt))
+        want = greedy_text[prompt]
         assert r.json()["choices"][0]["text"] == want
 
 
@@ -114,7 +119,8 @@ def test_chat_equal_colocated(server: Server, reference: LLMEngine) -> None:
             assert events[-2]["choices"][0]["finish_reason"] in ("stop", "length")
 
 
-def test_seeded_sampling_equals_colocated(server: Server, reference: LLMEngine) -> None:
+def test_seeded_sampling_equals_colocated(server: Server, reference: LLMEngine,
+                                          greedy_text: dict[str, str]) -> None:
     """A seeded request draws token i from (seed, i) alone: the prefill worker draws the first
     token, the decode worker the rest, and the tokens are the colocated engine's."""
     with server.client() as c:
@@ -123,7 +129,7 @@ def test_seeded_sampling_equals_colocated(server: Server, reference: LLMEngine) 
                                     seed=4242 + i, ignore_eos=True)
             seq = reference.generate([reference.tokenizer.encode(prompt)], params)[0]
             want = reference.tokenizer.decode(seq.output_ids)
-            assert want != greedy(reference, reference.tokenizer.encode(prompt))  # really sampled
+            assert want != greedy_text[prompt]  # really sampled
             body = {"prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0.9, "top_p": 0.95,
                     "seed": 4242 + i, "ignore_eos": True}
             for _ in range(2):  # and again: the same seed, the same tokens

@@ -12,17 +12,16 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable
 from typing import Literal
 
 import jsonschema
 import openai
 import pytest
 from pydantic import BaseModel, Field
-from serving import Server, serve
+from serving import COLOCATED, DISAGG, Server
 
-DEPLOYMENTS = {"colocated": ("--colocated",),
-               "disaggregated": ("--prefill", "1", "--decode", "1", "--placement", "remote")}
+DEPLOYMENTS = {"colocated": COLOCATED, "disaggregated": DISAGG}
 SCHEMAS = {
     "nested": {"type": "object", "properties": {
         "name": {"type": "string", "maxLength": 12},
@@ -65,9 +64,10 @@ class City(BaseModel):
 
 
 @pytest.fixture(scope="module", params=list(DEPLOYMENTS))
-def server(request: pytest.FixtureRequest) -> Iterator[tuple[str, Server]]:
-    with serve(*DEPLOYMENTS[request.param]) as s:
-        yield request.param, s
+def server(request: pytest.FixtureRequest,
+           shared_deployment: Callable[..., Server]) -> tuple[str, Server]:
+    """Each deployment is shared with other test modules (tests/conftest.py)."""
+    return request.param, shared_deployment(*DEPLOYMENTS[request.param])
 
 
 @pytest.fixture(scope="module")

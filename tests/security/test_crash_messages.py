@@ -1,7 +1,8 @@
 """Messages that crashed or froze a component (issue #14): replayed with a plain ZMQ socket
 (tests/security/attacker.py) against a real colocated deployment. Each must be harmless: the
 worker keeps its pid, other clients' streams are unchanged, blocks return to zero, /health
-stays fast, the refusal is counted in `pdserve:rejected_messages_total`.
+stays fast, the refusal is counted in `pdserve:rejected_messages_total`. Frames that do not
+decode at all, from an insider and from a peer without the secret, are counted the same way.
 
 One deployment serves the whole module (starting one costs tens of seconds on a small CPU);
 the tests run in file order, the worker's restart last.
@@ -19,8 +20,8 @@ from dataclasses import dataclass, field
 import attacker
 import httpx
 import pytest
-from attacks import secret_file
-from serving import Server, serve, sse_events
+from attacks import secret_file, send_as
+from serving import NO_WARMUP, Server, serve, sse_events
 
 from engine.kv_spec import KvDtype, KvSpec
 from protocol import worker_events as ev
@@ -35,7 +36,7 @@ VICTIM = {"prompt": "The capital of France is", "max_tokens": 24, "temperature":
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """A deployment whose secret the attacker holds (an insider: auth is not what is tested)."""
     path, secret = secret_file(tmp_path_factory.mktemp("secret"))
-    with serve("--colocated", "--decode", "1", "--max-restarts", "1",
+    with serve("--colocated", "--decode", "1", "--max-restarts", "1", *NO_WARMUP,
                "--cluster-secret-file", str(path)) as s:
         s.secret = secret  # type: ignore[attr-defined]
         yield s
@@ -121,6 +122,27 @@ def test_crashing_reserves_fail_alone_and_are_counted(server: Server) -> None:
     assert decode_worker(server)["pid"] == worker["pid"]
     assert server.wait_idle_blocks() == 0
     assert not [line for line in server.log if "Traceback" in line]
+
+
+def test_undecodable_frames_are_counted_and_the_worker_keeps_serving(server: Server) -> None:
+    """Frames that do not decode are dropped, counted by plane and reason, and harm nobody; the
+    same garbage from a peer without the deployment's secret never even reaches the decoder."""
+    worker = decode_worker(server)
+    before = {reason: refused(server, worker["worker_id"], "control", reason)
+              for reason in ("malformed", "unauthenticated")}
+    garbage = [b"\x00not msgpack", b"\x92\x01\x02", b"\x81\xa4type\xa5Bogus"]
+    send_as(worker["ctrl_address"], garbage, "right-key", server.secret)  # a holder of the secret
+    send_as(worker["ctrl_address"], garbage, "plain")  # anyone else
+    wait_for(lambda: refused(server, worker["worker_id"], "control", "malformed")
+             >= before["malformed"] + len(garbage)
+             and refused(server, worker["worker_id"], "control", "unauthenticated")
+             >= before["unauthenticated"] + 1, 20, "the worker's rejections never reached /metrics")
+    assert refused(server, worker["worker_id"], "control", "malformed") \
+        == before["malformed"] + len(garbage)
+    with server.client() as c:
+        r = c.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 4})
+    assert r.status_code == 200, r.text
+    assert decode_worker(server)["pid"] == worker["pid"]
 
 
 def test_forged_reserve_pins_no_blocks(server: Server) -> None:

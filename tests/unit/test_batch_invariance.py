@@ -9,11 +9,11 @@ reproducible alone and in a batch; top-k / top-p / logprobs / stop tokens / max_
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
 
-from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 from engine.sequence import FinishReason
@@ -27,23 +27,21 @@ _STORY = ("Once upon a time, in a small village at the edge of a great forest, t
           "before the first snow melted. ")
 
 
-def _engine(max_num_batched_tokens: int) -> LLMEngine:
-    return LLMEngine.from_config(EngineConfig(
-        model="smollm2", dtype="float32", kv_cache_memory="64MiB", max_model_len=512,
-        max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=False),
-        log_plan=False)
+def _engine(build: Callable[..., LLMEngine], max_num_batched_tokens: int) -> LLMEngine:
+    return build(dtype="float32", kv_cache_memory="64MiB", max_model_len=512,
+                 max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=False)
 
 
 @pytest.fixture(scope="module")
-def batched() -> LLMEngine:
+def batched(smollm2_engine: Callable[..., LLMEngine]) -> LLMEngine:
     """Small step budget: prefills are split into 32-token chunks that share steps with decodes."""
-    return _engine(32)
+    return _engine(smollm2_engine, 32)
 
 
 @pytest.fixture(scope="module")
-def alone() -> LLMEngine:
+def alone(smollm2_engine: Callable[..., LLMEngine]) -> LLMEngine:
     """Default budget: each prompt is prefilled in one step."""
-    return _engine(2048)
+    return _engine(smollm2_engine, 2048)
 
 
 @pytest.fixture(scope="module")

@@ -30,11 +30,6 @@ from engine.tokenizer import TokenizerError
 HF_VARIANTS = ("llama_gqa", "qwen2", "mha", "tied", "llama3_rope", "mistral", "sharded")
 
 
-@pytest.fixture(scope="module")
-def smollm2_checkpoint(smollm2_gguf_path: Path) -> Any:
-    return load_checkpoint("smollm2", torch.float32)
-
-
 # ---- resolution ---------------------------------------------------------------------------
 def test_resolve_default_model_is_the_packaged_gguf(smollm2_gguf_path: Path) -> None:
     assert smollm2_gguf_path.name == "SmolLM2-135M-Instruct.Q4_1.gguf"

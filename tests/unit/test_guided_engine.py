@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 
 import jsonschema
 import pytest
 import torch
 
-from engine.config import EngineConfig
 from engine.grammar_runtime import apply_bitmask
 from engine.guided import GuidedDecoding, GuidedKind, grammar_error
 from engine.llm_engine import LLMEngine
@@ -37,10 +37,8 @@ PROMPT = "Describe a person as JSON:"
 
 
 @pytest.fixture(scope="module")
-def engine() -> LLMEngine:
-    return LLMEngine.from_config(EngineConfig(
-        model="smollm2", dtype="float32", kv_cache_memory="64MiB", max_model_len=512),
-        log_plan=False)
+def engine(smollm2_engine: Callable[..., LLMEngine]) -> LLMEngine:
+    return smollm2_engine(dtype="float32", kv_cache_memory="64MiB", max_model_len=512)
 
 
 def _guided(kind: GuidedKind, spec: str = "", **kw: object) -> SamplingParams:
