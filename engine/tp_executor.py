@@ -102,8 +102,9 @@ class TpExecutor:
         except BaseException:
             executor.shutdown()
             raise
-        log.info("tensor parallel: started ranks 1..%d (%s), store on %s:%d", size - 1,
-                 [p.name for p in executor.procs], HOST, store.port)
+        log.info("tensor parallel: started ranks 1..%d (pids %s: %s), store on %s:%d",
+                 size - 1, [p.pid for p in executor.procs], [p.name for p in executor.procs],
+                 HOST, store.port)
         if config.torch_device.type == "cpu":
             share_cpu_threads(size, launcher.num_threads)
         try:

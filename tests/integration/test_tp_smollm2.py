@@ -32,7 +32,7 @@ KV = ["--kv-cache-memory", "32MiB", "--max-model-len", "512"]
 TEXTS = ["The capital of France is", "1, 1, 2, 3, 5, 8, 13,",
          "北京是中国的首都，也是一座历史悠久的城市。上海是"]
 CHAT = "What is the capital of Japan?"
-PIDS_RE = re.compile(r"started ranks 1\.\.\d+ \(pids \[([\d, ]+)\]\)")
+PIDS_RE = re.compile(r"started ranks 1\.\.\d+ \(pids \[([\d, ]+)\]")
 KILL_BOUND_S = 90.0
 
 
