@@ -149,6 +149,7 @@ class Simulation:
         self.num_routed = 0
         self.output_len = 64.0
         self.jobs: list[Job] = []
+        self.remote_pending: list[list[Job]] = [[] for _ in range(spec.num_decode)]
         self.corrections = {"remote": 0.0, "local": 0.0}
 
     def run(self, requests: Sequence[SimRequest]) -> list[RequestOutcome]:
@@ -191,6 +192,7 @@ class Simulation:
             self._kick_decode(now, job.decode)
             return
         job.prefill = int(prediction.prefill_id or 0)
+        self.remote_pending[job.decode].append(job)
         if decode.is_busy:  # the worker reads its Reserve once the step in progress ends
             self._push(decode.step_end_s, 4, index)
         else:
@@ -287,9 +289,10 @@ class Simulation:
                                   context)
         # remote prompts routed here whose KV has not landed, when the rule predicted it would
         # (local ones are in `local_s`; proxy/placer.py builds the same view)
+        pending = [j for j in self.remote_pending[d] if j.first_token_s is None]
+        self.remote_pending[d] = pending  # landed ones leave: the scan stays short
         joining = tuple((max(0.0, j.expected_first_s - now), j.request.prompt_tokens)
-                        for j in self.jobs if j.decode == d and j.placement == "remote"
-                        and j.expected_first_s > 0.0 and j.first_token_s is None)
+                        for j in pending if j.expected_first_s > 0.0)
         return DecodeView(str(d), self.coef, len(running), context, local_s, chunk, 0,
                           self.budget, horizon, joining)
 
