@@ -37,6 +37,7 @@ from planner.servers import DecodeServer, Job, PrefillServer, SimRequest, kv_nee
 from proxy.cost_model import Coefficients, StepCostModel
 from proxy.placement import (
     DecodeView,
+    Joiner,
     Placement,
     PrefillView,
     Slo,
@@ -281,9 +282,6 @@ class Simulation:
         local = server.prefilling + list(server.waiting)
         local_tokens = sum(j.num_uncomputed for j in local)
         chunk = min((j.chunk_cap for j in local if j.chunk_cap), default=0)
-        horizon = (sum(max(1.0, min(float(j.request.output_tokens),
-                                    max(self.output_len, 2.0 * j.num_generated)))
-                       for j in running) / len(running)) if running else self.output_len
         context = sum(j.context for j in running)
         local_s = prefill_seconds(self.coef, local_tokens, chunk or self.budget, len(running),
                                   context)
@@ -291,8 +289,15 @@ class Simulation:
         # (local ones are in `local_s`; proxy/placer.py builds the same view)
         pending = [j for j in self.remote_pending[d] if j.first_token_s is None]
         self.remote_pending[d] = pending  # landed ones leave: the scan stays short
-        joining = tuple((max(0.0, j.expected_first_s - now), j.request.prompt_tokens)
-                        for j in pending if j.expected_first_s > 0.0)
+        expected = [j for j in pending if j.expected_first_s > 0.0]
+        joining = tuple(Joiner(max(0.0, j.expected_first_s - now), j.request.prompt_tokens,
+                               j.expected_first_s - j.request.arrival_s) for j in expected)
+        # the output a stall is spread over: the running and joining sequences' expected
+        # lengths (capped by what they will make, the simulator's max_tokens)
+        lengths = [max(1.0, min(float(j.request.output_tokens),
+                                max(self.output_len, 2.0 * j.num_generated)))
+                   for j in running + expected]
+        horizon = sum(lengths) / len(lengths) if lengths else self.output_len
         return DecodeView(str(d), self.coef, len(running), context, local_s, chunk, 0,
                           self.budget, horizon, joining)
 

@@ -40,6 +40,7 @@ import enum
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from proxy.cost_model import Coefficients
 
@@ -76,6 +77,14 @@ class PrefillView:
     max_batched_tokens: int
 
 
+class Joiner(NamedTuple):
+    """A remote prompt headed to a decode worker whose KV has not landed yet."""
+
+    land_s: float  # seconds from now until its KV should land
+    tokens: int  # its prompt tokens
+    ttft_s: float  # its predicted time to first token, from its arrival
+
+
 @dataclass(frozen=True)
 class DecodeView:
     """The chosen decode worker as the proxy predicts it now."""
@@ -89,14 +98,14 @@ class DecodeView:
     cached_tokens: int  # of this prompt, expected hits in its prefix cache
     max_batched_tokens: int
     horizon_tokens: float = 64.0  # output tokens its running sequences produce in all (mean)
-    # remote prefills headed to it, not landed yet: (seconds from now until its KV should land,
-    # its prompt tokens) each; they join the batch a local prefill then runs beside
-    joining: tuple[tuple[float, int], ...] = ()
+    # remote prefills headed to it, not landed yet; they join the batch a local prefill then
+    # runs beside, at the end of the step they land in
+    joining: tuple[Joiner, ...] = ()
 
     def batch_during(self, until_s: float) -> tuple[int, int]:
         """(sequences, context tokens) its batch holds by `until_s` seconds from now: those
         running and those joining before then."""
-        landed = [tokens for at, tokens in self.joining if at < until_s]
+        landed = [j.tokens for j in self.joining if j.land_s < until_s]
         return self.num_running + len(landed), self.context_tokens + sum(landed)
 
 
@@ -122,6 +131,7 @@ class Prediction:
 
 TIE = 0.02
 REMOTE_FIRST = 0.25  # margin a local prefill of a whole TTFT SLO's length must win by (choose)
+REMOTE_SAFE = 0.2  # remote margin below which that bias fades linearly to nothing (choose)
 CORRECTION_EWMA = 0.2  # weight of the newest first token in a placement's TTFT correction
 CHUNKS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
@@ -155,7 +165,12 @@ def predict_remote(num_prompt_tokens: int, prefill: PrefillView, decode: DecodeV
     kv_s = num_prompt_tokens * transfer.kv_bytes_per_token / max(transfer.bytes_per_second, 1.0)
     ttft = prefill.queue_s + own + kv_s + transfer.remote_overhead_s
     n, ctx = decode.batch_during(ttft)
-    tpot = _batch_tpot(decode, num_prompt_tokens, decode.local_chunk, 0.0, n, ctx)
+    if ttft < decode.local_queue_s:  # lands while local prefills run: waits for their step
+        step = (decode.model.step_seconds(decode.local_chunk, n, ctx) if decode.local_chunk
+                else decode.local_queue_s)
+        ttft += min(decode.local_queue_s - ttft, step)
+    exposed = _exposure(decode, decode.local_queue_s, ttft)
+    tpot = _batch_tpot(decode, num_prompt_tokens, decode.local_chunk, exposed, n, ctx)
     return Prediction(Placement.REMOTE, ttft, tpot, slo.margin(ttft, tpot),
                       slo.margin(ttft, 0.0), prefill.worker_id, 0, own)
 
@@ -171,36 +186,61 @@ def predict_local(num_prompt_tokens: int, decode: DecodeView, transfer: Transfer
     for chunk in _chunk_candidates(decode, uncached):
         n, ctx = decode.batch_during(decode.local_queue_s + prefill_seconds(
             decode.model, uncached, chunk, decode.num_running, decode.context_tokens))
-        if n and chunk > CHUNKS[0] and decode.model.step_seconds(chunk, n, ctx) > slo.tpot_s:
+        if (decode.num_running and chunk > CHUNKS[0]
+                and decode.model.step_seconds(chunk, n, ctx) > slo.tpot_s):
             continue  # a step this long would break the TPOT of the batch it runs beside
         own = prefill_seconds(decode.model, uncached, chunk, n, ctx)
         ttft = decode.local_queue_s + own + transfer.local_overhead_s
-        tpot = _batch_tpot(decode, num_prompt_tokens, chunk, own, n, ctx)
+        exposed = _exposure(decode, decode.local_queue_s + own)
+        tpot = _batch_tpot(decode, num_prompt_tokens, chunk, exposed, n, ctx)
         cap = 0 if chunk >= decode.max_batched_tokens else chunk
-        p = Prediction(Placement.LOCAL, ttft, tpot, slo.margin(ttft, tpot),
-                       slo.margin(ttft, 0.0), None, cap, own)
+        step = decode.model.step_seconds(min(chunk, uncached), n, ctx)
+        margin = min(slo.margin(ttft, tpot), _joiners_margin(decode, own, step, slo))
+        p = Prediction(Placement.LOCAL, ttft, tpot, margin, slo.margin(ttft, 0.0), None, cap,
+                       own)
         if best is None or p.margin > best.margin:
             best = p
     assert best is not None  # the smallest candidate is never skipped
     return best
 
 
-def _batch_tpot(decode: DecodeView, num_prompt_tokens: int, chunk: int,
-                own_prefill_s: float, num_seqs: int, context_tokens: int) -> float:
+def _joiners_margin(decode: DecodeView, own_s: float, step_s: float, slo: Slo) -> float:
+    """The worst TTFT margin among the remote prompts that would land during this local
+    prefill (`own_s` seconds after the local ones queued, in steps of `step_s`): each is
+    adopted, and makes its first token, at the end of the step it lands in. Those landing
+    earlier wait for the queued work whichever way this prompt goes: not counted."""
+    start, end = decode.local_queue_s, decode.local_queue_s + own_s
+    return min((slo.margin(j.ttft_s + min(end - j.land_s, step_s), 0.0)
+                for j in decode.joining if start <= j.land_s < end), default=math.inf)
+
+
+def _exposure(decode: DecodeView, busy_s: float, new_land_s: float | None = None) -> float:
+    """How long the most exposed sequence of the batch decodes beside the local prefills that
+    keep the decode worker busy for `busy_s` seconds: all of it for a running sequence; from
+    its landing on for one joining (a remote prompt whose KV lands before then, among them
+    this request's own at `new_land_s`); nothing when none is there before `busy_s`."""
+    starts = [0.0] if decode.num_running else []
+    starts += [j.land_s for j in decode.joining if j.land_s < busy_s]
+    if new_land_s is not None and new_land_s < busy_s:
+        starts.append(new_land_s)
+    return busy_s - min(starts) if starts else 0.0
+
+
+def _batch_tpot(decode: DecodeView, num_prompt_tokens: int, chunk: int, exposed_s: float,
+                num_seqs: int, context_tokens: int) -> float:
     """The mean TPOT of the decode batch (`num_seqs` sequences holding `context_tokens`) over
-    the output tokens its sequences produce (`horizon_tokens`): steps that carry a local
-    prefill chunk (those queued on it, plus `own_prefill_s` of this prompt's) take the chunked
-    step time, the others a plain decode step with this request in the batch. Chunks are
-    capped, so each step stays short; what local prefills cost the batch is how many of its
-    steps they stretch."""
+    the output tokens its sequences produce (`horizon_tokens`): for `exposed_s` seconds its
+    steps carry local prefill chunks (those queued on it and this prompt's), making a token
+    per chunked step; the rest of its tokens come from plain decode steps with this request
+    in the batch. A sequence that lands in the middle of a whole-prompt step waits only for
+    the rest of it (`_exposure`)."""
     after = decode.model.step_seconds(0, num_seqs + 1, context_tokens + num_prompt_tokens)
-    if not num_seqs or not chunk:
+    if exposed_s <= 0 or not chunk:
         return after
-    during = decode.model.step_seconds(chunk, num_seqs, context_tokens)
-    busy_s = decode.local_queue_s + own_prefill_s
-    stretched = min(math.ceil(busy_s / max(during, 1e-6)), decode.horizon_tokens)
+    during = decode.model.step_seconds(chunk, max(num_seqs, 1), context_tokens)
     horizon = max(decode.horizon_tokens, 1.0)
-    return max(after, (stretched * during + (horizon - stretched) * after) / horizon)
+    stalled = min(exposed_s / max(during, 1e-6), horizon)  # tokens made during the prefills
+    return max(after, (stalled * during + (horizon - stalled) * after) / horizon)
 
 
 def _chunk_candidates(decode: DecodeView, uncached: int) -> list[int]:
@@ -228,8 +268,12 @@ def choose(mode: Placement, num_prompt_tokens: int, prefills: Sequence[PrefillVi
     # the remote option meets both SLOs, local must beat it by a margin that grows with how long
     # the prompt would hold the decode worker (`REMOTE_FIRST` x its prefill time / the TTFT SLO):
     # a short or mostly cached prompt still goes local, a long one local only as overflow.
+    # The bias fades as the remote margin nears zero (`REMOTE_SAFE`): a remote prediction that
+    # barely meets the SLOs is one prediction error from missing, so there the larger margin
+    # decides alone (the prefill worker's queue, not the decode worker, is then the risk).
     if remote.margin >= 0:
-        bias = REMOTE_FIRST * min(local.prefill_s / slo.ttft_s, 1.0)
+        bias = (REMOTE_FIRST * min(local.prefill_s / slo.ttft_s, 1.0)
+                * min(remote.margin / REMOTE_SAFE, 1.0))
         ttft_gain = (remote.ttft_s - local.ttft_s) / slo.ttft_s
         if local.margin >= remote.margin - TIE and ttft_gain > bias:
             return local  # no worse, and sooner by more than it holds the decode worker

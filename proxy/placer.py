@@ -24,6 +24,7 @@ from protocol import worker_events as ev
 from proxy.cost_model import StepCostModel
 from proxy.placement import (
     DecodeView,
+    Joiner,
     Placement,
     Prediction,
     PrefillView,
@@ -143,8 +144,12 @@ class Placer:
         view = self._decode_view(decode_id, hashes, len(prompt_ids), now)
         prediction = choose(mode or self.mode, len(prompt_ids), prefills, view,
                             self._transfer_view(decode), self.slo)
-        log.debug("placed %s (%d tokens): %s; decode %s; prefill %s", request_id,
-                  len(prompt_ids), prediction, view, prefills)
+        if log.isEnabledFor(logging.DEBUG):
+            other = choose(Placement.LOCAL if prediction.placement is Placement.REMOTE
+                           else Placement.REMOTE, len(prompt_ids), prefills, view,
+                           self._transfer_view(decode), self.slo)
+            log.debug("placed %s (%d tokens): %s; other %s; decode %s; prefill %s",
+                      request_id, len(prompt_ids), prediction, other, view, prefills)
         target = decode if prediction.placement is Placement.LOCAL \
             else self.workers[prediction.prefill_id or ""]
         target.push(request_id, prediction.prefill_s, now)
@@ -194,6 +199,8 @@ class Placer:
             if wid in self.workers:
                 self.workers[wid].pop(request_id, now)
         error = (now - placed.started) - p.ttft_s
+        log.debug("first token of %s (%s): %.3f s, predicted %.3f s", request_id,
+                  p.placement.value, now - placed.started, p.ttft_s)
         self.overhead[p.placement] = learn_overhead(self.overhead[p.placement], error, self.slo)
         return error
 
@@ -220,12 +227,14 @@ class Placer:
         w = self.workers[worker_id]
         running = [r for r in self.requests.values()
                    if r.decode_id == worker_id and r.num_output_tokens > 0]
-        horizon = (sum(self._expected_len(r) for r in running) / len(running)) if running \
-            else self.output_len
-        joining = tuple((max(0.0, r.started + r.prediction.ttft_s - now), r.num_prompt_tokens)
-                        for r in self.requests.values()
-                        if r.decode_id == worker_id and r.num_output_tokens == 0
-                        and r.prediction.placement is Placement.REMOTE)
+        landing = [r for r in self.requests.values()
+                   if r.decode_id == worker_id and r.num_output_tokens == 0
+                   and r.prediction.placement is Placement.REMOTE]
+        joining = tuple(Joiner(max(0.0, r.started + r.prediction.ttft_s - now),
+                               r.num_prompt_tokens, r.prediction.ttft_s) for r in landing)
+        # the output a stall is spread over: the running and joining sequences' expected lengths
+        horizon = (sum(self._expected_len(r) for r in running + landing)
+                   / len(running + landing)) if running or landing else self.output_len
         return DecodeView(worker_id, w.model.coefficients, len(running),
                           sum(r.num_prompt_tokens + r.num_output_tokens for r in running),
                           w.queue_s(now), w.chunk,
