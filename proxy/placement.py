@@ -5,26 +5,33 @@ time to first token and the time per output token of the decode worker's batch, 
 workers' step-time models (cost_model.py) and what the proxy knows they hold now:
 - remote: the prefill worker's queue (seconds of work already sent to it), this prompt's
   uncached tokens in chunks of its token budget, the KV transfer (bytes / measured rate) and
-  the hops; the decode batch then runs with one more sequence.
+  the hops; if the KV lands while the decode worker runs a local prefill step, its first token
+  waits for that step's end. The decode batch then runs with one more sequence.
 - local: the decode worker's own queue of local prefills, then this prompt's uncached tokens
   in chunks, each sharing a step with the batch: the running sequences and the remote prompts
-  whose KV will land before the prefill ends (`DecodeView.joining`; replayed in the planner's
+  whose KV will land before the prefill ends (`DecodeView.joining`: replayed in the planner's
   simulator, the 2026-12-06 sweep's workload (a) showed whole-prompt local steps on an idle
-  decode worker stall the remote prompts landing during them). Only chunk sizes whose step
-  stays within the TPOT SLO are tried (with such a batch), and the best margin wins and
-  travels to the decode worker as its prefill chunk cap. TPOT is a mean over a request's
-  output, so the batch's TPOT is the mean step time over the output tokens of its sequences
-  (`horizon_tokens`): so many of its steps carry chunks (of the local prefills queued there,
-  and of this one), the rest are plain decode steps; the queued local work counts against
-  the remote option too.
+  decode worker stall the remote prompts landing during them). A joiner is adopted, and makes
+  its first token, at the end of the step it lands in: its TTFT with that wait counts in the
+  local margin, and its TPOT counts only the steps from its landing on (chunking a prompt for
+  a joiner that lands near its end costs the prompt's TTFT for nothing: a sweep on 2026-12-06
+  missed 3 s TTFTs that way). With running sequences, only chunk sizes whose step stays within
+  the TPOT SLO are tried. The best margin wins and travels to the decode worker as its
+  prefill chunk cap. TPOT is a mean over a request's output, so the batch's TPOT is the mean
+  step time over the output tokens of its sequences (`horizon_tokens`, the running and
+  joining sequences' expected lengths): so many of its steps carry chunks (of the local
+  prefills queued there, and of this one), the rest are plain decode steps; the queued local
+  work counts against the remote option too.
 The option that meets both SLOs with the larger margin (the smaller of its TTFT and TPOT
 slack, relative to the SLO) is chosen; when neither does, the one that misses by less. Margins
 within `TIE` of each other are decided by the TTFT slack. While the remote option meets both
-SLOs, local must beat it by more: its first token sooner (or its margin larger) by
+SLOs with room, local must beat it by more: its first token sooner (or its margin larger) by
 `REMOTE_FIRST` (0.25) times the local prefill's time over the TTFT SLO, with a margin no worse,
 since a local prefill spends decode time the batch and later arrivals need (a
 sweep on 2026-12-06 saw adaptive prefill 30-33 of 40 long prompts locally on near-equal
-margins, with the prefill worker idle and the decode batch's TPOT p90 at 264-410 ms).
+margins, with the prefill worker idle and the decode batch's TPOT p90 at 264-410 ms). The bias
+fades as the remote margin falls below `REMOTE_SAFE`: a prediction that barely meets the SLO is
+one prediction error from missing it.
 Each placement's TTFT carries a learned correction for what the prediction leaves out
 (`learn_overhead`, a running mean of measured minus predicted TTFT).
 Short prompts (hops and transfer cost more than the prefill) and prompts the decode worker's
@@ -177,10 +184,11 @@ def predict_remote(num_prompt_tokens: int, prefill: PrefillView, decode: DecodeV
 
 def predict_local(num_prompt_tokens: int, decode: DecodeView, transfer: TransferView,
                   slo: Slo) -> Prediction:
-    """The best chunk size for a local prefill on `decode` (its margin decides). The batch it
-    runs beside is the running one and the sequences joining it before the prefill ends
-    (`DecodeView.joining`); with such a batch, only chunks whose step stays within the TPOT SLO
-    are tried (the smallest otherwise), so no single inter-token gap breaks it."""
+    """The best chunk size for a local prefill on `decode` (its margin decides, counting the
+    first tokens of the joiners it delays). The batch it runs beside is the running one and
+    the sequences joining it before the prefill ends (`DecodeView.joining`); with running
+    sequences, only chunks whose step stays within the TPOT SLO are tried (the smallest
+    otherwise), so no single inter-token gap breaks theirs."""
     uncached = max(1, num_prompt_tokens - decode.cached_tokens)
     best: Prediction | None = None
     for chunk in _chunk_candidates(decode, uncached):

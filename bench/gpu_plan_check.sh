@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# One GPU, one day, one code: the planner against a sweep measured on the same machine as its
+# profile (issue 15). The 2xH200 sweep of 2026-11-22 is the only multi-GPU measurement and its
+# code predates this profile's; a same-machine colocated sweep tells the model's error from
+# that drift: its workload and engine flags are the 2xH200 sweep's, on one GPU
+# (`--colocated --decode 1`).
+#
+#   bash bench/gpu_plan_check.sh      # repository root; carry .whl and .gl_models
+#   (PROFILE=path: an existing profile of this GPU kind taken today with today's engine; on an
+#   H100 the default is bench/results/profile_h100_llama3-8b-shape_bigchunks_2026-12-06.json;
+#   else one is taken, BUDGET s)
+#
+# Writes, under $OUT (default bench/results): sweep_<gpu>x1_colocated_<date>.{json,md},
+# plan_validation_gpu-<gpu>x1-same-day{,-cal}_<date>.{json,md}, the profile if taken, and logs.
+set -u -o pipefail
+OUT=${OUT:-bench/results}
+mkdir -p "$OUT"
+source bench/gpu_env.sh
+MODEL=${MODEL:-.gl_models/llama3-8b-shape}
+BUDGET=${BUDGET:-240}
+day=$(date -u +%Y-%m-%d)
+[ -d "$MODEL" ] || $PY -m bench.make_dummy_model --preset llama3-8b --out "$MODEL"
+gpu=$($PY -c "import torch; n = torch.cuda.get_device_name(); \
+print('h200' if 'H200' in n else 'h100' if 'H100' in n else n.split()[-1].lower())")
+ENGINE="--model $MODEL --load-format dummy --max-model-len 8192 --gpu-memory-utilization 0.85 \
+--max-num-seqs 64 --max-num-batched-tokens 8192"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+
+profile=${PROFILE:-}
+if [ -z "$profile" ] && [ "$gpu" = h100 ]; then
+    profile=bench/results/profile_h100_llama3-8b-shape_bigchunks_2026-12-06.json
+fi
+if [ -z "$profile" ] || [ ! -f "$profile" ]; then
+    profile="$OUT/profile_${gpu}_llama3-8b-shape_${day}_plancheck.json"
+    timeout $((BUDGET + 200)) $PY -m deploy.cli profile --out "$profile" --budget-s "$BUDGET" \
+        --device cuda $ENGINE > "$OUT/profile_${gpu}_plancheck.log" 2>&1
+    echo "profile rc=$? -> $profile"
+fi
+
+sweep="$OUT/sweep_${gpu}x1_colocated_${day}"
+timeout 300 $PY -m deploy.cli bench sweep --config "colocated-x1=--colocated --decode 1" \
+    --serve-args "$ENGINE" --request-rates 0.5,1,2,4 --num-prompts 24 --dataset synthetic \
+    --input-len uniform:2048:7800 --output-len uniform:64:256 --tokenizer "$MODEL" --seed 0 \
+    --slo-ttft 1s --slo-tpot 40ms --warmup 2 --no-progress \
+    --note "one $gpu, colocated, the engine flags and workload of sweep_h200x2_2026-11-22" \
+    --output "$sweep" --log-dir "$OUT/plancheck_logs" 2>&1 | tail -20
+sweep_rc=$?
+
+for cal in "" colocated-x1; do
+    tag="gpu-${gpu}x1-same-day${cal:+-cal}"
+    timeout 240 $PY -m bench.plan_validate --profile "$profile" --out-dir "$OUT" \
+        --sweeps "$sweep.json" ${cal:+--calibrate "$cal"} --tag "$tag" \
+        --note "Profile and sweep on the same $gpu, same day and code${cal:+; serving overheads calibrated on colocated-x1 at its lowest rate}." \
+        2>&1 | tail -25
+done
+echo "sweep rc=$sweep_rc"
+[ "$sweep_rc" -eq 0 ]
