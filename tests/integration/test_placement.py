@@ -15,6 +15,7 @@ import asyncio
 import statistics
 import time
 import uuid
+from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -95,23 +96,31 @@ def _placements(s: Server) -> tuple[float, float]:
             s.metric("pdserve:prefill_placement_total", 'placement="remote"'))
 
 
-def test_short_requests_go_local_while_the_prefill_worker_is_busy() -> None:
-    slo = ("--slo-ttft", "2s", "--slo-tpot", "150ms")
-    with serve(*ONE_P_ONE_D, "--placement", "remote", *slo) as s:
+SLOS = ("--slo-ttft", "2s", "--slo-tpot", "150ms")
+
+
+@pytest.fixture(scope="module")
+def adaptive() -> Iterator[Server]:
+    """One adaptive 1P1D server for the module's adaptive tests (a start-up costs ~10 s)."""
+    with serve(*ONE_P_ONE_D, "--placement", "adaptive", *SLOS) as s:
+        yield s
+
+
+def test_short_requests_go_local_while_the_prefill_worker_is_busy(adaptive: Server) -> None:
+    with serve(*ONE_P_ONE_D, "--placement", "remote", *SLOS) as s:
         remote = asyncio.run(_busy_then_short(s.url))
-    with serve(*ONE_P_ONE_D, "--placement", "adaptive", *slo) as s:
-        asyncio.run(_busy_then_short(s.url))  # the cost models learn from a first round
-        local_before, remote_before = _placements(s)
-        adaptive = asyncio.run(_busy_then_short(s.url))
-        local_after, remote_after = _placements(s)
-        assert remote_after - remote_before >= 2, "the long prompts should go remote"
-        assert local_after - local_before >= 3, "the short prompts should go local"
-        assert s.wait_idle_blocks() == 0
-    assert statistics.median(adaptive) < 0.7 * statistics.median(remote), (adaptive, remote)
+    s = adaptive
+    asyncio.run(_busy_then_short(s.url))  # the cost models learn from a first round
+    local_before, remote_before = _placements(s)
+    measured = asyncio.run(_busy_then_short(s.url))
+    local_after, remote_after = _placements(s)
+    assert remote_after - remote_before >= 2, "the long prompts should go remote"
+    assert local_after - local_before >= 3, "the short prompts should go local"
+    assert s.wait_idle_blocks() == 0
+    assert statistics.median(measured) < 0.7 * statistics.median(remote), (measured, remote)
 
 
-@pytest.mark.slow  # run with -m slow: kept out of CI for time (README, Development)
-def test_64_concurrent_mixed_requests_leave_no_block_used() -> None:
+def test_64_concurrent_mixed_requests_leave_no_block_used(adaptive: Server) -> None:
     async def run(url: str) -> list[int]:
         async with httpx.AsyncClient(base_url=url, timeout=300) as client:
             async def one(i: int) -> int:
@@ -121,9 +130,10 @@ def test_64_concurrent_mixed_requests_leave_no_block_used() -> None:
                 return r.status_code
             return await asyncio.gather(*[one(i) for i in range(64)])
 
-    with serve(*ONE_P_ONE_D, "--placement", "adaptive") as s:
-        codes = asyncio.run(run(s.url))
-        assert codes == [200] * 64
-        local, remote = _placements(s)
-        assert local + remote == 64
-        assert s.wait_idle_blocks() == 0
+    s = adaptive
+    local_before, remote_before = _placements(s)
+    codes = asyncio.run(run(s.url))
+    assert codes == [200] * 64
+    local, remote = _placements(s)
+    assert (local - local_before) + (remote - remote_before) == 64
+    assert s.wait_idle_blocks() == 0
