@@ -12,6 +12,9 @@ Contract: from `send()` until its `TransferOutcome` comes back from `poll_result
 sequence's blocks are read by a sender thread — the worker must not free or reuse them; after
 the outcome it frees them (success or failure alike). A failed transfer's outcome carries the
 `ErrorCode` its transfer error implies (`TransferError.retryable` decides: one source of truth).
+A lane thread runs on the cores `kv_sender_cpus` names, if any (Linux thread affinity; the
+worker's own otherwise): on CPU, sends beside the forward pass they overlap then do not take
+its core.
 Lanes are capped (`max_kv_peers`): a send to one more decode address fails at once with
 `TooManyPeers` (counted "too_many_lanes"), so no message can make the worker open threads and
 connections without bound.
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import queue
 import threading
 from dataclasses import dataclass, field
@@ -36,7 +40,7 @@ from transfer.endpoint.books import RefusedFn
 from transfer.endpoint.security import SocketSecurity
 from transfer.endpoint.sender import ZmqKvSender, ZmqSenderConfig
 from transfer.wire.errors import IncompatibleKv, TooManyPeers, TransferCancelled, TransferError
-from worker.config import KvTransportConfig
+from worker.config import KvTransportConfig, parse_cpus
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +185,7 @@ class KvOutbox:
                 return out
 
     def _run(self, lane: _Lane) -> None:
+        self._pin_thread()
         while True:
             try:
                 job = lane.jobs.get(timeout=self.lane_idle_s)
@@ -236,6 +241,18 @@ class KvOutbox:
             return None
         del lane.streams[rid]
         return TransferOutcome(rid, stream.num_bytes, stream.seconds)
+
+    def _pin_thread(self) -> None:
+        """Run the calling lane thread on `kv_sender_cpus` (validated at start-up); a core
+        this machine lacks is logged and the thread stays where it was."""
+        if not self.config.kv_sender_cpus:
+            return
+        cpus = parse_cpus(self.config.kv_sender_cpus, "--kv-sender-cpus")
+        try:
+            os.sched_setaffinity(0, cpus)  # Linux: pid 0 is the calling thread
+        except (OSError, AttributeError) as e:
+            log.warning("KV send lane: cannot run on cores %s (%s); it stays on the worker's",
+                        sorted(cpus), e)
 
     def _part_stream(self, lane: _Lane) -> contextlib.AbstractContextManager[Any]:
         """CUDA: a part's reads (gather, copy to host), once its event is reached, go on the

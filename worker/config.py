@@ -51,6 +51,10 @@ class KvTransportConfig:
     kv_stream_groups: int = field(default=6, metadata={
         "help": "With --kv-streaming layerwise: layer groups per chunk (one transfer each), "
                 "smaller at both ends (30 layers in 6: 2, 4, 9, 9, 4, 2)."})
+    kv_sender_cpus: str = field(default="", metadata={
+        "help": "Prefill workers: cores their KV send threads run on, e.g. '1' or '2-3' "
+                "(empty: the worker's own). On CPU, a layer-wise send on the core of the "
+                "forward pass it overlaps slows that pass."})
 
     def __post_init__(self) -> None:
         if self.kv_streaming not in KV_STREAMING:
@@ -73,23 +77,24 @@ class KvTransportConfig:
         if self.max_transfer_bytes <= 0:
             raise ConfigError(
                 f"--max-transfer-bytes must be positive, got {self.max_transfer_bytes}")
+        if self.kv_sender_cpus:
+            parse_cpus(self.kv_sender_cpus, "--kv-sender-cpus")
 
     def limits(self) -> ReceiverLimits:
         return ReceiverLimits(max_message_bytes=self.max_transfer_bytes)
 
 
-def parse_cpus(text: str) -> set[int]:
-    """'0', '2,3' or '0-3' -> a set of core numbers; ConfigError naming --cpu-affinity."""
+def parse_cpus(text: str, flag: str = "--cpu-affinity") -> set[int]:
+    """'0', '2,3' or '0-3' -> a set of core numbers; ConfigError naming `flag`."""
     cpus: set[int] = set()
     try:
         for part in filter(None, (p.strip() for p in text.split(","))):
             lo, _, hi = part.partition("-")
             cpus.update(range(int(lo), int(hi or lo) + 1))
     except ValueError:
-        raise ConfigError(
-            f"--cpu-affinity: expected cores like 0, 2,3 or 0-3, got {text!r}") from None
+        raise ConfigError(f"{flag}: expected cores like 0, 2,3 or 0-3, got {text!r}") from None
     if not cpus or min(cpus) < 0:
-        raise ConfigError(f"--cpu-affinity: expected cores like 0, 2,3 or 0-3, got {text!r}")
+        raise ConfigError(f"{flag}: expected cores like 0, 2,3 or 0-3, got {text!r}")
     return cpus
 
 

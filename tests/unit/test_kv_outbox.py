@@ -4,12 +4,15 @@ close; close."""
 
 from __future__ import annotations
 
+import os
 import time
 
+import pytest
 import torch
 import zmq
 
 from bench.kv_fill import ReceiverHarness, fill_random
+from engine.config import ConfigError
 from engine.kv_spec import KvDtype, KvSpec
 from prefill.kv_outbox import KvOutbox, TransferOutcome
 from protocol.errors import ErrorCode
@@ -154,3 +157,35 @@ def test_a_failed_transfer_retires_its_lane_at_once() -> None:
     finally:
         outbox.close()
         ctx.term()
+
+
+def test_lanes_run_on_the_kv_sender_cpus_and_the_worker_keeps_its_own() -> None:
+    """`--kv-sender-cpus`: the lane thread's own affinity (Linux), not the process's."""
+    mine = os.sched_getaffinity(0)
+    core = min(mine)
+    src = PagedKvCache.allocate(SPEC, 16)
+    fill_random(src, torch.Generator().manual_seed(0))
+    config = KvTransportConfig(transfer_timeout_s=TIMEOUT_S, kv_sender_cpus=str(core))
+    ctx = zmq.Context()
+    rx = ReceiverHarness(PagedKvCache.allocate(SPEC, 16),
+                         ZmqReceiverConfig(endpoint="tcp://127.0.0.1:0"))
+    outbox = KvOutbox(ctx, src, config)
+    try:
+        rx.rx.expect("r", [1, 4])
+        outbox.send("r", rx.rx.endpoint, [7, 8], 32, SPEC, {"first_token": 1})
+        got = _results(outbox, 1, TIMEOUT_S + 5)
+        assert got["r"][0].error is None
+        lanes = [t for t in outbox._threads if t.is_alive()]
+        assert lanes and all(t.native_id is not None for t in lanes)
+        for t in lanes:
+            assert os.sched_getaffinity(t.native_id) == {core}
+        assert os.sched_getaffinity(0) == mine  # the worker's own threads are untouched
+    finally:
+        outbox.close()
+        rx.close()
+        ctx.destroy(linger=0)
+
+
+def test_kv_sender_cpus_are_checked_at_start_naming_the_flag() -> None:
+    with pytest.raises(ConfigError, match="--kv-sender-cpus"):
+        KvTransportConfig(kv_sender_cpus="one")
