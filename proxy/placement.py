@@ -202,7 +202,7 @@ def predict_local(num_prompt_tokens: int, decode: DecodeView, transfer: Transfer
         exposed = _exposure(decode, decode.local_queue_s + own)
         tpot = _batch_tpot(decode, num_prompt_tokens, chunk, exposed, n, ctx)
         cap = 0 if chunk >= decode.max_batched_tokens else chunk
-        step = decode.model.step_seconds(min(chunk, uncached), n, ctx)
+        step = decode.model.step_seconds(chunk, n, ctx)  # candidates are <= uncached
         margin = min(slo.margin(ttft, tpot), _joiners_margin(decode, own, step, slo))
         p = Prediction(Placement.LOCAL, ttft, tpot, margin, slo.margin(ttft, 0.0), None, cap,
                        own)

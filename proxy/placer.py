@@ -142,12 +142,13 @@ class Placer:
         prefills = [self._prefill_view(pid, hashes, len(prompt_ids), now)
                     for pid in prefill_ids if pid in self.workers]
         view = self._decode_view(decode_id, hashes, len(prompt_ids), now)
-        prediction = choose(mode or self.mode, len(prompt_ids), prefills, view,
-                            self._transfer_view(decode), self.slo)
+        transfer = self._transfer_view(decode)
+        prediction = choose(mode or self.mode, len(prompt_ids), prefills, view, transfer,
+                            self.slo)
         if log.isEnabledFor(logging.DEBUG):
             other = choose(Placement.LOCAL if prediction.placement is Placement.REMOTE
-                           else Placement.REMOTE, len(prompt_ids), prefills, view,
-                           self._transfer_view(decode), self.slo)
+                           else Placement.REMOTE, len(prompt_ids), prefills, view, transfer,
+                           self.slo)
             log.debug("placed %s (%d tokens): %s; other %s; decode %s; prefill %s",
                       request_id, len(prompt_ids), prediction, other, view, prefills)
         target = decode if prediction.placement is Placement.LOCAL \
@@ -233,8 +234,9 @@ class Placer:
         joining = tuple(Joiner(max(0.0, r.started + r.prediction.ttft_s - now),
                                r.num_prompt_tokens, r.prediction.ttft_s) for r in landing)
         # the output a stall is spread over: the running and joining sequences' expected lengths
-        horizon = (sum(self._expected_len(r) for r in running + landing)
-                   / len(running + landing)) if running or landing else self.output_len
+        batch = running + landing
+        horizon = (sum(self._expected_len(r) for r in batch) / len(batch)) if batch \
+            else self.output_len
         return DecodeView(worker_id, w.model.coefficients, len(running),
                           sum(r.num_prompt_tokens + r.num_output_tokens for r in running),
                           w.queue_s(now), w.chunk,

@@ -12,6 +12,8 @@ import pytest
 
 from proxy.cost_model import Coefficients
 from proxy.placement import (
+    REMOTE_FIRST,
+    REMOTE_SAFE,
     DecodeView,
     Placement,
     PrefillView,
@@ -160,6 +162,31 @@ def test_a_long_prompt_goes_remote_while_the_prefill_worker_meets_the_slos() -> 
     # the prefill worker holds 1.5 s of queued work: now only local meets the TTFT SLO well
     assert choose(Placement.ADAPTIVE, 600, [prefill(queue_s=1.5)], d, TRANSFER, slo).placement \
         is Placement.LOCAL
+
+
+def test_the_remote_first_bias_fades_as_the_remote_margin_nears_zero() -> None:
+    """Local sooner by less than the full remote-first bias (0.25 x its prefill over the TTFT
+    SLO): remote while it meets the SLOs with room; local when remote barely meets them (a
+    prediction error from a miss), where what is left of the bias (`REMOTE_SAFE`) is smaller
+    than local's lead."""
+    slo = Slo(3.0, 0.3)
+
+    def case(local_queue_s: float, prefill_queue_s: float) -> tuple[float, float, Placement]:
+        d = dataclasses.replace(decode(), local_queue_s=local_queue_s, local_chunk=2048)
+        local = predict_local(600, d, TRANSFER, slo)
+        remote = predict_remote(600, prefill(queue_s=prefill_queue_s), d, TRANSFER, slo)
+        lead = (remote.ttft_s - local.ttft_s) / slo.ttft_s
+        full_bias = REMOTE_FIRST * min(local.prefill_s / slo.ttft_s, 1.0)
+        assert 0 < lead < full_bias and local.margin < remote.margin + full_bias
+        got = choose(Placement.ADAPTIVE, 600, [prefill(queue_s=prefill_queue_s)], d,
+                     TRANSFER, slo)
+        return remote.margin, lead / full_bias, got.placement
+
+    roomy, _, placement = case(0.9, 0.95)
+    assert roomy >= REMOTE_SAFE and placement is Placement.REMOTE
+    tight, share, placement = case(1.44, 1.57)
+    assert 0 <= tight < REMOTE_SAFE * share  # the faded bias is under local's lead
+    assert placement is Placement.LOCAL
 
 
 def test_a_ttft_correction_learns_the_hops_within_bounds() -> None:
