@@ -10,6 +10,14 @@ a body that never ends, holds its connection (and a slot of `--limit-concurrency
 - sending a body: closed `--body-timeout-s` after the headers ended. That also bounds how long
   the rest of a refused body (413) is read and thrown away before the connection closes.
 
+A response that closes the connection while the client is still sending its body (the 413 of
+a body past `--max-request-bytes`, `Connection: close`) closes it *lingering*, as nginx does:
+the response is flushed and the write side shut (FIN), then the rest of the body is read and
+dropped unparsed until the client finishes and closes, or the body deadline. Closing at once
+with unread bytes makes the kernel send a reset, and a reset can destroy the response before
+the client, still busy sending, reads it (seen in CI: a 50 MB body's 413 arrived without its
+body). A client past the deadline still gets that reset: the deadline bounds the work.
+
 Each close is counted as `pdserve:rejected_messages_total{component="proxy",plane="http",
 reason="header_timeout"|"body_timeout"}`, and a request h11 cannot parse (bad syntax, or an
 unfinished request line + headers over h11's 16 KiB) as `reason="bad_http"` (a 400).
@@ -42,14 +50,35 @@ class LimitedH11Protocol(H11Protocol):
         super().__init__(*args, **kwargs)
         self._watchdog: asyncio.TimerHandle | None = None
         self._watching: str | None = None  # "header_timeout" | "body_timeout"
+        self._lingering = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        self._socket = transport
+        super().connection_made(_LingeringClose(transport, self))  # type: ignore[arg-type]
         self._arm("header_timeout", self.limits.header_timeout_s)
 
     def data_received(self, data: bytes) -> None:
+        if self._lingering:  # the rest of a refused body: dropped unparsed
+            return
         super().data_received(data)
         self._watch()
+
+    def close_or_linger(self) -> None:
+        """uvicorn's close: lingering while the client is still sending a body (see module
+        doc), at once otherwise."""
+        if (self._lingering or self._socket.is_closing()
+                or self.conn.their_state is not h11.SEND_BODY):
+            self._socket.close()
+            return
+        self._lingering = True
+        self._arm("body_timeout", self.limits.body_timeout_s)  # armed since the headers
+        if self._socket.can_write_eof():
+            self._socket.write_eof()  # after the response is flushed
+        self._socket.resume_reading()
+
+    @property
+    def lingering(self) -> bool:
+        return self._lingering
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -75,7 +104,7 @@ class LimitedH11Protocol(H11Protocol):
 
     def _arm(self, reason: str, seconds: float) -> None:
         """Start the `reason` deadline unless it already runs (deadlines never move later)."""
-        if self._watching == reason or self.transport.is_closing():
+        if self._watching == reason or self._socket.is_closing():
             return
         self._disarm()
         self._watching = reason
@@ -88,9 +117,28 @@ class LimitedH11Protocol(H11Protocol):
 
     def _expired(self, reason: str) -> None:
         self._watchdog, self._watching = None, None
-        if not self.transport.is_closing():
-            self.on_reject(reason)
-            self.transport.close()
+        if not self._socket.is_closing():
+            if not self._lingering:  # a lingering body was counted when it was refused
+                self.on_reject(reason)
+            self._socket.close()
+
+
+class _LingeringClose:
+    """The transport as uvicorn sees it: the connection's own, except that `close()` asks the
+    protocol whether to linger, and a lingering connection reads as closing (so uvicorn
+    neither writes to it nor keeps it alive)."""
+
+    def __init__(self, transport: asyncio.Transport, protocol: LimitedH11Protocol) -> None:
+        self._transport, self._protocol = transport, protocol
+
+    def close(self) -> None:
+        self._protocol.close_or_linger()
+
+    def is_closing(self) -> bool:
+        return self._protocol.lingering or self._transport.is_closing()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
 
 
 def protocol_class(limits: HttpLimits, on_reject: OnReject) -> type[LimitedH11Protocol]:

@@ -88,7 +88,8 @@ def test_middleware_hands_the_body_over_in_one_piece() -> None:
 
 @pytest.fixture(scope="module")
 def tiny_server() -> Iterator[tuple[int, list[str]]]:
-    """uvicorn with the limited protocol (0.5 s header, 1 s body timeout) and a tiny app."""
+    """uvicorn with the limited protocol (0.5 s header, 1 s body timeout, 1 MiB bodies) and a
+    tiny app."""
     async def app(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
@@ -99,8 +100,9 @@ def tiny_server() -> Iterator[tuple[int, list[str]]]:
         await send({"type": "http.response.body", "body": b"ok"})
 
     rejected: list[str] = []
-    limits = HttpLimits(header_timeout_s=0.5, body_timeout_s=1.0)
-    server = uvicorn.Server(uvicorn_config(app, limits, rejected.append))
+    limits = HttpLimits(header_timeout_s=0.5, body_timeout_s=1.0, max_request_bytes=2**20)
+    server = uvicorn.Server(uvicorn_config(BodyLimitMiddleware(app, limits, rejected.append),
+                                           limits, rejected.append))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -149,6 +151,42 @@ def test_keep_alive_requests_get_a_fresh_header_deadline(
             time.sleep(0.4)
         sock.sendall(b"GET / HTTP/1.1\r\n")  # a partial next request still times out
         assert _seconds_until_closed(sock) < 2.5
+
+
+def _post_head(size: int) -> bytes:
+    return f"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\n\r\n".encode()
+
+
+def test_a_refused_body_is_drained_so_its_413_arrives_whole(
+        tiny_server: tuple[int, list[str]]) -> None:
+    """The 413 (Connection: close) comes while the client is still sending 32 MiB; closing at
+    once with unread bytes resets the connection (the client's send fails after a MiB or two
+    and the response can be lost). Lingering: every byte is accepted, then the 413 and EOF."""
+    port, rejected = tiny_server
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.settimeout(5)
+        sock.sendall(_post_head(32 * 2**20))
+        for _ in range(32):
+            sock.sendall(b"x" * 2**20)  # ConnectionResetError here without the linger
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413") and b"connection: close" in head.lower()
+    assert b'"code":"request_too_large"' in body and head.lower().count(b"content-length") == 1
+    assert rejected[-1] == "body_too_large"
+
+
+def test_a_lingering_client_is_closed_at_the_body_deadline(
+        tiny_server: tuple[int, list[str]]) -> None:
+    port, rejected = tiny_server
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(_post_head(8 * 2**20) + b"x" * 2**16)  # refused, then it stops sending
+        sock.settimeout(5)
+        assert sock.recv(4096).startswith(b"HTTP/1.1 413")
+        took = _seconds_until_closed(sock)
+    assert took < 2.5
+    assert rejected[-1] == "body_too_large"  # the deadline of a refused body is not a 2nd count
 
 
 def test_too_many_messages_are_refused_before_each_is_validated() -> None:
