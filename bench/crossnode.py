@@ -12,7 +12,10 @@ once per `;`-separated set of extra `pdserve serve` flags (variants compared in 
 the prompts one at a time
 (`pdserve bench --max-concurrency 1`, so TTFT is prefill + transfer + hops, no queueing), reads
 the KV transfer time from the proxy's metrics, and tears the testbed down. Writes PREFIX.json and
-PREFIX.md (with the command) and prints the table.
+PREFIX.md (with the command) and prints the table. With `--server-log-level debug`, a layer-wise
+row also gets where the prefill worker's send lane spent each stream (the median per request of
+prefill/kv_outbox.py's "KV stream" lines: waiting for parts, for their layers, packing, the
+payload, filling buffers, acks); `--log-dir` keeps the servers' logs.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import argparse
 import json
 import re
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -40,12 +44,32 @@ def _in_ns(ns: str | None, *cmd: str) -> list[str]:
     return ["ip", "netns", "exec", ns, *cmd] if ns else list(cmd)
 
 
+STREAM_RE = re.compile(
+    r"KV stream \S+: (\d+) parts, ([\d.]+) MiB, ([\d.]+) ms from the first part out: waiting "
+    r"for parts ([\d.]+), for their layers ([\d.]+), pack ([\d.]+), payload ([\d.]+) \(filling "
+    r"buffers ([\d.]+)\), acks ([\d.]+) ms")
+STREAM_FIELDS = ("parts", "mib", "lane_ms", "queue_ms", "ready_ms", "pack_ms", "payload_ms",
+                 "fill_ms", "ack_ms")
+
+
+def stream_phases(log_text: str) -> dict[str, float]:
+    """Median per stream of each field of the prefill worker's "KV stream" DEBUG lines (empty
+    without them), with the number of streams."""
+    found = [tuple(float(x) for x in m.groups()) for m in STREAM_RE.finditer(log_text)]
+    if not found:
+        return {}
+    return {"streams": float(len(found)),
+            **{name: statistics.median(v[i] for v in found)
+               for i, name in enumerate(STREAM_FIELDS)}}
+
+
 def start_server(tb: netns.Testbed | None, placement: str, log_path: Path,
-                  extra: list[str]) -> tuple[subprocess.Popen, str]:
+                  extra: list[str], log_level: str = "INFO") -> tuple[subprocess.Popen, str]:
     where = ["--host", "127.0.0.1"] if tb is None else [
         "--host", netns.ADDR_A, "--decode-netns", tb.ns_b, "--decode-host", netns.ADDR_B,
         "--internal-host", netns.ADDR_A]
-    cmd = _in_ns(tb and tb.ns_a, sys.executable, "-m", "deploy.cli", "serve", *where,
+    cmd = _in_ns(tb and tb.ns_a, sys.executable, "-m", "deploy.cli", "--log-level", log_level,
+                 "serve", *where,
                  "--port", "0", "--prefill", "1", "--decode", "1", "--placement", placement,
                  *SERVE_ARGS, *extra)
     log = log_path.open("w")
@@ -78,7 +102,9 @@ def run_point(tb: netns.Testbed | None, placement: str, args: argparse.Namespace
               workdir: Path, extra: str = "") -> list[dict[str, Any]]:
     """One server; a row per input length (KV metrics are the differences over its prompts)."""
     tag = f"{placement}-{time.monotonic_ns()}"
-    proc, url = start_server(tb, placement, workdir / f"serve-{tag}.log", shlex.split(extra))
+    log_path = workdir / f"serve-{tag}.log"
+    proc, url = start_server(tb, placement, log_path, shlex.split(extra), args.server_log_level)
+    seen = 0  # the log's length before each input length's prompts
     rows = []
     try:
         before = _kv_metrics(tb, url)
@@ -99,6 +125,8 @@ def run_point(tb: netns.Testbed | None, placement: str, args: argparse.Namespace
                              "input_len": int(input_len), "error": summary.get("errors") or log})
                 continue
             after = _kv_metrics(tb, url)
+            text = log_path.read_text(errors="replace")
+            phases, seen = stream_phases(text[seen:]), len(text)
             kv = {k: v - before.get(k, 0.0) for k, v in after.items()}
             before = after
             n = max(kv.get("placed_remote", 0.0), 1.0)
@@ -107,7 +135,7 @@ def run_point(tb: netns.Testbed | None, placement: str, args: argparse.Namespace
                          "ttft_p90_ms": summary["ttft"]["p90"] * 1e3,
                          "kv_seconds_per_remote_request": kv["kv_transfer_seconds_total"] / n,
                          "kv_mib_per_remote_request": kv["kv_transfer_bytes_total"] / n / 2**20,
-                         **kv})
+                         **({"stream_ms": phases} if phases else {}), **kv})
     finally:
         proc.send_signal(2)
         try:
@@ -115,6 +143,25 @@ def run_point(tb: netns.Testbed | None, placement: str, args: argparse.Namespace
         except subprocess.TimeoutExpired:
             proc.kill()
     return rows
+
+
+def phase_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """The send lane's time per layer-wise stream (median per request), where logged."""
+    rows = [r for r in rows if r.get("stream_ms")]
+    if not rows:
+        return []
+    out = ["", "Send lane per stream (median per request, ms; `payload` includes `filling "
+           "buffers`; prefill/kv_outbox.py DEBUG lines):", "",
+           "| link | serve args | input | parts | lane total | waiting for parts | for layers | "
+           "pack | payload | filling buffers | acks |",
+           "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        m = r["stream_ms"]
+        out.append(f"| {r['link']} | {r['serve_args']} | {r['input_len']} | {m['parts']:.0f} | "
+                   + " | ".join(f"{m[k]:.1f}" for k in ("lane_ms", "queue_ms", "ready_ms",
+                                                        "pack_ms", "payload_ms", "fill_ms",
+                                                        "ack_ms")) + " |")
+    return out
 
 
 def overlap_lines(rows: list[dict[str, Any]]) -> list[str]:
@@ -166,11 +213,17 @@ def main(argv: list[str] | None = None) -> int:
                    "\"--kv-wire-dtype auto;--kv-wire-dtype int8\").")
     p.add_argument("--bench-args", default="", help="Extra `pdserve bench` flags (e.g. "
                    "\"--tokenizer DIR\" where the default model is not installed).")
+    p.add_argument("--server-log-level", default="INFO",
+                   help="`pdserve --log-level` of the servers (debug: the lane's time per stream).")
+    p.add_argument("--log-dir", default="", help="Keep the servers' logs here.")
     p.add_argument("--output", default=f"bench/results/crossnode_cpu_{time.strftime('%Y-%m-%d')}")
     args = p.parse_args(argv)
     tb = netns.Testbed(args.name)
     rows = []
+    if args.log_dir:
+        Path(args.log_dir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
+        tmp = args.log_dir or tmp
         for rate in args.rates.split(","):
             where = None if rate == "loopback" else tb  # loopback: no testbed, 127.0.0.1
             if where is not None:
@@ -204,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"{r['ttft_p90_ms']:.0f} | {r['kv_mib_per_remote_request']:.1f} | "
                      f"{r['kv_seconds_per_remote_request']:.3f} | "
                      f"{r.get('placed_remote', 0):.0f} / {r.get('placed_local', 0):.0f} |")
-    lines += overlap_lines(rows)
+    lines += overlap_lines(rows) + phase_lines(rows)
     Path(f"{args.output}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines[6:]))
     return 0

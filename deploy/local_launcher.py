@@ -198,7 +198,9 @@ def cluster_secret(serve: ServeConfig) -> bytes | None:
 def worker_command(role: str, worker_id: str, events_address: str, serve: ServeConfig,
                    engine_args: list[str], device: str, num_threads: int,
                    cpus: str = "") -> list[str]:
-    """The worker's command line: no secret on it (it travels in the environment)."""
+    """The worker's command line: no secret on it (it travels in the environment); the
+    worker logs at this process's level (`pdserve --log-level`)."""
+    level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
     profile = serve.prefill_profile if role == "prefill" else serve.decode_profile
     tp = serve.prefill_tp if role == "prefill" else serve.decode_tp
     cmd = [*serve.net.prefix(role), sys.executable, "-m", role, "--worker-id", worker_id,
@@ -206,8 +208,9 @@ def worker_command(role: str, worker_id: str, events_address: str, serve: ServeC
            "--host", serve.net.host(role, serve.internal_host),
            *(["--insecure-internal"] if serve.insecure_internal else []), "--device", device,
            "--num-threads", str(num_threads), "--warmup-s", str(serve.warmup_s),
-           *(["--cpu-affinity", cpus] if cpus else []), *dataclass_to_args(serve.kv),
-           *engine_args, *(["--tensor-parallel-size", str(tp)] if tp else [])]
+           "--log-level", level, *(["--cpu-affinity", cpus] if cpus else []),
+           *dataclass_to_args(serve.kv), *engine_args,
+           *(["--tensor-parallel-size", str(tp)] if tp else [])]
     return [*cmd, "--profile", profile] if profile else cmd
 
 

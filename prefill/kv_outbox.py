@@ -27,6 +27,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,7 +39,7 @@ from protocol.errors import ErrorCode
 from transfer.convert.cache import PagedKvCache
 from transfer.endpoint.books import RefusedFn
 from transfer.endpoint.security import SocketSecurity
-from transfer.endpoint.sender import ZmqKvSender, ZmqSenderConfig
+from transfer.endpoint.sender import SendResult, ZmqKvSender, ZmqSenderConfig
 from transfer.wire.errors import IncompatibleKv, TooManyPeers, TransferCancelled, TransferError
 from worker.config import KvTransportConfig, parse_cpus
 
@@ -86,11 +87,31 @@ class _Job:
 
 @dataclass
 class _Stream:
-    """A streamed request's parts sent so far on a lane."""
+    """A streamed request's parts sent so far on a lane, and where the lane's time went (logged
+    at DEBUG when the stream ends: what a layer-wise stream costs beyond its bytes)."""
 
     num_bytes: int = 0
     seconds: float = 0.0
     is_failed: bool = False
+    num_parts: int = 0
+    began: float = field(default_factory=time.monotonic)  # its first part dequeued
+    phases: dict[str, float] = field(default_factory=lambda: dict.fromkeys(_PHASES, 0.0))
+
+    def add(self, r: SendResult) -> None:
+        self.num_parts += 1
+        for name in ("pack_s", "payload_s", "fill_s", "ack_s"):
+            self.phases[name] += getattr(r, name)
+
+    def summary(self, rid: str) -> str:
+        ms = {k: v * 1e3 for k, v in self.phases.items()}
+        return (f"KV stream {rid}: {self.num_parts} parts, {self.num_bytes / 2**20:.1f} MiB, "
+                f"{(time.monotonic() - self.began) * 1e3:.1f} ms from the first part out: "
+                f"waiting for parts {ms['queue_s']:.1f}, for their layers {ms['ready_s']:.1f}, "
+                f"pack {ms['pack_s']:.1f}, payload {ms['payload_s']:.1f} (filling buffers "
+                f"{ms['fill_s']:.1f}), acks {ms['ack_s']:.1f} ms")
+
+
+_PHASES = ("queue_s", "ready_s", "pack_s", "payload_s", "fill_s", "ack_s")
 
 
 @dataclass
@@ -187,8 +208,13 @@ class KvOutbox:
     def _run(self, lane: _Lane) -> None:
         self._pin_thread()
         while True:
+            t0 = time.monotonic()
             try:
                 job = lane.jobs.get(timeout=self.lane_idle_s)
+                if job is not None and job.part is not None and job.part[0] > 0:
+                    stream = lane.streams.get(job.request_id)
+                    if stream is not None:  # the lane waited for this part to be queued
+                        stream.phases["queue_s"] += time.monotonic() - t0
             except queue.Empty:
                 job = None
                 if not self._retire(lane):
@@ -225,11 +251,13 @@ class KvOutbox:
                 del lane.streams[rid]
             return None
         if job.ready is None:  # CPU, or the last part (queued once the sampling synced)
-            outcome = self._send_one(lane, job)
+            outcome = self._send_one(lane, job, stream)
         else:
+            t0 = time.monotonic()
             job.ready.synchronize()  # the part's layers are written: any stream may read them
+            stream.phases["ready_s"] += time.monotonic() - t0
             with self._part_stream(lane):
-                outcome = self._send_one(lane, job)
+                outcome = self._send_one(lane, job, stream)
         stream.num_bytes += outcome.num_bytes
         stream.seconds += outcome.seconds
         if outcome.error is not None:
@@ -240,6 +268,8 @@ class KvOutbox:
         if not is_last:
             return None
         del lane.streams[rid]
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s", stream.summary(rid))
         return TransferOutcome(rid, stream.num_bytes, stream.seconds)
 
     def _pin_thread(self) -> None:
@@ -274,7 +304,7 @@ class KvOutbox:
             del self._lanes[lane.address]
             return True
 
-    def _send_one(self, lane: _Lane, job: _Job) -> TransferOutcome:
+    def _send_one(self, lane: _Lane, job: _Job, stream: _Stream | None = None) -> TransferOutcome:
         try:
             if not self.cache.spec.fingerprint_compatible(job.dest_spec):
                 raise IncompatibleKv("different models", self.cache.spec, job.dest_spec)
@@ -287,6 +317,8 @@ class KvOutbox:
                                  request_id=job.request_id, layer_range=job.layer_range,
                                  head_range=job.head_range, meta=job.meta,
                                  reservation_token=job.kv_token)
+            if stream is not None:
+                stream.add(r)
             return TransferOutcome(job.request_id, r.num_bytes, r.seconds)
         except TransferError as e:
             return TransferOutcome.failed(job.request_id, e)

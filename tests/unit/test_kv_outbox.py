@@ -189,3 +189,43 @@ def test_lanes_run_on_the_kv_sender_cpus_and_the_worker_keeps_its_own() -> None:
 def test_kv_sender_cpus_are_checked_at_start_naming_the_flag() -> None:
     with pytest.raises(ConfigError, match="--kv-sender-cpus"):
         KvTransportConfig(kv_sender_cpus="one")
+
+
+def test_a_stream_logs_where_its_lane_time_went(caplog: pytest.LogCaptureFixture) -> None:
+    """At DEBUG, a streamed request's end logs its parts, bytes and the lane's time by phase
+    (how a layer-wise stream's cost beyond its bytes is found on a GPU run); a part's
+    SendResult splits its seconds into pack, payload and ack."""
+    from bench.crossnode import stream_phases
+    from transfer.endpoint.parts import part_meta
+    from transfer.endpoint.sender import ZmqKvSender, ZmqSenderConfig
+
+    src = PagedKvCache.allocate(SPEC, 16)
+    fill_random(src, torch.Generator().manual_seed(0))
+    rx = ReceiverHarness(PagedKvCache.allocate(SPEC, 16),
+                         ZmqReceiverConfig(endpoint="tcp://127.0.0.1:0"))
+    ctx = zmq.Context()
+    outbox = KvOutbox(ctx, src, KvTransportConfig(transfer_timeout_s=TIMEOUT_S))
+    caplog.set_level("DEBUG", logger="prefill.kv_outbox")
+    try:
+        rx.rx.expect("s", [1, 4])
+        for i, layers in enumerate([(0, 1), (1, 2)]):
+            outbox.send_part("s", rx.rx.endpoint, [7, 8], 0, 32, layers, SPEC,
+                             {**part_meta(i, i == 1), **({"first_token": 3} if i else {})},
+                             (i, i == 1))
+        (outcome, _), = _results(outbox, 1, TIMEOUT_S + 5).values()
+        assert outcome.error is None and isinstance(rx.wait("s"), list)
+        line, = [r.getMessage() for r in caplog.records if r.getMessage().startswith("KV stream")]
+        assert line.startswith(f"KV stream s: 2 parts, {outcome.num_bytes / 2**20:.1f} MiB")
+        parsed = stream_phases(line)  # what bench/crossnode.py reads from a server's log
+        assert parsed["streams"] == 1 and parsed["parts"] == 2
+        assert parsed["lane_ms"] >= parsed["payload_ms"] + parsed["ack_ms"] > 0
+        rx.rx.expect("w", [2, 5])
+        tx = ZmqKvSender(rx.rx.endpoint, ZmqSenderConfig(timeout_s=TIMEOUT_S), context=ctx)
+        r = tx.send(src, [7, 8], 0, 32, request_id="w", meta={"first_token": 1})
+        tx.close()
+        assert min(r.pack_s, r.payload_s, r.ack_s) > 0
+        assert r.pack_s + r.payload_s + r.ack_s == pytest.approx(r.seconds, abs=1e-3)
+    finally:
+        outbox.close()
+        rx.close()
+        ctx.destroy(linger=0)

@@ -5,6 +5,7 @@ ConfigErrors naming the flag."""
 from __future__ import annotations
 
 import argparse
+import logging
 import subprocess
 import sys
 
@@ -18,7 +19,7 @@ from worker.config import KvTransportConfig, WorkerConfig
 
 def _worker_config(cmd: list[str]) -> WorkerConfig:
     parser = argparse.ArgumentParser()
-    for flag in ("--num-threads", "--profile"):
+    for flag in ("--num-threads", "--profile", "--log-level"):  # worker/main.py's own
         parser.add_argument(flag)
     add_dataclass_args(parser, EngineConfig)
     add_dataclass_args(parser, WorkerConfig)
@@ -41,6 +42,13 @@ def test_kv_flags_reach_the_worker(serve: ServeConfig) -> None:
     assert (got.worker_id, got.events_address) == ("decode-3", "tcp://127.0.0.1:5555")
     assert got.kv == serve.kv
     assert got.host == serve.internal_host and not got.insecure_internal
+
+
+def test_the_log_level_reaches_the_worker(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)  # as `pdserve --log-level debug serve` sets it
+    cmd = worker_command("decode", "decode-0", "tcp://127.0.0.1:5555", ServeConfig(), [],
+                         "cpu", 1)
+    assert cmd[cmd.index("--log-level") + 1] == "DEBUG"
 
 
 def test_insecure_internal_reaches_the_worker_and_a_worker_without_a_secret_refuses() -> None:
@@ -123,7 +131,7 @@ def test_role_tp_flags_reach_each_role_and_stride_the_gpus() -> None:
 
     serve = ServeConfig(colocated=True, decode_tp=3, prefill_tp=1)
     parser = argparse.ArgumentParser()
-    for flag in ("--num-threads", "--profile"):
+    for flag in ("--num-threads", "--profile", "--log-level"):  # worker/main.py's own
         parser.add_argument(flag)
     add_dataclass_args(parser, EngineConfig)
     add_dataclass_args(parser, WorkerConfig)

@@ -91,6 +91,12 @@ class SendResult:
     num_bytes: int  # payload bytes sent
     seconds: float
     report: dict[str, Any]  # the receiver's WriteReport
+    # where `seconds` went: connecting and packing (quantizing) / sending the payload (of
+    # which `fill_s` filling buffers: gathers, device-to-host copies) / waiting for the ack
+    pack_s: float = 0.0
+    payload_s: float = 0.0
+    fill_s: float = 0.0
+    ack_s: float = 0.0
 
 
 class ZmqKvSender:
@@ -156,8 +162,9 @@ class ZmqKvSender:
                                      request_id=request_id, layer_range=layer_range,
                                      head_range=head_range, meta=meta,
                                      reservation_token=reservation_token)
-            began = True
+            began, t_packed = True, time.monotonic()
             body = self._path.send(self._channel, packed, deadline)
+            t_sent = time.monotonic()
             if body is None:
                 body = self._channel.wait_reply(tid, deadline, want=proto.ACK)
             ok = True
@@ -171,8 +178,10 @@ class ZmqKvSender:
         finally:
             if began:
                 self._path.finish(ok)
-        num_bytes = packed.header.payload_bytes
-        return SendResult(request_id, tid, num_bytes, time.monotonic() - t0, body)
+        num_bytes, t_end = packed.header.payload_bytes, time.monotonic()
+        return SendResult(request_id, tid, num_bytes, t_end - t0, body, pack_s=t_packed - t0,
+                          payload_s=t_sent - t_packed, fill_s=self._path.fill_s,
+                          ack_s=t_end - t_sent)
 
     def _connect_path(self, tid: int, deadline: float) -> None:
         try:

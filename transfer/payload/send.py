@@ -63,6 +63,9 @@ class PayloadSender(Protocol):
     name: str  # "frames", "stream" or "nccl" (`ZmqKvSender.payload`)
     # a receiver that answers `connect` with TransportUnavailable gets ZMQ frames from then on
     falls_back_to_frames: bool = False
+    # seconds the last `send` spent filling buffers (gathers, device-to-host copies); 0 where
+    # a path does not measure it
+    fill_s: float = 0.0
 
     def connect(self, channel: PeerChannel, transfer_id: int, deadline: float) -> None:
         """Before packing: set up what this path needs with the receiver unless it is up (the

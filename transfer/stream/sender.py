@@ -144,6 +144,7 @@ class StreamSender(PayloadSender):
         sums: list[int | None] = [None] * len(h.buffer_sizes)
         lazy: list[tuple[int, np.ndarray]] = []  # in-place buffers to hash while the socket is full
         idle = _hash_jobs(lazy, sums) if h.checksum else None
+        self.fill_s = 0.0
         try:
             prefix = proto.stream_prefix(h.transfer_id, h.payload_bytes)
             out.push(np.frombuffer(prefix, dtype=np.uint8))
@@ -155,7 +156,9 @@ class StreamSender(PayloadSender):
                     out.push_segments(segs, idle)
                     continue
                 out.flush(idle)  # filled buffers may share memory with earlier ones (StagingPool)
+                t0 = time.monotonic()
                 host = _host(packed.buffer(i))
+                self.fill_s += time.monotonic() - t0
                 if h.checksum:
                     sums[i] = xxhash.xxh3_64_intdigest(host.numpy())
                 out.push(host)
