@@ -8,7 +8,8 @@
 #   bash bench/gpu_plan_check.sh      # repository root; carry .whl and .gl_models
 #   (PROFILE=path: an existing profile of this GPU kind taken today with today's engine; on an
 #   H100 the default is bench/results/profile_h100_llama3-8b-shape_bigchunks_2026-12-06.json;
-#   else one is taken, BUDGET s)
+#   else one is taken, BUDGET s; VALIDATE=0: the sweep only, validated afterwards elsewhere with
+#   the same `python -m bench.plan_validate` lines: it needs no GPU)
 #
 # Writes, under $OUT (default bench/results): sweep_<gpu>x1_colocated_<date>.{json,md},
 # plan_validation_gpu-<gpu>x1-same-day{,-cal}_<date>.{json,md}, the profile if taken, and logs.
@@ -46,6 +47,7 @@ timeout 300 $PY -m deploy.cli bench sweep --config "colocated-x1=--colocated --d
     --output "$sweep" --log-dir "$OUT/plancheck_logs" 2>&1 | tail -20
 sweep_rc=$?
 
+[ "${VALIDATE:-1}" = 0 ] && { echo "sweep rc=$sweep_rc (not validated here)"; exit "$sweep_rc"; }
 for cal in "" colocated-x1; do
     tag="gpu-${gpu}x1-same-day${cal:+-cal}"
     timeout 240 $PY -m bench.plan_validate --profile "$profile" --out-dir "$OUT" \

@@ -39,3 +39,26 @@ def test_stream_with_cuda_caches(src_dev: str, dst_dev: str, checksum: bool) -> 
     finally:
         tx.close()
         h.close()
+
+
+def test_a_backed_up_socket_never_sends_a_reused_pinned_slot() -> None:
+    """GPU sender: ~150 buffers of 64 KiB through two reused pinned host slots while a 64 KiB
+    send buffer keeps the socket full: every byte arrives as it was (a slot refilled before its
+    bytes were written would corrupt the copy)."""
+    src = PagedKvCache.allocate(SPEC, 300)
+    fill_random(src, torch.Generator().manual_seed(1))
+    src = PagedKvCache(SPEC, [tuple(t.to("cuda") for t in ts) for ts in src.layers])
+    h = ReceiverHarness(PagedKvCache.allocate(SPEC, 300, device="cuda"), ZmqReceiverConfig())
+    tx = ZmqKvSender(h.rx.endpoint, ZmqSenderConfig(stream_chunk_bytes=64 << 10,
+                                                    stream_sndbuf=64 << 10))
+    table = list(range(299, -1, -1))
+    try:
+        h.rx.expect("big", list(range(300)))
+        r = tx.send(src, table, 0, 4800, request_id="big")
+        assert isinstance(h.wait("big"), list) and tx.payload == "stream" and r.fill_s > 0
+        want = read_tokens_float(src, table, 0, 4800)
+        got = read_tokens_float(h.cache, list(range(300)), 0, 4800)
+        assert all(torch.equal(a.cpu(), b.cpu()) for a, b in zip(want, got, strict=True))
+    finally:
+        tx.close()
+        h.close()

@@ -51,7 +51,10 @@ class StreamJob:
         conn = self.conn
         assert conn is not None
         if conn.staging is None or conn.staging.numel() < size:
-            conn.staging = torch.empty(max(size, 1), dtype=torch.uint8)
+            # a device cache (no host addresses): pinned, so its copies to the device run at
+            # the bus's speed rather than through the driver's pageable bounce buffer
+            pin = self.addresses is None and torch.cuda.is_available()
+            conn.staging = torch.empty(max(size, 1), dtype=torch.uint8, pin_memory=pin)
         return conn.staging
 
     @property
