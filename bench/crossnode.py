@@ -12,10 +12,10 @@ once per `;`-separated set of extra `pdserve serve` flags (variants compared in 
 the prompts one at a time
 (`pdserve bench --max-concurrency 1`, so TTFT is prefill + transfer + hops, no queueing), reads
 the KV transfer time from the proxy's metrics, and tears the testbed down. Writes PREFIX.json and
-PREFIX.md (with the command) and prints the table. With `--server-log-level debug`, a layer-wise
-row also gets where the prefill worker's send lane spent each stream (the median per request of
-prefill/kv_outbox.py's "KV stream" lines: waiting for parts, for their layers, packing, the
-payload, filling buffers, acks); `--log-dir` keeps the servers' logs.
+PREFIX.md (with the command) and prints the table. With `--server-log-level debug`, each row
+also gets where the prefill worker's send lane spent each request's KV (the median per request
+of prefill/kv_outbox.py's "KV stream"/"KV whole" lines: waiting for parts, for their layers,
+packing, the payload, filling buffers, acks); `--log-dir` keeps the servers' logs.
 """
 
 from __future__ import annotations
@@ -45,15 +45,15 @@ def _in_ns(ns: str | None, *cmd: str) -> list[str]:
 
 
 STREAM_RE = re.compile(
-    r"KV stream \S+: (\d+) parts, ([\d.]+) MiB, ([\d.]+) ms from the first part out: waiting "
-    r"for parts ([\d.]+), for their layers ([\d.]+), pack ([\d.]+), payload ([\d.]+) \(filling "
-    r"buffers ([\d.]+)\), acks ([\d.]+) ms")
+    r"KV (?:stream|whole) \S+: (\d+) parts, ([\d.]+) MiB, ([\d.]+) ms from the first part "
+    r"out: waiting for parts ([\d.]+), for their layers ([\d.]+), pack ([\d.]+), payload "
+    r"([\d.]+) \(filling buffers ([\d.]+)\), acks ([\d.]+) ms")
 STREAM_FIELDS = ("parts", "mib", "lane_ms", "queue_ms", "ready_ms", "pack_ms", "payload_ms",
                  "fill_ms", "ack_ms")
 
 
 def stream_phases(log_text: str) -> dict[str, float]:
-    """Median per stream of each field of the prefill worker's "KV stream" DEBUG lines (empty
+    """Median per request of each field of the prefill worker's "KV stream|whole" lines (empty
     without them), with the number of streams."""
     found = [tuple(float(x) for x in m.groups()) for m in STREAM_RE.finditer(log_text)]
     if not found:
@@ -146,12 +146,12 @@ def run_point(tb: netns.Testbed | None, placement: str, args: argparse.Namespace
 
 
 def phase_lines(rows: list[dict[str, Any]]) -> list[str]:
-    """The send lane's time per layer-wise stream (median per request), where logged."""
+    """The send lane's time per stream or whole transfer (median per request), where logged."""
     rows = [r for r in rows if r.get("stream_ms")]
     if not rows:
         return []
-    out = ["", "Send lane per stream (median per request, ms; `payload` includes `filling "
-           "buffers`; prefill/kv_outbox.py DEBUG lines):", "",
+    out = ["", "Send lane per request (median, ms; `payload` includes `filling buffers`; "
+           "prefill/kv_outbox.py DEBUG lines):", "",
            "| link | serve args | input | parts | lane total | waiting for parts | for layers | "
            "pack | payload | filling buffers | acks |",
            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]

@@ -88,7 +88,8 @@ class _Job:
 @dataclass
 class _Stream:
     """A streamed request's parts sent so far on a lane, and where the lane's time went (logged
-    at DEBUG when the stream ends: what a layer-wise stream costs beyond its bytes)."""
+    at DEBUG when the stream ends, as is a whole transfer's: what a layer-wise stream costs
+    beyond its bytes)."""
 
     num_bytes: int = 0
     seconds: float = 0.0
@@ -102,9 +103,9 @@ class _Stream:
         for name in ("pack_s", "payload_s", "fill_s", "ack_s"):
             self.phases[name] += getattr(r, name)
 
-    def summary(self, rid: str) -> str:
+    def summary(self, rid: str, kind: str = "stream") -> str:
         ms = {k: v * 1e3 for k, v in self.phases.items()}
-        return (f"KV stream {rid}: {self.num_parts} parts, {self.num_bytes / 2**20:.1f} MiB, "
+        return (f"KV {kind} {rid}: {self.num_parts} parts, {self.num_bytes / 2**20:.1f} MiB, "
                 f"{(time.monotonic() - self.began) * 1e3:.1f} ms from the first part out: "
                 f"waiting for parts {ms['queue_s']:.1f}, for their layers {ms['ready_s']:.1f}, "
                 f"pack {ms['pack_s']:.1f}, payload {ms['payload_s']:.1f} (filling buffers "
@@ -288,11 +289,14 @@ class KvOutbox:
         """CUDA: a part's reads (gather, copy to host), once its event is reached, go on the
         lane's own stream. On the default stream they would queue behind every layer the worker
         has enqueued since the event, and the part would leave only once the step is computed.
+        The stream has the device's highest priority: a part's gather kernels are scheduled
+        ahead of the layers the forward pass keeps queuing.
         A part without an event is read on the default stream (ordered after the steps)."""
         if self.cache.device.type != "cuda":
             return contextlib.nullcontext()
-        if lane.cuda_stream is None:
-            lane.cuda_stream = torch.cuda.Stream(self.cache.device)
+        if lane.cuda_stream is None:  # high priority: its gathers go ahead of queued layers
+            # (lower is higher; torch maps a value past the device's range to its highest)
+            lane.cuda_stream = torch.cuda.Stream(self.cache.device, priority=-100)
         return torch.cuda.stream(lane.cuda_stream)
 
     def _retire(self, lane: _Lane) -> bool:
@@ -319,6 +323,10 @@ class KvOutbox:
                                  reservation_token=job.kv_token)
             if stream is not None:
                 stream.add(r)
+            elif log.isEnabledFor(logging.DEBUG):  # a whole transfer: the same line, one part
+                whole = _Stream(r.num_bytes, r.seconds, began=time.monotonic() - r.seconds)
+                whole.add(r)
+                log.debug("%s", whole.summary(job.request_id, "whole"))
             return TransferOutcome(job.request_id, r.num_bytes, r.seconds)
         except TransferError as e:
             return TransferOutcome.failed(job.request_id, e)
