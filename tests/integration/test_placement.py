@@ -41,22 +41,31 @@ def reference() -> LLMEngine:
 
 def test_local_placement_outputs_equal_colocated(reference: LLMEngine) -> None:
     """Chunk caps from the placement rule (tight TPOT SLO, a running stream beside) change how
-    the prompt is cut into steps, never the tokens."""
+    the prompts are cut into steps and batched, never the tokens (all sent at once)."""
     tok = reference.tokenizer
+    cases = []  # (request body, the colocated engine's text)
+    for i, prompt in enumerate([*PROMPTS, LONG]):
+        for params in (SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True),
+                       SamplingParams(max_tokens=16, temperature=0.9, top_p=0.95,
+                                      seed=99 + i, ignore_eos=True)):
+            want = tok.decode(reference.generate([tok.encode(prompt)], params)[0].output_ids)
+            cases.append(({"prompt": prompt, "max_tokens": 16, "ignore_eos": True,
+                           "temperature": params.temperature, "top_p": params.top_p,
+                           "seed": params.seed}, want))
+
+    async def run(url: str) -> list[str]:
+        async with httpx.AsyncClient(base_url=url, timeout=300) as client:
+            async def one(body: dict) -> str:
+                r = await client.post("/v1/completions", json=body)
+                assert r.status_code == 200, r.text
+                return r.json()["choices"][0]["text"]
+            return list(await asyncio.gather(*[one(body) for body, _ in cases]))
+
     with serve(*ONE_P_ONE_D, "--placement", "local", "--slo-tpot", "30ms") as s, \
             s.client() as c, c.stream("POST", "/v1/completions", json={
                 "prompt": SHORT, "max_tokens": 400, "ignore_eos": True, "stream": True}) as bg:
-        for i, prompt in enumerate([*PROMPTS, LONG]):
-            for params in (SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True),
-                           SamplingParams(max_tokens=16, temperature=0.9, top_p=0.95,
-                                          seed=99 + i, ignore_eos=True)):
-                want = tok.decode(reference.generate([tok.encode(prompt)], params)[0].output_ids)
-                body = {"prompt": prompt, "max_tokens": 16, "ignore_eos": True,
-                        "temperature": params.temperature, "top_p": params.top_p,
-                        "seed": params.seed}
-                r = c.post("/v1/completions", json=body)
-                assert r.status_code == 200, r.text
-                assert r.json()["choices"][0]["text"] == want, (prompt, params)
+        texts = asyncio.run(run(s.url))
+        assert texts == [want for _, want in cases]
         assert s.metric("pdserve:prefill_placement_total", 'placement="remote"') == 0
         assert s.metric("pdserve:prefill_placement_total", 'placement="local"') >= 9
         bg.close()
@@ -81,7 +90,7 @@ async def _busy_then_short(url: str) -> list[float]:
     """Two long streams decoding, two long prompts for the prefill side, then three short
     requests: their times to first token."""
     async with httpx.AsyncClient(base_url=url, timeout=300) as client:
-        streams = [asyncio.create_task(_ttft(client, SHORT, 160)) for _ in range(2)]
+        streams = [asyncio.create_task(_ttft(client, SHORT, 96)) for _ in range(2)]
         await asyncio.sleep(1.5)  # the streams are decoding
         longs = [asyncio.create_task(_ttft(client, f"Ticket {uuid.uuid4().hex}. {LONG}", 1))
                  for _ in range(2)]  # a new prefix each: no prefix-cache hit
