@@ -18,20 +18,6 @@ PROMPT_LENGTHS = (16, 64, 256, 1024)
 DECODE_BATCH = 4
 
 
-def warmup_rounds(room: int, max_batched_tokens: int, on_device: bool) -> list[list[int]]:
-    """The prompt lengths of each warm-up round: one prompt of each of `PROMPT_LENGTHS` that
-    fits in `room` tokens; on a GPU also the longest prefill step the engine schedules (the
-    step's activations at their peak: the caching allocator grows once, here, and the kernels
-    of the largest shapes are chosen now, not in the first long request: on an H100 the first
-    requests of 2-8k tokens after start-up took up to 0.9 s for 0.26 s warm,
-    bench/results/sweep_h100x1_colocated_2026-12-06.md); then a decode batch."""
-    rounds = [[n] for n in PROMPT_LENGTHS if n <= room]
-    longest = min(room, max_batched_tokens)
-    if on_device and longest > PROMPT_LENGTHS[-1]:
-        rounds.append([longest])
-    return [*rounds, [32] * DECODE_BATCH]
-
-
 def warm_up(engine: LLMEngine, budget_s: float = 5.0) -> int:
     """Run the warm-up within about `budget_s` seconds; the number of steps it recorded."""
     rng = random.Random(0)
@@ -40,8 +26,7 @@ def warm_up(engine: LLMEngine, budget_s: float = 5.0) -> int:
                * engine.cache.block_size // (DECODE_BATCH + 1)) - 9
     before = len(engine.step_log)
     t0 = time.perf_counter()
-    rounds = warmup_rounds(room, engine.config.max_num_batched_tokens,
-                           engine.config.torch_device.type != "cpu")
+    rounds = [[n] for n in PROMPT_LENGTHS if n <= room] + [[32] * DECODE_BATCH]
     for lengths in rounds:
         if time.perf_counter() - t0 > budget_s:
             break
