@@ -289,14 +289,11 @@ class KvOutbox:
         """CUDA: a part's reads (gather, copy to host), once its event is reached, go on the
         lane's own stream. On the default stream they would queue behind every layer the worker
         has enqueued since the event, and the part would leave only once the step is computed.
-        The stream has the device's highest priority: a part's gather kernels are scheduled
-        ahead of the layers the forward pass keeps queuing.
         A part without an event is read on the default stream (ordered after the steps)."""
         if self.cache.device.type != "cuda":
             return contextlib.nullcontext()
-        if lane.cuda_stream is None:  # high priority: its gathers go ahead of queued layers
-            # (lower is higher; torch maps a value past the device's range to its highest)
-            lane.cuda_stream = torch.cuda.Stream(self.cache.device, priority=-100)
+        if lane.cuda_stream is None:
+            lane.cuda_stream = torch.cuda.Stream(self.cache.device)
         return torch.cuda.stream(lane.cuda_stream)
 
     def _retire(self, lane: _Lane) -> bool:
