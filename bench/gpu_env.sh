@@ -9,3 +9,13 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     export PYTHONPATH=/tmp/pdserve_site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+
+# gpu_env_record FILE: the date, the GPU and the torch/Triton versions, printed and kept in FILE
+gpu_env_record() {
+    {
+        date -u
+        nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+        $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', \
+triton.__version__, torch.cuda.get_device_name())"
+    } 2>&1 | tee "$1"
+}

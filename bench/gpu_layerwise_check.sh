@@ -18,11 +18,7 @@ OUT=${OUT:-$PWD/gpu_layerwise_out}
 mkdir -p "$OUT"
 source bench/gpu_env.sh
 MODEL=${MODEL:-.gl_models/llama3-8b-shape}
-{
-    date -u
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-    $PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
-} 2>&1 | tee "$OUT/env.log"
+gpu_env_record "$OUT/env.log"
 
 timeout 150 $PY -m pytest -q -p no:cacheprovider -rs tests/unit/test_layer_stream.py \
     tests/gpu/test_transfer_stream_cuda.py 2>&1 | tail -8 | tee "$OUT/layerwise_tests.log"

@@ -16,11 +16,7 @@ OUT=${OUT:-$PWD/gpu_layerwise_confirm_out}
 mkdir -p "$OUT"
 source bench/gpu_env.sh
 MODEL=${MODEL:-.gl_models/llama3-8b-shape}
-{
-    date -u
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-    $PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
-} 2>&1 | tee "$OUT/env.log"
+gpu_env_record "$OUT/env.log"
 
 timeout 200 $PY -m pytest -q -p no:cacheprovider -rs tests/unit/test_fused_layer_hooks.py \
     tests/unit/test_layer_stream.py tests/unit/test_transfer_parts.py \

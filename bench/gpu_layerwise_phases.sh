@@ -12,10 +12,7 @@ OUT=${OUT:-$PWD/gpu_layerwise_phases_out}
 mkdir -p "$OUT"
 source bench/gpu_env.sh
 MODEL=${MODEL:-.gl_models/llama3-8b-shape}
-{
-    date -u
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-} 2>&1 | tee "$OUT/env.log"
+gpu_env_record "$OUT/env.log"
 timeout 200 $PY -m pytest -q -p no:cacheprovider -rs tests/gpu/test_transfer_stream_cuda.py \
     tests/unit/test_transfer_parts.py tests/unit/test_layer_stream.py 2>&1 | tail -6 \
     | tee "$OUT/tests.log"

@@ -11,11 +11,7 @@ mkdir -p "$OUT"
 source bench/gpu_env.sh
 MODEL=${MODEL:-.gl_models/llama3-8b-shape}
 
-{
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-    $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, \
-torch.cuda.get_device_name())"
-} 2>&1 | tee "$OUT/env.log"
+gpu_env_record "$OUT/env.log"
 
 timeout "${TEST_TIMEOUT:-300}" $PY -m pytest -q -p no:cacheprovider -rs --durations=5 \
     tests/gpu 2>&1 | tee "$OUT/gpu_tests.log"
