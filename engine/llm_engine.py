@@ -179,10 +179,14 @@ class LLMEngine:
         t0 = time.perf_counter()
         results = self.runner.execute(batch)
         seconds = time.perf_counter() - t0
-        self.step_log.append(StepStats(
-            seconds, sum(s.num_tokens for s in batch if s.num_tokens > 1),
-            sum(1 for s in batch if s.num_tokens == 1),
-            sum(s.seq.num_computed_tokens + s.num_tokens for s in batch)))
+        stats = StepStats(seconds, sum(s.num_tokens for s in batch if s.num_tokens > 1),
+                          sum(1 for s in batch if s.num_tokens == 1),
+                          sum(s.seq.num_computed_tokens + s.num_tokens for s in batch))
+        self.step_log.append(stats)
+        if stats.num_prefill_tokens and log.isEnabledFor(logging.DEBUG):  # prefill steps only
+            log.debug("step %.1f ms: %d prefill tokens, %d decoding, %d context tokens",
+                      seconds * 1e3, stats.num_prefill_tokens, stats.num_decode_seqs,
+                      stats.num_context_tokens)
         return results
 
     def _output(self, seq: Sequence) -> RequestOutput:
