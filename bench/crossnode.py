@@ -120,7 +120,7 @@ def run_point(tb: netns.Testbed | None, placement: str, args: argparse.Namespace
                            check=False, capture_output=True, timeout=1800)
             summary = json.loads(result.read_text())["summary"] if result.exists() else {}
             if not summary.get("ttft", {}).get("median"):  # every request failed: say why
-                log = (workdir / f"serve-{tag}.log").read_text()[-2000:]
+                log = log_path.read_text()[-2000:]
                 rows.append({"placement": placement, "serve_args": extra,
                              "input_len": int(input_len), "error": summary.get("errors") or log})
                 continue
@@ -220,10 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     tb = netns.Testbed(args.name)
     rows = []
-    if args.log_dir:
-        Path(args.log_dir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = args.log_dir or tmp
+        workdir = Path(args.log_dir or tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
         for rate in args.rates.split(","):
             where = None if rate == "loopback" else tb  # loopback: no testbed, 127.0.0.1
             if where is not None:
@@ -232,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 for placement in args.placements.split(","):
                     for extra in args.serve_args.split(";"):
-                        for row in run_point(where, placement, args, Path(tmp), extra.strip()):
+                        for row in run_point(where, placement, args, workdir, extra.strip()):
                             row = {"link": rate, **row}
                             print(json.dumps(row), flush=True)
                             rows.append(row)

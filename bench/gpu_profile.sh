@@ -14,15 +14,9 @@ set -u -o pipefail
 OUT=${OUT:-bench/results}
 mkdir -p "$OUT"
 source bench/gpu_env.sh
-MODEL=${MODEL:-.gl_models/llama3-8b-shape}
+source bench/gpu_sweep_model.sh
 BUDGET=${BUDGET:-300}
 TRANSFER_GBPS=${TRANSFER_GBPS:-205.8}
-day=$(date -u +%Y-%m-%d)
-[ -d "$MODEL" ] || $PY -m bench.make_dummy_model --preset llama3-8b --out "$MODEL"
-gpu=$($PY -c "import torch; n = torch.cuda.get_device_name(); \
-print('h200' if 'H200' in n else 'h100' if 'H100' in n else n.split()[-1].lower())")
-ENGINE="--model $MODEL --load-format dummy --max-model-len 8192 --gpu-memory-utilization 0.85 \
---max-num-seqs 64 --max-num-batched-tokens 8192"
 profile="$OUT/profile_${gpu}_llama3-8b-shape_${day}.json"
 
 timeout $((BUDGET + 240)) $PY -m deploy.cli profile --out "$profile" --budget-s "$BUDGET" \

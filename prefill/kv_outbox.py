@@ -85,6 +85,9 @@ class _Job:
     head_range: tuple[int, int] | None = None  # model KV heads sent (None: all this cache holds)
 
 
+_PHASES = ("queue_s", "ready_s", "pack_s", "payload_s", "fill_s", "ack_s")
+
+
 @dataclass
 class _Stream:
     """A streamed request's parts sent so far on a lane, and where the lane's time went (logged
@@ -110,9 +113,6 @@ class _Stream:
                 f"waiting for parts {ms['queue_s']:.1f}, for their layers {ms['ready_s']:.1f}, "
                 f"pack {ms['pack_s']:.1f}, payload {ms['payload_s']:.1f} (filling buffers "
                 f"{ms['fill_s']:.1f}), acks {ms['ack_s']:.1f} ms")
-
-
-_PHASES = ("queue_s", "ready_s", "pack_s", "payload_s", "fill_s", "ack_s")
 
 
 @dataclass

@@ -65,24 +65,8 @@ class StreamSender(PayloadSender):
         self._staging = (staging_bytes, staging_slots)
         self.pool = StagingPool(staging_bytes, ring_slots=staging_slots)
         self._sock: socket.socket | None = None
-        self._pinned: list[torch.Tensor] = []  # host slots of device buffers (see _pinned_copy)
-        self._next_slot = 0
-
-    def _pinned_copy(self, buf: torch.Tensor) -> torch.Tensor:
-        """A device buffer's bytes in the next of `_PINNED_SLOTS` reused pinned host slots (the
-        caller has flushed the writes that read it). A fresh pageable copy per buffer (`.cpu()`)
-        ran at ~2.3 GB/s on an H100 (a new allocation's page faults, a staged copy): 220 ms of a
-        500 MiB layer-wise stream's 370 ms (bench/results/crossnode_layerwise_phases_h100_*)."""
-        nbytes = buf.numel() * buf.element_size()
-        slot = self._next_slot
-        self._next_slot = (slot + 1) % _PINNED_SLOTS
-        if len(self._pinned) <= slot:
-            self._pinned.append(torch.empty(0, dtype=torch.uint8))
-        if self._pinned[slot].numel() < nbytes:
-            self._pinned[slot] = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-        host = self._pinned[slot][:nbytes]
-        host.copy_(buf.reshape(-1).view(torch.uint8))
-        return host
+        # host copies of device buffers: buffer i+1 is copied while buffer i is on the wire
+        self._host_ring = StagingPool(staging_bytes, ring_slots=2, pin_memory=True)
 
     @property
     def is_connected(self) -> bool:
@@ -175,10 +159,14 @@ class StreamSender(PayloadSender):
                     out.push_segments(segs, idle)
                     continue
                 t0 = time.monotonic()
-                if on_device:  # gather on the device, then into a free pinned slot
+                if on_device:
+                    # gather on the device, then copy into the pinned slot no queued write
+                    # reads (a fresh pageable .cpu() was 220 of a 370 ms stream on an H100:
+                    # bench/results/crossnode_layerwise_phases_h100_2026-12-06.md)
                     filled = packed.buffer(i)
-                    out.flush(idle, keep=_PINNED_SLOTS - 1)
-                    host = self._pinned_copy(filled)
+                    out.flush(idle, keep=self._host_ring.ring_slots - 1)
+                    host = self._host_ring.get(i, filled.numel(), torch.device("cpu"))
+                    host.copy_(filled)
                 else:
                     out.flush(idle)  # filled buffers may share memory (StagingPool)
                     host = packed.buffer(i)
@@ -199,9 +187,6 @@ class StreamSender(PayloadSender):
                 channel.wait_reply(h.transfer_id, grace, want=proto.ACK)
             raise PeerLost(f"data connection to {self.endpoint} failed mid-payload: {e}") from None
         return None
-
-
-_PINNED_SLOTS = 2  # device-to-host copy of buffer i+1 while buffer i is on the wire
 
 
 def _hash_jobs(lazy: list[tuple[int, np.ndarray]], sums: list[int | None]) -> Iterator[None]:
