@@ -9,7 +9,9 @@
 #   (PROFILE=path: an existing profile of this GPU kind taken today with today's engine; on an
 #   H100 the default is bench/results/profile_h100_llama3-8b-shape_bigchunks_2026-12-06.json;
 #   else one is taken, BUDGET s; VALIDATE=0: the sweep only, validated afterwards elsewhere with
-#   the same `python -m bench.plan_validate` lines: it needs no GPU)
+#   the same `python -m bench.plan_validate` lines: it needs no GPU; TRACE=0: servers at INFO,
+#   else at DEBUG, and `python -m bench.serving_trace` tables each point's steps against the
+#   profile's step model and the requests that missed the SLO)
 #
 # Writes, under $OUT (default bench/results): sweep_<gpu>x1_colocated_<date>.{json,md},
 # plan_validation_gpu-<gpu>x1-same-day{,-cal}_<date>.{json,md}, the profile if taken, and logs.
@@ -32,14 +34,20 @@ if [ -z "$profile" ] || [ ! -f "$profile" ]; then
     echo "profile rc=$? -> $profile"
 fi
 
-sweep="$OUT/sweep_${gpu}x1_colocated_${day}"
+sweep="$OUT/sweep_${gpu}x1_colocated_${day}${TAG:+_$TAG}"
+trace_flags=()
+[ "${TRACE:-1}" = 0 ] || trace_flags=(--server-log-level debug)
 timeout 300 $PY -m deploy.cli bench sweep --config "colocated-x1=--colocated --decode 1" \
     --serve-args "$ENGINE" --request-rates 0.5,1,2,4 --num-prompts 24 --dataset synthetic \
     --input-len uniform:2048:7800 --output-len uniform:64:256 --tokenizer "$MODEL" --seed 0 \
     --slo-ttft 1s --slo-tpot 40ms --warmup 2 --no-progress \
     --note "one $gpu, colocated, the engine flags and workload of sweep_h200x2_2026-11-22" \
-    --output "$sweep" --log-dir "$OUT/plancheck_logs" 2>&1 | tail -20
+    --output "$sweep" --log-dir "$OUT/plancheck_logs" "${trace_flags[@]}" 2>&1 | tail -20
 sweep_rc=$?
+if [ "${TRACE:-1}" != 0 ]; then
+    $PY -m bench.serving_trace --sweep "$sweep.json" --log-dir "$OUT/plancheck_logs" \
+        --profile "$profile" --out "${sweep}_trace.md" 2>&1 | tail -60
+fi
 
 [ "${VALIDATE:-1}" = 0 ] && { echo "sweep rc=$sweep_rc (not validated here)"; exit "$sweep_rc"; }
 for cal in "" colocated-x1; do

@@ -172,6 +172,9 @@ class ConfigResult:
     points: list[tuple[float, Summary]] = field(default_factory=list)
     error: str | None = None
     placed: list[dict[str, float]] = field(default_factory=list)  # per point: remote / local
+    # per point: time.time() of its first arrival and each request's record (no ITLs): what
+    # aligns a point with the servers' logs (`bench.serving_trace`)
+    records: list[tuple[float, list[dict[str, Any]]]] = field(default_factory=list)
 
     def goodput(self, target: float) -> Goodput:
         return goodput_from_curve(((r, s.attainment) for r, s in self.points), target)
@@ -180,7 +183,9 @@ class ConfigResult:
         return {"name": self.spec.name, "server": self.spec.describe(), "error": self.error,
                 "goodput": asdict(self.goodput(target)),
                 "points": [{"request_rate": r, "summary": s.to_dict(),
-                            **({"placed": self.placed[i]} if i < len(self.placed) else {})}
+                            **({"placed": self.placed[i]} if i < len(self.placed) else {}),
+                            **({"started_at": self.records[i][0],
+                                "requests": self.records[i][1]} if i < len(self.records) else {})}
                            for i, (r, s) in enumerate(self.points)]}
 
 
@@ -218,6 +223,7 @@ def run_config(spec: ServerSpec, base: LoadConfig, plan: SweepPlan, url: str,
             bar.close()
         summary = summarize(run.results, run.duration_s, plan.slo)
         out.points.append((rate, summary))
+        out.records.append((run.started_at, [r.to_dict() for r in run.results]))
         after = placement_counts(url)
         out.placed.append({k: v - before.get(k, 0.0) for k, v in after.items()})
         if on_point:

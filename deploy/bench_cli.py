@@ -24,7 +24,15 @@ from bench import report
 from bench.datasets import DatasetConfig, TextTokenizer, build_dataset, load_tokenizer
 from bench.loadgen import LoadConfig, default_endpoint, fetch_model, make_client, run_load
 from bench.metrics import Slo, Summary, summarize
-from bench.sweep import ConfigResult, ServerSpec, SweepPlan, format_tables, plot_sweep, run_sweep
+from bench.sweep import (
+    DEFAULT_SERVE_CMD,
+    ConfigResult,
+    ServerSpec,
+    SweepPlan,
+    format_tables,
+    plot_sweep,
+    run_sweep,
+)
 from worker.args import add_dataclass_args, dataclass_from_args, parse_seconds
 
 WARMUP_SEED_OFFSET = 10_007
@@ -102,6 +110,11 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
                         "(default: sweep-DATE-TIME).")
     s.add_argument("--log-dir", default=None,
                    help="Where started servers' logs go (default: a new temp dir).")
+    s.add_argument("--server-log-level", default=None,
+                   choices=("debug", "info", "warning", "error"),
+                   help="`pdserve --log-level` of the started servers (default: pdserve's); "
+                        "debug logs every engine step and placement, which "
+                        "`python -m bench.serving_trace` reads beside the sweep's JSON.")
     s.add_argument("--note", default="",
                    help="Text added to the JSON and under the Markdown tables.")
     s.set_defaults(func=cmd_sweep)
@@ -180,7 +193,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     path = Path(args.result_file or f"pdserve-bench-{stamp}.json")
     doc = {**_run_doc("bench", dataset, load, slo, tok_name), "endpoint": endpoint, "model": model,
-           "summary": summary.to_dict(),
+           "summary": summary.to_dict(), "started_at": run.started_at,
            "requests": [r.to_dict(args.detailed) for r in run.results]}
     print(f"results: {report.write_json(path, report.clean_floats(doc))}")
     if args.plot is not None:
@@ -280,7 +293,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
           f"rates {', '.join(f'{r:g}' for r in rates)} req/s, "
           f"{dataset.num_prompts} {dataset.dataset} requests each, tokenizer {tok_name}"
           + (f"; server logs in {log_dir}" if log_dir else ""), file=sys.stderr)
-    results = run_sweep(specs, load, plan, common_flags=common,
+    serve_cmd = DEFAULT_SERVE_CMD
+    if args.server_log_level:
+        serve_cmd = (*DEFAULT_SERVE_CMD[:3], "--log-level", args.server_log_level,
+                     *DEFAULT_SERVE_CMD[3:])
+    results = run_sweep(specs, load, plan, serve_cmd=serve_cmd, common_flags=common,
                         startup_timeout_s=args.startup_timeout, log_dir=log_dir,
                         on_point=_on_point,
                         progress=lambda total, desc: report.Progress(total, not args.no_progress,

@@ -183,10 +183,8 @@ class LLMEngine:
                           sum(1 for s in batch if s.num_tokens == 1),
                           sum(s.seq.num_computed_tokens + s.num_tokens for s in batch))
         self.step_log.append(stats)
-        if stats.num_prefill_tokens and log.isEnabledFor(logging.DEBUG):  # prefill steps only
-            log.debug("step %.1f ms: %d prefill tokens, %d decoding, %d context tokens",
-                      seconds * 1e3, stats.num_prefill_tokens, stats.num_decode_seqs,
-                      stats.num_context_tokens)
+        if log.isEnabledFor(logging.DEBUG):
+            _log_step(stats, batch)
         return results
 
     def _output(self, seq: Sequence) -> RequestOutput:
@@ -274,3 +272,14 @@ class LLMEngine:
         self.cache.pool.check_integrity()
         if not self.has_unfinished and self.cache.pool.num_used:
             raise EngineError(f"{self.cache.pool.num_used} KV blocks still used while idle")
+
+
+def _log_step(stats: StepStats, batch: list[ScheduledSeq]) -> None:
+    """One DEBUG line per step, with what the planner's step model takes (planner/profile.py
+    `StepTimes.step_s`): prefill tokens and their token context (the sum over prompts of chunk
+    tokens x tokens cached before the chunk), decoding sequences and the context they read."""
+    chunks = [(s.num_tokens, s.seq.num_computed_tokens) for s in batch if s.num_tokens > 1]
+    decode_ctx = sum(s.seq.num_computed_tokens + 1 for s in batch if s.num_tokens == 1)
+    log.debug("step %.1f ms: %d prefill tokens in %d prompts (token context %d), "
+              "%d decoding over %d context tokens", stats.seconds * 1e3, stats.num_prefill_tokens,
+              len(chunks), sum(n * c for n, c in chunks), stats.num_decode_seqs, decode_ctx)

@@ -299,6 +299,9 @@ def test_sweep_over_urls_reports_goodput(fake: tuple[str, Any], tmp_path: Path,
     for c in doc["configs"]:
         assert [p["request_rate"] for p in c["points"]] == [20.0, 40.0], c
         assert c["goodput"] == {"rate": 40.0, "first_miss": None}
+        for p in c["points"]:  # what aligns a point with server logs (bench.serving_trace)
+            assert len(p["requests"]) == 4 and "itl_s" not in p["requests"][0]
+            assert abs(p["started_at"] - time.time()) < 120
     assert "goodput (req/s)" in prefix.with_suffix(".md").read_text()
     if importlib.util.find_spec("matplotlib"):
         assert prefix.with_suffix(".png").stat().st_size > 1000

@@ -1,5 +1,5 @@
 """The engine's record of its steps: each step's time and what it held (the placement cost
-models' input), and at DEBUG one log line per prefill step (how a serving run's prefill time
+models' input), and at DEBUG one log line per step (how a serving run's prefill time
 is read from its logs, e.g. `bench.crossnode --server-log-level debug`)."""
 
 from __future__ import annotations
@@ -28,5 +28,8 @@ def test_prefill_steps_are_recorded_and_logged(tiny_hf_checkpoint: Callable[[str
     assert [s.num_decode_seqs for s in steps] == [0, 0, 0, 1, 1]
     assert [s.num_context_tokens for s in steps] == [16, 32, 40, 41, 42]
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
-    assert len(lines) == 3 and lines[0].endswith(": 16 prefill tokens, 0 decoding, 16 context "
-                                                 "tokens")
+    assert len(lines) == 5
+    assert lines[1].endswith(": 16 prefill tokens in 1 prompts (token context 256), "
+                             "0 decoding over 0 context tokens")
+    assert lines[3].endswith(": 0 prefill tokens in 0 prompts (token context 0), "
+                             "1 decoding over 41 context tokens")
