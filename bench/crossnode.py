@@ -15,7 +15,11 @@ the KV transfer time from the proxy's metrics, and tears the testbed down. Write
 PREFIX.md (with the command) and prints the table. With `--server-log-level debug`, each row
 also gets where the prefill worker's send lane spent each request's KV (the median per request
 of prefill/kv_outbox.py's "KV stream"/"KV whole" lines: waiting for parts, for their layers,
-packing, the payload, filling buffers, acks); `--log-dir` keeps the servers' logs.
+packing, the payload, filling buffers, acks) and, from the engines' step lines, each request's
+own prefill and what followed it: the per-request form of issue 17's target, which compares a
+layer-wise request with its own prefill instead of the `whole` server's (on this machine a 4k
+prefill drifts by ~1 s between servers, more than a 10 Gbit/s link's transfer);
+`--log-dir` keeps the servers' logs.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import netns, report
+from bench.serving_trace import parse_log
 
 URL_RE = re.compile(r"serving .* on (http://[\d.]+:\d+)")
 SERVE_ARGS = ["--kv-cache-memory", "256MiB", "--max-model-len", "2048", "--cpu-affinity", "0,1",
@@ -61,6 +66,33 @@ def stream_phases(log_text: str) -> dict[str, float]:
     return {"streams": float(len(found)),
             **{name: statistics.median(v[i] for v in found)
                for i, name in enumerate(STREAM_FIELDS)}}
+
+
+def request_tails(result: Path, log_text: str) -> dict[str, list[float]]:
+    """Per request (sent one at a time), from the prefill worker's DEBUG step lines: the seconds
+    from its arrival to the end of its last prefill step (`to_prefill_end`: its own prefill and
+    what came before it, measured in the same request) and from there to its first token
+    (`tail`: the transfer left exposed, plus the hops). Empty without step lines."""
+    steps = [s for s in parse_log(log_text.splitlines())[0]
+             if s.who.startswith("prefill") and s.prefill_tokens]
+    doc = json.loads(result.read_text()) if result.exists() else {}
+    start = doc.get("started_at")
+    if not steps or start is None:
+        return {}
+    out: dict[str, list[float]] = {"to_prefill_end": [], "tail": [], "own_prefill": []}
+    for r in doc.get("requests", []):
+        if r.get("error") or r.get("ttft_s") is None:
+            continue
+        arrival = start + r["start_s"]
+        first = arrival + r["ttft_s"]
+        mine = [s for s in steps if arrival <= s.at <= first]
+        if not mine:
+            continue
+        end = max(s.at for s in mine)
+        out["to_prefill_end"].append(end - arrival)
+        out["tail"].append(first - end)
+        out["own_prefill"].append(sum(s.seconds for s in mine))
+    return out if out["tail"] else {}
 
 
 def start_server(tb: netns.Testbed | None, placement: str, log_path: Path,
@@ -126,7 +158,8 @@ def run_point(tb: netns.Testbed | None, placement: str, args: argparse.Namespace
                 continue
             after = _kv_metrics(tb, url)
             text = log_path.read_text(errors="replace")
-            phases, seen = stream_phases(text[seen:]), len(text)
+            phases, tails = stream_phases(text[seen:]), request_tails(result, text[seen:])
+            seen = len(text)
             kv = {k: v - before.get(k, 0.0) for k, v in after.items()}
             before = after
             n = max(kv.get("placed_remote", 0.0), 1.0)
@@ -135,7 +168,8 @@ def run_point(tb: netns.Testbed | None, placement: str, args: argparse.Namespace
                          "ttft_p90_ms": summary["ttft"]["p90"] * 1e3,
                          "kv_seconds_per_remote_request": kv["kv_transfer_seconds_total"] / n,
                          "kv_mib_per_remote_request": kv["kv_transfer_bytes_total"] / n / 2**20,
-                         **({"stream_ms": phases} if phases else {}), **kv})
+                         **({"stream_ms": phases} if phases else {}),
+                         **({"tails": tails} if tails else {}), **kv})
     finally:
         proc.send_signal(2)
         try:
@@ -181,9 +215,7 @@ def overlap_lines(rows: list[dict[str, Any]]) -> list[str]:
     for r in ok:
         if "--kv-streaming layerwise" not in r["serve_args"]:
             continue
-        twin = twins.get((r["link"], r["input_len"], re.sub(
-            r" ?--kv-stream-groups \d+", "", r["serve_args"]).replace(
-            "--kv-streaming layerwise", "--kv-streaming whole")))
+        twin = _twin(r, twins)
         if twin is None:
             continue
         found = True
@@ -194,6 +226,50 @@ def overlap_lines(rows: list[dict[str, Any]]) -> list[str]:
         out.append(f"| {r['link']} | {r['serve_args']} | {r['input_len']} | {prefill:.0f} | "
                    f"{transfer:.0f} | {target:.0f} | {r['ttft_p50_ms']:.0f} | {hidden:.0%} | "
                    f"{'yes' if r['ttft_p50_ms'] <= target else 'no'} |")
+    return out if found else []
+
+
+def _twin(r: dict[str, Any], by_key: dict[tuple[str, int, str], dict[str, Any]]
+          ) -> dict[str, Any] | None:
+    """The `whole` row with a layer-wise row's link, length and other flags."""
+    return by_key.get((r["link"], r["input_len"], re.sub(
+        r" ?--kv-stream-groups \d+", "", r["serve_args"]).replace(
+        "--kv-streaming layerwise", "--kv-streaming whole")))
+
+
+def tail_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Issue 17's target per request, from the step lines of the same run (immune to the
+    prefill's drift between servers): for each layer-wise request, prefill-only = its own
+    arrival-to-last-prefill-step time + the whole twin's hops (its median tail minus its KV
+    seconds), transfer-only = the twin's KV seconds; met when its TTFT <= max + 10 % of min.
+    `exposed` = the layer-wise tail minus those hops: the transfer left after the prefill."""
+    ok = [r for r in rows if "error" not in r and r.get("tails")]
+    by_key = {(r["link"], r["input_len"], r["serve_args"]): r for r in ok}
+    out = ["", "Overlap per request (issue 17's target, from the prefill worker's step lines: "
+           "each request's own prefill; medians over requests):", "",
+           "| link | serve args | input | own prefill, layer-wise / whole (ms) | transfer-only "
+           "(ms) | hops (ms) | exposed (ms) | allowed (10 % of min) | requests met |",
+           "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    found = False
+    for r in ok:
+        twin = _twin(r, by_key) if "--kv-streaming layerwise" in r["serve_args"] else None
+        if twin is None:
+            continue
+        found = True
+        t = twin["kv_seconds_per_remote_request"]
+        hops = statistics.median(twin["tails"]["tail"]) - t
+        tails = r["tails"]
+        met = 0
+        for to_end, tail in zip(tails["to_prefill_end"], tails["tail"], strict=True):
+            prefill = to_end + hops
+            met += to_end + tail <= max(prefill, t) + 0.1 * min(prefill, t)
+        allowed = 0.1 * min(statistics.median(tails["to_prefill_end"]) + hops, t)
+        exposed = statistics.median(tails["tail"]) - hops
+        out.append(f"| {r['link']} | {r['serve_args']} | {r['input_len']} | "
+                   f"{statistics.median(tails['own_prefill']) * 1e3:.0f} / "
+                   f"{statistics.median(twin['tails']['own_prefill']) * 1e3:.0f} | {t * 1e3:.0f} | "
+                   f"{hops * 1e3:.0f} | {exposed * 1e3:.0f} | {allowed * 1e3:.0f} | "
+                   f"{met} of {len(tails['tail'])} |")
     return out if found else []
 
 
@@ -256,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"{r['ttft_p90_ms']:.0f} | {r['kv_mib_per_remote_request']:.1f} | "
                      f"{r['kv_seconds_per_remote_request']:.3f} | "
                      f"{r.get('placed_remote', 0):.0f} / {r.get('placed_local', 0):.0f} |")
-    lines += overlap_lines(rows) + phase_lines(rows)
+    lines += overlap_lines(rows) + tail_lines(rows) + phase_lines(rows)
     Path(f"{args.output}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines[6:]))
     return 0

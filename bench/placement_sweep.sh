@@ -6,7 +6,8 @@
 #
 #   bash bench/placement_sweep.sh [prefill_heavy|interference|both]
 #   (NUM_PROMPTS=40 RATES_A=0.15,0.25,0.35 RATES_B=... SUFFIX=_hires: more requests, other rates,
-#   another results name)
+#   another results name; TRACE=1: servers at DEBUG, logs kept in bench/results/logs_<name>...,
+#   for `python -m bench.serving_trace`)
 #
 # Results: bench/results/placement_cpu_<workload>_<date>.{md,json,png} (+ the command).
 set -u -o pipefail
@@ -25,7 +26,10 @@ sweep() {  # name slo_ttft slo_tpot rates workload-flags...
         --serve-args "$common" --request-rates "$rates" --num-prompts "${NUM_PROMPTS:-20}" --seed 0 \
         --slo-ttft "$ttft" --slo-tpot "$tpot" --warmup 2 --no-progress "$@" \
         --note "2-core VM; workers pinned one per core (--cpu-affinity 0,1), 1 torch thread each; proxy and load generator unpinned, sharing both cores. ${NUM_PROMPTS:-20} requests per rate." \
-        --output "bench/results/placement_cpu_${name}_${day}${SUFFIX:-}" --log-dir "/tmp/placement_${name}_logs"
+        --output "bench/results/placement_cpu_${name}_${day}${SUFFIX:-}" \
+        ${TRACE:+--server-log-level debug} \
+        --log-dir "$([ -n "${TRACE:-}" ] && echo "bench/results/logs_placement_${name}_${day}${SUFFIX:-}" \
+                     || echo "/tmp/placement_${name}_logs")"
 }
 
 if [ "$which" = prefill_heavy ] || [ "$which" = both ]; then
