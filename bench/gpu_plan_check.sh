@@ -48,6 +48,10 @@ if [ "${TRACE:-1}" != 0 ]; then
     $PY -m bench.serving_trace --sweep "$sweep.json" --log-dir "$OUT/plancheck_logs" \
         --profile "$profile" --out "${sweep}_trace.md" 2>&1 | tail -60
 fi
+# the server log, compressed beside the sweep (a device call returns at most 8 files):
+# `python -m bench.serving_trace --log-dir` reads it once unpacked as server_colocated-x1.log
+gzip -c "$OUT/plancheck_logs/server_colocated-x1.log" > "${sweep}_server_log.gz" \
+    && rm -rf "$OUT/plancheck_logs"
 
 [ "${VALIDATE:-1}" = 0 ] && { echo "sweep rc=$sweep_rc (not validated here)"; exit "$sweep_rc"; }
 for cal in "" colocated-x1; do

@@ -178,7 +178,7 @@ class StepTimes:
         xs, ys = self._prefill
         self.prefill_fixed_s = (min(max(interp(xs[:2], ys[:2], 0.0), 0.0), ys[0])
                                 if len(xs) > 1 else 0.0)
-        self.overlap = self._fit_overlap(profile.mixed)
+        self.overlap, self.mixed_extra_s = self._fit_mixed(profile.mixed)
 
     def prefill_s(self, tokens: float, token_context: float = 0.0) -> float:
         """A prefill step of `tokens` new tokens (no decodes); `token_context` is the sum over
@@ -205,7 +205,7 @@ class StepTimes:
         extra = self.step_overhead_s if p or d else 0.0
         if p and d:
             p = max(p - self.prefill_fixed_s, 0.0)  # the step's fixed cost is in d already
-            return p + d - self.overlap * min(p, d) + extra
+            return p + d - self.overlap * min(p, d) + self.mixed_extra_s + extra
         return p + d + extra
 
     def transfer_s(self, transport: str, num_bytes: float) -> float:
@@ -228,13 +228,22 @@ class StepTimes:
             num, den = num + x * extra, den + x * x
         return max(num / den, 0.0) if den else 0.0
 
-    def _fit_overlap(self, rows: list[list[float]]) -> float:
-        """Median share of the shorter of (decode, prefill) that a mixed step hides, in [0, 1]."""
-        shares = []
+    def _fit_mixed(self, rows: list[list[float]]) -> tuple[float, float]:
+        """How a mixed step (a prefill chunk beside decodes) differs from its two parts, from
+        the profile's mixed rows: (the median share of the shorter part it hides, in [0, 1];
+        seconds it costs beyond both parts, >= 0). A CPU hides some of the shorter part; a GPU's
+        mixed step runs eagerly (its decode-only steps replay CUDA graphs), so it costs more
+        than its parts (H100, 2026-12-06: 7-10 ms more in every row, 64-1024-token chunks):
+        where every mixed row costs more than its parts, the median excess is the extra and
+        nothing is hidden. (On a CPU the rows scatter a few % around their parts, both ways.)"""
+        shares, excess = [], []
         for batch, ctx, chunk, s in rows:
             p = max(self.prefill_s(chunk) - self.prefill_fixed_s, 0.0)
             d = self.decode_s(batch, ctx)
+            excess.append(s - p - d)
             if min(p, d) > 0:
                 shares.append((p + d - s) / min(p, d))
-        return min(max(statistics.median(shares), 0.0), 1.0) if shares else 0.0
+        if excess and min(excess) > 0:
+            return 0.0, statistics.median(excess)
+        return (min(max(statistics.median(shares), 0.0), 1.0) if shares else 0.0), 0.0
 

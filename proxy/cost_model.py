@@ -17,8 +17,16 @@ With e = g = k = 0 it is the linear model a + b*P + c*D + d*C.
 `predict(...)` evaluates the current fit. The fit is a robust, recency-weighted least squares
 in relative error over the last `window` steps (robust_fit.py), redone lazily when new steps
 came in:
-- recency: step i of n weighs `decay ** (n - 1 - i)`, so the fit follows a worker whose speed
-  changes (another tenant, thermal limits) within a few hundred steps;
+- two windows: steps that hold prefill tokens and steps that do not are kept apart, `window`
+  of each, so a long run of decode-only steps (a GPU worker makes ~150 a second while its
+  sequences decode, one prefill step per arriving prompt) never pushes every prefill step out
+  of the fit: with one shared window of 512, at a low request rate the window held fewer prefill
+  steps than a fit needs, the prefill terms fell back to the prior (a CPU's 2 ms per token), and
+  the placer cut a GPU's local prompts into 32-token chunks (2-4 s TTFTs at 0.5 req/s on an
+  H100, 2026-12-06);
+- recency: within each window, step i of n weighs `decay ** (n - 1 - i)`, so the fit follows a
+  worker whose speed changes (another tenant, thermal limits) within a few hundred steps of
+  each kind;
 - robustness: Huber weights on the relative residuals (beyond `huber_k` robust standard
   deviations they count linearly), so a step stalled by a garbage collection, a page fault or
   another tenant bends the fit by a bounded amount (`huber_k` 1 by default: step times on a
@@ -114,7 +122,9 @@ class StepCostModel:
         self._searched_at = -math.inf
         self.prior = seed
         self.decay, self.huber_k, self.ridge, self.form_every = decay, huber_k, ridge, form_every
-        self._samples: deque[tuple[float, int, int, int]] = deque(maxlen=window)
+        # steps without prefill tokens, and steps with (see "two windows" above)
+        self._decode_only: deque[tuple[float, int, int, int]] = deque(maxlen=window)
+        self._with_prefill: deque[tuple[float, int, int, int]] = deque(maxlen=window)
         self._fit = seed
         self._form = _Form(seed.prefill_free_tokens, split=True)
         self._since_form_search = form_every  # search on the first refit
@@ -130,8 +140,8 @@ class StepCostModel:
             return
         if (prefill_tokens == 0 and decode_seqs == 0) or seconds == 0:
             return  # an empty step says nothing about the model
-        self._samples.append((float(seconds), int(prefill_tokens), int(decode_seqs),
-                              int(context_tokens)))
+        (self._with_prefill if prefill_tokens else self._decode_only).append(
+            (float(seconds), int(prefill_tokens), int(decode_seqs), int(context_tokens)))
         self.num_observed += 1
         self._since_form_search += 1
         self._is_stale = True
@@ -147,12 +157,21 @@ class StepCostModel:
         return self.coefficients.step_seconds(prefill_tokens, decode_seqs, context_tokens)
 
     # ---- fitting ------------------------------------------------------------------------------
+    @property
+    def _samples(self) -> list[tuple[float, int, int, int]]:
+        return [*self._decode_only, *self._with_prefill]
+
+    def _recency(self) -> list[float]:
+        """Each window's own recency weights, in `_samples` order."""
+        return [self.decay ** (len(w) - 1 - i) for w in (self._decode_only, self._with_prefill)
+                for i in range(len(w))]
+
     def _refit(self) -> Coefficients:
-        if len(self._samples) < 2:
+        samples = self._samples
+        if len(samples) < 2:
             return self.prior
-        n = len(self._samples)
-        recency = [self.decay ** (n - 1 - i) for i in range(n)]
-        ys = [s[0] for s in self._samples]
+        recency = self._recency()
+        ys = [s[0] for s in samples]
         now = self._clock()
         if (self._since_form_search >= self.form_every
                 and now - self._searched_at >= self.form_interval_s):

@@ -103,3 +103,34 @@ def test_bad_settings_are_refused(kwargs: dict) -> None:
 def test_coefficients_validate() -> None:
     with pytest.raises(ValueError, match="seconds_per_prefill_token"):
         Coefficients(0.0, -1.0, 0.0, 0.0)
+
+
+def test_decode_only_steps_do_not_push_out_what_prefill_steps_taught() -> None:
+    """A GPU worker at a low request rate: ~150 decode-only steps per prompt and one prefill
+    step. With one shared window of 512 steps, the window soon held fewer prefill steps than a
+    fit needs, the prefill terms fell back to the prior (a CPU's 2 ms per token) and a 512-token
+    chunk beside two decodes was predicted at ~1 s instead of ~20 ms (an H100 sweep at 0.5 req/s
+    then cut prompts into 32-token chunks: 2-4 s TTFTs). Each kind now keeps its own window."""
+    true = Coefficients(per_step=0.006, per_prefill_token=25e-6, per_decode_seq=2e-5,
+                        per_context_token=1e-8, per_prefill_step=0.012,
+                        prefill_free_tokens=1024)
+    rng = random.Random(0)
+
+    def observe(p: int, d: int, c: int) -> None:
+        model.observe(true.step_seconds(p, d, c) * (1 + rng.gauss(0, 0.03)), p, d, c)
+
+    model = StepCostModel()
+    for p in (16, 64, 256, 1024):  # the worker's warm-up
+        observe(p, 0, p)
+    for i in range(4):
+        observe(64, 3, 100 + 64 * i)
+    for _ in range(12):  # prompts one at a time, each decoding alone for 64-256 tokens
+        prompt = rng.randint(2048, 7800)
+        observe(prompt, 0, prompt)
+        for k in range(rng.randint(64, 256)):
+            observe(0, 1, prompt + k)
+    for chunk in (32, 512):
+        want = true.step_seconds(chunk, 2, 4000)
+        assert abs(model.predict(chunk, 2, 4000) - want) < 0.6 * want, (chunk, model.coefficients)
+    want = true.step_seconds(0, 1, 4000)
+    assert abs(model.predict(0, 1, 4000) - want) < 0.1 * want

@@ -4,6 +4,7 @@ behaves as an M/D/1 queue (Pollaczek-Khinchine mean wait)."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import subprocess
 import sys
@@ -62,6 +63,27 @@ def test_step_times_interpolate_and_mix() -> None:
     d = times.decode_s(8, 512)
     assert times.overlap == pytest.approx((0.256 + d - 0.276) / d)
     assert times.step_s(256, 0, 8, 8 * 512) == pytest.approx(0.276)
+    assert times.mixed_extra_s == 0.0
+
+
+def test_a_mixed_step_dearer_than_its_parts_in_every_row_costs_the_excess() -> None:
+    """A GPU's mixed steps run eagerly while its decode steps replay CUDA graphs: every mixed
+    row of an H100 profile cost 7-10 ms more than its two parts. Such rows give an extra cost
+    (their median excess) instead of an overlap; one row below its parts keeps the overlap."""
+    base = StepTimes(small_profile())
+    parts = [(b, ctx, chunk, max(base.prefill_s(chunk) - base.prefill_fixed_s, 0.0)
+              + base.decode_s(b, ctx)) for b, ctx, chunk in ((1, 512, 256), (8, 512, 1024),
+                                                             (64, 512, 256))]
+    mixed = [[b, ctx, chunk, s + e] for (b, ctx, chunk, s), e in
+             zip(parts, (0.008, 0.010, 0.009), strict=True)]
+    profile = dataclasses.replace(small_profile(), mixed=mixed)
+    times = StepTimes(profile)
+    assert times.overlap == 0.0 and times.mixed_extra_s == pytest.approx(0.009)
+    assert times.step_s(256, 0, 1, 512) == pytest.approx(parts[0][3] + 0.009)
+    mixed[1][3] = parts[1][3] - 0.05  # this one hid 50 ms of its decode
+    times = StepTimes(dataclasses.replace(profile, mixed=mixed))
+    assert times.mixed_extra_s == 0.0  # (the median share hidden is still below 0: none)
+    assert times.overlap == 0.0
 
 
 def test_md1_queue_matches_pollaczek_khinchine() -> None:
