@@ -204,21 +204,13 @@ def overlap_lines(rows: list[dict[str, Any]]) -> list[str]:
     twin's TTFT minus its KV seconds (TTFT = prefill + transfer + hops), transfer-only = the
     twin's KV seconds; target TTFT <= max(prefill, transfer) + 10 % of min(prefill, transfer);
     hidden = the share of the shorter phase the overlap removed."""
-    ok = [r for r in rows if "error" not in r]
-    twins = {(r["link"], r["input_len"], r["serve_args"]): r for r in ok}
+    pairs = _layerwise_pairs([r for r in rows if "error" not in r])
     out = ["", "Overlap (issue 17's target, p50s): prefill-only = whole TTFT - whole KV seconds,"
            " transfer-only = whole KV seconds, target = max + 10 % of min.", "",
            "| link | serve args | input | prefill-only (ms) | transfer-only (ms) | target (ms) "
            "| layerwise TTFT (ms) | shorter phase hidden | met |",
            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
-    found = False
-    for r in ok:
-        if "--kv-streaming layerwise" not in r["serve_args"]:
-            continue
-        twin = _twin(r, twins)
-        if twin is None:
-            continue
-        found = True
+    for r, twin in pairs:
         transfer = twin["kv_seconds_per_remote_request"] * 1e3
         prefill = twin["ttft_p50_ms"] - transfer
         target = max(prefill, transfer) + 0.1 * min(prefill, transfer)
@@ -226,15 +218,23 @@ def overlap_lines(rows: list[dict[str, Any]]) -> list[str]:
         out.append(f"| {r['link']} | {r['serve_args']} | {r['input_len']} | {prefill:.0f} | "
                    f"{transfer:.0f} | {target:.0f} | {r['ttft_p50_ms']:.0f} | {hidden:.0%} | "
                    f"{'yes' if r['ttft_p50_ms'] <= target else 'no'} |")
-    return out if found else []
+    return out if pairs else []
 
 
-def _twin(r: dict[str, Any], by_key: dict[tuple[str, int, str], dict[str, Any]]
-          ) -> dict[str, Any] | None:
-    """The `whole` row with a layer-wise row's link, length and other flags."""
-    return by_key.get((r["link"], r["input_len"], re.sub(
-        r" ?--kv-stream-groups \d+", "", r["serve_args"]).replace(
-        "--kv-streaming layerwise", "--kv-streaming whole")))
+def _layerwise_pairs(rows: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(layer-wise row, its `whole` twin: same link, length and other flags) for each
+    layer-wise row of `rows` that has one."""
+    by_key = {(r["link"], r["input_len"], r["serve_args"]): r for r in rows}
+    pairs = []
+    for r in rows:
+        if "--kv-streaming layerwise" not in r["serve_args"]:
+            continue
+        twin = by_key.get((r["link"], r["input_len"], re.sub(
+            r" ?--kv-stream-groups \d+", "", r["serve_args"]).replace(
+            "--kv-streaming layerwise", "--kv-streaming whole")))
+        if twin is not None:
+            pairs.append((r, twin))
+    return pairs
 
 
 def tail_lines(rows: list[dict[str, Any]]) -> list[str]:
@@ -243,19 +243,13 @@ def tail_lines(rows: list[dict[str, Any]]) -> list[str]:
     arrival-to-last-prefill-step time + the whole twin's hops (its median tail minus its KV
     seconds), transfer-only = the twin's KV seconds; met when its TTFT <= max + 10 % of min.
     `exposed` = the layer-wise tail minus those hops: the transfer left after the prefill."""
-    ok = [r for r in rows if "error" not in r and r.get("tails")]
-    by_key = {(r["link"], r["input_len"], r["serve_args"]): r for r in ok}
+    pairs = _layerwise_pairs([r for r in rows if "error" not in r and r.get("tails")])
     out = ["", "Overlap per request (issue 17's target, from the prefill worker's step lines: "
            "each request's own prefill; medians over requests):", "",
            "| link | serve args | input | own prefill, layer-wise / whole (ms) | transfer-only "
            "(ms) | hops (ms) | exposed (ms) | allowed (10 % of min) | requests met |",
            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    found = False
-    for r in ok:
-        twin = _twin(r, by_key) if "--kv-streaming layerwise" in r["serve_args"] else None
-        if twin is None:
-            continue
-        found = True
+    for r, twin in pairs:
         t = twin["kv_seconds_per_remote_request"]
         hops = statistics.median(twin["tails"]["tail"]) - t
         tails = r["tails"]
@@ -270,7 +264,7 @@ def tail_lines(rows: list[dict[str, Any]]) -> list[str]:
                    f"{statistics.median(twin['tails']['own_prefill']) * 1e3:.0f} | {t * 1e3:.0f} | "
                    f"{hops * 1e3:.0f} | {exposed * 1e3:.0f} | {allowed * 1e3:.0f} | "
                    f"{met} of {len(tails['tail'])} |")
-    return out if found else []
+    return out if pairs else []
 
 
 def main(argv: list[str] | None = None) -> int:

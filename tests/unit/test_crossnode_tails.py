@@ -7,7 +7,7 @@ import datetime as dt
 import json
 from pathlib import Path
 
-from bench.crossnode import request_tails, tail_lines
+from bench.crossnode import overlap_lines, request_tails, tail_lines
 
 
 def _line(at: float, who: str, ms: float, prefill: int) -> str:
@@ -54,3 +54,23 @@ def test_no_step_lines_no_tails(tmp_path: Path) -> None:
     result, _ = _run(tmp_path, "x", 1.8e9, [1.0], 0.5)
     assert request_tails(result, "no steps here") == {}
     assert tail_lines([{"link": "l", "input_len": 1, "serve_args": "", "tails": {}}]) == []
+
+
+def test_the_p50_overlap_table_pairs_each_layerwise_row_with_its_whole_twin() -> None:
+    """prefill-only = whole TTFT - KV seconds = 2050 ms, transfer-only 500 ms: target 2100 ms."""
+    rows = [{"link": "10gbit", "input_len": 4096, "serve_args": "--kv-streaming whole --x 1",
+             "ttft_p50_ms": 2550.0, "kv_seconds_per_remote_request": 0.5},
+            {"link": "10gbit", "input_len": 4096, "serve_args": "--kv-streaming layerwise --x 1",
+             "ttft_p50_ms": 2090.0, "kv_seconds_per_remote_request": 0.5},
+            {"link": "10gbit", "input_len": 4096,
+             "serve_args": "--kv-streaming layerwise --kv-stream-groups 16 --x 1",
+             "ttft_p50_ms": 2300.0, "kv_seconds_per_remote_request": 0.5},
+            {"link": "1gbit", "input_len": 4096, "serve_args": "--kv-streaming layerwise --x 1",
+             "ttft_p50_ms": 1.0, "kv_seconds_per_remote_request": 0.5}]  # no twin: no row
+    table = overlap_lines(rows)
+    assert table[-2:] == [
+        "| 10gbit | --kv-streaming layerwise --x 1 | 4096 | 2050 | 500 | 2100 | 2090 | 92% | yes |",
+        "| 10gbit | --kv-streaming layerwise --kv-stream-groups 16 --x 1 | 4096 | 2050 | 500 | "
+        "2100 | 2300 | 50% | no |"]
+    assert overlap_lines(rows[:1]) == []
+
