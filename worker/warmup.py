@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 PROMPT_LENGTHS = (16, 64, 256, 1024)
 DECODE_BATCH = 4
-MIXED_PROMPT, MIXED_CHUNK = 256, 64  # the mixed round's prompt, prefilled in 4 capped chunks
+MIXED_PROMPT, MIXED_CHUNK = 128, 32  # the mixed round's prompt, prefilled in 4 capped chunks
 
 
 def warm_up(engine: LLMEngine, budget_s: float = 5.0) -> int:
@@ -50,7 +50,7 @@ def warm_up(engine: LLMEngine, budget_s: float = 5.0) -> int:
 
 def _mixed_round(engine: LLMEngine, rng: random.Random, vocab: int) -> None:
     """A batch decodes while a prompt joins it in capped chunks: mixed steps, with context."""
-    decode = SamplingParams(max_tokens=MIXED_PROMPT // MIXED_CHUNK + 6, temperature=0.0,
+    decode = SamplingParams(max_tokens=MIXED_PROMPT // MIXED_CHUNK + 2, temperature=0.0,
                             ignore_eos=True)
     for i in range(DECODE_BATCH - 1):
         engine.add_request(f"warmup-mixed-{i}", [rng.randrange(vocab) for _ in range(32)],
