@@ -11,7 +11,7 @@
 #   else one is taken, BUDGET s; VALIDATE=0: the sweep only, validated afterwards elsewhere with
 #   the same `python -m bench.plan_validate` lines: it needs no GPU; TRACE=0: servers at INFO,
 #   else at DEBUG, and `python -m bench.serving_trace` tables each point's steps against the
-#   profile's step model and the requests that missed the SLO)
+#   profile's step model and the requests that missed the SLO; RATES=0.5,1: fewer rates)
 #
 # Writes, under $OUT (default bench/results): sweep_<gpu>x1_colocated_<date>.{json,md},
 # plan_validation_gpu-<gpu>x1-same-day{,-cal}_<date>.{json,md}, the profile if taken, and logs.
@@ -38,7 +38,7 @@ sweep="$OUT/sweep_${gpu}x1_colocated_${day}${TAG:+_$TAG}"
 trace_flags=()
 [ "${TRACE:-1}" = 0 ] || trace_flags=(--server-log-level debug)
 timeout 300 $PY -m deploy.cli bench sweep --config "colocated-x1=--colocated --decode 1" \
-    --serve-args "$ENGINE" --request-rates 0.5,1,2,4 --num-prompts 24 --dataset synthetic \
+    --serve-args "$ENGINE" --request-rates "${RATES:-0.5,1,2,4}" --num-prompts 24 --dataset synthetic \
     --input-len uniform:2048:7800 --output-len uniform:64:256 --tokenizer "$MODEL" --seed 0 \
     --slo-ttft 1s --slo-tpot 40ms --warmup 2 --no-progress \
     --note "one $gpu, colocated, the engine flags and workload of sweep_h200x2_2026-11-22" \
