@@ -21,7 +21,6 @@ import httpx
 import pytest
 from serving import Server, serve
 
-from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 
@@ -34,9 +33,8 @@ ONE_P_ONE_D = ("--prefill", "1", "--decode", "1", "--max-num-batched-tokens", "5
 
 
 @pytest.fixture(scope="module")
-def reference() -> LLMEngine:
-    return LLMEngine.from_config(EngineConfig(kv_cache_memory="128MiB", max_model_len=2048),
-                                 log_plan=False)
+def reference(smollm2_reference: LLMEngine) -> LLMEngine:
+    return smollm2_reference  # tests/conftest.py: built once per session (the same config)
 
 
 def test_local_placement_outputs_equal_colocated(reference: LLMEngine) -> None:

@@ -23,7 +23,6 @@ import psutil
 import pytest
 from serving import Server, assert_exits, break_mid_stream, serve
 
-from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 
@@ -84,10 +83,9 @@ def _decode_worker(deployment: Server) -> dict:
 
 
 def test_p1_d3_on_ray_serves_the_local_engines_tokens(deployment: Server,
-                                                      cluster: tuple[str, str],
-                                                      driver: Any) -> None:
-    reference = LLMEngine.from_config(EngineConfig(kv_cache_memory="128MiB",
-                                                   max_model_len=2048), log_plan=False)
+                                                      cluster: tuple[str, str], driver: Any,
+                                                      smollm2_reference: LLMEngine) -> None:
+    reference = smollm2_reference  # tests/conftest.py: the local engine, built once per session
     tok = reference.tokenizer
     for prompt in PROMPTS:
         want = reference.generate([tok.encode(prompt)], SamplingParams(

@@ -6,10 +6,11 @@ worker exits (the launcher handles it as a dead worker).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 from serving import assert_exits, kill_rank_mid_stream, serve
 
-from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 
@@ -18,9 +19,9 @@ FAIL_BOUND_S = 60.0
 
 
 @pytest.fixture(scope="module")
-def reference() -> LLMEngine:
-    return LLMEngine.from_config(EngineConfig(kv_cache_memory="32MiB", max_model_len=512),
-                                 log_plan=False)
+def reference(smollm2_engine: Callable[..., LLMEngine]) -> LLMEngine:
+    """The TP=1 engine, on the session's SmolLM2 checkpoint (tests/conftest.py)."""
+    return smollm2_engine(kv_cache_memory="32MiB", max_model_len=512)
 
 
 def _want(engine: LLMEngine, **params: float | int) -> str:
