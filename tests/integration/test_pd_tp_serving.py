@@ -19,7 +19,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from serving import Server, assert_exits, kill_rank_mid_stream, serve
+from serving import NO_WARMUP, Server, assert_exits, kill_rank_mid_stream, serve
 
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
@@ -30,7 +30,7 @@ PROMPTS = ["The capital of France is",
 PARAMS: list[dict[str, float | int]] = [{"temperature": 0.0}, {"temperature": 0.8, "seed": 5}]
 FAIL_BOUND_S = 60.0
 ARGS = ("--prefill", "1", "--decode", "1", "--placement", "remote", "--max-model-len", "512",
-        "--kv-cache-memory", "32MiB")
+        "--kv-cache-memory", "32MiB", *NO_WARMUP)  # remote placement: no cost models to seed
 ENGINE: dict[str, str | int] = {"kv_cache_memory": "32MiB", "max_model_len": 512}  # as ARGS
 CASES = [(p, params) for p in PROMPTS for params in PARAMS]
 

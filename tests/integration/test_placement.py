@@ -19,7 +19,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from serving import Server, serve
+from serving import NO_WARMUP, Server, serve
 
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
@@ -114,7 +114,8 @@ def adaptive() -> Iterator[Server]:
 
 
 def test_short_requests_go_local_while_the_prefill_worker_is_busy(adaptive: Server) -> None:
-    with serve(*ONE_P_ONE_D, "--placement", "remote", *SLOS) as s:
+    # No warm-up: it seeds adaptive placement's cost models, and remote placement has none
+    with serve(*ONE_P_ONE_D, "--placement", "remote", *SLOS, *NO_WARMUP) as s:
         remote = asyncio.run(_busy_then_short(s.url))
     s = adaptive
     asyncio.run(_busy_then_short(s.url))  # the cost models learn from a first round

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
-from serving import assert_exits, kill_rank_mid_stream, serve
+from serving import NO_WARMUP, assert_exits, kill_rank_mid_stream, serve
 
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
@@ -33,7 +33,8 @@ def _want(engine: LLMEngine, **params: float | int) -> str:
 def test_tp3_colocated_worker_serves_tp1_tokens_and_fails_cleanly_on_rank_death(
         reference: LLMEngine) -> None:
     with serve("--colocated", "--decode", "1", "-tp", "3", "--max-model-len", "512",
-               "--kv-cache-memory", "32MiB", timeout_s=300) as server, \
+               "--kv-cache-memory", "32MiB", *NO_WARMUP,
+               timeout_s=300) as server, \
             server.client(timeout=120) as c:
         workers = c.get("/status").json()["workers"]
         assert len(workers) == 1 and len(workers[0]["rank_pids"]) == 3, workers
