@@ -33,6 +33,7 @@ ARGS = ("--prefill", "1", "--decode", "1", "--placement", "remote", "--max-model
         "--kv-cache-memory", "32MiB", *NO_WARMUP)  # remote placement: no cost models to seed
 ENGINE: dict[str, str | int] = {"kv_cache_memory": "32MiB", "max_model_len": 512}  # as ARGS
 CASES = [(p, params) for p in PROMPTS for params in PARAMS]
+NO_RESTART = ("--max-restarts", "0")  # a worker whose rank was killed stays down
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +70,7 @@ def _serves_reference_tokens(server: Server, reference: list[str]) -> None:
 
 def test_p3_to_d1_serves_the_colocated_tokens_and_survives_a_prefill_rank_death(
         reference: list[str]) -> None:
-    with serve(*ARGS, "--prefill-tp", "3", timeout_s=300) as server:
+    with serve(*ARGS, "--prefill-tp", "3", *NO_RESTART, timeout_s=300) as server:
         with server.client() as c:
             workers = {w["role"]: w for w in c.get("/status").json()["workers"]}
         assert len(workers["prefill"]["rank_pids"]) == 3, workers
@@ -83,7 +84,7 @@ def test_p3_to_d1_serves_the_colocated_tokens_and_survives_a_prefill_rank_death(
 
 def test_p1_to_d3_serves_the_colocated_tokens_and_fails_cleanly_on_rank_death(
         reference: list[str]) -> None:
-    with serve(*ARGS, "--decode-tp", "3", timeout_s=300) as server:
+    with serve(*ARGS, "--decode-tp", "3", *NO_RESTART, timeout_s=300) as server:
         with server.client() as c:
             workers = {w["role"]: w for w in c.get("/status").json()["workers"]}
         assert len(workers["decode"]["rank_pids"]) == 3, workers

@@ -31,7 +31,10 @@ MAX_TOKENS = 24
 
 @pytest.fixture(scope="module")
 def server() -> Server:
-    with serve("--prefill", "2", "--decode", "2", "--placement", "remote", *NO_WARMUP) as s:
+    """A worker the kill tests kill stays down (--max-restarts 0): its restart would only load
+    the model beside the tests that follow."""
+    with serve("--prefill", "2", "--decode", "2", "--placement", "remote", *NO_WARMUP,
+               "--max-restarts", "0") as s:
         yield s
 
 

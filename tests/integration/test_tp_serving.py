@@ -33,7 +33,7 @@ def _want(engine: LLMEngine, **params: float | int) -> str:
 def test_tp3_colocated_worker_serves_tp1_tokens_and_fails_cleanly_on_rank_death(
         reference: LLMEngine) -> None:
     with serve("--colocated", "--decode", "1", "-tp", "3", "--max-model-len", "512",
-               "--kv-cache-memory", "32MiB", *NO_WARMUP,
+               "--kv-cache-memory", "32MiB", *NO_WARMUP, "--max-restarts", "0",
                timeout_s=300) as server, \
             server.client(timeout=120) as c:
         workers = c.get("/status").json()["workers"]
