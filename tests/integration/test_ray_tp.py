@@ -146,7 +146,7 @@ def test_killing_a_rank_actor_takes_its_worker_down_and_ray_restarts_it(
                                                 "temperature": 0})
         if r.status_code == 200:
             break
-        time.sleep(2.0)
+        time.sleep(0.5)
     assert r.status_code == 200, r.text
     new = _decode_worker(deployment)["rank_pids"]
     assert len(new) == 3 and not set(new) & set(old), (old, new)
@@ -158,7 +158,7 @@ def test_a_tp_size_no_node_has_room_for_fails_naming_the_flags(
     out = subprocess.run(
         [sys.executable, "-m", "deploy.cli", "serve", "--ray", "--address", cluster[0],
          "--deployment-name", "pd-ray-tp-big", "--port", "0", "--prefill", "1", "--decode", "1",
-         "--decode-tp", "3", "--cpus-per-worker", "2", "--placement-timeout-s", "5",
+         "--decode-tp", "3", "--cpus-per-worker", "2", "--placement-timeout-s", "1",
          "--kv-cache-memory", "64MiB", "--max-model-len", "1024"],
         capture_output=True, text=True, timeout=240,
         env={**os.environ, "PYTHONUNBUFFERED": "1"})
