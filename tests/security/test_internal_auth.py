@@ -11,6 +11,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -94,11 +95,12 @@ def test_forged_control_and_events_are_dropped_and_counted(
     victim: list[str] = []
     thread = threading.Thread(target=lambda: victim.append(_complete(server)))
     thread.start()
-    for kind in PEER_KINDS:
-        for address in events:
-            send_as(address, forged_events, kind, secret)
-        send_as(workers["decode"]["ctrl_address"], forged_decode, kind, secret)
-        send_as(workers["prefill"]["ctrl_address"], forged_prefill, kind, secret)
+    targets = [*((address, forged_events) for address in events),
+               (workers["decode"]["ctrl_address"], forged_decode),
+               (workers["prefill"]["ctrl_address"], forged_prefill)]
+    attacks = [(address, frames, kind) for kind in PEER_KINDS for address, frames in targets]
+    with ThreadPoolExecutor(len(attacks)) as pool:  # every peer at once, each its own context
+        list(pool.map(lambda a: send_as(*a, secret), attacks))
     thread.join(120)
     assert victim == [reference]
     with pytest.raises(TimeoutError):
@@ -128,8 +130,9 @@ def test_forged_kv_transfers_are_refused_with_no_leaked_blocks(
     server, secret = deployment
     decode = _workers(server)["decode"]
     kv = decode["kv_address"]
-    for other in (generate_secret(), None):  # a DEALER without the deployment's key
-        _send_kv(kv, other, "nobody", "", TransferTimeout, timeout_s=2.0)
+    with ThreadPoolExecutor(2) as pool:  # a DEALER without the deployment's key, both at once
+        list(pool.map(lambda other: _send_kv(kv, other, "nobody", "", TransferTimeout,
+                                             timeout_s=2.0), (generate_secret(), None)))
     _wait_metric(server, 'component="decode-0",plane="kv",reason="unauthenticated"', 2)
     # The right key (a buggy or hijacked component): a forged reservation is aborted by the
     # proxy as soon as the decode worker reports it (the proxy holds no such request), so no
