@@ -22,6 +22,12 @@ NO_WARMUP = ("--warmup-s", "0")  # the warm-up only seeds adaptive placement's c
 COLOCATED = ("--colocated",)
 DISAGG = ("--prefill", "1", "--decode", "1", "--placement", "remote", *NO_WARMUP)
 """The flags of the two deployments `DeploymentPool` shares between test modules."""
+API_KEY = "test-key"
+HEADER_TIMEOUT_S, BODY_TIMEOUT_S = 2.0, 3.0
+GUARDED = ("--colocated", *NO_WARMUP, "--api-key", API_KEY, "--header-timeout-s",
+           str(HEADER_TIMEOUT_S), "--body-timeout-s", str(BODY_TIMEOUT_S))
+"""A colocated deployment behind `--api-key API_KEY` with short HTTP timeouts, shared by
+tests/integration/test_colocated.py and tests/security/test_http_limits.py."""
 
 
 @dataclass
