@@ -16,12 +16,20 @@ from dataclasses import dataclass, field
 
 import httpx
 
+from protocol.auth import generate_secret, secret_env
+
 LOG_ARGS: list[str] = []  # e.g. ["--log-level", "DEBUG"] while diagnosing
 URL_RE = re.compile(r"serving .* on (http://\d+\.\d+\.\d+\.\d+:\d+)")
 NO_WARMUP = ("--warmup-s", "0")  # the warm-up only seeds adaptive placement's cost models
 COLOCATED = ("--colocated",)
 DISAGG = ("--prefill", "1", "--decode", "1", "--placement", "remote", *NO_WARMUP)
 """The flags of the two deployments `DeploymentPool` shares between test modules."""
+API_KEY = "test-key"
+HEADER_TIMEOUT_S, BODY_TIMEOUT_S = 2.0, 3.0
+GUARDED = ("--colocated", *NO_WARMUP, "--api-key", API_KEY, "--header-timeout-s",
+           str(HEADER_TIMEOUT_S), "--body-timeout-s", str(BODY_TIMEOUT_S))
+"""A colocated deployment behind `--api-key API_KEY` with short HTTP timeouts, shared by
+tests/integration/test_colocated.py and tests/security/test_http_limits.py."""
 
 
 @dataclass
@@ -29,6 +37,7 @@ class Server:
     proc: subprocess.Popen
     url: str
     log: list[str] = field(default_factory=list)
+    secret: bytes | None = None  # the deployment's cluster secret, where the test chose it
 
     def client(self, timeout: float = 120.0) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=timeout)
@@ -62,12 +71,13 @@ class Server:
 
 @contextlib.contextmanager
 def serve(*args: str, timeout_s: float = 180.0, host: str = "127.0.0.1",
-          prefix: tuple[str, ...] = ()) -> Iterator[Server]:
+          prefix: tuple[str, ...] = (), secret: bytes | None = None) -> Iterator[Server]:
     """`pdserve serve --port 0 ARGS`, yielding once the URL is printed; always stops it.
-    `prefix` goes before the command (e.g. `ip netns exec NS` to start it in a namespace)."""
+    `prefix` goes before the command (e.g. `ip netns exec NS` to start it in a namespace);
+    `secret`: the deployment's cluster secret (else the launcher makes one)."""
     cmd = [*prefix, sys.executable, "-m", "deploy.cli", *LOG_ARGS, "serve", "--host", host,
            "--port", "0", "--kv-cache-memory", "256MiB", "--max-model-len", "2048", *args]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(secret_env(secret) if secret else {})}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env, start_new_session=True)
     log: list[str] = []
@@ -88,7 +98,7 @@ def serve(*args: str, timeout_s: float = 180.0, host: str = "127.0.0.1",
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("pdserve serve did not start:\n" + "".join(log[-60:]))
             time.sleep(0.1)
-        yield Server(proc, found[0], log)
+        yield Server(proc, found[0], log, secret)
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)
@@ -104,6 +114,8 @@ class DeploymentPool:
     (tests/conftest.py's `shared_deployment` fixture): each starts once, on first use, and runs
     until `close()`. For tests that leave a deployment as they found it (no killed worker, KV
     blocks back to zero; counters compared as deltas): a module that breaks one starts its own.
+    Each runs with a cluster secret the tests hold (`Server.secret`: tests/security attacks its
+    internal planes as an insider or with the wrong key).
     """
 
     def __init__(self) -> None:
@@ -113,7 +125,8 @@ class DeploymentPool:
     def get(self, *flags: str) -> Server:
         server = self._running.get(flags)
         if server is None:
-            server = self._running[flags] = self._stack.enter_context(serve(*flags))
+            server = self._running[flags] = self._stack.enter_context(
+                serve(*flags, secret=generate_secret()))
         if server.proc.poll() is not None:
             raise RuntimeError(f"the shared deployment {flags} exited (an earlier test module "
                                "took it down?):\n" + "".join(server.log[-60:]))

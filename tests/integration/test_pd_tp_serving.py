@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from serving import Server, assert_exits, kill_rank_mid_stream, serve
+from serving import NO_WARMUP, Server, assert_exits, kill_rank_mid_stream, serve
 
-from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 
@@ -30,13 +30,17 @@ PROMPTS = ["The capital of France is",
 PARAMS: list[dict[str, float | int]] = [{"temperature": 0.0}, {"temperature": 0.8, "seed": 5}]
 FAIL_BOUND_S = 60.0
 ARGS = ("--prefill", "1", "--decode", "1", "--placement", "remote", "--max-model-len", "512",
-        "--kv-cache-memory", "32MiB")
+        "--kv-cache-memory", "32MiB", *NO_WARMUP)  # remote placement: no cost models to seed
+ENGINE: dict[str, str | int] = {"kv_cache_memory": "32MiB", "max_model_len": 512}  # as ARGS
+CASES = [(p, params) for p in PROMPTS for params in PARAMS]
+NO_RESTART = ("--max-restarts", "0")  # a worker whose rank was killed stays down
 
 
 @pytest.fixture(scope="module")
-def reference() -> LLMEngine:
-    return LLMEngine.from_config(EngineConfig(kv_cache_memory="32MiB", max_model_len=512),
-                                 log_plan=False)
+def reference(smollm2_engine: Callable[..., LLMEngine]) -> list[str]:
+    """The colocated TP=1 engine's text for each of CASES, computed once for the module."""
+    engine = smollm2_engine(**ENGINE)
+    return [_want(engine, *case) for case in CASES]
 
 
 def _want(engine: LLMEngine, prompt: str, params: dict[str, float | int]) -> str:
@@ -53,21 +57,20 @@ def _complete(server: Server, prompt: str, params: dict[str, float | int]) -> st
     return r.json()["choices"][0]["text"]
 
 
-def _serves_reference_tokens(server: Server, reference: LLMEngine) -> None:
-    cases = [(p, params) for p in PROMPTS for params in PARAMS]
-    for prompt, params in cases:  # one at a time
-        assert _complete(server, prompt, params) == _want(reference, prompt, params), params
-    with ThreadPoolExecutor(len(cases)) as pool:  # several transfers in flight at once
-        got = list(pool.map(lambda case: _complete(server, *case), cases))
-    assert got == [_want(reference, *case) for case in cases]
-    assert server.metric("pdserve:prefill_placement_total", 'placement="remote"') == 2 * len(cases)
+def _serves_reference_tokens(server: Server, reference: list[str]) -> None:
+    for case, want in zip(CASES, reference, strict=True):  # one at a time
+        assert _complete(server, *case) == want, case[1]
+    with ThreadPoolExecutor(len(CASES)) as pool:  # several transfers in flight at once
+        got = list(pool.map(lambda case: _complete(server, *case), CASES))
+    assert got == reference
+    assert server.metric("pdserve:prefill_placement_total", 'placement="remote"') == 2 * len(CASES)
     assert server.metric("pdserve:kv_transfer_bytes_total") > 0
     assert server.wait_idle_blocks() == 0
 
 
 def test_p3_to_d1_serves_the_colocated_tokens_and_survives_a_prefill_rank_death(
-        reference: LLMEngine) -> None:
-    with serve(*ARGS, "--prefill-tp", "3", timeout_s=300) as server:
+        reference: list[str]) -> None:
+    with serve(*ARGS, "--prefill-tp", "3", *NO_RESTART, timeout_s=300) as server:
         with server.client() as c:
             workers = {w["role"]: w for w in c.get("/status").json()["workers"]}
         assert len(workers["prefill"]["rank_pids"]) == 3, workers
@@ -76,13 +79,12 @@ def test_p3_to_d1_serves_the_colocated_tokens_and_survives_a_prefill_rank_death(
         worker_pid = workers["prefill"]["pid"]
         os.kill(workers["prefill"]["rank_pids"][1], signal.SIGKILL)  # while idle
         assert_exits(worker_pid, FAIL_BOUND_S, "the prefill worker with a dead rank")
-        prompt, params = PROMPTS[0], PARAMS[0]  # the decode worker serves on
-        assert _complete(server, prompt, params) == _want(reference, prompt, params)
+        assert _complete(server, *CASES[0]) == reference[0]  # the decode worker serves on
 
 
 def test_p1_to_d3_serves_the_colocated_tokens_and_fails_cleanly_on_rank_death(
-        reference: LLMEngine) -> None:
-    with serve(*ARGS, "--decode-tp", "3", timeout_s=300) as server:
+        reference: list[str]) -> None:
+    with serve(*ARGS, "--decode-tp", "3", *NO_RESTART, timeout_s=300) as server:
         with server.client() as c:
             workers = {w["role"]: w for w in c.get("/status").json()["workers"]}
         assert len(workers["decode"]["rank_pids"]) == 3, workers
@@ -102,7 +104,7 @@ def test_p1_to_d3_serves_the_colocated_tokens_and_fails_cleanly_on_rank_death(
 
 @pytest.mark.parametrize("tp_flag", ["--prefill-tp", "--decode-tp"])
 def test_layerwise_streaming_between_tp_sizes_serves_the_colocated_tokens(
-        reference: LLMEngine, tp_flag: str) -> None:
+        reference: list[str], tp_flag: str) -> None:
     """`--kv-streaming layerwise` with P3 -> D1 and P1 -> D3: every prefill rank streams its
     heads' layer groups to the decode ranks that hold them (the second turn of each prompt
     streams its prefix-cache hit first); tokens equal, every block free after."""
@@ -112,15 +114,15 @@ def test_layerwise_streaming_between_tp_sizes_serves_the_colocated_tokens(
         assert server.metric("pdserve:kv_transfer_bytes_total") > 0
 
 
-def test_layerwise_streaming_of_chunked_prompts_from_tp_ranks() -> None:
+def test_layerwise_streaming_of_chunked_prompts_from_tp_ranks(
+        smollm2_engine: Callable[..., LLMEngine]) -> None:
     """P3 -> D1 layer-wise with 16-token chunks: a prompt of several chunks streams each chunk's
     groups from every prefill rank; its greedy tokens equal an engine's prefilling the same
     chunks."""
-    chunked = LLMEngine.from_config(EngineConfig(kv_cache_memory="32MiB", max_model_len=512,
-                                                 max_num_batched_tokens=16), log_plan=False)
+    chunked = smollm2_engine(**ENGINE, max_num_batched_tokens=16)
+    want = _want(chunked, PROMPTS[1], PARAMS[0])
     with serve(*ARGS, "--prefill-tp", "3", "--kv-streaming", "layerwise",
                "--max-num-batched-tokens", "16", timeout_s=300) as server:
         for _ in range(2):  # the second turn streams its prefix-cache hit first
-            assert _complete(server, PROMPTS[1], PARAMS[0]) == _want(chunked, PROMPTS[1],
-                                                                     PARAMS[0])
+            assert _complete(server, PROMPTS[1], PARAMS[0]) == want
         assert server.wait_idle_blocks() == 0

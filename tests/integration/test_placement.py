@@ -19,9 +19,8 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from serving import Server, serve
+from serving import NO_WARMUP, Server, serve
 
-from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 
@@ -34,9 +33,8 @@ ONE_P_ONE_D = ("--prefill", "1", "--decode", "1", "--max-num-batched-tokens", "5
 
 
 @pytest.fixture(scope="module")
-def reference() -> LLMEngine:
-    return LLMEngine.from_config(EngineConfig(kv_cache_memory="128MiB", max_model_len=2048),
-                                 log_plan=False)
+def reference(smollm2_reference: LLMEngine) -> LLMEngine:
+    return smollm2_reference  # tests/conftest.py: built once per session (the same config)
 
 
 def test_local_placement_outputs_equal_colocated(reference: LLMEngine) -> None:
@@ -116,7 +114,8 @@ def adaptive() -> Iterator[Server]:
 
 
 def test_short_requests_go_local_while_the_prefill_worker_is_busy(adaptive: Server) -> None:
-    with serve(*ONE_P_ONE_D, "--placement", "remote", *SLOS) as s:
+    # No warm-up: it seeds adaptive placement's cost models, and remote placement has none
+    with serve(*ONE_P_ONE_D, "--placement", "remote", *SLOS, *NO_WARMUP) as s:
         remote = asyncio.run(_busy_then_short(s.url))
     s = adaptive
     asyncio.run(_busy_then_short(s.url))  # the cost models learn from a first round

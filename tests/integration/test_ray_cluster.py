@@ -29,7 +29,6 @@ import httpx
 import pytest
 from serving import Server, serve, sse_events
 
-from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 
@@ -87,9 +86,8 @@ def deployment(cluster: Nodes) -> Iterator[Server]:
 
 
 @pytest.fixture(scope="module")
-def reference() -> LLMEngine:
-    return LLMEngine.from_config(EngineConfig(kv_cache_memory="128MiB", max_model_len=2048),
-                                 log_plan=False)
+def reference(smollm2_reference: LLMEngine) -> LLMEngine:
+    return smollm2_reference  # tests/conftest.py: built once per session (the same config)
 
 
 def pdserve(*args: str, timeout_s: float = 240) -> subprocess.CompletedProcess:

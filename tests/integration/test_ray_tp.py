@@ -23,7 +23,6 @@ import psutil
 import pytest
 from serving import Server, assert_exits, break_mid_stream, serve
 
-from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 
@@ -84,10 +83,9 @@ def _decode_worker(deployment: Server) -> dict:
 
 
 def test_p1_d3_on_ray_serves_the_local_engines_tokens(deployment: Server,
-                                                      cluster: tuple[str, str],
-                                                      driver: Any) -> None:
-    reference = LLMEngine.from_config(EngineConfig(kv_cache_memory="128MiB",
-                                                   max_model_len=2048), log_plan=False)
+                                                      cluster: tuple[str, str], driver: Any,
+                                                      smollm2_reference: LLMEngine) -> None:
+    reference = smollm2_reference  # tests/conftest.py: the local engine, built once per session
     tok = reference.tokenizer
     for prompt in PROMPTS:
         want = reference.generate([tok.encode(prompt)], SamplingParams(
@@ -148,7 +146,7 @@ def test_killing_a_rank_actor_takes_its_worker_down_and_ray_restarts_it(
                                                 "temperature": 0})
         if r.status_code == 200:
             break
-        time.sleep(2.0)
+        time.sleep(0.5)
     assert r.status_code == 200, r.text
     new = _decode_worker(deployment)["rank_pids"]
     assert len(new) == 3 and not set(new) & set(old), (old, new)
@@ -160,7 +158,7 @@ def test_a_tp_size_no_node_has_room_for_fails_naming_the_flags(
     out = subprocess.run(
         [sys.executable, "-m", "deploy.cli", "serve", "--ray", "--address", cluster[0],
          "--deployment-name", "pd-ray-tp-big", "--port", "0", "--prefill", "1", "--decode", "1",
-         "--decode-tp", "3", "--cpus-per-worker", "2", "--placement-timeout-s", "5",
+         "--decode-tp", "3", "--cpus-per-worker", "2", "--placement-timeout-s", "1",
          "--kv-cache-memory", "64MiB", "--max-model-len", "1024"],
         capture_output=True, text=True, timeout=240,
         env={**os.environ, "PYTHONUNBUFFERED": "1"})

@@ -6,10 +6,11 @@ worker exits (the launcher handles it as a dead worker).
 
 from __future__ import annotations
 
-import pytest
-from serving import assert_exits, kill_rank_mid_stream, serve
+from collections.abc import Callable
 
-from engine.config import EngineConfig
+import pytest
+from serving import NO_WARMUP, assert_exits, kill_rank_mid_stream, serve
+
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 
@@ -18,9 +19,9 @@ FAIL_BOUND_S = 60.0
 
 
 @pytest.fixture(scope="module")
-def reference() -> LLMEngine:
-    return LLMEngine.from_config(EngineConfig(kv_cache_memory="32MiB", max_model_len=512),
-                                 log_plan=False)
+def reference(smollm2_engine: Callable[..., LLMEngine]) -> LLMEngine:
+    """The TP=1 engine, on the session's SmolLM2 checkpoint (tests/conftest.py)."""
+    return smollm2_engine(kv_cache_memory="32MiB", max_model_len=512)
 
 
 def _want(engine: LLMEngine, **params: float | int) -> str:
@@ -32,7 +33,8 @@ def _want(engine: LLMEngine, **params: float | int) -> str:
 def test_tp3_colocated_worker_serves_tp1_tokens_and_fails_cleanly_on_rank_death(
         reference: LLMEngine) -> None:
     with serve("--colocated", "--decode", "1", "-tp", "3", "--max-model-len", "512",
-               "--kv-cache-memory", "32MiB", timeout_s=300) as server, \
+               "--kv-cache-memory", "32MiB", *NO_WARMUP, "--max-restarts", "0",
+               timeout_s=300) as server, \
             server.client(timeout=120) as c:
         workers = c.get("/status").json()["workers"]
         assert len(workers) == 1 and len(workers[0]["rank_pids"]) == 3, workers

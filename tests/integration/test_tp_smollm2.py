@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -34,12 +34,12 @@ TEXTS = ["The capital of France is", "1, 1, 2, 3, 5, 8, 13,",
 CHAT = "What is the capital of Japan?"
 PIDS_RE = re.compile(r"started ranks 1\.\.\d+ \(pids \[([\d, ]+)\]")
 KILL_BOUND_S = 90.0
+ENGINE: dict[str, Any] = dict(kv_cache_memory="32MiB", max_model_len=512,
+                              max_num_batched_tokens=32, distributed_timeout=60.0)
 
 
 def _engine(tp: int) -> LLMEngine:
-    return LLMEngine.from_config(EngineConfig(
-        kv_cache_memory="32MiB", max_model_len=512, max_num_batched_tokens=32,
-        tensor_parallel_size=tp, distributed_timeout=60.0), log_plan=False)
+    return LLMEngine.from_config(EngineConfig(**ENGINE, tensor_parallel_size=tp), log_plan=False)
 
 
 def _prompts(engine: LLMEngine) -> list[list[int]]:
@@ -54,8 +54,9 @@ def _greedy(engine: LLMEngine) -> list[list[int]]:
 
 
 @pytest.fixture(scope="module")
-def tp1() -> Iterator[tuple[LLMEngine, list[list[int]]]]:
-    engine = _engine(1)
+def tp1(smollm2_engine: Callable[..., LLMEngine]) -> Iterator[tuple[LLMEngine, list[list[int]]]]:
+    """`_engine(1)`, built on the session's SmolLM2 checkpoint (tests/conftest.py)."""
+    engine = smollm2_engine(**ENGINE)
     yield engine, _greedy(engine)
 
 

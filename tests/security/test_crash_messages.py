@@ -38,7 +38,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     path, secret = secret_file(tmp_path_factory.mktemp("secret"))
     with serve("--colocated", "--decode", "1", "--max-restarts", "1", *NO_WARMUP,
                "--cluster-secret-file", str(path)) as s:
-        s.secret = secret  # type: ignore[attr-defined]
+        s.secret = secret
         yield s
 
 

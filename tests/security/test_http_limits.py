@@ -1,7 +1,8 @@
 """The HTTP edge holds: huge, chunked and slow requests are refused in bounded time and memory,
 other clients stay served, and a client that leaves frees its blocks (issue #14, item 5).
 
-One real deployment (`pdserve serve --colocated`, SmolLM2, 127.0.0.1) with short timeouts.
+One real deployment (`pdserve serve --colocated`, SmolLM2, 127.0.0.1) with short timeouts,
+shared with tests/integration/test_colocated.py (tests/conftest.py, `shared_deployment`).
 """
 
 from __future__ import annotations
@@ -10,23 +11,20 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
-from serving import Server, serve
+from serving import API_KEY, BODY_TIMEOUT_S, GUARDED, HEADER_TIMEOUT_S, Server
 
-KEY = "test-key"
+KEY = API_KEY
 AUTH = {"Authorization": f"Bearer {KEY}"}
-HEADER_TIMEOUT_S, BODY_TIMEOUT_S = 2.0, 3.0
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[Server]:
-    with serve("--colocated", "--decode", "1", "--warmup-s", "0", "--api-key", KEY,
-               "--header-timeout-s", str(HEADER_TIMEOUT_S),
-               "--body-timeout-s", str(BODY_TIMEOUT_S)) as s:
-        yield s
+def server(shared_deployment: Callable[..., Server]) -> Server:
+    """`--api-key KEY`, short header and body timeouts; shared with test_colocated.py."""
+    return shared_deployment(*GUARDED)
 
 
 def _rejected(server: Server, reason: str) -> float:

@@ -2,7 +2,11 @@
 forged Hello / Tokens on the proxy's event socket, AbortAll / Shutdown / Reserve / Prefill on the
 workers' control sockets, forged KV transfers and raw connections to the stream data port. Each
 is dropped before any handler and counted in `pdserve:rejected_messages_total`; the victim's
-stream is unchanged, no worker dies, /health stays fast and no block leaks."""
+stream is unchanged, no worker dies, /health stays fast and no block leaks.
+
+The deployment (1 prefill + 1 decode, remote placement) is the one other test modules share
+(tests/conftest.py, `shared_deployment`; the tests hold its secret): counters are read as
+deltas."""
 
 from __future__ import annotations
 
@@ -10,13 +14,14 @@ import contextlib
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 import zmq
-from attacks import PEER_KINDS, listening_ports, port_of, secret_file, send_as
-from serving import Server, serve
+from attacks import PEER_KINDS, listening_ports, port_of, send_as
+from serving import DISAGG, Server
 
 from bench.kv_fill import fill_random
 from engine.kv_spec import KvDtype, KvSpec
@@ -34,11 +39,10 @@ SPEC = KvSpec(30, 3, 64, 16, dtype=KvDtype.FLOAT32)  # any self-consistent spec:
 
 
 @pytest.fixture(scope="module")
-def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, bytes]]:
-    path, secret = secret_file(tmp_path_factory.mktemp("secret"))
-    with serve("--prefill", "1", "--decode", "1", "--placement", "remote", "--warmup-s", "0",
-               "--cluster-secret-file", str(path)) as server:
-        yield server, secret
+def deployment(shared_deployment: Callable[..., Server]) -> tuple[Server, bytes]:
+    server = shared_deployment(*DISAGG)
+    assert server.secret is not None
+    return server, server.secret
 
 
 def _workers(server: Server) -> dict[str, dict]:
@@ -54,11 +58,21 @@ def _complete(server: Server, max_tokens: int = 24) -> str:
         return r.json()["choices"][0]["text"]
 
 
+def _rejected(server: Server, labels: str) -> float:
+    return server.metric("pdserve:rejected_messages_total", labels)
+
+
 def _wait_metric(server: Server, labels: str, at_least: float, timeout_s: float = 30.0) -> None:
     deadline = time.monotonic() + timeout_s
-    while (n := server.metric("pdserve:rejected_messages_total", labels)) < at_least:
+    while (n := _rejected(server, labels)) < at_least:
         assert time.monotonic() < deadline, f"{labels}: {n} < {at_least}"
         time.sleep(0.3)
+
+
+def _wait_counted(server: Server, before: dict[str, float], wanted: dict[str, int]) -> None:
+    """Each of `wanted`'s labels counted at least that many more refusals than `before`."""
+    for labels, more in wanted.items():
+        _wait_metric(server, labels, before[labels] + more)
 
 
 def _health_is_fast(server: Server) -> None:
@@ -74,6 +88,12 @@ def test_forged_control_and_events_are_dropped_and_counted(
     reference = _complete(server)
     workers = _workers(server)
     pids = {role: w["pid"] for role, w in workers.items()}
+    wanted = {'component="proxy",plane="events",reason="unauthenticated"': 2,
+              'component="proxy",plane="events",reason="bad_key"': 1}
+    for wid in ("decode-0", "prefill-0"):
+        wanted[f'component="{wid}",plane="control",reason="unauthenticated"'] = 2
+        wanted[f'component="{wid}",plane="control",reason="bad_key"'] = 1
+    before = {labels: _rejected(server, labels) for labels in [*wanted, 'reason="malformed"']}
     events = [f"tcp://127.0.0.1:{p}" for p in listening_ports(server.proc.pid)
               if p != port_of(server.url)]
     trap = socket.create_server(("127.0.0.1", 0))  # a forged Prefill's kv_address
@@ -94,22 +114,19 @@ def test_forged_control_and_events_are_dropped_and_counted(
     victim: list[str] = []
     thread = threading.Thread(target=lambda: victim.append(_complete(server)))
     thread.start()
-    for kind in PEER_KINDS:
-        for address in events:
-            send_as(address, forged_events, kind, secret)
-        send_as(workers["decode"]["ctrl_address"], forged_decode, kind, secret)
-        send_as(workers["prefill"]["ctrl_address"], forged_prefill, kind, secret)
+    targets = [*((address, forged_events) for address in events),
+               (workers["decode"]["ctrl_address"], forged_decode),
+               (workers["prefill"]["ctrl_address"], forged_prefill)]
+    attacks = [(address, frames, kind) for kind in PEER_KINDS for address, frames in targets]
+    with ThreadPoolExecutor(len(attacks)) as pool:  # every peer at once, each its own context
+        list(pool.map(lambda a: send_as(*a, secret), attacks))
     thread.join(120)
     assert victim == [reference]
     with pytest.raises(TimeoutError):
         trap.accept()  # the prefill worker never dialled the attacker
     trap.close()
-    _wait_metric(server, 'component="proxy",plane="events",reason="unauthenticated"', 2)
-    _wait_metric(server, 'component="proxy",plane="events",reason="bad_key"', 1)
-    for wid in ("decode-0", "prefill-0"):
-        _wait_metric(server, f'component="{wid}",plane="control",reason="unauthenticated"', 2)
-        _wait_metric(server, f'component="{wid}",plane="control",reason="bad_key"', 1)
-    assert server.metric("pdserve:rejected_messages_total", 'reason="malformed"') == 0
+    _wait_counted(server, before, wanted)
+    assert _rejected(server, 'reason="malformed"') == before['reason="malformed"']
     assert {r: w["pid"] for r, w in _workers(server).items()} == pids
     assert all(w["alive"] for w in _workers(server).values())
     _health_is_fast(server)
@@ -128,9 +145,14 @@ def test_forged_kv_transfers_are_refused_with_no_leaked_blocks(
     server, secret = deployment
     decode = _workers(server)["decode"]
     kv = decode["kv_address"]
-    for other in (generate_secret(), None):  # a DEALER without the deployment's key
-        _send_kv(kv, other, "nobody", "", TransferTimeout, timeout_s=2.0)
-    _wait_metric(server, 'component="decode-0",plane="kv",reason="unauthenticated"', 2)
+    refused = ('component="decode-0",plane="kv",reason="unauthenticated"',
+               'component="proxy",plane="events",reason="unknown_request"',
+               'component="decode-0",plane="kv",reason="unknown_reservation"')
+    before = {labels: _rejected(server, labels) for labels in refused}
+    with ThreadPoolExecutor(2) as pool:  # a DEALER without the deployment's key, both at once
+        list(pool.map(lambda other: _send_kv(kv, other, "nobody", "", TransferTimeout,
+                                             timeout_s=2.0), (generate_secret(), None)))
+    _wait_counted(server, before, {refused[0]: 2})
     # The right key (a buggy or hijacked component): a forged reservation is aborted by the
     # proxy as soon as the decode worker reports it (the proxy holds no such request), so no
     # block stays pinned; KV for it (or any unknown request) is then refused, typed. A wrong
@@ -138,10 +160,10 @@ def test_forged_kv_transfers_are_refused_with_no_leaked_blocks(
     prompt = list(range(100, 140))
     reserve = dmsg.Reserve("forged-kv", prompt, SamplingParams(max_tokens=4), kv_token="a" * 32)
     send_as(decode["ctrl_address"], [dmsg.DECODE_CTRL.encode(reserve)], "right-key", secret)
-    _wait_metric(server, 'component="proxy",plane="events",reason="unknown_request"', 1)
+    _wait_counted(server, before, {refused[1]: 1})
     _send_kv(kv, secret, "forged-kv", "b" * 32, UnexpectedTransfer)
     _send_kv(kv, secret, "not-reserved", "a" * 32, UnexpectedTransfer)
-    _wait_metric(server, 'component="decode-0",plane="kv",reason="unknown_reservation"', 2)
+    _wait_counted(server, before, {refused[2]: 2})
     assert server.wait_idle_blocks() == 0
     assert _workers(server)["decode"]["pid"] == decode["pid"]
     _health_is_fast(server)
@@ -169,12 +191,13 @@ def test_a_raw_connection_to_the_stream_data_port_is_closed_and_counted(
     known = {port_of(decode["ctrl_address"]), port_of(decode["kv_address"])}
     data_ports = listening_ports(decode["pid"]) - known
     assert data_ports, "the decode worker has no stream data port"
+    labels = 'component="decode-0",plane="kv_data",reason="unauthenticated"'
+    before = _rejected(server, labels)
     for port in data_ports:
         with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
             conn.sendall(b"\x00" * 16 + b"forged KV bytes" * 100)
             conn.settimeout(10)
             with contextlib.suppress(ConnectionResetError):  # reset: bytes left unread
                 assert conn.recv(1) == b""
-    _wait_metric(server, 'component="decode-0",plane="kv_data",reason="unauthenticated"',
-                 len(data_ports))
+    _wait_metric(server, labels, before + len(data_ports))
     assert _workers(server)["decode"]["pid"] == decode["pid"]
