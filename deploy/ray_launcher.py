@@ -298,11 +298,17 @@ class RayDeployment:
                 resources=custom, runtime_env=runtime_env,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     pg, placement_group_bundle_index=index),
-            ).remote(role, WorkerConfig(worker_id=wid, events_address=events_address,
-                                           kv=self.serve.kv, cluster_secret=self.secret,
-                                           insecure_internal=self.secret is None),
+            ).remote(role, self.worker_config(wid, events_address),
                      engines[role], num_threads, self.log_level, ranks)
         log.info("loading weights in %d worker actor(s)...", len(self.workers))
+
+    def worker_config(self, worker_id: str, events_address: str) -> WorkerConfig:
+        """A worker actor's config: what `pdserve serve` gives a worker process
+        (deploy/local_launcher.py `worker_command`) that applies under Ray."""
+        return WorkerConfig(worker_id=worker_id, events_address=events_address,
+                            kv=self.serve.kv, cluster_secret=self.secret,
+                            insecure_internal=self.secret is None,
+                            warmup_s=self.serve.warmup_s)
 
     def _wait_for_workers(self) -> dict[str, dict]:
         """Every worker built and registered with the proxy; their placements by worker id."""

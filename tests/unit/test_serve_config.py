@@ -181,3 +181,17 @@ def test_tp_for_colocated_decode_workers_is_accepted() -> None:
     ServeConfig(prefill=0, decode_tp=1).check_tp(1)
     with pytest.raises(ConfigError, match="--decode-tp must be at least 1"):
         ServeConfig(decode_tp=0)
+
+
+def test_a_ray_worker_gets_the_serve_flags_a_process_worker_gets() -> None:
+    """`--warmup-s` reached process workers but not Ray actors (they always warmed up)."""
+    from deploy.ray_config import RayConfig
+    from deploy.ray_launcher import RayDeployment
+
+    serve = ServeConfig(warmup_s=0.0, kv=KvTransportConfig(kv_payload="frames"))
+    got = RayDeployment(serve, EngineConfig(), RayConfig()).worker_config("decode-1", "tcp://x:1")
+    process = _worker_config(worker_command("decode", "decode-1", "tcp://x:1", serve, [], "cpu",
+                                            1))
+    assert got.warmup_s == process.warmup_s == 0.0
+    assert (got.worker_id, got.events_address, got.kv) == ("decode-1", "tcp://x:1", serve.kv)
+    assert got.cluster_secret is not None and not got.insecure_internal
