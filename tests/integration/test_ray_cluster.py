@@ -44,9 +44,10 @@ RAY_ENV = {
 }
 NODE_ARGS = {"include_dashboard": False, "object_store_memory": 100 << 20,
              "node_ip_address": "127.0.0.1"}
-WORKER_FLAGS = ("--kv-cache-memory", "128MiB", "--placement", "remote",
+# remote placement uses no step-cost model: no start-up warm-up (`--warmup-s 0`)
+WORKER_FLAGS = ("--kv-cache-memory", "128MiB", "--placement", "remote", "--warmup-s", "0",
                 "--prefill-resource", "prefill", "--decode-resource", "decode")
-LABEL_FLAGS = ("--kv-cache-memory", "128MiB", "--placement", "remote",
+LABEL_FLAGS = ("--kv-cache-memory", "128MiB", "--placement", "remote", "--warmup-s", "0",
                "--prefill-resource", "prefill", "--decode-label", "pdserve-role=decode")
 MAX_TOKENS = 24
 

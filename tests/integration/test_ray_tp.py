@@ -61,7 +61,8 @@ def cluster() -> Iterator[tuple[str, str]]:
 def deployment(cluster: tuple[str, str]) -> Iterator[Server]:
     with serve("--ray", "--address", cluster[0], "--deployment-name", NAME,
                "--prefill", "1", "--decode", "1", "--decode-tp", "3", "--placement", "remote",
-               "--kv-cache-memory", "128MiB", "--max-model-len", "2048", timeout_s=360) as s:
+               "--warmup-s", "0", "--kv-cache-memory", "128MiB", "--max-model-len", "2048",
+               timeout_s=360) as s:
         yield s
 
 
