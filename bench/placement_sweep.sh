@@ -17,7 +17,8 @@ export OMP_WAIT_POLICY=PASSIVE
 common="--kv-cache-memory 256MiB --max-model-len 2048 --heartbeat-timeout-s 30 --cpu-affinity 0,1"
 
 sweep() {  # name slo_ttft slo_tpot rates workload-flags...
-    local name=$1 ttft=$2 tpot=$3 rates=$4
+    local name=$1 ttft=$2 tpot=$3 rates=$4 logs="/tmp/placement_$1_logs"
+    [ -n "${TRACE:-}" ] && logs="bench/results/logs_placement_${name}_${day}${SUFFIX:-}"
     shift 4
     pdserve bench sweep \
         --config "1p1d=--prefill 1 --decode 1 --placement remote" \
@@ -27,9 +28,7 @@ sweep() {  # name slo_ttft slo_tpot rates workload-flags...
         --slo-ttft "$ttft" --slo-tpot "$tpot" --warmup 2 --no-progress "$@" \
         --note "2-core VM; workers pinned one per core (--cpu-affinity 0,1), 1 torch thread each; proxy and load generator unpinned, sharing both cores. ${NUM_PROMPTS:-20} requests per rate." \
         --output "bench/results/placement_cpu_${name}_${day}${SUFFIX:-}" \
-        ${TRACE:+--server-log-level debug} \
-        --log-dir "$([ -n "${TRACE:-}" ] && echo "bench/results/logs_placement_${name}_${day}${SUFFIX:-}" \
-                     || echo "/tmp/placement_${name}_logs")"
+        ${TRACE:+--server-log-level debug} --log-dir "$logs"
 }
 
 if [ "$which" = prefill_heavy ] || [ "$which" = both ]; then

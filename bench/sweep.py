@@ -34,8 +34,15 @@ from bench.loadgen import LoadConfig, LoadRun, root_url, run_load
 from bench.metrics import Goodput, Slo, Summary, goodput_from_curve, summarize
 
 SERVING_RE = re.compile(r"pdserve: serving (?P<model>\S+) on (?P<url>https?://\S+)")
-DEFAULT_SERVE_CMD = (sys.executable, "-m", "deploy.cli", "serve", "--host", "127.0.0.1",
-                     "--port", "0")
+
+
+def serve_cmd(log_level: str | None = None) -> tuple[str, ...]:
+    """`pdserve serve` on 127.0.0.1 and a free port, at `pdserve --log-level` if given."""
+    return (sys.executable, "-m", "deploy.cli", *(("--log-level", log_level) if log_level else ()),
+            "serve", "--host", "127.0.0.1", "--port", "0")
+
+
+DEFAULT_SERVE_CMD = serve_cmd()
 
 
 @dataclass(frozen=True)

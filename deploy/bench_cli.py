@@ -25,13 +25,13 @@ from bench.datasets import DatasetConfig, TextTokenizer, build_dataset, load_tok
 from bench.loadgen import LoadConfig, default_endpoint, fetch_model, make_client, run_load
 from bench.metrics import Slo, Summary, summarize
 from bench.sweep import (
-    DEFAULT_SERVE_CMD,
     ConfigResult,
     ServerSpec,
     SweepPlan,
     format_tables,
     plot_sweep,
     run_sweep,
+    serve_cmd,
 )
 from worker.args import add_dataclass_args, dataclass_from_args, parse_seconds
 
@@ -293,11 +293,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
           f"rates {', '.join(f'{r:g}' for r in rates)} req/s, "
           f"{dataset.num_prompts} {dataset.dataset} requests each, tokenizer {tok_name}"
           + (f"; server logs in {log_dir}" if log_dir else ""), file=sys.stderr)
-    serve_cmd = DEFAULT_SERVE_CMD
-    if args.server_log_level:
-        serve_cmd = (*DEFAULT_SERVE_CMD[:3], "--log-level", args.server_log_level,
-                     *DEFAULT_SERVE_CMD[3:])
-    results = run_sweep(specs, load, plan, serve_cmd=serve_cmd, common_flags=common,
+    results = run_sweep(specs, load, plan, serve_cmd=serve_cmd(args.server_log_level),
+                        common_flags=common,
                         startup_timeout_s=args.startup_timeout, log_dir=log_dir,
                         on_point=_on_point,
                         progress=lambda total, desc: report.Progress(total, not args.no_progress,

@@ -157,34 +157,33 @@ class StepCostModel:
         return self.coefficients.step_seconds(prefill_tokens, decode_seqs, context_tokens)
 
     # ---- fitting ------------------------------------------------------------------------------
-    @property
-    def _samples(self) -> list[tuple[float, int, int, int]]:
-        return [*self._decode_only, *self._with_prefill]
-
-    def _recency(self) -> list[float]:
-        """Each window's own recency weights, in `_samples` order."""
-        return [self.decay ** (len(w) - 1 - i) for w in (self._decode_only, self._with_prefill)
-                for i in range(len(w))]
+    def _window(self) -> tuple[list[tuple[float, int, int, int]], list[float]]:
+        """The steps a fit reads (both windows) and each one's recency weight within its own
+        window, in the same order."""
+        samples = [*self._decode_only, *self._with_prefill]
+        recency = [self.decay ** (len(w) - 1 - i) for w in (self._decode_only, self._with_prefill)
+                   for i in range(len(w))]
+        return samples, recency
 
     def _refit(self) -> Coefficients:
-        samples = self._samples
+        samples, recency = self._window()
         if len(samples) < 2:
             return self.prior
-        recency = self._recency()
         ys = [s[0] for s in samples]
         now = self._clock()
         if (self._since_form_search >= self.form_every
                 and now - self._searched_at >= self.form_interval_s):
             self._since_form_search, self._searched_at = 0, now
-            self._form = self._search_form(ys, recency)
-        return self._coefficients(self._fit_at(self._form, ys, recency), self._form)
+            self._form = self._search_form(samples, ys, recency)
+        return self._coefficients(self._fit_at(self._form, samples, ys, recency), self._form)
 
-    def _search_form(self, ys: list[float], recency: list[float]) -> _Form:
+    def _search_form(self, samples: list[tuple[float, int, int, int]], ys: list[float],
+                     recency: list[float]) -> _Form:
         """The simplest form that fits: the plain one, else split intercepts, then with a knee,
         each step kept only if it lowers the robust loss by `FORM_GAIN`. Losses are compared in
         the smallest residual scale of the candidates (the noise, not a poor form's misfit).
         A worker that only prefills (a prefill worker) has no plain form to try."""
-        prefills = sorted(p for _, p, _, _ in self._samples if p)
+        prefills = sorted(p for _, p, _, _ in self._with_prefill)
         if len(prefills) < MIN_SUPPORT:
             return _Form(self.prior.prefill_free_tokens, split=True)  # prefill terms: prior
         both_kinds = len(prefills) <= len(ys) - MIN_SUPPORT
@@ -192,7 +191,7 @@ class StepCostModel:
         forms.append(_Form(0.0, split=True))
         # a knee needs prefill steps past it to fit the slope after it
         forms += [_Form(float(k), split=True) for k in KNEES if k < prefills[-MIN_SUPPORT]]
-        fits = [self._fit_at(f, ys, recency, iterations=1) for f in forms]
+        fits = [self._fit_at(f, samples, ys, recency, iterations=1) for f in forms]
         scale = min(fit.scale for fit in fits)
         losses = [fit.loss(recency, scale, self.huber_k) for fit in fits]
         base = 1 if both_kinds else 0  # the split form without a knee
@@ -201,9 +200,9 @@ class StepCostModel:
         best = min(range(base, len(forms)), key=lambda i: losses[i])
         return forms[best] if losses[best] < (1 - FORM_GAIN) * losses[base] else forms[base]
 
-    def _fit_at(self, form: _Form, ys: list[float], recency: list[float],
-                iterations: int = 3) -> RobustFit:
-        rows = [_features(p, d, c, form) for _, p, d, c in self._samples]
+    def _fit_at(self, form: _Form, samples: list[tuple[float, int, int, int]], ys: list[float],
+                recency: list[float], iterations: int = 3) -> RobustFit:
+        rows = [_features(p, d, c, form) for _, p, d, c in samples]
         p = self.prior
         prior = [v / s for v, s in zip((p.per_step + p.per_decode_only_step,
                                         p.per_step + p.per_prefill_step,

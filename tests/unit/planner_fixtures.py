@@ -3,7 +3,9 @@ check by hand: a prefill costs 1 ms per token, a decode step 20 ms at batch 1)."
 
 from __future__ import annotations
 
+from engine.kv_spec import KvDtype, KvSpec
 from planner.profile import EngineLimits, Profile
+from protocol import worker_events as ev
 
 KV_BYTES = 1000.0  # per token
 GBPS_BYTES = 1e9  # the stream transfer: 1 GB/s
@@ -20,3 +22,10 @@ def small_profile(max_num_batched_tokens: int = 2048, capacity: int = 100_000,
         transfers={"stream": [[1e6, 1e6 / GBPS_BYTES], [1e9, 1.0]],
                    "nccl": "not measured: needs 2 CUDA devices"},
         meta={"device": "test fixture", "engine_args": ["--max-model-len", "2048"]})
+
+
+def worker_hello(worker_id: str, role: str) -> ev.Hello:
+    """A worker's Hello as the placer registers it (small bf16 KV, 2048-token budget)."""
+    return ev.Hello(worker_id, role, "tcp://127.0.0.1:1", "tcp://127.0.0.1:2",
+                    KvSpec(2, 2, 64, 16, dtype=KvDtype.BFLOAT16), "plan", 1, "localhost", "m",
+                    2048)

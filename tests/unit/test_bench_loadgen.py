@@ -30,7 +30,7 @@ import uvicorn
 from bench.datasets import BenchRequest, DatasetConfig, build_dataset
 from bench.loadgen import DONE, LoadConfig, arrival_offsets, chunk_text, parse_sse_line, run_load
 from bench.metrics import Slo, check_request, summarize
-from bench.sweep import ServerSpec, SweepPlan, run_sweep
+from bench.sweep import ServerSpec, SweepPlan, run_sweep, serve_cmd
 from deploy.bench_cli import add_bench_parser, parse_rates, parse_seconds
 
 FAKE_SERVER = r'''
@@ -357,3 +357,15 @@ def test_sweep_records_the_servers_prefill_placements(fake: tuple[str, Any]) -> 
             'pdserve:prefill_placement_total{placement="local"} 3.0\n')
     assert dict(PLACED_RE.findall(text)) == {"remote": "7.0", "local": "3.0"}
     assert placement_counts(fake[0]) == {}  # a server without those metrics
+
+
+def test_the_sweep_starts_servers_at_the_log_level_it_is_given() -> None:
+    """`bench sweep --server-log-level debug`: `pdserve --log-level debug serve ...` (the flag
+    is pdserve's, before the command), on 127.0.0.1 and a free port."""
+    from deploy.cli import build_parser
+
+    args = build_parser().parse_args(list(serve_cmd("debug")[3:]))
+    assert args.log_level == "debug" and (args.host, args.port) == ("127.0.0.1", 0)
+    default = build_parser().parse_args(list(serve_cmd()[3:]))
+    assert default.log_level == "INFO" and (default.host, default.port) == ("127.0.0.1", 0)
+

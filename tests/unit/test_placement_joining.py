@@ -13,10 +13,8 @@ import time
 
 import pytest
 
-from engine.kv_spec import KvDtype, KvSpec
 from planner.servers import SimRequest
 from planner.simulator import ClusterSpec, simulate
-from protocol import worker_events as ev
 from proxy.cost_model import Coefficients
 from proxy.placement import (
     DecodeView,
@@ -29,7 +27,7 @@ from proxy.placement import (
     predict_remote,
 )
 from proxy.placer import Placer
-from tests.unit.planner_fixtures import small_profile
+from tests.unit.planner_fixtures import small_profile, worker_hello
 
 MODEL = Coefficients(0.02, 2e-3, 1e-3, 2e-6)
 SLO = Slo(3.0, 0.15)
@@ -107,16 +105,11 @@ def test_the_simulated_joiner_keeps_its_tpot() -> None:
     assert second.ttft_s <= 3.0
 
 
-def _hello(worker_id: str, role: str) -> ev.Hello:
-    return ev.Hello(worker_id, role, "tcp://127.0.0.1:1", "tcp://127.0.0.1:2",
-                    KvSpec(2, 2, 64, 16, dtype=KvDtype.BFLOAT16), "plan", 1, "localhost", "m",
-                    2048)
-
 
 def test_the_placer_sees_remote_prompts_in_flight_as_joining() -> None:
     placer = Placer(Placement.ADAPTIVE, SLO)
-    placer.on_hello(_hello("p0", "prefill"))
-    placer.on_hello(_hello("d0", "decode"))
+    placer.on_hello(worker_hello("p0", "prefill"))
+    placer.on_hello(worker_hello("d0", "decode"))
     remote = placer.place("r1", list(range(300)), 8, "d0", ["p0"], Placement.REMOTE)
     view = placer._decode_view("d0", [], 10, time.monotonic())
     assert view.num_running == 0 and len(view.joining) == 1
@@ -134,6 +127,6 @@ def test_the_placer_sees_remote_prompts_in_flight_as_joining() -> None:
 def test_local_prompts_are_not_joining(mode: Placement) -> None:
     """Local prefills queued on the decode worker are its local queue, not joiners."""
     placer = Placer(mode, SLO)
-    placer.on_hello(_hello("d0", "decode"))
+    placer.on_hello(worker_hello("d0", "decode"))
     placer.place("r1", list(range(300)), 8, "d0", [], Placement.LOCAL)
     assert placer._decode_view("d0", [], 10, time.monotonic()).joining == ()

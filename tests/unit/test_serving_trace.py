@@ -13,14 +13,12 @@ import pytest
 
 from bench.serving_trace import parse_log, point_report, step_model_errors
 from engine.config import EngineConfig
-from engine.kv_spec import KvDtype, KvSpec
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 from planner.profile import StepTimes
-from protocol import worker_events as ev
 from proxy.placement import Placement, Slo
 from proxy.placer import Placer
-from tests.unit.planner_fixtures import small_profile
+from tests.unit.planner_fixtures import small_profile, worker_hello
 
 WORKER_FMT = "%(asctime)s %(levelname)s [decode 0] %(name)s: %(message)s"  # worker/main.py
 PROXY_FMT = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # deploy/cli.py
@@ -30,11 +28,6 @@ def _lines(caplog: pytest.LogCaptureFixture, fmt: str) -> list[str]:
     f = logging.Formatter(fmt)
     return [f.format(r) for r in caplog.records]
 
-
-def _hello(worker_id: str, role: str) -> ev.Hello:
-    return ev.Hello(worker_id, role, "tcp://127.0.0.1:1", "tcp://127.0.0.1:2",
-                    KvSpec(2, 2, 64, 16, dtype=KvDtype.BFLOAT16), "plan", 1, "localhost", "m",
-                    2048)
 
 
 def test_engine_steps_and_placements_are_parsed(
@@ -61,7 +54,7 @@ def test_engine_steps_and_placements_are_parsed(
     caplog.clear()
     caplog.set_level(logging.DEBUG, logger="proxy.placer")
     placer = Placer(Placement.ADAPTIVE, Slo(3.0, 0.15))
-    placer.on_hello(_hello("d0", "decode"))
+    placer.on_hello(worker_hello("d0", "decode"))
     prediction = placer.place("r1", list(range(300)), 8, "d0", [], Placement.LOCAL)
     _, placed = parse_log(_lines(caplog, PROXY_FMT))
     assert len(placed) == 1
