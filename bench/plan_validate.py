@@ -26,7 +26,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,25 @@ def take_cpu_profile(path: Path, budget_s: float, core: int) -> None:
     print("$", shlex.join(cmd), flush=True)
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
     subprocess.run(cmd, check=True, env=env)
+
+
+@dataclass(frozen=True)
+class SimModel:
+    """How the simulator models what the profile does not hold (planner/simulator.py)."""
+
+    step_noise: float = 0.0
+    draws: int = 8
+    online_fits: bool = False
+
+    def apply(self, spec: ClusterSpec) -> ClusterSpec:
+        return replace(spec, step_noise=self.step_noise, online_fits=self.online_fits)
+
+    def describe(self) -> str:
+        parts = [f"step noise sigma {self.step_noise:g} ({self.draws} draws per rate)"
+                 if self.step_noise else "no step noise",
+                 "online per-worker cost fits" if self.online_fits
+                 else "one profile fit for every worker's placement cost model"]
+        return "Simulator: " + ", ".join(parts) + "."
 
 
 def spec_of(server: str, serve_args: str, transport_gbps: float,
@@ -105,7 +124,8 @@ def _step_index(rates: list[float], goodput: float | None) -> int:
 
 
 def serving_overhead(profile: Profile, sweep: dict[str, Any], name: str, gbps: float,
-                     unnamed_placement: str = "") -> tuple[float, float]:
+                     unnamed_placement: str = "", model: SimModel | None = None
+                     ) -> tuple[float, float]:
     """What bare engine steps leave out, fitted on ONE measured point (configuration `name`'s
     lowest rate); the other configurations and rates then test it. Returns (per request: proxy,
     HTTP, tokenization, hops = measured minus predicted TTFT p50; per model step: scheduling,
@@ -114,13 +134,14 @@ def serving_overhead(profile: Profile, sweep: dict[str, Any], name: str, gbps: f
     if c is None or not c["points"]:
         raise SystemExit(f"--calibrate {name}: no such configuration with points in the sweep "
                          f"({', '.join(x['name'] for x in sweep['configs'])})")
-    spec = spec_of(c["server"], sweep["serve_args"], gbps, unnamed_placement)
+    model = model or SimModel()
+    spec = model.apply(spec_of(c["server"], sweep["serve_args"], gbps, unnamed_placement))
     rate, measured = sweep["request_rates"][0], c["points"][0]["summary"]
 
     def predict(step_s: float) -> Any:
         return run_config(profile, spec, [rate], workload(sweep), sweep["slo"]["attainment"],
                           StepTimes(profile, step_s), sweep["slo"]["ttft_s"],
-                          sweep["slo"]["tpot_s"]).points[0]
+                          sweep["slo"]["tpot_s"], model.draws).points[0]
     step_s = 0.0
     tpot = (measured.get("tpot") or {}).get("median")
     if tpot is not None and predict(0.0).tpot_p50_s is not None:
@@ -130,15 +151,16 @@ def serving_overhead(profile: Profile, sweep: dict[str, Any], name: str, gbps: f
 
 def compare(profile: Profile, sweep: dict[str, Any], gbps: float,
             unnamed_placement: str = "", overhead_s: float = 0.0,
-            step_overhead_s: float = 0.0) -> dict[str, Any]:
+            step_overhead_s: float = 0.0, model: SimModel | None = None) -> dict[str, Any]:
     rates, slo = sweep["request_rates"], sweep["slo"]
     times, at = StepTimes(profile, step_overhead_s), workload(sweep)
-    configs = []
+    configs, model = [], model or SimModel()
     for c in sweep["configs"]:
-        spec = replace(spec_of(c["server"], sweep["serve_args"], gbps, unnamed_placement),
+        spec = replace(model.apply(spec_of(c["server"], sweep["serve_args"], gbps,
+                                           unnamed_placement)),
                        remote_overhead_s=overhead_s, local_overhead_s=overhead_s)
         pred = run_config(profile, spec, rates, at, slo["attainment"], times,
-                          slo["ttft_s"], slo["tpot_s"])
+                          slo["ttft_s"], slo["tpot_s"], model.draws)
         rows = []
         for p, m in zip(pred.points, c["points"], strict=True):
             s = m["summary"]
@@ -169,7 +191,8 @@ def _fmt(x: float | None, scale: float = 1000.0) -> str:
 def markdown(doc: dict[str, Any]) -> str:
     lines = [f"# Planner validation ({doc['date']}): predicted vs measured", "",
              f"`{doc['command']}`", "", f"Profile: {doc['profile_path']} ({doc['device']}, "
-             f"taken {doc['profile_date']}). {doc['note']}", ""]
+             f"taken {doc['profile_date']}). {doc['note']}", "",
+             doc.get("simulator", ""), ""]
     if doc.get("calibrated_on"):
         lines += [f"Serving overhead {doc['serving_overhead_s'] * 1000:.0f} ms added to every "
                   f"TTFT and {doc.get('step_overhead_s', 0.0) * 1000:.1f} ms to every model "
@@ -216,6 +239,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calibrate", default="", metavar="CONFIG",
                    help="Fit a serving overhead (added to every TTFT) on one measured point: "
                         "CONFIG's lowest rate in the first sweep; the rest test it.")
+    p.add_argument("--step-noise", type=float, default=0.0,
+                   help="Sigma of each simulated step's log-normal time factor "
+                        "(`pdserve plan cluster --step-noise`).")
+    p.add_argument("--draws", type=int, default=8, help="With --step-noise: draws per rate.")
+    p.add_argument("--online-fits", action="store_true",
+                   help="Per-worker placement cost models fitted online (see plan cluster).")
     p.add_argument("--note", default="", help="Said in the results (e.g. 'machine contended').")
     p.add_argument("--tag", default="cpu")
     p.add_argument("--out-dir", default="bench/results")
@@ -228,17 +257,19 @@ def main(argv: list[str] | None = None) -> int:
         take_cpu_profile(path, args.budget_s, args.cpu_core)
     profile = Profile.load(str(path))
     sweeps = [(f, json.loads(Path(f).read_text())) for f in args.sweeps]
+    model = SimModel(args.step_noise, args.draws, args.online_fits)
     overhead, step_overhead = serving_overhead(
         profile, sweeps[0][1], args.calibrate, args.transfer_gbps,
-        args.unnamed_placement) if args.calibrate else (0.0, 0.0)
+        args.unnamed_placement, model) if args.calibrate else (0.0, 0.0)
     validations = [{"sweep_file": f, **compare(profile, sweep, args.transfer_gbps,
-                                               args.unnamed_placement, overhead, step_overhead)}
+                                               args.unnamed_placement, overhead, step_overhead,
+                                               model)}
                    for f, sweep in sweeps]
     doc = {"date": day, "command": "python -m bench.plan_validate " + shlex.join(
                argv if argv is not None else sys.argv[1:]),
            "profile_path": str(path), "device": profile.meta.get("device"),
            "profile_date": profile.meta.get("date"), "load_avg": os.getloadavg(),
-           "note": args.note, "serving_overhead_s": overhead,
+           "note": args.note, "simulator": model.describe(), "serving_overhead_s": overhead,
            "step_overhead_s": step_overhead,
            "calibrated_on": f"{args.calibrate} at {sweeps[0][1]['request_rates'][0]} req/s in "
                             f"{sweeps[0][0]}" if args.calibrate else None,

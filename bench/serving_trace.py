@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
 import re
 import statistics
 import sys
@@ -99,6 +100,14 @@ def step_model_errors(steps: Sequence[Step], times: StepTimes) -> dict[str, list
     return out
 
 
+def noise_sigma(ratios: Sequence[float]) -> float:
+    """The log-normal sigma of steps around their model, robustly: (ln p90 - ln p50) / z(0.9)
+    (the simulator's `--step-noise`: a factor of median 1 on the modelled step)."""
+    if len(ratios) < 10:
+        return math.nan
+    return max(0.0, math.log(_pct(ratios, 0.9) / statistics.median(ratios)) / 1.2816)
+
+
 def _pct(xs: Sequence[float], q: float) -> float:
     ys = sorted(xs)
     return ys[min(len(ys) - 1, int(q * len(ys)))]
@@ -132,12 +141,13 @@ def point_report(point: dict[str, Any], steps: list[Step], placed: list[Placed],
     lines = [f"{len(inside)} steps in {end - start:.1f} s, engines busy {busy:.1f} s "
              f"({busy / max(end - start, 1e-9):.0%} of the span, summed over workers)"]
     if times is not None and inside:
-        lines += ["", "| steps | n | measured / model p50 | p90 | max | measured s |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        lines += ["", "| steps | n | measured / model p50 | p90 | max | noise sigma | "
+                  "measured s |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for kind, ratios in sorted(step_model_errors(inside, times).items()):
             secs = sum(s.seconds for s in inside if s.kind == kind)
             lines.append(f"| {kind} | {len(ratios)} | {statistics.median(ratios):.2f} | "
-                         f"{_pct(ratios, 0.9):.2f} | {max(ratios):.2f} | {secs:.2f} |")
+                         f"{_pct(ratios, 0.9):.2f} | {max(ratios):.2f} | "
+                         f"{noise_sigma(ratios):.2f} | {secs:.2f} |")
     slow = [(i, r) for i, r in enumerate(reqs) if not _met(r, slo)]
     lines += ["", f"{len(slow)} of {len(reqs)} requests missed the SLO"]
     if not slow:
@@ -167,6 +177,7 @@ def report(sweep: dict[str, Any], log_dir: Path, times: StepTimes | None) -> str
     slo = sweep["slo"]
     out = [f"# Serving trace of {sweep.get('command', 'a sweep')}", "",
            f"SLO TTFT {slo['ttft_s'] * 1e3:g} ms, TPOT {slo['tpot_s'] * 1e3:g} ms; logs {log_dir}"]
+    pooled: dict[str, list[float]] = {}
     for config in sweep["configs"]:
         log = log_dir / f"server_{config['name']}.log"
         if not log.is_file():
@@ -180,6 +191,16 @@ def report(sweep: dict[str, Any], log_dir: Path, times: StepTimes | None) -> str
         for point in config["points"]:
             out += ["", f"### {point['request_rate']:g} req/s", ""]
             out += point_report(point, steps, placed, slo, times)
+        if times is not None:
+            for kind, ratios in step_model_errors(steps, times).items():
+                pooled.setdefault(kind, []).extend(ratios)
+    if pooled:
+        every = [r for ratios in pooled.values() for r in ratios]
+        out += ["", "## Step noise over every configuration and rate", "",
+                "Log-normal sigma of measured / modelled step times ((ln p90 - ln p50) / 1.28; "
+                "the planner's `--step-noise`): " + ", ".join(
+                    f"{kind} {noise_sigma(r):.2f} (n={len(r)})" for kind, r in sorted(
+                        pooled.items())) + f"; all steps {noise_sigma(every):.2f}."]
     return "\n".join(out) + "\n"
 
 

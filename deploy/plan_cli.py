@@ -60,6 +60,16 @@ class PlanClusterConfig:
         "help": "Serving time per model step that the profile's bare engine steps leave out "
                 "(scheduling, streaming tokens to the proxy), e.g. 5ms; "
                 "`python -m bench.plan_validate --calibrate CONFIG` fits it on a measured run."})
+    step_noise: float = field(default=0.0, metadata={
+        "help": "Sigma of a log-normal factor (median 1) drawn for every simulated step: "
+                "serving steps scatter around the profile's model (`python -m "
+                "bench.serving_trace` measures it; 0.2 on a 2-core VM, 2026-12-06); 0: none."})
+    draws: int = field(default=8, metadata={
+        "help": "With --step-noise: simulations per rate (noise seeds), scored together."})
+    online_fits: bool = field(default=False, metadata={
+        "help": "Each worker's placement cost model fitted online from its own simulated "
+                "steps (warm-up, then heartbeats), as the proxy does; default: one fit of the "
+                "profile for every worker."})
     transfer_gbps: float = field(default=0.0, metadata={
         "help": "KV transfer rate in GB/s measured elsewhere (e.g. NCCL between two GPUs, "
                 "bench/transfer.py --nccl); 0: the profile's measurement for --transport."})
@@ -90,6 +100,9 @@ class PlanClusterConfig:
             raise ConfigError(f"--attainment must be in (0, 1], got {self.attainment}")
         if self.transfer_gbps < 0 or self.kv_capacity_tokens < 0:
             raise ConfigError("--transfer-gbps and --kv-capacity-tokens must be >= 0")
+        if not 0 <= self.step_noise <= 2 or self.draws < 1:
+            raise ConfigError(f"--step-noise must be in [0, 2] and --draws >= 1, got "
+                              f"{self.step_noise} and {self.draws}")
         if self.burstiness <= 0:
             raise ConfigError(f"--burstiness must be > 0, got {self.burstiness}")
         for p in self.placements.split(","):
@@ -203,12 +216,14 @@ def cmd_plan_cluster(args: argparse.Namespace) -> int:
                                       else "stream")
         base = ClusterSpec(1, 1, "remote", cfg.slo_ttft, cfg.slo_tpot, transport,
                            cfg.remote_overhead, cfg.local_overhead, cfg.kv_capacity_tokens,
-                           cfg.transfer_gbps)
+                           cfg.transfer_gbps, online_fits=cfg.online_fits,
+                           step_noise=cfg.step_noise)
         workload, sample, _ = workload_factory(cfg, dataset)
         rates = parse_rates(cfg.rates) if cfg.rates else default_rates(times, sample,
                                                                        cfg.num_devices)
         specs = configurations(cfg.num_devices, base, cfg.placements.split(","))
-        results = [run_config(profile, s, rates, workload, cfg.attainment, times) for s in specs]
+        results = [run_config(profile, s, rates, workload, cfg.attainment, times, draws=cfg.draws)
+                   for s in specs]
     except (ProfileError, SimulationError) as e:
         raise ConfigError(str(e)) from None
     best = recommend(results)

@@ -92,14 +92,23 @@ def configurations(num_devices: int, base: ClusterSpec,
 def run_config(profile: Profile, spec: ClusterSpec, rates: Sequence[float],
                workload: Callable[[float], list[SimRequest]], target: float,
                times: StepTimes | None = None, slo_ttft_s: float | None = None,
-               slo_tpot_s: float | None = None) -> ConfigResult:
+               slo_tpot_s: float | None = None, draws: int = 1) -> ConfigResult:
     """`spec`'s SLOs steer its placement rule; requests are scored against `slo_*_s` when
-    given (a measured run whose servers kept their default SLOs), else against the spec's."""
+    given (a measured run whose servers kept their default SLOs), else against the spec's.
+    With step noise, each rate is simulated `draws` times (noise seeds spec.noise_seed + k)
+    and scored over all of them: the prediction is the noise's distribution, not one draw."""
     times = times or StepTimes(profile)
     coef = fit_coefficients(profile)
     ttft, tpot = slo_ttft_s or spec.slo_ttft_s, slo_tpot_s or spec.slo_tpot_s
-    points = [score(rate, Simulation(profile, spec, times, coef).run(workload(rate)), ttft, tpot)
-              for rate in rates]
+    seeds = [spec.noise_seed + k for k in range(draws if spec.step_noise else 1)]
+    points = []
+    for rate in rates:
+        requests = workload(rate)
+        outcomes = [o for seed in seeds for o in Simulation(
+            profile, replace(spec, noise_seed=seed), times, coef).run(requests)]
+        points.append(replace(score(rate, outcomes, ttft, tpot), num_requests=len(requests),
+                              num_remote=round(sum(o.placement == "remote" for o in outcomes)
+                                               / len(seeds))))
     best, miss = goodput(points, target)
     return ConfigResult(spec, points, best, miss)
 

@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from planner.profile import StepTimes
+
+Step = tuple[float, int, int, int]  # seconds, prefill tokens, decode sequences, context tokens
 
 
 @dataclass(frozen=True)
@@ -62,8 +65,10 @@ def kv_need(request: SimRequest, block_size: int) -> int:
 class PrefillServer:
     """Prefill worker: FIFO queue, steps of prompt chunks under the token budget."""
 
-    def __init__(self, times: StepTimes, budget: int) -> None:
-        self.times, self.budget = times, budget
+    def __init__(self, times: StepTimes, budget: int,
+                 noise: Callable[[], float] | None = None) -> None:
+        self.times, self.budget, self.noise = times, budget, noise
+        self.last_step: Step = (0.0, 0, 0, 0)
         self.queue: deque[Job] = deque()
         self.batch: list[tuple[Job, int]] = []
         self.busy_until = 0.0
@@ -81,6 +86,8 @@ class PrefillServer:
             left, tokens = left - n, tokens + n
             token_context += n * job.num_computed
         seconds = self.times.step_s(tokens, token_context, 0, 0)
+        seconds *= self.noise() if self.noise else 1.0
+        self.last_step = (seconds, tokens, 0, tokens + sum(j.num_computed for j, _ in self.batch))
         self.busy_until = now + seconds
         return seconds
 
@@ -106,8 +113,10 @@ class DecodeServer:
     reservation to finish)."""
 
     def __init__(self, times: StepTimes, budget: int, max_num_seqs: int, capacity: int,
-                 block_size: int) -> None:
+                 block_size: int, noise: Callable[[], float] | None = None) -> None:
         self.times, self.budget, self.max_num_seqs = times, budget, max_num_seqs
+        self.noise = noise
+        self.last_step: Step = (0.0, 0, 0, 0)
         self.capacity, self.block_size = capacity, block_size
         self.kv_used = 0
         self.num_seqs = 0  # jobs holding KV here (reserved, prefilling, running)
@@ -176,8 +185,11 @@ class DecodeServer:
         if not self.running and not self.batch:
             return None
         self.is_busy = True
-        seconds = self.times.step_s(tokens, token_context, len(self.running),
-                                    sum(j.context for j in self.running))
+        decode_context = sum(j.context for j in self.running)
+        seconds = self.times.step_s(tokens, token_context, len(self.running), decode_context)
+        seconds *= self.noise() if self.noise else 1.0
+        self.last_step = (seconds, tokens, len(self.running), decode_context + tokens
+                          + sum(j.num_computed for j, _ in self.batch))
         self.step_end_s = now + seconds
         return seconds
 

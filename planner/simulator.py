@@ -17,6 +17,16 @@ What it models, in the order a request meets it (as pdserve runs it, README "One
    chunks beside its running batch (mixed steps); `local_overhead_s` delays its stream;
 5. continuous-batching decode: one token per sequence per step, until the output length.
 
+The placer's step-cost model: by default one fit of the profile's steps stands for every worker
+(`fit_coefficients`). With `online_fits` each worker has its own `StepCostModel` (the proxy's,
+with its window, recency and form search; its clock is the simulated time), first fed the steps
+of the worker's start-up warm-up (warmup.py) and then every step the worker runs, delivered with
+the heartbeat that carries it (every `HEARTBEAT_S`), so the simulated placer decides on what the
+real one would know: few, recent, noisy samples of the worker's own steps. `step_noise` makes
+each step's time a draw of a log-normal factor (median 1, that sigma) on the profile's model, as
+serving steps scatter around it (2026-12-06, this 2-core VM: serving steps' p90 1.2-1.7x their
+p50); seeded (`noise_seed`), so a run stays reproducible.
+
 Not modelled (say so when you compare): the proxy's own CPU time (tokenize, detokenize, HTTP),
 preemption (reservations hold a request's longest KV, so none happens), the prefill workers' own
 KV capacity (their batches are bounded by the token budget only), prefix-cache hits
@@ -29,11 +39,14 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
+import random
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from planner.profile import Profile, StepTimes
-from planner.servers import DecodeServer, Job, PrefillServer, SimRequest, kv_need
+from planner.servers import DecodeServer, Job, PrefillServer, SimRequest, Step, kv_need
+from planner.warmup import DECODE_BATCH, warmup_steps
 from proxy.cost_model import Coefficients, StepCostModel
 from proxy.placement import (
     DecodeView,
@@ -49,6 +62,7 @@ from proxy.placement import (
 
 TRANSPORTS = ("stream", "frames", "nccl")
 EWMA = 0.2  # the placer's running mean of finished output lengths (proxy/placer.py)
+HEARTBEAT_S = 0.5  # a worker's heartbeat interval (worker/config.py): how steps reach the proxy
 
 
 class SimulationError(ValueError):
@@ -71,6 +85,9 @@ class ClusterSpec:
     # True: the rule sees the placer's learned TTFT corrections (proxy/placer.py: per placement,
     # from 0, a running mean of measured minus predicted TTFT), not the overheads above
     learn_corrections: bool = False
+    online_fits: bool = False  # a cost model per worker, fitted online (see the module's text)
+    step_noise: float = 0.0  # sigma of each step's log-normal time factor (median 1)
+    noise_seed: int = 0
 
     def __post_init__(self) -> None:
         if self.num_prefill < 0 or self.num_decode < 1:
@@ -82,6 +99,8 @@ class ClusterSpec:
         if self.transport not in TRANSPORTS:
             raise SimulationError(f"transport must be one of {TRANSPORTS}, got {self.transport!r}")
         Slo(self.slo_ttft_s, self.slo_tpot_s)
+        if not (math.isfinite(self.step_noise) and 0.0 <= self.step_noise <= 2.0):
+            raise SimulationError(f"step noise must be a sigma in [0, 2], got {self.step_noise}")
 
     @property
     def is_colocated(self) -> bool:
@@ -136,9 +155,24 @@ class Simulation:
         limits = profile.engine
         self.budget = limits.max_num_batched_tokens
         capacity = spec.kv_capacity_tokens or limits.kv_capacity_tokens
-        self.prefills = [PrefillServer(self.times, self.budget) for _ in range(spec.num_prefill)]
+        self.rng = random.Random(spec.noise_seed)
+        noise = self._noise if spec.step_noise else None
+        self.prefills = [PrefillServer(self.times, self.budget, noise)
+                         for _ in range(spec.num_prefill)]
         self.decodes = [DecodeServer(self.times, self.budget, limits.max_num_seqs, capacity,
-                                     limits.block_size) for _ in range(spec.num_decode)]
+                                     limits.block_size, noise) for _ in range(spec.num_decode)]
+        # online fits: prefill workers' models, then decode workers'; steps not yet delivered
+        self.now = 0.0
+        self.models: list[StepCostModel] = []
+        self.undelivered: list[deque[tuple[float, Step]]] = []
+        if spec.online_fits:
+            room = min(limits.max_model_len, capacity // (DECODE_BATCH + 1)) - 9
+            for _ in range(spec.num_prefill + spec.num_decode):
+                model = StepCostModel(clock=lambda: self.now)
+                for step in warmup_steps(self.times, self.budget, room, noise or (lambda: 1.0)):
+                    model.observe(*step)
+                self.models.append(model)
+                self.undelivered.append(deque())
         self.mode = Placement.LOCAL if spec.is_colocated else Placement(spec.placement)
         self.slo = Slo(spec.slo_ttft_s, spec.slo_tpot_s)
         if not spec.is_colocated and not spec.transfer_gbps:
@@ -180,6 +214,7 @@ class Simulation:
         heapq.heappush(self.events, (at, next(self.seq), kind, index))
 
     def _arrive(self, now: float, index: int) -> None:
+        self._deliver(now)
         job = self.jobs[index]
         job.decode = self._route()
         decode = self.decodes[job.decode]
@@ -209,6 +244,7 @@ class Simulation:
         self._kick_prefill(now, job.prefill)
 
     def _prefill_end(self, now: float, p: int) -> None:
+        self._report(now, p, self.prefills[p].last_step)
         for job in self.prefills[p].finish_step():
             nbytes = job.request.prompt_tokens * self.profile.kv_bytes_per_token
             start = max(now, self.link_free[job.decode])
@@ -229,6 +265,7 @@ class Simulation:
         self._kick_decode(now, job.decode)
 
     def _decode_end(self, now: float, d: int) -> None:
+        self._report(now, self.spec.num_prefill + d, self.decodes[d].last_step)
         first, finished = self.decodes[d].finish_step(now)
         for job in first:
             self._learn(job)
@@ -259,6 +296,26 @@ class Simulation:
         if seconds is not None:
             self._push(now + seconds, 3, d)
 
+    # ---- the placer's cost models ----------------------------------------------------------
+    def _noise(self) -> float:
+        return math.exp(self.rng.gauss(0.0, self.spec.step_noise))
+
+    def _report(self, now: float, worker: int, step: Step) -> None:
+        """A step that ended at `now` reaches the proxy with the worker's next heartbeat."""
+        if self.models:
+            due = math.ceil(now / HEARTBEAT_S - 1e-9) * HEARTBEAT_S
+            self.undelivered[worker].append((due, step))
+
+    def _deliver(self, now: float) -> None:
+        self.now = now
+        for model, steps in zip(self.models, self.undelivered, strict=True):
+            while steps and steps[0][0] <= now:
+                model.observe(*steps.popleft()[1])
+
+    def _coef(self, worker: int) -> Coefficients:
+        """Worker `worker`'s step-cost fit as the placer sees it (prefill workers first)."""
+        return self.models[worker].coefficients if self.models else self.coef
+
     # ---- routing and the placement rule's views ----------------------------------------------
     def _route(self) -> int:
         def score(d: DecodeServer) -> tuple[int, int, int]:
@@ -271,19 +328,20 @@ class Simulation:
         return tied[(self.num_routed - 1) % len(tied)]
 
     def _prefill_views(self, now: float) -> list[PrefillView]:
-        return [PrefillView(str(i), self.coef,
+        return [PrefillView(str(i), self._coef(i),
                             (max(0.0, p.busy_until - now) if p.batch else 0.0)
-                            + prefill_seconds(self.coef, p.queued_tokens(), self.budget),
+                            + prefill_seconds(self._coef(i), p.queued_tokens(), self.budget),
                             0, self.budget) for i, p in enumerate(self.prefills)]
 
     def _decode_view(self, d: int, now: float) -> DecodeView:
         server = self.decodes[d]
+        coef = self._coef(self.spec.num_prefill + d)
         running = server.running + server.inbound
         local = server.prefilling + list(server.waiting)
         local_tokens = sum(j.num_uncomputed for j in local)
         chunk = min((j.chunk_cap for j in local if j.chunk_cap), default=0)
         context = sum(j.context for j in running)
-        local_s = prefill_seconds(self.coef, local_tokens, chunk or self.budget, len(running),
+        local_s = prefill_seconds(coef, local_tokens, chunk or self.budget, len(running),
                                   context)
         # remote prompts routed here whose KV has not landed, when the rule predicted it would
         # (local ones are in `local_s`; proxy/placer.py builds the same view)
@@ -298,7 +356,7 @@ class Simulation:
                                 max(self.output_len, 2.0 * j.num_generated)))
                    for j in running + expected]
         horizon = sum(lengths) / len(lengths) if lengths else self.output_len
-        return DecodeView(str(d), self.coef, len(running), context, local_s, chunk, 0,
+        return DecodeView(str(d), coef, len(running), context, local_s, chunk, 0,
                           self.budget, horizon, joining)
 
     def _transfer_view(self) -> TransferView:

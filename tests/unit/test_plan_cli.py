@@ -68,6 +68,16 @@ def test_plan_cluster_json(profile_path: str, capsys: pytest.CaptureFixture[str]
         for p, q in zip(c["points"], s["points"], strict=True):
             if p["tpot_p50_s"] is not None:
                 assert q["tpot_p50_s"] > p["tpot_p50_s"] + 0.005
+    # step noise (3 draws per rate) and online cost fits: the same configurations, noisier
+    # TPOTs, reproducible
+    noisy = ["plan", "cluster", "--profile", profile_path, "--num-devices", "2", "--json",
+             "--step-noise", "0.3", "--draws", "3", "--online-fits", *WORKLOAD]
+    assert main(noisy) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert main(noisy) == 0
+    assert json.loads(capsys.readouterr().out) == first
+    assert [c["name"] for c in first["configs"]] == names
+    assert first["configs"][0]["points"] != doc["configs"][0]["points"]
 
 
 def test_plain_plan_still_prints_the_kv_plan(capsys: pytest.CaptureFixture[str]) -> None:
@@ -84,6 +94,8 @@ def test_plain_plan_still_prints_the_kv_plan(capsys: pytest.CaptureFixture[str])
     (["--placements", "remote,elsewhere"], "--placements"),
     (["--num-devices", "0"], "--num-devices"),
     (["--step-overhead", "-3ms"], "--step-overhead"),
+    (["--step-noise", "-0.1"], "--step-noise"),
+    (["--draws", "0"], "--draws"),
 ])
 def test_parse_errors_name_the_flag(profile_path: str, argv: list[str], flag: str,
                                     capsys: pytest.CaptureFixture[str]) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.serving_trace import parse_log, point_report, step_model_errors
+from bench.serving_trace import noise_sigma, parse_log, point_report, step_model_errors
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
@@ -89,3 +89,14 @@ def test_a_slow_request_is_shown_with_the_steps_before_its_first_token() -> None
     row = [line for line in text.splitlines() if line.startswith("| 1 |")]
     assert row == ["| 1 | 0.20 | 500 | 950 | 20.0 | local | none | 1 | 500 | 200 | 2 | 0.900 | "
                    "800 | 7500 |"]
+
+
+def test_noise_sigma_recovers_a_log_normal_spread() -> None:
+    """The `--step-noise` the trace reports: a log-normal's sigma, whatever its median."""
+    import math
+    import random
+    rng = random.Random(0)
+    for sigma, median in ((0.1, 1.0), (0.3, 1.4)):
+        ratios = [median * math.exp(rng.gauss(0.0, sigma)) for _ in range(5000)]
+        assert noise_sigma(ratios) == pytest.approx(sigma, rel=0.1)
+    assert math.isnan(noise_sigma([1.0] * 5))  # too few steps to say
