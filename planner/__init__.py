@@ -16,6 +16,8 @@ Modules:
     profile     the profile's schema (JSON) and the step-time model interpolated from it
     workload    requests: Poisson arrivals over length distributions, or recorded ones
     servers     the prefill and decode worker models (token budget, chunking, KV capacity)
+    warmup      the steps of a worker's start-up warm-up (worker/warmup.py's rounds), which
+                the simulator's online cost models see first
     simulator   the discrete-event loop: routing, placement, reservation, transfer
     search      every xPyD split and colocated replicas over a rate sweep; goodput; the
                 recommendation and its `pdserve serve` command
