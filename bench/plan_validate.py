@@ -60,15 +60,18 @@ class SimModel:
     """How the simulator models what the profile does not hold (planner/simulator.py)."""
 
     step_noise: float = 0.0
+    prefill_noise: float = 0.0
     draws: int = 8
     online_fits: bool = False
 
     def apply(self, spec: ClusterSpec) -> ClusterSpec:
-        return replace(spec, step_noise=self.step_noise, online_fits=self.online_fits)
+        return replace(spec, step_noise=self.step_noise, prefill_noise=self.prefill_noise,
+                       online_fits=self.online_fits)
 
     def describe(self) -> str:
-        parts = [f"step noise sigma {self.step_noise:g} ({self.draws} draws per rate)"
-                 if self.step_noise else "no step noise",
+        parts = [f"step noise sigma {self.step_noise:g} with decodes, {self.prefill_noise:g} "
+                 f"without ({self.draws} draws per rate)"
+                 if self.step_noise or self.prefill_noise else "no step noise",
                  "online per-worker cost fits" if self.online_fits
                  else "one profile fit for every worker's placement cost model"]
         return "Simulator: " + ", ".join(parts) + "."
@@ -242,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--step-noise", type=float, default=0.0,
                    help="Sigma of each simulated step's log-normal time factor "
                         "(`pdserve plan cluster --step-noise`).")
+    p.add_argument("--prefill-noise", type=float, default=0.0,
+                   help="The same for steps without decoding sequences.")
     p.add_argument("--draws", type=int, default=8, help="With --step-noise: draws per rate.")
     p.add_argument("--online-fits", action="store_true",
                    help="Per-worker placement cost models fitted online (see plan cluster).")
@@ -257,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         take_cpu_profile(path, args.budget_s, args.cpu_core)
     profile = Profile.load(str(path))
     sweeps = [(f, json.loads(Path(f).read_text())) for f in args.sweeps]
-    model = SimModel(args.step_noise, args.draws, args.online_fits)
+    model = SimModel(args.step_noise, args.prefill_noise, args.draws, args.online_fits)
     overhead, step_overhead = serving_overhead(
         profile, sweeps[0][1], args.calibrate, args.transfer_gbps,
         args.unnamed_placement, model) if args.calibrate else (0.0, 0.0)

@@ -61,9 +61,11 @@ class PlanClusterConfig:
                 "(scheduling, streaming tokens to the proxy), e.g. 5ms; "
                 "`python -m bench.plan_validate --calibrate CONFIG` fits it on a measured run."})
     step_noise: float = field(default=0.0, metadata={
-        "help": "Sigma of a log-normal factor (median 1) drawn for every simulated step: "
-                "serving steps scatter around the profile's model (`python -m "
-                "bench.serving_trace` measures it; 0.2 on a 2-core VM, 2026-12-06); 0: none."})
+        "help": "Sigma of a log-normal factor (median 1) drawn for every simulated step with "
+                "decoding sequences: serving steps scatter around the profile's model (`python "
+                "-m bench.serving_trace` measures it; ~0.2 on a 2-core VM, 2026-12-06); 0: none."})
+    prefill_noise: float = field(default=0.0, metadata={
+        "help": "The same for steps without decoding sequences (prefill steps; ~0.1 there)."})
     draws: int = field(default=8, metadata={
         "help": "With --step-noise: simulations per rate (noise seeds), scored together."})
     online_fits: bool = field(default=False, metadata={
@@ -100,9 +102,10 @@ class PlanClusterConfig:
             raise ConfigError(f"--attainment must be in (0, 1], got {self.attainment}")
         if self.transfer_gbps < 0 or self.kv_capacity_tokens < 0:
             raise ConfigError("--transfer-gbps and --kv-capacity-tokens must be >= 0")
-        if not 0 <= self.step_noise <= 2 or self.draws < 1:
-            raise ConfigError(f"--step-noise must be in [0, 2] and --draws >= 1, got "
-                              f"{self.step_noise} and {self.draws}")
+        if not (0 <= self.step_noise <= 2 and 0 <= self.prefill_noise <= 2) or self.draws < 1:
+            raise ConfigError(f"--step-noise and --prefill-noise must be in [0, 2] and --draws "
+                              f">= 1, got {self.step_noise}, {self.prefill_noise} and "
+                              f"{self.draws}")
         if self.burstiness <= 0:
             raise ConfigError(f"--burstiness must be > 0, got {self.burstiness}")
         for p in self.placements.split(","):
@@ -217,7 +220,7 @@ def cmd_plan_cluster(args: argparse.Namespace) -> int:
         base = ClusterSpec(1, 1, "remote", cfg.slo_ttft, cfg.slo_tpot, transport,
                            cfg.remote_overhead, cfg.local_overhead, cfg.kv_capacity_tokens,
                            cfg.transfer_gbps, online_fits=cfg.online_fits,
-                           step_noise=cfg.step_noise)
+                           step_noise=cfg.step_noise, prefill_noise=cfg.prefill_noise)
         workload, sample, _ = workload_factory(cfg, dataset)
         rates = parse_rates(cfg.rates) if cfg.rates else default_rates(times, sample,
                                                                        cfg.num_devices)

@@ -100,7 +100,7 @@ def run_config(profile: Profile, spec: ClusterSpec, rates: Sequence[float],
     times = times or StepTimes(profile)
     coef = fit_coefficients(profile)
     ttft, tpot = slo_ttft_s or spec.slo_ttft_s, slo_tpot_s or spec.slo_tpot_s
-    seeds = [spec.noise_seed + k for k in range(draws if spec.step_noise else 1)]
+    seeds = [spec.noise_seed + k for k in range(draws if spec.is_noisy else 1)]
     points = []
     for rate in rates:
         requests = workload(rate)

@@ -4,7 +4,10 @@ Both run steps as the engine's scheduler builds them (engine/scheduler.py): a st
 most `max_num_batched_tokens` tokens; running sequences go first, oldest first, one token each
 when decoding; prompts are chunked to fit the budget and each sequence's chunk cap; waiting
 sequences join while the budget, `max_num_seqs` and the KV cache allow. A step's duration comes
-from the profile (`StepTimes.step_s`); tokens appear when the step ends.
+from the profile (`StepTimes.step_s`), times a draw of the simulation's step noise where it has
+one (`noise(decode sequences in the step)`); tokens appear when the step ends. Each server keeps
+its last step as the engine reports it (`last_step`: seconds, prefill tokens, decode sequences,
+context tokens as engine/llm_engine.py counts them) for the simulator's online cost models.
 
 A `Job` is one request's simulated state; the servers own the jobs they hold and hand finished
 or prefilled ones back to the simulator, which owns everything between servers.
@@ -66,7 +69,7 @@ class PrefillServer:
     """Prefill worker: FIFO queue, steps of prompt chunks under the token budget."""
 
     def __init__(self, times: StepTimes, budget: int,
-                 noise: Callable[[], float] | None = None) -> None:
+                 noise: Callable[[int], float] | None = None) -> None:
         self.times, self.budget, self.noise = times, budget, noise
         self.last_step: Step = (0.0, 0, 0, 0)
         self.queue: deque[Job] = deque()
@@ -86,7 +89,7 @@ class PrefillServer:
             left, tokens = left - n, tokens + n
             token_context += n * job.num_computed
         seconds = self.times.step_s(tokens, token_context, 0, 0)
-        seconds *= self.noise() if self.noise else 1.0
+        seconds *= self.noise(0) if self.noise else 1.0
         self.last_step = (seconds, tokens, 0, tokens + sum(j.num_computed for j, _ in self.batch))
         self.busy_until = now + seconds
         return seconds
@@ -113,7 +116,7 @@ class DecodeServer:
     reservation to finish)."""
 
     def __init__(self, times: StepTimes, budget: int, max_num_seqs: int, capacity: int,
-                 block_size: int, noise: Callable[[], float] | None = None) -> None:
+                 block_size: int, noise: Callable[[int], float] | None = None) -> None:
         self.times, self.budget, self.max_num_seqs = times, budget, max_num_seqs
         self.noise = noise
         self.last_step: Step = (0.0, 0, 0, 0)
@@ -187,7 +190,7 @@ class DecodeServer:
         self.is_busy = True
         decode_context = sum(j.context for j in self.running)
         seconds = self.times.step_s(tokens, token_context, len(self.running), decode_context)
-        seconds *= self.noise() if self.noise else 1.0
+        seconds *= self.noise(len(self.running)) if self.noise else 1.0
         self.last_step = (seconds, tokens, len(self.running), decode_context + tokens
                           + sum(j.num_computed for j, _ in self.batch))
         self.step_end_s = now + seconds

@@ -25,14 +25,14 @@ MIXED_PROMPT, MIXED_CHUNK = 128, 32
 
 
 def warmup_steps(times: StepTimes, budget: int, room: int,
-                 noise: Callable[[], float] = lambda: 1.0) -> list[Step]:
+                 noise: Callable[[int], float] = lambda seqs: 1.0) -> list[Step]:
     """`room`: the longest sequence the warm-up may build (worker/warmup.py: the smaller of
     max_model_len and a fifth of the KV cache, less 9 tokens)."""
     steps: list[Step] = []
 
     def step(prefill: int, token_context: float, seqs: int, decode_context: int,
              context: int) -> None:
-        seconds = times.step_s(prefill, token_context, seqs, decode_context) * noise()
+        seconds = times.step_s(prefill, token_context, seqs, decode_context) * noise(seqs)
         steps.append((seconds, prefill, seqs, context))
 
     for n in PROMPT_LENGTHS:

@@ -71,7 +71,8 @@ def test_plan_cluster_json(profile_path: str, capsys: pytest.CaptureFixture[str]
     # step noise (3 draws per rate) and online cost fits: the same configurations, noisier
     # TPOTs, reproducible
     noisy = ["plan", "cluster", "--profile", profile_path, "--num-devices", "2", "--json",
-             "--step-noise", "0.3", "--draws", "3", "--online-fits", *WORKLOAD]
+             "--step-noise", "0.3", "--prefill-noise", "0.1", "--draws", "3", "--online-fits",
+             *WORKLOAD]
     assert main(noisy) == 0
     first = json.loads(capsys.readouterr().out)
     assert main(noisy) == 0
@@ -96,6 +97,7 @@ def test_plain_plan_still_prints_the_kv_plan(capsys: pytest.CaptureFixture[str])
     (["--step-overhead", "-3ms"], "--step-overhead"),
     (["--step-noise", "-0.1"], "--step-noise"),
     (["--draws", "0"], "--draws"),
+    (["--prefill-noise", "3"], "--prefill-noise"),
 ])
 def test_parse_errors_name_the_flag(profile_path: str, argv: list[str], flag: str,
                                     capsys: pytest.CaptureFixture[str]) -> None:

@@ -18,10 +18,14 @@ from tests.unit.planner_fixtures import small_profile
 
 
 def test_step_noise_is_a_seeded_log_normal_factor_of_median_one() -> None:
-    sim = Simulation(small_profile(), ClusterSpec(1, 1, step_noise=0.2, noise_seed=3))
-    logs = [math.log(sim._noise()) for _ in range(4000)]
-    assert abs(statistics.fmean(logs)) < 0.01
-    assert statistics.stdev(logs) == pytest.approx(0.2, rel=0.05)
+    sim = Simulation(small_profile(), ClusterSpec(1, 1, step_noise=0.2, prefill_noise=0.05,
+                                                  noise_seed=3))
+    for decode_seqs, sigma in ((1, 0.2), (8, 0.2), (0, 0.05)):
+        logs = [math.log(sim._noise(decode_seqs)) for _ in range(4000)]
+        assert abs(statistics.fmean(logs)) < 0.01
+        assert statistics.stdev(logs) == pytest.approx(sigma, rel=0.05)
+    quiet_prefill = Simulation(small_profile(), ClusterSpec(1, 1, step_noise=0.2))
+    assert {quiet_prefill._noise(0) for _ in range(10)} == {1.0}
     reqs = [SimRequest(0.1 * i, 256, 20) for i in range(10)]
     spec = ClusterSpec(1, 1, step_noise=0.2, noise_seed=3)
     assert simulate(small_profile(), spec, reqs) == simulate(small_profile(), spec, reqs)
@@ -60,6 +64,8 @@ def test_bad_noise_is_a_typed_error() -> None:
         ClusterSpec(1, 1, step_noise=-0.1)
     with pytest.raises(SimulationError, match="step noise"):
         ClusterSpec(1, 1, step_noise=math.nan)
+    with pytest.raises(SimulationError, match="step noise"):
+        ClusterSpec(1, 1, prefill_noise=2.5)
 
 
 def test_online_models_start_from_the_warm_up_and_see_steps_a_heartbeat_late() -> None:
