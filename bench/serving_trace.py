@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import gzip
 import json
 import math
 import re
@@ -180,10 +181,12 @@ def report(sweep: dict[str, Any], log_dir: Path, times: StepTimes | None) -> str
     pooled: dict[str, list[float]] = {}
     for config in sweep["configs"]:
         log = log_dir / f"server_{config['name']}.log"
-        if not log.is_file():
-            out += ["", f"## {config['name']}: no log at {log}"]
+        packed = log.with_name(log.name + ".gz")  # as results keep them
+        if not log.is_file() and not packed.is_file():
+            out += ["", f"## {config['name']}: no log at {log} (or {packed.name})"]
             continue
-        with log.open(errors="replace") as f:
+        with (log.open(errors="replace") if log.is_file()
+              else gzip.open(packed, "rt", errors="replace")) as f:
             steps, placed = parse_log(f)
         out += ["", f"## {config['name']}: {len(steps)} step lines, {len(placed)} placement lines"]
         if not steps:

@@ -100,3 +100,25 @@ def test_noise_sigma_recovers_a_log_normal_spread() -> None:
         ratios = [median * math.exp(rng.gauss(0.0, sigma)) for _ in range(5000)]
         assert noise_sigma(ratios) == pytest.approx(sigma, rel=0.1)
     assert math.isnan(noise_sigma([1.0] * 5))  # too few steps to say
+
+
+def test_a_gzipped_log_reads_as_the_plain_one(tmp_path: Path) -> None:
+    """Results keep server logs gzipped (server_<config>.log.gz); the report is the same."""
+    import gzip
+
+    from bench.serving_trace import report
+    lines = ["2026-12-06 19:54:19,149 DEBUG [decode decode-0] engine.llm_engine: step 119.3 ms: "
+             "16 prefill tokens in 1 prompts (token context 0), 0 decoding over 0 context tokens",
+             "2026-12-06 19:54:19,231 DEBUG [decode decode-0] engine.llm_engine: step 81.7 ms: "
+             "0 prefill tokens in 0 prompts (token context 0), 1 decoding over 17 context tokens"]
+    sweep = {"slo": {"ttft_s": 1.0, "tpot_s": 0.05}, "configs": [{"name": "c", "points": []}]}
+    plain, packed = tmp_path / "plain", tmp_path / "packed"
+    plain.mkdir()
+    packed.mkdir()
+    (plain / "server_c.log").write_text("\n".join(lines) + "\n")
+    with gzip.open(packed / "server_c.log.gz", "wt") as f:
+        f.write("\n".join(lines) + "\n")
+    text = report(sweep, plain, None)
+    assert "## c: 2 step lines" in text
+    assert report(sweep, packed, None) == text.replace(str(plain), str(packed))
+    assert "no log at" in report(sweep, tmp_path, None)
