@@ -1,0 +1,20 @@
+"""`kill PID` (SIGTERM: systemd, docker stop, Kubernetes) stops a local deployment and its worker
+processes, as Ctrl-C does. uvicorn shuts down gracefully on SIGTERM and then raises it again;
+with the default action that ended the launcher before it stopped its workers, which lived on
+holding their weights and KV cache."""
+
+from __future__ import annotations
+
+import signal
+
+from serving import DISAGG, assert_exits, serve
+
+
+def test_sigterm_stops_the_launcher_and_every_worker() -> None:
+    with serve(*DISAGG) as s:
+        pids = s.worker_pids()
+        assert len(pids) == 2
+        s.proc.send_signal(signal.SIGTERM)
+        assert s.proc.wait(60) == 0
+        for worker, pid in pids.items():
+            assert_exits(pid, 20, f"worker {worker} (pid {pid}) after SIGTERM to the launcher")
