@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
+from types import FrameType
 
 import torch
 import uvicorn
@@ -222,6 +223,17 @@ def worker_cpus(serve: ServeConfig, num_workers: int) -> tuple[list[str], int]:
         return [""] * num_workers, threads
     cores = sorted(parse_cpus(serve.cpu_affinity))
     return [str(cores[i % len(cores)]) for i in range(num_workers)], serve.worker_threads or 1
+
+
+def interrupt_on_sigterm() -> None:
+    """SIGTERM (`kill`, systemd, docker stop) takes the Ctrl-C path: KeyboardInterrupt in the
+    main thread, so a launcher's cleanup runs. (uvicorn shuts down on SIGTERM and then raises
+    it again: with the default action the launcher died before it stopped its workers.)"""
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
 
 
 def cluster_config(serve: ServeConfig, **overrides: object) -> ClusterConfig:

@@ -27,13 +27,11 @@ import contextlib
 import dataclasses
 import logging
 import os
-import signal
 import sys
 import time
-from types import FrameType
 from typing import Any
 
-from deploy.local_launcher import ServeConfig, cluster_secret
+from deploy.local_launcher import ServeConfig, cluster_secret, interrupt_on_sigterm
 from deploy.ray_config import PROXY_ACTOR, TP_STRATEGY, RayConfig, resolve_node
 from engine.checkpoint import read_model_config
 from engine.config import ConfigError, EngineConfig
@@ -114,10 +112,6 @@ def remove_deployment(ray: Any, config: RayConfig, timeout_s: float = 10.0) -> l
     return sorted(handles)
 
 
-def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
-
-
 class RayDeployment:
     def __init__(self, serve: ServeConfig, engine: EngineConfig, config: RayConfig,
                  log_level: str = "INFO") -> None:
@@ -136,7 +130,7 @@ class RayDeployment:
             tensor_parallel_size=self.serve.tp_of(role, self.engine.tensor_parallel_size))
             for role, profile in (("prefill", self.serve.prefill_profile),
                                   ("decode", self.serve.decode_profile))}
-        signal.signal(signal.SIGTERM, _raise_interrupt)
+        interrupt_on_sigterm()
         self.ray = connect(self.config.address, self.config.deployment_name,
                            start_local=not self.config.detach)
         is_up = False

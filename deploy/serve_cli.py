@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 import sys
 from dataclasses import replace
-from types import FrameType
 
-from deploy.local_launcher import LocalDeployment, ServeConfig
+from deploy.local_launcher import LocalDeployment, ServeConfig, interrupt_on_sigterm
 from deploy.ray_config import RayConfig
 from deploy.worker_net import WorkerNetConfig
 from engine.config import ConfigError, EngineConfig
@@ -42,10 +40,6 @@ def engine_args(args: argparse.Namespace) -> list[str]:
     return out
 
 
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
         serve = dataclass_from_args(ServeConfig, args)
@@ -69,11 +63,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if replace(ray_config, max_restarts=RayConfig.max_restarts) != RayConfig():
         raise ConfigError("the Ray flags (--address, --proxy-node, ...) need --ray")
     deployment = LocalDeployment(serve, engine, engine_args(args), ray_config.max_restarts)
-    # SIGTERM (`kill`, systemd, docker stop) stops the deployment as Ctrl-C does. Without this,
-    # uvicorn, which shuts down gracefully on SIGTERM and then raises the signal again, left the
-    # default action to end this process before it stopped its workers: orphans, each holding
-    # its weights and KV cache (2026-12-06: 16 of them, ~1 GiB each, took a 24 GiB VM to OOM).
-    signal.signal(signal.SIGTERM, _interrupt)
+    # SIGTERM stops the deployment as Ctrl-C does (before, it left the workers running: 16
+    # orphans of ~1 GiB each took a 24 GiB VM to OOM on 2026-12-06)
+    interrupt_on_sigterm()
     try:
         asyncio.run(deployment.serve_forever())
     except KeyboardInterrupt:

@@ -48,7 +48,7 @@ from dataclasses import dataclass
 
 from planner.profile import Profile, StepTimes
 from planner.servers import DecodeServer, Job, PrefillServer, SimRequest, Step, kv_need
-from planner.warmup import DECODE_BATCH, warmup_steps
+from planner.warmup import warmup_room, warmup_steps
 from proxy.cost_model import Coefficients, StepCostModel
 from proxy.placement import (
     DecodeView,
@@ -174,7 +174,7 @@ class Simulation:
         self.models: list[StepCostModel] = []
         self.undelivered: list[deque[tuple[float, Step]]] = []
         if spec.online_fits:
-            room = min(limits.max_model_len, capacity // (DECODE_BATCH + 1)) - 9
+            room = warmup_room(limits.max_model_len, capacity)
             for _ in range(spec.num_prefill + spec.num_decode):
                 model = StepCostModel(clock=lambda: self.now)
                 for step in warmup_steps(self.times, self.budget, room, noise or (lambda _: 1.0)):
@@ -337,10 +337,13 @@ class Simulation:
         return tied[(self.num_routed - 1) % len(tied)]
 
     def _prefill_views(self, now: float) -> list[PrefillView]:
-        return [PrefillView(str(i), self._coef(i),
-                            (max(0.0, p.busy_until - now) if p.batch else 0.0)
-                            + prefill_seconds(self._coef(i), p.queued_tokens(), self.budget),
-                            0, self.budget) for i, p in enumerate(self.prefills)]
+        views = []
+        for i, p in enumerate(self.prefills):
+            coef = self._coef(i)
+            busy = max(0.0, p.busy_until - now) if p.batch else 0.0
+            views.append(PrefillView(str(i), coef, busy + prefill_seconds(
+                coef, p.queued_tokens(), self.budget), 0, self.budget))
+        return views
 
     def _decode_view(self, d: int, now: float) -> DecodeView:
         server = self.decodes[d]

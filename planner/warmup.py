@@ -24,10 +24,15 @@ DECODE_BATCH = 4
 MIXED_PROMPT, MIXED_CHUNK = 128, 32
 
 
+def warmup_room(max_model_len: int, kv_capacity_tokens: int) -> int:
+    """The longest sequence the warm-up builds (worker/warmup.py): room for a batch of
+    `DECODE_BATCH` plus one prompt in the KV cache, less 9 tokens."""
+    return min(max_model_len, kv_capacity_tokens // (DECODE_BATCH + 1)) - 9
+
+
 def warmup_steps(times: StepTimes, budget: int, room: int,
                  noise: Callable[[int], float] = lambda seqs: 1.0) -> list[Step]:
-    """`room`: the longest sequence the warm-up may build (worker/warmup.py: the smaller of
-    max_model_len and a fifth of the KV cache, less 9 tokens)."""
+    """`room`: the longest sequence the warm-up may build (`warmup_room`)."""
     steps: list[Step] = []
 
     def step(prefill: int, token_context: float, seqs: int, decode_context: int,

@@ -13,7 +13,7 @@ from planner.profile import StepTimes
 from planner.search import run_config
 from planner.servers import SimRequest
 from planner.simulator import ClusterSpec, Simulation, SimulationError, simulate
-from planner.warmup import warmup_steps
+from planner.warmup import warmup_room, warmup_steps
 from tests.unit.planner_fixtures import small_profile
 
 
@@ -74,7 +74,7 @@ def test_online_models_start_from_the_warm_up_and_see_steps_a_heartbeat_late() -
     1.6 s also on that step."""
     profile = small_profile()
     times = StepTimes(profile)
-    warm = warmup_steps(times, 2048, min(4096, 100_000 // 5) - 9)
+    warm = warmup_steps(times, 2048, warmup_room(4096, 100_000))
     spec = ClusterSpec(1, 1, online_fits=True)
     for second, seen in ((1.4, 0), (1.6, 1)):
         sim = Simulation(profile, spec)

@@ -44,15 +44,15 @@ def test_the_planners_warm_up_steps_are_the_workers(
     planner imports no torch): the same steps, each with the same prefill tokens, decode
     sequences and context as the engine reports them."""
     from planner.profile import StepTimes
-    from planner.warmup import warmup_steps
+    from planner.warmup import warmup_room, warmup_steps
     from tests.unit.planner_fixtures import small_profile
 
     cfg = EngineConfig(model=str(tiny_hf_checkpoint("llama_gqa")), kv_cache_memory="8MiB",
                        max_model_len=512, block_size=16, max_num_batched_tokens=200)
     engine = LLMEngine.from_config(cfg, log_plan=False)
     warm_up(engine, budget_s=60.0)
-    room = min(engine.plan.max_model_len,
-               engine.cache.pool.num_blocks * engine.cache.block_size // (DECODE_BATCH + 1)) - 9
+    room = warmup_room(engine.plan.max_model_len,
+                       engine.cache.pool.num_blocks * engine.cache.block_size)
     engine_steps = [(s.num_prefill_tokens, s.num_decode_seqs, s.num_context_tokens)
                     for s in engine.step_log]
     planned = [(p, d, c) for _, p, d, c in warmup_steps(StepTimes(small_profile()), 200, room)]
