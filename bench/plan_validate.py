@@ -254,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tag", default="cpu")
     p.add_argument("--out-dir", default="bench/results")
     args = p.parse_args(argv)
+    if args.draws < 1 or not (0 <= args.step_noise <= 2 and 0 <= args.prefill_noise <= 2):
+        p.error("--draws must be >= 1 and --step-noise, --prefill-noise in [0, 2]")
     day = time.strftime("%Y-%m-%d")
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,13 @@ from dataclasses import dataclass, replace
 
 from planner.profile import Profile, StepTimes
 from planner.servers import SimRequest
-from planner.simulator import ClusterSpec, RequestOutcome, Simulation, fit_coefficients
+from planner.simulator import (
+    ClusterSpec,
+    RequestOutcome,
+    Simulation,
+    SimulationError,
+    fit_coefficients,
+)
 
 
 @dataclass(frozen=True)
@@ -97,6 +103,8 @@ def run_config(profile: Profile, spec: ClusterSpec, rates: Sequence[float],
     given (a measured run whose servers kept their default SLOs), else against the spec's.
     With step noise, each rate is simulated `draws` times (noise seeds spec.noise_seed + k)
     and scored over all of them: the prediction is the noise's distribution, not one draw."""
+    if draws < 1:
+        raise SimulationError(f"draws must be >= 1, got {draws}")
     times = times or StepTimes(profile)
     coef = fit_coefficients(profile)
     ttft, tpot = slo_ttft_s or spec.slo_ttft_s, slo_tpot_s or spec.slo_tpot_s

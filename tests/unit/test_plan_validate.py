@@ -68,3 +68,13 @@ def test_calibration_fits_the_overheads_on_one_point() -> None:
     assert p50 == pytest.approx(measured, rel=0.05)
     with pytest.raises(SystemExit, match="no such configuration"):
         serving_overhead(profile, sweep, "4p4d", 0.0)
+
+
+@pytest.mark.parametrize("flags", [["--draws", "0"], ["--step-noise", "-1"],
+                                   ["--prefill-noise", "3"]])
+def test_bad_noise_flags_are_refused(flags: list[str],
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.plan_validate import main
+    with pytest.raises(SystemExit) as e:
+        main(["--profile", "bench/results/profile_cpu_2026-12-06_night.json", *flags])
+    assert e.value.code == 2 and "--draws must be >= 1" in capsys.readouterr().err

@@ -66,6 +66,9 @@ def test_bad_noise_is_a_typed_error() -> None:
         ClusterSpec(1, 1, step_noise=math.nan)
     with pytest.raises(SimulationError, match="step noise"):
         ClusterSpec(1, 1, prefill_noise=2.5)
+    with pytest.raises(SimulationError, match="draws"):
+        run_config(small_profile(), ClusterSpec(1, 1, step_noise=0.2), [1.0],
+                   lambda rate: [SimRequest(0.0, 16, 2)], 0.9, draws=0)
 
 
 def test_online_models_start_from_the_warm_up_and_see_steps_a_heartbeat_late() -> None:
