@@ -2,33 +2,67 @@
 # Adaptive placement against the two static splits on this machine's cores (issue 21's
 # benchmark): 1p1d (--placement remote), colocated-x2, adaptive (1 prefill + 1 decode), each
 # worker pinned to its own core with one torch thread (--cpu-affinity 0,1), the same two cores
-# for every configuration; the proxy and the load generator are not pinned and share them.
+# for every configuration; the proxy and the load generator are not pinned and share them
+# (measured 2026-12-07: the proxy takes ~2.5 % of a core at 0.3 req/s, the load generator less).
 #
 #   bash bench/placement_sweep.sh [prefill_heavy|interference|both]
 #   (NUM_PROMPTS=40 RATES_A=0.15,0.25,0.35 RATES_B=... SUFFIX=_hires: more requests, other rates,
-#   another results name; TRACE=1: servers at DEBUG, logs kept in bench/results/logs_<name>...,
-#   for `python -m bench.serving_trace`)
+#   another results name; TRACE=1: servers at DEBUG, logs kept (gzipped) in
+#   bench/results/logs_<name>..., for `python -m bench.serving_trace`;
+#   BRACKET=1: the planner's validation run (issue 15): each configuration is its own sweep,
+#   with a CPU profile (`pdserve profile`, one thread on core 0) taken before it and one after
+#   the last, so each configuration is predicted from the profile taken just before it and the
+#   machine's drift shows between consecutive profiles)
 #
-# Results: bench/results/placement_cpu_<workload>_<date>.{md,json,png} (+ the command).
+# Results: bench/results/placement_cpu_<workload>_<date>[_<config>].{md,json,png} (+ the
+# command); with BRACKET=1 also profile_cpu_<date><SUFFIX>_b<n>.json.
 set -u -o pipefail
 which=${1:-both}
 day=$(date -u +%Y-%m-%d)
 export OMP_WAIT_POLICY=PASSIVE
 common="--kv-cache-memory 256MiB --max-model-len 2048 --heartbeat-timeout-s 30 --cpu-affinity 0,1"
+profiles=0
+
+profile() {  # a CPU profile as bench.plan_validate takes one (same engine flags as the workers)
+    local out="bench/results/profile_cpu_${day}${SUFFIX:-}_b${profiles}.json"
+    pdserve profile --out "$out" --budget-s 240 --threads 1 --cpu-core 0 \
+        --kv-cache-memory 256MiB --max-model-len 2048 > /dev/null 2>&1 \
+        && echo "profile $profiles -> $out ($(date -u +%H:%M:%S))"
+    profiles=$((profiles + 1))
+}
 
 sweep() {  # name slo_ttft slo_tpot rates workload-flags...
-    local name=$1 ttft=$2 tpot=$3 rates=$4 logs="/tmp/placement_$1_logs"
-    [ -n "${TRACE:-}" ] && logs="bench/results/logs_placement_${name}_${day}${SUFFIX:-}"
+    local name=$1 ttft=$2 tpot=$3 rates=$4
     shift 4
-    pdserve bench sweep \
-        --config "1p1d=--prefill 1 --decode 1 --placement remote" \
-        --config "colocated-x2=--colocated --decode 2" \
-        --config "adaptive=--prefill 1 --decode 1 --placement adaptive --slo-ttft $ttft --slo-tpot $tpot" \
+    local configs=("1p1d=--prefill 1 --decode 1 --placement remote"
+                   "colocated-x2=--colocated --decode 2"
+                   "adaptive=--prefill 1 --decode 1 --placement adaptive --slo-ttft $ttft --slo-tpot $tpot")
+    if [ -z "${BRACKET:-}" ]; then
+        one "$name" "$ttft" "$tpot" "$rates" "" "${configs[@]}" -- "$@"
+        return
+    fi
+    for c in "${configs[@]}"; do
+        profile
+        one "$name" "$ttft" "$tpot" "$rates" "_${c%%=*}" "$c" -- "$@"
+    done
+}
+
+one() {  # name slo_ttft slo_tpot rates tail configs... -- workload-flags...
+    local name=$1 ttft=$2 tpot=$3 rates=$4 tail=$5 cfg=()
+    shift 5
+    while [ "$1" != -- ]; do cfg+=(--config "$1"); shift; done
+    shift
+    local stem="placement_cpu_${name}_${day}${SUFFIX:-}${tail}" logs
+    logs=$(mktemp -d)
+    [ -n "${TRACE:-}" ] && logs="bench/results/logs_placement_${name}_${day}${SUFFIX:-}${tail}"
+    pdserve bench sweep "${cfg[@]}" \
         --serve-args "$common" --request-rates "$rates" --num-prompts "${NUM_PROMPTS:-20}" --seed 0 \
         --slo-ttft "$ttft" --slo-tpot "$tpot" --warmup 2 --no-progress "$@" \
         --note "2-core VM; workers pinned one per core (--cpu-affinity 0,1), 1 torch thread each; proxy and load generator unpinned, sharing both cores. ${NUM_PROMPTS:-20} requests per rate." \
-        --output "bench/results/placement_cpu_${name}_${day}${SUFFIX:-}" \
+        --output "bench/results/${stem}" \
         ${TRACE:+--server-log-level debug} --log-dir "$logs"
+    [ -n "${TRACE:-}" ] && gzip -f "$logs"/*.log
+    return 0
 }
 
 if [ "$which" = prefill_heavy ] || [ "$which" = both ]; then
@@ -39,3 +73,5 @@ if [ "$which" = interference ] || [ "$which" = both ]; then
     # (b) short-to-medium prompts, longer outputs, tight TPOT: colocated prefills stall decodes
     sweep interference 2s 150ms "${RATES_B:-0.25,0.5,0.75,1,1.25}" --input-len 128 --output-len 48
 fi
+[ -n "${BRACKET:-}" ] && profile
+exit 0

@@ -9,6 +9,9 @@ Targets (issue 15): goodput within one rate step of the measured one; p90 TTFT a
 
     # CPU, this machine: take the profile as the sweeps ran (one torch thread, pinned), compare
     python -m bench.plan_validate --take-profile --budget-s 300
+    # each configuration its own sweep with a profile taken just before it
+    # (BRACKET=1 bash bench/placement_sweep.sh): each sweep against its own profile
+    python -m bench.plan_validate --sweeps a.json b.json --profiles pa.json pb.json --calibrate 1p1d
     # a profile taken elsewhere (bench/gpu_profile.sh), against the 2xH200 sweep
     python -m bench.plan_validate --profile bench/results/profile_h100_llama3-8b-shape.json \
         --sweeps bench/results/sweep_h200x2_2026-11-22.json --transfer-gbps 205.8 --tag gpu
@@ -187,6 +190,25 @@ def compare(profile: Profile, sweep: dict[str, Any], gbps: float,
     return {"sweep": sweep["command"], "slo": slo, "rates": rates, "configs": configs}
 
 
+# what the drift table reads from each profile: (label, prefill tokens, decode sequences, context)
+DRIFT_PROBES = (("prefill 512 tokens", 512, 0, 0), ("decode 1 seq at 600 tokens", 0, 1, 600),
+                ("decode 4 seqs at 600 tokens each", 0, 4, 2400))
+
+
+def drift(profiles: list[tuple[str, Profile]]) -> list[dict[str, Any]]:
+    """The same steps as each profile models them, relative to the first profile: how much the
+    machine moved between profiles (a 2-core VM's decode steps moved 10-45 % within 70 minutes,
+    2026-12-06)."""
+    rows, first = [], None
+    for path, profile in profiles:
+        times = StepTimes(profile)
+        ms = [1e3 * times.step_s(p, 0, d, c) for _, p, d, c in DRIFT_PROBES]
+        first = first or ms
+        rows.append({"profile": path, "date": profile.meta.get("date"), "step_ms": ms,
+                     "vs_first": [m / f for m, f in zip(ms, first, strict=True)]})
+    return rows
+
+
 def _fmt(x: float | None, scale: float = 1000.0) -> str:
     return "-" if x is None else f"{x * scale:.0f}"
 
@@ -196,6 +218,16 @@ def markdown(doc: dict[str, Any]) -> str:
              f"`{doc['command']}`", "", f"Profile: {doc['profile_path']} ({doc['device']}, "
              f"taken {doc['profile_date']}). {doc['note']}", "",
              doc.get("simulator", ""), ""]
+    if len(doc.get("drift", [])) > 1:
+        lines += ["Each sweep is predicted from its own profile (below, with the sweep). The same "
+                  "steps as each profile models them (ms; x the first profile):", "",
+                  "| profile | taken | " + " | ".join(p[0] for p in DRIFT_PROBES) + " |",
+                  "| --- | --- |" + " ---: |" * len(DRIFT_PROBES)]
+        for d in doc["drift"]:
+            lines.append(f"| {Path(d['profile']).name} | {d['date']} | " + " | ".join(
+                f"{m:.0f} (x{r:.2f})" for m, r in zip(d["step_ms"], d["vs_first"], strict=True))
+                + " |")
+        lines.append("")
     if doc.get("calibrated_on"):
         lines += [f"Serving overhead {doc['serving_overhead_s'] * 1000:.0f} ms added to every "
                   f"TTFT and {doc.get('step_overhead_s', 0.0) * 1000:.1f} ms to every model "
@@ -203,7 +235,9 @@ def markdown(doc: dict[str, Any]) -> str:
                   f"predicted TPOT p50, then TTFT p50); every other point tests them.", ""]
     for v in doc["validations"]:
         slo = v["slo"]
-        lines += [f"## {Path(v['sweep_file']).name}", "", f"SLO TTFT {slo['ttft_s']} s, TPOT "
+        own = (f"Profile: {Path(v['profile']).name} (taken {v['profile_date']}). "
+               if len(doc.get("drift", [])) > 1 else "")
+        lines += [f"## {Path(v['sweep_file']).name}", "", own + f"SLO TTFT {slo['ttft_s']} s, TPOT "
                   f"{slo['tpot_s'] * 1000:.0f} ms, attainment {slo['attainment']:.0%}. "
                   f"Measured: `{v['sweep'][:160]}...`", "",
                   "| config | rate | attainment pred / meas | TTFT p90 ms pred / meas (err %) | "
@@ -223,12 +257,20 @@ def markdown(doc: dict[str, Any]) -> str:
                          f"{'yes' if c['goodput_ok'] else 'no'} | "
                          f"{'yes' if c['p90_within_25pct'] else 'no'} |")
         lines.append("")
+    configs = [c for v in doc["validations"] for c in v["configs"]]
+    lines.append(f"In all: goodput within one rate step {sum(c['goodput_ok'] for c in configs)} "
+                 f"of {len(configs)}; p90 within 25 % at every SLO-meeting point "
+                 f"{sum(c['p90_within_25pct'] for c in configs)} of {len(configs)}.")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--profile", default=None, help="An existing profile JSON.")
+    p.add_argument("--profiles", nargs="+", default=None,
+                   help="One profile JSON per sweep (in --sweeps' order): each sweep is predicted "
+                        "from its own (taken just before it); --calibrate uses the first pair. "
+                        "One more (taken after the last sweep) joins only the drift table.")
     p.add_argument("--take-profile", action="store_true",
                    help="Take a CPU profile first (one thread, pinned to --cpu-core).")
     p.add_argument("--budget-s", type=float, default=300.0)
@@ -256,30 +298,39 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.draws < 1 or not (0 <= args.step_noise <= 2 and 0 <= args.prefill_noise <= 2):
         p.error("--draws must be >= 1 and --step-noise, --prefill-noise in [0, 2]")
+    if args.profiles is not None and (args.profile or args.take_profile
+                                      or len(args.profiles) - len(args.sweeps) not in (0, 1)):
+        p.error("--profiles takes one profile per sweep (and one after the last), and neither "
+                "--profile nor --take-profile")
     day = time.strftime("%Y-%m-%d")
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = Path(args.profile or out / f"profile_{args.tag}_{day}.json")
     if args.take_profile:
         take_cpu_profile(path, args.budget_s, args.cpu_core)
-    profile = Profile.load(str(path))
+    every = args.profiles or [str(path)]
+    paths = args.profiles[:len(args.sweeps)] if args.profiles else every * len(args.sweeps)
+    profiles = {f: Profile.load(f) for f in every}
+    profile = profiles[paths[0]]
     sweeps = [(f, json.loads(Path(f).read_text())) for f in args.sweeps]
     model = SimModel(args.step_noise, args.prefill_noise, args.draws, args.online_fits)
     overhead, step_overhead = serving_overhead(
         profile, sweeps[0][1], args.calibrate, args.transfer_gbps,
         args.unnamed_placement, model) if args.calibrate else (0.0, 0.0)
-    validations = [{"sweep_file": f, **compare(profile, sweep, args.transfer_gbps,
-                                               args.unnamed_placement, overhead, step_overhead,
-                                               model)}
-                   for f, sweep in sweeps]
+    validations = [{"sweep_file": f, "profile": pf,
+                    "profile_date": profiles[pf].meta.get("date"),
+                    **compare(profiles[pf], sweep, args.transfer_gbps, args.unnamed_placement,
+                              overhead, step_overhead, model)}
+                   for (f, sweep), pf in zip(sweeps, paths, strict=True)]
     doc = {"date": day, "command": "python -m bench.plan_validate " + shlex.join(
                argv if argv is not None else sys.argv[1:]),
-           "profile_path": str(path), "device": profile.meta.get("device"),
+           "profile_path": ", ".join(dict.fromkeys(paths)), "device": profile.meta.get("device"),
            "profile_date": profile.meta.get("date"), "load_avg": os.getloadavg(),
            "note": args.note, "simulator": model.describe(), "serving_overhead_s": overhead,
            "step_overhead_s": step_overhead,
            "calibrated_on": f"{args.calibrate} at {sweeps[0][1]['request_rates'][0]} req/s in "
                             f"{sweeps[0][0]}" if args.calibrate else None,
+           "drift": drift([(f, profiles[f]) for f in dict.fromkeys(every)]),
            "validations": validations}
     stem = out / f"plan_validation_{args.tag}_{day}"
     stem.with_suffix(".json").write_text(json.dumps(doc, indent=1))

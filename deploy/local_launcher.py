@@ -206,7 +206,7 @@ def worker_command(role: str, worker_id: str, events_address: str, serve: ServeC
     tp = serve.prefill_tp if role == "prefill" else serve.decode_tp
     cmd = [*serve.net.prefix(role), sys.executable, "-m", role, "--worker-id", worker_id,
            "--events-address", events_address,
-           "--host", serve.net.host(role, serve.internal_host),
+           "--host", serve.net.host(role, serve.internal_host), "--exit-with-parent",
            *(["--insecure-internal"] if serve.insecure_internal else []), "--device", device,
            "--num-threads", str(num_threads), "--warmup-s", str(serve.warmup_s),
            "--log-level", level, *(["--cpu-affinity", cpus] if cpus else []),

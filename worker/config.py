@@ -119,6 +119,9 @@ class WorkerConfig:
                 "models (0: none)."})
     cpu_affinity: str = field(default="", metadata={
         "help": "Cores this worker runs on, e.g. '0' or '2,3' (empty: any)."})
+    exit_with_parent: bool = field(default=False, metadata={
+        "help": "Stop when the process that started this worker exits (the local launcher "
+                "passes it: a killed `pdserve serve` leaves no worker behind)."})
     cluster_secret_file: str = field(default="", metadata={
         "help": "File holding the deployment's secret (hex; mode 600). Default: the "
                 "PDSERVE_CLUSTER_SECRET environment variable the launcher sets."})

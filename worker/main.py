@@ -29,6 +29,7 @@ from transfer.wire.errors import TransferError
 from worker.args import add_dataclass_args, dataclass_from_args
 from worker.base import WorkerBase
 from worker.config import WorkerConfig, parse_cpus
+from worker.parent_watch import watch_parent
 from worker.warmup import warm_up
 
 log = logging.getLogger("pdserve.worker")
@@ -105,6 +106,10 @@ def main(worker_class: WorkerClass, role: str, argv: list[str] | None = None) ->
                                f"%(name)s: %(message)s")
     if args.num_threads > 0:
         torch.set_num_threads(args.num_threads)
+    if args.exit_with_parent:
+        # SIGTERM to itself: the default action while the engine loads, a clean stop after
+        watch_parent(lambda: (log.warning("the launcher (parent process) is gone: stopping"),
+                              os.kill(os.getpid(), signal.SIGTERM)))
     try:
         engine_cfg = apply_profile(dataclass_from_args(EngineConfig, args), args.profile)
         secret = None if args.insecure_internal else load_secret(args.cluster_secret_file)

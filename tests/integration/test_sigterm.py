@@ -1,10 +1,13 @@
 """`kill PID` (SIGTERM: systemd, docker stop, Kubernetes) stops a local deployment and its worker
 processes, as Ctrl-C does. uvicorn shuts down gracefully on SIGTERM and then raises it again;
 with the default action that ended the launcher before it stopped its workers, which lived on
-holding their weights and KV cache."""
+holding their weights and KV cache. A launcher killed outright (SIGKILL) leaves no worker
+behind either: they watch their parent."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 
 from serving import DISAGG, assert_exits, serve
@@ -18,3 +21,19 @@ def test_sigterm_stops_the_launcher_and_every_worker() -> None:
         assert s.proc.wait(60) == 0
         for worker, pid in pids.items():
             assert_exits(pid, 20, f"worker {worker} (pid {pid}) after SIGTERM to the launcher")
+
+
+def test_workers_stop_when_the_launcher_is_killed() -> None:
+    """SIGKILL (the OOM killer, a crash) gives the launcher no chance to stop its workers: they
+    notice their parent is gone (--exit-with-parent, which the launcher passes) and stop."""
+    with serve(*DISAGG) as s:
+        pids = s.worker_pids()
+        assert len(pids) == 2
+        s.proc.kill()
+        s.proc.wait(10)
+        try:
+            for worker, pid in pids.items():
+                assert_exits(pid, 20, f"worker {worker} (pid {pid}) after SIGKILL to the launcher")
+        finally:  # the workers share the launcher's process group: none outlives a failure
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(s.proc.pid, signal.SIGKILL)

@@ -78,3 +78,39 @@ def test_bad_noise_flags_are_refused(flags: list[str],
     with pytest.raises(SystemExit) as e:
         main(["--profile", "bench/results/profile_cpu_2026-12-06_night.json", *flags])
     assert e.value.code == 2 and "--draws must be >= 1" in capsys.readouterr().err
+
+
+def test_each_sweep_is_predicted_from_its_own_profile(tmp_path: Path) -> None:
+    """--profiles: sweep i against profile i, the profiles' drift side by side, and an extra
+    profile (taken after the last sweep) in the drift table only."""
+    from bench.plan_validate import main
+    sweep = str(RESULTS / "placement_cpu_interference_2026-12-06.json")
+    fast, slow = (str(RESULTS / f"profile_cpu_2026-12-06_{n}.json") for n in ("night", "night2"))
+    assert main(["--sweeps", sweep, sweep, "--profiles", fast, slow, fast, "--out-dir",
+                 str(tmp_path), "--tag", "t"]) == 0
+    doc = json.loads(next(tmp_path.glob("plan_validation_t_*.json")).read_text())
+    assert [v["profile"] for v in doc["validations"]] == [fast, slow]
+    assert [d["profile"] for d in doc["drift"]] == [fast, slow]  # each profile once
+    assert doc["drift"][0]["vs_first"] == [1.0, 1.0, 1.0]
+    decode_ratio = doc["drift"][1]["vs_first"][1]
+    assert decode_ratio > 1.1  # night2's decode steps were slower (README: machine drift)
+    # the slower profile predicts slower decoding for the same measured sweep
+    a, b = (v["configs"][0]["rows"][0]["tpot_p90_pred"] for v in doc["validations"])
+    assert b > a
+    md = next(tmp_path.glob("plan_validation_t_*.md")).read_text()
+    assert "x the first profile" in md and "In all: goodput within one rate step" in md
+    # each validated alone with its own profile gives the same rows
+    one = tmp_path / "one"
+    assert main(["--sweeps", sweep, "--profile", slow, "--out-dir", str(one), "--tag", "t"]) == 0
+    alone = json.loads(next(one.glob("plan_validation_t_*.json")).read_text())
+    assert alone["validations"][0]["configs"] == doc["validations"][1]["configs"]
+
+
+@pytest.mark.parametrize("flags", [["--profiles", "a.json"],
+                                   ["--profiles", "a.json", "b.json", "--profile", "c.json"]])
+def test_profiles_must_pair_with_sweeps(flags: list[str],
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.plan_validate import main
+    with pytest.raises(SystemExit) as e:
+        main(["--sweeps", "x.json", "y.json", "z.json", *flags])
+    assert e.value.code == 2 and "one profile per sweep" in capsys.readouterr().err
