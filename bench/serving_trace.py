@@ -131,13 +131,23 @@ def _match(r: dict[str, Any], arrival: float, placed: list[Placed]) -> Placed | 
     return None
 
 
-def point_report(point: dict[str, Any], steps: list[Step], placed: list[Placed],
-                 slo: dict[str, float], times: StepTimes | None) -> list[str]:
+def point_steps(point: dict[str, Any], steps: list[Step]) -> list[Step] | None:
+    """The steps that ran while the point's requests were in flight (not the server's warm-up
+    nor another point's); None for a sweep without request records."""
     start, reqs = point.get("started_at"), point.get("requests")
     if start is None or not reqs:
-        return ["(no request records in this point: a sweep from before `started_at`)"]
+        return None
     end = start + max(r["scheduled_s"] + (r.get("e2e_s") or 0.0) for r in reqs)
-    inside = [s for s in steps if start <= s.at <= end + 0.5]
+    return [s for s in steps if start <= s.at <= end + 0.5]
+
+
+def point_report(point: dict[str, Any], steps: list[Step], placed: list[Placed],
+                 slo: dict[str, float], times: StepTimes | None) -> list[str]:
+    inside = point_steps(point, steps)
+    if inside is None:
+        return ["(no request records in this point: a sweep from before `started_at`)"]
+    start, reqs = point["started_at"], point["requests"]
+    end = start + max(r["scheduled_s"] + (r.get("e2e_s") or 0.0) for r in reqs)
     busy = sum(s.seconds for s in inside)
     lines = [f"{len(inside)} steps in {end - start:.1f} s, engines busy {busy:.1f} s "
              f"({busy / max(end - start, 1e-9):.0%} of the span, summed over workers)"]
@@ -194,13 +204,15 @@ def report(sweep: dict[str, Any], log_dir: Path, times: StepTimes | None) -> str
         for point in config["points"]:
             out += ["", f"### {point['request_rate']:g} req/s", ""]
             out += point_report(point, steps, placed, slo, times)
-        if times is not None:
-            for kind, ratios in step_model_errors(steps, times).items():
-                pooled.setdefault(kind, []).extend(ratios)
+            if times is not None:  # the serving steps only: no warm-up, no gap between points
+                for kind, ratios in step_model_errors(point_steps(point, steps) or [],
+                                                      times).items():
+                    pooled.setdefault(kind, []).extend(ratios)
     if pooled:
         every = [r for ratios in pooled.values() for r in ratios]
         out += ["", "## Step noise over every configuration and rate", "",
-                "Log-normal sigma of measured / modelled step times ((ln p90 - ln p50) / 1.28; "
+                "Log-normal sigma of measured / modelled step times over the points' steps "
+                "(warm-up excluded; (ln p90 - ln p50) / 1.28; "
                 "the planner's `--step-noise`): " + ", ".join(
                     f"{kind} {noise_sigma(r):.2f} (n={len(r)})" for kind, r in sorted(
                         pooled.items())) + f"; all steps {noise_sigma(every):.2f}."]

@@ -122,3 +122,14 @@ def test_a_gzipped_log_reads_as_the_plain_one(tmp_path: Path) -> None:
     assert "## c: 2 step lines" in text
     assert report(sweep, packed, None) == text.replace(str(plain), str(packed))
     assert "no log at" in report(sweep, tmp_path, None)
+
+
+def test_a_point_holds_only_the_steps_of_its_requests() -> None:
+    """Warm-up steps before the first point, and steps after a point's last request, are not
+    the point's (nor in the pooled step noise)."""
+    from bench.serving_trace import Step, point_steps
+    point = {"started_at": 100.0, "requests": [{"scheduled_s": 0.0, "e2e_s": 2.0},
+                                               {"scheduled_s": 3.0, "e2e_s": 1.0}]}
+    steps = [Step(at, "decode 0", 0.05, 0, 0, 1, 10) for at in (50.0, 100.5, 103.9, 104.4, 110.0)]
+    assert [s.at for s in point_steps(point, steps) or []] == [100.5, 103.9, 104.4]
+    assert point_steps({"started_at": None, "requests": []}, steps) is None
