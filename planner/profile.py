@@ -145,7 +145,8 @@ def interp(xs: list[float], ys: list[float], x: float) -> float:
 
 def _series(points: list[tuple[float, float]]) -> tuple[list[float], list[float]]:
     """Points sorted by x, repeated xs averaged, made non-decreasing (a running max): more
-    tokens, sequences or context never make a step faster, so a dip is measurement noise."""
+    tokens or context never make a step faster, so a dip is measurement noise. (Over a decode
+    step's batch size a dip can be real: see `StepTimes.decode_s`.)"""
     by_x: dict[float, list[float]] = {}
     for x, y in points:
         by_x.setdefault(float(x), []).append(float(y))
@@ -193,8 +194,11 @@ class StepTimes:
         if batch <= 0:
             return 0.0
         per_batch = [max(interp(xs, ys, context), 0.0) for xs, ys in self._decode]
-        xs, ys = _series(list(zip(self._batches, per_batch, strict=True)))
-        return max(interp(xs, ys, batch), 1e-9)
+        # as measured over the batch: a bigger batch can be faster (this CPU times batch 4
+        # below batch 3, every time), but never below the smallest batch (the weights are read
+        # once either way), so a profile from a busy machine bends it that far at most
+        floor = per_batch[0]
+        return max(interp(self._batches, [max(y, floor) for y in per_batch], batch), 1e-9)
 
     def step_s(self, prefill_tokens: float, token_context: float, decode_seqs: int,
                decode_context: float) -> float:
