@@ -22,6 +22,7 @@ Writes bench/results/plan_validation_<tag>_<date>.{json,md} with the command.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import os
 import shlex
@@ -38,8 +39,8 @@ import numpy as np
 from bench.datasets import DatasetConfig, build_dataset
 from bench.loadgen import arrival_offsets
 from deploy.cli import build_parser
-from planner.profile import Profile, StepTimes
-from planner.search import run_config
+from planner.profile import BlendedStepTimes, Profile, StepTimes
+from planner.search import goodput, run_config
 from planner.servers import SimRequest
 from planner.simulator import ClusterSpec
 
@@ -129,9 +130,38 @@ def _step_index(rates: list[float], goodput: float | None) -> int:
     return -1 if goodput is None else rates.index(goodput)
 
 
+def _taken_at(profile: Profile) -> float:
+    """When a profile measured, in epoch seconds: the middle of its run (`date` is its end)."""
+    end = dt.datetime.fromisoformat(str(profile.meta["date"])).timestamp()
+    return end - float(profile.meta.get("measured_s", 0.0)) / 2
+
+
+def drift_weight(before: Profile, after: Profile, point: dict[str, Any]) -> float:
+    """Where a measured point ran between two profiles (0: at the first, 1: at the second), from
+    its start and its requests' span; 0.5 for a point without records (a sweep older than
+    `started_at`)."""
+    start, reqs = point.get("started_at"), point.get("requests")
+    if start is None or not reqs:
+        return 0.5
+    mid = start + max(r["scheduled_s"] + (r.get("e2e_s") or 0.0) for r in reqs) / 2
+    t0, t1 = _taken_at(before), _taken_at(after)
+    return min(max((mid - t0) / (t1 - t0), 0.0), 1.0) if t1 > t0 else 0.5
+
+
+def point_times(profile: Profile, after: Profile | None, point: dict[str, Any],
+                step_overhead_s: float) -> tuple[Profile, StepTimes]:
+    """The profile (for the placer's cost fit) and the step times one measured point is
+    predicted with: `profile`'s, or with `after` (the profile taken after the sweep) blended
+    by when the point ran, and the nearer profile's fit."""
+    if after is None:
+        return profile, StepTimes(profile, step_overhead_s)
+    w = drift_weight(profile, after, point)
+    return (profile if w < 0.5 else after), BlendedStepTimes(profile, after, w, step_overhead_s)
+
+
 def serving_overhead(profile: Profile, sweep: dict[str, Any], name: str, gbps: float,
-                     unnamed_placement: str = "", model: SimModel | None = None
-                     ) -> tuple[float, float]:
+                     unnamed_placement: str = "", model: SimModel | None = None,
+                     after: Profile | None = None) -> tuple[float, float]:
     """What bare engine steps leave out, fitted on ONE measured point (configuration `name`'s
     lowest rate); the other configurations and rates then test it. Returns (per request: proxy,
     HTTP, tokenization, hops = measured minus predicted TTFT p50; per model step: scheduling,
@@ -145,9 +175,10 @@ def serving_overhead(profile: Profile, sweep: dict[str, Any], name: str, gbps: f
     rate, measured = sweep["request_rates"][0], c["points"][0]["summary"]
 
     def predict(step_s: float) -> Any:
-        return run_config(profile, spec, [rate], workload(sweep), sweep["slo"]["attainment"],
-                          StepTimes(profile, step_s), sweep["slo"]["ttft_s"],
-                          sweep["slo"]["tpot_s"], model.draws).points[0]
+        fit, times = point_times(profile, after, c["points"][0], step_s)
+        return run_config(fit, spec, [rate], workload(sweep), sweep["slo"]["attainment"],
+                          times, sweep["slo"]["ttft_s"], sweep["slo"]["tpot_s"],
+                          model.draws).points[0]
     step_s = 0.0
     tpot = (measured.get("tpot") or {}).get("median")
     if tpot is not None and predict(0.0).tpot_p50_s is not None:
@@ -157,18 +188,25 @@ def serving_overhead(profile: Profile, sweep: dict[str, Any], name: str, gbps: f
 
 def compare(profile: Profile, sweep: dict[str, Any], gbps: float,
             unnamed_placement: str = "", overhead_s: float = 0.0,
-            step_overhead_s: float = 0.0, model: SimModel | None = None) -> dict[str, Any]:
+            step_overhead_s: float = 0.0, model: SimModel | None = None,
+            after: Profile | None = None) -> dict[str, Any]:
+    """Predicted vs measured for each configuration and rate of `sweep`; with `after` (the
+    profile taken after the sweep) each point's step times are blended by when it ran."""
     rates, slo = sweep["request_rates"], sweep["slo"]
-    times, at = StepTimes(profile, step_overhead_s), workload(sweep)
+    at = workload(sweep)
     configs, model = [], model or SimModel()
     for c in sweep["configs"]:
         spec = replace(model.apply(spec_of(c["server"], sweep["serve_args"], gbps,
                                            unnamed_placement)),
                        remote_overhead_s=overhead_s, local_overhead_s=overhead_s)
-        pred = run_config(profile, spec, rates, at, slo["attainment"], times,
-                          slo["ttft_s"], slo["tpot_s"], model.draws)
+        points = []
+        for rate, m in zip(rates, c["points"], strict=True):
+            fit, times = point_times(profile, after, m, step_overhead_s)
+            points += run_config(fit, spec, [rate], at, slo["attainment"], times,
+                                 slo["ttft_s"], slo["tpot_s"], model.draws).points
+        best, _ = goodput(points, slo["attainment"])
         rows = []
-        for p, m in zip(pred.points, c["points"], strict=True):
+        for p, m in zip(points, c["points"], strict=True):
             s = m["summary"]
             met = s["attainment"] >= slo["attainment"]
             rows.append({"rate": p.rate, "attainment_pred": p.attainment,
@@ -179,12 +217,12 @@ def compare(profile: Profile, sweep: dict[str, Any], gbps: float,
                          "slo_met_measured": met,
                          "ttft_err_pct": _err(p.ttft_p90_s, s["ttft"]["p90"]),
                          "tpot_err_pct": _err(p.tpot_p90_s, (s.get("tpot") or {}).get("p90"))})
-        steps = abs(_step_index(rates, pred.goodput) - _step_index(rates, c["goodput"]["rate"]))
+        steps = abs(_step_index(rates, best) - _step_index(rates, c["goodput"]["rate"]))
         checked = [r for r in rows if r["slo_met_measured"]]
         within = all(abs(r[k]) <= 25 for r in checked for k in ("ttft_err_pct", "tpot_err_pct")
                      if r[k] is not None)
         configs.append({"name": c["name"], "server": c["server"], "spec": spec.name,
-                        "goodput_pred": pred.goodput, "goodput_meas": c["goodput"]["rate"],
+                        "goodput_pred": best, "goodput_meas": c["goodput"]["rate"],
                         "goodput_steps_off": steps, "goodput_ok": steps <= 1,
                         "p90_within_25pct": within, "rows": rows})
     return {"sweep": sweep["command"], "slo": slo, "rates": rates, "configs": configs}
@@ -235,7 +273,9 @@ def markdown(doc: dict[str, Any]) -> str:
                   f"predicted TPOT p50, then TTFT p50); every other point tests them.", ""]
     for v in doc["validations"]:
         slo = v["slo"]
-        own = (f"Profile: {Path(v['profile']).name} (taken {v['profile_date']}). "
+        own = (f"Profile: {Path(v['profile']).name} (taken {v['profile_date']})"
+               + (f", blended per point with {Path(v['profile_after']).name} by when the point "
+                  f"ran" if v.get("profile_after") else "") + ". "
                if len(doc.get("drift", [])) > 1 else "")
         lines += [f"## {Path(v['sweep_file']).name}", "", own + f"SLO TTFT {slo['ttft_s']} s, TPOT "
                   f"{slo['tpot_s'] * 1000:.0f} ms, attainment {slo['attainment']:.0%}. "
@@ -284,6 +324,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calibrate", default="", metavar="CONFIG",
                    help="Fit a serving overhead (added to every TTFT) on one measured point: "
                         "CONFIG's lowest rate in the first sweep; the rest test it.")
+    p.add_argument("--interpolate", action="store_true",
+                   help="With --profiles and one more profile (taken after the last sweep): "
+                        "each measured point's step times are its sweep's profile and the next "
+                        "one blended by when the point ran (the machine drifts within the hour).")
     p.add_argument("--step-noise", type=float, default=0.0,
                    help="Sigma of each simulated step's log-normal time factor "
                         "(`pdserve plan cluster --step-noise`).")
@@ -302,6 +346,10 @@ def main(argv: list[str] | None = None) -> int:
                                       or len(args.profiles) - len(args.sweeps) not in (0, 1)):
         p.error("--profiles takes one profile per sweep (and one after the last), and neither "
                 "--profile nor --take-profile")
+    if args.interpolate and (args.profiles is None
+                             or len(args.profiles) != len(args.sweeps) + 1):
+        p.error("--interpolate needs --profiles with one more profile than --sweeps (the last "
+                "taken after the last sweep)")
     day = time.strftime("%Y-%m-%d")
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -314,14 +362,17 @@ def main(argv: list[str] | None = None) -> int:
     profile = profiles[paths[0]]
     sweeps = [(f, json.loads(Path(f).read_text())) for f in args.sweeps]
     model = SimModel(args.step_noise, args.prefill_noise, args.draws, args.online_fits)
+    # the profile taken after each sweep (the next one's), when interpolating
+    afters = [profiles[f] for f in every[1:]] if args.interpolate else [None] * len(sweeps)
     overhead, step_overhead = serving_overhead(
         profile, sweeps[0][1], args.calibrate, args.transfer_gbps,
-        args.unnamed_placement, model) if args.calibrate else (0.0, 0.0)
+        args.unnamed_placement, model, afters[0]) if args.calibrate else (0.0, 0.0)
     validations = [{"sweep_file": f, "profile": pf,
                     "profile_date": profiles[pf].meta.get("date"),
+                    "profile_after": every[i + 1] if args.interpolate else None,
                     **compare(profiles[pf], sweep, args.transfer_gbps, args.unnamed_placement,
-                              overhead, step_overhead, model)}
-                   for (f, sweep), pf in zip(sweeps, paths, strict=True)]
+                              overhead, step_overhead, model, afters[i])}
+                   for i, ((f, sweep), pf) in enumerate(zip(sweeps, paths, strict=True))]
     doc = {"date": day, "command": "python -m bench.plan_validate " + shlex.join(
                argv if argv is not None else sys.argv[1:]),
            "profile_path": ", ".join(dict.fromkeys(paths)), "device": profile.meta.get("device"),

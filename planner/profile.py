@@ -251,3 +251,26 @@ class StepTimes:
             return 0.0, statistics.median(excess)
         return (min(max(statistics.median(shares), 0.0), 1.0) if shares else 0.0), 0.0
 
+
+
+class BlendedStepTimes(StepTimes):
+    """Step and transfer times `weight` of the way from profile `a`'s to profile `b`'s: the
+    machine between two profiles of it. A shared VM's decode steps moved 33 % in 18 minutes
+    (2026-12-07), so `bench.plan_validate --interpolate` predicts each measured point from the
+    profiles taken before and after its sweep, weighted by when the point ran."""
+
+    def __init__(self, a: Profile, b: Profile, weight: float, step_overhead_s: float = 0.0) -> None:
+        if not 0.0 <= weight <= 1.0:
+            raise ProfileError(f"blend weight must be in [0, 1], got {weight}")
+        super().__init__(a, step_overhead_s)
+        self.other, self.weight = StepTimes(b, step_overhead_s), weight
+
+    def step_s(self, prefill_tokens: float, token_context: float, decode_seqs: int,
+               decode_context: float) -> float:
+        args = (prefill_tokens, token_context, decode_seqs, decode_context)
+        return ((1.0 - self.weight) * super().step_s(*args)
+                + self.weight * self.other.step_s(*args))
+
+    def transfer_s(self, transport: str, num_bytes: float) -> float:
+        return ((1.0 - self.weight) * super().transfer_s(transport, num_bytes)
+                + self.weight * self.other.transfer_s(transport, num_bytes))

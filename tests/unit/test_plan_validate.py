@@ -114,3 +114,45 @@ def test_profiles_must_pair_with_sweeps(flags: list[str],
     with pytest.raises(SystemExit) as e:
         main(["--sweeps", "x.json", "y.json", "z.json", *flags])
     assert e.value.code == 2 and "one profile per sweep" in capsys.readouterr().err
+
+
+def test_a_point_is_predicted_from_the_profiles_around_it(tmp_path: Path) -> None:
+    """--interpolate: a point's step times are its sweep's profile and the next one blended by
+    when the point ran; the weight follows the point's time between the profiles' runs."""
+    from bench.plan_validate import _taken_at, drift_weight, main, point_times
+    from planner.profile import BlendedStepTimes, Profile, StepTimes
+    a, b = (Profile.load(str(RESULTS / f"profile_cpu_2026-12-06_{n}.json"))
+            for n in ("night", "night2"))
+    t0, t1 = _taken_at(a), _taken_at(b)
+    point = {"started_at": t0 + 0.25 * (t1 - t0) - 10.0,
+             "requests": [{"scheduled_s": 0.0, "e2e_s": 5.0}, {"scheduled_s": 15.0, "e2e_s": 5.0}]}
+    assert drift_weight(a, b, point) == pytest.approx(0.25)
+    assert drift_weight(a, b, {"started_at": t1 + 999, "requests": point["requests"]}) == 1.0
+    assert drift_weight(a, b, {"started_at": None}) == 0.5
+    fit, times = point_times(a, b, point, 0.0)
+    assert fit is a and isinstance(times, BlendedStepTimes)
+    one, two = StepTimes(a), StepTimes(b)
+    args = (0, 0, 4, 2400)
+    assert times.step_s(*args) == pytest.approx(0.75 * one.step_s(*args) + 0.25 * two.step_s(*args))
+    assert times.transfer_s("stream", 1e7) == pytest.approx(
+        0.75 * one.transfer_s("stream", 1e7) + 0.25 * two.transfer_s("stream", 1e7))
+    with pytest.raises(ValueError, match="blend weight"):
+        BlendedStepTimes(a, b, 1.5)
+    # end to end: with the same profile before and after, interpolating changes nothing
+    sweep = str(RESULTS / "placement_cpu_interference_2026-12-06.json")
+    night = str(RESULTS / "profile_cpu_2026-12-06_night.json")
+    for tag, extra in (("plain", []), ("blend", ["--interpolate"])):
+        assert main(["--sweeps", sweep, "--profiles", night, night, *extra, "--out-dir",
+                     str(tmp_path), "--tag", tag]) == 0
+    plain, blend = (json.loads(next(tmp_path.glob(f"plan_validation_{t}_*.json")).read_text())
+                    for t in ("plain", "blend"))
+    assert plain["validations"][0]["configs"] == blend["validations"][0]["configs"]
+    assert blend["validations"][0]["profile_after"] == night
+
+
+def test_interpolate_needs_a_profile_after_the_last_sweep(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.plan_validate import main
+    with pytest.raises(SystemExit) as e:
+        main(["--sweeps", "x.json", "--profiles", "a.json", "--interpolate"])
+    assert e.value.code == 2 and "one more profile than --sweeps" in capsys.readouterr().err
