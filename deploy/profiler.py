@@ -163,7 +163,8 @@ class Profiler:
         self.budget.begin("mixed")
         rows = []
         context = min(512, self.max_len - 64)
-        for chunk in (64, 256, 1024):
+        # 16 and 32: the chunks the TPOT-aware cap cuts local prompts into beside a batch
+        for chunk in (16, 32, 64, 256, 1024):
             for batch in (1, 8, 32):
                 if (not self.budget.left() or chunk + batch > self.max_batched
                         or batch > self.engine.config.max_num_seqs
