@@ -188,15 +188,22 @@ def predict_local(num_prompt_tokens: int, decode: DecodeView, transfer: Transfer
     first tokens of the joiners it delays). The batch it runs beside is the running one and
     the sequences joining it before the prefill ends (`DecodeView.joining`); with running
     sequences, only chunks whose step stays within the TPOT SLO are tried (the smallest
-    otherwise), so no single inter-token gap breaks theirs."""
+    otherwise), so no single inter-token gap breaks theirs; where even the smallest chunk's
+    step breaks it, every chunk whose step is no longer than that one's is tried."""
     uncached = max(1, num_prompt_tokens - decode.cached_tokens)
     best: Prediction | None = None
     for chunk in _chunk_candidates(decode, uncached):
         n, ctx = decode.batch_during(decode.local_queue_s + prefill_seconds(
             decode.model, uncached, chunk, decode.num_running, decode.context_tokens))
+        # a step longer than the TPOT SLO would break the TPOT of the batch it runs beside,
+        # unless the smallest chunk's step is as long: then chunking finer keeps no gap within
+        # the SLO and only multiplies the steps (a GPU below its knee: every step with prefill
+        # costs ~50 ms whatever its chunk, against a 40 ms SLO; 16-token chunks turned a
+        # 3765-token prompt into 239 such steps and a 12 s TTFT, H100, 2026-12-07)
+        limit = max(slo.tpot_s, decode.model.step_seconds(min(CHUNKS[0], uncached), n, ctx))
         if (decode.num_running and chunk > CHUNKS[0]
-                and decode.model.step_seconds(chunk, n, ctx) > slo.tpot_s):
-            continue  # a step this long would break the TPOT of the batch it runs beside
+                and decode.model.step_seconds(chunk, n, ctx) > limit * (1 + 1e-9)):
+            continue
         own = prefill_seconds(decode.model, uncached, chunk, n, ctx)
         ttft = decode.local_queue_s + own + transfer.local_overhead_s
         exposed = _exposure(decode, decode.local_queue_s + own)

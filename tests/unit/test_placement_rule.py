@@ -197,3 +197,21 @@ def test_a_ttft_correction_learns_the_hops_within_bounds() -> None:
     assert overhead == pytest.approx(0.05, abs=1e-3)
     assert learn_overhead(0.01, -1.0, slo) == 0.0  # never below zero
     assert learn_overhead(2.99, 0.3, slo) == 3.0  # nor above the SLO
+
+
+def test_no_finer_chunks_when_even_the_smallest_step_breaks_the_tpot_slo() -> None:
+    """The H100 fit of 2026-12-07 (8B shape): a step with any prefill costs ~50 ms below the
+    2048-token knee, the TPOT SLO is 40 ms. Cutting a 3765-token prompt beside 3 running
+    sequences into 16-token chunks keeps no gap within the SLO and took 239 steps (a 12 s
+    TTFT); chunks whose step is no longer than the smallest one's are tried instead."""
+    gpu = Coefficients(0.0062, 3.2e-5, 0.0, 4.8e-8, per_prefill_step=0.0439,
+                       prefill_free_tokens=2048.0)
+    slo = Slo(1.0, 0.040)
+    view = decode(running=3, context=3 * 3000, model=gpu)
+    p = predict_local(3765, view, TRANSFER, slo)
+    assert p.chunk == 0 or p.chunk >= 2048, p  # the knee's worth per step, not 16
+    assert p.ttft_s < 0.5
+    assert p.ttft_s < prefill_seconds(gpu, 3765, 16, 3, 9000) / 10
+    # on a CPU fit (linear from the first token) a step over the SLO still rules a chunk out
+    cpu = predict_local(3765, decode(running=3, context=9000), TRANSFER, Slo(30.0, 0.05))
+    assert cpu.chunk == 16
