@@ -22,12 +22,18 @@ day=$(date -u +%Y-%m-%d)
 export OMP_WAIT_POLICY=PASSIVE
 common="--kv-cache-memory 256MiB --max-model-len 2048 --heartbeat-timeout-s 30 --cpu-affinity 0,1"
 profiles=0
+rc=0  # any failed profile or sweep fails the script
 
 profile() {  # a CPU profile as bench.plan_validate takes one (same engine flags as the workers)
     local out="bench/results/profile_cpu_${day}${SUFFIX:-}_b${profiles}.json"
-    pdserve profile --out "$out" --budget-s 240 --threads 1 --cpu-core 0 \
-        --kv-cache-memory 256MiB --max-model-len 2048 > /dev/null 2>&1 \
-        && echo "profile $profiles -> $out ($(date -u +%H:%M:%S))"
+    if pdserve profile --out "$out" --budget-s 240 --threads 1 --cpu-core 0 \
+        --kv-cache-memory 256MiB --max-model-len 2048 > "${out%.json}.log" 2>&1; then
+        echo "profile $profiles -> $out ($(date -u +%H:%M:%S))"
+        rm -f "${out%.json}.log"
+    else
+        echo "profile $profiles failed: see ${out%.json}.log" >&2
+        rc=1
+    fi
     profiles=$((profiles + 1))
 }
 
@@ -53,16 +59,18 @@ one() {  # name slo_ttft slo_tpot rates tail configs... -- workload-flags...
     while [ "$1" != -- ]; do cfg+=(--config "$1"); shift; done
     shift
     local stem="placement_cpu_${name}_${day}${SUFFIX:-}${tail}" logs
-    logs=$(mktemp -d)
-    [ -n "${TRACE:-}" ] && logs="bench/results/logs_placement_${name}_${day}${SUFFIX:-}${tail}"
+    if [ -n "${TRACE:-}" ]; then
+        logs="bench/results/logs_placement_${name}_${day}${SUFFIX:-}${tail}"
+    else
+        logs=$(mktemp -d)
+    fi
     pdserve bench sweep "${cfg[@]}" \
         --serve-args "$common" --request-rates "$rates" --num-prompts "${NUM_PROMPTS:-20}" --seed 0 \
         --slo-ttft "$ttft" --slo-tpot "$tpot" --warmup 2 --no-progress "$@" \
         --note "2-core VM; workers pinned one per core (--cpu-affinity 0,1), 1 torch thread each; proxy and load generator unpinned, sharing both cores. ${NUM_PROMPTS:-20} requests per rate." \
         --output "bench/results/${stem}" \
-        ${TRACE:+--server-log-level debug} --log-dir "$logs"
-    [ -n "${TRACE:-}" ] && gzip -f "$logs"/*.log
-    return 0
+        ${TRACE:+--server-log-level debug} --log-dir "$logs" || rc=1
+    if [ -n "${TRACE:-}" ]; then gzip -f "$logs"/*.log; fi
 }
 
 if [ "$which" = prefill_heavy ] || [ "$which" = both ]; then
@@ -73,5 +81,5 @@ if [ "$which" = interference ] || [ "$which" = both ]; then
     # (b) short-to-medium prompts, longer outputs, tight TPOT: colocated prefills stall decodes
     sweep interference 2s 150ms "${RATES_B:-0.25,0.5,0.75,1,1.25}" --input-len 128 --output-len 48
 fi
-[ -n "${BRACKET:-}" ] && profile
-exit 0
+if [ -n "${BRACKET:-}" ]; then profile; fi
+exit "$rc"

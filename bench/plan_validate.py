@@ -38,6 +38,7 @@ import numpy as np
 
 from bench.datasets import DatasetConfig, build_dataset
 from bench.loadgen import arrival_offsets
+from bench.serving_trace import point_span
 from deploy.cli import build_parser
 from planner.profile import BlendedStepTimes, Profile, StepTimes
 from planner.search import goodput, run_config
@@ -140,10 +141,9 @@ def drift_weight(before: Profile, after: Profile, point: dict[str, Any]) -> floa
     """Where a measured point ran between two profiles (0: at the first, 1: at the second), from
     its start and its requests' span; 0.5 for a point without records (a sweep older than
     `started_at`)."""
-    start, reqs = point.get("started_at"), point.get("requests")
-    if start is None or not reqs:
+    if (span := point_span(point)) is None:
         return 0.5
-    mid = start + max(r["scheduled_s"] + (r.get("e2e_s") or 0.0) for r in reqs) / 2
+    mid = (span[0] + span[1]) / 2
     t0, t1 = _taken_at(before), _taken_at(after)
     return min(max((mid - t0) / (t1 - t0), 0.0), 1.0) if t1 > t0 else 0.5
 

@@ -131,23 +131,29 @@ def _match(r: dict[str, Any], arrival: float, placed: list[Placed]) -> Placed | 
     return None
 
 
-def point_steps(point: dict[str, Any], steps: list[Step]) -> list[Step] | None:
-    """The steps that ran while the point's requests were in flight (not the server's warm-up
-    nor another point's); None for a sweep without request records."""
+def point_span(point: dict[str, Any]) -> tuple[float, float] | None:
+    """(start, end) in epoch seconds of a sweep point: its start to its last request's end;
+    None for a sweep without request records (older than `started_at`)."""
     start, reqs = point.get("started_at"), point.get("requests")
     if start is None or not reqs:
         return None
-    end = start + max(r["scheduled_s"] + (r.get("e2e_s") or 0.0) for r in reqs)
-    return [s for s in steps if start <= s.at <= end + 0.5]
+    return start, start + max(r["scheduled_s"] + (r.get("e2e_s") or 0.0) for r in reqs)
+
+
+def point_steps(point: dict[str, Any], steps: list[Step]) -> list[Step] | None:
+    """The steps that ran while the point's requests were in flight (not the server's warm-up
+    nor another point's); None for a sweep without request records."""
+    if (span := point_span(point)) is None:
+        return None
+    return [s for s in steps if span[0] <= s.at <= span[1] + 0.5]
 
 
 def point_report(point: dict[str, Any], steps: list[Step], placed: list[Placed],
                  slo: dict[str, float], times: StepTimes | None) -> list[str]:
-    inside = point_steps(point, steps)
-    if inside is None:
+    inside, span = point_steps(point, steps), point_span(point)
+    if inside is None or span is None:
         return ["(no request records in this point: a sweep from before `started_at`)"]
-    start, reqs = point["started_at"], point["requests"]
-    end = start + max(r["scheduled_s"] + (r.get("e2e_s") or 0.0) for r in reqs)
+    (start, end), reqs = span, point["requests"]
     busy = sum(s.seconds for s in inside)
     lines = [f"{len(inside)} steps in {end - start:.1f} s, engines busy {busy:.1f} s "
              f"({busy / max(end - start, 1e-9):.0%} of the span, summed over workers)"]

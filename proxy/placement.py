@@ -200,10 +200,10 @@ def predict_local(num_prompt_tokens: int, decode: DecodeView, transfer: Transfer
         # the SLO and only multiplies the steps (a GPU below its knee: every step with prefill
         # costs ~50 ms whatever its chunk, against a 40 ms SLO; 16-token chunks turned a
         # 3765-token prompt into 239 such steps and a 12 s TTFT, H100, 2026-12-07)
-        limit = max(slo.tpot_s, decode.model.step_seconds(min(CHUNKS[0], uncached), n, ctx))
-        if (decode.num_running and chunk > CHUNKS[0]
-                and decode.model.step_seconds(chunk, n, ctx) > limit * (1 + 1e-9)):
-            continue
+        if decode.num_running:
+            smallest = decode.model.step_seconds(min(CHUNKS[0], uncached), n, ctx)
+            if decode.model.step_seconds(chunk, n, ctx) > max(slo.tpot_s, smallest) * (1 + 1e-9):
+                continue
         own = prefill_seconds(decode.model, uncached, chunk, n, ctx)
         ttft = decode.local_queue_s + own + transfer.local_overhead_s
         exposed = _exposure(decode, decode.local_queue_s + own)

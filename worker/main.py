@@ -53,6 +53,13 @@ def apply_profile(config: EngineConfig, name: str | None) -> EngineConfig:
     return dataclasses.replace(config, kv_cache_dtype=p.dtype.value, kv_cache_layout=p.layout.value)
 
 
+def _stop_orphan() -> None:
+    """SIGTERM to itself: the default action (exit) while the engine loads, the clean stop
+    once `main` has its handler installed."""
+    log.warning("the launcher (parent process) is gone: stopping")
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
 WorkerClass = Callable[[WorkerConfig, LLMEngine], WorkerBase]
 
 
@@ -107,9 +114,7 @@ def main(worker_class: WorkerClass, role: str, argv: list[str] | None = None) ->
     if args.num_threads > 0:
         torch.set_num_threads(args.num_threads)
     if args.exit_with_parent:
-        # SIGTERM to itself: the default action while the engine loads, a clean stop after
-        watch_parent(lambda: (log.warning("the launcher (parent process) is gone: stopping"),
-                              os.kill(os.getpid(), signal.SIGTERM)))
+        watch_parent(_stop_orphan)
     try:
         engine_cfg = apply_profile(dataclass_from_args(EngineConfig, args), args.profile)
         secret = None if args.insecure_internal else load_secret(args.cluster_secret_file)

@@ -18,3 +18,10 @@ def test_a_busy_child_is_charged_its_seconds(tmp_path: Path) -> None:
     assert busy, text
     assert 0.5 <= float(busy[0].split()[0]) <= 2.0  # sampled every 0.5 s: the first is missed
     assert "per core:" in text
+
+
+def test_a_command_is_required() -> None:
+    import pytest
+    with pytest.raises(SystemExit) as e:
+        main(["--after-s", "1"])
+    assert e.value.code == 2
