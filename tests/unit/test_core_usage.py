@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
+
 from bench.core_usage import main
 
 BUSY = "import time\nt = time.time()\nwhile time.time() - t < 1.5:\n    pass\nraise SystemExit(3)"
@@ -21,7 +23,6 @@ def test_a_busy_child_is_charged_its_seconds(tmp_path: Path) -> None:
 
 
 def test_a_command_is_required() -> None:
-    import pytest
     with pytest.raises(SystemExit) as e:
         main(["--after-s", "1"])
     assert e.value.code == 2
