@@ -120,7 +120,8 @@ def _ms(x: float | None) -> str:
     return "-" if x is None else f"{x * 1e3:.0f}"
 
 
-def _iv(iv: tuple[float, float] | None) -> str:
+def fmt_interval(iv: Sequence[float] | None) -> str:
+    """" [lo-hi]" in ms (a JSON round trip makes the tuple a list)."""
     return "" if iv is None else f" [{iv[0] * 1e3:.0f}-{iv[1] * 1e3:.0f}]"
 
 
@@ -136,8 +137,8 @@ def markdown(rows: list[dict[str, Any]], names: list[str], command: str) -> str:
             d = {k: ("" if j == 0 else (lambda v: "-" if v is None else f"{v:+.0f}")(
                 r["diff_pct"][k][j - 1])) for k, _ in METRICS}
             out.append(f"| {r['config']} | {r['rate']:g} | {run} | {m.attainment:.0%} | "
-                       f"{_ms(m.p90['ttft'])}{_iv(m.interval['ttft'])} | "
-                       f"{_ms(m.p90['tpot'])}{_iv(m.interval['tpot'])} | {d['ttft']} | "
+                       f"{_ms(m.p90['ttft'])}{fmt_interval(m.interval['ttft'])} | "
+                       f"{_ms(m.p90['tpot'])}{fmt_interval(m.interval['tpot'])} | {d['ttft']} | "
                        f"{d['tpot']} |")
     agree = sum(r["within"] for r in rows)
     out += ["", f"Points where every run's TTFT and TPOT p90 is within {LIMIT_PCT:g} % of the "

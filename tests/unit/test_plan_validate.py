@@ -156,3 +156,23 @@ def test_interpolate_needs_a_profile_after_the_last_sweep(
     with pytest.raises(SystemExit) as e:
         main(["--sweeps", "x.json", "--profiles", "a.json", "--interpolate"])
     assert e.value.code == 2 and "one more profile than --sweeps" in capsys.readouterr().err
+
+
+def test_rows_carry_the_measured_p90s_bootstrap_interval() -> None:
+    """Each point's measured p90 comes with how far it moves by chance (its requests resampled),
+    and a prediction is graded against that interval too."""
+    from bench.plan_validate import _inside, compare
+    from planner.profile import Profile
+
+    profile = Profile.load(str(RESULTS / "profile_cpu_2026-12-07_bracket_b3.json"))
+    sweep = json.loads((RESULTS / "placement_cpu_interference_2026-12-07_bracket_1p1d.json")
+                       .read_text())  # a sweep that keeps its requests' records
+    config = compare(profile, sweep, 0.0)["configs"][0]
+    for r in config["rows"]:
+        for m in ("ttft", "tpot"):
+            lo, hi = r[f"{m}_p90_interval"]
+            assert lo <= r[f"{m}_p90_meas"] <= hi
+        assert r["inside"] == (_inside(r["ttft_p90_pred"], r["ttft_p90_interval"])
+                               and _inside(r["tpot_p90_pred"], r["tpot_p90_interval"]))
+    assert isinstance(config["p90_inside_interval"], bool)
+    assert _inside(1.0, (0.5, 1.5)) and not _inside(2.0, (0.5, 1.5)) and _inside(None, (0, 1))
