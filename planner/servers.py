@@ -107,7 +107,10 @@ class PrefillServer:
         return done
 
     def queued_tokens(self) -> int:
-        return sum(j.num_uncomputed for j in self.queue)
+        """Prompt tokens left after the step in progress (whose rest the placer's view counts
+        as busy time): counting that step's tokens again made a busy prefill worker look a
+        whole prompt longer and sent prompts local that the proxy sent remote (2026-12-07)."""
+        return sum(j.num_uncomputed for j in self.queue) - sum(n for _, n in self.batch)
 
 
 class DecodeServer:

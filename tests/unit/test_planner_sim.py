@@ -232,3 +232,40 @@ def test_a_mixed_step_follows_what_its_chunk_size_measured() -> None:
     plain = StepTimes(dataclasses.replace(small_profile(), mixed=[]))
     assert plain.step_s(64, 0, 8, 8 * 512) == pytest.approx(
         plain._mixed_s(plain.prefill_s(64), plain.decode_s(8, 512)))
+
+
+def test_a_prefill_workers_queue_leaves_out_the_step_in_progress() -> None:
+    """The placer's view of a prefill worker is the rest of its step in progress plus the tokens
+    after it: the step's own tokens counted again made a busy worker look a whole prompt longer
+    (adaptive then placed locally what the proxy placed remote, 2026-12-07)."""
+    from planner.servers import Job, PrefillServer
+
+    server = PrefillServer(StepTimes(small_profile()), budget=512)
+    server.queue.extend([Job(0, SimRequest(0.0, 1000, 4)), Job(1, SimRequest(0.0, 300, 4))])
+    assert server.queued_tokens() == 1300  # idle: everything waits
+    server.start_step(0.0)  # 512 tokens of the first prompt
+    assert server.queued_tokens() == 1300 - 512
+    server.finish_step()
+    server.start_step(0.512)  # the first prompt's last 488 and 24 of the second
+    assert server.queued_tokens() == 276
+
+
+def test_a_busy_prefill_worker_is_seen_busy_for_the_rest_of_its_step_only() -> None:
+    """A prompt arriving 0.9 s into a 1.0 s remote prefill sees 0.1 s of queue (the view the
+    placement rule is given; remote placement builds it too)."""
+    import planner.simulator as sim
+
+    seen: list[float] = []
+    real = sim.choose
+
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(args[2][0].queue_s)
+        return real(*args, **kwargs)
+
+    sim.choose = spy
+    try:
+        simulate(small_profile(), ClusterSpec(1, 1),
+                 [SimRequest(0.0, 1000, 4), SimRequest(0.9, 500, 4)])
+    finally:
+        sim.choose = real
+    assert seen[0] == 0.0 and seen[1] == pytest.approx(0.1, abs=0.02)
