@@ -70,10 +70,11 @@ class SimModel:
     prefill_noise: float = 0.0
     draws: int = 8
     online_fits: bool = False
+    learn_corrections: bool = False
 
     def apply(self, spec: ClusterSpec) -> ClusterSpec:
         return replace(spec, step_noise=self.step_noise, prefill_noise=self.prefill_noise,
-                       online_fits=self.online_fits)
+                       online_fits=self.online_fits, learn_corrections=self.learn_corrections)
 
     def describe(self) -> str:
         parts = [f"step noise sigma {self.step_noise:g} with decodes, {self.prefill_noise:g} "
@@ -81,6 +82,8 @@ class SimModel:
                  if self.step_noise or self.prefill_noise else "no step noise",
                  "online per-worker cost fits" if self.online_fits
                  else "one profile fit for every worker's placement cost model"]
+        if self.learn_corrections:
+            parts.append("the placer's TTFT corrections learned from the simulated first tokens")
         return "Simulator: " + ", ".join(parts) + "."
 
 
@@ -357,6 +360,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--draws", type=int, default=8, help="With --step-noise: draws per rate.")
     p.add_argument("--online-fits", action="store_true",
                    help="Per-worker placement cost models fitted online (see plan cluster).")
+    p.add_argument("--learn-corrections", action="store_true",
+                   help="The simulated placer learns its TTFT corrections per placement from "
+                        "the simulated first tokens, as the proxy does (proxy/placer.py).")
     p.add_argument("--note", default="", help="Said in the results (e.g. 'machine contended').")
     p.add_argument("--tag", default="cpu")
     p.add_argument("--out-dir", default="bench/results")
@@ -382,7 +388,8 @@ def main(argv: list[str] | None = None) -> int:
     profiles = {f: Profile.load(f) for f in every}
     profile = profiles[paths[0]]
     sweeps = [(f, json.loads(Path(f).read_text())) for f in args.sweeps]
-    model = SimModel(args.step_noise, args.prefill_noise, args.draws, args.online_fits)
+    model = SimModel(args.step_noise, args.prefill_noise, args.draws, args.online_fits,
+                     args.learn_corrections)
     # the profile taken after each sweep (the next one's), when interpolating
     afters = [profiles[f] for f in every[1:]] if args.interpolate else [None] * len(sweeps)
     overhead, step_overhead = serving_overhead(
