@@ -132,9 +132,16 @@ def _err(pred: float | None, meas: float | None) -> float | None:
     return 100.0 * (pred - meas) / meas
 
 
-def _inside(pred: float | None, iv: tuple[float, float] | None) -> bool:
-    """A prediction inside the measured p90's bootstrap interval (none to check: inside)."""
-    return pred is None or iv is None or iv[0] <= pred <= iv[1]
+def _inside(pred: float | None, iv: tuple[float, float] | None) -> bool | None:
+    """A prediction inside the measured p90's bootstrap interval; None where the sweep kept no
+    request records to resample (older sweeps)."""
+    if iv is None:
+        return None
+    return pred is None or iv[0] <= pred <= iv[1]
+
+
+def _both(a: bool | None, b: bool | None) -> bool | None:
+    return None if a is None or b is None else a and b
 
 
 def _step_index(rates: list[float], goodput: float | None) -> int:
@@ -221,8 +228,8 @@ def compare(profile: Profile, sweep: dict[str, Any], gbps: float,
             met = s["attainment"] >= slo["attainment"]
             iv = measured_point(m).interval  # how much the measured p90 moves by chance
             rows.append({"ttft_p90_interval": iv["ttft"], "tpot_p90_interval": iv["tpot"],
-                         "inside": _inside(p.ttft_p90_s, iv["ttft"])
-                         and _inside(p.tpot_p90_s, iv["tpot"]),
+                         "inside": _both(_inside(p.ttft_p90_s, iv["ttft"]),
+                                         _inside(p.tpot_p90_s, iv["tpot"])),
                          "rate": p.rate, "attainment_pred": p.attainment,
                          "attainment_meas": s["attainment"],
                          "ttft_p90_pred": p.ttft_p90_s, "ttft_p90_meas": s["ttft"]["p90"],
@@ -235,7 +242,8 @@ def compare(profile: Profile, sweep: dict[str, Any], gbps: float,
         checked = [r for r in rows if r["slo_met_measured"]]
         within = all(abs(r[k]) <= 25 for r in checked for k in ("ttft_err_pct", "tpot_err_pct")
                      if r[k] is not None)
-        inside = all(r["inside"] for r in checked)
+        inside = (None if any(r["inside"] is None for r in checked)
+                  else all(r["inside"] for r in checked))
         configs.append({"name": c["name"], "server": c["server"], "spec": spec.name,
                         "p90_inside_interval": inside,
                         "goodput_pred": best, "goodput_meas": c["goodput"]["rate"],
@@ -261,6 +269,10 @@ def drift(profiles: list[tuple[str, Profile]]) -> list[dict[str, Any]]:
         rows.append({"profile": path, "date": profile.meta.get("date"), "step_ms": ms,
                      "vs_first": [m / f for m, f in zip(ms, first, strict=True)]})
     return rows
+
+
+def _yes(x: bool | None) -> str:
+    return "n/a (no request records)" if x is None else "yes" if x else "no"
 
 
 def _fmt(x: float | None, scale: float = 1000.0) -> str:
@@ -316,7 +328,7 @@ def markdown(doc: dict[str, Any]) -> str:
             lines.append(f"| {c['name']} | {c['goodput_pred']} / {c['goodput_meas']} | "
                          f"{'yes' if c['goodput_ok'] else 'no'} | "
                          f"{'yes' if c['p90_within_25pct'] else 'no'} | "
-                         f"{'yes' if c.get('p90_inside_interval') else 'no'} |")
+                         f"{_yes(c.get('p90_inside_interval'))} |")
         lines.append("")
     configs = [c for v in doc["validations"] for c in v["configs"]]
     lines.append(f"In all: goodput within one rate step {sum(c['goodput_ok'] for c in configs)} "

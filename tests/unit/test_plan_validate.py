@@ -176,3 +176,8 @@ def test_rows_carry_the_measured_p90s_bootstrap_interval() -> None:
                                and _inside(r["tpot_p90_pred"], r["tpot_p90_interval"]))
     assert isinstance(config["p90_inside_interval"], bool)
     assert _inside(1.0, (0.5, 1.5)) and not _inside(2.0, (0.5, 1.5)) and _inside(None, (0, 1))
+    assert _inside(1.0, None) is None  # no request records: not graded, not passed
+    old = json.loads((RESULTS / "placement_cpu_interference_2026-12-06.json").read_text())
+    rows = compare(Profile.load(str(RESULTS / "profile_cpu_2026-12-06.json")), old,
+                   0.0)["configs"][0]["rows"]  # a sweep that kept no request records
+    assert all(r["inside"] is None for r in rows)
