@@ -331,12 +331,14 @@ def markdown(doc: dict[str, Any]) -> str:
                          f"{_yes(c.get('p90_inside_interval'))} |")
         lines.append("")
     configs = [c for v in doc["validations"] for c in v["configs"]]
+    graded = [c for c in configs if c.get("p90_inside_interval") is not None]
     lines.append(f"In all: goodput within one rate step {sum(c['goodput_ok'] for c in configs)} "
                  f"of {len(configs)}; p90 within 25 % at every SLO-meeting point "
                  f"{sum(c['p90_within_25pct'] for c in configs)} of {len(configs)}; p90 inside "
                  f"the measured p90's 90 % bootstrap interval (its requests resampled) at every "
-                 f"SLO-meeting point {sum(bool(c.get('p90_inside_interval')) for c in configs)} "
-                 f"of {len(configs)}.")
+                 f"SLO-meeting point {sum(c.get('p90_inside_interval') is True for c in graded)} "
+                 f"of {len(graded)}" + (f" ({len(configs) - len(graded)} not graded: no request "
+                                        f"records)" if len(graded) < len(configs) else "") + ".")
     return "\n".join(lines)
 
 
