@@ -9,6 +9,7 @@
 #   (NUM_PROMPTS=40 RATES_A=0.15,0.25,0.35 RATES_B=... SUFFIX=_hires: more requests, other rates,
 #   another results name; TRACE=1: servers at DEBUG, logs kept (gzipped) in
 #   bench/results/logs_<name>..., for `python -m bench.serving_trace`;
+#   CONFIGS=colocated-x2[,adaptive]: only these configurations;
 #   BRACKET=1: the planner's validation run (issue 15): each configuration is its own sweep,
 #   with a CPU profile (`pdserve profile`, one thread on core 0) taken before it and one after
 #   the last, so each configuration is predicted from the profile taken just before it and the
@@ -43,6 +44,13 @@ sweep() {  # name slo_ttft slo_tpot rates workload-flags...
     local configs=("1p1d=--prefill 1 --decode 1 --placement remote"
                    "colocated-x2=--colocated --decode 2"
                    "adaptive=--prefill 1 --decode 1 --placement adaptive --slo-ttft $ttft --slo-tpot $tpot")
+    if [ -n "${CONFIGS:-}" ]; then  # only these (comma-separated names), e.g. to re-measure one
+        local keep=()
+        for c in "${configs[@]}"; do
+            case ",$CONFIGS," in *",${c%%=*},"*) keep+=("$c") ;; esac
+        done
+        configs=("${keep[@]}")
+    fi
     if [ -z "${BRACKET:-}" ]; then
         one "$name" "$ttft" "$tpot" "$rates" "" "${configs[@]}" -- "$@"
         return

@@ -366,6 +366,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="With --profiles and one more profile (taken after the last sweep): "
                         "each measured point's step times are its sweep's profile and the next "
                         "one blended by when the point ran (the machine drifts within the hour).")
+    p.add_argument("--after", nargs="+", default=None,
+                   help="With --interpolate: the profile taken after each sweep, one per sweep "
+                        "(when the sweeps did not run back to back, e.g. one re-measured "
+                        "later); default: the next one in --profiles.")
     p.add_argument("--step-noise", type=float, default=0.0,
                    help="Sigma of each simulated step's log-normal time factor "
                         "(`pdserve plan cluster --step-noise`).")
@@ -387,31 +391,36 @@ def main(argv: list[str] | None = None) -> int:
                                       or len(args.profiles) - len(args.sweeps) not in (0, 1)):
         p.error("--profiles takes one profile per sweep (and one after the last), and neither "
                 "--profile nor --take-profile")
-    if args.interpolate and (args.profiles is None
-                             or len(args.profiles) != len(args.sweeps) + 1):
+    if args.after is not None and (not args.interpolate or args.profiles is None
+                                   or len(args.after) != len(args.sweeps)):
+        p.error("--after takes one profile per sweep, with --interpolate and --profiles")
+    if args.interpolate and args.after is None and (
+            args.profiles is None or len(args.profiles) != len(args.sweeps) + 1):
         p.error("--interpolate needs --profiles with one more profile than --sweeps (the last "
-                "taken after the last sweep)")
+                "taken after the last sweep), or --after")
     day = time.strftime("%Y-%m-%d")
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = Path(args.profile or out / f"profile_{args.tag}_{day}.json")
     if args.take_profile:
         take_cpu_profile(path, args.budget_s, args.cpu_core)
-    every = args.profiles or [str(path)]
+    every = (args.profiles or [str(path)]) + list(args.after or [])
     paths = args.profiles[:len(args.sweeps)] if args.profiles else every * len(args.sweeps)
     profiles = {f: Profile.load(f) for f in every}
     profile = profiles[paths[0]]
     sweeps = [(f, json.loads(Path(f).read_text())) for f in args.sweeps]
     model = SimModel(args.step_noise, args.prefill_noise, args.draws, args.online_fits,
                      args.learn_corrections)
-    # the profile taken after each sweep (the next one's), when interpolating
-    afters = [profiles[f] for f in every[1:]] if args.interpolate else [None] * len(sweeps)
+    # the profile taken after each sweep (the next one's, or --after's), when interpolating
+    after_paths = (args.after or every[1:len(sweeps) + 1]) if args.interpolate else None
+    afters = ([profiles[f] for f in after_paths] if after_paths is not None
+              else [None] * len(sweeps))
     overhead, step_overhead = serving_overhead(
         profile, sweeps[0][1], args.calibrate, args.transfer_gbps,
         args.unnamed_placement, model, afters[0]) if args.calibrate else (0.0, 0.0)
     validations = [{"sweep_file": f, "profile": pf,
                     "profile_date": profiles[pf].meta.get("date"),
-                    "profile_after": every[i + 1] if args.interpolate else None,
+                    "profile_after": after_paths[i] if after_paths is not None else None,
                     **compare(profiles[pf], sweep, args.transfer_gbps, args.unnamed_placement,
                               overhead, step_overhead, model, afters[i])}
                    for i, ((f, sweep), pf) in enumerate(zip(sweeps, paths, strict=True))]

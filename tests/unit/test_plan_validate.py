@@ -181,3 +181,20 @@ def test_rows_carry_the_measured_p90s_bootstrap_interval() -> None:
     rows = compare(Profile.load(str(RESULTS / "profile_cpu_2026-12-06.json")), old,
                    0.0)["configs"][0]["rows"]  # a sweep that kept no request records
     assert all(r["inside"] is None for r in rows)
+
+
+def test_after_names_each_sweeps_later_profile(tmp_path: Path) -> None:
+    """`--after` pairs each sweep with the profile taken after it when the sweeps did not run
+    back to back (one re-measured later); without --interpolate it is refused."""
+    from bench.plan_validate import main
+
+    sweep = str(RESULTS / "placement_cpu_interference_2026-12-07_bracket_1p1d.json")
+    before, after = (str(RESULTS / f"profile_cpu_2026-12-07_bracket_b{i}.json") for i in (3, 4))
+    with pytest.raises(SystemExit):
+        main(["--sweeps", sweep, "--profiles", before, "--after", after])
+    assert main(["--sweeps", sweep, "--profiles", before, "--interpolate", "--after", after,
+                 "--out-dir", str(tmp_path), "--tag", "t"]) == 0
+    (doc,) = [json.loads(f.read_text()) for f in tmp_path.glob("plan_validation_t_*.json")]
+    assert doc["validations"][0]["profile_after"] == after
+    assert [Path(d["profile"]).name for d in doc["drift"]] == [Path(before).name,
+                                                               Path(after).name]
