@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.step_overlap import overlap_table
 from planner.profile import Profile, StepTimes
 
 STAMP = r"^(?P<at>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \S+ (?:\[(?P<who>[^\]]+)\] )?"
@@ -207,13 +208,21 @@ def report(sweep: dict[str, Any], log_dir: Path, times: StepTimes | None) -> str
         out += ["", f"## {config['name']}: {len(steps)} step lines, {len(placed)} placement lines"]
         if not steps:
             out.append("(no step lines: was the server started with --server-log-level debug?)")
+        served: list[Step] = []  # the points' steps: no warm-up, no gap between points
         for point in config["points"]:
             out += ["", f"### {point['request_rate']:g} req/s", ""]
             out += point_report(point, steps, placed, slo, times)
-            if times is not None:  # the serving steps only: no warm-up, no gap between points
-                for kind, ratios in step_model_errors(point_steps(point, steps) or [],
-                                                      times).items():
-                    pooled.setdefault(kind, []).extend(ratios)
+            served += point_steps(point, steps) or []
+        if times is not None:
+            for kind, ratios in step_model_errors(served, times).items():
+                pooled.setdefault(kind, []).extend(ratios)
+            if len({s.who for s in served}) > 1:
+                out += ["", "### Steps by what the other workers ran (every point)", "",
+                        "Measured / modelled p50 (p90) of steps alone (under 20 % of the step "
+                        "beside another worker's steps), beside another's decode-only steps and "
+                        "beside its prefill steps (80 % or more; `bench/step_overlap.py`): the "
+                        "profile times each step alone.", ""]
+                out += overlap_table(served, times)
     if pooled:
         every = [r for ratios in pooled.values() for r in ratios]
         out += ["", "## Step noise over every configuration and rate", "",
