@@ -14,25 +14,15 @@ from __future__ import annotations
 import bisect
 import statistics
 from collections.abc import Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING
 
 from planner.profile import StepTimes
 
+if TYPE_CHECKING:  # serving_trace imports this module at run time
+    from bench.serving_trace import Step
+
 ALONE, BESIDE_DECODE, BESIDE_PREFILL = "alone", "beside decode", "beside prefill"
 CLASSES = (ALONE, BESIDE_DECODE, BESIDE_PREFILL)
-
-
-class StepLike(Protocol):
-    at: float  # when the step ended
-    who: str
-    seconds: float
-    prefill_tokens: int
-    token_context: int
-    decode_seqs: int
-    decode_context: int
-
-    @property
-    def kind(self) -> str: ...
 
 
 def _covered(intervals: list[tuple[float, float]], ends: list[float], a: float, b: float) -> float:
@@ -45,7 +35,7 @@ def _covered(intervals: list[tuple[float, float]], ends: list[float], a: float, 
     return total
 
 
-def classify(steps: Sequence[StepLike]) -> list[str | None]:
+def classify(steps: Sequence[Step]) -> list[str | None]:
     """Each step's class (None: partly overlapped), by the other workers' steps."""
     def spans(who: str, heavy: bool | None) -> tuple[list[tuple[float, float]], list[float]]:
         iv = sorted((s.at - s.seconds, s.at) for s in steps if s.who == who
@@ -70,7 +60,7 @@ def classify(steps: Sequence[StepLike]) -> list[str | None]:
     return out
 
 
-def overlap_ratios(steps: Sequence[StepLike], times: StepTimes) -> dict[tuple[str, str],
+def overlap_ratios(steps: Sequence[Step], times: StepTimes) -> dict[tuple[str, str],
                                                                           list[float]]:
     """Measured / modelled step time by (kind of step, class)."""
     out: dict[tuple[str, str], list[float]] = {}
@@ -81,7 +71,7 @@ def overlap_ratios(steps: Sequence[StepLike], times: StepTimes) -> dict[tuple[st
     return out
 
 
-def overlap_table(steps: Sequence[StepLike], times: StepTimes) -> list[str]:
+def overlap_table(steps: Sequence[Step], times: StepTimes) -> list[str]:
     """Markdown rows: per kind of step, n and measured / modelled p50 (p90) in each class."""
     ratios = overlap_ratios(steps, times)
     kinds = sorted({k for k, _ in ratios})
