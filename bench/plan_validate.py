@@ -30,7 +30,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,7 @@ from bench.serving_trace import point_span
 from bench.sweep_repeat import fmt_interval
 from bench.sweep_repeat import measured as measured_point
 from deploy.cli import build_parser
-from planner.profile import BlendedStepTimes, Profile, StepTimes
+from planner.profile import BlendedStepTimes, CoRun, Profile, StepTimes
 from planner.search import goodput, run_config
 from planner.servers import SimRequest
 from planner.simulator import ClusterSpec
@@ -71,10 +71,12 @@ class SimModel:
     draws: int = 8
     online_fits: bool = False
     learn_corrections: bool = False
+    corun: CoRun | None = None  # the workers share this machine's cores: these factors
 
     def apply(self, spec: ClusterSpec) -> ClusterSpec:
         return replace(spec, step_noise=self.step_noise, prefill_noise=self.prefill_noise,
-                       online_fits=self.online_fits, learn_corrections=self.learn_corrections)
+                       online_fits=self.online_fits, learn_corrections=self.learn_corrections,
+                       corun=self.corun)
 
     def describe(self) -> str:
         parts = [f"step noise sigma {self.step_noise:g} with decodes, {self.prefill_noise:g} "
@@ -84,6 +86,9 @@ class SimModel:
                  else "one profile fit for every worker's placement cost model"]
         if self.learn_corrections:
             parts.append("the placer's TTFT corrections learned from the simulated first tokens")
+        if self.corun is not None:
+            parts.append("co-run factors " + ", ".join(
+                f"{k} {v:g}" for k, v in asdict(self.corun).items()))
         return "Simulator: " + ", ".join(parts) + "."
 
 
@@ -381,6 +386,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--learn-corrections", action="store_true",
                    help="The simulated placer learns its TTFT corrections per placement from "
                         "the simulated first tokens, as the proxy does (proxy/placer.py).")
+    p.add_argument("--corun-factors", default="", metavar="LL,LH,HL,HH",
+                   help="The workers share this machine's cores: a step's time x the factor "
+                        "for what another worker runs as it starts (light: decode only, heavy: "
+                        "with prefill tokens; light under light, light under heavy, heavy "
+                        "under light, heavy under heavy), as `python -m bench.corun_probe` "
+                        "measures them.")
     p.add_argument("--note", default="", help="Said in the results (e.g. 'machine contended').")
     p.add_argument("--tag", default="cpu")
     p.add_argument("--out-dir", default="bench/results")
@@ -410,7 +421,8 @@ def main(argv: list[str] | None = None) -> int:
     profile = profiles[paths[0]]
     sweeps = [(f, json.loads(Path(f).read_text())) for f in args.sweeps]
     model = SimModel(args.step_noise, args.prefill_noise, args.draws, args.online_fits,
-                     args.learn_corrections)
+                     args.learn_corrections,
+                     CoRun.parse(args.corun_factors) if args.corun_factors else None)
     # the profile taken after each sweep (the next one's, or --after's), when interpolating
     after_paths = (args.after or every[1:len(sweeps) + 1]) if args.interpolate else None
     afters = ([profiles[f] for f in after_paths] if after_paths is not None

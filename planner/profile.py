@@ -56,6 +56,41 @@ class EngineLimits:
 
 
 @dataclass(frozen=True)
+class CoRun:
+    """Step-time factors for a step that runs while another worker on the same host runs one
+    (workers pinned to cores of one CPU share its caches and memory bandwidth): a decode-only
+    step is "light", a step with prefill tokens "heavy". On this 2-core VM (2026-12-07 serving
+    logs) decode steps ran 15-25 % slower beside a prefill step on the other core than alone.
+    Measured by `python -m bench.corun_probe`; 1.0 where workers share nothing (GPUs)."""
+
+    light_under_light: float = 1.0
+    light_under_heavy: float = 1.0
+    heavy_under_light: float = 1.0
+    heavy_under_heavy: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name, value in asdict(self).items():
+            if not (isinstance(value, int | float) and math.isfinite(value) and 0.5 <= value <= 5):
+                raise ProfileError(f"co-run factor {name} must be in [0.5, 5], got {value!r}")
+
+    def factor(self, heavy: bool, other_heavy: bool) -> float:
+        if heavy:
+            return self.heavy_under_heavy if other_heavy else self.heavy_under_light
+        return self.light_under_heavy if other_heavy else self.light_under_light
+
+    @classmethod
+    def parse(cls, text: str) -> CoRun:
+        """"LL,LH,HL,HH" (light under light, light under heavy, ...)."""
+        parts = text.split(",")
+        try:
+            if len(parts) != 4:
+                raise ValueError(f"got {len(parts)}")
+            return cls(*(float(x) for x in parts))
+        except ValueError as e:
+            raise ProfileError(f"co-run factors must be four numbers LL,LH,HL,HH: {e}") from None
+
+
+@dataclass(frozen=True)
 class Profile:
     engine: EngineLimits
     kv_bytes_per_token: float

@@ -5,7 +5,9 @@ most `max_num_batched_tokens` tokens; running sequences go first, oldest first, 
 when decoding; prompts are chunked to fit the budget and each sequence's chunk cap; waiting
 sequences join while the budget, `max_num_seqs` and the KV cache allow. A step's duration comes
 from the profile (`StepTimes.step_s`), times a draw of the simulation's step noise where it has
-one (`noise(decode sequences in the step)`); tokens appear when the step ends. Each server keeps
+one (`noise(decode sequences in the step)`) and the co-run factor where workers share a host
+(`shared(the step has prefill tokens)`: what the other workers run when it starts); tokens
+appear when the step ends. Each server keeps
 its last step as the engine reports it (`last_step`: seconds, prefill tokens, decode sequences,
 context tokens as engine/llm_engine.py counts them) for the simulator's online cost models.
 
@@ -69,8 +71,9 @@ class PrefillServer:
     """Prefill worker: FIFO queue, steps of prompt chunks under the token budget."""
 
     def __init__(self, times: StepTimes, budget: int,
-                 noise: Callable[[int], float] | None = None) -> None:
-        self.times, self.budget, self.noise = times, budget, noise
+                 noise: Callable[[int], float] | None = None,
+                 shared: Callable[[bool], float] | None = None) -> None:
+        self.times, self.budget, self.noise, self.shared = times, budget, noise, shared
         self.last_step: Step = (0.0, 0, 0, 0)
         self.queue: deque[Job] = deque()
         self.batch: list[tuple[Job, int]] = []
@@ -90,6 +93,7 @@ class PrefillServer:
             token_context += n * job.num_computed
         seconds = self.times.step_s(tokens, token_context, 0, 0)
         seconds *= self.noise(0) if self.noise else 1.0
+        seconds *= self.shared(True) if self.shared else 1.0
         self.last_step = (seconds, tokens, 0, tokens + sum(j.num_computed for j, _ in self.batch))
         self.busy_until = now + seconds
         return seconds
@@ -119,9 +123,10 @@ class DecodeServer:
     reservation to finish)."""
 
     def __init__(self, times: StepTimes, budget: int, max_num_seqs: int, capacity: int,
-                 block_size: int, noise: Callable[[int], float] | None = None) -> None:
+                 block_size: int, noise: Callable[[int], float] | None = None,
+                 shared: Callable[[bool], float] | None = None) -> None:
         self.times, self.budget, self.max_num_seqs = times, budget, max_num_seqs
-        self.noise = noise
+        self.noise, self.shared = noise, shared
         self.last_step: Step = (0.0, 0, 0, 0)
         self.capacity, self.block_size = capacity, block_size
         self.kv_used = 0
@@ -194,6 +199,7 @@ class DecodeServer:
         decode_context = sum(j.context for j in self.running)
         seconds = self.times.step_s(tokens, token_context, len(self.running), decode_context)
         seconds *= self.noise(len(self.running)) if self.noise else 1.0
+        seconds *= self.shared(tokens > 0) if self.shared else 1.0
         self.last_step = (seconds, tokens, len(self.running), decode_context + tokens
                           + sum(j.num_computed for j, _ in self.batch))
         self.step_end_s = now + seconds

@@ -29,6 +29,10 @@ p50); `prefill_noise` the same for steps without decoding sequences (prefill ste
 less: sigma 0.10-0.13 against 0.19-0.24 for decode steps there); seeded (`noise_seed`), so a
 run stays reproducible.
 
+`corun` (workers pinned to cores of one CPU) multiplies a step's time by the factor for what the
+other workers run as it starts (planner/profile.py `CoRun`, measured by `python -m
+bench.corun_probe`); off by default.
+
 Not modelled (say so when you compare): the proxy's own CPU time (tokenize, detokenize, HTTP),
 preemption (reservations hold a request's longest KV, so none happens), the prefill workers' own
 KV capacity (their batches are bounded by the token budget only), prefix-cache hits
@@ -43,10 +47,10 @@ import itertools
 import math
 import random
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from planner.profile import Profile, StepTimes
+from planner.profile import CoRun, Profile, StepTimes
 from planner.servers import DecodeServer, Job, PrefillServer, SimRequest, Step, kv_need
 from planner.warmup import warmup_room, warmup_steps
 from proxy.cost_model import Coefficients, StepCostModel
@@ -91,6 +95,9 @@ class ClusterSpec:
     step_noise: float = 0.0  # sigma of a step's log-normal time factor (median 1), with decodes
     prefill_noise: float = 0.0  # the same for a step without decoding sequences
     noise_seed: int = 0
+    # the workers share one host (a CPU's cores): a step's time x the factor for what the
+    # others run when it starts (planner/profile.py CoRun); None: they share nothing
+    corun: CoRun | None = None
 
     def __post_init__(self) -> None:
         if self.num_prefill < 0 or self.num_decode < 1:
@@ -165,10 +172,12 @@ class Simulation:
         capacity = spec.kv_capacity_tokens or limits.kv_capacity_tokens
         self.rng = random.Random(spec.noise_seed)
         noise = self._noise if spec.is_noisy else None
-        self.prefills = [PrefillServer(self.times, self.budget, noise)
-                         for _ in range(spec.num_prefill)]
+        self.prefills = [PrefillServer(self.times, self.budget, noise, self._shared(i))
+                         for i in range(spec.num_prefill)]
         self.decodes = [DecodeServer(self.times, self.budget, limits.max_num_seqs, capacity,
-                                     limits.block_size, noise) for _ in range(spec.num_decode)]
+                                     limits.block_size, noise,
+                                     self._shared(spec.num_prefill + d))
+                        for d in range(spec.num_decode)]
         # online fits: prefill workers' models, then decode workers'; steps not yet delivered
         self.now = 0.0
         self.models: list[StepCostModel] = []
@@ -308,6 +317,20 @@ class Simulation:
     def _noise(self, decode_seqs: int) -> float:
         sigma = self.spec.step_noise if decode_seqs else self.spec.prefill_noise
         return math.exp(self.rng.gauss(0.0, sigma)) if sigma else 1.0
+
+    def _shared(self, worker: int) -> Callable[[bool], float] | None:
+        """Worker `worker`'s co-run factor (prefill workers first): by what the busiest of the
+        others runs as its step starts (a step with prefill tokens is heavy)."""
+        corun = self.spec.corun
+        if corun is None:
+            return None
+
+        def factor(heavy: bool) -> float:
+            others = [True for i, p in enumerate(self.prefills) if i != worker and p.batch]
+            others += [d.last_step[1] > 0 for i, d in enumerate(self.decodes)
+                       if i + self.spec.num_prefill != worker and d.is_busy]
+            return max((corun.factor(heavy, o) for o in others), default=1.0)
+        return factor
 
     def _report(self, now: float, worker: int, step: Step) -> None:
         """A step that ended at `now` reaches the proxy with the worker's next heartbeat."""

@@ -269,3 +269,20 @@ def test_a_busy_prefill_worker_is_seen_busy_for_the_rest_of_its_step_only() -> N
     finally:
         sim.choose = real
     assert seen[0] == 0.0 and seen[1] == pytest.approx(0.1, abs=0.02)
+
+
+def test_corun_factors_slow_a_step_that_starts_beside_another_workers_step() -> None:
+    """Workers sharing one CPU: a decode step that starts while the prefill worker computes
+    takes the light-under-heavy factor; alone it takes the profile's time."""
+    from planner.profile import CoRun
+
+    reqs = [SimRequest(0.0, 16, 30), SimRequest(0.1, 1000, 2)]  # 1 s prefill from 0.1 s
+    plain = simulate(small_profile(), ClusterSpec(1, 1), reqs)
+    shared = simulate(small_profile(), ClusterSpec(1, 1, corun=CoRun(1.0, 2.0, 1.0, 1.0)), reqs)
+    assert shared[0].ttft_s == pytest.approx(plain[0].ttft_s)  # its prefill ran alone
+    assert shared[0].tpot_s > 1.5 * plain[0].tpot_s  # its decode steps ran beside the prefill
+    with pytest.raises(ProfileError, match="co-run factor"):
+        CoRun(1.0, 0.0, 1.0, 1.0)
+    with pytest.raises(ProfileError, match="four numbers"):
+        CoRun.parse("1.2,1.1")
+    assert CoRun.parse("1.1,1.2,1.3,1.4").factor(False, True) == 1.2
