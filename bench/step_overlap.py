@@ -28,7 +28,8 @@ CLASSES = (ALONE, BESIDE_DECODE, BESIDE_PREFILL)
 def _covered(intervals: list[tuple[float, float]], ends: list[float], a: float, b: float) -> float:
     """Seconds of [a, b] covered by `intervals` (sorted, non-overlapping; `ends` their ends)."""
     total = 0.0
-    for start, end in intervals[bisect.bisect_right(ends, a):]:
+    for i in range(bisect.bisect_right(ends, a), len(intervals)):  # no copy of the tail
+        start, end = intervals[i]
         if start >= b:
             break
         total += min(b, end) - max(a, start)
@@ -37,13 +38,13 @@ def _covered(intervals: list[tuple[float, float]], ends: list[float], a: float, 
 
 def classify(steps: Sequence[Step]) -> list[str | None]:
     """Each step's class (None: partly overlapped), by the other workers' steps."""
-    def spans(who: str, heavy: bool | None) -> tuple[list[tuple[float, float]], list[float]]:
-        iv = sorted((s.at - s.seconds, s.at) for s in steps if s.who == who
-                    and (heavy is None or (s.prefill_tokens > 0) == heavy))
+    def spans(who: str, prefill_only: bool) -> tuple[list[tuple[float, float]], list[float]]:
+        iv = sorted((s.at - s.seconds, s.at) for s in steps
+                    if s.who == who and (s.prefill_tokens > 0 or not prefill_only))
         return iv, [e for _, e in iv]
 
     workers = sorted({s.who for s in steps})
-    every = {w: spans(w, None) for w in workers}
+    every = {w: spans(w, False) for w in workers}
     heavy = {w: spans(w, True) for w in workers}
     out: list[str | None] = []
     for s in steps:

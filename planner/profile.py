@@ -59,9 +59,10 @@ class EngineLimits:
 class CoRun:
     """Step-time factors for a step that runs while another worker on the same host runs one
     (workers pinned to cores of one CPU share its caches and memory bandwidth): a decode-only
-    step is "light", a step with prefill tokens "heavy". On this 2-core VM (2026-12-07 serving
-    logs) decode steps ran 15-25 % slower beside a prefill step on the other core than alone.
-    Measured by `python -m bench.corun_probe`; 1.0 where workers share nothing (GPUs)."""
+    step is "light", a step with prefill tokens "heavy". Measured by `python -m
+    bench.corun_probe` (this 2-core VM, 2026-12-07: light under light 1.25, light under heavy
+    1.00, heavy under light 1.08, heavy under heavy 0.99); 1.0 where workers share nothing
+    (GPUs)."""
 
     light_under_light: float = 1.0
     light_under_heavy: float = 1.0
