@@ -198,3 +198,16 @@ def test_after_names_each_sweeps_later_profile(tmp_path: Path) -> None:
     assert doc["validations"][0]["profile_after"] == after
     assert [Path(d["profile"]).name for d in doc["drift"]] == [Path(before).name,
                                                                Path(after).name]
+
+
+def test_sim_model_flags_reach_the_cluster_spec() -> None:
+    """--learn-corrections and --corun-factors change the simulated cluster (and say so)."""
+    from bench.plan_validate import SimModel
+    from planner.profile import CoRun
+
+    base = spec_of("pdserve serve --prefill 1 --decode 1", "", 0.0)
+    assert not SimModel().apply(base).learn_corrections and SimModel().apply(base).corun is None
+    model = SimModel(learn_corrections=True, corun=CoRun.parse("1.25,1,1.08,1"))
+    spec = model.apply(base)
+    assert spec.learn_corrections and spec.corun == CoRun(1.25, 1.0, 1.08, 1.0)
+    assert "learned" in model.describe() and "light_under_light 1.25" in model.describe()
