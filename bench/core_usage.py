@@ -52,6 +52,9 @@ def sample(pids: list[int]) -> dict[tuple[int, int], tuple[str, str, int, int]]:
                 name = stat[stat.index("(") + 1:stat.rindex(")")]
                 fields = stat[stat.rindex(")") + 2:].split()
                 # utime, stime: fields 14 and 15 of stat(5); processor: 39 (here from field 3)
+                # a process's threads share one name unless they set their own: tell the main
+                # thread from the others (a worker's KV receiver, ZMQ's I/O threads...)
+                name += "" if int(tid) != pid else " (main)"
                 out[(pid, int(tid))] = (cmd, name, int(fields[11]) + int(fields[12]),
                                         int(fields[36]))
         except (OSError, ValueError, IndexError):
@@ -72,11 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     proc = subprocess.Popen(command)
     start, last = time.monotonic(), {}
     seconds: collections.Counter[tuple[str, str, int]] = collections.Counter()
+    # threads of one name are kept apart (by tid) so that one busy thread shows as itself
     while proc.poll() is None:
         counting = time.monotonic() - start >= args.after_s
         for key, (cmd, name, ticks, core) in sample(tree(proc.pid)).items():
             if counting and key in last:
-                seconds[(cmd, name, core)] += (ticks - last[key]) / HZ
+                seconds[(cmd, f"{name} [{key[1]}]", core)] += (ticks - last[key]) / HZ
             last[key] = ticks
         time.sleep(0.5)
     per_core: collections.Counter[int] = collections.Counter()
@@ -86,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     for (cmd, name, core), s in seconds.most_common():
         per_core[core] += s
         if s >= 0.1:
-            lines.append(f"{s:8.1f} s  core {core}  {name:16s} {cmd}")
+            lines.append(f"{s:8.1f} s  core {core}  {name:30s} {cmd}")
     lines += ["", "per core: " + ", ".join(f"{c}: {s:.1f} s" for c, s in sorted(per_core.items()))]
     text = "\n".join(lines) + "\n"
     sys.stdout.write(text)

@@ -151,4 +151,5 @@ def uvicorn_config(app: Any, limits: HttpLimits, on_reject: OnReject) -> uvicorn
     return uvicorn.Config(app, http=protocol_class(limits, on_reject),
                           limit_concurrency=connection_cap(limits.limit_concurrency),
                           timeout_keep_alive=limits.keep_alive_timeout_s,
-                          log_level="warning", timeout_graceful_shutdown=5)
+                          log_level="warning", timeout_graceful_shutdown=5,
+                          lifespan="off")  # no startup hooks: and Ctrl-C logs no cancelled lifespan
