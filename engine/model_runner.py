@@ -101,6 +101,20 @@ def choose_attention_backend(requested: str, device: torch.device, layout: KvLay
     return "torch"
 
 
+def materialize(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Give every meta parameter and buffer of `module` uninitialised storage on `device`,
+    floating ones in `dtype` (what `to_empty(device).to(dtype)` does; that costs ~2 ms a
+    tensor through torch's Python reference ops for meta tensors: 0.6 s of SmolLM2's load)."""
+    for m in module.modules():
+        for table, make in ((m._parameters, torch.nn.Parameter), (m._buffers, None)):
+            for name, t in table.items():
+                if t is None or not t.is_meta:
+                    continue
+                data = torch.empty(t.shape, device=device,
+                                   dtype=dtype if t.is_floating_point() else t.dtype)
+                table[name] = data if make is None else make(data, t.requires_grad)
+
+
 class ModelRunner:
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], plan: KvPlan,
                  dtype: torch.dtype, device: torch.device, *, attention_backend: str = "auto",
@@ -114,7 +128,7 @@ class ModelRunner:
                                                           plan.spec.layout)
         with torch.device("meta"):
             model = LlamaForCausalLM(config, plan.max_model_len, self.tp)
-        model = model.to_empty(device=device).to(dtype)
+        materialize(model, device, dtype)
         model.model.rope.build(device)
         if config.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight

@@ -72,6 +72,16 @@ def test_not_a_gguf_file(tmp_path: Path) -> None:
         read_model_config(str(bad))
 
 
+@pytest.mark.parametrize("keep", [100_000, 900_000, 1_500_000])  # strings, numbers, merges
+def test_a_gguf_cut_inside_its_string_arrays_is_truncated(smollm2_gguf_path: Path,
+                                                          tmp_path: Path, keep: int) -> None:
+    cut = tmp_path / "cut.gguf"
+    with open(smollm2_gguf_path, "rb") as f:
+        cut.write_bytes(f.read(keep))
+    with pytest.raises(GgufError, match="truncated"):
+        read_gguf(cut)
+
+
 # ---- GGUF (SmolLM2) -----------------------------------------------------------------------
 def test_smollm2_config(hf_smollm2_model: Any) -> None:
     config = read_model_config("smollm2")
@@ -165,9 +175,15 @@ def quant_gguf(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str
     return path, expected
 
 
-def test_dequantize_every_supported_type(quant_gguf: tuple[Path, dict[str, Any]]) -> None:
+@pytest.mark.parametrize("values_per_call", [None, 1000], ids=["default", "rows-2-at-a-time"])
+def test_dequantize_every_supported_type(quant_gguf: tuple[Path, dict[str, Any]],
+                                         values_per_call: int | None,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bit-equal to the gguf package's `dequantize` however many rows go per call."""
     from transformers.integrations.gguf.dequant import dequantize as torch_dequantize
 
+    if values_per_call:
+        monkeypatch.setattr("engine.gguf_loader.VALUES_PER_CALL", values_per_call)
     path, expected = quant_gguf
     tensors = {info.name: (info, values) for info, values in iter_gguf_tensors(read_gguf(path))}
     assert tensors["norm"][1].shape == (512,)
