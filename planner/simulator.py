@@ -92,6 +92,7 @@ class ClusterSpec:
     # from 0, a running mean of measured minus predicted TTFT), not the overheads above
     learn_corrections: bool = False
     online_fits: bool = False  # a cost model per worker, fitted online (see the module's text)
+    warmup_s: float = 3.0  # the workers' --warmup-s: which warm-up rounds seed those models
     step_noise: float = 0.0  # sigma of a step's log-normal time factor (median 1), with decodes
     prefill_noise: float = 0.0  # the same for a step without decoding sequences
     noise_seed: int = 0
@@ -186,7 +187,8 @@ class Simulation:
             room = warmup_room(limits.max_model_len, capacity)
             for _ in range(spec.num_prefill + spec.num_decode):
                 model = StepCostModel(clock=lambda: self.now)
-                for step in warmup_steps(self.times, self.budget, room, noise or (lambda _: 1.0)):
+                for step in warmup_steps(self.times, self.budget, room, noise or (lambda _: 1.0),
+                                         spec.warmup_s):
                     model.observe(*step)
                 self.models.append(model)
                 self.undelivered.append(deque())

@@ -31,8 +31,12 @@ def warmup_room(max_model_len: int, kv_capacity_tokens: int) -> int:
 
 
 def warmup_steps(times: StepTimes, budget: int, room: int,
-                 noise: Callable[[int], float] = lambda seqs: 1.0) -> list[Step]:
-    """`room`: the longest sequence the warm-up may build (`warmup_room`)."""
+                 noise: Callable[[int], float] = lambda seqs: 1.0,
+                 budget_s: float = float("inf")) -> list[Step]:
+    """`room`: the longest sequence the warm-up may build (`warmup_room`); `budget_s`: the
+    workers' `--warmup-s`, with worker/warmup.py's rule (a round starts only while time is
+    left; a prompt round is skipped where the last one, scaled by length, says it would
+    overrun), each round timed by the step model."""
     steps: list[Step] = []
 
     def step(prefill: int, token_context: float, seqs: int, decode_context: int,
@@ -40,8 +44,15 @@ def warmup_steps(times: StepTimes, budget: int, room: int,
         seconds = times.step_s(prefill, token_context, seqs, decode_context) * noise(seqs)
         steps.append((seconds, prefill, seqs, context))
 
+    def elapsed() -> float:
+        return sum(s[0] for s in steps)
+
+    last: tuple[int, float] | None = None  # the last prompt round: (its length, its seconds)
     for n in PROMPT_LENGTHS:
-        if n > room:
+        start = elapsed()
+        if n > room or start > budget_s:
+            continue
+        if last is not None and start + last[1] * n / last[0] > budget_s:
             continue
         done = 0
         while done < n:
@@ -50,11 +61,14 @@ def warmup_steps(times: StepTimes, budget: int, room: int,
             done += chunk
         for g in range(1, 4):
             step(0, 0.0, 1, n + g, n + g)
+        last = (n, elapsed() - start)
+    if elapsed() > budget_s:
+        return steps
     batch = 32 * DECODE_BATCH
     step(batch, 0.0, 0, 0, batch)
     for g in range(1, 8):
         step(0, 0.0, DECODE_BATCH, DECODE_BATCH * (32 + g), DECODE_BATCH * (32 + g))
-    if room >= MIXED_PROMPT + 8:
+    if room >= MIXED_PROMPT + 8 and elapsed() <= budget_s:
         k = DECODE_BATCH - 1
         step(32 * k, 0.0, 0, 0, 32 * k)
         for i in range(MIXED_PROMPT // MIXED_CHUNK):
