@@ -104,15 +104,19 @@ def choose_attention_backend(requested: str, device: torch.device, layout: KvLay
 def materialize(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
     """Give every meta parameter and buffer of `module` uninitialised storage on `device`,
     floating ones in `dtype` (what `to_empty(device).to(dtype)` does; that costs ~2 ms a
-    tensor through torch's Python reference ops for meta tensors: 0.6 s of SmolLM2's load)."""
+    tensor through torch's Python reference ops for meta tensors: 0.6 s of SmolLM2's load).
+    A tensor shared by several modules (tied embeddings) stays shared."""
+    done: dict[int, torch.Tensor] = {}
     for m in module.modules():
         for table, make in ((m._parameters, torch.nn.Parameter), (m._buffers, None)):
             for name, t in table.items():
                 if t is None or not t.is_meta:
                     continue
-                data = torch.empty(t.shape, device=device,
-                                   dtype=dtype if t.is_floating_point() else t.dtype)
-                table[name] = data if make is None else make(data, t.requires_grad)
+                if id(t) not in done:
+                    data = torch.empty(t.shape, device=device,
+                                       dtype=dtype if t.is_floating_point() else t.dtype)
+                    done[id(t)] = data if make is None else make(data, t.requires_grad)
+                table[name] = done[id(t)]
 
 
 class ModelRunner:

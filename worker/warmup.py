@@ -46,7 +46,7 @@ def warm_up(engine: LLMEngine, budget_s: float = 5.0,
             break
         if len(lengths) == 1 and last is not None and (
                 start - t0 + last[1] * lengths[0] / last[0] > budget_s):
-            continue  # it would overrun: the rounds after it are shorter
+            continue  # it would overrun (a longer one would too; the decode batch may not)
         prompts = [[rng.randrange(vocab) for _ in range(n)] for n in lengths if n <= room]
         if not prompts:
             continue

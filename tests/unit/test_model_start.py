@@ -27,3 +27,24 @@ def test_building_an_engine_imports_no_dynamo(tiny_hf_checkpoint: Callable[[str]
                          capture_output=True, text=True, timeout=300, env=dict(os.environ))
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_materialize_keeps_tied_tensors_tied_and_casts_floats() -> None:
+    """The meta model's parameters get storage of the engine's dtype on the device (what
+    `to_empty(...).to(dtype)` did, without its per-tensor Python reference ops); a parameter
+    two modules share (tied embeddings) is still one tensor; integer buffers keep their type."""
+    import torch
+
+    from engine.model_runner import materialize
+
+    with torch.device("meta"):
+        embed, head = torch.nn.Embedding(10, 4), torch.nn.Linear(4, 10, bias=False)
+        head.weight = embed.weight
+        model = torch.nn.ModuleList([embed, head])
+        model.register_buffer("ids", torch.zeros(3, dtype=torch.int64))
+    materialize(model, torch.device("cpu"), torch.float16)
+    assert model[0].weight is model[1].weight
+    assert isinstance(model[0].weight, torch.nn.Parameter)
+    assert (model[0].weight.dtype, model[0].weight.device.type) == (torch.float16, "cpu")
+    assert model.ids.dtype == torch.int64 and not model.ids.is_meta
+    assert [n for n, _ in model.named_parameters()] == ["0.weight"]  # one tensor, still tied
