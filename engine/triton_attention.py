@@ -36,7 +36,18 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sm
     return max(1, min(want, cap))
 
 
-@triton.jit
+# Integer arguments that change from step to step are not specialised on (Triton compiles a
+# variant per value class: 1, a multiple of 16, anything else): the split count, the block
+# table's width (eager steps size it to their longest sequence) and the split buffers' strides.
+# Each variant is a 0.5-1 s compile on its first step, and mixed steps (run eagerly) kept
+# meeting new ones under load on a fresh server (a cold H100, 2026-12-07: six steps of 0.5-1.1
+# s); the merge kernel's split tile is one size up to 64 splits for the same reason.
+_VARYING = ["num_splits", "stride_tt", "stride_pt", "stride_ph", "stride_ps", "stride_lt",
+            "stride_lh"]
+_MIN_SPLITS_PAD = 64
+
+
+@triton.jit(do_not_specialize=_VARYING)
 def _decode_kernel(
     q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, part_out_ptr, part_lse_ptr,
     scale, num_splits,
@@ -108,7 +119,7 @@ def _decode_kernel(
                  o.to(out_ptr.dtype.element_ty), mask=mask_o)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_VARYING)
 def _merge_kernel(
     part_out_ptr, part_lse_ptr, out_ptr, num_splits,
     stride_pt, stride_ph, stride_ps, stride_lt, stride_lh, stride_ot, stride_oh,
@@ -187,7 +198,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
             part_out.stride(0), part_out.stride(1), part_out.stride(2),
             part_lse.stride(0), part_lse.stride(1), out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
-            SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)), num_warps=4,
+            SPLITS_PAD=max(_MIN_SPLITS_PAD, triton.next_power_of_2(num_splits)), num_warps=4,
         )
     return out
 
