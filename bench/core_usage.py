@@ -75,11 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     proc = subprocess.Popen(command)
     start, last = time.monotonic(), {}
     seconds: collections.Counter[tuple[str, str, int]] = collections.Counter()
-    # threads of one name are kept apart (by tid) so that one busy thread shows as itself
     while proc.poll() is None:
         counting = time.monotonic() - start >= args.after_s
         for key, (cmd, name, ticks, core) in sample(tree(proc.pid)).items():
-            if counting and key in last:
+            if counting and key in last:  # by tid too: one busy thread among namesakes shows
                 seconds[(cmd, f"{name} [{key[1]}]", core)] += (ticks - last[key]) / HZ
             last[key] = ticks
         time.sleep(0.5)

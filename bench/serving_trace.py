@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.step_overlap import overlap_table
+from bench.step_overlap import overlap_table, pct
 from planner.profile import Profile, StepTimes
 
 STAMP = r"^(?P<at>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \S+ (?:\[(?P<who>[^\]]+)\] )?"
@@ -107,12 +107,7 @@ def noise_sigma(ratios: Sequence[float]) -> float:
     (the simulator's `--step-noise`: a factor of median 1 on the modelled step)."""
     if len(ratios) < 10:
         return math.nan
-    return max(0.0, math.log(_pct(ratios, 0.9) / statistics.median(ratios)) / 1.2816)
-
-
-def _pct(xs: Sequence[float], q: float) -> float:
-    ys = sorted(xs)
-    return ys[min(len(ys) - 1, int(q * len(ys)))]
+    return max(0.0, math.log(pct(ratios, 0.9) / statistics.median(ratios)) / 1.2816)
 
 
 def _met(r: dict[str, Any], slo: dict[str, float]) -> bool:
@@ -164,7 +159,7 @@ def point_report(point: dict[str, Any], steps: list[Step], placed: list[Placed],
         for kind, ratios in sorted(step_model_errors(inside, times).items()):
             secs = sum(s.seconds for s in inside if s.kind == kind)
             lines.append(f"| {kind} | {len(ratios)} | {statistics.median(ratios):.2f} | "
-                         f"{_pct(ratios, 0.9):.2f} | {max(ratios):.2f} | "
+                         f"{pct(ratios, 0.9):.2f} | {max(ratios):.2f} | "
                          f"{noise_sigma(ratios):.2f} | {secs:.2f} |")
     slow = [(i, r) for i, r in enumerate(reqs) if not _met(r, slo)]
     lines += ["", f"{len(slow)} of {len(reqs)} requests missed the SLO"]

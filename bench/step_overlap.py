@@ -25,6 +25,12 @@ ALONE, BESIDE_DECODE, BESIDE_PREFILL = "alone", "beside decode", "beside prefill
 CLASSES = (ALONE, BESIDE_DECODE, BESIDE_PREFILL)
 
 
+def pct(xs: Sequence[float], q: float) -> float:
+    """The nearest-rank `q` quantile of `xs` (the serving trace's p90s)."""
+    ys = sorted(xs)
+    return ys[min(len(ys) - 1, int(q * len(ys)))]
+
+
 def _covered(intervals: list[tuple[float, float]], ends: list[float], a: float, b: float) -> float:
     """Seconds of [a, b] covered by `intervals` (sorted, non-overlapping; `ends` their ends)."""
     total = 0.0
@@ -80,8 +86,8 @@ def overlap_table(steps: Sequence[Step], times: StepTimes) -> list[str]:
     for kind in kinds:
         cells = []
         for c in CLASSES:
-            r = sorted(ratios.get((kind, c), []))
+            r = ratios.get((kind, c), [])
             cells.append("-" if not r else f"{statistics.median(r):.2f} "
-                         f"({r[min(len(r) - 1, int(0.9 * len(r)))]:.2f}), n={len(r)}")
+                         f"({pct(r, 0.9):.2f}), n={len(r)}")
         lines.append(f"| {kind} | " + " | ".join(cells) + " |")
     return lines

@@ -281,7 +281,7 @@ def _dequantize_rows(rows: np.ndarray, qtype: GGMLQuantizationType, name: str) -
     `dequantize_rows`, the same values as `gguf.quants.dequantize`) a few million values per
     call: `dequantize` calls it 16 rows at a time, which was half of SmolLM2's load time."""
     quant = getattr(gguf.quants, qtype.name, None)
-    if quant is not None and hasattr(quant, "dequantize_rows") and rows.shape[0] > 1:
+    if quant is not None and hasattr(quant, "dequantize_rows"):
         block_elems, block_bytes = GGML_QUANT_SIZES[qtype]
         row_elems = rows.shape[1] // block_bytes * block_elems
         out = np.empty((rows.shape[0], row_elems), dtype=np.float32)

@@ -110,6 +110,8 @@ class ClusterSpec:
         if self.transport not in TRANSPORTS:
             raise SimulationError(f"transport must be one of {TRANSPORTS}, got {self.transport!r}")
         Slo(self.slo_ttft_s, self.slo_tpot_s)
+        if not (math.isfinite(self.warmup_s) and self.warmup_s >= 0):
+            raise SimulationError(f"warmup_s must be 0 or more seconds, got {self.warmup_s}")
         for sigma in (self.step_noise, self.prefill_noise):
             if not (math.isfinite(sigma) and 0.0 <= sigma <= 2.0):
                 raise SimulationError(f"step noise must be a sigma in [0, 2], got {sigma}")

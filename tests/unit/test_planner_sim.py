@@ -111,6 +111,8 @@ def test_bad_inputs_are_typed_errors_naming_the_part() -> None:
         simulate(small_profile(capacity=512), ClusterSpec(1, 1), [SimRequest(0, 1000, 8)])
     with pytest.raises(SimulationError, match="placement"):
         ClusterSpec(1, 1, "nowhere")
+    with pytest.raises(SimulationError, match="warmup_s"):
+        ClusterSpec(1, 1, warmup_s=-1.0)
     with pytest.raises(ProfileError, match="frames"):
         simulate(small_profile(), ClusterSpec(1, 1, transport="frames"), [SimRequest(0, 8, 2)])
     with pytest.raises(ProfileError, match="decode"):
